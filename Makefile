@@ -1,0 +1,43 @@
+# The two commands of the contract: `make train` and `make test`. Both bootstrap .venv.
+# torch is installed (CPU build 2.13.0 from local disk) only where no torch is importable;
+# the venv sees the system site-packages so a machine's preinstalled torch/triton are used.
+PY ?= .venv/bin/python
+VENV := .venv
+VENV_STAMP := $(VENV)/.bootstrapped
+BUILD_STAMP := $(VENV)/.built
+DEPS := triton pybind11 ninja pytest pytest_benchmark numpy
+CSRC := $(shell find csrc -type f 2>/dev/null)
+OUT ?=
+
+.PHONY: test train bench gpu-check build clean
+
+$(VENV_STAMP): Makefile
+	@test -x $(VENV)/bin/python || python3 -m venv --system-site-packages $(VENV)
+	@$(VENV)/bin/python -c "import torch" 2>/dev/null || \
+	  $(VENV)/bin/python -m pip install -q torch==2.13.0
+	@for mod in $(DEPS); do \
+	  $(VENV)/bin/python -c "import $$mod" 2>/dev/null || \
+	  $(VENV)/bin/python -m pip install -q $$(echo $$mod | tr _ -) || exit 1; \
+	done
+	@touch $@
+
+$(BUILD_STAMP): $(VENV_STAMP) setup.py CMakeLists.txt $(CSRC)
+	$(VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+build: $(BUILD_STAMP)
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest -q tests
+
+train: $(BUILD_STAMP)
+	$(PY) -m lowrank_fused.train
+
+bench: $(BUILD_STAMP)
+	$(PY) -m bench.run $(if $(OUT),--out $(OUT),)
+
+gpu-check: $(BUILD_STAMP)
+	$(PY) -m bench.gpu_check $(if $(OUT),--out $(OUT),)
+
+clean:
+	rm -rf build *.egg-info lowrank_fused/*.so $(BUILD_STAMP)

@@ -1,0 +1,20 @@
+"""Triton kernels, installed as ``lowrank_fused.kernels``.
+
+Each module holds one op: a private ``_<op>_kernel`` and a public ``<op>()`` launcher taking
+the canonical (left-form) arguments of ``lowrank_fused.ops``. Importing this package registers
+the launchers as the ``triton`` backend of the dispatch table. Set ``TRITON_INTERPRET=1``
+before importing it to run the kernels on CPU tensors.
+"""
+from lowrank_fused.dispatch import register
+
+from .adam_moments import adam_moments
+from .adamw_step import adamw_step
+from .backproject_update import backproject_update
+from .project import project
+
+register("project", "triton")(project)
+register("adam_moments", "triton")(adam_moments)
+register("backproject_update", "triton")(backproject_update)
+register("adamw_step", "triton")(adamw_step)
+
+__all__ = ["project", "adam_moments", "backproject_update", "adamw_step"]

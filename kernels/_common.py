@@ -1,0 +1,76 @@
+"""Pieces shared by the Triton kernels: dot precision modes, bf16 rounding, launch helpers.
+
+Facts this encodes (measured, see shared/STYLE.md): under ``TRITON_INTERPRET=1`` a bf16
+``tl.dot`` multiplies raw bits (garbage) and an fp32 -> bf16 store truncates instead of
+rounding to nearest. So when interpreting, dot operands are always fp32 (bf16 operand rounding
+is emulated by rounding to bf16 and back), and bf16 stores round to nearest-even explicitly.
+On a GPU neither workaround is compiled in.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# matmul precision modes, the names of torch.get_float32_matmul_precision() in brackets:
+#   ieee  fp32 FMA, exact to fp32 rounding          ("highest")
+#   tf32  TF32 tensor cores, fp32 accumulate          ("high")
+#   bf16  operands rounded to bf16, fp32 accumulate   ("medium")
+DOT_IEEE, DOT_TF32, DOT_BF16, DOT_BF16_EMULATED = 0, 1, 2, 3
+_DOT_MODES = {"ieee": DOT_IEEE, "tf32": DOT_TF32, "bf16": DOT_BF16}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_mode(precision: str, device: torch.device) -> int:
+    """The DOT_MODE constexpr for ``precision`` on ``device``."""
+    mode = _DOT_MODES[precision]
+    if device.type != "cuda":  # interpreter: fp32 numpy dot for every mode
+        return DOT_BF16_EMULATED if mode == DOT_BF16 else DOT_IEEE
+    return mode
+
+
+@triton.jit
+def round_bf16_rne(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value (for the interpreter, which truncates)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """Cast fp32 ``x`` to the storage ``dtype`` with round-to-nearest-even everywhere."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            x = round_bf16_rne(x)
+    return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc, DOT_MODE: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation in the requested operand precision."""
+    if DOT_MODE == 2:
+        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
+    elif DOT_MODE == 3:
+        a = round_bf16_rne(a.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+        b = round_bf16_rne(b.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
+    elif DOT_MODE == 1:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32",
+                     out_dtype=tl.float32)
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee",
+                     out_dtype=tl.float32)
+    return acc
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# flat elementwise kernels: one block size for every problem
+ELEMENTWISE_BLOCK = 1024
+ELEMENTWISE_WARPS = 4

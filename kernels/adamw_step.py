@@ -1,0 +1,57 @@
+"""Dense AdamW step for the non-projected parameters (ALGORITHMS.md section 2).
+
+One pass: read G, read/write M, V and W (22 bytes per element with bf16 G/W and fp32 states).
+``W = W*pre_scale``; Adam moments; ``W -= lr*(M/c1)/(sqrt(V/c2)+eps)``; ``W -= post_decay*W``.
+"""
+import triton
+import triton.language as tl
+
+from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, to_storage
+
+
+@triton.jit
+def _adamw_step_kernel(
+    w_ptr, g_ptr, m_ptr, v_ptr, numel,
+    lr, beta1, beta2, eps, c1, c2, pre_scale, post_decay,
+    BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = m * beta1 + (1.0 - beta1) * g
+    v = v * beta2 + (1.0 - beta2) * (g * g)
+    m_st = to_storage(m, m_ptr.dtype.element_ty, INTERPRET)
+    v_st = to_storage(v, v_ptr.dtype.element_ty, INTERPRET)
+    tl.store(m_ptr + offs, m_st, mask=mask)
+    tl.store(v_ptr + offs, v_st, mask=mask)
+    m = m_st.to(tl.float32)
+    v = v_st.to(tl.float32)
+    if pre_scale != 1.0:
+        w = w * pre_scale
+    w = w - lr * tl.div_rn(tl.div_rn(m, c1), tl.sqrt_rn(tl.div_rn(v, c2)) + eps)
+    if post_decay != 0.0:
+        w = w - post_decay * w
+    tl.store(w_ptr + offs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def adamw_step(W, G, M, V, *, lr, beta1, beta2, eps, c1, c2, pre_scale, post_decay) -> None:
+    tensors = (W, G, M, V)
+    if not all(t.is_contiguous() for t in tensors):
+        work = [t.contiguous() for t in tensors]
+        adamw_step(*work, lr=lr, beta1=beta1, beta2=beta2, eps=eps, c1=c1, c2=c2,
+                   pre_scale=pre_scale, post_decay=post_decay)
+        for dst, src in zip((W, M, V), (work[0], work[2], work[3])):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        return
+    numel = W.numel()
+    if numel == 0:
+        return
+    _adamw_step_kernel[(cdiv(numel, ELEMENTWISE_BLOCK),)](
+        W, G, M, V, numel, float(lr), float(beta1), float(beta2), float(eps), float(c1),
+        float(c2), float(pre_scale), float(post_decay),
+        BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(), num_warps=ELEMENTWISE_WARPS,
+    )

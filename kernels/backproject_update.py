@@ -1,0 +1,89 @@
+"""K3 back-projection fused with the weight update and weight decay (ALGORITHMS.md section 4.3
+lines 11-13, section 1.4, section 10 K3).
+
+Left (canonical) form, in place: ``W = W*pre_scale; W -= coef*(P @ N); W -= post_decay*W``
+with W m x n in its storage dtype, P m x r, N r x n. The product ``P @ N`` lives only in the
+GEMM accumulator: the epilogue reads the W tile, applies the update and both weight-decay
+orders, and writes W once (round-to-nearest in W's dtype). No m x n temporary exists.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, dot_mode, interpreting, mma, to_storage
+
+
+@dataclass(frozen=True)
+class BackprojectConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+
+CONFIGS = (
+    BackprojectConfig(64, 64, 32, 4, 3),
+    BackprojectConfig(128, 128, 32, 8, 3),
+)
+
+
+def choose_config(m: int, n: int, rank: int) -> BackprojectConfig:
+    return CONFIGS[0] if m * n <= 1 << 20 else CONFIGS[1]
+
+
+@triton.jit
+def _backproject_update_kernel(
+    w_ptr, p_ptr, n_ptr,
+    M, N, RANK,
+    stride_wm, stride_wn, stride_pm, stride_pr, stride_nr, stride_nn,
+    coef, pre_scale, post_decay,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :] * stride_pr
+    n_ptrs = n_ptr + offs_k[:, None] * stride_nr + offs_n[None, :] * stride_nn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, RANK, BLOCK_K):
+        mask_k = (k + offs_k) < RANK
+        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        nn = tl.load(n_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(p, nn, acc, DOT_MODE)
+        p_ptrs += BLOCK_K * stride_pr
+        n_ptrs += BLOCK_K * stride_nr
+    mask = mask_m[:, None] & mask_n[None, :]
+    w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if pre_scale != 1.0:
+        w = w * pre_scale
+    w = w - coef * acc
+    if post_decay != 0.0:
+        w = w - post_decay * w
+    tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def backproject_update(W, P, N, *, coef: float, pre_scale: float, post_decay: float,
+                       precision: str = "ieee", config: BackprojectConfig = None) -> None:
+    m, n = W.shape
+    rank = P.shape[1]
+    if m == 0 or n == 0:
+        return
+    cfg = config or choose_config(m, n, rank)
+    grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N))
+    _backproject_update_kernel[grid](
+        W, P, N, m, n, rank,
+        W.stride(0), W.stride(1), P.stride(0), P.stride(1), N.stride(0), N.stride(1),
+        float(coef), float(pre_scale), float(post_decay),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        DOT_MODE=dot_mode(precision, W.device), INTERPRET=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

@@ -1,0 +1,89 @@
+"""K1 projection ``R = P^T @ G`` (ALGORITHMS.md section 4.3 line 3, section 10 K1).
+
+Left (canonical) form: G is m x n in its storage dtype, P is m x r, R is r x n fp32. A right
+projection arrives here as the transposed views (lowrank_fused.ops.project). G is cast in the
+GEMM prologue and accumulated in fp32, so no fp32 copy of G is ever made: one read of G.
+The output tile spans the rank (BLOCK_R) and a slab of columns; the reduction runs over m.
+Programs that share a column slab are adjacent in the grid so the slab is reused from L2.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, dot_mode, interpreting, mma
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    BLOCK_R: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+
+# every config the launcher can choose (the AOT compile test compiles each of them)
+CONFIGS = (
+    ProjectConfig(16, 128, 64, 4, 3),
+    ProjectConfig(32, 128, 64, 4, 3),
+    ProjectConfig(64, 128, 32, 4, 3),
+    ProjectConfig(128, 128, 32, 8, 3),
+)
+
+
+def choose_config(m: int, n: int, rank: int) -> ProjectConfig:
+    for cfg in CONFIGS:
+        if rank <= cfg.BLOCK_R:
+            return cfg
+    return CONFIGS[-1]
+
+
+@triton.jit
+def _project_kernel(
+    g_ptr, p_ptr, r_ptr,
+    M, N, RANK,
+    stride_gm, stride_gn, stride_pm, stride_pr, stride_rr, stride_rn,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_r = offs_r < RANK
+    mask_n = offs_n < N
+    # P^T tile (BLOCK_R x BLOCK_K) and G tile (BLOCK_K x BLOCK_N)
+    pt_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_k[None, :].to(tl.int64) * stride_pm
+    g_ptrs = g_ptr + offs_k[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for k in range(0, M, BLOCK_K):
+        mask_k = (k + offs_k) < M
+        pt = tl.load(pt_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(pt, g, acc, DOT_MODE)
+        pt_ptrs += BLOCK_K * stride_pm
+        g_ptrs += BLOCK_K * stride_gm
+    r_ptrs = r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn
+    tl.store(r_ptrs, acc, mask=mask_r[:, None] & mask_n[None, :])
+
+
+def project(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = "ieee",
+            config: ProjectConfig = None) -> None:
+    """``R = P^T @ G`` into the fp32 tensor ``R`` (any strides)."""
+    m, n = G.shape
+    rank = P.shape[1]
+    if m == 0 or n == 0 or rank == 0:
+        R.zero_()
+        return
+    cfg = config or choose_config(m, n, rank)
+    grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N))
+    _project_kernel[grid](
+        G, P, R, m, n, rank,
+        G.stride(0), G.stride(1), P.stride(0), P.stride(1), R.stride(0), R.stride(1),
+        BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        DOT_MODE=dot_mode(precision, G.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

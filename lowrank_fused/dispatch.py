@@ -1,0 +1,139 @@
+"""One table: op name -> {backend -> implementation}.
+
+Backends:
+  reference  eager PyTorch (``lowrank_fused/reference``), any device; the oracle.
+  triton     Triton kernels (``lowrank_fused.kernels``); CUDA tensors, or CPU tensors
+             under ``TRITON_INTERPRET=1`` (slow, for testing).
+  cuda       the compiled extension's CUDA kernels (``csrc/cuda``); CUDA tensors.
+  cpu        the compiled extension's CPU twins (``csrc/cpu``); CPU tensors.
+
+``resolve_backend`` turns the user's choice (``"auto"`` or an explicit name) into one backend
+for a device. An explicit backend that cannot run there raises; nothing falls back silently.
+Implementations register themselves lazily: the first lookup imports the backend's module,
+so importing ``lowrank_fused`` never imports Triton or loads the extension.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Dict
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+CHOICES = ("auto",) + BACKENDS
+
+# backend -> module whose import registers that backend's implementations
+_PROVIDERS = {
+    "reference": "lowrank_fused.reference",
+    "triton": "lowrank_fused.kernels",
+    "cuda": "lowrank_fused._ext_ops",
+    "cpu": "lowrank_fused._ext_ops",
+}
+_TABLE: Dict[str, Dict[str, Callable]] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here (not built, wrong device, ...)."""
+
+
+def register(op: str, backend: str):
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn):
+        _TABLE.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if not _triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "CUDA is not available"
+        if device.type == "cpu":
+            return None if interpreting() else (
+                "Triton kernels need a CUDA device; on CPU set TRITON_INTERPRET=1 before "
+                "importing lowrank_fused (slow, for testing)")
+        return f"Triton has no support for device type {device.type!r}"
+    from lowrank_fused import _ext  # local: loads the extension only when asked
+
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend needs CUDA tensors, got device {device}"
+        return _ext.why_no_cuda()
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the 'cpu' backend needs CPU tensors, got device {device}"
+        return _ext.why_no_cpu()
+    raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+
+
+def available(backend: str, device) -> bool:
+    return _why_unavailable(backend, torch.device(device)) is None
+
+
+def resolve_backend(backend: str, device) -> str:
+    """Pick the backend for tensors on ``device``.
+
+    ``auto``: Triton on CUDA devices (and on CPU under ``TRITON_INTERPRET=1``), else the
+    eager reference. An explicit backend that cannot run on ``device`` raises
+    ``BackendUnavailable`` naming the reason.
+    """
+    if backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cuda" and available("triton", device):
+            return "triton"
+        if device.type == "cuda" and available("cuda", device):
+            return "cuda"
+        if device.type == "cpu" and interpreting() and available("triton", device):
+            return "triton"
+        return "reference"
+    why = _why_unavailable(backend, device)
+    if why is not None:
+        raise BackendUnavailable(f"backend={backend!r} is unavailable on {device}: {why}")
+    return backend
+
+
+def lookup(op: str, backend: str) -> Callable:
+    """The implementation of ``op`` for ``backend`` (already resolved, not ``auto``)."""
+    if backend not in _TABLE.get(op, {}):
+        importlib.import_module(_PROVIDERS[backend])
+    impls = _TABLE.get(op, {})
+    if backend not in impls:
+        have = sorted(impls) or ["none"]
+        raise BackendUnavailable(
+            f"op {op!r} has no {backend!r} implementation (it has: {', '.join(have)})")
+    return impls[backend]
+
+
+def implementations(op: str) -> Dict[str, Callable]:
+    """All registered implementations of ``op`` (imports every importable provider)."""
+    for mod in set(_PROVIDERS.values()):
+        try:
+            importlib.import_module(mod)
+        except Exception:
+            pass
+    return dict(_TABLE.get(op, {}))

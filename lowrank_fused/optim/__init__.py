@@ -1,0 +1,3 @@
+from lowrank_fused.optim.galore_adamw import GaLoreAdamW
+
+__all__ = ["GaLoreAdamW"]

@@ -1,0 +1,141 @@
+"""What every lowrank_fused optimizer shares: backend resolution, argument checks, the step
+loop, exact-dtype state round trips, state accounting and the canonical SVD basis."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowrank_fused.dispatch import CHOICES, lookup, resolve_backend
+
+_TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+
+
+def check_number(name, value, *, low=None, high=None, high_open=False):
+    """Raise ValueError naming ``name`` unless ``value`` is a finite real in range."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and x < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    if high is not None and (x >= high if high_open else x > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+    return x
+
+
+def canonical_svd_basis(G: torch.Tensor, rank: int, side: str, sign_canon: bool = True):
+    """Top-``rank`` singular basis of ``float32(G)`` (galore_projector.py#L72-L99).
+
+    left: P = U[:, :rank] (m x rank); right: Q = Vh[:rank, :] (rank x n). With ``sign_canon``
+    each singular vector is flipped so its largest-magnitude entry is positive (ALGORITHMS.md
+    4.6), which makes refreshes reproducible across LAPACK/cuSOLVER. Returns fp32.
+    """
+    A = G.float()
+    if not torch.isfinite(A).all():
+        raise FloatingPointError(
+            "gradient has non-finite entries; cannot compute its SVD for the subspace refresh")
+    U, _, Vh = torch.linalg.svd(A, full_matrices=False)
+    B = U[:, :rank] if side == "left" else Vh[:rank, :].t()   # columns are singular vectors
+    if sign_canon:
+        idx = B.abs().argmax(dim=0, keepdim=True)
+        sign = torch.where(B.gather(0, idx) < 0, -1.0, 1.0)
+        B = B * sign
+    B = B.contiguous()
+    return B if side == "left" else B.t().contiguous()
+
+
+class LowRankOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses implement ``_check_group``, ``_ops_needed`` and ``_step_param``."""
+
+    def __init__(self, params, defaults, *, backend="auto", faithful_dtypes=False,
+                 sign_canon=True, matmul_precision=None):
+        if matmul_precision is not None and matmul_precision not in ("ieee", "tf32", "bf16"):
+            raise ValueError("matmul_precision must be None, 'ieee', 'tf32' or 'bf16', got "
+                             f"{matmul_precision!r}")
+        if backend not in CHOICES:
+            raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+        self.backend = backend
+        self.faithful_dtypes = bool(faithful_dtypes)
+        self.sign_canon = bool(sign_canon)
+        self.matmul_precision = matmul_precision
+        self._resolved = {}
+        super().__init__(params, defaults)
+        for group in self.param_groups:   # fail at construction, not at the first step
+            for p in group["params"]:
+                be = self.resolved_backend(p.device)
+                for op in self._ops_needed(group, p):
+                    lookup(op, be)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def resolved_backend(self, device) -> str:
+        """The backend this optimizer runs for tensors on ``device``."""
+        device = torch.device(device)
+        if device not in self._resolved:
+            self._resolved[device] = resolve_backend(self.backend, device)
+        return self._resolved[device]
+
+    def precision(self) -> str:
+        if self.matmul_precision is not None:
+            return self.matmul_precision
+        return _TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+
+    def _state_dtype(self, p):
+        return p.dtype if self.faithful_dtypes else torch.float32
+
+    @staticmethod
+    def _as_matrix(p, shape):
+        """(W, G, write_back): 2-D views of a parameter and its gradient (trailing dims
+        flattened). ``write_back`` copies W into p when a view was impossible."""
+        if p.dim() == 2:
+            return p, p.grad, lambda W: None
+        G = p.grad.reshape(shape)
+        try:
+            W = p.view(shape)
+            return W, G, lambda W: None
+        except RuntimeError:
+            W = p.reshape(shape).clone()
+            return W, G, lambda W: p.copy_(W.view(p.shape))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        precision = self.precision()
+        for group in self.param_groups:
+            self._check_group(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad.shape != p.shape:
+                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
+                                     f"parameter shape {tuple(p.shape)}")
+                self._step_param(p, group, self.resolved_backend(p.device), precision)
+        return loss
+
+    def state_bytes(self) -> int:
+        """Bytes held by every tensor in the optimizer state."""
+        return sum(v.numel() * v.element_size() for st in self.state.values()
+                   for v in st.values() if torch.is_tensor(v))
+
+    def load_state_dict(self, state_dict):
+        """As torch's, but every state tensor keeps its saved dtype (torch casts floating
+        state to the parameter dtype, which would round fp32 moments of bf16 parameters)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, st in saved.items():
+            p = params[int(idx)]
+            for key, value in st.items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+        self._resolved = {}

@@ -1,0 +1,153 @@
+"""GaLore-AdamW, a drop-in for ``galore_torch.GaLoreAdamW`` (ALGORITHMS.md section 4).
+
+Groups with a ``rank`` key are projected: the gradient is projected onto the top-r singular
+subspace (refreshed by SVD every ``update_proj_gap`` steps, before the counter increments),
+Adam runs on the r x n (or m x r) projection with the E-hf epsilon, and the step is projected
+back, scaled by ``scale`` and applied with WD-post. Groups without ``rank`` get HF AdamW
+(E-hf, WD-post), as in galore_torch. The same class runs every backend: ``reference`` is the
+eager oracle, ``triton`` the fused kernels (K1 projection, K2 moments, K3 back-projection with
+the weight update and decay in the GEMM epilogue: no m x n temporary per step).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowrank_fused import ops
+from lowrank_fused.optim._base import LowRankOptimizer, canonical_svd_basis, check_number
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+
+def projection_side(shape, proj_type: str) -> str:
+    """galore_projector.py#L13-L45: 'std' projects on the right when m >= n."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right"):
+        return proj_type
+    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
+class GaLoreAdamW(LowRankOptimizer):
+    """GaLore-AdamW.
+
+    Args:
+        params: parameters or param groups. Groups holding ``rank`` are projected; their keys
+            ``update_proj_gap`` (default 50), ``scale`` (default 1.0) and ``proj_type``
+            (default ``"std"``) follow galore_torch.
+        lr, betas, eps, weight_decay, correct_bias: as galore_torch's AdamW (eps 1e-6, E-hf,
+            decoupled weight decay applied after the update with ``lr*weight_decay``).
+        backend: ``"auto" | "reference" | "triton" | "cuda" | "cpu"`` (lowrank_fused.dispatch).
+        faithful_dtypes: keep moments and the basis in the parameter dtype, as the official
+            code does (default: fp32).
+        sign_canon: make the largest-magnitude entry of every singular vector positive, so
+            refreshes are reproducible across SVD libraries (default True).
+        matmul_precision: ``"ieee" | "tf32" | "bf16"`` for the fused GEMMs, or None to follow
+            ``torch.get_float32_matmul_precision()`` ("highest" -> ieee, "high" -> tf32,
+            "medium" -> bf16) at every step, as torch's own fp32 matmuls do.
+
+    A rank group's matrix gets the dense HF AdamW step instead when it is not 2-D after
+    flattening trailing dimensions, or when ``rank >= min(m, n)`` (ALGORITHMS.md 1.6 guard:
+    projection would be degenerate and save no memory).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True, no_deprecation_warning=True, *, backend="auto",
+                 faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+        check_number("lr", lr, low=0.0)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_number("eps", eps, low=0.0)
+        check_number("weight_decay", weight_decay, low=0.0)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        correct_bias=bool(correct_bias))
+        super().__init__(params, defaults, backend=backend, faithful_dtypes=faithful_dtypes,
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+
+    # -- group validation -----------------------------------------------------------------
+    def _check_group(self, group):
+        check_number("lr", group["lr"], low=0.0)
+        if "rank" not in group:
+            return
+        rank = group["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        group.setdefault("update_proj_gap", 50)
+        group.setdefault("scale", 1.0)
+        group.setdefault("proj_type", "std")
+        gap = group["update_proj_gap"]
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"update_proj_gap must be an int >= 1, got {gap!r}")
+        check_number("scale", group["scale"])
+        if group["proj_type"] == "full":
+            raise NotImplementedError("proj_type='full' (two-sided projection) is not supported; "
+                                      f"use one of {PROJ_TYPES}")
+        projection_side((2, 1), group["proj_type"])  # validates the name
+
+    def _ops_needed(self, group, p):
+        if self._plan(p, group) is None:
+            return ("adamw_step",)
+        return ("project", "adam_moments", "backproject_update")
+
+    def _plan(self, p, group):
+        """(side, rank, 2-D shape) for a projected matrix, or None for the dense step."""
+        if "rank" not in group or p.dim() < 2:
+            return None
+        shape = (p.shape[0], math.prod(p.shape[1:]))
+        if group["rank"] >= min(shape):
+            return None
+        return projection_side(shape, group["proj_type"]), group["rank"], shape
+
+    # -- the step -------------------------------------------------------------------------
+    def _step_param(self, p, group, backend, precision):
+        plan = self._plan(p, group)
+        if plan is None:
+            self._dense_step(p, group, backend)
+        else:
+            self._galore_step(p, group, plan, backend, precision)
+
+    def _dense_step(self, p, group, backend):
+        """HF AdamW: galore_torch adamw.py without the rank key."""
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
+                                                memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        ops.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                       beta1=beta1, beta2=beta2, eps=group["eps"], step=state["step"],
+                       weight_decay=group["weight_decay"], eps_mode="hf", wd_mode="post",
+                       correct_bias=group["correct_bias"], backend=backend)
+
+    def _galore_step(self, p, group, plan, backend, precision):
+        side, rank, shape = plan
+        state = self.state[p]
+        W, G, write_back = self._as_matrix(p, shape)
+        k = state.get("step", 0)                       # counter BEFORE increment (4.3 line 1)
+        if "ortho" not in state or k % group["update_proj_gap"] == 0:
+            state["ortho"] = canonical_svd_basis(G, rank, side, self.sign_canon).to(
+                self._state_dtype(p))
+        P = state["ortho"]
+        R = ops.project(G, P, side=side, precision=precision, backend=backend)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros(R.shape, dtype=self._state_dtype(p), device=p.device)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        state["step"] = k + 1
+        t = state["step"]
+        beta1, beta2 = group["betas"]
+        N = torch.empty_like(state["exp_avg"])
+        ops.adam_moments(R, state["exp_avg"], state["exp_avg_sq"], N, beta1=beta1, beta2=beta2,
+                         eps=group["eps"], step=t, eps_mode="hf", backend=backend)
+        step_size = ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"])
+        _, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "post")
+        ops.backproject_update(W, P, N, side=side, coef=step_size * group["scale"],
+                               post_decay=post_decay, precision=precision, backend=backend)
+        write_back(W)

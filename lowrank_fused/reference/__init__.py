@@ -1,0 +1,11 @@
+"""Eager-PyTorch reference of every op: the oracle for parity tests.
+
+Each module holds one op's ``<op>_ref`` with the same canonical (left-form) signature as its
+fused twins, and registers it in the dispatch table under backend ``"reference"``.
+"""
+from lowrank_fused.reference.project import project_ref
+from lowrank_fused.reference.adam_moments import adam_moments_ref
+from lowrank_fused.reference.backproject_update import backproject_update_ref
+from lowrank_fused.reference.adamw_step import adamw_step_ref
+
+__all__ = ["project_ref", "adam_moments_ref", "backproject_update_ref", "adamw_step_ref"]

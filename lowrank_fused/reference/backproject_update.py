@@ -1,0 +1,23 @@
+"""K3 back-projection + weight update + weight decay, eager reference (ALGORITHMS.md section 4.3
+lines 11-13, section 1.4, section 10 K3)."""
+import torch
+
+from lowrank_fused.dispatch import register
+
+
+@register("backproject_update", "reference")
+def backproject_update_ref(W, P, N, *, coef: float, pre_scale: float, post_decay: float,
+                           precision: str = "ieee") -> None:
+    """Left form, in place on W (m x n), with P (m x r) and N (r x n):
+
+    ``W = W*pre_scale``; ``W = W - coef*(P @ N)``; ``W = W - post_decay*W``.
+    WD-pre passes ``pre_scale = 1 - lr*wd, post_decay = 0``; WD-post (GaLore/HF) passes
+    ``pre_scale = 1, post_decay = lr*wd``. Math in fp32; W is written back in its own dtype.
+    """
+    w = W.float()
+    if pre_scale != 1.0:
+        w = w * pre_scale
+    w = w - coef * (P.float() @ N.float())
+    if post_decay != 0.0:
+        w = w - post_decay * w
+    W.copy_(w)

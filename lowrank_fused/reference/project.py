@@ -1,0 +1,14 @@
+"""K1 projection, eager reference (ALGORITHMS.md section 4.3 line 3, section 10 K1)."""
+import torch
+
+from lowrank_fused.dispatch import register
+
+
+@register("project", "reference")
+def project_ref(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = "ieee") -> None:
+    """Left form: ``R = P^T @ G`` with G (m x n) in its storage dtype, P (m x r), R (r x n) fp32.
+
+    G and P are cast to fp32 before the product (the reference ignores ``precision``: its
+    GEMM is whatever torch's fp32 matmul is on the device).
+    """
+    R.copy_(P.float().t() @ G.float())

@@ -1,0 +1,23 @@
+"""Shapes, ranks and dtypes shared by the kernel parity tests."""
+import torch
+
+# odd, non-power-of-two sizes, both orientations, a square one, a single row
+SHAPES = [(97, 203), (203, 97), (64, 64), (1, 33), (130, 257)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def ranks_for(shape):
+    """Runtime ranks to test for a matrix: 1, an odd middle value, and min(m, n)."""
+    lo = min(shape)
+    return sorted({1, max(1, lo // 3) | 1, lo} )
+
+
+def orthonormal(rows, cols, device, generator=None):
+    A = torch.randn(rows, cols, device=device, dtype=torch.float64, generator=generator)
+    return torch.linalg.qr(A)[0].float()
+
+
+def basis(shape, rank, side, device):
+    """A random orthonormal basis in the stored layout: P (m x r) left, Q (r x n) right."""
+    m, n = shape
+    return orthonormal(m, rank, device) if side == "left" else orthonormal(n, rank, device).t().contiguous()

@@ -1,0 +1,68 @@
+"""K2 low-rank moment update: Triton vs the eager reference."""
+import pytest
+import torch
+
+from lowrank_fused import ops
+from lowrank_fused.testing import assert_parity, poison, tolerance
+
+SHAPES = [(8, 203), (97, 40), (1, 1), (33, 1025)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("eps_mode", ["hf", "torch"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("step", [1, 7])
+def test_adam_moments_matches_reference(shape, eps_mode, state_dtype, step, device):
+    R = torch.randn(shape, device=device)
+    M0 = (0.1 * torch.randn(shape, device=device)).to(state_dtype)
+    V0 = (0.01 * torch.rand(shape, device=device) + 1e-4).to(state_dtype)
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-6, step=step, eps_mode=eps_mode)
+    M1, V1, N1 = M0.clone(), V0.clone(), torch.empty_like(M0)
+    ops.adam_moments(R, M1, V1, N1, backend="reference", **kw)
+    M2, V2, N2 = M0.clone(), V0.clone(), poison(torch.empty_like(M0))
+    ops.adam_moments(R, M2, V2, N2, backend="triton", **kw)
+    tol = tolerance(state_dtype)
+    assert_parity(M2, M1, rtol=tol, name="M")
+    assert_parity(V2, V1, rtol=tol, name="V")
+    assert_parity(N2, N1, rtol=tol, name="N")
+
+
+def test_adam_moments_formula(device):
+    """The reference itself against the formula of ALGORITHMS.md 1.3, written out in fp64."""
+    R = torch.randn(5, 7, device=device, dtype=torch.float64)
+    M, V = torch.randn(5, 7, device=device, dtype=torch.float64), torch.rand(5, 7, device=device, dtype=torch.float64)
+    b1, b2, eps, t = 0.8, 0.95, 1e-3, 3
+    m = b1 * M + (1 - b1) * R
+    v = b2 * V + (1 - b2) * R * R
+    hf = m / (v.sqrt() + eps)
+    to = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+    for mode, want in (("hf", hf), ("torch", to)):
+        Mf, Vf, N = M.float(), V.float(), torch.empty(5, 7, device=device)
+        ops.adam_moments(R.float(), Mf, Vf, N, beta1=b1, beta2=b2, eps=eps, step=t, eps_mode=mode,
+                         backend="reference")
+        assert_parity(N, want, rtol=1e-6, name=f"N ({mode})")
+
+
+def test_adam_moments_non_contiguous(device):
+    R = torch.randn(40, 30, device=device).t()
+    M, V = torch.randn(40, 30, device=device).t(), torch.rand(40, 30, device=device).t()
+    kw = dict(beta1=0.9, beta2=0.99, eps=1e-8, step=2, eps_mode="torch")
+    M1, V1, N1 = M.clone(), V.clone(), torch.empty(30, 40, device=device)
+    ops.adam_moments(R, M1, V1, N1, backend="reference", **kw)
+    N2 = poison(torch.empty(30, 40, device=device))
+    ops.adam_moments(R, M, V, N2, backend="triton", **kw)
+    assert_parity(M, M1, rtol=1e-5, name="M")
+    assert_parity(N2, N1, rtol=1e-5, name="N")
+
+
+def test_adam_moments_rejects_bad_input(device):
+    R = torch.randn(3, 4, device=device)
+    with pytest.raises(ValueError, match="M must have shape"):
+        ops.adam_moments(R, torch.zeros(4, 3), R.clone(), R.clone(), beta1=0.9, beta2=0.9,
+                         eps=1e-8, step=1, backend="reference")
+    with pytest.raises(ValueError, match="eps_mode"):
+        ops.adam_moments(R, R.clone(), R.clone(), R.clone(), beta1=0.9, beta2=0.9, eps=1e-8,
+                         step=1, eps_mode="tf", backend="reference")
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        ops.adam_moments(R, R.clone(), R.clone(), R.clone(), beta1=0.9, beta2=0.9, eps=1e-8,
+                         step=0, eps_mode="torch", backend="reference")
