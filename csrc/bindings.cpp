@@ -1,0 +1,150 @@
+// pybind11 module lowrank_fused._C. No torch headers: tensors cross as raw pointers
+// (tensor.data_ptr()), element counts, dtype codes, Python floats and, for CUDA, the device
+// index and the cudaStream_t as an integer (torch.cuda.current_stream().cuda_stream).
+// Importing the module never touches the CUDA runtime.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "adamw_step.h"
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+#include "cuda/launchers.h"
+#endif
+
+#ifndef LOWRANK_FUSED_CUDA_ARCHS
+#define LOWRANK_FUSED_CUDA_ARCHS ""
+#endif
+#ifndef LOWRANK_FUSED_NO_CUDA_REASON
+#define LOWRANK_FUSED_NO_CUDA_REASON "built without CUDA"
+#endif
+
+namespace py = pybind11;
+using namespace lowrank_fused;
+
+namespace {
+
+AdamWArgs make_args(std::uintptr_t w, std::uintptr_t g, std::uintptr_t m, std::uintptr_t v,
+                    int64_t n, int w_dtype, int g_dtype, int mv_dtype, double lr, double beta1,
+                    double beta2, double eps, double c1, double c2, double pre_scale,
+                    double post_decay) {
+  AdamWArgs a;
+  a.w = reinterpret_cast<void*>(w);
+  a.g = reinterpret_cast<const void*>(g);
+  a.m = reinterpret_cast<void*>(m);
+  a.v = reinterpret_cast<void*>(v);
+  a.n = n;
+  a.w_dtype = w_dtype;
+  a.g_dtype = g_dtype;
+  a.mv_dtype = mv_dtype;
+  a.s = make_scalars(lr, beta1, beta2, eps, c1, c2, pre_scale, post_decay);
+  return a;
+}
+
+bool has_openmp() {
+#if defined(_OPENMP)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "lowrank_fused compiled kernels (CPU twins, and CUDA kernels when built with nvcc)";
+  mod.attr("DTYPE_FLOAT32") = int(kFloat32);
+  mod.attr("DTYPE_BFLOAT16") = int(kBFloat16);
+
+  mod.def("has_cuda", []() {
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+    return true;
+#else
+    return false;
+#endif
+  }, "True when the module was compiled with its CUDA kernels.");
+
+  mod.def("cuda_runtime_status", []() -> std::string {
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+    py::gil_scoped_release nogil;
+    return cuda_runtime_status();
+#else
+    return std::string("lowrank_fused._C was ") + LOWRANK_FUSED_NO_CUDA_REASON;
+#endif
+  }, "'ok' when the CUDA runtime linked into the module sees a device, else why not.");
+
+  mod.def("build_info", []() {
+    py::dict d;
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+    d["cuda"] = true;
+    d["cuda_archs"] = std::string(LOWRANK_FUSED_CUDA_ARCHS);
+    d["cudart_version"] = cuda_runtime_version();
+    d["no_cuda_reason"] = py::none();
+#else
+    d["cuda"] = false;
+    d["cuda_archs"] = std::string();
+    d["cudart_version"] = 0;
+    d["no_cuda_reason"] = std::string(LOWRANK_FUSED_NO_CUDA_REASON);
+#endif
+    d["openmp"] = has_openmp();
+    return d;
+  }, "How the module was built: cuda, cuda_archs, cudart_version, no_cuda_reason, openmp.");
+
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+  mod.def("cuda_driver_version", []() {
+    py::gil_scoped_release nogil;
+    return cuda_driver_version();
+  }, "The CUDA driver's version (cudaDriverGetVersion), 0 when there is no driver.");
+#endif
+
+  mod.def(
+      "adamw_step_cpu",
+      [](std::uintptr_t w, std::uintptr_t g, std::uintptr_t m, std::uintptr_t v, int64_t n,
+         int w_dtype, int g_dtype, int mv_dtype, double lr, double beta1, double beta2,
+         double eps, double c1, double c2, double pre_scale, double post_decay,
+         int num_threads) {
+        AdamWArgs a = make_args(w, g, m, v, n, w_dtype, g_dtype, mv_dtype, lr, beta1, beta2,
+                                eps, c1, c2, pre_scale, post_decay);
+        check_args(a);  // throws (ValueError) with the GIL still held
+        py::gil_scoped_release nogil;
+        adamw_step_cpu(a, num_threads);
+      },
+      py::arg("w"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("n"), py::arg("w_dtype"),
+      py::arg("g_dtype"), py::arg("mv_dtype"), py::kw_only(), py::arg("lr"), py::arg("beta1"),
+      py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("pre_scale"),
+      py::arg("post_decay"), py::arg("num_threads") = 0,
+      "AdamW step in place on contiguous host buffers of n elements (pointers as integers).");
+
+  mod.def(
+      "adamw_step_cuda",
+      [](std::uintptr_t w, std::uintptr_t g, std::uintptr_t m, std::uintptr_t v, int64_t n,
+         int w_dtype, int g_dtype, int mv_dtype, double lr, double beta1, double beta2,
+         double eps, double c1, double c2, double pre_scale, double post_decay, int device,
+         std::uintptr_t stream) {
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+        AdamWArgs a = make_args(w, g, m, v, n, w_dtype, g_dtype, mv_dtype, lr, beta1, beta2,
+                                eps, c1, c2, pre_scale, post_decay);
+        check_args(a);
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = adamw_step_cuda(a, device, stream);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+#else
+        (void)w; (void)g; (void)m; (void)v; (void)n; (void)w_dtype; (void)g_dtype;
+        (void)mv_dtype; (void)lr; (void)beta1; (void)beta2; (void)eps; (void)c1; (void)c2;
+        (void)pre_scale; (void)post_decay; (void)device; (void)stream;
+        throw std::runtime_error(std::string("adamw_step_cuda: lowrank_fused._C was ") +
+                                 LOWRANK_FUSED_NO_CUDA_REASON);
+#endif
+      },
+      py::arg("w"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("n"), py::arg("w_dtype"),
+      py::arg("g_dtype"), py::arg("mv_dtype"), py::kw_only(), py::arg("lr"), py::arg("beta1"),
+      py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("pre_scale"),
+      py::arg("post_decay"), py::arg("device"), py::arg("stream"),
+      "AdamW step in place on contiguous device buffers, launched on `stream` of `device`; "
+      "raises RuntimeError with the CUDA error (asynchronous: errors inside the kernel show "
+      "up at the next synchronisation).");
+}

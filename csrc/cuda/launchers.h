@@ -1,0 +1,24 @@
+// Host-side entry points of the CUDA kernels, declared without any CUDA header so that
+// bindings.cpp builds with a plain C++ compiler. Compiled in only with LOWRANK_FUSED_WITH_CUDA.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "adamw_step.h"
+
+namespace lowrank_fused {
+
+// "ok", or why the CUDA runtime linked into the module cannot be used (no driver, no device).
+std::string cuda_runtime_status();
+
+// CUDA runtime version this module was compiled against (CUDART_VERSION) and the driver's
+// version (0 when there is no driver).
+int cuda_runtime_version();
+int cuda_driver_version();
+
+// Launches the AdamW step on `stream` (a cudaStream_t as an integer; 0 is the legacy default
+// stream) of device `device`. Returns "" on success, else the CUDA error as text.
+std::string adamw_step_cuda(const AdamWArgs& a, int device, std::uintptr_t stream);
+
+}  // namespace lowrank_fused

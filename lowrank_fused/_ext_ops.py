@@ -1,0 +1,131 @@
+"""Implementations backed by the compiled extension ``lowrank_fused._C``, registered in the
+dispatch table for the backends "cpu" (the CPU twins, ``csrc/cpu``) and "cuda" (``csrc/cuda``).
+
+Each function has its reference's canonical signature and works in place. The extension takes
+raw pointers to contiguous buffers, so non-contiguous tensors are handled here: the kernel runs
+on contiguous copies and the results are copied back. Importing this module does not load the
+extension; the first call does (``lowrank_fused._ext``).
+"""
+from __future__ import annotations
+
+import torch
+
+from lowrank_fused import _ext
+from lowrank_fused.dispatch import BackendUnavailable, register
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT32, _C.DTYPE_BFLOAT16
+
+
+def _module(backend: str):
+    why = _ext.why_no_cpu() if backend == "cpu" else _ext.why_no_cuda()
+    if why is not None:
+        raise BackendUnavailable(f"backend={backend!r} is unavailable: {why}")
+    return _ext.load()
+
+
+def _check_tensors(op: str, backend: str, tensors: dict, like: str = "W") -> None:
+    """Types, devices, dtypes and shapes, with errors that name the parameter."""
+    where = f"{op} (backend {backend!r})"
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    ref = tensors[like]
+    for name, t in tensors.items():
+        if backend == "cpu" and t.device.type != "cpu":
+            raise ValueError(f"{where}: {name} must be a CPU tensor, got device {t.device}")
+        if backend == "cuda":
+            if t.device.type != "cuda":
+                raise ValueError(f"{where}: {name} must be a CUDA tensor, got device {t.device}")
+            if t.device != ref.device:
+                raise ValueError(f"{where}: {name} is on {t.device} but {like} is on "
+                                 f"{ref.device}; all tensors must be on one device")
+        if t.dtype not in _DTYPE_CODES:
+            raise TypeError(f"{where}: {name} must be float32 or bfloat16, got {t.dtype}")
+        if t.shape != ref.shape:
+            raise ValueError(f"{where}: {name} must have the shape of {like} "
+                             f"{tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
+def _check_distinct(op: str, backend: str, outputs: dict) -> None:
+    seen = {}
+    for name, t in outputs.items():
+        if t.numel() == 0:
+            continue
+        ptr = t.data_ptr()
+        if ptr in seen:
+            raise ValueError(f"{op} (backend {backend!r}): {name} and {seen[ptr]} share memory; "
+                             f"the in-place outputs must be distinct tensors")
+        seen[ptr] = name
+
+
+def _bump_version(t: torch.Tensor) -> None:
+    """The kernel wrote through a raw pointer: tell autograd the tensor changed."""
+    inc = getattr(torch.autograd.graph, "increment_version", None)
+    if inc is not None and not t.is_inference():
+        inc(t)
+
+
+def _run_inplace(launch, inputs, outputs) -> None:
+    """``launch(*contiguous inputs, *contiguous outputs)``, then write the outputs back."""
+    ins = [t if t.is_contiguous() else t.contiguous() for t in inputs]
+    outs = [t if t.is_contiguous() else t.contiguous() for t in outputs]
+    launch(*ins, *outs)
+    with torch.no_grad():
+        for dst, src in zip(outputs, outs):
+            if src is dst:
+                _bump_version(dst)
+            else:
+                dst.copy_(src)
+
+
+def _adamw_checks(backend, W, G, M, V):
+    _check_tensors("adamw_step", backend, {"W": W, "G": G, "M": M, "V": V})
+    if M.dtype != V.dtype:
+        raise TypeError(f"adamw_step (backend {backend!r}): M and V must have one dtype, "
+                        f"got M {M.dtype} and V {V.dtype}")
+    _check_distinct("adamw_step", backend, {"W": W, "M": M, "V": V})
+
+
+def _adamw_scalars(lr, beta1, beta2, eps, c1, c2, pre_scale, post_decay):
+    return dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                c1=float(c1), c2=float(c2), pre_scale=float(pre_scale),
+                post_decay=float(post_decay))
+
+
+@register("adamw_step", "cpu")
+def adamw_step_cpu(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: float,
+                   c1: float, c2: float, pre_scale: float, post_decay: float) -> None:
+    """The fused AdamW step of ``csrc/cpu`` (same math as the CUDA kernel), in place."""
+    _adamw_checks("cpu", W, G, M, V)
+    if W.numel() == 0:
+        return
+    mod = _module("cpu")
+    kw = _adamw_scalars(lr, beta1, beta2, eps, c1, c2, pre_scale, post_decay)
+
+    def launch(g, w, m, v):
+        mod.adamw_step_cpu(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(),
+                           _DTYPE_CODES[w.dtype], _DTYPE_CODES[g.dtype], _DTYPE_CODES[m.dtype],
+                           num_threads=torch.get_num_threads(), **kw)
+
+    _run_inplace(launch, [G], [W, M, V])
+
+
+@register("adamw_step", "cuda")
+def adamw_step_cuda(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: float,
+                    c1: float, c2: float, pre_scale: float, post_decay: float) -> None:
+    """The fused AdamW step of ``csrc/cuda`` on W's device and current stream, in place."""
+    _adamw_checks("cuda", W, G, M, V)
+    if W.numel() == 0:
+        return
+    mod = _module("cuda")
+    kw = _adamw_scalars(lr, beta1, beta2, eps, c1, c2, pre_scale, post_decay)
+    device = W.device
+
+    def launch(g, w, m, v):
+        mod.adamw_step_cuda(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(),
+                            _DTYPE_CODES[w.dtype], _DTYPE_CODES[g.dtype], _DTYPE_CODES[m.dtype],
+                            device=device.index,
+                            stream=torch.cuda.current_stream(device).cuda_stream, **kw)
+
+    with torch.cuda.device(device):
+        _run_inplace(launch, [G], [W, M, V])
