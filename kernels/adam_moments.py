@@ -54,3 +54,14 @@ def adam_moments(R, M, V, N, *, beta1: float, beta2: float, eps: float, c1: floa
         R, M, V, N, numel, float(beta1), float(beta2), float(eps), float(c1), float(c2),
         BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(), num_warps=ELEMENTWISE_WARPS,
     )
+
+
+def aot_variants():
+    from lowrank_fused.testing.aot import Variant
+
+    scalars = {a: "fp32" for a in ("beta1", "beta2", "eps", "c1", "c2")}
+    for s_t in ("fp32", "bf16", "fp16"):
+        yield Variant(_adam_moments_kernel,
+                      {"r_ptr": "*fp32", "m_ptr": "*" + s_t, "v_ptr": "*" + s_t,
+                       "n_ptr": "*" + s_t, "numel": "i32", **scalars},
+                      dict(BLOCK=ELEMENTWISE_BLOCK, INTERPRET=False), ELEMENTWISE_WARPS, 3)

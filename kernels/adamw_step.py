@@ -55,3 +55,16 @@ def adamw_step(W, G, M, V, *, lr, beta1, beta2, eps, c1, c2, pre_scale, post_dec
         float(c2), float(pre_scale), float(post_decay),
         BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(), num_warps=ELEMENTWISE_WARPS,
     )
+
+
+def aot_variants():
+    from lowrank_fused.testing.aot import Variant
+
+    scalars = {a: "fp32" for a in ("lr", "beta1", "beta2", "eps", "c1", "c2", "pre_scale",
+                                   "post_decay")}
+    for w_t in ("fp32", "bf16", "fp16"):
+        for s_t in sorted({"fp32", w_t}):
+            yield Variant(_adamw_step_kernel,
+                          {"w_ptr": "*" + w_t, "g_ptr": "*" + w_t, "m_ptr": "*" + s_t,
+                           "v_ptr": "*" + s_t, "numel": "i32", **scalars},
+                          dict(BLOCK=ELEMENTWISE_BLOCK, INTERPRET=False), ELEMENTWISE_WARPS, 3)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_mode, interpreting, mma, to_storage
+from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, interpreting, mma, to_storage
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,20 @@ class BackprojectConfig:
     num_stages: int
 
 
-CONFIGS = (
-    BackprojectConfig(64, 64, 32, 4, 3),
-    BackprojectConfig(128, 128, 32, 8, 3),
-)
+# Every config the launcher can choose (the AOT test compiles each and rejects spills).
+# The epilogue holds the accumulator, the W tile and its pointers at once, so 128x128 tiles
+# spill on sm_90; 128x64 with 8 warps does not. ieee (FMA) mode uses 64x64.
+CONFIGS_FMA = (BackprojectConfig(64, 64, 32, 4, 3),)
+CONFIGS_MMA = (BackprojectConfig(64, 64, 32, 4, 3), BackprojectConfig(128, 64, 32, 8, 3))
 
 
-def choose_config(m: int, n: int, rank: int) -> BackprojectConfig:
-    return CONFIGS[0] if m * n <= 1 << 20 else CONFIGS[1]
+def configs_for(mode: int):
+    return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
+
+
+def choose_config(m: int, n: int, rank: int, mode: int) -> BackprojectConfig:
+    configs = configs_for(mode)
+    return configs[0] if m * n <= 1 << 20 else configs[-1]
 
 
 @triton.jit
@@ -77,13 +83,32 @@ def backproject_update(W, P, N, *, coef: float, pre_scale: float, post_decay: fl
     rank = P.shape[1]
     if m == 0 or n == 0:
         return
-    cfg = config or choose_config(m, n, rank)
+    mode = dot_mode(precision, W.device)
+    cfg = config or choose_config(m, n, rank, mode)
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N))
     _backproject_update_kernel[grid](
         W, P, N, m, n, rank,
         W.stride(0), W.stride(1), P.stride(0), P.stride(1), N.stride(0), N.stride(1),
         float(coef), float(pre_scale), float(post_decay),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_MODE=dot_mode(precision, W.device), INTERPRET=interpreting(),
+        DOT_MODE=mode, INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def aot_variants():
+    """Every (dtype, config, precision) compilation ``backproject_update`` can launch on a GPU."""
+    from lowrank_fused.testing.aot import Variant
+
+    ints = {a: "i32" for a in ("M", "N", "RANK", "stride_wm", "stride_wn", "stride_pm",
+                               "stride_pr", "stride_nr", "stride_nn")}
+    scalars = {a: "fp32" for a in ("coef", "pre_scale", "post_decay")}
+    for w_t, s_t in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
+        for mode in (0, 1, 2):
+            for cfg in configs_for(mode):
+                yield Variant(_backproject_update_kernel,
+                              {"w_ptr": "*" + w_t, "p_ptr": "*" + s_t, "n_ptr": "*" + s_t,
+                               **ints, **scalars},
+                              dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                                   DOT_MODE=mode, INTERPRET=False),
+                              cfg.num_warps, cfg.num_stages)

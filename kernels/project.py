@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_mode, interpreting, mma
+from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, mma
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,29 @@ class ProjectConfig:
     num_stages: int
 
 
-# every config the launcher can choose (the AOT compile test compiles each of them)
-CONFIGS = (
-    ProjectConfig(16, 128, 64, 4, 3),
-    ProjectConfig(32, 128, 64, 4, 3),
-    ProjectConfig(64, 128, 32, 4, 3),
+# Every config the launcher can choose (the AOT test compiles each and rejects spills).
+# ieee (fp32 FMA, no tensor cores) needs small tiles: larger ones spill on sm_90, worst with
+# bf16 G. Tensor-core modes cover the rank with one tile up to 128 so G is read once
+# (twice at rank 256, the second time from L2: the r-tiles of a column slab are adjacent).
+CONFIGS_FMA = (ProjectConfig(16, 64, 32, 4, 3),)
+CONFIGS_MMA = (
+    ProjectConfig(16, 64, 32, 4, 3),
+    ProjectConfig(32, 128, 32, 4, 3),
+    ProjectConfig(64, 128, 32, 8, 3),
     ProjectConfig(128, 128, 32, 8, 3),
 )
 
 
-def choose_config(m: int, n: int, rank: int) -> ProjectConfig:
-    for cfg in CONFIGS:
+def configs_for(mode: int):
+    return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
+
+
+def choose_config(m: int, n: int, rank: int, mode: int) -> ProjectConfig:
+    configs = configs_for(mode)
+    for cfg in configs:
         if rank <= cfg.BLOCK_R:
             return cfg
-    return CONFIGS[-1]
+    return configs[-1]
 
 
 @triton.jit
@@ -78,12 +87,28 @@ def project(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = 
     if m == 0 or n == 0 or rank == 0:
         R.zero_()
         return
-    cfg = config or choose_config(m, n, rank)
+    mode = dot_mode(precision, G.device)
+    cfg = config or choose_config(m, n, rank, mode)
     grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N))
     _project_kernel[grid](
         G, P, R, m, n, rank,
         G.stride(0), G.stride(1), P.stride(0), P.stride(1), R.stride(0), R.stride(1),
         BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_MODE=dot_mode(precision, G.device),
+        DOT_MODE=mode,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def aot_variants():
+    """Every (dtype, config, precision) compilation ``project`` can launch on a GPU."""
+    from lowrank_fused.testing.aot import Variant
+
+    ints = {a: "i32" for a in ("M", "N", "RANK", "stride_gm", "stride_gn", "stride_pm",
+                               "stride_pr", "stride_rr", "stride_rn")}
+    for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
+        for mode in (0, 1, 2):
+            for cfg in configs_for(mode):
+                yield Variant(_project_kernel,
+                              {"g_ptr": "*" + g_t, "p_ptr": "*" + p_t, "r_ptr": "*fp32", **ints},
+                              dict(BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                                   DOT_MODE=mode), cfg.num_warps, cfg.num_stages)
