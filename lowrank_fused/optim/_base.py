@@ -1,5 +1,5 @@
 """What every lowrank_fused optimizer shares: backend resolution, argument checks, the step
-loop, exact-dtype state round trips, state accounting and the canonical SVD basis."""
+loop, exact-dtype state round trips and state accounting."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,7 @@ import math
 import torch
 
 from lowrank_fused.dispatch import CHOICES, lookup, resolve_backend
+from lowrank_fused.linalg import canonical_svd_basis, orth  # noqa: F401
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
@@ -24,27 +25,6 @@ def check_number(name, value, *, low=None, high=None, high_open=False):
     if high is not None and (x >= high if high_open else x > high):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
     return x
-
-
-def canonical_svd_basis(G: torch.Tensor, rank: int, side: str, sign_canon: bool = True):
-    """Top-``rank`` singular basis of ``float32(G)`` (galore_projector.py#L72-L99).
-
-    left: P = U[:, :rank] (m x rank); right: Q = Vh[:rank, :] (rank x n). With ``sign_canon``
-    each singular vector is flipped so its largest-magnitude entry is positive (ALGORITHMS.md
-    4.6), which makes refreshes reproducible across LAPACK/cuSOLVER. Returns fp32.
-    """
-    A = G.float()
-    if not torch.isfinite(A).all():
-        raise FloatingPointError(
-            "gradient has non-finite entries; cannot compute its SVD for the subspace refresh")
-    U, _, Vh = torch.linalg.svd(A, full_matrices=False)
-    B = U[:, :rank] if side == "left" else Vh[:rank, :].t()   # columns are singular vectors
-    if sign_canon:
-        idx = B.abs().argmax(dim=0, keepdim=True)
-        sign = torch.where(B.gather(0, idx) < 0, -1.0, 1.0)
-        B = B * sign
-    B = B.contiguous()
-    return B if side == "left" else B.t().contiguous()
 
 
 class LowRankOptimizer(torch.optim.Optimizer):

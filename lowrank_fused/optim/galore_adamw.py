@@ -15,7 +15,8 @@ import math
 import torch
 
 from lowrank_fused import ops
-from lowrank_fused.optim._base import LowRankOptimizer, canonical_svd_basis, check_number
+from lowrank_fused.linalg import canonical_svd_basis
+from lowrank_fused.optim._base import LowRankOptimizer, check_number
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 

@@ -7,5 +7,7 @@ from lowrank_fused.reference.project import project_ref
 from lowrank_fused.reference.adam_moments import adam_moments_ref
 from lowrank_fused.reference.backproject_update import backproject_update_ref
 from lowrank_fused.reference.adamw_step import adamw_step_ref
+from lowrank_fused.reference.moment_transport import moment_transport_ref
 
-__all__ = ["project_ref", "adam_moments_ref", "backproject_update_ref", "adamw_step_ref"]
+__all__ = ["project_ref", "adam_moments_ref", "backproject_update_ref", "adamw_step_ref",
+           "moment_transport_ref"]
