@@ -7,7 +7,6 @@ import math
 import torch
 
 from lowrank_fused.dispatch import CHOICES, lookup, resolve_backend
-from lowrank_fused.linalg import canonical_svd_basis, orth  # noqa: F401
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
