@@ -93,6 +93,15 @@ def available(backend: str, device) -> bool:
     return _why_unavailable(backend, torch.device(device)) is None
 
 
+def _auto_candidates(device: torch.device):
+    """Backends ``auto`` tries on ``device``, fastest first."""
+    if device.type == "cuda":
+        return ("triton", "cuda", "reference")
+    if device.type == "cpu" and interpreting():
+        return ("triton", "reference")
+    return ("reference",)
+
+
 def resolve_backend(backend: str, device) -> str:
     """Pick the backend for tensors on ``device``.
 
@@ -104,17 +113,48 @@ def resolve_backend(backend: str, device) -> str:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda" and available("triton", device):
-            return "triton"
-        if device.type == "cuda" and available("cuda", device):
-            return "cuda"
-        if device.type == "cpu" and interpreting() and available("triton", device):
-            return "triton"
+        for cand in _auto_candidates(device):
+            if available(cand, device):
+                return cand
         return "reference"
     why = _why_unavailable(backend, device)
     if why is not None:
         raise BackendUnavailable(f"backend={backend!r} is unavailable on {device}: {why}")
     return backend
+
+
+def choose_backend(backend: str, device, ops=()) -> str:
+    """The one backend that runs all of ``ops`` on ``device``.
+
+    ``auto``: the fastest backend that can run on the device *and* implements every op in
+    ``ops`` (a method whose ops have no fused kernel yet runs on the reference). An explicit
+    backend raises ``BackendUnavailable`` if it cannot run there or lacks one of the ops.
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        for cand in _auto_candidates(device):
+            if available(cand, device) and all(_has(op, cand) for op in ops):
+                return cand
+        return "reference"
+    backend = resolve_backend(backend, device)
+    for op in ops:
+        lookup(op, backend)
+    return backend
+
+
+def implementation(op: str, backend: str, device) -> Callable:
+    """The implementation of ``op`` that ``backend`` (possibly ``auto``) runs on ``device``."""
+    return lookup(op, choose_backend(backend, device, (op,)))
+
+
+def _has(op: str, backend: str) -> bool:
+    try:
+        lookup(op, backend)
+    except BackendUnavailable:
+        return False
+    except ImportError:
+        return False
+    return True
 
 
 def lookup(op: str, backend: str) -> Callable:

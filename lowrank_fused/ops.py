@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from lowrank_fused.dispatch import lookup, resolve_backend
+from lowrank_fused.dispatch import implementation
 
 SIDES = ("left", "right")
 PRECISIONS = ("ieee", "tf32", "bf16")
@@ -90,7 +90,7 @@ def project(G, P, R=None, *, side="left", precision="ieee", backend="auto"):
         raise TypeError(f"R must be float32, got {R.dtype}")
     _check_shape("R", R, out_shape)
     device = _same_device(G=G, P=P, R=R)
-    impl = lookup("project", resolve_backend(backend, device))
+    impl = implementation("project", backend, device)
     if side == "left":
         impl(G, P, R, precision=precision)
     else:
@@ -109,7 +109,7 @@ def adam_moments(R, M, V, N, *, beta1, beta2, eps, step, eps_mode="hf", backend=
         _check_shape(name, t, R.shape)
     c1, c2 = _eps_mode_divisors(eps_mode, beta1, beta2, step)
     device = _same_device(R=R, M=M, V=V, N=N)
-    impl = lookup("adam_moments", resolve_backend(backend, device))
+    impl = implementation("adam_moments", backend, device)
     impl(R, M, V, N, beta1=float(beta1), beta2=float(beta2), eps=float(eps), c1=c1, c2=c2)
     return N
 
@@ -134,7 +134,7 @@ def backproject_update(W, P, N, *, side="left", coef, pre_scale=1.0, post_decay=
     _check_shape("P", P, basis_shape((m, n), rank, side))
     _check_shape("N", N, low_rank_shape((m, n), rank, side))
     device = _same_device(W=W, P=P, N=N)
-    impl = lookup("backproject_update", resolve_backend(backend, device))
+    impl = implementation("backproject_update", backend, device)
     kw = dict(coef=float(coef), pre_scale=float(pre_scale), post_decay=float(post_decay),
               precision=precision)
     if side == "left":
@@ -161,7 +161,7 @@ def adamw_step(W, G, M, V, *, lr, beta1, beta2, eps, step, weight_decay=0.0,
         step_size = hf_step_size(lr, beta1, beta2, step, correct_bias)
     pre_scale, post_decay = decay_coefficients(lr, weight_decay, wd_mode)
     device = _same_device(W=W, G=G, M=M, V=V)
-    impl = lookup("adamw_step", resolve_backend(backend, device))
+    impl = implementation("adamw_step", backend, device)
     impl(W, G, M, V, lr=step_size, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
          c1=c1, c2=c2, pre_scale=pre_scale, post_decay=post_decay)
     return W

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lowrank_fused.dispatch import CHOICES, lookup, resolve_backend
+from lowrank_fused.dispatch import CHOICES, choose_backend, resolve_backend
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
@@ -44,20 +44,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:   # fail at construction, not at the first step
             for p in group["params"]:
-                be = self.resolved_backend(p.device)
-                for op in self._ops_needed(group, p):
-                    lookup(op, be)
+                self._backend_for(group, p)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
     def resolved_backend(self, device) -> str:
-        """The backend this optimizer runs for tensors on ``device``."""
-        device = torch.device(device)
-        if device not in self._resolved:
-            self._resolved[device] = resolve_backend(self.backend, device)
-        return self._resolved[device]
+        """The backend this optimizer prefers for tensors on ``device`` (with ``auto``, an op
+        that has no implementation there yet runs its reference)."""
+        return resolve_backend(self.backend, device)
+
+    def _backend_for(self, group, p) -> str:
+        """The resolved backend for one parameter: with ``auto``, the fastest one implementing
+        every op the parameter's update needs (cached per device and op set)."""
+        ops = tuple(self._ops_needed(group, p))
+        key = (p.device, ops)
+        if key not in self._resolved:
+            self._resolved[key] = choose_backend(self.backend, p.device, ops)
+        return self._resolved[key]
 
     def precision(self) -> str:
         if self.matmul_precision is not None:
@@ -98,7 +103,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if p.grad.shape != p.shape:
                     raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
                                      f"parameter shape {tuple(p.shape)}")
-                self._step_param(p, group, self.resolved_backend(p.device), precision)
+                self._step_param(p, group, self._backend_for(group, p), precision)
         return loss
 
     def state_bytes(self) -> int:
