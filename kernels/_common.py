@@ -50,6 +50,25 @@ def to_storage(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def adam_normalized_step(g, m_ptr, v_ptr, offs, mask, beta1, beta2, eps, c1, c2,
+                         INTERPRET: tl.constexpr):
+    """Update the Adam moments at ``offs`` in place from the fp32 gradient ``g`` and return
+    ``(M/c1) / (sqrt(V/c2) + eps)`` computed from the *stored* moments (so a narrow state
+    dtype rounds exactly as the reference does). IEEE-rounded division and sqrt."""
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = m * beta1 + (1.0 - beta1) * g
+    v = v * beta2 + (1.0 - beta2) * (g * g)
+    m_st = to_storage(m, m_ptr.dtype.element_ty, INTERPRET)
+    v_st = to_storage(v, v_ptr.dtype.element_ty, INTERPRET)
+    tl.store(m_ptr + offs, m_st, mask=mask)
+    tl.store(v_ptr + offs, v_st, mask=mask)
+    m = m_st.to(tl.float32)
+    v = v_st.to(tl.float32)
+    return tl.div_rn(tl.div_rn(m, c1), tl.sqrt_rn(tl.div_rn(v, c2)) + eps)
+
+
+@triton.jit
 def mma(a, b, acc, DOT_MODE: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation in the requested operand precision."""
     if DOT_MODE == 2:

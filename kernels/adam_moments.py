@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, to_storage
+from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, adam_normalized_step, cdiv,
+                      interpreting, to_storage)
 
 
 @triton.jit
@@ -22,17 +23,7 @@ def _adam_moments_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = m * beta1 + (1.0 - beta1) * r
-    v = v * beta2 + (1.0 - beta2) * (r * r)
-    m_st = to_storage(m, m_ptr.dtype.element_ty, INTERPRET)
-    v_st = to_storage(v, v_ptr.dtype.element_ty, INTERPRET)
-    tl.store(m_ptr + offs, m_st, mask=mask)
-    tl.store(v_ptr + offs, v_st, mask=mask)
-    m = m_st.to(tl.float32)
-    v = v_st.to(tl.float32)
-    nrm = tl.div_rn(tl.div_rn(m, c1), tl.sqrt_rn(tl.div_rn(v, c2)) + eps)
+    nrm = adam_normalized_step(r, m_ptr, v_ptr, offs, mask, beta1, beta2, eps, c1, c2, INTERPRET)
     tl.store(n_ptr + offs, to_storage(nrm, n_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 

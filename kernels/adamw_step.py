@@ -6,7 +6,8 @@ One pass: read G, read/write M, V and W (22 bytes per element with bf16 G/W and 
 import triton
 import triton.language as tl
 
-from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, to_storage
+from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, adam_normalized_step, cdiv,
+                      interpreting, to_storage)
 
 
 @triton.jit
@@ -18,20 +19,11 @@ def _adamw_step_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = m * beta1 + (1.0 - beta1) * g
-    v = v * beta2 + (1.0 - beta2) * (g * g)
-    m_st = to_storage(m, m_ptr.dtype.element_ty, INTERPRET)
-    v_st = to_storage(v, v_ptr.dtype.element_ty, INTERPRET)
-    tl.store(m_ptr + offs, m_st, mask=mask)
-    tl.store(v_ptr + offs, v_st, mask=mask)
-    m = m_st.to(tl.float32)
-    v = v_st.to(tl.float32)
+    nrm = adam_normalized_step(g, m_ptr, v_ptr, offs, mask, beta1, beta2, eps, c1, c2, INTERPRET)
     if pre_scale != 1.0:
         w = w * pre_scale
-    w = w - lr * tl.div_rn(tl.div_rn(m, c1), tl.sqrt_rn(tl.div_rn(v, c2)) + eps)
+    w = w - lr * nrm
     if post_decay != 0.0:
         w = w - post_decay * w
     tl.store(w_ptr + offs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
