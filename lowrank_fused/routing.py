@@ -1,4 +1,6 @@
-"""Which parameters GaLore projects: param groups as galore_torch's ``torchrun_main`` builds them.
+"""Which parameters each method projects: param groups as the official training scripts build
+them (``galore_param_groups``: GaLore's ``torchrun_main``; ``param_groups``: every method,
+ALGORITHMS.md section 1.6), and ``make_optimizer``, one call from a model to an optimizer.
 
 GaLore projects only the weights of ``nn.Linear`` modules whose name matches a target; every
 other trainable parameter (biases, norms, embeddings, ``lm_head``) goes to a plain group that
@@ -6,6 +8,8 @@ the optimizer updates with ordinary AdamW.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from typing import Iterable, List, Sequence, Union
 
@@ -83,3 +87,197 @@ def galore_param_groups(model: nn.Module, *, target_modules: TargetSpec = ("attn
                "scale": scale, "proj_type": proj_type, **extra},
               {"params": regular}]
     return [g for g in groups if g["params"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method: ALGORITHMS.md section 1.6, one call from a model to an optimizer's groups.
+
+# the GaLore family: low-rank = targeted Linear weights with a ``rank`` key, the rest plain
+GALORE_LIKE = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adarankgrad")
+METHODS = GALORE_LIKE + ("ldadam", "adamem", "adapm", "adapm_mini", "adamw", "adafactor")
+DENSE_METHODS = ("adamw", "adafactor")
+DEFAULT_TARGETS = ("attn", "mlp")
+
+# method -> (module, class); imported on first use, so a method whose module does not exist
+# yet costs nothing until it is asked for
+OPTIMIZER_CLASSES = {
+    "galore": ("lowrank_fused.optim.galore_adamw", "GaLoreAdamW"),
+    "adaptive_adamw": ("lowrank_fused.optim.adaptive_adamw", "AdaptiveAdamW"),
+    "rsadamw": ("lowrank_fused.optim.adaptive_adamw", "RSAdamW"),
+    "gha": ("lowrank_fused.optim.adaptive_adamw", "GHAAdamW"),
+    "galore_kfac": ("lowrank_fused.optim.adaptive_adamw", "GaLoreKFACAdamW"),
+    "adarankgrad": ("lowrank_fused.optim.adarankgrad", "AdaRankGrad"),
+    "ldadam": ("lowrank_fused.optim.ldadam", "LDAdamW"),
+    "adamem": ("lowrank_fused.optim.adamem", "AdaMeM"),
+    "adapm": ("lowrank_fused.optim.adapm", "AdaPM"),
+    "adapm_mini": ("lowrank_fused.optim.adapm", "AdaPMMini"),
+    "adamw": ("lowrank_fused.optim.adamw", "AdamW"),
+    "adafactor": ("lowrank_fused.optim.adafactor", "Adafactor"),
+}
+
+
+class _DefaultRank(int):
+    """The int 128, but recognisable as "rank not given" (AdaPM's groups then keep the
+    optimizer's own default, a rank ratio)."""
+
+    def __repr__(self):
+        return "128"
+
+
+DEFAULT_RANK = _DefaultRank(128)
+
+
+def _check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+
+
+def _check_rank(rank):
+    ok = (isinstance(rank, (int, float)) and not isinstance(rank, bool)
+          and float(rank).is_integer() and rank >= 1)
+    if not ok:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    return int(rank)
+
+
+def _trainable(model: nn.Module, seen: set) -> List:
+    """Trainable parameters of ``model`` not in ``seen`` (ids), each once, in model order."""
+    out = []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _adamem_target_names(model: nn.Module, target_modules) -> List[str]:
+    """Every trainable Linear except the model's first and last layers (section 1.6: the
+    token embedding and the output layer), in module order. "Layers" are the nn.Linear and
+    nn.Embedding modules, so a model that starts with an embedding loses no Linear at the
+    front, while a stack of Linears loses its first one; the last layer (lm_head, or the
+    last Linear) is always left out. ``target_modules``, when given, narrows the set."""
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Embedding))]
+    ends = {layers[0][0], layers[-1][0]} if layers else set()
+    match = _matcher(target_modules) if target_modules is not None else (lambda name: True)
+    return [name for name, m in layers
+            if isinstance(m, nn.Linear) and name not in ends and match(name)
+            and m.weight.requires_grad]
+
+
+def param_groups(model: nn.Module, *, method: str, target_modules: TargetSpec = None,
+                 rank: int = DEFAULT_RANK, **method_kwargs) -> List[dict]:
+    """Param groups that route ``model``'s parameters for ``method`` (ALGORITHMS.md 1.6).
+
+    * ``galore``, ``adaptive_adamw``, ``rsadamw``, ``gha``, ``galore_kfac``, ``adarankgrad``:
+      ``[{"params": targeted Linear weights, "rank": rank, **method_kwargs},
+      {"params": everything else}]``; the targets are the nn.Linear modules whose name
+      matches ``target_modules`` (default ``("attn", "mlp")``; same spec as
+      ``galore_param_groups``). Hyperparameters not given keep the optimizer class defaults
+      (``galore_param_groups`` instead fills in the GaLore README's T=200, scale=0.25).
+    * ``ldadam``: the same split, with ``enable_lowrank=True`` on the low-rank group and
+      ``enable_lowrank=False`` on the other.
+    * ``adamem``: low-rank = every Linear weight except the first and last layers (token
+      embedding, output layer), narrowed by ``target_modules`` when given.
+    * ``adapm``, ``adapm_mini``: ``lowrank_fused.optim.adapm.adapm_param_groups(model,
+      rank=rank, **method_kwargs)``; when ``rank`` is not given, ``rank=None`` is passed, so
+      the optimizer's rank ratio (5%) applies. ``target_modules`` must be None (AdaPM routes
+      by block role; its ``overrides`` keyword changes a block).
+    * ``adamw``, ``adafactor``: one group with every trainable parameter (and
+      ``method_kwargs``); ``rank`` is ignored and ``target_modules`` must be None.
+
+    Frozen parameters are left out; a shared parameter appears once; empty groups are
+    dropped. Raises ValueError for an unknown ``method`` or when a low-rank method's targets
+    match no trainable nn.Linear.
+    """
+    _check_method(method)
+    if method in DENSE_METHODS:
+        if target_modules is not None:
+            raise ValueError(f"target_modules has no meaning for method={method!r} "
+                             "(one dense group holds every parameter)")
+        groups = [{"params": _trainable(model, set()), **method_kwargs}]
+        return [g for g in groups if g["params"]]
+    if method in ("adapm", "adapm_mini"):
+        from lowrank_fused.optim.adapm import adapm_param_groups   # lazy: optional module
+        if target_modules is not None:
+            raise ValueError(f"target_modules has no meaning for method={method!r}: AdaPM "
+                             "classifies blocks by role (pass overrides= to change a block)")
+        given = None if rank is DEFAULT_RANK else _check_rank(rank)
+        return adapm_param_groups(model, rank=given, **method_kwargs)
+    rank = _check_rank(rank)
+    if method == "adamem":
+        names = set(_adamem_target_names(model, target_modules))
+    else:
+        names = set(galore_target_names(
+            model, DEFAULT_TARGETS if target_modules is None else target_modules))
+    low, seen = [], set()
+    for name, module in model.named_modules():
+        if name in names and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            low.append(module.weight)
+    if not low:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
+        what = ("no trainable nn.Linear besides the first and last layers"
+                if method == "adamem" else "no trainable nn.Linear module")
+        raise ValueError(f"target_modules={target_modules!r} selects {what} for "
+                         f"method={method!r} (the model's Linear modules: {shown or 'none'})")
+    low_group = {"params": low, "rank": rank, **method_kwargs}
+    rest_group = {"params": _trainable(model, seen)}
+    if method == "ldadam":
+        low_group["enable_lowrank"] = True
+        rest_group["enable_lowrank"] = False
+    return [g for g in (low_group, rest_group) if g["params"]]
+
+
+def optimizer_class(method: str):
+    """The optimizer class of ``method`` (imported on demand). Raises ValueError for an
+    unknown method and NotImplementedError when its module or class does not exist yet."""
+    _check_method(method)
+    module_name, class_name = OPTIMIZER_CLASSES[method]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise                      # the module exists but one of its imports is missing
+        raise NotImplementedError(f"method={method!r} needs {module_name}.{class_name}, which "
+                                  "is not implemented yet") from None
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise NotImplementedError(f"method={method!r} needs {module_name}.{class_name}, which "
+                                  "is not implemented yet") from None
+
+
+def _constructor_keywords(cls) -> set:
+    sig = inspect.signature(cls.__init__)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, prm in sig.parameters.items()
+            if prm.kind in kinds and name not in ("self", "params")}
+
+
+def make_optimizer(model: nn.Module, method: str, **kwargs):
+    """A ready optimizer for ``model``: ``cls(param_groups(model, method=method, ...), ...)``.
+
+    Keyword arguments are split: ``rank`` and ``target_modules`` go to ``param_groups``;
+    names the optimizer's constructor accepts (lr, betas, weight_decay, backend, ...) go to
+    the constructor; every other name becomes a key of the low-rank group (e.g. GaLore's
+    ``update_proj_gap``, ``scale``, ``proj_type``). For ``adamw`` and ``adafactor`` everything
+    goes to the constructor, and ``rank`` / ``target_modules`` are rejected.
+
+    Example::
+
+        opt = make_optimizer(model, "galore", rank=128, update_proj_gap=200, scale=0.25,
+                             lr=1e-2)
+    """
+    cls = optimizer_class(method)
+    if method in DENSE_METHODS:
+        for key in ("rank", "target_modules"):
+            if key in kwargs:
+                raise ValueError(f"{key} has no meaning for method={method!r}")
+        return cls(param_groups(model, method=method), **kwargs)
+    routing = {k: kwargs.pop(k) for k in ("rank", "target_modules") if k in kwargs}
+    ctor_names = _constructor_keywords(cls)
+    ctor = {k: v for k, v in kwargs.items() if k in ctor_names}
+    group = {k: v for k, v in kwargs.items() if k not in ctor_names}
+    return cls(param_groups(model, method=method, **routing, **group), **ctor)

@@ -1,0 +1,142 @@
+"""AdamW, the dense baseline every low-rank method is measured against (ALGORITHMS.md section 2).
+
+Two variants, one class:
+
+* ``hf=False`` (default), torch semantics (``torch.optim.AdamW``): E-torch epsilon
+  ``N = (m/bc1)/(sqrt(v/bc2)+eps)`` and WD-pre ``W <- W*(1-lr*lam)`` before the update;
+  defaults lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2.
+* ``hf=True`` (or the class ``HFAdamW``), HF / galore_torch semantics, what GaLore gives its
+  non-projected parameters: E-hf epsilon ``N = m/(sqrt(v)+eps)`` with step size
+  ``lr*sqrt(bc2)/bc1`` (``correct_bias``), and WD-post ``W <- W - lr*lam*W`` after the update;
+  defaults eps 1e-6, weight_decay 0.0.
+
+The whole step is one ``ops.adamw_step`` call, so every backend that implements that op
+(reference, triton, cpu, cuda) runs this class.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowrank_fused import ops
+from lowrank_fused.optim._base import LowRankOptimizer, check_number
+
+_TORCH_DEFAULTS = dict(eps=1e-8, weight_decay=1e-2)
+_HF_DEFAULTS = dict(eps=1e-6, weight_decay=0.0)
+
+
+def check_betas(betas):
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    return (float(betas[0]), float(betas[1]))
+
+
+def prevalidate_step(opt):
+    """Check every group and every gradient before any parameter is touched, so that a bad
+    hyperparameter (set by a scheduler, say) or a wrong gradient in a later group cannot leave
+    the model half-updated."""
+    for group in opt.param_groups:
+        opt._check_group(group)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients")
+            if p.grad.shape != p.shape:
+                raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
+                                 f"parameter shape {tuple(p.shape)}")
+
+
+class AdamW(LowRankOptimizer):
+    """Dense AdamW.
+
+    Args:
+        params: parameters or param groups (groups may override lr, betas, eps, weight_decay,
+            correct_bias).
+        lr: learning rate (default 1e-3).
+        betas: (beta1, beta2), each in [0, 1) (default (0.9, 0.999)).
+        eps: epsilon; None means the variant's default: 1e-8 (torch) or 1e-6 (hf).
+        weight_decay: decoupled weight decay lam; None means 1e-2 (torch) or 0.0 (hf).
+        hf: False for torch.optim.AdamW semantics (E-torch, WD-pre), True for HF/galore_torch
+            AdamW (E-hf, WD-post).
+        correct_bias: hf only: bias-correct the step size (default True). torch AdamW always
+            corrects, so ``correct_bias=False`` with ``hf=False`` is rejected.
+        backend: ``"auto" | "reference" | "triton" | "cuda" | "cpu"``.
+        faithful_dtypes: keep exp_avg / exp_avg_sq in the parameter dtype (as torch and HF do)
+            instead of fp32.
+
+    State per parameter: ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (shape of the parameter).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=None, weight_decay=None,
+                 correct_bias=True, *, hf=False, backend="auto", faithful_dtypes=False):
+        variant = _HF_DEFAULTS if hf else _TORCH_DEFAULTS
+        eps = variant["eps"] if eps is None else eps
+        weight_decay = variant["weight_decay"] if weight_decay is None else weight_decay
+        check_number("lr", lr, low=0.0)
+        betas = check_betas(betas)
+        check_number("eps", eps, low=0.0)
+        check_number("weight_decay", weight_decay, low=0.0)
+        if not isinstance(hf, bool):
+            raise ValueError(f"hf must be a bool, got {hf!r}")
+        if not isinstance(correct_bias, bool):
+            raise ValueError(f"correct_bias must be a bool, got {correct_bias!r}")
+        if not hf and not correct_bias:
+            raise ValueError("correct_bias=False is only defined for hf=True (torch AdamW always "
+                             "corrects the bias)")
+        self.hf = hf
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        correct_bias=correct_bias)
+        super().__init__(params, defaults, backend=backend, faithful_dtypes=faithful_dtypes)
+
+    def _check_group(self, group):
+        check_number("lr", group["lr"], low=0.0)
+        group["betas"] = check_betas(group["betas"])
+        check_number("eps", group["eps"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+        if not isinstance(group["correct_bias"], bool):
+            raise ValueError(f"correct_bias must be a bool, got {group['correct_bias']!r}")
+        if not self.hf and not group["correct_bias"]:
+            raise ValueError("correct_bias=False is only defined for hf=True")
+
+    def _ops_needed(self, group, p):
+        return ("adamw_step",)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        prevalidate_step(self)
+        super().step()
+        return loss
+
+    def _step_param(self, p, group, backend, precision):
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
+                                                memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        t = state["step"] + 1
+        beta1, beta2 = group["betas"]
+        ops.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                       beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
+                       weight_decay=group["weight_decay"],
+                       eps_mode="hf" if self.hf else "torch",
+                       wd_mode="post" if self.hf else "pre",
+                       correct_bias=group["correct_bias"], backend=backend)
+        state["step"] = t
+
+
+class HFAdamW(AdamW):
+    """HF / galore_torch AdamW: ``AdamW(hf=True)`` with its defaults (lr 1e-3, betas
+    (0.9, 0.999), eps 1e-6, weight_decay 0.0, correct_bias True)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True, *, backend="auto", faithful_dtypes=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         correct_bias=correct_bias, hf=True, backend=backend,
+                         faithful_dtypes=faithful_dtypes)
