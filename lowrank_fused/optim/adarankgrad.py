@@ -1,0 +1,385 @@
+"""AdaRankGrad: adaptive gradient rank and moments (ALGORITHMS.md section 6).
+
+Groups holding ``rank`` (= r_max, the paper's "initial rank") are projected. A subspace is
+chosen from the gradient by IASS: one seeded randomized range finder (SSRF: sketch, q power
+iterations, sign-canonical QR) of width ``k = min(rank + oversampling, m, n)``, then the
+smallest prefix rank r whose projection keeps a fraction ``eta_th`` of ``||G||^2``. Adam
+(E-torch, WD-pre) runs on the r x n projection until the projected-gradient norm has
+converged (exit rule), then the subspace is re-selected at the next step and the moments are
+carried over with ``C = P_new^T P_old`` (``M <- C M``, ``V <- (C*C) V``), also across rank
+changes. Every other parameter gets torch AdamW (E-torch, WD-pre) through ``ops.adamw_step``.
+
+One step of a projected matrix (left form; a matrix with m >= n runs on its transpose,
+ALGORITHMS.md 1.1), ALGORITHMS.md 6.4::
+
+    if refresh pending (always at t = 1):  P, r = IASS(G) ; transport M, V ; new block j
+    Ghat = P^T G ; z = ||Ghat||                               # K1
+    M = b1 M + (1-b1) Ghat ; V = b2 V + (1-b2) Ghat^2         # K2, E-torch
+    N = (M/bc1(t)) / (sqrt(V/bc2(t)) + eps)
+    W = W (1 - lr lam) - lr scale (P @ N)                     # K3, WD-pre
+    exit test on z: set "refresh pending" for the next step
+
+Ops: ``project``, ``adam_moments``, ``backproject_update`` (shared, ``lowrank_fused.ops``);
+``range_finder`` (SSRF), ``iass_select`` and ``moment_transport`` /
+``moment_transport_linear`` (``lowrank_fused.reference``, through the dispatch table).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import lowrank_fused.reference.iass_select  # noqa: F401  (registers "iass_select")
+import lowrank_fused.reference.moment_transport  # noqa: F401  (registers "moment_transport")
+import lowrank_fused.reference.moment_transport_linear  # noqa: F401
+import lowrank_fused.reference.range_finder  # noqa: F401  (registers "range_finder")
+from lowrank_fused import ops
+from lowrank_fused.dispatch import lookup
+from lowrank_fused.optim._base import LowRankOptimizer, check_number
+from lowrank_fused.reference.iass_select import IASS_MODES
+
+EXIT_RULES = ("relative", "absolute")
+V_TRANSPORTS = ("cc", "linear")
+_TRANSPORT_OP = {"cc": "moment_transport", "linear": "moment_transport_linear"}
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 64-bit seed from integers (splitmix64 chain): the same parts give the same seed on
+    every machine and in every process."""
+    h = 0
+    for part in parts:
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    return h
+
+
+def sketch_matrix(seed: int, layer_id: int, block: int, n: int, k: int,
+                  device=None) -> torch.Tensor:
+    """SSRF's Gaussian sketch ``Omega`` (n x k, fp32) for block ``block`` of parameter
+    ``layer_id`` (ALGORITHMS.md 6.3 line 1: seeded by (seed, layer_id, j)).
+
+    Drawn on a CPU generator (the same numbers on every device) one column at a time, so
+    ``sketch_matrix(..., k)[:, :r] == sketch_matrix(..., r)``: a prefix of the sketch is the
+    sketch of the smaller width (one k x n draw would not do: torch's CPU ``randn`` fills
+    tensors of different sizes by different code paths)."""
+    gen = torch.Generator(device="cpu").manual_seed(mix_seed(seed, layer_id, block, 0))
+    omega = torch.stack([torch.randn(n, generator=gen, dtype=torch.float32)
+                         for _ in range(k)], dim=1)
+    return omega if device is None else omega.to(device)
+
+
+def fill_seed(seed: int, layer_id: int, block: int) -> int:
+    """Seed of the orthonormal complement that fills rank-deficient sketch columns."""
+    return mix_seed(seed, layer_id, block, 1)
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_hparams(h):
+    """Validate one group's (or the defaults') hyperparameters; raise ValueError naming the
+    offending one. Mutates nothing."""
+    check_number("lr", h["lr"], low=0.0)
+    betas = h["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    check_number("eps", h["eps"], low=0.0)
+    check_number("weight_decay", h["weight_decay"], low=0.0)
+    check_number("scale", h["scale"])
+    if check_number("eta_th", h["eta_th"], high=1.0) <= 0.0:
+        raise ValueError(f"eta_th must be in (0, 1], got {h['eta_th']!r}")
+    _check_int("power_iters", h["power_iters"], 0)
+    _check_int("oversampling", h["oversampling"], 0)
+    _check_choice("iass_mode", h["iass_mode"], IASS_MODES)
+    _check_choice("exit_rule", h["exit_rule"], EXIT_RULES)
+    check_number("eps_rel", h["eps_rel"], low=0.0)
+    check_number("beta_c", h["beta_c"], low=0.0, high=1.0, high_open=True)
+    _check_int("t_min", h["t_min"], 1)
+    _check_int("t_max", h["t_max"], 1)
+    if h["eps_0"] is not None:
+        check_number("eps_0", h["eps_0"], low=0.0)
+    elif h["exit_rule"] == "absolute":
+        raise ValueError("eps_0 must be given (a float >= 0) with exit_rule='absolute': the "
+                         "threshold eps_j = eps_0/j is absolute, so it has no default")
+    _check_choice("v_transport", h["v_transport"], V_TRANSPORTS)
+    if isinstance(h["seed"], bool) or not isinstance(h["seed"], int):
+        raise ValueError(f"seed must be an int, got {h['seed']!r}")
+
+
+class AdaRankGrad(LowRankOptimizer):
+    """AdaRankGrad (ALGORITHMS.md section 6), with the torch.optim API.
+
+    Args:
+        params: parameters or param groups. Groups holding ``rank`` (an int >= 1: r_max, the
+            largest rank IASS may select) are projected; every other parameter, and a rank
+            group's matrix with ``rank >= min(m, n)`` or fewer than 2 dimensions
+            (ALGORITHMS.md 1.6 guard), gets torch AdamW (E-torch, WD-pre). Trailing
+            dimensions are flattened: a (o, i, kh, kw) weight is the (o, i*kh*kw) matrix.
+            Every hyperparameter below may be overridden per group.
+        lr, betas, eps, weight_decay: Adam with E-torch epsilon
+            ``(M/bc1)/(sqrt(V/bc2)+eps)``, bias correction from the parameter's step counter
+            (never reset at a refresh) and decoupled weight decay applied first, ``W*(1-lr*wd)``
+            (defaults 1e-3, (0.9, 0.999), 1e-8, 0.0).
+        scale: alpha, the factor on the back-projected step (default 1.0).
+        eta_th: information threshold in (0, 1]: the selected rank is the smallest r whose
+            projection keeps ``eta_th * ||G||^2`` (default 0.96).
+        power_iters: q, power iterations of the range finder (default 1; 0 is the paper's
+            stated cost).
+        oversampling: p, extra sketch columns: the sketch width is
+            ``min(rank + oversampling, m, n)`` (default 0).
+        iass_mode: ``"prefix"`` (default): energies of the sketch basis' column prefixes;
+            ``"ritz"``: rotate the sketch basis by the SVD of ``B = Qb^T G`` first (best rank
+            r within the sketch's range).
+        exit_rule: when to re-select the subspace. ``"relative"`` (default): with
+            ``s = t - t_j + 1`` steps into block j, ``z_ema`` the EMA (``beta_c``) of
+            ``z = ||P^T G||`` and ``z_ref`` its value at ``s == t_min``, refresh when
+            ``s > t_min and z_ema <= eps_rel * z_ref``, or when ``s >= t_max``
+            (defaults eps_rel 0.5, beta_c 0.9, t_min 10, t_max 200; ``t_max <= t_min`` is a
+            fixed refresh interval t_max, as in the paper's ablation). ``"absolute"``: refresh
+            when ``z <= eps_0 / j`` (paper-literal; ``eps_0`` required, no t_min / t_max).
+        v_transport: second-moment transport on a subspace change: ``"cc"`` (default),
+            ``V <- (C*C) @ V``, which keeps V >= 0; ``"linear"``, ``V <- C @ V`` (the [3P]
+            transcription of the paper; can make V negative and the step NaN).
+        seed: seeds the sketches: block j of the i-th parameter (in param-group order) uses
+            ``sketch_matrix(seed, i, j, ...)``; the seed and the parameter index are stored
+            in the state, so a resumed run redraws the same sketches.
+        backend: ``"auto" | "reference" | "triton" | "cuda" | "cpu"``. An explicit backend
+            must implement every op a parameter needs (``range_finder``, ``iass_select`` and
+            the transports have only references for now: ``backend="triton"`` raises
+            ``BackendUnavailable`` at construction for a projected parameter; ``auto`` runs
+            the reference).
+        sign_canon: sign-canonical QR (``diag(R) >= 0``) and Ritz vectors (default True);
+            False keeps the library's signs.
+        size_guard: apply the ALGORITHMS.md 1.6 guard (default True). False runs the
+            low-rank path even when ``rank >= min(m, n)`` (the sketch is then square): the
+            full-rank limit, for tests.
+        matmul_precision: as GaLoreAdamW (for the fused GEMMs; the references run fp32).
+
+    State of a projected matrix (plain tensors and Python scalars, so ``state_dict``
+    round-trips through ``torch.save`` / ``torch.load(weights_only=True)``):
+    ``step`` (t), ``ortho`` (P, m x r_cur; for m >= n the transposed basis Q, r_cur x n),
+    ``exp_avg`` / ``exp_avg_sq`` (M, V: r_cur x n, or m x r_cur), ``r_cur``, ``j`` (blocks
+    started), ``t_j`` (step that started the block), ``z_ema``, ``z_ref``, ``refresh``
+    (re-select at the next step), ``seed``, ``layer_id``. All tensors fp32.
+
+    Zero gradients (ALGORITHMS.md 6.6): a refresh whose gradient is exactly zero keeps the
+    subspace, the moments and the block, skips the exit test and stays pending; before the
+    first subspace exists such a step only applies the weight decay (M and V would be zero).
+    A rank-deficient sketch is completed with a seeded orthonormal complement
+    (``lowrank_fused.reference.range_finder.orth_complete``), so the basis is always
+    orthonormal with the requested width.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 scale=1.0, eta_th=0.96, power_iters=1, oversampling=0, iass_mode="prefix",
+                 exit_rule="relative", eps_rel=0.5, beta_c=0.9, t_min=10, t_max=200,
+                 eps_0=None, v_transport="cc", seed=0, backend="auto", sign_canon=True,
+                 size_guard=True, matmul_precision=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
+                        eta_th=eta_th, power_iters=power_iters, oversampling=oversampling,
+                        iass_mode=iass_mode, exit_rule=exit_rule, eps_rel=eps_rel,
+                        beta_c=beta_c, t_min=t_min, t_max=t_max, eps_0=eps_0,
+                        v_transport=v_transport, seed=seed)
+        _check_hparams(defaults)
+        defaults["betas"] = tuple(betas)
+        if not isinstance(size_guard, bool):
+            raise ValueError(f"size_guard must be a bool, got {size_guard!r}")
+        if not isinstance(sign_canon, bool):
+            raise ValueError(f"sign_canon must be a bool, got {sign_canon!r}")
+        self.size_guard = size_guard
+        super().__init__(params, defaults, backend=backend, faithful_dtypes=False,
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+
+    # -- validation -----------------------------------------------------------------------
+    def _check_group(self, group):
+        _check_hparams(group)
+        if "rank" in group:
+            _check_int("rank", group["rank"], 1)
+
+    def _prevalidate(self):
+        """Every group and gradient checked before any parameter or state is touched."""
+        for group in self.param_groups:
+            self._check_group(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad.shape != p.shape:
+                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
+                                     f"parameter shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._prevalidate()
+        super().step()
+        return loss
+
+    # -- routing --------------------------------------------------------------------------
+    def _plan(self, p, group):
+        """(side, r_max, 2-D shape) for a projected matrix, or None for dense AdamW."""
+        if "rank" not in group or p.dim() < 2:
+            return None
+        shape = (p.shape[0], math.prod(p.shape[1:]))
+        if self.size_guard and group["rank"] >= min(shape):
+            return None
+        side = "right" if shape[0] >= shape[1] else "left"      # ALGORITHMS.md 1.1
+        return side, group["rank"], shape
+
+    def _ops_needed(self, group, p):
+        if self._plan(p, group) is None:
+            return ("adamw_step",)
+        return ("project", "adam_moments", "backproject_update", "range_finder",
+                "iass_select", _TRANSPORT_OP[group["v_transport"]])
+
+    def _layer_id(self, p):
+        for i, q in enumerate(q for g in self.param_groups for q in g["params"]):
+            if q is p:
+                return i
+        raise KeyError("parameter is not in this optimizer")
+
+    # -- the step -------------------------------------------------------------------------
+    def _step_param(self, p, group, backend, precision):
+        plan = self._plan(p, group)
+        if plan is None:
+            self._dense_step(p, group, backend)
+        else:
+            self._lowrank_step(p, group, plan, backend, precision)
+
+    def _dense_step(self, p, group, backend):
+        """torch AdamW: E-torch, WD-pre (ALGORITHMS.md 1.6, 2)."""
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
+                                                memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        t = state["step"] + 1
+        beta1, beta2 = group["betas"]
+        ops.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                       beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
+                       weight_decay=group["weight_decay"], eps_mode="torch", wd_mode="pre",
+                       backend=backend)
+        state["step"] = t
+
+    def _select_subspace(self, G, state, group, side, backend, precision):
+        """IASS (ALGORITHMS.md 6.3) for the block about to start. Returns (basis in the
+        stored orientation, r), or None for a zero gradient. Mutates no state."""
+        Gc = G if side == "left" else G.t()                 # canonical left form
+        mc, nc = Gc.shape
+        k = min(group["rank"] + group["oversampling"], mc, nc)
+        block = state["j"] + 1
+        seed, layer = state["seed"], state["layer_id"]
+        omega = sketch_matrix(seed, layer, block, nc, k, device=G.device)
+        Qb = torch.empty(mc, k, dtype=torch.float32, device=G.device)
+        lookup("range_finder", backend)(Gc, omega, Qb, power_iters=group["power_iters"],
+                                        sign_canon=self.sign_canon,
+                                        fill_seed=fill_seed(seed, layer, block),
+                                        precision=precision)
+        B = ops.project(Gc, Qb, side="left", precision=precision, backend=backend)   # k x nc
+        r = lookup("iass_select", backend)(Gc, Qb, B, eta_th=group["eta_th"],
+                                           r_max=group["rank"], mode=group["iass_mode"],
+                                           sign_canon=self.sign_canon)
+        if r == 0:
+            return None
+        P = Qb[:, :r]
+        return (P.contiguous() if side == "left" else P.t().contiguous()), r
+
+    def _transport(self, P_new, state, group, side, backend):
+        """Block 2: carry M, V from the old basis to the new one (K8)."""
+        op = lookup(_TRANSPORT_OP[group["v_transport"]], backend)
+        P_old, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
+        if side == "left":
+            return op(P_new, P_old, M, V)
+        M_new, V_new = op(P_new.t(), P_old.t(), M.t(), V.t())
+        return M_new.t().contiguous(), V_new.t().contiguous()
+
+    def _lowrank_step(self, p, group, plan, backend, precision):
+        side, _, shape = plan
+        state = self.state[p]
+        W, G, write_back = self._as_matrix(p, shape)
+        if "step" not in state:
+            state.update(step=0, r_cur=0, j=0, t_j=0, z_ema=0.0, z_ref=0.0, refresh=True,
+                         seed=int(group["seed"]), layer_id=self._layer_id(p))
+        t = state["step"] + 1
+        lr, beta1, beta2 = group["lr"], group["betas"][0], group["betas"][1]
+        pre_scale, _ = ops.decay_coefficients(lr, group["weight_decay"], "pre")
+
+        exit_test = True
+        if state["refresh"]:                                  # Block 1 + Block 2
+            chosen = self._select_subspace(G, state, group, side, backend, precision)
+            if chosen is None:                                # zero gradient: keep P
+                exit_test = False
+            else:
+                P_new, r_new = chosen
+                if state["j"] == 0:
+                    shape_lr = ops.low_rank_shape(shape, r_new, side)
+                    M = torch.zeros(shape_lr, dtype=torch.float32, device=p.device)
+                    V = torch.zeros_like(M)
+                else:
+                    M, V = self._transport(P_new, state, group, side, backend)
+                state.update(ortho=P_new, exp_avg=M, exp_avg_sq=V, r_cur=r_new,
+                             j=state["j"] + 1, t_j=t, refresh=False)
+
+        if "ortho" not in state:      # zero gradient before any subspace: M = V = 0, N = 0
+            if pre_scale != 1.0:
+                W.mul_(pre_scale)
+            write_back(W)
+            state["step"] = t
+            return
+
+        P, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
+        R = ops.project(G, P, side=side, precision=precision, backend=backend)   # Ghat
+        z = float(torch.linalg.vector_norm(R))
+        N = torch.empty_like(M)
+        ops.adam_moments(R, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
+                         eps_mode="torch", backend=backend)
+        ops.backproject_update(W, P, N, side=side, coef=lr * group["scale"],
+                               pre_scale=pre_scale, post_decay=0.0, precision=precision,
+                               backend=backend)
+        write_back(W)
+        state["step"] = t
+        if exit_test:
+            self._exit_test(state, group, z, t)
+
+    @staticmethod
+    def _exit_test(state, group, z, t):
+        """Block 3's stopping condition (ALGORITHMS.md 6.4 line 7): sets ``refresh`` for the
+        next step."""
+        if group["exit_rule"] == "absolute":
+            if z <= group["eps_0"] / state["j"]:
+                state["refresh"] = True
+            return
+        s = t - state["t_j"] + 1
+        if s == 1:
+            state["z_ema"] = z
+        else:
+            state["z_ema"] = group["beta_c"] * state["z_ema"] + (1.0 - group["beta_c"]) * z
+        if s == group["t_min"]:
+            state["z_ref"] = state["z_ema"]
+        if ((s > group["t_min"] and state["z_ema"] <= group["eps_rel"] * state["z_ref"])
+                or s >= group["t_max"]):
+            state["refresh"] = True
