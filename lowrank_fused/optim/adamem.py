@@ -1,0 +1,303 @@
+"""AdaMeM: memory-efficient momentum for Adafactor (ALGORITHMS.md section 8, seed 003).
+
+A low-rank matrix W (m x n, run on its transpose when m > n so that m <= n) keeps momentum
+only in the top-r left singular subspace P of its gradient (refreshed by an SVD every
+``update_proj_gap`` steps, and at the first step). Per step, with G the gradient:
+
+* the projection ``R = P^T G`` gets momentum ``M`` and a factored (Adafactor) preconditioner,
+  giving ``N1`` (r x n);
+* the residual ``S = G - P R`` gets a one-sided, per-column Adafactor preconditioner, giving
+  ``N2 = S / (sqrt(c_os/bc2) + eps)``; its statistics come from
+  ``colsum(S^2) = colsum(G^2) - colsum(R^2)``, so S is never stored;
+* ``W <- W*(1 - lr*wd) - lr*(P @ N1 + delta*N2)`` (WD-pre).
+
+Per-column statistics keep ``<P N1, N2>_F = 0`` (Claim 3.1). The state per matrix is P, M, the
+r + n factored statistics and the n one-sided statistics: ``mr + nr + r + 2n`` floats.
+
+Everything else gets AdaMeM's Adafactor: groups without ``rank`` (the first and last layers,
+per the paper), weights that are not 2-D after flattening, and matrices with
+``rank >= min(m, n)`` (the size guard of ALGORITHMS.md 1.6) get a factored Adafactor with fixed
+beta2, bias correction, no momentum, no clipping and no relative step; 1-D parameters get
+its unfactored version. :func:`adamem_param_groups` builds the paper's groups from a model.
+
+Conventions, all fixed by the spec (sections 8 and 12.3): bias correction with bc1 on M and
+bc2 on both second moments (``bias_correction`` flag), eps added outside the square root, eps1
+added to the squares before averaging, decoupled weight decay applied before the update.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+# the method's reference ops register themselves on import (lowrank_fused/reference/__init__.py
+# is shared and does not import them)
+import lowrank_fused.reference.adafactor_bc_factored_step  # noqa: F401
+import lowrank_fused.reference.adafactor_bc_unfactored_step  # noqa: F401
+import lowrank_fused.reference.adamem_moments  # noqa: F401
+import lowrank_fused.reference.moment_transport  # noqa: F401
+import lowrank_fused.reference.residual_backproject_update  # noqa: F401
+import lowrank_fused.reference.residual_col_stats  # noqa: F401
+from lowrank_fused import ops
+from lowrank_fused.dispatch import lookup
+from lowrank_fused.linalg import canonical_svd_basis, orth
+from lowrank_fused.optim._base import LowRankOptimizer, check_number
+from lowrank_fused.optim.adamw import prevalidate_step
+
+V_SOURCES = ("momentum", "gradient")
+RESIDUAL_FORMS = ("identity", "explicit")
+LOW_RANK_OPS = ("project", "adamem_moments", "residual_col_stats", "residual_backproject_update")
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+class AdaMeM(LowRankOptimizer):
+    """AdaMeM (ALGORITHMS.md section 8).
+
+    Args:
+        params: parameters or param groups. Groups holding ``rank`` (an int >= 1) get AdaMeM;
+            the others get AdaMeM's Adafactor (factored for matrices, unfactored for 1-D).
+        lr: step size eta (the paper sweeps 3.16e-4 ... 1e-2).
+        betas: (beta1, beta2) = (0.9, 0.95): momentum and second-moment decay rates.
+        eps: 1e-8, added to the square root of the second-moment estimates.
+        eps1: 1e-30, added to the squared entries before averaging (Adafactor style).
+        weight_decay: 0.01, decoupled, applied as ``W*(1 - lr*weight_decay)`` before the update.
+        delta: 1.0, relative step size of the residual term (the paper sweeps {0.5, 1}).
+        update_proj_gap: T = 200; P is recomputed when ``(t - 1) % T == 0`` (t = 1, T+1, ...).
+        v_source: ``"momentum"`` (paper: Alg. 1 feeds the bias-corrected momentum to the
+            factored preconditioner) or ``"gradient"`` (statistics from ``R^2``, as
+            GaLore-Adafactor).
+        transport_on_refresh: False (paper: only P changes at a refresh). True rotates M with
+            ``C = P_new^T P_old`` and the row statistics with ``C*C``.
+        bias_correction: True (``M/bc1``, second moments ``/bc2``); False is paper-literal.
+        residual_form: ``"identity"`` (residual statistics from ``colsum(G^2) - colsum(R^2)``,
+            clamped at 0, no m x n residual for the statistics) or ``"explicit"`` (forms S).
+        backend, sign_canon, matmul_precision: as :class:`lowrank_fused.GaLoreAdamW`. Only
+            reference ops exist for the AdaMeM-specific steps so far: ``auto`` runs them, an
+            explicit fused backend raises ``BackendUnavailable`` at construction.
+
+    The refreshed basis is the fp32 SVD basis re-orthonormalised by a float64 QR (``_basis``):
+    a [DC] beyond the spec that keeps Claim 3.1 at fp32 rounding level.
+
+    Every hyperparameter but ``rank`` is also a per-group key. State is plain tensors and ints
+    (``state_dict`` loads with ``torch.load(weights_only=True)``) and always fp32.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, eps1=1e-30,
+                 weight_decay=0.01, delta=1.0, update_proj_gap=200, *, v_source="momentum",
+                 transport_on_refresh=False, bias_correction=True, residual_form="identity",
+                 backend="auto", sign_canon=True, matmul_precision=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, eps1=eps1, weight_decay=weight_decay,
+                        delta=delta, update_proj_gap=update_proj_gap, v_source=v_source,
+                        transport_on_refresh=transport_on_refresh,
+                        bias_correction=bias_correction, residual_form=residual_form)
+        self._check_group(defaults)
+        defaults["betas"] = tuple(betas)
+        super().__init__(params, defaults, backend=backend, faithful_dtypes=False,
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+
+    # -- group validation -----------------------------------------------------------------
+    def _check_group(self, group):
+        check_number("lr", group["lr"], low=0.0)
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_number("eps", group["eps"], low=0.0)
+        check_number("eps1", group["eps1"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+        check_number("delta", group["delta"], low=0.0)
+        _check_int("update_proj_gap", group["update_proj_gap"], 1)
+        _check_choice("v_source", group["v_source"], V_SOURCES)
+        _check_bool("transport_on_refresh", group["transport_on_refresh"])
+        _check_bool("bias_correction", group["bias_correction"])
+        _check_choice("residual_form", group["residual_form"], RESIDUAL_FORMS)
+        if "rank" in group:
+            _check_int("rank", group["rank"], 1)
+
+    def _ops_needed(self, group, p):
+        plan = self._plan(p, group)
+        if plan is None:
+            return ("adafactor_bc_factored_step",) if p.dim() >= 2 else (
+                "adafactor_bc_unfactored_step",)
+        return LOW_RANK_OPS + (("moment_transport",) if group["transport_on_refresh"] else ())
+
+    def _plan(self, p, group):
+        """(rank, 2-D shape, transposed) for a low-rank matrix, or None for Adafactor."""
+        if "rank" not in group or p.dim() < 2:
+            return None
+        shape = (p.shape[0], math.prod(p.shape[1:]))
+        if group["rank"] >= min(shape):
+            return None
+        return group["rank"], shape, shape[0] > shape[1]
+
+    # -- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # every group and gradient is checked before any parameter moves: a bad value edited
+        # into a later group must not leave the earlier groups stepped
+        prevalidate_step(self)
+        super().step()
+        return loss
+
+    def _coefficients(self, group, t):
+        beta1, beta2 = group["betas"]
+        if group["bias_correction"]:
+            return ops.bias_corrections(beta1, beta2, t)
+        return 1.0, 1.0
+
+    def _step_param(self, p, group, backend, precision):
+        plan = self._plan(p, group)
+        state = self.state[p]
+        low_rank_state = "P" in state
+        dense_state = "row" in state or "v" in state
+        if (plan is None and low_rank_state) or (plan is not None and dense_state):
+            raise ValueError(
+                "a parameter moved between AdaMeM's low-rank path and its Adafactor path "
+                "(its group's rank changed); its state does not fit the new path")
+        if plan is not None and low_rank_state and state["P"].shape[1] != plan[0]:
+            raise ValueError(f"rank changed from {state['P'].shape[1]} to {plan[0]} mid-run; "
+                             "AdaMeM keeps a fixed rank per matrix")
+        if plan is None:
+            self._adafactor_step(p, group, backend)
+        else:
+            self._adamem_step(p, group, plan, backend, precision)
+
+    def _adafactor_step(self, p, group, backend):
+        """AdaMeM's Adafactor for non-low-rank parameters (section 8.2, Routing)."""
+        state = self.state[p]
+        factored = p.dim() >= 2
+        if factored:
+            shape = (p.shape[0], math.prod(p.shape[1:]))
+            W, G, write_back = self._as_matrix(p, shape)
+        else:
+            W, G, write_back = p, p.grad, lambda W: None
+        if "step" not in state:
+            state["step"] = 0
+            if factored:
+                state["row"] = torch.zeros(shape[0], dtype=torch.float32, device=p.device)
+                state["col"] = torch.zeros(shape[1], dtype=torch.float32, device=p.device)
+            else:
+                state["v"] = torch.zeros_like(p, dtype=torch.float32,
+                                              memory_format=torch.contiguous_format)
+        t = state["step"] + 1
+        state["step"] = t
+        _, c2 = self._coefficients(group, t)
+        pre_scale, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "pre")
+        kw = dict(lr=float(group["lr"]), beta2=float(group["betas"][1]),
+                  eps1=float(group["eps1"]), eps=float(group["eps"]), c2=c2,
+                  pre_scale=pre_scale, post_decay=post_decay)
+        if factored:
+            lookup("adafactor_bc_factored_step", backend)(
+                W, G, state["row"], state["col"], **kw)
+        else:
+            lookup("adafactor_bc_unfactored_step", backend)(
+                W, G, state["v"], **kw)
+        write_back(W)
+
+    def _basis(self, Gc, rank):
+        """Top-``rank`` left singular vectors of the canonical gradient (fp32 SVD,
+        sign-canonical), re-orthonormalised by a float64 QR (signs kept, columns move by about
+        1e-7). An fp32 SVD basis is orthonormal only to about 1e-6, and Claim 3.1's
+        ``<P N1, N2> = 0`` and the residual identity both rest on ``P^T P = I``: this keeps
+        them at fp32 rounding level (ALGORITHMS.md section 11, invariants 2 and 3)."""
+        return orth(canonical_svd_basis(Gc, rank, "left", self.sign_canon).double()).float()
+
+    def _adamem_step(self, p, group, plan, backend, precision):
+        rank, shape, transposed = plan
+        state = self.state[p]
+        W, G, write_back = self._as_matrix(p, shape)
+        # canonical left form (ALGORITHMS.md 1.1): k x l with k <= l, as views
+        Wc, Gc = (W.t(), G.t()) if transposed else (W, G)
+        k = state.get("step", 0)                                 # t - 1
+        beta1, beta2 = group["betas"]
+
+        # 8.3 line 2: refresh at t = 1, T + 1, 2T + 1, ...; everything that can fail (the SVD
+        # of a non-finite gradient) runs before any state is touched
+        if "P" not in state or k % group["update_proj_gap"] == 0:
+            P_new = self._basis(Gc, rank)
+            if group["transport_on_refresh"] and "P" in state:
+                transport = lookup("moment_transport", backend)
+                M_new, row_new = transport(P_new, state["P"], state["M"],
+                                           state["a_row"].unsqueeze(1))
+                state["M"] = M_new.contiguous()
+                state["a_row"] = row_new.squeeze(1).contiguous()
+            state["P"] = P_new
+        P = state["P"]
+        R = ops.project(Gc, P, side="left", precision=precision, backend=backend)   # line 3
+        if "M" not in state:
+            state["M"] = torch.zeros_like(R)
+            state["a_row"] = torch.zeros(R.shape[0], dtype=torch.float32, device=p.device)
+            state["a_col"] = torch.zeros(R.shape[1], dtype=torch.float32, device=p.device)
+            state["c_os"] = torch.zeros(R.shape[1], dtype=torch.float32, device=p.device)
+        t = k + 1
+        state["step"] = t                                        # line 1
+        c1, c2 = self._coefficients(group, t)
+
+        N1 = torch.empty_like(state["M"])                        # lines 5-6
+        lookup("adamem_moments", backend)(
+            R, state["M"], state["a_row"], state["a_col"], N1, beta1=float(beta1),
+            beta2=float(beta2), eps=float(group["eps"]), eps1=float(group["eps1"]), c1=c1, c2=c2,
+            stats_from_momentum=group["v_source"] == "momentum")
+        col_scale = torch.empty_like(state["c_os"])              # lines 4 and 7
+        lookup("residual_col_stats", backend)(
+            Gc, P, R, state["c_os"], col_scale, beta2=float(beta2), eps1=float(group["eps1"]),
+            eps=float(group["eps"]), c2=c2, explicit=group["residual_form"] == "explicit")
+        lr = float(group["lr"])                                  # lines 8-9
+        pre_scale, post_decay = ops.decay_coefficients(lr, group["weight_decay"], "pre")
+        lookup("residual_backproject_update", backend)(
+            Wc, Gc, P, R, N1, col_scale, coef=lr, res_coef=lr * float(group["delta"]),
+            pre_scale=pre_scale, post_decay=post_decay, precision=precision)
+        write_back(W)
+
+
+def adamem_param_groups(model: nn.Module, *, rank: int, all_layers: bool = False,
+                        **extra) -> list:
+    """The paper's routing (ALGORITHMS.md 1.6 and 8.2): ``[{"params": low-rank weights,
+    "rank": rank, **extra}, {"params": everything else}]``, empty groups dropped.
+
+    Layers are the ``nn.Linear`` and ``nn.Embedding`` modules with a trainable weight, in
+    registration order. The first (token embedding) and the last (output head) get Adafactor
+    unless ``all_layers`` is True (the paper's "applied to all layers" variant); so do biases,
+    norms and every other parameter. A weight shared by several modules (tied embeddings)
+    appears once, in the group of its first occurrence.
+    """
+    _check_int("rank", rank, 1)
+    _check_bool("all_layers", all_layers)
+    layers = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.requires_grad:
+            layers.append(module.weight)
+    ends = set() if all_layers or not layers else {id(layers[0]), id(layers[-1])}
+    low_rank, seen = [], set()
+    for w in layers:
+        if id(w) not in seen and id(w) not in ends and w.dim() >= 2:
+            seen.add(id(w))
+            low_rank.append(w)
+    seen_all = set(seen)
+    rest = []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen_all:
+            seen_all.add(id(p))
+            rest.append(p)
+    groups = [{"params": low_rank, "rank": int(rank), **extra}, {"params": rest}]
+    return [g for g in groups if g["params"]]
