@@ -1,0 +1,655 @@
+"""AdaptiveAdamW and the repository variants RSAdamW, GHAAdamW and GaLoreKFACAdamW
+(ALGORITHMS.md section 5).
+
+All four extend GaLore-AdamW (section 4: E-hf epsilon, WD-post, the 'std' side rule, refresh
+when ``k % update_proj_gap == 0`` before the counter increments, HF AdamW for parameters outside
+rank groups) and share one low-rank step (5.3 phase B)::
+
+    basis update (method specific) -> R = P^T G -> normalised step N -> limiter (B1)
+    -> W -= step_size * scale * (P @ N), WD-post
+
+* ``AdaptiveAdamW``: every ``update_proj_gap`` steps all projected matrices of a rank group are
+  refreshed together (phase A): a global budget ``B = rank * L`` is split greedily from rank 1
+  per matrix by a spectral score (``rank_metric``), each matrix gets its top-``r_l`` singular
+  basis and its Adam moments are transported into the new basis (``m <- C m``,
+  ``v <- (C*C) v``, ``C = P_new^T P_old``).
+* ``RSAdamW`` (rsadamw): uniform rank, random subspace drift instead of an SVD.
+* ``GHAAdamW`` (gha): uniform rank, the basis tracks the gradient covariance by Sanger's rule
+  every step.
+* ``GaLoreKFACAdamW`` (galore_kfac): GaLore's SVD basis; the low-rank momentum is whitened by a
+  Kronecker left factor instead of Adam's second moment.
+
+The variants are reconstructions from one-line README descriptions (ALGORITHMS.md 5.6, all
+``[DC]``). State is plain tensors and ints in ``self.state[p]``; AdaptiveAdamW's pool counter
+lives in its param group (``pool_step``), so ``state_dict()`` round-trips through
+``torch.save``/``torch.load(weights_only=True)`` and a resumed run continues bit-identically.
+Right-projected matrices run every op in the canonical left form on transposed views (1.1).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from lowrank_fused import ops
+from lowrank_fused.dispatch import implementation
+from lowrank_fused.linalg import canonical_svd_basis
+from lowrank_fused.optim._base import check_number
+from lowrank_fused.optim.galore_adamw import GaLoreAdamW
+# importing registers the method-specific reference ops (lowrank_fused/reference/__init__.py
+# is shared and does not list them)
+from lowrank_fused.reference import (gha_update, kfac_precondition, kfac_transport,  # noqa: F401
+                                     moment_transport, norm_growth_limit, subspace_drift)
+
+__all__ = ["AdaptiveAdamW", "RSAdamW", "GHAAdamW", "GaLoreKFACAdamW", "RANK_METRICS",
+           "rank_scores", "allocate_ranks"]
+
+RANK_METRICS = ("explained_variance", "singular_value", "conditioning", "gap", "combined",
+                "uniform_variance")
+# Metrics whose per-matrix score is non-increasing in r (s is sorted descending), so the greedy
+# allocation is a global top-k; "gap" (s[r+1]/s[r]) is not and runs the exact heap greedy.
+MONOTONE_METRICS = frozenset(RANK_METRICS) - {"gap"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank allocation (ALGORITHMS.md 5.3 A1-A2): host-side control logic, not a kernel op.
+
+def rank_scores(s: torch.Tensor, metric: str, *, combined_weight: float = 0.5) -> torch.Tensor:
+    """Scores of the increments ``r -> r+1`` of one matrix, for r = 1 .. len(s)-1.
+
+    ``s`` are its singular values in descending order (length min(m, n)). Returns a fp32
+    vector ``sc`` of length ``len(s) - 1`` with ``sc[r-1] = score(r)``; with 1-based ``s``
+    and ``E = sum(s^2)``:
+
+    ==================== ==============================================
+    explained_variance   ``s[r+1]^2 / E``   (README formula)
+    singular_value       ``s[r+1]^2``
+    conditioning         ``s[r+1] / s[1]``
+    gap                  ``s[r+1] / s[r]``   (0 where ``s[r] == 0``)
+    combined             ``w*s[r+1]^2/E + (1-w)*s[r+1]/s[1]``
+    uniform_variance     ``-(s[1]^2 + ... + s[r]^2) / E``
+    ==================== ==============================================
+
+    A matrix with ``E == 0`` (zero gradient) scores ``-inf`` everywhere (5.5 guard).
+    """
+    if metric not in RANK_METRICS:
+        raise ValueError(f"rank_metric must be one of {RANK_METRICS}, got {metric!r}")
+    s = s.detach().float().reshape(-1)
+    sq = s * s
+    E = sq.sum()
+    nxt = s[1:]
+    if nxt.numel() == 0 or E.item() == 0.0:
+        return torch.full_like(nxt, -math.inf)
+    w = float(combined_weight)
+    if metric == "explained_variance":
+        return sq[1:] / E
+    if metric == "singular_value":
+        return sq[1:]
+    if metric == "conditioning":
+        return nxt / s[0]
+    if metric == "gap":
+        prev = s[:-1]
+        return torch.where(prev > 0, nxt / torch.where(prev > 0, prev, 1.0), 0.0)
+    if metric == "combined":
+        return w * sq[1:] / E + (1.0 - w) * nxt / s[0]
+    return -torch.cumsum(sq, 0)[:-1] / E          # uniform_variance
+
+
+def allocate_ranks(spectra: Sequence[torch.Tensor], budget: int, metric: str = "explained_variance",
+                   *, r_max: Optional[Sequence[int]] = None, combined_weight: float = 0.5,
+                   algorithm: str = "auto") -> List[int]:
+    """Greedy split of ``budget`` ranks over matrices with singular values ``spectra``.
+
+    Every matrix starts at rank 1 (r_min); each of the ``budget - L`` increments goes to the
+    matrix whose next increment scores highest (``rank_scores``), ties to the smallest index,
+    never beyond ``r_max[l]`` (default and upper bound ``len(spectra[l])`` = min(m, n)).
+
+    ``algorithm``: ``"topk"`` is the vectorised form, valid when every matrix's scores are
+    non-increasing in r (all metrics but ``gap``): the greedy then takes the global top
+    ``budget - L`` candidates ordered by (score desc, matrix, r), which one stable sort over the
+    concatenated candidates gives. ``"heap"`` is the exact greedy with a max-heap over matrices,
+    O(B log L), for any metric. ``"auto"`` picks ``topk`` for monotone metrics.
+    """
+    if metric not in RANK_METRICS:
+        raise ValueError(f"rank_metric must be one of {RANK_METRICS}, got {metric!r}")
+    if algorithm not in ("auto", "topk", "heap"):
+        raise ValueError(f"algorithm must be 'auto', 'topk' or 'heap', got {algorithm!r}")
+    L = len(spectra)
+    caps = [int(s.numel()) for s in spectra]
+    if r_max is not None:
+        if len(r_max) != L:
+            raise ValueError(f"r_max has {len(r_max)} entries for {L} matrices")
+        caps = [max(1, min(c, int(x))) for c, x in zip(caps, r_max)]
+    if any(c < 1 for c in caps):
+        raise ValueError("every matrix needs at least one singular value")
+    budget = int(budget)
+    if budget < L:
+        raise ValueError(f"rank budget {budget} is below the number of matrices {L} (r_min = 1)")
+    if budget > sum(caps):
+        raise ValueError(f"rank budget {budget} exceeds the total capacity {sum(caps)}")
+    extra = budget - L
+    scores = [rank_scores(s, metric, combined_weight=combined_weight)[:c - 1]
+              for s, c in zip(spectra, caps)]
+    if algorithm == "auto":
+        algorithm = "topk" if metric in MONOTONE_METRICS else "heap"
+    if extra == 0:
+        return [1] * L
+    if algorithm == "topk":
+        cand = torch.cat(scores)
+        owner = torch.repeat_interleave(torch.arange(L), torch.tensor([c - 1 for c in caps]))
+        order = torch.sort(cand, descending=True, stable=True).indices[:extra]
+        return (1 + torch.bincount(owner[order], minlength=L)).tolist()
+    lists = [sc.tolist() for sc in scores]
+    ranks = [1] * L
+    heap = [(-lists[l][0], l) for l in range(L) if caps[l] > 1]
+    heapq.heapify(heap)
+    for _ in range(extra):
+        _, l = heapq.heappop(heap)
+        ranks[l] += 1
+        if ranks[l] < caps[l]:
+            heapq.heappush(heap, (-lists[l][ranks[l] - 1], l))
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _canon(side, X):
+    """A tensor of the stored layout in the canonical left form (a view)."""
+    return X if side == "left" else X.t()
+
+
+def _uncanon(side, X):
+    """A canonical-form result back in the stored layout (contiguous)."""
+    return X.contiguous() if side == "left" else X.t().contiguous()
+
+
+def _is_int(x, low):
+    return not isinstance(x, bool) and isinstance(x, int) and x >= low
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps): deterministic across runs and machines."""
+    mask = (1 << 64) - 1
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = ((x ^ (int(v) & mask)) * 0xBF58476D1CE4E5B9) & mask
+        x ^= x >> 31
+        x = (x * 0x94D049BB133111EB) & mask
+        x ^= x >> 29
+    return x & ((1 << 63) - 1)
+
+
+class _SubspaceAdamW(GaLoreAdamW):
+    """What the four classes share: GaLore's groups, checks and dense step, plus the low-rank
+    step with a method-specific basis update, the norm-growth limiter and moment transport."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
+                 backend, faithful_dtypes, sign_canon, matmul_precision):
+        # the method's group keys -> the constructor's values, filled into every rank group
+        # (set before the base constructor, which checks the groups)
+        self._family = dict(family)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         correct_bias=correct_bias, backend=backend,
+                         faithful_dtypes=faithful_dtypes, sign_canon=sign_canon,
+                         matmul_precision=matmul_precision)
+
+    # -- group validation -----------------------------------------------------------------
+    def _check_group(self, group):
+        if "rank" in group:
+            for key, value in self._family.items():
+                group.setdefault(key, value)
+        super()._check_group(group)
+        if "rank" in group:
+            self._check_family(group)
+
+    def _check_family(self, group):
+        gamma = group["nl_gamma"]
+        if gamma is not None:
+            check_number("nl_gamma", gamma, low=1.0)
+
+    def _ops_needed(self, group, p):
+        if self._plan(p, group) is None:
+            return ("adamw_step",)
+        limiter = ("norm_growth_limit",) if group["nl_gamma"] is not None else ()
+        return self._method_ops(group) + ("backproject_update",) + limiter
+
+    def _method_ops(self, group):
+        return ("project", "adam_moments", "moment_transport")
+
+    # -- the optimizer step -----------------------------------------------------------------
+    def _managed(self, group):
+        """(param, plan) of a group's projected matrices."""
+        if "rank" not in group:
+            return []
+        return [(p, plan) for p in group["params"]
+                for plan in [self._plan(p, group)] if plan is not None]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # every check before the first write: bad input leaves weights and state untouched
+        for group in self.param_groups:
+            self._check_group(group)
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if g.shape != p.shape:
+                    raise ValueError(f"gradient shape {tuple(g.shape)} does not match "
+                                     f"parameter shape {tuple(p.shape)}")
+        self._check_grads()
+        self._before_updates()
+        # the base class's per-parameter loop (not super().step(): torch wraps every class's
+        # step with its hooks, which would then run twice)
+        precision = self.precision()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group, self.backend, precision)
+        return loss
+
+    def _check_grads(self):
+        for group in self.param_groups:
+            for p, plan in self._managed(group):
+                if p.grad is not None and self._basis_reads_grad(p, group):
+                    _finite_or_raise(p)
+
+    def _basis_reads_grad(self, p, group) -> bool:
+        return False
+
+    def _before_updates(self):
+        pass
+
+    def _step_param(self, p, group, backend, precision):
+        plan = self._plan(p, group)
+        if plan is None:
+            self._dense_step(p, group, backend)
+            return
+        side, _, shape = plan
+        state = self.state[p]
+        W, G, write_back = self._as_matrix(p, shape)
+        self._update_basis(p, group, side, G, state, backend)
+        P = state["ortho"]
+        R = ops.project(G, P, side=side, precision=precision, backend=backend)
+        state["step"] += 1
+        N, step_size = self._normalised_step(R, state, group, side, state["step"], backend)
+        if group["nl_gamma"] is not None:                        # 5.3 B1
+            first = "nl_prev" not in state
+            if first:
+                state["nl_prev"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            implementation("norm_growth_limit", backend, p.device)(
+                N, state["nl_prev"], gamma=float(group["nl_gamma"]), first=first)
+        _, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "post")
+        ops.backproject_update(W, P, N, side=side, coef=step_size * group["scale"],
+                               post_decay=post_decay, precision=precision, backend=backend)
+        write_back(W)
+
+    # -- pieces the methods choose from ------------------------------------------------------
+    def _update_basis(self, p, group, side, G, state, backend):
+        raise NotImplementedError
+
+    def _normalised_step(self, R, state, group, side, t, backend):
+        """GaLore 4.3 lines 6-10: Adam moments on R, E-hf. Returns (N, step_size)."""
+        beta1, beta2 = group["betas"]
+        N = torch.empty_like(state["exp_avg"])
+        ops.adam_moments(R, state["exp_avg"], state["exp_avg_sq"], N, beta1=beta1, beta2=beta2,
+                         eps=group["eps"], step=t, eps_mode="hf", backend=backend)
+        return N, ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"])
+
+    def _init_moments(self, p, state, side, shape, rank):
+        state["step"] = 0
+        low = ops.low_rank_shape(shape, rank, side)
+        state["exp_avg"] = torch.zeros(low, dtype=self._state_dtype(p), device=p.device)
+        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+
+    def _transport_moments(self, state, side, P_new, backend):
+        """5.3 A4 through the K8 op: ``M <- C M``, ``V <- (C*C) V`` with C = P_new^T P_old
+        (canonical left form; right-projected matrices pass transposed views)."""
+        impl = implementation("moment_transport", backend, P_new.device)
+        M, V = impl(_canon(side, P_new), _canon(side, state["ortho"]),
+                    _canon(side, state["exp_avg"]), _canon(side, state["exp_avg_sq"]))
+        state["exp_avg"], state["exp_avg_sq"] = _uncanon(side, M), _uncanon(side, V)
+
+    def ranks(self) -> List[List[int]]:
+        """Current rank of every projected matrix, per rank group (None before its first step)."""
+        return [[self.state[p].get("rank") for p, _ in self._managed(g)]
+                for g in self.param_groups if "rank" in g]
+
+
+def _finite_or_raise(p):
+    if not torch.isfinite(p.grad).all():
+        raise FloatingPointError(
+            f"gradient of the parameter of shape {tuple(p.shape)} has non-finite entries; "
+            "cannot update its subspace (nothing was changed)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+class AdaptiveAdamW(_SubspaceAdamW):
+    """AdaptiveAdamW (ALGORITHMS.md section 5): GaLore-AdamW with a global rank budget.
+
+    Args:
+        params: parameters or param groups. Groups holding ``rank`` are projected; ``rank`` is
+            the budget unit: a group with L projected matrices shares ``B = rank * L`` ranks.
+            Group keys (defaults from the constructor): ``update_proj_gap`` (200), ``scale``
+            (0.25, ``--galore_scale``), ``proj_type`` (``"std"``), ``rank_metric``,
+            ``nl_gamma``, ``combined_weight``.
+        lr, betas, eps, weight_decay, correct_bias: as GaLore (E-hf, WD-post), defaults
+            0.01, (0.9, 0.999), 1e-6, 0, True.
+        rank_metric: allocation score, one of ``RANK_METRICS`` (default
+            ``"explained_variance"``, ``s[r+1]^2/||G||^2``); see ``rank_scores``.
+        nl_gamma: norm-growth limiter factor (default 1.01, Fira/APOLLO); None switches it off.
+        combined_weight: w of the ``combined`` metric (default 0.5).
+        backend, faithful_dtypes, sign_canon, matmul_precision: as ``GaLoreAdamW``.
+
+    Every ``update_proj_gap`` steps of a group (its counter ``pool_step``, checked before the
+    increment), all its projected matrices are refreshed together (5.3 phase A): singular
+    values of every gradient, greedy allocation from rank 1 per matrix with r_max = min(m, n),
+    top-r_l singular bases, moment transport across the change of basis and rank, and the
+    limiter memory rescaled by ``sqrt(r_new/r_old)``. All projected matrices of a group need a
+    gradient at a refresh step (use zeros for an unused layer). Between refreshes each matrix
+    takes GaLore's step with the limiter on the normalised step (5.3 phase B). Matrices with
+    ``rank >= min(m, n)`` and 1-D parameters get the dense HF AdamW step (1.6 guard), outside
+    the budget.
+    """
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True, *, rank_metric="explained_variance", nl_gamma=1.01,
+                 combined_weight=0.5, update_proj_gap=200, scale=0.25, backend="auto",
+                 faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+        family = dict(update_proj_gap=update_proj_gap, scale=scale, rank_metric=rank_metric,
+                      nl_gamma=nl_gamma, combined_weight=combined_weight, pool_step=0)
+        _check_adaptive_keys(family)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
+                         backend=backend, faithful_dtypes=faithful_dtypes,
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+
+    def _check_family(self, group):
+        super()._check_family(group)
+        _check_adaptive_keys(group)
+
+    def _update_basis(self, p, group, side, G, state, backend):
+        if "ortho" not in state:   # only reachable if a refresh was skipped: a bug
+            raise RuntimeError("AdaptiveAdamW: projected matrix has no basis (refresh missed)")
+
+    # -- phase A ------------------------------------------------------------------------------
+    def _refresh_due(self, group, managed):
+        return (any(p.grad is not None for p, _ in managed)
+                and group["pool_step"] % group["update_proj_gap"] == 0)
+
+    def _check_grads(self):
+        for group in self.param_groups:
+            managed = self._managed(group)
+            if not managed or not self._refresh_due(group, managed):
+                continue
+            for p, _ in managed:
+                if p.grad is None:
+                    raise ValueError(
+                        f"AdaptiveAdamW refreshes all projected matrices of a group together "
+                        f"(pool_step {group['pool_step']} is a multiple of update_proj_gap); "
+                        f"the parameter of shape {tuple(p.shape)} has no gradient (give unused "
+                        f"layers a zero gradient)")
+                _finite_or_raise(p)
+
+    def _before_updates(self):
+        for group in self.param_groups:
+            managed = self._managed(group)
+            if not managed or not any(p.grad is not None for p, _ in managed):
+                continue
+            if self._refresh_due(group, managed):
+                self._refresh(group, managed)
+            group["pool_step"] += 1
+
+    def _refresh(self, group, managed):
+        grads = [self._as_matrix(p, plan[2])[1] for p, plan in managed]
+        # A1: spectra, in fp32 (5.5), one matrix at a time
+        spectra = [torch.linalg.svdvals(G.float()) for G in grads]
+        # A2: greedy allocation of B = rank * L from r = 1, r_max = min(m, n)
+        ranks = allocate_ranks([s.cpu() for s in spectra], group["rank"] * len(managed),
+                               group["rank_metric"],
+                               combined_weight=float(group["combined_weight"]))
+        # A3: new bases, all computed before any state changes
+        bases = [canonical_svd_basis(G, r, plan[0], self.sign_canon)
+                 for G, r, (p, plan) in zip(grads, ranks, managed)]
+        for (p, (side, _, shape)), r_new, P_new in zip(managed, ranks, bases):
+            state = self.state[p]
+            P_new = P_new.to(self._state_dtype(p))
+            if "ortho" in state:                                     # A4, A5
+                self._transport_moments(state, side, P_new, self.backend)
+                if "nl_prev" in state:
+                    state["nl_prev"].mul_(math.sqrt(r_new / state["rank"]))
+            else:
+                self._init_moments(p, state, side, shape, r_new)
+            state["ortho"] = P_new
+            state["rank"] = r_new
+
+
+def _check_adaptive_keys(d):
+    if d["rank_metric"] not in RANK_METRICS:
+        raise ValueError(f"rank_metric must be one of {RANK_METRICS}, got {d['rank_metric']!r}")
+    if d["nl_gamma"] is not None:
+        check_number("nl_gamma", d["nl_gamma"], low=1.0)
+    check_number("combined_weight", d["combined_weight"], low=0.0, high=1.0)
+    check_number("scale", d["scale"])
+    for key, low in (("update_proj_gap", 1), ("pool_step", 0)):
+        if not _is_int(d[key], low):
+            raise ValueError(f"{key} must be an int >= {low}, got {d[key]!r}")
+
+
+def _check_uniform_keys(d):
+    if d["nl_gamma"] is not None:
+        check_number("nl_gamma", d["nl_gamma"], low=1.0)
+    check_number("scale", d["scale"])
+    if not _is_int(d["update_proj_gap"], 1):
+        raise ValueError(f"update_proj_gap must be an int >= 1, got {d['update_proj_gap']!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+class RSAdamW(_SubspaceAdamW):
+    """rsadamw, "random subspace drift" (ALGORITHMS.md 5.6, a reconstruction): GaLore without
+    SVD, uniform rank.
+
+    At a refresh (``k % update_proj_gap == 0``, per matrix) the basis moves to
+    ``orth(sqrt(1 - sigma^2) * P_old + sigma * Z)`` with ``Z_ij ~ N(0, 1/m)``; the first basis
+    is ``orth(Z)``. ``sigma`` = 1 (default) draws a fresh random subspace at every refresh
+    (GoLore-style); ``sigma`` < 1 drifts. Moments are transported as in 5.3 A4. Z is drawn on
+    the CPU from a generator seeded by (``seed``, the parameter's index in the optimizer, k),
+    so runs and resumed runs are reproducible. Other arguments as ``AdaptiveAdamW``.
+    """
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True, *, sigma=1.0, seed=0, nl_gamma=1.01, update_proj_gap=200,
+                 scale=0.25, backend="auto", faithful_dtypes=False, sign_canon=True,
+                 matmul_precision=None):
+        family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
+                      sigma=sigma, seed=seed)
+        self._check_rs(family)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
+                         backend=backend, faithful_dtypes=faithful_dtypes,
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+
+    @staticmethod
+    def _check_rs(d):
+        _check_uniform_keys(d)
+        check_number("sigma", d["sigma"], low=0.0, high=1.0)
+        if not _is_int(d["seed"], 0):
+            raise ValueError(f"seed must be an int >= 0, got {d['seed']!r}")
+
+    def _check_family(self, group):
+        self._check_rs(group)
+
+    def _method_ops(self, group):
+        return super()._method_ops(group) + ("subspace_drift",)
+
+    def _update_basis(self, p, group, side, G, state, backend):
+        k = state.get("step", 0)
+        if "ortho" in state and k % group["update_proj_gap"] != 0:
+            return
+        rows = G.shape[0] if side == "left" else G.shape[1]
+        rank = group["rank"]
+        index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"])
+                     if q is p)
+        gen = torch.Generator(device="cpu").manual_seed(_mix_seed(group["seed"], index, k))
+        Z = (torch.randn(rows, rank, generator=gen) / math.sqrt(rows)).to(p.device)
+        old = _canon(side, state["ortho"]) if "ortho" in state else None
+        P_new = implementation("subspace_drift", backend, p.device)(
+            old, Z, sigma=float(group["sigma"]), sign_canon=self.sign_canon)
+        P_new = _uncanon(side, P_new).to(self._state_dtype(p))
+        if "ortho" in state:
+            self._transport_moments(state, side, P_new, backend)
+        else:
+            self._init_moments(p, state, side, (G.shape[0], G.shape[1]), rank)
+        state["ortho"] = P_new
+        state["rank"] = rank
+
+
+class GHAAdamW(_SubspaceAdamW):
+    """gha, Generalised Hebbian Algorithm projector (ALGORITHMS.md 5.6, a reconstruction):
+    uniform rank; the basis starts from the SVD of the first gradient and then follows Sanger's
+    rule on the gradient covariance every step, before projecting::
+
+        Y = G^T P ; H = (Y^T Y)/||G||^2 ; P_new = orth(P + eta*((G Y)/||G||^2 - P triu(H)))
+
+    with the moments transported by ``C = P_new^T P`` (5.3 A4) every step. A zero gradient
+    leaves the basis as it is. ``eta`` defaults to 0.5; ``update_proj_gap`` is not used. Other
+    arguments as ``AdaptiveAdamW``.
+    """
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True, *, eta=0.5, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
+                 backend="auto", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+        family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma, eta=eta)
+        self._check_gha(family)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
+                         backend=backend, faithful_dtypes=faithful_dtypes,
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+
+    @staticmethod
+    def _check_gha(d):
+        _check_uniform_keys(d)
+        check_number("eta", d["eta"], low=0.0)
+
+    def _check_family(self, group):
+        self._check_gha(group)
+
+    def _method_ops(self, group):
+        return super()._method_ops(group) + ("gha_update",)
+
+    def _basis_reads_grad(self, p, group):
+        return True
+
+    def _update_basis(self, p, group, side, G, state, backend):
+        if "ortho" not in state:
+            state["ortho"] = canonical_svd_basis(G, group["rank"], side, self.sign_canon).to(
+                self._state_dtype(p))
+            state["rank"] = group["rank"]
+            self._init_moments(p, state, side, (G.shape[0], G.shape[1]), group["rank"])
+            return
+        P_new = implementation("gha_update", backend, p.device)(
+            _canon(side, G), _canon(side, state["ortho"]), eta=float(group["eta"]),
+            sign_canon=self.sign_canon)
+        if P_new is None:     # zero gradient: keep the basis
+            return
+        P_new = _uncanon(side, P_new).to(self._state_dtype(p))
+        self._transport_moments(state, side, P_new, backend)
+        state["ortho"] = P_new
+
+
+class GaLoreKFACAdamW(_SubspaceAdamW):
+    """galore_kfac (ALGORITHMS.md 5.6, a reconstruction): GaLore's SVD basis (uniform rank,
+    refreshed when ``k % update_proj_gap == 0``), and the low-rank momentum whitened by a
+    Kronecker left factor instead of Adam's second moment (canonical left form, R is r x n)::
+
+        M = beta1*M + (1-beta1)*R ;  F = beta2*F + (1-beta2)*(R R^T)/n
+        N = (F/bc2 + eps_k*I)^(-1/2) @ (M/bc1),  eps_k = kfac_eps*trace(F/bc2)/r
+        W -= lr*scale*(P @ N), WD-post
+
+    The inverse root comes from ``eigh`` every ``kfac_update_freq`` steps (default 10; also
+    after a refresh and while F is still zero). ``exp_avg_sq`` and ``eps`` are not used.
+    ``transport_on_refresh`` (default True) moves M and F into the new basis at a refresh
+    (``C M`` and ``C F C^T``, 5.3 A4); False keeps them as GaLore keeps its moments.
+    Other arguments as ``AdaptiveAdamW``.
+    """
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True, *, kfac_eps=1e-6, kfac_update_freq=10,
+                 transport_on_refresh=True, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
+                 backend="auto", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+        family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
+                      kfac_eps=kfac_eps, kfac_update_freq=kfac_update_freq,
+                      transport_on_refresh=transport_on_refresh)
+        self._check_kfac(family)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
+                         backend=backend, faithful_dtypes=faithful_dtypes,
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+
+    @staticmethod
+    def _check_kfac(d):
+        _check_uniform_keys(d)
+        check_number("kfac_eps", d["kfac_eps"], low=0.0)
+        if not d["kfac_eps"] > 0:
+            raise ValueError(f"kfac_eps must be > 0, got {d['kfac_eps']!r}")
+        if not _is_int(d["kfac_update_freq"], 1):
+            raise ValueError(f"kfac_update_freq must be an int >= 1, got "
+                             f"{d['kfac_update_freq']!r}")
+        if not isinstance(d["transport_on_refresh"], bool):
+            raise ValueError(f"transport_on_refresh must be a bool, got "
+                             f"{d['transport_on_refresh']!r}")
+
+    def _check_family(self, group):
+        self._check_kfac(group)
+
+    def _method_ops(self, group):
+        return (("project", "kfac_precondition")
+                + (("kfac_transport",) if group["transport_on_refresh"] else ()))
+
+    def _basis_reads_grad(self, p, group):
+        st = self.state.get(p, {})
+        return "ortho" not in st or st["step"] % group["update_proj_gap"] == 0
+
+    def _update_basis(self, p, group, side, G, state, backend):
+        k = state.get("step", 0)
+        if "ortho" in state and k % group["update_proj_gap"] != 0:
+            return
+        rank = group["rank"]
+        P_new = canonical_svd_basis(G, rank, side, self.sign_canon).to(self._state_dtype(p))
+        if "ortho" not in state:
+            dtype = self._state_dtype(p)
+            state["step"] = 0
+            low = ops.low_rank_shape((G.shape[0], G.shape[1]), rank, side)
+            state["exp_avg"] = torch.zeros(low, dtype=dtype, device=p.device)
+            state["kfac_factor"] = torch.zeros(rank, rank, dtype=dtype, device=p.device)
+            state["kfac_root"] = torch.zeros_like(state["kfac_factor"])
+            state["kfac_root_valid"] = 0
+        elif group["transport_on_refresh"]:
+            M, F = implementation("kfac_transport", backend, p.device)(
+                _canon(side, P_new), _canon(side, state["ortho"]),
+                _canon(side, state["exp_avg"]), state["kfac_factor"])
+            state["exp_avg"], state["kfac_factor"] = _uncanon(side, M), F.contiguous()
+            state["kfac_root_valid"] = 0
+        state["ortho"] = P_new
+        state["rank"] = rank
+
+    def _normalised_step(self, R, state, group, side, t, backend):
+        beta1, beta2 = group["betas"]
+        if group["correct_bias"]:
+            c1, c2 = ops.bias_corrections(beta1, beta2, t)
+        else:
+            c1, c2 = 1.0, 1.0
+        recompute = (t - 1) % group["kfac_update_freq"] == 0 or not state["kfac_root_valid"]
+        N = torch.empty_like(state["exp_avg"])
+        valid = implementation("kfac_precondition", backend, R.device)(
+            _canon(side, R), _canon(side, state["exp_avg"]), state["kfac_factor"],
+            state["kfac_root"], _canon(side, N), beta1=float(beta1), beta2=float(beta2),
+            c1=c1, c2=c2, eps_rel=float(group["kfac_eps"]), recompute=recompute)
+        if recompute:
+            state["kfac_root_valid"] = int(bool(valid))
+        return N, float(group["lr"])

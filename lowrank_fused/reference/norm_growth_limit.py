@@ -1,0 +1,36 @@
+"""Norm-growth limiter (Fira / APOLLO), eager reference (ALGORITHMS.md section 5.3 B1).
+
+AdaptiveAdamW and its repository variants apply it to the normalised low-rank step
+``N = exp_avg / denom`` before back-projection; since ``||P @ N|| = ||N||`` for an orthonormal
+P, limiting N is the same as limiting the full-size update.
+"""
+import torch
+
+from lowrank_fused.dispatch import register
+
+NL_TINY = 1e-8   # Fira fira_adamw.py#L139: ``norm / (prev + 1e-8)``
+
+
+@register("norm_growth_limit", "reference")
+def norm_growth_limit_ref(N: torch.Tensor, nl_prev: torch.Tensor, *, gamma: float,
+                          first: bool) -> None:
+    """In place on ``N`` (any shape) and the 0-dim fp32 memory ``nl_prev``.
+
+    ``z = ||N||``; on the first call only ``nl_prev = z``. Afterwards
+    ``f = max(z / (nl_prev + 1e-8), gamma) / gamma``, ``N = N / f``, ``nl_prev = z / f``:
+    the norm of the step may grow by at most a factor ``gamma`` per step. Math in fp32.
+
+    A memory of exactly 0 (the previous step was zero: a zero gradient) counts as no memory
+    (``f = 1``, record ``z``), where Fira's formula would throttle the layer to grow from
+    1e-8 by ``gamma`` per step (ALGORITHMS.md 5.5 guards zero gradients; this is the same
+    guard for the limiter, ``[DC]``). Otherwise this is Fira's formula exactly.
+    """
+    z = torch.linalg.vector_norm(N.float())
+    if first:
+        nl_prev.copy_(z)
+        return
+    prev = nl_prev.float()
+    f = torch.clamp(z / (prev + NL_TINY), min=float(gamma)) / float(gamma)
+    f = torch.where(prev > 0, f, torch.ones_like(f))
+    N.copy_(N.float() / f)
+    nl_prev.copy_(z / f)
