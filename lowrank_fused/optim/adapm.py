@@ -1,0 +1,637 @@
+"""AdaPM and AdaPM-mini: adaptive partial momentum (ALGORITHMS.md section 9).
+
+Every parameter belongs to a *block* that decides its momentum (section 9.1):
+
+=========================================  ===========================  ======================
+block (``group["block"]``)                  momentum                     second moment (mini)
+=========================================  ===========================  ======================
+``embedding`` (wte, wpe, embed_tokens)      none ("AdaGrad-style")       per token row
+``attn_out`` (o_proj, attn.c_proj)          none ("AdaGrad-style")       per output row
+``q``, ``k`` (q_proj, k_proj)               low rank + correction        per head
+``mlp`` (c_fc, mlp.c_proj, *_proj of MLP)   low rank + correction        per output row
+``v`` (v_proj)                              full                         per output row
+``qkv`` (fused c_attn / qkv_proj)           split into q, k, v row blocks, each by its rule
+``lm_head`` (untied)                        full                         per token row
+``norm`` (1-D, not a bias)                  full                         one scalar
+``bias``                                    full                         elementwise (Adam)
+``other`` (unmatched non-Linear tensors)    full                         one scalar
+``auto`` (no block given)                   ``mlp`` if >= 2-D, else ``norm``
+=========================================  ===========================  ======================
+
+A low-rank block (m x n) keeps ``L`` (m x r, orthonormal) and ``R`` (r x n) with the momentum
+``L@R``; between refits R is the exact least-squares factor for the fixed L, every ``refit_T``
+steps (L, R) is refitted by ``refit_K`` alternating gradient-descent iterations, and the update
+uses the debiased estimate ``L@R/bc1 + e/(1-beta1)`` built from the one-step residual ``e``
+(estimator A of section 9.2), an elementwise clip to [-1, 1], E-torch epsilon and WD-pre.
+
+``AdaPMMini`` replaces the elementwise second moment with Adam-mini's block means (9.7).
+:func:`adapm_param_groups` classifies a model's parameters by module name (HF LLaMA, GPT-2 /
+nanoGPT, plain ``nn.Linear`` stacks; overridable) and returns the groups these classes expect.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import namedtuple
+from typing import Callable, Dict, List, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from lowrank_fused import ops
+from lowrank_fused.dispatch import implementation
+from lowrank_fused.optim._base import LowRankOptimizer, check_number
+# the reference modules register the method's ops in the dispatch table
+import lowrank_fused.reference.adapm_dense_update  # noqa: F401
+import lowrank_fused.reference.adapm_refit  # noqa: F401
+import lowrank_fused.reference.adapm_update  # noqa: F401
+
+BLOCKS = ("auto", "embedding", "attn_out", "q", "k", "v", "qkv", "mlp", "lm_head", "norm",
+          "bias", "other")
+LOWRANK_BLOCKS = ("q", "k", "mlp")
+FULL_BLOCKS = ("v", "lm_head", "norm", "bias", "other")
+NOMOMENTUM_BLOCKS = ("embedding", "attn_out")
+CORRECTIONS = ("unbiased", "eq3", "alg1", "none")
+CLIP_MODES = ("elementwise", "rms", "none")
+NOMOMENTUM_MODES = ("ema", "adagrad")
+
+# one logical block of a parameter: state keys start with ``prefix``; rows [r0, r1) of the
+# (logical, left-form) matrix; kind is "lowrank" | "full" | "none"; nb is the number of
+# Adam-mini blocks of the second moment (None: elementwise)
+_Part = namedtuple("_Part", "prefix block kind r0 r1 n rank nb")
+
+
+def sketch_matrix(n: int, r: int, seed: int, device) -> torch.Tensor:
+    """The Gaussian sketch ``Omega`` (n x r, fp32) that seeds L at t = 1 (ALGORITHMS.md 9.3):
+    ``torch.randn`` from a ``torch.Generator`` on ``device`` seeded with ``seed``."""
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn(n, r, generator=gen, device=device, dtype=torch.float32)
+
+
+def sketch_seed(base: int, param_index: int, part: int) -> int:
+    """Seed of the sketch of part ``part`` (0, 1, 2 for the q, k, v of a fused QKV; else 0) of
+    the ``param_index``-th parameter of the optimizer (counted over all groups in order)."""
+    return (int(base) * 1_000_003 + 4 * int(param_index) + int(part)) % (2 ** 63 - 1)
+
+
+def _is_int(x, low):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+class AdaPM(LowRankOptimizer):
+    """AdaPM (ALGORITHMS.md section 9), torch.optim API.
+
+    Args:
+        params: parameters or param groups. Each group may carry ``block`` (one of
+            :data:`BLOCKS`, default ``"auto"``) and override any keyword below;
+            :func:`adapm_param_groups` builds the groups for a model.
+        lr, betas, eps, weight_decay: ``lr`` (eta), ``(beta1, beta2)`` (paper: 0.9, 0.95),
+            ``eps`` (1e-8, E-torch: ``sqrt(v/bc2) + eps``), decoupled weight decay ``lam``
+            (paper 0.1) applied WD-pre (``W*(1 - lr*lam)``) and only to parameters with
+            ``dim >= 2`` (nanoGPT's convention, section 9.1).
+        rank: rank r of every low-rank block (capped at ``min(m, n)``), or None to use
+            ``rank_ratio``: ``r = ceil(rank_ratio * min(m, n))`` (default 5%).
+        refit_T: refit (L, R) at steps t with ``(t-1) % refit_T == 0`` (default 100; 1 refits
+            every step).
+        refit_K: alternating gradient-descent iterations per refit (default 10; 0 keeps L).
+        adapm_correction: momentum estimator (section 9.2): ``"unbiased"`` (A, default:
+            ``L@R/bc1 + e/(1-beta1)``), ``"eq3"`` (B: ``m/bc1 + e/(1-beta1)``), ``"alg1"``
+            (C, Alg. 1 literal: ``m/bc1 - e/(1-beta1)``) or ``"none"`` (``L@R/bc1``), where
+            ``m = L@R + e`` is the momentum before truncation and e the one-step residual.
+        bias_correction: Adam bias correction with E-torch (default True); False is the
+            paper-literal form (``bc1 = bc2 = 1``).
+        clip_mode: ``"elementwise"`` (default, ``clamp(u, -c, c)``), ``"rms"`` (Adafactor
+            style: ``u / max(1, rms(u)/c)`` per block) or ``"none"``; ``c = clip_threshold``
+            (default 1.0). Applies to every block.
+        nomomentum_mode: second moment of the no-momentum blocks: ``"ema"`` (default, the
+            beta2 EMA with bias correction) or ``"adagrad"`` (``v += g^2``, no correction).
+        full_rank_fallback: a low-rank block whose matrix is not 2-D or whose rank reaches
+            ``min(m, n)`` takes the full-momentum step (default True, ALGORITHMS.md 1.6).
+            False keeps the low-rank path at ``r = min(m, n)`` (used to test 11.6).
+        sketch_seed: base seed of the Gaussian sketches that initialise L (see
+            :func:`sketch_seed`).
+        backend, faithful_dtypes, sign_canon, matmul_precision: as
+            :class:`~lowrank_fused.optim.galore_adamw.GaLoreAdamW`. ``faithful_dtypes`` keeps
+            L, R and the moments in the parameter dtype; ``sign_canon`` makes every QR factor
+            sign-canonical (``orth``).
+
+    Group-only keys: ``head_dim`` (rows per attention head of q/k/qkv blocks; AdaPM-mini
+    needs it), ``transposed`` (the weight is stored (in, out), e.g. HF ``Conv1D``; the method
+    runs on its transpose) and ``qkv_sizes`` (rows of q, k, v in a fused QKV; default three
+    equal thirds).
+
+    State (``self.state[p]``, plain tensors and ints; logical left-form shapes): ``step``;
+    low-rank blocks ``L``, ``R``, ``exp_avg_sq``; full-momentum blocks ``exp_avg``,
+    ``exp_avg_sq``; no-momentum blocks ``exp_avg_sq``. A fused QKV keeps one set per logical
+    block with keys prefixed ``q.``, ``k.``, ``v.``.
+    """
+
+    _mini = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, *,
+                 rank=None, rank_ratio=0.05, refit_T=100, refit_K=10,
+                 adapm_correction="unbiased", bias_correction=True, clip_mode="elementwise",
+                 clip_threshold=1.0, nomomentum_mode="ema", full_rank_fallback=True,
+                 sketch_seed=0, backend="auto", faithful_dtypes=False, sign_canon=True,
+                 matmul_precision=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block="auto",
+                        rank=rank, rank_ratio=rank_ratio, refit_T=refit_T, refit_K=refit_K,
+                        adapm_correction=adapm_correction, bias_correction=bias_correction,
+                        clip_mode=clip_mode, clip_threshold=clip_threshold,
+                        nomomentum_mode=nomomentum_mode, full_rank_fallback=full_rank_fallback,
+                        sketch_seed=sketch_seed, head_dim=None, transposed=False,
+                        qkv_sizes=None)
+        self._check_hyper(defaults)
+        defaults["betas"] = tuple(betas)
+        super().__init__(params, defaults, backend=backend, faithful_dtypes=faithful_dtypes,
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+
+    # -- validation -------------------------------------------------------------------------
+    @staticmethod
+    def _check_hyper(group):
+        check_number("lr", group["lr"], low=0.0)
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_number("eps", group["eps"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+        if group["block"] not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {group['block']!r}")
+        if group["rank"] is not None and not _is_int(group["rank"], 1):
+            raise ValueError(f"rank must be None or an int >= 1, got {group['rank']!r}")
+        if check_number("rank_ratio", group["rank_ratio"], low=0.0, high=1.0) <= 0.0:
+            raise ValueError(f"rank_ratio must be > 0, got {group['rank_ratio']!r}")
+        if not _is_int(group["refit_T"], 1):
+            raise ValueError(f"refit_T must be an int >= 1, got {group['refit_T']!r}")
+        if not _is_int(group["refit_K"], 0):
+            raise ValueError(f"refit_K must be an int >= 0, got {group['refit_K']!r}")
+        for key, choices in (("adapm_correction", CORRECTIONS), ("clip_mode", CLIP_MODES),
+                             ("nomomentum_mode", NOMOMENTUM_MODES)):
+            if group[key] not in choices:
+                raise ValueError(f"{key} must be one of {choices}, got {group[key]!r}")
+        if check_number("clip_threshold", group["clip_threshold"], low=0.0) <= 0.0:
+            raise ValueError(f"clip_threshold must be > 0, got {group['clip_threshold']!r}")
+        for key in ("bias_correction", "full_rank_fallback", "transposed"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+        if not _is_int(group["sketch_seed"], 0):
+            raise ValueError(f"sketch_seed must be an int >= 0, got {group['sketch_seed']!r}")
+        if group["head_dim"] is not None and not _is_int(group["head_dim"], 1):
+            raise ValueError(f"head_dim must be None or an int >= 1, got {group['head_dim']!r}")
+        sizes = group["qkv_sizes"]
+        if sizes is not None and not (isinstance(sizes, (tuple, list)) and len(sizes) == 3
+                                      and all(_is_int(s, 1) for s in sizes)):
+            raise ValueError(f"qkv_sizes must be None or three ints >= 1, got {sizes!r}")
+
+    def _check_group(self, group):
+        self._check_hyper(group)
+        for p in group["params"]:
+            self._plan(p, group)          # raises ValueError on shape / layout mismatches
+
+    def add_param_group(self, param_group):
+        # validate a merged copy first, so a bad group is never appended
+        params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "but the ordering of tensors in sets will change between runs. "
+                            "Please use a list instead.")
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        merged = {**self.defaults, **param_group, "params": params}
+        self._check_group(merged)
+        super().add_param_group({**param_group, "params": params})
+
+    # -- layout -----------------------------------------------------------------------------
+    @staticmethod
+    def _logical_shape(p, group):
+        shape = (p.shape[0], math.prod(p.shape[1:])) if p.dim() >= 2 else (1, p.numel())
+        return (shape[1], shape[0]) if group["transposed"] else shape
+
+    def _plan(self, p, group) -> List[_Part]:
+        """The logical blocks of ``p`` under ``group``'s settings."""
+        if group["transposed"] and p.dim() != 2:
+            raise ValueError(f"transposed=True needs a 2-D weight, got shape {tuple(p.shape)}")
+        m, n = self._logical_shape(p, group)
+        block = group["block"]
+        if block == "auto":
+            block = "mlp" if p.dim() >= 2 else "norm"
+        if block != "qkv":
+            return [self._part("", block, 0, m, n, p, group)]
+        if p.dim() < 2:
+            raise ValueError(f"block 'qkv' needs a 2-D weight, got shape {tuple(p.shape)}")
+        sizes = group["qkv_sizes"]
+        if sizes is None:
+            if m % 3:
+                raise ValueError(f"block 'qkv': {m} rows do not split into three equal q, k, v "
+                                 "blocks; pass qkv_sizes")
+            sizes = (m // 3,) * 3
+        elif sum(sizes) != m:
+            raise ValueError(f"qkv_sizes {tuple(sizes)} must sum to the {m} rows of the fused "
+                             "QKV weight")
+        parts, r0 = [], 0
+        for name, size in zip("qkv", sizes):
+            parts.append(self._part(name + ".", name, r0, r0 + size, n, p, group))
+            r0 += size
+        return parts
+
+    def _part(self, prefix, block, r0, r1, n, p, group) -> _Part:
+        m = r1 - r0
+        if block in LOWRANK_BLOCKS:
+            cap = min(m, n)
+            rank = group["rank"]
+            if rank is None:
+                rank = math.ceil(group["rank_ratio"] * cap)
+            rank = min(rank, cap)
+            if p.dim() < 2 or (group["full_rank_fallback"] and rank >= cap):
+                kind, rank = "full", None
+            else:
+                kind = "lowrank"
+        else:
+            kind = "full" if block in FULL_BLOCKS else "none"
+            rank = None
+        return _Part(prefix, block, kind, r0, r1, n, rank, self._v_blocks(block, m, p, group))
+
+    def _v_blocks(self, block, m, p, group) -> Optional[int]:
+        """Number of Adam-mini blocks of the second moment (AdaPM-mini), None: elementwise."""
+        if not self._mini or block == "bias":
+            return None
+        if block in ("norm", "other") or p.dim() < 2:
+            return 1
+        if block in ("q", "k"):
+            hd = group["head_dim"]
+            if hd is None:
+                raise ValueError(f"AdaPM-mini needs head_dim for the {block!r} block of a "
+                                 f"parameter of shape {tuple(p.shape)} (per-head second moment)")
+            if m % hd:
+                raise ValueError(f"head_dim={hd} does not divide the {m} rows of the {block!r} "
+                                 f"block of a parameter of shape {tuple(p.shape)}")
+            return m // hd
+        return m          # per output row / per token row
+
+    def _state_shapes(self, p, group) -> Dict[str, tuple]:
+        shapes = {}
+        for part in self._plan(p, group):
+            m = part.r1 - part.r0
+            v_shape = (m, part.n) if part.nb is None else (part.nb,)
+            if part.kind == "lowrank":
+                shapes[part.prefix + "L"] = (m, part.rank)
+                shapes[part.prefix + "R"] = (part.rank, part.n)
+            elif part.kind == "full":
+                shapes[part.prefix + "exp_avg"] = (m, part.n)
+            shapes[part.prefix + "exp_avg_sq"] = v_shape
+        return shapes
+
+    def _ops_needed(self, group, p):
+        kinds = {part.kind for part in self._plan(p, group)}
+        needed = ()
+        if "lowrank" in kinds:
+            needed += ("adapm_init_basis", "project", "adapm_refit", "adapm_update")
+        if kinds - {"lowrank"}:
+            needed += ("adapm_dense_update",)
+        return needed
+
+    def _param_index(self, p) -> int:
+        i = 0
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    return i
+                i += 1
+        raise KeyError("parameter not in this optimizer")
+
+    def _factorises_now(self, p, group) -> bool:
+        """Whether this step initialises or refits a low-rank block of ``p``."""
+        if not any(part.kind == "lowrank" for part in self._plan(p, group)):
+            return False
+        t = self.state[p].get("step", 0) + 1
+        return (t - 1) % group["refit_T"] == 0
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # validate everything before the first parameter or state tensor is touched
+        for group in self.param_groups:
+            self._check_group(group)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad.shape != p.shape:
+                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
+                                     f"parameter shape {tuple(p.shape)}")
+                if self._factorises_now(p, group) and not torch.isfinite(p.grad).all():
+                    raise FloatingPointError(
+                        "gradient has non-finite entries on a step that initialises or refits "
+                        f"the low-rank momentum of a parameter of shape {tuple(p.shape)}")
+        precision = self.precision()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group, self.backend, precision)
+        return loss
+
+    def _step_param(self, p, group, backend, precision):
+        parts = self._plan(p, group)
+        state = self.state[p]
+        t = state.get("step", 0) + 1
+        shape = (p.shape[0], math.prod(p.shape[1:])) if p.dim() >= 2 else (1, p.numel())
+        W_mat, G_mat, write_back = self._as_matrix(p, shape)
+        W2, G2 = (W_mat.t(), G_mat.t()) if group["transposed"] else (W_mat, G_mat)
+
+        beta1, beta2 = group["betas"]
+        if group["bias_correction"]:
+            c1, c2 = ops.bias_corrections(beta1, beta2, t)
+        else:
+            c1, c2 = 1.0, 1.0
+        lr = float(group["lr"])
+        decay = group["weight_decay"] if p.dim() >= 2 else 0.0
+        pre_scale, _ = ops.decay_coefficients(lr, decay, "pre")
+        common = dict(eps=float(group["eps"]), lr=lr, pre_scale=pre_scale,
+                      clip_mode=group["clip_mode"], clip_threshold=float(group["clip_threshold"]))
+        sd = self._state_dtype(p)
+        for i, part in enumerate(parts):
+            W, G = W2[part.r0:part.r1], G2[part.r0:part.r1]
+            m, n = W.shape
+            v_shape = (m, n) if part.nb is None else (part.nb,)
+            key = part.prefix
+            if part.kind == "lowrank":
+                if key + "L" not in state:
+                    L = torch.empty((m, part.rank), dtype=sd, device=p.device)
+                    omega = sketch_matrix(n, part.rank, sketch_seed(
+                        group["sketch_seed"], self._param_index(p), i), p.device)
+                    implementation("adapm_init_basis", backend, p.device)(
+                        G, omega, L, sign_canon=self.sign_canon, precision=precision)
+                    state[key + "L"] = L
+                    state[key + "R"] = torch.zeros((part.rank, n), dtype=sd, device=p.device)
+                    state[key + "exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=p.device)
+                self._lowrank_step(state, key, W, G, t, group, c1, c2, common, backend,
+                                   precision)
+            else:
+                if key + "exp_avg_sq" not in state:
+                    if part.kind == "full":
+                        state[key + "exp_avg"] = torch.zeros((m, n), dtype=sd, device=p.device)
+                    state[key + "exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=p.device)
+                if part.kind == "none" and group["nomomentum_mode"] == "adagrad":
+                    v_kw = dict(v_keep=1.0, v_add=1.0, c2=1.0)
+                else:
+                    v_kw = dict(v_keep=float(beta2), v_add=1.0 - beta2, c2=c2)
+                implementation("adapm_dense_update", backend, p.device)(
+                    W, G, state.get(key + "exp_avg"), state[key + "exp_avg_sq"],
+                    beta1=float(beta1), c1=c1, **v_kw, **common)
+        state["step"] = t
+        write_back(W_mat)
+
+    def _lowrank_step(self, state, key, W, G, t, group, c1, c2, common, backend, precision):
+        """Section 9.6 lines 3-8 for one low-rank block (left form)."""
+        beta1, beta2 = group["betas"]
+        L, R, V = state[key + "L"], state[key + "R"], state[key + "exp_avg_sq"]
+        Rg = ops.project(G, L, side="left", precision=precision, backend=backend)   # line 3
+        L0 = R0 = None
+        if (t - 1) % group["refit_T"] == 0:                                         # line 4
+            L0, R0 = L.clone(), R.clone()
+            implementation("adapm_refit", backend, G.device)(
+                G, L0, R0, Rg, L, R, beta1=float(beta1), iters=group["refit_K"],
+                sign_canon=self.sign_canon, precision=precision)
+        # line 5: mc = s_coef*L@R + e_coef*e, with m = L@R + e the untruncated momentum
+        k = 1.0 / (1.0 - beta1)
+        e_coef = {"unbiased": k, "eq3": 1.0 / c1 + k, "alg1": 1.0 / c1 - k,
+                  "none": 0.0}[group["adapm_correction"]]
+        implementation("adapm_update", backend, G.device)(                          # lines 5-8
+            W, G, L, R, Rg, V, L0, R0, beta1=float(beta1), s_coef=1.0 / c1, e_coef=e_coef,
+            v_keep=float(beta2), v_add=1.0 - beta2, c2=c2, precision=precision, **common)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def load_state_dict(self, state_dict):
+        """As torch's (state tensors keep their saved dtypes), after checking that every saved
+        state tensor has the shape the saved groups' layout implies (block, rank, QKV split,
+        transposition), so a checkpoint of another layout fails before anything is loaded."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_groups = state_dict["param_groups"]
+        for saved in saved_groups:
+            group = {**self.defaults, **saved}
+            self._check_hyper(group)
+            for idx in saved["params"]:
+                st = state_dict["state"].get(idx)
+                if st is None or int(idx) >= len(params):
+                    continue
+                expected = self._state_shapes(params[int(idx)], group)
+                for name, value in st.items():
+                    if not torch.is_tensor(value):
+                        continue
+                    if name not in expected or tuple(value.shape) != expected[name]:
+                        raise ValueError(
+                            f"checkpoint state {name!r} of shape {tuple(value.shape)} does not "
+                            f"match the layout of its group (block {group['block']!r}): "
+                            f"expected {expected}")
+        super().load_state_dict(state_dict)
+
+
+class AdaPMMini(AdaPM):
+    """AdaPM-mini (ALGORITHMS.md 9.7): AdaPM whose second moment is Adam-mini's block mean
+    ``vb = beta2*vb + (1-beta2)*mean_block(g^2)`` with ``h = sqrt(vb)/sqrt(bc2) + eps``:
+    per head for ``q``/``k`` (needs the group key ``head_dim``), per output row for ``v``,
+    ``attn_out`` and ``mlp``, per token row for ``embedding`` and ``lm_head``, one scalar for
+    ``norm``, ``other`` and any 1-D tensor outside ``bias``, elementwise (Adam) for ``bias``.
+    Everything else, the clip included, is AdaPM's; same arguments."""
+
+    _mini = True
+
+
+# ---------------------------------------------------------------------------------------------
+# block classification by module name
+
+_EMBED = {"wte", "wpe", "embed_tokens", "embed_positions", "word_embeddings",
+          "position_embeddings", "tok_embeddings", "token_embedding", "pos_embedding"}
+_HEAD = {"lm_head", "embed_out"}
+_QKV = {"c_attn", "qkv_proj", "wqkv"}
+_Q = {"q_proj", "wq", "query"}
+_K = {"k_proj", "wk", "key"}
+_V = {"v_proj", "wv", "value"}
+_ATTN_OUT = {"o_proj", "out_proj", "wo"}
+_MLP = {"c_fc", "gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3",
+        "dense_h_to_4h", "dense_4h_to_h", "gate_up_proj", "c_fc2"}
+_MLP_PARENTS = ("mlp", "feed_forward", "ffn")
+_ATTN_PARENTS = ("attn", "attention")
+
+OverrideSpec = Union[None, Mapping[str, Union[str, dict]],
+                     Callable[[str, torch.Tensor, Optional[nn.Module]], Union[None, str, dict]]]
+
+
+def _is_conv1d(module) -> bool:
+    """HF ``transformers.pytorch_utils.Conv1D``: a linear layer stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def classify_parameter(name: str, param: torch.Tensor, module: Optional[nn.Module] = None) -> str:
+    """The AdaPM block of parameter ``name`` (as in ``named_parameters``) owned by ``module``.
+
+    Rules (ALGORITHMS.md 9.1, names of HF LLaMA, GPT-2/nanoGPT and Meta LLaMA): 1-D tensors are
+    ``bias`` (named ``*.bias``) or ``norm``; then by the module's own name: embeddings
+    (``nn.Embedding``, wte, wpe, embed_tokens) -> ``embedding``; lm_head (or a top-level
+    ``output``) -> ``lm_head``; fused
+    c_attn / qkv_proj -> ``qkv``; q_proj, k_proj, v_proj -> ``q``, ``k``, ``v``; o_proj,
+    out_proj and a ``c_proj`` under an attention module -> ``attn_out``; c_fc, gate/up/down_proj
+    and any module under mlp / feed_forward / ffn -> ``mlp``; any other ``nn.Linear`` or
+    ``Conv1D`` -> ``mlp`` (plain Linear stacks get low-rank momentum) `[DC]`; anything else
+    -> ``other`` (full momentum).
+    """
+    path = name.split(".")
+    pname = path[-1]
+    owner = [x.lower() for x in path[:-1]]
+    leaf = owner[-1] if (pname in ("weight", "bias") and owner) else pname.lower()
+    parents = owner[:-1] if pname in ("weight", "bias") else owner
+    if param.dim() < 2:
+        return "bias" if pname == "bias" else "norm"
+    if isinstance(module, nn.Embedding) or leaf in _EMBED:
+        return "embedding"
+    if leaf in _HEAD or (leaf == "output" and not parents):     # Meta LLaMA: "output.weight"
+        return "lm_head"
+    if leaf in _QKV:
+        return "qkv"
+    for names, block in ((_Q, "q"), (_K, "k"), (_V, "v"), (_ATTN_OUT, "attn_out")):
+        if leaf in names:
+            return block
+    if leaf == "c_proj":
+        if any(a in x for x in parents for a in _ATTN_PARENTS):
+            return "attn_out"
+        return "mlp"
+    if leaf in _MLP or any(a in x for x in parents for a in _MLP_PARENTS):
+        return "mlp"
+    if isinstance(module, nn.Linear) or _is_conv1d(module):
+        return "mlp"
+    return "other"
+
+
+def _apply_overrides(names, param, module, overrides) -> Optional[dict]:
+    """The override for the first of ``names`` that one matches, as a dict of group keys."""
+    if overrides is None:
+        return None
+    for name in names:
+        if callable(overrides):
+            hit = overrides(name, param, module)
+        else:
+            hit = None
+            for pattern, value in overrides.items():
+                if re.search(pattern, name):
+                    hit = value
+                    break
+        if hit is None:
+            continue
+        hit = {"block": hit} if isinstance(hit, str) else dict(hit)
+        if "block" in hit and hit["block"] not in BLOCKS:
+            raise ValueError(f"override for {name!r}: block must be one of {BLOCKS}, "
+                             f"got {hit['block']!r}")
+        if "params" in hit:
+            raise ValueError(f"override for {name!r} must not set 'params'")
+        return hit
+    return None
+
+
+def _owner(modules: Dict[str, nn.Module], name: str):
+    return modules.get(name.rsplit(".", 1)[0] if "." in name else "")
+
+
+def _infer_head_dim(model, modules, name, n, n_heads):
+    """Rows per head of an attention projection with ``n`` input features, from the owning
+    attention module's attributes or the model config; None when unknown."""
+    if n_heads is not None:
+        return n // n_heads if n % n_heads == 0 else None
+    path = name.split(".")[:-2]           # drop "<proj>.weight"
+    candidates = [modules.get(".".join(path[:i])) for i in range(len(path), -1, -1)]
+    candidates.append(getattr(model, "config", None))
+    for obj in candidates:
+        if obj is None:
+            continue
+        hd = getattr(obj, "head_dim", None)
+        if isinstance(hd, int) and hd > 0:
+            return hd
+        for attr in ("num_heads", "n_head", "num_attention_heads", "n_heads"):
+            h = getattr(obj, attr, None)
+            if isinstance(h, int) and h > 0:
+                return n // h if n % h == 0 else None
+    return None
+
+
+def adapm_block_names(model: nn.Module, overrides: OverrideSpec = None) -> Dict[str, str]:
+    """``{parameter name: block}`` for every trainable parameter of ``model`` (a parameter
+    shared by several modules is listed once, under its first name; a tied lm_head follows the
+    embedding rule)."""
+    return {name: info["block"] for name, (_, info) in _classify_model(model, overrides).items()}
+
+
+def _classify_model(model, overrides, head_dim=None, n_heads=None):
+    modules = dict(model.named_modules())
+    names_of: Dict[int, List[str]] = {}
+    first: Dict[int, tuple] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        names_of.setdefault(id(p), []).append(name)
+        first.setdefault(id(p), (name, p))
+    out = {}
+    for pid, (name, p) in first.items():
+        names = names_of[pid]
+        blocks = [classify_parameter(nm, p, _owner(modules, nm)) for nm in names]
+        block = "embedding" if "embedding" in blocks else blocks[0]
+        module = _owner(modules, name)
+        info = {"block": block, "transposed": bool(p.dim() == 2 and _is_conv1d(module))}
+        hit = _apply_overrides(names, p, module, overrides)
+        if hit:
+            info.update(hit)
+        if info["block"] in ("q", "k", "qkv") and "head_dim" not in info:
+            n = p.shape[0] if info["transposed"] else math.prod(p.shape[1:])
+            hd = head_dim if head_dim is not None else _infer_head_dim(model, modules, name, n,
+                                                                       n_heads)
+            if hd is not None:
+                info["head_dim"] = int(hd)
+        out[name] = (p, info)
+    return out
+
+
+def adapm_param_groups(model: nn.Module, *, rank: Optional[int] = None,
+                       overrides: OverrideSpec = None, head_dim: Optional[int] = None,
+                       n_heads: Optional[int] = None, **kw) -> List[dict]:
+    """Param groups for :class:`AdaPM` / :class:`AdaPMMini`, one per distinct block layout, each
+    with a ``block`` key (see :func:`classify_parameter`).
+
+    ``rank`` (None: the optimizer's ``rank_ratio``) goes to the groups that can be low rank
+    (``q``, ``k``, ``mlp``, ``qkv``); ``kw`` (``lr``, ``weight_decay``, ``refit_T``, ...) to every
+    group. HF ``Conv1D`` weights get ``transposed=True``. q/k/qkv groups get ``head_dim``
+    from ``head_dim``, from ``n_heads`` (rows per head = in_features / n_heads), or from the
+    attention module / model config (``head_dim``, ``num_heads``, ``n_head``,
+    ``num_attention_heads``).
+
+    ``overrides``: ``{regex: block or dict of group keys}`` (``re.search`` on the parameter
+    name, first match wins) or a callable ``(name, param, module) -> block | dict | None``;
+    e.g. ``{r"lm_head": "other", r"\\.0\\.weight$": dict(block="mlp", rank=8)}``.
+    Frozen parameters are left out.
+    """
+    if rank is not None and not _is_int(rank, 1):
+        raise ValueError(f"rank must be None or an int >= 1, got {rank!r}")
+    for name, value in (("head_dim", head_dim), ("n_heads", n_heads)):
+        if value is not None and not _is_int(value, 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+    if overrides is not None and not (callable(overrides) or isinstance(overrides, Mapping)):
+        raise TypeError("overrides must be None, a mapping {regex: block | dict} or a callable")
+    groups: Dict[tuple, dict] = {}
+    for name, (p, info) in _classify_model(model, overrides, head_dim, n_heads).items():
+        extra = dict(info)
+        block = extra.pop("block")
+        if rank is not None and block in ("q", "k", "mlp", "qkv") and "rank" not in extra:
+            extra["rank"] = rank
+        key = (block,) + tuple(sorted((k, repr(v)) for k, v in extra.items()))
+        if key not in groups:
+            groups[key] = {"params": [], "block": block, **kw, **extra}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+__all__ = ["AdaPM", "AdaPMMini", "adapm_param_groups", "adapm_block_names",
+           "classify_parameter", "sketch_matrix", "sketch_seed", "BLOCKS"]
