@@ -33,7 +33,13 @@ if (not _os.path.isdir(_os.path.join(_here, "kernels"))
     _sys.meta_path.insert(0, _SourceTreeKernels(_src_kernels))
 
 from lowrank_fused.dispatch import BackendUnavailable, resolve_backend  # noqa: E402
-from lowrank_fused.optim.galore_adamw import GaLoreAdamW  # noqa: E402
+from lowrank_fused.optim import (  # noqa: E402
+    AdaMeM, AdaPM, AdaPMMini, Adafactor, AdamW, AdaptiveAdamW, AdaRankGrad, GaLoreAdamW,
+    GaLoreKFACAdamW, GHAAdamW, HFAdamW, LDAdamW, RSAdamW)
+from lowrank_fused.routing import make_optimizer, param_groups  # noqa: E402
 
-__all__ = ["GaLoreAdamW", "BackendUnavailable", "resolve_backend"]
+__all__ = ["GaLoreAdamW", "AdaptiveAdamW", "RSAdamW", "GHAAdamW", "GaLoreKFACAdamW",
+           "AdaRankGrad", "LDAdamW", "AdaMeM", "AdaPM", "AdaPMMini", "AdamW", "HFAdamW",
+           "Adafactor", "param_groups", "make_optimizer", "BackendUnavailable",
+           "resolve_backend"]
 __version__ = "0.1.0"
