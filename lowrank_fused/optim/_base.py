@@ -26,8 +26,42 @@ def check_number(name, value, *, low=None, high=None, high_open=False):
     return x
 
 
+def check_int(name, value, low):
+    """Raise ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_betas(betas):
+    """A pair of floats in [0, 1); returns it as a tuple of floats."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    return (float(betas[0]), float(betas[1]))
+
+
 class LowRankOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses implement ``_check_group``, ``_ops_needed`` and ``_step_param``."""
+    """Base class: subclasses implement ``_check_group``, ``_ops_needed`` and ``_step_param``,
+    and may hook ``_check_grads`` (method-specific gradient checks), ``_before_updates`` (a global
+    phase, e.g. a joint refresh of all layers) and ``_after_updates`` (e.g. a global counter).
+
+    ``step`` validates every group and every gradient before it touches any parameter or
+    state, so bad input (a scheduler writing a bad value, a NaN gradient where a basis is
+    computed) raises with the weights and the state as they were."""
 
     def __init__(self, params, defaults, *, backend="auto", faithful_dtypes=False,
                  sign_canon=True, matmul_precision=None):
@@ -86,15 +120,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             W = p.reshape(shape).clone()
             return W, G, lambda W: p.copy_(W.view(p.shape))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        precision = self.precision()
+    def _validate_step(self):
+        """Every group and every gradient checked before anything is written."""
         for group in self.param_groups:
             self._check_group(group)
+        for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -103,7 +133,31 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if p.grad.shape != p.shape:
                     raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
                                      f"parameter shape {tuple(p.shape)}")
-                self._step_param(p, group, self._backend_for(group, p), precision)
+        self._check_grads()
+
+    def _check_grads(self):
+        """Hook: method-specific checks of the gradients before the step (default: none)."""
+
+    def _before_updates(self):
+        """Hook: a global phase after validation, before the per-parameter updates."""
+
+    def _after_updates(self):
+        """Hook: after every parameter has been updated."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._validate_step()
+        self._before_updates()
+        precision = self.precision()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group, self._backend_for(group, p), precision)
+        self._after_updates()
         return loss
 
     def state_bytes(self) -> int:

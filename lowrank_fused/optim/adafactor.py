@@ -20,7 +20,6 @@ import torch
 import lowrank_fused.reference.adafactor_step  # noqa: F401  (registers the reference op)
 from lowrank_fused.dispatch import implementation
 from lowrank_fused.optim._base import LowRankOptimizer, check_number
-from lowrank_fused.optim.adamw import prevalidate_step
 
 
 def relative_step_size(step: int, lr, relative_step: bool, warmup_init: bool) -> float:
@@ -35,10 +34,6 @@ def relative_step_size(step: int, lr, relative_step: bool, warmup_init: bool) ->
 def beta2_at(step: int, decay_rate: float) -> float:
     """``1 - t^decay_rate`` (section 3 line 4): 0 at t = 1."""
     return 1.0 - math.pow(step, decay_rate)
-
-
-def _is_bool(x):
-    return isinstance(x, bool)
 
 
 class Adafactor(LowRankOptimizer):
@@ -78,7 +73,7 @@ class Adafactor(LowRankOptimizer):
     # -- validation -----------------------------------------------------------------------
     def _check_group(self, group):
         for flag in ("scale_parameter", "relative_step", "warmup_init"):
-            if not _is_bool(group[flag]):
+            if not isinstance(group[flag], bool):
                 raise ValueError(f"{flag} must be a bool, got {group[flag]!r}")
         if group["relative_step"]:
             if group["lr"] is not None:
@@ -108,16 +103,6 @@ class Adafactor(LowRankOptimizer):
         return ("adafactor_step",)
 
     # -- the step -------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        prevalidate_step(self)
-        super().step()
-        return loss
-
     @staticmethod
     def _views(p):
         """(W, G, write_back) in the op's canonical shape: (B, m, n) for ndim >= 2, flat for

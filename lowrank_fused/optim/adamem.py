@@ -42,27 +42,11 @@ import lowrank_fused.reference.residual_col_stats  # noqa: F401
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
-from lowrank_fused.optim._base import LowRankOptimizer, check_number
-from lowrank_fused.optim.adamw import prevalidate_step
+from lowrank_fused.optim._base import (LowRankOptimizer, check_bool, check_choice, check_int, check_number)
 
 V_SOURCES = ("momentum", "gradient")
 RESIDUAL_FORMS = ("identity", "explicit")
 LOW_RANK_OPS = ("project", "adamem_moments", "residual_col_stats", "residual_backproject_update")
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 class AdaMeM(LowRankOptimizer):
@@ -122,13 +106,13 @@ class AdaMeM(LowRankOptimizer):
         check_number("eps1", group["eps1"], low=0.0)
         check_number("weight_decay", group["weight_decay"], low=0.0)
         check_number("delta", group["delta"], low=0.0)
-        _check_int("update_proj_gap", group["update_proj_gap"], 1)
-        _check_choice("v_source", group["v_source"], V_SOURCES)
-        _check_bool("transport_on_refresh", group["transport_on_refresh"])
-        _check_bool("bias_correction", group["bias_correction"])
-        _check_choice("residual_form", group["residual_form"], RESIDUAL_FORMS)
+        check_int("update_proj_gap", group["update_proj_gap"], 1)
+        check_choice("v_source", group["v_source"], V_SOURCES)
+        check_bool("transport_on_refresh", group["transport_on_refresh"])
+        check_bool("bias_correction", group["bias_correction"])
+        check_choice("residual_form", group["residual_form"], RESIDUAL_FORMS)
         if "rank" in group:
-            _check_int("rank", group["rank"], 1)
+            check_int("rank", group["rank"], 1)
 
     def _ops_needed(self, group, p):
         plan = self._plan(p, group)
@@ -147,18 +131,6 @@ class AdaMeM(LowRankOptimizer):
         return group["rank"], shape, shape[0] > shape[1]
 
     # -- the step -------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # every group and gradient is checked before any parameter moves: a bad value edited
-        # into a later group must not leave the earlier groups stepped
-        prevalidate_step(self)
-        super().step()
-        return loss
-
     def _coefficients(self, group, t):
         beta1, beta2 = group["betas"]
         if group["bias_correction"]:
@@ -281,8 +253,8 @@ def adamem_param_groups(model: nn.Module, *, rank: int, all_layers: bool = False
     norms and every other parameter. A weight shared by several modules (tied embeddings)
     appears once, in the group of its first occurrence.
     """
-    _check_int("rank", rank, 1)
-    _check_bool("all_layers", all_layers)
+    check_int("rank", rank, 1)
+    check_bool("all_layers", all_layers)
     layers = []
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.requires_grad:

@@ -18,34 +18,10 @@ from __future__ import annotations
 import torch
 
 from lowrank_fused import ops
-from lowrank_fused.optim._base import LowRankOptimizer, check_number
+from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_number)
 
 _TORCH_DEFAULTS = dict(eps=1e-8, weight_decay=1e-2)
 _HF_DEFAULTS = dict(eps=1e-6, weight_decay=0.0)
-
-
-def check_betas(betas):
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-    check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-    check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    return (float(betas[0]), float(betas[1]))
-
-
-def prevalidate_step(opt):
-    """Check every group and every gradient before any parameter is touched, so that a bad
-    hyperparameter (set by a scheduler, say) or a wrong gradient in a later group cannot leave
-    the model half-updated."""
-    for group in opt.param_groups:
-        opt._check_group(group)
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients")
-            if p.grad.shape != p.shape:
-                raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
-                                 f"parameter shape {tuple(p.shape)}")
 
 
 class AdamW(LowRankOptimizer):
@@ -102,16 +78,6 @@ class AdamW(LowRankOptimizer):
 
     def _ops_needed(self, group, p):
         return ("adamw_step",)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        prevalidate_step(self)
-        super().step()
-        return loss
 
     def _step_param(self, p, group, backend, precision):
         state = self.state[p]

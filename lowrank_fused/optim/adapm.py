@@ -308,34 +308,14 @@ class AdaPM(LowRankOptimizer):
         return (t - 1) % group["refit_T"] == 0
 
     # -- the step ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # validate everything before the first parameter or state tensor is touched
-        for group in self.param_groups:
-            self._check_group(group)
+    def _check_grads(self):
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
-                                     f"parameter shape {tuple(p.shape)}")
-                if self._factorises_now(p, group) and not torch.isfinite(p.grad).all():
+                if (p.grad is not None and self._factorises_now(p, group)
+                        and not torch.isfinite(p.grad).all()):
                     raise FloatingPointError(
                         "gradient has non-finite entries on a step that initialises or refits "
                         f"the low-rank momentum of a parameter of shape {tuple(p.shape)}")
-        precision = self.precision()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, group, self.backend, precision)
-        return loss
 
     def _step_param(self, p, group, backend, precision):
         parts = self._plan(p, group)

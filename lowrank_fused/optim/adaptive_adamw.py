@@ -226,35 +226,6 @@ class _SubspaceAdamW(GaLoreAdamW):
         return [(p, plan) for p in group["params"]
                 for plan in [self._plan(p, group)] if plan is not None]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # every check before the first write: bad input leaves weights and state untouched
-        for group in self.param_groups:
-            self._check_group(group)
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if g.shape != p.shape:
-                    raise ValueError(f"gradient shape {tuple(g.shape)} does not match "
-                                     f"parameter shape {tuple(p.shape)}")
-        self._check_grads()
-        self._before_updates()
-        # the base class's per-parameter loop (not super().step(): torch wraps every class's
-        # step with its hooks, which would then run twice)
-        precision = self.precision()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, group, self.backend, precision)
-        return loss
-
     def _check_grads(self):
         for group in self.param_groups:
             for p, plan in self._managed(group):

@@ -35,7 +35,7 @@ import lowrank_fused.reference.moment_transport_linear  # noqa: F401
 import lowrank_fused.reference.range_finder  # noqa: F401  (registers "range_finder")
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
-from lowrank_fused.optim._base import LowRankOptimizer, check_number
+from lowrank_fused.optim._base import (LowRankOptimizer, check_choice, check_int, check_number)
 from lowrank_fused.reference.iass_select import IASS_MODES
 
 EXIT_RULES = ("relative", "absolute")
@@ -81,18 +81,6 @@ def fill_seed(seed: int, layer_id: int, block: int) -> int:
     return mix_seed(seed, layer_id, block, 1)
 
 
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
 def _check_hparams(h):
     """Validate one group's (or the defaults') hyperparameters; raise ValueError naming the
     offending one. Mutates nothing."""
@@ -107,20 +95,20 @@ def _check_hparams(h):
     check_number("scale", h["scale"])
     if check_number("eta_th", h["eta_th"], high=1.0) <= 0.0:
         raise ValueError(f"eta_th must be in (0, 1], got {h['eta_th']!r}")
-    _check_int("power_iters", h["power_iters"], 0)
-    _check_int("oversampling", h["oversampling"], 0)
-    _check_choice("iass_mode", h["iass_mode"], IASS_MODES)
-    _check_choice("exit_rule", h["exit_rule"], EXIT_RULES)
+    check_int("power_iters", h["power_iters"], 0)
+    check_int("oversampling", h["oversampling"], 0)
+    check_choice("iass_mode", h["iass_mode"], IASS_MODES)
+    check_choice("exit_rule", h["exit_rule"], EXIT_RULES)
     check_number("eps_rel", h["eps_rel"], low=0.0)
     check_number("beta_c", h["beta_c"], low=0.0, high=1.0, high_open=True)
-    _check_int("t_min", h["t_min"], 1)
-    _check_int("t_max", h["t_max"], 1)
+    check_int("t_min", h["t_min"], 1)
+    check_int("t_max", h["t_max"], 1)
     if h["eps_0"] is not None:
         check_number("eps_0", h["eps_0"], low=0.0)
     elif h["exit_rule"] == "absolute":
         raise ValueError("eps_0 must be given (a float >= 0) with exit_rule='absolute': the "
                          "threshold eps_j = eps_0/j is absolute, so it has no default")
-    _check_choice("v_transport", h["v_transport"], V_TRANSPORTS)
+    check_choice("v_transport", h["v_transport"], V_TRANSPORTS)
     if isinstance(h["seed"], bool) or not isinstance(h["seed"], int):
         raise ValueError(f"seed must be an int, got {h['seed']!r}")
 
@@ -213,32 +201,8 @@ class AdaRankGrad(LowRankOptimizer):
     def _check_group(self, group):
         _check_hparams(group)
         if "rank" in group:
-            _check_int("rank", group["rank"], 1)
+            check_int("rank", group["rank"], 1)
 
-    def _prevalidate(self):
-        """Every group and gradient checked before any parameter or state is touched."""
-        for group in self.param_groups:
-            self._check_group(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
-                                     f"parameter shape {tuple(p.shape)}")
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._prevalidate()
-        super().step()
-        return loss
-
-    # -- routing --------------------------------------------------------------------------
     def _plan(self, p, group):
         """(side, r_max, 2-D shape) for a projected matrix, or None for dense AdamW."""
         if "rank" not in group or p.dim() < 2:

@@ -232,14 +232,8 @@ class LDAdamW(LowRankOptimizer):
         return tuple(needed)
 
     # -- the step -------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:   # every group valid before any parameter changes
-            self._check_group(group)
-        t = self.completed_steps
-        loss = super().step(closure)
-        self.completed_steps = t + 1      # after all parameters (ldadamw.py#L124)
-        return loss
+    def _after_updates(self):
+        self.completed_steps = self.completed_steps + 1   # after all parameters (ldadamw.py#L124)
 
     def _step_param(self, p, group, backend, precision):
         plan = self._plan(p, group)
