@@ -6,7 +6,6 @@ so a learning-rate schedule or the step counter never recompiles the kernel. The
 be stored in a narrower dtype (``faithful_dtypes``): N is computed from the stored values,
 exactly as the reference does.
 """
-import torch
 import triton
 import triton.language as tl
 

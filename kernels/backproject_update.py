@@ -8,7 +8,6 @@ orders, and writes W once (round-to-nearest in W's dtype). No m x n temporary ex
 """
 from dataclasses import dataclass
 
-import torch
 import triton
 import triton.language as tl
 

@@ -1,6 +1,5 @@
 """GaLore-AdamW: faithfulness of the reference to galore_torch (section 4 of ALGORITHMS.md),
 fused (Triton) vs reference trajectories, checkpoint round trips, schedulers, errors."""
-import io
 import math
 
 import pytest

@@ -18,7 +18,7 @@ All linear layers are ``nn.Linear(bias=False)``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn

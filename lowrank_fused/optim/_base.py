@@ -106,6 +106,30 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _state_dtype(self, p):
         return p.dtype if self.faithful_dtypes else torch.float32
 
+    def _dense_adamw_step(self, p, group, backend, *, eps_mode, wd_mode, correct_bias=True,
+                          step=None):
+        """The dense AdamW step (ALGORITHMS.md 2) for a parameter off the low-rank path:
+        torch conventions (``eps_mode="torch", wd_mode="pre"``) or HF/GaLore ones
+        (``"hf", "post"``). The bias correction uses the parameter's own counter, or ``step``
+        when the method has a global one (LDAdam)."""
+        from lowrank_fused import ops  # local: ops imports nothing from here, but keep it lazy
+
+        state = self.state[p]
+        if "exp_avg" not in state:
+            if step is None:
+                state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
+                                                memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        t = state["step"] + 1 if step is None else step
+        beta1, beta2 = group["betas"]
+        ops.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                       beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
+                       weight_decay=group["weight_decay"], eps_mode=eps_mode, wd_mode=wd_mode,
+                       correct_bias=correct_bias, backend=backend)
+        if step is None:
+            state["step"] = t
+
     @staticmethod
     def _as_matrix(p, shape):
         """(W, G, write_back): 2-D views of a parameter and its gradient (trailing dims

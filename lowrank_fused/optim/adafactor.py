@@ -17,7 +17,6 @@ import math
 
 import torch
 
-import lowrank_fused.reference.adafactor_step  # noqa: F401  (registers the reference op)
 from lowrank_fused.dispatch import implementation
 from lowrank_fused.optim._base import LowRankOptimizer, check_number
 

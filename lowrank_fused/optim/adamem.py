@@ -31,18 +31,11 @@ import math
 import torch
 import torch.nn as nn
 
-# the method's reference ops register themselves on import (lowrank_fused/reference/__init__.py
-# is shared and does not import them)
-import lowrank_fused.reference.adafactor_bc_factored_step  # noqa: F401
-import lowrank_fused.reference.adafactor_bc_unfactored_step  # noqa: F401
-import lowrank_fused.reference.adamem_moments  # noqa: F401
-import lowrank_fused.reference.moment_transport  # noqa: F401
-import lowrank_fused.reference.residual_backproject_update  # noqa: F401
-import lowrank_fused.reference.residual_col_stats  # noqa: F401
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
-from lowrank_fused.optim._base import (LowRankOptimizer, check_bool, check_choice, check_int, check_number)
+from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_choice,
+                                       check_int, check_number)
 
 V_SOURCES = ("momentum", "gradient")
 RESIDUAL_FORMS = ("identity", "explicit")
@@ -97,11 +90,7 @@ class AdaMeM(LowRankOptimizer):
     # -- group validation -----------------------------------------------------------------
     def _check_group(self, group):
         check_number("lr", group["lr"], low=0.0)
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_betas(group["betas"])
         check_number("eps", group["eps"], low=0.0)
         check_number("eps1", group["eps1"], low=0.0)
         check_number("weight_decay", group["weight_decay"], low=0.0)

@@ -15,10 +15,7 @@ The whole step is one ``ops.adamw_step`` call, so every backend that implements 
 """
 from __future__ import annotations
 
-import torch
-
-from lowrank_fused import ops
-from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_number)
+from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
 
 _TORCH_DEFAULTS = dict(eps=1e-8, weight_decay=1e-2)
 _HF_DEFAULTS = dict(eps=1e-6, weight_decay=0.0)
@@ -80,21 +77,9 @@ class AdamW(LowRankOptimizer):
         return ("adamw_step",)
 
     def _step_param(self, p, group, backend, precision):
-        state = self.state[p]
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
-                                                memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        t = state["step"] + 1
-        beta1, beta2 = group["betas"]
-        ops.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
-                       beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
-                       weight_decay=group["weight_decay"],
-                       eps_mode="hf" if self.hf else "torch",
-                       wd_mode="post" if self.hf else "pre",
-                       correct_bias=group["correct_bias"], backend=backend)
-        state["step"] = t
+        self._dense_adamw_step(p, group, backend, eps_mode="hf" if self.hf else "torch",
+                               wd_mode="post" if self.hf else "pre",
+                               correct_bias=group["correct_bias"])
 
 
 class HFAdamW(AdamW):

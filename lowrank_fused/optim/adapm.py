@@ -40,11 +40,7 @@ import torch.nn as nn
 
 from lowrank_fused import ops
 from lowrank_fused.dispatch import implementation
-from lowrank_fused.optim._base import LowRankOptimizer, check_number
-# the reference modules register the method's ops in the dispatch table
-import lowrank_fused.reference.adapm_dense_update  # noqa: F401
-import lowrank_fused.reference.adapm_refit  # noqa: F401
-import lowrank_fused.reference.adapm_update  # noqa: F401
+from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
 
 BLOCKS = ("auto", "embedding", "attn_out", "q", "k", "v", "qkv", "mlp", "lm_head", "norm",
           "bias", "other")
@@ -150,11 +146,7 @@ class AdaPM(LowRankOptimizer):
     @staticmethod
     def _check_hyper(group):
         check_number("lr", group["lr"], low=0.0)
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_betas(group["betas"])
         check_number("eps", group["eps"], low=0.0)
         check_number("weight_decay", group["weight_decay"], low=0.0)
         if group["block"] not in BLOCKS:

@@ -38,10 +38,6 @@ from lowrank_fused.dispatch import implementation
 from lowrank_fused.linalg import canonical_svd_basis
 from lowrank_fused.optim._base import check_number
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
-# importing registers the method-specific reference ops (lowrank_fused/reference/__init__.py
-# is shared and does not list them)
-from lowrank_fused.reference import (gha_update, kfac_precondition, kfac_transport,  # noqa: F401
-                                     moment_transport, norm_growth_limit, subspace_drift)
 
 __all__ = ["AdaptiveAdamW", "RSAdamW", "GHAAdamW", "GaLoreKFACAdamW", "RANK_METRICS",
            "rank_scores", "allocate_ranks"]

@@ -29,13 +29,9 @@ import math
 
 import torch
 
-import lowrank_fused.reference.iass_select  # noqa: F401  (registers "iass_select")
-import lowrank_fused.reference.moment_transport  # noqa: F401  (registers "moment_transport")
-import lowrank_fused.reference.moment_transport_linear  # noqa: F401
-import lowrank_fused.reference.range_finder  # noqa: F401  (registers "range_finder")
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
-from lowrank_fused.optim._base import (LowRankOptimizer, check_choice, check_int, check_number)
+from lowrank_fused.optim._base import LowRankOptimizer, check_choice, check_int, check_number
 from lowrank_fused.reference.iass_select import IASS_MODES
 
 EXIT_RULES = ("relative", "absolute")
@@ -235,19 +231,7 @@ class AdaRankGrad(LowRankOptimizer):
 
     def _dense_step(self, p, group, backend):
         """torch AdamW: E-torch, WD-pre (ALGORITHMS.md 1.6, 2)."""
-        state = self.state[p]
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
-                                                memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        t = state["step"] + 1
-        beta1, beta2 = group["betas"]
-        ops.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
-                       beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
-                       weight_decay=group["weight_decay"], eps_mode="torch", wd_mode="pre",
-                       backend=backend)
-        state["step"] = t
+        self._dense_adamw_step(p, group, backend, eps_mode="torch", wd_mode="pre")
 
     def _select_subspace(self, G, state, group, side, backend, precision):
         """IASS (ALGORITHMS.md 6.3) for the block about to start. Returns (basis in the

@@ -16,7 +16,7 @@ import torch
 
 from lowrank_fused import ops
 from lowrank_fused.linalg import canonical_svd_basis
-from lowrank_fused.optim._base import LowRankOptimizer, check_number
+from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -60,10 +60,7 @@ class GaLoreAdamW(LowRankOptimizer):
                  correct_bias=True, no_deprecation_warning=True, *, backend="auto",
                  faithful_dtypes=False, sign_canon=True, matmul_precision=None):
         check_number("lr", lr, low=0.0)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_betas(betas)
         check_number("eps", eps, low=0.0)
         check_number("weight_decay", weight_decay, low=0.0)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -115,18 +112,8 @@ class GaLoreAdamW(LowRankOptimizer):
 
     def _dense_step(self, p, group, backend):
         """HF AdamW: galore_torch adamw.py without the rank key."""
-        state = self.state[p]
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
-                                                memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        ops.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
-                       beta1=beta1, beta2=beta2, eps=group["eps"], step=state["step"],
-                       weight_decay=group["weight_decay"], eps_mode="hf", wd_mode="post",
-                       correct_bias=group["correct_bias"], backend=backend)
+        self._dense_adamw_step(p, group, backend, eps_mode="hf", wd_mode="post",
+                               correct_bias=group["correct_bias"])
 
     def _galore_step(self, p, group, plan, backend, precision):
         side, rank, shape = plan

@@ -32,12 +32,7 @@ import torch
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
-from lowrank_fused.optim._base import LowRankOptimizer, check_number
-# importing the reference modules registers LDAdam's ops for backend "reference"
-from lowrank_fused.reference import ldadam_error_feedback as _ref_ef  # noqa: F401
-from lowrank_fused.reference import ldadam_moment_transport as _ref_mt  # noqa: F401
-from lowrank_fused.reference import ldadam_momentum_mix as _ref_mix  # noqa: F401
-from lowrank_fused.reference import ldadam_power_iteration as _ref_pi  # noqa: F401
+from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJ_METHODS = ("power_iteration", "svd", "svd_lowrank")
@@ -170,12 +165,7 @@ class LDAdamW(LowRankOptimizer):
     def _check_group(self, group):
         """Validate (and normalise) every hyperparameter of a group before anything mutates."""
         check_number("lr", group["lr"], low=0.0)
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-        group["betas"] = (float(betas[0]), float(betas[1]))
+        group["betas"] = check_betas(group["betas"])
         if check_number("eps", group["eps"], low=0.0) <= 0.0:
             raise ValueError(f"eps must be > 0, got {group['eps']!r}")
         check_number("weight_decay", group["weight_decay"], low=0.0)
@@ -244,16 +234,8 @@ class LDAdamW(LowRankOptimizer):
 
     def _dense_step(self, p, group, backend):
         """torch AdamW with the global counter's bias correction (ldadamw.py#L131-L161)."""
-        state = self.state[p]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
-                                                memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        beta1, beta2 = group["betas"]
-        ops.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
-                       beta1=beta1, beta2=beta2, eps=group["eps"], step=self.completed_steps + 1,
-                       weight_decay=group["weight_decay"], eps_mode="torch", wd_mode="pre",
-                       backend=backend)
+        self._dense_adamw_step(p, group, backend, eps_mode="torch", wd_mode="pre",
+                               step=self.completed_steps + 1)
 
     def _new_basis(self, X, rank, side, method, t):
         """Basis at a parameter's first step, or from ``b`` (proj_method 'svd', 'svd_lowrank')."""

@@ -1,6 +1,5 @@
 """K3 back-projection + weight update + weight decay, eager reference (ALGORITHMS.md section 4.3
 lines 11-13, section 1.4, section 10 K3)."""
-import torch
 
 from lowrank_fused.dispatch import register
 

@@ -1,6 +1,5 @@
 """LDAdam's projection-aware (variance-aware) moment transport between consecutive subspaces
 (ALGORITHMS.md section 7.3 lines 4 and 6, section 10 K8), eager reference."""
-import torch
 
 from lowrank_fused.dispatch import register
 

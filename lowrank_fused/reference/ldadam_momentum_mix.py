@@ -1,5 +1,4 @@
 """LDAdam's power-iteration input ``b`` (ALGORITHMS.md section 7.3 line 1), eager reference."""
-import torch
 
 from lowrank_fused.dispatch import register
 
