@@ -52,35 +52,61 @@ def choose_config(m: int, n: int, rank: int, mode: int) -> ProjectConfig:
 @triton.jit
 def _project_kernel(
     g_ptr, p_ptr, r_ptr,
-    M, N, RANK,
-    stride_gm, stride_gn, stride_pm, stride_pr, stride_rr, stride_rn,
+    M, N, RANK, K_PER_SPLIT,
+    stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    # split-K: this program reduces rows [k_lo, k_hi) of G into its own partial-sum slice
+    k_lo = pid_s * K_PER_SPLIT
+    k_hi = tl.minimum(M, k_lo + K_PER_SPLIT)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
     mask_r = offs_r < RANK
     mask_n = offs_n < N
     # P^T tile (BLOCK_R x BLOCK_K) and G tile (BLOCK_K x BLOCK_N)
     pt_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_k[None, :].to(tl.int64) * stride_pm
     g_ptrs = g_ptr + offs_k[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for k in range(0, M, BLOCK_K):
-        mask_k = (k + offs_k) < M
+    for k in range(k_lo, k_hi, BLOCK_K):
+        mask_k = (k - k_lo + offs_k) < k_hi
         pt = tl.load(pt_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         g = tl.load(g_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = mma(pt, g, acc, DOT_MODE)
         pt_ptrs += BLOCK_K * stride_pm
         g_ptrs += BLOCK_K * stride_gm
-    r_ptrs = r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn
+    r_ptrs = (r_ptr + pid_s.to(tl.int64) * stride_rs + offs_r[:, None] * stride_rr
+              + offs_n[None, :] * stride_rn)
     tl.store(r_ptrs, acc, mask=mask_r[:, None] & mask_n[None, :])
 
 
+_SM_COUNT = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+def choose_split_k(m: int, tiles: int, block_k: int, device: torch.device) -> int:
+    """How many slices the reduction over m is cut into. The output grid of a projection is
+    small (rank/BLOCK_R x n/BLOCK_N tiles: 32 for 4096x4096 at rank 128), too few programs
+    to pull HBM bandwidth on a GPU with 132 SMs; splitting the reduction gives every SM work.
+    Each slice keeps at least 8 BLOCK_K steps. Partial sums are added in a fixed order, so the
+    result is deterministic. 1 on the CPU interpreter."""
+    if device.type != "cuda":
+        return 1
+    want = cdiv(2 * _sm_count(device), tiles)
+    return max(1, min(want, m // (8 * block_k)))
+
+
 def project(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = "ieee",
-            config: ProjectConfig = None) -> None:
+            config: ProjectConfig = None, split_k: int = None) -> None:
     """``R = P^T @ G`` into the fp32 tensor ``R`` (any strides)."""
     m, n = G.shape
     rank = P.shape[1]
@@ -89,22 +115,32 @@ def project(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = 
         return
     mode = dot_mode(precision, G.device)
     cfg = config or choose_config(m, n, rank, mode)
-    grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N))
+    tiles = cdiv(rank, cfg.BLOCK_R) * cdiv(n, cfg.BLOCK_N)
+    split = split_k or choose_split_k(m, tiles, cfg.BLOCK_K, G.device)
+    # each slice spans a whole number of BLOCK_K steps
+    k_per_split = cdiv(cdiv(m, split), cfg.BLOCK_K) * cfg.BLOCK_K
+    split = cdiv(m, k_per_split)
+    out = R if split == 1 else torch.empty((split, rank, n), device=R.device, dtype=torch.float32)
+    stride_s, stride_r, stride_n = ((0, R.stride(0), R.stride(1)) if split == 1
+                                    else out.stride())
+    grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N), split)
     _project_kernel[grid](
-        G, P, R, m, n, rank,
-        G.stride(0), G.stride(1), P.stride(0), P.stride(1), R.stride(0), R.stride(1),
+        G, P, out, m, n, rank, k_per_split,
+        G.stride(0), G.stride(1), P.stride(0), P.stride(1), stride_s, stride_r, stride_n,
         BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_MODE=mode,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if split > 1:
+        torch.sum(out, dim=0, out=R) if R.is_contiguous() else R.copy_(out.sum(dim=0))
 
 
 def aot_variants():
     """Every (dtype, config, precision) compilation ``project`` can launch on a GPU."""
     from lowrank_fused.testing.aot import Variant
 
-    ints = {a: "i32" for a in ("M", "N", "RANK", "stride_gm", "stride_gn", "stride_pm",
-                               "stride_pr", "stride_rr", "stride_rn")}
+    ints = {a: "i32" for a in ("M", "N", "RANK", "K_PER_SPLIT", "stride_gm", "stride_gn",
+                               "stride_pm", "stride_pr", "stride_rs", "stride_rr", "stride_rn")}
     for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
         for mode in (0, 1, 2):
             for cfg in configs_for(mode):
