@@ -9,6 +9,7 @@ import torch
 from lowrank_fused.dispatch import CHOICES, choose_backend, resolve_backend
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+_CHECKPOINT_KEY = "lowrank_fused"
 
 
 def check_number(name, value, *, low=None, high=None, high_open=False):
@@ -189,9 +190,41 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return sum(v.numel() * v.element_size() for st in self.state.values()
                    for v in st.values() if torch.is_tensor(v))
 
+    def state_dict(self):
+        """torch's state dict plus what identifies it: the optimizer class and the shapes of
+        its parameters, so a checkpoint cannot load silently into another method or model.
+        Plain data only (tensors, numbers, strings): ``torch.load(weights_only=True)`` works."""
+        sd = super().state_dict()
+        sd[_CHECKPOINT_KEY] = {
+            "optimizer": type(self).__name__,
+            "param_shapes": [list(p.shape) for g in self.param_groups for p in g["params"]],
+        }
+        return sd
+
+    def _check_checkpoint(self, state_dict):
+        meta = state_dict.get(_CHECKPOINT_KEY)
+        if meta is None:            # a plain torch state dict: torch's own checks apply
+            return
+        if meta["optimizer"] != type(self).__name__:
+            raise ValueError(f"checkpoint was saved by {meta['optimizer']}; it cannot be loaded "
+                             f"into {type(self).__name__}")
+        shapes = [list(p.shape) for g in self.param_groups for p in g["params"]]
+        if meta["param_shapes"] != shapes:
+            diff = next((i for i, (a, b) in enumerate(zip(meta["param_shapes"], shapes))
+                         if a != b), min(len(shapes), len(meta["param_shapes"])))
+            raise ValueError(
+                f"checkpoint was saved for {len(meta['param_shapes'])} parameters, this optimizer "
+                f"has {len(shapes)}; first difference at parameter {diff}: saved "
+                f"{meta['param_shapes'][diff] if diff < len(meta['param_shapes']) else None}, "
+                f"here {shapes[diff] if diff < len(shapes) else None}")
+
     def load_state_dict(self, state_dict):
-        """As torch's, but every state tensor keeps its saved dtype (torch casts floating
-        state to the parameter dtype, which would round fp32 moments of bf16 parameters)."""
+        """As torch's, after checking the checkpoint belongs to this optimizer class and these
+        parameter shapes; every state tensor keeps its saved dtype (torch casts floating state
+        to the parameter dtype, which would round fp32 moments of bf16 parameters) and moves to
+        its parameter's device."""
+        self._check_checkpoint(state_dict)
+        state_dict = {k: v for k, v in state_dict.items() if k != _CHECKPOINT_KEY}
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]

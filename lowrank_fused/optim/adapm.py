@@ -384,6 +384,7 @@ class AdaPM(LowRankOptimizer):
         """As torch's (state tensors keep their saved dtypes), after checking that every saved
         state tensor has the shape the saved groups' layout implies (block, rank, QKV split,
         transposition), so a checkpoint of another layout fails before anything is loaded."""
+        self._check_checkpoint(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         saved_groups = state_dict["param_groups"]
         for saved in saved_groups:
