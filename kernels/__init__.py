@@ -10,11 +10,14 @@ from lowrank_fused.dispatch import register
 from .adam_moments import adam_moments
 from .adamw_step import adamw_step
 from .backproject_update import backproject_update
+from .ldadam_error_feedback import ldadam_error_feedback
 from .project import project
 
 register("project", "triton")(project)
 register("adam_moments", "triton")(adam_moments)
 register("backproject_update", "triton")(backproject_update)
 register("adamw_step", "triton")(adamw_step)
+register("ldadam_error_feedback", "triton")(ldadam_error_feedback)
 
-__all__ = ["project", "adam_moments", "backproject_update", "adamw_step"]
+__all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
+           "ldadam_error_feedback"]

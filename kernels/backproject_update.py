@@ -41,9 +41,9 @@ def choose_config(m: int, n: int, rank: int, mode: int) -> BackprojectConfig:
 
 @triton.jit
 def _backproject_update_kernel(
-    w_ptr, p_ptr, n_ptr,
+    w_ptr, x_ptr, p_ptr, n_ptr,
     M, N, RANK,
-    stride_wm, stride_wn, stride_pm, stride_pr, stride_nr, stride_nn,
+    stride_wm, stride_wn, stride_xm, stride_xn, stride_pm, stride_pr, stride_nr, stride_nn,
     coef, pre_scale, post_decay,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr,
@@ -66,18 +66,24 @@ def _backproject_update_kernel(
         p_ptrs += BLOCK_K * stride_pr
         n_ptrs += BLOCK_K * stride_nr
     mask = mask_m[:, None] & mask_n[None, :]
-    w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
-    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn
+    w = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     if pre_scale != 1.0:
         w = w * pre_scale
     w = w - coef * acc
     if post_decay != 0.0:
         w = w - post_decay * w
+    w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def backproject_update(W, P, N, *, coef: float, pre_scale: float, post_decay: float,
-                       precision: str = "ieee", config: BackprojectConfig = None) -> None:
+                       precision: str = "ieee", config: BackprojectConfig = None,
+                       source=None) -> None:
+    """In place on W, or ``W = source*pre_scale - coef*(P @ N) ...`` when ``source`` (same
+    shape, any dtype and strides) is given: the GEMM-with-subtract-epilogue that LDAdam's error
+    feedback and AdaMeM's residual update are made of."""
+    X = W if source is None else source
     m, n = W.shape
     rank = P.shape[1]
     if m == 0 or n == 0:
@@ -86,8 +92,9 @@ def backproject_update(W, P, N, *, coef: float, pre_scale: float, post_decay: fl
     cfg = config or choose_config(m, n, rank, mode)
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N))
     _backproject_update_kernel[grid](
-        W, P, N, m, n, rank,
-        W.stride(0), W.stride(1), P.stride(0), P.stride(1), N.stride(0), N.stride(1),
+        W, X, P, N, m, n, rank,
+        W.stride(0), W.stride(1), X.stride(0), X.stride(1), P.stride(0), P.stride(1),
+        N.stride(0), N.stride(1),
         float(coef), float(pre_scale), float(post_decay),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_MODE=mode, INTERPRET=interpreting(),
@@ -99,14 +106,18 @@ def aot_variants():
     """Every (dtype, config, precision) compilation ``backproject_update`` can launch on a GPU."""
     from lowrank_fused.testing.aot import Variant
 
-    ints = {a: "i32" for a in ("M", "N", "RANK", "stride_wm", "stride_wn", "stride_pm",
-                               "stride_pr", "stride_nr", "stride_nn")}
+    ints = {a: "i32" for a in ("M", "N", "RANK", "stride_wm", "stride_wn", "stride_xm",
+                               "stride_xn", "stride_pm", "stride_pr", "stride_nr", "stride_nn")}
     scalars = {a: "fp32" for a in ("coef", "pre_scale", "post_decay")}
-    for w_t, s_t in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
+    # (W, source) dtypes: in place (same), or an fp32 source into a bf16 buffer and back
+    for w_t, x_t, s_t in (("fp32", "fp32", "fp32"), ("bf16", "bf16", "fp32"),
+                          ("bf16", "bf16", "bf16"), ("fp16", "fp16", "fp32"),
+                          ("bf16", "fp32", "fp32"), ("fp32", "bf16", "fp32")):
         for mode in (0, 1, 2):
             for cfg in configs_for(mode):
                 yield Variant(_backproject_update_kernel,
-                              {"w_ptr": "*" + w_t, "p_ptr": "*" + s_t, "n_ptr": "*" + s_t,
+                              {"w_ptr": "*" + w_t, "x_ptr": "*" + x_t, "p_ptr": "*" + s_t,
+                               "n_ptr": "*" + s_t,
                                **ints, **scalars},
                               dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
                                    DOT_MODE=mode, INTERPRET=False),

@@ -89,7 +89,8 @@ def ptxas_usage(ptx: str, ptxas: str, arch: str = "sm_90a"):
     return regs, stores, loads
 
 
-KERNEL_MODULES = ("project", "adam_moments", "backproject_update", "adamw_step")
+KERNEL_MODULES = ("project", "adam_moments", "backproject_update", "adamw_step",
+                  "ldadam_error_feedback")
 
 
 def all_variants():
