@@ -36,8 +36,10 @@ train: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(PY) -m bench.run $(if $(OUT),--out $(OUT),)
 
+# GPU_CHECK_ARGS, e.g. "--skip-bench" then "--skip-tests", splits the run into two device
+# commands of at most 10 minutes each
 gpu-check: $(BUILD_STAMP)
-	$(PY) -m bench.gpu_check $(if $(OUT),--out $(OUT),)
+	$(PY) -m bench.gpu_check $(if $(OUT),--out $(OUT),) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info lowrank_fused/*.so $(BUILD_STAMP)
