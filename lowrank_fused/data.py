@@ -10,6 +10,8 @@ Two sources:
 * a nanoGPT-style flat ``.bin`` file of uint16 token ids, memory-mapped with ``np.memmap``
   (``load_bin``). A ``train.bin`` with a sibling ``val.bin`` uses that as validation split;
   otherwise the tail of the file is held out.
+* the user's own text (``load_text``): one or more files or folders, read as raw bytes
+  (vocab 256), the tail held out for validation.
 
 ``BatchSampler`` draws random windows (x, y = next tokens) with its own ``torch.Generator``,
 so a seed fixes the batch sequence independent of the global RNG.
@@ -155,6 +157,50 @@ def load_bin(path: Union[str, Path], vocab_size: Optional[int] = None,
     return Corpus(train, val, int(vocab_size), f"token file {path}")
 
 
+def text_files(paths: Sequence[Union[str, Path]]) -> List[Path]:
+    """The files named by ``paths``: a file as given, a folder as every regular file under it
+    (recursively, sorted, hidden entries skipped). Raises ``FileNotFoundError``."""
+    out: List[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            out.append(path)
+        elif path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        else:
+            raise FileNotFoundError(f"--data path not found: {path}")
+    return out
+
+
+def load_text(paths: Union[str, Path, Sequence[Union[str, Path]]], val_fraction: float = 0.1,
+              max_bytes: Optional[int] = None) -> Corpus:
+    """Byte-level corpus (vocab 256) from text files or folders, concatenated in the given
+    order (folders: sorted) with a newline between files; the last ``val_fraction`` of the
+    bytes is the validation split. ``max_bytes`` caps the bytes read."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files = text_files(paths)
+    chunks, total = [], 0
+    for path in files:
+        data = path.read_bytes()
+        if max_bytes is not None:
+            data = data[: max(0, max_bytes - total)]
+        if data:
+            chunks.append(data)
+            total += len(data)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    data = b"\n".join(chunks)
+    if len(data) < 2:
+        raise ValueError(f"--data {', '.join(map(str, paths))}: fewer than 2 bytes of text")
+    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
+    train, val = split_tokens(tokens, val_fraction)
+    where = ", ".join(map(str, paths))
+    return Corpus(train, val, BYTE_VOCAB, f"text {where} (bytes)", len(chunks))
+
+
 class BatchSampler:
     """Random windows of ``seq_len + 1`` tokens: ``x = w[:-1]``, ``y = w[1:]`` (int64).
 
@@ -181,6 +227,13 @@ class BatchSampler:
 
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.next_batch()
+
+    def state_dict(self) -> dict:
+        """The generator's state: restoring it continues the exact batch sequence."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         hi = len(self.tokens) - self.seq_len  # exclusive bound of window starts

@@ -57,6 +57,34 @@ class LlamaConfig:
         return asdict(self)
 
 
+# Model sizes of the GaLore paper (Zhao et al. 2024, LLaMA on C4, T5 tokenizer: vocab 32000)
+# plus a tiny byte-level CPU default. Keys: hidden_size, intermediate_size, num_hidden_layers,
+# num_attention_heads, vocab_size (the vocab is the data's when it is byte-level).
+LLAMA_CONFIGS = {
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                 num_attention_heads=4, vocab_size=256),
+    "60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                num_attention_heads=8, vocab_size=32000),
+    "130m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, vocab_size=32000),
+    "350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24,
+                 num_attention_heads=16, vocab_size=32000),
+    "1b": dict(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24,
+               num_attention_heads=32, vocab_size=32000),
+}
+
+
+def llama_config(name: str, **overrides) -> "LlamaConfig":
+    """``LlamaConfig`` of a named size (``LLAMA_CONFIGS``), with ``overrides`` applied
+    (``None`` values are ignored)."""
+    key = name.lower()
+    if key not in LLAMA_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(LLAMA_CONFIGS)}")
+    cfg = dict(LLAMA_CONFIGS[key])
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return LlamaConfig(**cfg)
+
+
 class LlamaRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
