@@ -1,6 +1,14 @@
-"""Run every benchmark module and write ``<out>/<gpu-or-cpu>-<YYYY-MM-DD>.{json,md}``.
+"""Run the benchmark suites and write their results and the summary page into ``<out>``.
 
-    python -m bench.run [--out DIR] [--quick] [--only NAME[,NAME]] [--interpret]
+    python -m bench.run [--out DIR] [--suite kernels,step,e2e,convergence] [--quick]
+                        [--only NAME[,NAME]] [--methods M[,M]] [--interpret] [--threads N]
+
+Suites: ``kernels`` (every fused op vs eager: ``<out>/<gpu-or-cpu>-<YYYY-MM-DD>.{json,md}``),
+``step`` (one optimizer step of every method on a whole model, ``bench.suite_step``), ``e2e``
+(the training driver's tokens/s and peak memory, ``bench.suite_e2e``) and ``convergence``
+(every method on the tiny config, ``bench.suite_convergence``): ``<out>/<suite>-<device>.json``.
+Then ``bench.report`` writes ``<out>/README.md`` and the plots ``<out>/plots/*.png``.
+Default: every suite (``--only`` alone selects the kernel suite).
 
 On CUDA: the full grid of ``harness.matrix_cases`` (``--quick``: one shape). On a CPU-only
 machine the run is always quick and eager-only, a smoke test of the harness plus the byte model
@@ -21,6 +29,7 @@ import traceback
 from pathlib import Path
 
 MODULES = ("project", "adam_moments", "backproject_update", "galore_step")
+SUITES = ("kernels", "step", "e2e", "convergence")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -34,6 +43,13 @@ def parse_args(argv=None):
                     help=f"comma-separated modules to run, from {', '.join(MODULES)}")
     ap.add_argument("--interpret", action="store_true",
                     help="without CUDA: also time the Triton kernels under TRITON_INTERPRET=1")
+    ap.add_argument("--suite", default=None,
+                    help=f"comma-separated suites from {','.join(SUITES)} (default: all; "
+                         "kernels only when --only is given)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated methods for step/e2e/convergence (default: all)")
+    ap.add_argument("--no-report", action="store_true",
+                    help="do not regenerate <out>/README.md and the plots")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU runs: torch intra-op threads (default 1: on a small shared machine "
                          "more threads mostly measure OpenMP wake-ups)")
@@ -47,6 +63,27 @@ def select_modules(only):
     bad = [x for x in names if x not in MODULES]
     if bad:
         raise SystemExit(f"--only: unknown module(s) {bad}; choose from {list(MODULES)}")
+    return names
+
+
+def select_suites(suite, only):
+    if not suite:
+        return ["kernels"] if only else list(SUITES)
+    names = [x.strip() for x in suite.split(",") if x.strip()]
+    bad = [x for x in names if x not in SUITES]
+    if bad or not names:
+        raise SystemExit(f"--suite: unknown suite(s) {bad}; choose from {list(SUITES)}")
+    return names
+
+
+def select_methods(methods):
+    if not methods:
+        return None
+    from lowrank_fused.routing import METHODS
+    names = [x.strip() for x in methods.split(",") if x.strip()]
+    bad = [x for x in names if x not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown method(s) {bad}; choose from {list(METHODS)}")
     return names
 
 
@@ -89,12 +126,65 @@ def _run(args, argv) -> int:
     if args.interpret and cuda:
         print("note: --interpret ignored: CUDA is available", file=sys.stderr)
 
+    device = torch.device("cuda" if cuda else "cpu")
+    out = Path(args.out) if args.out else (RESULTS if cuda else RESULTS / "_scratch")
+    suites = select_suites(args.suite, args.only)
+    methods = select_methods(args.methods)
+    command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (
+        argv if argv is not None else sys.argv[1:]))
+    rc = 0
+    if "kernels" in suites:
+        rc |= _run_kernels(args, command, device, interpret, out)
+    for suite in suites:
+        if suite != "kernels":
+            rc |= _run_suite(suite, args, command, device, interpret, out, methods)
+    if not args.no_report:
+        from bench import report
+        report.write_report(out)
+    return rc
+
+
+def _run_suite(suite, args, command, device, interpret, out, methods) -> int:
+    import json
+
+    from bench import harness as H
+
+    quick = bool(args.quick)
+    t0 = time.perf_counter()
+    env = H.environment(device)
+    print(f"# suite {suite}: {env['device_name']}" + (" (quick)" if quick else ""), flush=True)
+    mod = importlib.import_module(f"bench.suite_{suite}")
+    kw = dict(quick=quick, methods=methods)
+    if suite == "step":
+        kw["interpret"] = interpret
+    else:
+        kw["threads"] = args.threads
+    try:
+        doc = mod.run(device, **kw)
+    except Exception as exc:  # record and go on with the next suite
+        doc = {"suite": suite, "rows": [], "errors": [
+            {"case": suite, "error": f"{type(exc).__name__}: {exc}",
+             "traceback": traceback.format_exc(limit=6)}]}
+        print(f"ERROR suite {suite}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - t0
+    doc["environment"] = env
+    doc["meta"] = {"command": command, "quick": quick, "elapsed_s": round(elapsed, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{suite}-{H.device_slug(device)}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {path} ({len(doc['rows'])} rows, {len(doc['errors'])} errors, "
+          f"{elapsed:.1f} s)", flush=True)
+    return 1 if doc["errors"] else 0
+
+
+def _run_kernels(args, command, device, interpret, out) -> int:
+    import torch
+
     from bench import bytes as B
     from bench import harness as H
 
-    device = torch.device("cuda" if cuda else "cpu")
+    cuda = device.type == "cuda"
     quick = args.quick or not cuda
-    out = Path(args.out) if args.out else (RESULTS if cuda else RESULTS / "_scratch")
     names = select_modules(args.only)
     warmup, rep = budget(device, quick, interpret)
 
@@ -149,8 +239,7 @@ def _run(args, argv) -> int:
     model_section = ("## Byte model (ALGORITHMS.md 10.1), LLaMA shapes, fp32 states and basis, "
                      "side by galore_torch's \"std\" rule\n\n" + model)
     elapsed = time.perf_counter() - t_start
-    meta = {"command": "python -m bench.run " + " ".join(shlex.quote(a) for a in (
-                argv if argv is not None else sys.argv[1:])),
+    meta = {"command": command,
             "quick": quick, "interpret": interpret, "modules": names,
             "warmup_ms": warmup, "rep_ms": rep, "elapsed_s": round(elapsed, 1),
             "errors": errors}

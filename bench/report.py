@@ -1,0 +1,313 @@
+"""The summary page: ``<results>/README.md`` plus PNG plots under ``<results>/plots/``.
+
+    python -m bench.report [--results bench/results]
+
+Reads what ``python -m bench.run`` wrote into the folder: the kernel files
+``<device>-<YYYY-MM-DD>.json`` (the newest per device) and the suite files
+``{step,e2e,convergence}-<device>.json``, and writes one table per benchmark with the machine and
+date. Plots need matplotlib (``pip install matplotlib``); without it the tables are still
+written and the page says the plots were skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SUITES = ("step", "e2e", "convergence")
+_KERNEL_RE = re.compile(r"^(?P<slug>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
+
+
+def _mib(n):
+    return f"{n / 2 ** 20:,.1f}" if n is not None else "-"
+
+
+def _f(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def find_results(folder: Path) -> dict:
+    """{device slug: {"kernels": doc, "step": doc, ...}} from the JSON files in ``folder``."""
+    found: dict = {}
+    newest: dict = {}
+    for path in sorted(folder.glob("*.json")):
+        suite = next((s for s in SUITES if path.name.startswith(s + "-")), None)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if suite:
+            found.setdefault(path.stem[len(suite) + 1:], {})[suite] = doc
+            continue
+        m = _KERNEL_RE.match(path.name)
+        if m and "rows" in doc and (m["slug"] not in newest or m["date"] > newest[m["slug"]]):
+            newest[m["slug"]] = m["date"]
+            found.setdefault(m["slug"], {})["kernels"] = doc
+    return found
+
+
+def _env_line(doc) -> str:
+    env = doc.get("environment", {})
+    bits = [env.get("device_name", "?"), f"torch {env.get('torch', '?')}"]
+    if env.get("triton"):
+        bits.append(f"triton {env['triton']}")
+    if env.get("cpu_threads"):
+        bits.append(f"{env['cpu_threads']} torch threads")
+    bits.append(f"commit {str(env.get('commit', '?'))[:12]}")
+    meta = doc.get("meta", {})
+    when = env.get("date", "?")
+    cmd = meta.get("command")
+    took = meta.get("elapsed_s")
+    return (f"*{when} on {', '.join(bits)}" + (f"; `{cmd}`" if cmd else "")
+            + (f", {took} s" if took is not None else "") + "*")
+
+
+def kernels_section(doc) -> str:
+    rows = []
+    for r in doc["rows"]:
+        rows.append([r["op"], r["variant"], r["backend"], f"{r['m']}x{r['n']}", r.get("r") or "-",
+                     r["dtype"], r.get("precision") or "-", _f(r["p50_ms"], ".4f"),
+                     _f(r["achieved_gbps"], ".1f"), _f(r["multiple_of_floor"], ".2f")])
+    note = ""
+    if doc.get("environment", {}).get("device") == "cpu":
+        note = ("\nCPU: eager only (the Triton kernels need a GPU or `--interpret`); a smoke test "
+                "of the harness, not a performance result.\n")
+    return ("### 1. Kernels: fused ops vs eager reference\n\n" + _env_line(doc) + "\n" + note
+            + "\n" + _table(["op", "variant", "backend", "shape", "r", "dtype", "precision",
+                             "p50 ms", "GB/s", "x floor"], rows) + "\n")
+
+
+def step_section(doc) -> str:
+    rows = []
+    for r in doc["rows"]:
+        rows.append([r["method"], f"{r['variant']}/{r['backend']}", _f(r["steady_p50_ms"]),
+                     _f(r["steady_mean_ms"]), _f(r.get("refresh_p50_ms")),
+                     r.get("refresh_interval") or "-", _f(r["amortised_ms"]),
+                     _f(r.get("vs_torch_adamw"), ".2f"), _mib(r["state_bytes"]),
+                     _f(r["state_ratio"], ".3f")])
+    return (f"### 2. Optimizer step: every method on the {doc['model']} model's parameters "
+            f"({doc['model_params']:,} params, rank {doc['rank']})\n\n" + _env_line(doc) + "\n\n"
+            "Steady = refresh out of reach; refresh = a refresh on every step; amortised = steady "
+            "+ (refresh - steady) / T at the method's default interval T. "
+            f"p50 of {doc['timed_steps']} synchronised steps, gradients fixed. "
+            "`x torch` = amortised / `torch.optim.AdamW` (fused where torch has it). "
+            "State: optimizer state MiB and ratio to AdamW's two fp32 moments.\n\n"
+            + _table(["method", "variant/backend", "steady p50 ms", "steady mean ms",
+                      "refresh ms", "T", "amortised ms", "x torch", "state MiB", "state/AdamW"],
+                     rows) + "\n")
+
+
+def e2e_section(doc) -> str:
+    rows = []
+    for r in doc["rows"]:
+        rows.append([r["model"], r["method"], r["backend"], f"{r['tokens_per_s']:,.0f}",
+                     _f(r.get("speed_vs_adamw"), ".2f"), _mib(r["peak_memory_bytes"]),
+                     _f(r.get("memory_vs_adamw"), ".2f"), _mib(r["optimizer_state_bytes"]),
+                     _f(r["state_ratio"], ".3f")])
+    kind = doc["rows"][0]["peak_memory_kind"] if doc["rows"] else "peak memory"
+    plan = "; ".join(f"{m}: `{' '.join(f)}`" for m, f in doc.get("plan", []))
+    return ("### 3. End to end: the training driver, every method vs AdamW\n\n" + _env_line(doc)
+            + "\n\n" + f"One `python -m lowrank_fused.train` process per row ({plan}). Tokens/s "
+            f"without step 1; peak memory = {kind} of the process; `vs AdamW` against the "
+            "library's AdamW on the same model.\n\n"
+            + _table(["model", "method", "backend", "tokens/s", "vs AdamW", "peak MiB",
+                      "vs AdamW", "state MiB", "state/AdamW"], rows) + "\n")
+
+
+def convergence_section(doc) -> str:
+    cfg = doc["config"]
+    study = {tuple(x) for x in doc.get("rank_study", [])}
+    main_rows, rank_rows = [], []
+    for r in sorted(doc["rows"], key=lambda r: r["final_val_loss"]):
+        cells = [r["method"], r["rank"] or "-", _f(r["final_val_loss"], ".4f"),
+                 _f(r["final_val_ppl"], ".2f"), _f(r["state_ratio"], ".3f")]
+        if r["rank"] in (cfg["rank"], None):
+            main_rows.append(cells)
+        if (r["method"], r["rank"]) in study:
+            rank_rows.append(cells)
+    rank_rows.sort(key=lambda c: (c[1], c[0]))
+    return ("### 4. Convergence: every method, tiny model, fixed token budget\n\n"
+            + _env_line(doc) + "\n\n"
+            f"{cfg['steps']} steps x {cfg['batch_size']} x {cfg['seq_len']} = {cfg['tokens']:,} "
+            f"tokens, peak lr {cfg['lr']} for every method (no tuning), warm-up {cfg['warmup']}, "
+            f"cosine to 0.1x, rank {cfg['rank']}, refresh interval {cfg['update_proj_gap']}; "
+            f"validation loss on {cfg['eval_batches']} fixed batches every {cfg['eval_every']} "
+            "steps. Sorted by final validation loss.\n\n"
+            + _table(["method", "rank", "val loss", "val ppl", "state/AdamW"], main_rows)
+            + "\n\nAdaptiveAdamW vs GaLore at equal rank budget:\n\n"
+            + _table(["method", "rank", "val loss", "val ppl", "state/AdamW"], rank_rows) + "\n")
+
+
+SECTIONS = {"kernels": kernels_section, "step": step_section, "e2e": e2e_section,
+            "convergence": convergence_section}
+
+
+# ---- plots ---------------------------------------------------------------------------------
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def plot_convergence(plt, doc, path_all, path_rank):
+    cfg = doc["config"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in doc["rows"]:
+        if r["rank"] in (cfg["rank"], None):
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{r['method']} ({r['final_val_ppl']:.1f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(f"tiny LLaMA, {cfg['tokens']:,} tokens, rank {cfg['rank']} (final ppl)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    lows = [min(y for _, y in r["curve"]) for r in doc["rows"]]
+    if lows:
+        ax.set_ylim(min(lows) - 0.1, min(lows) + 2.0)
+    fig.tight_layout()
+    fig.savefig(path_all, dpi=90)
+    plt.close(fig)
+    study = {tuple(x) for x in doc.get("rank_study", [])}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in doc["rows"]:
+        if (r["method"], r["rank"]) in study:
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, ys, marker="o", ms=3, ls="-" if r["method"] == "galore" else "--",
+                    label=f"{r['method']} r{r['rank']} ({r['final_val_ppl']:.1f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title("AdaptiveAdamW vs GaLore, equal rank (final ppl)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if lows:
+        ax.set_ylim(min(lows) - 0.1, min(lows) + 2.0)
+    fig.tight_layout()
+    fig.savefig(path_rank, dpi=90)
+    plt.close(fig)
+
+
+def _barh(plt, labels, values, xlabel, title, path):
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 1.2))
+    ax.barh(range(len(labels)), values, color="tab:blue")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_step(plt, doc, path):
+    rows = doc["rows"]
+    _barh(plt, [f"{r['method']} {r['variant']}" for r in rows], [r["amortised_ms"] for r in rows],
+          "ms per step (amortised over refreshes)",
+          f"optimizer step, {doc['model']} model, rank {doc['rank']}", path)
+
+
+def plot_e2e(plt, doc, path):
+    rows = doc["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.3 * len(rows) + 1.5), sharey=True)
+    labels = [f"{r['model']} {r['method']}" for r in rows]
+    axes[0].barh(range(len(rows)), [r["tokens_per_s"] for r in rows], color="tab:green")
+    axes[0].set_xlabel("tokens/s")
+    axes[1].barh(range(len(rows)), [r["peak_memory_bytes"] / 2 ** 20 for r in rows],
+                 color="tab:orange")
+    axes[1].set_xlabel("peak memory, MiB" + (" (RSS)" if rows and "RSS" in
+                                            rows[0]["peak_memory_kind"] else ""))
+    axes[0].set_yticks(range(len(rows)))
+    axes[0].set_yticklabels(labels, fontsize=8)
+    axes[0].invert_yaxis()
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("end to end: the training driver", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_kernels(plt, doc, path):
+    rows = doc["rows"]
+    _barh(plt, [f"{r['op']} {r['variant']} {r['m']}x{r['n']} {r['dtype']}" for r in rows],
+          [r["multiple_of_floor"] for r in rows], "p50 / byte floor at copy speed (1 = ideal)",
+          "kernels", path)
+
+
+PLOTS = {"kernels": plot_kernels, "step": plot_step, "e2e": plot_e2e}
+
+
+def write_report(folder: Path, log=print) -> Path:
+    folder = Path(folder)
+    found = find_results(folder)
+    plt = _plt()
+    plots_dir = folder / "plots"
+    parts = ["# Benchmark results\n",
+             "Generated by `python -m bench.report` from the JSON files in this folder "
+             "(`python -m bench.run --out bench/results` reruns every benchmark and regenerates "
+             "this page; see `bench/README.md` for what is measured and how).\n"]
+    if plt is None:
+        parts.append("**Plots skipped: matplotlib is not installed** (`pip install matplotlib`, "
+                     "then `python -m bench.report`).\n")
+        log("bench.report: matplotlib is not installed; writing the tables without plots "
+            "(pip install matplotlib)")
+    if not found:
+        parts.append("No results yet: run `python -m bench.run --out " + str(folder) + "`.\n")
+    # GPU results first, then CPU
+    for slug in sorted(found, key=lambda s: (s == "cpu", s)):
+        docs = found[slug]
+        parts.append(f"## {slug}\n")
+        for suite in ("kernels",) + SUITES:
+            doc = docs.get(suite)
+            if not doc:
+                continue
+            if not doc.get("rows"):
+                parts.append(f"### {suite}: no rows\n")
+                continue
+            parts.append(SECTIONS[suite](doc))
+            if plt is not None:
+                plots_dir.mkdir(parents=True, exist_ok=True)
+                if suite == "convergence":
+                    a, b = plots_dir / f"{slug}-convergence.png", plots_dir / f"{slug}-rank.png"
+                    plot_convergence(plt, doc, a, b)
+                    parts.append(f"![validation loss of every method](plots/{a.name})\n\n"
+                                 f"![AdaptiveAdamW vs GaLore](plots/{b.name})\n")
+                else:
+                    p = plots_dir / f"{slug}-{suite}.png"
+                    PLOTS[suite](plt, doc, p)
+                    parts.append(f"![{suite}](plots/{p.name})\n")
+            errs = doc.get("errors") or doc.get("meta", {}).get("errors") or []
+            if errs:
+                parts.append("Errors:\n\n" + "\n".join(f"- {e['case']}: {e['error']}"
+                                                       for e in errs) + "\n")
+    path = folder / "README.md"
+    path.write_text("\n".join(parts))
+    log(f"wrote {path}" + (f" and plots under {plots_dir}" if plt is not None and found else ""))
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default=str(RESULTS), help="results folder (default bench/results)")
+    args = ap.parse_args(argv)
+    write_report(Path(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
