@@ -37,6 +37,17 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here (not built, wrong device, ...)."""
 
 
+class AutoBackend(str):
+    """``"auto"`` bound to a device. Optimizers hand it to their ops: ``lookup`` resolves it
+    per op, so an op with a fused kernel on that device runs fused while an op without one
+    (yet) runs its reference."""
+
+    def __new__(cls, device):
+        obj = super().__new__(cls, "auto")
+        obj.device = torch.device(device)
+        return obj
+
+
 def register(op: str, backend: str):
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
     if backend not in BACKENDS:
@@ -158,7 +169,14 @@ def _has(op: str, backend: str) -> bool:
 
 
 def lookup(op: str, backend: str) -> Callable:
-    """The implementation of ``op`` for ``backend`` (already resolved, not ``auto``)."""
+    """The implementation of ``op`` for ``backend``: a resolved name, or an ``AutoBackend``
+    (resolved per op for its device)."""
+    if backend == "auto":
+        device = getattr(backend, "device", None)
+        if device is None:
+            raise ValueError("lookup(op, 'auto') needs a device: use implementation(op, 'auto', "
+                             "device) or an AutoBackend")
+        return implementation(op, "auto", device)
     if backend not in _TABLE.get(op, {}):
         importlib.import_module(_PROVIDERS[backend])
     impls = _TABLE.get(op, {})

@@ -66,3 +66,18 @@ def test_import_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd="/")
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_auto_backend_resolves_per_op(reference_only_op, monkeypatch):
+    """What optimizers hand to their ops under backend='auto': each op takes its fastest
+    implementation on the device, so a method whose other ops have no kernel yet still runs
+    its fused ops fused."""
+    from lowrank_fused.dispatch import AutoBackend, lookup
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    auto = AutoBackend("cpu")
+    assert auto == "auto"
+    assert lookup("project", auto) is lookup("project", "triton")
+    assert lookup(reference_only_op, auto) is lookup(reference_only_op, "reference")
+    with pytest.raises(ValueError, match="needs a device"):
+        lookup("project", "auto")

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lowrank_fused.dispatch import CHOICES, choose_backend, resolve_backend
+from lowrank_fused.dispatch import CHOICES, AutoBackend, choose_backend, resolve_backend
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 _CHECKPOINT_KEY = "lowrank_fused"
@@ -91,12 +91,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return resolve_backend(self.backend, device)
 
     def _backend_for(self, group, p) -> str:
-        """The resolved backend for one parameter: with ``auto``, the fastest one implementing
-        every op the parameter's update needs (cached per device and op set)."""
+        """The backend one parameter's ops run on. ``auto``: an ``AutoBackend`` for the
+        parameter's device, resolved per op (each op takes its fastest implementation there,
+        so the fused hot path of a method runs fused while an op without a kernel yet runs
+        its reference). An explicit backend must implement every op the parameter needs,
+        else ``BackendUnavailable`` (checked at construction)."""
         ops = tuple(self._ops_needed(group, p))
         key = (p.device, ops)
         if key not in self._resolved:
-            self._resolved[key] = choose_backend(self.backend, p.device, ops)
+            if self.backend == "auto":
+                self._resolved[key] = AutoBackend(p.device)
+            else:
+                self._resolved[key] = choose_backend(self.backend, p.device, ops)
         return self._resolved[key]
 
     def precision(self) -> str:
