@@ -166,10 +166,11 @@ def _plt():
 def plot_convergence(plt, doc, path_all, path_rank):
     cfg = doc["config"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in doc["rows"]:
-        if r["rank"] in (cfg["rank"], None):
-            xs, ys = zip(*r["curve"])
-            ax.plot(xs, ys, marker="o", ms=3, label=f"{r['method']} ({r['final_val_ppl']:.1f})")
+    shown = [r for r in doc["rows"] if r["rank"] in (cfg["rank"], None)]
+    for i, r in enumerate(shown):
+        xs, ys = zip(*r["curve"])
+        ax.plot(xs, ys, marker="os^v"[i % 4], ms=3, ls=("-", "--", ":")[i % 3],
+                color=plt.cm.tab20(i % 20), label=f"{r['method']} ({r['final_val_ppl']:.1f})")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(f"tiny LLaMA, {cfg['tokens']:,} tokens, rank {cfg['rank']} (final ppl)")

@@ -159,6 +159,8 @@ def _run_suite(suite, args, command, device, interpret, out, methods) -> int:
         kw["interpret"] = interpret
     else:
         kw["threads"] = args.threads
+        # CPU without --interpret: the eager reference, whatever TRITON_INTERPRET says
+        kw["backend"] = "auto" if (device.type == "cuda" or interpret) else "reference"
     try:
         doc = mod.run(device, **kw)
     except Exception as exc:  # record and go on with the next suite

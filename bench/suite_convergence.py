@@ -23,22 +23,23 @@ STEPS, BATCH, SEQ, RANK, GAP, EVAL_EVERY, EVAL_BATCHES = 150, 8, 128, 8, 50, 25,
 RANK_STUDY = (("adaptive_adamw", 4), ("galore", 4), ("adaptive_adamw", 8), ("galore", 8))
 
 
-def _flags(method, rank, steps, threads, device):
+def _flags(method, rank, steps, threads, device, backend="auto"):
     return ["--model", "tiny", "--optimizer", method, "--steps", str(steps),
             "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(rank),
             "--update-proj-gap", str(GAP), "--eval-every", str(EVAL_EVERY if steps > 20 else 5),
             "--eval-batches", str(EVAL_BATCHES), "--log-every", "25", "--max-bytes", "1000000",
-            "--seed", "0", "--progress", "none", "--device", device.type,
+            "--seed", "0", "--progress", "none", "--device", device.type, "--backend", backend,
             "--threads", str(max(1, threads))]
 
 
-def train_one(method, rank, steps, threads, device):
+def train_one(method, rank, steps, threads, device, backend="auto"):
     from lowrank_fused.train import main
     with contextlib.redirect_stdout(io.StringIO()):
-        return main(_flags(method, rank, steps, threads, device))
+        return main(_flags(method, rank, steps, threads, device, backend))
 
 
-def run(device, *, quick: bool, methods=None, threads: int = 1, log=print) -> dict:
+def run(device, *, quick: bool, methods=None, threads: int = 1, backend: str = "auto",
+        log=print) -> dict:
     steps = 10 if quick else STEPS
     names = [m for m in METHODS if methods is None or m in methods]
     runs, errors = [], []
@@ -47,7 +48,7 @@ def run(device, *, quick: bool, methods=None, threads: int = 1, log=print) -> di
     for method, rank in todo:
         t0 = time.perf_counter()
         try:
-            m = train_one(method, rank, steps, threads, device)
+            m = train_one(method, rank, steps, threads, device, backend)
         except (Exception, SystemExit) as exc:   # one diverging method must not end the suite
             errors.append({"case": f"convergence {method} r{rank}",
                            "error": f"{type(exc).__name__}: {exc}"})

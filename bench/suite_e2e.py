@@ -28,7 +28,7 @@ def plan(device, quick: bool):
     """[(model, extra driver flags)] for this device."""
     if device.type == "cuda":
         models = ("60m",) if quick else ("130m", "350m")
-        common = ["--steps", "12" if quick else "30", "--batch-size", "16", "--seq-len", "256",
+        common = ["--steps", "10" if quick else "20", "--batch-size", "16", "--seq-len", "256",
                   "--rank", "128", "--autocast", "--eval-batches", "2"]
         return [(m, common) for m in models]
     common = ["--steps", "6" if quick else "40", "--batch-size", "8", "--seq-len", "128",
@@ -43,7 +43,8 @@ def _token_file(folder: Path, vocab: int = 32000, n: int = 2_000_000) -> Path:
     return path
 
 
-def run(device, *, quick: bool, methods=None, threads: int = 1, log=print, timeout=900) -> dict:
+def run(device, *, quick: bool, methods=None, threads: int = 1, backend: str = "auto", log=print,
+        timeout=900) -> dict:
     names = [m for m in METHODS if methods is None or m in methods]
     for b in BASELINES:
         if b not in names:
@@ -58,11 +59,14 @@ def run(device, *, quick: bool, methods=None, threads: int = 1, log=print, timeo
                 out = tmp / f"{model}-{method}.json"
                 cmd = [sys.executable, "-m", "lowrank_fused.train", "--model", model,
                        "--optimizer", method, "--eval-every", "0", "--progress", "none",
-                       "--device", device.type, "--json", str(out), *flags, *data]
+                       "--device", device.type, "--backend", backend, "--json", str(out),
+                       *flags, *data]
                 if device.type != "cuda":
                     cmd += ["--threads", str(max(1, threads))]
                 env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep
                            + os.environ.get("PYTHONPATH", ""))
+                if backend == "reference":   # e.g. under the test suite's TRITON_INTERPRET=1
+                    env.pop("TRITON_INTERPRET", None)
                 try:
                     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
                                           text=True, timeout=timeout)

@@ -15,7 +15,8 @@ def test_bench_run_quick(tmp_path, capsys):
     from bench import run
 
     t0 = time.perf_counter()
-    rc = run.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    rc = run.main(["--quick", "--suite", "kernels", "--no-report", "--out", str(tmp_path),
+                   "--threads", "1"])
     elapsed = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -43,3 +44,7 @@ def test_only_rejects_unknown_module():
 
     with pytest.raises(SystemExit):
         run.main(["--quick", "--only", "nonexistent"])
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--suite", "kernels,nonexistent"])
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--suite", "step", "--methods", "sgd"])
