@@ -380,13 +380,15 @@ def save_checkpoint(path: str, payload: dict):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, device) -> dict:
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint, on the CPU (RNG states must stay there; ``load_state_dict`` moves the
+    model and optimizer tensors to their parameters' device)."""
     if not os.path.isfile(path):
         raise SystemExit(f"--resume: no such checkpoint {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:   # an optimizer state holding a non-tensor object: the user's own file
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"--resume: {path} is not a lowrank_fused.train checkpoint")
     return ckpt
@@ -444,7 +446,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     first_loss = None
     window = {"loss": 0.0, "steps": 0}
     if args.resume:
-        ckpt = load_checkpoint(args.resume, device)
+        ckpt = load_checkpoint(args.resume)
         run = ckpt["run"]
         if run["config"] != config.to_dict() or run["optimizer"] != args.optimizer:
             raise SystemExit(f"--resume {args.resume}: the checkpoint is for --optimizer "
@@ -459,9 +461,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if scheduler is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
         sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start_step = int(ckpt["step"])
         history, evals = list(ckpt["history"]), list(ckpt["evals"])
         first_loss, window = ckpt["first_loss"], dict(ckpt["window"])

@@ -137,3 +137,8 @@ def _stop_after(argv, step):
             main(argv)
     finally:
         T.save_checkpoint = real
+
+
+def test_autocast_bf16_on_cpu():
+    m = main(TINY + ["--steps", "2", "--autocast"])
+    assert math.isfinite(m["final_val_loss"]) and m["args"]["autocast"] is True
