@@ -7,7 +7,9 @@
    it to ``<out>/environment.txt``;
 2. runs ``python -m pytest -q tests -x --junitxml <out>/pytest.xml``, output teed to
    ``<out>/pytest.log`` (tests use CUDA tensors whenever CUDA is available);
-3. runs ``python -m bench.run --out <out>``: ``<out>/<gpu>-<date>.{json,md}``.
+3. runs ``python -m bench.run --out <out>``: every suite (kernels ``<out>/<gpu>-<date>.{json,md}``,
+   ``<out>/{step,e2e,convergence}-<gpu>.json``) and the summary page ``<out>/README.md`` with
+   its plots.
 
 ``<out>`` is ``--out``, else ``$OUT``, else ``bench/results/``. Needs CUDA (exit 2 without).
 Exit status: 0 when tests and benchmarks passed, 1 when either failed (the benchmarks run even
