@@ -34,6 +34,8 @@ train: $(BUILD_STAMP)
 	$(PY) -m lowrank_fused.train
 
 bench: $(BUILD_STAMP)
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -r bench/requirements.txt \
+	  || echo "matplotlib unavailable: plots skipped"
 	$(PY) -m bench.run $(if $(OUT),--out $(OUT),)
 
 # GPU_CHECK_ARGS, e.g. "--skip-bench" then "--skip-tests", splits the run into two device
