@@ -7,8 +7,8 @@ matrix is a batch of one) and computes in fp32 whatever the storage dtype of the
 * ``cholesky_qr2``: tall-skinny QR by CholeskyQR2 (Gram, Cholesky, triangular solve, twice),
   with rank-deficiency detection (Cholesky failure, tiny pivots, or a loss of orthogonality
   after the second pass) and a per-matrix Householder fallback
-  (``reference.range_finder.orth_complete``: deficient columns completed by a seeded
-  orthonormal complement). The output is sign-canonical (``diag(R) >= 0``), so it equals
+  (``householder_complete``: empty columns completed by a seeded orthonormal
+  complement). The output is sign-canonical (``diag(R) >= 0``), so it equals
   ``linalg.orth`` up to rounding.
 * ``power_iteration``: ``Y = G (G^T Q)`` from a warm start ``Q``, re-orthonormalised.
 * ``range_finder``: seeded Gaussian sketch + ``q`` power iterations (QR at every half step).
@@ -65,6 +65,38 @@ def small_cholesky_solve(Y: torch.Tensor, Gram: torch.Tensor):
     return Q, safe.transpose(-1, -2), ok
 
 
+def householder_complete(Y: torch.Tensor, *, fill_seed: int = 0) -> torch.Tensor:
+    """Fallback of ``cholesky_qr2`` for one matrix: sign-canonical Householder QR whose columns
+    that carry nothing of ``Y`` are replaced by a seeded orthonormal complement.
+
+    Unlike ``reference.range_finder.orth_complete`` (which looks at ``|R_ii|`` only), a column
+    counts as empty when its whole row of R is below the tolerance: after a zero pivot,
+    Householder's arbitrary direction ``Q_i`` can still carry later columns of Y (``R_ij != 0``
+    for j > i), and replacing it would break ``Q R = Y``. The completion itself is
+    ``orth_complete``'s (seeded CPU generator, projected out twice, sign-canonical QR)."""
+    A = Y.float()
+    Q, R = torch.linalg.qr(A)
+    d = torch.diagonal(R)
+    sign = torch.where(d < 0, -1.0, 1.0).to(Q.dtype)
+    Q = Q * sign.unsqueeze(0)
+    R = R * sign.unsqueeze(1)
+    rown = R.abs().amax(dim=1)
+    tol = rown.max() * max(A.shape) * _EPS32
+    empty = rown <= tol
+    n_def = int(empty.sum())
+    if n_def == 0:
+        return Q
+    keep = Q[:, ~empty]
+    gen = torch.Generator(device="cpu").manual_seed(int(fill_seed))
+    X = torch.randn(A.shape[0], n_def, generator=gen, dtype=torch.float32).to(A.device)
+    for _ in range(2):
+        X = X - keep @ (keep.t() @ X)
+    Qx = orth_complete(X, sign_canon=True, fill_seed=int(fill_seed) ^ 1)
+    Q = Q.clone()
+    Q[:, empty] = Qx
+    return Q
+
+
 def cholesky_qr2(Y: torch.Tensor, *, fill_seed: int = 0, return_r: bool = False,
                  return_fallback: bool = False):
     """Sign-canonical thin QR of a batch of tall-skinny matrices ``Y`` (B, m, k), m >= k.
@@ -94,7 +126,7 @@ def cholesky_qr2(Y: torch.Tensor, *, fill_seed: int = 0, return_r: bool = False,
             R = R.clone()
         for b in bad:
             seed = (int(fill_seed) + _GOLDEN * (b + 1)) & _MASK64
-            Qb = orth_complete(A[b], sign_canon=True, fill_seed=seed)
+            Qb = householder_complete(A[b], fill_seed=seed)
             Q[b] = Qb
             if R is not None:
                 R[b] = torch.triu(Qb.t() @ A[b])
