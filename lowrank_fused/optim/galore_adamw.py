@@ -16,9 +16,11 @@ import torch
 
 from lowrank_fused import ops
 from lowrank_fused.linalg import canonical_svd_basis
+from lowrank_fused.subspace import refresh_bases
 from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+PROJECTORS = ("svd", "randomized")
 
 
 def projection_side(shape, proj_type: str) -> str:
@@ -50,6 +52,11 @@ class GaLoreAdamW(LowRankOptimizer):
         matmul_precision: ``"ieee" | "tf32" | "bf16"`` for the fused GEMMs, or None to follow
             ``torch.get_float32_matmul_precision()`` ("highest" -> ieee, "high" -> tf32,
             "medium" -> bf16) at every step, as torch's own fp32 matmuls do.
+        projector: ``"svd"`` (default, faithful: one full ``torch.linalg.svd`` per layer and
+            refresh) or ``"randomized"`` (``lowrank_fused.subspace``: randomized range finder
+            with ``proj_oversample`` (default 8) extra columns and ``proj_power_iters``
+            (default 2) power iterations, CholeskyQR2, small SVD; all same-shape layers that
+            refresh on a step are stacked into one batched call). Also a group key.
 
     A rank group's matrix gets the dense HF AdamW step instead when it is not 2-D after
     flattening trailing dimensions, or when ``rank >= min(m, n)`` (ALGORITHMS.md 1.6 guard:
@@ -58,11 +65,16 @@ class GaLoreAdamW(LowRankOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, no_deprecation_warning=True, *, backend="auto",
-                 faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+                 faithful_dtypes=False, sign_canon=True, matmul_precision=None,
+                 projector="svd", proj_oversample=8, proj_power_iters=2):
         check_number("lr", lr, low=0.0)
         check_betas(betas)
         check_number("eps", eps, low=0.0)
         check_number("weight_decay", weight_decay, low=0.0)
+        if projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, got {projector!r}")
+        self._default_projector = (projector, proj_oversample, proj_power_iters)
+        self._pending_bases = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=bool(correct_bias))
         super().__init__(params, defaults, backend=backend, faithful_dtypes=faithful_dtypes,
@@ -87,6 +99,16 @@ class GaLoreAdamW(LowRankOptimizer):
             raise NotImplementedError("proj_type='full' (two-sided projection) is not supported; "
                                       f"use one of {PROJ_TYPES}")
         projection_side((2, 1), group["proj_type"])  # validates the name
+        proj, over, iters = self._default_projector
+        group.setdefault("projector", proj)
+        group.setdefault("proj_oversample", over)
+        group.setdefault("proj_power_iters", iters)
+        if group["projector"] not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, got {group['projector']!r}")
+        for key in ("proj_oversample", "proj_power_iters"):
+            v = group[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{key} must be an int >= 0, got {v!r}")
 
     def _ops_needed(self, group, p):
         if self._plan(p, group) is None:
@@ -101,6 +123,39 @@ class GaLoreAdamW(LowRankOptimizer):
         if group["rank"] >= min(shape):
             return None
         return projection_side(shape, group["proj_type"]), group["rank"], shape
+
+    # -- batched refresh ------------------------------------------------------------------
+    def _refresh_due(self, p, group):
+        state = self.state[p]
+        return "ortho" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
+
+    def _before_updates(self):
+        """projector="randomized": every layer that refreshes on this step gets its new basis
+        here, same-shape layers of a group stacked into one batched randomized SVD."""
+        self._pending_bases = {}
+        batches = {}
+        for group in self.param_groups:
+            if group.get("projector", "svd") != "randomized":
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                plan = self._plan(p, group)
+                if plan is None or not self._refresh_due(p, group):
+                    continue
+                side, rank, shape = plan
+                key = (group["proj_oversample"], group["proj_power_iters"],
+                       self.state[p].get("step", 0))
+                batches.setdefault(key, []).append((p, (p.grad.reshape(shape), rank, side)))
+        for (over, iters, k), entries in batches.items():
+            bases = refresh_bases([it for _, it in entries], projector="randomized",
+                                  sign_canon=self.sign_canon, oversample=over,
+                                  power_iters=iters, seed=k)
+            for (p, _), P in zip(entries, bases):
+                self._pending_bases[p] = P
+
+    def _after_updates(self):
+        self._pending_bases = {}
 
     # -- the step -------------------------------------------------------------------------
     def _step_param(self, p, group, backend, precision):
@@ -121,8 +176,10 @@ class GaLoreAdamW(LowRankOptimizer):
         W, G, write_back = self._as_matrix(p, shape)
         k = state.get("step", 0)                       # counter BEFORE increment (4.3 line 1)
         if "ortho" not in state or k % group["update_proj_gap"] == 0:
-            state["ortho"] = canonical_svd_basis(G, rank, side, self.sign_canon).to(
-                self._state_dtype(p))
+            P_new = self._pending_bases.pop(p, None)
+            if P_new is None:
+                P_new = canonical_svd_basis(G, rank, side, self.sign_canon)
+            state["ortho"] = P_new.to(self._state_dtype(p))
         P = state["ortho"]
         R = ops.project(G, P, side=side, precision=precision, backend=backend)
         if "exp_avg" not in state:
