@@ -90,3 +90,31 @@ def test_galore_projector_group_key_and_validation():
         GaLoreAdamW([{"params": [p], "rank": 2, "projector": "qr"}])
     with pytest.raises(ValueError, match="proj_oversample"):
         GaLoreAdamW([{"params": [p], "rank": 2, "proj_oversample": -1}])
+
+
+def test_adaptive_adamw_randomized_spectra_allocation_and_bases():
+    from lowrank_fused import AdaptiveAdamW
+
+    shapes = [(40, 24), (40, 24), (24, 40), (30, 30)]
+    grads = _spectral_grads(shapes, steps=5, seed=3, decay=0.7)
+    # give the layers different decays so the allocation is not uniform
+    for row in grads:
+        row[1].mul_(3.0)
+    out = {}
+    for projector in ("svd", "randomized"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(m, n) * 0.1) for m, n in shapes]
+        opt = AdaptiveAdamW([{"params": params, "rank": 4}], update_proj_gap=2,
+                            backend="reference", projector=projector)
+        for row in grads:
+            for p, G in zip(params, row):
+                p.grad = G.clone()
+            opt.step()
+        out[projector] = (params, opt.ranks(), [opt.state[p]["ortho"] for p in params])
+    (p_s, r_s, B_s), (p_r, r_r, B_r) = out["svd"], out["randomized"]
+    assert r_s == r_r and sum(r_s[0]) == 16
+    for a, b in zip(B_s, B_r):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-3)        # same sign convention, same subspace
+    for a, b in zip(p_s, p_r):
+        assert (a - b).norm() <= 1e-3 * a.norm()

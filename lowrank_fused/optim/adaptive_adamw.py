@@ -38,6 +38,7 @@ from lowrank_fused.dispatch import implementation
 from lowrank_fused.linalg import canonical_svd_basis
 from lowrank_fused.optim._base import check_number
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
+from lowrank_fused.subspace import randomized_svd
 
 __all__ = ["AdaptiveAdamW", "RSAdamW", "GHAAdamW", "GaLoreKFACAdamW", "RANK_METRICS",
            "rank_scores", "allocate_ranks"]
@@ -182,14 +183,14 @@ class _SubspaceAdamW(GaLoreAdamW):
     step with a method-specific basis update, the norm-growth limiter and moment transport."""
 
     def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
-                 backend, faithful_dtypes, sign_canon, matmul_precision):
+                 backend, faithful_dtypes, sign_canon, matmul_precision, **projector):
         # the method's group keys -> the constructor's values, filled into every rank group
         # (set before the base constructor, which checks the groups)
         self._family = dict(family)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          correct_bias=correct_bias, backend=backend,
                          faithful_dtypes=faithful_dtypes, sign_canon=sign_canon,
-                         matmul_precision=matmul_precision)
+                         matmul_precision=matmul_precision, **projector)
 
     # -- group validation -----------------------------------------------------------------
     def _check_group(self, group):
@@ -315,6 +316,12 @@ class AdaptiveAdamW(_SubspaceAdamW):
         nl_gamma: norm-growth limiter factor (default 1.01, Fira/APOLLO); None switches it off.
         combined_weight: w of the ``combined`` metric (default 0.5).
         backend, faithful_dtypes, sign_canon, matmul_precision: as ``GaLoreAdamW``.
+        projector, proj_oversample, proj_power_iters: as ``GaLoreAdamW``. With
+            ``"randomized"`` a refresh runs one batched randomized SVD per distinct matrix shape
+            (and side) of the group, with k = the largest rank a matrix can receive
+            (``min(min(m, n), B - L + 1)``); its k singular values feed the allocation (the
+            energy ``E`` of the scores stays the exact ``||G||_F^2``) and its first r_l
+            vectors are the new bases. ``"svd"`` (default): per-matrix ``svdvals`` + SVD.
 
     Every ``update_proj_gap`` steps of a group (its counter ``pool_step``, checked before the
     increment), all its projected matrices are refreshed together (5.3 phase A): singular
@@ -330,13 +337,16 @@ class AdaptiveAdamW(_SubspaceAdamW):
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, rank_metric="explained_variance", nl_gamma=1.01,
                  combined_weight=0.5, update_proj_gap=200, scale=0.25, backend="auto",
-                 faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+                 faithful_dtypes=False, sign_canon=True, matmul_precision=None,
+                 projector="svd", proj_oversample=8, proj_power_iters=2):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, rank_metric=rank_metric,
                       nl_gamma=nl_gamma, combined_weight=combined_weight, pool_step=0)
         _check_adaptive_keys(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
                          backend=backend, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+                         sign_canon=sign_canon, matmul_precision=matmul_precision,
+                         projector=projector, proj_oversample=proj_oversample,
+                         proj_power_iters=proj_power_iters)
 
     def _check_family(self, group):
         super()._check_family(group)
@@ -375,6 +385,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
             group["pool_step"] += 1
 
     def _refresh(self, group, managed):
+        if group.get("projector", "svd") == "randomized":
+            return self._refresh_randomized(group, managed)
         grads = [self._as_matrix(p, plan[2])[1] for p, plan in managed]
         # A1: spectra, in fp32 (5.5), one matrix at a time
         spectra = [torch.linalg.svdvals(G.float()) for G in grads]
@@ -389,6 +401,44 @@ class AdaptiveAdamW(_SubspaceAdamW):
             state = self.state[p]
             P_new = P_new.to(self._state_dtype(p))
             if "ortho" in state:                                     # A4, A5
+                self._transport_moments(state, side, P_new, self.backend)
+                if "nl_prev" in state:
+                    state["nl_prev"].mul_(math.sqrt(r_new / state["rank"]))
+            else:
+                self._init_moments(p, state, side, shape, r_new)
+            state["ortho"] = P_new
+            state["rank"] = r_new
+
+    def _refresh_randomized(self, group, managed):
+        """Phase A from batched randomized SVDs: one call per (shape, side) of the group."""
+        grads = [self._as_matrix(p, plan[2])[1] for p, plan in managed]
+        L = len(managed)
+        budget = group["rank"] * L
+        buckets = {}
+        for i, (G, (p, (side, _, shape))) in enumerate(zip(grads, managed)):
+            buckets.setdefault((tuple(G.shape), side, G.device), []).append(i)
+        spectra, vecs = [None] * L, [None] * L
+        for (shape, side, _), idx in buckets.items():
+            k = min(min(shape), budget - L + 1)
+            A = torch.stack([grads[i].float() for i in idx])
+            A = A if side == "left" else A.transpose(-1, -2)
+            U, S, _ = randomized_svd(A, k, oversample=group["proj_oversample"],
+                                     power_iters=group["proj_power_iters"],
+                                     seed=group["pool_step"], sign_canon=self.sign_canon)
+            tail = (A.pow(2).sum(dim=(-2, -1)) - S.pow(2).sum(-1)).clamp_min(0).sqrt()
+            for j, i in enumerate(idx):
+                # the residual energy as one more "singular value" keeps E = ||G||_F^2 in the
+                # scores; the cap k below keeps it out of the candidates
+                spectra[i] = torch.cat([S[j], tail[j:j + 1]]).cpu()
+                vecs[i] = U[j]
+        caps = [int(s.numel()) - 1 for s in spectra]
+        ranks = allocate_ranks(spectra, budget, group["rank_metric"], r_max=caps,
+                               combined_weight=float(group["combined_weight"]))
+        for i, ((p, (side, _, shape)), r_new) in enumerate(zip(managed, ranks)):
+            U = vecs[i][:, :r_new].contiguous()
+            P_new = (U if side == "left" else U.t().contiguous()).to(self._state_dtype(p))
+            state = self.state[p]
+            if "ortho" in state:
                 self._transport_moments(state, side, P_new, self.backend)
                 if "nl_prev" in state:
                     state["nl_prev"].mul_(math.sqrt(r_new / state["rank"]))
