@@ -118,3 +118,28 @@ def test_adaptive_adamw_randomized_spectra_allocation_and_bases():
         assert torch.allclose(a, b, atol=1e-3)        # same sign convention, same subspace
     for a, b in zip(p_s, p_r):
         assert (a - b).norm() <= 1e-3 * a.norm()
+
+
+def test_adamem_randomized_close_to_svd():
+    from lowrank_fused.optim.adamem import AdaMeM
+
+    shapes = [(36, 20), (36, 20), (20, 36)]
+    grads = _spectral_grads(shapes, steps=5, seed=4)
+    res = {}
+    for projector in ("svd", "randomized"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(m, n) * 0.1) for m, n in shapes]
+        opt = AdaMeM([{"params": params, "rank": 3}], update_proj_gap=2, backend="reference",
+                     projector=projector)
+        for row in grads:
+            for p, G in zip(params, row):
+                p.grad = G.clone()
+            opt.step()
+        res[projector] = (params, [opt.state[p]["P"] for p in params])
+        assert opt._pending_bases == {}
+    for a, b in zip(res["svd"][1], res["randomized"][1]):
+        assert torch.allclose(a, b, atol=1e-3)
+    for a, b in zip(res["svd"][0], res["randomized"][0]):
+        assert (a - b).norm() <= 1e-3 * a.norm()
+    with pytest.raises(ValueError, match="projector"):
+        AdaMeM([torch.nn.Parameter(torch.randn(4, 4))], projector="x")

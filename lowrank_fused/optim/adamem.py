@@ -34,11 +34,13 @@ import torch.nn as nn
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
+from lowrank_fused.subspace import refresh_bases
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_choice,
                                        check_int, check_number)
 
 V_SOURCES = ("momentum", "gradient")
 RESIDUAL_FORMS = ("identity", "explicit")
+PROJECTORS = ("svd", "randomized")
 LOW_RANK_OPS = ("project", "adamem_moments", "residual_col_stats", "residual_backproject_update")
 
 
@@ -63,6 +65,9 @@ class AdaMeM(LowRankOptimizer):
         bias_correction: True (``M/bc1``, second moments ``/bc2``); False is paper-literal.
         residual_form: ``"identity"`` (residual statistics from ``colsum(G^2) - colsum(R^2)``,
             clamped at 0, no m x n residual for the statistics) or ``"explicit"`` (forms S).
+        projector, proj_oversample, proj_power_iters: ``"svd"`` (default) or
+            ``"randomized"`` (batched randomized SVD, ``lowrank_fused.subspace``: all
+            same-shape matrices refreshing on a step in one call), as GaLoreAdamW.
         backend, sign_canon, matmul_precision: as :class:`lowrank_fused.GaLoreAdamW`. Only
             reference ops exist for the AdaMeM-specific steps so far: ``auto`` runs them, an
             explicit fused backend raises ``BackendUnavailable`` at construction.
@@ -77,11 +82,15 @@ class AdaMeM(LowRankOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, eps1=1e-30,
                  weight_decay=0.01, delta=1.0, update_proj_gap=200, *, v_source="momentum",
                  transport_on_refresh=False, bias_correction=True, residual_form="identity",
-                 backend="auto", sign_canon=True, matmul_precision=None):
+                 backend="auto", sign_canon=True, matmul_precision=None, projector="svd",
+                 proj_oversample=8, proj_power_iters=2):
+        self._pending_bases = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, eps1=eps1, weight_decay=weight_decay,
                         delta=delta, update_proj_gap=update_proj_gap, v_source=v_source,
                         transport_on_refresh=transport_on_refresh,
-                        bias_correction=bias_correction, residual_form=residual_form)
+                        bias_correction=bias_correction, residual_form=residual_form,
+                        projector=projector, proj_oversample=proj_oversample,
+                        proj_power_iters=proj_power_iters)
         self._check_group(defaults)
         defaults["betas"] = tuple(betas)
         super().__init__(params, defaults, backend=backend, faithful_dtypes=False,
@@ -100,6 +109,9 @@ class AdaMeM(LowRankOptimizer):
         check_bool("transport_on_refresh", group["transport_on_refresh"])
         check_bool("bias_correction", group["bias_correction"])
         check_choice("residual_form", group["residual_form"], RESIDUAL_FORMS)
+        check_choice("projector", group.get("projector", "svd"), PROJECTORS)
+        check_int("proj_oversample", group.get("proj_oversample", 8), 0)
+        check_int("proj_power_iters", group.get("proj_power_iters", 2), 0)
         if "rank" in group:
             check_int("rank", group["rank"], 1)
 
@@ -175,13 +187,46 @@ class AdaMeM(LowRankOptimizer):
                 W, G, state["v"], **kw)
         write_back(W)
 
-    def _basis(self, Gc, rank):
+    def _before_updates(self):
+        """projector="randomized": the bases of every matrix refreshing on this step, in one
+        batched randomized SVD per (shape, rank) (canonical left form)."""
+        self._pending_bases = {}
+        batches = {}
+        for group in self.param_groups:
+            if group.get("projector", "svd") != "randomized":
+                continue
+            for p in group["params"]:
+                plan = self._plan(p, group) if p.grad is not None else None
+                if plan is None:
+                    continue
+                state = self.state[p]
+                if "P" in state and state.get("step", 0) % group["update_proj_gap"] != 0:
+                    continue
+                rank, shape, transposed = plan
+                G = p.grad.reshape(shape)
+                key = (group["proj_oversample"], group["proj_power_iters"], state.get("step", 0))
+                batches.setdefault(key, []).append((p, (G.t() if transposed else G, rank,
+                                                        "left")))
+        for (over, iters, k), entries in batches.items():
+            bases = refresh_bases([it for _, it in entries], projector="randomized",
+                                  sign_canon=self.sign_canon, oversample=over,
+                                  power_iters=iters, seed=k)
+            for (p, _), P in zip(entries, bases):
+                self._pending_bases[p] = P
+
+    def _after_updates(self):
+        self._pending_bases = {}
+
+    def _basis(self, Gc, rank, p=None):
         """Top-``rank`` left singular vectors of the canonical gradient (fp32 SVD,
         sign-canonical), re-orthonormalised by a float64 QR (signs kept, columns move by about
         1e-7). An fp32 SVD basis is orthonormal only to about 1e-6, and Claim 3.1's
         ``<P N1, N2> = 0`` and the residual identity both rest on ``P^T P = I``: this keeps
         them at fp32 rounding level (ALGORITHMS.md section 11, invariants 2 and 3)."""
-        return orth(canonical_svd_basis(Gc, rank, "left", self.sign_canon).double()).float()
+        P = self._pending_bases.pop(p, None) if p is not None else None
+        if P is None:
+            P = canonical_svd_basis(Gc, rank, "left", self.sign_canon)
+        return orth(P.double()).float()
 
     def _adamem_step(self, p, group, plan, backend, precision):
         rank, shape, transposed = plan
@@ -195,7 +240,7 @@ class AdaMeM(LowRankOptimizer):
         # 8.3 line 2: refresh at t = 1, T + 1, 2T + 1, ...; everything that can fail (the SVD
         # of a non-finite gradient) runs before any state is touched
         if "P" not in state or k % group["update_proj_gap"] == 0:
-            P_new = self._basis(Gc, rank)
+            P_new = self._basis(Gc, rank, p)
             if group["transport_on_refresh"] and "P" in state:
                 transport = lookup("moment_transport", backend)
                 M_new, row_new = transport(P_new, state["P"], state["M"],
