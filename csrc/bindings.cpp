@@ -9,6 +9,7 @@
 #include <string>
 
 #include "adamw_step.h"
+#include "small_cholesky.h"
 #if defined(LOWRANK_FUSED_WITH_CUDA)
 #include "cuda/launchers.h"
 #endif
@@ -39,6 +40,18 @@ AdamWArgs make_args(std::uintptr_t w, std::uintptr_t g, std::uintptr_t m, std::u
   a.g_dtype = g_dtype;
   a.mv_dtype = mv_dtype;
   a.s = make_scalars(lr, beta1, beta2, eps, c1, c2, pre_scale, post_decay);
+  return a;
+}
+
+SmallCholeskyArgs make_chol_args(std::uintptr_t gram, std::uintptr_t linv, std::uintptr_t ok,
+                                 int64_t batch, int64_t k, double tol) {
+  SmallCholeskyArgs a;
+  a.gram = reinterpret_cast<const float*>(gram);
+  a.linv = reinterpret_cast<float*>(linv);
+  a.ok = reinterpret_cast<int32_t*>(ok);
+  a.batch = batch;
+  a.k = k;
+  a.pivot_ratio_tol = tol;
   return a;
 }
 
@@ -147,4 +160,41 @@ PYBIND11_MODULE(_C, mod) {
       "AdamW step in place on contiguous device buffers, launched on `stream` of `device`; "
       "raises RuntimeError with the CUDA error (asynchronous: errors inside the kernel show "
       "up at the next synchronisation).");
+
+  mod.def(
+      "small_cholesky_inverse_cpu",
+      [](std::uintptr_t gram, std::uintptr_t linv, std::uintptr_t ok, int64_t batch, int64_t k,
+         double pivot_ratio_tol, int num_threads) {
+        SmallCholeskyArgs a = make_chol_args(gram, linv, ok, batch, k, pivot_ratio_tol);
+        check_small_cholesky_args(a);
+        py::gil_scoped_release nogil;
+        small_cholesky_inverse_cpu(a, num_threads);
+      },
+      py::arg("gram"), py::arg("linv"), py::arg("ok"), py::arg("batch"), py::arg("k"),
+      py::kw_only(), py::arg("pivot_ratio_tol"), py::arg("num_threads") = 0,
+      "Batched inverse Cholesky factors of fp32 (batch, k, k) SPD matrices on host buffers.");
+
+  mod.def(
+      "small_cholesky_inverse_cuda",
+      [](std::uintptr_t gram, std::uintptr_t linv, std::uintptr_t ok, int64_t batch, int64_t k,
+         double pivot_ratio_tol, int device, std::uintptr_t stream) {
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+        SmallCholeskyArgs a = make_chol_args(gram, linv, ok, batch, k, pivot_ratio_tol);
+        check_small_cholesky_args(a);
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = small_cholesky_inverse_cuda(a, device, stream);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+#else
+        (void)gram; (void)linv; (void)ok; (void)batch; (void)k; (void)pivot_ratio_tol;
+        (void)device; (void)stream;
+        throw std::runtime_error(std::string("small_cholesky_inverse_cuda: lowrank_fused._C was ") +
+                                 LOWRANK_FUSED_NO_CUDA_REASON);
+#endif
+      },
+      py::arg("gram"), py::arg("linv"), py::arg("ok"), py::arg("batch"), py::arg("k"),
+      py::kw_only(), py::arg("pivot_ratio_tol"), py::arg("device"), py::arg("stream"),
+      "Batched inverse Cholesky factors on device buffers, launched on `stream` of `device`.");
 }

@@ -129,3 +129,64 @@ def adamw_step_cuda(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: f
 
     with torch.cuda.device(device):
         _run_inplace(launch, [G], [W, M, V])
+
+
+# -- small_cholesky_inverse (CholeskyQR2's k x k part, lowrank_fused.subspace) ----------------
+
+def _chol_checks(backend, Gram, Linv, ok):
+    where = f"small_cholesky_inverse (backend {backend!r})"
+    for name, t in (("Gram", Gram), ("Linv", Linv), ("ok", ok)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if backend == "cpu" and t.device.type != "cpu":
+            raise ValueError(f"{where}: {name} must be a CPU tensor, got device {t.device}")
+        if backend == "cuda" and (t.device.type != "cuda" or t.device != Gram.device):
+            raise ValueError(f"{where}: {name} must be on Gram's CUDA device {Gram.device}, "
+                             f"got {t.device}")
+    if Gram.dtype != torch.float32 or Linv.dtype != torch.float32 or ok.dtype != torch.int32:
+        raise TypeError(f"{where}: Gram and Linv must be float32 and ok int32, got "
+                        f"{Gram.dtype}, {Linv.dtype}, {ok.dtype}")
+    if Gram.dim() != 3 or Gram.shape[-1] != Gram.shape[-2] or Linv.shape != Gram.shape:
+        raise ValueError(f"{where}: Gram and Linv must be (B, k, k), got {tuple(Gram.shape)} "
+                         f"and {tuple(Linv.shape)}")
+    if ok.shape != Gram.shape[:1]:
+        raise ValueError(f"{where}: ok must be ({Gram.shape[0]},), got {tuple(ok.shape)}")
+    _check_distinct("small_cholesky_inverse", backend, {"Gram": Gram, "Linv": Linv})
+
+
+@register("small_cholesky_inverse", "cpu")
+def small_cholesky_inverse_cpu(Gram, Linv, ok, *, pivot_ratio_tol: float) -> None:
+    """Batched inverse Cholesky factor (``csrc/cpu/small_cholesky.cpp``), in place."""
+    _chol_checks("cpu", Gram, Linv, ok)
+    if Gram.numel() == 0:
+        return
+    mod = _module("cpu")
+    B, k = Gram.shape[0], Gram.shape[-1]
+
+    def launch(g, linv, o):
+        mod.small_cholesky_inverse_cpu(g.data_ptr(), linv.data_ptr(), o.data_ptr(), B, k,
+                                       pivot_ratio_tol=float(pivot_ratio_tol),
+                                       num_threads=torch.get_num_threads())
+
+    _run_inplace(launch, [Gram], [Linv, ok])
+
+
+@register("small_cholesky_inverse", "cuda")
+def small_cholesky_inverse_cuda(Gram, Linv, ok, *, pivot_ratio_tol: float) -> None:
+    """Batched inverse Cholesky factor (``csrc/cuda/small_cholesky.cu``) on Gram's device and
+    current stream, in place."""
+    _chol_checks("cuda", Gram, Linv, ok)
+    if Gram.numel() == 0:
+        return
+    mod = _module("cuda")
+    B, k = Gram.shape[0], Gram.shape[-1]
+    device = Gram.device
+
+    def launch(g, linv, o):
+        mod.small_cholesky_inverse_cuda(g.data_ptr(), linv.data_ptr(), o.data_ptr(), B, k,
+                                        pivot_ratio_tol=float(pivot_ratio_tol),
+                                        device=device.index,
+                                        stream=torch.cuda.current_stream(device).cuda_stream)
+
+    with torch.cuda.device(device):
+        _run_inplace(launch, [Gram], [Linv, ok])

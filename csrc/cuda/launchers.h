@@ -6,6 +6,7 @@
 #include <string>
 
 #include "adamw_step.h"
+#include "small_cholesky.h"
 
 namespace lowrank_fused {
 
@@ -20,5 +21,9 @@ int cuda_driver_version();
 // Launches the AdamW step on `stream` (a cudaStream_t as an integer; 0 is the legacy default
 // stream) of device `device`. Returns "" on success, else the CUDA error as text.
 std::string adamw_step_cuda(const AdamWArgs& a, int device, std::uintptr_t stream);
+
+// Batched small Cholesky inverse (small_cholesky.h) on `stream` of `device`.
+std::string small_cholesky_inverse_cuda(const SmallCholeskyArgs& a, int device,
+                                        std::uintptr_t stream);
 
 }  // namespace lowrank_fused
