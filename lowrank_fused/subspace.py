@@ -219,12 +219,13 @@ def range_finder(G: torch.Tensor, k: int, *, power_iters: int = 2, seed: int = 0
         W = W.float()[..., :k]
         kw = W.shape[-1]
         if kw < k:
-            Om = gaussian_sketch(B, n, k - kw, seed=seed, device=A.device)
+            Om = gaussian_sketch(1, n, k - kw, seed=seed, device=A.device)
             Y = torch.cat([A @ (A.transpose(-1, -2) @ W), A @ Om], dim=-1)
         else:
             Y = A @ (A.transpose(-1, -2) @ W)
     else:
-        Y = A @ gaussian_sketch(B, n, k, seed=seed, device=A.device)
+        # one sketch shared by the batch (each matrix is independent of it all the same)
+        Y = A @ gaussian_sketch(1, n, k, seed=seed, device=A.device)
     At = A.transpose(-1, -2)
     if int(power_iters) == 0:
         Q = qr(Y)
@@ -245,12 +246,12 @@ def _sign_canon_cols(U: torch.Tensor) -> torch.Tensor:
 
 def randomized_svd(G: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 2,
                    seed: int = 0, warm_start: Optional[torch.Tensor] = None,
-                   sign_canon: bool = True):
+                   sign_canon: bool = True, compute_v: bool = True):
     """Top-``rank`` singular triplets of every matrix of G (B, m, n): ``(U, S, V)`` with U
     (B, m, r), S (B, r) descending, V (B, n, r); fp32. Range finder with ``k = rank +
     oversample`` (clipped to min(m, n)) and ``power_iters`` iterations, then the SVD of the
     small ``Q^T G`` (k x n). With ``sign_canon`` each left vector's largest-magnitude entry is
-    positive (V flipped with it)."""
+    positive (V flipped with it). ``compute_v=False`` skips V (returned as None)."""
     Gb, squeeze = _batched(G)
     A = Gb.float()
     B, m, n = A.shape
@@ -266,16 +267,18 @@ def randomized_svd(G: torch.Tensor, rank: int, *, oversample: int = 8, power_ite
     w, Wv = torch.linalg.eigh(Bd @ Bd.transpose(-1, -2))
     w, Wv = w.flip(-1)[..., :r], Wv.flip(-1)[..., :r]
     Sd = w.clamp_min(0).sqrt()
-    Vd = Bd.transpose(-1, -2) @ Wv
-    Vd = Vd / torch.where(Sd > 0, Sd, 1.0).unsqueeze(-2)
     U = Q @ Wv.float()
     S = Sd.float()
-    V = Vd.float()
+    V = None
+    if compute_v:
+        Vd = Bd.transpose(-1, -2) @ Wv
+        V = (Vd / torch.where(Sd > 0, Sd, 1.0).unsqueeze(-2)).float()
     if sign_canon:
         s = _sign_canon_cols(U)
-        U, V = U * s, V * s
+        U = U * s
+        V = V * s if V is not None else None
     if squeeze:
-        return U[0], S[0], V[0]
+        return U[0], S[0], (V[0] if V is not None else None)
     return U, S, V
 
 
@@ -289,7 +292,7 @@ def randomized_basis(Gs: torch.Tensor, rank: int, side: str, *, sign_canon: bool
             "gradient has non-finite entries; cannot compute its SVD for the subspace refresh")
     A = Gs if side == "left" else Gs.transpose(-1, -2)
     U, _, _ = randomized_svd(A, rank, oversample=oversample, power_iters=power_iters,
-                             seed=seed, sign_canon=sign_canon)
+                             seed=seed, sign_canon=sign_canon, compute_v=False)
     U = U.contiguous()
     return U if side == "left" else U.transpose(-1, -2).contiguous()
 

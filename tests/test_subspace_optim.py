@@ -143,3 +143,13 @@ def test_adamem_randomized_close_to_svd():
         assert (a - b).norm() <= 1e-3 * a.norm()
     with pytest.raises(ValueError, match="projector"):
         AdaMeM([torch.nn.Parameter(torch.randn(4, 4))], projector="x")
+
+
+def test_bench_refresh_smoke(tmp_path):
+    from bench import bench_refresh
+
+    res = bench_refresh.main(["--dim", "64", "--layers", "1", "--rank", "8", "--repeats", "1",
+                              "--device", "cpu", "--out", str(tmp_path)])
+    assert (tmp_path / "refresh-cpu.json").exists() and (tmp_path / "refresh-cpu.md").exists()
+    for row in res["results"].values():
+        assert row["energy_ratio"] > 0.95 and row["speedup"] > 0

@@ -424,7 +424,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
             A = A if side == "left" else A.transpose(-1, -2)
             U, S, _ = randomized_svd(A, k, oversample=group["proj_oversample"],
                                      power_iters=group["proj_power_iters"],
-                                     seed=group["pool_step"], sign_canon=self.sign_canon)
+                                     seed=group["pool_step"], sign_canon=self.sign_canon,
+                                     compute_v=False)
             tail = (A.pow(2).sum(dim=(-2, -1)) - S.pow(2).sum(-1)).clamp_min(0).sqrt()
             for j, i in enumerate(idx):
                 # the residual energy as one more "singular value" keeps E = ||G||_F^2 in the
