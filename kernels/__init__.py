@@ -10,6 +10,7 @@ from lowrank_fused.dispatch import register
 from .adam_moments import adam_moments
 from .adamw_step import adamw_step
 from .backproject_update import backproject_update
+from .batched_matmul import batched_matmul
 from .ldadam_error_feedback import ldadam_error_feedback
 from .project import project
 
@@ -18,6 +19,7 @@ register("adam_moments", "triton")(adam_moments)
 register("backproject_update", "triton")(backproject_update)
 register("adamw_step", "triton")(adamw_step)
 register("ldadam_error_feedback", "triton")(ldadam_error_feedback)
+register("batched_matmul", "triton")(batched_matmul)
 
 __all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
-           "ldadam_error_feedback"]
+           "ldadam_error_feedback", "batched_matmul"]

@@ -172,17 +172,30 @@ def _orth_fast(Y: torch.Tensor) -> torch.Tensor:
     return Q
 
 
+def batched_matmul(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto",
+                   precision: str = "ieee") -> torch.Tensor:
+    """``float32(A[b]) @ B[b]`` through the ``batched_matmul`` op (reference: torch; triton:
+    ``kernels/batched_matmul.py``, A read in its storage dtype, cast in the prologue)."""
+    from lowrank_fused.dispatch import implementation
+
+    C = torch.empty(A.shape[0], A.shape[1], B.shape[-1], dtype=torch.float32, device=A.device)
+    implementation("batched_matmul", backend, A.device)(A, B.float(), C, precision=precision)
+    return C
+
+
 def power_iteration(G: torch.Tensor, Q: torch.Tensor, *, iters: int = 1,
-                    fill_seed: int = 0) -> torch.Tensor:
+                    fill_seed: int = 0, backend: str = "auto",
+                    precision: str = "ieee") -> torch.Tensor:
     """Warm-started subspace iteration on a batch: ``Q <- qr(G (G^T Q))`` ``iters`` times.
 
-    G (B, m, n) in its storage dtype (cast to fp32 once), Q (B, m, k); fp32 result."""
+    G (B, m, n) read in its storage dtype by the ``batched_matmul`` op (fp32 accumulate),
+    Q (B, m, k); fp32 result."""
     Gb, squeeze = _batched(G)
     Qb, _ = _batched(Q)
-    A = Gb.float()
     Qb = Qb.float()
     for i in range(int(iters)):
-        Y = A @ (A.transpose(-1, -2) @ Qb)
+        Z = batched_matmul(Gb.transpose(-1, -2), Qb, backend=backend, precision=precision)
+        Y = batched_matmul(Gb, Z, backend=backend, precision=precision)
         Qb = cholesky_qr2(Y, fill_seed=(int(fill_seed) + _GOLDEN * (i + 1)) & _MASK64)
     return Qb[0] if squeeze else Qb
 

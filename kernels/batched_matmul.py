@@ -1,0 +1,116 @@
+"""Batched GEMM ``C[b] = A[b] @ B[b]`` for the batched subspace refresh (issue 5; ALGORITHMS.md
+10 K7): the two products of a power-iteration step ``Y = G (G^T Q)`` over a stack of
+same-shape layers. A (batch, M, K) is read in its storage dtype (fp32/bf16/fp16, any strides:
+``G^T`` is a transposed view) and cast in the prologue; B (batch or 1, K, N) fp32 (a batch
+stride of 0 broadcasts one sketch); C (batch, M, N) fp32, fp32 accumulation.
+
+Grid: (M tiles, N tiles, batch). N is the sketch width k (tens), so one N tile usually
+covers it and every program streams its rows of A once.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, mma
+
+
+@dataclass(frozen=True)
+class BmmConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+
+CONFIGS_FMA = (BmmConfig(32, 32, 32, 4, 2),)
+CONFIGS_MMA = (BmmConfig(64, 32, 32, 4, 3), BmmConfig(64, 64, 32, 4, 3),
+               BmmConfig(128, 64, 32, 8, 3))
+
+
+def configs_for(mode: int):
+    return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
+
+
+def choose_config(n: int, mode: int) -> BmmConfig:
+    cfgs = configs_for(mode)
+    for cfg in cfgs:
+        if n <= cfg.BLOCK_N:
+            return cfg
+    return cfgs[-1]
+
+
+@triton.jit
+def _batched_matmul_kernel(
+    a_ptr, b_ptr, c_ptr,
+    M, N, K,
+    stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+    stride_cb, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = (a_ptr + pid_b * stride_ab + offs_m[:, None].to(tl.int64) * stride_am
+              + offs_k[None, :].to(tl.int64) * stride_ak)
+    b_ptrs = (b_ptr + pid_b * stride_bb + offs_k[:, None].to(tl.int64) * stride_bk
+              + offs_n[None, :] * stride_bn)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        mask_k = (k + offs_k) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(a, b, acc, DOT_MODE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = (c_ptr + pid_b * stride_cb + offs_m[:, None].to(tl.int64) * stride_cm
+              + offs_n[None, :] * stride_cn)
+    tl.store(c_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def batched_matmul(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
+                   precision: str = "ieee", config: BmmConfig = None) -> None:
+    """``C[b] = float32(A[b]) @ B[b]`` into fp32 ``C`` (batch, M, N); B's batch may be 1."""
+    nb, m, kk = A.shape
+    n = B.shape[-1]
+    if nb == 0 or m == 0 or n == 0:
+        return
+    if kk == 0:
+        C.zero_()
+        return
+    mode = dot_mode(precision, A.device)
+    cfg = config or choose_config(n, mode)
+    stride_bb = 0 if B.shape[0] == 1 else B.stride(0)
+    grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), nb)
+    _batched_matmul_kernel[grid](
+        A, B, C, m, n, kk,
+        A.stride(0), A.stride(1), A.stride(2), stride_bb, B.stride(1), B.stride(2),
+        C.stride(0), C.stride(1), C.stride(2),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def aot_variants():
+    """Every (dtype, config, precision) compilation ``batched_matmul`` can launch on a GPU."""
+    from lowrank_fused.testing.aot import Variant
+
+    ints = {a: "i32" for a in ("M", "N", "K", "stride_ab", "stride_am", "stride_ak",
+                               "stride_bb", "stride_bk", "stride_bn", "stride_cb", "stride_cm",
+                               "stride_cn")}
+    for a_t in ("fp32", "bf16", "fp16"):
+        for mode in (0, 1, 2):
+            for cfg in configs_for(mode):
+                yield Variant(_batched_matmul_kernel,
+                              {"a_ptr": "*" + a_t, "b_ptr": "*fp32", "c_ptr": "*fp32", **ints},
+                              dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                                   BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode),
+                              cfg.num_warps, cfg.num_stages)
