@@ -347,6 +347,23 @@ def refresh_bases(items: Sequence, *, projector: str = "randomized", sign_canon:
     return out
 
 
+def grouped_refresh(requests, *, sign_canon: bool = True) -> dict:
+    """Refresh many layers at once: ``requests`` are ``(key, (oversample, power_iters, seed),
+    (G, rank, side))``; layers sharing the settings go through one ``refresh_bases`` call
+    (which stacks same-shape matrices into one batched randomized SVD). Returns
+    ``{key: basis}``. What the optimizers' ``_before_updates`` hooks call."""
+    batches = {}
+    for key, settings, item in requests:
+        batches.setdefault(tuple(settings), []).append((key, item))
+    out = {}
+    for (over, iters, seed), entries in batches.items():
+        bases = refresh_bases([it for _, it in entries], projector="randomized",
+                              sign_canon=sign_canon, oversample=over, power_iters=iters,
+                              seed=seed)
+        out.update(zip((k for k, _ in entries), bases))
+    return out
+
+
 def captured_energy(G: torch.Tensor, P: torch.Tensor, side: str = "left") -> torch.Tensor:
     """``||P^T G||_F^2 / ||G||_F^2`` per matrix (left P: (.., m, r); right P: (.., r, n))."""
     A = G.float()

@@ -34,7 +34,7 @@ import torch.nn as nn
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
-from lowrank_fused.subspace import refresh_bases
+from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_choice,
                                        check_int, check_number)
 
@@ -190,8 +190,7 @@ class AdaMeM(LowRankOptimizer):
     def _before_updates(self):
         """projector="randomized": the bases of every matrix refreshing on this step, in one
         batched randomized SVD per (shape, rank) (canonical left form)."""
-        self._pending_bases = {}
-        batches = {}
+        requests = []
         for group in self.param_groups:
             if group.get("projector", "svd") != "randomized":
                 continue
@@ -204,15 +203,10 @@ class AdaMeM(LowRankOptimizer):
                     continue
                 rank, shape, transposed = plan
                 G = p.grad.reshape(shape)
-                key = (group["proj_oversample"], group["proj_power_iters"], state.get("step", 0))
-                batches.setdefault(key, []).append((p, (G.t() if transposed else G, rank,
-                                                        "left")))
-        for (over, iters, k), entries in batches.items():
-            bases = refresh_bases([it for _, it in entries], projector="randomized",
-                                  sign_canon=self.sign_canon, oversample=over,
-                                  power_iters=iters, seed=k)
-            for (p, _), P in zip(entries, bases):
-                self._pending_bases[p] = P
+                settings = (group["proj_oversample"], group["proj_power_iters"],
+                            state.get("step", 0))
+                requests.append((p, settings, (G.t() if transposed else G, rank, "left")))
+        self._pending_bases = grouped_refresh(requests, sign_canon=self.sign_canon)
 
     def _after_updates(self):
         self._pending_bases = {}

@@ -16,7 +16,7 @@ import torch
 
 from lowrank_fused import ops
 from lowrank_fused.linalg import canonical_svd_basis
-from lowrank_fused.subspace import refresh_bases
+from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -132,8 +132,7 @@ class GaLoreAdamW(LowRankOptimizer):
     def _before_updates(self):
         """projector="randomized": every layer that refreshes on this step gets its new basis
         here, same-shape layers of a group stacked into one batched randomized SVD."""
-        self._pending_bases = {}
-        batches = {}
+        requests = []
         for group in self.param_groups:
             if group.get("projector", "svd") != "randomized":
                 continue
@@ -144,15 +143,10 @@ class GaLoreAdamW(LowRankOptimizer):
                 if plan is None or not self._refresh_due(p, group):
                     continue
                 side, rank, shape = plan
-                key = (group["proj_oversample"], group["proj_power_iters"],
-                       self.state[p].get("step", 0))
-                batches.setdefault(key, []).append((p, (p.grad.reshape(shape), rank, side)))
-        for (over, iters, k), entries in batches.items():
-            bases = refresh_bases([it for _, it in entries], projector="randomized",
-                                  sign_canon=self.sign_canon, oversample=over,
-                                  power_iters=iters, seed=k)
-            for (p, _), P in zip(entries, bases):
-                self._pending_bases[p] = P
+                settings = (group["proj_oversample"], group["proj_power_iters"],
+                            self.state[p].get("step", 0))
+                requests.append((p, settings, (p.grad.reshape(shape), rank, side)))
+        self._pending_bases = grouped_refresh(requests, sign_canon=self.sign_canon)
 
     def _after_updates(self):
         self._pending_bases = {}
