@@ -13,6 +13,7 @@ import inspect
 import re
 from typing import Iterable, List, Sequence, Union
 
+import torch
 import torch.nn as nn
 
 TargetSpec = Union[str, Sequence[str]]
@@ -150,21 +151,6 @@ def _trainable(model: nn.Module, seen: set) -> List:
     return out
 
 
-def _adamem_target_names(model: nn.Module, target_modules) -> List[str]:
-    """Every trainable Linear except the model's first and last layers (section 1.6: the
-    token embedding and the output layer), in module order. "Layers" are the nn.Linear and
-    nn.Embedding modules, so a model that starts with an embedding loses no Linear at the
-    front, while a stack of Linears loses its first one; the last layer (lm_head, or the
-    last Linear) is always left out. ``target_modules``, when given, narrows the set."""
-    layers = [(name, m) for name, m in model.named_modules()
-              if isinstance(m, (nn.Linear, nn.Embedding))]
-    ends = {layers[0][0], layers[-1][0]} if layers else set()
-    match = _matcher(target_modules) if target_modules is not None else (lambda name: True)
-    return [name for name, m in layers
-            if isinstance(m, nn.Linear) and name not in ends and match(name)
-            and m.weight.requires_grad]
-
-
 def param_groups(model: nn.Module, *, method: str, target_modules: TargetSpec = None,
                  rank: int = DEFAULT_RANK, **method_kwargs) -> List[dict]:
     """Param groups that route ``model``'s parameters for ``method`` (ALGORITHMS.md 1.6).
@@ -206,10 +192,9 @@ def param_groups(model: nn.Module, *, method: str, target_modules: TargetSpec = 
         return adapm_param_groups(model, rank=given, **method_kwargs)
     rank = _check_rank(rank)
     if method == "adamem":
-        names = set(_adamem_target_names(model, target_modules))
-    else:
-        names = set(galore_target_names(
-            model, DEFAULT_TARGETS if target_modules is None else target_modules))
+        return _adamem_groups(model, target_modules, rank, method_kwargs)
+    names = set(galore_target_names(
+        model, DEFAULT_TARGETS if target_modules is None else target_modules))
     low, seen = [], set()
     for name, module in model.named_modules():
         if name in names and id(module.weight) not in seen:
@@ -218,8 +203,7 @@ def param_groups(model: nn.Module, *, method: str, target_modules: TargetSpec = 
     if not low:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
-        what = ("no trainable nn.Linear besides the first and last layers"
-                if method == "adamem" else "no trainable nn.Linear module")
+        what = "no trainable nn.Linear module"
         raise ValueError(f"target_modules={target_modules!r} selects {what} for "
                          f"method={method!r} (the model's Linear modules: {shown or 'none'})")
     low_group = {"params": low, "rank": rank, **method_kwargs}
@@ -228,6 +212,32 @@ def param_groups(model: nn.Module, *, method: str, target_modules: TargetSpec = 
         low_group["enable_lowrank"] = True
         rest_group["enable_lowrank"] = False
     return [g for g in (low_group, rest_group) if g["params"]]
+
+
+def _adamem_groups(model, target_modules, rank, method_kwargs):
+    """AdaMeM's own routing (``optim.adamem.adamem_param_groups``: every layer but the first
+    and last), narrowed to the modules matching ``target_modules`` when given."""
+    from lowrank_fused.optim.adamem import adamem_param_groups
+
+    groups = adamem_param_groups(model, rank=rank, **method_kwargs)
+    low = next((g for g in groups if "rank" in g), None)
+    rest = next((g for g in groups if "rank" not in g), {"params": []})
+    if low is not None and target_modules is not None:
+        match = _matcher(target_modules)
+        owner = {id(m.weight): name for name, m in model.named_modules()
+                 if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        keep = [p for p in low["params"] if match(owner.get(id(p), ""))]
+        kept = {id(p) for p in keep}
+        rest = {**rest, "params": [p for p in low["params"] if id(p) not in kept]
+                + rest["params"]}
+        low = {**low, "params": keep}
+    if low is None or not low["params"]:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
+        raise ValueError(f"target_modules={target_modules!r} selects no trainable nn.Linear "
+                         f"besides the first and last layers for method='adamem' (the model's "
+                         f"Linear modules: {shown or 'none'})")
+    return [g for g in (low, rest) if g["params"]]
 
 
 def optimizer_class(method: str):
