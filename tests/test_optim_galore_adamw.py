@@ -294,3 +294,18 @@ def test_nonfinite_gradient_at_refresh_is_reported_and_leaves_weights(device):
         opt.step()
     assert torch.equal(p, before)
     assert opt.state[p] == {} or "exp_avg" not in opt.state[p]
+
+
+def test_nonfinite_gradient_at_refresh_leaves_every_parameter(device):
+    """The check runs before the first update: a NaN in the second matrix's gradient leaves
+    the first matrix (stepped earlier in the loop) untouched too."""
+    a = torch.nn.Parameter(torch.randn(8, 16, device=device))
+    b = torch.nn.Parameter(torch.randn(12, 20, device=device))
+    before = [a.detach().clone(), b.detach().clone()]
+    opt = GaLoreAdamW([dict(params=[a, b], rank=2)], backend="reference")
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    b.grad[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="12, 20"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert all(len(opt.state[p]) == 0 for p in (a, b))

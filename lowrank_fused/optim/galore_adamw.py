@@ -129,6 +129,20 @@ class GaLoreAdamW(LowRankOptimizer):
         state = self.state[p]
         return "ortho" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
 
+    def _check_grads(self):
+        """A refresh computes an SVD of the gradient: a non-finite one is refused before any
+        parameter of the step is touched (between refreshes it would only reach the moments,
+        as in galore_torch)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or self._plan(p, group) is None:
+                    continue
+                if self._refresh_due(p, group) and not torch.isfinite(p.grad).all():
+                    raise FloatingPointError(
+                        f"gradient of the parameter of shape {tuple(p.shape)} has non-finite "
+                        f"entries on a subspace-refresh step (step {self.state[p].get('step', 0)}"
+                        "); no parameter was updated")
+
     def _before_updates(self):
         """projector="randomized": every layer that refreshes on this step gets its new basis
         here, same-shape layers of a group stacked into one batched randomized SVD."""
