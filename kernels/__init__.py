@@ -13,13 +13,15 @@ from .backproject_update import backproject_update
 from .batched_matmul import batched_matmul
 from .ldadam_error_feedback import ldadam_error_feedback
 from .project import project
+from .residual_backproject_update import residual_backproject_update
 
 register("project", "triton")(project)
 register("adam_moments", "triton")(adam_moments)
 register("backproject_update", "triton")(backproject_update)
 register("adamw_step", "triton")(adamw_step)
 register("ldadam_error_feedback", "triton")(ldadam_error_feedback)
+register("residual_backproject_update", "triton")(residual_backproject_update)
 register("batched_matmul", "triton")(batched_matmul)
 
 __all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
-           "ldadam_error_feedback", "batched_matmul"]
+           "ldadam_error_feedback", "residual_backproject_update", "batched_matmul"]

@@ -41,12 +41,13 @@ def choose_config(m: int, n: int, rank: int, mode: int) -> BackprojectConfig:
 
 @triton.jit
 def _backproject_update_kernel(
-    w_ptr, x_ptr, p_ptr, n_ptr,
+    w_ptr, x_ptr, p_ptr, n_ptr, g_ptr, cs_ptr,
     M, N, RANK,
     stride_wm, stride_wn, stride_xm, stride_xn, stride_pm, stride_pr, stride_nr, stride_nn,
-    coef, pre_scale, post_decay,
+    stride_gm, stride_gn,
+    coef, pre_scale, post_decay, res_coef,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_MODE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -71,6 +72,11 @@ def _backproject_update_kernel(
     if pre_scale != 1.0:
         w = w * pre_scale
     w = w - coef * acc
+    if HAS_RESIDUAL:   # - res_coef * G * col_scale: G read once, in its storage dtype
+        g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        cs = tl.load(cs_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = w - res_coef * (g * cs[None, :])
     if post_decay != 0.0:
         w = w - post_decay * w
     w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
@@ -79,11 +85,16 @@ def _backproject_update_kernel(
 
 def backproject_update(W, P, N, *, coef: float, pre_scale: float, post_decay: float,
                        precision: str = "ieee", config: BackprojectConfig = None,
-                       source=None) -> None:
+                       source=None, residual=None, col_scale=None, res_coef: float = 0.0) -> None:
     """In place on W, or ``W = source*pre_scale - coef*(P @ N) ...`` when ``source`` (same
     shape, any dtype and strides) is given: the GEMM-with-subtract-epilogue that LDAdam's error
-    feedback and AdaMeM's residual update are made of."""
+    feedback and AdaMeM's residual update are made of. With ``residual`` (m x n, e.g. the
+    gradient) and ``col_scale`` (n), the epilogue also subtracts
+    ``res_coef * residual * col_scale[None, :]`` (before the post-update decay)."""
     X = W if source is None else source
+    has_res = residual is not None
+    Gr = residual if has_res else W
+    cs = col_scale if has_res else W
     m, n = W.shape
     rank = P.shape[1]
     if m == 0 or n == 0:
@@ -92,12 +103,12 @@ def backproject_update(W, P, N, *, coef: float, pre_scale: float, post_decay: fl
     cfg = config or choose_config(m, n, rank, mode)
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N))
     _backproject_update_kernel[grid](
-        W, X, P, N, m, n, rank,
+        W, X, P, N, Gr, cs, m, n, rank,
         W.stride(0), W.stride(1), X.stride(0), X.stride(1), P.stride(0), P.stride(1),
-        N.stride(0), N.stride(1),
-        float(coef), float(pre_scale), float(post_decay),
+        N.stride(0), N.stride(1), Gr.stride(0), Gr.stride(1),
+        float(coef), float(pre_scale), float(post_decay), float(res_coef),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_MODE=mode, INTERPRET=interpreting(),
+        DOT_MODE=mode, HAS_RESIDUAL=has_res, INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -107,18 +118,23 @@ def aot_variants():
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in ("M", "N", "RANK", "stride_wm", "stride_wn", "stride_xm",
-                               "stride_xn", "stride_pm", "stride_pr", "stride_nr", "stride_nn")}
-    scalars = {a: "fp32" for a in ("coef", "pre_scale", "post_decay")}
-    # (W, source) dtypes: in place (same), or an fp32 source into a bf16 buffer and back
-    for w_t, x_t, s_t in (("fp32", "fp32", "fp32"), ("bf16", "bf16", "fp32"),
-                          ("bf16", "bf16", "bf16"), ("fp16", "fp16", "fp32"),
-                          ("bf16", "fp32", "fp32"), ("fp32", "bf16", "fp32")):
+                               "stride_xn", "stride_pm", "stride_pr", "stride_nr", "stride_nn",
+                               "stride_gm", "stride_gn")}
+    scalars = {a: "fp32" for a in ("coef", "pre_scale", "post_decay", "res_coef")}
+    # (W, source) dtypes: in place (same), or an fp32 source into a bf16 buffer and back;
+    # with a residual term (AdaMeM): the gradient in the weight's dtype, fp32 column scales
+    combos = [(w_t, x_t, s_t, False) for w_t, x_t, s_t in (
+        ("fp32", "fp32", "fp32"), ("bf16", "bf16", "fp32"), ("bf16", "bf16", "bf16"),
+        ("fp16", "fp16", "fp32"), ("bf16", "fp32", "fp32"), ("fp32", "bf16", "fp32"))]
+    combos += [("fp32", "fp32", "fp32", True), ("bf16", "bf16", "fp32", True)]
+    for w_t, x_t, s_t, has_res in combos:
+        g_t, c_t = (w_t, "fp32") if has_res else (w_t, w_t)
         for mode in (0, 1, 2):
             for cfg in configs_for(mode):
                 yield Variant(_backproject_update_kernel,
                               {"w_ptr": "*" + w_t, "x_ptr": "*" + x_t, "p_ptr": "*" + s_t,
-                               "n_ptr": "*" + s_t,
+                               "n_ptr": "*" + s_t, "g_ptr": "*" + g_t, "cs_ptr": "*" + c_t,
                                **ints, **scalars},
                               dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                                   DOT_MODE=mode, INTERPRET=False),
+                                   DOT_MODE=mode, HAS_RESIDUAL=has_res, INTERPRET=False),
                               cfg.num_warps, cfg.num_stages)

@@ -90,7 +90,7 @@ def ptxas_usage(ptx: str, ptxas: str, arch: str = "sm_90a"):
 
 
 KERNEL_MODULES = ("project", "adam_moments", "backproject_update", "adamw_step",
-                  "ldadam_error_feedback", "batched_matmul")
+                  "ldadam_error_feedback", "batched_matmul", "residual_backproject_update")
 
 
 def all_variants():

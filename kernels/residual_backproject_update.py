@@ -1,0 +1,26 @@
+"""AdaMeM's combined update, fused (ALGORITHMS.md section 8.3 lines 8-9, section 10 K3 with the
+residual term, K5 pass 2).
+
+``W = W*pre - coef*(P @ N) - res_coef*((G - P @ R) * col_scale) ; W -= post_decay*W``.
+Because ``col_scale`` is per column, ``(P @ R) * col_scale = P @ (R * col_scale)``, so the two
+low-rank products fold into one GEMM with ``L = coef*N - res_coef*R*col_scale`` (r x n, built
+with torch) and the epilogue subtracts ``res_coef * G * col_scale``: G and W are each read
+once and W written once; the residual ``G - P R`` never exists.
+"""
+from .backproject_update import backproject_update
+
+
+def residual_backproject_update(W, G, P, R, N, col_scale, *, coef: float, res_coef: float,
+                                pre_scale: float, post_decay: float,
+                                precision: str = "ieee") -> None:
+    """Same contract as ``lowrank_fused.reference.residual_backproject_update`` (left form,
+    in place on W)."""
+    cs = col_scale.float().contiguous()
+    L = float(coef) * N.float() - float(res_coef) * (R.float() * cs[None, :])
+    backproject_update(W, P, L, coef=1.0, pre_scale=pre_scale, post_decay=post_decay,
+                       precision=precision, residual=G, col_scale=cs, res_coef=res_coef)
+
+
+def aot_variants():
+    """No kernel of its own: ``backproject_update``'s HAS_RESIDUAL variants are compiled there."""
+    return iter(())
