@@ -51,11 +51,11 @@ def choose_config(m: int, n: int, rank: int, mode: int) -> ProjectConfig:
 
 @triton.jit
 def _project_kernel(
-    g_ptr, p_ptr, r_ptr,
+    g_ptr, p_ptr, r_ptr, cs_ptr,
     M, N, RANK, K_PER_SPLIT,
-    stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn,
+    stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn, stride_cs,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_MODE: tl.constexpr,
+    DOT_MODE: tl.constexpr, HAS_COLSQ: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -72,16 +72,23 @@ def _project_kernel(
     pt_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_k[None, :].to(tl.int64) * stride_pm
     g_ptrs = g_ptr + offs_k[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    colsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         mask_k = (k - k_lo + offs_k) < k_hi
         pt = tl.load(pt_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         g = tl.load(g_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = mma(pt, g, acc, DOT_MODE)
+        if HAS_COLSQ:   # side output colsum(G^2) from the tile already in registers
+            g32 = g.to(tl.float32)
+            colsq += tl.sum(g32 * g32, axis=0)
         pt_ptrs += BLOCK_K * stride_pm
         g_ptrs += BLOCK_K * stride_gm
     r_ptrs = (r_ptr + pid_s.to(tl.int64) * stride_rs + offs_r[:, None] * stride_rr
               + offs_n[None, :] * stride_rn)
     tl.store(r_ptrs, acc, mask=mask_r[:, None] & mask_n[None, :])
+    if HAS_COLSQ:
+        if pid_r == 0:   # every rank tile saw the same G slab; the first one writes
+            tl.store(cs_ptr + pid_s.to(tl.int64) * stride_cs + offs_n, colsq, mask=mask_n)
 
 
 _SM_COUNT = {}
@@ -106,12 +113,16 @@ def choose_split_k(m: int, tiles: int, block_k: int, device: torch.device) -> in
 
 
 def project(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = "ieee",
-            config: ProjectConfig = None, split_k: int = None) -> None:
-    """``R = P^T @ G`` into the fp32 tensor ``R`` (any strides)."""
+            config: ProjectConfig = None, split_k: int = None, col_sumsq=None) -> None:
+    """``R = P^T @ G`` into the fp32 tensor ``R`` (any strides); with ``col_sumsq`` (n, fp32)
+    also ``colsum(G^2)`` in the same pass over G (AdaMeM's residual statistics, K1 side
+    output)."""
     m, n = G.shape
     rank = P.shape[1]
     if m == 0 or n == 0 or rank == 0:
         R.zero_()
+        if col_sumsq is not None:
+            col_sumsq.copy_(G.float().square().sum(dim=0))
         return
     mode = dot_mode(precision, G.device)
     cfg = config or choose_config(m, n, rank, mode)
@@ -123,16 +134,24 @@ def project(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = 
     out = R if split == 1 else torch.empty((split, rank, n), device=R.device, dtype=torch.float32)
     stride_s, stride_r, stride_n = ((0, R.stride(0), R.stride(1)) if split == 1
                                     else out.stride())
+    has_cs = col_sumsq is not None
+    if has_cs and (split > 1 or col_sumsq.stride(0) != 1):
+        cs_out = torch.empty((split, n), device=G.device, dtype=torch.float32)
+    else:
+        cs_out = col_sumsq if has_cs else out
     grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N), split)
     _project_kernel[grid](
-        G, P, out, m, n, rank, k_per_split,
+        G, P, out, cs_out, m, n, rank, k_per_split,
         G.stride(0), G.stride(1), P.stride(0), P.stride(1), stride_s, stride_r, stride_n,
+        cs_out.stride(0) if has_cs and cs_out.dim() == 2 else 0,
         BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_MODE=mode,
+        DOT_MODE=mode, HAS_COLSQ=has_cs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         torch.sum(out, dim=0, out=R) if R.is_contiguous() else R.copy_(out.sum(dim=0))
+    if has_cs and cs_out is not col_sumsq:
+        col_sumsq.copy_(cs_out.sum(dim=0))
 
 
 def aot_variants():
@@ -140,11 +159,18 @@ def aot_variants():
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in ("M", "N", "RANK", "K_PER_SPLIT", "stride_gm", "stride_gn",
-                               "stride_pm", "stride_pr", "stride_rs", "stride_rr", "stride_rn")}
-    for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
+                               "stride_pm", "stride_pr", "stride_rs", "stride_rr", "stride_rn",
+                               "stride_cs")}
+    # (G, P dtypes, colsum(G^2) side output): the side output is what AdaMeM asks for
+    combos = [(g_t, p_t, False) for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"),
+                                                  ("bf16", "bf16"), ("fp16", "fp32"))]
+    combos += [("fp32", "fp32", True), ("bf16", "fp32", True)]
+    for g_t, p_t, has_cs in combos:
         for mode in (0, 1, 2):
             for cfg in configs_for(mode):
                 yield Variant(_project_kernel,
-                              {"g_ptr": "*" + g_t, "p_ptr": "*" + p_t, "r_ptr": "*fp32", **ints},
+                              {"g_ptr": "*" + g_t, "p_ptr": "*" + p_t, "r_ptr": "*fp32",
+                               "cs_ptr": "*fp32", **ints},
                               dict(BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                                   DOT_MODE=mode), cfg.num_warps, cfg.num_stages)
+                                   DOT_MODE=mode, HAS_COLSQ=has_cs),
+                              cfg.num_warps, cfg.num_stages)

@@ -66,10 +66,12 @@ def basis_shape(shape, rank, side):
     return (m, rank) if side == "left" else (rank, n)
 
 
-def project(G, P, R=None, *, side="left", precision="ieee", backend="auto"):
+def project(G, P, R=None, *, side="left", precision="ieee", backend="auto", sumsq=None):
     """K1: ``R = P^T @ G`` (left, P is m x r) or ``R = G @ Q^T`` (right, Q is r x n).
 
-    G is read in its storage dtype; R is fp32 and returned (allocated when not given).
+    G is read in its storage dtype; R is fp32 and returned (allocated when not given). With
+    ``sumsq`` (fp32), the same pass over G also writes the squared norms along the projected
+    dimension: ``colsum(G^2)`` (n) on the left, ``rowsum(G^2)`` (m) on the right.
     """
     _check_side(side)
     _check_precision(precision)
@@ -90,11 +92,18 @@ def project(G, P, R=None, *, side="left", precision="ieee", backend="auto"):
         raise TypeError(f"R must be float32, got {R.dtype}")
     _check_shape("R", R, out_shape)
     device = _same_device(G=G, P=P, R=R)
+    kw = dict(precision=precision)
+    if sumsq is not None:
+        if sumsq.dtype != torch.float32:
+            raise TypeError(f"sumsq must be float32, got {sumsq.dtype}")
+        _check_shape("sumsq", sumsq, (n,) if side == "left" else (m,))
+        _same_device(G=G, sumsq=sumsq)
+        kw["col_sumsq"] = sumsq
     impl = implementation("project", backend, device)
     if side == "left":
-        impl(G, P, R, precision=precision)
+        impl(G, P, R, **kw)
     else:
-        impl(G.t(), P.t(), R.t(), precision=precision)
+        impl(G.t(), P.t(), R.t(), **kw)
     return R
 
 

@@ -48,6 +48,31 @@ def test_project_split_k(split_k, side, device):
     assert_parity(R, expected, rtol=tolerance(torch.float32), name="R")
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("split_k", [None, 3])
+def test_project_sumsq_side_output(side, split_k, device):
+    """colsum(G^2) (left) / rowsum(G^2) (right) from the same pass over G."""
+    shape = (130, 257)
+    G = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    P = basis(shape, 19, side, device)
+    want = (G.float() ** 2).sum(dim=0 if side == "left" else 1)
+    sq = poison(torch.empty_like(want))
+    R = ops.project(G, P, side=side, backend="triton", sumsq=sq)
+    assert_parity(sq, want, rtol=tolerance(torch.float32), name="sumsq")
+    assert_parity(R, ops.project(G, P, side=side, backend="reference"), rtol=1e-5, name="R")
+    if split_k:
+        from lowrank_fused.kernels.project import project as project_triton
+        Gc, Pc, Rc = (G, P, R) if side == "left" else (G.t(), P.t(), R.t())
+        sq2 = poison(torch.empty_like(want))
+        project_triton(Gc, Pc, Rc, split_k=split_k, col_sumsq=sq2)
+        assert_parity(sq2, want, rtol=tolerance(torch.float32), name="sumsq split-K")
+    sq_ref = poison(torch.empty_like(want))
+    ops.project(G, P, side=side, backend="reference", sumsq=sq_ref)
+    assert_parity(sq_ref, want, rtol=1e-6, name="sumsq reference")
+    with pytest.raises(ValueError, match="sumsq must have shape"):
+        ops.project(G, P, side=side, backend="reference", sumsq=torch.empty(3, device=device))
+
+
 def test_project_strided_basis(device):
     """A basis that is a non-contiguous view (e.g. the first r columns of a wider one)."""
     G = torch.randn(70, 120, device=device)

@@ -243,7 +243,11 @@ class AdaMeM(LowRankOptimizer):
                 state["a_row"] = row_new.squeeze(1).contiguous()
             state["P"] = P_new
         P = state["P"]
-        R = ops.project(Gc, P, side="left", precision=precision, backend=backend)   # line 3
+        explicit = group["residual_form"] == "explicit"
+        # line 3; the identity form's colsum(G^2) comes from the same pass over G (K1 side output)
+        g_sumsq = None if explicit else torch.empty(Gc.shape[1], dtype=torch.float32,
+                                                     device=p.device)
+        R = ops.project(Gc, P, side="left", precision=precision, backend=backend, sumsq=g_sumsq)
         if "M" not in state:
             state["M"] = torch.zeros_like(R)
             state["a_row"] = torch.zeros(R.shape[0], dtype=torch.float32, device=p.device)
@@ -261,7 +265,7 @@ class AdaMeM(LowRankOptimizer):
         col_scale = torch.empty_like(state["c_os"])              # lines 4 and 7
         lookup("residual_col_stats", backend)(
             Gc, P, R, state["c_os"], col_scale, beta2=float(beta2), eps1=float(group["eps1"]),
-            eps=float(group["eps"]), c2=c2, explicit=group["residual_form"] == "explicit")
+            eps=float(group["eps"]), c2=c2, explicit=explicit, g_col_sumsq=g_sumsq)
         lr = float(group["lr"])                                  # lines 8-9
         pre_scale, post_decay = ops.decay_coefficients(lr, group["weight_decay"], "pre")
         lookup("residual_backproject_update", backend)(
