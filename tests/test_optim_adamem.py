@@ -671,3 +671,26 @@ def test_zero_learning_rate_leaves_weights():
     opt.step()
     for p, b in zip(mats + dense, before):
         assert torch.equal(p, b)
+
+
+def test_fused_step_makes_no_full_size_temporary(device):
+    """Between refreshes, with the projection (and its colsum(G^2) side output) and the
+    residual update fused, an AdaMeM step allocates nothing of the weight's size: the
+    residual G - P R never exists (ALGORITHMS.md 10.2: two reads of G, one of W)."""
+    from lowrank_fused.dispatch import available
+    from lowrank_fused.testing.trace import AllocationTrace
+
+    if not available("triton", device):
+        pytest.skip("needs the Triton backend (a GPU, or TRITON_INTERPRET=1)")
+    sizes = {}
+    for backend in ("reference", "auto"):
+        w = torch.nn.Parameter(torch.randn(97, 203, device=device, dtype=torch.bfloat16))
+        opt = AdaMeM([dict(params=[w], rank=8, update_proj_gap=100)], backend=backend)
+        w.grad = torch.randn_like(w)
+        opt.step()                       # step 1 refreshes (an SVD, by design)
+        w.grad = torch.randn_like(w)
+        with AllocationTrace() as trace:
+            opt.step()
+        sizes[backend] = trace.at_least(w.numel())
+    assert sizes["reference"], "the trace must see the reference's full-size temporaries"
+    assert sizes["auto"] == [], f"fused step allocated full-size tensors: {sizes['auto']}"

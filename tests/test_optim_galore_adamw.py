@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_fused import BackendUnavailable, GaLoreAdamW
 from lowrank_fused.testing import assert_parity, tolerance
+from lowrank_fused.testing.trace import AllocationTrace
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,21 +227,6 @@ def test_state_bytes_far_below_adamw(device):
     assert opt.state_bytes() < adamw / 8
 
 
-class _AllocationTrace(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)]
-        ptrs = {a.untyped_storage().data_ptr() for a in inputs}
-        for o in torch.utils._pytree.tree_leaves(out):
-            if torch.is_tensor(o) and o.untyped_storage().data_ptr() not in ptrs:
-                self.sizes.append((func.__name__, o.numel()))
-        return out
-
-
 def test_fused_step_makes_no_full_size_temporary(device):
     """Between refreshes, a fused step allocates nothing of the weight's size (K1/K2/K3 keep
     every m x n quantity in registers); the reference step, for contrast, does."""
@@ -252,7 +237,7 @@ def test_fused_step_makes_no_full_size_temporary(device):
         w.grad = torch.randn_like(w)
         opt.step()                       # step 1 refreshes (SVD of an fp32 copy, by design)
         w.grad = torch.randn_like(w)
-        with _AllocationTrace() as trace:
+        with AllocationTrace() as trace:
             opt.step()
         sizes[backend] = [s for s in trace.sizes if s[1] >= w.numel()]
     assert sizes["reference"], "the trace must see the reference's full-size temporaries"
