@@ -3,12 +3,17 @@
 // index and the cudaStream_t as an integer (torch.cuda.current_stream().cuda_stream).
 // Importing the module never touches the CUDA runtime.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
+#include <initializer_list>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "adamw_step.h"
+#include "multi_tensor.h"
 #include "small_cholesky.h"
 #if defined(LOWRANK_FUSED_WITH_CUDA)
 #include "cuda/launchers.h"
@@ -52,6 +57,88 @@ SmallCholeskyArgs make_chol_args(std::uintptr_t gram, std::uintptr_t linv, std::
   a.batch = batch;
   a.k = k;
   a.pivot_ratio_tol = tol;
+  return a;
+}
+
+// The entries of a multi-tensor call from flat lists: ptrs and dtypes hold 4 per tensor (the
+// four buffers of tensor t at 4t..4t+3), sizes one per tensor.
+std::vector<MTEntry> make_entries(const char* op, const std::vector<std::uintptr_t>& ptrs,
+                                  const std::vector<int64_t>& sizes,
+                                  const std::vector<int>& dtypes) {
+  const size_t T = sizes.size();
+  if (ptrs.size() != kMTMaxBuffers * T || dtypes.size() != kMTMaxBuffers * T) {
+    throw std::invalid_argument(std::string(op) + ": ptrs and dtypes must hold 4 entries per "
+                                "tensor (" + std::to_string(T) + " tensors), got " +
+                                std::to_string(ptrs.size()) + " and " +
+                                std::to_string(dtypes.size()));
+  }
+  std::vector<MTEntry> entries(T);
+  for (size_t t = 0; t < T; ++t) {
+    for (int b = 0; b < kMTMaxBuffers; ++b) {
+      entries[t].ptr[b] = reinterpret_cast<void*>(ptrs[kMTMaxBuffers * t + b]);
+      entries[t].dtype[b] = dtypes[kMTMaxBuffers * t + b];
+    }
+    entries[t].n = sizes[t];
+  }
+  return entries;
+}
+
+void check_lengths(const char* op, size_t T,
+                   std::initializer_list<std::pair<const char*, size_t>> lists) {
+  for (const auto& kv : lists) {
+    if (kv.second != T) {
+      throw std::invalid_argument(std::string(op) + ": " + kv.first + " must hold one value per "
+                                  "tensor (" + std::to_string(T) + "), got " +
+                                  std::to_string(kv.second));
+    }
+  }
+}
+
+MomentsMultiArgs make_moments_multi(const std::vector<std::uintptr_t>& ptrs,
+                                    const std::vector<int64_t>& sizes,
+                                    const std::vector<int>& dtypes,
+                                    const std::vector<double>& beta1,
+                                    const std::vector<double>& beta2,
+                                    const std::vector<double>& eps, const std::vector<double>& c1,
+                                    const std::vector<double>& c2, std::uintptr_t norms,
+                                    std::uintptr_t flag) {
+  const char* op = "adam_moments_multi";
+  MomentsMultiArgs a;
+  a.entries = make_entries(op, ptrs, sizes, dtypes);
+  const size_t T = sizes.size();
+  check_lengths(op, T, {{"beta1", beta1.size()}, {"beta2", beta2.size()}, {"eps", eps.size()},
+                        {"c1", c1.size()}, {"c2", c2.size()}});
+  for (size_t t = 0; t < T; ++t) {
+    a.scalars.push_back(make_moments_scalars(beta1[t], beta2[t], eps[t], c1[t], c2[t]));
+  }
+  a.norms = reinterpret_cast<float*>(norms);
+  a.flag = reinterpret_cast<int32_t*>(flag);
+  check_moments_multi_args(a);
+  return a;
+}
+
+AdamWMultiArgs make_adamw_multi(const std::vector<std::uintptr_t>& ptrs,
+                                const std::vector<int64_t>& sizes,
+                                const std::vector<int>& dtypes, const std::vector<double>& lr,
+                                const std::vector<double>& beta1,
+                                const std::vector<double>& beta2,
+                                const std::vector<double>& eps, const std::vector<double>& c1,
+                                const std::vector<double>& c2,
+                                const std::vector<double>& pre_scale,
+                                const std::vector<double>& post_decay, std::uintptr_t flag) {
+  const char* op = "adamw_step_multi";
+  AdamWMultiArgs a;
+  a.entries = make_entries(op, ptrs, sizes, dtypes);
+  const size_t T = sizes.size();
+  check_lengths(op, T, {{"lr", lr.size()}, {"beta1", beta1.size()}, {"beta2", beta2.size()},
+                        {"eps", eps.size()}, {"c1", c1.size()}, {"c2", c2.size()},
+                        {"pre_scale", pre_scale.size()}, {"post_decay", post_decay.size()}});
+  for (size_t t = 0; t < T; ++t) {
+    a.scalars.push_back(make_scalars(lr[t], beta1[t], beta2[t], eps[t], c1[t], c2[t],
+                                     pre_scale[t], post_decay[t]));
+  }
+  a.flag = reinterpret_cast<int32_t*>(flag);
+  check_adamw_multi_args(a);
   return a;
 }
 
@@ -197,4 +284,99 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("gram"), py::arg("linv"), py::arg("ok"), py::arg("batch"), py::arg("k"),
       py::kw_only(), py::arg("pivot_ratio_tol"), py::arg("device"), py::arg("stream"),
       "Batched inverse Cholesky factors on device buffers, launched on `stream` of `device`.");
+
+  // -- multi-tensor ops (multi_tensor.h): ptrs/dtypes 4 per tensor, sizes and scalars 1 per
+  // tensor; norms/flag are pointers, 0 for none. The flag is only ever set to 1.
+  mod.def(
+      "adam_moments_multi_cpu",
+      [](const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
+         const std::vector<int>& dtypes, const std::vector<double>& beta1,
+         const std::vector<double>& beta2, const std::vector<double>& eps,
+         const std::vector<double>& c1, const std::vector<double>& c2, std::uintptr_t norms,
+         std::uintptr_t flag, int num_threads) {
+        MomentsMultiArgs a = make_moments_multi(ptrs, sizes, dtypes, beta1, beta2, eps, c1, c2,
+                                                norms, flag);
+        py::gil_scoped_release nogil;
+        adam_moments_multi_cpu(a, num_threads);
+      },
+      py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("beta1"),
+      py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("norms") = 0,
+      py::arg("flag") = 0, py::arg("num_threads") = 0,
+      "K2 moments of many tensors (R, M, V, N per tensor) in one OpenMP loop, on host buffers.");
+
+  mod.def(
+      "adam_moments_multi_cuda",
+      [](const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
+         const std::vector<int>& dtypes, const std::vector<double>& beta1,
+         const std::vector<double>& beta2, const std::vector<double>& eps,
+         const std::vector<double>& c1, const std::vector<double>& c2, std::uintptr_t norms,
+         std::uintptr_t flag, int device, std::uintptr_t stream) {
+        MomentsMultiArgs a = make_moments_multi(ptrs, sizes, dtypes, beta1, beta2, eps, c1, c2,
+                                                norms, flag);
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = adam_moments_multi_cuda(a, device, stream);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+#else
+        (void)a; (void)device; (void)stream;
+        throw std::runtime_error(std::string("adam_moments_multi_cuda: lowrank_fused._C was ") +
+                                 LOWRANK_FUSED_NO_CUDA_REASON);
+#endif
+      },
+      py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("beta1"),
+      py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("norms") = 0,
+      py::arg("flag") = 0, py::arg("device"), py::arg("stream"),
+      "K2 moments of many tensors in ONE kernel launch on `stream` of `device`.");
+
+  mod.def(
+      "adamw_step_multi_cpu",
+      [](const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
+         const std::vector<int>& dtypes, const std::vector<double>& lr,
+         const std::vector<double>& beta1, const std::vector<double>& beta2,
+         const std::vector<double>& eps, const std::vector<double>& c1,
+         const std::vector<double>& c2, const std::vector<double>& pre_scale,
+         const std::vector<double>& post_decay, std::uintptr_t flag, int num_threads) {
+        AdamWMultiArgs a = make_adamw_multi(ptrs, sizes, dtypes, lr, beta1, beta2, eps, c1, c2,
+                                            pre_scale, post_decay, flag);
+        py::gil_scoped_release nogil;
+        adamw_step_multi_cpu(a, num_threads);
+      },
+      py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("lr"),
+      py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"),
+      py::arg("pre_scale"), py::arg("post_decay"), py::arg("flag") = 0,
+      py::arg("num_threads") = 0,
+      "AdamW step of many tensors (W, G, M, V per tensor) in one OpenMP loop, on host buffers.");
+
+  mod.def(
+      "adamw_step_multi_cuda",
+      [](const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
+         const std::vector<int>& dtypes, const std::vector<double>& lr,
+         const std::vector<double>& beta1, const std::vector<double>& beta2,
+         const std::vector<double>& eps, const std::vector<double>& c1,
+         const std::vector<double>& c2, const std::vector<double>& pre_scale,
+         const std::vector<double>& post_decay, std::uintptr_t flag, int device,
+         std::uintptr_t stream) {
+        AdamWMultiArgs a = make_adamw_multi(ptrs, sizes, dtypes, lr, beta1, beta2, eps, c1, c2,
+                                            pre_scale, post_decay, flag);
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = adamw_step_multi_cuda(a, device, stream);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+#else
+        (void)a; (void)device; (void)stream;
+        throw std::runtime_error(std::string("adamw_step_multi_cuda: lowrank_fused._C was ") +
+                                 LOWRANK_FUSED_NO_CUDA_REASON);
+#endif
+      },
+      py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("lr"),
+      py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"),
+      py::arg("pre_scale"), py::arg("post_decay"), py::arg("flag") = 0, py::arg("device"),
+      py::arg("stream"),
+      "AdamW step of many tensors in ONE kernel launch on `stream` of `device`.");
 }

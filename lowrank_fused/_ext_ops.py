@@ -190,3 +190,185 @@ def small_cholesky_inverse_cuda(Gram, Linv, ok, *, pivot_ratio_tol: float) -> No
 
     with torch.cuda.device(device):
         _run_inplace(launch, [Gram], [Linv, ok])
+
+
+# -- multi-tensor ops (csrc/multi_tensor.h): one pass / one launch over many tensors ---------
+
+def _check_multi(op: str, backend: str, lists: dict, *, fp32_only=(), same_dtype=(),
+                 outputs=()) -> int:
+    """Validates lists of tensors (the first list sets the shapes); errors name the argument and
+    the tensor index. Returns the number of tensors."""
+    where = f"{op} (backend {backend!r})"
+    names = list(lists)
+    for name, seq in lists.items():
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{where}: {name} must be a list or tuple of tensors, got "
+                            f"{type(seq).__name__}")
+    count = len(lists[names[0]])
+    for name in names[1:]:
+        if len(lists[name]) != count:
+            raise ValueError(f"{where}: {name} has {len(lists[name])} tensors but {names[0]} "
+                             f"has {count}")
+    device = None
+    for i in range(count):
+        like = lists[names[0]][i]
+        for name in names:
+            t = lists[name][i]
+            arg = f"{name}[{i}]"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+            if backend == "cpu" and t.device.type != "cpu":
+                raise ValueError(f"{where}: {arg} must be a CPU tensor, got device {t.device}")
+            if backend == "cuda":
+                if t.device.type != "cuda":
+                    raise ValueError(f"{where}: {arg} must be a CUDA tensor, got device "
+                                     f"{t.device}")
+                if device is None:
+                    device = t.device
+                elif t.device != device:
+                    raise ValueError(f"{where}: {arg} is on {t.device} but the first tensor is "
+                                     f"on {device}; all tensors must be on one device")
+            if name in fp32_only and t.dtype != torch.float32:
+                raise TypeError(f"{where}: {arg} must be float32, got {t.dtype}")
+            if t.dtype not in _DTYPE_CODES:
+                raise TypeError(f"{where}: {arg} must be float32 or bfloat16, got {t.dtype}")
+            if t.shape != like.shape:
+                raise ValueError(f"{where}: {arg} must have the shape of {names[0]}[{i}] "
+                                 f"{tuple(like.shape)}, got {tuple(t.shape)}")
+            if not t.is_contiguous():
+                raise ValueError(f"{where}: {arg} must be contiguous")
+        for a, b in same_dtype:
+            if lists[a][i].dtype != lists[b][i].dtype:
+                raise TypeError(f"{where}: {a}[{i}] and {b}[{i}] must have one dtype, got "
+                                f"{lists[a][i].dtype} and {lists[b][i].dtype}")
+        seen = {}
+        for name in outputs:
+            t = lists[name][i]
+            if t.numel() == 0:
+                continue
+            if t.data_ptr() in seen:
+                raise ValueError(f"{where}: {name}[{i}] and {seen[t.data_ptr()]}[{i}] share "
+                                 f"memory; the in-place outputs must be distinct tensors")
+            seen[t.data_ptr()] = name
+    return count
+
+
+def _check_aux(op, backend, name, t, dtype, numel, device):
+    """norms / nonfinite: None, or a contiguous tensor of `dtype` and `numel` elements."""
+    if t is None:
+        return
+    where = f"{op} (backend {backend!r})"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor or None, got "
+                        f"{type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{where}: {name} must be {dtype}, got {t.dtype}")
+    if t.numel() != numel or not t.is_contiguous():
+        raise ValueError(f"{where}: {name} must be a contiguous tensor of {numel} element(s), "
+                         f"got shape {tuple(t.shape)}")
+    if backend == "cpu" and t.device.type != "cpu":
+        raise ValueError(f"{where}: {name} must be a CPU tensor, got device {t.device}")
+    if backend == "cuda" and device is not None and t.device != device:
+        raise ValueError(f"{where}: {name} must be on {device}, got device {t.device}")
+
+
+def _pack(lists):
+    """Flat pointer and dtype-code lists (4 per tensor) and the sizes, for _C."""
+    ptrs, codes, sizes = [], [], []
+    for group in zip(*lists):
+        for t in group:
+            ptrs.append(t.data_ptr())
+            codes.append(_DTYPE_CODES[t.dtype])
+        sizes.append(group[0].numel())
+    return ptrs, sizes, codes
+
+
+def _per_tensor(op, name, values, count):
+    vals = [float(x) for x in values]
+    if len(vals) != count:
+        raise ValueError(f"{op}: {name} must hold one value per tensor ({count}), got {len(vals)}")
+    return vals
+
+
+def _moments_multi(backend, Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite):
+    op = "adam_moments_multi"
+    count = _check_multi(op, backend, {"Rs": Rs, "Ms": Ms, "Vs": Vs, "Ns": Ns},
+                         fp32_only=("Rs",), same_dtype=(("Ms", "Vs"),),
+                         outputs=("Ms", "Vs", "Ns"))
+    device = Rs[0].device if count else None
+    _check_aux(op, backend, "norms", norms, torch.float32, count, device)
+    _check_aux(op, backend, "nonfinite", nonfinite, torch.int32, 1, device)
+    kw = {k: _per_tensor(op, k, v, count) for k, v in
+          (("beta1", beta1), ("beta2", beta2), ("eps", eps), ("c1", c1), ("c2", c2))}
+    if count == 0:
+        return None
+    mod = _module(backend)
+    ptrs, sizes, codes = _pack((Rs, Ms, Vs, Ns))
+    kw.update(norms=norms.data_ptr() if norms is not None else 0,
+              flag=nonfinite.data_ptr() if nonfinite is not None else 0)
+    if backend == "cpu":
+        mod.adam_moments_multi_cpu(ptrs, sizes, codes, num_threads=torch.get_num_threads(), **kw)
+    else:
+        with torch.cuda.device(device):
+            mod.adam_moments_multi_cuda(ptrs, sizes, codes, device=device.index,
+                                        stream=torch.cuda.current_stream(device).cuda_stream,
+                                        **kw)
+    for t in [*Ms, *Vs, *Ns] + [x for x in (norms, nonfinite) if x is not None]:
+        _bump_version(t)
+    return None
+
+
+@register("adam_moments_multi", "cpu")
+def adam_moments_multi_cpu(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, c1, c2, norms=None,
+                           nonfinite=None) -> None:
+    """K2 over every tensor of the lists in one OpenMP loop (``csrc/cpu/multi_tensor.cpp``)."""
+    _moments_multi("cpu", Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite)
+
+
+@register("adam_moments_multi", "cuda")
+def adam_moments_multi_cuda(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, c1, c2, norms=None,
+                            nonfinite=None) -> None:
+    """K2 over every tensor of the lists in ONE kernel launch (``csrc/cuda/multi_tensor.cu``)
+    on the tensors' device and its current stream."""
+    _moments_multi("cuda", Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite)
+
+
+def _adamw_multi(backend, Ws, Gs, Ms, Vs, scalars, nonfinite):
+    op = "adamw_step_multi"
+    count = _check_multi(op, backend, {"Ws": Ws, "Gs": Gs, "Ms": Ms, "Vs": Vs},
+                         same_dtype=(("Ms", "Vs"),), outputs=("Ws", "Ms", "Vs"))
+    device = Ws[0].device if count else None
+    _check_aux(op, backend, "nonfinite", nonfinite, torch.int32, 1, device)
+    kw = {k: _per_tensor(op, k, v, count) for k, v in scalars.items()}
+    if count == 0:
+        return None
+    mod = _module(backend)
+    ptrs, sizes, codes = _pack((Ws, Gs, Ms, Vs))
+    kw["flag"] = nonfinite.data_ptr() if nonfinite is not None else 0
+    if backend == "cpu":
+        mod.adamw_step_multi_cpu(ptrs, sizes, codes, num_threads=torch.get_num_threads(), **kw)
+    else:
+        with torch.cuda.device(device):
+            mod.adamw_step_multi_cuda(ptrs, sizes, codes, device=device.index,
+                                      stream=torch.cuda.current_stream(device).cuda_stream, **kw)
+    for t in [*Ws, *Ms, *Vs] + ([nonfinite] if nonfinite is not None else []):
+        _bump_version(t)
+    return None
+
+
+@register("adamw_step_multi", "cpu")
+def adamw_step_multi_cpu(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, c1, c2, pre_scale,
+                         post_decay, nonfinite=None) -> None:
+    """The AdamW step of every tensor of the lists in one OpenMP loop (``csrc/cpu``)."""
+    _adamw_multi("cpu", Ws, Gs, Ms, Vs, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, c1=c1,
+                                             c2=c2, pre_scale=pre_scale,
+                                             post_decay=post_decay), nonfinite)
+
+
+@register("adamw_step_multi", "cuda")
+def adamw_step_multi_cuda(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, c1, c2, pre_scale,
+                          post_decay, nonfinite=None) -> None:
+    """The AdamW step of every tensor of the lists in ONE kernel launch (``csrc/cuda``)."""
+    _adamw_multi("cuda", Ws, Gs, Ms, Vs, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, c1=c1,
+                                              c2=c2, pre_scale=pre_scale,
+                                              post_decay=post_decay), nonfinite)

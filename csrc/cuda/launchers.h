@@ -6,6 +6,7 @@
 #include <string>
 
 #include "adamw_step.h"
+#include "multi_tensor.h"
 #include "small_cholesky.h"
 
 namespace lowrank_fused {
@@ -25,5 +26,9 @@ std::string adamw_step_cuda(const AdamWArgs& a, int device, std::uintptr_t strea
 // Batched small Cholesky inverse (small_cholesky.h) on `stream` of `device`.
 std::string small_cholesky_inverse_cuda(const SmallCholeskyArgs& a, int device,
                                         std::uintptr_t stream);
+
+// Multi-tensor ops (multi_tensor.h): one kernel launch for all tensors on `stream` of `device`.
+std::string adam_moments_multi_cuda(const MomentsMultiArgs& a, int device, std::uintptr_t stream);
+std::string adamw_step_multi_cuda(const AdamWMultiArgs& a, int device, std::uintptr_t stream);
 
 }  // namespace lowrank_fused

@@ -1,0 +1,137 @@
+"""Multi-tensor versions of the public ops (issue 6): one call (one CUDA launch, one OpenMP
+loop on the CPU twin) updates every tensor of the lists.
+
+``adam_moments_multi`` is ``ops.adam_moments`` over lists (R_i, M_i, V_i, N_i);
+``adamw_step_multi`` is ``ops.adamw_step`` over lists (W_i, G_i, M_i, V_i). Every scalar
+argument (and ``step``) may be one value for all tensors or a sequence with one value per
+tensor (parameter groups with their own learning rates, betas, ...); the per-tensor kernel
+scalars are derived exactly as the single ops derive them (``ops.bias_corrections``,
+``ops.hf_step_size``, ``ops.decay_coefficients`` and the eps-mode divisors).
+
+Optional outputs: ``norms`` (fp32, one element per tensor) receives ``sum(N_i^2)`` for the
+norm-growth limiter; ``nonfinite`` (int32, one element) is set to 1 when an input R_i (G_i)
+holds a NaN or an infinity and is otherwise left alone, so the caller zeroes it once, may
+collect several calls into it, and reads it once.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from lowrank_fused import ops
+from lowrank_fused.dispatch import implementation
+
+__all__ = ["adam_moments_multi", "adamw_step_multi"]
+
+
+def _as_list(name, t):
+    if not isinstance(t, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(t).__name__}")
+    return list(t)
+
+
+def _check_lists(lists: dict):
+    """Same lengths, float tensors, shapes of the first list, one device. Returns the count."""
+    names = list(lists)
+    count = len(lists[names[0]])
+    for name in names[1:]:
+        if len(lists[name]) != count:
+            raise ValueError(f"{name} has {len(lists[name])} tensors but {names[0]} has {count}")
+    device = None
+    for i in range(count):
+        like = lists[names[0]][i]
+        for name in names:
+            t = lists[name][i]
+            ops._check_float(f"{name}[{i}]", t)
+            if tuple(t.shape) != tuple(like.shape):
+                raise ValueError(f"{name}[{i}] must have the shape of {names[0]}[{i}] "
+                                 f"{tuple(like.shape)}, got {tuple(t.shape)}")
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                raise ValueError(f"{name}[{i}] is on {t.device} but {names[0]}[0] is on "
+                                 f"{device}; all tensors must be on one device")
+    return count, device
+
+
+def _per_tensor(name, value, count):
+    """One value per tensor from a scalar or a sequence of ``count`` values."""
+    if isinstance(value, (Real, torch.Tensor)) and not (
+            isinstance(value, torch.Tensor) and value.dim() > 0):
+        return [float(value)] * count
+    vals = list(value)
+    if len(vals) != count:
+        raise ValueError(f"{name} must be a number or hold one value per tensor ({count}), "
+                         f"got {len(vals)} values")
+    return [float(v) for v in vals]
+
+
+def _per_tensor_step(step, count):
+    steps = _per_tensor("step", step, count)
+    for i, s in enumerate(steps):
+        if s != int(s):
+            raise ValueError(f"step[{i}] must be an integer, got {s}")
+    return [int(s) for s in steps]
+
+
+def adam_moments_multi(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, step, eps_mode="hf", norms=None,
+                       nonfinite=None, backend="auto"):
+    """K2 in place on every (R_i, M_i, V_i, N_i): the math of ``ops.adam_moments`` per tensor.
+
+    Returns ``Ns``. ``norms``/``nonfinite``: see the module docstring.
+    """
+    lists = {name: _as_list(name, t)
+             for name, t in (("Rs", Rs), ("Ms", Ms), ("Vs", Vs), ("Ns", Ns))}
+    count, device = _check_lists(lists)
+    b1 = _per_tensor("beta1", beta1, count)
+    b2 = _per_tensor("beta2", beta2, count)
+    ep = _per_tensor("eps", eps, count)
+    steps = _per_tensor_step(step, count)
+    c1, c2 = [], []
+    for i in range(count):
+        a, b = ops._eps_mode_divisors(eps_mode, b1[i], b2[i], steps[i])
+        c1.append(float(a))
+        c2.append(float(b))
+    if count == 0:
+        return Ns
+    impl = implementation("adam_moments_multi", backend, device)
+    impl(lists["Rs"], lists["Ms"], lists["Vs"], lists["Ns"], beta1=b1, beta2=b2, eps=ep,
+         c1=c1, c2=c2, norms=norms, nonfinite=nonfinite)
+    return Ns
+
+
+def adamw_step_multi(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, step, weight_decay=0.0,
+                     eps_mode="torch", wd_mode="pre", correct_bias=True, nonfinite=None,
+                     backend="auto"):
+    """Dense AdamW step in place on every (W_i, M_i, V_i): the math of ``ops.adamw_step`` per
+    tensor. Returns ``Ws``. ``nonfinite``: see the module docstring."""
+    lists = {name: _as_list(name, t)
+             for name, t in (("Ws", Ws), ("Gs", Gs), ("Ms", Ms), ("Vs", Vs))}
+    count, device = _check_lists(lists)
+    lrs = _per_tensor("lr", lr, count)
+    b1 = _per_tensor("beta1", beta1, count)
+    b2 = _per_tensor("beta2", beta2, count)
+    ep = _per_tensor("eps", eps, count)
+    wds = _per_tensor("weight_decay", weight_decay, count)
+    steps = _per_tensor_step(step, count)
+    kw = {k: [] for k in ("lr", "c1", "c2", "pre_scale", "post_decay")}
+    for i in range(count):
+        c1, c2 = ops._eps_mode_divisors(eps_mode, b1[i], b2[i], steps[i])
+        if eps_mode == "torch":
+            step_size = lrs[i]
+        else:
+            step_size = ops.hf_step_size(lrs[i], b1[i], b2[i], steps[i], correct_bias)
+        pre_scale, post_decay = ops.decay_coefficients(lrs[i], wds[i], wd_mode)
+        for k, v in (("lr", step_size), ("c1", c1), ("c2", c2), ("pre_scale", pre_scale),
+                     ("post_decay", post_decay)):
+            if not math.isfinite(v):
+                raise ValueError(f"{k}[{i}] must be finite, got {v}")
+            kw[k].append(float(v))
+    if count == 0:
+        return Ws
+    impl = implementation("adamw_step_multi", backend, device)
+    impl(lists["Ws"], lists["Gs"], lists["Ms"], lists["Vs"], beta1=b1, beta2=b2, eps=ep,
+         nonfinite=nonfinite, **kw)
+    return Ws
