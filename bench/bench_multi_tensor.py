@@ -12,7 +12,7 @@ R, M, V, N of GaLore's shape ((m, r) when m >= n, else (r, n)), every other para
   eager: ``ops.adam_moments`` per low-rank tensor + ``ops.adamw_step`` per dense parameter,
          backend "reference" (what the optimizers run on CPU today).
 
-Run ``python -m bench.bench_multi_tensor [--repeats N] [--rank R]``; it prints the timings and
+Run ``python -m bench.bench_multi_tensor [--repeats N] [--rank R] [--model NAME]``; it prints the timings and
 the ratio and writes nothing.
 """
 from __future__ import annotations
@@ -24,15 +24,15 @@ import time
 import torch
 
 from lowrank_fused import ops, ops_multi
-from lowrank_fused.models import LlamaForCausalLM
+from lowrank_fused.models import LlamaForCausalLM, llama_config
 from lowrank_fused.routing import galore_param_groups
 
 BETA1, BETA2, EPS, LR, WD, STEP = 0.9, 0.999, 1e-6, 1e-3, 0.01, 10
 
 
-def build_states(rank: int, seed: int = 0):
+def build_states(rank: int, model_name: str | None = None, seed: int = 0):
     torch.manual_seed(seed)
-    model = LlamaForCausalLM()
+    model = LlamaForCausalLM(llama_config(model_name) if model_name else None)
     groups = galore_param_groups(model, rank=rank)
     low = groups[0]["params"]
     dense = groups[1]["params"] if len(groups) > 1 else []
@@ -82,15 +82,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--model", default=None,
+                    help="a name of lowrank_fused.models.LLAMA_CONFIGS (default: the default "
+                         "LlamaConfig, the tiny one)")
     args = ap.parse_args(argv)
-    lowrank, dense = build_states(args.rank)
+    lowrank, dense = build_states(args.rank, args.model)
     n_low = sum(t[0].numel() for t in lowrank)
     n_dense = sum(t[0].numel() for t in dense)
     norms = torch.zeros(len(lowrank))
     flag = torch.zeros(1, dtype=torch.int32)
     t_multi = timeit(lambda: multi_step(lowrank, dense, norms, flag), args.repeats)
     t_eager = timeit(lambda: eager_step(lowrank, dense), args.repeats)
-    print(f"tiny LLaMA (default config), GaLore rank {args.rank}: {len(lowrank)} low-rank "
+    print(f"LLaMA {args.model or '(default config)'}, GaLore rank {args.rank}: {len(lowrank)} low-rank "
           f"states ({n_low} elements) + {len(dense)} dense params ({n_dense} elements); "
           f"torch threads {torch.get_num_threads()}")
     print(f"  multi-tensor cpu twin (2 calls, norms + flag): {t_multi * 1e3:8.3f} ms")

@@ -45,7 +45,9 @@ def ulps(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
     if a.numel() == 0:
         return 0
-    return int((ordered(a.cpu()) - ordered(b.cpu())).abs().max())
+    a, b = a.cpu(), b.cpu()
+    d = (ordered(a) - ordered(b)).abs()
+    return int(torch.where(a.isnan() & b.isnan(), 0, d).max())  # NaN payloads may differ
 
 
 def assert_close_fp(name, a, b, rtol=1e-6):
@@ -55,7 +57,7 @@ def assert_close_fp(name, a, b, rtol=1e-6):
         return
     err = (a.double() - b.double()).abs()
     tol = rtol * b.double().abs() + 1e-30
-    assert bool((err <= tol).all()), f"{name}: worst err/tol {(err / tol).max().item():.3g}"
+    assert bool(((err <= tol) | (a.isnan() & b.isnan())).all()), f"{name}: worst err/tol {(err / tol).max().item():.3g}"
 
 
 def per_tensor_scalars(count, gen):
@@ -424,7 +426,7 @@ def test_cuda_launch_without_gpu_raises_cleanly():
 @pytest.mark.parametrize("s_dt,n_dt", [(s, n) for s in DT for n in DT])
 def test_moments_cuda_matches_reference(s_dt, n_dt):
     for eps_mode in ("hf", "torch"):
-        for nan_at in (None, 5):
+        for nan_at in (None, 3):
             ours, ref, norms, norms_ref, flag, flag_ref = run_moments(
                 "cuda", "cuda", DT[s_dt], DT[n_dt], eps_mode, count=40, nan_at=nan_at)
             for i in range(len(ours[0])):
