@@ -6,8 +6,8 @@
 // its element count and the storage dtype of each buffer) and that tensor's scalars, then cuts
 // every tensor into chunks of `chunk` elements; each work item (a CUDA block, or one iteration
 // of the OpenMP loop) is one (tensor, chunk) pair. A block reads its item, its tensor's entry
-// and scalars, and walks the chunk; so one launch covers every tensor however many there are
-// (the tables live in device memory, not in the kernel's argument space).
+// and scalars, and walks the chunk. On CUDA the tables travel in the kernel's argument struct
+// (~31 KB), so one launch covers up to ~300 tensors (longer lists: one launch per ~300).
 //
 // The per-element math is shared by the CPU twin (csrc/cpu/multi_tensor.cpp) and the CUDA
 // kernels (csrc/cuda/multi_tensor.cu), as for adamw_step.h:

@@ -449,3 +449,27 @@ def test_adamw_cuda_matches_reference(w_dt, g_dt, s_dt):
     *_, flag, flag_ref = run_adamw("cuda", "cuda", DT[w_dt], DT[g_dt], DT[s_dt], "torch", "pre",
                                    nan_at=7)
     assert int(flag) == int(flag_ref) == 1
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_many_tensors_in_batches():
+    """More tensors than one launch's argument struct holds (~300): several launches, same
+    results; the norms land in the right slots."""
+    ours, ref, norms, norms_ref, flag, flag_ref = run_moments("cuda", "cuda", F32, BF16, "torch",
+                                                             count=750, nan_at=None)
+    for i in range(len(ours[0])):
+        assert ulps(ours[1][i], ref[1][i]) <= 1 and ulps(ours[3][i], ref[3][i]) <= 1
+    torch.testing.assert_close(norms, norms_ref, rtol=1e-5, atol=1e-30)
+    ours, ref, kw, flag, flag_ref = run_adamw("cuda", "cuda", F32, F32, F32, "hf", "post",
+                                              count=700, nan_at=650)
+    assert int(flag) == int(flag_ref) == 1
+
+
+@needs_cpu_ext
+def test_cpu_many_tensors():
+    ours, ref, norms, norms_ref, flag, flag_ref = run_moments("cpu", "cpu", F32, F32, "hf",
+                                                             count=400, nan_at=None)
+    for i in range(len(ours[0])):
+        assert torch.equal(ours[1][i], ref[1][i]) and torch.equal(ours[2][i], ref[2][i])
+    torch.testing.assert_close(norms, norms_ref, rtol=1e-5, atol=1e-30)

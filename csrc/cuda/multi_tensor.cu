@@ -1,8 +1,11 @@
-// CUDA kernels of the multi-tensor ops (multi_tensor.h): ONE launch per call, one block per
-// (tensor, chunk) work item, whatever the number of tensors. The tables (entries, per-tensor
-// scalars, work items) go to device memory in one stream-ordered allocation and one copy; the
-// allocation is freed in stream order after the kernel. Built with --fmad=false; the math uses
-// the *_rn intrinsics anyway.
+// CUDA kernels of the multi-tensor ops (multi_tensor.h): one block per (tensor, chunk) work
+// item. The tables (entries, per-tensor scalars, each tensor's first block) travel in the
+// kernel's argument struct (__grid_constant__, up to ~31 KB: CUDA >= 12.1 on sm_70+), so a
+// call is ONE launch with no allocation and no host-to-device copy (nothing that could make
+// the host wait for the stream) for up to ~300 tensors (MTBatch::K: 351 for the moments,
+// 297 for AdamW); a longer list is walked in batches of that many, one launch each. A block
+// finds its tensor by binary search over the first-block table. Built with --fmad=false; the
+// math uses the *_rn intrinsics anyway.
 //
 // Norms: each block reduces its chunk's sum of n^2 in fp32 and atomically adds it to its
 // tensor's slot (zeroed first on the stream), so the order of the additions (and the last bits
@@ -10,7 +13,8 @@
 // non-finite input stores 1.
 #include <cuda_runtime.h>
 
-#include <cstring>
+#include <climits>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -41,73 +45,82 @@ __device__ __forceinline__ float block_sum(float x) {
   return total;  // valid in thread 0
 }
 
+constexpr size_t kParamBytes = 31000;  // under the 32764-byte kernel-argument limit
+
+template <typename S>
+struct BatchSize {
+  static constexpr int value =
+      static_cast<int>((kParamBytes - 64) / (sizeof(MTEntry) + sizeof(S) + sizeof(int32_t)));
+};
+
+// One launch's tables, passed by value. Tensor t of the batch owns blocks
+// [first_block[t], first_block[t+1]).
+template <typename S>
+struct MTBatch {
+  static constexpr int K = BatchSize<S>::value;
+  MTEntry entries[K];
+  S scalars[K];
+  int32_t first_block[K + 1];
+  int32_t count;
+};
+static_assert(sizeof(MTBatch<MomentsScalars>) <= kParamBytes, "kernel argument too large");
+static_assert(sizeof(MTBatch<AdamWScalars>) <= kParamBytes, "kernel argument too large");
+
+// The tensor owning this block (the last t whose first block is <= blockIdx.x; empty tensors
+// own no block) and the chunk of it.
+template <typename S>
+__device__ __forceinline__ void locate(const MTBatch<S>& b, int& tensor, int64_t& chunk) {
+  const int32_t bid = static_cast<int32_t>(blockIdx.x);
+  int lo = 0, hi = b.count;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (b.first_block[mid] <= bid) lo = mid;
+    else hi = mid;
+  }
+  tensor = lo;
+  chunk = bid - b.first_block[lo];
+}
+
 __global__ void __launch_bounds__(kThreads)
-adam_moments_multi_kernel(const MTEntry* __restrict__ entries,
-                          const MomentsScalars* __restrict__ scalars,
-                          const MTItem* __restrict__ items, float* norms, int32_t* flag) {
-  const MTItem it = items[blockIdx.x];
-  const MTEntry e = entries[it.tensor];
-  const MomentsScalars s = scalars[it.tensor];
-  const int64_t begin = int64_t(it.chunk) * kChunk;
+adam_moments_multi_kernel(const __grid_constant__ MTBatch<MomentsScalars> batch, float* norms,
+                          int32_t* flag) {
+  int t;
+  int64_t chunk;
+  locate(batch, t, chunk);
+  const MTEntry& e = batch.entries[t];
+  const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
   float sq = 0.0f;
   bool bad = false;
-  moments_range_any(e, s, begin + threadIdx.x, end, kThreads, norms != nullptr,
+  moments_range_any(e, batch.scalars[t], begin + threadIdx.x, end, kThreads, norms != nullptr,
                     flag != nullptr, sq, bad);
   if (flag != nullptr) {
     if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1;
   }
   if (norms != nullptr) {
     const float total = block_sum(sq);
-    if (threadIdx.x == 0) atomicAdd(norms + it.tensor, total);
+    if (threadIdx.x == 0) atomicAdd(norms + t, total);
   }
 }
 
 __global__ void __launch_bounds__(kThreads)
-adamw_step_multi_kernel(const MTEntry* __restrict__ entries,
-                        const AdamWScalars* __restrict__ scalars,
-                        const MTItem* __restrict__ items, int32_t* flag) {
-  const MTItem it = items[blockIdx.x];
-  const MTEntry e = entries[it.tensor];
-  const AdamWScalars s = scalars[it.tensor];
-  const int64_t begin = int64_t(it.chunk) * kChunk;
+adamw_step_multi_kernel(const __grid_constant__ MTBatch<AdamWScalars> batch, int32_t* flag) {
+  int t;
+  int64_t chunk;
+  locate(batch, t, chunk);
+  const MTEntry& e = batch.entries[t];
+  const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
   bool bad = false;
-  adamw_range_any(e, s, begin + threadIdx.x, end, kThreads, flag != nullptr, bad);
+  adamw_range_any(e, batch.scalars[t], begin + threadIdx.x, end, kThreads, flag != nullptr, bad);
   if (flag != nullptr) {
     if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1;
   }
 }
 
-size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
-
-// The three tables in one host buffer, at offsets 0, off_scalars, off_items.
-template <typename S>
-struct Tables {
-  std::vector<unsigned char> host;
-  size_t off_scalars = 0, off_items = 0;
-  size_t n_items = 0;
-};
-
-template <typename S>
-Tables<S> pack(const std::vector<MTEntry>& entries, const std::vector<S>& scalars) {
-  Tables<S> t;
-  const std::vector<MTItem> items = mt_work_items(entries, kChunk);
-  t.n_items = items.size();
-  const size_t e_bytes = entries.size() * sizeof(MTEntry);
-  const size_t s_bytes = scalars.size() * sizeof(S);
-  const size_t i_bytes = items.size() * sizeof(MTItem);
-  t.off_scalars = align_up(e_bytes);
-  t.off_items = t.off_scalars + align_up(s_bytes);
-  t.host.assign(t.off_items + i_bytes, 0);
-  if (e_bytes) std::memcpy(t.host.data(), entries.data(), e_bytes);
-  if (s_bytes) std::memcpy(t.host.data() + t.off_scalars, scalars.data(), s_bytes);
-  if (i_bytes) std::memcpy(t.host.data() + t.off_items, items.data(), i_bytes);
-  return t;
-}
-
-// Sets the device, uploads the tables, calls launch(device tables), frees them in stream
-// order. Returns "" or the first CUDA error.
+// Sets the device, zeroes `zero_first` (zero_count floats) on the stream, then for each batch
+// of tensors fills an MTBatch and calls launch(batch, blocks, first tensor index, stream).
+// Returns "" or the first CUDA error.
 template <typename S, typename L>
 std::string run_multi(const char* op, const std::vector<MTEntry>& entries,
                       const std::vector<S>& scalars, int device, std::uintptr_t stream_handle,
@@ -121,25 +134,28 @@ std::string run_multi(const char* op, const std::vector<MTEntry>& entries,
     err = cudaMemsetAsync(zero_first, 0, zero_count * sizeof(float), stream);
     if (err != cudaSuccess) return cuda_error((name + ": cudaMemsetAsync").c_str(), err);
   }
-  Tables<S> t = pack(entries, scalars);
-  if (t.n_items == 0) return "";
-  void* dev = nullptr;
-  err = cudaMallocAsync(&dev, t.host.size(), stream);
-  if (err != cudaSuccess) return cuda_error((name + ": cudaMallocAsync").c_str(), err);
-  // pageable source: returns once the bytes are staged, so `t` may go out of scope after
-  err = cudaMemcpyAsync(dev, t.host.data(), t.host.size(), cudaMemcpyHostToDevice, stream);
-  if (err != cudaSuccess) {
-    (void)cudaFreeAsync(dev, stream);
-    return cuda_error((name + ": cudaMemcpyAsync").c_str(), err);
+  constexpr int K = MTBatch<S>::K;
+  MTBatch<S> batch;  // ~31 KB; filled per launch
+  const size_t total = entries.size();
+  for (size_t first = 0; first < total; first += K) {
+    const int count = static_cast<int>(total - first < size_t(K) ? total - first : size_t(K));
+    int64_t blocks = 0;
+    for (int t = 0; t < count; ++t) {
+      batch.entries[t] = entries[first + t];
+      batch.scalars[t] = scalars[first + t];
+      batch.first_block[t] = static_cast<int32_t>(blocks);
+      blocks += (entries[first + t].n + kChunk - 1) / kChunk;
+      if (blocks > int64_t(INT32_MAX)) {
+        return name + ": too many elements for one launch (more than 2^31 chunks)";
+      }
+    }
+    batch.first_block[count] = static_cast<int32_t>(blocks);
+    batch.count = count;
+    if (blocks == 0) continue;
+    launch(batch, static_cast<unsigned>(blocks), first, stream);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return cuda_error((name + ": kernel launch").c_str(), err);
   }
-  unsigned char* base = static_cast<unsigned char*>(dev);
-  launch(static_cast<unsigned>(t.n_items), stream, reinterpret_cast<const MTEntry*>(base),
-         reinterpret_cast<const S*>(base + t.off_scalars),
-         reinterpret_cast<const MTItem*>(base + t.off_items));
-  const cudaError_t launch_err = cudaGetLastError();
-  err = cudaFreeAsync(dev, stream);
-  if (launch_err != cudaSuccess) return cuda_error((name + ": kernel launch").c_str(), launch_err);
-  if (err != cudaSuccess) return cuda_error((name + ": cudaFreeAsync").c_str(), err);
   return "";
 }
 
@@ -151,10 +167,10 @@ std::string adam_moments_multi_cuda(const MomentsMultiArgs& a, int device,
   if (a.entries.empty()) return "";
   return run_multi("adam_moments_multi", a.entries, a.scalars, device, stream, a.norms,
                    a.entries.size(),
-                   [&](unsigned blocks, cudaStream_t st, const MTEntry* e,
-                       const MomentsScalars* s, const MTItem* items) {
-                     adam_moments_multi_kernel<<<blocks, kThreads, 0, st>>>(e, s, items,
-                                                                            a.norms, a.flag);
+                   [&](const MTBatch<MomentsScalars>& batch, unsigned blocks, size_t first,
+                       cudaStream_t st) {
+                     adam_moments_multi_kernel<<<blocks, kThreads, 0, st>>>(
+                         batch, a.norms != nullptr ? a.norms + first : nullptr, a.flag);
                    });
 }
 
@@ -162,9 +178,9 @@ std::string adamw_step_multi_cuda(const AdamWMultiArgs& a, int device, std::uint
   check_adamw_multi_args(a);
   if (a.entries.empty()) return "";
   return run_multi("adamw_step_multi", a.entries, a.scalars, device, stream, nullptr, 0,
-                   [&](unsigned blocks, cudaStream_t st, const MTEntry* e,
-                       const AdamWScalars* s, const MTItem* items) {
-                     adamw_step_multi_kernel<<<blocks, kThreads, 0, st>>>(e, s, items, a.flag);
+                   [&](const MTBatch<AdamWScalars>& batch, unsigned blocks, size_t,
+                       cudaStream_t st) {
+                     adamw_step_multi_kernel<<<blocks, kThreads, 0, st>>>(batch, a.flag);
                    });
 }
 
