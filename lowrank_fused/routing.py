@@ -63,31 +63,11 @@ def galore_param_groups(model: nn.Module, *, target_modules: TargetSpec = ("attn
     ``requires_grad=False`` are left out of both groups. A parameter shared by several modules
     appears once. Raises ``ValueError`` when ``target_modules`` matches no trainable Linear.
     """
-    if int(rank) != rank or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if int(update_proj_gap) != update_proj_gap or update_proj_gap < 1:
         raise ValueError(f"update_proj_gap must be a positive integer, got {update_proj_gap!r}")
-    names = set(galore_target_names(model, target_modules))
-    galore_params, seen = [], set()
-    for name, module in model.named_modules():
-        if name in names and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            galore_params.append(module.weight)
-    if not galore_params:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
-        raise ValueError(
-            f"target_modules={target_modules!r} matches no trainable nn.Linear module "
-            f"(the model's Linear modules: {shown or 'none'})")
-    regular = []
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            regular.append(p)
-    groups = [{"params": galore_params, "rank": int(rank), "update_proj_gap": int(update_proj_gap),
-               "scale": scale, "proj_type": proj_type, **extra},
-              {"params": regular}]
-    return [g for g in groups if g["params"]]
+    return param_groups(model, method="galore", target_modules=target_modules, rank=rank,
+                        update_proj_gap=int(update_proj_gap), scale=scale, proj_type=proj_type,
+                        **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +119,12 @@ def _check_rank(rank):
     if not ok:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     return int(rank)
+
+
+def _linear_listing(model: nn.Module) -> str:
+    """The model's Linear module names, for error messages (at most 8 shown)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return (", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")) or "none"
 
 
 def _trainable(model: nn.Module, seen: set) -> List:
@@ -201,11 +187,9 @@ def param_groups(model: nn.Module, *, method: str, target_modules: TargetSpec = 
             seen.add(id(module.weight))
             low.append(module.weight)
     if not low:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
-        what = "no trainable nn.Linear module"
-        raise ValueError(f"target_modules={target_modules!r} selects {what} for "
-                         f"method={method!r} (the model's Linear modules: {shown or 'none'})")
+        raise ValueError(f"target_modules={target_modules!r} selects no trainable nn.Linear "
+                         f"module for method={method!r} (the model's Linear modules: "
+                         f"{_linear_listing(model)})")
     low_group = {"params": low, "rank": rank, **method_kwargs}
     rest_group = {"params": _trainable(model, seen)}
     if method == "ldadam":
@@ -232,11 +216,9 @@ def _adamem_groups(model, target_modules, rank, method_kwargs):
                 + rest["params"]}
         low = {**low, "params": keep}
     if low is None or not low["params"]:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
         raise ValueError(f"target_modules={target_modules!r} selects no trainable nn.Linear "
                          f"besides the first and last layers for method='adamem' (the model's "
-                         f"Linear modules: {shown or 'none'})")
+                         f"Linear modules: {_linear_listing(model)})")
     return [g for g in (low, rest) if g["params"]]
 
 
