@@ -21,3 +21,22 @@ def basis(shape, rank, side, device):
     """A random orthonormal basis in the stored layout: P (m x r) left, Q (r x n) right."""
     m, n = shape
     return orthonormal(m, rank, device) if side == "left" else orthonormal(n, rank, device).t().contiguous()
+
+
+def tiny_lm_task(seed=0):
+    """A 2-layer tiny LLaMA and a batch sampler for a learnable synthetic task: a
+    deterministic successor rule from a random start (never constant)."""
+    from lowrank_fused.models import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         max_position_embeddings=16))
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def batch():
+        start = torch.randint(0, 32, (8, 1), generator=g)
+        seq = (start * 5 + 3 * torch.arange(17)) % 32
+        return seq[:, :-1], seq[:, 1:]
+
+    return model, batch

@@ -9,9 +9,9 @@ import torch
 
 from lowrank_fused import BackendUnavailable, GaLoreAdamW
 from lowrank_fused.dispatch import available
-from lowrank_fused.models import LlamaConfig, LlamaForCausalLM
 from lowrank_fused.optim.adamw import AdamW, HFAdamW
 from lowrank_fused.testing import assert_parity, tolerance
+from _cases import tiny_lm_task
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -216,24 +216,8 @@ def test_state_dict_round_trip_continues_bit_identically(backend, tmp_path):
         assert torch.equal(p, q)
 
 
-def _tiny_lm_task(seed=0):
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2,
-                                         max_position_embeddings=16))
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def batch():
-        # a deterministic successor rule from a random start: learnable, never constant
-        start = torch.randint(0, 32, (8, 1), generator=g)
-        seq = (start * 5 + 3 * torch.arange(17)) % 32
-        return seq[:, :-1], seq[:, 1:]
-
-    return model, batch
-
-
 def test_tiny_model_trains():
-    model, batch = _tiny_lm_task()
+    model, batch = tiny_lm_task()
     opt = AdamW(model.parameters(), lr=3e-3, backend="reference")
     losses = []
     for _ in range(100):
