@@ -209,3 +209,21 @@ def _eps_mode_divisors(eps_mode, beta1, beta2, step):
     if eps_mode == "torch":
         return bias_corrections(beta1, beta2, step)
     raise ValueError(f"eps_mode must be 'hf' or 'torch', got {eps_mode!r}")
+
+
+def nonfinite_flag(tensors):
+    """A 0-dim bool tensor on the tensors' device: True when any of ``tensors`` holds a NaN or
+    an Inf. One multi-tensor max-abs reduction per dtype (``torch._foreach_norm`` with
+    ``ord=inf``, which propagates NaN) and no host synchronisation: the caller reads the flag
+    once. Empty tensors are skipped; an empty list gives False."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros((), dtype=torch.bool)
+    by_dtype = {}
+    for t in tensors:
+        if t.dtype not in FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"nonfinite_flag takes floating tensors, got {t.dtype}")
+        by_dtype.setdefault(t.dtype, []).append(t)
+    maxima = [m.float() for group in by_dtype.values()
+              for m in torch._foreach_norm(group, ord=math.inf)]
+    return ~torch.isfinite(torch.stack(maxima)).all()

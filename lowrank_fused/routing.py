@@ -267,9 +267,10 @@ def make_optimizer(model: nn.Module, method: str, **kwargs):
         for key in ("rank", "target_modules"):
             if key in kwargs:
                 raise ValueError(f"{key} has no meaning for method={method!r}")
-        return cls(param_groups(model, method=method), **kwargs)
+        return cls(param_groups(model, method=method), **kwargs).set_param_names(model)
     routing = {k: kwargs.pop(k) for k in ("rank", "target_modules") if k in kwargs}
     ctor_names = _constructor_keywords(cls)
     ctor = {k: v for k, v in kwargs.items() if k in ctor_names}
     group = {k: v for k, v in kwargs.items() if k not in ctor_names}
-    return cls(param_groups(model, method=method, **routing, **group), **ctor)
+    opt = cls(param_groups(model, method=method, **routing, **group), **ctor)
+    return opt.set_param_names(model)

@@ -6,10 +6,12 @@ import math
 
 import torch
 
+from lowrank_fused import ops
 from lowrank_fused.dispatch import CHOICES, AutoBackend, choose_backend, resolve_backend
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 _CHECKPOINT_KEY = "lowrank_fused"
+NONFINITE = ("raise", "skip", "ignore")
 
 
 def check_number(name, value, *, low=None, high=None, high_open=False):
@@ -61,11 +63,30 @@ class LowRankOptimizer(torch.optim.Optimizer):
     phase, e.g. a joint refresh of all layers) and ``_after_updates`` (e.g. a global counter).
 
     ``step`` validates every group and every gradient before it touches any parameter or
-    state, so bad input (a scheduler writing a bad value, a NaN gradient where a basis is
-    computed) raises with the weights and the state as they were."""
+    state, so bad input (a scheduler writing a bad value, a NaN gradient) raises with the
+    weights and the state as they were.
+
+    ``nonfinite`` (every subclass takes it) says what a NaN or Inf in any gradient does:
+    ``"raise"`` (default) raises ``FloatingPointError`` naming the parameter and the step,
+    with nothing written; ``"skip"`` skips the whole step (weights and every state tensor stay
+    bit-identical) and counts it in ``skipped_steps``; ``"ignore"`` does no check (no host
+    read per step; a non-finite gradient then reaches the moments, as in the official code).
+    The check is one multi-tensor max-abs reduction over the gradients and one flag read.
+
+    Parameters must be float32, bfloat16 or float16 (``PARAM_DTYPES``), dense, and on one
+    device; ``set_param_names`` (``make_optimizer`` calls it) lets messages use module names.
+    """
+
+    PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
     def __init__(self, params, defaults, *, backend="auto", faithful_dtypes=False,
-                 sign_canon=True, matmul_precision=None):
+                 sign_canon=True, matmul_precision=None, nonfinite="raise"):
+        check_choice("nonfinite", nonfinite, NONFINITE)
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self.step_calls = 0
+        self._param_names = {}
+        self._label_index = {}
         if matmul_precision is not None and matmul_precision not in ("ieee", "tf32", "bf16"):
             raise ValueError("matmul_precision must be None, 'ieee', 'tf32' or 'bf16', got "
                              f"{matmul_precision!r}")
@@ -83,7 +104,56 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_tensors(self.param_groups[-1])
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()       # a refused group leaves the optimizer as it was
+            raise
+
+    def _check_tensors(self, group):
+        """Every parameter floating (``PARAM_DTYPES``), dense, and on the optimizer's device."""
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        for p in group["params"]:
+            if p.dtype not in self.PARAM_DTYPES:
+                raise TypeError(
+                    f"{type(self).__name__} supports parameters of dtype "
+                    f"{', '.join(str(d).replace('torch.', '') for d in self.PARAM_DTYPES)}; "
+                    f"{self.param_label(p)} has dtype {p.dtype}")
+            if p.layout != torch.strided:
+                raise TypeError(f"{type(self).__name__} supports dense parameters only; "
+                                f"{self.param_label(p)} has layout {p.layout}")
+            if p.device != first.device:
+                raise ValueError(
+                    f"{type(self).__name__} needs every parameter on one device: "
+                    f"{self.param_label(first)} is on {first.device}, {self.param_label(p)} "
+                    f"is on {p.device} (make one optimizer per device)")
+
+    def set_param_names(self, names):
+        """Use module names in messages: ``names`` is a module (its ``named_parameters``) or
+        a mapping or iterable of ``(name, parameter)``. Returns self."""
+        if isinstance(names, torch.nn.Module):
+            names = names.named_parameters()
+        elif isinstance(names, dict):
+            names = names.items()
+        self._param_names = {id(p): str(n) for n, p in names}
+        return self
+
+    def param_label(self, p) -> str:
+        """How messages name a parameter: its name (``param_names`` of its group, or
+        ``set_param_names``) or its index in the optimizer, and its shape."""
+        if len(self._label_index) != sum(len(g["params"]) for g in self.param_groups):
+            self._label_index = {}
+            for group in self.param_groups:
+                for i, q in enumerate(group["params"]):
+                    names = group.get("param_names")
+                    self._label_index[id(q)] = (len(self._label_index),
+                                                names[i] if names else None)
+        index, group_name = self._label_index.get(id(p), (None, None))
+        name = self._param_names.get(id(p), group_name)
+        where = f"'{name}'" if name is not None else (
+            f"parameter {index}" if index is not None else "a parameter")
+        return f"{where} (shape {tuple(p.shape)})"
 
     def resolved_backend(self, device) -> str:
         """The backend this optimizer prefers for tensors on ``device`` (with ``auto``, an op
@@ -119,8 +189,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
         torch conventions (``eps_mode="torch", wd_mode="pre"``) or HF/GaLore ones
         (``"hf", "post"``). The bias correction uses the parameter's own counter, or ``step``
         when the method has a global one (LDAdam)."""
-        from lowrank_fused import ops  # local: ops imports nothing from here, but keep it lazy
-
         state = self.state[p]
         if "exp_avg" not in state:
             if step is None:
@@ -152,19 +220,49 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return W, G, lambda W: p.copy_(W.view(p.shape))
 
     def _validate_step(self):
-        """Every group and every gradient checked before anything is written."""
+        """Every group and every gradient checked before anything is written. Returns False
+        when the step is to be skipped (a non-finite gradient with ``nonfinite="skip"``)."""
         for group in self.param_groups:
             self._check_group(group)
+        grads = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match "
-                                     f"parameter shape {tuple(p.shape)}")
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse "
+                                       f"gradients ({self.param_label(p)})")
+                if g.shape != p.shape:
+                    raise ValueError(f"gradient shape {tuple(g.shape)} does not match "
+                                     f"parameter shape of {self.param_label(p)}")
+                if g.device != p.device:
+                    raise ValueError(f"gradient of {self.param_label(p)} is on {g.device}, "
+                                     f"the parameter on {p.device}")
+                if g.dtype not in self.PARAM_DTYPES:
+                    raise TypeError(f"gradient of {self.param_label(p)} has dtype {g.dtype}")
+                grads.append(g)
+        if self.nonfinite != "ignore" and bool(ops.nonfinite_flag(grads)):   # one host read
+            if self.nonfinite == "skip":
+                return False
+            self._raise_nonfinite()
         self._check_grads()
+        return True
+
+    def _raise_nonfinite(self):
+        """The slow path after the flag: find and name the first bad gradient."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.grad.numel() == 0:
+                    continue
+                nan = int(torch.isnan(p.grad).sum())
+                inf = int(torch.isinf(p.grad).sum())
+                if nan or inf:
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: the gradient of {self.param_label(p)} has "
+                        f"non-finite entries ({nan} NaN, {inf} Inf) at step "
+                        f"{self.step_calls + 1}; no "
+                        "parameter or state was updated (nonfinite='skip' skips such steps)")
 
     def _check_grads(self):
         """Hook: method-specific checks of the gradients before the step (default: none)."""
@@ -181,7 +279,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._validate_step()
+        if not self._validate_step():
+            self.step_calls += 1
+            self.skipped_steps += 1
+            return loss
+        self.step_calls += 1
         self._before_updates()
         precision = self.precision()
         for group in self.param_groups:
@@ -204,6 +306,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         sd[_CHECKPOINT_KEY] = {
             "optimizer": type(self).__name__,
             "param_shapes": [list(p.shape) for g in self.param_groups for p in g["params"]],
+            "step_calls": self.step_calls,
+            "skipped_steps": self.skipped_steps,
         }
         return sd
 
@@ -230,6 +334,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         to the parameter dtype, which would round fp32 moments of bf16 parameters) and moves to
         its parameter's device."""
         self._check_checkpoint(state_dict)
+        meta = state_dict.get(_CHECKPOINT_KEY) or {}
         state_dict = {k: v for k, v in state_dict.items() if k != _CHECKPOINT_KEY}
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
@@ -239,4 +344,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for key, value in st.items():
                 if torch.is_tensor(value):
                     self.state[p][key] = value.detach().to(device=p.device, copy=True)
+        self.step_calls = int(meta.get("step_calls", 0))
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
         self._resolved = {}

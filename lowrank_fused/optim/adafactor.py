@@ -60,14 +60,16 @@ class Adafactor(LowRankOptimizer):
     ``RMS``, the parameter RMS recomputed at every step; it is not state and is not stored.
     """
 
+    PARAM_DTYPES = LowRankOptimizer.PARAM_DTYPES + (torch.float64,)   # HF Adafactor runs fp64
+
     def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
                  beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True,
-                 warmup_init=False, *, backend="auto"):
+                 warmup_init=False, *, backend="auto", nonfinite="raise"):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init)
         self._check_group(defaults)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite)
 
     # -- validation -----------------------------------------------------------------------
     def _check_group(self, group):

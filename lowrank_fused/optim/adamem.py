@@ -35,6 +35,7 @@ from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
 from lowrank_fused.subspace import grouped_refresh
+from lowrank_fused.optim.galore_adamw import checked_bases
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_choice,
                                        check_int, check_number)
 
@@ -82,7 +83,7 @@ class AdaMeM(LowRankOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, eps1=1e-30,
                  weight_decay=0.01, delta=1.0, update_proj_gap=200, *, v_source="momentum",
                  transport_on_refresh=False, bias_correction=True, residual_form="identity",
-                 backend="auto", sign_canon=True, matmul_precision=None, projector="svd",
+                 backend="auto", nonfinite="raise", sign_canon=True, matmul_precision=None, projector="svd",
                  proj_oversample=8, proj_power_iters=2):
         self._pending_bases = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, eps1=eps1, weight_decay=weight_decay,
@@ -93,7 +94,7 @@ class AdaMeM(LowRankOptimizer):
                         proj_power_iters=proj_power_iters)
         self._check_group(defaults)
         defaults["betas"] = tuple(betas)
-        super().__init__(params, defaults, backend=backend, faithful_dtypes=False,
+        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=False,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     # -- group validation -----------------------------------------------------------------
@@ -206,7 +207,9 @@ class AdaMeM(LowRankOptimizer):
                 settings = (group["proj_oversample"], group["proj_power_iters"],
                             state.get("step", 0))
                 requests.append((p, settings, (G.t() if transposed else G, rank, "left")))
-        self._pending_bases = grouped_refresh(requests, sign_canon=self.sign_canon)
+        self._pending_bases = checked_bases(
+            self, grouped_refresh(requests, sign_canon=self.sign_canon),
+            {p: a for p, _, a in requests}, state_key="P")
 
     def _after_updates(self):
         self._pending_bases = {}
@@ -219,7 +222,9 @@ class AdaMeM(LowRankOptimizer):
         them at fp32 rounding level (ALGORITHMS.md section 11, invariants 2 and 3)."""
         P = self._pending_bases.pop(p, None) if p is not None else None
         if P is None:
-            P = canonical_svd_basis(Gc, rank, "left", self.sign_canon)
+            P = canonical_svd_basis(Gc, rank, "left", self.sign_canon,
+                                    label=self.param_label(p) if p is not None else None,
+                                    previous=self.state[p].get("P") if p is not None else None)
         return orth(P.double()).float()
 
     def _adamem_step(self, p, group, plan, backend, precision):

@@ -43,7 +43,7 @@ class AdamW(LowRankOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=None, weight_decay=None,
-                 correct_bias=True, *, hf=False, backend="auto", faithful_dtypes=False):
+                 correct_bias=True, *, hf=False, backend="auto", nonfinite="raise", faithful_dtypes=False):
         variant = _HF_DEFAULTS if hf else _TORCH_DEFAULTS
         eps = variant["eps"] if eps is None else eps
         weight_decay = variant["weight_decay"] if weight_decay is None else weight_decay
@@ -61,7 +61,7 @@ class AdamW(LowRankOptimizer):
         self.hf = hf
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias)
-        super().__init__(params, defaults, backend=backend, faithful_dtypes=faithful_dtypes)
+        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes)
 
     def _check_group(self, group):
         check_number("lr", group["lr"], low=0.0)
@@ -87,7 +87,7 @@ class HFAdamW(AdamW):
     (0.9, 0.999), eps 1e-6, weight_decay 0.0, correct_bias True)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, *, backend="auto", faithful_dtypes=False):
+                 correct_bias=True, *, backend="auto", nonfinite="raise", faithful_dtypes=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, hf=True, backend=backend,
+                         correct_bias=correct_bias, hf=True, backend=backend, nonfinite=nonfinite,
                          faithful_dtypes=faithful_dtypes)

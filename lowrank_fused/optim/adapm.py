@@ -128,7 +128,7 @@ class AdaPM(LowRankOptimizer):
                  rank=None, rank_ratio=0.05, refit_T=100, refit_K=10,
                  adapm_correction="unbiased", bias_correction=True, clip_mode="elementwise",
                  clip_threshold=1.0, nomomentum_mode="ema", full_rank_fallback=True,
-                 sketch_seed=0, backend="auto", faithful_dtypes=False, sign_canon=True,
+                 sketch_seed=0, backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
                  matmul_precision=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block="auto",
                         rank=rank, rank_ratio=rank_ratio, refit_T=refit_T, refit_K=refit_K,
@@ -139,7 +139,7 @@ class AdaPM(LowRankOptimizer):
                         qkv_sizes=None)
         self._check_hyper(defaults)
         defaults["betas"] = tuple(betas)
-        super().__init__(params, defaults, backend=backend, faithful_dtypes=faithful_dtypes,
+        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     # -- validation -------------------------------------------------------------------------

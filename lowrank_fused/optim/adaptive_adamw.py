@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import heapq
 import math
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
 
 from lowrank_fused import ops
 from lowrank_fused.dispatch import implementation
-from lowrank_fused.linalg import canonical_svd_basis
+from lowrank_fused.linalg import RefreshFallbackWarning, canonical_svd_basis, fallback_basis
 from lowrank_fused.optim._base import check_number
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
 from lowrank_fused.subspace import randomized_svd
@@ -183,12 +184,13 @@ class _SubspaceAdamW(GaLoreAdamW):
     step with a method-specific basis update, the norm-growth limiter and moment transport."""
 
     def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
-                 backend, faithful_dtypes, sign_canon, matmul_precision, **projector):
+                 backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision,
+                 **projector):
         # the method's group keys -> the constructor's values, filled into every rank group
         # (set before the base constructor, which checks the groups)
         self._family = dict(family)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, backend=backend,
+                         correct_bias=correct_bias, backend=backend, nonfinite=nonfinite,
                          faithful_dtypes=faithful_dtypes, sign_canon=sign_canon,
                          matmul_precision=matmul_precision, **projector)
 
@@ -336,14 +338,14 @@ class AdaptiveAdamW(_SubspaceAdamW):
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, rank_metric="explained_variance", nl_gamma=1.01,
-                 combined_weight=0.5, update_proj_gap=200, scale=0.25, backend="auto",
+                 combined_weight=0.5, update_proj_gap=200, scale=0.25, backend="auto", nonfinite="raise",
                  faithful_dtypes=False, sign_canon=True, matmul_precision=None,
                  projector="svd", proj_oversample=8, proj_power_iters=2):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, rank_metric=rank_metric,
                       nl_gamma=nl_gamma, combined_weight=combined_weight, pool_step=0)
         _check_adaptive_keys(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
-                         backend=backend, faithful_dtypes=faithful_dtypes,
+                         backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision,
                          projector=projector, proj_oversample=proj_oversample,
                          proj_power_iters=proj_power_iters)
@@ -389,13 +391,24 @@ class AdaptiveAdamW(_SubspaceAdamW):
             return self._refresh_randomized(group, managed)
         grads = [self._as_matrix(p, plan[2])[1] for p, plan in managed]
         # A1: spectra, in fp32 (5.5), one matrix at a time
-        spectra = [torch.linalg.svdvals(G.float()) for G in grads]
+        try:
+            spectra = [torch.linalg.svdvals(G.float()) for G in grads]
+            bad = next((p for s, (p, _) in zip(spectra, managed)
+                        if not bool(torch.isfinite(s).all())), None)
+            reason = "torch.linalg.svdvals returned non-finite values"
+        except RuntimeError as e:             # torch.linalg.LinAlgError is a RuntimeError
+            bad, reason = managed[0][0], f"torch.linalg.svdvals failed ({str(e)[:120]})"
+        if bad is not None:                   # spectra and bases from the randomized path
+            warnings.warn(f"rank allocation of {self.param_label(bad)}'s group: {reason}; "
+                          "using the randomized SVD for this refresh", RefreshFallbackWarning)
+            return self._refresh_randomized(group, managed)
         # A2: greedy allocation of B = rank * L from r = 1, r_max = min(m, n)
         ranks = allocate_ranks([s.cpu() for s in spectra], group["rank"] * len(managed),
                                group["rank_metric"],
                                combined_weight=float(group["combined_weight"]))
         # A3: new bases, all computed before any state changes
-        bases = [canonical_svd_basis(G, r, plan[0], self.sign_canon)
+        bases = [canonical_svd_basis(G, r, plan[0], self.sign_canon, label=self.param_label(p),
+                                     previous=self.state[p].get("ortho"))
                  for G, r, (p, plan) in zip(grads, ranks, managed)]
         for (p, (side, _, shape)), r_new, P_new in zip(managed, ranks, bases):
             state = self.state[p]
@@ -432,6 +445,13 @@ class AdaptiveAdamW(_SubspaceAdamW):
                 # scores; the cap k below keeps it out of the candidates
                 spectra[i] = torch.cat([S[j], tail[j:j + 1]]).cpu()
                 vecs[i] = U[j]
+        for i, (p, (side, _, _)) in enumerate(managed):
+            if not (bool(torch.isfinite(spectra[i]).all()) and bool(torch.isfinite(vecs[i]).all())):
+                B = fallback_basis(grads[i], vecs[i].shape[1], side, self.sign_canon,
+                                   label=self.param_label(p),
+                                   reason="the randomized SVD returned non-finite values")
+                vecs[i] = B if side == "left" else B.t()
+                spectra[i] = torch.zeros_like(spectra[i])   # the layer gets the minimum rank
         caps = [int(s.numel()) - 1 for s in spectra]
         ranks = allocate_ranks(spectra, budget, group["rank_metric"], r_max=caps,
                                combined_weight=float(group["combined_weight"]))
@@ -485,13 +505,13 @@ class RSAdamW(_SubspaceAdamW):
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, sigma=1.0, seed=0, nl_gamma=1.01, update_proj_gap=200,
-                 scale=0.25, backend="auto", faithful_dtypes=False, sign_canon=True,
+                 scale=0.25, backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
                  matmul_precision=None):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
                       sigma=sigma, seed=seed)
         self._check_rs(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
-                         backend=backend, faithful_dtypes=faithful_dtypes,
+                         backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     @staticmethod
@@ -543,11 +563,11 @@ class GHAAdamW(_SubspaceAdamW):
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, eta=0.5, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma, eta=eta)
         self._check_gha(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
-                         backend=backend, faithful_dtypes=faithful_dtypes,
+                         backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     @staticmethod
@@ -566,7 +586,8 @@ class GHAAdamW(_SubspaceAdamW):
 
     def _update_basis(self, p, group, side, G, state, backend):
         if "ortho" not in state:
-            state["ortho"] = canonical_svd_basis(G, group["rank"], side, self.sign_canon).to(
+            state["ortho"] = canonical_svd_basis(G, group["rank"], side, self.sign_canon,
+                                                 label=self.param_label(p)).to(
                 self._state_dtype(p))
             state["rank"] = group["rank"]
             self._init_moments(p, state, side, (G.shape[0], G.shape[1]), group["rank"])
@@ -600,13 +621,13 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, kfac_eps=1e-6, kfac_update_freq=10,
                  transport_on_refresh=True, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
                       kfac_eps=kfac_eps, kfac_update_freq=kfac_update_freq,
                       transport_on_refresh=transport_on_refresh)
         self._check_kfac(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
-                         backend=backend, faithful_dtypes=faithful_dtypes,
+                         backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     @staticmethod
@@ -638,7 +659,8 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         if "ortho" in state and k % group["update_proj_gap"] != 0:
             return
         rank = group["rank"]
-        P_new = canonical_svd_basis(G, rank, side, self.sign_canon).to(self._state_dtype(p))
+        P_new = canonical_svd_basis(G, rank, side, self.sign_canon, label=self.param_label(p),
+                                    previous=state.get("ortho")).to(self._state_dtype(p))
         if "ortho" not in state:
             dtype = self._state_dtype(p)
             state["step"] = 0

@@ -176,7 +176,7 @@ class AdaRankGrad(LowRankOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  scale=1.0, eta_th=0.96, power_iters=1, oversampling=0, iass_mode="prefix",
                  exit_rule="relative", eps_rel=0.5, beta_c=0.9, t_min=10, t_max=200,
-                 eps_0=None, v_transport="cc", seed=0, backend="auto", sign_canon=True,
+                 eps_0=None, v_transport="cc", seed=0, backend="auto", nonfinite="raise", sign_canon=True,
                  size_guard=True, matmul_precision=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
                         eta_th=eta_th, power_iters=power_iters, oversampling=oversampling,
@@ -190,7 +190,7 @@ class AdaRankGrad(LowRankOptimizer):
         if not isinstance(sign_canon, bool):
             raise ValueError(f"sign_canon must be a bool, got {sign_canon!r}")
         self.size_guard = size_guard
-        super().__init__(params, defaults, backend=backend, faithful_dtypes=False,
+        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=False,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     # -- validation -----------------------------------------------------------------------

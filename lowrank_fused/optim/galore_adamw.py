@@ -15,7 +15,7 @@ import math
 import torch
 
 from lowrank_fused import ops
-from lowrank_fused.linalg import canonical_svd_basis
+from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
 
@@ -33,6 +33,20 @@ def projection_side(shape, proj_type: str) -> str:
     if proj_type in ("left", "right"):
         return proj_type
     raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
+def checked_bases(opt, bases, args, state_key="ortho"):
+    """Bases from a batched refresh, each checked finite; a non-finite one (the batched
+    decomposition broke down) is replaced by ``fallback_basis`` with a warning naming the
+    parameter. ``args``: parameter -> (G, rank, side) of its request."""
+    for p, B in bases.items():
+        if not bool(torch.isfinite(B).all()):
+            G, rank, side = args[p]
+            bases[p] = fallback_basis(G, rank, side, opt.sign_canon, label=opt.param_label(p),
+                                      previous=opt.state[p].get(state_key),
+                                      reason="the batched randomized SVD returned non-finite "
+                                             "values")
+    return bases
 
 
 class GaLoreAdamW(LowRankOptimizer):
@@ -64,7 +78,7 @@ class GaLoreAdamW(LowRankOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, no_deprecation_warning=True, *, backend="auto",
+                 correct_bias=True, no_deprecation_warning=True, *, backend="auto", nonfinite="raise",
                  faithful_dtypes=False, sign_canon=True, matmul_precision=None,
                  projector="svd", proj_oversample=8, proj_power_iters=2):
         check_number("lr", lr, low=0.0)
@@ -77,7 +91,7 @@ class GaLoreAdamW(LowRankOptimizer):
         self._pending_bases = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=bool(correct_bias))
-        super().__init__(params, defaults, backend=backend, faithful_dtypes=faithful_dtypes,
+        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     # -- group validation -----------------------------------------------------------------
@@ -160,7 +174,8 @@ class GaLoreAdamW(LowRankOptimizer):
                 settings = (group["proj_oversample"], group["proj_power_iters"],
                             self.state[p].get("step", 0))
                 requests.append((p, settings, (p.grad.reshape(shape), rank, side)))
-        self._pending_bases = grouped_refresh(requests, sign_canon=self.sign_canon)
+        self._pending_bases = checked_bases(self, grouped_refresh(
+            requests, sign_canon=self.sign_canon), {p: a for p, _, a in requests})
 
     def _after_updates(self):
         self._pending_bases = {}
@@ -186,7 +201,9 @@ class GaLoreAdamW(LowRankOptimizer):
         if "ortho" not in state or k % group["update_proj_gap"] == 0:
             P_new = self._pending_bases.pop(p, None)
             if P_new is None:
-                P_new = canonical_svd_basis(G, rank, side, self.sign_canon)
+                P_new = canonical_svd_basis(G, rank, side, self.sign_canon,
+                                            label=self.param_label(p),
+                                            previous=state.get("ortho"))
             state["ortho"] = P_new.to(self._state_dtype(p))
         P = state["ortho"]
         R = ops.project(G, P, side=side, precision=precision, backend=backend)

@@ -31,7 +31,7 @@ import torch
 
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
-from lowrank_fused.linalg import canonical_svd_basis, orth
+from lowrank_fused.linalg import canonical_svd_basis, fallback_basis, orth
 from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -146,7 +146,7 @@ class LDAdamW(LowRankOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.908, 0.99), eps=1e-8, weight_decay=0.0,
                  rank=16, rho=0.908, proj_type="std", proj_method="power_iteration",
                  error_feedback=True, ef_dtype="param", enable_lowrank=False, *,
-                 backend="auto", faithful_dtypes=False, sign_canon=True, matmul_precision=None,
+                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None,
                  form="fused", size_guard=True):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -158,7 +158,7 @@ class LDAdamW(LowRankOptimizer):
         self._check_group(defaults)
         self.form = form
         self.size_guard = size_guard
-        super().__init__(params, defaults, backend=backend, faithful_dtypes=faithful_dtypes,
+        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     # -- validation -----------------------------------------------------------------------
@@ -237,11 +237,22 @@ class LDAdamW(LowRankOptimizer):
         self._dense_adamw_step(p, group, backend, eps_mode="torch", wd_mode="pre",
                                step=self.completed_steps + 1)
 
-    def _new_basis(self, X, rank, side, method, t):
+    def _new_basis(self, X, rank, side, method, t, p=None):
         """Basis at a parameter's first step, or from ``b`` (proj_method 'svd', 'svd_lowrank')."""
+        label = self.param_label(p) if p is not None else None
+        previous = self.state[p].get("basis") if p is not None else None
         if method == "svd_lowrank":
-            return _randomized_svd_basis(X, rank, side, self.sign_canon, _SVD_LOWRANK_SEED + t)
-        return canonical_svd_basis(X, rank, side, self.sign_canon)
+            try:
+                B = _randomized_svd_basis(X, rank, side, self.sign_canon, _SVD_LOWRANK_SEED + t)
+                reason = None if bool(torch.isfinite(B).all()) else "its basis is non-finite"
+            except RuntimeError as e:             # torch.linalg.LinAlgError is a RuntimeError
+                reason = f"it failed ({str(e).splitlines()[0][:120]})"
+            if reason is None:
+                return B
+            return fallback_basis(X, rank, side, self.sign_canon, label=label, previous=previous,
+                                  reason="the svd_lowrank refresh: " + reason)
+        return canonical_svd_basis(X, rank, side, self.sign_canon, label=label,
+                                   previous=previous)
 
     def _ldadam_step(self, p, group, plan, backend, precision):
         """ALGORITHMS.md 7.3, left form; a right-projected matrix runs the canonical ops on
@@ -283,7 +294,7 @@ class LDAdamW(LowRankOptimizer):
         # line 1: the new basis. Nothing is mutated before it exists (a non-finite gradient
         # raises here and leaves weights and state untouched).
         if first:
-            P_new = self._new_basis(A, rank, side, group["proj_method"], t)
+            P_new = self._new_basis(A, rank, side, group["proj_method"], t, p)
             P_old = torch.zeros(basis_shape, dtype=sdt, device=p.device)
             M = torch.zeros(low_shape, dtype=sdt, device=p.device)
             V = torch.zeros_like(M)
@@ -296,14 +307,17 @@ class LDAdamW(LowRankOptimizer):
                 Y = torch.empty((cv(A).shape[0], rank), dtype=torch.float32, device=p.device)
                 lookup("ldadam_power_iteration", backend)(
                     cv(A), cv(P_old), cv(M), Y, explicit=self._explicit, b_dtype=b_dtype, **mix)
-                if not torch.isfinite(Y).all():
-                    raise FloatingPointError("LDAdamW: the power iteration produced non-finite "
-                                             "values (non-finite gradient or state)")
-                P_new = cv(_qr_basis(Y, self.sign_canon))
+                if bool(torch.isfinite(Y).all()):
+                    P_new = cv(_qr_basis(Y, self.sign_canon))
+                else:                                  # overflow in b = rho M-mix + A
+                    P_new = fallback_basis(A, rank, side, self.sign_canon,
+                                           label=self.param_label(p), previous=P_old,
+                                           reason="the power iteration produced non-finite "
+                                                  "values")
             else:
                 B = torch.empty(shape, dtype=b_dtype, device=p.device)
                 lookup("ldadam_momentum_mix", backend)(cv(A), cv(P_old), cv(M), cv(B), **mix)
-                P_new = self._new_basis(B, rank, side, group["proj_method"], t)
+                P_new = self._new_basis(B, rank, side, group["proj_method"], t, p)
         P_new = P_new.to(sdt).contiguous()
 
         # line 2: project the accumulated gradient
