@@ -311,10 +311,36 @@ class LowRankOptimizer(torch.optim.Optimizer):
         }
         return sd
 
+    # group keys that fix the shapes and meaning of the state: a checkpoint whose groups differ
+    # in one of them is refused (torch would silently take the saved value)
+    LAYOUT_KEYS = ("rank", "proj_type", "enable_lowrank", "block", "rank_ratio", "transposed",
+                   "head_dim", "qkv_sizes")
+
     def _check_checkpoint(self, state_dict):
         meta = state_dict.get(_CHECKPOINT_KEY)
         if meta is None:            # a plain torch state dict: torch's own checks apply
             return
+        self._check_checkpoint_params(meta)
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"checkpoint has {len(saved_groups)} parameter groups, this "
+                             f"optimizer has {len(self.param_groups)}")
+
+        def norm(v):
+            return [norm(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+        missing = object()
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for key in self.LAYOUT_KEYS:
+                a, b = saved.get(key, missing), group.get(key, missing)
+                if norm(a) != norm(b):
+                    show = lambda v: "(unset)" if v is missing else repr(v)   # noqa: E731
+                    raise ValueError(
+                        f"checkpoint's parameter group {i} has {key}={show(a)}, this "
+                        f"optimizer's has {key}={show(b)}: the state layout differs, so it is "
+                        "not loaded (build the optimizer with the checkpoint's settings)")
+
+    def _check_checkpoint_params(self, meta):
         if meta["optimizer"] != type(self).__name__:
             raise ValueError(f"checkpoint was saved by {meta['optimizer']}; it cannot be loaded "
                              f"into {type(self).__name__}")
