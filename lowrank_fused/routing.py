@@ -248,6 +248,17 @@ def _constructor_keywords(cls) -> set:
             if prm.kind in kinds and name not in ("self", "params")}
 
 
+def _named(model: nn.Module, groups: List[dict]) -> List[dict]:
+    """The groups with torch's ``param_names`` key, so every message of the optimizer names
+    parameters by their module path."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        names.setdefault(id(p), name)
+    if not all(id(p) in names for g in groups for p in g["params"]):
+        return groups
+    return [{**g, "param_names": [names[id(p)] for p in g["params"]]} for g in groups]
+
+
 def make_optimizer(model: nn.Module, method: str, **kwargs):
     """A ready optimizer for ``model``: ``cls(param_groups(model, method=method, ...), ...)``.
 
@@ -267,10 +278,9 @@ def make_optimizer(model: nn.Module, method: str, **kwargs):
         for key in ("rank", "target_modules"):
             if key in kwargs:
                 raise ValueError(f"{key} has no meaning for method={method!r}")
-        return cls(param_groups(model, method=method), **kwargs).set_param_names(model)
+        return cls(_named(model, param_groups(model, method=method)), **kwargs)
     routing = {k: kwargs.pop(k) for k in ("rank", "target_modules") if k in kwargs}
     ctor_names = _constructor_keywords(cls)
     ctor = {k: v for k, v in kwargs.items() if k in ctor_names}
     group = {k: v for k, v in kwargs.items() if k not in ctor_names}
-    opt = cls(param_groups(model, method=method, **routing, **group), **ctor)
-    return opt.set_param_names(model)
+    return cls(_named(model, param_groups(model, method=method, **routing, **group)), **ctor)

@@ -15,7 +15,10 @@ NONFINITE = ("raise", "skip", "ignore")
 
 
 def check_number(name, value, *, low=None, high=None, high_open=False):
-    """Raise ValueError naming ``name`` unless ``value`` is a finite real in range."""
+    """Raise ValueError naming ``name`` unless ``value`` is a finite real in range (a number
+    or a one-element tensor; not a string or a bool)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -288,7 +291,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         precision = self.precision()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and p.numel():       # an empty tensor has nothing to do
                     self._step_param(p, group, self._backend_for(group, p), precision)
         self._after_updates()
         return loss

@@ -373,7 +373,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
                     raise ValueError(
                         f"AdaptiveAdamW refreshes all projected matrices of a group together "
                         f"(pool_step {group['pool_step']} is a multiple of update_proj_gap); "
-                        f"the parameter of shape {tuple(p.shape)} has no gradient (give unused "
+                        f"{self.param_label(p)} has no gradient (give unused "
                         f"layers a zero gradient)")
                 _finite_or_raise(p)
 

@@ -97,6 +97,9 @@ class GaLoreAdamW(LowRankOptimizer):
     # -- group validation -----------------------------------------------------------------
     def _check_group(self, group):
         check_number("lr", group["lr"], low=0.0)
+        check_betas(group["betas"])
+        check_number("eps", group["eps"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
         if "rank" not in group:
             return
         rank = group["rank"]
