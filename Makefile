@@ -5,7 +5,7 @@ PY ?= .venv/bin/python
 VENV := .venv
 VENV_STAMP := $(VENV)/.bootstrapped
 BUILD_STAMP := $(VENV)/.built
-DEPS := triton pybind11 ninja pytest pytest_benchmark numpy
+DEPS := triton pybind11 ninja pytest pytest_benchmark numpy hypothesis
 CSRC := $(shell find csrc -type f 2>/dev/null)
 OUT ?=
 
