@@ -11,7 +11,7 @@ from lowrank_fused import ops
 from lowrank_fused.routing import METHODS, optimizer_class
 from lowrank_fused.testing import assert_parity, poison, tolerance
 
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 SIDES = st.sampled_from(["left", "right"])
@@ -116,7 +116,8 @@ def _group(method, p, rank, side):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@settings(max_examples=4, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=4, deadline=None, derandomize=True, database=None,
+          phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow])
 @given(case=problems(max_side=300))
 def test_optimizer_step_matches_reference_backend(method, case):
