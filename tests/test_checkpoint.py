@@ -70,7 +70,7 @@ def test_resume_is_bit_identical_and_plain_data(method, tmp_path):
         assert torch.equal(a, b), f"{method}: {name} diverged after resume"
 
 
-@pytest.mark.parametrize("method", ["galore", "ldadam", "adamw"])
+@pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_of_another_method_is_refused(method):
     model = _model()
     opt = lf.make_optimizer(model, method, **KW[method])
@@ -81,7 +81,7 @@ def test_checkpoint_of_another_method_is_refused(method):
         opt2.load_state_dict(opt.state_dict())
 
 
-@pytest.mark.parametrize("method", ["galore", "adapm"])
+@pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_of_another_model_is_refused(method):
     model = _model()
     opt = lf.make_optimizer(model, method, **KW[method])
@@ -93,3 +93,67 @@ def test_checkpoint_of_another_model_is_refused(method):
         opt2.load_state_dict(opt.state_dict())
     assert len(opt2.state) == 0, "a refused checkpoint must not load any state"
     assert all(torch.equal(v, before[k]) for k, v in bigger.state_dict().items())
+
+
+LOW_RANK = [m for m in METHODS if m not in ("adamw", "adafactor")]
+
+
+@pytest.mark.parametrize("method", LOW_RANK)
+def test_checkpoint_of_another_rank_layout_is_refused(method):
+    """Same class, same model, another rank: torch would silently take the saved rank."""
+    model = _model()
+    opt = lf.make_optimizer(model, method, **KW[method])
+    _steps(model, opt, 0, 2)
+    other = lf.make_optimizer(_model(), method, **{**KW[method], "rank": 3})
+    ranks = [g.get("rank") for g in other.param_groups]
+    assert 3 in ranks
+    with pytest.raises(ValueError, match=r"group \d has rank=4, this optimizer's has rank=3"):
+        other.load_state_dict(opt.state_dict())
+    assert len(other.state) == 0
+    assert [g.get("rank") for g in other.param_groups] == ranks
+
+
+@pytest.mark.parametrize("method", ["galore", "ldadam"])
+def test_checkpoint_of_another_projection_side_is_refused(method):
+    model = _model()
+    opt = lf.make_optimizer(model, method, **KW[method])
+    _steps(model, opt, 0, 1)
+    other = lf.make_optimizer(_model(), method, **KW[method], proj_type="reverse_std")
+    with pytest.raises(ValueError, match="proj_type='std', this optimizer's has "
+                                         "proj_type='reverse_std'"):
+        other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_checkpoint_moves_between_cpu_and_cuda(method, tmp_path):
+    """Saved on CPU, resumed on CUDA (and back): the state follows the parameters and the
+    run continues as the uninterrupted CPU run does (within fp32 tolerance)."""
+    full = _model()
+    opt = lf.make_optimizer(full, method, **KW[method])
+    _steps(full, opt, 0, 4)
+    part = _model()
+    opt = lf.make_optimizer(part, method, **KW[method])
+    _steps(part, opt, 0, 2)
+    torch.save({"model": part.state_dict(), "opt": opt.state_dict()}, tmp_path / "c.pt")
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    gpu = _model().cuda()
+    gpu.load_state_dict(ckpt["model"])
+    opt2 = lf.make_optimizer(gpu, method, **KW[method])
+    opt2.load_state_dict(ckpt["opt"])
+    assert all(v.device.type == "cuda" for st in opt2.state.values() for v in st.values()
+               if torch.is_tensor(v))
+    for t in range(2, 4):
+        g = torch.Generator().manual_seed(t)
+        ids = torch.randint(0, CFG["vocab_size"], (2, 9), generator=g).cuda()
+        _, loss = gpu(ids[:, :-1], labels=ids[:, 1:])
+        loss.backward()
+        opt2.step()
+        opt2.zero_grad(set_to_none=True)
+    back = lf.make_optimizer(_model(), method, **KW[method])
+    back.load_state_dict(opt2.state_dict())
+    assert all(v.device.type == "cpu" for st in back.state.values() for v in st.values()
+               if torch.is_tensor(v))
+    for (name, a), b in zip(gpu.state_dict().items(), full.state_dict().values()):
+        err = (a.cpu() - b).abs().max() / b.abs().max().clamp_min(1e-30)
+        assert err < 1e-3, f"{method}: {name} differs by {err:.1e} after the CPU -> CUDA resume"
