@@ -11,6 +11,7 @@ from .adam_moments import adam_moments
 from .adamw_step import adamw_step
 from .backproject_update import backproject_update
 from .batched_matmul import batched_matmul
+from .gha_update import gha_update
 from .ldadam_error_feedback import ldadam_error_feedback
 from .project import project
 from .residual_backproject_update import residual_backproject_update
@@ -22,6 +23,7 @@ register("adamw_step", "triton")(adamw_step)
 register("ldadam_error_feedback", "triton")(ldadam_error_feedback)
 register("residual_backproject_update", "triton")(residual_backproject_update)
 register("batched_matmul", "triton")(batched_matmul)
+register("gha_update", "triton")(gha_update)
 
 __all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
-           "ldadam_error_feedback", "residual_backproject_update", "batched_matmul"]
+           "ldadam_error_feedback", "residual_backproject_update", "batched_matmul", "gha_update"]

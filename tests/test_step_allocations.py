@@ -12,8 +12,6 @@ from lowrank_fused.testing.trace import AllocationTrace
 from _methods import backward, model, optimizer
 
 NOT_FUSED_YET = {
-    "gha": "the GHA basis update runs eagerly (G @ Y, G^T P)",
-    "ldadam": "A = E + G is formed eagerly before the power iteration",
     "adamem": "the Adafactor step of the embedding and output layers runs eagerly",
     "adapm": "the elementwise second moment and clip run eagerly",
     "adapm_mini": "the Adam-mini block means and clip run eagerly",

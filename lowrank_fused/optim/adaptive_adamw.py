@@ -228,7 +228,8 @@ class _SubspaceAdamW(GaLoreAdamW):
     def _check_grads(self):
         for group in self.param_groups:
             for p, plan in self._managed(group):
-                if p.grad is not None and self._basis_reads_grad(p, group):
+                if (p.grad is not None and self._basis_reads_grad(p, group)
+                        and self.nonfinite == "ignore"):   # else the step's check covered it
                     _finite_or_raise(p)
 
     def _basis_reads_grad(self, p, group) -> bool:
@@ -375,7 +376,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
                         f"(pool_step {group['pool_step']} is a multiple of update_proj_gap); "
                         f"{self.param_label(p)} has no gradient (give unused "
                         f"layers a zero gradient)")
-                _finite_or_raise(p)
+                if self.nonfinite == "ignore":       # else the step's check covered it
+                    _finite_or_raise(p)
 
     def _before_updates(self):
         for group in self.param_groups:

@@ -289,10 +289,12 @@ class LDAdamW(LowRankOptimizer):
         elif E is None:
             A = G.to(edt)
         else:
-            A = (E.float() + G.float()).to(edt)
+            # in place, as the official code's backward accumulates into p.grad: one rounding
+            # to E's dtype, the same value as (E + G) formed out of place, and no m x n
+            # temporary. Gradients were checked finite by the step's validation.
+            A = E.add_(G)
 
-        # line 1: the new basis. Nothing is mutated before it exists (a non-finite gradient
-        # raises here and leaves weights and state untouched).
+        # line 1: the new basis (no weight is written before it exists)
         if first:
             P_new = self._new_basis(A, rank, side, group["proj_method"], t, p)
             P_old = torch.zeros(basis_shape, dtype=sdt, device=p.device)
