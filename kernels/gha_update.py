@@ -10,7 +10,7 @@ of the projection kernel, registered as the ``triton`` implementation of ``gha_u
 """
 import torch
 
-from lowrank_fused.linalg import orth
+from lowrank_fused.reference.gha_update import gha_finish
 
 
 def gha_update(G: torch.Tensor, P: torch.Tensor, *, eta: float, sign_canon: bool = True):
@@ -21,10 +21,5 @@ def gha_update(G: torch.Tensor, P: torch.Tensor, *, eta: float, sign_canon: bool
     m, n = G.shape
     sumsq = torch.empty(n, dtype=torch.float32, device=G.device)
     R = ops.project(G, p, side="left", backend="triton", sumsq=sumsq)          # r x n = Y^T
-    g2 = sumsq.sum()
-    if g2.item() == 0.0:
-        return None
     GY = ops.project(G, R, side="right", backend="triton")                       # m x r
-    H = (R @ R.t()) / g2
-    Y = p + float(eta) * (GY / g2 - p @ torch.triu(H))
-    return orth(Y) if sign_canon else torch.linalg.qr(Y)[0]
+    return gha_finish(R.t(), GY, sumsq.sum(), p, eta, sign_canon)

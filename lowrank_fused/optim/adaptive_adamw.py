@@ -584,7 +584,9 @@ class GHAAdamW(_SubspaceAdamW):
         return super()._method_ops(group) + ("gha_update",)
 
     def _basis_reads_grad(self, p, group):
-        return True
+        # only the first basis is an SVD of G; the per-step GHA update keeps the basis by
+        # itself (on the device) when G is zero or not finite
+        return "ortho" not in self.state.get(p, {})
 
     def _update_basis(self, p, group, side, G, state, backend):
         if "ortho" not in state:
@@ -597,8 +599,6 @@ class GHAAdamW(_SubspaceAdamW):
         P_new = implementation("gha_update", backend, p.device)(
             _canon(side, G), _canon(side, state["ortho"]), eta=float(group["eta"]),
             sign_canon=self.sign_canon)
-        if P_new is None:     # zero gradient: keep the basis
-            return
         P_new = _uncanon(side, P_new).to(self._state_dtype(p))
         self._transport_moments(state, side, P_new, backend)
         state["ortho"] = P_new

@@ -15,16 +15,22 @@ def gha_update_ref(G: torch.Tensor, P: torch.Tensor, *, eta: float, sign_canon: 
         H = (Y^T @ Y) / ||G||^2          (r x r)
         P_new = orth(P + eta * ((G @ Y) / ||G||^2 - P @ triu(H)))
 
-    (Sanger's rule on the gradient covariance, normalised by ``||G||^2``), or None when
-    ``G == 0`` (the basis is kept: there is nothing to learn from). Two reads of G, like K7.
+    (Sanger's rule on the gradient covariance, normalised by ``||G||^2``). When ``G == 0`` or
+    is not finite there is nothing to learn from: the result is P itself, chosen on the device
+    with no host synchronisation. Two reads of G, like K7.
     ``sign_canon=False`` keeps the library's QR signs. Math in fp32.
     """
     g = G.float()
     p = P.float()
-    g2 = (g * g).sum()
-    if g2.item() == 0.0:
-        return None
-    Y = g.t() @ p
-    H = (Y.t() @ Y) / g2
-    Y = p + float(eta) * ((g @ Y) / g2 - p @ torch.triu(H))
-    return orth(Y) if sign_canon else torch.linalg.qr(Y)[0]
+    return gha_finish(g.t() @ p, g @ (g.t() @ p), (g * g).sum(), p, eta, sign_canon)
+
+
+def gha_finish(Y, GY, g2, p, eta, sign_canon):
+    """The r x r and m x r tail shared by every backend: Y = G^T P (n x r), GY = G @ Y
+    (m x r), g2 = ||G||^2 (0-d), p = P (fp32)."""
+    ok = (g2 > 0) & torch.isfinite(g2)
+    g2s = torch.where(ok, g2, torch.ones_like(g2))
+    H = (Y.t() @ Y) / g2s
+    Z = torch.where(ok, p + float(eta) * (GY / g2s - p @ torch.triu(H)), p)
+    Q = orth(Z) if sign_canon else torch.linalg.qr(Z)[0]
+    return torch.where(ok, Q, p)                  # exactly P when there is nothing to learn
