@@ -160,3 +160,31 @@ def test_degenerate_gradients_keep_valid_bases(method, kind):
             opt.zero_grad(set_to_none=True)
     found = assert_healthy(net, opt, f"{method} {kind}")
     assert found or method in ("adamw", "adafactor")
+
+
+def test_ldadam_power_iteration_overflow_keeps_the_basis(monkeypatch):
+    """A non-finite power iteration (overflow of the momentum mix) keeps the previous basis,
+    chosen on the device, and warns once per step naming the parameter."""
+    import lowrank_fused.optim.ldadam as ldadam_mod
+
+    net = model()
+    opt = optimizer(net, "ldadam")
+    _steps(net, opt, range(2))
+    before = {k: v.clone() for k, v in bases(opt).items()}
+    real = ldadam_mod.lookup
+
+    def poisoned(op, backend):
+        fn = real(op, backend)
+        if op != "ldadam_power_iteration":
+            return fn
+
+        def run(A, P_old, M, Y, **kw):
+            fn(A, P_old, M, Y, **kw)
+            Y[0, 0] = float("inf")
+        return run
+    monkeypatch.setattr(ldadam_mod, "lookup", poisoned)
+    with pytest.warns(RefreshFallbackWarning, match=r"'model\.layers\.0\..*power iteration"):
+        _steps(net, opt, range(2, 3))
+    after = assert_healthy(net, opt, "ldadam")
+    for k, B in before.items():
+        assert torch.equal(after[k], B), f"basis {k} changed"

@@ -26,12 +26,14 @@ matrices run the same ops on transposed views (section 1.1 canonical form).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
-from lowrank_fused.linalg import canonical_svd_basis, fallback_basis, orth
+from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
+                                  orth)
 from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -222,8 +224,21 @@ class LDAdamW(LowRankOptimizer):
         return tuple(needed)
 
     # -- the step -------------------------------------------------------------------------
+    def _before_updates(self):
+        self._pi_checks = []
+
     def _after_updates(self):
         self.completed_steps = self.completed_steps + 1   # after all parameters (ldadamw.py#L124)
+        checks, self._pi_checks = getattr(self, "_pi_checks", []), []
+        if checks and self.nonfinite != "ignore":          # one host read for the whole step
+            ok = torch.stack([flag for _, flag in checks])
+            if bool(ok.all()):
+                return
+            for (p, _), good in zip(checks, ok.cpu().tolist()):
+                if not good:
+                    warnings.warn(f"subspace refresh of {self.param_label(p)}: the power "
+                                  "iteration produced non-finite values; kept the previous "
+                                  "basis", RefreshFallbackWarning)
 
     def _step_param(self, p, group, backend, precision):
         plan = self._plan(p, group)
@@ -309,13 +324,13 @@ class LDAdamW(LowRankOptimizer):
                 Y = torch.empty((cv(A).shape[0], rank), dtype=torch.float32, device=p.device)
                 lookup("ldadam_power_iteration", backend)(
                     cv(A), cv(P_old), cv(M), Y, explicit=self._explicit, b_dtype=b_dtype, **mix)
-                if bool(torch.isfinite(Y).all()):
-                    P_new = cv(_qr_basis(Y, self.sign_canon))
-                else:                                  # overflow in b = rho M-mix + A
-                    P_new = fallback_basis(A, rank, side, self.sign_canon,
-                                           label=self.param_label(p), previous=P_old,
-                                           reason="the power iteration produced non-finite "
-                                                  "values")
+                # overflow in b = rho*M-mix + A keeps the previous basis, chosen on the device
+                # (no host read per parameter; _after_updates warns once per step)
+                ok = torch.isfinite(Y).all()
+                Po = cv(P_old).float()
+                Q = _qr_basis(torch.where(ok, Y, Po), self.sign_canon)
+                P_new = cv(torch.where(ok, Q, Po))
+                self._pi_checks.append((p, ok))
             else:
                 B = torch.empty(shape, dtype=b_dtype, device=p.device)
                 lookup("ldadam_momentum_mix", backend)(cv(A), cv(P_old), cv(M), cv(B), **mix)
