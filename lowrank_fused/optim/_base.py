@@ -222,6 +222,21 @@ class LowRankOptimizer(torch.optim.Optimizer):
             W = p.reshape(shape).clone()
             return W, G, lambda W: p.copy_(W.view(p.shape))
 
+    def _check_grad(self, p):
+        """One gradient's layout, shape, device and dtype."""
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse "
+                               f"gradients ({self.param_label(p)})")
+        if g.shape != p.shape:
+            raise ValueError(f"gradient shape {tuple(g.shape)} does not match "
+                             f"parameter shape of {self.param_label(p)}")
+        if g.device != p.device:
+            raise ValueError(f"gradient of {self.param_label(p)} is on {g.device}, "
+                             f"the parameter on {p.device}")
+        if g.dtype not in self.PARAM_DTYPES:
+            raise TypeError(f"gradient of {self.param_label(p)} has dtype {g.dtype}")
+
     def _validate_step(self):
         """Every group and every gradient checked before anything is written. Returns False
         when the step is to be skipped (a non-finite gradient with ``nonfinite="skip"``)."""
@@ -230,42 +245,31 @@ class LowRankOptimizer(torch.optim.Optimizer):
         grads = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse "
-                                       f"gradients ({self.param_label(p)})")
-                if g.shape != p.shape:
-                    raise ValueError(f"gradient shape {tuple(g.shape)} does not match "
-                                     f"parameter shape of {self.param_label(p)}")
-                if g.device != p.device:
-                    raise ValueError(f"gradient of {self.param_label(p)} is on {g.device}, "
-                                     f"the parameter on {p.device}")
-                if g.dtype not in self.PARAM_DTYPES:
-                    raise TypeError(f"gradient of {self.param_label(p)} has dtype {g.dtype}")
-                grads.append(g)
+                if p.grad is not None:
+                    self._check_grad(p)
+                    grads.append(p.grad)
         if self.nonfinite != "ignore" and bool(ops.nonfinite_flag(grads)):   # one host read
             if self.nonfinite == "skip":
                 return False
-            self._raise_nonfinite()
+            self._raise_nonfinite(written="no parameter or state was updated (nonfinite='skip' "
+                                          "skips such steps)")
         self._check_grads()
         return True
 
-    def _raise_nonfinite(self):
+    def _raise_nonfinite(self, params=None, written="no parameter or state was updated"):
         """The slow path after the flag: find and name the first bad gradient."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or p.grad.numel() == 0:
-                    continue
-                nan = int(torch.isnan(p.grad).sum())
-                inf = int(torch.isinf(p.grad).sum())
-                if nan or inf:
-                    raise FloatingPointError(
-                        f"{type(self).__name__}: the gradient of {self.param_label(p)} has "
-                        f"non-finite entries ({nan} NaN, {inf} Inf) at step "
-                        f"{self.step_calls + 1}; no "
-                        "parameter or state was updated (nonfinite='skip' skips such steps)")
+        if params is None:
+            params = [p for g in self.param_groups for p in g["params"]]
+        for p in params:
+            if p.grad is None or p.grad.numel() == 0:
+                continue
+            nan = int(torch.isnan(p.grad).sum())
+            inf = int(torch.isinf(p.grad).sum())
+            if nan or inf:
+                raise FloatingPointError(
+                    f"{type(self).__name__}: the gradient of {self.param_label(p)} has "
+                    f"non-finite entries ({nan} NaN, {inf} Inf) at step {self.step_calls + 1}; "
+                    f"{written}")
 
     def _check_grads(self):
         """Hook: method-specific checks of the gradients before the step (default: none)."""
@@ -295,6 +299,58 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     self._step_param(p, group, self._backend_for(group, p), precision)
         self._after_updates()
         return loss
+
+    # -- per-layer mode (lowrank_fused.per_layer) -------------------------------------------
+    def _per_layer_defers(self) -> bool:
+        """True when this step has a phase over all gradients at once (a joint refresh): in
+        per-layer mode the gradients are then kept and the whole step runs at the end of
+        backward. Default: never."""
+        return False
+
+    def _per_layer_begin(self):
+        """The first gradient of a backward pass has arrived."""
+        if self.nonfinite == "skip":
+            raise ValueError("nonfinite='skip' skips a whole step, which per-layer mode cannot "
+                             "do (earlier layers are already updated); use 'raise' or 'ignore'")
+        for group in self.param_groups:
+            self._check_group(group)
+        self._pl_defer = self._per_layer_defers()
+        self._pl_stepped = []
+        if not self._pl_defer:
+            self._per_layer_before()
+
+    @torch.no_grad()
+    def _per_layer_param(self, p) -> bool:
+        """Step one parameter whose gradient is complete; True when it was stepped (its
+        gradient may then be freed), False when the step is deferred to the end."""
+        if self._pl_defer or not p.numel():
+            return False
+        self._check_grad(p)
+        if self.nonfinite == "raise" and bool(ops.nonfinite_flag([p.grad])):
+            self._raise_nonfinite([p], written="it was not updated (per-layer mode: the "
+                                               "layers whose gradients came earlier were)")
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        self._step_param(p, group, self._backend_for(group, p), self.precision())
+        self._pl_stepped.append(p)
+        return True
+
+    def _per_layer_end(self):
+        """After backward: the deferred whole step, or the end of a per-layer step."""
+        if self._pl_defer:
+            self.step()
+            return True
+        self._after_per_layer(self._pl_stepped)
+        self._after_updates()
+        self.step_calls += 1
+        return False
+
+    def _per_layer_before(self):
+        """Hook: the global phase before per-layer updates (default ``_before_updates``)."""
+        self._before_updates()
+
+    def _after_per_layer(self, stepped):
+        """Hook: what ``_before_updates`` would have done from knowing which parameters had
+        gradients (AdaptiveAdamW's group counters)."""
 
     def state_bytes(self) -> int:
         """Bytes held by every tensor in the optimizer state."""

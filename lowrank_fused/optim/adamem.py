@@ -214,6 +214,19 @@ class AdaMeM(LowRankOptimizer):
     def _after_updates(self):
         self._pending_bases = {}
 
+    def _per_layer_defers(self):
+        """A randomized refresh batches all same-shape layers: defer such steps."""
+        for group in self.param_groups:
+            if group.get("projector", "svd") != "randomized":
+                continue
+            for p in group["params"]:
+                if not p.requires_grad or self._plan(p, group) is None:
+                    continue
+                state = self.state[p]
+                if "P" not in state or state.get("step", 0) % group["update_proj_gap"] == 0:
+                    return True
+        return False
+
     def _basis(self, Gc, rank, p=None):
         """Top-``rank`` left singular vectors of the canonical gradient (fp32 SVD,
         sign-canonical), re-orthonormalised by a float64 QR (signs kept, columns move by about

@@ -388,6 +388,20 @@ class AdaptiveAdamW(_SubspaceAdamW):
                 self._refresh(group, managed)
             group["pool_step"] += 1
 
+    def _per_layer_defers(self):
+        """A refresh allocates ranks over all matrices of a group: defer such steps."""
+        return any(self._managed(g) and g["pool_step"] % g["update_proj_gap"] == 0
+                   for g in self.param_groups)
+
+    def _per_layer_before(self):
+        pass                                  # the group counters advance in _after_per_layer
+
+    def _after_per_layer(self, stepped):
+        ids = {id(p) for p in stepped}
+        for group in self.param_groups:
+            if any(id(p) in ids for p, _ in self._managed(group)):
+                group["pool_step"] += 1
+
     def _refresh(self, group, managed):
         if group.get("projector", "svd") == "randomized":
             return self._refresh_randomized(group, managed)

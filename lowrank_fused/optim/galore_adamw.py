@@ -183,6 +183,13 @@ class GaLoreAdamW(LowRankOptimizer):
     def _after_updates(self):
         self._pending_bases = {}
 
+    def _per_layer_defers(self):
+        """A randomized refresh batches all same-shape layers: defer such steps."""
+        return any(group.get("projector", "svd") == "randomized"
+                   and any(p.requires_grad and self._plan(p, group) is not None
+                           and self._refresh_due(p, group) for p in group["params"])
+                   for group in self.param_groups)
+
     # -- the step -------------------------------------------------------------------------
     def _step_param(self, p, group, backend, precision):
         plan = self._plan(p, group)
