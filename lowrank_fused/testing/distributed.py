@@ -1,0 +1,65 @@
+"""Multi-process test drivers (importable by spawned workers): every method under
+``DistributedDataParallel`` with the gloo backend on CPU."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def tiny_model(seed=0):
+    from lowrank_fused.models import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=48,
+                                        vocab_size=64, max_position_embeddings=16))
+
+
+def global_batch(t, world, per_rank=2):
+    """The step-t batch of the whole job; rank r trains on rows [r*per_rank, (r+1)*per_rank)."""
+    g = torch.Generator().manual_seed(500 + t)
+    return torch.randint(0, 64, (world * per_rank, 9), generator=g)
+
+
+def run_single(method, kwargs, steps, world, per_rank=2):
+    """The single-process run DDP must equal: the same global batches, mean loss."""
+    import lowrank_fused as lf
+
+    model = tiny_model()
+    opt = lf.make_optimizer(model, method, **kwargs)
+    for t in range(steps):
+        ids = global_batch(t, world, per_rank)
+        _, loss = model(ids[:, :-1], labels=ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def ddp_worker(rank, world, port, cases, steps, out_dir, per_rank=2):
+    """For each (method, kwargs): a DDP run of ``steps`` steps; saves the weights per rank."""
+    import lowrank_fused as lf
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for method, kwargs in cases:
+            model = tiny_model()
+            ddp = DDP(model)
+            opt = lf.make_optimizer(model, method, **kwargs)
+            for t in range(steps):
+                ids = global_batch(t, world, per_rank)[rank * per_rank:(rank + 1) * per_rank]
+                _, loss = ddp(ids[:, :-1], labels=ids[:, 1:])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            results[method] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
