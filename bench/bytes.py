@@ -120,6 +120,146 @@ def adamw_bytes(m, n, *, param_bytes=2, state_bytes=4) -> Bytes:
     return Bytes((3 * p + 4 * s) * A, (7 * p + 14 * s) * A)
 
 
+# -------------------------------------------------------------------------------------------
+# full-matrix ops: Adafactor (K6), AdaMeM's bias-corrected Adafactor, AdaPM, GHA
+#
+# Convention for these models: every m x n (A-sized) read and write is counted exactly (the
+# eager side one torch kernel at a time, every operand of a kernel read, so ``g * g`` reads g
+# twice, as ``addcmul_(R, R)`` above); smaller tensors (vectors, r x n, m x r) are counted as the
+# op's operands only, each input read once and each output written once, in both the floor and
+# the eager model (small temporaries of either side are not counted). States are fp32 (the
+# optimizers' default; the Triton Adafactor launchers require it). ``c`` below is the eager
+# ``.float()`` of a G or W of ``p`` bytes: ``p + 4`` per element, 0 for fp32 (``_cast``).
+
+
+def adafactor_step_bytes(m, n, *, param_bytes=2, factored=True, momentum=False,
+                         scale_parameter=True, weight_decay=False, batch=1) -> Bytes:
+    """K6 HF Adafactor step (section 3 lines 2-11; section 10.1 row K6) on ``batch`` m x n
+    matrices (``factored``: row (batch, m) and col (batch, n) statistics) or on a flat tensor of
+    ``A = batch*m*n`` elements (unfactored: V of A elements). G and W have ``p = param_bytes``.
+
+    fused (``kernels/adafactor_step.py`` docstring), per element of A:
+      factored: G read in each of the three passes + W read and written: ``3p + 2p`` (10 with
+      bf16: section 10.1's 10A); ``+ p`` for the RMS(W) read with ``scale_parameter`` (12);
+      unfactored: G read twice, V read, written and read again, W read and written:
+      ``2p + 12 + 2p`` (20 with bf16); ``+ p`` with ``scale_parameter`` (22);
+      both: ``+ 8`` with momentum (fp32 exp_avg read and written). Factored adds the
+      statistics, read and written once: ``8*batch*(m + n)``.
+    eager (``lowrank_fused/reference/adafactor_step.py``), per element of A:
+      ``G.float()`` c, ``W.float()`` c, RMS(W) 4 (computed even without scale_parameter),
+      ``q = g*g + eps1`` 12 + 8, factored: two means of q 8, the outer product of the factors
+      4, ``.mul_(g)`` 12; unfactored: ``V.mul_`` 8, ``.add_(q)`` 12, ``V.rsqrt()`` 8,
+      ``.mul_(g)`` 12; RMS(U) 4, ``U.div_`` 8, ``U.mul_(a)`` 8; momentum ``exp_avg.mul_`` 8 +
+      ``.add_(U)`` 12; weight decay ``w*(-lam*a)`` 8 + ``w.add_`` 12; ``-U`` 8, ``w.add_`` 12;
+      ``W.copy_(w)`` c (nothing for fp32 W, which the reference updates in place):
+      ``3c + 88`` factored (106 with bf16: section 3's "about 110"), ``3c + 104`` unfactored
+      (122), ``+ 20`` with momentum, ``+ 20`` with weight decay; statistics as in the floor.
+    """
+    A = batch * m * n
+    p = param_bytes
+    c = _cast(1, p)
+    floor = 5 * p if factored else 4 * p + 12
+    floor += (p if scale_parameter else 0) + (8 if momentum else 0)
+    eager = 3 * c + (88 if factored else 104) + (20 if momentum else 0)
+    eager += 20 if weight_decay else 0
+    stats = 8 * batch * (m + n) if factored else 0
+    return Bytes(floor * A + stats, eager * A + stats)
+
+
+def adafactor_bc_factored_step_bytes(m, n, *, param_bytes=2, pre_scale=True,
+                                     post_decay=False) -> Bytes:
+    """AdaMeM's bias-corrected factored Adafactor on an m x n W (section 8.2 "Routing";
+    section 10.1 K6 without the RMS clip). ``pre_scale`` / ``post_decay``: whether the WD-pre
+    factor differs from 1 / the WD-post coefficient from 0 (each adds an eager pass).
+
+    fused (``kernels/adafactor_bc_step.py``): G read twice (stats pass, apply pass), W read and
+    written: ``4p`` per element (8 with bf16), plus row and col read and written,
+    ``8(m + n)``.
+    eager (``lowrank_fused/reference/adafactor_bc_factored_step.py``), per element:
+    ``G.float()`` c, ``q = g*g + eps1`` 20, two means 8, ``outer(row, col)/mean/c2`` 4 + 8 + 8,
+    ``W.float()`` c, ``w*pre_scale`` 8, ``sqrt`` 8, ``+ eps`` 8, ``g/`` 12, ``lr*`` 8, ``w -``
+    12, WD-post ``post_decay*w`` 8 + ``w -`` 12, ``W.copy_(w)`` ``4 + p`` (always a copy: w is a
+    new tensor by then): ``2c + (4 + p) + 96`` (+ 8 pre_scale, + 20 post_decay; 122 with bf16
+    and pre_scale); row and col as in the floor.
+    """
+    A = m * n
+    p = param_bytes
+    small = 8 * (m + n)
+    eager = 2 * _cast(1, p) + 4 + p + 96 + (8 if pre_scale else 0) + (20 if post_decay else 0)
+    return Bytes(4 * p * A + small, eager * A + small)
+
+
+def adafactor_bc_unfactored_step_bytes(numel, *, param_bytes=2, pre_scale=True,
+                                       post_decay=False) -> Bytes:
+    """AdaMeM's bias-corrected unfactored Adafactor (1-D parameters) on ``numel`` elements.
+
+    fused (``kernels/adafactor_bc_step.py``): one pass, G read, V read and written, W read and
+    written: ``3p + 8`` per element (14 with bf16).
+    eager (``lowrank_fused/reference/adafactor_bc_unfactored_step.py``), per element:
+    ``G.float()`` c; ``V*beta2`` 8, ``g*g`` 12, ``+ eps1`` 8, ``(1-beta2)*`` 8, ``+`` 12,
+    ``V.copy_`` 8; ``W.float()`` c, ``w*pre_scale`` 8, ``V/c2`` 8, ``sqrt`` 8, ``+ eps`` 8,
+    ``g/`` 12, ``lr*`` 8, ``w -`` 12, WD-post 8 + 12, ``W.copy_(w)`` ``4 + p``:
+    ``2c + (4 + p) + 112`` (+ 8 pre_scale, + 20 post_decay; 138 with bf16 and pre_scale).
+    """
+    p = param_bytes
+    eager = 2 * _cast(1, p) + 4 + p + 112 + (8 if pre_scale else 0) + (20 if post_decay else 0)
+    return Bytes((3 * p + 8) * numel, eager * numel)
+
+
+ADAPM_CLIPS = ("elementwise", "rms", "none")
+
+
+def adapm_update_bytes(m, n, r, *, param_bytes=2, v_blocks=None, clip_mode="elementwise",
+                       pre_scale=True) -> Bytes:
+    """AdaPM low-rank block step between refits, left form (section 9.6 lines 4-8 ``else``
+    branch, section 9.9; section 10.1 whole-step rows AdaPM / AdaPM-mini): W, G m x n, L m x r
+    (C), R and Rg r x n (S), V m x n fp32 or, ``v_blocks = nb``, Adam-mini's nb block means
+    (AdaPM-mini, section 9.7). ``pre_scale``: the WD-pre factor differs from 1.
+
+    fused (``kernels/adapm_update.py`` docstring table), per element: the apply pass reads G,
+    V, W and writes V, W (``p + 8 + 2p``, 14 with bf16); ``clip_mode="rms"`` adds a statistics
+    pass reading G and V (``+ p + 4``: 20); block-mean V reads G once for the row sums and has
+    no m x n V (``2p + 2p``: 8; with rms clip ``3p + 2p``: 10). Plus the operands: L read (4C),
+    R read and written and Rg read (12S), the nb block means read and written (8nb).
+    eager (``lowrank_fused/reference/adapm_update.py``), per element: ``G.float()`` c (twice:
+    once more in ``second_moment_and_apply``), ``e = (1-beta1)*(g - L@Rg)`` 4 + 12 + 8,
+    ``mc = s*(L@R) + e_coef*e`` 4 + 8 + 8 + 12; elementwise V: ``V*v_keep`` 8, ``g*g`` 12,
+    ``v_add*`` 8, ``+`` 12, ``V.copy_`` 8, ``V/c2`` 8, ``sqrt`` 8, ``+ eps`` 8, ``mc/`` 12
+    (= 84); block means: ``g*g`` 12, mean 4, ``mc/h`` 8 (= 24); clip: elementwise ``clamp`` 8,
+    rms ``u*u`` 12 + mean 4 + ``u/`` 8 (= 24), none 0; ``W.float()`` c, ``w*pre_scale`` 8,
+    ``lr*u`` 8, ``w -`` 12, ``W.copy_`` ``4 + p``: ``3c + (4 + p) + 76 + V + clip`` (+ 8
+    pre_scale): 200 with bf16, elementwise V and clip (section 9.9 estimates about 130), 140
+    for AdaPM-mini (about 90). Operands as in the floor.
+    """
+    if clip_mode not in ADAPM_CLIPS:
+        raise ValueError(f"clip_mode must be one of {ADAPM_CLIPS}, got {clip_mode!r}")
+    A, S, C = sizes(m, n, r, "left")
+    p = param_bytes
+    blocks = v_blocks is not None
+    rms = clip_mode == "rms"
+    floor = p * (1 + blocks + rms) + 2 * p + (0 if blocks else 8 + 4 * rms)
+    clip = {"elementwise": 8, "rms": 24, "none": 0}[clip_mode]
+    eager = 3 * _cast(1, p) + 4 + p + 76 + (24 if blocks else 84) + clip
+    eager += 8 if pre_scale else 0
+    small = 4 * C + 12 * S + (8 * v_blocks if blocks else 0)
+    return Bytes(floor * A + small, eager * A + small)
+
+
+def gha_update_bytes(m, n, r, *, g_bytes=2, side="left") -> Bytes:
+    """GHAAdamW's basis update (section 5.6 gha): ``Y = G^T P``, ``G @ Y``, ``||G||^2``, then
+    the r x r / m x r tail and ``orth`` (not counted: the same small work in both backends).
+
+    fused (``kernels/gha_update.py``): two K1 passes over G (``R = P^T G`` with the colsum(G^2)
+    side output, then ``G R^T``): ``2gA`` (4A with bf16: "2 extra reads of G, the same as K7"),
+    plus P read and the new basis written, ``8C``.
+    eager (``lowrank_fused/reference/gha_update.py``): ``G.float()`` c, three fp32 GEMMs over G
+    (``g.t() @ p`` is computed twice, then ``g @ Y``) 4A each, ``(g*g).sum()`` 12 + 4:
+    ``(c + 28)A + 8C`` (34A with bf16, 28A with fp32 G).
+    """
+    A, S, C = sizes(m, n, r, side)
+    return Bytes(2 * g_bytes * A + 8 * C, (_cast(1, g_bytes) + 28) * A + 8 * C)
+
+
 def mib(nbytes: int) -> float:
     return nbytes / MIB
 

@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -243,8 +244,8 @@ def environment(device) -> dict:
 class Row:
     """One measurement. Times in ms; bytes from ``bench.bytes`` (ALGORITHMS.md 10.1)."""
 
-    op: str                      # "project", "adam_moments", "backproject_update",
-                                 # "galore_step", "adamw"
+    op: str                      # "project", ..., "galore_step", "adamw"; ":form" suffixes
+                                 # name a module's forms ("adafactor_step:momentum")
     variant: str                 # "fused", "eager", "torch-fused", ...
     backend: str                 # lowrank_fused backend, or "torch"
     m: int
@@ -388,13 +389,53 @@ def matrix_cases(device, quick: bool, interpret: bool = False):
     return out
 
 
+def dense_cases(device, quick: bool, interpret: bool = False):
+    """``[(name, params)]`` for the full-matrix elementwise ops (no rank, no GEMM): the
+    (shape, dtype) pairs of ``matrix_cases``, once each; params: m, n, dtype, r=None,
+    precision=None, side=None."""
+    seen, out = set(), []
+    for _, p in matrix_cases(device, quick, interpret):
+        key = (p["m"], p["n"], p["dtype"])
+        if key in seen:
+            continue
+        seen.add(key)
+        params = dict(m=p["m"], n=p["n"], r=None, dtype=p["dtype"], precision=None, side=None)
+        out.append((f"{p['m']}x{p['n']}-{DTYPE_NAMES[p['dtype']]}", params))
+    return out
+
+
 def triton_usable(device, interpret: bool) -> bool:
     """Whether the Triton variants are measured: on CUDA always; on CPU only when asked to
     run the interpreter (which is a correctness tool, not a speed measurement)."""
     return torch.device(device).type == "cuda" or bool(interpret)
 
 
-def op_variants(device, interpret: bool):
-    """fused (Triton) vs eager (reference) for one op."""
-    out = [("fused", "triton")] if triton_usable(device, interpret) else []
-    return out + [("eager", "reference")]
+def op_variants(device, interpret: bool, op: Optional[str] = None):
+    """fused (Triton) vs eager (reference) for one op. With ``op``, the fused variant is offered
+    only when ``triton_implemented(op, device)`` (a kernel being written may not import yet)."""
+    fused = triton_usable(device, interpret) and (op is None or triton_implemented(op, device))
+    return ([("fused", "triton")] if fused else []) + [("eager", "reference")]
+
+
+_NOT_IMPLEMENTED = {}   # op -> why its Triton implementation could not be looked up
+
+
+def triton_implemented(op: str, device) -> bool:
+    """Whether the dispatch table has a Triton implementation of ``op`` that imports. When not
+    (``BackendUnavailable``, or the kernel package failing to import), says why on stderr once
+    per op, so a GPU run without the fused rows is not silent."""
+    from lowrank_fused.dispatch import BackendUnavailable, implementation
+
+    if op in _NOT_IMPLEMENTED:
+        return False
+    try:
+        implementation(op, "triton", device)
+        return True
+    except BackendUnavailable as exc:
+        why = str(exc)
+    except Exception as exc:  # noqa: BLE001 - a kernel module in progress may fail any way
+        why = f"importing the Triton kernels failed: {type(exc).__name__}: {exc}"
+    _NOT_IMPLEMENTED[op] = why
+    print(f"note: {op}: no fused variant ({why}); benchmarking the eager reference only",
+          file=sys.stderr, flush=True)
+    return False

@@ -28,7 +28,8 @@ import time
 import traceback
 from pathlib import Path
 
-MODULES = ("project", "adam_moments", "backproject_update", "galore_step")
+MODULES = ("project", "adam_moments", "backproject_update", "galore_step", "adafactor_step",
+           "adafactor_bc_step", "adapm_update", "gha_update")
 SUITES = ("kernels", "step", "e2e", "convergence")
 RESULTS = Path(__file__).resolve().parent / "results"
 

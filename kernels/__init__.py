@@ -7,8 +7,12 @@ before importing it to run the kernels on CPU tensors.
 """
 from lowrank_fused.dispatch import register
 
+from .adafactor_bc_step import adafactor_bc_factored_step, adafactor_bc_unfactored_step
+from .adafactor_step import adafactor_step
 from .adam_moments import adam_moments
 from .adamw_step import adamw_step
+from .adapm_dense_update import adapm_dense_update
+from .adapm_update import adapm_update
 from .backproject_update import backproject_update
 from .batched_matmul import batched_matmul
 from .gha_update import gha_update
@@ -23,7 +27,14 @@ register("adamw_step", "triton")(adamw_step)
 register("ldadam_error_feedback", "triton")(ldadam_error_feedback)
 register("residual_backproject_update", "triton")(residual_backproject_update)
 register("batched_matmul", "triton")(batched_matmul)
+register("adafactor_step", "triton")(adafactor_step)
+register("adafactor_bc_factored_step", "triton")(adafactor_bc_factored_step)
+register("adafactor_bc_unfactored_step", "triton")(adafactor_bc_unfactored_step)
 register("gha_update", "triton")(gha_update)
+register("adapm_update", "triton")(adapm_update)
+register("adapm_dense_update", "triton")(adapm_dense_update)
 
 __all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
            "ldadam_error_feedback", "residual_backproject_update", "batched_matmul", "gha_update"]
+__all__ += ["adafactor_step", "adafactor_bc_factored_step", "adafactor_bc_unfactored_step"]
+__all__ += ["adapm_update", "adapm_dense_update"]

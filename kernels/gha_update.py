@@ -23,3 +23,8 @@ def gha_update(G: torch.Tensor, P: torch.Tensor, *, eta: float, sign_canon: bool
     R = ops.project(G, p, side="left", backend="triton", sumsq=sumsq)          # r x n = Y^T
     GY = ops.project(G, R, side="right", backend="triton")                       # m x r
     return gha_finish(R.t(), GY, sumsq.sum(), p, eta, sign_canon)
+
+
+def aot_variants():
+    """No kernel of its own: the two projections are ``project.py``'s variants."""
+    return iter(())

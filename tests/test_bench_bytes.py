@@ -68,3 +68,164 @@ def test_model_table_has_every_op():
     text = B.format_model_table([(M, N)], [R], param_bytes=(2,))
     row = "| 4096x11008 | 128 | bf16 | left | 437 / 93 | 97 / 32 | 1039 / 179 | 1574 / 305 |"
     assert row in text
+
+
+# -------------------------------------------------------------------------------------------
+# full-matrix ops: Adafactor (K6), AdaMeM's bias-corrected Adafactor, AdaPM, GHA
+
+def test_adafactor_step_k6():
+    stats = 8 * (M + N)
+    # section 10.1 row K6: 10A fused with bf16 G/W (GaLore's C4 script: no scale_parameter)
+    b = B.adafactor_step_bytes(M, N, scale_parameter=False)
+    assert b == B.Bytes(10 * A + stats, 106 * A + stats)
+    assert mib(b.floor) == 430
+    # kernel docstring: 12 with scale_parameter (an RMS(W) read), + 8 with momentum
+    assert B.adafactor_step_bytes(M, N) == B.Bytes(12 * A + stats, 106 * A + stats)
+    assert B.adafactor_step_bytes(M, N, momentum=True) == B.Bytes(20 * A + stats,
+                                                                  126 * A + stats)
+    assert B.adafactor_step_bytes(M, N, weight_decay=True).eager == 126 * A + stats
+    # fp32 W and G: no eager casts (the reference updates an fp32 W in place)
+    assert B.adafactor_step_bytes(M, N, param_bytes=4) == B.Bytes(24 * A + stats,
+                                                                  88 * A + stats)
+    # batched (B, m, n): A and the statistics scale with B
+    assert B.adafactor_step_bytes(M, N, batch=3) == B.Bytes(36 * A + 3 * stats,
+                                                            318 * A + 3 * stats)
+
+
+def test_adafactor_step_unfactored():
+    # kernel docstring: 20 bytes per element with bf16 (22 with scale_parameter), + 8 momentum
+    kw = dict(factored=False)
+    assert B.adafactor_step_bytes(M, N, scale_parameter=False, **kw) == B.Bytes(20 * A,
+                                                                                122 * A)
+    assert B.adafactor_step_bytes(M, N, **kw) == B.Bytes(22 * A, 122 * A)
+    assert B.adafactor_step_bytes(M, N, momentum=True, **kw) == B.Bytes(30 * A, 142 * A)
+    assert B.adafactor_step_bytes(M, N, param_bytes=4, **kw) == B.Bytes(32 * A, 104 * A)
+
+
+def test_adafactor_bc_steps():
+    small = 8 * (M + N)
+    # factored: G read twice + W read and written = 8 per element (bf16)
+    assert B.adafactor_bc_factored_step_bytes(M, N) == B.Bytes(8 * A + small, 122 * A + small)
+    assert B.adafactor_bc_factored_step_bytes(M, N, pre_scale=False) == B.Bytes(
+        8 * A + small, 114 * A + small)
+    assert B.adafactor_bc_factored_step_bytes(M, N, param_bytes=4, post_decay=True) == B.Bytes(
+        16 * A + small, 132 * A + small)
+    # unfactored: 14 per element (bf16 G/W, fp32 V)
+    assert B.adafactor_bc_unfactored_step_bytes(A) == B.Bytes(14 * A, 138 * A)
+    assert B.adafactor_bc_unfactored_step_bytes(A, param_bytes=4, pre_scale=False) == B.Bytes(
+        20 * A, 120 * A)
+
+
+def test_adapm_update():
+    small = 4 * C + 12 * S
+    # kernel docstring table (bf16 G/W, fp32 V): 14, 20 (rms clip), 8 (mini), 10 (mini, rms)
+    assert B.adapm_update_bytes(M, N, R) == B.Bytes(14 * A + small, 200 * A + small)
+    assert B.adapm_update_bytes(M, N, R, clip_mode="rms") == B.Bytes(20 * A + small,
+                                                                     216 * A + small)
+    assert B.adapm_update_bytes(M, N, R, v_blocks=M) == B.Bytes(8 * A + small + 8 * M,
+                                                                140 * A + small + 8 * M)
+    assert B.adapm_update_bytes(M, N, R, v_blocks=32, clip_mode="rms") == B.Bytes(
+        10 * A + small + 8 * 32, 156 * A + small + 8 * 32)
+    assert B.adapm_update_bytes(M, N, R, clip_mode="none", pre_scale=False).eager == (
+        184 * A + small)
+    assert B.adapm_update_bytes(M, N, R, param_bytes=4) == B.Bytes(20 * A + small,
+                                                                   184 * A + small)
+    with pytest.raises(ValueError):
+        B.adapm_update_bytes(M, N, R, clip_mode="norm")
+
+
+def test_gha_update():
+    # two reads of G ("the same as K7"): 4A with bf16 G; eager: cast + three fp32 GEMMs + g*g
+    assert B.gha_update_bytes(M, N, R) == B.Bytes(4 * A + 8 * C, 34 * A + 8 * C)
+    assert B.gha_update_bytes(M, N, R, g_bytes=4) == B.Bytes(8 * A + 8 * C, 28 * A + 8 * C)
+    assert B.gha_update_bytes(N, M, R, side="right") == B.gha_update_bytes(M, N, R)
+
+
+# The eager models' m x n coefficients against the references themselves: every aten call
+# of one reference step, counting the bytes of its m x n operands (inputs read, outputs
+# written; views free; a copy reads only its source, and a copy onto itself is free).
+
+def _full_size_traffic(fn, numel):
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(r.alias_info is not None and not r.alias_info.is_write
+                   for r in func._schema.returns):
+                return out   # a view
+            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if func.overloadpacket.__name__ == "copy_":
+                if args[0].data_ptr() == args[1].data_ptr():
+                    return out
+                ins = [args[1]]
+            Count.total += sum(t.numel() * t.element_size() for t in ins + outs
+                               if t.numel() == numel)
+            return out
+
+    with Count():
+        fn()
+    return Count.total
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
+def test_eager_models_count_the_references(dtype_name):
+    import torch
+
+    from lowrank_fused.dispatch import implementation
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    p = dt.itemsize
+    m, n, r = 6, 10, 2
+    a = m * n
+
+    def par(*s):
+        return torch.randn(s or (m, n)).to(dt)
+
+    def pos(*s):
+        return torch.rand(s) + 0.1
+
+    def check(op, args, kw, model, small=0):
+        """Inputs are built before counting; the step's own traffic only."""
+        impl = implementation(op, "reference", "cpu")
+        assert _full_size_traffic(lambda: impl(*args, **kw), a) == model.eager - small, (op, kw)
+
+    adaf = dict(rho=1e-2, beta2t=0.8, eps1=1e-30, eps2=1e-3, clip_threshold=1.0)
+    for mom in (False, True):
+        for wd in (0.0, 0.1):
+            kw = dict(adaf, scale_parameter=True, beta1=0.9 if mom else None, weight_decay=wd)
+            flags = dict(param_bytes=p, momentum=mom, weight_decay=wd != 0)
+            E = torch.randn(1, m, n) if mom else None
+            check("adafactor_step", (par(1, m, n), par(1, m, n), pos(1, m), pos(1, n), None, E),
+                  kw, B.adafactor_step_bytes(m, n, **flags), 8 * (m + n))
+            E = torch.randn(a) if mom else None
+            check("adafactor_step", (par(a), par(a), None, None, pos(a), E), kw,
+                  B.adafactor_step_bytes(m, n, factored=False, **flags))
+    bc = dict(lr=1e-3, beta2=0.95, eps1=1e-30, eps=1e-8, c2=0.4)
+    for pre, post in ((1.0, 0.0), (0.99, 0.0), (1.0, 0.01)):
+        kw = dict(bc, pre_scale=pre, post_decay=post)
+        flags = dict(param_bytes=p, pre_scale=pre != 1.0, post_decay=post != 0.0)
+        check("adafactor_bc_factored_step", (par(), par(), pos(m), pos(n)), kw,
+              B.adafactor_bc_factored_step_bytes(m, n, **flags), 8 * (m + n))
+        check("adafactor_bc_unfactored_step", (par(), par(), pos(m, n)), kw,
+              B.adafactor_bc_unfactored_step_bytes(a, **flags))
+    L = torch.linalg.qr(torch.randn(m, r))[0]
+    apm = dict(beta1=0.9, s_coef=1.5, e_coef=10.0, v_keep=0.95, v_add=0.05, eps=1e-8, c2=0.4,
+               lr=1e-3, clip_threshold=1.0)
+    for nb in (None, m, 2):
+        for clip in ("elementwise", "rms", "none"):
+            for pre in (1.0, 0.99):
+                G = par()
+                V = pos(m, n) if nb is None else pos(nb)
+                check("adapm_update", (par(), G, L, torch.randn(r, n), L.t() @ G.float(), V),
+                      dict(apm, pre_scale=pre, clip_mode=clip),
+                      B.adapm_update_bytes(m, n, r, param_bytes=p, v_blocks=nb, clip_mode=clip,
+                                           pre_scale=pre != 1.0),
+                      4 * m * r + 12 * r * n + (8 * nb if nb else 0))
+    check("gha_update", (par(), L), dict(eta=0.5), B.gha_update_bytes(m, n, r, g_bytes=p),
+          8 * m * r)

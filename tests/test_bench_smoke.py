@@ -29,6 +29,9 @@ def test_bench_run_quick(tmp_path, capsys):
     assert doc["meta"]["errors"] == []
     ops = {r["op"] for r in doc["rows"]}
     assert {"project", "adam_moments", "backproject_update", "galore_step", "adamw"} <= ops
+    assert {"adafactor_step", "adafactor_step:momentum", "adafactor_step:unfactored",
+            "adafactor_bc_factored_step", "adafactor_bc_unfactored_step", "adapm_update",
+            "adapm_update:mini", "adapm_update:rms", "gha_update"} <= ops
     for r in doc["rows"]:
         assert r["bytes_floor"] > 0, r
         assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"], r
@@ -48,3 +51,42 @@ def test_only_rejects_unknown_module():
         run.main(["--quick", "--suite", "kernels,nonexistent"])
     with pytest.raises(SystemExit):
         run.main(["--quick", "--suite", "step", "--methods", "sgd"])
+
+
+def test_fused_variant_needs_a_triton_implementation(monkeypatch, capsys):
+    """A kernel module missing or failing to import (e.g. still being written) leaves its
+    benchmark with the eager reference only, and says so; the other ops keep their fused
+    variant."""
+    import lowrank_fused.dispatch as D
+    from bench import bench_adapm_update, bench_gha_update
+    from bench import harness as H
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    interpret = not torch.cuda.is_available()   # conftest sets TRITON_INTERPRET=1 on CPU
+    both = [("fused", "triton"), ("eager", "reference")]
+    params = bench_adapm_update.cases(device, True, interpret)[0][1]
+    monkeypatch.setattr(H, "_NOT_IMPLEMENTED", {})
+    assert bench_adapm_update.variants(params, device, interpret) == both
+
+    real = D.implementation
+
+    def broken(op, backend, dev):
+        if op == "adapm_update" and backend == "triton":
+            raise ImportError("cannot import name 'adapm_update' (simulated)")
+        return real(op, backend, dev)
+
+    monkeypatch.setattr(D, "implementation", broken)
+    monkeypatch.setattr(H, "_NOT_IMPLEMENTED", {})
+    assert bench_adapm_update.variants(params, device, interpret) == [("eager", "reference")]
+    assert "adapm_update: no fused variant" in capsys.readouterr().err
+    gha = bench_gha_update.cases(device, True, interpret)[0][1]
+    assert bench_gha_update.variants(gha, device, interpret) == both
+
+    def unregistered(op, backend, dev):
+        if op == "adapm_update" and backend == "triton":
+            raise D.BackendUnavailable("op 'adapm_update' has no 'triton' implementation")
+        return real(op, backend, dev)
+
+    monkeypatch.setattr(D, "implementation", unregistered)
+    monkeypatch.setattr(H, "_NOT_IMPLEMENTED", {})
+    assert bench_adapm_update.variants(params, device, interpret) == [("eager", "reference")]

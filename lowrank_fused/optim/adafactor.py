@@ -52,8 +52,9 @@ class Adafactor(LowRankOptimizer):
         relative_step: time-dependent step size instead of ``lr`` (True).
         warmup_init: linear warm-up of the relative step size (False; needs relative_step).
         backend: ``"auto" | "reference" | ...``: the backend of the ``adafactor_step`` op
-            (only the eager reference exists so far; an explicit fused backend raises
-            ``BackendUnavailable`` at construction).
+            (``triton``: ``kernels/adafactor_step.py``, three passes over G with the row and
+            column statistics, the update RMS and RMS(W) reduced on the device, no m x n
+            temporary and no host read; ``auto`` picks it on CUDA).
 
     State per parameter: ``step`` (int); ``exp_avg_sq_row`` and ``exp_avg_sq_col`` (ndim >= 2)
     or ``exp_avg_sq`` (ndim < 2); ``exp_avg`` when beta1 is not None. The HF code also keeps

@@ -91,6 +91,8 @@ def ptxas_usage(ptx: str, ptxas: str, arch: str = "sm_90a"):
 
 KERNEL_MODULES = ("project", "adam_moments", "backproject_update", "adamw_step",
                   "ldadam_error_feedback", "batched_matmul", "residual_backproject_update")
+KERNEL_MODULES += ("adafactor_step", "adafactor_bc_step", "gha_update")
+KERNEL_MODULES += ("adapm_update", "adapm_dense_update")
 
 
 def all_variants():
