@@ -1,7 +1,8 @@
 """Every method under DistributedDataParallel (2 processes, gloo, CPU): the ranks hold
 bit-identical weights after every run (projections, seeded sketches and QR signs agree across
-ranks), and the run equals the single-process run on the same global batches within the
-rounding of the gradient all-reduce."""
+ranks), the run equals the single-process run on the same global batches within the rounding
+of the gradient all-reduce, and a run checkpointed halfway and resumed in fresh objects is
+bit-identical to the uninterrupted one on every rank."""
 import socket
 
 import pytest
@@ -35,7 +36,7 @@ def ddp_results(tmp_path_factory):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_ddp_ranks_agree_and_match_single_process(method, ddp_results):
-    rank0, rank1 = (r[method] for r in ddp_results)
+    rank0, rank1 = (r["run"][method] for r in ddp_results)
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"{method}: ranks diverged on {name}"
     torch.set_num_threads(1)
@@ -46,3 +47,11 @@ def test_ddp_ranks_agree_and_match_single_process(method, ddp_results):
         # (measured: <= 1e-5 at lr 1e-3, 1.5e-5 for the lr 1e-2 defaults of the
         # AdaptiveAdamW family); a real divergence (a rank-dependent basis) is O(1)
         assert_parity(rank0[name], w, rtol=1e-4, name=f"{method} {name}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_resume_is_bit_identical(method, ddp_results):
+    for rank, r in enumerate(ddp_results):
+        for name, w in r["run"][method].items():
+            assert torch.equal(r["resumed"][method][name], w), \
+                f"{method}: rank {rank} {name} differs after the resume"

@@ -38,8 +38,20 @@ def run_single(method, kwargs, steps, world, per_rank=2):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _ddp_steps(model, ddp, opt, start, stop, rank, world, per_rank):
+    for t in range(start, stop):
+        ids = global_batch(t, world, per_rank)[rank * per_rank:(rank + 1) * per_rank]
+        _, loss = ddp(ids[:, :-1], labels=ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def ddp_worker(rank, world, port, cases, steps, out_dir, per_rank=2):
-    """For each (method, kwargs): a DDP run of ``steps`` steps; saves the weights per rank."""
+    """For each (method, kwargs): a DDP run of ``steps`` steps, and the same run interrupted
+    after ``steps // 2`` steps (model + optimizer checkpoint through ``torch.save`` /
+    ``torch.load(weights_only=True)``, a fresh model, DDP wrapper and optimizer) and resumed.
+    Saves both runs' weights per rank."""
     import lowrank_fused as lf
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -48,18 +60,26 @@ def ddp_worker(rank, world, port, cases, steps, out_dir, per_rank=2):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {}
+        results, resumed = {}, {}
+        half = steps // 2
         for method, kwargs in cases:
             model = tiny_model()
-            ddp = DDP(model)
             opt = lf.make_optimizer(model, method, **kwargs)
-            for t in range(steps):
-                ids = global_batch(t, world, per_rank)[rank * per_rank:(rank + 1) * per_rank]
-                _, loss = ddp(ids[:, :-1], labels=ids[:, 1:])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            _ddp_steps(model, DDP(model), opt, 0, steps, rank, world, per_rank)
             results[method] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+            model = tiny_model()
+            opt = lf.make_optimizer(model, method, **kwargs)
+            _ddp_steps(model, DDP(model), opt, 0, half, rank, world, per_rank)
+            path = os.path.join(out_dir, f"ckpt-{method}-{rank}.pt")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+            ckpt = torch.load(path, weights_only=True)
+            model = tiny_model(seed=1)                 # another init: all comes from the file
+            model.load_state_dict(ckpt["model"])
+            opt = lf.make_optimizer(model, method, **kwargs)
+            opt.load_state_dict(ckpt["opt"])
+            _ddp_steps(model, DDP(model), opt, half, steps, rank, world, per_rank)
+            resumed[method] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save({"run": results, "resumed": resumed}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
