@@ -14,6 +14,25 @@ _CHECKPOINT_KEY = "lowrank_fused"
 NONFINITE = ("raise", "skip", "ignore")
 
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:                       # torch built without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(t) -> bool:
+    """True for a DTensor (an FSDP2 ``fully_shard`` parameter or gradient)."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t):
+    """The local shard of a DTensor (in place updates reach the parameter), else ``t``."""
+    return t.to_local() if is_sharded(t) else t
+
+
 def check_number(name, value, *, low=None, high=None, high_open=False):
     """Raise ValueError naming ``name`` unless ``value`` is a finite real in range (a number
     or a one-element tensor; not a string or a bool)."""
@@ -81,6 +100,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
     """
 
     PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    # FSDP2 (DTensor) parameters: the elementwise methods run on each rank's local shard;
+    # the low-rank ones need the whole matrix for their bases and refuse them
+    SUPPORTS_SHARDED = False
 
     def __init__(self, params, defaults, *, backend="auto", faithful_dtypes=False,
                  sign_canon=True, matmul_precision=None, nonfinite="raise"):
@@ -123,6 +145,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} supports parameters of dtype "
                     f"{', '.join(str(d).replace('torch.', '') for d in self.PARAM_DTYPES)}; "
                     f"{self.param_label(p)} has dtype {p.dtype}")
+            if is_sharded(p) and not self.SUPPORTS_SHARDED:
+                raise ValueError(
+                    f"{type(self).__name__} does not support FSDP2 / DTensor-sharded parameters "
+                    f"yet ({self.param_label(p)} is sharded as {p.placements}): its subspace "
+                    "needs the whole matrix. Supported under FSDP2: AdamW, HFAdamW; use DDP "
+                    "for the low-rank methods")
             if p.layout != torch.strided:
                 raise TypeError(f"{type(self).__name__} supports dense parameters only; "
                                 f"{self.param_label(p)} has layout {p.layout}")
@@ -193,15 +221,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
         (``"hf", "post"``). The bias correction uses the parameter's own counter, or ``step``
         when the method has a global one (LDAdam)."""
         state = self.state[p]
+        W, G = local(p), local(p.grad)      # FSDP2: this rank's shard; states are local too
         if "exp_avg" not in state:
             if step is None:
                 state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
+            state["exp_avg"] = torch.zeros_like(W, dtype=self._state_dtype(p),
                                                 memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         t = state["step"] + 1 if step is None else step
         beta1, beta2 = group["betas"]
-        ops.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+        ops.adamw_step(W, G, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
                        beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
                        weight_decay=group["weight_decay"], eps_mode=eps_mode, wd_mode=wd_mode,
                        correct_bias=correct_bias, backend=backend)
@@ -248,13 +277,27 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     self._check_grad(p)
                     grads.append(p.grad)
-        if self.nonfinite != "ignore" and bool(ops.nonfinite_flag(grads)):   # one host read
+        if self.nonfinite != "ignore" and bool(self._global_flag(grads)):    # one host read
             if self.nonfinite == "skip":
                 return False
             self._raise_nonfinite(written="no parameter or state was updated (nonfinite='skip' "
                                           "skips such steps)")
         self._check_grads()
         return True
+
+    def _global_flag(self, grads):
+        """The non-finite flag of this rank's gradients; with sharded parameters the ranks
+        hold different shards, so the flag is all-reduced (every rank skips or raises
+        together)."""
+        sharded = [g for g in grads if is_sharded(g)]
+        flag = ops.nonfinite_flag([local(g) for g in grads])
+        if sharded:
+            import torch.distributed as dist
+
+            f = flag.to(torch.int32).reshape(1)
+            dist.all_reduce(f, op=dist.ReduceOp.MAX, group=sharded[0].device_mesh.get_group())
+            flag = f[0].bool()
+        return flag
 
     def _raise_nonfinite(self, params=None, written="no parameter or state was updated"):
         """The slow path after the flag: find and name the first bad gradient."""
@@ -263,13 +306,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for p in params:
             if p.grad is None or p.grad.numel() == 0:
                 continue
-            nan = int(torch.isnan(p.grad).sum())
-            inf = int(torch.isinf(p.grad).sum())
+            g = local(p.grad)
+            nan = int(torch.isnan(g).sum())
+            inf = int(torch.isinf(g).sum())
             if nan or inf:
                 raise FloatingPointError(
                     f"{type(self).__name__}: the gradient of {self.param_label(p)} has "
                     f"non-finite entries ({nan} NaN, {inf} Inf) at step {self.step_calls + 1}; "
                     f"{written}")
+        raise FloatingPointError(                  # the flag came from another rank's shard
+            f"{type(self).__name__}: a gradient shard on another rank has non-finite entries "
+            f"at step {self.step_calls + 1}; {written}")
 
     def _check_grads(self):
         """Hook: method-specific checks of the gradients before the step (default: none)."""
@@ -326,7 +373,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if self._pl_defer or not p.numel():
             return False
         self._check_grad(p)
-        if self.nonfinite == "raise" and bool(ops.nonfinite_flag([p.grad])):
+        if self.nonfinite == "raise" and bool(ops.nonfinite_flag([local(p.grad)])):
             self._raise_nonfinite([p], written="it was not updated (per-layer mode: the "
                                                "layers whose gradients came earlier were)")
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))

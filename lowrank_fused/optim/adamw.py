@@ -73,6 +73,8 @@ class AdamW(LowRankOptimizer):
         if not self.hf and not group["correct_bias"]:
             raise ValueError("correct_bias=False is only defined for hf=True")
 
+    SUPPORTS_SHARDED = True      # elementwise: each FSDP2 rank updates its own shard
+
     def _ops_needed(self, group, p):
         return ("adamw_step",)
 

@@ -83,3 +83,75 @@ def ddp_worker(rank, world, port, cases, steps, out_dir, per_rank=2):
         torch.save({"run": results, "resumed": resumed}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def mlp_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.Tanh(), torch.nn.Linear(40, 24),
+                               torch.nn.Tanh(), torch.nn.Linear(24, 8))
+
+
+def mlp_batch(t, world, per_rank=4):
+    g = torch.Generator().manual_seed(900 + t)
+    x = torch.randn(world * per_rank, 16, generator=g)
+    return x, torch.sin(x[:, :8])
+
+
+def mlp_single(opt_factory, steps, world, per_rank=4, poison_step=None):
+    model = mlp_model()
+    opt = opt_factory(model)
+    for t in range(steps):
+        x, y = mlp_batch(t, world, per_rank)
+        ((model(x) - y) ** 2).mean().backward()
+        if t == poison_step:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
+    """FSDP2 (``fully_shard``, parameters sharded on dim 0): AdamW and HFAdamW runs, one with a
+    NaN injected into one rank's shard at step 1 (``nonfinite="skip"``: every rank must skip),
+    and the refusal of a low-rank method. Saves full weights and messages per rank."""
+    import lowrank_fused as lf
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {}
+        for name, factory, poison in (
+                ("adamw", lambda m: lf.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), None),
+                ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2), None),
+                ("adamw_skip", lambda m: lf.AdamW(m.parameters(), lr=1e-2,
+                                                  nonfinite="skip"), 1)):
+            model = mlp_model()
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+            opt = factory(model)
+            for t in range(steps):
+                x, y = mlp_batch(t, world, per_rank)
+                x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+                ((model(x) - y) ** 2).mean().backward()
+                if t == poison and rank == 1:
+                    g = next(model.parameters()).grad
+                    g.to_local().view(-1)[0] = float("nan")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            out[name] = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
+            out[name + ":skipped"] = opt.skipped_steps
+        model = mlp_model()
+        fully_shard(model)
+        try:
+            lf.make_optimizer(model, "galore", rank=2, target_modules=r"^[024]$")
+            out["galore_error"] = None
+        except ValueError as e:
+            out["galore_error"] = str(e)
+        torch.save(out, os.path.join(out_dir, f"fsdp-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
