@@ -33,3 +33,12 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small-tensor runs are faster and deterministic so)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

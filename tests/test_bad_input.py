@@ -11,15 +11,9 @@ from lowrank_fused.routing import DENSE_METHODS, METHODS, optimizer_class
 
 from _methods import assert_same, backward, model, optimizer, snapshot
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LOW_RANK = [m for m in METHODS if m not in DENSE_METHODS]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _lr_kw(method, lr):

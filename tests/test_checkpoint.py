@@ -7,6 +7,8 @@ import lowrank_fused as lf
 from lowrank_fused.models import LlamaConfig, LlamaForCausalLM
 from lowrank_fused.routing import METHODS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
            vocab_size=64, max_position_embeddings=16)
 KW = {"galore": dict(rank=4, update_proj_gap=2), "adaptive_adamw": dict(rank=4, update_proj_gap=2),
@@ -34,14 +36,6 @@ def _steps(model, opt, start, stop):
 def _config_fields():
     import dataclasses
     return {f.name for f in dataclasses.fields(LlamaConfig)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_config_fields_exist():

@@ -3,15 +3,13 @@ bit-identical weights after every run (projections, seeded sketches and QR signs
 ranks), the run equals the single-process run on the same global batches within the rounding
 of the gradient all-reduce, and a run checkpointed halfway and resumed in fresh objects is
 bit-identical to the uninterrupted one on every rank."""
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from lowrank_fused.routing import METHODS
 from lowrank_fused.testing import assert_parity
-from lowrank_fused.testing.distributed import ddp_worker, run_single
+from lowrank_fused.testing.distributed import ddp_worker, free_port, run_single
 
 from _methods import KW
 
@@ -19,17 +17,11 @@ STEPS = 4
 WORLD = 2
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     cases = [(m, KW[m]) for m in METHODS]
-    mp.spawn(ddp_worker, args=(WORLD, _free_port(), cases, STEPS, str(out)), nprocs=WORLD,
+    mp.spawn(ddp_worker, args=(WORLD, free_port(), cases, STEPS, str(out)), nprocs=WORLD,
              join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 

@@ -3,30 +3,22 @@ AdamW and HFAdamW update each rank's shard and equal the single-process run on t
 batches within the rounding of the gradient reduce-scatter; a NaN in one rank's shard makes
 every rank skip (the flag is all-reduced); the low-rank methods refuse sharded parameters with
 a clear message (their subspaces need whole matrices: use DDP)."""
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import lowrank_fused as lf
 from lowrank_fused.testing import assert_parity
-from lowrank_fused.testing.distributed import fsdp2_worker, mlp_single
+from lowrank_fused.testing.distributed import free_port, fsdp2_worker, mlp_single
 
 STEPS = 4
 WORLD = 2
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(fsdp2_worker, args=(WORLD, _free_port(), STEPS, str(out)), nprocs=WORLD, join=True)
+    mp.spawn(fsdp2_worker, args=(WORLD, free_port(), STEPS, str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"fsdp-rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -10,20 +10,14 @@ from lowrank_fused.testing import assert_parity, tolerance
 
 from _methods import backward, model, optimizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 30
 OVER = {"galore": dict(update_proj_gap=10), "adaptive_adamw": dict(update_proj_gap=10),
         "rsadamw": dict(update_proj_gap=10), "gha": dict(update_proj_gap=10),
         "galore_kfac": dict(update_proj_gap=10), "adamem": dict(update_proj_gap=10),
         "adarankgrad": dict(t_min=3, t_max=10), "adapm": dict(refit_T=10),
         "adapm_mini": dict(refit_T=10)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(method, backend):

@@ -11,15 +11,9 @@ from lowrank_fused.routing import METHODS
 
 from _methods import assert_same, backward, model, optimizer, snapshot
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BAD = [float("nan"), float("inf"), -float("inf")]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _poison(net, which, value, seed):

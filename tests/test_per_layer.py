@@ -9,15 +9,9 @@ from lowrank_fused.routing import METHODS
 
 from _methods import CFG, backward, model, optimizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _loss(net, t, micro=0):

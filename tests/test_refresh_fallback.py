@@ -13,19 +13,13 @@ from lowrank_fused.routing import METHODS
 
 from _methods import backward, model, optimizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASIS_KEYS = ("ortho", "P", "basis", "L")
 # the methods whose refresh calls torch.linalg.svd / svdvals on the gradient (and the options
 # that make it so)
 SVD_METHODS = [("galore", {}), ("adaptive_adamw", {}), ("gha", {}), ("galore_kfac", {}),
                ("adamem", {}), ("ldadam", {"proj_method": "svd"}), ("ldadam", {})]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def bases(opt):

@@ -13,6 +13,8 @@ import torch.nn as nn
 import lowrank_fused as lf
 from lowrank_fused.routing import METHODS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 2000
 WARMUP = 300
 RANK_CHANGING = ("adaptive_adamw", "adarankgrad")
@@ -77,14 +79,6 @@ def _soak(method, steps, backend):
     for name, p in net.named_parameters():
         assert torch.isfinite(p).all(), f"{method}: {name} not finite"
     return net, opt, losses, marks
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("method", METHODS)
