@@ -1,15 +1,15 @@
 """FSDP2 (``fully_shard``, DTensor parameters sharded on dim 0; 2 gloo processes on CPU):
-AdamW and HFAdamW update each rank's shard and equal the single-process run on the same global
-batches within the rounding of the gradient reduce-scatter; a NaN in one rank's shard makes
-every rank skip (the flag is all-reduced); the low-rank methods refuse sharded parameters with
-a clear message (their subspaces need whole matrices: use DDP)."""
+AdamW and HFAdamW update each rank's shard; GaLoreAdamW projects each rank's rows on the right
+with a basis from the all-reduced Gram (no gathered gradient); all equal the single-process run
+on the same global batches within rounding; a NaN in one rank's shard makes every rank skip
+(the flag is all-reduced); the other low-rank methods refuse sharded parameters clearly."""
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import lowrank_fused as lf
 from lowrank_fused.testing import assert_parity
-from lowrank_fused.testing.distributed import free_port, fsdp2_worker, mlp_single
+from lowrank_fused.testing.distributed import free_port, fsdp2_worker, galore_groups, mlp_single
 
 STEPS = 4
 WORLD = 2
@@ -24,8 +24,9 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("name,factory", [
     ("adamw", lambda m: lf.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)),
-    ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2))])
-def test_fsdp2_adamw_equals_single_process(name, factory, results):
+    ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2)),
+    ("galore", lambda m: lf.GaLoreAdamW(galore_groups(m), lr=1e-2))])
+def test_fsdp2_equals_single_process(name, factory, results):
     torch.set_num_threads(1)
     single = mlp_single(factory, STEPS, WORLD)
     for r in results:
@@ -48,7 +49,7 @@ def test_fsdp2_nonfinite_skip_is_global(results):
         assert_parity(results[0]["adamw_skip"][key], w, rtol=1e-4, name=key)
 
 
-def test_fsdp2_low_rank_methods_refuse_sharded_parameters(results):
+def test_fsdp2_methods_needing_whole_matrices_refuse_sharded_parameters(results):
     for r in results:
-        assert r["galore_error"] is not None
-        assert "does not support FSDP2" in r["galore_error"] and "use DDP" in r["galore_error"]
+        assert r["refusal"] is not None
+        assert "AdaptiveAdamW does not support FSDP2" in r["refusal"] and "use DDP" in r["refusal"]

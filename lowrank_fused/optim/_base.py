@@ -100,8 +100,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     """
 
     PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-    # FSDP2 (DTensor) parameters: the elementwise methods run on each rank's local shard;
-    # the low-rank ones need the whole matrix for their bases and refuse them
+    # FSDP2 (DTensor) parameters: AdamW runs on each rank's local shard, GaLoreAdamW projects
+    # the shard on the right (galore_adamw._sharded_basis); the others refuse them
     SUPPORTS_SHARDED = False
 
     def __init__(self, params, defaults, *, backend="auto", faithful_dtypes=False,
@@ -149,8 +149,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{type(self).__name__} does not support FSDP2 / DTensor-sharded parameters "
                     f"yet ({self.param_label(p)} is sharded as {p.placements}): its subspace "
-                    "needs the whole matrix. Supported under FSDP2: AdamW, HFAdamW; use DDP "
-                    "for the low-rank methods")
+                    "needs whole matrices. Supported under FSDP2: AdamW, HFAdamW, GaLoreAdamW; "
+                    "use DDP for the other low-rank methods")
             if p.layout != torch.strided:
                 raise TypeError(f"{type(self).__name__} supports dense parameters only; "
                                 f"{self.param_label(p)} has layout {p.layout}")

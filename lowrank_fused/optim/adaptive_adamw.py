@@ -183,6 +183,8 @@ class _SubspaceAdamW(GaLoreAdamW):
     """What the four classes share: GaLore's groups, checks and dense step, plus the low-rank
     step with a method-specific basis update, the norm-growth limiter and moment transport."""
 
+    SUPPORTS_SHARDED = False
+
     def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
                  backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision,
                  **projector):

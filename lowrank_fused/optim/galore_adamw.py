@@ -17,7 +17,8 @@ import torch
 from lowrank_fused import ops
 from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
-from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
+from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_number, is_sharded,
+                                       local)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized")
@@ -133,13 +134,54 @@ class GaLoreAdamW(LowRankOptimizer):
         return ("project", "adam_moments", "backproject_update")
 
     def _plan(self, p, group):
-        """(side, rank, 2-D shape) for a projected matrix, or None for the dense step."""
+        """(side, rank, 2-D shape) for a projected matrix, or None for the dense step. An
+        FSDP2-sharded matrix (rows split over ranks) is always projected on the right, so the
+        basis spans the unsharded dimension and every rank holds all of it."""
         if "rank" not in group or p.dim() < 2:
             return None
         shape = (p.shape[0], math.prod(p.shape[1:]))
         if group["rank"] >= min(shape):
             return None
+        if is_sharded(p):
+            return "right", group["rank"], shape
         return projection_side(shape, group["proj_type"]), group["rank"], shape
+
+    # FSDP2: parameters sharded on dim 0 (``fully_shard``'s default), see _sharded_basis
+    SUPPORTS_SHARDED = True
+
+    def _check_tensors(self, group):
+        super()._check_tensors(group)
+        if not self.SUPPORTS_SHARDED:
+            return
+        for p in group["params"]:
+            if is_sharded(p):
+                from torch.distributed.tensor import Shard
+
+                if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                    raise ValueError(
+                        f"{type(self).__name__} supports parameters sharded on dim 0 over a "
+                        f"1-D mesh (FSDP2's fully_shard); {self.param_label(p)} has placements "
+                        f"{p.placements} on a {p.device_mesh.ndim}-D mesh")
+
+    def _sharded_basis(self, p, G_local, rank):
+        """Top-``rank`` right singular vectors of the whole (row-sharded) gradient, without
+        gathering it: the n x n Gram ``sum over ranks of G_s^T G_s`` (fp64, one all-reduce of
+        an n x n matrix), its eigenvectors in descending order, sign-canonical like
+        ``canonical_svd_basis``. Returns Q (rank x n, fp32), the same on every rank."""
+        import torch.distributed as dist
+
+        A = G_local.double()
+        C = A.t() @ A
+        dist.all_reduce(C, group=p.device_mesh.get_group())
+        w, V = torch.linalg.eigh(C)
+        B = V.flip(-1)[:, :rank]
+        if self.sign_canon:
+            idx = B.abs().argmax(dim=0, keepdim=True)
+            B = B * torch.where(B.gather(0, idx) < 0, -1.0, 1.0)
+        if not bool(torch.isfinite(B).all()):
+            raise FloatingPointError(f"the sharded refresh of {self.param_label(p)} produced "
+                                     "non-finite values")
+        return B.float().t().contiguous()
 
     # -- batched refresh ------------------------------------------------------------------
     def _refresh_due(self, p, group):
@@ -149,7 +191,10 @@ class GaLoreAdamW(LowRankOptimizer):
     def _check_grads(self):
         """A refresh computes an SVD of the gradient: a non-finite one is refused before any
         parameter of the step is touched (between refreshes it would only reach the moments,
-        as in galore_torch)."""
+        as in galore_torch). With ``nonfinite`` "raise" or "skip" the step's check has
+        already covered every gradient."""
+        if self.nonfinite != "ignore":
+            return
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or self._plan(p, group) is None:
@@ -168,7 +213,7 @@ class GaLoreAdamW(LowRankOptimizer):
             if group.get("projector", "svd") != "randomized":
                 continue
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or is_sharded(p):    # sharded: the all-reduced Gram
                     continue
                 plan = self._plan(p, group)
                 if plan is None or not self._refresh_due(p, group):
@@ -206,10 +251,17 @@ class GaLoreAdamW(LowRankOptimizer):
     def _galore_step(self, p, group, plan, backend, precision):
         side, rank, shape = plan
         state = self.state[p]
-        W, G, write_back = self._as_matrix(p, shape)
+        if is_sharded(p):                              # FSDP2: this rank's rows
+            W, G = local(p), local(p.grad)
+            W, G = W.reshape(W.shape[0], -1), G.reshape(G.shape[0], -1)
+            write_back = lambda W: None                # noqa: E731 (local() is a view)
+        else:
+            W, G, write_back = self._as_matrix(p, shape)
         k = state.get("step", 0)                       # counter BEFORE increment (4.3 line 1)
         if "ortho" not in state or k % group["update_proj_gap"] == 0:
             P_new = self._pending_bases.pop(p, None)
+            if P_new is None and is_sharded(p):
+                P_new = self._sharded_basis(p, G, rank)
             if P_new is None:
                 P_new = canonical_svd_basis(G, rank, side, self.sign_canon,
                                             label=self.param_label(p),

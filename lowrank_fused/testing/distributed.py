@@ -118,10 +118,19 @@ def mlp_single(opt_factory, steps, world, per_rank=4, poison_step=None):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def galore_groups(model, rank=4):
+    """GaLore groups of the MLP: the Linear weights projected on the right, biases dense."""
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    return [{"params": weights, "rank": rank, "update_proj_gap": 2, "proj_type": "right"},
+            {"params": biases}]
+
+
 def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
-    """FSDP2 (``fully_shard``, parameters sharded on dim 0): AdamW and HFAdamW runs, one with a
-    NaN injected into one rank's shard at step 1 (``nonfinite="skip"``: every rank must skip),
-    and the refusal of a low-rank method. Saves full weights and messages per rank."""
+    """FSDP2 (``fully_shard``, parameters sharded on dim 0): AdamW, HFAdamW and GaLoreAdamW
+    runs, one with a NaN injected into one rank's shard at step 1 (``nonfinite="skip"``: every
+    rank must skip), and the refusal of a method that needs whole matrices. Saves full weights
+    and messages per rank."""
     import lowrank_fused as lf
     from torch.distributed.fsdp import fully_shard
 
@@ -135,7 +144,8 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
                 ("adamw", lambda m: lf.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), None),
                 ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2), None),
                 ("adamw_skip", lambda m: lf.AdamW(m.parameters(), lr=1e-2,
-                                                  nonfinite="skip"), 1)):
+                                                  nonfinite="skip"), 1),
+                ("galore", lambda m: lf.GaLoreAdamW(galore_groups(m), lr=1e-2), None)):
             model = mlp_model()
             for layer in model:
                 if isinstance(layer, torch.nn.Linear):
@@ -156,10 +166,10 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
         model = mlp_model()
         fully_shard(model)
         try:
-            lf.make_optimizer(model, "galore", rank=2, target_modules=r"^[024]$")
-            out["galore_error"] = None
+            lf.make_optimizer(model, "adaptive_adamw", rank=2, target_modules=r"^[024]$")
+            out["refusal"] = None
         except ValueError as e:
-            out["galore_error"] = str(e)
+            out["refusal"] = str(e)
         torch.save(out, os.path.join(out_dir, f"fsdp-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
