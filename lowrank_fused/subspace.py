@@ -161,9 +161,9 @@ def cholesky_qr2(Y: torch.Tensor, *, fill_seed: int = 0, return_r: bool = False,
 def _orth_fast(Y: torch.Tensor) -> torch.Tensor:
     """Re-normalisation between power-iteration half steps: one CholeskyQR pass, Householder
     (``torch.linalg.qr``) for the matrices whose Cholesky fails. Only conditions the next
-    product; the final basis always comes from ``cholesky_qr2``."""
-    finite = torch.isfinite(Y).flatten(1).all(dim=1)
-    Y = torch.where(finite[:, None, None], Y, torch.zeros((), dtype=Y.dtype, device=Y.device))
+    product; the final basis always comes from ``cholesky_qr2``, which also handles non-finite
+    input (the callers check G once; a NaN here fails the Cholesky pivots and only reaches the
+    final pass, so no per-half-step finiteness check is needed)."""
     Q, _, ok = _cholqr_pass(Y)
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
