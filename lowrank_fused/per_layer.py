@@ -19,6 +19,10 @@ accumulation and with methods that need a global phase).
   came earlier in the same backward are already updated, which the error says);
   ``nonfinite="skip"`` needs the whole step and is refused; ``"ignore"`` checks nothing.
 * The result equals ``opt.step()`` after a full backward, bit for bit (tested per method).
+* Single-process training only (as in GaLore's and AdaRankGrad's scripts): under DDP the hook
+  fires before the gradient's bucket is all-reduced, and FSDP2 assigns sharded gradients
+  after its reduce-scatter instead of accumulating them, so neither gives the hook the final
+  gradient; use ``opt.step()`` there.
 """
 from __future__ import annotations
 
