@@ -22,7 +22,8 @@ accumulation and with methods that need a global phase).
 * Single-process training only (as in GaLore's and AdaRankGrad's scripts): under DDP the hook
   fires before the gradient's bucket is all-reduced, and FSDP2 assigns sharded gradients
   after its reduce-scatter instead of accumulating them, so neither gives the hook the final
-  gradient; use ``opt.step()`` there.
+  gradient: ``PerLayerStep`` refuses a process group of more than one rank or sharded
+  parameters; use ``opt.step()`` there.
 """
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ class PerLayerStep:
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError("PerLayerStep needs a lowrank_fused optimizer, got "
                             f"{type(optimizer).__name__}")
+        import torch.distributed as dist
+
+        from lowrank_fused.optim._base import is_sharded
+
+        if any(is_sharded(p) for g in optimizer.param_groups for p in g["params"]) or (
+                dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise ValueError("per-layer mode is single-process: under DDP the hook would see "
+                             "gradients before their all-reduce, and FSDP2 assigns sharded "
+                             "gradients instead of accumulating them; use opt.step()")
         if optimizer.nonfinite == "skip":
             raise ValueError("nonfinite='skip' skips a whole step, which per-layer mode cannot "
                              "do (earlier layers are already updated); use 'raise' or 'ignore'")

@@ -53,3 +53,13 @@ def test_fsdp2_methods_needing_whole_matrices_refuse_sharded_parameters(results)
     for r in results:
         assert r["refusal"] is not None
         assert "AdaptiveAdamW does not support FSDP2" in r["refusal"] and "use DDP" in r["refusal"]
+
+
+def test_per_layer_mode_refuses_a_process_group(tmp_path):
+    from lowrank_fused.testing.distributed import per_layer_refusal_worker
+
+    mp.spawn(per_layer_refusal_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    for r in range(WORLD):
+        msg = torch.load(tmp_path / f"pl-{r}.pt", weights_only=True)
+        assert msg is not None and "single-process" in msg

@@ -173,3 +173,22 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
         torch.save(out, os.path.join(out_dir, f"fsdp-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def per_layer_refusal_worker(rank, world, port, out_dir):
+    """PerLayerStep inside a 2-process group must refuse (gradients not yet all-reduced)."""
+    import lowrank_fused as lf
+    from lowrank_fused.per_layer import PerLayerStep
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        try:
+            PerLayerStep(lf.AdamW(mlp_model().parameters()))
+            msg = None
+        except ValueError as e:
+            msg = str(e)
+        torch.save(msg, os.path.join(out_dir, f"pl-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
