@@ -301,7 +301,7 @@ class AdaRankGrad(LowRankOptimizer):
 
         P, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
         R = ops.project(G, P, side=side, precision=precision, backend=backend)   # Ghat
-        z = float(torch.linalg.vector_norm(R))
+        z = torch.linalg.vector_norm(R)            # read once per step, in _after_updates
         N = torch.empty_like(M)
         ops.adam_moments(R, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
                          eps_mode="torch", backend=backend)
@@ -311,6 +311,19 @@ class AdaRankGrad(LowRankOptimizer):
         write_back(W)
         state["step"] = t
         if exit_test:
+            self._pending_exit.append((state, group, z, t))
+
+    def _before_updates(self):
+        self._pending_exit = []
+
+    def _after_updates(self):
+        """The exit tests of every matrix of the step, from one host read of all ``||Ghat||``
+        (the decisions only act at the next step)."""
+        pending, self._pending_exit = getattr(self, "_pending_exit", []), []
+        if not pending:
+            return
+        zs = torch.stack([z.float() for _, _, z, _ in pending]).cpu().tolist()
+        for (state, group, _, t), z in zip(pending, zs):
             self._exit_test(state, group, z, t)
 
     @staticmethod
