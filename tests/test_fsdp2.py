@@ -1,6 +1,7 @@
 """FSDP2 (``fully_shard``, DTensor parameters sharded on dim 0; 2 gloo processes on CPU):
 AdamW and HFAdamW update each rank's shard; GaLoreAdamW projects each rank's rows on the right
-with a basis from the all-reduced Gram (no gathered gradient); all equal the single-process run
+with a basis from the all-reduced Gram (no gathered gradient); LDAdamW sums its power
+iteration's n x r parts over the ranks; all equal the single-process run
 on the same global batches within rounding; a NaN in one rank's shard makes every rank skip
 (the flag is all-reduced); the other low-rank methods refuse sharded parameters clearly."""
 import pytest
@@ -9,7 +10,8 @@ import torch.multiprocessing as mp
 
 import lowrank_fused as lf
 from lowrank_fused.testing import assert_parity
-from lowrank_fused.testing.distributed import free_port, fsdp2_worker, galore_groups, mlp_single
+from lowrank_fused.testing.distributed import (free_port, fsdp2_worker, galore_groups,
+                                               ldadam_groups, mlp_single)
 
 STEPS = 4
 WORLD = 2
@@ -25,7 +27,8 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("name,factory", [
     ("adamw", lambda m: lf.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)),
     ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2)),
-    ("galore", lambda m: lf.GaLoreAdamW(galore_groups(m), lr=1e-2))])
+    ("galore", lambda m: lf.GaLoreAdamW(galore_groups(m), lr=1e-2)),
+    ("ldadam", lambda m: lf.LDAdamW(ldadam_groups(m), lr=1e-3))])
 def test_fsdp2_equals_single_process(name, factory, results):
     torch.set_num_threads(1)
     single = mlp_single(factory, STEPS, WORLD)

@@ -149,8 +149,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{type(self).__name__} does not support FSDP2 / DTensor-sharded parameters "
                     f"yet ({self.param_label(p)} is sharded as {p.placements}): its subspace "
-                    "needs whole matrices. Supported under FSDP2: AdamW, HFAdamW, GaLoreAdamW; "
-                    "use DDP for the other low-rank methods")
+                    "needs whole matrices. Supported under FSDP2: AdamW, HFAdamW, GaLoreAdamW, "
+                    "LDAdamW; use DDP for the other low-rank methods")
+            if is_sharded(p):
+                self._check_sharding({"params": [p]})
             if p.layout != torch.strided:
                 raise TypeError(f"{type(self).__name__} supports dense parameters only; "
                                 f"{self.param_label(p)} has layout {p.layout}")
@@ -159,6 +161,38 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} needs every parameter on one device: "
                     f"{self.param_label(first)} is on {first.device}, {self.param_label(p)} "
                     f"is on {p.device} (make one optimizer per device)")
+
+    def _check_sharding(self, group):
+        """Sharded parameters must be split on dim 0 over a 1-D mesh (FSDP2's default)."""
+        for p in group["params"]:
+            if is_sharded(p):
+                from torch.distributed.tensor import Shard
+
+                if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                    raise ValueError(
+                        f"{type(self).__name__} supports parameters sharded on dim 0 over a "
+                        f"1-D mesh (FSDP2's fully_shard); {self.param_label(p)} has placements "
+                        f"{p.placements} on a {p.device_mesh.ndim}-D mesh")
+
+    def _sharded_right_basis(self, p, G_local, rank):
+        """Top-``rank`` right singular vectors of the whole (row-sharded) gradient, without
+        gathering it: the n x n Gram ``sum over ranks of G_s^T G_s`` (fp64, one all-reduce of
+        an n x n matrix), its eigenvectors in descending order, sign-canonical like
+        ``canonical_svd_basis``. Returns Q (rank x n, fp32), the same on every rank."""
+        import torch.distributed as dist
+
+        A = G_local.double()
+        C = A.t() @ A
+        dist.all_reduce(C, group=p.device_mesh.get_group())
+        w, V = torch.linalg.eigh(C)
+        B = V.flip(-1)[:, :rank]
+        if self.sign_canon:
+            idx = B.abs().argmax(dim=0, keepdim=True)
+            B = B * torch.where(B.gather(0, idx) < 0, -1.0, 1.0)
+        if not bool(torch.isfinite(B).all()):
+            raise FloatingPointError(f"the sharded refresh of {self.param_label(p)} produced "
+                                     "non-finite values")
+        return B.float().t().contiguous()
 
     def set_param_names(self, names):
         """Use module names in messages: ``names`` is a module (its ``named_parameters``) or

@@ -75,6 +75,9 @@ class AdamW(LowRankOptimizer):
 
     SUPPORTS_SHARDED = True      # elementwise: each FSDP2 rank updates its own shard
 
+    def _check_sharding(self, group):
+        pass                     # any placement: the update is elementwise
+
     def _ops_needed(self, group, p):
         return ("adamw_step",)
 

@@ -146,42 +146,8 @@ class GaLoreAdamW(LowRankOptimizer):
             return "right", group["rank"], shape
         return projection_side(shape, group["proj_type"]), group["rank"], shape
 
-    # FSDP2: parameters sharded on dim 0 (``fully_shard``'s default), see _sharded_basis
+    # FSDP2: parameters sharded on dim 0 (``fully_shard``'s default), see _sharded_right_basis
     SUPPORTS_SHARDED = True
-
-    def _check_tensors(self, group):
-        super()._check_tensors(group)
-        if not self.SUPPORTS_SHARDED:
-            return
-        for p in group["params"]:
-            if is_sharded(p):
-                from torch.distributed.tensor import Shard
-
-                if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-                    raise ValueError(
-                        f"{type(self).__name__} supports parameters sharded on dim 0 over a "
-                        f"1-D mesh (FSDP2's fully_shard); {self.param_label(p)} has placements "
-                        f"{p.placements} on a {p.device_mesh.ndim}-D mesh")
-
-    def _sharded_basis(self, p, G_local, rank):
-        """Top-``rank`` right singular vectors of the whole (row-sharded) gradient, without
-        gathering it: the n x n Gram ``sum over ranks of G_s^T G_s`` (fp64, one all-reduce of
-        an n x n matrix), its eigenvectors in descending order, sign-canonical like
-        ``canonical_svd_basis``. Returns Q (rank x n, fp32), the same on every rank."""
-        import torch.distributed as dist
-
-        A = G_local.double()
-        C = A.t() @ A
-        dist.all_reduce(C, group=p.device_mesh.get_group())
-        w, V = torch.linalg.eigh(C)
-        B = V.flip(-1)[:, :rank]
-        if self.sign_canon:
-            idx = B.abs().argmax(dim=0, keepdim=True)
-            B = B * torch.where(B.gather(0, idx) < 0, -1.0, 1.0)
-        if not bool(torch.isfinite(B).all()):
-            raise FloatingPointError(f"the sharded refresh of {self.param_label(p)} produced "
-                                     "non-finite values")
-        return B.float().t().contiguous()
 
     # -- batched refresh ------------------------------------------------------------------
     def _refresh_due(self, p, group):
@@ -261,7 +227,7 @@ class GaLoreAdamW(LowRankOptimizer):
         if "ortho" not in state or k % group["update_proj_gap"] == 0:
             P_new = self._pending_bases.pop(p, None)
             if P_new is None and is_sharded(p):
-                P_new = self._sharded_basis(p, G, rank)
+                P_new = self._sharded_right_basis(p, G, rank)
             if P_new is None:
                 P_new = canonical_svd_basis(G, rank, side, self.sign_canon,
                                             label=self.param_label(p),

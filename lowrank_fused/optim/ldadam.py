@@ -34,7 +34,8 @@ from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
-from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
+from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_number, is_sharded,
+                                       local)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJ_METHODS = ("power_iteration", "svd", "svd_lowrank")
@@ -202,14 +203,30 @@ class LDAdamW(LowRankOptimizer):
         return self.form == "explicit" or self.faithful_dtypes
 
     def _plan(self, p, group):
-        """(side, rank, 2-D shape) for a low-rank matrix, or None for the dense step."""
+        """(side, rank, 2-D shape) for a low-rank matrix, or None for the dense step. An
+        FSDP2-sharded matrix (rows split over ranks) is projected on the right: the basis
+        spans the unsharded dimension, and the power iteration's n x r product is summed over
+        the ranks (one all-reduce per step)."""
         if not group["enable_lowrank"] or p.dim() < 2:
             return None
         shape = (p.shape[0], math.prod(p.shape[1:]))
         lo = min(shape)
         if self.size_guard and group["rank"] >= lo:
             return None
-        return ldadam_side(shape, group["proj_type"]), min(group["rank"], lo), shape
+        side = "right" if is_sharded(p) else ldadam_side(shape, group["proj_type"])
+        return side, min(group["rank"], lo), shape
+
+    SUPPORTS_SHARDED = True
+
+    def _check_sharding(self, group):
+        super()._check_sharding(group)
+        for p in group["params"]:
+            g = next(gr for gr in self.param_groups if any(q is p for q in gr["params"])) \
+                if any(p is q for gr in self.param_groups for q in gr["params"]) else None
+            method = (g or self.defaults).get("proj_method", "power_iteration")
+            if is_sharded(p) and method != "power_iteration":
+                raise ValueError(f"LDAdamW under FSDP2 supports proj_method='power_iteration' "
+                                 f"only; {self.param_label(p)} has proj_method={method!r}")
 
     def _ops_needed(self, group, p):
         if self._plan(p, group) is None:
@@ -274,7 +291,13 @@ class LDAdamW(LowRankOptimizer):
         transposed views (``cv``)."""
         side, rank, shape = plan
         state = self.state[p]
-        W, G, write_back = self._as_matrix(p, shape)
+        if is_sharded(p):                              # FSDP2: this rank's rows
+            W, G = local(p), local(p.grad)
+            W, G = W.reshape(W.shape[0], -1), G.reshape(G.shape[0], -1)
+            shape = tuple(W.shape)
+            write_back = lambda W: None                # noqa: E731 (local() is a view)
+        else:
+            W, G, write_back = self._as_matrix(p, shape)
         t = self.completed_steps                    # 0-based, before this step's increment
         beta1, beta2 = group["betas"]
         rho, lr = group["rho"], group["lr"]
@@ -311,7 +334,8 @@ class LDAdamW(LowRankOptimizer):
 
         # line 1: the new basis (no weight is written before it exists)
         if first:
-            P_new = self._new_basis(A, rank, side, group["proj_method"], t, p)
+            P_new = (self._sharded_right_basis(p, A, rank) if is_sharded(p)
+                     else self._new_basis(A, rank, side, group["proj_method"], t, p))
             P_old = torch.zeros(basis_shape, dtype=sdt, device=p.device)
             M = torch.zeros(low_shape, dtype=sdt, device=p.device)
             V = torch.zeros_like(M)
@@ -324,6 +348,10 @@ class LDAdamW(LowRankOptimizer):
                 Y = torch.empty((cv(A).shape[0], rank), dtype=torch.float32, device=p.device)
                 lookup("ldadam_power_iteration", backend)(
                     cv(A), cv(P_old), cv(M), Y, explicit=self._explicit, b_dtype=b_dtype, **mix)
+                if is_sharded(p):      # Y is linear in the row shards: sum the ranks' parts
+                    import torch.distributed as dist
+
+                    dist.all_reduce(Y, group=p.device_mesh.get_group())
                 # overflow in b = rho*M-mix + A keeps the previous basis, chosen on the device
                 # (no host read per parameter; _after_updates warns once per step)
                 ok = torch.isfinite(Y).all()

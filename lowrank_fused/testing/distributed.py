@@ -126,6 +126,14 @@ def galore_groups(model, rank=4):
             {"params": biases}]
 
 
+def ldadam_groups(model, rank=4):
+    """LDAdam groups of the MLP: the Linear weights low-rank on the right, biases dense."""
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    return [{"params": weights, "rank": rank, "enable_lowrank": True, "proj_type": "right"},
+            {"params": biases, "enable_lowrank": False}]
+
+
 def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
     """FSDP2 (``fully_shard``, parameters sharded on dim 0): AdamW, HFAdamW and GaLoreAdamW
     runs, one with a NaN injected into one rank's shard at step 1 (``nonfinite="skip"``: every
@@ -145,7 +153,8 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
                 ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2), None),
                 ("adamw_skip", lambda m: lf.AdamW(m.parameters(), lr=1e-2,
                                                   nonfinite="skip"), 1),
-                ("galore", lambda m: lf.GaLoreAdamW(galore_groups(m), lr=1e-2), None)):
+                ("galore", lambda m: lf.GaLoreAdamW(galore_groups(m), lr=1e-2), None),
+                ("ldadam", lambda m: lf.LDAdamW(ldadam_groups(m), lr=1e-3), None)):
             model = mlp_model()
             for layer in model:
                 if isinstance(layer, torch.nn.Linear):
