@@ -130,3 +130,17 @@ def test_nonfinite_flag_on_cuda():
         ts[0][999, 36] = 0.0
     ts[1][4] = math.nan
     assert bool(ops.nonfinite_flag(ts))
+
+
+@pytest.mark.parametrize("method", ["galore", "adaptive_adamw", "gha", "adapm"])
+def test_ignore_still_refuses_a_nonfinite_gradient_where_a_basis_is_computed(method):
+    """"ignore" skips the step-wide check, but the first step computes a basis (SVD / sketch)
+    from the gradient: a NaN there is refused by name before anything is written."""
+    net = model()
+    opt = optimizer(net, method, nonfinite="ignore")
+    before = snapshot(net, opt)
+    backward(net, 0)
+    name = _poison(net, "lowrank", float("nan"), 0)
+    with pytest.raises(FloatingPointError, match=rf"'{name}'.*non-finite.*no parameter"):
+        opt.step()
+    assert_same(before, snapshot(net, opt), f"{method} ignore")

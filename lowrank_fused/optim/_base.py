@@ -2,18 +2,21 @@
 loop, exact-dtype state round trips and state accounting."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from lowrank_fused import ops
 from lowrank_fused.dispatch import CHOICES, AutoBackend, choose_backend, resolve_backend
+from lowrank_fused.linalg import _sign_canonical
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 _CHECKPOINT_KEY = "lowrank_fused"
 NONFINITE = ("raise", "skip", "ignore")
 
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor
@@ -96,12 +99,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
     The check is one multi-tensor max-abs reduction over the gradients and one flag read.
 
     Parameters must be float32, bfloat16 or float16 (``PARAM_DTYPES``), dense, and on one
-    device; ``set_param_names`` (``make_optimizer`` calls it) lets messages use module names.
+    device. Messages name parameters by module path when groups carry torch's
+    ``param_names`` (``make_optimizer`` sets them) or after ``set_param_names``.
     """
 
     PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-    # FSDP2 (DTensor) parameters: AdamW runs on each rank's local shard, GaLoreAdamW projects
-    # the shard on the right (galore_adamw._sharded_basis); the others refuse them
+    # FSDP2 (DTensor) parameters: AdamW runs on each rank's local shard, GaLoreAdamW and
+    # LDAdamW project the shard on the right (_sharded_right_basis); the others refuse them
     SUPPORTS_SHARDED = False
 
     def __init__(self, params, defaults, *, backend="auto", faithful_dtypes=False,
@@ -151,8 +155,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     f"yet ({self.param_label(p)} is sharded as {p.placements}): its subspace "
                     "needs whole matrices. Supported under FSDP2: AdamW, HFAdamW, GaLoreAdamW, "
                     "LDAdamW; use DDP for the other low-rank methods")
-            if is_sharded(p):
-                self._check_sharding({"params": [p]})
             if p.layout != torch.strided:
                 raise TypeError(f"{type(self).__name__} supports dense parameters only; "
                                 f"{self.param_label(p)} has layout {p.layout}")
@@ -161,13 +163,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} needs every parameter on one device: "
                     f"{self.param_label(first)} is on {first.device}, {self.param_label(p)} "
                     f"is on {p.device} (make one optimizer per device)")
+        if any(is_sharded(p) for p in group["params"]):
+            self._check_sharding(group)
 
     def _check_sharding(self, group):
         """Sharded parameters must be split on dim 0 over a 1-D mesh (FSDP2's default)."""
+        from torch.distributed.tensor import Shard
+
         for p in group["params"]:
             if is_sharded(p):
-                from torch.distributed.tensor import Shard
-
                 if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
                     raise ValueError(
                         f"{type(self).__name__} supports parameters sharded on dim 0 over a "
@@ -184,11 +188,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         A = G_local.double()
         C = A.t() @ A
         dist.all_reduce(C, group=p.device_mesh.get_group())
-        w, V = torch.linalg.eigh(C)
-        B = V.flip(-1)[:, :rank]
+        B = torch.linalg.eigh(C).eigenvectors.flip(-1)[:, :rank]
         if self.sign_canon:
-            idx = B.abs().argmax(dim=0, keepdim=True)
-            B = B * torch.where(B.gather(0, idx) < 0, -1.0, 1.0)
+            B = _sign_canonical(B)
         if not bool(torch.isfinite(B).all()):
             raise FloatingPointError(f"the sharded refresh of {self.param_label(p)} produced "
                                      "non-finite values")
@@ -274,7 +276,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _as_matrix(p, shape):
         """(W, G, write_back): 2-D views of a parameter and its gradient (trailing dims
-        flattened). ``write_back`` copies W into p when a view was impossible."""
+        flattened). ``write_back`` copies W into p when a view was impossible. An FSDP2
+        parameter gives this rank's rows (``local``: in-place updates reach the parameter),
+        so W has ``W.shape[0] < shape[0]`` there."""
+        if is_sharded(p):
+            W, G = local(p), local(p.grad)
+            return W.reshape(W.shape[0], -1), G.reshape(G.shape[0], -1), lambda W: None
         if p.dim() == 2:
             return p, p.grad, lambda W: None
         G = p.grad.reshape(shape)
@@ -355,6 +362,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _check_grads(self):
         """Hook: method-specific checks of the gradients before the step (default: none)."""
 
+    def _require_finite(self, p, when):
+        """With ``nonfinite="ignore"`` (no step-wide check), a method whose next computation
+        on ``p``'s gradient cannot take NaN/Inf (an SVD, a refit) refuses it here, before the
+        step writes anything; otherwise the step's check has already covered it."""
+        if self.nonfinite == "ignore" and not bool(torch.isfinite(local(p.grad)).all()):
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradient of {self.param_label(p)} has non-finite "
+                f"entries {when}; no parameter was updated")
+
     def _before_updates(self):
         """Hook: a global phase after validation, before the per-parameter updates."""
 
@@ -367,11 +383,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._validate_step():
-            self.step_calls += 1
+        proceed = self._validate_step()
+        self.step_calls += 1
+        if not proceed:
             self.skipped_steps += 1
             return loss
-        self.step_calls += 1
         self._before_updates()
         precision = self.precision()
         for group in self.param_groups:
@@ -397,6 +413,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._check_group(group)
         self._pl_defer = self._per_layer_defers()
         self._pl_stepped = []
+        self._pl_group = {id(q): g for g in self.param_groups for q in g["params"]}
         if not self._pl_defer:
             self._per_layer_before()
 
@@ -410,7 +427,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if self.nonfinite == "raise" and bool(ops.nonfinite_flag([local(p.grad)])):
             self._raise_nonfinite([p], written="it was not updated (per-layer mode: the "
                                                "layers whose gradients came earlier were)")
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        group = self._pl_group[id(p)]
         self._step_param(p, group, self._backend_for(group, p), self.precision())
         self._pl_stepped.append(p)
         return True

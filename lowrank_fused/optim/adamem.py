@@ -200,7 +200,7 @@ class AdaMeM(LowRankOptimizer):
                 if plan is None:
                     continue
                 state = self.state[p]
-                if "P" in state and state.get("step", 0) % group["update_proj_gap"] != 0:
+                if not self._refresh_due(state, group):
                     continue
                 rank, shape, transposed = plan
                 G = p.grad.reshape(shape)
@@ -214,6 +214,11 @@ class AdaMeM(LowRankOptimizer):
     def _after_updates(self):
         self._pending_bases = {}
 
+    @staticmethod
+    def _refresh_due(state, group):
+        """Alg. 2: a new basis at the first step and every ``update_proj_gap`` steps."""
+        return "P" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
+
     def _per_layer_defers(self):
         """A randomized refresh batches all same-shape layers: defer such steps."""
         for group in self.param_groups:
@@ -222,8 +227,7 @@ class AdaMeM(LowRankOptimizer):
             for p in group["params"]:
                 if not p.requires_grad or self._plan(p, group) is None:
                     continue
-                state = self.state[p]
-                if "P" not in state or state.get("step", 0) % group["update_proj_gap"] == 0:
+                if self._refresh_due(self.state[p], group):
                     return True
         return False
 
@@ -251,7 +255,7 @@ class AdaMeM(LowRankOptimizer):
 
         # 8.3 line 2: refresh at t = 1, T + 1, 2T + 1, ...; everything that can fail (the SVD
         # of a non-finite gradient) runs before any state is touched
-        if "P" not in state or k % group["update_proj_gap"] == 0:
+        if self._refresh_due(state, group):
             P_new = self._basis(Gc, rank, p)
             if group["transport_on_refresh"] and "P" in state:
                 transport = lookup("moment_transport", backend)

@@ -301,15 +301,11 @@ class AdaPM(LowRankOptimizer):
 
     # -- the step ---------------------------------------------------------------------------
     def _check_grads(self):
-        if self.nonfinite != "ignore":          # the step's multi-tensor check covered it
-            return
         for group in self.param_groups:
             for p in group["params"]:
-                if (p.grad is not None and self._factorises_now(p, group)
-                        and not torch.isfinite(p.grad).all()):
-                    raise FloatingPointError(
-                        "gradient has non-finite entries on a step that initialises or refits "
-                        f"the low-rank momentum of {self.param_label(p)}")
+                if p.grad is not None and self._factorises_now(p, group):
+                    self._require_finite(p, "on a step that initialises or refits its "
+                                            "low-rank momentum")
 
     def _step_param(self, p, group, backend, precision):
         parts = self._plan(p, group)

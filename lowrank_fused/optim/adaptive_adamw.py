@@ -230,9 +230,8 @@ class _SubspaceAdamW(GaLoreAdamW):
     def _check_grads(self):
         for group in self.param_groups:
             for p, plan in self._managed(group):
-                if (p.grad is not None and self._basis_reads_grad(p, group)
-                        and self.nonfinite == "ignore"):   # else the step's check covered it
-                    _finite_or_raise(p)
+                if p.grad is not None and self._basis_reads_grad(p, group):
+                    self._require_finite(p, "where its subspace is computed")
 
     def _basis_reads_grad(self, p, group) -> bool:
         return False
@@ -294,13 +293,6 @@ class _SubspaceAdamW(GaLoreAdamW):
         """Current rank of every projected matrix, per rank group (None before its first step)."""
         return [[self.state[p].get("rank") for p, _ in self._managed(g)]
                 for g in self.param_groups if "rank" in g]
-
-
-def _finite_or_raise(p):
-    if not torch.isfinite(p.grad).all():
-        raise FloatingPointError(
-            f"gradient of the parameter of shape {tuple(p.shape)} has non-finite entries; "
-            "cannot update its subspace (nothing was changed)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,8 +370,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
                         f"(pool_step {group['pool_step']} is a multiple of update_proj_gap); "
                         f"{self.param_label(p)} has no gradient (give unused "
                         f"layers a zero gradient)")
-                if self.nonfinite == "ignore":       # else the step's check covered it
-                    _finite_or_raise(p)
+                self._require_finite(p, "on a rank-allocation step")
 
     def _before_updates(self):
         for group in self.param_groups:

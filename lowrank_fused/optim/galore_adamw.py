@@ -17,8 +17,7 @@ import torch
 from lowrank_fused import ops
 from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
-from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_number, is_sharded,
-                                       local)
+from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number, is_sharded
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized")
@@ -159,17 +158,12 @@ class GaLoreAdamW(LowRankOptimizer):
         parameter of the step is touched (between refreshes it would only reach the moments,
         as in galore_torch). With ``nonfinite`` "raise" or "skip" the step's check has
         already covered every gradient."""
-        if self.nonfinite != "ignore":
-            return
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or self._plan(p, group) is None:
-                    continue
-                if self._refresh_due(p, group) and not torch.isfinite(p.grad).all():
-                    raise FloatingPointError(
-                        f"gradient of the parameter of shape {tuple(p.shape)} has non-finite "
-                        f"entries on a subspace-refresh step (step {self.state[p].get('step', 0)}"
-                        "); no parameter was updated")
+                if (p.grad is not None and self._plan(p, group) is not None
+                        and self._refresh_due(p, group)):
+                    self._require_finite(p, f"on a subspace-refresh step (step "
+                                            f"{self.state[p].get('step', 0)})")
 
     def _before_updates(self):
         """projector="randomized": every layer that refreshes on this step gets its new basis
@@ -217,12 +211,7 @@ class GaLoreAdamW(LowRankOptimizer):
     def _galore_step(self, p, group, plan, backend, precision):
         side, rank, shape = plan
         state = self.state[p]
-        if is_sharded(p):                              # FSDP2: this rank's rows
-            W, G = local(p), local(p.grad)
-            W, G = W.reshape(W.shape[0], -1), G.reshape(G.shape[0], -1)
-            write_back = lambda W: None                # noqa: E731 (local() is a view)
-        else:
-            W, G, write_back = self._as_matrix(p, shape)
+        W, G, write_back = self._as_matrix(p, shape)    # FSDP2: this rank's rows
         k = state.get("step", 0)                       # counter BEFORE increment (4.3 line 1)
         if "ortho" not in state or k % group["update_proj_gap"] == 0:
             P_new = self._pending_bases.pop(p, None)

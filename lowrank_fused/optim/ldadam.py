@@ -34,8 +34,7 @@ from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
-from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_number, is_sharded,
-                                       local)
+from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number, is_sharded
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJ_METHODS = ("power_iteration", "svd", "svd_lowrank")
@@ -220,13 +219,11 @@ class LDAdamW(LowRankOptimizer):
 
     def _check_sharding(self, group):
         super()._check_sharding(group)
-        for p in group["params"]:
-            g = next(gr for gr in self.param_groups if any(q is p for q in gr["params"])) \
-                if any(p is q for gr in self.param_groups for q in gr["params"]) else None
-            method = (g or self.defaults).get("proj_method", "power_iteration")
-            if is_sharded(p) and method != "power_iteration":
-                raise ValueError(f"LDAdamW under FSDP2 supports proj_method='power_iteration' "
-                                 f"only; {self.param_label(p)} has proj_method={method!r}")
+        method = group.get("proj_method", self.defaults["proj_method"])
+        if method != "power_iteration":
+            p = next(q for q in group["params"] if is_sharded(q))
+            raise ValueError(f"LDAdamW under FSDP2 supports proj_method='power_iteration' "
+                             f"only; {self.param_label(p)} has proj_method={method!r}")
 
     def _ops_needed(self, group, p):
         if self._plan(p, group) is None:
@@ -291,13 +288,8 @@ class LDAdamW(LowRankOptimizer):
         transposed views (``cv``)."""
         side, rank, shape = plan
         state = self.state[p]
-        if is_sharded(p):                              # FSDP2: this rank's rows
-            W, G = local(p), local(p.grad)
-            W, G = W.reshape(W.shape[0], -1), G.reshape(G.shape[0], -1)
-            shape = tuple(W.shape)
-            write_back = lambda W: None                # noqa: E731 (local() is a view)
-        else:
-            W, G, write_back = self._as_matrix(p, shape)
+        W, G, write_back = self._as_matrix(p, shape)
+        shape = tuple(W.shape)                         # FSDP2: this rank's rows
         t = self.completed_steps                    # 0-based, before this step's increment
         beta1, beta2 = group["betas"]
         rho, lr = group["rho"], group["lr"]
