@@ -17,7 +17,9 @@ from .backproject_update import backproject_update
 from .batched_matmul import batched_matmul
 from .gha_update import gha_update
 from .ldadam_error_feedback import ldadam_error_feedback
+from .ldadam_power_iteration import ldadam_power_iteration
 from .project import project
+from .range_finder import adapm_init_basis, range_finder
 from .residual_backproject_update import residual_backproject_update
 
 register("project", "triton")(project)
@@ -33,8 +35,12 @@ register("adafactor_bc_unfactored_step", "triton")(adafactor_bc_unfactored_step)
 register("gha_update", "triton")(gha_update)
 register("adapm_update", "triton")(adapm_update)
 register("adapm_dense_update", "triton")(adapm_dense_update)
+register("range_finder", "triton")(range_finder)
+register("ldadam_power_iteration", "triton")(ldadam_power_iteration)
+register("adapm_init_basis", "triton")(adapm_init_basis)
 
 __all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
            "ldadam_error_feedback", "residual_backproject_update", "batched_matmul", "gha_update"]
 __all__ += ["adafactor_step", "adafactor_bc_factored_step", "adafactor_bc_unfactored_step"]
-__all__ += ["adapm_update", "adapm_dense_update"]
+__all__ += ["adapm_update", "adapm_dense_update", "range_finder", "adapm_init_basis",
+            "ldadam_power_iteration"]

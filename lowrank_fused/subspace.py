@@ -68,9 +68,22 @@ def small_cholesky_inverse(Gram: torch.Tensor, *, backend: str = "auto"):
     G = Gram.float().contiguous()
     Linv = torch.empty_like(G)
     ok = torch.empty(G.shape[0], dtype=torch.int32, device=G.device)
-    implementation("small_cholesky_inverse", backend, G.device)(
+    implementation("small_cholesky_inverse", _small_backend(backend, G.device), G.device)(
         G, Linv, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
     return Linv, ok.bool()
+
+
+def _small_backend(backend: str, device: torch.device) -> str:
+    """``auto`` on the CPU takes the compiled twin when it is built: a batch of small
+    factorizations is dominated by per-matrix call overhead in torch (LAPACK per matrix plus
+    a triangular solve), which the C++ loop does not have (~3.5x on 16 x 40 x 40). Every
+    other op keeps ``auto`` = reference on the CPU."""
+    if backend == "auto" and device.type == "cpu":
+        from lowrank_fused.dispatch import available
+
+        if available("cpu", device):
+            return "cpu"
+    return backend
 
 
 def _cholqr_pass(Y: torch.Tensor, backend: str = "auto"):
@@ -198,6 +211,38 @@ def power_iteration(G: torch.Tensor, Q: torch.Tensor, *, iters: int = 1,
         Y = batched_matmul(Gb, Z, backend=backend, precision=precision)
         Qb = cholesky_qr2(Y, fill_seed=(int(fill_seed) + _GOLDEN * (i + 1)) & _MASK64)
     return Qb[0] if squeeze else Qb
+
+
+def sketched_range(G: torch.Tensor, Omega: torch.Tensor, *, power_iters: int,
+                   fill_seed: int = 0, backend: str = "auto",
+                   precision: str = "ieee") -> torch.Tensor:
+    """SSRF on the batched primitives (ALGORITHMS.md 6.3): the contract of the ``range_finder``
+    op (``reference/range_finder.py``) for sign-canonical bases::
+
+        Q = orth(G @ Omega);  power_iters times:  Z = orth(G^T @ Q);  Q = orth(G @ Z)
+
+    G (m, n) or (B, m, n) is read in its storage dtype by the ``batched_matmul`` op (cast in
+    the prologue, fp32 accumulate; ``backend`` picks its implementation), Omega (n, k) fp32.
+    Every ``orth`` is ``cholesky_qr2`` (sign-canonical like the reference's Householder QR,
+    seeded completion of rank-deficient columns), so the result equals the reference's up to
+    rounding on full-rank input. Returns the fp32 (m, k) (or (B, m, k)) basis."""
+    Gb, squeeze = _batched(G)
+    Om = Omega.float().unsqueeze(0) if Omega.dim() == 2 else Omega.float()
+    Gt = Gb.transpose(-1, -2)
+    stage = [0]
+
+    def orth(Y):
+        seed = (int(fill_seed) + _GOLDEN * stage[0]) & _MASK64
+        stage[0] += 1
+        return cholesky_qr2(Y, fill_seed=seed)
+
+    def mm(A, B):
+        return batched_matmul(A, B, backend=backend, precision=precision)
+
+    Q = orth(mm(Gb, Om))
+    for _ in range(int(power_iters)):
+        Q = orth(mm(Gb, orth(mm(Gt, Q))))
+    return Q[0] if squeeze else Q
 
 
 def gaussian_sketch(batch: int, n: int, k: int, *, seed: int = 0, device=None) -> torch.Tensor:
@@ -329,21 +374,30 @@ def refresh_bases(items: Sequence, *, projector: str = "randomized", sign_canon:
     """Bases for many matrices at once. ``items``: (G, rank, side) triples; matrices with the
     same (shape, dtype, device, rank, side) are stacked and refreshed in one batched call.
     Returns fp32 bases in the order of ``items``."""
+    if projector not in ("svd", "randomized"):
+        raise ValueError(f"projector must be 'svd' or 'randomized', got {projector!r}")
+    # A right basis of G is the left basis of G^T, so matrices are grouped by their shape in
+    # the left (canonical) orientation: a LLaMA's (d, f) left-projected and (f, d)
+    # right-projected MLP matrices share one batch.
     groups: "OrderedDict[tuple, list]" = OrderedDict()
     for i, (G, rank, side) in enumerate(items):
-        groups.setdefault((tuple(G.shape), G.dtype, G.device, int(rank), side), []).append(i)
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        shape = tuple(G.shape) if side == "left" else tuple(G.shape)[::-1]
+        groups.setdefault((shape, G.device, int(rank)), []).append(i)
     out: List = [None] * len(items)
-    for (shape, _, _, rank, side), idx in groups.items():
-        Gs = torch.stack([items[i][0] for i in idx]).float()
+    for (shape, device, rank), idx in groups.items():
+        Gs = torch.empty((len(idx),) + shape, dtype=torch.float32, device=device)
+        for j, i in enumerate(idx):                # cast while stacking: one fp32 copy
+            G, _, side = items[i]
+            Gs[j].copy_(G if side == "left" else G.t())
         if projector == "randomized":
-            Bs = randomized_basis(Gs, rank, side, sign_canon=sign_canon, oversample=oversample,
-                                  power_iters=power_iters, seed=seed)
-        elif projector == "svd":
-            Bs = exact_basis(Gs, rank, side, sign_canon=sign_canon)
+            Bs = randomized_basis(Gs, rank, "left", sign_canon=sign_canon,
+                                  oversample=oversample, power_iters=power_iters, seed=seed)
         else:
-            raise ValueError(f"projector must be 'svd' or 'randomized', got {projector!r}")
+            Bs = exact_basis(Gs, rank, "left", sign_canon=sign_canon)
         for j, i in enumerate(idx):
-            out[i] = Bs[j]
+            out[i] = Bs[j] if items[i][2] == "left" else Bs[j].t().contiguous()
     return out
 
 

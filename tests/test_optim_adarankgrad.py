@@ -618,12 +618,15 @@ def test_seed_makes_runs_reproducible_and_distinct():
 def test_backends():
     W = torch.nn.Parameter(torch.randn(30, 50))
     with pytest.raises(BackendUnavailable):
-        AdaRankGrad([dict(params=[W], rank=6)], backend="triton")   # no fused SSRF yet
+        AdaRankGrad([dict(params=[W], rank=6)], backend="triton")   # no fused IASS yet
     opt = AdaRankGrad([dict(params=[W], rank=6)])
-    # auto resolves per op: the range finder (no kernel yet) runs its reference
-    from lowrank_fused.dispatch import lookup
+    # auto resolves per op: IASS (no kernel yet) runs its reference, the range finder its
+    # composition of the batched GEMM kernel and CholeskyQR2 wherever Triton runs
+    from lowrank_fused.dispatch import available, lookup
     chosen = opt._backend_for(opt.param_groups[0], W)
-    assert lookup("range_finder", chosen) is lookup("range_finder", "reference")
+    assert lookup("iass_select", chosen) is lookup("iass_select", "reference")
+    fused = available("triton", W.device)
+    assert (lookup("range_finder", chosen) is lookup("range_finder", "triton")) == fused
 
 
 def test_conv_weight_is_flattened():

@@ -93,6 +93,7 @@ KERNEL_MODULES = ("project", "adam_moments", "backproject_update", "adamw_step",
                   "ldadam_error_feedback", "batched_matmul", "residual_backproject_update")
 KERNEL_MODULES += ("adafactor_step", "adafactor_bc_step", "gha_update")
 KERNEL_MODULES += ("adapm_update", "adapm_dense_update")
+KERNEL_MODULES += ("range_finder", "ldadam_power_iteration")
 
 
 def all_variants():
