@@ -196,6 +196,23 @@ def batched_matmul(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto",
     return C
 
 
+def _operand(G: torch.Tensor) -> torch.Tensor:
+    """The refresh's view of a gradient batch: on CUDA its storage dtype (the GEMM kernel
+    casts in its prologue, so bf16 gradients are read at 2 bytes), elsewhere fp32 (CPU
+    matmul in bf16 is slow and the cast is one pass)."""
+    return G if G.is_cuda and G.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+        else G.float()
+
+
+def _gemm(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``float32(A) @ X`` for the m x n products of the refresh (A batched, any strides; X
+    fp32, batch B or 1): the ``batched_matmul`` op on CUDA (Triton when available), torch's
+    matmul elsewhere (A is fp32 there, see ``_operand``)."""
+    if A.is_cuda:
+        return batched_matmul(A, X)
+    return A @ X
+
+
 def power_iteration(G: torch.Tensor, Q: torch.Tensor, *, iters: int = 1,
                     fill_seed: int = 0, backend: str = "auto",
                     precision: str = "ieee") -> torch.Tensor:
@@ -261,16 +278,30 @@ def range_finder(G: torch.Tensor, k: int, *, power_iters: int = 2, seed: int = 0
     keeps the conditioning of each QR input at cond(G), not its square: one CholeskyQR pass in
     between, the full ``cholesky_qr2`` for the returned basis)."""
     Gb, squeeze = _batched(G)
-    A = Gb.float()
+    Y, _, qr = _iterate(_operand(Gb), k, power_iters, seed, warm_start)
+    Q = qr(Y)
+    return Q[0] if squeeze else Q
+
+
+def _iterate(A: torch.Tensor, k: int, power_iters: int, seed: int,
+             warm_start: Optional[torch.Tensor], check_finite: bool = False):
+    """The sketch and power iterations of ``range_finder`` up to its last QR: returns
+    ``(Y, Z, qr)`` with ``Y`` the last un-normalised product (B, m, k), ``Z`` the orthonormal
+    (B, n, k) right factor with ``Y = A Z`` (None when ``power_iters == 0``: then Y is the
+    sketch product) and ``qr`` the seeded final QR. ``check_finite``: raise
+    ``FloatingPointError`` when A holds a NaN or an infinity, read off the sketch product
+    (a non-finite entry of A reaches its row of ``A Omega`` with probability 1: m x k to
+    scan instead of two passes over A)."""
     B, m, n = A.shape
     k = int(k)
     if not 1 <= k <= min(m, n):
         raise ValueError(f"k must be in [1, min(m, n)] = [1, {min(m, n)}], got {k}")
+    At = A.transpose(-1, -2)
     stage = [0]
 
-    def qr(Y):
+    def qr(Y, **kw):
         stage[0] += 1
-        return cholesky_qr2(Y, fill_seed=(int(seed) + _GOLDEN * stage[0]) & _MASK64)
+        return cholesky_qr2(Y, fill_seed=(int(seed) + _GOLDEN * stage[0]) & _MASK64, **kw)
 
     if warm_start is not None:
         W, _ = _batched(warm_start)
@@ -278,22 +309,20 @@ def range_finder(G: torch.Tensor, k: int, *, power_iters: int = 2, seed: int = 0
         kw = W.shape[-1]
         if kw < k:
             Om = gaussian_sketch(1, n, k - kw, seed=seed, device=A.device)
-            Y = torch.cat([A @ (A.transpose(-1, -2) @ W), A @ Om], dim=-1)
+            Y = torch.cat([_gemm(A, _gemm(At, W)), _gemm(A, Om)], dim=-1)
         else:
-            Y = A @ (A.transpose(-1, -2) @ W)
+            Y = _gemm(A, _gemm(At, W))
     else:
         # one sketch shared by the batch (each matrix is independent of it all the same)
-        Y = A @ gaussian_sketch(1, n, k, seed=seed, device=A.device)
-    At = A.transpose(-1, -2)
-    if int(power_iters) == 0:
-        Q = qr(Y)
-    else:
-        Q = _orth_fast(Y)
-        for i in range(int(power_iters)):
-            Z = _orth_fast(At @ Q)
-            Y = A @ Z
-            Q = qr(Y) if i == int(power_iters) - 1 else _orth_fast(Y)
-    return Q[0] if squeeze else Q
+        Y = _gemm(A, gaussian_sketch(1, n, k, seed=seed, device=A.device))
+    if check_finite and not _all_finite(Y):
+        raise FloatingPointError(
+            "gradient has non-finite entries; cannot compute its SVD for the subspace refresh")
+    Z = None
+    for _ in range(int(power_iters)):
+        Z = _orth_fast(_gemm(At, _orth_fast(Y)))
+        Y = _gemm(A, Z)
+    return Y, Z, qr
 
 
 def _sign_canon_cols(U: torch.Tensor) -> torch.Tensor:
@@ -304,33 +333,46 @@ def _sign_canon_cols(U: torch.Tensor) -> torch.Tensor:
 
 def randomized_svd(G: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 2,
                    seed: int = 0, warm_start: Optional[torch.Tensor] = None,
-                   sign_canon: bool = True, compute_v: bool = True):
+                   sign_canon: bool = True, compute_v: bool = True,
+                   check_finite: bool = False):
     """Top-``rank`` singular triplets of every matrix of G (B, m, n): ``(U, S, V)`` with U
     (B, m, r), S (B, r) descending, V (B, n, r); fp32. Range finder with ``k = rank +
-    oversample`` (clipped to min(m, n)) and ``power_iters`` iterations, then the SVD of the
-    small ``Q^T G`` (k x n). With ``sign_canon`` each left vector's largest-magnitude entry is
-    positive (V flipped with it). ``compute_v=False`` skips V (returned as None)."""
+    oversample`` (clipped to min(m, n)) and ``power_iters`` iterations, then Rayleigh-Ritz:
+    the SVD of the small ``R`` of the last product ``G Z = Q R`` (k x k; with no iteration, of
+    ``Q^T G``, k x n). With ``sign_canon`` each left vector's largest-magnitude entry is
+    positive (V flipped with it). ``compute_v=False`` skips V (returned as None).
+    ``check_finite``: ``FloatingPointError`` for a G with NaN/inf entries."""
     Gb, squeeze = _batched(G)
-    A = Gb.float()
+    A = _operand(Gb)
     B, m, n = A.shape
     r = int(rank)
     if not 1 <= r <= min(m, n):
         raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(m, n)}], got {rank}")
     k = min(r + max(int(oversample), 0), min(m, n))
-    Q = range_finder(A, k, power_iters=power_iters, seed=seed, warm_start=warm_start)
-    Bm = Q.transpose(-1, -2) @ A                                   # (B, k, n)
-    # small SVD of Bm through the k x k Gram in fp64 (eigenvalues s^2 accurate to ~1e-16 s1^2,
+    Y, Z, qr = _iterate(A, k, power_iters, seed, warm_start, check_finite)
+    if Z is None:
+        # no iteration: Rayleigh-Ritz in the sketched range, A ~ Q Q^T A (one more pass)
+        Q = qr(Y)
+        C = _gemm(A.transpose(-1, -2), Q).transpose(-1, -2).double()   # (B, k, n)
+    else:
+        # Rayleigh-Ritz in the last right subspace, A ~ A Z Z^T = Q R Z^T: the small SVD is
+        # R's, with no further pass over A (captures what Q Q^T A does to 1e-4 on real and
+        # decaying spectra; bench/bench_refresh.py). U = Q U_R, V = Z W_R.
+        Q, R = qr(Y, return_r=True)
+        C = R.double()                                               # (B, k, k)
+    # small SVD of C through its k x k Gram in fp64 (eigenvalues s^2 accurate to ~1e-16 s1^2,
     # i.e. s down to ~1e-8 s1: better than an fp32 SVD, and ~3x faster on the CPU)
-    Bd = Bm.double()
-    w, Wv = torch.linalg.eigh(Bd @ Bd.transpose(-1, -2))
+    w, Wv = torch.linalg.eigh(C @ C.transpose(-1, -2))
     w, Wv = w.flip(-1)[..., :r], Wv.flip(-1)[..., :r]
     Sd = w.clamp_min(0).sqrt()
     U = Q @ Wv.float()
     S = Sd.float()
     V = None
     if compute_v:
-        Vd = Bd.transpose(-1, -2) @ Wv
+        Vd = C.transpose(-1, -2) @ Wv
         V = (Vd / torch.where(Sd > 0, Sd, 1.0).unsqueeze(-2)).float()
+        if Z is not None:
+            V = Z @ V
     if sign_canon:
         s = _sign_canon_cols(U)
         U = U * s
@@ -345,12 +387,10 @@ def randomized_basis(Gs: torch.Tensor, rank: int, side: str, *, sign_canon: bool
     """Batched stand-in for ``canonical_svd_basis``: Gs (B, m, n) -> left (B, m, r) or right
     (B, r, n) bases, each vector sign-canonical on its own side. A right basis is the left
     basis of ``G^T``."""
-    if not _all_finite(Gs):
-        raise FloatingPointError(
-            "gradient has non-finite entries; cannot compute its SVD for the subspace refresh")
     A = Gs if side == "left" else Gs.transpose(-1, -2)
     U, _, _ = randomized_svd(A, rank, oversample=oversample, power_iters=power_iters,
-                             seed=seed, sign_canon=sign_canon, compute_v=False)
+                             seed=seed, sign_canon=sign_canon, compute_v=False,
+                             check_finite=True)
     U = U.contiguous()
     return U if side == "left" else U.transpose(-1, -2).contiguous()
 
@@ -384,11 +424,13 @@ def refresh_bases(items: Sequence, *, projector: str = "randomized", sign_canon:
         if side not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {side!r}")
         shape = tuple(G.shape) if side == "left" else tuple(G.shape)[::-1]
-        groups.setdefault((shape, G.device, int(rank)), []).append(i)
+        # CUDA batches keep the storage dtype (the GEMM kernel casts in its prologue)
+        dtype = G.dtype if G.is_cuda else torch.float32
+        groups.setdefault((shape, G.device, dtype, int(rank)), []).append(i)
     out: List = [None] * len(items)
-    for (shape, device, rank), idx in groups.items():
-        Gs = torch.empty((len(idx),) + shape, dtype=torch.float32, device=device)
-        for j, i in enumerate(idx):                # cast while stacking: one fp32 copy
+    for (shape, device, dtype, rank), idx in groups.items():
+        Gs = torch.empty((len(idx),) + shape, dtype=dtype, device=device)
+        for j, i in enumerate(idx):                # (cast while) stacking: one copy
             G, _, side = items[i]
             Gs[j].copy_(G if side == "left" else G.t())
         if projector == "randomized":
