@@ -138,17 +138,15 @@ def cholesky_qr2(Y: torch.Tensor, *, fill_seed: int = 0, return_r: bool = False,
     if m < k:
         raise ValueError(f"cholesky_qr2 needs m >= k, got {m} x {k}")
     eye = torch.eye(k, dtype=A.dtype, device=A.device)
-    finite = torch.isfinite(A).flatten(1).all(dim=1)
-    A0 = torch.where(finite[:, None, None], A, torch.zeros((), dtype=A.dtype, device=A.device))
-    Q1, L1inv, ok1 = _cholqr_pass(A0, backend)
+    # a NaN/inf in A[b] reaches its Gram matrix, whose Cholesky then fails (non-finite
+    # pivots): A[b] takes the fallback below, and bmm keeps it from its neighbours
+    Q1, L1inv, ok1 = _cholqr_pass(A, backend)
     Q, L2inv, ok2 = _cholqr_pass(Q1, backend)
-    ok = ok1 & ok2 & finite
     err = (Q.transpose(-1, -2) @ Q - eye).abs().flatten(1).amax(dim=1)
-    ok = ok & (err < ORTHO_TOL)
-    # R = R2 R1 with R_i = L_i^T; from the inverses: R = (L1inv^T L2inv^T)^{-1}, upper
+    ok = ok1 & ok2 & (err < ORTHO_TOL)          # NaN err compares False
     R = None
     if return_r:
-        R = torch.triu(Q.transpose(-1, -2) @ A0)
+        R = torch.triu(Q.transpose(-1, -2) @ A)
     bad = (~ok).nonzero().flatten().tolist()
     if bad:
         Q = Q.clone()

@@ -76,10 +76,14 @@ def test_cholqr2_rank_deficient_zero_and_mixed_batch():
     assert torch.allclose(Q[0], ss.cholesky_qr2(good), atol=1e-6)
 
 
-def test_cholqr2_nonfinite_falls_back_without_poisoning_batch():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cholqr2_nonfinite_falls_back_without_poisoning_batch(bad):
     Y = torch.randn(2, 30, 4, generator=torch.Generator().manual_seed(4))
-    Q = ss.cholesky_qr2(Y)
+    Y[0, 3, 1] = bad
+    Q, fell_back = ss.cholesky_qr2(Y, return_fallback=True)
+    assert fell_back.tolist() == [True, False]
     assert _ortho_err(Q[1]) < 1e-5
+    assert torch.allclose(Q[1], ss.cholesky_qr2(Y[1]), atol=1e-6)
 
 
 def _energy_exact(G, r):
