@@ -12,8 +12,16 @@ R, M, V, N of GaLore's shape ((m, r) when m >= n, else (r, n)), every other para
   eager: ``ops.adam_moments`` per low-rank tensor + ``ops.adamw_step`` per dense parameter,
          backend "reference" (what the optimizers run on CPU today).
 
-Run ``python -m bench.bench_multi_tensor [--repeats N] [--rank R] [--model NAME]``; it prints the timings and
-the ratio and writes nothing.
+Second part, ``--part optimizer``: one whole ``AdamW.step()`` (torch semantics) over the
+dense parameters of LLaMA-60M (``LLAMA_CONFIGS["60m"]``, shapes only): the 17 RMSNorm weights
+alone ("norms": many small tensors, where per-tensor call overhead dominates) and with the
+token embedding and the output head ("norms+embeddings": GaLore's dense group), with the
+optimizer's multi-tensor path (one ``adamw_step_multi`` per step) vs its per-tensor loop
+(``opt.multi_tensor = False``: one ``adamw_step`` per parameter), on backend "cpu" (the C++
+twin) and "reference" (eager; its multi-tensor op is a loop over the same per-tensor math).
+
+Run ``python -m bench.bench_multi_tensor [--part ops,optimizer] [--repeats N] [--rank R]
+[--model NAME] [--threads T]``; it prints the timings and the ratios and writes nothing.
 """
 from __future__ import annotations
 
@@ -24,7 +32,9 @@ import time
 import torch
 
 from lowrank_fused import ops, ops_multi
-from lowrank_fused.models import LlamaForCausalLM, llama_config
+from lowrank_fused.dispatch import available
+from lowrank_fused.models import LLAMA_CONFIGS, LlamaForCausalLM, llama_config
+from lowrank_fused.optim import AdamW
 from lowrank_fused.routing import galore_param_groups
 
 BETA1, BETA2, EPS, LR, WD, STEP = 0.9, 0.999, 1e-6, 1e-3, 0.01, 10
@@ -78,14 +88,45 @@ def timeit(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--model", default=None,
-                    help="a name of lowrank_fused.models.LLAMA_CONFIGS (default: the default "
-                         "LlamaConfig, the tiny one)")
-    args = ap.parse_args(argv)
+def dense_shapes(name: str = "60m"):
+    """The dense parameters of a LLaMA config: (norms, embeddings) shapes."""
+    cfg = LLAMA_CONFIGS[name]
+    h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    return [(h,)] * (2 * layers + 1), [(vocab, h), (vocab, h)]
+
+
+def optimizer_step_time(shapes, backend: str, multi: bool, repeats: int) -> float:
+    """Median time of one ``AdamW.step()`` over parameters of ``shapes`` (fixed gradients)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    opt = AdamW(params, lr=LR, weight_decay=WD, backend=backend)
+    opt.multi_tensor = multi
+    return timeit(opt.step, repeats)
+
+
+def optimizer_part(args):
+    norms, embeddings = dense_shapes("60m")
+    cases = [("norms", norms), ("norms+embeddings", norms + embeddings)]
+    backends = [b for b in ("cpu", "reference") if available(b, "cpu")]
+    print(f"AdamW.step() over LLaMA-60M dense parameters; torch threads "
+          f"{torch.get_num_threads()}")
+    ratios = {}
+    for label, shapes in cases:
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        for backend in backends:
+            reps = args.repeats if label == "norms" else max(3, args.repeats // 10)
+            t_multi = optimizer_step_time(shapes, backend, True, reps)
+            t_loop = optimizer_step_time(shapes, backend, False, reps)
+            ratios[label, backend] = t_loop / t_multi
+            print(f"  {label:17s} ({len(shapes)} tensors, {numel} elements), backend "
+                  f"{backend!r:11s}: multi-tensor {t_multi * 1e3:8.3f} ms, per-tensor "
+                  f"{t_loop * 1e3:8.3f} ms, ratio per-tensor / multi {t_loop / t_multi:.2f}x")
+    return ratios
+
+
+def ops_part(args):
     lowrank, dense = build_states(args.rank, args.model)
     n_low = sum(t[0].numel() for t in lowrank)
     n_dense = sum(t[0].numel() for t in dense)
@@ -93,14 +134,40 @@ def main(argv=None):
     flag = torch.zeros(1, dtype=torch.int32)
     t_multi = timeit(lambda: multi_step(lowrank, dense, norms, flag), args.repeats)
     t_eager = timeit(lambda: eager_step(lowrank, dense), args.repeats)
-    print(f"LLaMA {args.model or '(default config)'}, GaLore rank {args.rank}: {len(lowrank)} low-rank "
-          f"states ({n_low} elements) + {len(dense)} dense params ({n_dense} elements); "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"LLaMA {args.model or '(default config)'}, GaLore rank {args.rank}: "
+          f"{len(lowrank)} low-rank states ({n_low} elements) + {len(dense)} dense params "
+          f"({n_dense} elements); torch threads {torch.get_num_threads()}")
     print(f"  multi-tensor cpu twin (2 calls, norms + flag): {t_multi * 1e3:8.3f} ms")
     print(f"  per-tensor eager reference ({len(lowrank) + len(dense)} calls):  "
           f"{t_eager * 1e3:8.3f} ms")
     print(f"  ratio eager / multi: {t_eager / t_multi:.2f}x")
     return t_eager / t_multi
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", default="ops,optimizer",
+                    help="comma-separated parts: ops (the multi-tensor ops alone), optimizer "
+                         "(whole AdamW steps, multi-tensor vs per-tensor); default both")
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--model", default=None,
+                    help="ops part: a name of lowrank_fused.models.LLAMA_CONFIGS (default: the "
+                         "default LlamaConfig, the tiny one)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args(argv)
+    parts = [x.strip() for x in args.part.split(",") if x.strip()]
+    bad = [x for x in parts if x not in ("ops", "optimizer")]
+    if bad or not parts:
+        raise SystemExit(f"--part: unknown part(s) {bad}; choose from ops, optimizer")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = {}
+    if "ops" in parts:
+        out["ops"] = ops_part(args)
+    if "optimizer" in parts:
+        out["optimizer"] = optimizer_part(args)
+    return out
 
 
 if __name__ == "__main__":

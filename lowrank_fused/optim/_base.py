@@ -7,13 +7,17 @@ import math
 
 import torch
 
-from lowrank_fused import ops
-from lowrank_fused.dispatch import CHOICES, AutoBackend, choose_backend, resolve_backend
+from lowrank_fused import ops, ops_multi
+from lowrank_fused.dispatch import (CHOICES, AutoBackend, BackendUnavailable, choose_backend,
+                                    resolve_backend)
 from lowrank_fused.linalg import _sign_canonical
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 _CHECKPOINT_KEY = "lowrank_fused"
 NONFINITE = ("raise", "skip", "ignore")
+# what the compiled multi-tensor kernels store (lowrank_fused/_ext_ops.py): contiguous fp32 or
+# bf16 buffers; other tensors keep the per-tensor op (which copies or refuses them itself)
+_FUSED_MULTI_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,6 +77,23 @@ def check_choice(name, value, choices):
     return value
 
 
+def multi_backend(op, backend, device):
+    """Where the multi-tensor version of ``op`` (``ops_multi.<op>_multi``) runs for tensors on
+    ``device`` whose per-tensor ``op`` runs on ``backend`` (a resolved name or an
+    ``AutoBackend``), or None when the optimizer keeps the per-tensor loop: the backend has no
+    multi-tensor op (``triton``), or ``auto`` would run it on the eager reference while the
+    single op has a fused kernel there (a CUDA device without the compiled extension)."""
+    name = "auto" if backend == "auto" else str(backend)
+    try:
+        multi = choose_backend(name, device, (op + "_multi",))
+        single = choose_backend(name, device, (op,))
+    except BackendUnavailable:
+        return None
+    if multi == "reference" and single != "reference":
+        return None
+    return multi
+
+
 def check_betas(betas):
     """A pair of floats in [0, 1); returns it as a tuple of floats."""
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -97,6 +118,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
     bit-identical) and counts it in ``skipped_steps``; ``"ignore"`` does no check (no host
     read per step; a non-finite gradient then reaches the moments, as in the official code).
     The check is one multi-tensor max-abs reduction over the gradients and one flag read.
+
+    Multi-tensor apply (issue 6): within ``step`` the dense AdamW step of every non-projected
+    parameter (``_dense_adamw_step``) is collected and run at the end of the loop as one
+    ``ops_multi.adamw_step_multi`` call per set of parameters sharing a device, a backend and
+    the method's conventions (per-parameter lr, betas, eps, weight decay and step counters
+    ride along); that is one CUDA launch (``cuda`` backend, what ``auto`` picks for it on a
+    GPU) or one OpenMP loop (``cpu``) instead of one per parameter, with the same math
+    (ALGORITHMS.md 2). The per-tensor loop remains where the backend has no multi-tensor op
+    (``backend="triton"``), for tensors the compiled kernels do not take (float16, not
+    contiguous), in per-layer mode (one parameter at a time by design) and when the attribute
+    ``multi_tensor`` is set to False (default True; a setting, not checkpointed state).
 
     Parameters must be float32, bfloat16 or float16 (``PARAM_DTYPES``), dense, and on one
     device. Messages name parameters by module path when groups carry torch's
@@ -126,6 +158,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.sign_canon = bool(sign_canon)
         self.matmul_precision = matmul_precision
         self._resolved = {}
+        self._multi_resolved = {}
+        self.multi_tensor = True
+        self._batch = None          # during step(): the batched calls collected so far
         super().__init__(params, defaults)
         for group in self.param_groups:   # fail at construction, not at the first step
             for p in group["params"]:
@@ -255,7 +290,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """The dense AdamW step (ALGORITHMS.md 2) for a parameter off the low-rank path:
         torch conventions (``eps_mode="torch", wd_mode="pre"``) or HF/GaLore ones
         (``"hf", "post"``). The bias correction uses the parameter's own counter, or ``step``
-        when the method has a global one (LDAdam)."""
+        when the method has a global one (LDAdam). Within ``step()`` the update joins the
+        step's ``adamw_step_multi`` call (see the class docstring); otherwise it runs now."""
         state = self.state[p]
         W, G = local(p), local(p.grad)      # FSDP2: this rank's shard; states are local too
         if "exp_avg" not in state:
@@ -266,12 +302,60 @@ class LowRankOptimizer(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         t = state["step"] + 1 if step is None else step
         beta1, beta2 = group["betas"]
-        ops.adamw_step(W, G, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
-                       beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
-                       weight_decay=group["weight_decay"], eps_mode=eps_mode, wd_mode=wd_mode,
-                       correct_bias=correct_bias, backend=backend)
+        M, V = state["exp_avg"], state["exp_avg_sq"]
+        batch = None
+        if self.multi_tensor:
+            batch = self._batch_for("adamw_step", backend, (W, G, M, V), self._flush_adamw,
+                                    eps_mode, wd_mode, bool(correct_bias))
+        if batch is not None:
+            batch.append((W, G, M, V, group["lr"], beta1, beta2, group["eps"],
+                          group["weight_decay"], t, state if step is None else None))
+            return
+        ops.adamw_step(W, G, M, V, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                       step=t, weight_decay=group["weight_decay"], eps_mode=eps_mode,
+                       wd_mode=wd_mode, correct_bias=correct_bias, backend=backend)
         if step is None:
             state["step"] = t
+
+    def _flush_adamw(self, backend, eps_mode, wd_mode, correct_bias, items):
+        """The collected dense AdamW steps of one set: one ``adamw_step_multi`` call, then the
+        parameters' own counters advance (as the per-tensor step does, after its update)."""
+        Ws, Gs, Ms, Vs, lrs, b1s, b2s, epss, wds, steps, states = (list(x) for x in zip(*items))
+        ops_multi.adamw_step_multi(Ws, Gs, Ms, Vs, lr=lrs, beta1=b1s, beta2=b2s, eps=epss,
+                                   step=steps, weight_decay=wds, eps_mode=eps_mode,
+                                   wd_mode=wd_mode, correct_bias=correct_bias, backend=backend)
+        for state, t in zip(states, steps):
+            if state is not None:
+                state["step"] = t
+
+    def _batch_for(self, op, backend, tensors, flush, *key):
+        """The list one multi-tensor call of ``op`` collects into during this step, or None
+        when ``op`` runs per tensor now: outside ``step()`` (per-layer mode), without a
+        multi-tensor op for ``backend`` (``multi_backend``), or for tensors the compiled
+        kernels do not take. ``key`` (hashable) separates the calls that cannot share one
+        (e.g. eps and weight-decay conventions); at the end of the loop ``step`` calls
+        ``flush(backend, *key, items)`` once per list."""
+        if self._batch is None:
+            return None
+        device = tensors[0].device
+        where = self._multi_resolved.get((op, str(backend), device), False)
+        if where is False:
+            where = self._multi_resolved[(op, str(backend), device)] = multi_backend(
+                op, backend, device)
+        if where is None or (where != "reference" and not all(
+                t.dtype in _FUSED_MULTI_DTYPES and t.is_contiguous() for t in tensors)):
+            return None
+        full = (op, device, str(backend)) + key
+        if full not in self._batch:
+            self._batch[full] = (functools.partial(flush, backend, *key), [])
+        return self._batch[full][1]
+
+    def _run_batches(self):
+        """Run the multi-tensor calls collected during the loop (in the order their first
+        tensor came); anything they call runs per tensor (the collection is closed)."""
+        batches, self._batch = self._batch, None
+        for flush, items in batches.values():
+            flush(items)
 
     @staticmethod
     def _as_matrix(p, shape):
@@ -390,10 +474,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return loss
         self._before_updates()
         precision = self.precision()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.numel():       # an empty tensor has nothing to do
-                    self._step_param(p, group, self._backend_for(group, p), precision)
+        self._batch = {}
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and p.numel():   # an empty tensor has nothing to do
+                        self._step_param(p, group, self._backend_for(group, p), precision)
+            self._run_batches()
+        finally:
+            self._batch = None
         self._after_updates()
         return loss
 
@@ -530,3 +619,4 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.step_calls = int(meta.get("step_calls", 0))
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         self._resolved = {}
+        self._multi_resolved = {}

@@ -10,8 +10,12 @@ Two variants, one class:
   ``lr*sqrt(bc2)/bc1`` (``correct_bias``), and WD-post ``W <- W - lr*lam*W`` after the update;
   defaults eps 1e-6, weight_decay 0.0.
 
-The whole step is one ``ops.adamw_step`` call, so every backend that implements that op
-(reference, triton, cpu, cuda) runs this class.
+Each parameter's update is ``ops.adamw_step``, so every backend that implements that op
+(reference, triton, cpu, cuda) runs this class. Within ``step()`` the updates of all
+parameters are one ``ops_multi.adamw_step_multi`` call (the "foreach" path: one CUDA launch on
+the ``cuda`` backend, which ``auto`` picks for it on a GPU, one OpenMP loop on ``cpu``; per-group
+lr, betas, eps and weight decay ride along), except on ``backend="triton"`` (no multi-tensor op)
+and in per-layer mode, which step each parameter alone (``LowRankOptimizer``).
 """
 from __future__ import annotations
 

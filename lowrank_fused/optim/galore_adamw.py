@@ -10,14 +10,16 @@ the weight update and decay in the GEMM epilogue: no m x n temporary per step).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from lowrank_fused import ops
+from lowrank_fused import ops, ops_multi
 from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
-from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number, is_sharded
+from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_number,
+                                       is_sharded)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized")
@@ -71,6 +73,20 @@ class GaLoreAdamW(LowRankOptimizer):
             with ``proj_oversample`` (default 8) extra columns and ``proj_power_iters``
             (default 2) power iterations, CholeskyQR2, small SVD; all same-shape layers that
             refresh on a step are stacked into one batched call). Also a group key.
+        multi_tensor_moments: run K2 (the low-rank Adam moments, ALGORITHMS.md 4.3 lines 6-10)
+            of every projected matrix in one ``ops_multi.adam_moments_multi`` call per step
+            (one CUDA launch on the ``cuda`` backend, which ``auto`` picks for it on a GPU;
+            one OpenMP loop on ``cpu``) instead of one ``adam_moments`` per matrix (default
+            False). The step then runs in three phases: the refresh (when due) and K1 of every
+            matrix in parameter order, one K2 over all of them, then K3 of every matrix. The
+            result is that of the per-matrix step (bit for bit on the reference backend), but
+            the step holds every matrix's projected gradient R (fp32) and normalised step N
+            (state dtype) at once instead of one matrix's at a time: at the peak two r x n (or
+            m x r) buffers per projected matrix, ``8 * r * n`` bytes with fp32 state (R and N
+            cannot share memory: the compiled kernels take inputs and outputs as non-aliasing
+            pointers). Per-layer mode, ``backend="triton"`` (no multi-tensor op)
+            and tensors the compiled kernels do not take (float16 state) keep the per-matrix
+            K2. A setting, not state: checkpoints do not record it.
 
     A rank group's matrix gets the dense HF AdamW step instead when it is not 2-D after
     flattening trailing dimensions, or when ``rank >= min(m, n)`` (ALGORITHMS.md 1.6 guard:
@@ -80,11 +96,13 @@ class GaLoreAdamW(LowRankOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, no_deprecation_warning=True, *, backend="auto", nonfinite="raise",
                  faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 projector="svd", proj_oversample=8, proj_power_iters=2):
+                 projector="svd", proj_oversample=8, proj_power_iters=2,
+                 multi_tensor_moments=False):
         check_number("lr", lr, low=0.0)
         check_betas(betas)
         check_number("eps", eps, low=0.0)
         check_number("weight_decay", weight_decay, low=0.0)
+        self.multi_tensor_moments = check_bool("multi_tensor_moments", multi_tensor_moments)
         if projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {projector!r}")
         self._default_projector = (projector, proj_oversample, proj_power_iters)
@@ -230,11 +248,38 @@ class GaLoreAdamW(LowRankOptimizer):
         state["step"] = k + 1
         t = state["step"]
         beta1, beta2 = group["betas"]
-        N = torch.empty_like(state["exp_avg"])
-        ops.adam_moments(R, state["exp_avg"], state["exp_avg_sq"], N, beta1=beta1, beta2=beta2,
-                         eps=group["eps"], step=t, eps_mode="hf", backend=backend)
+        M, V = state["exp_avg"], state["exp_avg_sq"]
+        N = torch.empty_like(M)
+        update = functools.partial(self._galore_update, W, P, N, group, side, t, write_back,
+                                   backend, precision)
+        if self.multi_tensor_moments:
+            batch = self._batch_for("adam_moments", backend, (R, M, V, N), self._flush_moments)
+            if batch is not None:                      # K2 and K3 after every matrix's K1
+                batch.append((R, M, V, N, beta1, beta2, group["eps"], t, update))
+                return
+        ops.adam_moments(R, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
+                         eps_mode="hf", backend=backend)
+        update()
+
+    def _galore_update(self, W, P, N, group, side, t, write_back, backend, precision):
+        """K3 (ALGORITHMS.md 4.3 lines 9, 11-13): ``W -= lr*sqrt(bc2)/bc1 * scale * back(N)``,
+        then WD-post."""
+        beta1, beta2 = group["betas"]
         step_size = ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"])
         _, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "post")
         ops.backproject_update(W, P, N, side=side, coef=step_size * group["scale"],
                                post_decay=post_decay, precision=precision, backend=backend)
         write_back(W)
+
+    def _flush_moments(self, backend, items):
+        """``multi_tensor_moments``: K2 of every collected matrix in one
+        ``adam_moments_multi`` call, then K3 of each in parameter order (each R is released
+        after K2, each N after its K3)."""
+        Rs, Ms, Vs, Ns, b1s, b2s, epss, steps, updates = (list(x) for x in zip(*items))
+        items.clear()
+        ops_multi.adam_moments_multi(Rs, Ms, Vs, Ns, beta1=b1s, beta2=b2s, eps=epss, step=steps,
+                                     eps_mode="hf", backend=backend)
+        del Rs, Ms, Vs, Ns
+        updates.reverse()
+        while updates:
+            updates.pop()()
