@@ -260,6 +260,46 @@ def gha_update_bytes(m, n, r, *, g_bytes=2, side="left") -> Bytes:
     return Bytes(2 * g_bytes * A + 8 * C, (_cast(1, g_bytes) + 28) * A + 8 * C)
 
 
+
+TRANSPORT_FORMS = ("squared", "linear", "ldadam")
+
+
+def moment_transport_bytes(m, n, r, *, state_bytes=4, basis_bytes=4, side="left",
+                           form="squared") -> Bytes:
+    """K8 moment transport at a refresh (section 10.1 row K8; sections 5.3 A4, 7.3 lines 4 + 6)
+    with ``r_new = r_old = r``: ``C = P_new^T P_old`` (r x r) from the two bases (C elements
+    each, ``b = basis_bytes``), then the moments M, V (S elements each, ``s = state_bytes``).
+    ``form``: ``"squared"`` (``moment_transport``: ``(C@M, (C*C)@V)``), ``"linear"``
+    (``moment_transport_linear``: ``(C@M, C@V)``) or ``"ldadam"`` (``ldadam_moment_transport``,
+    LDAdam's variance-aware form, M_tr written and V in place).
+
+    fused (``kernels/moment_transport.py``): the bases read once by C's GEMM, M and V read once
+    and the two outputs written once: ``2bC + 4sS`` (``8C + 16S`` at fp32, section 10.1's K8;
+    the r x r C, written once and re-read from L2, is not counted).
+    eager (the references, one torch kernel at a time, every operand read): the bases' casts
+    ``2c(C)`` (``c`` = an eager ``.float()``, ``b + 4`` per element, 0 for fp32), the fp32 GEMM
+    ``8C + 4r^2``; then
+      squared / linear: per moment its cast ``c(S)``, the GEMM reading r^2 and S, writing S
+      (``4r^2 + 8S``) and the cast back ``c(S)``: ``4c(S) + 16S + 8r^2``, plus ``C*C``
+      (``12r^2``) for the squared form;
+      ldadam: ``M.float()``, ``V.float()`` ``2c(S)``, ``C @ m`` 8S, ``V/bc2`` 8, ``m*m`` 12,
+      ``/bc1^2`` 8, ``-`` 12, ``(C*C) @ w`` 8, ``m_tr*m_tr`` 12, ``/bc1^2`` 8, ``+`` 12,
+      ``*bc2`` 8, ``abs`` 8 (104S), the copies into M_tr and V ``2(4 + s)S``; ``C*C`` and the
+      two GEMMs' reads of r x r ``20r^2``: ``2c(S) + (112 + 2s)S`` (120S at fp32; section
+      10.1 estimates about 72S + GEMMs).
+    """
+    if form not in TRANSPORT_FORMS:
+        raise ValueError(f"form must be one of {TRANSPORT_FORMS}, got {form!r}")
+    _, S, C = sizes(m, n, r, side)
+    b, s, rr = basis_bytes, state_bytes, r * r
+    floor = 2 * b * C + 4 * s * S
+    eager = 2 * _cast(C, b) + 8 * C + 4 * rr
+    if form == "ldadam":
+        eager += 2 * _cast(S, s) + (112 + 2 * s) * S + 20 * rr
+    else:
+        eager += 4 * _cast(S, s) + 16 * S + 8 * rr + (12 * rr if form == "squared" else 0)
+    return Bytes(floor, eager)
+
 def mib(nbytes: int) -> float:
     return nbytes / MIB
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUITES = ("step", "e2e", "convergence")
+SUITES = ("step", "e2e", "convergence", "refresh")
 _KERNEL_RE = re.compile(r"^(?P<slug>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
 
 
@@ -147,8 +147,24 @@ def convergence_section(doc) -> str:
             + _table(["method", "rank", "val loss", "val ppl", "state/AdamW"], rank_rows) + "\n")
 
 
+def refresh_section(doc) -> str:
+    m = doc["model"]
+    rows = [[f"{r['gradients']}, q={r['power_iters']}", _f(1e3 * r["per_layer_svd_s"], ".1f"),
+             _f(1e3 * r["batched_randomized_s"], ".1f"), _f(r["speedup"], ".1f") + "x",
+             _f(100 * r["energy_ratio"], ".2f") + "%",
+             _f(100 * r["worst_layer_energy_ratio"], ".2f") + "%"] for r in doc["rows"]]
+    return ("### 5. Subspace refresh: batched randomized SVD vs per-layer SVD\n\n"
+            + _env_line(doc) + "\n\n"
+            + f"{m['matrices']} matrices of a LLaMA dim {m['hidden_size']} x {m['layers']} "
+            f"layers, rank {m['rank']}, oversample {m['oversample']}, q power iterations; "
+            "both timed in one process (median); energy = captured energy "
+            "`||P^T G||^2` summed over layers, randomized / SVD (worst layer alone).\n\n"
+            + _table(["gradients, q", "per-layer SVD ms", "batched randomized ms", "speedup",
+                      "energy", "worst layer"], rows) + "\n")
+
+
 SECTIONS = {"kernels": kernels_section, "step": step_section, "e2e": e2e_section,
-            "convergence": convergence_section}
+            "convergence": convergence_section, "refresh": refresh_section}
 
 
 # ---- plots ---------------------------------------------------------------------------------
@@ -251,6 +267,7 @@ def plot_kernels(plt, doc, path):
 
 
 PLOTS = {"kernels": plot_kernels, "step": plot_step, "e2e": plot_e2e}
+NO_PLOT = ("refresh",)
 
 
 def write_report(folder: Path, log=print) -> Path:
@@ -288,7 +305,7 @@ def write_report(folder: Path, log=print) -> Path:
                     plot_convergence(plt, doc, a, b)
                     parts.append(f"![validation loss of every method](plots/{a.name})\n\n"
                                  f"![AdaptiveAdamW vs GaLore](plots/{b.name})\n")
-                else:
+                elif suite not in NO_PLOT:
                     p = plots_dir / f"{slug}-{suite}.png"
                     PLOTS[suite](plt, doc, p)
                     parts.append(f"![{suite}](plots/{p.name})\n")

@@ -1,12 +1,13 @@
 """Run the benchmark suites and write their results and the summary page into ``<out>``.
 
-    python -m bench.run [--out DIR] [--suite kernels,step,e2e,convergence] [--quick]
+    python -m bench.run [--out DIR] [--suite kernels,step,e2e,convergence,refresh] [--quick]
                         [--only NAME[,NAME]] [--methods M[,M]] [--interpret] [--threads N]
 
 Suites: ``kernels`` (every fused op vs eager: ``<out>/<gpu-or-cpu>-<YYYY-MM-DD>.{json,md}``),
 ``step`` (one optimizer step of every method on a whole model, ``bench.suite_step``), ``e2e``
 (the training driver's tokens/s and peak memory, ``bench.suite_e2e``) and ``convergence``
-(every method on the tiny config, ``bench.suite_convergence``): ``<out>/<suite>-<device>.json``.
+(every method on the tiny config, ``bench.suite_convergence``), ``refresh`` (batched randomized
+subspace refresh vs per-layer SVD, ``bench.suite_refresh``): ``<out>/<suite>-<device>.json``.
 Then ``bench.report`` writes ``<out>/README.md`` and the plots ``<out>/plots/*.png``.
 Default: every suite (``--only`` alone selects the kernel suite).
 
@@ -29,8 +30,8 @@ import traceback
 from pathlib import Path
 
 MODULES = ("project", "adam_moments", "backproject_update", "galore_step", "adafactor_step",
-           "adafactor_bc_step", "adapm_update", "gha_update")
-SUITES = ("kernels", "step", "e2e", "convergence")
+           "adafactor_bc_step", "adapm_update", "gha_update", "moment_transport")
+SUITES = ("kernels", "step", "e2e", "convergence", "refresh")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -18,6 +18,7 @@ from .batched_matmul import batched_matmul
 from .gha_update import gha_update
 from .ldadam_error_feedback import ldadam_error_feedback
 from .ldadam_power_iteration import ldadam_power_iteration
+from .moment_transport import ldadam_moment_transport, moment_transport, moment_transport_linear
 from .project import project
 from .range_finder import adapm_init_basis, range_finder
 from .residual_backproject_update import residual_backproject_update
@@ -35,6 +36,9 @@ register("adafactor_bc_unfactored_step", "triton")(adafactor_bc_unfactored_step)
 register("gha_update", "triton")(gha_update)
 register("adapm_update", "triton")(adapm_update)
 register("adapm_dense_update", "triton")(adapm_dense_update)
+register("moment_transport", "triton")(moment_transport)
+register("moment_transport_linear", "triton")(moment_transport_linear)
+register("ldadam_moment_transport", "triton")(ldadam_moment_transport)
 register("range_finder", "triton")(range_finder)
 register("ldadam_power_iteration", "triton")(ldadam_power_iteration)
 register("adapm_init_basis", "triton")(adapm_init_basis)
@@ -44,3 +48,4 @@ __all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
 __all__ += ["adafactor_step", "adafactor_bc_factored_step", "adafactor_bc_unfactored_step"]
 __all__ += ["adapm_update", "adapm_dense_update", "range_finder", "adapm_init_basis",
             "ldadam_power_iteration"]
+__all__ += ["moment_transport", "moment_transport_linear", "ldadam_moment_transport"]

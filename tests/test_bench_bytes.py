@@ -229,3 +229,46 @@ def test_eager_models_count_the_references(dtype_name):
                       4 * m * r + 12 * r * n + (8 * nb if nb else 0))
     check("gha_update", (par(), L), dict(eta=0.5), B.gha_update_bytes(m, n, r, g_bytes=p),
           8 * m * r)
+
+
+def test_moment_transport_k8():
+    # section 10.1 row K8: 16S + 8C fused with fp32 states and bases (26 MiB in the example)
+    b = B.moment_transport_bytes(M, N, R)
+    assert b.floor == 16 * S + 8 * C and mib(b.floor) == 26
+    assert b.eager == 8 * C + 16 * S + 24 * R * R
+    assert B.moment_transport_bytes(M, N, R, form="linear").eager == 8 * C + 16 * S + 12 * R * R
+    assert B.moment_transport_bytes(M, N, R, form="ldadam") == B.Bytes(16 * S + 8 * C,
+                                                                       8 * C + 120 * S
+                                                                       + 24 * R * R)
+    # bf16 moments (faithful_dtypes): half the floor's S bytes; eager casts both ways
+    assert B.moment_transport_bytes(M, N, R, state_bytes=2) == B.Bytes(
+        8 * S + 8 * C, 8 * C + 40 * S + 24 * R * R)
+    assert B.moment_transport_bytes(N, M, R, side="right") == B.moment_transport_bytes(M, N, R)
+    with pytest.raises(ValueError):
+        B.moment_transport_bytes(M, N, R, form="cubic")
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
+@pytest.mark.parametrize("form", ["squared", "linear", "ldadam"])
+def test_moment_transport_eager_model_counts_the_reference(form, dtype_name):
+    """Every aten call of one reference transport, counting its basis (m x r), moment (r x n)
+    and r x r operands: m, n, r = 7, 10, 3 keep the three sizes apart."""
+    import torch
+
+    from lowrank_fused.dispatch import implementation
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    m, n, r = 7, 10, 3
+    op = {"squared": "moment_transport", "linear": "moment_transport_linear",
+          "ldadam": "ldadam_moment_transport"}[form]
+    impl = implementation(op, "reference", "cpu")
+    P_new, P_old = (torch.linalg.qr(torch.randn(m, r))[0] for _ in range(2))
+    M, V = torch.randn(r, n).to(dt), torch.rand(r, n).to(dt)
+    if form == "ldadam":
+        M_tr = torch.empty_like(M)
+        fn = lambda: impl(P_new, P_old, M, V, M_tr, bc1=0.5, bc2=0.1)   # noqa: E731
+    else:
+        fn = lambda: impl(P_new, P_old, M, V)   # noqa: E731
+    counted = sum(_full_size_traffic(fn, k) for k in (m * r, r * n, r * r))
+    assert counted == B.moment_transport_bytes(m, n, r, state_bytes=dt.itemsize,
+                                               form=form).eager

@@ -71,3 +71,21 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
     assert "| adamw | - | 2.5000 | 12.18 | 1.000 |" in page
     assert not (tmp_path / "plots").exists()
     assert report.main(["--results", str(tmp_path)]) == 0
+
+
+def test_refresh_suite(tmp_path, capsys):
+    """The refresh suite's rows (speed ratio and captured energy, q = 1 and 2, real and
+    decaying gradients) and its report section. Only structure and quality are asserted: the
+    speedup is measured, not tested (ALGORITHMS.md / issue 5 targets live in the bench)."""
+    from bench import run
+
+    rc = run.main(["--suite", "refresh", "--out", str(tmp_path), "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    doc = json.loads(next(tmp_path.glob("refresh-*.json")).read_text())
+    assert doc["errors"] == [] and len(doc["rows"]) == 4
+    for r in doc["rows"]:
+        assert r["per_layer_svd_s"] > 0 and r["batched_randomized_s"] > 0
+        # captured energy relative to the exact SVD's (section 6.3 quality bar: within 1%)
+        assert r["energy_ratio"] > 0.99 and r["energy_ratio"] <= 1.0 + 1e-6
+    assert "5. Subspace refresh" in (tmp_path / "README.md").read_text()

@@ -94,6 +94,7 @@ KERNEL_MODULES = ("project", "adam_moments", "backproject_update", "adamw_step",
 KERNEL_MODULES += ("adafactor_step", "adafactor_bc_step", "gha_update")
 KERNEL_MODULES += ("adapm_update", "adapm_dense_update")
 KERNEL_MODULES += ("range_finder", "ldadam_power_iteration")
+KERNEL_MODULES += ("moment_transport",)
 
 
 def all_variants():
