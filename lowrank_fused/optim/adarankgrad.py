@@ -21,7 +21,8 @@ ALGORITHMS.md 1.1), ALGORITHMS.md 6.4::
 
 Ops: ``project``, ``adam_moments``, ``backproject_update`` (shared, ``lowrank_fused.ops``);
 ``range_finder`` (SSRF), ``iass_select`` and ``moment_transport`` /
-``moment_transport_linear`` (``lowrank_fused.reference``, through the dispatch table).
+``moment_transport_linear`` (through the dispatch table: Triton has the range finder, on the
+batched GEMM kernel and CholeskyQR2, and both transports; IASS runs its reference).
 """
 from __future__ import annotations
 
@@ -147,10 +148,10 @@ class AdaRankGrad(LowRankOptimizer):
             ``sketch_matrix(seed, i, j, ...)``; the seed and the parameter index are stored
             in the state, so a resumed run redraws the same sketches.
         backend: ``"auto" | "reference" | "triton" | "cuda" | "cpu"``. An explicit backend
-            must implement every op a parameter needs (``range_finder``, ``iass_select`` and
-            the transports have only references for now: ``backend="triton"`` raises
-            ``BackendUnavailable`` at construction for a projected parameter; ``auto`` runs
-            the reference).
+            must implement every op a parameter needs (``iass_select`` has only its
+            reference for now: ``backend="triton"`` raises ``BackendUnavailable`` at
+            construction for a projected parameter; ``auto`` runs that op's reference and
+            the others' kernels).
         sign_canon: sign-canonical QR (``diag(R) >= 0``) and Ritz vectors (default True);
             False keeps the library's signs.
         size_guard: apply the ALGORITHMS.md 1.6 guard (default True). False runs the
