@@ -20,14 +20,25 @@ optimizer's multi-tensor path (one ``adamw_step_multi`` per step) vs its per-ten
 (``opt.multi_tensor = False``: one ``adamw_step`` per parameter), on backend "cpu" (the C++
 twin) and "reference" (eager; its multi-tensor op is a loop over the same per-tensor math).
 
-Run ``python -m bench.bench_multi_tensor [--part ops,optimizer] [--repeats N] [--rank R]
-[--model NAME] [--threads T]``; it prints the timings and the ratios and writes nothing.
+Third part, ``--part gpu`` (CUDA only; what ``bench.gpu_check`` runs): the issue's GPU
+comparison on LLaMA-1B's optimizer states (shapes from ``LLAMA_CONFIGS["1b"]``, GaLore rank
+256 by default, fp32 states allocated on the device): K2 of every low-rank state as one
+``adam_moments_multi`` launch (backend "cuda", the compiled extension) vs one Triton
+``adam_moments`` launch per tensor vs the eager reference per tensor, and the dense AdamW step
+of the norms and embeddings the same three ways; launch overhead included (wall time around a
+synchronised call, median).
+
+Run ``python -m bench.bench_multi_tensor [--part ops,optimizer,gpu] [--repeats N] [--rank R]
+[--model NAME] [--threads T] [--out DIR]``; it prints the timings and the ratios, and with
+``--out`` writes them to ``DIR/multi-tensor-<device>.json``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -144,11 +155,104 @@ def ops_part(args):
     return t_eager / t_multi
 
 
+def _cuda_timeit(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def llama_state_shapes(name: str, rank: int):
+    """(low-rank state shapes, dense parameter shapes) of a LLaMA config under GaLore's
+    default groups: attention and MLP weights projected ((m, r) when m >= n, else (r, n)),
+    norms and embeddings dense; computed from the config, no model built."""
+    cfg = LLAMA_CONFIGS[name]
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+    mats = [(h, h)] * 4 + [(f, h)] * 2 + [(h, f)]
+    low = [((m, rank) if m >= n else (rank, n)) for m, n in mats] * layers
+    norms, embeddings = dense_shapes(name)
+    return low, norms + embeddings
+
+
+def gpu_part(args):
+    """K2 over every low-rank state and the dense AdamW step: one multi-tensor CUDA launch vs
+    one Triton launch per tensor vs the eager reference per tensor (module docstring)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--part gpu needs CUDA")
+    dev = torch.device("cuda")
+    name = args.model or "1b"
+    rank = args.rank if args.rank != 32 else 256
+    low, dense = llama_state_shapes(name, rank)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(shape, scale):
+        return torch.randn(shape, device=dev, generator=gen) * scale
+
+    states = [(randn(s, 1e-2), randn(s, 1e-3), randn(s, 1e-3).abs() * 1e-2,
+               torch.empty(s, device=dev)) for s in low]
+    params = [(randn(s, 2e-2), randn(s, 1e-2), randn(s, 1e-3), randn(s, 1e-3).abs() * 1e-2)
+              for s in dense]
+    Rs, Ms, Vs, Ns = (list(x) for x in zip(*states))
+    Ws, Gs, Ms2, Vs2 = (list(x) for x in zip(*params))
+    kw2 = dict(beta1=BETA1, beta2=BETA2, eps=EPS, step=STEP, eps_mode="hf")
+    kwa = dict(lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, step=STEP, weight_decay=WD,
+               eps_mode="hf", wd_mode="post")
+    rows = []
+    reps = args.repeats
+
+    def k2_multi():
+        ops_multi.adam_moments_multi(Rs, Ms, Vs, Ns, backend="cuda", **kw2)
+
+    def k2_loop(backend):
+        return lambda: [ops.adam_moments(R, M, V, N, backend=backend, **kw2)
+                        for R, M, V, N in states]
+
+    def adamw_multi():
+        ops_multi.adamw_step_multi(Ws, Gs, Ms2, Vs2, backend="cuda", **kwa)
+
+    def adamw_loop(backend):
+        return lambda: [ops.adamw_step(W, G, M, V, backend=backend, **kwa)
+                        for W, G, M, V in params]
+
+    for label, n_t, numel, cases in (
+            ("K2 low-rank moments", len(states), sum(t[0].numel() for t in states),
+             (("multi-tensor cuda (1 launch)", k2_multi, "cuda"),
+              ("triton per tensor", k2_loop("triton"), "triton"),
+              ("eager reference per tensor", k2_loop("reference"), "reference"))),
+            ("dense AdamW (norms + embeddings)", len(params), sum(t[0].numel() for t in params),
+             (("multi-tensor cuda (1 launch)", adamw_multi, "cuda"),
+              ("triton per tensor", adamw_loop("triton"), "triton"),
+              ("eager reference per tensor", adamw_loop("reference"), "reference")))):
+        times = {}
+        for case, fn, backend in cases:
+            if not available(backend, dev):
+                print(f"  {label}: {case}: skipped, backend {backend!r} unavailable")
+                continue
+            times[case] = _cuda_timeit(fn, reps)
+        base = times.get("multi-tensor cuda (1 launch)")
+        for case, t in times.items():
+            rows.append(dict(op=label, case=case, tensors=n_t, elements=numel,
+                             median_ms=t * 1e3, vs_multi=(t / base) if base else None))
+            print(f"  {label:34s} {case:30s} {n_t:4d} tensors {numel:>11,d} elements: "
+                  f"{t * 1e3:8.3f} ms" + (f"  ({t / base:.2f}x the multi-tensor launch)"
+                                          if base else ""))
+    return dict(model=name, rank=rank, device=torch.cuda.get_device_name(0), rows=rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", default="ops,optimizer",
                     help="comma-separated parts: ops (the multi-tensor ops alone), optimizer "
-                         "(whole AdamW steps, multi-tensor vs per-tensor); default both")
+                         "(whole AdamW steps, multi-tensor vs per-tensor), gpu (CUDA: one "
+                         "launch vs Triton per tensor vs eager); default ops,optimizer")
+    ap.add_argument("--out", default=None, help="write DIR/multi-tensor-<device>.json")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--model", default=None,
@@ -157,16 +261,27 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     parts = [x.strip() for x in args.part.split(",") if x.strip()]
-    bad = [x for x in parts if x not in ("ops", "optimizer")]
+    bad = [x for x in parts if x not in ("ops", "optimizer", "gpu")]
     if bad or not parts:
-        raise SystemExit(f"--part: unknown part(s) {bad}; choose from ops, optimizer")
+        raise SystemExit(f"--part: unknown part(s) {bad}; choose from ops, optimizer, gpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = {}
     if "ops" in parts:
         out["ops"] = ops_part(args)
     if "optimizer" in parts:
-        out["optimizer"] = optimizer_part(args)
+        out["optimizer"] = {f"{label} / {backend}": ratio
+                            for (label, backend), ratio in optimizer_part(args).items()}
+    if "gpu" in parts:
+        out["gpu"] = gpu_part(args)
+    if args.out:
+        device = "cuda" if "gpu" in parts else "cpu"
+        path = Path(args.out) / f"multi-tensor-{device}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out["threads"] = torch.get_num_threads()
+        out["torch"] = torch.__version__
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {path}")
     return out
 
 

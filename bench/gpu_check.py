@@ -8,8 +8,9 @@
 2. runs ``python -m pytest -q tests -x --junitxml <out>/pytest.xml``, output teed to
    ``<out>/pytest.log`` (tests use CUDA tensors whenever CUDA is available);
 3. runs ``python -m bench.run --out <out>``: every suite (kernels ``<out>/<gpu>-<date>.{json,md}``,
-   ``<out>/{step,e2e,convergence}-<gpu>.json``) and the summary page ``<out>/README.md`` with
-   its plots.
+   ``<out>/{step,e2e,convergence,refresh}-<gpu>.json``) and the summary page
+   ``<out>/README.md`` with its plots, then ``python -m bench.bench_multi_tensor --part gpu``
+   (``<out>/multi-tensor-cuda.json``).
 
 ``<out>`` is ``--out``, else ``$OUT``, else ``bench/results/``. Needs CUDA (exit 2 without).
 Exit status: 0 when tests and benchmarks passed, 1 when either failed (the benchmarks run even
@@ -135,6 +136,18 @@ def main(argv=None) -> int:
             bench_rc = bench_run.main(bench_argv)
         except Exception as exc:  # report, and still give the exit status below
             print(f"[gpu_check] benchmarks failed: {type(exc).__name__}: {exc}", flush=True)
+            bench_rc = 1
+        # issue 6: the multi-tensor launch vs Triton per tensor vs eager, LLaMA-1B states
+        from bench import bench_multi_tensor
+
+        mt_argv = ["--part", "gpu", "--out", str(out)] + (
+            ["--model", "350m", "--repeats", "10"] if args.quick else [])
+        print("$ python -m bench.bench_multi_tensor " + " ".join(mt_argv), flush=True)
+        try:
+            bench_multi_tensor.main(mt_argv)
+        except (Exception, SystemExit) as exc:
+            print(f"[gpu_check] multi-tensor benchmark failed: {type(exc).__name__}: {exc}",
+                  flush=True)
             bench_rc = 1
     print(f"[gpu_check] tests exit {test_rc}, benchmarks exit {bench_rc}, "
           f"{time.monotonic() - t0:.0f} s; results in {out}", flush=True)
