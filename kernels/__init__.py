@@ -16,6 +16,8 @@ from .adapm_update import adapm_update
 from .backproject_update import backproject_update
 from .batched_matmul import batched_matmul
 from .gha_update import gha_update
+from .grouped_backproject_update import grouped_backproject_update
+from .grouped_project import grouped_project
 from .ldadam_error_feedback import ldadam_error_feedback
 from .ldadam_power_iteration import ldadam_power_iteration
 from .moment_transport import ldadam_moment_transport, moment_transport, moment_transport_linear
@@ -39,6 +41,8 @@ register("adapm_dense_update", "triton")(adapm_dense_update)
 register("moment_transport", "triton")(moment_transport)
 register("moment_transport_linear", "triton")(moment_transport_linear)
 register("ldadam_moment_transport", "triton")(ldadam_moment_transport)
+register("grouped_project", "triton")(grouped_project)
+register("grouped_backproject_update", "triton")(grouped_backproject_update)
 register("range_finder", "triton")(range_finder)
 register("ldadam_power_iteration", "triton")(ldadam_power_iteration)
 register("adapm_init_basis", "triton")(adapm_init_basis)
@@ -49,3 +53,4 @@ __all__ += ["adafactor_step", "adafactor_bc_factored_step", "adafactor_bc_unfact
 __all__ += ["adapm_update", "adapm_dense_update", "range_finder", "adapm_init_basis",
             "ldadam_power_iteration"]
 __all__ += ["moment_transport", "moment_transport_linear", "ldadam_moment_transport"]
+__all__ += ["grouped_project", "grouped_backproject_update"]

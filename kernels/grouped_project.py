@@ -1,0 +1,130 @@
+"""K1 projection of a whole group of same-shape matrices in one launch (issue 4; ALGORITHMS.md
+section 4.3 line 3, section 10 K1): ``R_b = P_b^T @ G_b`` for every member b.
+
+Left (canonical) form, as ``kernels/project.py``: G_b m x n in its storage dtype, P_b m x r,
+R_b r x n fp32; the members are separate tensors addressed as offsets from the first
+(``kernels/_grouped.py``), sharing one shape, dtype and set of strides. The tiling is the
+single-matrix kernel's (its ``choose_config``), so each member's tiles run exactly as they would
+alone; the group adds a grid axis. The grid is (rank tiles, column slabs, member x K-slice):
+programs sharing a column slab of one member are adjacent, as in the single kernel.
+
+Split-K (the reduction over m cut into slices, summed in a fixed order afterwards) is used only
+when the whole group's output grid is too small to fill the GPU, which for a LLaMA group (tens
+of members) it never is; then the partial sums go to one (count, split, r, n) buffer and two
+torch calls reduce them and copy them out.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, dot_mode, mma
+from ._grouped import (check_layout, element_offsets, member_ptr, offsets_table,
+                       regular_offsets)
+from .project import choose_config, choose_split_k, configs_for
+
+MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members x K-slices)
+
+
+@triton.jit
+def _grouped_project_kernel(
+    g_ptr, p_ptr, r_ptr, offs_ptr,
+    GROUP, SPLIT, M, N, RANK, K_PER_SPLIT,
+    stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_MODE: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1).to(tl.int64)
+    pid_z = tl.program_id(2)
+    pid_b = pid_z // SPLIT
+    pid_s = pid_z - pid_b * SPLIT
+    g_ptr = member_ptr(g_ptr, offs_ptr, pid_b, ALIGNED)
+    p_ptr = member_ptr(p_ptr, offs_ptr + GROUP, pid_b, ALIGNED)
+    r_ptr = member_ptr(r_ptr, offs_ptr + 2 * GROUP, pid_b, ALIGNED)
+    # from here on the single-matrix kernel (kernels/project.py), without the colsum output
+    k_lo = pid_s * K_PER_SPLIT
+    k_hi = tl.minimum(M, k_lo + K_PER_SPLIT)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    mask_r = offs_r < RANK
+    mask_n = offs_n < N
+    pt_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_k[None, :].to(tl.int64) * stride_pm
+    g_ptrs = g_ptr + offs_k[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        mask_k = (k - k_lo + offs_k) < k_hi
+        pt = tl.load(pt_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(pt, g, acc, DOT_MODE)
+        pt_ptrs += BLOCK_K * stride_pm
+        g_ptrs += BLOCK_K * stride_gm
+    r_ptrs = (r_ptr + pid_s.to(tl.int64) * stride_rs + offs_r[:, None] * stride_rr
+              + offs_n[None, :] * stride_rn)
+    tl.store(r_ptrs, acc, mask=mask_r[:, None] & mask_n[None, :])
+
+
+def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: int = None):
+    """``Rs[b] = Ps[b]^T @ Gs[b]`` for every b, in one kernel launch (plus, with split-K, one
+    reduction and one multi-tensor copy). Lists of left-form tensors; each list shares one
+    shape, dtype and strides; the Rs are fp32."""
+    count = len(Gs)
+    if count == 0:
+        return
+    for name, lst in (("Gs", Gs), ("Ps", Ps), ("Rs", Rs)):
+        check_layout(name, lst)
+    G0, P0, R0 = Gs[0], Ps[0], Rs[0]
+    m, n = G0.shape
+    rank = P0.shape[1]
+    if m == 0 or n == 0 or rank == 0:
+        torch._foreach_zero_(list(Rs))
+        return
+    device = G0.device
+    mode = dot_mode(precision, device)
+    cfg = config or choose_config(m, n, rank, mode)
+    tiles = cdiv(rank, cfg.BLOCK_R) * cdiv(n, cfg.BLOCK_N)
+    split = split_k or choose_split_k(m, count * tiles, cfg.BLOCK_K, device)
+    k_per_split = cdiv(cdiv(m, split), cfg.BLOCK_K) * cfg.BLOCK_K
+    split = cdiv(m, k_per_split)
+    if count * split > MAX_GRID_Z:
+        raise ValueError(f"a group of {count} matrices x {split} K-slices exceeds the grid "
+                         f"limit {MAX_GRID_Z}: split the group")
+    if split == 1:
+        out, r_offs = R0, element_offsets("Rs", Rs)
+        stride_s, stride_r, stride_n = 0, R0.stride(0), R0.stride(1)
+    else:
+        out = torch.empty((count, split, rank, n), device=device, dtype=torch.float32)
+        r_offs = regular_offsets(count, split * rank * n)
+        stride_s, stride_r, stride_n = out.stride()[1:]
+    offs, aligned = offsets_table(
+        [element_offsets("Gs", Gs), element_offsets("Ps", Ps), r_offs],
+        [G0.element_size(), P0.element_size(), 4], device)
+    grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N), count * split)
+    _grouped_project_kernel[grid](
+        G0, P0, out, offs, count, split, m, n, rank, k_per_split,
+        G0.stride(0), G0.stride(1), P0.stride(0), P0.stride(1), stride_s, stride_r, stride_n,
+        BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
+        ALIGNED=aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        torch._foreach_copy_(list(Rs), list(out.sum(dim=1).unbind(0)))
+
+
+def aot_variants():
+    """Every (dtype, config, precision, alignment) compilation ``grouped_project`` can launch
+    on a GPU: the single kernel's dtype pairs and configs, without the colsum side output."""
+    from lowrank_fused.testing.aot import Variant
+
+    ints = {a: "i32" for a in ("GROUP", "SPLIT", "M", "N", "RANK", "K_PER_SPLIT", "stride_gm",
+                               "stride_gn", "stride_pm", "stride_pr", "stride_rs", "stride_rr",
+                               "stride_rn")}
+    for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
+        for mode in (0, 1, 2):
+            for cfg in configs_for(mode):
+                for aligned in (True, False):
+                    yield Variant(_grouped_project_kernel,
+                                  {"g_ptr": "*" + g_t, "p_ptr": "*" + p_t, "r_ptr": "*fp32",
+                                   "offs_ptr": "*i64", **ints},
+                                  dict(BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N,
+                                       BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode, ALIGNED=aligned),
+                                  cfg.num_warps, cfg.num_stages)

@@ -1,0 +1,152 @@
+"""Grouped versions of the GEMM ops (issue 4): one call (one Triton launch) runs K1 or K3 for a
+whole list of matrices of one shape, dtype, rank and side.
+
+A LLaMA has a handful of distinct (shape, rank, side) classes with tens of layers each; the
+per-matrix ops launch a kernel per layer. ``grouped_project`` is ``ops.project`` over lists
+(G_i, P_i, R_i) and ``grouped_backproject_update`` is ``ops.backproject_update`` over lists
+(W_i, P_i, N_i), with one ``coef`` / ``pre_scale`` / ``post_decay`` per matrix (each layer's
+learning rate and the bias correction of its own step counter) or one value for all.
+
+Each list is a group: every member has the first member's shape, dtype and strides (one memory
+layout; e.g. all contiguous) and all tensors are on one device; the outputs (R_i, W_i) must
+not overlap. The fused backend addresses the members as offsets from the first
+(``kernels/_grouped.py``); the reference is a loop over the single-matrix references.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowrank_fused import ops
+from lowrank_fused.dispatch import implementation
+from lowrank_fused.ops_multi import _as_list, _per_tensor
+
+__all__ = ["grouped_project", "grouped_backproject_update"]
+
+
+def _check_members(name, tensors, shape, device, where, dtype=None):
+    """Float 2-D tensors of ``shape``, one dtype (``dtype`` when given), one set of strides,
+    all on ``device`` (that of ``where``)."""
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        ops._check_float(f"{name}[{i}]", t)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}[{i}] must have shape {tuple(shape)} (the group's), got "
+                             f"{tuple(t.shape)}")
+        want = dtype or first.dtype
+        if t.dtype != want:
+            raise TypeError(f"{name}[{i}] is {t.dtype} but the group's {name} are {want}: a "
+                            f"group shares one dtype")
+        if t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {where} is on {device}; all "
+                             f"tensors must be on one device")
+        if t.stride() != first.stride():
+            raise ValueError(f"{name}[{i}] has strides {t.stride()} but {name}[0] has "
+                             f"{first.stride()}: the matrices of a group share one memory "
+                             f"layout (e.g. make them all contiguous)")
+
+
+def _check_disjoint(name, tensors):
+    """Outputs written in place must not share memory (their kernels run concurrently)."""
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+        start = t.data_ptr()
+        spans.append((start, start + extent * t.element_size(), i))
+    spans.sort()
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            a, b = sorted((i, j))
+            raise ValueError(f"{name}[{b}] overlaps {name}[{a}] in memory: every member of a "
+                             f"group must be written to its own tensor")
+
+
+def _lists(**named):
+    lists = {name: _as_list(name, t) for name, t in named.items()}
+    names = list(lists)
+    count = len(lists[names[0]])
+    for name in names[1:]:
+        if len(lists[name]) != count:
+            raise ValueError(f"{name} has {len(lists[name])} tensors but {names[0]} has {count}")
+    return lists, count
+
+
+def _check_first(name, t):
+    ops._check_float(f"{name}[0]", t)
+    if t.dim() != 2:
+        raise ValueError(f"{name}[0] must be 2-D, got shape {tuple(t.shape)}")
+
+
+def grouped_project(Gs, Ps, Rs=None, *, side="left", precision="ieee", backend="auto"):
+    """K1 for every member: ``R_i = P_i^T @ G_i`` (left, P_i m x r) or ``R_i = G_i @ Q_i^T``
+    (right, Q_i r x n), as ``ops.project``. G_i are read in their storage dtype; the R_i are
+    fp32 and returned as a list (allocated when ``Rs`` is None)."""
+    ops._check_side(side)
+    ops._check_precision(precision)
+    lists, count = _lists(Gs=Gs, Ps=Ps, **({} if Rs is None else {"Rs": Rs}))
+    Gs, Ps = lists["Gs"], lists["Ps"]
+    if count == 0:
+        return [] if Rs is None else lists["Rs"]
+    _check_first("Gs", Gs[0])
+    _check_first("Ps", Ps[0])
+    shape = tuple(Gs[0].shape)
+    rank = Ps[0].shape[1] if side == "left" else Ps[0].shape[0]
+    device = Gs[0].device
+    _check_members("Gs", Gs, shape, device, "Gs[0]")
+    want = ops.basis_shape(shape, rank, side)
+    if tuple(Ps[0].shape) != want:
+        raise ValueError(f"Ps[0] must have shape {want} for side={side!r} and G of shape "
+                         f"{shape}, got {tuple(Ps[0].shape)}")
+    _check_members("Ps", Ps, want, device, "Gs[0]")
+    out_shape = ops.low_rank_shape(shape, rank, side)
+    if Rs is None:
+        Rs = [torch.empty(out_shape, device=device, dtype=torch.float32) for _ in range(count)]
+    else:
+        Rs = lists["Rs"]
+        _check_members("Rs", Rs, out_shape, device, "Gs[0]", dtype=torch.float32)
+        _check_disjoint("Rs", Rs)
+    impl = implementation("grouped_project", backend, device)
+    if side == "left":
+        impl(Gs, Ps, Rs, precision=precision)
+    else:
+        impl([G.t() for G in Gs], [P.t() for P in Ps], [R.t() for R in Rs], precision=precision)
+    return Rs
+
+
+def grouped_backproject_update(Ws, Ps, Ns, *, side="left", coef, pre_scale=1.0, post_decay=0.0,
+                               precision="ieee", backend="auto"):
+    """K3 in place on every member: ``W_i = W_i*pre_scale_i; W_i -= coef_i * back(N_i);
+    W_i -= post_decay_i*W_i``, as ``ops.backproject_update`` (``back(N)`` is ``P @ N`` on the
+    left, ``N @ Q`` on the right). Each scalar is one number for all members or a sequence with
+    one per member. Returns ``Ws``."""
+    ops._check_side(side)
+    ops._check_precision(precision)
+    lists, count = _lists(Ws=Ws, Ps=Ps, Ns=Ns)
+    Ws, Ps, Ns = lists["Ws"], lists["Ps"], lists["Ns"]
+    scalars = {name: _per_tensor(name, value, count) for name, value in
+               (("coef", coef), ("pre_scale", pre_scale), ("post_decay", post_decay))}
+    for name, values in scalars.items():
+        for i, x in enumerate(values):
+            if not math.isfinite(x):
+                raise ValueError(f"{name}[{i}] must be finite, got {x}")
+    if count == 0:
+        return Ws
+    _check_first("Ws", Ws[0])
+    _check_first("Ps", Ps[0])
+    shape = tuple(Ws[0].shape)
+    rank = Ps[0].shape[1] if side == "left" else Ps[0].shape[0]
+    device = Ws[0].device
+    _check_members("Ws", Ws, shape, device, "Ws[0]")
+    _check_members("Ps", Ps, ops.basis_shape(shape, rank, side), device, "Ws[0]")
+    _check_members("Ns", Ns, ops.low_rank_shape(shape, rank, side), device, "Ws[0]")
+    _check_disjoint("Ws", Ws)
+    impl = implementation("grouped_backproject_update", backend, device)
+    kw = dict(precision=precision, **scalars)
+    if side == "left":
+        impl(Ws, Ps, Ns, **kw)
+    else:
+        impl([W.t() for W in Ws], [P.t() for P in Ps], [N.t() for N in Ns], **kw)
+    return Ws

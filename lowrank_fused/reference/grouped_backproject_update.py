@@ -1,0 +1,15 @@
+"""K3 back-projection + weight update + weight decay of a group of same-shape matrices
+(issue 4), eager reference: a loop over the single-matrix reference ``backproject_update_ref``
+(ALGORITHMS.md section 4.3 lines 11-13, section 1.4, section 10 K3)."""
+from lowrank_fused.dispatch import register
+from lowrank_fused.reference.backproject_update import backproject_update_ref
+
+
+@register("grouped_backproject_update", "reference")
+def grouped_backproject_update_ref(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
+                                   precision: str = "ieee") -> None:
+    """Left form, in place on every ``Ws[b]`` with the b-th scalars (``coef``, ``pre_scale``,
+    ``post_decay`` are sequences, one value per matrix): ``backproject_update_ref``."""
+    for b, (W, P, N) in enumerate(zip(Ws, Ps, Ns)):
+        backproject_update_ref(W, P, N, coef=float(coef[b]), pre_scale=float(pre_scale[b]),
+                               post_decay=float(post_decay[b]), precision=precision)
