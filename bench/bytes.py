@@ -81,6 +81,29 @@ def adam_moments_bytes(m, n, r, *, state_bytes=4, side="left") -> Bytes:
     return Bytes((R_BYTES + 5 * s) * S, (15 * s + 12) * S)
 
 
+def adamem_moments_bytes(m, n, r, *, state_bytes=4, side="left") -> Bytes:
+    """AdaMeM's K2 ``(R, M, row, col) -> (M, row, col, N)`` (sections 8.3 lines 5-6 and 8.5
+    step 2; section 10.1 row K2 with AdaMeM's factored second moment), canonical left form:
+    R, M, N have S elements, the statistics ``row`` and ``col`` r and S/r (both forms).
+
+    fused (``kernels/adamem_moments.py``): two unavoidable passes, since N needs row and column
+    statistics of the whole matrix: R read, M read and written (pass 1), M read again and N
+    written (pass 3): ``(4 + 4s)S`` (20S at fp32); the statistics read and written once,
+    ``2s(r + S/r)`` (the per-tile partial sums, about ``S/32 + S/128`` floats written and read
+    once, are not counted).
+    eager (``lowrank_fused/reference/adamem_moments.py``): ``M.float()`` c, ``*beta1`` 8,
+    ``(1-beta1)*r`` 8, ``+`` 12, ``M.copy_`` ``4 + s``, ``M.float()`` c, ``/c1`` 8,
+    ``x*x`` 12, ``+ eps1`` 8, the two means 4 + 4, ``outer(row, col)`` 4, ``/mean`` 8,
+    ``/c2`` 8, ``sqrt`` 8, ``+ eps`` 8, ``mhat/`` 12, ``N.copy_`` ``4 + s``:
+    ``2c + (120 + 2s)S`` (128S at fp32; ``c`` = ``s + 4`` per element, 0 at fp32); the
+    statistics as in the floor.
+    """
+    _, S, _ = sizes(m, n, r, side)
+    s = state_bytes
+    small = 2 * s * (r + S // r)
+    return Bytes((4 + 4 * s) * S + small, (2 * _cast(1, s) + 120 + 2 * s) * S + small)
+
+
 def backproject_update_bytes(m, n, r, *, w_bytes=2, state_bytes=4, side="left") -> Bytes:
     """K3 ``W <- (W - b*P@N)(1-c)`` (section 10.1, row K3).
 

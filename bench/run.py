@@ -31,7 +31,7 @@ from pathlib import Path
 
 MODULES = ("project", "adam_moments", "backproject_update", "galore_step", "adafactor_step",
            "adafactor_bc_step", "adapm_update", "gha_update", "moment_transport",
-           "grouped_lowrank")
+           "adamem_moments", "grouped_lowrank")
 SUITES = ("kernels", "step", "e2e", "convergence", "refresh")
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -10,6 +10,7 @@ from lowrank_fused.dispatch import register
 from .adafactor_bc_step import adafactor_bc_factored_step, adafactor_bc_unfactored_step
 from .adafactor_step import adafactor_step
 from .adam_moments import adam_moments
+from .adamem_moments import adamem_moments
 from .adamw_step import adamw_step
 from .adapm_dense_update import adapm_dense_update
 from .adapm_update import adapm_update
@@ -21,6 +22,7 @@ from .grouped_project import grouped_project
 from .ldadam_error_feedback import ldadam_error_feedback
 from .ldadam_power_iteration import ldadam_power_iteration
 from .moment_transport import ldadam_moment_transport, moment_transport, moment_transport_linear
+from .norm_growth_limit import norm_growth_limit
 from .project import project
 from .range_finder import adapm_init_basis, range_finder
 from .residual_backproject_update import residual_backproject_update
@@ -46,6 +48,8 @@ register("grouped_backproject_update", "triton")(grouped_backproject_update)
 register("range_finder", "triton")(range_finder)
 register("ldadam_power_iteration", "triton")(ldadam_power_iteration)
 register("adapm_init_basis", "triton")(adapm_init_basis)
+register("adamem_moments", "triton")(adamem_moments)
+register("norm_growth_limit", "triton")(norm_growth_limit)
 
 __all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
            "ldadam_error_feedback", "residual_backproject_update", "batched_matmul", "gha_update"]
@@ -53,4 +57,5 @@ __all__ += ["adafactor_step", "adafactor_bc_factored_step", "adafactor_bc_unfact
 __all__ += ["adapm_update", "adapm_dense_update", "range_finder", "adapm_init_basis",
             "ldadam_power_iteration"]
 __all__ += ["moment_transport", "moment_transport_linear", "ldadam_moment_transport"]
+__all__ += ["adamem_moments", "norm_growth_limit"]
 __all__ += ["grouped_project", "grouped_backproject_update"]

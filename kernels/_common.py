@@ -93,3 +93,15 @@ def cdiv(a: int, b: int) -> int:
 # flat elementwise kernels: one block size for every problem
 ELEMENTWISE_BLOCK = 1024
 ELEMENTWISE_WARPS = 4
+
+
+@triton.jit
+def sum_fp32(ptr, count, BLOCK: tl.constexpr):
+    """``sum(ptr[0:count])`` of fp32 values in a fixed order (deterministic, no atomics): a
+    BLOCK-wide accumulator over the chunks, then one tree sum. For the second stage of a
+    two-stage reduction (per-program partial sums written by the first kernel)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.load(ptr + offs, mask=offs < count, other=0.0)
+    for start in range(BLOCK, count, BLOCK):
+        acc += tl.load(ptr + start + offs, mask=start + offs < count, other=0.0)
+    return tl.sum(acc, axis=0)

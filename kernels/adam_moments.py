@@ -5,53 +5,99 @@ normalised step ``N = (M/c1) / (sqrt(V/c2) + eps)``. Per-step scalars are runtim
 so a learning-rate schedule or the step counter never recompiles the kernel. The moments may
 be stored in a narrower dtype (``faithful_dtypes``): N is computed from the stored values,
 exactly as the reference does.
+
+Optional side output (section 10 K2, "optional ``||N||^2`` (limiter)"): ``sumsq``, a 1-element
+fp32 tensor, receives ``sum(N^2)`` of the stored N from the same pass, so the norm-growth
+limiter (section 5.3 B1) does not read N for its norm. Each program writes the partial sum of
+its block; a one-program kernel adds the partials in a fixed order (deterministic, no atomics).
 """
+import torch
 import triton
 import triton.language as tl
 
 from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, adam_normalized_step, cdiv,
-                      interpreting, to_storage)
+                      interpreting, sum_fp32, to_storage)
+
+SUM_BLOCK = 1024   # the partial-sum reduction: one program, 1024-wide chunks
 
 
 @triton.jit
 def _adam_moments_kernel(
-    r_ptr, m_ptr, v_ptr, n_ptr, numel,
+    r_ptr, m_ptr, v_ptr, n_ptr, part_ptr, numel,
     beta1, beta2, eps, c1, c2,
-    BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_SUMSQ: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """With ``HAS_SUMSQ``, ``part[pid] = sum(N^2)`` over the block, N as stored."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     nrm = adam_normalized_step(r, m_ptr, v_ptr, offs, mask, beta1, beta2, eps, c1, c2, INTERPRET)
-    tl.store(n_ptr + offs, to_storage(nrm, n_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    n_st = to_storage(nrm, n_ptr.dtype.element_ty, INTERPRET)
+    if HAS_SUMSQ:   # reduced before N's store: the other order spills on sm_90 with fp16 N
+        n_f = n_st.to(tl.float32)
+        part = tl.sum(tl.where(mask, n_f * n_f, 0.0), axis=0)
+    tl.store(n_ptr + offs, n_st, mask=mask)
+    if HAS_SUMSQ:
+        tl.store(part_ptr + pid, part)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, count, BLOCK: tl.constexpr):
+    """``out[0] = sum(part[0:count])`` (one program)."""
+    tl.store(out_ptr, sum_fp32(part_ptr, count, BLOCK))
+
+
+def _check_sumsq(sumsq):
+    if sumsq.dtype != torch.float32 or sumsq.numel() != 1:
+        raise TypeError(f"sumsq must be a 1-element float32 tensor, got {sumsq.dtype} with "
+                         f"{sumsq.numel()} elements")
 
 
 def adam_moments(R, M, V, N, *, beta1: float, beta2: float, eps: float, c1: float,
-                 c2: float) -> None:
-    """In place on M, V; writes N. All four tensors share one shape."""
+                 c2: float, sumsq=None) -> None:
+    """In place on M, V; writes N. All four tensors share one shape. ``sumsq`` (optional,
+    1-element fp32) receives ``sum(N^2)`` of the stored N."""
+    if sumsq is not None:
+        _check_sumsq(sumsq)
     tensors = (R, M, V, N)
     if not all(t.is_contiguous() for t in tensors):
         work = [t.contiguous() for t in tensors]
-        adam_moments(*work, beta1=beta1, beta2=beta2, eps=eps, c1=c1, c2=c2)
+        adam_moments(*work, beta1=beta1, beta2=beta2, eps=eps, c1=c1, c2=c2, sumsq=sumsq)
         for dst, src in zip((M, V, N), work[1:]):
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         return
     numel = R.numel()
     if numel == 0:
+        if sumsq is not None:
+            sumsq.zero_()
         return
-    _adam_moments_kernel[(cdiv(numel, ELEMENTWISE_BLOCK),)](
-        R, M, V, N, numel, float(beta1), float(beta2), float(eps), float(c1), float(c2),
-        BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(), num_warps=ELEMENTWISE_WARPS,
+    blocks = cdiv(numel, ELEMENTWISE_BLOCK)
+    has_sumsq = sumsq is not None
+    part = torch.empty(blocks, dtype=torch.float32, device=R.device) if has_sumsq else N
+    _adam_moments_kernel[(blocks,)](
+        R, M, V, N, part, numel, float(beta1), float(beta2), float(eps), float(c1), float(c2),
+        BLOCK=ELEMENTWISE_BLOCK, HAS_SUMSQ=has_sumsq, INTERPRET=interpreting(),
+        num_warps=ELEMENTWISE_WARPS,
     )
+    if has_sumsq:
+        _sum_partials_kernel[(1,)](part, sumsq, blocks, BLOCK=SUM_BLOCK, num_warps=4)
 
 
 def aot_variants():
+    """State dtype x ``HAS_SUMSQ`` (without it the launcher passes N as the unused ``part``),
+    and the partial-sum reduction."""
     from lowrank_fused.testing.aot import Variant
 
     scalars = {a: "fp32" for a in ("beta1", "beta2", "eps", "c1", "c2")}
     for s_t in ("fp32", "bf16", "fp16"):
-        yield Variant(_adam_moments_kernel,
-                      {"r_ptr": "*fp32", "m_ptr": "*" + s_t, "v_ptr": "*" + s_t,
-                       "n_ptr": "*" + s_t, "numel": "i32", **scalars},
-                      dict(BLOCK=ELEMENTWISE_BLOCK, INTERPRET=False), ELEMENTWISE_WARPS, 3)
+        for has_sumsq in (False, True):
+            yield Variant(_adam_moments_kernel,
+                          {"r_ptr": "*fp32", "m_ptr": "*" + s_t, "v_ptr": "*" + s_t,
+                           "n_ptr": "*" + s_t, "part_ptr": "*fp32" if has_sumsq else "*" + s_t,
+                           "numel": "i32", **scalars},
+                          dict(BLOCK=ELEMENTWISE_BLOCK, HAS_SUMSQ=has_sumsq, INTERPRET=False),
+                          ELEMENTWISE_WARPS, 3)
+    yield Variant(_sum_partials_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "count": "i32"},
+                  dict(BLOCK=SUM_BLOCK), 4, 3)

@@ -107,19 +107,30 @@ def project(G, P, R=None, *, side="left", precision="ieee", backend="auto", sums
     return R
 
 
-def adam_moments(R, M, V, N, *, beta1, beta2, eps, step, eps_mode="hf", backend="auto"):
+def adam_moments(R, M, V, N, *, beta1, beta2, eps, step, eps_mode="hf", sumsq=None,
+                 backend="auto"):
     """K2: low-rank Adam moments in place, and the normalised step N.
 
     ``eps_mode="hf"`` (GaLore, HF AdamW): ``N = M/(sqrt(V)+eps)``, bias correction left to the
     step size; ``eps_mode="torch"``: ``N = (M/bc1)/(sqrt(V/bc2)+eps)`` (ALGORITHMS.md 1.3).
+    ``sumsq`` (optional, a 1-element float32 tensor) receives ``sum(N^2)`` of the stored N,
+    computed by the fused kernels in the same pass (the limiter's norm, section 5.3 B1).
     """
     for name, t in (("R", R), ("M", M), ("V", V), ("N", N)):
         _check_float(name, t)
         _check_shape(name, t, R.shape)
     c1, c2 = _eps_mode_divisors(eps_mode, beta1, beta2, step)
-    device = _same_device(R=R, M=M, V=V, N=N)
+    kw = {}
+    if sumsq is not None:
+        if not isinstance(sumsq, torch.Tensor) or sumsq.dtype != torch.float32 \
+                or sumsq.numel() != 1:
+            raise TypeError("sumsq must be a 1-element float32 tensor, got "
+                            + (f"{sumsq.dtype} with {sumsq.numel()} elements"
+                               if isinstance(sumsq, torch.Tensor) else type(sumsq).__name__))
+        kw["sumsq"] = sumsq
+    device = _same_device(R=R, M=M, V=V, N=N, **kw)
     impl = implementation("adam_moments", backend, device)
-    impl(R, M, V, N, beta1=float(beta1), beta2=float(beta2), eps=float(eps), c1=c1, c2=c2)
+    impl(R, M, V, N, beta1=float(beta1), beta2=float(beta2), eps=float(eps), c1=c1, c2=c2, **kw)
     return N
 
 

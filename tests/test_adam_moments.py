@@ -27,6 +27,43 @@ def test_adam_moments_matches_reference(shape, eps_mode, state_dtype, step, devi
     assert_parity(N2, N1, rtol=tol, name="N")
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(64, 700)], ids=str)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_adam_moments_sumsq_side_output(shape, state_dtype, device):
+    """``sumsq`` receives sum(N^2) of the stored N (the limiter's norm, ALGORITHMS.md 5.3 B1)
+    from the kernel's own pass: against ``(N.float()**2).sum()`` of the kernel's N (fp32 sums
+    in another order: 1e-5; (64, 700) spans 44 programs, so the partial sums are added), and
+    the reference's side output against the same formula."""
+    R = torch.randn(shape, device=device)
+    M0 = (0.1 * torch.randn(shape, device=device)).to(state_dtype)
+    V0 = (0.01 * torch.rand(shape, device=device) + 1e-4).to(state_dtype)
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-6, step=3, eps_mode="hf")
+    for backend in ("reference", "triton"):
+        M, V, N = M0.clone(), V0.clone(), poison(torch.empty_like(M0))
+        sumsq = poison(torch.empty(1, device=device))
+        ops.adam_moments(R, M, V, N, sumsq=sumsq, backend=backend, **kw)
+        assert_parity(sumsq, (N.float() ** 2).sum().reshape(1), rtol=1e-5,
+                      name=f"sumsq ({backend})")
+        M2, V2, N2 = M0.clone(), V0.clone(), torch.empty_like(M0)
+        ops.adam_moments(R, M2, V2, N2, backend=backend, **kw)
+        assert torch.equal(N2, N) and torch.equal(M2, M) and torch.equal(V2, V), \
+            f"{backend}: sumsq changed the moments or N"
+
+
+def test_adam_moments_sumsq_non_contiguous_and_checked(device):
+    R = torch.randn(40, 30, device=device).t()
+    M, V = torch.randn(40, 30, device=device).t(), torch.rand(40, 30, device=device).t()
+    N = poison(torch.empty(40, 30, device=device)).t()
+    sumsq = poison(torch.empty((), device=device))        # a 0-dim buffer is one element too
+    kw = dict(beta1=0.9, beta2=0.99, eps=1e-8, step=2, eps_mode="torch")
+    ops.adam_moments(R, M, V, N, sumsq=sumsq, backend="triton", **kw)
+    assert_parity(sumsq, (N.float() ** 2).sum(), rtol=1e-5, name="sumsq")
+    for bad in (torch.zeros(2, device=device), torch.zeros(1, device=device,
+                                                           dtype=torch.float64)):
+        with pytest.raises(TypeError, match="sumsq must be a 1-element float32"):
+            ops.adam_moments(R, M, V, N, sumsq=bad, backend="reference", **kw)
+
+
 def test_adam_moments_formula(device):
     """The reference itself against the formula of ALGORITHMS.md 1.3, written out in fp64."""
     R = torch.randn(5, 7, device=device, dtype=torch.float64)

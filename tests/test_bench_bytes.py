@@ -272,3 +272,36 @@ def test_moment_transport_eager_model_counts_the_reference(form, dtype_name):
     counted = sum(_full_size_traffic(fn, k) for k in (m * r, r * n, r * r))
     assert counted == B.moment_transport_bytes(m, n, r, state_bytes=dt.itemsize,
                                                form=form).eager
+
+
+def test_adamem_moments_k2():
+    # two passes over r x n (N needs the whole matrix's statistics): 20S fused at fp32, the
+    # reference's 15 kernels 128S; the r- and n-vectors read and written once in both
+    small = 8 * (R + N)
+    assert B.adamem_moments_bytes(M, N, R) == B.Bytes(20 * S + small, 128 * S + small)
+    assert mib(B.adamem_moments_bytes(M, N, R).floor) == 27
+    # bf16 states (faithful_dtypes): 12S fused; eager casts M twice (6 B each)
+    assert B.adamem_moments_bytes(M, N, R, state_bytes=2) == B.Bytes(
+        12 * S + 4 * (R + N), 136 * S + 4 * (R + N))
+    assert B.adamem_moments_bytes(N, M, R, side="right") == B.adamem_moments_bytes(M, N, R)
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
+@pytest.mark.parametrize("stats_from_momentum", [True, False])
+def test_adamem_moments_eager_model_counts_the_reference(stats_from_momentum, dtype_name):
+    """Every aten call of one reference step, counting its r x n operands (r, n = 3, 10)."""
+    import torch
+
+    from lowrank_fused.dispatch import implementation
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    r, n = 3, 10
+    impl = implementation("adamem_moments", "reference", "cpu")
+    R_, M_ = torch.randn(r, n), torch.randn(r, n).to(dt)
+    row, col = (torch.rand(r) + 0.1).to(dt), (torch.rand(n) + 0.1).to(dt)
+    N_ = torch.empty_like(M_)
+    kw = dict(beta1=0.9, beta2=0.95, eps=1e-8, eps1=1e-30, c1=0.5, c2=0.3,
+              stats_from_momentum=stats_from_momentum)
+    counted = _full_size_traffic(lambda: impl(R_, M_, row, col, N_, **kw), r * n)
+    model = B.adamem_moments_bytes(r, n, r, state_bytes=dt.itemsize)
+    assert counted == model.eager - 2 * dt.itemsize * (r + n)

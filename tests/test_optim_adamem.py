@@ -433,9 +433,10 @@ def test_sign_canon_off_runs_and_is_invisible_within_one_subspace():
 
 
 def test_auto_backend_runs_and_matches_reference():
-    """``auto`` picks, per parameter, the fastest backend implementing every op it needs; no
-    AdaMeM-only op has a fused kernel yet, so that is the reference (even where the projection
-    alone has one, e.g. under the Triton interpreter)."""
+    """``auto`` resolves each op to its fastest implementation on the device: under the
+    Triton interpreter the projection, the low-rank moments (kernels/adamem_moments.py) and the
+    update run fused, the residual statistics on their reference; the result matches the
+    reference backend."""
     a, _ = _short_run(3, shape=(24, 40))
     w = torch.nn.Parameter(torch.randn((24, 40), generator=torch.Generator().manual_seed(5)))
     opt = AdaMeM([dict(params=[w], rank=5)], update_proj_gap=4, backend="auto")
@@ -446,11 +447,12 @@ def test_auto_backend_runs_and_matches_reference():
 
 
 def test_explicit_triton_backend_names_the_op_it_lacks():
-    """The low-rank moments have no Triton kernel yet (auto runs their reference); the dense
-    Adafactor path of a 1-D parameter has one (kernels/adafactor_bc_step.py)."""
+    """The residual's column statistics have no Triton kernel yet (auto runs their reference);
+    the low-rank moments (kernels/adamem_moments.py) and the dense Adafactor path of a 1-D
+    parameter (kernels/adafactor_bc_step.py) have one."""
     w = torch.nn.Parameter(torch.randn(8, 16))
     b = torch.nn.Parameter(torch.randn(8))
-    with pytest.raises(BackendUnavailable, match="'adamem_moments' has no 'triton'"):
+    with pytest.raises(BackendUnavailable, match="'residual_col_stats' has no 'triton'"):
         AdaMeM([dict(params=[w], rank=2)], backend="triton")
     AdaMeM([b], backend="triton")
 

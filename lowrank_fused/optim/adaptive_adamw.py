@@ -251,13 +251,15 @@ class _SubspaceAdamW(GaLoreAdamW):
         P = state["ortho"]
         R = ops.project(G, P, side=side, precision=precision, backend=backend)
         state["step"] += 1
-        N, step_size = self._normalised_step(R, state, group, side, state["step"], backend)
-        if group["nl_gamma"] is not None:                        # 5.3 B1
+        limit = group["nl_gamma"] is not None
+        N, step_size, sumsq = self._normalised_step(R, state, group, side, state["step"],
+                                                    backend, want_sumsq=limit)
+        if limit:                                                # 5.3 B1
             first = "nl_prev" not in state
             if first:
                 state["nl_prev"] = torch.zeros((), dtype=torch.float32, device=p.device)
             implementation("norm_growth_limit", backend, p.device)(
-                N, state["nl_prev"], gamma=float(group["nl_gamma"]), first=first)
+                N, state["nl_prev"], gamma=float(group["nl_gamma"]), first=first, sumsq=sumsq)
         _, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "post")
         ops.backproject_update(W, P, N, side=side, coef=step_size * group["scale"],
                                post_decay=post_decay, precision=precision, backend=backend)
@@ -267,13 +269,16 @@ class _SubspaceAdamW(GaLoreAdamW):
     def _update_basis(self, p, group, side, G, state, backend):
         raise NotImplementedError
 
-    def _normalised_step(self, R, state, group, side, t, backend):
-        """GaLore 4.3 lines 6-10: Adam moments on R, E-hf. Returns (N, step_size)."""
+    def _normalised_step(self, R, state, group, side, t, backend, want_sumsq=False):
+        """GaLore 4.3 lines 6-10: Adam moments on R, E-hf. Returns (N, step_size, sumsq):
+        with ``want_sumsq`` (the limiter is on), ``sumsq`` is ``||N||^2`` (1-element fp32)
+        from K2's own pass, so the limiter does not read N for its norm; else None."""
         beta1, beta2 = group["betas"]
         N = torch.empty_like(state["exp_avg"])
+        sumsq = torch.empty(1, dtype=torch.float32, device=R.device) if want_sumsq else None
         ops.adam_moments(R, state["exp_avg"], state["exp_avg_sq"], N, beta1=beta1, beta2=beta2,
-                         eps=group["eps"], step=t, eps_mode="hf", backend=backend)
-        return N, ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"])
+                         eps=group["eps"], step=t, eps_mode="hf", sumsq=sumsq, backend=backend)
+        return N, ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"]), sumsq
 
     def _init_moments(self, p, state, side, shape, rank):
         state["step"] = 0
@@ -687,7 +692,8 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         state["ortho"] = P_new
         state["rank"] = rank
 
-    def _normalised_step(self, R, state, group, side, t, backend):
+    def _normalised_step(self, R, state, group, side, t, backend, want_sumsq=False):
+        """K-FAC whitening; no norm side output (the limiter computes ``||N||`` itself)."""
         beta1, beta2 = group["betas"]
         if group["correct_bias"]:
             c1, c2 = ops.bias_corrections(beta1, beta2, t)
@@ -701,4 +707,4 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             c1=c1, c2=c2, eps_rel=float(group["kfac_eps"]), recompute=recompute)
         if recompute:
             state["kfac_root_valid"] = int(bool(valid))
-        return N, float(group["lr"])
+        return N, float(group["lr"]), None

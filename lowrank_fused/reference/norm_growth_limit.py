@@ -13,7 +13,7 @@ NL_TINY = 1e-8   # Fira fira_adamw.py#L139: ``norm / (prev + 1e-8)``
 
 @register("norm_growth_limit", "reference")
 def norm_growth_limit_ref(N: torch.Tensor, nl_prev: torch.Tensor, *, gamma: float,
-                          first: bool) -> None:
+                          first: bool, sumsq=None) -> None:
     """In place on ``N`` (any shape) and the 0-dim fp32 memory ``nl_prev``.
 
     ``z = ||N||``; on the first call only ``nl_prev = z``. Afterwards
@@ -24,8 +24,15 @@ def norm_growth_limit_ref(N: torch.Tensor, nl_prev: torch.Tensor, *, gamma: floa
     (``f = 1``, record ``z``), where Fira's formula would throttle the layer to grow from
     1e-8 by ``gamma`` per step (ALGORITHMS.md 5.5 guards zero gradients; this is the same
     guard for the limiter, ``[DC]``). Otherwise this is Fira's formula exactly.
+
+    ``sumsq`` (optional, a 1-element fp32 tensor): ``||N||^2`` already computed, e.g. by K2's
+    side output (``adam_moments(..., sumsq=)``); then ``z = sqrt(sumsq)`` and N is not read
+    for its norm.
     """
-    z = torch.linalg.vector_norm(N.float())
+    if sumsq is None:
+        z = torch.linalg.vector_norm(N.float())
+    else:
+        z = sumsq.float().reshape(()).sqrt()
     if first:
         nl_prev.copy_(z)
         return

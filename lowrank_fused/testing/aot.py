@@ -95,6 +95,7 @@ KERNEL_MODULES += ("adafactor_step", "adafactor_bc_step", "gha_update")
 KERNEL_MODULES += ("adapm_update", "adapm_dense_update")
 KERNEL_MODULES += ("range_finder", "ldadam_power_iteration")
 KERNEL_MODULES += ("moment_transport",)
+KERNEL_MODULES += ("adamem_moments", "norm_growth_limit")
 KERNEL_MODULES += ("grouped_project", "grouped_backproject_update")
 
 

@@ -1,0 +1,116 @@
+"""Norm-growth limiter of AdaptiveAdamW (ALGORITHMS.md section 5.3 B1; Fira / APOLLO), fused.
+
+``z = ||N||``; the first call records ``nl_prev = z``; afterwards
+``f = max(z/(nl_prev + 1e-8), gamma)/gamma`` (``f = 1`` where ``nl_prev == 0``),
+``N = N/f`` and ``nl_prev = z/f``. Everything stays on the device (no host read):
+
+  1. only without ``sumsq``: ``_sumsq_partials_kernel`` writes per-program partial sums of
+     ``N^2``. With ``sumsq`` (K2's side output, ``adam_moments(..., sumsq=)``) N is not read
+     for its norm: this pass is skipped.
+  2. ``_limiter_factor_kernel`` (one program): adds the partials (or reads ``sumsq``) in a
+     fixed order, computes f into a 1-element buffer and updates ``nl_prev``.
+  3. ``_limiter_scale_kernel``: ``N = N/f`` in place (not on the first call).
+
+Bytes between refreshes with ``sumsq``: N read and written once (2sS) against three passes over
+N for the eager reference (norm, divide, copy back). All math fp32, IEEE-rounded division and
+square root; N stored in its own dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_fused.reference.norm_growth_limit import NL_TINY
+
+from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, sum_fp32,
+                      to_storage)
+
+SUM_BLOCK = 1024   # the factor kernel's chunk over the partial sums
+
+
+@triton.jit
+def _sumsq_partials_kernel(n_ptr, part_ptr, numel, BLOCK: tl.constexpr):
+    """``part[pid] = sum(N^2)`` over one block of the flat N."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    n = tl.load(n_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    tl.store(part_ptr + pid, tl.sum(n * n, axis=0))
+
+
+@triton.jit
+def _limiter_factor_kernel(part_ptr, count, prev_ptr, f_ptr, gamma, tiny,
+                           FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: ``z = sqrt(sum(part[0:count]))``; FIRST: ``nl_prev = z``; else
+    ``f[0] = f`` and ``nl_prev = z/f``."""
+    z = tl.sqrt_rn(sum_fp32(part_ptr, count, BLOCK))
+    if FIRST:
+        tl.store(prev_ptr, z.to(prev_ptr.dtype.element_ty))
+    else:
+        prev = tl.load(prev_ptr).to(tl.float32)
+        f = tl.div_rn(tl.maximum(tl.div_rn(z, prev + tiny), gamma,
+                                 propagate_nan=tl.PropagateNan.ALL), gamma)
+        f = tl.where(prev > 0, f, 1.0)
+        tl.store(f_ptr, f)
+        tl.store(prev_ptr, tl.div_rn(z, f).to(prev_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _limiter_scale_kernel(n_ptr, f_ptr, numel, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    """``N = N / f[0]`` over one block of the flat N."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    f = tl.load(f_ptr)
+    n = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(n_ptr + offs, to_storage(tl.div_rn(n, f), n_ptr.dtype.element_ty, INTERPRET),
+             mask=mask)
+
+
+def norm_growth_limit(N, nl_prev, *, gamma: float, first: bool, sumsq=None) -> None:
+    """Same contract as ``lowrank_fused.reference.norm_growth_limit``: in place on ``N`` (any
+    shape) and the 1-element memory ``nl_prev``; ``sumsq`` (optional, 1-element fp32) is
+    ``||N||^2`` already computed."""
+    if nl_prev.numel() != 1:
+        raise ValueError(f"nl_prev must hold one element, got shape {tuple(nl_prev.shape)}")
+    if sumsq is not None and (sumsq.dtype != torch.float32 or sumsq.numel() != 1):
+        raise TypeError(f"sumsq must be a 1-element float32 tensor, got {sumsq.dtype} with "
+                        f"{sumsq.numel()} elements")
+    if not N.is_contiguous():
+        work = N.contiguous()
+        norm_growth_limit(work, nl_prev, gamma=gamma, first=first, sumsq=sumsq)
+        N.copy_(work)
+        return
+    numel = N.numel()
+    if sumsq is None and numel == 0:   # nothing to launch; the reference defines it
+        from lowrank_fused.reference.norm_growth_limit import norm_growth_limit_ref
+
+        norm_growth_limit_ref(N, nl_prev, gamma=gamma, first=first)
+        return
+    blocks = cdiv(numel, ELEMENTWISE_BLOCK)
+    if sumsq is None:
+        part, count = torch.empty(blocks, dtype=torch.float32, device=N.device), blocks
+        _sumsq_partials_kernel[(blocks,)](N, part, numel, BLOCK=ELEMENTWISE_BLOCK,
+                                          num_warps=ELEMENTWISE_WARPS)
+    else:
+        part, count = sumsq, 1
+    f = nl_prev if first else torch.empty(1, dtype=torch.float32, device=N.device)
+    _limiter_factor_kernel[(1,)](part, count, nl_prev, f, float(gamma), NL_TINY,
+                                 FIRST=bool(first), BLOCK=SUM_BLOCK, num_warps=4)
+    if not first and numel > 0:
+        _limiter_scale_kernel[(blocks,)](N, f, numel, BLOCK=ELEMENTWISE_BLOCK,
+                                         INTERPRET=interpreting(), num_warps=ELEMENTWISE_WARPS)
+
+
+def aot_variants():
+    """N dtype (the state dtypes) for the partial sums and the scale; FIRST for the factor."""
+    from lowrank_fused.testing.aot import Variant
+
+    for s_t in ("fp32", "bf16", "fp16"):
+        yield Variant(_sumsq_partials_kernel,
+                      {"n_ptr": "*" + s_t, "part_ptr": "*fp32", "numel": "i32"},
+                      dict(BLOCK=ELEMENTWISE_BLOCK), ELEMENTWISE_WARPS, 3)
+        yield Variant(_limiter_scale_kernel, {"n_ptr": "*" + s_t, "f_ptr": "*fp32", "numel": "i32"},
+                      dict(BLOCK=ELEMENTWISE_BLOCK, INTERPRET=False), ELEMENTWISE_WARPS, 3)
+    for first in (False, True):
+        yield Variant(_limiter_factor_kernel,
+                      {"part_ptr": "*fp32", "count": "i32", "prev_ptr": "*fp32", "f_ptr": "*fp32",
+                       "gamma": "fp32", "tiny": "fp32"},
+                      dict(FIRST=first, BLOCK=SUM_BLOCK), 4, 3)
