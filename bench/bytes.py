@@ -323,6 +323,51 @@ def moment_transport_bytes(m, n, r, *, state_bytes=4, basis_bytes=4, side="left"
         eager += 4 * _cast(S, s) + 16 * S + 8 * rr + (12 * rr if form == "squared" else 0)
     return Bytes(floor, eager)
 
+def residual_col_stats_bytes(m, n, r, *, g_bytes=2, state_bytes=4, side="left",
+                             form="identity") -> Bytes:
+    """AdaMeM's residual column statistics (sections 8.3 lines 4 and 7, 10.1 row K5 pass 1),
+    canonical left form: the statistics ``c_os``, ``col_scale`` have ``S/r`` elements (the
+    long dimension), R has S, G has A, P has C.
+
+    ``form="identity"`` with ``colsum(G^2)`` given (AdaMeM's path: the K1 side output):
+    fused (``kernels/residual_col_stats.py``, one launch): R read (4S), ``colsum(G^2)`` read,
+    c_os read and written, col_scale written: ``4S + (4 + 3s)S/r``. eager
+    (``lowrank_fused/reference/residual_col_stats.py``): ``r*r`` 12S, ``.sum(dim=0)`` 4S (+4),
+    ``-`` 12, ``clamp`` 8, ``/m`` 8, ``+eps1`` 8, ``c_os*beta2`` 8, ``(1-beta2)*`` 8, ``+`` 12,
+    ``c_os.copy_`` 8, ``/c2`` 8, ``sqrt`` 8, ``+eps`` 8, ``1/`` 16 (reciprocal, then ``*1``),
+    ``col_scale.copy_`` 8 (per element of the n-vectors, fp32 states): ``16S + 124 S/r``.
+    ``form="explicit"``: fused: G read once, P and R read, the GEMM ``P@R`` in-tile, S never
+    stored (the per-slice partial column sums, ``split x S/r`` floats, not counted):
+    ``gA + 4C + 4S + 3s S/r``. eager: ``G.float()`` (cast), ``P@R`` (4C + 4S read, 4A
+    written), ``-`` 12A, ``s*s`` 12A, ``.sum(dim=0)`` 4A (+4), the vector tail from ``/m``
+    on (100): ``cast + 32A + 4C + 4S + 104 S/r``.
+    """
+    A, S, C = sizes(m, n, r, side)
+    vec = S // r
+    s = state_bytes
+    if form == "identity":
+        return Bytes(4 * S + (4 + 3 * s) * vec, 16 * S + 124 * vec)
+    if form == "explicit":
+        return Bytes(g_bytes * A + 4 * C + 4 * S + 3 * s * vec,
+                     _cast(A, g_bytes) + 32 * A + 4 * C + 4 * S + 104 * vec)
+    raise ValueError(f"form must be 'identity' or 'explicit', got {form!r}")
+
+
+def iass_select_bytes(m, n, k, *, g_bytes=2, side="left") -> Bytes:
+    """IASS rank selection without a given ``E`` (section 6.3 lines 3-5, ``prefix`` mode),
+    canonical left form: G (A elements), ``B = Qb^T G`` (S = k x n, fp32).
+
+    fused (``kernels/iass_select.py``): ``||G||^2`` reads G once (gA; per-tile partials not
+    counted), the row norms of B read it once (4S): ``gA + 4S``. With ``E`` from the
+    projection's side output (AdaRankGrad) the A term is 0. eager
+    (``lowrank_fused/reference/iass_select.py``): ``G.float()`` (cast), ``square`` 8A,
+    ``sum`` 4A, ``B.square()`` 8S, ``.sum(dim=1)`` 4S: ``cast + 12A + 12S``. The k-vectors
+    (cumsum, the host read) are not counted.
+    """
+    A, S, _ = sizes(m, n, k, side)
+    return Bytes(g_bytes * A + 4 * S, _cast(A, g_bytes) + 12 * A + 12 * S)
+
+
 def mib(nbytes: int) -> float:
     return nbytes / MIB
 

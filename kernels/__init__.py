@@ -13,12 +13,16 @@ from .adam_moments import adam_moments
 from .adamem_moments import adamem_moments
 from .adamw_step import adamw_step
 from .adapm_dense_update import adapm_dense_update
+from .adapm_refit import adapm_refit
 from .adapm_update import adapm_update
 from .backproject_update import backproject_update
 from .batched_matmul import batched_matmul
 from .gha_update import gha_update
+from .iass_select import iass_select
 from .grouped_backproject_update import grouped_backproject_update
 from .grouped_project import grouped_project
+from .kfac_precondition import kfac_precondition
+from .kfac_transport import kfac_transport
 from .ldadam_error_feedback import ldadam_error_feedback
 from .ldadam_power_iteration import ldadam_power_iteration
 from .moment_transport import ldadam_moment_transport, moment_transport, moment_transport_linear
@@ -26,6 +30,8 @@ from .norm_growth_limit import norm_growth_limit
 from .project import project
 from .range_finder import adapm_init_basis, range_finder
 from .residual_backproject_update import residual_backproject_update
+from .residual_col_stats import residual_col_stats
+from .subspace_drift import subspace_drift
 
 register("project", "triton")(project)
 register("adam_moments", "triton")(adam_moments)
@@ -50,6 +56,12 @@ register("ldadam_power_iteration", "triton")(ldadam_power_iteration)
 register("adapm_init_basis", "triton")(adapm_init_basis)
 register("adamem_moments", "triton")(adamem_moments)
 register("norm_growth_limit", "triton")(norm_growth_limit)
+register("iass_select", "triton")(iass_select)
+register("residual_col_stats", "triton")(residual_col_stats)
+register("adapm_refit", "triton")(adapm_refit)
+register("subspace_drift", "triton")(subspace_drift)
+register("kfac_precondition", "triton")(kfac_precondition)
+register("kfac_transport", "triton")(kfac_transport)
 
 __all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
            "ldadam_error_feedback", "residual_backproject_update", "batched_matmul", "gha_update"]
@@ -59,3 +71,5 @@ __all__ += ["adapm_update", "adapm_dense_update", "range_finder", "adapm_init_ba
 __all__ += ["moment_transport", "moment_transport_linear", "ldadam_moment_transport"]
 __all__ += ["adamem_moments", "norm_growth_limit"]
 __all__ += ["grouped_project", "grouped_backproject_update"]
+__all__ += ["adapm_refit", "subspace_drift", "kfac_precondition", "kfac_transport"]
+__all__ += ["iass_select", "residual_col_stats"]

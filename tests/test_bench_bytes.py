@@ -305,3 +305,61 @@ def test_adamem_moments_eager_model_counts_the_reference(stats_from_momentum, dt
     counted = _full_size_traffic(lambda: impl(R_, M_, row, col, N_, **kw), r * n)
     model = B.adamem_moments_bytes(r, n, r, state_bytes=dt.itemsize)
     assert counted == model.eager - 2 * dt.itemsize * (r + n)
+
+
+# -------------------------------------------------------------------------------------------
+# AdaMeM's residual column statistics, IASS rank selection
+
+def test_residual_col_stats_bytes():
+    small = M * N // min(M, N)   # the n-vectors of the canonical left form (long dimension)
+    S_ = R * max(M, N)
+    assert B.residual_col_stats_bytes(M, N, R) == B.Bytes(4 * S_ + 16 * small,
+                                                          16 * S_ + 124 * small)
+    assert B.residual_col_stats_bytes(M, N, R, form="explicit") == B.Bytes(
+        2 * A + 4 * C + 4 * S + 12 * N, 6 * A + 32 * A + 4 * C + 4 * S + 104 * N)
+    assert B.residual_col_stats_bytes(N, M, R, side="right") == B.residual_col_stats_bytes(M, N, R)
+    with pytest.raises(ValueError):
+        B.residual_col_stats_bytes(M, N, R, form="both")
+
+
+@pytest.mark.parametrize("form", ["identity", "explicit"])
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
+def test_residual_col_stats_eager_model_counts_the_reference(form, dtype_name):
+    """Every aten call of the reference, counting its m x n, r x n and n-sized operands
+    (m, n, r = 7, 10, 3: all sizes distinct)."""
+    import torch
+
+    from lowrank_fused.dispatch import implementation
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    m, n, r = 7, 10, 3
+    impl = implementation("residual_col_stats", "reference", "cpu")
+    G = torch.randn(m, n).to(dt)
+    P = torch.linalg.qr(torch.randn(m, r))[0]
+    R_ = P.t() @ G.float()
+    gcs = G.float().square().sum(dim=0)
+    c_os, scale = torch.rand(n) + 0.1, torch.empty(n)
+    kw = dict(beta2=0.95, eps1=1e-30, eps=1e-8, c2=0.3, explicit=form == "explicit",
+              g_col_sumsq=gcs if form == "identity" else None)
+    counted = sum(_full_size_traffic(lambda: impl(G, P, R_, c_os, scale, **kw), k)
+                  for k in (m * n, r * n, m * r, n))
+    model = B.residual_col_stats_bytes(m, n, r, g_bytes=dt.itemsize, form=form)
+    assert counted == model.eager
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
+def test_iass_select_eager_model_counts_the_reference(dtype_name):
+    import torch
+
+    from lowrank_fused.dispatch import implementation
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    m, n, k = 7, 10, 3
+    impl = implementation("iass_select", "reference", "cpu")
+    G = torch.randn(m, n).to(dt)
+    Qb = torch.linalg.qr(torch.randn(m, k))[0]
+    Bm = Qb.t() @ G.float()
+    counted = sum(_full_size_traffic(lambda: impl(G, Qb, Bm, eta_th=0.5, r_max=k), s)
+                  for s in (m * n, k * n))
+    assert counted == B.iass_select_bytes(m, n, k, g_bytes=dt.itemsize).eager
+    assert B.iass_select_bytes(M, N, R) == B.Bytes(2 * A + 4 * S, 6 * A + 12 * A + 12 * S)

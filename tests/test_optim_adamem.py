@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lowrank_fused.dispatch import BackendUnavailable, lookup
+from lowrank_fused.dispatch import lookup
 from lowrank_fused.models import LlamaConfig, LlamaForCausalLM
 from lowrank_fused.optim.adamem import AdaMeM, adamem_param_groups
 from lowrank_fused.reference.residual_col_stats import residual_col_sumsq
@@ -434,9 +434,8 @@ def test_sign_canon_off_runs_and_is_invisible_within_one_subspace():
 
 def test_auto_backend_runs_and_matches_reference():
     """``auto`` resolves each op to its fastest implementation on the device: under the
-    Triton interpreter the projection, the low-rank moments (kernels/adamem_moments.py) and the
-    update run fused, the residual statistics on their reference; the result matches the
-    reference backend."""
+    Triton interpreter every low-rank op runs fused (projection, low-rank moments, residual
+    statistics, update); the result matches the reference backend."""
     a, _ = _short_run(3, shape=(24, 40))
     w = torch.nn.Parameter(torch.randn((24, 40), generator=torch.Generator().manual_seed(5)))
     opt = AdaMeM([dict(params=[w], rank=5)], update_proj_gap=4, backend="auto")
@@ -446,15 +445,32 @@ def test_auto_backend_runs_and_matches_reference():
     assert_parity(w, a, rtol=1e-5, name="W")
 
 
-def test_explicit_triton_backend_names_the_op_it_lacks():
-    """The residual's column statistics have no Triton kernel yet (auto runs their reference);
-    the low-rank moments (kernels/adamem_moments.py) and the dense Adafactor path of a 1-D
-    parameter (kernels/adafactor_bc_step.py) have one."""
-    w = torch.nn.Parameter(torch.randn(8, 16))
-    b = torch.nn.Parameter(torch.randn(8))
-    with pytest.raises(BackendUnavailable, match="'residual_col_stats' has no 'triton'"):
-        AdaMeM([dict(params=[w], rank=2)], backend="triton")
-    AdaMeM([b], backend="triton")
+@pytest.mark.parametrize("residual_form", ["identity", "explicit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_backend_constructs_and_matches_reference(residual_form, dtype):
+    """``backend="triton"``: every op a matrix and a 1-D parameter need has a Triton
+    implementation (the residual statistics: kernels/residual_col_stats.py); over steps that
+    cross a refresh, both orientations, the weights match the reference backend (bf16
+    weights: the trajectory budget, each step can flip W's last bit)."""
+    from lowrank_fused.dispatch import available
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not available("triton", device):
+        pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)")
+    runs = []
+    for backend in ("reference", "triton"):
+        mats, dense = _params(dtype, shapes=((24, 40), (40, 24)))
+        params = [p.to(device).detach().requires_grad_() for p in mats + dense]
+        opt = AdaMeM([dict(params=params[:2], rank=5), dict(params=params[2:])],
+                     update_proj_gap=3, residual_form=residual_form, backend=backend, **HYPER)
+        for t in range(5):
+            for i, p in enumerate(params):
+                p.grad = _grad_like(p.detach().cpu(), t, i).to(device)
+            opt.step()
+        runs.append(params)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (f, r) in enumerate(zip(runs[1], runs[0])):
+        assert_parity(f, r, rtol=tol, name=f"param {i}")
 
 
 # ---------------------------------------------------------------------------------------------

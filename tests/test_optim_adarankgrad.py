@@ -616,17 +616,54 @@ def test_seed_makes_runs_reproducible_and_distinct():
 
 
 def test_backends():
+    """Every op AdaRankGrad needs has a Triton implementation (IASS: kernels/iass_select.py),
+    so ``backend="triton"`` constructs; ``auto`` picks Triton wherever it runs; the
+    extension's backends lack the low-rank ops and are refused at construction."""
+    from lowrank_fused.dispatch import available, lookup
+
     W = torch.nn.Parameter(torch.randn(30, 50))
     with pytest.raises(BackendUnavailable):
-        AdaRankGrad([dict(params=[W], rank=6)], backend="triton")   # no fused IASS yet
+        AdaRankGrad([dict(params=[W], rank=6)], backend="cpu")
     opt = AdaRankGrad([dict(params=[W], rank=6)])
-    # auto resolves per op: IASS (no kernel yet) runs its reference, the range finder its
-    # composition of the batched GEMM kernel and CholeskyQR2 wherever Triton runs
-    from lowrank_fused.dispatch import available, lookup
     chosen = opt._backend_for(opt.param_groups[0], W)
-    assert lookup("iass_select", chosen) is lookup("iass_select", "reference")
     fused = available("triton", W.device)
-    assert (lookup("range_finder", chosen) is lookup("range_finder", "triton")) == fused
+    for op in ("iass_select", "range_finder", "project"):
+        assert (lookup(op, chosen) is lookup(op, "triton")) == fused, op
+    if fused:
+        AdaRankGrad([dict(params=[W], rank=6)], backend="triton")
+
+
+@pytest.mark.parametrize("iass_mode", ["prefix", "ritz"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_backend_matches_reference(iass_mode, dtype):
+    """``backend="triton"`` over steps that change the subspace and its rank (both
+    orientations and a dense parameter): the same ranks, and weights matching the reference
+    backend (fp32: 1e-5; bf16 weights: the trajectory budget 2e-2)."""
+    from lowrank_fused.dispatch import available
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not available("triton", device):
+        pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)")
+    runs, ranks = [], []
+    for backend in ("reference", "triton"):
+        mats, dense = _params(dtype=dtype)
+        params = [p.to(device).detach().requires_grad_() for p in mats + dense]
+        opt = AdaRankGrad([dict(params=params[:2], rank=8), dict(params=params[2:])],
+                          lr=1e-2, eta_th=0.9, t_min=2, t_max=4, iass_mode=iass_mode,
+                          backend=backend)
+        hist = []
+        for t in range(10):
+            for i, p in enumerate(params):
+                p.grad = _switching_grad(p.detach().cpu(), t, i).to(device)
+            opt.step()
+            hist.append(tuple(opt.state[p]["r_cur"] for p in params[:2]))
+        runs.append(params)
+        ranks.append(hist)
+    assert ranks[0] == ranks[1]
+    assert len(set(ranks[0])) > 1, "the run must change rank"
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (f, r) in enumerate(zip(runs[1], runs[0])):
+        assert_parity(f, r, rtol=tol, name=f"param {i}")
 
 
 def test_conv_weight_is_flattened():

@@ -69,10 +69,10 @@ class AdaMeM(LowRankOptimizer):
         projector, proj_oversample, proj_power_iters: ``"svd"`` (default) or
             ``"randomized"`` (batched randomized SVD, ``lowrank_fused.subspace``: all
             same-shape matrices refreshing on a step in one call), as GaLoreAdamW.
-        backend, sign_canon, matmul_precision: as :class:`lowrank_fused.GaLoreAdamW`. The
-            low-rank moments have a Triton kernel, the residual's column statistics only a
-            reference so far: ``auto`` runs each op on its fastest implementation, an explicit
-            fused backend raises ``BackendUnavailable`` at construction.
+        backend, sign_canon, matmul_precision: as :class:`lowrank_fused.GaLoreAdamW`. Every
+            op has a Triton implementation (the residual's column statistics:
+            ``kernels/residual_col_stats.py``), so ``backend="triton"`` runs the whole step
+            fused; a backend lacking an op raises ``BackendUnavailable`` at construction.
 
     The refreshed basis is the fp32 SVD basis re-orthonormalised by a float64 QR (``_basis``):
     a [DC] beyond the spec that keeps Claim 3.1 at fp32 rounding level.

@@ -22,7 +22,8 @@ ALGORITHMS.md 1.1), ALGORITHMS.md 6.4::
 Ops: ``project``, ``adam_moments``, ``backproject_update`` (shared, ``lowrank_fused.ops``);
 ``range_finder`` (SSRF), ``iass_select`` and ``moment_transport`` /
 ``moment_transport_linear`` (through the dispatch table: Triton has the range finder, on the
-batched GEMM kernel and CholeskyQR2, and both transports; IASS runs its reference).
+batched GEMM kernel and CholeskyQR2, both transports and IASS, whose ``||G||^2`` is the sum of
+the ``colsum(G^2)`` side output of the projection ``B = Qb^T G``: G is read once for both).
 """
 from __future__ import annotations
 
@@ -148,10 +149,9 @@ class AdaRankGrad(LowRankOptimizer):
             ``sketch_matrix(seed, i, j, ...)``; the seed and the parameter index are stored
             in the state, so a resumed run redraws the same sketches.
         backend: ``"auto" | "reference" | "triton" | "cuda" | "cpu"``. An explicit backend
-            must implement every op a parameter needs (``iass_select`` has only its
-            reference for now: ``backend="triton"`` raises ``BackendUnavailable`` at
-            construction for a projected parameter; ``auto`` runs that op's reference and
-            the others' kernels).
+            must implement every op a parameter needs (``triton`` has them all; the
+            extension's ``cuda`` / ``cpu`` backends raise ``BackendUnavailable`` at
+            construction for a projected parameter).
         sign_canon: sign-canonical QR (``diag(R) >= 0``) and Ritz vectors (default True);
             False keeps the library's signs.
         size_guard: apply the ALGORITHMS.md 1.6 guard (default True). False runs the
@@ -248,10 +248,13 @@ class AdaRankGrad(LowRankOptimizer):
                                         sign_canon=self.sign_canon,
                                         fill_seed=fill_seed(seed, layer, block),
                                         precision=precision)
-        B = ops.project(Gc, Qb, side="left", precision=precision, backend=backend)   # k x nc
+        # B = Qb^T G (k x nc) and, from the same pass over G, colsum(G^2): E = ||G||^2
+        col_sumsq = torch.empty(nc, dtype=torch.float32, device=G.device)
+        B = ops.project(Gc, Qb, side="left", precision=precision, backend=backend,
+                        sumsq=col_sumsq)
         r = lookup("iass_select", backend)(Gc, Qb, B, eta_th=group["eta_th"],
                                            r_max=group["rank"], mode=group["iass_mode"],
-                                           sign_canon=self.sign_canon)
+                                           sign_canon=self.sign_canon, E=col_sumsq.sum())
         if r == 0:
             return None
         P = Qb[:, :r]

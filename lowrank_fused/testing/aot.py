@@ -97,6 +97,8 @@ KERNEL_MODULES += ("range_finder", "ldadam_power_iteration")
 KERNEL_MODULES += ("moment_transport",)
 KERNEL_MODULES += ("adamem_moments", "norm_growth_limit")
 KERNEL_MODULES += ("grouped_project", "grouped_backproject_update")
+KERNEL_MODULES += ("iass_select", "residual_col_stats")
+KERNEL_MODULES += ("adapm_refit", "subspace_drift", "kfac_precondition", "kfac_transport")
 
 
 def all_variants():
@@ -106,17 +108,23 @@ def all_variants():
         yield from importlib.import_module(f"lowrank_fused.kernels.{mod}").aot_variants()
 
 
-def compile_all():
+def compile_all(shard: int = 0, shards: int = 1):
     """Compile every variant; a dict name -> {"ok", "error", "regs", "spill_stores", ...}.
+    ``shard``/``shards``: only the variants whose index is ``shard`` modulo ``shards`` (the
+    test runs one process per CPU core and merges the dicts).
 
     Must run in a process without ``TRITON_INTERPRET`` (there ``@triton.jit`` builds
     interpreter objects that cannot be compiled): tests call it through ``python -m``.
     """
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("compile_all() needs TRITON_INTERPRET unset")
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard must be in [0, shards={shards}), got {shard}")
     ptxas = find_ptxas()
     out = {}
-    for v in all_variants():
+    for i, v in enumerate(all_variants()):
+        if i % shards != shard:
+            continue
         rec = {"ok": False}
         try:
             compiled = compile_variant(v)
@@ -133,7 +141,12 @@ def compile_all():
 
 
 if __name__ == "__main__":
+    import argparse
     import json
     import sys
 
-    json.dump(compile_all(), sys.stdout)
+    ap = argparse.ArgumentParser(prog="python -m lowrank_fused.testing.aot")
+    ap.add_argument("--shard", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=1)
+    a = ap.parse_args()
+    json.dump(compile_all(a.shard, a.shards), sys.stdout)

@@ -1,0 +1,141 @@
+"""GaLoreKFACAdamW's KFAC-whitened low-rank momentum (ALGORITHMS.md 5.6, galore_kfac), left
+(canonical) form: R, M, N are r x n, F and its inverse root r x r.
+
+    F  = beta2*F + (1-beta2)*(R R^T)/n      Gram over n: the batched GEMM kernel
+                                            (``batched_matmul.py``), then r x r torch
+    root = (F/c2 + eps_k*I)^(-1/2)          on a recompute step: ``eigh`` (r x r, torch)
+    M  = beta1*M + (1-beta1)*R              one pass over the r x n tiles:
+    N  = root @ (M/c1)                      ``_kfac_momentum_whiten_kernel``
+
+``_kfac_momentum_whiten_kernel`` owns a slab of BLOCK_N columns and all r rows of it: it reads
+the R and M tiles of the slab once, forms the new M in registers (stored in M's dtype; the
+stored value, divided by c1, is the GEMM operand, as in the reference), and accumulates
+``N[rows, slab] = root[rows, :] @ Mhat[:, slab]`` (K = r over root's columns). The new M tile is
+stored on the last row block of the output only, after every read of that tile (a program
+touches its own columns only), so M is updated in place with one read and one write while
+``r <= BLOCK_M``; a larger rank re-reads R and M once per further row block of N (from L2).
+fp32 math throughout, IEEE (FMA) dot: the op has no precision option, and the reference is a
+plain fp32 matmul.
+
+The recompute keeps the reference's host read of ``trace(F/c2)`` (it decides the returned
+bool, ``F == 0`` -> False); between recomputes a step reads nothing from the device.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DOT_IEEE, cdiv, interpreting, mma, to_storage
+
+# One config (the AOT test compiles it for every state dtype). fp32 FMA dot: software
+# pipelining (num_stages=2) takes 254 registers on sm_90 with fp32 states, one stage 96,
+# so occupancy hides the load latency instead.
+BLOCK_M = 64       # rows of N per pass (r <= 64: M read once)
+BLOCK_N = 32       # columns of the slab a program owns
+BLOCK_K = 16       # rows of M per GEMM step
+NUM_WARPS = 4
+NUM_STAGES = 1
+
+
+@triton.jit
+def _kfac_momentum_whiten_kernel(
+    r_ptr, m_ptr, root_ptr, n_ptr,
+    RANK, NCOLS,
+    stride_rr, stride_rn, stride_mr, stride_mn, stride_qi, stride_qj, stride_nr, stride_nn,
+    beta1, one_minus_beta1, c1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``M = beta1*M + (1-beta1)*R`` and ``N = root @ (M/c1)`` on columns
+    ``[pid*BLOCK_N, (pid+1)*BLOCK_N)``."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NCOLS
+    cols_r = offs_n[None, :].to(tl.int64) * stride_rn
+    cols_m = offs_n[None, :].to(tl.int64) * stride_mn
+    for m0 in range(0, RANK, BLOCK_M):
+        last = m0 + BLOCK_M >= RANK
+        offs_i = m0 + tl.arange(0, BLOCK_M)
+        mask_i = offs_i < RANK
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, RANK, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < RANK
+            tile = mask_k[:, None] & mask_n[None, :]
+            rows = offs_k[:, None].to(tl.int64)
+            r = tl.load(r_ptr + rows * stride_rr + cols_r, mask=tile, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + rows * stride_mr + cols_m, mask=tile, other=0.0).to(tl.float32)
+            m = m * beta1 + one_minus_beta1 * r
+            m_st = to_storage(m, m_ptr.dtype.element_ty, INTERPRET)
+            if last:
+                tl.store(m_ptr + rows * stride_mr + cols_m, m_st, mask=tile)
+            mhat = tl.div_rn(m_st.to(tl.float32), c1)
+            q = tl.load(root_ptr + offs_i[:, None].to(tl.int64) * stride_qi
+                        + offs_k[None, :] * stride_qj,
+                        mask=mask_i[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            acc = mma(q, mhat, acc, DOT_MODE)
+        out = to_storage(acc, n_ptr.dtype.element_ty, INTERPRET)
+        tl.store(n_ptr + offs_i[:, None].to(tl.int64) * stride_nr
+                 + offs_n[None, :].to(tl.int64) * stride_nn, out,
+                 mask=mask_i[:, None] & mask_n[None, :])
+
+
+def _momentum_whiten(R, M, root, N, beta1: float, c1: float) -> None:
+    r, n = R.shape
+    _kfac_momentum_whiten_kernel[(cdiv(n, BLOCK_N),)](
+        R, M, root, N, r, n,
+        R.stride(0), R.stride(1), M.stride(0), M.stride(1), root.stride(0), root.stride(1),
+        N.stride(0), N.stride(1), float(beta1), 1.0 - float(beta1), float(c1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
+        INTERPRET=interpreting(), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def kfac_precondition(R, M, F, root, N, *, beta1: float, beta2: float, c1: float, c2: float,
+                      eps_rel: float, recompute: bool) -> bool:
+    """Same contract as ``lowrank_fused.reference.kfac_precondition.kfac_precondition_ref``:
+    M, F, root and N in place in their own dtypes; False when a recompute found ``F == 0``."""
+    from lowrank_fused.subspace import batched_matmul
+
+    r, n = R.shape
+    for name, t, shape in (("M", M, (r, n)), ("N", N, (r, n)), ("F", F, (r, r)),
+                           ("root", root, (r, r))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for R of shape {(r, n)}, "
+                             f"got {tuple(t.shape)}")
+    if r == 0 or n == 0:
+        from lowrank_fused.reference.kfac_precondition import kfac_precondition_ref
+
+        return kfac_precondition_ref(R, M, F, root, N, beta1=beta1, beta2=beta2, c1=c1, c2=c2,
+                                     eps_rel=eps_rel, recompute=recompute)
+    Rf = R if R.dtype == torch.float32 else R.float()
+    gram = batched_matmul(Rf.unsqueeze(0), Rf.t().unsqueeze(0), backend="triton")[0]
+    F.copy_(beta2 * F.float() + (1.0 - beta2) * gram / n)
+    valid = True
+    if recompute:
+        Fh = F.float() / c2
+        eps_k = eps_rel * torch.trace(Fh).item() / r
+        if eps_k > 0.0:
+            A = Fh + eps_k * torch.eye(r, dtype=Fh.dtype, device=Fh.device)
+            evals, evecs = torch.linalg.eigh(0.5 * (A + A.t()))
+            evals = torch.clamp(evals, min=eps_k)
+            root.copy_((evecs * evals.rsqrt()) @ evecs.t())
+        else:
+            root.zero_()
+            valid = False
+    _momentum_whiten(Rf, M, root, N, beta1, c1)
+    return valid
+
+
+def aot_variants():
+    """M, root and N in the state dtypes (fp32 / bf16 / fp16); R is the fp32 projection."""
+    from lowrank_fused.testing.aot import Variant
+
+    ints = {a: "i32" for a in ("RANK", "NCOLS", "stride_rr", "stride_rn", "stride_mr",
+                               "stride_mn", "stride_qi", "stride_qj", "stride_nr", "stride_nn")}
+    for s_t in ("fp32", "bf16", "fp16"):
+        yield Variant(_kfac_momentum_whiten_kernel,
+                      {"r_ptr": "*fp32", "m_ptr": "*" + s_t, "root_ptr": "*" + s_t,
+                       "n_ptr": "*" + s_t, **ints, "beta1": "fp32", "one_minus_beta1": "fp32",
+                       "c1": "fp32"},
+                      dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
+                           INTERPRET=False),
+                      NUM_WARPS, NUM_STAGES)
