@@ -6,14 +6,12 @@ differs from torch only in the order of the row/column sums (about sqrt(n) ulps 
 bf16 states 1e-2: a bf16 row/column statistic or M whose fp32 value lands on the other side
 of a rounding boundary in the other summation order moves by 1 bf16 ulp (2^-8), which reaches
 N as at most that relative change."""
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.testing import assert_parity, poison, tolerance
+from lowrank_fused.testing.trace import HostReads
 
 SHAPES = [(r, n) for r in (1, 5, 32) for n in (1, 33, 257, 1000)]
 
@@ -107,24 +105,10 @@ def test_adamem_moments_tiny_statistics(device):
     _assert_same(got, want, torch.float32)
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts the aten ops that read a tensor's value to the host (as tests/test_host_syncs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in ("_local_scalar_dense", "is_nonzero", "equal"):
-            self.count[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_adamem_moments_reads_nothing_to_the_host(device):
     R, M, row, col = _inputs((5, 33), torch.float32, device, seed=4)
     N = torch.empty_like(M)
-    reads = _HostReads()
+    reads = HostReads()
     with reads:
         lookup("adamem_moments", "triton")(R, M, row, col, N, **_kw(True, True))
     assert sum(reads.count.values()) == 0, dict(reads.count)

@@ -104,25 +104,12 @@ def test_sign_canon_false_runs_the_reference(device):
 def test_no_host_read(device):
     """lmax stays on the device: no ``.item()`` / ``bool(tensor)`` in the composition (the
     reference reads lmax twice per iteration)."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Reads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.__name__.split(".")[0]
-            if name in ("_local_scalar_dense", "is_nonzero", "equal"):
-                self.count[name] += 1
-            return func(*args, **(kwargs or {}))
+    from lowrank_fused.testing.trace import HostReads
 
     G, L0, R0, Rg = _inputs(64, 80, 8, torch.float32, torch.float32, device, 2)
     counts = {}
     for backend in ("reference", "triton"):
-        with Reads() as reads:
+        with HostReads() as reads:
             _refit(backend, G, L0, R0, Rg, 2, torch.float32)
         counts[backend] = dict(reads.count)
     assert counts["reference"] == {"_local_scalar_dense": 4}

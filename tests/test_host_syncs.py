@@ -2,35 +2,20 @@
 scalars from the device (the step could be captured in a CUDA graph and overlap compute).
 Counted on CPU as the aten ops that turn a tensor into a Python value (``.item()``,
 ``bool(t)``) and the calls of ``Tensor.tolist``, which are device-to-host reads on a GPU."""
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_fused.routing import METHODS
+from lowrank_fused.testing.trace import HostReads
 
 from _methods import backward, model, optimizer
 
-HOST_READS = ("_local_scalar_dense", "is_nonzero", "equal")
 # reads a step needs by construction: AdaRankGrad's convergence test (data-dependent refresh
 # trigger, ALGORITHMS.md 6.4) reads the norms of all matrices at once
 PER_STEP = {"adarankgrad": 1}
 # reads per step with nonfinite='raise' | 'skip': the non-finite flag, and LDAdam's one read
 # of its power-iteration guards (for the fallback warning)
 PER_STEP_CHECKED = {"ldadam": 2}
-
-
-class HostReads(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in HOST_READS:
-            self.count[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 CASES = [(m, "ignore") for m in METHODS] + [

@@ -24,3 +24,24 @@ class AllocationTrace(TorchDispatchMode):
 
     def at_least(self, numel):
         return [s for s in self.sizes if s[1] >= numel]
+
+
+# aten ops that read a tensor's value to the host (``.item()``, ``bool(t)``, ``torch.equal``)
+HOST_READS = ("_local_scalar_dense", "is_nonzero", "equal")
+
+
+class HostReads(TorchDispatchMode):
+    """Counts, per op name, the host reads (``HOST_READS``) dispatched inside the mode: each
+    is a device synchronisation on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        import collections
+
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in HOST_READS:
+            self.count[name] += 1
+        return func(*args, **(kwargs or {}))
