@@ -109,18 +109,9 @@ def kfac_precondition(R, M, F, root, N, *, beta1: float, beta2: float, c1: float
     Rf = R if R.dtype == torch.float32 else R.float()
     gram = batched_matmul(Rf.unsqueeze(0), Rf.t().unsqueeze(0), backend="triton")[0]
     F.copy_(beta2 * F.float() + (1.0 - beta2) * gram / n)
-    valid = True
-    if recompute:
-        Fh = F.float() / c2
-        eps_k = eps_rel * torch.trace(Fh).item() / r
-        if eps_k > 0.0:
-            A = Fh + eps_k * torch.eye(r, dtype=Fh.dtype, device=Fh.device)
-            evals, evecs = torch.linalg.eigh(0.5 * (A + A.t()))
-            evals = torch.clamp(evals, min=eps_k)
-            root.copy_((evecs * evals.rsqrt()) @ evecs.t())
-        else:
-            root.zero_()
-            valid = False
+    from lowrank_fused.reference.kfac_precondition import recompute_root
+
+    valid = recompute_root(F, root, c2=c2, eps_rel=eps_rel) if recompute else True
     _momentum_whiten(Rf, M, root, N, beta1, c1)
     return valid
 

@@ -26,17 +26,23 @@ def kfac_precondition_ref(R, M, F, root, N, *, beta1: float, beta2: float, c1: f
     Rf = R.float()
     M.copy_(beta1 * M.float() + (1.0 - beta1) * Rf)
     F.copy_(beta2 * F.float() + (1.0 - beta2) * (Rf @ Rf.t()) / n)
-    valid = True
-    if recompute:
-        Fh = F.float() / c2
-        eps_k = eps_rel * torch.trace(Fh).item() / r
-        if eps_k > 0.0:
-            A = Fh + eps_k * torch.eye(r, dtype=Fh.dtype, device=Fh.device)
-            evals, evecs = torch.linalg.eigh(0.5 * (A + A.t()))
-            evals = torch.clamp(evals, min=eps_k)
-            root.copy_((evecs * evals.rsqrt()) @ evecs.t())
-        else:
-            root.zero_()
-            valid = False
+    valid = recompute_root(F, root, c2=c2, eps_rel=eps_rel) if recompute else True
     N.copy_(root.float() @ (M.float() / c1))
     return valid
+
+
+def recompute_root(F, root, *, c2: float, eps_rel: float) -> bool:
+    """``root = (F/c2 + eps_k*I)^(-1/2)`` in place (r x r eigh, eigenvalues clamped at
+    ``eps_k = eps_rel*trace(F/c2)/r``); False (and ``root = 0``) when ``F == 0``. Shared by
+    every backend of ``kfac_precondition`` (small dense algebra: torch)."""
+    r = F.shape[0]
+    Fh = F.float() / c2
+    eps_k = eps_rel * torch.trace(Fh).item() / r
+    if not eps_k > 0.0:
+        root.zero_()
+        return False
+    A = Fh + eps_k * torch.eye(r, dtype=Fh.dtype, device=Fh.device)
+    evals, evecs = torch.linalg.eigh(0.5 * (A + A.t()))
+    evals = torch.clamp(evals, min=eps_k)
+    root.copy_((evecs * evals.rsqrt()) @ evecs.t())
+    return True
