@@ -106,15 +106,25 @@ def dense_shapes(name: str = "60m"):
     return [(h,)] * (2 * layers + 1), [(vocab, h), (vocab, h)]
 
 
-def optimizer_step_time(shapes, backend: str, multi: bool, repeats: int) -> float:
-    """Median time of one ``AdamW.step()`` over parameters of ``shapes`` (fixed gradients)."""
+def optimizer_step_times(shapes, backend: str, repeats: int):
+    """Median times of one ``AdamW.step()`` over parameters of ``shapes`` (fixed gradients),
+    multi-tensor and per-tensor path, measured on the same optimizer in alternation (separate
+    optimizers and back-to-back blocks bias the comparison with first-touch page faults and
+    drift)."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
     opt = AdamW(params, lr=LR, weight_decay=WD, backend=backend)
-    opt.multi_tensor = multi
-    return timeit(opt.step, repeats)
+    times = {True: [], False: []}
+    for i in range(2 * (repeats + 2)):
+        multi = bool(i % 2)
+        opt.multi_tensor = multi
+        t0 = time.perf_counter()
+        opt.step()
+        if i >= 4:                                  # two warm-up steps of each
+            times[multi].append(time.perf_counter() - t0)
+    return statistics.median(times[True]), statistics.median(times[False])
 
 
 def optimizer_part(args):
@@ -128,8 +138,7 @@ def optimizer_part(args):
         numel = sum(torch.Size(s).numel() for s in shapes)
         for backend in backends:
             reps = args.repeats if label == "norms" else max(3, args.repeats // 10)
-            t_multi = optimizer_step_time(shapes, backend, True, reps)
-            t_loop = optimizer_step_time(shapes, backend, False, reps)
+            t_multi, t_loop = optimizer_step_times(shapes, backend, reps)
             ratios[label, backend] = t_loop / t_multi
             print(f"  {label:17s} ({len(shapes)} tensors, {numel} elements), backend "
                   f"{backend!r:11s}: multi-tensor {t_multi * 1e3:8.3f} ms, per-tensor "
