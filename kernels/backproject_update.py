@@ -40,6 +40,27 @@ def choose_config(m: int, n: int, rank: int, mode: int) -> BackprojectConfig:
 
 
 @triton.jit
+def pn_tile(p_ptr, n_ptr, offs_m, offs_n, mask_m, mask_n, RANK,
+            stride_pm, stride_pr, stride_nr, stride_nn,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            DOT_MODE: tl.constexpr):
+    """The (BLOCK_M x BLOCK_N) tile of ``P @ N`` in fp32 (K = the rank, runtime): the GEMM
+    part of this kernel and of the grouped one (``grouped_backproject_update.py``)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :] * stride_pr
+    n_ptrs = n_ptr + offs_k[:, None] * stride_nr + offs_n[None, :] * stride_nn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, RANK, BLOCK_K):
+        mask_k = (k + offs_k) < RANK
+        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        nn = tl.load(n_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(p, nn, acc, DOT_MODE)
+        p_ptrs += BLOCK_K * stride_pr
+        n_ptrs += BLOCK_K * stride_nr
+    return acc
+
+
+@triton.jit
 def _backproject_update_kernel(
     w_ptr, x_ptr, p_ptr, n_ptr, g_ptr, cs_ptr,
     M, N, RANK,
@@ -53,19 +74,10 @@ def _backproject_update_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :] * stride_pr
-    n_ptrs = n_ptr + offs_k[:, None] * stride_nr + offs_n[None, :] * stride_nn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, RANK, BLOCK_K):
-        mask_k = (k + offs_k) < RANK
-        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        nn = tl.load(n_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = mma(p, nn, acc, DOT_MODE)
-        p_ptrs += BLOCK_K * stride_pr
-        n_ptrs += BLOCK_K * stride_nr
+    acc = pn_tile(p_ptr, n_ptr, offs_m, offs_n, mask_m, mask_n, RANK, stride_pm, stride_pr,
+                  stride_nr, stride_nn, BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE)
     mask = mask_m[:, None] & mask_n[None, :]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn
     w = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)

@@ -14,9 +14,9 @@ nearest in its dtype). The members are separate tensors addressed as offsets fro
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_mode, interpreting, mma, to_storage
+from ._common import cdiv, dot_mode, interpreting, to_storage
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
-from .backproject_update import choose_config, configs_for
+from .backproject_update import choose_config, configs_for, pn_tile
 
 MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members)
 
@@ -38,19 +38,10 @@ def _grouped_backproject_update_kernel(
     # from here on the single-matrix kernel (kernels/backproject_update.py), in place
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :] * stride_pr
-    n_ptrs = n_ptr + offs_k[:, None] * stride_nr + offs_n[None, :] * stride_nn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, RANK, BLOCK_K):
-        mask_k = (k + offs_k) < RANK
-        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        nn = tl.load(n_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = mma(p, nn, acc, DOT_MODE)
-        p_ptrs += BLOCK_K * stride_pr
-        n_ptrs += BLOCK_K * stride_nr
+    acc = pn_tile(p_ptr, n_ptr, offs_m, offs_n, mask_m, mask_n, RANK, stride_pm, stride_pr,
+                  stride_nr, stride_nn, BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE)
     # the member's scalars are loaded after the GEMM loop (fewer live registers in it)
     coef = tl.load(scal_ptr + pid_b)
     pre_scale = tl.load(scal_ptr + GROUP + pid_b)

@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_mode, mma
+from ._common import cdiv, dot_mode
 from ._grouped import (check_layout, element_offsets, member_ptr, offsets_table,
                        regular_offsets)
-from .project import choose_config, choose_split_k, configs_for
+from .project import choose_config, choose_split_k, configs_for, project_tile
 
 MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members x K-slices)
 
@@ -41,27 +41,10 @@ def _grouped_project_kernel(
     g_ptr = member_ptr(g_ptr, offs_ptr, pid_b, ALIGNED)
     p_ptr = member_ptr(p_ptr, offs_ptr + GROUP, pid_b, ALIGNED)
     r_ptr = member_ptr(r_ptr, offs_ptr + 2 * GROUP, pid_b, ALIGNED)
-    # from here on the single-matrix kernel (kernels/project.py), without the colsum output
-    k_lo = pid_s * K_PER_SPLIT
-    k_hi = tl.minimum(M, k_lo + K_PER_SPLIT)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = k_lo + tl.arange(0, BLOCK_K)
-    mask_r = offs_r < RANK
-    mask_n = offs_n < N
-    pt_ptrs = p_ptr + offs_r[:, None] * stride_pr + offs_k[None, :].to(tl.int64) * stride_pm
-    g_ptrs = g_ptr + offs_k[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        mask_k = (k - k_lo + offs_k) < k_hi
-        pt = tl.load(pt_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = mma(pt, g, acc, DOT_MODE)
-        pt_ptrs += BLOCK_K * stride_pm
-        g_ptrs += BLOCK_K * stride_gm
-    r_ptrs = (r_ptr + pid_s.to(tl.int64) * stride_rs + offs_r[:, None] * stride_rr
-              + offs_n[None, :] * stride_rn)
-    tl.store(r_ptrs, acc, mask=mask_r[:, None] & mask_n[None, :])
+    # the single-matrix kernel's tile, without the colsum output (cs_ptr unused)
+    project_tile(g_ptr, p_ptr, r_ptr, r_ptr, pid_r, pid_n, pid_s, M, N, RANK, K_PER_SPLIT,
+                 stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn,
+                 0, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, False)
 
 
 def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: int = None):

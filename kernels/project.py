@@ -50,16 +50,15 @@ def choose_config(m: int, n: int, rank: int, mode: int) -> ProjectConfig:
 
 
 @triton.jit
-def _project_kernel(
-    g_ptr, p_ptr, r_ptr, cs_ptr,
+def project_tile(
+    g_ptr, p_ptr, r_ptr, cs_ptr, pid_r, pid_n, pid_s,
     M, N, RANK, K_PER_SPLIT,
     stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn, stride_cs,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_MODE: tl.constexpr, HAS_COLSQ: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_n = tl.program_id(1).to(tl.int64)
-    pid_s = tl.program_id(2)
+    """One program's tile of R (rank tile ``pid_r``, column slab ``pid_n``, K-slice
+    ``pid_s``); shared by this kernel and the grouped one (``grouped_project.py``)."""
     # split-K: this program reduces rows [k_lo, k_hi) of G into its own partial-sum slice
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(M, k_lo + K_PER_SPLIT)
@@ -89,6 +88,20 @@ def _project_kernel(
     if HAS_COLSQ:
         if pid_r == 0:   # every rank tile saw the same G slab; the first one writes
             tl.store(cs_ptr + pid_s.to(tl.int64) * stride_cs + offs_n, colsq, mask=mask_n)
+
+
+@triton.jit
+def _project_kernel(
+    g_ptr, p_ptr, r_ptr, cs_ptr,
+    M, N, RANK, K_PER_SPLIT,
+    stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn, stride_cs,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_MODE: tl.constexpr, HAS_COLSQ: tl.constexpr,
+):
+    project_tile(g_ptr, p_ptr, r_ptr, cs_ptr, tl.program_id(0),
+                 tl.program_id(1).to(tl.int64), tl.program_id(2), M, N, RANK, K_PER_SPLIT,
+                 stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn,
+                 stride_cs, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, HAS_COLSQ)
 
 
 _SM_COUNT = {}
