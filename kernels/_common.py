@@ -105,3 +105,21 @@ def sum_fp32(ptr, count, BLOCK: tl.constexpr):
     for start in range(BLOCK, count, BLOCK):
         acc += tl.load(ptr + start + offs, mask=start + offs < count, other=0.0)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (BLOCK_M x BLOCK_N) tile (pid_m, pid_n) of an M x N matrix: ``(offs_m, offs_n,
+    mask_m, mask_n, mask)``, the 2-D mask the outer product of the two."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    return offs_m, offs_n, mask_m, mask_n, mask_m[:, None] & mask_n[None, :]
+
+
+@triton.jit
+def load_tile(ptr, offs_m, offs_n, stride_m, stride_n, mask):
+    """The tile of a strided matrix at ``ptr`` in fp32 (masked elements 0)."""
+    return tl.load(ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n, mask=mask,
+                   other=0.0).to(tl.float32)

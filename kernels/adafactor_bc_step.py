@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, to_storage
+from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, load_tile,
+                      tile_offsets, to_storage)
 from .adafactor_step import TILE_M, TILE_N, TILE_WARPS, _tile, row_col_sums
 
 
@@ -36,13 +37,8 @@ def _adafactor_bc_apply_kernel(
     """Pass 2 (factored): one tile of W from the updated ``row`` (M), ``col`` (N), both
     contiguous fp32, and ``mean(row)`` (a 1-element buffer)."""
     _, pid_m, pid_n = _tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                mask=mask, other=0.0).to(tl.float32)
+    offs_m, offs_n, mask_m, mask_n, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
     w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(row_ptr + offs_m, mask=mask_m, other=1.0)

@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, to_storage
+from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, load_tile,
+                      tile_offsets, to_storage)
 
 # factored tiles: one configuration for every shape (BLOCK_N spans the contiguous dimension)
 TILE_M, TILE_N, TILE_WARPS = 32, 128, 8
@@ -61,13 +62,8 @@ def _adafactor_stats_kernel(
     ``rowp[pid_n, b, i]`` and ``colp[pid_m, b, j]`` (contiguous fp32)."""
     pid = tl.program_id(0).to(tl.int64)
     b, pid_m, pid_n = _tile(pid, M, N, BLOCK_M, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    g = tl.load(g_ptr + b * stride_gb + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                mask=mask, other=0.0).to(tl.float32)
+    offs_m, offs_n, mask_m, mask_n, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    g = load_tile(g_ptr + b * stride_gb, offs_m, offs_n, stride_gm, stride_gn, mask)
     q = tl.where(mask, g * g + eps1, 0.0)
     tl.store(rowp_ptr + (pid_n * B + b) * M + offs_m, tl.sum(q, axis=1), mask=mask_m)
     tl.store(colp_ptr + (pid_m * B + b) * N + offs_n, tl.sum(q, axis=0), mask=mask_n)
@@ -83,13 +79,8 @@ def _adafactor_sumsq_kernel(
     ``part[NUM_TILES + pid] = sum(W^2)``. ``rf`` (B, M) and ``cf`` (B, N) are contiguous."""
     pid = tl.program_id(0).to(tl.int64)
     b, pid_m, pid_n = _tile(pid, M, N, BLOCK_M, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    g = tl.load(g_ptr + b * stride_gb + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                mask=mask, other=0.0).to(tl.float32)
+    offs_m, offs_n, mask_m, mask_n, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    g = load_tile(g_ptr + b * stride_gb, offs_m, offs_n, stride_gm, stride_gn, mask)
     rf = tl.load(rf_ptr + b * M + offs_m, mask=mask_m, other=0.0)
     cf = tl.load(cf_ptr + b * N + offs_n, mask=mask_n, other=0.0)
     u = (rf[:, None] * cf[None, :]) * g
@@ -129,13 +120,8 @@ def _adafactor_apply_kernel(
     """Pass 3 (factored): read G, W (and exp_avg), write W (and exp_avg)."""
     pid = tl.program_id(0).to(tl.int64)
     b, pid_m, pid_n = _tile(pid, M, N, BLOCK_M, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    g = tl.load(g_ptr + b * stride_gb + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                mask=mask, other=0.0).to(tl.float32)
+    offs_m, offs_n, mask_m, mask_n, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    g = load_tile(g_ptr + b * stride_gb, offs_m, offs_n, stride_gm, stride_gn, mask)
     w_ptrs = w_ptr + b * stride_wb + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     rf = tl.load(rf_ptr + b * M + offs_m, mask=mask_m, other=0.0)

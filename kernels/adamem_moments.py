@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, sum_fp32, to_storage
+from ._common import cdiv, interpreting, sum_fp32, tile_offsets, to_storage
 
 # r x n tiles: one configuration for every shape (BLOCK_N spans the contiguous dimension)
 TILE_M, TILE_N, TILE_WARPS = 32, 128, 8
@@ -39,14 +39,13 @@ MEAN_BLOCK = 16                 # pass 3: chunk over the per-row-block partials 
 
 
 @triton.jit
-def _tile_offsets(R, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(m-tile id, n-tile id, row offsets, column offsets, row mask, column mask) of the
-    program: axis 0 runs over the n-tiles, axis 1 over the m-tiles."""
+def _program_tile(R, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(m-tile id, n-tile id, offs_m, offs_n, mask_m, mask_n, mask) of the program: axis 0
+    runs over the n-tiles, axis 1 over the m-tiles."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return pid_m, pid_n, offs_m, offs_n, offs_m < R, offs_n < N
+    offs_m, offs_n, mask_m, mask_n, mask = tile_offsets(pid_m, pid_n, R, N, BLOCK_M, BLOCK_N)
+    return pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, mask
 
 
 @triton.jit
@@ -59,8 +58,7 @@ def _adamem_stats_kernel(
 ):
     """Pass 1: M update in place; ``rowp[pid_n, i]`` and ``colp[pid_m, j]`` = the tile's row
     and column sums of ``X^2 + eps1`` (contiguous fp32)."""
-    pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = _tile_offsets(R, N, BLOCK_M, BLOCK_N)
-    mask = mask_m[:, None] & mask_n[None, :]
+    pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, mask = _program_tile(R, N, BLOCK_M, BLOCK_N)
     r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
                 mask=mask, other=0.0).to(tl.float32)
     m_ptrs = m_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
@@ -86,27 +84,31 @@ def _adamem_ema_kernel(
     partials (and write ``meanp[pid]``, the sum of the stored block); the others update a
     block of ``col`` from its TILES_M partials. row and col are contiguous."""
     pid = tl.program_id(0)
-    if pid < ROW_BLOCKS:   # (the two branches name their values apart: their dtypes differ)
-        offs_r = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask_r = offs_r < R
-        s_r = tl.load(rowp_ptr + offs_r, mask=mask_r, other=0.0)
-        for k in range(1, TILES_N):
-            s_r += tl.load(rowp_ptr + k * R + offs_r, mask=mask_r, other=0.0)
-        row = tl.load(row_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-        row_st = to_storage(row * beta2 + one_minus_beta2 * tl.div_rn(s_r, N.to(tl.float32)),
-                            row_ptr.dtype.element_ty, INTERPRET)
-        tl.store(row_ptr + offs_r, row_st, mask=mask_r)
+    if pid < ROW_BLOCKS:
+        row_st, mask_r = _ema_block(rowp_ptr, row_ptr, pid, R, TILES_N, N, beta2,
+                                    one_minus_beta2, BLOCK, INTERPRET)
         tl.store(meanp_ptr + pid, tl.sum(tl.where(mask_r, row_st.to(tl.float32), 0.0), axis=0))
     else:
-        offs_c = (pid - ROW_BLOCKS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask_c = offs_c < N
-        s_c = tl.load(colp_ptr + offs_c, mask=mask_c, other=0.0)
-        for k in range(1, TILES_M):
-            s_c += tl.load(colp_ptr + k * N + offs_c, mask=mask_c, other=0.0)
-        col = tl.load(col_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        col_st = to_storage(col * beta2 + one_minus_beta2 * tl.div_rn(s_c, R.to(tl.float32)),
-                            col_ptr.dtype.element_ty, INTERPRET)
-        tl.store(col_ptr + offs_c, col_st, mask=mask_c)
+        _ema_block(colp_ptr, col_ptr, pid - ROW_BLOCKS, N, TILES_M, R, beta2, one_minus_beta2,
+                   BLOCK, INTERPRET)
+
+
+@triton.jit
+def _ema_block(part_ptr, state_ptr, blk, COUNT, TILES, DIV, beta2, one_minus_beta2,
+               BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    """Block ``blk`` of a statistics vector (``row`` or ``col``, COUNT long): the sum of its
+    TILES partials (``part[k, i]`` at ``k*COUNT + i``) divided by DIV, into the EMA in place;
+    returns the stored block and its mask."""
+    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < COUNT
+    s = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for k in range(1, TILES):
+        s += tl.load(part_ptr + k * COUNT + offs, mask=mask, other=0.0)
+    v = tl.load(state_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    st = to_storage(v * beta2 + one_minus_beta2 * tl.div_rn(s, DIV.to(tl.float32)),
+                    state_ptr.dtype.element_ty, INTERPRET)
+    tl.store(state_ptr + offs, st, mask=mask)
+    return st, mask
 
 
 @triton.jit
@@ -118,8 +120,7 @@ def _adamem_apply_kernel(
     INTERPRET: tl.constexpr,
 ):
     """Pass 3: ``N = (M/c1) / (sqrt(row_i*col_j/mean(row)/c2) + eps)`` of one tile."""
-    _, _, offs_m, offs_n, mask_m, mask_n = _tile_offsets(R, N, BLOCK_M, BLOCK_N)
-    mask = mask_m[:, None] & mask_n[None, :]
+    _, _, offs_m, offs_n, mask_m, mask_n, mask = _program_tile(R, N, BLOCK_M, BLOCK_N)
     m = tl.load(m_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                 mask=mask, other=0.0).to(tl.float32)
     rv = tl.load(row_ptr + offs_m, mask=mask_m, other=1.0).to(tl.float32)

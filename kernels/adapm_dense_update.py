@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, to_storage
+from ._common import cdiv, interpreting, load_tile, tile_offsets, to_storage
 from .adapm_update import (CLAMP, DTYPE_PAIRS, RMS_APPLY, RMS_STATS, block_means_denominator,
                            clip_and_apply, clip_setup, dummy, elementwise_tiles, normalize,
                            rms_scale)
@@ -45,12 +45,8 @@ def _adapm_dense_update_kernel(
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask = mask_m[:, None] & (offs_n < N)[None, :]
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask,
-                other=0.0).to(tl.float32)
+    offs_m, offs_n, mask_m, _, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
     if HAS_M:
         m_ptrs = m_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         mom = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)

@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, interpreting, mma,
-                      to_storage)
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, interpreting, load_tile,
+                      mma, tile_offsets, to_storage)
 
 CLIP_MODES = ("elementwise", "rms", "none")
 
@@ -116,12 +116,8 @@ def _row_sumsq_kernel(g_ptr, part_ptr, M, N, stride_gm, stride_gn,
     """``part[pid_n, i] = sum_j g[i, j]^2`` over this program's column slab (Adam-mini)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask = mask_m[:, None] & (offs_n < N)[None, :]
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask,
-                other=0.0).to(tl.float32)
+    offs_m, offs_n, mask_m, _, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
     tl.store(part_ptr + pid_n * M + offs_m, tl.sum(g * g, axis=1), mask=mask_m)
 
 
