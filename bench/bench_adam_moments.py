@@ -14,15 +14,7 @@ OP = "adam_moments"
 
 
 def cases(device, quick, interpret=False):
-    seen, out = set(), []
-    for _, p in H.matrix_cases(device, quick, interpret):
-        key = (p["m"], p["n"], p["r"], p["side"])
-        if key in seen:
-            continue
-        seen.add(key)
-        params = dict(p, dtype=torch.float32, precision=None)
-        out.append((f"{p['m']}x{p['n']}-r{p['r']}-{p['side']}", params))
-    return out
+    return H.low_rank_cases(device, quick, interpret)
 
 
 def variants(params, device, interpret=False):

@@ -30,15 +30,7 @@ KW = dict(beta1=BETA1, beta2=BETA2, eps=1e-8, eps1=1e-30, c1=C1, c2=C2,
 
 
 def cases(device, quick, interpret=False):
-    seen, out = set(), []
-    for _, p in H.matrix_cases(device, quick, interpret):
-        key = (p["m"], p["n"], p["r"], p["side"])
-        if key in seen:
-            continue
-        seen.add(key)
-        params = dict(p, dtype=torch.float32, precision=None)
-        out.append((f"{p['m']}x{p['n']}-r{p['r']}-{p['side']}", params))
-    return out
+    return H.low_rank_cases(device, quick, interpret)
 
 
 def variants(params, device, interpret=False):

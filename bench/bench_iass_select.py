@@ -27,15 +27,9 @@ OP = "iass_select"
 
 
 def cases(device, quick, interpret=False):
-    seen, out = set(), []
-    for _, p in H.matrix_cases(device, quick, interpret):
-        key = (p["m"], p["n"], p["r"], p["side"], p["dtype"])
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append((f"{p['m']}x{p['n']}-k{p['r']}-{H.DTYPE_NAMES[p['dtype']]}",
-                    dict(p, precision=None)))
-    return out
+    return [(f"{p['m']}x{p['n']}-k{p['r']}-{H.DTYPE_NAMES[p['dtype']]}", p)
+            for p in H.distinct_cases(device, quick, interpret,
+                                      ("m", "n", "r", "side", "dtype"))]
 
 
 def variants(params, device, interpret=False):

@@ -32,17 +32,11 @@ KW = dict(beta2=BETA2, eps1=1e-30, eps=1e-8, c2=C2)
 
 
 def cases(device, quick, interpret=False):
-    seen, out = set(), []
-    for _, p in H.matrix_cases(device, quick, interpret):
-        key = (p["m"], p["n"], p["r"], p["side"], p["dtype"])
-        if key in seen:
-            continue
-        seen.add(key)
-        for form in FORMS:
-            params = dict(p, precision=None, form=form)
-            out.append((f"{p['m']}x{p['n']}-r{p['r']}-{H.DTYPE_NAMES[p['dtype']]}-{form}",
-                        params))
-    return out
+    return [(f"{p['m']}x{p['n']}-r{p['r']}-{H.DTYPE_NAMES[p['dtype']]}-{form}",
+             dict(p, form=form))
+            for p in H.distinct_cases(device, quick, interpret,
+                                      ("m", "n", "r", "side", "dtype"))
+            for form in FORMS]
 
 
 def variants(params, device, interpret=False):

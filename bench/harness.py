@@ -389,19 +389,32 @@ def matrix_cases(device, quick: bool, interpret: bool = False):
     return out
 
 
+def distinct_cases(device, quick: bool, interpret: bool, keys):
+    """The params of ``matrix_cases`` whose ``keys`` values come first, in order, with
+    ``precision=None``: for ops that take no matmul precision (and perhaps no dtype or rank),
+    one case per distinct class instead of one per precision."""
+    seen = set()
+    for _, p in matrix_cases(device, quick, interpret):
+        key = tuple(p[k] for k in keys)
+        if key not in seen:
+            seen.add(key)
+            yield dict(p, precision=None)
+
+
+def low_rank_cases(device, quick: bool, interpret: bool = False):
+    """``[(name, params)]`` for the elementwise ops on low-rank states (r x n or m x r,
+    fp32): the (m, n, r, side) classes of ``matrix_cases``, once each; params as there with
+    dtype fp32 and precision None."""
+    return [(f"{p['m']}x{p['n']}-r{p['r']}-{p['side']}", dict(p, dtype=torch.float32))
+            for p in distinct_cases(device, quick, interpret, ("m", "n", "r", "side"))]
+
+
 def dense_cases(device, quick: bool, interpret: bool = False):
     """``[(name, params)]`` for the full-matrix elementwise ops (no rank, no GEMM): the
     (shape, dtype) pairs of ``matrix_cases``, once each; params: m, n, dtype, r=None,
     precision=None, side=None."""
-    seen, out = set(), []
-    for _, p in matrix_cases(device, quick, interpret):
-        key = (p["m"], p["n"], p["dtype"])
-        if key in seen:
-            continue
-        seen.add(key)
-        params = dict(m=p["m"], n=p["n"], r=None, dtype=p["dtype"], precision=None, side=None)
-        out.append((f"{p['m']}x{p['n']}-{DTYPE_NAMES[p['dtype']]}", params))
-    return out
+    return [(f"{p['m']}x{p['n']}-{DTYPE_NAMES[p['dtype']]}", dict(p, r=None, side=None))
+            for p in distinct_cases(device, quick, interpret, ("m", "n", "dtype"))]
 
 
 def triton_usable(device, interpret: bool) -> bool:
