@@ -123,3 +123,14 @@ def load_tile(ptr, offs_m, offs_n, stride_m, stride_n, mask):
     """The tile of a strided matrix at ``ptr`` in fp32 (masked elements 0)."""
     return tl.load(ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n, mask=mask,
                    other=0.0).to(tl.float32)
+
+
+_SM_COUNT = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached): sizes split-K and split-row grids
+    so that every SM gets programs."""
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]

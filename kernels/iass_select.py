@@ -4,8 +4,8 @@ The op's only m x n work is the gradient energy ``E = ||G||^2``. When the caller
 (AdaRankGrad does: ``sum(colsum(G^2))`` from the side output of the projection that made
 ``B = Qb^T G``, section 10 K1), G is not read here at all. Otherwise ``_iass_sumsq_kernel``
 reads G once in its storage dtype, fp32 accumulation: each program squares and sums one tile
-into its own partial, then ``_iass_sumsq_total_kernel`` (one program) adds the partials in a
-fixed order (deterministic, no atomics).
+into its own partial, then ``adam_moments._sum_partials_kernel`` (one program) adds the
+partials in a fixed order (deterministic, no atomics).
 
 The rest is small-matrix work and runs on torch, exactly as the reference
 (``lowrank_fused.reference.iass_select.prefix_energies``): ``prefix``, the squared row norms
@@ -21,11 +21,11 @@ import triton.language as tl
 from lowrank_fused.reference.iass_select import (IASS_MODES, check_energy, given_energy,
                                                  prefix_energies, smallest_sufficient_rank)
 
-from ._common import cdiv, sum_fp32
+from ._common import cdiv, load_tile, tile_offsets
+from .adam_moments import SUM_BLOCK, _sum_partials_kernel
 
 # one tile per program: BLOCK_N spans the contiguous dimension
 TILE_M, TILE_N, TILE_WARPS = 16, 256, 4
-SUM_BLOCK, SUM_WARPS = 1024, 4
 
 
 @triton.jit
@@ -37,19 +37,10 @@ def _iass_sumsq_kernel(
     n-tiles, axis 1 over the m-tiles."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                mask=mask, other=0.0).to(tl.float32)
+    offs_m, offs_n, _, _, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
     tile_sum = tl.sum(tl.sum(g * g, axis=1), axis=0)
     tl.store(part_ptr + pid_m * tl.num_programs(0) + pid_n, tile_sum)
-
-
-@triton.jit
-def _iass_sumsq_total_kernel(part_ptr, out_ptr, COUNT, BLOCK: tl.constexpr):
-    """``out[0] = sum(part[0:COUNT])`` in a fixed order (one program)."""
-    tl.store(out_ptr, sum_fp32(part_ptr, COUNT, BLOCK))
 
 
 def grad_sumsq(G: torch.Tensor) -> torch.Tensor:
@@ -67,8 +58,8 @@ def grad_sumsq(G: torch.Tensor) -> torch.Tensor:
     partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=G.device)
     _iass_sumsq_kernel[grid](G, partials, m, n, G.stride(0), G.stride(1),
                         BLOCK_M=TILE_M, BLOCK_N=TILE_N, num_warps=TILE_WARPS)
-    _iass_sumsq_total_kernel[(1,)](partials, out, partials.numel(), BLOCK=SUM_BLOCK,
-                               num_warps=SUM_WARPS)
+    _sum_partials_kernel[(1,)](partials, out, partials.numel(), BLOCK=SUM_BLOCK,
+                               num_warps=4)
     return out
 
 
@@ -102,13 +93,11 @@ def iass_select(G: torch.Tensor, Qb: torch.Tensor, B: torch.Tensor, *, eta_th: f
 
 
 def aot_variants():
-    """``_iass_sumsq_kernel`` for each gradient dtype; the fixed-order sum of the partials."""
+    """``_iass_sumsq_kernel`` for each gradient dtype (the fixed-order sum of the partials is
+    ``adam_moments.py``'s ``_sum_partials_kernel``, compiled there)."""
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in ("M", "N", "stride_gm", "stride_gn")}
     for g_t in ("fp32", "bf16", "fp16"):
         yield Variant(_iass_sumsq_kernel, {"g_ptr": "*" + g_t, "part_ptr": "*fp32", **ints},
                       dict(BLOCK_M=TILE_M, BLOCK_N=TILE_N), TILE_WARPS, 3)
-    yield Variant(_iass_sumsq_total_kernel,
-                  {"part_ptr": "*fp32", "out_ptr": "*fp32", "COUNT": "i32"},
-                  dict(BLOCK=SUM_BLOCK), SUM_WARPS, 3)

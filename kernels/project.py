@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, mma
+from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, mma, sm_count
 
 
 @dataclass(frozen=True)
@@ -104,15 +104,6 @@ def _project_kernel(
                  stride_cs, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, HAS_COLSQ)
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.index not in _SM_COUNT:
-        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device.index]
-
-
 def choose_split_k(m: int, tiles: int, block_k: int, device: torch.device) -> int:
     """How many slices the reduction over m is cut into. The output grid of a projection is
     small (rank/BLOCK_R x n/BLOCK_N tiles: 32 for 4096x4096 at rank 128), too few programs
@@ -121,7 +112,7 @@ def choose_split_k(m: int, tiles: int, block_k: int, device: torch.device) -> in
     result is deterministic. 1 on the CPU interpreter."""
     if device.type != "cuda":
         return 1
-    want = cdiv(2 * _sm_count(device), tiles)
+    want = cdiv(2 * sm_count(device), tiles)
     return max(1, min(want, m // (8 * block_k)))
 
 
