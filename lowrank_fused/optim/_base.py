@@ -335,20 +335,36 @@ class LowRankOptimizer(torch.optim.Optimizer):
         kernels do not take. ``key`` (hashable) separates the calls that cannot share one
         (e.g. eps and weight-decay conventions); at the end of the loop ``step`` calls
         ``flush(backend, *key, items)`` once per list."""
-        if self._batch is None:
+        if self._batch is None or self._multi_where(op, backend, tensors) is None:
             return None
+        return self._collect((op, tensors[0].device, str(backend)) + key,
+                             functools.partial(flush, backend, *key))
+
+    def _multi_where(self, op, backend, tensors):
+        """The backend of ``<op>_multi`` for these tensors (``multi_backend``, resolved once
+        per device), or None when they keep the per-tensor op: no multi-tensor op there, or
+        a compiled one that does not take them (float16, not contiguous)."""
         device = tensors[0].device
-        where = self._multi_resolved.get((op, str(backend), device), False)
-        if where is False:
-            where = self._multi_resolved[(op, str(backend), device)] = multi_backend(
-                op, backend, device)
+        where = self._resolved_once((op, str(backend), device),
+                                    lambda: multi_backend(op, backend, device))
         if where is None or (where != "reference" and not all(
                 t.dtype in _FUSED_MULTI_DTYPES and t.is_contiguous() for t in tensors)):
             return None
-        full = (op, device, str(backend)) + key
-        if full not in self._batch:
-            self._batch[full] = (functools.partial(flush, backend, *key), [])
-        return self._batch[full][1]
+        return where
+
+    def _resolved_once(self, key, resolve):
+        """``resolve()``, computed once per ``key`` (a backend choice for this optimizer's
+        devices; reset with the rest of the resolution cache on ``load_state_dict``)."""
+        if key not in self._multi_resolved:
+            self._multi_resolved[key] = resolve()
+        return self._multi_resolved[key]
+
+    def _collect(self, key, flush):
+        """The list of this step's batched call ``key`` (created with its ``flush``, which
+        ``_run_batches`` calls with the list at the end of the loop)."""
+        if key not in self._batch:
+            self._batch[key] = (flush, [])
+        return self._batch[key][1]
 
     def _run_batches(self):
         """Run the multi-tensor calls collected during the loop (in the order their first

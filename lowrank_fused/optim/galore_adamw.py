@@ -20,7 +20,7 @@ from lowrank_fused.dispatch import BackendUnavailable, choose_backend
 from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_number,
-                                       is_sharded, multi_backend)
+                                       is_sharded)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized")
@@ -292,12 +292,19 @@ class GaLoreAdamW(LowRankOptimizer):
     def _galore_update(self, W, P, N, group, side, t, write_back, backend, precision):
         """K3 (ALGORITHMS.md 4.3 lines 9, 11-13): ``W -= lr*sqrt(bc2)/bc1 * scale * back(N)``,
         then WD-post."""
+        coef, post_decay = self._k3_coefficients(group, t)
+        ops.backproject_update(W, P, N, side=side, coef=coef, post_decay=post_decay,
+                               precision=precision, backend=backend)
+        write_back(W)
+
+    @staticmethod
+    def _k3_coefficients(group, t):
+        """K3's scalars at step t: ``coef = lr*sqrt(bc2)/bc1 * scale`` (HF step size) and the
+        WD-post decay ``lr*weight_decay``."""
         beta1, beta2 = group["betas"]
         step_size = ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"])
         _, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "post")
-        ops.backproject_update(W, P, N, side=side, coef=step_size * group["scale"],
-                               post_decay=post_decay, precision=precision, backend=backend)
-        write_back(W)
+        return step_size * group["scale"], post_decay
 
     def _flush_moments(self, backend, items):
         """``multi_tensor_moments``: K2 of every collected matrix in one
@@ -317,21 +324,18 @@ class GaLoreAdamW(LowRankOptimizer):
         ``step()``, or no grouped kernels for ``backend`` on ``device``)."""
         if self._batch is None:
             return None
-        where = self._multi_resolved.get(("grouped", str(backend), device), False)
-        if where is False:
+
+        def resolve():
             try:
-                where = choose_backend("auto" if backend == "auto" else str(backend), device,
-                                       GROUPED_OPS)
+                return choose_backend("auto" if backend == "auto" else str(backend), device,
+                                      GROUPED_OPS)
             except BackendUnavailable:
-                where = None
-            self._multi_resolved[("grouped", str(backend), device)] = where
-        if where is None:
+                return None
+
+        if self._resolved_once(("grouped", str(backend), device), resolve) is None:
             return None
-        full = ("galore_grouped", device, str(backend)) + key
-        if full not in self._batch:
-            self._batch[full] = (functools.partial(self._flush_grouped, backend, key[0],
-                                                   key[1]), [])
-        return self._batch[full][1]
+        return self._collect(("galore_grouped", device, str(backend)) + key,
+                             functools.partial(self._flush_grouped, backend, key[0], key[1]))
 
     def _flush_grouped(self, backend, side, precision, items):
         """``grouped_gemms``: one class's K1 (one launch), K2 (one multi-tensor call where the
@@ -344,9 +348,8 @@ class GaLoreAdamW(LowRankOptimizer):
         b1 = [g["betas"][0] for g in groups]
         b2 = [g["betas"][1] for g in groups]
         eps = [g["eps"] for g in groups]
-        where = multi_backend("adam_moments", backend, Ws[0].device)
-        if where is not None and all(t.dtype in (torch.float32, torch.bfloat16)
-                                     for t in Ms + Rs):
+        where = self._multi_where("adam_moments", backend, Rs + Ms + Vs + Ns)
+        if where is not None:
             ops_multi.adam_moments_multi(Rs, Ms, Vs, Ns, beta1=b1, beta2=b2, eps=eps, step=ts,
                                          eps_mode="hf", backend=where)
         else:
@@ -354,11 +357,9 @@ class GaLoreAdamW(LowRankOptimizer):
                 ops.adam_moments(R, M, V, N, beta1=a, beta2=b, eps=e, step=t, eps_mode="hf",
                                  backend=backend)
         del Rs
-        coef = [ops.hf_step_size(g["lr"], a, b, t, g["correct_bias"]) * g["scale"]
-                for g, a, b, t in zip(groups, b1, b2, ts)]
-        post = [ops.decay_coefficients(g["lr"], g["weight_decay"], "post")[1] for g in groups]
-        ops_grouped.grouped_backproject_update(Ws, Ps, Ns, side=side, coef=coef,
-                                               post_decay=post, precision=precision,
+        coef, post = zip(*(self._k3_coefficients(g, t) for g, t in zip(groups, ts)))
+        ops_grouped.grouped_backproject_update(Ws, Ps, Ns, side=side, coef=list(coef),
+                                               post_decay=list(post), precision=precision,
                                                backend=backend)
         for write_back, W in zip(wbs, Ws):
             write_back(W)
