@@ -62,28 +62,16 @@ def small_cholesky_inverse(Gram: torch.Tensor, *, backend: str = "auto"):
     ``PIVOT_RATIO_TOL * max pivot`` (``Linv`` is the identity where not ok).
 
     Runs the ``small_cholesky_inverse`` op (``reference``: torch; ``cpu``/``cuda``: the
-    batched kernel of ``csrc``), resolved per device like every op."""
+    batched kernel of ``csrc``), resolved per device like every op (``auto`` on the CPU takes
+    the C++ twin when built: ``dispatch.AUTO_ON_CPU``)."""
     from lowrank_fused.dispatch import implementation
 
     G = Gram.float().contiguous()
     Linv = torch.empty_like(G)
     ok = torch.empty(G.shape[0], dtype=torch.int32, device=G.device)
-    implementation("small_cholesky_inverse", _small_backend(backend, G.device), G.device)(
+    implementation("small_cholesky_inverse", backend, G.device)(
         G, Linv, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
     return Linv, ok.bool()
-
-
-def _small_backend(backend: str, device: torch.device) -> str:
-    """``auto`` on the CPU takes the compiled twin when it is built: a batch of small
-    factorizations is dominated by per-matrix call overhead in torch (LAPACK per matrix plus
-    a triangular solve), which the C++ loop does not have (~3.5x on 16 x 40 x 40). Every
-    other op keeps ``auto`` = reference on the CPU."""
-    if backend == "auto" and device.type == "cpu":
-        from lowrank_fused.dispatch import available
-
-        if available("cpu", device):
-            return "cpu"
-    return backend
 
 
 def _cholqr_pass(Y: torch.Tensor, backend: str = "auto"):

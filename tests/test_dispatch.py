@@ -26,6 +26,17 @@ def test_auto_on_cpu(monkeypatch):
     assert resolve_backend("auto", "cpu") == "triton"
 
 
+def test_auto_on_cpu_takes_the_compiled_twin_only_for_its_listed_ops(monkeypatch):
+    """``dispatch.AUTO_ON_CPU``: the batched small Cholesky runs the C++ twin under ``auto``
+    on the CPU (with or without the interpreter); every other op keeps the reference there."""
+    for interp in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interp)
+        want = "cpu" if dispatch.available("cpu", "cpu") else "reference"
+        assert choose_backend("auto", "cpu", ("small_cholesky_inverse",)) == want
+        assert choose_backend("auto", "cpu", ("adamw_step",)) == (
+            "triton" if interp == "1" else "reference")
+
+
 def test_auto_takes_the_fastest_backend_that_has_every_op(reference_only_op, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert choose_backend("auto", "cpu", ("project", "adam_moments")) == "triton"
