@@ -993,6 +993,18 @@ def test_missing_gradient_at_a_refresh_is_an_error_elsewhere_skipped():
     assert opt.param_groups[0]["pool_step"] == 2
 
 
+def _four_steps(cls, backend, device):
+    """A (16, 24) and a (24, 16) matrix at rank 3, 4 steps with a refresh every 2: (mats,
+    optimizer)."""
+    mats = _params([(16, 24), (24, 16)], device=device)
+    opt = cls([dict(params=mats, rank=3, update_proj_gap=2)], backend=backend)
+    for t in range(4):
+        for i, p in enumerate(mats):
+            p.grad = _phase_grad(p, t, i, 2)
+        opt.step()
+    return mats, opt
+
+
 # every op of the family has a Triton implementation: the limiter (kernels/norm_growth_limit.py),
 # RSAdamW's drift (kernels/subspace_drift.py), GaLoreKFACAdamW's whitening
 # (kernels/kfac_precondition.py)
@@ -1001,16 +1013,8 @@ def test_explicit_triton_backend_matches_reference(cls, device):
     """``backend="triton"`` constructs and runs every op fused, the limiter on K2's ``sumsq``
     side output; 4 steps across a refresh (a rank reallocation, a drift, a KFAC root
     recompute) match the reference backend."""
-    runs = []
-    for backend in ("reference", "triton"):
-        mats = _params([(16, 24), (24, 16)], device=device)
-        opt = cls([dict(params=mats, rank=3, update_proj_gap=2)], backend=backend)
-        for t in range(4):
-            for i, p in enumerate(mats):
-                p.grad = _phase_grad(p, t, i, 2)
-            opt.step()
-        runs.append((mats, opt))
-    (ref, opt_ref), (fused, opt_fused) = runs
+    ref, opt_ref = _four_steps(cls, "reference", device)
+    fused, opt_fused = _four_steps(cls, "triton", device)
     for p, q in zip(fused, ref):
         assert_parity(p, q, rtol=1e-5, name="W")
         assert_parity(opt_fused.state[p]["nl_prev"], opt_ref.state[q]["nl_prev"], rtol=1e-5,
@@ -1020,14 +1024,7 @@ def test_explicit_triton_backend_matches_reference(cls, device):
 def test_auto_backend_mixes_fused_and_reference_ops(device):
     """``auto`` runs the fused K1-K3 where they exist (Triton; on CPU its interpreter) and the
     reference for the method's own ops; the trajectory matches the all-reference one."""
-    runs = []
-    for backend in ("reference", "auto"):
-        mats = _params([(16, 24), (24, 16)], device=device)
-        opt = AdaptiveAdamW([dict(params=mats, rank=3, update_proj_gap=2)], backend=backend)
-        for t in range(4):
-            for i, p in enumerate(mats):
-                p.grad = _phase_grad(p, t, i, 2)
-            opt.step()
-        runs.append(mats)
-    for p, q in zip(*runs):
+    ref, _ = _four_steps(AdaptiveAdamW, "reference", device)
+    mixed, _ = _four_steps(AdaptiveAdamW, "auto", device)
+    for p, q in zip(mixed, ref):
         assert_parity(p, q, rtol=1e-5, name="W")
