@@ -80,6 +80,24 @@ def _check_first(name, t):
         raise ValueError(f"{name}[0] must be 2-D, got shape {tuple(t.shape)}")
 
 
+def _check_matrices_and_bases(name, Xs, Ps, side):
+    """The group's m x n matrices ``Xs`` (named ``name``) and their bases ``Ps`` (m x r on the
+    left, r x n on the right, the rank read off ``Ps[0]``): checked as members; returns
+    ``(shape, rank, device)``."""
+    _check_first(name, Xs[0])
+    _check_first("Ps", Ps[0])
+    shape = tuple(Xs[0].shape)
+    rank = Ps[0].shape[1] if side == "left" else Ps[0].shape[0]
+    device = Xs[0].device
+    _check_members(name, Xs, shape, device, f"{name}[0]")
+    want = ops.basis_shape(shape, rank, side)
+    if tuple(Ps[0].shape) != want:
+        raise ValueError(f"Ps[0] must have shape {want} for side={side!r} and {name}[0] of "
+                         f"shape {shape}, got {tuple(Ps[0].shape)}")
+    _check_members("Ps", Ps, want, device, f"{name}[0]")
+    return shape, rank, device
+
+
 def grouped_project(Gs, Ps, Rs=None, *, side="left", precision="ieee", backend="auto"):
     """K1 for every member: ``R_i = P_i^T @ G_i`` (left, P_i m x r) or ``R_i = G_i @ Q_i^T``
     (right, Q_i r x n), as ``ops.project``. G_i are read in their storage dtype; the R_i are
@@ -90,17 +108,7 @@ def grouped_project(Gs, Ps, Rs=None, *, side="left", precision="ieee", backend="
     Gs, Ps = lists["Gs"], lists["Ps"]
     if count == 0:
         return [] if Rs is None else lists["Rs"]
-    _check_first("Gs", Gs[0])
-    _check_first("Ps", Ps[0])
-    shape = tuple(Gs[0].shape)
-    rank = Ps[0].shape[1] if side == "left" else Ps[0].shape[0]
-    device = Gs[0].device
-    _check_members("Gs", Gs, shape, device, "Gs[0]")
-    want = ops.basis_shape(shape, rank, side)
-    if tuple(Ps[0].shape) != want:
-        raise ValueError(f"Ps[0] must have shape {want} for side={side!r} and G of shape "
-                         f"{shape}, got {tuple(Ps[0].shape)}")
-    _check_members("Ps", Ps, want, device, "Gs[0]")
+    shape, rank, device = _check_matrices_and_bases("Gs", Gs, Ps, side)
     out_shape = ops.low_rank_shape(shape, rank, side)
     if Rs is None:
         Rs = [torch.empty(out_shape, device=device, dtype=torch.float32) for _ in range(count)]
@@ -134,13 +142,7 @@ def grouped_backproject_update(Ws, Ps, Ns, *, side="left", coef, pre_scale=1.0, 
                 raise ValueError(f"{name}[{i}] must be finite, got {x}")
     if count == 0:
         return Ws
-    _check_first("Ws", Ws[0])
-    _check_first("Ps", Ps[0])
-    shape = tuple(Ws[0].shape)
-    rank = Ps[0].shape[1] if side == "left" else Ps[0].shape[0]
-    device = Ws[0].device
-    _check_members("Ws", Ws, shape, device, "Ws[0]")
-    _check_members("Ps", Ps, ops.basis_shape(shape, rank, side), device, "Ws[0]")
+    shape, rank, device = _check_matrices_and_bases("Ws", Ws, Ps, side)
     _check_members("Ns", Ns, ops.low_rank_shape(shape, rank, side), device, "Ws[0]")
     _check_disjoint("Ws", Ws)
     impl = implementation("grouped_backproject_update", backend, device)
