@@ -1,5 +1,8 @@
-"""Which tensors a piece of torch code allocates: the check that a fused step makes no
-full-size (m x n) temporary (ALGORITHMS.md section 10: the fused byte counts assume none)."""
+"""What a piece of torch code does behind the ops: which tensors it allocates
+(``AllocationTrace``: the check that a fused step makes no full-size m x n temporary,
+ALGORITHMS.md section 10) and how often it reads a value to the host (``HostReads``)."""
+import collections
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -36,8 +39,6 @@ class HostReads(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        import collections
-
         self.count = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
