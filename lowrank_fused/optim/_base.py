@@ -556,9 +556,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         gradients (AdaptiveAdamW's group counters)."""
 
     def state_bytes(self) -> int:
-        """Bytes held by every tensor in the optimizer state."""
-        return sum(v.numel() * v.element_size() for st in self.state.values()
-                   for v in st.values() if torch.is_tensor(v))
+        """Bytes held by the optimizer state: the storage of every state tensor, each storage
+        once (a capacity buffer counts whole, ``optim._capacity``)."""
+        seen = {}
+        for st in self.state.values():
+            for v in st.values():
+                if torch.is_tensor(v):
+                    s = v.untyped_storage()
+                    seen[(v.device, s.data_ptr())] = s.nbytes()
+        return sum(seen.values())
 
     def state_dict(self):
         """torch's state dict plus what identifies it: the optimizer class and the shapes of
@@ -636,3 +642,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         self._resolved = {}
         self._multi_resolved = {}
+        self._after_load()
+
+    def _after_load(self):
+        """Hook: the state was just loaded (compact copies of the saved tensors)."""

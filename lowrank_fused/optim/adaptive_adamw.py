@@ -37,7 +37,8 @@ import torch
 from lowrank_fused import ops
 from lowrank_fused.dispatch import implementation
 from lowrank_fused.linalg import RefreshFallbackWarning, canonical_svd_basis, fallback_basis
-from lowrank_fused.optim._base import check_number
+from lowrank_fused.optim import _capacity
+from lowrank_fused.optim._base import check_bool, check_number
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
 from lowrank_fused.subspace import randomized_svd
 
@@ -187,10 +188,11 @@ class _SubspaceAdamW(GaLoreAdamW):
 
     def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
                  backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision,
-                 **projector):
+                 capacity_buffers=False, **projector):
         # the method's group keys -> the constructor's values, filled into every rank group
         # (set before the base constructor, which checks the groups)
         self._family = dict(family)
+        self.capacity_buffers = check_bool("capacity_buffers", capacity_buffers)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          correct_bias=correct_bias, backend=backend, nonfinite=nonfinite,
                          faithful_dtypes=faithful_dtypes, sign_canon=sign_canon,
@@ -280,19 +282,56 @@ class _SubspaceAdamW(GaLoreAdamW):
                          eps=group["eps"], step=t, eps_mode="hf", sumsq=sumsq, backend=backend)
         return N, ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"]), sumsq
 
-    def _init_moments(self, p, state, side, shape, rank):
+    def _init_moments(self, p, state, side, shape, rank, cap=None):
+        """Zero moments at ``rank``; with ``capacity_buffers``, at the start of buffers sized
+        for rank ``cap`` (``optim._capacity``)."""
         state["step"] = 0
         low = ops.low_rank_shape(shape, rank, side)
-        state["exp_avg"] = torch.zeros(low, dtype=self._state_dtype(p), device=p.device)
-        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        kw = dict(dtype=self._state_dtype(p), device=p.device)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = (_capacity.zeros(low, math.prod(low) // rank * cap, **kw)
+                          if self.capacity_buffers and cap else torch.zeros(low, **kw))
 
-    def _transport_moments(self, state, side, P_new, backend):
+    def _keep(self, state, key, value, rank, cap):
+        """``state[key] = value`` (a tensor of rank ``rank`` in the stored layout, any
+        strides): contiguous, and with ``capacity_buffers`` and a ``cap`` written into the
+        key's buffer for rank ``cap``."""
+        if self.capacity_buffers and cap:
+            state[key] = _capacity.place(state.get(key), value, value.numel() // rank * cap)
+        else:
+            state[key] = value.contiguous()
+
+    def _transport_moments(self, state, side, P_new, backend, cap=None):
         """5.3 A4 through the K8 op: ``M <- C M``, ``V <- (C*C) V`` with C = P_new^T P_old
         (canonical left form; right-projected matrices pass transposed views)."""
         impl = implementation("moment_transport", backend, P_new.device)
         M, V = impl(_canon(side, P_new), _canon(side, state["ortho"]),
                     _canon(side, state["exp_avg"]), _canon(side, state["exp_avg_sq"]))
-        state["exp_avg"], state["exp_avg_sq"] = _uncanon(side, M), _uncanon(side, V)
+        rank = M.shape[0]
+        self._keep(state, "exp_avg", M if side == "left" else M.t(), rank, cap)
+        self._keep(state, "exp_avg_sq", V if side == "left" else V.t(), rank, cap)
+
+    def _rank_capacity(self, group, shape, count):
+        """The largest rank a matrix of ``shape`` in a group of ``count`` projected matrices
+        can receive (what a capacity buffer holds): the group's rank for the uniform-rank
+        methods."""
+        return group["rank"]
+
+    def _after_load(self):
+        """With ``capacity_buffers``: the loaded (compact) bases and moments go back into
+        buffers of their matrix's capacity."""
+        if not self.capacity_buffers:
+            return
+        for group in self.param_groups:
+            managed = self._managed(group)
+            for p, (side, _, shape) in managed:
+                state = self.state.get(p, {})
+                if "ortho" not in state or "rank" not in state:
+                    continue
+                cap = self._rank_capacity(group, shape, len(managed))
+                for key in ("ortho", "exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        self._keep(state, key, state[key], state["rank"], cap)
 
     def ranks(self) -> List[List[int]]:
         """Current rank of every projected matrix, per rank group (None before its first step)."""
@@ -317,6 +356,14 @@ class AdaptiveAdamW(_SubspaceAdamW):
             ``"explained_variance"``, ``s[r+1]^2/||G||^2``); see ``rank_scores``.
         nl_gamma: norm-growth limiter factor (default 1.01, Fira/APOLLO); None switches it off.
         combined_weight: w of the ``combined`` metric (default 0.5).
+        max_rank: the largest rank one matrix can receive (group key; default None:
+            ``min(m, n)``, the spec's r_max). Must be >= ``rank``.
+        capacity_buffers: allocate each matrix's basis and moments once, for the largest rank
+            it can receive (``min(m, n, max_rank, B - L + 1)``), and keep them as views of
+            their first r elements, so rank changes at a refresh reuse the same memory (fixed
+            addresses, no allocation; ``optim._capacity``). Default False: they are
+            reallocated at each refresh for the new ranks (the least memory). Without
+            ``max_rank`` a capacity can be ``min(m, n)``: set both.
         backend, faithful_dtypes, sign_canon, matmul_precision: as ``GaLoreAdamW``.
         projector, proj_oversample, proj_power_iters: as ``GaLoreAdamW``. With
             ``"randomized"`` a refresh runs one batched randomized SVD per distinct matrix shape
@@ -338,21 +385,33 @@ class AdaptiveAdamW(_SubspaceAdamW):
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, rank_metric="explained_variance", nl_gamma=1.01,
-                 combined_weight=0.5, update_proj_gap=200, scale=0.25, backend="auto", nonfinite="raise",
+                 combined_weight=0.5, update_proj_gap=200, scale=0.25, max_rank=None,
+                 capacity_buffers=False, backend="auto", nonfinite="raise",
                  faithful_dtypes=False, sign_canon=True, matmul_precision=None,
                  projector="svd", proj_oversample=8, proj_power_iters=2):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, rank_metric=rank_metric,
-                      nl_gamma=nl_gamma, combined_weight=combined_weight, pool_step=0)
+                      nl_gamma=nl_gamma, combined_weight=combined_weight, max_rank=max_rank,
+                      pool_step=0)
         _check_adaptive_keys(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
                          backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision,
-                         projector=projector, proj_oversample=proj_oversample,
-                         proj_power_iters=proj_power_iters)
+                         capacity_buffers=capacity_buffers, projector=projector,
+                         proj_oversample=proj_oversample, proj_power_iters=proj_power_iters)
 
     def _check_family(self, group):
         super()._check_family(group)
         _check_adaptive_keys(group)
+        if group.get("max_rank") is not None and group["max_rank"] < group["rank"]:
+            raise ValueError(f"max_rank must be >= rank (the budget unit: a group of L "
+                             f"matrices shares rank * L), got max_rank={group['max_rank']} "
+                             f"with rank={group['rank']}")
+
+    def _rank_capacity(self, group, shape, count):
+        """r_max of a matrix: ``min(m, n)``, at most ``max_rank``, and never more than a
+        budget of ``rank * L`` can give one matrix of L (``B - L + 1``, the rest at 1)."""
+        cap = min(min(shape), group["rank"] * count - count + 1)
+        return cap if group.get("max_rank") is None else min(cap, group["max_rank"])
 
     def _update_basis(self, p, group, side, G, state, backend):
         if "ortho" not in state:   # only reachable if a refresh was skipped: a bug
@@ -416,25 +475,31 @@ class AdaptiveAdamW(_SubspaceAdamW):
             warnings.warn(f"rank allocation of {self.param_label(bad)}'s group: {reason}; "
                           "using the randomized SVD for this refresh", RefreshFallbackWarning)
             return self._refresh_randomized(group, managed)
-        # A2: greedy allocation of B = rank * L from r = 1, r_max = min(m, n)
+        # A2: greedy allocation of B = rank * L from r = 1, r_max = min(m, n) (or max_rank)
+        caps = [self._rank_capacity(group, plan[2], len(managed)) for _, plan in managed]
         ranks = allocate_ranks([s.cpu() for s in spectra], group["rank"] * len(managed),
-                               group["rank_metric"],
+                               group["rank_metric"], r_max=caps,
                                combined_weight=float(group["combined_weight"]))
         # A3: new bases, all computed before any state changes
         bases = [canonical_svd_basis(G, r, plan[0], self.sign_canon, label=self.param_label(p),
                                      previous=self.state[p].get("ortho"))
                  for G, r, (p, plan) in zip(grads, ranks, managed)]
-        for (p, (side, _, shape)), r_new, P_new in zip(managed, ranks, bases):
-            state = self.state[p]
-            P_new = P_new.to(self._state_dtype(p))
-            if "ortho" in state:                                     # A4, A5
-                self._transport_moments(state, side, P_new, self.backend)
-                if "nl_prev" in state:
-                    state["nl_prev"].mul_(math.sqrt(r_new / state["rank"]))
-            else:
-                self._init_moments(p, state, side, shape, r_new)
-            state["ortho"] = P_new
-            state["rank"] = r_new
+        for (p, (side, _, shape)), r_new, P_new, cap in zip(managed, ranks, bases, caps):
+            self._change_basis(p, side, shape, P_new, r_new, cap)
+
+    def _change_basis(self, p, side, shape, P_new, r_new, cap):
+        """A4, A5 for one matrix: moments transported to the new basis and rank (or created),
+        the limiter memory rescaled, the basis stored."""
+        state = self.state[p]
+        P_new = P_new.to(self._state_dtype(p))
+        if "ortho" in state:
+            self._transport_moments(state, side, P_new, self.backend, cap)
+            if "nl_prev" in state:
+                state["nl_prev"].mul_(math.sqrt(r_new / state["rank"]))
+        else:
+            self._init_moments(p, state, side, shape, r_new, cap)
+        self._keep(state, "ortho", P_new, r_new, cap)
+        state["rank"] = r_new
 
     def _refresh_randomized(self, group, managed):
         """Phase A from batched randomized SVDs: one call per (shape, side) of the group."""
@@ -446,7 +511,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
             buckets.setdefault((tuple(G.shape), side, G.device), []).append(i)
         spectra, vecs = [None] * L, [None] * L
         for (shape, side, _), idx in buckets.items():
-            k = min(min(shape), budget - L + 1)
+            k = self._rank_capacity(group, shape, L)
             A = torch.stack([grads[i].float() for i in idx])
             A = A if side == "left" else A.transpose(-1, -2)
             U, S, _ = randomized_svd(A, k, oversample=group["proj_oversample"],
@@ -471,16 +536,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
                                combined_weight=float(group["combined_weight"]))
         for i, ((p, (side, _, shape)), r_new) in enumerate(zip(managed, ranks)):
             U = vecs[i][:, :r_new].contiguous()
-            P_new = (U if side == "left" else U.t().contiguous()).to(self._state_dtype(p))
-            state = self.state[p]
-            if "ortho" in state:
-                self._transport_moments(state, side, P_new, self.backend)
-                if "nl_prev" in state:
-                    state["nl_prev"].mul_(math.sqrt(r_new / state["rank"]))
-            else:
-                self._init_moments(p, state, side, shape, r_new)
-            state["ortho"] = P_new
-            state["rank"] = r_new
+            P_new = U if side == "left" else U.t().contiguous()
+            self._change_basis(p, side, shape, P_new, r_new, caps[i])
 
 
 def _check_adaptive_keys(d):
@@ -490,6 +547,8 @@ def _check_adaptive_keys(d):
         check_number("nl_gamma", d["nl_gamma"], low=1.0)
     check_number("combined_weight", d["combined_weight"], low=0.0, high=1.0)
     check_number("scale", d["scale"])
+    if d.get("max_rank") is not None and not _is_int(d["max_rank"], 1):
+        raise ValueError(f"max_rank must be None or an int >= 1, got {d['max_rank']!r}")
     for key, low in (("update_proj_gap", 1), ("pool_step", 0)):
         if not _is_int(d[key], low):
             raise ValueError(f"{key} must be an int >= {low}, got {d[key]!r}")

@@ -33,7 +33,9 @@ import torch
 
 from lowrank_fused import ops
 from lowrank_fused.dispatch import lookup
-from lowrank_fused.optim._base import LowRankOptimizer, check_choice, check_int, check_number
+from lowrank_fused.optim import _capacity
+from lowrank_fused.optim._base import (LowRankOptimizer, check_bool, check_choice, check_int,
+                                       check_number)
 from lowrank_fused.reference.iass_select import IASS_MODES
 
 EXIT_RULES = ("relative", "absolute")
@@ -158,6 +160,11 @@ class AdaRankGrad(LowRankOptimizer):
             low-rank path even when ``rank >= min(m, n)`` (the sketch is then square): the
             full-rank limit, for tests.
         matmul_precision: as GaLoreAdamW (for the fused GEMMs; the references run fp32).
+        capacity_buffers: allocate each matrix's basis and moments once, for rank
+            ``min(rank, m, n)`` (the largest IASS can select), and keep them as views of their
+            first r_cur elements, so a rank change at a refresh reuses the same memory (fixed
+            addresses, no allocation; ``optim._capacity``). Default False: they are
+            reallocated at each refresh for the selected rank (the least memory).
 
     State of a projected matrix (plain tensors and Python scalars, so ``state_dict``
     round-trips through ``torch.save`` / ``torch.load(weights_only=True)``):
@@ -178,7 +185,7 @@ class AdaRankGrad(LowRankOptimizer):
                  scale=1.0, eta_th=0.96, power_iters=1, oversampling=0, iass_mode="prefix",
                  exit_rule="relative", eps_rel=0.5, beta_c=0.9, t_min=10, t_max=200,
                  eps_0=None, v_transport="cc", seed=0, backend="auto", nonfinite="raise", sign_canon=True,
-                 size_guard=True, matmul_precision=None):
+                 size_guard=True, matmul_precision=None, capacity_buffers=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
                         eta_th=eta_th, power_iters=power_iters, oversampling=oversampling,
                         iass_mode=iass_mode, exit_rule=exit_rule, eps_rel=eps_rel,
@@ -191,6 +198,7 @@ class AdaRankGrad(LowRankOptimizer):
         if not isinstance(sign_canon, bool):
             raise ValueError(f"sign_canon must be a bool, got {sign_canon!r}")
         self.size_guard = size_guard
+        self.capacity_buffers = check_bool("capacity_buffers", capacity_buffers)
         super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=False,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
@@ -261,13 +269,40 @@ class AdaRankGrad(LowRankOptimizer):
         return (P.contiguous() if side == "left" else P.t().contiguous()), r
 
     def _transport(self, P_new, state, group, side, backend):
-        """Block 2: carry M, V from the old basis to the new one (K8)."""
+        """Block 2: carry M, V from the old basis to the new one (K8). Returns them in the
+        stored layout (views for right-projected matrices)."""
         op = lookup(_TRANSPORT_OP[group["v_transport"]], backend)
         P_old, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
         if side == "left":
             return op(P_new, P_old, M, V)
         M_new, V_new = op(P_new.t(), P_old.t(), M.t(), V.t())
-        return M_new.t().contiguous(), V_new.t().contiguous()
+        return M_new.t(), V_new.t()
+
+    def _capacity(self, group, shape):
+        """The rank a capacity buffer holds: ``min(rank, m, n)`` (the largest rank IASS can
+        select) with ``capacity_buffers``, else 0 (no buffers)."""
+        return min(group["rank"], *shape) if self.capacity_buffers else 0
+
+    def _keep(self, state, values, rank, cap):
+        """``state.update(values)`` (tensors of rank ``rank`` in the stored layout): into the
+        keys' capacity buffers for rank ``cap`` when ``cap``, else as contiguous tensors."""
+        for key, value in values.items():
+            state[key] = (_capacity.place(state.get(key), value, value.numel() // rank * cap)
+                          if cap else value.contiguous())
+
+    def _after_load(self):
+        """With ``capacity_buffers``: the loaded (compact) bases and moments go back into
+        buffers of their matrix's capacity."""
+        if not self.capacity_buffers:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                plan = self._plan(p, group)
+                state = self.state.get(p, {})
+                if plan is None or "ortho" not in state:
+                    continue
+                self._keep(state, {k: state[k] for k in ("ortho", "exp_avg", "exp_avg_sq")},
+                           state["r_cur"], self._capacity(group, plan[2]))
 
     def _lowrank_step(self, p, group, plan, backend, precision):
         side, _, shape = plan
@@ -287,14 +322,18 @@ class AdaRankGrad(LowRankOptimizer):
                 exit_test = False
             else:
                 P_new, r_new = chosen
+                cap = self._capacity(group, shape)
                 if state["j"] == 0:
                     shape_lr = ops.low_rank_shape(shape, r_new, side)
-                    M = torch.zeros(shape_lr, dtype=torch.float32, device=p.device)
-                    V = torch.zeros_like(M)
+                    M, V = (_capacity.zeros(shape_lr, math.prod(shape_lr) // r_new * cap,
+                                            dtype=torch.float32, device=p.device)
+                            if cap else torch.zeros(shape_lr, dtype=torch.float32,
+                                                    device=p.device)
+                            for _ in range(2))
                 else:
                     M, V = self._transport(P_new, state, group, side, backend)
-                state.update(ortho=P_new, exp_avg=M, exp_avg_sq=V, r_cur=r_new,
-                             j=state["j"] + 1, t_j=t, refresh=False)
+                self._keep(state, dict(ortho=P_new, exp_avg=M, exp_avg_sq=V), r_new, cap)
+                state.update(r_cur=r_new, j=state["j"] + 1, t_j=t, refresh=False)
 
         if "ortho" not in state:      # zero gradient before any subspace: M = V = 0, N = 0
             if pre_scale != 1.0:
