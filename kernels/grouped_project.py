@@ -41,10 +41,10 @@ def _grouped_project_kernel(
     g_ptr = member_ptr(g_ptr, offs_ptr, pid_b, ALIGNED)
     p_ptr = member_ptr(p_ptr, offs_ptr + GROUP, pid_b, ALIGNED)
     r_ptr = member_ptr(r_ptr, offs_ptr + 2 * GROUP, pid_b, ALIGNED)
-    # the single-matrix kernel's tile, without the colsum output (cs_ptr unused)
-    project_tile(g_ptr, p_ptr, r_ptr, r_ptr, pid_r, pid_n, pid_s, M, N, RANK, K_PER_SPLIT,
-                 stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn,
-                 0, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, False)
+    # the single-matrix kernel's tile, without its side outputs (cs_ptr, rsq_ptr unused)
+    project_tile(g_ptr, p_ptr, r_ptr, r_ptr, r_ptr, pid_r, pid_n, pid_s, M, N, RANK,
+                 K_PER_SPLIT, stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr,
+                 stride_rn, 0, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, False, False)
 
 
 def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: int = None):
@@ -95,7 +95,8 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
 
 def aot_variants():
     """Every (dtype, config, precision, alignment) compilation ``grouped_project`` can launch
-    on a GPU: the single kernel's dtype pairs and configs, without the colsum side output."""
+    on a GPU: the single kernel's dtype pairs and configs, without its side outputs (colsum,
+    ||R||^2)."""
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in ("GROUP", "SPLIT", "M", "N", "RANK", "K_PER_SPLIT", "stride_gm",

@@ -5,6 +5,17 @@ projection arrives here as the transposed views (lowrank_fused.ops.project). G i
 GEMM prologue and accumulated in fp32, so no fp32 copy of G is ever made: one read of G.
 The output tile spans the rank (BLOCK_R) and a slab of columns; the reduction runs over m.
 Programs that share a column slab are adjacent in the grid so the slab is reused from L2.
+
+Side outputs, both computed from data already in registers (no second read):
+  ``col_sumsq``  ``colsum(G^2)`` (n) from the G tiles of the reduction (AdaMeM, AdaRankGrad's E).
+  ``r_sumsq``    ``||R||_F^2`` (1 element) of the fp32 R: each program writes the sum of
+                 squares of its finished output tile into a partials buffer at the fixed index
+                 ``pid_r * cdiv(N, BLOCK_N) + pid_n``; ``adam_moments._sum_partials_kernel``
+                 (one program) adds the partials in a fixed order: deterministic, no atomics.
+With split-K the tiles of one K-slice are partial sums, so their squares mean nothing; then
+``_sum_slices_kernel`` (which replaces the eager ``sum(dim=0)`` of the slices) adds the slices
+into R and writes the per-program partial sums of squares of the finished R in the same pass,
+so R is still not read again for its norm.
 """
 from dataclasses import dataclass
 
@@ -12,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, mma, sm_count
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv,
+                      dot_mode, mma, sm_count)
+from .adam_moments import SUM_BLOCK, _sum_partials_kernel
 
 
 @dataclass(frozen=True)
@@ -51,14 +64,16 @@ def choose_config(m: int, n: int, rank: int, mode: int) -> ProjectConfig:
 
 @triton.jit
 def project_tile(
-    g_ptr, p_ptr, r_ptr, cs_ptr, pid_r, pid_n, pid_s,
+    g_ptr, p_ptr, r_ptr, cs_ptr, rsq_ptr, pid_r, pid_n, pid_s,
     M, N, RANK, K_PER_SPLIT,
     stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn, stride_cs,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_MODE: tl.constexpr, HAS_COLSQ: tl.constexpr,
+    DOT_MODE: tl.constexpr, HAS_COLSQ: tl.constexpr, HAS_RSQ: tl.constexpr,
 ):
     """One program's tile of R (rank tile ``pid_r``, column slab ``pid_n``, K-slice
-    ``pid_s``); shared by this kernel and the grouped one (``grouped_project.py``)."""
+    ``pid_s``); shared by this kernel and the grouped one (``grouped_project.py``).
+    ``HAS_RSQ`` (only without split-K, where the tile is final): ``rsq[pid_r *
+    cdiv(N, BLOCK_N) + pid_n] = sum(tile^2)``."""
     # split-K: this program reduces rows [k_lo, k_hi) of G into its own partial-sum slice
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(M, k_lo + K_PER_SPLIT)
@@ -82,9 +97,15 @@ def project_tile(
             colsq += tl.sum(g32 * g32, axis=0)
         pt_ptrs += BLOCK_K * stride_pm
         g_ptrs += BLOCK_K * stride_gm
+    mask_rn = mask_r[:, None] & mask_n[None, :]
+    if HAS_RSQ:   # reduced before R's store: the other order spills on sm_90 (128-row
+        # tiles with colsum). Masked: a non-finite operand times a 0 pad would be NaN.
+        rsq = tl.sum(tl.sum(tl.where(mask_rn, acc * acc, 0.0), axis=1), axis=0)
     r_ptrs = (r_ptr + pid_s.to(tl.int64) * stride_rs + offs_r[:, None] * stride_rr
               + offs_n[None, :] * stride_rn)
-    tl.store(r_ptrs, acc, mask=mask_r[:, None] & mask_n[None, :])
+    tl.store(r_ptrs, acc, mask=mask_rn)
+    if HAS_RSQ:
+        tl.store(rsq_ptr + pid_r * tl.cdiv(N, BLOCK_N) + pid_n, rsq)
     if HAS_COLSQ:
         if pid_r == 0:   # every rank tile saw the same G slab; the first one writes
             tl.store(cs_ptr + pid_s.to(tl.int64) * stride_cs + offs_n, colsq, mask=mask_n)
@@ -92,16 +113,37 @@ def project_tile(
 
 @triton.jit
 def _project_kernel(
-    g_ptr, p_ptr, r_ptr, cs_ptr,
+    g_ptr, p_ptr, r_ptr, cs_ptr, rsq_ptr,
     M, N, RANK, K_PER_SPLIT,
     stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn, stride_cs,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_MODE: tl.constexpr, HAS_COLSQ: tl.constexpr,
+    DOT_MODE: tl.constexpr, HAS_COLSQ: tl.constexpr, HAS_RSQ: tl.constexpr,
 ):
-    project_tile(g_ptr, p_ptr, r_ptr, cs_ptr, tl.program_id(0),
+    project_tile(g_ptr, p_ptr, r_ptr, cs_ptr, rsq_ptr, tl.program_id(0),
                  tl.program_id(1).to(tl.int64), tl.program_id(2), M, N, RANK, K_PER_SPLIT,
                  stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn,
-                 stride_cs, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, HAS_COLSQ)
+                 stride_cs, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, HAS_COLSQ, HAS_RSQ)
+
+
+@triton.jit
+def _sum_slices_kernel(
+    slices_ptr, r_ptr, rsq_ptr, numel, SPLIT,
+    BLOCK: tl.constexpr, HAS_RSQ: tl.constexpr,
+):
+    """Split-K epilogue over flat memory: ``R = sum_s slices[s]`` (added in slice order), each
+    slice a dense block of ``numel`` laid out as R is; with ``HAS_RSQ`` also
+    ``rsq[pid] = sum(R^2)`` over the block, from the sums still in registers."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    src = slices_ptr + offs
+    acc = tl.load(src, mask=mask, other=0.0)
+    for _ in range(1, SPLIT):
+        src += numel
+        acc += tl.load(src, mask=mask, other=0.0)
+    tl.store(r_ptr + offs, acc, mask=mask)
+    if HAS_RSQ:
+        tl.store(rsq_ptr + pid, tl.sum(tl.where(mask, acc * acc, 0.0), axis=0))
 
 
 def choose_split_k(m: int, tiles: int, block_k: int, device: torch.device) -> int:
@@ -116,17 +158,48 @@ def choose_split_k(m: int, tiles: int, block_k: int, device: torch.device) -> in
     return max(1, min(want, m // (8 * block_k)))
 
 
+def _check_r_sumsq(r_sumsq):
+    if (not isinstance(r_sumsq, torch.Tensor) or r_sumsq.dtype != torch.float32
+            or r_sumsq.numel() != 1):
+        raise TypeError("r_sumsq must be a 1-element float32 tensor, got "
+                        + (f"{r_sumsq.dtype} with {r_sumsq.numel()} elements"
+                           if isinstance(r_sumsq, torch.Tensor) else type(r_sumsq).__name__))
+
+
+def _slices_like(R: torch.Tensor, split: int) -> torch.Tensor:
+    """A (split, r, n) fp32 buffer whose every slice has R's strides, when R is dense (row-
+    or column-major, as the right-side transposed view is): then the slices and R correspond
+    element for element in memory order and the slice sum runs over flat memory."""
+    rank, n = R.shape
+    if R.is_contiguous():
+        return torch.empty((split, rank, n), device=R.device, dtype=torch.float32)
+    return torch.empty((split, n, rank), device=R.device, dtype=torch.float32).transpose(1, 2)
+
+
 def project(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = "ieee",
-            config: ProjectConfig = None, split_k: int = None, col_sumsq=None) -> None:
+            config: ProjectConfig = None, split_k: int = None, col_sumsq=None,
+            r_sumsq=None) -> None:
     """``R = P^T @ G`` into the fp32 tensor ``R`` (any strides); with ``col_sumsq`` (n, fp32)
     also ``colsum(G^2)`` in the same pass over G (AdaMeM's residual statistics, K1 side
-    output)."""
+    output); with ``r_sumsq`` (1 element, fp32) also ``||R||_F^2`` of the fp32 R.
+
+    ``r_sumsq`` without split-K: per-tile partial sums of squares from the GEMM epilogue, then
+    one fixed-order partial-sum kernel. With split-K a tile holds one slice's partial sum, so
+    the norm is taken where R is finished: the slice-sum kernel (``_sum_slices_kernel``, which
+    is the split-K epilogue with or without ``r_sumsq``) writes R and the partial sums of
+    squares of its blocks in one pass; this keeps R from being read a second time, where an
+    eager ``R.square().sum()`` would read it again and launch two more kernels. Deterministic
+    (fixed summation orders, no atomics) either way."""
+    if r_sumsq is not None:
+        _check_r_sumsq(r_sumsq)
     m, n = G.shape
     rank = P.shape[1]
     if m == 0 or n == 0 or rank == 0:
         R.zero_()
         if col_sumsq is not None:
             col_sumsq.copy_(G.float().square().sum(dim=0))
+        if r_sumsq is not None:
+            r_sumsq.zero_()
         return
     mode = dot_mode(precision, G.device)
     cfg = config or choose_config(m, n, rank, mode)
@@ -135,46 +208,77 @@ def project(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = 
     # each slice spans a whole number of BLOCK_K steps
     k_per_split = cdiv(cdiv(m, split), cfg.BLOCK_K) * cfg.BLOCK_K
     split = cdiv(m, k_per_split)
-    out = R if split == 1 else torch.empty((split, rank, n), device=R.device, dtype=torch.float32)
-    stride_s, stride_r, stride_n = ((0, R.stride(0), R.stride(1)) if split == 1
-                                    else out.stride())
+    has_rsq = r_sumsq is not None
+    if split == 1:
+        out = R
+        stride_s, stride_r, stride_n = 0, R.stride(0), R.stride(1)
+    else:
+        # the slice sum needs R dense; a general strided R gets a dense stand-in, copied after
+        dense = R.is_contiguous() or R.t().is_contiguous()
+        R_sum = R if dense else torch.empty((rank, n), device=R.device, dtype=torch.float32)
+        out = _slices_like(R_sum, split)
+        stride_s, stride_r, stride_n = out.stride()
     has_cs = col_sumsq is not None
     if has_cs and (split > 1 or col_sumsq.stride(0) != 1):
         cs_out = torch.empty((split, n), device=G.device, dtype=torch.float32)
     else:
         cs_out = col_sumsq if has_cs else out
+    tile_rsq = has_rsq and split == 1   # with split-K, from the slice sum below
     grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N), split)
+    rsq_part = (torch.empty(grid[0] * grid[1], device=G.device, dtype=torch.float32)
+                if tile_rsq else out)
     _project_kernel[grid](
-        G, P, out, cs_out, m, n, rank, k_per_split,
+        G, P, out, cs_out, rsq_part, m, n, rank, k_per_split,
         G.stride(0), G.stride(1), P.stride(0), P.stride(1), stride_s, stride_r, stride_n,
         cs_out.stride(0) if has_cs and cs_out.dim() == 2 else 0,
         BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_MODE=mode, HAS_COLSQ=has_cs,
+        DOT_MODE=mode, HAS_COLSQ=has_cs, HAS_RSQ=tile_rsq,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
-        torch.sum(out, dim=0, out=R) if R.is_contiguous() else R.copy_(out.sum(dim=0))
+        numel = rank * n
+        blocks = cdiv(numel, ELEMENTWISE_BLOCK)
+        if has_rsq:
+            rsq_part = torch.empty(blocks, device=G.device, dtype=torch.float32)
+        _sum_slices_kernel[(blocks,)](
+            out, R_sum, rsq_part, numel, split,
+            BLOCK=ELEMENTWISE_BLOCK, HAS_RSQ=has_rsq, num_warps=ELEMENTWISE_WARPS,
+        )
+        if R_sum is not R:
+            R.copy_(R_sum)
+    if has_rsq:
+        _sum_partials_kernel[(1,)](rsq_part, r_sumsq, rsq_part.numel(), BLOCK=SUM_BLOCK,
+                                   num_warps=4)
     if has_cs and cs_out is not col_sumsq:
         col_sumsq.copy_(cs_out.sum(dim=0))
 
 
 def aot_variants():
-    """Every (dtype, config, precision) compilation ``project`` can launch on a GPU."""
+    """Every (config, precision) compilation of the (dtype, side output) combinations the
+    optimizers launch on a GPU, and the split-K slice sum (the partial-sum kernel is
+    ``adam_moments.py``'s)."""
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in ("M", "N", "RANK", "K_PER_SPLIT", "stride_gm", "stride_gn",
                                "stride_pm", "stride_pr", "stride_rs", "stride_rr", "stride_rn",
                                "stride_cs")}
-    # (G, P dtypes, colsum(G^2) side output): the side output is what AdaMeM asks for
-    combos = [(g_t, p_t, False) for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"),
-                                                  ("bf16", "bf16"), ("fp16", "fp32"))]
-    combos += [("fp32", "fp32", True), ("bf16", "fp32", True)]
-    for g_t, p_t, has_cs in combos:
+    # (G, P dtypes, colsum(G^2), ||R||^2 side outputs) of the optimizers: colsum is what AdaMeM
+    # and AdaRankGrad's subspace selection ask for, ||R||^2 AdaRankGrad's norm z (fp32 bases)
+    pairs = (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"))
+    combos = [(g_t, p_t, False, False) for g_t, p_t in pairs]
+    combos += [(g_t, "fp32", has_cs, not has_cs) for has_cs in (True, False)
+               for g_t in ("fp32", "bf16")]
+    for g_t, p_t, has_cs, has_rsq in combos:
         for mode in (0, 1, 2):
             for cfg in configs_for(mode):
                 yield Variant(_project_kernel,
                               {"g_ptr": "*" + g_t, "p_ptr": "*" + p_t, "r_ptr": "*fp32",
-                               "cs_ptr": "*fp32", **ints},
+                               "cs_ptr": "*fp32", "rsq_ptr": "*fp32", **ints},
                               dict(BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                                   DOT_MODE=mode, HAS_COLSQ=has_cs),
+                                   DOT_MODE=mode, HAS_COLSQ=has_cs, HAS_RSQ=has_rsq),
                               cfg.num_warps, cfg.num_stages)
+    for has_rsq in (False, True):
+        yield Variant(_sum_slices_kernel,
+                      {"slices_ptr": "*fp32", "r_ptr": "*fp32", "rsq_ptr": "*fp32",
+                       "numel": "i32", "SPLIT": "i32"},
+                      dict(BLOCK=ELEMENTWISE_BLOCK, HAS_RSQ=has_rsq), ELEMENTWISE_WARPS, 3)

@@ -66,12 +66,15 @@ def basis_shape(shape, rank, side):
     return (m, rank) if side == "left" else (rank, n)
 
 
-def project(G, P, R=None, *, side="left", precision="ieee", backend="auto", sumsq=None):
+def project(G, P, R=None, *, side="left", precision="ieee", backend="auto", sumsq=None,
+            r_sumsq=None):
     """K1: ``R = P^T @ G`` (left, P is m x r) or ``R = G @ Q^T`` (right, Q is r x n).
 
     G is read in its storage dtype; R is fp32 and returned (allocated when not given). With
     ``sumsq`` (fp32), the same pass over G also writes the squared norms along the projected
-    dimension: ``colsum(G^2)`` (n) on the left, ``rowsum(G^2)`` (m) on the right.
+    dimension: ``colsum(G^2)`` (n) on the left, ``rowsum(G^2)`` (m) on the right. With
+    ``r_sumsq`` (fp32, shape (1,)), also ``||R||_F^2``, the sum of squares of the fp32 R
+    (the fused kernel takes it from the output tiles it writes, not from a second read of R).
     """
     _check_side(side)
     _check_precision(precision)
@@ -99,6 +102,14 @@ def project(G, P, R=None, *, side="left", precision="ieee", backend="auto", sums
         _check_shape("sumsq", sumsq, (n,) if side == "left" else (m,))
         _same_device(G=G, sumsq=sumsq)
         kw["col_sumsq"] = sumsq
+    if r_sumsq is not None:
+        if not isinstance(r_sumsq, torch.Tensor):
+            raise TypeError(f"r_sumsq must be a torch.Tensor, got {type(r_sumsq).__name__}")
+        if r_sumsq.dtype != torch.float32:
+            raise TypeError(f"r_sumsq must be float32, got {r_sumsq.dtype}")
+        _check_shape("r_sumsq", r_sumsq, (1,))
+        _same_device(G=G, r_sumsq=r_sumsq)
+        kw["r_sumsq"] = r_sumsq
     impl = implementation("project", backend, device)
     if side == "left":
         impl(G, P, R, **kw)

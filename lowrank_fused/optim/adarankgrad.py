@@ -13,7 +13,7 @@ One step of a projected matrix (left form; a matrix with m >= n runs on its tran
 ALGORITHMS.md 1.1), ALGORITHMS.md 6.4::
 
     if refresh pending (always at t = 1):  P, r = IASS(G) ; transport M, V ; new block j
-    Ghat = P^T G ; z = ||Ghat||                               # K1
+    Ghat = P^T G ; z = ||Ghat||                               # K1 (z^2 a side output)
     M = b1 M + (1-b1) Ghat ; V = b2 V + (1-b2) Ghat^2         # K2, E-torch
     N = (M/bc1(t)) / (sqrt(V/bc2(t)) + eps)
     W = W (1 - lr lam) - lr scale (P @ N)                     # K3, WD-pre
@@ -343,8 +343,8 @@ class AdaRankGrad(LowRankOptimizer):
             return
 
         P, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
-        R = ops.project(G, P, side=side, precision=precision, backend=backend)   # Ghat
-        z = torch.linalg.vector_norm(R)            # read once per step, in _after_updates
+        z2 = torch.empty(1, dtype=torch.float32, device=G.device)   # ||Ghat||^2, K1 side output
+        R = ops.project(G, P, side=side, precision=precision, backend=backend, r_sumsq=z2)
         N = torch.empty_like(M)
         ops.adam_moments(R, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
                          eps_mode="torch", backend=backend)
@@ -354,7 +354,7 @@ class AdaRankGrad(LowRankOptimizer):
         write_back(W)
         state["step"] = t
         if exit_test:
-            self._pending_exit.append((state, group, z, t))
+            self._pending_exit.append((state, group, z2, t))
 
     def _before_updates(self):
         self._pending_exit = []
@@ -365,7 +365,7 @@ class AdaRankGrad(LowRankOptimizer):
         pending, self._pending_exit = getattr(self, "_pending_exit", []), []
         if not pending:
             return
-        zs = torch.stack([z.float() for _, _, z, _ in pending]).cpu().tolist()
+        zs = torch.cat([z2 for _, _, z2, _ in pending]).sqrt().cpu().tolist()
         for (state, group, _, t), z in zip(pending, zs):
             self._exit_test(state, group, z, t)
 
