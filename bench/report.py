@@ -103,7 +103,19 @@ def step_section(doc) -> str:
             "State: optimizer state MiB and ratio to AdamW's two fp32 moments.\n\n"
             + _table(["method", "variant/backend", "steady p50 ms", "steady mean ms",
                       "refresh ms", "T", "amortised ms", "x torch", "state MiB", "state/AdamW"],
-                     rows) + "\n")
+                     rows) + "\n" + whole_model_section(doc.get("whole_model")))
+
+
+def whole_model_section(wm) -> str:
+    if not wm:
+        return ""
+    rows = [[r["method"], r["variant"], _f(r["steady_p50_ms"]), _f(r["steady_mean_ms"]),
+             _f(r["vs_torch_adamw"], ".2f"), _mib(r["state_bytes"])] for r in wm["rows"]]
+    return (f"\nWhole model, steady step (between refreshes): LLaMA-{wm['model']} "
+            f"({wm['model_params']:,} fp32 params, rank {wm['rank']}), p50 of "
+            f"{wm['timed_steps']} steps, against `torch.optim.AdamW(fused=True)`.\n\n"
+            + _table(["method", "variant", "steady p50 ms", "steady mean ms", "x torch",
+                      "state MiB"], rows) + "\n")
 
 
 def e2e_section(doc) -> str:

@@ -34,6 +34,10 @@ REFRESH = {
 }
 DENSE = ("adamw", "adafactor")
 FAR = 10 ** 9
+# methods with ``grouped_gemms`` (K1/K3 of each matrix class as one launch): a "fused-grouped" row
+GROUPED = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac")
+# the whole-model comparison of issue 4 on CUDA (not --quick): LLaMA-1B, GaLore's rank for it
+WHOLE_MODEL = ("1b", 512, ("galore", "adaptive_adamw"))
 
 
 def model_for(device, quick: bool):
@@ -49,8 +53,8 @@ def model_for(device, quick: bool):
     return name, LlamaForCausalLM(cfg).to(device)
 
 
-def _kwargs(method, rank, interval, backend):
-    kw = {"lr": 1e-3, "backend": backend}
+def _kwargs(method, rank, interval, backend, extra=None):
+    kw = {"lr": 1e-3, "backend": backend, **(extra or {})}
     if method == "adafactor":
         kw["relative_step"] = False
     if method not in DENSE:
@@ -93,9 +97,10 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
         rank = 8 if device.type != "cuda" else 128
     n = 5 if quick else (10 if device.type != "cuda" else 20)
     methods = [m for m in METHODS if methods is None or m in methods]
-    backends = [("eager", "reference")]
+    backends = [("eager", "reference", None)]
     if H.triton_usable(device, interpret):
-        backends.insert(0, ("fused", "triton"))
+        backends[:0] = [("fused", "triton", None),
+                        ("fused-grouped", "triton", {"grouped_gemms": True})]
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
     rows, errors = [], []
@@ -105,11 +110,13 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
         _set_grads(model)
 
     for method in methods:
-        for variant, backend in backends:
+        for variant, backend, extra in backends:
+            if extra and method not in GROUPED:
+                continue
             label = f"{method} {variant}/{backend}"
             try:
                 fresh()
-                opt = make_optimizer(model, method, **_kwargs(method, rank, FAR, backend))
+                opt = make_optimizer(model, method, **_kwargs(method, rank, FAR, backend, extra))
                 p50, mean = time_steps(opt, device, n)
                 state = int(opt.state_bytes())
                 row = {"method": method, "variant": variant, "backend": backend,
@@ -118,7 +125,8 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
                 del opt
                 if method in REFRESH:
                     fresh()
-                    opt = make_optimizer(model, method, **_kwargs(method, rank, 1, backend))
+                    opt = make_optimizer(model, method,
+                                         **_kwargs(method, rank, 1, backend, extra))
                     r50, _ = time_steps(opt, device, 3, warm=1)   # each one an SVD-class refresh
                     T = REFRESH[method][1]
                     row.update(refresh_p50_ms=r50, refresh_interval=T,
@@ -126,7 +134,7 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
                     del opt
             except Exception as exc:   # a backend a method lacks, or a failure: record, go on
                 msg = f"{type(exc).__name__}: {exc}"
-                if variant == "fused":
+                if variant.startswith("fused"):
                     log(f"  {label}: skipped ({msg.splitlines()[0][:120]})")
                 else:
                     errors.append({"case": f"step {label}", "error": msg})
@@ -159,5 +167,55 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
     for r in rows:
         r["vs_torch_adamw"] = (r["amortised_ms"] / base) if base else None
         r["state_ratio"] = r["state_bytes"] / (8 * n_params)
-    return {"suite": "step", "model": model_name, "model_params": n_params, "rank": rank,
-            "timed_steps": n, "rows": rows, "errors": errors}
+    doc = {"suite": "step", "model": model_name, "model_params": n_params, "rank": rank,
+           "timed_steps": n, "rows": rows, "errors": errors}
+    if device.type == "cuda" and not quick and (methods is None or set(methods) & set(
+            WHOLE_MODEL[2])):
+        del model, snapshot
+        torch.cuda.empty_cache()
+        doc["whole_model"] = whole_model(device, log, errors, methods)
+    return doc
+
+
+def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int = 20) -> dict:
+    """Issue 4's whole-model comparison: the steady step (between refreshes) of GaLore and
+    AdaptiveAdamW, fused per matrix and grouped, on every parameter of a LLaMA-1B-sized model
+    (fp32), against ``torch.optim.AdamW(fused=True)`` on the same parameters, side by side in
+    one process. The first step (a randomized refresh, to keep the run short) is a warm step."""
+    from lowrank_fused.models import LlamaForCausalLM, llama_config
+    name, rank, which = spec
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(name)).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    _set_grads(model)
+    rows = []
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    p50, mean = time_steps(opt, device, steps, warm=min(2, steps))
+    del opt
+    rows.append({"method": "torch.optim.AdamW", "variant": "torch-fused", "steady_p50_ms": p50,
+                 "steady_mean_ms": mean, "state_bytes": 8 * n_params})
+    log(f"  whole-model {name} torch.optim.AdamW(fused=True): {p50:8.3f} ms")
+    for method in which:
+        if methods is not None and method not in methods:
+            continue
+        for variant, extra in (("fused", {}), ("fused-grouped", {"grouped_gemms": True})):
+            try:
+                opt = make_optimizer(model, method, **_kwargs(
+                    method, rank, FAR, "triton", {"projector": "randomized", **extra}))
+                p50, mean = time_steps(opt, device, steps, warm=min(2, steps))
+                state = int(opt.state_bytes())
+                del opt
+            except Exception as exc:
+                errors.append({"case": f"whole-model {method} {variant}",
+                               "error": f"{type(exc).__name__}: {exc}"})
+                log(f"ERROR whole-model {method} {variant}: {exc}")
+                continue
+            rows.append({"method": method, "variant": variant, "steady_p50_ms": p50,
+                         "steady_mean_ms": mean, "state_bytes": state})
+            log(f"  whole-model {name} {method} {variant}: {p50:8.3f} ms")
+    base = rows[0]["steady_p50_ms"]
+    for r in rows:
+        r["vs_torch_adamw"] = r["steady_p50_ms"] / base
+    return {"model": name, "model_params": n_params, "rank": rank, "timed_steps": steps,
+            "rows": rows}

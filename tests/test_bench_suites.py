@@ -79,7 +79,7 @@ def test_refresh_suite(tmp_path, capsys):
     speedup is measured, not tested (ALGORITHMS.md / issue 5 targets live in the bench)."""
     from bench import run
 
-    rc = run.main(["--suite", "refresh", "--out", str(tmp_path), "--threads", "1"])
+    rc = run.main(["--suite", "refresh", "--out", str(tmp_path), "--threads", "1", "--quick"])
     out = capsys.readouterr().out
     assert rc == 0, out
     doc = json.loads(next(tmp_path.glob("refresh-*.json")).read_text())
@@ -89,3 +89,22 @@ def test_refresh_suite(tmp_path, capsys):
         # captured energy relative to the exact SVD's (section 6.3 quality bar: within 1%)
         assert r["energy_ratio"] > 0.99 and r["energy_ratio"] <= 1.0 + 1e-6
     assert "5. Subspace refresh" in (tmp_path / "README.md").read_text()
+
+
+def test_whole_model_step_rows_and_report():
+    """The whole-model part of the step suite (run on CUDA with LLaMA-1B, GaLore and
+    AdaptiveAdamW) on the tiny model under the interpreter: per-matrix and grouped fused rows
+    next to torch's fused AdamW, and its report table. Structure only; the ratios are
+    measured."""
+    from bench import report, suite_step
+
+    errors = []
+    wm = suite_step.whole_model(torch.device("cpu"), lambda *_: None, errors,
+                                spec=("tiny", 8, ("galore",)), steps=1)
+    assert errors == []
+    assert [(r["method"], r["variant"]) for r in wm["rows"]] == [
+        ("torch.optim.AdamW", "torch-fused"), ("galore", "fused"), ("galore", "fused-grouped")]
+    assert all(r["steady_p50_ms"] > 0 and r["state_bytes"] > 0 for r in wm["rows"])
+    assert wm["rows"][0]["vs_torch_adamw"] == 1.0
+    page = report.whole_model_section(wm)
+    assert "Whole model, steady step" in page and "| galore | fused-grouped |" in page

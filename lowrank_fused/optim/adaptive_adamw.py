@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from lowrank_fused import ops
+from lowrank_fused import ops, ops_grouped
 from lowrank_fused.dispatch import implementation
 from lowrank_fused.linalg import RefreshFallbackWarning, canonical_svd_basis, fallback_basis
 from lowrank_fused.optim import _capacity
@@ -251,21 +251,55 @@ class _SubspaceAdamW(GaLoreAdamW):
         W, G, write_back = self._as_matrix(p, shape)
         self._update_basis(p, group, side, G, state, backend)
         P = state["ortho"]
+        if self.grouped_gemms:
+            key = (side, precision, tuple(W.shape), tuple(P.shape), W.dtype, G.dtype, P.dtype,
+                   W.stride(), G.stride(), P.stride())
+            batch = self._grouped_batch(backend, p.device, key)
+            if batch is not None:                 # K1 and K3 of the class at the end
+                state["step"] += 1
+                batch.append((W, G, P, state, group, write_back))
+                return
         R = ops.project(G, P, side=side, precision=precision, backend=backend)
         state["step"] += 1
+        N, coef, post_decay = self._direction(R, state, group, side, backend)
+        ops.backproject_update(W, P, N, side=side, coef=coef, post_decay=post_decay,
+                               precision=precision, backend=backend)
+        write_back(W)
+
+    def _direction(self, R, state, group, side, backend):
+        """5.3 phase B between K1 and K3: the normalised step N from R (the moments advance),
+        the norm-growth limiter on it (B1), and K3's coefficient and WD-post decay."""
         limit = group["nl_gamma"] is not None
         N, step_size, sumsq = self._normalised_step(R, state, group, side, state["step"],
                                                     backend, want_sumsq=limit)
         if limit:                                                # 5.3 B1
             first = "nl_prev" not in state
             if first:
-                state["nl_prev"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            implementation("norm_growth_limit", backend, p.device)(
+                state["nl_prev"] = torch.zeros((), dtype=torch.float32, device=R.device)
+            implementation("norm_growth_limit", backend, R.device)(
                 N, state["nl_prev"], gamma=float(group["nl_gamma"]), first=first, sumsq=sumsq)
         _, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "post")
-        ops.backproject_update(W, P, N, side=side, coef=step_size * group["scale"],
-                               post_decay=post_decay, precision=precision, backend=backend)
-        write_back(W)
+        return N, step_size * group["scale"], post_decay
+
+    def _flush_grouped(self, backend, side, precision, items):
+        """``grouped_gemms``: one matrix class's K1 (one launch), each matrix's normalised
+        step and limiter (``_direction``), K3 (one launch), then the write-backs."""
+        Ws, Gs, Ps, states, groups, wbs = (list(x) for x in zip(*items))
+        items.clear()
+        Rs = ops_grouped.grouped_project(Gs, Ps, side=side, precision=precision,
+                                         backend=backend)
+        Ns, coefs, posts = [], [], []
+        for R, state, group in zip(Rs, states, groups):
+            N, coef, post = self._direction(R, state, group, side, backend)
+            Ns.append(N)
+            coefs.append(coef)
+            posts.append(post)
+        del Rs
+        ops_grouped.grouped_backproject_update(Ws, Ps, Ns, side=side, coef=coefs,
+                                               post_decay=posts, precision=precision,
+                                               backend=backend)
+        for write_back, W in zip(wbs, Ws):
+            write_back(W)
 
     # -- pieces the methods choose from ------------------------------------------------------
     def _update_basis(self, p, group, side, G, state, backend):
@@ -365,6 +399,10 @@ class AdaptiveAdamW(_SubspaceAdamW):
             reallocated at each refresh for the new ranks (the least memory). Without
             ``max_rank`` a capacity can be ``min(m, n)``: set both.
         backend, faithful_dtypes, sign_canon, matmul_precision: as ``GaLoreAdamW``.
+        grouped_gemms: as ``GaLoreAdamW``: K1 and K3 of the matrices of one class (shape,
+            current rank, side, dtypes, layout) run as one grouped launch each (also for
+            ``RSAdamW``, ``GHAAdamW`` and ``GaLoreKFACAdamW``, whose ranks are uniform);
+            bit-identical to the per-matrix step.
         projector, proj_oversample, proj_power_iters: as ``GaLoreAdamW``. With
             ``"randomized"`` a refresh runs one batched randomized SVD per distinct matrix shape
             (and side) of the group, with k = the largest rank a matrix can receive
@@ -388,7 +426,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
                  combined_weight=0.5, update_proj_gap=200, scale=0.25, max_rank=None,
                  capacity_buffers=False, backend="auto", nonfinite="raise",
                  faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 projector="svd", proj_oversample=8, proj_power_iters=2):
+                 projector="svd", proj_oversample=8, proj_power_iters=2, grouped_gemms=False):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, rank_metric=rank_metric,
                       nl_gamma=nl_gamma, combined_weight=combined_weight, max_rank=max_rank,
                       pool_step=0)
@@ -397,7 +435,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
                          backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision,
                          capacity_buffers=capacity_buffers, projector=projector,
-                         proj_oversample=proj_oversample, proj_power_iters=proj_power_iters)
+                         proj_oversample=proj_oversample, proj_power_iters=proj_power_iters,
+                         grouped_gemms=grouped_gemms)
 
     def _check_family(self, group):
         super()._check_family(group)
@@ -579,13 +618,14 @@ class RSAdamW(_SubspaceAdamW):
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, sigma=1.0, seed=0, nl_gamma=1.01, update_proj_gap=200,
                  scale=0.25, backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
-                 matmul_precision=None):
+                 matmul_precision=None, grouped_gemms=False):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
                       sigma=sigma, seed=seed)
         self._check_rs(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
                          backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+                         sign_canon=sign_canon, matmul_precision=matmul_precision,
+                         grouped_gemms=grouped_gemms)
 
     @staticmethod
     def _check_rs(d):
@@ -636,12 +676,14 @@ class GHAAdamW(_SubspaceAdamW):
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, eta=0.5, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None,
+                 grouped_gemms=False):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma, eta=eta)
         self._check_gha(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
                          backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+                         sign_canon=sign_canon, matmul_precision=matmul_precision,
+                         grouped_gemms=grouped_gemms)
 
     @staticmethod
     def _check_gha(d):
@@ -694,14 +736,16 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, kfac_eps=1e-6, kfac_update_freq=10,
                  transport_on_refresh=True, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None,
+                 grouped_gemms=False):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
                       kfac_eps=kfac_eps, kfac_update_freq=kfac_update_freq,
                       transport_on_refresh=transport_on_refresh)
         self._check_kfac(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
                          backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+                         sign_canon=sign_canon, matmul_precision=matmul_precision,
+                         grouped_gemms=grouped_gemms)
 
     @staticmethod
     def _check_kfac(d):
