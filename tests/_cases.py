@@ -40,3 +40,31 @@ def tiny_lm_task(seed=0):
         return seq[:, :-1], seq[:, 1:]
 
     return model, batch
+
+
+def lm_loss(model, batch):
+    """The next-token cross-entropy of one ``tiny_lm_task`` batch (fp32 logits)."""
+    x, y = batch()
+    logits = model(x)
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+GEMM_OPS = ("project", "backproject_update", "grouped_project", "grouped_backproject_update")
+
+
+def count_calls(monkeypatch, ops=GEMM_OPS, backend="triton"):
+    """A dict op -> calls, filled while the test runs: each op's ``backend`` entry in the
+    dispatch table is wrapped (restored by ``monkeypatch``)."""
+    from lowrank_fused import dispatch
+
+    calls = {}
+    for op in ops:
+        real = dispatch.lookup(op, backend)           # imports the provider if need be
+
+        def counted(*a, _real=real, _op=op, **k):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _real(*a, **k)
+        monkeypatch.setitem(dispatch._TABLE[op], backend, counted)
+    return calls

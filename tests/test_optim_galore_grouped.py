@@ -8,7 +8,7 @@ import torch
 from lowrank_fused import GaLoreAdamW
 from lowrank_fused.dispatch import available
 from lowrank_fused.routing import galore_param_groups
-from _cases import tiny_lm_task
+from _cases import count_calls, lm_loss, tiny_lm_task
 
 
 def _run(grouped, backend, dtype, steps=5, **kw):
@@ -19,12 +19,7 @@ def _run(grouped, backend, dtype, steps=5, **kw):
                       grouped_gemms=grouped, **kw)
     sides = set()
     for _ in range(steps):
-        x, y = batch()
-        logits = model(x)
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
+        lm_loss(model, batch).backward()
         opt.step()
         opt.zero_grad()
     for g in opt.param_groups:
@@ -56,17 +51,7 @@ def test_grouped_launches_once_per_class(monkeypatch):
     grouped K3 call, and no single-matrix K1/K3."""
     if not available("triton", "cpu"):
         pytest.skip("triton unavailable here")
-    from lowrank_fused import dispatch
-
-    calls = {}
-    for op in ("project", "backproject_update", "grouped_project",
-               "grouped_backproject_update"):
-        real = dispatch._TABLE[op]["triton"]
-
-        def counted(*a, _real=real, _op=op, **k):
-            calls[_op] = calls.get(_op, 0) + 1
-            return _real(*a, **k)
-        monkeypatch.setitem(dispatch._TABLE[op], "triton", counted)
+    calls = count_calls(monkeypatch)
     _, opt, _ = _run(True, "triton", torch.float32, steps=1)
     classes = {(tuple(p.shape), opt._plan(p, g)[0]) for g in opt.param_groups
                for p in g["params"] if opt._plan(p, g) is not None}
@@ -79,13 +64,6 @@ def test_per_layer_mode_keeps_the_per_matrix_path():
     collected: the result equals the normal per-matrix step."""
     from lowrank_fused.per_layer import PerLayerStep
 
-    def losses(model, batch):
-        x, y = batch()
-        logits = model(x)
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        return torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-
     model, batch = tiny_lm_task(0)
     opt = GaLoreAdamW(galore_param_groups(model, rank=8, update_proj_gap=2, scale=0.25),
                       lr=1e-2, grouped_gemms=True, backend="reference")
@@ -95,8 +73,8 @@ def test_per_layer_mode_keeps_the_per_matrix_path():
                       lr=1e-2, backend="reference")
     for _ in range(3):
         with stepper.accumulate(False):
-            losses(model, batch).backward()
-        losses(ref_model, ref_batch).backward()
+            lm_loss(model, batch).backward()
+        lm_loss(ref_model, ref_batch).backward()
         ref.step()
         ref.zero_grad()
     for p, q in zip(model.parameters(), ref_model.parameters()):

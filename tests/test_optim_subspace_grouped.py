@@ -10,7 +10,7 @@ from lowrank_fused.dispatch import available
 from lowrank_fused.optim.adaptive_adamw import (AdaptiveAdamW, GaLoreKFACAdamW, GHAAdamW,
                                                 RSAdamW)
 from lowrank_fused.routing import galore_param_groups
-from _cases import tiny_lm_task
+from _cases import count_calls, lm_loss, tiny_lm_task
 
 CLASSES = {"adaptive_adamw": AdaptiveAdamW, "rsadamw": RSAdamW, "gha": GHAAdamW,
            "galore_kfac": GaLoreKFACAdamW}
@@ -23,12 +23,7 @@ def _run(cls, grouped, backend, dtype, steps=5, **kw):
     opt = cls(groups, lr=1e-2, weight_decay=0.01, backend=backend, grouped_gemms=grouped, **kw)
     ranks = []
     for _ in range(steps):
-        x, y = batch()
-        logits = model(x)
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
+        lm_loss(model, batch).backward()
         opt.step()
         opt.zero_grad()
         ranks.append(tuple(r for g in opt.ranks() for r in g))
@@ -87,17 +82,7 @@ def test_grouped_launches_once_per_class(monkeypatch):
     so there are more classes than shapes)."""
     if not available("triton", "cpu"):
         pytest.skip("triton unavailable here")
-    from lowrank_fused import dispatch
-
-    calls = {}
-    for op in ("project", "backproject_update", "grouped_project",
-               "grouped_backproject_update"):
-        real = dispatch._TABLE[op]["triton"]
-
-        def counted(*a, _real=real, _op=op, **k):
-            calls[_op] = calls.get(_op, 0) + 1
-            return _real(*a, **k)
-        monkeypatch.setitem(dispatch._TABLE[op], "triton", counted)
+    calls = count_calls(monkeypatch)
     _, opt, _ = _run(AdaptiveAdamW, True, "triton", torch.float32, steps=1)
     classes = {(tuple(p.shape), opt._plan(p, g)[0], opt.state[p]["rank"])
                for g in opt.param_groups for p in g["params"] if opt._plan(p, g) is not None}
