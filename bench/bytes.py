@@ -353,6 +353,68 @@ def residual_col_stats_bytes(m, n, r, *, g_bytes=2, state_bytes=4, side="left",
     raise ValueError(f"form must be 'identity' or 'explicit', got {form!r}")
 
 
+METHOD_STEPS = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adarankgrad",
+                "ldadam", "adamem", "adapm", "adapm_mini")
+
+
+def method_step_bytes(method, m, n, r, *, param_bytes=2, state_bytes=4, side="left") -> Bytes:
+    """One optimizer step of ``method`` on an m x n matrix between refreshes (section 10.1's
+    whole-step table, 10.2's passes), G and W in the parameter dtype ``p``, states fp32:
+
+    * ``galore``, ``adaptive_adamw``, ``rsadamw``, ``adarankgrad``: K1 + K2 + K3
+      (``galore_step_bytes``; 6A + small at bf16). The limiter's ``||N||`` and AdaRankGrad's
+      ``||R||`` are side outputs, so the floor has no extra pass (the limiter's in-place scale
+      of N, 8S, is outside the floor).
+    * ``gha``: the same plus its per-step basis update (``gha_update_bytes``, two more reads of
+      G) and moment transport (K8).
+    * ``galore_kfac``: K1 + K3 plus the r x n whitening: R read, M read and written, N
+      written (16S; r x r terms not counted). eager: not modelled.
+    * ``ldadam``: A = E + G formed once (G and E read, A written in E's place), the rest of the
+      power iteration, the projection and the error feedback reading A once each (3 reads),
+      E written, W read and written: ``(3p + 6e)A`` with ``e`` = E's bytes (the parameter dtype
+      by default): 18A at bf16, against section 10.1's 14A, which takes A = E + G as given.
+      Low-rank terms: the projection's and K3's ``4C + 4S`` each, the power iteration's two
+      basis reads ``8C``, K2's 24S and LDAdam's transport (``moment_transport_bytes``,
+      ``"ldadam"`` form). eager: not modelled (section 10.1 estimates about 58A).
+    * ``adamem``: K5: pass 1 = K1 with ``colsum(G^2)``, pass 2 reads G and reads/writes W with
+      ``P@R`` and ``P@N1`` in-tile (``4pA``; 8A at bf16, section 10.1), plus the factored r x n
+      moments (``adamem_moments_bytes``) and the residual statistics from the identity
+      (``residual_col_stats_bytes``). eager: not modelled (section 10.1 estimates about 74A).
+    * ``adapm`` / ``adapm_mini``: K1 ``Rg = L^T G`` plus ``adapm_update_bytes`` (elementwise V,
+      or Adam-mini's per-row block means for an MLP matrix): 16A / 8A at bf16 (section 10.1).
+    """
+    p, s = param_bytes, state_bytes
+    A, S, C = sizes(m, n, r, side)
+    lowrank = dict(state_bytes=s, side=side)
+    if method in ("galore", "adaptive_adamw", "rsadamw", "adarankgrad"):
+        return galore_step_bytes(m, n, r, param_bytes=p, **lowrank)
+    if method == "gha":
+        return (galore_step_bytes(m, n, r, param_bytes=p, **lowrank)
+                + gha_update_bytes(m, n, r, g_bytes=p, side=side)
+                + moment_transport_bytes(m, n, r, basis_bytes=s, **lowrank))
+    if method == "galore_kfac":
+        k13 = (project_bytes(m, n, r, g_bytes=p, **lowrank)
+               + backproject_update_bytes(m, n, r, w_bytes=p, **lowrank))
+        return Bytes(k13.floor + (R_BYTES + 3 * s) * S, None)
+    if method == "ldadam":
+        e = p
+        small = 2 * (s * C + R_BYTES * S) + 2 * s * C
+        small += adam_moments_bytes(m, n, r, **lowrank).floor
+        small += moment_transport_bytes(m, n, r, basis_bytes=s, form="ldadam", **lowrank).floor
+        return Bytes((3 * p + 6 * e) * A + small, None)
+    if method == "adamem":
+        pass1 = project_bytes(m, n, r, g_bytes=p, **lowrank).floor
+        pass2 = 3 * p * A + s * C + 2 * s * S
+        small = (adamem_moments_bytes(m, n, r, **lowrank).floor
+                 + residual_col_stats_bytes(m, n, r, g_bytes=p, **lowrank).floor)
+        return Bytes(pass1 + pass2 + small, None)
+    if method in ("adapm", "adapm_mini"):
+        return (project_bytes(m, n, r, g_bytes=p, state_bytes=s, side="left")
+                + adapm_update_bytes(m, n, r, param_bytes=p,
+                                     v_blocks=m if method == "adapm_mini" else None))
+    raise ValueError(f"method must be one of {METHOD_STEPS}, got {method!r}")
+
+
 def iass_select_bytes(m, n, k, *, g_bytes=2, side="left") -> Bytes:
     """IASS rank selection without a given ``E`` (section 6.3 lines 3-5, ``prefix`` mode),
     canonical left form: G (A elements), ``B = Qb^T G`` (S = k x n, fp32).

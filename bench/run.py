@@ -32,7 +32,7 @@ from pathlib import Path
 MODULES = ("project", "adam_moments", "backproject_update", "galore_step", "adafactor_step",
            "adafactor_bc_step", "adapm_update", "gha_update", "moment_transport",
            "adamem_moments", "grouped_lowrank")
-MODULES += ("iass_select", "residual_col_stats")
+MODULES += ("iass_select", "residual_col_stats", "method_step")
 SUITES = ("kernels", "step", "e2e", "convergence", "refresh")
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -363,3 +363,25 @@ def test_iass_select_eager_model_counts_the_reference(dtype_name):
                   for s in (m * n, k * n))
     assert counted == B.iass_select_bytes(m, n, k, g_bytes=dt.itemsize).eager
     assert B.iass_select_bytes(M, N, R) == B.Bytes(2 * A + 4 * S, 6 * A + 12 * A + 12 * S)
+
+
+@pytest.mark.parametrize("method,full_passes", [
+    ("galore", 6), ("adaptive_adamw", 6), ("rsadamw", 6), ("adarankgrad", 6), ("gha", 10),
+    ("galore_kfac", 6), ("ldadam", 18), ("adamem", 8), ("adapm", 16), ("adapm_mini", 10)])
+def test_method_step_floor_counts_the_full_size_passes(method, full_passes):
+    """Section 10.1/10.2 at bf16 parameters: each method's step floor is its full-size passes
+    (GaLore 6A, AdaMeM 8A, AdaPM 16A; LDAdam 18A = the spec's 14A plus forming A = E + G;
+    AdaPM-mini 10A with its kernel's extra read of G for the block means) plus low-rank terms
+    (about 32 bytes per r x n element: one to two A at rank 128 on 4096 x 11008)."""
+    A = M * N
+    b = B.method_step_bytes(method, M, N, R, param_bytes=2)
+    assert 0 < b.floor - full_passes * A < 2 * A, (method, b.floor / A)
+    # fp32 parameters double the parameter passes, never the state ones
+    assert B.method_step_bytes(method, M, N, R, param_bytes=4).floor > b.floor
+    if b.eager is not None:
+        assert b.eager > 4 * b.floor
+
+
+def test_method_step_bytes_refuses_an_unknown_method():
+    with pytest.raises(ValueError, match="method must be one of"):
+        B.method_step_bytes("sgd", M, N, R)

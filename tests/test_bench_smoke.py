@@ -32,6 +32,8 @@ def test_bench_run_quick(tmp_path, capsys):
     assert {"adafactor_step", "adafactor_step:momentum", "adafactor_step:unfactored",
             "adafactor_bc_factored_step", "adafactor_bc_unfactored_step", "adapm_update",
             "adapm_update:mini", "adapm_update:rms", "gha_update", "adamem_moments"} <= ops
+    from bench.bench_method_step import METHODS
+    assert {f"method_step:{m}" for m in METHODS} <= ops       # every low-rank method's step
     for r in doc["rows"]:
         assert r["bytes_floor"] > 0, r
         assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"], r
