@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_mode
+from ._common import cdiv, dot_mode, sum_fp32
 from ._grouped import (check_layout, element_offsets, member_ptr, offsets_table,
                        regular_offsets)
+from .adam_moments import SUM_BLOCK
 from .project import choose_config, choose_split_k, configs_for, project_tile
 
 MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members x K-slices)
@@ -27,11 +28,11 @@ MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members x K-sli
 
 @triton.jit
 def _grouped_project_kernel(
-    g_ptr, p_ptr, r_ptr, offs_ptr,
+    g_ptr, p_ptr, r_ptr, offs_ptr, rsq_ptr,
     GROUP, SPLIT, M, N, RANK, K_PER_SPLIT,
     stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_MODE: tl.constexpr, ALIGNED: tl.constexpr,
+    DOT_MODE: tl.constexpr, ALIGNED: tl.constexpr, HAS_RSQ: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -41,16 +42,31 @@ def _grouped_project_kernel(
     g_ptr = member_ptr(g_ptr, offs_ptr, pid_b, ALIGNED)
     p_ptr = member_ptr(p_ptr, offs_ptr + GROUP, pid_b, ALIGNED)
     r_ptr = member_ptr(r_ptr, offs_ptr + 2 * GROUP, pid_b, ALIGNED)
-    # the single-matrix kernel's tile, without its side outputs (cs_ptr, rsq_ptr unused)
-    project_tile(g_ptr, p_ptr, r_ptr, r_ptr, r_ptr, pid_r, pid_n, pid_s, M, N, RANK,
+    # ||R_b||^2 (split-K off): member b's tile partials at b * tiles, laid out as the single
+    # kernel's, so their fixed-order sum (_sum_rows_kernel) is the single path's bit for bit
+    rsq_ptr += pid_b.to(tl.int64) * (tl.cdiv(RANK, BLOCK_R) * tl.cdiv(N, BLOCK_N))
+    # the single-matrix kernel's tile, without the colsum side output (cs_ptr unused)
+    project_tile(g_ptr, p_ptr, r_ptr, r_ptr, rsq_ptr, pid_r, pid_n, pid_s, M, N, RANK,
                  K_PER_SPLIT, stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr,
-                 stride_rn, 0, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, False, False)
+                 stride_rn, 0, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, False, HAS_RSQ)
 
 
-def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: int = None):
+@triton.jit
+def _sum_rows_kernel(part_ptr, out_ptr, count, BLOCK: tl.constexpr):
+    """``out[b] = sum(part[b*count:(b+1)*count])`` (one program per member; the same
+    fixed-order sum as ``adam_moments._sum_partials_kernel``)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tl.store(out_ptr + pid, sum_fp32(part_ptr + pid * count, count, BLOCK))
+
+
+def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: int = None,
+                    r_sumsq=None):
     """``Rs[b] = Ps[b]^T @ Gs[b]`` for every b, in one kernel launch (plus, with split-K, one
     reduction and one multi-tensor copy). Lists of left-form tensors; each list shares one
-    shape, dtype and strides; the Rs are fp32."""
+    shape, dtype and strides; the Rs are fp32. ``r_sumsq`` (fp32, one element per member):
+    ``||R_b||^2``, from the tiles in the epilogue and one per-member partial sum, equal to the
+    single kernel's; with split-K (only on a GPU, where the group's split differs from a
+    single matrix's anyway) from one multi-tensor norm of the finished Rs."""
     count = len(Gs)
     if count == 0:
         return
@@ -59,8 +75,11 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
     G0, P0, R0 = Gs[0], Ps[0], Rs[0]
     m, n = G0.shape
     rank = P0.shape[1]
+    has_rsq = r_sumsq is not None
     if m == 0 or n == 0 or rank == 0:
         torch._foreach_zero_(list(Rs))
+        if has_rsq:
+            r_sumsq.zero_()
         return
     device = G0.device
     mode = dot_mode(precision, device)
@@ -83,32 +102,49 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
         [element_offsets("Gs", Gs), element_offsets("Ps", Ps), r_offs],
         [G0.element_size(), P0.element_size(), 4], device)
     grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N), count * split)
+    tile_rsq = has_rsq and split == 1
+    rsq_part = (torch.empty(count * tiles, device=device, dtype=torch.float32) if tile_rsq
+                else out)
     _grouped_project_kernel[grid](
-        G0, P0, out, offs, count, split, m, n, rank, k_per_split,
+        G0, P0, out, offs, rsq_part, count, split, m, n, rank, k_per_split,
         G0.stride(0), G0.stride(1), P0.stride(0), P0.stride(1), stride_s, stride_r, stride_n,
         BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
-        ALIGNED=aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ALIGNED=aligned, HAS_RSQ=tile_rsq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         torch._foreach_copy_(list(Rs), list(out.sum(dim=1).unbind(0)))
+        if has_rsq:
+            r_sumsq.copy_(torch.stack(torch._foreach_norm(list(Rs))).square())
+    elif has_rsq:
+        dense = r_sumsq if r_sumsq.is_contiguous() else torch.empty(
+            count, device=device, dtype=torch.float32)
+        _sum_rows_kernel[(count,)](rsq_part, dense, tiles, BLOCK=SUM_BLOCK, num_warps=4)
+        if dense is not r_sumsq:
+            r_sumsq.copy_(dense)
 
 
 def aot_variants():
     """Every (dtype, config, precision, alignment) compilation ``grouped_project`` can launch
-    on a GPU: the single kernel's dtype pairs and configs, without its side outputs (colsum,
-    ||R||^2)."""
+    on a GPU: the single kernel's dtype pairs and configs (without the colsum side output),
+    ``||R||^2`` for the optimizers' pairs (fp32 bases), and the per-member partial sum."""
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in ("GROUP", "SPLIT", "M", "N", "RANK", "K_PER_SPLIT", "stride_gm",
                                "stride_gn", "stride_pm", "stride_pr", "stride_rs", "stride_rr",
                                "stride_rn")}
-    for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
+    combos = [(g_t, p_t, False) for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"),
+                                                 ("bf16", "bf16"), ("fp16", "fp32"))]
+    combos += [("fp32", "fp32", True), ("bf16", "fp32", True)]
+    for g_t, p_t, has_rsq in combos:
         for mode in (0, 1, 2):
             for cfg in configs_for(mode):
                 for aligned in (True, False):
                     yield Variant(_grouped_project_kernel,
                                   {"g_ptr": "*" + g_t, "p_ptr": "*" + p_t, "r_ptr": "*fp32",
-                                   "offs_ptr": "*i64", **ints},
+                                   "offs_ptr": "*i64", "rsq_ptr": "*fp32", **ints},
                                   dict(BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N,
-                                       BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode, ALIGNED=aligned),
+                                       BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode, ALIGNED=aligned,
+                                       HAS_RSQ=has_rsq),
                                   cfg.num_warps, cfg.num_stages)
+    yield Variant(_sum_rows_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "count": "i32"},
+                  dict(BLOCK=SUM_BLOCK), 4, 3)

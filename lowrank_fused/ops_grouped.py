@@ -98,10 +98,12 @@ def _check_matrices_and_bases(name, Xs, Ps, side):
     return shape, rank, device
 
 
-def grouped_project(Gs, Ps, Rs=None, *, side="left", precision="ieee", backend="auto"):
+def grouped_project(Gs, Ps, Rs=None, *, side="left", precision="ieee", backend="auto",
+                    r_sumsq=None):
     """K1 for every member: ``R_i = P_i^T @ G_i`` (left, P_i m x r) or ``R_i = G_i @ Q_i^T``
     (right, Q_i r x n), as ``ops.project``. G_i are read in their storage dtype; the R_i are
-    fp32 and returned as a list (allocated when ``Rs`` is None)."""
+    fp32 and returned as a list (allocated when ``Rs`` is None). ``r_sumsq`` (fp32, shape
+    (count,)): also ``||R_i||^2`` of every member (``ops.project``'s ``r_sumsq``)."""
     ops._check_side(side)
     ops._check_precision(precision)
     lists, count = _lists(Gs=Gs, Ps=Ps, **({} if Rs is None else {"Rs": Rs}))
@@ -116,11 +118,22 @@ def grouped_project(Gs, Ps, Rs=None, *, side="left", precision="ieee", backend="
         Rs = lists["Rs"]
         _check_members("Rs", Rs, out_shape, device, "Gs[0]", dtype=torch.float32)
         _check_disjoint("Rs", Rs)
+    kw = dict(precision=precision)
+    if r_sumsq is not None:
+        if not isinstance(r_sumsq, torch.Tensor):
+            raise TypeError(f"r_sumsq must be a torch.Tensor, got {type(r_sumsq).__name__}")
+        if r_sumsq.dtype != torch.float32:
+            raise TypeError(f"r_sumsq must be float32, got {r_sumsq.dtype}")
+        ops._check_shape("r_sumsq", r_sumsq, (count,))
+        if r_sumsq.device != device:
+            raise ValueError(f"r_sumsq is on {r_sumsq.device} but Gs[0] is on {device}; all "
+                             f"tensors must be on one device")
+        kw["r_sumsq"] = r_sumsq
     impl = implementation("grouped_project", backend, device)
     if side == "left":
-        impl(Gs, Ps, Rs, precision=precision)
+        impl(Gs, Ps, Rs, **kw)
     else:
-        impl([G.t() for G in Gs], [P.t() for P in Ps], [R.t() for R in Rs], precision=precision)
+        impl([G.t() for G in Gs], [P.t() for P in Ps], [R.t() for R in Rs], **kw)
     return Rs
 
 

@@ -294,3 +294,51 @@ def test_grouped_ops_reject_bad_input(backend, device):
     bad(ValueError, r"side must be one of", update, Gs, Ps, Ns, coef=1.0, side="up")
     for G, w in zip(Gs, W0):
         assert torch.equal(G, w), "a rejected call must leave W untouched"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,rank", [((97, 203), 1), ((130, 257), 43), ((64, 64), 64)],
+                         ids=["97x203-r1", "130x257-r43", "64x64-rmin"])
+def test_grouped_r_sumsq_matches_reference_and_single_kernel(shape, rank, side, dtype, device):
+    """``||R_b||^2`` of every member (AdaRankGrad's exit-rule norm): against the fp64 sum of
+    squares of the reference R (fp32 tolerance), and bit for bit the single kernel's side
+    output (same tile partials, same fixed-order sum); outputs poisoned first."""
+    count = 3
+    Gs = members(shape, count, dtype, device)
+    Ps = bases(shape, rank, side, count, device)
+    low = ops.low_rank_shape(shape, rank, side)
+    rsq = poison(torch.empty(count, device=device))
+    Rs = ops_grouped.grouped_project(Gs, Ps, side=side, backend="triton", r_sumsq=rsq)
+    single = poison(torch.empty(1, device=device))
+    for b, (G, P) in enumerate(zip(Gs, Ps)):
+        want = ops.project(G, P, side=side, backend="reference").double().square().sum()
+        assert_parity(rsq[b:b + 1], want.reshape(1).float(), rtol=tolerance(torch.float32),
+                      name=f"r_sumsq[{b}]")
+        R = torch.empty(low, device=device)
+        ops.project(G, P, R, side=side, backend="triton", r_sumsq=single)
+        if device == "cpu":          # one K-slice both ways (a GPU may split the single one)
+            assert torch.equal(single, rsq[b:b + 1]) and torch.equal(R, Rs[b])
+    ref = torch.empty(count, device=device)
+    ops_grouped.grouped_project(Gs, Ps, side=side, backend="reference", r_sumsq=ref)
+    assert_parity(rsq, ref, rtol=tolerance(torch.float32), name="r_sumsq vs reference")
+
+
+def test_grouped_r_sumsq_split_k_strided_and_bad_input(device):
+    from lowrank_fused.kernels.grouped_project import grouped_project as launch
+
+    Gs = members((203, 97), 3, torch.float32, device)
+    Ps = bases((203, 97), 19, "left", 3, device)
+    Rs = [torch.empty(19, 97, device=device) for _ in range(3)]
+    want = torch.stack([(P.t() @ G).double().square().sum() for G, P in zip(Gs, Ps)]).float()
+    rsq = poison(torch.empty(3, device=device))
+    launch(Gs, Ps, Rs, split_k=3, r_sumsq=rsq)
+    assert_parity(rsq, want, rtol=tolerance(torch.float32), name="split-K r_sumsq")
+    strided = poison(torch.empty(3, 2, device=device))[:, 0]
+    launch(Gs, Ps, Rs, r_sumsq=strided)
+    assert_parity(strided, want, rtol=tolerance(torch.float32), name="strided r_sumsq")
+    with pytest.raises(TypeError, match="r_sumsq must be float32"):
+        ops_grouped.grouped_project(Gs, Ps, r_sumsq=torch.empty(3, dtype=torch.float64,
+                                                                  device=device))
+    with pytest.raises(ValueError, match=r"r_sumsq must have shape \(3,\)"):
+        ops_grouped.grouped_project(Gs, Ps, r_sumsq=torch.empty(1, device=device))

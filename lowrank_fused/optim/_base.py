@@ -352,6 +352,31 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return None
         return where
 
+    GROUPED_OPS = ("grouped_project", "grouped_backproject_update")
+
+    def _grouped_batch(self, backend, device, key):
+        """``grouped_gemms``: the step's list for one matrix class ``key`` (its first two
+        entries the side and the GEMM precision), flushed by ``self._flush_grouped(backend,
+        side, precision, items)``; None outside ``step()`` (per-layer mode) or without grouped
+        kernels for ``backend`` on ``device``."""
+        if self._batch is None:
+            return None
+
+        def resolve():
+            try:
+                return choose_backend("auto" if backend == "auto" else str(backend), device,
+                                      self.GROUPED_OPS)
+            except BackendUnavailable:
+                return None
+
+        if self._resolved_once(("grouped", str(backend), device), resolve) is None:
+            return None
+        return self._collect(("grouped", device, str(backend)) + key,
+                             functools.partial(self._flush_grouped, backend, key[0], key[1]))
+
+    def _flush_grouped(self, backend, side, precision, items):
+        raise NotImplementedError
+
     def _resolved_once(self, key, resolve):
         """``resolve()``, computed once per ``key`` (a backend choice for this optimizer's
         devices; reset with the rest of the resolution cache on ``load_state_dict``)."""

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from lowrank_fused import ops
+from lowrank_fused import ops, ops_grouped
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import (LowRankOptimizer, check_bool, check_choice, check_int,
@@ -165,6 +165,10 @@ class AdaRankGrad(LowRankOptimizer):
             first r_cur elements, so a rank change at a refresh reuses the same memory (fixed
             addresses, no allocation; ``optim._capacity``). Default False: they are
             reallocated at each refresh for the selected rank (the least memory).
+        grouped_gemms: run K1 (with the ``||Ghat||^2`` side output) and K3 of the matrices of
+            one class (shape, current rank, side, dtypes, layout) as one grouped launch each
+            (``lowrank_fused.ops_grouped``), K2 per matrix in between; bit-identical to the
+            per-matrix step on the CPU. Holds each class's R and N at once (default False).
 
     State of a projected matrix (plain tensors and Python scalars, so ``state_dict``
     round-trips through ``torch.save`` / ``torch.load(weights_only=True)``):
@@ -185,7 +189,8 @@ class AdaRankGrad(LowRankOptimizer):
                  scale=1.0, eta_th=0.96, power_iters=1, oversampling=0, iass_mode="prefix",
                  exit_rule="relative", eps_rel=0.5, beta_c=0.9, t_min=10, t_max=200,
                  eps_0=None, v_transport="cc", seed=0, backend="auto", nonfinite="raise", sign_canon=True,
-                 size_guard=True, matmul_precision=None, capacity_buffers=False):
+                 size_guard=True, matmul_precision=None, capacity_buffers=False,
+                 grouped_gemms=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
                         eta_th=eta_th, power_iters=power_iters, oversampling=oversampling,
                         iass_mode=iass_mode, exit_rule=exit_rule, eps_rel=eps_rel,
@@ -199,6 +204,7 @@ class AdaRankGrad(LowRankOptimizer):
             raise ValueError(f"sign_canon must be a bool, got {sign_canon!r}")
         self.size_guard = size_guard
         self.capacity_buffers = check_bool("capacity_buffers", capacity_buffers)
+        self.grouped_gemms = check_bool("grouped_gemms", grouped_gemms)
         super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=False,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
@@ -343,6 +349,14 @@ class AdaRankGrad(LowRankOptimizer):
             return
 
         P, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
+        if self.grouped_gemms:
+            key = (side, precision, tuple(W.shape), tuple(P.shape), W.dtype, G.dtype, P.dtype,
+                   W.stride(), G.stride(), P.stride())
+            batch = self._grouped_batch(backend, p.device, key)
+            if batch is not None:                 # K1, K2, K3 of the class at the end
+                state["step"] = t
+                batch.append((W, G, P, M, V, state, group, t, pre_scale, exit_test, write_back))
+                return
         z2 = torch.empty(1, dtype=torch.float32, device=G.device)   # ||Ghat||^2, K1 side output
         R = ops.project(G, P, side=side, precision=precision, backend=backend, r_sumsq=z2)
         N = torch.empty_like(M)
@@ -355,6 +369,30 @@ class AdaRankGrad(LowRankOptimizer):
         state["step"] = t
         if exit_test:
             self._pending_exit.append((state, group, z2, t))
+
+    def _flush_grouped(self, backend, side, precision, items):
+        """``grouped_gemms``: one class's K1 with every ``||Ghat||^2`` (one launch), each
+        matrix's K2, K3 (one launch), the write-backs, then the exit tests' entries."""
+        Ws, Gs, Ps, Ms, Vs, states, groups, ts, pres, exits, wbs = (list(x) for x in zip(*items))
+        items.clear()
+        z2 = torch.empty(len(Ws), dtype=torch.float32, device=Ws[0].device)
+        Rs = ops_grouped.grouped_project(Gs, Ps, side=side, precision=precision,
+                                         backend=backend, r_sumsq=z2)
+        Ns = []
+        for R, M, V, group, t in zip(Rs, Ms, Vs, groups, ts):
+            N = torch.empty_like(M)
+            ops.adam_moments(R, M, V, N, beta1=group["betas"][0], beta2=group["betas"][1],
+                             eps=group["eps"], step=t, eps_mode="torch", backend=backend)
+            Ns.append(N)
+        del Rs
+        ops_grouped.grouped_backproject_update(
+            Ws, Ps, Ns, side=side, coef=[g["lr"] * g["scale"] for g in groups],
+            pre_scale=pres, post_decay=0.0, precision=precision, backend=backend)
+        for write_back, W in zip(wbs, Ws):
+            write_back(W)
+        for b, (state, group, t, exit_test) in enumerate(zip(states, groups, ts, exits)):
+            if exit_test:
+                self._pending_exit.append((state, group, z2[b:b + 1], t))
 
     def _before_updates(self):
         self._pending_exit = []

@@ -16,7 +16,6 @@ import math
 import torch
 
 from lowrank_fused import ops, ops_grouped, ops_multi
-from lowrank_fused.dispatch import BackendUnavailable, choose_backend
 from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_number,
@@ -24,7 +23,6 @@ from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized")
-GROUPED_OPS = ("grouped_project", "grouped_backproject_update")
 
 
 def projection_side(shape, proj_type: str) -> str:
@@ -318,24 +316,6 @@ class GaLoreAdamW(LowRankOptimizer):
         updates.reverse()
         while updates:
             updates.pop()()
-
-    def _grouped_batch(self, backend, device, key):
-        """``grouped_gemms``: the step's list for one matrix class ``key``, or None (outside
-        ``step()``, or no grouped kernels for ``backend`` on ``device``)."""
-        if self._batch is None:
-            return None
-
-        def resolve():
-            try:
-                return choose_backend("auto" if backend == "auto" else str(backend), device,
-                                      GROUPED_OPS)
-            except BackendUnavailable:
-                return None
-
-        if self._resolved_once(("grouped", str(backend), device), resolve) is None:
-            return None
-        return self._collect(("galore_grouped", device, str(backend)) + key,
-                             functools.partial(self._flush_grouped, backend, key[0], key[1]))
 
     def _flush_grouped(self, backend, side, precision, items):
         """``grouped_gemms``: one class's K1 (one launch), K2 (one multi-tensor call where the
