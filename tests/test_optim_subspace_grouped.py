@@ -98,15 +98,15 @@ def test_flag_is_checked(name):
         CLASSES[name]([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms="yes")
 
 
-def _run_adarankgrad(grouped, backend, dtype, steps):
-    from lowrank_fused.optim.adarankgrad import AdaRankGrad
-    from lowrank_fused.routing import param_groups
+def _run_method(method, grouped, backend, dtype, steps, **kw):
+    """``steps`` tiny-LM steps of ``method`` built by ``make_optimizer`` (rank 8), the ranks
+    (``r_cur`` for AdaRankGrad) after each."""
+    from lowrank_fused.routing import make_optimizer
 
     model, batch = tiny_lm_task(0)
     model.to(dtype)
-    opt = AdaRankGrad(param_groups(model, method="adarankgrad", rank=8), lr=1e-2,
-                      weight_decay=0.01, t_min=2, t_max=3, eta_th=0.8, backend=backend,
-                      grouped_gemms=grouped)
+    opt = make_optimizer(model, method, rank=8, lr=1e-2, weight_decay=0.01, backend=backend,
+                         grouped_gemms=grouped, **kw)
     ranks = []
     for _ in range(steps):
         lm_loss(model, batch).backward()
@@ -126,9 +126,10 @@ def test_adarankgrad_grouped_equals_per_matrix(backend, dtype, monkeypatch):
     if not available(backend, "cpu"):
         pytest.skip(f"{backend} unavailable here")
     steps = 4 if backend == "triton" else 7
-    a, opt_a, ranks = _run_adarankgrad(False, backend, dtype, steps)
+    kw = dict(t_min=2, t_max=3, eta_th=0.8)
+    a, opt_a, ranks = _run_method("adarankgrad", False, backend, dtype, steps, **kw)
     calls = count_calls(monkeypatch, backend=backend)
-    b, opt_b, ranks_b = _run_adarankgrad(True, backend, dtype, steps)
+    b, opt_b, ranks_b = _run_method("adarankgrad", True, backend, dtype, steps, **kw)
     assert ranks == ranks_b and len(set(ranks)) > 1 and len(set(ranks[-1])) > 1
     _assert_same(a, opt_a, b, opt_b)
     for p, q in zip(opt_a.state, opt_b.state):
@@ -144,3 +145,33 @@ def test_adarankgrad_flag_is_checked():
 
     with pytest.raises(ValueError, match="grouped_gemms"):
         AdaRankGrad([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms=1)
+
+
+@pytest.mark.parametrize("backend,dtype,ef", [("triton", torch.float32, True),
+                                              ("reference", torch.float32, True),
+                                              ("reference", torch.bfloat16, True),
+                                              ("reference", torch.float32, False)], ids=str)
+def test_ldadam_grouped_equals_per_matrix(backend, dtype, ef, monkeypatch):
+    """LDAdamW's grouped K1 (line 2) and K3 (line 9) around the per-matrix power iteration,
+    transport, error feedback and moments: weights, bases, moments and error buffers equal
+    the per-matrix step bit for bit, both sides; one grouped K1 and K3 per class and step."""
+    if not available(backend, "cpu"):
+        pytest.skip(f"{backend} unavailable here")
+    steps = 3 if backend == "triton" else 5
+    kw = dict(error_feedback=ef)
+    a, opt_a, _ = _run_method("ldadam", False, backend, dtype, steps, **kw)
+    calls = count_calls(monkeypatch, backend=backend)
+    b, opt_b, _ = _run_method("ldadam", True, backend, dtype, steps, **kw)
+    _assert_same(a, opt_a, b, opt_b)
+    assert any("error" in st for st in opt_b.state.values()) == ef
+    assert calls.get("project", 0) == calls.get("backproject_update", 0) == 0
+    classes = {(tuple(p.shape), opt_b._plan(p, g)[0]) for g in opt_b.param_groups
+               for p in g["params"] if opt_b._plan(p, g) is not None}
+    assert calls["grouped_project"] == calls["grouped_backproject_update"] == steps * len(classes)
+
+
+def test_ldadam_flag_is_checked():
+    from lowrank_fused.optim.ldadam import LDAdamW
+
+    with pytest.raises(ValueError, match="grouped_gemms"):
+        LDAdamW([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms="no")

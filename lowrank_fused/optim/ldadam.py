@@ -25,12 +25,13 @@ matrices run the same ops on transposed views (section 1.1 canonical form).
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
 import torch
 
-from lowrank_fused import ops
+from lowrank_fused import ops, ops_grouped
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
@@ -135,6 +136,12 @@ class LDAdamW(LowRankOptimizer):
         size_guard: a low-rank group's matrix with ``rank >= min(m, n)`` gets the dense AdamW
             step (ALGORITHMS.md 1.6; default True). With False it runs LDAdam at rank
             ``min(rank, m, n)`` (the official code's behaviour at ``rank == min(m, n)``).
+        grouped_gemms: run the projection (line 2) and the back-projection with the update
+            (line 9) of the matrices of one class (shape, rank, side, dtypes, layout) as one
+            grouped launch each (``lowrank_fused.ops_grouped``); the per-step power iteration,
+            transport, error feedback and moments stay per matrix in between. Bit-identical to
+            the per-matrix step on the CPU; holds each class's Rg and N at once (default
+            False). Not for FSDP2-sharded matrices (they keep the per-matrix step).
 
     Tensors with more than 2 dimensions are projected as ``(shape[0], prod(rest))``; 1-D
     parameters of a low-rank group get the dense step.
@@ -149,7 +156,7 @@ class LDAdamW(LowRankOptimizer):
                  rank=16, rho=0.908, proj_type="std", proj_method="power_iteration",
                  error_feedback=True, ef_dtype="param", enable_lowrank=False, *,
                  backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 form="fused", size_guard=True):
+                 form="fused", size_guard=True, grouped_gemms=False):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         _check_bool("size_guard", size_guard)
@@ -160,6 +167,8 @@ class LDAdamW(LowRankOptimizer):
         self._check_group(defaults)
         self.form = form
         self.size_guard = size_guard
+        _check_bool("grouped_gemms", grouped_gemms)
+        self.grouped_gemms = grouped_gemms
         super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
@@ -291,8 +300,7 @@ class LDAdamW(LowRankOptimizer):
         W, G, write_back = self._as_matrix(p, shape)
         shape = tuple(W.shape)                         # FSDP2: this rank's rows
         t = self.completed_steps                    # 0-based, before this step's increment
-        beta1, beta2 = group["betas"]
-        rho, lr = group["rho"], group["lr"]
+        beta1, rho = group["betas"][0], group["rho"]
         sdt = self._state_dtype(p)
         low_shape = ops.low_rank_shape(shape, rank, side)
         basis_shape = ops.basis_shape(shape, rank, side)
@@ -356,9 +364,34 @@ class LDAdamW(LowRankOptimizer):
                 lookup("ldadam_momentum_mix", backend)(cv(A), cv(P_old), cv(M), cv(B), **mix)
                 P_new = self._new_basis(B, rank, side, group["proj_method"], t, p)
         P_new = P_new.to(sdt).contiguous()
-
+        rest = functools.partial(self._ldadam_after_projection, p, group, side, shape, W, A, E,
+                                 P_new, P_old, M, V, first, t, write_back, backend, precision)
+        if self.grouped_gemms and not is_sharded(p):
+            key = (side, precision, shape, tuple(P_new.shape), W.dtype, A.dtype, P_new.dtype,
+                   W.stride(), A.stride(), P_new.stride())
+            batch = self._grouped_batch(backend, p.device, key)
+            if batch is not None:                 # K1 and K3 of the class at the end
+                batch.append((W, A, P_new, rest))
+                return
         # line 2: project the accumulated gradient
         Rg = ops.project(A, P_new, side=side, precision=precision, backend=backend)
+        N, coef, pre_scale, post_decay, finish = rest(Rg)
+        ops.backproject_update(W, P_new, N, side=side, coef=coef, pre_scale=pre_scale,
+                               post_decay=post_decay, precision=precision, backend=backend)
+        finish()
+
+    def _ldadam_after_projection(self, p, group, side, shape, W, A, E, P_new, P_old, M, V,
+                                 first, t, write_back, backend, precision, Rg):
+        """Lines 3-8 after the projection Rg: transport, error feedback, Adam. Returns N,
+        K3's scalars (line 9) and what ends the step after K3 (write-back, line 10)."""
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        ef = group["error_feedback"]
+        edt = torch.float32 if group["ef_dtype"] == "fp32" else p.dtype
+
+        def cv(x):                                  # canonical (left-form) view
+            return x if side == "left" else x.t()
 
         # lines 4 + 6: transport the statistics into the new subspace (v in place)
         M_tr = torch.zeros_like(M)
@@ -385,10 +418,28 @@ class LDAdamW(LowRankOptimizer):
         N = torch.empty_like(M)
         ops.adam_moments(Rg, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t + 1,
                          eps_mode="torch", backend=backend)
-        # line 9: W <- W*(1 - lr*wd) - lr * P_new @ N
+        # line 9: W <- W*(1 - lr*wd) - lr * P_new @ N (K3, by the caller)
         pre_scale, post_decay = ops.decay_coefficients(lr, group["weight_decay"], "pre")
-        ops.backproject_update(W, P_new, N, side=side, coef=lr, pre_scale=pre_scale,
-                               post_decay=post_decay, precision=precision, backend=backend)
-        write_back(W)
-        # line 10
-        state["basis"], state["exp_avg"], state["exp_avg_sq"] = P_new, M, V
+
+        def finish():
+            write_back(W)
+            # line 10
+            state["basis"], state["exp_avg"], state["exp_avg_sq"] = P_new, M, V
+
+        return N, lr, pre_scale, post_decay, finish
+
+    def _flush_grouped(self, backend, side, precision, items):
+        """``grouped_gemms``: one class's K1 (one launch), each matrix's lines 3-8, K3 (one
+        launch), then each matrix's write-back and state."""
+        Ws, As, Ps, rests = (list(x) for x in zip(*items))
+        items.clear()
+        Rgs = ops_grouped.grouped_project(As, Ps, side=side, precision=precision,
+                                          backend=backend)
+        out = [rest(Rg) for rest, Rg in zip(rests, Rgs)]
+        del Rgs
+        Ns, coefs, pres, posts, finishes = (list(x) for x in zip(*out))
+        ops_grouped.grouped_backproject_update(Ws, Ps, Ns, side=side, coef=coefs,
+                                               pre_scale=pres, post_decay=posts,
+                                               precision=precision, backend=backend)
+        for finish in finishes:
+            finish()
