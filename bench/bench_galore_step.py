@@ -58,20 +58,6 @@ def _galore(W, params, backend):
                        matmul_precision=params["precision"])
 
 
-def _warm_state(params, device):
-    """State after one step (the step that computes the SVD), shared by every optimizer of
-    this shape, rank and dtype."""
-    key = (params["m"], params["n"], params["r"], params["dtype"], str(device))
-    if key not in _WARM_STATES:
-        W = torch.nn.Parameter(H.random_tensor((params["m"], params["n"]), params["dtype"],
-                                               device))
-        W.grad = H.random_tensor(W.shape, params["dtype"], device, scale=1e-2)
-        opt = _galore(W, params, "reference")
-        opt.step()
-        _WARM_STATES[key] = opt.state_dict()
-    return _WARM_STATES[key]
-
-
 def clear_cache():
     _WARM_STATES.clear()
 
@@ -106,14 +92,9 @@ def make(params, backend, device):
                                           wd_mode="pre", backend=impl)
         per_set = m * n * (2 * dtype.itemsize + 8)
     else:
-        warm = _warm_state(params, device)
-
-        def factory():
-            W = torch.nn.Parameter(H.random_tensor((m, n), dtype, device))
-            W.grad = H.random_tensor((m, n), dtype, device, scale=1e-2)
-            opt = _galore(W, params, backend)
-            opt.load_state_dict(warm)
-            return opt.step
+        factory = H.warm_step_factory(lambda W, b: _galore(W, params, b), _WARM_STATES,
+                                      (m, n, params["r"], dtype, str(device)), (m, n), dtype,
+                                      device, backend)
 
     return H.rotating(factory, per_set, device)
 

@@ -76,19 +76,6 @@ def _optimizer(params, W, backend):
                backend=backend, matmul_precision=params["precision"])
 
 
-def _warm_state(params, device):
-    key = (params["method"], params["m"], params["n"], params["r"], params["dtype"],
-           str(device))
-    if key not in _WARM_STATES:
-        W = torch.nn.Parameter(H.random_tensor((params["m"], params["n"]), params["dtype"],
-                                               device))
-        W.grad = H.random_tensor(W.shape, params["dtype"], device, scale=1e-2)
-        opt = _optimizer(params, W, "reference")
-        opt.step()
-        _WARM_STATES[key] = opt.state_dict()
-    return _WARM_STATES[key]
-
-
 def clear_cache():
     _WARM_STATES.clear()
 
@@ -97,15 +84,9 @@ def make(params, backend, device):
     """A zero-arg callable running one steady optimizer step on a random m x n parameter with
     a fixed random gradient."""
     m, n, dtype = params["m"], params["n"], params["dtype"]
-    warm = _warm_state(params, device)
-
-    def factory():
-        W = torch.nn.Parameter(H.random_tensor((m, n), dtype, device))
-        W.grad = H.random_tensor((m, n), dtype, device, scale=1e-2)
-        opt = _optimizer(params, W, backend)
-        opt.load_state_dict(warm)
-        return opt.step
-
+    key = (params["method"], m, n, params["r"], dtype, str(device))
+    factory = H.warm_step_factory(lambda W, b: _optimizer(params, W, b), _WARM_STATES, key,
+                                  (m, n), dtype, device, backend)
     # W, G and the method's m x n state (LDAdam's error buffer, AdaPM's V) per instance
     per_set = m * n * (2 * dtype.itemsize + 4)
     return H.rotating(factory, per_set, device)

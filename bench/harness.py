@@ -126,6 +126,30 @@ def matmul_precision(precision: str):
         torch.set_float32_matmul_precision(old)
 
 
+def warm_step_factory(build, cache: dict, key, shape, dtype, device, backend):
+    """For the whole-step benchmarks: a factory of ``opt.step`` callables, each on a fresh
+    random parameter of ``shape`` with a fixed random gradient, its optimizer
+    (``build(W, backend)``) loaded with the state after one warm ``reference`` step (the step
+    that computes the first subspace), taken once per ``key`` and kept in ``cache``."""
+    def fresh():
+        W = torch.nn.Parameter(random_tensor(shape, dtype, device))
+        W.grad = random_tensor(shape, dtype, device, scale=1e-2)
+        return W
+
+    if key not in cache:
+        opt = build(fresh(), "reference")
+        opt.step()
+        cache[key] = opt.state_dict()
+    warm = cache[key]
+
+    def factory():
+        opt = build(fresh(), backend)
+        opt.load_state_dict(warm)
+        return opt.step
+
+    return factory
+
+
 def random_tensor(shape, dtype, device, *, positive=False, scale=1.0):
     """Random normal data (never zeros); ``positive`` gives |x| + 1e-3 (for second moments)."""
     x = torch.randn(shape, device=device, dtype=torch.float32) * scale

@@ -35,7 +35,8 @@ REFRESH = {
 DENSE = ("adamw", "adafactor")
 FAR = 10 ** 9
 # methods with ``grouped_gemms`` (K1/K3 of each matrix class as one launch): a "fused-grouped" row
-GROUPED = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adarankgrad", "ldadam")
+GROUPED = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adarankgrad", "ldadam",
+           "adamem")
 # the whole-model comparison of issue 4 on CUDA (not --quick): LLaMA-1B, GaLore's rank for it
 WHOLE_MODEL = ("1b", 512, ("galore", "adaptive_adamw"))
 

@@ -21,6 +21,7 @@ from .gha_update import gha_update
 from .iass_select import iass_select
 from .grouped_backproject_update import grouped_backproject_update
 from .grouped_project import grouped_project
+from .grouped_residual_backproject_update import grouped_residual_backproject_update
 from .kfac_precondition import kfac_precondition
 from .kfac_transport import kfac_transport
 from .ldadam_error_feedback import ldadam_error_feedback
@@ -51,6 +52,7 @@ register("moment_transport_linear", "triton")(moment_transport_linear)
 register("ldadam_moment_transport", "triton")(ldadam_moment_transport)
 register("grouped_project", "triton")(grouped_project)
 register("grouped_backproject_update", "triton")(grouped_backproject_update)
+register("grouped_residual_backproject_update", "triton")(grouped_residual_backproject_update)
 register("range_finder", "triton")(range_finder)
 register("ldadam_power_iteration", "triton")(ldadam_power_iteration)
 register("adapm_init_basis", "triton")(adapm_init_basis)
@@ -70,6 +72,7 @@ __all__ += ["adapm_update", "adapm_dense_update", "range_finder", "adapm_init_ba
             "ldadam_power_iteration"]
 __all__ += ["moment_transport", "moment_transport_linear", "ldadam_moment_transport"]
 __all__ += ["adamem_moments", "norm_growth_limit"]
-__all__ += ["grouped_project", "grouped_backproject_update"]
+__all__ += ["grouped_project", "grouped_backproject_update",
+            "grouped_residual_backproject_update"]
 __all__ += ["adapm_refit", "subspace_drift", "kfac_precondition", "kfac_transport"]
 __all__ += ["iass_select", "residual_col_stats"]

@@ -10,7 +10,14 @@ nearest in its dtype). The members are separate tensors addressed as offsets fro
 (each layer's learning rate and its own bias correction) come from one small fp32 table
 (3 x count: coef, pre_scale, post_decay). The tiling is the single kernel's (its
 ``choose_config``); the grid adds a member axis: (row tiles, column tiles, member).
+
+``HAS_RESIDUAL`` (AdaMeM, section 8.3 lines 8-9, K5 pass 2): the single kernel's residual
+epilogue per member, ``W_b -= res_coef_b * G_b * col_scale_b[None, :]`` before the decay, with
+two more member lists (G_b m x n in its storage dtype, col_scale_b n fp32 contiguous) and a
+fourth row of scalars (res_coef). ``grouped_residual_backproject_update.py`` builds the
+folded low-rank factors and launches it.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -23,11 +30,12 @@ MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members)
 
 @triton.jit
 def _grouped_backproject_update_kernel(
-    w_ptr, p_ptr, n_ptr, offs_ptr, scal_ptr,
+    w_ptr, p_ptr, n_ptr, offs_ptr, scal_ptr, g_ptr, cs_ptr,
     GROUP, M, N, RANK,
-    stride_wm, stride_wn, stride_pm, stride_pr, stride_nr, stride_nn,
+    stride_wm, stride_wn, stride_pm, stride_pr, stride_nr, stride_nn, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -47,25 +55,47 @@ def _grouped_backproject_update_kernel(
     pre_scale = tl.load(scal_ptr + GROUP + pid_b)
     post_decay = tl.load(scal_ptr + 2 * GROUP + pid_b)
     mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:   # res_coef * G * col_scale (G read once, in its storage dtype), formed
+        # before W's tile is loaded: the G pointers die before W's are made (no spills)
+        g_ptr = member_ptr(g_ptr, offs_ptr + 3 * GROUP, pid_b, ALIGNED)
+        cs_ptr = member_ptr(cs_ptr, offs_ptr + 4 * GROUP, pid_b, ALIGNED)
+        res_coef = tl.load(scal_ptr + 3 * GROUP + pid_b)
+        g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        cs = tl.load(cs_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        res = res_coef * (g * cs[None, :])
     w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     # selects, not the single kernel's branches (which made ptxas spill here); the same
     # values: a factor 1 or a decay 0 is not applied at all, so an inf in W stays inf
     w = tl.where(pre_scale != 1.0, w * pre_scale, w)
     w = w - coef * acc
+    if HAS_RESIDUAL:   # the single kernel's order: ((W*pre) - coef*PN) - res
+        w = w - res
     w = tl.where(post_decay != 0.0, w - post_decay * w, w)
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
-                               precision: str = "ieee", config=None) -> None:
+                               precision: str = "ieee", config=None, residuals=None,
+                               col_scales=None, res_coef=None) -> None:
     """In place on every ``Ws[b]``, in one kernel launch. Lists of left-form tensors, each list
     sharing one shape, dtype and strides; ``coef``, ``pre_scale``, ``post_decay``: one float
-    per member (sequences of ``len(Ws)``)."""
+    per member (sequences of ``len(Ws)``). With ``residuals`` (m x n each), ``col_scales``
+    (n each, fp32, contiguous) and ``res_coef`` (one float per member), the epilogue also
+    subtracts ``res_coef[b] * residuals[b] * col_scales[b][None, :]`` before the decay (the
+    single kernel's ``residual`` term)."""
     count = len(Ws)
     if count == 0:
         return
-    for name, lst in (("Ws", Ws), ("Ps", Ps), ("Ns", Ns)):
+    has_res = residuals is not None
+    lists = [("Ws", Ws), ("Ps", Ps), ("Ns", Ns)]
+    if has_res:
+        lists += [("residuals", residuals), ("col_scales", col_scales)]
+        for i, c in enumerate(col_scales):
+            if c.dtype != torch.float32 or c.dim() != 1 or c.stride(0) != 1:
+                raise ValueError(f"col_scales[{i}] must be a contiguous fp32 vector")
+    for name, lst in lists:
         check_layout(name, lst)
     if count > MAX_GRID_Z:
         raise ValueError(f"a group of {count} matrices exceeds the grid limit {MAX_GRID_Z}: "
@@ -78,36 +108,47 @@ def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
     device = W0.device
     mode = dot_mode(precision, device)
     cfg = config or choose_config(m, n, rank, mode)
-    offs, aligned = offsets_table(
-        [element_offsets("Ws", Ws), element_offsets("Ps", Ps), element_offsets("Ns", Ns)],
-        [W0.element_size(), P0.element_size(), N0.element_size()], device)
-    scal = scalar_table([[float(x) for x in coef], [float(x) for x in pre_scale],
-                         [float(x) for x in post_decay]], device)
+    rows = [element_offsets(name, lst) for name, lst in lists]
+    scalars = [[float(x) for x in coef], [float(x) for x in pre_scale],
+               [float(x) for x in post_decay]]
+    G0, C0 = (residuals[0], col_scales[0]) if has_res else (W0, W0)
+    if has_res:
+        scalars.append([float(x) for x in res_coef])
+    offs, aligned = offsets_table(rows, [lst[0].element_size() for _, lst in lists], device)
+    scal = scalar_table(scalars, device)
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), count)
     _grouped_backproject_update_kernel[grid](
-        W0, P0, N0, offs, scal, count, m, n, rank,
+        W0, P0, N0, offs, scal, G0, C0, count, m, n, rank,
         W0.stride(0), W0.stride(1), P0.stride(0), P0.stride(1), N0.stride(0), N0.stride(1),
+        G0.stride(0), G0.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
-        INTERPRET=interpreting(), ALIGNED=aligned,
+        INTERPRET=interpreting(), ALIGNED=aligned, HAS_RESIDUAL=has_res,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def aot_variants():
     """Every (dtype, config, precision, alignment) compilation ``grouped_backproject_update``
-    can launch on a GPU: the single kernel's in-place dtype pairs (W; P and N) and configs."""
+    can launch on a GPU: the single kernel's in-place dtype pairs (W; P and N) and configs,
+    and the residual epilogue (AdaMeM) for fp32 and bf16 weights (the gradient in the
+    weight's dtype, fp32 bases, factors and column scales)."""
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in ("GROUP", "M", "N", "RANK", "stride_wm", "stride_wn", "stride_pm",
-                               "stride_pr", "stride_nr", "stride_nn")}
-    for w_t, s_t in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
+                               "stride_pr", "stride_nr", "stride_nn", "stride_gm", "stride_gn")}
+    combos = [(w_t, s_t, False) for w_t, s_t in (("fp32", "fp32"), ("bf16", "fp32"),
+                                                  ("bf16", "bf16"), ("fp16", "fp32"))]
+    combos += [("fp32", "fp32", True), ("bf16", "fp32", True)]
+    for w_t, s_t, has_res in combos:
+        g_t, c_t = (w_t, "fp32") if has_res else (w_t, w_t)
         for mode in (0, 1, 2):
             for cfg in configs_for(mode):
                 for aligned in (True, False):
                     yield Variant(_grouped_backproject_update_kernel,
                                   {"w_ptr": "*" + w_t, "p_ptr": "*" + s_t, "n_ptr": "*" + s_t,
-                                   "offs_ptr": "*i64", "scal_ptr": "*fp32", **ints},
+                                   "offs_ptr": "*i64", "scal_ptr": "*fp32", "g_ptr": "*" + g_t,
+                                   "cs_ptr": "*" + c_t, **ints},
                                   dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                                        BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode, INTERPRET=False,
-                                       ALIGNED=aligned),
+                                       ALIGNED=aligned, HAS_RESIDUAL=has_res),
                                   cfg.num_warps, cfg.num_stages)

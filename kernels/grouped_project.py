@@ -8,10 +8,16 @@ single-matrix kernel's (its ``choose_config``), so each member's tiles run exact
 alone; the group adds a grid axis. The grid is (rank tiles, column slabs, member x K-slice):
 programs sharing a column slab of one member are adjacent, as in the single kernel.
 
+Side outputs, as the single kernel's: ``||R_b||^2`` (tile partials, one per-member fixed-order
+sum) and ``colsum(G_b^2)`` (n per member, AdaMeM's residual statistics): member b's colsum
+lands in row b of one (count, n) fp32 tensor, written by the rank-tile-0 programs of its
+column slabs, exactly the single kernel's values (same tiles, same order).
+
 Split-K (the reduction over m cut into slices, summed in a fixed order afterwards) is used only
 when the whole group's output grid is too small to fill the GPU, which for a LLaMA group (tens
 of members) it never is; then the partial sums go to one (count, split, r, n) buffer and two
-torch calls reduce them and copy them out.
+torch calls reduce them and copy them out (the colsum slices likewise, from a
+(count, split, n) buffer).
 """
 import torch
 import triton
@@ -28,11 +34,13 @@ MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members x K-sli
 
 @triton.jit
 def _grouped_project_kernel(
-    g_ptr, p_ptr, r_ptr, offs_ptr, rsq_ptr,
+    g_ptr, p_ptr, r_ptr, offs_ptr, rsq_ptr, cs_ptr,
     GROUP, SPLIT, M, N, RANK, K_PER_SPLIT,
     stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr, stride_rn,
+    stride_cb, stride_cs,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_MODE: tl.constexpr, ALIGNED: tl.constexpr, HAS_RSQ: tl.constexpr,
+    HAS_COLSQ: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -45,10 +53,13 @@ def _grouped_project_kernel(
     # ||R_b||^2 (split-K off): member b's tile partials at b * tiles, laid out as the single
     # kernel's, so their fixed-order sum (_sum_rows_kernel) is the single path's bit for bit
     rsq_ptr += pid_b.to(tl.int64) * (tl.cdiv(RANK, BLOCK_R) * tl.cdiv(N, BLOCK_N))
-    # the single-matrix kernel's tile, without the colsum side output (cs_ptr unused)
-    project_tile(g_ptr, p_ptr, r_ptr, r_ptr, rsq_ptr, pid_r, pid_n, pid_s, M, N, RANK,
+    # colsum(G_b^2): member b's row of the (count, [split,] n) output (slice rows stride_cs)
+    cs_ptr += pid_b.to(tl.int64) * stride_cb
+    # the single-matrix kernel's tile
+    project_tile(g_ptr, p_ptr, r_ptr, cs_ptr, rsq_ptr, pid_r, pid_n, pid_s, M, N, RANK,
                  K_PER_SPLIT, stride_gm, stride_gn, stride_pm, stride_pr, stride_rs, stride_rr,
-                 stride_rn, 0, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, False, HAS_RSQ)
+                 stride_rn, stride_cs, BLOCK_R, BLOCK_N, BLOCK_K, DOT_MODE, HAS_COLSQ,
+                 HAS_RSQ)
 
 
 @triton.jit
@@ -60,13 +71,16 @@ def _sum_rows_kernel(part_ptr, out_ptr, count, BLOCK: tl.constexpr):
 
 
 def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: int = None,
-                    r_sumsq=None):
+                    r_sumsq=None, col_sumsq=None):
     """``Rs[b] = Ps[b]^T @ Gs[b]`` for every b, in one kernel launch (plus, with split-K, one
     reduction and one multi-tensor copy). Lists of left-form tensors; each list shares one
     shape, dtype and strides; the Rs are fp32. ``r_sumsq`` (fp32, one element per member):
     ``||R_b||^2``, from the tiles in the epilogue and one per-member partial sum, equal to the
     single kernel's; with split-K (only on a GPU, where the group's split differs from a
-    single matrix's anyway) from one multi-tensor norm of the finished Rs."""
+    single matrix's anyway) from one multi-tensor norm of the finished Rs. ``col_sumsq``
+    (fp32, (count, n), any strides): ``colsum(Gs[b]^2)`` in row b, from the G tiles of the
+    same pass, equal to the single kernel's; with split-K the per-slice partials are summed
+    by one torch reduction."""
     count = len(Gs)
     if count == 0:
         return
@@ -76,10 +90,13 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
     m, n = G0.shape
     rank = P0.shape[1]
     has_rsq = r_sumsq is not None
+    has_cs = col_sumsq is not None
     if m == 0 or n == 0 or rank == 0:
         torch._foreach_zero_(list(Rs))
         if has_rsq:
             r_sumsq.zero_()
+        if has_cs:   # nothing to launch: the single launcher's empty case, per member
+            col_sumsq.copy_(torch.stack([G.float().square().sum(dim=0) for G in Gs]))
         return
     device = G0.device
     mode = dot_mode(precision, device)
@@ -105,12 +122,25 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
     tile_rsq = has_rsq and split == 1
     rsq_part = (torch.empty(count * tiles, device=device, dtype=torch.float32) if tile_rsq
                 else out)
+    # colsum rows: straight into col_sumsq when it has unit column stride and K is not split,
+    # else one (count, split, n) buffer of per-slice partials, reduced below
+    if has_cs and (split > 1 or (n > 1 and col_sumsq.stride(1) != 1)):
+        cs_out = torch.empty((count, split, n), device=device, dtype=torch.float32)
+        stride_cb, stride_cs = cs_out.stride(0), cs_out.stride(1)
+    elif has_cs:
+        cs_out, stride_cb, stride_cs = col_sumsq, col_sumsq.stride(0), 0
+    else:
+        cs_out, stride_cb, stride_cs = out, 0, 0
     _grouped_project_kernel[grid](
-        G0, P0, out, offs, rsq_part, count, split, m, n, rank, k_per_split,
+        G0, P0, out, offs, rsq_part, cs_out, count, split, m, n, rank, k_per_split,
         G0.stride(0), G0.stride(1), P0.stride(0), P0.stride(1), stride_s, stride_r, stride_n,
+        stride_cb, stride_cs,
         BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
-        ALIGNED=aligned, HAS_RSQ=tile_rsq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ALIGNED=aligned, HAS_RSQ=tile_rsq, HAS_COLSQ=has_cs, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
+    if has_cs and cs_out is not col_sumsq:
+        col_sumsq.copy_(cs_out.sum(dim=1))
     if split > 1:
         torch._foreach_copy_(list(Rs), list(out.sum(dim=1).unbind(0)))
         if has_rsq:
@@ -125,26 +155,29 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
 
 def aot_variants():
     """Every (dtype, config, precision, alignment) compilation ``grouped_project`` can launch
-    on a GPU: the single kernel's dtype pairs and configs (without the colsum side output),
-    ``||R||^2`` for the optimizers' pairs (fp32 bases), and the per-member partial sum."""
+    on a GPU: the single kernel's dtype pairs and configs, ``||R||^2`` (AdaRankGrad) and
+    ``colsum(G^2)`` (AdaMeM) for the optimizers' pairs (fp32 bases), and the per-member
+    partial sum."""
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in ("GROUP", "SPLIT", "M", "N", "RANK", "K_PER_SPLIT", "stride_gm",
                                "stride_gn", "stride_pm", "stride_pr", "stride_rs", "stride_rr",
-                               "stride_rn")}
-    combos = [(g_t, p_t, False) for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"),
-                                                 ("bf16", "bf16"), ("fp16", "fp32"))]
-    combos += [("fp32", "fp32", True), ("bf16", "fp32", True)]
-    for g_t, p_t, has_rsq in combos:
+                               "stride_rn", "stride_cb", "stride_cs")}
+    combos = [(g_t, p_t, False, False) for g_t, p_t in (("fp32", "fp32"), ("bf16", "fp32"),
+                                                        ("bf16", "bf16"), ("fp16", "fp32"))]
+    combos += [(g_t, "fp32", not has_cs, has_cs) for has_cs in (False, True)
+               for g_t in ("fp32", "bf16")]
+    for g_t, p_t, has_rsq, has_cs in combos:
         for mode in (0, 1, 2):
             for cfg in configs_for(mode):
                 for aligned in (True, False):
                     yield Variant(_grouped_project_kernel,
                                   {"g_ptr": "*" + g_t, "p_ptr": "*" + p_t, "r_ptr": "*fp32",
-                                   "offs_ptr": "*i64", "rsq_ptr": "*fp32", **ints},
+                                   "offs_ptr": "*i64", "rsq_ptr": "*fp32",
+                                   "cs_ptr": "*fp32", **ints},
                                   dict(BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N,
                                        BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode, ALIGNED=aligned,
-                                       HAS_RSQ=has_rsq),
+                                       HAS_RSQ=has_rsq, HAS_COLSQ=has_cs),
                                   cfg.num_warps, cfg.num_stages)
     yield Variant(_sum_rows_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "count": "i32"},
                   dict(BLOCK=SUM_BLOCK), 4, 3)

@@ -41,6 +41,19 @@ def _check_shape(name, t, shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def _check_side_output(name, t, shape, device, where="G"):
+    """A side-output tensor: a float32 torch.Tensor of ``shape`` on ``device`` (that of
+    ``where``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    _check_shape(name, t, shape)
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {where} is on {device}; all tensors "
+                         f"must be on one device")
+
+
 def _same_device(**tensors):
     devs = {name: t.device for name, t in tensors.items()}
     if len(set(devs.values())) > 1:
@@ -97,18 +110,10 @@ def project(G, P, R=None, *, side="left", precision="ieee", backend="auto", sums
     device = _same_device(G=G, P=P, R=R)
     kw = dict(precision=precision)
     if sumsq is not None:
-        if sumsq.dtype != torch.float32:
-            raise TypeError(f"sumsq must be float32, got {sumsq.dtype}")
-        _check_shape("sumsq", sumsq, (n,) if side == "left" else (m,))
-        _same_device(G=G, sumsq=sumsq)
+        _check_side_output("sumsq", sumsq, (n,) if side == "left" else (m,), device)
         kw["col_sumsq"] = sumsq
     if r_sumsq is not None:
-        if not isinstance(r_sumsq, torch.Tensor):
-            raise TypeError(f"r_sumsq must be a torch.Tensor, got {type(r_sumsq).__name__}")
-        if r_sumsq.dtype != torch.float32:
-            raise TypeError(f"r_sumsq must be float32, got {r_sumsq.dtype}")
-        _check_shape("r_sumsq", r_sumsq, (1,))
-        _same_device(G=G, r_sumsq=r_sumsq)
+        _check_side_output("r_sumsq", r_sumsq, (1,), device)
         kw["r_sumsq"] = r_sumsq
     impl = implementation("project", backend, device)
     if side == "left":

@@ -5,7 +5,9 @@ A LLaMA has a handful of distinct (shape, rank, side) classes with tens of layer
 per-matrix ops launch a kernel per layer. ``grouped_project`` is ``ops.project`` over lists
 (G_i, P_i, R_i) and ``grouped_backproject_update`` is ``ops.backproject_update`` over lists
 (W_i, P_i, N_i), with one ``coef`` / ``pre_scale`` / ``post_decay`` per matrix (each layer's
-learning rate and the bias correction of its own step counter) or one value for all.
+learning rate and the bias correction of its own step counter) or one value for all;
+``grouped_residual_backproject_update`` is AdaMeM's ``residual_backproject_update`` (K3 with
+the residual term) over lists (W_i, G_i, P_i, R_i, N_i, col_scale_i).
 
 Each list is a group: every member has the first member's shape, dtype and strides (one memory
 layout; e.g. all contiguous) and all tensors are on one device; the outputs (R_i, W_i) must
@@ -22,7 +24,8 @@ from lowrank_fused import ops
 from lowrank_fused.dispatch import implementation
 from lowrank_fused.ops_multi import _as_list, _per_tensor
 
-__all__ = ["grouped_project", "grouped_backproject_update"]
+__all__ = ["grouped_project", "grouped_backproject_update",
+           "grouped_residual_backproject_update"]
 
 
 def _check_members(name, tensors, shape, device, where, dtype=None):
@@ -99,11 +102,15 @@ def _check_matrices_and_bases(name, Xs, Ps, side):
 
 
 def grouped_project(Gs, Ps, Rs=None, *, side="left", precision="ieee", backend="auto",
-                    r_sumsq=None):
+                    r_sumsq=None, sumsq=None):
     """K1 for every member: ``R_i = P_i^T @ G_i`` (left, P_i m x r) or ``R_i = G_i @ Q_i^T``
     (right, Q_i r x n), as ``ops.project``. G_i are read in their storage dtype; the R_i are
     fp32 and returned as a list (allocated when ``Rs`` is None). ``r_sumsq`` (fp32, shape
-    (count,)): also ``||R_i||^2`` of every member (``ops.project``'s ``r_sumsq``)."""
+    (count,)): also ``||R_i||^2`` of every member (``ops.project``'s ``r_sumsq``).
+    ``sumsq`` (fp32, shape (count, n) on the left, (count, m) on the right; rows must not
+    share memory): row i receives ``ops.project``'s ``sumsq`` of member i, the squared norms
+    along the projected dimension from the same pass over G_i: ``colsum(G_i^2)`` on the left,
+    ``rowsum(G_i^2)`` on the right."""
     ops._check_side(side)
     ops._check_precision(precision)
     lists, count = _lists(Gs=Gs, Ps=Ps, **({} if Rs is None else {"Rs": Rs}))
@@ -120,21 +127,30 @@ def grouped_project(Gs, Ps, Rs=None, *, side="left", precision="ieee", backend="
         _check_disjoint("Rs", Rs)
     kw = dict(precision=precision)
     if r_sumsq is not None:
-        if not isinstance(r_sumsq, torch.Tensor):
-            raise TypeError(f"r_sumsq must be a torch.Tensor, got {type(r_sumsq).__name__}")
-        if r_sumsq.dtype != torch.float32:
-            raise TypeError(f"r_sumsq must be float32, got {r_sumsq.dtype}")
-        ops._check_shape("r_sumsq", r_sumsq, (count,))
-        if r_sumsq.device != device:
-            raise ValueError(f"r_sumsq is on {r_sumsq.device} but Gs[0] is on {device}; all "
-                             f"tensors must be on one device")
+        ops._check_side_output("r_sumsq", r_sumsq, (count,), device, "Gs[0]")
         kw["r_sumsq"] = r_sumsq
+    if sumsq is not None:
+        length = shape[1] if side == "left" else shape[0]
+        ops._check_side_output("sumsq", sumsq, (count, length), device, "Gs[0]")
+        _check_disjoint("sumsq", list(sumsq.unbind(0)))   # one row per member
+        kw["col_sumsq"] = sumsq
     impl = implementation("grouped_project", backend, device)
     if side == "left":
         impl(Gs, Ps, Rs, **kw)
     else:
         impl([G.t() for G in Gs], [P.t() for P in Ps], [R.t() for R in Rs], **kw)
     return Rs
+
+
+def _finite_scalars(count, **named):
+    """Each scalar as one float per member (one number broadcast, or a sequence of
+    ``count``), all finite."""
+    scalars = {name: _per_tensor(name, value, count) for name, value in named.items()}
+    for name, values in scalars.items():
+        for i, x in enumerate(values):
+            if not math.isfinite(x):
+                raise ValueError(f"{name}[{i}] must be finite, got {x}")
+    return scalars
 
 
 def grouped_backproject_update(Ws, Ps, Ns, *, side="left", coef, pre_scale=1.0, post_decay=0.0,
@@ -147,12 +163,7 @@ def grouped_backproject_update(Ws, Ps, Ns, *, side="left", coef, pre_scale=1.0, 
     ops._check_precision(precision)
     lists, count = _lists(Ws=Ws, Ps=Ps, Ns=Ns)
     Ws, Ps, Ns = lists["Ws"], lists["Ps"], lists["Ns"]
-    scalars = {name: _per_tensor(name, value, count) for name, value in
-               (("coef", coef), ("pre_scale", pre_scale), ("post_decay", post_decay))}
-    for name, values in scalars.items():
-        for i, x in enumerate(values):
-            if not math.isfinite(x):
-                raise ValueError(f"{name}[{i}] must be finite, got {x}")
+    scalars = _finite_scalars(count, coef=coef, pre_scale=pre_scale, post_decay=post_decay)
     if count == 0:
         return Ws
     shape, rank, device = _check_matrices_and_bases("Ws", Ws, Ps, side)
@@ -164,4 +175,39 @@ def grouped_backproject_update(Ws, Ps, Ns, *, side="left", coef, pre_scale=1.0, 
         impl(Ws, Ps, Ns, **kw)
     else:
         impl([W.t() for W in Ws], [P.t() for P in Ps], [N.t() for N in Ns], **kw)
+    return Ws
+
+
+def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef, res_coef,
+                                        pre_scale=1.0, post_decay=0.0, precision="ieee",
+                                        backend="auto"):
+    """AdaMeM's combined update (K3 with the residual term, ALGORITHMS.md 8.3 lines 8-9) in
+    place on every member, as the single ``residual_backproject_update``: left (canonical)
+    form only, W_i and G_i m x n (AdaMeM passes transposed views of tall matrices), P_i m x r,
+    R_i = P_i^T G_i and N_i r x n, col_scale_i (n):
+
+    ``W_i = W_i*pre_scale_i - coef_i*(P_i @ N_i)
+    - res_coef_i*((G_i - P_i @ R_i) * col_scale_i[None, :]) ; W_i -= post_decay_i*W_i``.
+
+    Each scalar is one number for all members or a sequence with one per member. Every list
+    is a group (one shape, dtype and set of strides per list; the G_i may have another dtype
+    than the W_i). Returns ``Ws``."""
+    ops._check_precision(precision)
+    lists, count = _lists(Ws=Ws, Gs=Gs, Ps=Ps, Rs=Rs, Ns=Ns, col_scales=col_scales)
+    Ws, Gs, Ps, Rs, Ns, css = (lists[k] for k in ("Ws", "Gs", "Ps", "Rs", "Ns", "col_scales"))
+    scalars = _finite_scalars(count, coef=coef, res_coef=res_coef, pre_scale=pre_scale,
+                              post_decay=post_decay)
+    if count == 0:
+        return Ws
+    shape, rank, device = _check_matrices_and_bases("Ws", Ws, Ps, "left")
+    _check_first("Gs", Gs[0])
+    _check_members("Gs", Gs, shape, device, "Ws[0]")
+    low = ops.low_rank_shape(shape, rank, "left")
+    _check_members("Rs", Rs, low, device, "Ws[0]")
+    _check_members("Ns", Ns, low, device, "Ws[0]")
+    ops._check_float("col_scales[0]", css[0])
+    _check_members("col_scales", css, (shape[1],), device, "Ws[0]")
+    _check_disjoint("Ws", Ws)
+    impl = implementation("grouped_residual_backproject_update", backend, device)
+    impl(Ws, Gs, Ps, Rs, Ns, css, precision=precision, **scalars)
     return Ws

@@ -342,3 +342,151 @@ def test_grouped_r_sumsq_split_k_strided_and_bad_input(device):
                                                                   device=device))
     with pytest.raises(ValueError, match=r"r_sumsq must have shape \(3,\)"):
         ops_grouped.grouped_project(Gs, Ps, r_sumsq=torch.empty(1, device=device))
+
+
+# -- AdaMeM's ops: K1 with the colsum(G^2) side output, K3 with the residual term ---------
+
+SUMSQ_CASES = [("left", torch.float32, (97, 203), 1), ("left", torch.bfloat16, (130, 257), 43),
+               ("right", torch.float32, (130, 257), 5)]
+
+
+@pytest.mark.parametrize("side,dtype,shape,rank", SUMSQ_CASES, ids=str)
+def test_grouped_project_sumsq_matches_reference_and_single_kernel(side, dtype, shape, rank,
+                                                                   device):
+    """``sumsq``: row b is ``colsum(G_b^2)`` (left; ``rowsum`` on the right), against the
+    reference (fp32 tolerance) and bit for bit the single kernel's side output (CPU: one
+    K-slice both ways); R and ``||R||^2`` unchanged by the extra output; poisoned first.
+    Rank 43 spans three rank tiles (only the first writes the colsum)."""
+    count = 2 if rank > 16 else 3
+    Gs = members(shape, count, dtype, device)
+    Ps = bases(shape, rank, side, count, device)
+    length = shape[1] if side == "left" else shape[0]
+    sq = poison(torch.empty(count, length, device=device))
+    rsq = poison(torch.empty(count, device=device))
+    Rs = ops_grouped.grouped_project(Gs, Ps, side=side, backend="triton", sumsq=sq,
+                                     r_sumsq=rsq if side == "left" else None)
+    want = torch.empty(count, length, device=device)
+    ref_R = ops_grouped.grouped_project(Gs, Ps, side=side, backend="reference", sumsq=want)
+    assert_parity(sq, want, rtol=tolerance(torch.float32), name="sumsq vs reference")
+    for b, (G, P) in enumerate(zip(Gs, Ps)):
+        assert_parity(Rs[b], ref_R[b], rtol=tolerance(torch.float32), name=f"R[{b}]")
+        single = poison(torch.empty(length, device=device))
+        R = ops.project(G, P, side=side, backend="triton", sumsq=single)
+        if device == "cpu":
+            assert torch.equal(single, sq[b]) and torch.equal(R, Rs[b])
+    if side == "left":
+        want_rsq = torch.stack([R.double().square().sum() for R in ref_R]).float()
+        assert_parity(rsq, want_rsq, rtol=tolerance(torch.float32), name="r_sumsq")
+
+
+def test_grouped_project_sumsq_split_k_strided_and_bad_input(device):
+    from lowrank_fused.kernels.grouped_project import grouped_project as launch
+
+    shape = (203, 97)
+    Gs = members(shape, 3, torch.bfloat16, device)
+    Ps = bases(shape, 19, "left", 3, device)
+    Rs = [torch.empty(19, 97, device=device) for _ in range(3)]
+    want = torch.stack([G.float().square().sum(dim=0) for G in Gs])
+    sq = poison(torch.empty(3, 97, device=device))
+    launch(Gs, Ps, Rs, split_k=3, col_sumsq=sq)          # per-slice partials, summed after
+    assert_parity(sq, want, rtol=tolerance(torch.float32), name="split-K sumsq")
+    strided = poison(torch.empty(97, 3, device=device)).t()   # column stride 3
+    launch(Gs, Ps, Rs, col_sumsq=strided)
+    assert_parity(strided, want, rtol=tolerance(torch.float32), name="strided sumsq")
+    for b in range(3):
+        assert_parity(Rs[b], Ps[b].t() @ Gs[b].float(), rtol=tolerance(torch.float32),
+                      name=f"R[{b}]")
+    project = ops_grouped.grouped_project
+    with pytest.raises(TypeError, match="sumsq must be float32"):
+        project(Gs, Ps, sumsq=torch.empty(3, 97, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match=r"sumsq must have shape \(3, 97\)"):
+        project(Gs, Ps, sumsq=torch.empty(97, device=device))
+    with pytest.raises(ValueError, match=r"sumsq must have shape \(3, 203\)"):
+        project(Gs, bases(shape, 19, "right", 3, device), side="right",
+                sumsq=torch.empty(3, 97, device=device))
+    with pytest.raises(ValueError, match=r"sumsq\[1\] overlaps sumsq\[0\]"):
+        project(Gs, Ps, sumsq=torch.empty(97, device=device).expand(3, 97))
+    with pytest.raises(ValueError, match="sumsq is on meta"):
+        project(Gs, Ps, sumsq=torch.empty(3, 97, device="meta"))
+    with pytest.raises(TypeError, match="sumsq must be a torch.Tensor"):
+        project(Gs, Ps, sumsq=[0.0] * 3)
+
+
+def _residual_case(shape, rank, count, dtype, device, transposed=False):
+    """AdaMeM's operands in the canonical left form; ``transposed``: W and G are transposed
+    views of tall matrices (as AdaMeM passes them)."""
+    def mats(n):
+        if transposed:
+            return [M.t() for M in members(shape[::-1], n, dtype, device)]
+        return members(shape, n, dtype, device)
+
+    Ws, Gs = mats(count), mats(count)
+    Ps = bases(shape, rank, "left", count, device)
+    Rs = [P.t() @ G.float() for P, G in zip(Ps, Gs)]
+    Ns = members((rank, shape[1]), count, torch.float32, device)
+    css = [torch.rand(shape[1], device=device) + 0.5 for _ in range(count)]
+    coef, pre, post = scalars(count)
+    res = [0.03 * (b + 1) for b in range(count)]
+    return Ws, Gs, Ps, Rs, Ns, css, dict(coef=coef, res_coef=res, pre_scale=pre,
+                                         post_decay=post)
+
+
+@pytest.mark.parametrize("shape,rank,dtype,transposed",
+                         [((97, 203), 1, torch.float32, False),
+                          ((130, 257), 43, torch.bfloat16, False),
+                          ((97, 203), 7, torch.float32, True)], ids=str)
+def test_grouped_residual_backproject_update(shape, rank, dtype, transposed, device,
+                                             monkeypatch):
+    """AdaMeM's combined update over a group in ONE launch: bit for bit the single residual
+    kernel per member (CPU), the per-member reference within tolerance, a real update."""
+    from lowrank_fused.dispatch import lookup
+
+    count = 2 if rank > 16 else 3
+    Ws, Gs, Ps, Rs, Ns, css, kw = _residual_case(shape, rank, count, dtype, device, transposed)
+    W0 = [W.clone() for W in Ws]
+    single = [W.clone() for W in Ws]
+    for b, W in enumerate(single):
+        lookup("residual_backproject_update", "triton")(
+            W, Gs[b], Ps[b], Rs[b], Ns[b], css[b], precision="ieee",
+            **{k: v[b] for k, v in kw.items()})
+    want = [W.clone() for W in Ws]
+    ops_grouped.grouped_residual_backproject_update(want, Gs, Ps, Rs, Ns, css, **kw,
+                                                    backend="reference")
+    launches = count_launches(monkeypatch)
+    out = ops_grouped.grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, css, **kw,
+                                                          backend="triton")
+    assert all(a is b for a, b in zip(out, Ws)) and launches == [1]
+    for b, (W, w, w0) in enumerate(zip(Ws, want, W0)):
+        assert_parity(W, w, rtol=tolerance(dtype), name=f"W[{b}]")
+        assert (w.float() - w0.float()).abs().max() > 1e-3, "the update must be real"
+        if device == "cpu":
+            assert torch.equal(W, single[b]), f"W[{b}] differs from the single kernel's"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_grouped_residual_backproject_update_rejects_bad_input(backend, device):
+    shape, rank = (40, 30), 5
+    Ws, Gs, Ps, Rs, Ns, css, kw = _residual_case(shape, rank, 3, torch.float32, device)
+    W0 = [W.clone() for W in Ws]
+    update = ops_grouped.grouped_residual_backproject_update
+
+    def bad(exc, match, *args, **over):
+        with pytest.raises(exc, match=match):
+            update(*args, backend=backend, **{**kw, **over})
+
+    bad(ValueError, r"Gs\[1\] must have shape \(40, 30\)", Ws,
+        [Gs[0], torch.randn(40, 31, device=device), Gs[2]], Ps, Rs, Ns, css)
+    bad(ValueError, r"Rs\[2\] must have shape \(5, 30\)", Ws, Gs, Ps,
+        Rs[:2] + [torch.randn(5, 29, device=device)], Ns, css)
+    bad(ValueError, r"col_scales\[0\] must have shape \(30,\)", Ws, Gs, Ps, Rs, Ns,
+        [torch.rand(40, device=device)] * 3)
+    bad(ValueError, r"col_scales has 2 tensors but Ws has 3", Ws, Gs, Ps, Rs, Ns, css[:2])
+    bad(TypeError, r"Gs\[1\] is torch.bfloat16", Ws, [Gs[0], Gs[1].bfloat16(), Gs[2]], Ps,
+        Rs, Ns, css)
+    bad(ValueError, r"res_coef\[1\] must be finite", Ws, Gs, Ps, Rs, Ns, css,
+        res_coef=[0.1, float("nan"), 0.1])
+    bad(ValueError, r"Ws\[1\] overlaps Ws\[0\]", [Ws[0], Ws[0], Ws[2]], Gs, Ps, Rs, Ns, css)
+    bad(ValueError, r"precision must be one of", Ws, Gs, Ps, Rs, Ns, css, precision="fp8")
+    for W, w in zip(Ws, W0):
+        assert torch.equal(W, w), "a rejected call must leave W untouched"
+    assert update([], [], [], [], [], [], coef=1.0, res_coef=1.0, backend=backend) == []

@@ -175,3 +175,48 @@ def test_ldadam_flag_is_checked():
 
     with pytest.raises(ValueError, match="grouped_gemms"):
         LDAdamW([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms="no")
+
+
+ADAMEM_OPS = ("project", "grouped_project", "residual_backproject_update",
+              "grouped_residual_backproject_update")
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32),
+                                           ("reference", torch.float32),
+                                           ("reference", torch.bfloat16)], ids=str)
+def test_adamem_grouped_equals_per_matrix(backend, dtype, monkeypatch):
+    """AdaMeM's grouped K1 carries every ``colsum(G^2)`` (the residual's statistics) and its
+    grouped K3 the residual term: weights, bases, moments and statistics equal the
+    per-matrix step bit for bit over steps crossing a refresh (t = 1 and 3), for wide and
+    tall (transposed) matrices; each class takes one grouped K1 and K3 per step and no single
+    one (the refresh is an SVD, no K1)."""
+    if not available(backend, "cpu"):
+        pytest.skip(f"{backend} unavailable here")
+    steps = 3
+    a, opt_a, _ = _run_method("adamem", False, backend, dtype, steps, update_proj_gap=2)
+    calls = count_calls(monkeypatch, ADAMEM_OPS, backend=backend)
+    b, opt_b, _ = _run_method("adamem", True, backend, dtype, steps, update_proj_gap=2)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for p, q in zip(opt_a.state, opt_b.state):
+        assert opt_a.state[p].keys() == opt_b.state[q].keys()
+        for key, v in opt_a.state[p].items():
+            assert torch.equal(v, opt_b.state[q][key]) if torch.is_tensor(v) else \
+                v == opt_b.state[q][key], key
+    plans = [opt_b._plan(p, g) for g in opt_b.param_groups for p in g["params"]]
+    classes = {(shape, transposed) for _, shape, transposed in filter(None, plans)}
+    assert {t for _, t in classes} == {False, True}     # wide and tall matrices
+    assert calls.get("project", 0) == calls.get("residual_backproject_update", 0) == 0
+    assert (calls["grouped_project"] == calls["grouped_residual_backproject_update"]
+            == steps * len(classes))
+
+
+def test_adamem_grouped_flag_and_explicit_form(monkeypatch):
+    """The flag is checked; ``residual_form="explicit"`` keeps the per-matrix step."""
+    from lowrank_fused.optim.adamem import AdaMeM
+
+    with pytest.raises(ValueError, match="grouped_gemms"):
+        AdaMeM([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms="yes")
+    calls = count_calls(monkeypatch, ADAMEM_OPS, backend="reference")
+    _run_method("adamem", True, "reference", torch.float32, 1, residual_form="explicit")
+    assert calls.get("grouped_project", 0) == 0 and calls["project"] > 0

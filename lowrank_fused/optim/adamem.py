@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn as nn
 
-from lowrank_fused import ops
+from lowrank_fused import ops, ops_grouped
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
 from lowrank_fused.subspace import grouped_refresh
@@ -73,6 +73,14 @@ class AdaMeM(LowRankOptimizer):
             op has a Triton implementation (the residual's column statistics:
             ``kernels/residual_col_stats.py``), so ``backend="triton"`` runs the whole step
             fused; a backend lacking an op raises ``BackendUnavailable`` at construction.
+        grouped_gemms: run K1 (with its ``colsum(G^2)`` side output) and the combined update
+            (K3 with the residual term) of the matrices of one class (canonical shape, rank,
+            dtypes, layout) as one grouped launch each (``lowrank_fused.ops_grouped``), the
+            factored moments and the residual's column statistics per matrix in between;
+            bit-identical to the per-matrix step on the CPU. The refresh (SVD, transport)
+            stays per matrix. ``residual_form="explicit"`` keeps the per-matrix step (its
+            statistics re-read G against P and R per matrix anyway). Opt-in: the step then
+            holds every class's R, N1 and colsum at once.
 
     The refreshed basis is the fp32 SVD basis re-orthonormalised by a float64 QR (``_basis``):
     a [DC] beyond the spec that keeps Claim 3.1 at fp32 rounding level.
@@ -85,8 +93,9 @@ class AdaMeM(LowRankOptimizer):
                  weight_decay=0.01, delta=1.0, update_proj_gap=200, *, v_source="momentum",
                  transport_on_refresh=False, bias_correction=True, residual_form="identity",
                  backend="auto", nonfinite="raise", sign_canon=True, matmul_precision=None, projector="svd",
-                 proj_oversample=8, proj_power_iters=2):
+                 proj_oversample=8, proj_power_iters=2, grouped_gemms=False):
         self._pending_bases = {}
+        self.grouped_gemms = check_bool("grouped_gemms", grouped_gemms)
         defaults = dict(lr=lr, betas=betas, eps=eps, eps1=eps1, weight_decay=weight_decay,
                         delta=delta, update_proj_gap=update_proj_gap, v_source=v_source,
                         transport_on_refresh=transport_on_refresh,
@@ -132,6 +141,9 @@ class AdaMeM(LowRankOptimizer):
         if group["rank"] >= min(shape):
             return None
         return group["rank"], shape, shape[0] > shape[1]
+
+    # the grouped ops the grouped step needs (the dispatcher's availability check)
+    GROUPED_OPS = ("grouped_project", "grouped_residual_backproject_update")
 
     # -- the step -------------------------------------------------------------------------
     def _coefficients(self, group, t):
@@ -251,8 +263,6 @@ class AdaMeM(LowRankOptimizer):
         W, G, write_back = self._as_matrix(p, shape)
         # canonical left form (ALGORITHMS.md 1.1): k x l with k <= l, as views
         Wc, Gc = (W.t(), G.t()) if transposed else (W, G)
-        k = state.get("step", 0)                                 # t - 1
-        beta1, beta2 = group["betas"]
 
         # 8.3 line 2: refresh at t = 1, T + 1, 2T + 1, ...; everything that can fail (the SVD
         # of a non-finite gradient) runs before any state is touched
@@ -267,16 +277,33 @@ class AdaMeM(LowRankOptimizer):
             state["P"] = P_new
         P = state["P"]
         explicit = group["residual_form"] == "explicit"
+        if self.grouped_gemms and not explicit:
+            key = ("left", precision, tuple(Wc.shape), tuple(P.shape), Wc.dtype, Gc.dtype,
+                   P.dtype, Wc.stride(), Gc.stride(), P.stride())
+            batch = self._grouped_batch(backend, p.device, key)
+            if batch is not None:         # K1, the middle and K3 of the class at the end
+                batch.append((Wc, Gc, P, state, group, lambda W=W, wb=write_back: wb(W)))
+                return
         # line 3; the identity form's colsum(G^2) comes from the same pass over G (K1 side output)
         g_sumsq = None if explicit else torch.empty(Gc.shape[1], dtype=torch.float32,
                                                      device=p.device)
         R = ops.project(Gc, P, side="left", precision=precision, backend=backend, sumsq=g_sumsq)
+        N1, col_scale, coefs = self._low_rank_middle(state, group, Gc, P, R, g_sumsq, backend)
+        lookup("residual_backproject_update", backend)(                 # lines 8-9
+            Wc, Gc, P, R, N1, col_scale, **coefs, precision=precision)
+        write_back(W)
+
+    def _low_rank_middle(self, state, group, Gc, P, R, g_sumsq, backend):
+        """Lines 1 and 4-7 of one matrix after its projection R (and colsum(G^2) in the
+        identity form): the step counter, the factored moments (N1) and the residual's column
+        statistics (col_scale); returns those and the combined update's scalars."""
+        beta1, beta2 = group["betas"]
         if "M" not in state:
             state["M"] = torch.zeros_like(R)
-            state["a_row"] = torch.zeros(R.shape[0], dtype=torch.float32, device=p.device)
-            state["a_col"] = torch.zeros(R.shape[1], dtype=torch.float32, device=p.device)
-            state["c_os"] = torch.zeros(R.shape[1], dtype=torch.float32, device=p.device)
-        t = k + 1
+            state["a_row"] = torch.zeros(R.shape[0], dtype=torch.float32, device=R.device)
+            state["a_col"] = torch.zeros(R.shape[1], dtype=torch.float32, device=R.device)
+            state["c_os"] = torch.zeros(R.shape[1], dtype=torch.float32, device=R.device)
+        t = state.get("step", 0) + 1
         state["step"] = t                                        # line 1
         c1, c2 = self._coefficients(group, t)
 
@@ -288,13 +315,35 @@ class AdaMeM(LowRankOptimizer):
         col_scale = torch.empty_like(state["c_os"])              # lines 4 and 7
         lookup("residual_col_stats", backend)(
             Gc, P, R, state["c_os"], col_scale, beta2=float(beta2), eps1=float(group["eps1"]),
-            eps=float(group["eps"]), c2=c2, explicit=explicit, g_col_sumsq=g_sumsq)
+            eps=float(group["eps"]), c2=c2, explicit=group["residual_form"] == "explicit",
+            g_col_sumsq=g_sumsq)
         lr = float(group["lr"])                                  # lines 8-9
         pre_scale, post_decay = ops.decay_coefficients(lr, group["weight_decay"], "pre")
-        lookup("residual_backproject_update", backend)(
-            Wc, Gc, P, R, N1, col_scale, coef=lr, res_coef=lr * float(group["delta"]),
-            pre_scale=pre_scale, post_decay=post_decay, precision=precision)
-        write_back(W)
+        return N1, col_scale, dict(coef=lr, res_coef=lr * float(group["delta"]),
+                                   pre_scale=pre_scale, post_decay=post_decay)
+
+    def _flush_grouped(self, backend, side, precision, items):
+        """``grouped_gemms``: one class's K1 with every ``colsum(G^2)`` (one launch), each
+        matrix's factored moments and residual statistics, the combined update (one launch),
+        then the write-backs."""
+        Ws, Gs, Ps, states, groups, wbs = (list(x) for x in zip(*items))
+        items.clear()
+        g_sumsq = torch.empty((len(Gs), Gs[0].shape[1]), dtype=torch.float32,
+                              device=Gs[0].device)
+        Rs = ops_grouped.grouped_project(Gs, Ps, side="left", precision=precision,
+                                         backend=backend, sumsq=g_sumsq)
+        N1s, col_scales, coefs = [], [], []
+        for b, (G, P, R, state, group) in enumerate(zip(Gs, Ps, Rs, states, groups)):
+            N1, col_scale, c = self._low_rank_middle(state, group, G, P, R, g_sumsq[b], backend)
+            N1s.append(N1)
+            col_scales.append(col_scale)
+            coefs.append(c)
+        ops_grouped.grouped_residual_backproject_update(
+            Ws, Gs, Ps, Rs, N1s, col_scales, precision=precision, backend=backend,
+            **{k: [c[k] for c in coefs] for k in ("coef", "res_coef", "pre_scale",
+                                                   "post_decay")})
+        for write_back in wbs:
+            write_back()
 
 
 def adamem_param_groups(model: nn.Module, *, rank: int, all_layers: bool = False,

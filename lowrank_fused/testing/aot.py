@@ -96,7 +96,8 @@ KERNEL_MODULES += ("adapm_update", "adapm_dense_update")
 KERNEL_MODULES += ("range_finder", "ldadam_power_iteration")
 KERNEL_MODULES += ("moment_transport",)
 KERNEL_MODULES += ("adamem_moments", "norm_growth_limit")
-KERNEL_MODULES += ("grouped_project", "grouped_backproject_update")
+KERNEL_MODULES += ("grouped_project", "grouped_backproject_update",
+                   "grouped_residual_backproject_update")
 KERNEL_MODULES += ("iass_select", "residual_col_stats")
 KERNEL_MODULES += ("adapm_refit", "subspace_drift", "kfac_precondition", "kfac_transport")
 

@@ -1,0 +1,19 @@
+"""AdaMeM's combined update of a group of same-shape matrices (issue 4), eager reference: a
+loop over the single-matrix reference ``residual_backproject_update_ref`` (ALGORITHMS.md
+section 8.3 lines 8-9, section 10 K3 with the residual term, K5 pass 2)."""
+from lowrank_fused.dispatch import register
+from lowrank_fused.reference.residual_backproject_update import residual_backproject_update_ref
+
+
+@register("grouped_residual_backproject_update", "reference")
+def grouped_residual_backproject_update_ref(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef, res_coef,
+                                            pre_scale, post_decay,
+                                            precision: str = "ieee") -> None:
+    """Left form, in place on every ``Ws[b]`` with the b-th scalars (``coef``, ``res_coef``,
+    ``pre_scale``, ``post_decay`` are sequences, one value per matrix):
+    ``residual_backproject_update_ref``."""
+    for b, (W, G, P, R, N, cs) in enumerate(zip(Ws, Gs, Ps, Rs, Ns, col_scales)):
+        residual_backproject_update_ref(W, G, P, R, N, cs, coef=float(coef[b]),
+                                        res_coef=float(res_coef[b]),
+                                        pre_scale=float(pre_scale[b]),
+                                        post_decay=float(post_decay[b]), precision=precision)
