@@ -1,7 +1,8 @@
 """The one GPU entry point (shared/GPU.md): environment, the test suite on CUDA, benchmarks.
 
     python -m bench.gpu_check [--out DIR] [--quick] [--skip-tests] [--skip-bench]
-    make gpu-check OUT=DIR
+                              [--suite kernels,step,e2e,convergence,refresh,multi-tensor]
+    make gpu-check OUT=DIR [GPU_CHECK_ARGS="--skip-tests --suite kernels"]
 
 1. prints the environment (GPU, torch, triton, nvcc, the CUDA extension's status) and writes
    it to ``<out>/environment.txt``;
@@ -14,7 +15,9 @@
 
 ``<out>`` is ``--out``, else ``$OUT``, else ``bench/results/``. Needs CUDA (exit 2 without).
 Exit status: 0 when tests and benchmarks passed, 1 when either failed (the benchmarks run even
-after a test failure). Budget: well under 20 minutes on an H100.
+after a test failure). Budget: well under 20 minutes on an H100; a device command has 10, so
+split: ``--skip-bench``, then ``--skip-tests --suite kernels``, then ``--skip-tests --suite
+step,e2e,convergence,refresh,multi-tensor`` (each writes its own files into ``<out>``).
 """
 from __future__ import annotations
 
@@ -38,7 +41,21 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="benchmarks: the quick grid")
     ap.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
     ap.add_argument("--skip-bench", action="store_true", help="do not run the benchmarks")
-    return ap.parse_args(argv)
+    ap.add_argument("--suite", default=None,
+                    help="benchmarks: comma-separated bench.run suites, plus 'multi-tensor' "
+                         "(default: all of them), to split the benchmarks over several "
+                         "device commands of at most 10 minutes")
+    args = ap.parse_args(argv)
+    if args.suite is not None:
+        from bench.run import SUITES
+
+        wanted = [x.strip() for x in args.suite.split(",") if x.strip()]
+        bad = [x for x in wanted if x not in SUITES + ("multi-tensor",)]
+        if bad or not wanted:
+            ap.error(f"--suite: unknown {bad or args.suite!r}; choose from "
+                     f"{', '.join(SUITES + ('multi-tensor',))}")
+        args.suite = wanted
+    return args
 
 
 def find_nvcc():
@@ -130,25 +147,30 @@ def main(argv=None) -> int:
     if not args.skip_bench:
         from bench import run as bench_run
 
-        bench_argv = ["--out", str(out)] + (["--quick"] if args.quick else [])
-        print("$ python -m bench.run " + " ".join(bench_argv), flush=True)
-        try:
-            bench_rc = bench_run.main(bench_argv)
-        except Exception as exc:  # report, and still give the exit status below
-            print(f"[gpu_check] benchmarks failed: {type(exc).__name__}: {exc}", flush=True)
-            bench_rc = 1
+        suites = [x for x in (args.suite or bench_run.SUITES) if x != "multi-tensor"]
+        bench_argv = (["--out", str(out)] + (["--quick"] if args.quick else [])
+                      + (["--suite", ",".join(suites)] if args.suite else []))
+        if suites:
+            print("$ python -m bench.run " + " ".join(bench_argv), flush=True)
+            try:
+                bench_rc = bench_run.main(bench_argv)
+            except Exception as exc:  # report, and still give the exit status below
+                print(f"[gpu_check] benchmarks failed: {type(exc).__name__}: {exc}",
+                      flush=True)
+                bench_rc = 1
         # issue 6: the multi-tensor launch vs Triton per tensor vs eager, LLaMA-1B states
-        from bench import bench_multi_tensor
+        if args.suite is None or "multi-tensor" in args.suite:
+            from bench import bench_multi_tensor
 
-        mt_argv = ["--part", "gpu", "--out", str(out)] + (
-            ["--model", "350m", "--repeats", "10"] if args.quick else [])
-        print("$ python -m bench.bench_multi_tensor " + " ".join(mt_argv), flush=True)
-        try:
-            bench_multi_tensor.main(mt_argv)
-        except (Exception, SystemExit) as exc:
-            print(f"[gpu_check] multi-tensor benchmark failed: {type(exc).__name__}: {exc}",
-                  flush=True)
-            bench_rc = 1
+            mt_argv = ["--part", "gpu", "--out", str(out)] + (
+                ["--model", "350m", "--repeats", "10"] if args.quick else [])
+            print("$ python -m bench.bench_multi_tensor " + " ".join(mt_argv), flush=True)
+            try:
+                bench_multi_tensor.main(mt_argv)
+            except (Exception, SystemExit) as exc:
+                print(f"[gpu_check] multi-tensor benchmark failed: {type(exc).__name__}: "
+                      f"{exc}", flush=True)
+                bench_rc = 1
     print(f"[gpu_check] tests exit {test_rc}, benchmarks exit {bench_rc}, "
           f"{time.monotonic() - t0:.0f} s; results in {out}", flush=True)
     return 0 if test_rc == 0 and bench_rc == 0 else 1
