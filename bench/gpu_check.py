@@ -2,6 +2,7 @@
 
     python -m bench.gpu_check [--out DIR] [--quick] [--skip-tests] [--skip-bench]
                               [--suite kernels,step,e2e,convergence,refresh,multi-tensor]
+                              [--only MODULE[,MODULE]]
     make gpu-check OUT=DIR [GPU_CHECK_ARGS="--skip-tests --suite kernels"]
 
 1. prints the environment (GPU, torch, triton, nvcc, the CUDA extension's status) and writes
@@ -17,7 +18,9 @@
 Exit status: 0 when tests and benchmarks passed, 1 when either failed (the benchmarks run even
 after a test failure). Budget: well under 20 minutes on an H100; a device command has 10, so
 split: ``--skip-bench``, then ``--skip-tests --suite kernels``, then ``--skip-tests --suite
-step,e2e,convergence,refresh,multi-tensor`` (each writes its own files into ``<out>``).
+step,e2e,convergence,refresh,multi-tensor`` (each writes its own files into ``<out>``). The
+kernels suite writes one ``<gpu>-<date>`` file per run: a kernels run split further with
+``--only`` needs its own ``--out``.
 """
 from __future__ import annotations
 
@@ -45,7 +48,16 @@ def parse_args(argv=None):
                     help="benchmarks: comma-separated bench.run suites, plus 'multi-tensor' "
                          "(default: all of them), to split the benchmarks over several "
                          "device commands of at most 10 minutes")
+    ap.add_argument("--only", default=None,
+                    help="the kernels suite: comma-separated modules (bench.run --only), e.g. "
+                         "method_step alone in its own device command")
     args = ap.parse_args(argv)
+    if args.only is not None:
+        from bench.run import MODULES
+
+        bad = [x for x in args.only.split(",") if x.strip() not in MODULES]
+        if bad:
+            ap.error(f"--only: unknown {bad}; choose from {', '.join(MODULES)}")
     if args.suite is not None:
         from bench.run import SUITES
 
@@ -149,7 +161,8 @@ def main(argv=None) -> int:
 
         suites = [x for x in (args.suite or bench_run.SUITES) if x != "multi-tensor"]
         bench_argv = (["--out", str(out)] + (["--quick"] if args.quick else [])
-                      + (["--suite", ",".join(suites)] if args.suite else []))
+                      + (["--suite", ",".join(suites)] if args.suite else [])
+                      + (["--only", args.only] if args.only else []))
         if suites:
             print("$ python -m bench.run " + " ".join(bench_argv), flush=True)
             try:

@@ -18,3 +18,10 @@ def test_unknown_suite_is_refused(value, capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--suite", value])
     assert "--suite" in capsys.readouterr().err
+
+
+def test_only_selects_kernel_modules():
+    args = gpu_check.parse_args(["--skip-tests", "--suite", "kernels", "--only", "method_step"])
+    assert args.only == "method_step"
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--only", "no_such_module"])
