@@ -34,7 +34,13 @@ def configs_for(mode: int):
     return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
 
 
+# CPU interpreter only (never compiled): fewer, larger tiles (see project.CONFIGS_INTERPRET)
+CONFIG_INTERPRET = BackprojectConfig(128, 128, 64, 4, 1)
+
+
 def choose_config(m: int, n: int, rank: int, mode: int) -> BackprojectConfig:
+    if interpreting():
+        return CONFIG_INTERPRET
     configs = configs_for(mode)
     return configs[0] if m * n <= 1 << 20 else configs[-1]
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, mma
+from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, interpreting, mma
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,13 @@ def configs_for(mode: int):
     return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
 
 
+# CPU interpreter only (never compiled): fewer, larger tiles (see project.CONFIGS_INTERPRET)
+CONFIG_INTERPRET = BmmConfig(128, 64, 64, 4, 1)
+
+
 def choose_config(n: int, mode: int) -> BmmConfig:
+    if interpreting():
+        return CONFIG_INTERPRET
     cfgs = configs_for(mode)
     for cfg in cfgs:
         if n <= cfg.BLOCK_N:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (DOT_BF16_EMULATED, DOT_IEEE, ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv,
-                      dot_mode, mma, sm_count)
+                      dot_mode, interpreting, mma, sm_count)
 from .adam_moments import SUM_BLOCK, _sum_partials_kernel
 
 
@@ -54,8 +54,13 @@ def configs_for(mode: int):
     return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
 
 
+# CPU interpreter only (never compiled): it runs programs one after another at a fixed cost per
+# operation, so fewer, larger tiles are several times faster there
+CONFIGS_INTERPRET = (ProjectConfig(64, 128, 64, 4, 1), ProjectConfig(128, 128, 64, 4, 1))
+
+
 def choose_config(m: int, n: int, rank: int, mode: int) -> ProjectConfig:
-    configs = configs_for(mode)
+    configs = CONFIGS_INTERPRET if interpreting() else configs_for(mode)
     for cfg in configs:
         if rank <= cfg.BLOCK_R:
             return cfg
