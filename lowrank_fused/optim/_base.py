@@ -354,11 +354,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     GROUPED_OPS = ("grouped_project", "grouped_backproject_update")
 
-    def _grouped_batch(self, backend, device, key):
-        """``grouped_gemms``: the step's list for one matrix class ``key`` (its first two
-        entries the side and the GEMM precision), flushed by ``self._flush_grouped(backend,
-        side, precision, items)``; None outside ``step()`` (per-layer mode) or without grouped
-        kernels for ``backend`` on ``device``."""
+    def _grouped_batch(self, backend, side, precision, W, G, P, *extra):
+        """``grouped_gemms``: the step's list for the class of matrix ``W`` (gradient ``G``,
+        basis ``P``): one side, GEMM precision, shape, rank, dtypes and strides, plus
+        ``extra`` (e.g. the moments' dtype), flushed by ``self._flush_grouped(backend, side,
+        precision, items)``; None outside ``step()`` (per-layer mode) or without grouped
+        kernels for ``backend`` on W's device."""
+        device = W.device
         if self._batch is None:
             return None
 
@@ -371,8 +373,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
         if self._resolved_once(("grouped", str(backend), device), resolve) is None:
             return None
+        key = (side, precision, tuple(W.shape), tuple(P.shape), W.dtype, G.dtype, P.dtype,
+               W.stride(), G.stride(), P.stride()) + extra
         return self._collect(("grouped", device, str(backend)) + key,
-                             functools.partial(self._flush_grouped, backend, key[0], key[1]))
+                             functools.partial(self._flush_grouped, backend, side, precision))
 
     def _flush_grouped(self, backend, side, precision, items):
         raise NotImplementedError

@@ -39,6 +39,23 @@ def zeros(shape, numel_capacity: int, *, dtype, device) -> torch.Tensor:
     return _view(torch.zeros(n, dtype=dtype, device=device), shape)
 
 
+def new_zeros(shape, rank: int, cap, *, dtype, device) -> torch.Tensor:
+    """Zeros of ``shape``, a low-rank tensor of rank ``rank`` (one dimension is the rank);
+    with a capacity rank ``cap`` (None or 0: none), at the start of a buffer sized for it."""
+    if not cap:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return zeros(shape, torch.Size(shape).numel() // rank * cap, dtype=dtype, device=device)
+
+
+def keep(current, value: torch.Tensor, rank: int, cap) -> torch.Tensor:
+    """The state tensor that replaces ``current`` with ``value`` (of rank ``rank``, any
+    strides): ``value`` contiguous, or with a capacity rank ``cap`` written into
+    ``current``'s buffer (``place``) sized for it."""
+    if not cap:
+        return value.contiguous()
+    return place(current, value, value.numel() // rank * cap)
+
+
 def place(current, value: torch.Tensor, numel_capacity: int) -> torch.Tensor:
     """``value``'s contents in ``current``'s buffer (when it is one of at least
     ``numel_capacity`` elements, same dtype and device), else in a new buffer of that many.

@@ -278,9 +278,7 @@ class AdaMeM(LowRankOptimizer):
         P = state["P"]
         explicit = group["residual_form"] == "explicit"
         if self.grouped_gemms and not explicit:
-            key = ("left", precision, tuple(Wc.shape), tuple(P.shape), Wc.dtype, Gc.dtype,
-                   P.dtype, Wc.stride(), Gc.stride(), P.stride())
-            batch = self._grouped_batch(backend, p.device, key)
+            batch = self._grouped_batch(backend, "left", precision, Wc, Gc, P)
             if batch is not None:         # K1, the middle and K3 of the class at the end
                 batch.append((Wc, Gc, P, state, group, lambda W=W, wb=write_back: wb(W)))
                 return

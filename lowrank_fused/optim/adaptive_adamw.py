@@ -252,9 +252,7 @@ class _SubspaceAdamW(GaLoreAdamW):
         self._update_basis(p, group, side, G, state, backend)
         P = state["ortho"]
         if self.grouped_gemms:
-            key = (side, precision, tuple(W.shape), tuple(P.shape), W.dtype, G.dtype, P.dtype,
-                   W.stride(), G.stride(), P.stride())
-            batch = self._grouped_batch(backend, p.device, key)
+            batch = self._grouped_batch(backend, side, precision, W, G, P)
             if batch is not None:                 # K1 and K3 of the class at the end
                 state["step"] += 1
                 batch.append((W, G, P, state, group, write_back))
@@ -317,23 +315,13 @@ class _SubspaceAdamW(GaLoreAdamW):
         return N, ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"]), sumsq
 
     def _init_moments(self, p, state, side, shape, rank, cap=None):
-        """Zero moments at ``rank``; with ``capacity_buffers``, at the start of buffers sized
-        for rank ``cap`` (``optim._capacity``)."""
+        """Zero moments at ``rank``; with a capacity rank ``cap``, at the start of buffers
+        sized for it (``optim._capacity``)."""
         state["step"] = 0
         low = ops.low_rank_shape(shape, rank, side)
-        kw = dict(dtype=self._state_dtype(p), device=p.device)
         for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = (_capacity.zeros(low, math.prod(low) // rank * cap, **kw)
-                          if self.capacity_buffers and cap else torch.zeros(low, **kw))
-
-    def _keep(self, state, key, value, rank, cap):
-        """``state[key] = value`` (a tensor of rank ``rank`` in the stored layout, any
-        strides): contiguous, and with ``capacity_buffers`` and a ``cap`` written into the
-        key's buffer for rank ``cap``."""
-        if self.capacity_buffers and cap:
-            state[key] = _capacity.place(state.get(key), value, value.numel() // rank * cap)
-        else:
-            state[key] = value.contiguous()
+            state[key] = _capacity.new_zeros(low, rank, cap, dtype=self._state_dtype(p),
+                                             device=p.device)
 
     def _transport_moments(self, state, side, P_new, backend, cap=None):
         """5.3 A4 through the K8 op: ``M <- C M``, ``V <- (C*C) V`` with C = P_new^T P_old
@@ -342,8 +330,8 @@ class _SubspaceAdamW(GaLoreAdamW):
         M, V = impl(_canon(side, P_new), _canon(side, state["ortho"]),
                     _canon(side, state["exp_avg"]), _canon(side, state["exp_avg_sq"]))
         rank = M.shape[0]
-        self._keep(state, "exp_avg", M if side == "left" else M.t(), rank, cap)
-        self._keep(state, "exp_avg_sq", V if side == "left" else V.t(), rank, cap)
+        for key, X in (("exp_avg", M), ("exp_avg_sq", V)):
+            state[key] = _capacity.keep(state[key], X if side == "left" else X.t(), rank, cap)
 
     def _rank_capacity(self, group, shape, count):
         """The largest rank a matrix of ``shape`` in a group of ``count`` projected matrices
@@ -365,7 +353,7 @@ class _SubspaceAdamW(GaLoreAdamW):
                 cap = self._rank_capacity(group, shape, len(managed))
                 for key in ("ortho", "exp_avg", "exp_avg_sq"):
                     if key in state:
-                        self._keep(state, key, state[key], state["rank"], cap)
+                        state[key] = _capacity.keep(state[key], state[key], state["rank"], cap)
 
     def ranks(self) -> List[List[int]]:
         """Current rank of every projected matrix, per rank group (None before its first step)."""
@@ -528,7 +516,9 @@ class AdaptiveAdamW(_SubspaceAdamW):
 
     def _change_basis(self, p, side, shape, P_new, r_new, cap):
         """A4, A5 for one matrix: moments transported to the new basis and rank (or created),
-        the limiter memory rescaled, the basis stored."""
+        the limiter memory rescaled, the basis stored (in buffers for rank ``cap`` with
+        ``capacity_buffers``)."""
+        cap = cap if self.capacity_buffers else None
         state = self.state[p]
         P_new = P_new.to(self._state_dtype(p))
         if "ortho" in state:
@@ -537,7 +527,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
                 state["nl_prev"].mul_(math.sqrt(r_new / state["rank"]))
         else:
             self._init_moments(p, state, side, shape, r_new, cap)
-        self._keep(state, "ortho", P_new, r_new, cap)
+        state["ortho"] = _capacity.keep(state.get("ortho"), P_new, r_new, cap)
         state["rank"] = r_new
 
     def _refresh_randomized(self, group, managed):

@@ -284,17 +284,17 @@ class AdaRankGrad(LowRankOptimizer):
         M_new, V_new = op(P_new.t(), P_old.t(), M.t(), V.t())
         return M_new.t(), V_new.t()
 
-    def _capacity(self, group, shape):
+    def _rank_capacity(self, group, shape):
         """The rank a capacity buffer holds: ``min(rank, m, n)`` (the largest rank IASS can
         select) with ``capacity_buffers``, else 0 (no buffers)."""
         return min(group["rank"], *shape) if self.capacity_buffers else 0
 
-    def _keep(self, state, values, rank, cap):
-        """``state.update(values)`` (tensors of rank ``rank`` in the stored layout): into the
-        keys' capacity buffers for rank ``cap`` when ``cap``, else as contiguous tensors."""
+    @staticmethod
+    def _keep(state, values, rank, cap):
+        """``state.update(values)`` (tensors of rank ``rank`` in the stored layout) through
+        ``_capacity.keep``: contiguous, or in the keys' buffers for rank ``cap``."""
         for key, value in values.items():
-            state[key] = (_capacity.place(state.get(key), value, value.numel() // rank * cap)
-                          if cap else value.contiguous())
+            state[key] = _capacity.keep(state.get(key), value, rank, cap)
 
     def _after_load(self):
         """With ``capacity_buffers``: the loaded (compact) bases and moments go back into
@@ -308,7 +308,7 @@ class AdaRankGrad(LowRankOptimizer):
                 if plan is None or "ortho" not in state:
                     continue
                 self._keep(state, {k: state[k] for k in ("ortho", "exp_avg", "exp_avg_sq")},
-                           state["r_cur"], self._capacity(group, plan[2]))
+                           state["r_cur"], self._rank_capacity(group, plan[2]))
 
     def _lowrank_step(self, p, group, plan, backend, precision):
         side, _, shape = plan
@@ -328,14 +328,11 @@ class AdaRankGrad(LowRankOptimizer):
                 exit_test = False
             else:
                 P_new, r_new = chosen
-                cap = self._capacity(group, shape)
+                cap = self._rank_capacity(group, shape)
                 if state["j"] == 0:
                     shape_lr = ops.low_rank_shape(shape, r_new, side)
-                    M, V = (_capacity.zeros(shape_lr, math.prod(shape_lr) // r_new * cap,
-                                            dtype=torch.float32, device=p.device)
-                            if cap else torch.zeros(shape_lr, dtype=torch.float32,
-                                                    device=p.device)
-                            for _ in range(2))
+                    M, V = (_capacity.new_zeros(shape_lr, r_new, cap, dtype=torch.float32,
+                                                device=p.device) for _ in range(2))
                 else:
                     M, V = self._transport(P_new, state, group, side, backend)
                 self._keep(state, dict(ortho=P_new, exp_avg=M, exp_avg_sq=V), r_new, cap)
@@ -350,9 +347,7 @@ class AdaRankGrad(LowRankOptimizer):
 
         P, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
         if self.grouped_gemms:
-            key = (side, precision, tuple(W.shape), tuple(P.shape), W.dtype, G.dtype, P.dtype,
-                   W.stride(), G.stride(), P.stride())
-            batch = self._grouped_batch(backend, p.device, key)
+            batch = self._grouped_batch(backend, side, precision, W, G, P)
             if batch is not None:                 # K1, K2, K3 of the class at the end
                 state["step"] = t
                 batch.append((W, G, P, M, V, state, group, t, pre_scale, exit_test, write_back))

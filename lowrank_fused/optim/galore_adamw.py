@@ -259,9 +259,8 @@ class GaLoreAdamW(LowRankOptimizer):
                 state["exp_avg"] = torch.zeros(ops.low_rank_shape(tuple(W.shape), rank, side),
                                                dtype=self._state_dtype(p), device=p.device)
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-            key = (side, precision, tuple(W.shape), rank, W.dtype, G.dtype, P.dtype,
-                   state["exp_avg"].dtype, W.stride(), G.stride(), P.stride())
-            batch = self._grouped_batch(backend, p.device, key)
+            batch = self._grouped_batch(backend, side, precision, W, G, P,
+                                        state["exp_avg"].dtype)
             if batch is not None:                      # K1, K2, K3 of the class at the end
                 state["step"] = k + 1
                 batch.append((W, G, P, state["exp_avg"], state["exp_avg_sq"], group, k + 1,

@@ -367,9 +367,7 @@ class LDAdamW(LowRankOptimizer):
         rest = functools.partial(self._ldadam_after_projection, p, group, side, shape, W, A, E,
                                  P_new, P_old, M, V, first, t, write_back, backend, precision)
         if self.grouped_gemms and not is_sharded(p):
-            key = (side, precision, shape, tuple(P_new.shape), W.dtype, A.dtype, P_new.dtype,
-                   W.stride(), A.stride(), P_new.stride())
-            batch = self._grouped_batch(backend, p.device, key)
+            batch = self._grouped_batch(backend, side, precision, W, A, P_new)
             if batch is not None:                 # K1 and K3 of the class at the end
                 batch.append((W, A, P_new, rest))
                 return
