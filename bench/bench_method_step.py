@@ -20,11 +20,11 @@ import torch
 
 from bench import bytes as B
 from bench import harness as H
+from bench.suite_step import FAR, REFRESH
 from lowrank_fused.routing import optimizer_class
 
 OP = "method_step"
 METHODS = tuple(m for m in B.METHOD_STEPS if m != "galore")   # galore: bench_galore_step
-FAR = 10 ** 9
 LR, WD = 1e-3, 1e-2
 TARGET_SHAPE = (4096, 11008)
 _WARM_STATES = {}
@@ -57,16 +57,14 @@ def variants(params, device, interpret=False):
 
 
 def _group(method, W, rank):
-    """The method's group for one matrix, every refresh out of reach."""
+    """The method's group for one matrix, every refresh out of reach (its interval keys,
+    ``suite_step.REFRESH``; LDAdam has none: its subspace moves every step)."""
     group = {"params": [W], "rank": rank}
+    group.update({key: FAR for key in REFRESH.get(method, ((), None))[0]})
     if method.startswith("adapm"):
-        group.update(block="mlp", refit_T=FAR)
-    elif method == "adarankgrad":
-        group.update(t_min=FAR, t_max=FAR)
+        group["block"] = "mlp"
     elif method == "ldadam":
-        group.update(enable_lowrank=True)
-    else:
-        group.update(update_proj_gap=FAR)
+        group["enable_lowrank"] = True
     return group
 
 

@@ -20,6 +20,18 @@ DOT_IEEE, DOT_TF32, DOT_BF16, DOT_BF16_EMULATED = 0, 1, 2, 3
 _DOT_MODES = {"ieee": DOT_IEEE, "tf32": DOT_TF32, "bf16": DOT_BF16}
 
 
+def check_left_basis(G, P, name: str, cols: str):
+    """A launcher's shape check of the left form: G 2-D (m x n) and the basis ``name`` with m
+    rows (its columns called ``cols`` in the message). Returns ``(m, n, columns)``."""
+    if G.dim() != 2:
+        raise ValueError(f"G must be 2-D (m x n), got shape {tuple(G.shape)}")
+    m, n = G.shape
+    if P.dim() != 2 or P.shape[0] != m:
+        raise ValueError(f"{name} must have shape ({m}, {cols}) for G of shape {(m, n)}, got "
+                         f"{tuple(P.shape)}")
+    return m, n, P.shape[1]
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

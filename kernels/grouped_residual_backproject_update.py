@@ -9,6 +9,7 @@ expression, so the same bits), and the grouped K3 kernel's ``HAS_RESIDUAL`` epil
 ``res_coef_b * G_b * col_scale_b``: one launch for the group, G and W each read once.
 """
 from .grouped_backproject_update import grouped_backproject_update
+from .residual_backproject_update import folded_factor
 
 
 def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef, res_coef,
@@ -17,9 +18,9 @@ def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef,
     form, in place on every ``Ws[b]``; the scalars are sequences, one value per member)."""
     if len(Ws) == 0:
         return
-    css = [c.float().contiguous() for c in col_scales]
-    Ls = [float(c) * N.float() - float(d) * (R.float() * cs[None, :])
-          for c, d, N, R, cs in zip(coef, res_coef, Ns, Rs, css)]
+    css, Ls = zip(*(folded_factor(N, R, cs, c, d)
+                    for N, R, cs, c, d in zip(Ns, Rs, col_scales, coef, res_coef)))
+    css, Ls = list(css), list(Ls)
     grouped_backproject_update(Ws, Ps, Ls, coef=[1.0] * len(Ws), pre_scale=pre_scale,
                                post_decay=post_decay, precision=precision, residuals=Gs,
                                col_scales=css, res_coef=res_coef)

@@ -21,7 +21,7 @@ import triton.language as tl
 from lowrank_fused.reference.iass_select import (IASS_MODES, check_energy, given_energy,
                                                  prefix_energies, smallest_sufficient_rank)
 
-from ._common import cdiv, load_tile, tile_offsets
+from ._common import cdiv, check_left_basis, load_tile, tile_offsets
 from .adam_moments import SUM_BLOCK, _sum_partials_kernel
 
 # one tile per program: BLOCK_N spans the contiguous dimension
@@ -64,13 +64,7 @@ def grad_sumsq(G: torch.Tensor) -> torch.Tensor:
 
 
 def _check(G, Qb, B):
-    if G.dim() != 2:
-        raise ValueError(f"G must be 2-D (m x n), got shape {tuple(G.shape)}")
-    m, n = G.shape
-    if Qb.dim() != 2 or Qb.shape[0] != m:
-        raise ValueError(f"Qb must have shape ({m}, k) for G of shape {(m, n)}, got "
-                         f"{tuple(Qb.shape)}")
-    k = Qb.shape[1]
+    _, n, k = check_left_basis(G, Qb, "Qb", "k")
     if tuple(B.shape) != (k, n):
         raise ValueError(f"B must have shape {(k, n)}, got {tuple(B.shape)}")
 

@@ -10,13 +10,20 @@ once and W written once; the residual ``G - P R`` never exists.
 from .backproject_update import backproject_update
 
 
+def folded_factor(N, R, col_scale, coef: float, res_coef: float):
+    """``(col_scale, L)``: the fp32 contiguous column scales and the GEMM's right factor
+    ``L = coef*N - res_coef*R*col_scale`` (the single and the grouped launcher build it with
+    this one expression, so their results agree bit for bit)."""
+    cs = col_scale.float().contiguous()
+    return cs, float(coef) * N.float() - float(res_coef) * (R.float() * cs[None, :])
+
+
 def residual_backproject_update(W, G, P, R, N, col_scale, *, coef: float, res_coef: float,
                                 pre_scale: float, post_decay: float,
                                 precision: str = "ieee") -> None:
     """Same contract as ``lowrank_fused.reference.residual_backproject_update`` (left form,
     in place on W)."""
-    cs = col_scale.float().contiguous()
-    L = float(coef) * N.float() - float(res_coef) * (R.float() * cs[None, :])
+    cs, L = folded_factor(N, R, col_scale, coef, res_coef)
     backproject_update(W, P, L, coef=1.0, pre_scale=pre_scale, post_decay=post_decay,
                        precision=precision, residual=G, col_scale=cs, res_coef=res_coef)
 

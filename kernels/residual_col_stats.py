@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_IEEE, cdiv, interpreting, mma, sm_count, to_storage
+from ._common import DOT_IEEE, cdiv, check_left_basis, interpreting, mma, sm_count, to_storage
 
 # column sums of G^2 or S^2: 64 x 64 tiles, K = 32 over the rank (fp32 FMA, as
 # backproject_update's ieee config) with 8 warps: with 4 the explicit form spills on sm_90
@@ -124,13 +124,7 @@ def _choose_split(m: int, tiles_n: int, device: torch.device) -> int:
 
 
 def _check(G, P, R, c_os, col_scale, g_col_sumsq):
-    if G.dim() != 2:
-        raise ValueError(f"G must be 2-D (m x n), got shape {tuple(G.shape)}")
-    m, n = G.shape
-    if P.dim() != 2 or P.shape[0] != m:
-        raise ValueError(f"P must have shape ({m}, r) for G of shape {(m, n)}, got "
-                         f"{tuple(P.shape)}")
-    r = P.shape[1]
+    _, n, r = check_left_basis(G, P, "P", "r")
     for name, t, shape in (("R", R, (r, n)), ("c_os", c_os, (n,)),
                            ("col_scale", col_scale, (n,))):
         if tuple(t.shape) != shape:
