@@ -430,6 +430,273 @@ def iass_select_bytes(m, n, k, *, g_bytes=2, side="left") -> Bytes:
     return Bytes(g_bytes * A + 4 * S, _cast(A, g_bytes) + 12 * A + 12 * S)
 
 
+# -------------------------------------------------------------------------------------------
+# FLOP model and roofline
+#
+# A GEMM of an (a x k) by a (k x b) matrix is 2*a*k*b FLOPs; every m x n product with the rank
+# is ``2*A*r``. ``Flops.gemm`` are the GEMMs that run at the call's precision (tensor cores for
+# tf32 / tf32x3 / bf16); ``Flops.ieee_gemm`` the GEMMs that always multiply in IEEE fp32
+# whatever the precision (GHA's basis update, the KFAC Gram and whitening); ``Flops.elementwise``
+# the elementwise arithmetic (one FLOP per add, multiply, divide, sqrt; counted per element
+# below, minor next to the GEMMs). The last two run on fp32 CUDA cores. Not counted: QR / eigh /
+# SVD of m x r or r x r (O(m r^2), under r/n of the GEMMs), reductions feeding host reads, and
+# the r^2 elementwise work of the transports' C*C. The GEMM counts equal what
+# ``torch.utils.flop_counter`` counts for the eager references (tests/test_bench_bytes.py),
+# except where the reference repeats a product (said per function).
+
+ADAM_FLOPS = 10       # K2 per low-rank element: M (3), V (4), sqrt, + eps, divide
+UPDATE_FLOPS = 3      # K3 epilogue per m x n element: b * (P@N), subtract, weight decay
+ADAMW_FLOPS = 14      # dense AdamW per element: decay 1, M 3, V 4, sqrt / c2 / + eps 3, step 3
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of one call: ``gemm`` at the call's GEMM precision, ``ieee_gemm`` GEMMs always in
+    fp32 FMA, ``elementwise`` arithmetic."""
+
+    gemm: int
+    ieee_gemm: int = 0
+    elementwise: int = 0
+
+    @property
+    def fp32(self) -> int:
+        """The FLOPs on fp32 CUDA cores: ``ieee_gemm + elementwise``."""
+        return self.ieee_gemm + self.elementwise
+
+    @property
+    def total(self) -> int:
+        return self.gemm + self.ieee_gemm + self.elementwise
+
+    def __add__(self, other: "Flops") -> "Flops":
+        return Flops(self.gemm + other.gemm, self.ieee_gemm + other.ieee_gemm,
+                     self.elementwise + other.elementwise)
+
+
+def project_flops(m, n, r, *, side="left") -> Flops:
+    """K1 ``R = P^T G``: one m x n x r GEMM, ``2Ar`` (the cast is free)."""
+    A, _, _ = sizes(m, n, r, side)
+    return Flops(2 * A * r)
+
+
+def adam_moments_flops(m, n, r, *, side="left") -> Flops:
+    """K2 on the S low-rank elements: ``10S`` elementwise (``ADAM_FLOPS``)."""
+    _, S, _ = sizes(m, n, r, side)
+    return Flops(0, elementwise=ADAM_FLOPS * S)
+
+
+def backproject_update_flops(m, n, r, *, side="left") -> Flops:
+    """K3 ``W <- (W - b*P@N)(1-c)``: the GEMM ``2Ar`` plus a 3-FLOP epilogue per element."""
+    A, _, _ = sizes(m, n, r, side)
+    return Flops(2 * A * r, elementwise=UPDATE_FLOPS * A)
+
+
+def galore_step_flops(m, n, r, *, side="left") -> Flops:
+    """K1 + K2 + K3: ``4Ar`` GEMM, ``3A + 10S`` elementwise."""
+    return (project_flops(m, n, r, side=side) + adam_moments_flops(m, n, r, side=side)
+            + backproject_update_flops(m, n, r, side=side))
+
+
+def adamw_flops(m, n) -> Flops:
+    """Dense AdamW: no GEMM, ``14A`` elementwise (``ADAMW_FLOPS``)."""
+    return Flops(0, elementwise=ADAMW_FLOPS * m * n)
+
+
+def moment_transport_flops(m, n, r, *, side="left", form="squared") -> Flops:
+    """K8: ``C = P_new^T P_old`` (``2rC``: r x r over the basis dimension C/r), ``C@M`` and
+    ``(C*C)@V`` (or ``C@V``; LDAdam's K = 2r GEMM is the same count), ``2rS`` each: ``2rC +
+    4rS``. Elementwise: LDAdam's prologue/epilogue about 8S, the plain forms none."""
+    if form not in TRANSPORT_FORMS:
+        raise ValueError(f"form must be one of {TRANSPORT_FORMS}, got {form!r}")
+    _, S, C = sizes(m, n, r, side)
+    return Flops(2 * r * C + 4 * r * S, elementwise=8 * S if form == "ldadam" else 0)
+
+
+def gha_update_flops(m, n, r, *, side="left") -> Flops:
+    """GHA's basis update: two K1 GEMMs over G (``R = P^T G``, then ``G R^T``), ``4Ar``, and
+    the tail ``R R^T`` (``2rS``) and ``P @ triu(.)`` (``2rC``), all IEEE fp32 (the op has no
+    precision argument); ``||G||^2`` (2A). The eager reference computes ``G^T P`` twice
+    (``2Ar`` more)."""
+    A, S, C = sizes(m, n, r, side)
+    return Flops(0, 4 * A * r + 2 * r * (S + C), 2 * A)
+
+
+def adapm_update_flops(m, n, r, *, v_blocks=None) -> Flops:
+    """AdaPM's block step, left form: the in-tile ``L@Rg`` and ``L@R`` (K = 2r) GEMM ``4Ar``,
+    and about 16 FLOPs per element (error, momentum, second moment, clip, update; about 10 with
+    Adam-mini's block means)."""
+    A = m * n
+    return Flops(4 * A * r, elementwise=(10 if v_blocks is not None else 16) * A)
+
+
+def adafactor_flops(m, n, *, factored=True) -> Flops:
+    """K6 / AdaMeM's Adafactor on m x n: elementwise only, about 12 FLOPs per element
+    (square, statistics, scaling, RMS, update; unfactored about the same)."""
+    return Flops(0, elementwise=12 * m * n)
+
+
+def method_step_flops(method, m, n, r, *, side="left") -> Flops:
+    """FLOPs of one step of ``method`` between refreshes (the passes of
+    ``method_step_bytes``):
+
+    * ``galore``, ``adaptive_adamw``, ``rsadamw``: K1 + K2 + K3, ``4Ar`` GEMM;
+      ``adarankgrad`` adds ``||R||^2`` (2S);
+    * ``gha``: the same plus its basis update (``4Ar + 2r(S + C)`` IEEE) and the K8
+      transport;
+    * ``galore_kfac``: K1 + K3 plus the r x r Gram ``R R^T`` and the whitening
+      ``root @ M`` (``2rS`` each, IEEE fp32: the KFAC kernels have no precision option);
+    * ``ldadam``: the power iteration's two m x n GEMMs (``4Ar``, plus ``M V1`` and
+      ``P_old (M V1)``: ``2rS + 2rC``), the projection (``2Ar``), the error feedback (one
+      K = 2r GEMM, ``4Ar``) and K3 (``2Ar``): ``12Ar``; LDAdam's transport; elementwise
+      ``E + G``, the feedback subtract and K3's epilogue (5A) and K2;
+    * ``adamem``: pass 1 = K1 (``2Ar``), pass 2 ``P@R`` and ``P@N1`` in-tile (``4Ar``),
+      residual and update about 8 FLOPs per element; the factored moments about 12S;
+    * ``adapm``, ``adapm_mini``: K1 ``Rg = L^T G`` (``2Ar``) plus ``adapm_update_flops``.
+    """
+    A, S, C = sizes(m, n, r, side)
+    if method in ("galore", "adaptive_adamw", "rsadamw"):
+        return galore_step_flops(m, n, r, side=side)
+    if method == "adarankgrad":
+        return galore_step_flops(m, n, r, side=side) + Flops(0, elementwise=2 * S)
+    if method == "gha":
+        return (galore_step_flops(m, n, r, side=side) + gha_update_flops(m, n, r, side=side)
+                + moment_transport_flops(m, n, r, side=side))
+    if method == "galore_kfac":
+        return (project_flops(m, n, r, side=side) + backproject_update_flops(m, n, r, side=side)
+                + Flops(0, 4 * r * S, 3 * S))
+    if method == "ldadam":
+        return (Flops(12 * A * r + 2 * r * S + 2 * r * C, elementwise=5 * A + ADAM_FLOPS * S)
+                + moment_transport_flops(m, n, r, side=side, form="ldadam"))
+    if method == "adamem":
+        return Flops(6 * A * r, elementwise=8 * A + 12 * S)
+    if method in ("adapm", "adapm_mini"):
+        return project_flops(m, n, r) + adapm_update_flops(
+            m, n, r, v_blocks=m if method == "adapm_mini" else None)
+    raise ValueError(f"method must be one of {METHOD_STEPS}, got {method!r}")
+
+
+def op_flops(op, m, n, r=None, *, side=None) -> Optional[Flops]:
+    """FLOPs of a benchmark row's ``op`` (``harness.Row.op``), or None where the op is not
+    modelled (the grouped ops: their rows do not carry the group size). Elementwise-only ops
+    count their arithmetic per element as above."""
+    base, _, form = op.partition(":")
+    side = side or "left"
+    if base == "method_step":
+        return method_step_flops(form, m, n, r, side=side)
+    if base == "adamw":
+        return adamw_flops(m, n)
+    if base in ("adafactor_step", "adafactor_bc_factored_step", "adafactor_bc_unfactored_step"):
+        return adafactor_flops(m, n)
+    if r is None:
+        return None
+    simple = {"project": project_flops, "adam_moments": adam_moments_flops,
+              "backproject_update": backproject_update_flops, "galore_step": galore_step_flops,
+              "gha_update": gha_update_flops}
+    if base in simple:
+        return simple[base](m, n, r, side=side)
+    if base == "moment_transport":
+        return moment_transport_flops(m, n, r, side=side)
+    if base == "moment_transport_linear":
+        return moment_transport_flops(m, n, r, side=side, form="linear")
+    if base == "ldadam_moment_transport":
+        return moment_transport_flops(m, n, r, side=side, form="ldadam")
+    if base == "adapm_update":
+        return adapm_update_flops(m, n, r, v_blocks=m if form == "mini" else None)
+    _, S, _ = sizes(m, n, r, side)
+    if base == "adamem_moments":
+        return Flops(0, elementwise=12 * S)
+    if base == "iass_select":
+        return Flops(0, elementwise=2 * m * n + 2 * S)
+    if base == "residual_col_stats":
+        return (Flops(2 * m * n * r, elementwise=4 * m * n + 3 * S) if form == "explicit"
+                else Flops(0, elementwise=3 * S))
+    return None
+
+
+# Per-device peaks. Sources: "spec sheet" = NVIDIA's data sheet (dense, no sparsity);
+# "measured" = what a large device-to-device copy achieves (bench.harness.measure_ceilings
+# measures it in every run, and the roofline uses that measurement when there is one).
+#   H100 SXM5 (80 GB HBM3): HBM 3.35 TB/s spec sheet, about 3.0 TB/s measured-achievable copy;
+#     fp32 FMA 67 TFLOP/s, TF32 tensor 495 dense (989 with sparsity), bf16 990 dense (1979
+#     with sparsity): spec sheet.
+#   H100 PCIe: HBM 2.0 TB/s, fp32 51, TF32 378 dense, bf16 756 dense: spec sheet.
+#   H200 (141 GB HBM3e): HBM 4.8 TB/s spec sheet (nominal, not yet measured here); the same
+#     compute as the H100 SXM: spec sheet.
+# tf32x3 splits each fp32 operand into a TF32 high and low part and sums three TF32 products
+# (hi*hi + hi*lo + lo*hi): a third of the TF32 rate. ieee is the fp32 FMA rate.
+PRECISION_PASSES = {"ieee": None, "tf32": 1, "tf32x3": 3, "bf16": 1}
+
+
+@dataclass(frozen=True)
+class DevicePeaks:
+    name: str
+    hbm_gbps: float
+    hbm_source: str
+    fp32_tflops: float
+    tf32_tflops: float
+    bf16_tflops: float
+    source: str = "spec sheet"
+
+    def tflops(self, precision: Optional[str]) -> float:
+        """Peak TFLOP/s of a GEMM at ``precision`` (None or "ieee": fp32 FMA)."""
+        if precision in (None, "ieee"):
+            return self.fp32_tflops
+        if precision in ("tf32", "tf32x3"):
+            return self.tf32_tflops / PRECISION_PASSES[precision]
+        if precision == "bf16":
+            return self.bf16_tflops
+        raise ValueError(f"precision must be one of {tuple(PRECISION_PASSES)}, got "
+                         f"{precision!r}")
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "hbm_gbps": self.hbm_gbps, "hbm_source": self.hbm_source,
+                "tflops": {p: self.tflops(p) for p in PRECISION_PASSES},
+                "compute_source": self.source}
+
+
+DEVICE_PEAKS = {
+    "h100 pcie": DevicePeaks("H100 PCIe", 2000.0, "spec sheet", 51.0, 378.0, 756.0),
+    "h100": DevicePeaks("H100 SXM", 3000.0, "measured-achievable copy (spec sheet 3350)",
+                        67.0, 495.0, 990.0),
+    "h200": DevicePeaks("H200", 4800.0, "spec sheet, nominal", 67.0, 495.0, 990.0),
+}
+
+
+def device_peaks(device_name: Optional[str]) -> Optional[DevicePeaks]:
+    """The peak table of a GPU by its name (``torch.cuda.get_device_name``), None when
+    unknown (a CPU, another GPU): then no roofline is reported."""
+    low = (device_name or "").lower()
+    for key in ("h100 pcie", "h200", "h100"):
+        if key in low:
+            return DEVICE_PEAKS[key]
+    return None
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """``time = max(bytes / bandwidth, gemm / peak(precision) + fp32 / peak(ieee))``, seconds,
+    and which term bounds it (``"bytes"`` or ``"flops"``)."""
+
+    seconds: float
+    bytes_seconds: float
+    flops_seconds: float
+
+    @property
+    def bound(self) -> str:
+        return "flops" if self.flops_seconds > self.bytes_seconds else "bytes"
+
+
+def roofline(nbytes: int, flops: Flops, precision: Optional[str], *, bandwidth_gbps: float,
+             peaks: DevicePeaks) -> Roofline:
+    """The roofline floor of one call: its bytes at ``bandwidth_gbps`` (10^9 B/s) against its
+    FLOPs at the peak of ``precision`` (GEMMs) and of fp32 FMA (the ``fp32`` part)."""
+    if not bandwidth_gbps or bandwidth_gbps <= 0:
+        raise ValueError(f"bandwidth_gbps must be > 0, got {bandwidth_gbps!r}")
+    t_bytes = nbytes / (bandwidth_gbps * 1e9)
+    t_flops = (flops.gemm / (peaks.tflops(precision) * 1e12)
+               + flops.fp32 / (peaks.tflops("ieee") * 1e12))
+    return Roofline(max(t_bytes, t_flops), t_bytes, t_flops)
+
+
 def mib(nbytes: int) -> float:
     return nbytes / MIB
 

@@ -385,3 +385,108 @@ def test_method_step_floor_counts_the_full_size_passes(method, full_passes):
 def test_method_step_bytes_refuses_an_unknown_method():
     with pytest.raises(ValueError, match="method must be one of"):
         B.method_step_bytes("sgd", M, N, R)
+
+
+# -------------------------------------------------------------------------------------------
+# FLOP model and roofline
+
+def test_flops_hand_derived_small_shape():
+    m, n, r = 6, 10, 2          # A = 60, left: S = 20, C = 12; right: S = 12, C = 20
+    assert B.project_flops(m, n, r) == B.Flops(2 * 60 * 2)
+    assert B.adam_moments_flops(m, n, r) == B.Flops(0, 0, 10 * 20)
+    assert B.adam_moments_flops(m, n, r, side="right") == B.Flops(0, 0, 10 * 12)
+    assert B.backproject_update_flops(m, n, r) == B.Flops(240, 0, 3 * 60)
+    assert B.galore_step_flops(m, n, r) == B.Flops(480, 0, 180 + 200)
+    assert B.adamw_flops(m, n) == B.Flops(0, 0, 14 * 60)
+    # K8: P_new^T P_old is r x r over m (2*r*r*m), then two r x r by r x n products
+    assert B.moment_transport_flops(m, n, r) == B.Flops(2 * 2 * 2 * 6 + 2 * 2 * 2 * 2 * 10)
+    assert B.moment_transport_flops(m, n, r, form="ldadam").elementwise == 8 * 20
+    # GHA: two IEEE m x n x r products and the r x r / m x r tail
+    assert B.gha_update_flops(m, n, r) == B.Flops(0, 4 * 60 * 2 + 2 * 2 * (20 + 12), 2 * 60)
+    f = B.method_step_flops("ldadam", m, n, r)
+    assert f.gemm == 12 * 60 * 2 + 2 * 2 * 20 + 2 * 2 * 12 + (2 * 2 * 12 + 4 * 2 * 20)
+    assert B.method_step_flops("adamem", m, n, r).gemm == 6 * 60 * 2
+    assert B.method_step_flops("adapm", m, n, r).gemm == 6 * 60 * 2
+    assert B.method_step_flops("galore_kfac", m, n, r) == B.Flops(480, 4 * 2 * 20,
+                                                                  180 + 3 * 20)
+    assert f.total == f.gemm + f.ieee_gemm + f.elementwise
+    with pytest.raises(ValueError, match="method"):
+        B.method_step_flops("sgd", m, n, r)
+
+
+def test_flops_right_side_is_the_transpose():
+    for method in B.METHOD_STEPS:
+        if method.startswith("adapm"):   # AdaPM is left-form only
+            continue
+        assert (B.method_step_flops(method, N, M, R, side="right")
+                == B.method_step_flops(method, M, N, R, side="left")), method
+
+
+@pytest.mark.parametrize("method", B.METHOD_STEPS)
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_method_gemm_flops_match_the_reference_step(method, shape):
+    """The model's GEMM FLOPs are what torch's FLOP counter sees in one steady step of the
+    eager reference (GHA's reference repeats G^T P: 2Ar more)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench import bench_method_step as MS
+
+    m, n, r = *shape, 4
+    if method.startswith("adapm") and m > n:
+        pytest.skip("AdaPM is left-form (m <= n) in the benchmark")
+    W = torch.nn.Parameter(torch.randn(m, n))
+    W.grad = torch.randn(m, n)
+    opt = MS._optimizer(dict(method=method, r=r, precision="ieee"), W, "reference")
+    opt.step()
+    with FlopCounterMode(display=False) as counter:
+        opt.step()
+    f = B.method_step_flops(method, m, n, r, side="right" if m >= n else "left")
+    extra = 2 * m * n * r if method == "gha" else 0
+    assert counter.get_total_flops() == f.gemm + f.ieee_gemm + extra
+
+
+def test_op_flops_dispatch():
+    assert B.op_flops("project", M, N, R, side="left") == B.project_flops(M, N, R)
+    assert B.op_flops("method_step:ldadam", M, N, R) == B.method_step_flops("ldadam", M, N, R)
+    assert B.op_flops("adamw", M, N) == B.adamw_flops(M, N)
+    assert B.op_flops("adapm_update:mini", M, N, R).elementwise == 10 * A
+    assert B.op_flops("grouped_project", M, N, R) is None
+
+
+def test_device_peaks_and_precisions():
+    h100 = B.device_peaks("NVIDIA H100 80GB HBM3")
+    assert h100.name == "H100 SXM" and h100.hbm_gbps == 3000.0
+    assert B.device_peaks("NVIDIA H200").hbm_gbps == 4800.0
+    assert B.device_peaks("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert B.device_peaks("cpu (x86_64, 2 cores)") is None
+    assert h100.tflops("ieee") == h100.tflops(None) == 67.0
+    assert h100.tflops("tf32") == 495.0 and h100.tflops("tf32x3") == pytest.approx(165.0)
+    assert h100.tflops("bf16") == 990.0
+    with pytest.raises(ValueError, match="precision"):
+        h100.tflops("fp8")
+
+
+def test_roofline_takes_the_larger_term():
+    pk = B.DevicePeaks("test", 1000.0, "test", fp32_tflops=10.0, tf32_tflops=100.0,
+                       bf16_tflops=200.0)
+    # bytes-bound: 1e9 B at 1000 GB/s = 1 ms; 1e9 GEMM FLOPs at 200 TFLOP/s = 5 us
+    rl = B.roofline(10 ** 9, B.Flops(10 ** 9), "bf16", bandwidth_gbps=1000.0, peaks=pk)
+    assert rl.seconds == pytest.approx(1e-3) and rl.bound == "bytes"
+    # flops-bound: tf32x3 is a third of tf32, and the fp32 part runs at the fp32 rate
+    rl = B.roofline(10 ** 6, B.Flops(3 * 10 ** 11, 0, 10 ** 10), "tf32x3",
+                    bandwidth_gbps=1000.0, peaks=pk)
+    assert rl.flops_seconds == pytest.approx(3e11 / (100e12 / 3) + 1e10 / 10e12)
+    assert rl.seconds == rl.flops_seconds and rl.bound == "flops"
+    with pytest.raises(ValueError, match="bandwidth_gbps"):
+        B.roofline(1, B.Flops(1), "ieee", bandwidth_gbps=0, peaks=pk)
+
+
+def test_headline_steps_are_compute_bound_in_ieee():
+    """At 4096x11008 on an H100 the ieee GEMMs (4Ar at 67 TFLOP/s) outweigh the bytes of a
+    GaLore step; bf16 GEMMs leave it bytes-bound."""
+    h100 = B.DEVICE_PEAKS["h100"]
+    b = B.method_step_bytes("galore", M, N, R).floor
+    f = B.method_step_flops("galore", M, N, R)
+    assert B.roofline(b, f, "ieee", bandwidth_gbps=3000.0, peaks=h100).bound == "flops"
+    assert B.roofline(b, f, "bf16", bandwidth_gbps=3000.0, peaks=h100).bound == "bytes"
