@@ -119,13 +119,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
     read per step; a non-finite gradient then reaches the moments, as in the official code).
     The check is one multi-tensor max-abs reduction over the gradients and one flag read.
 
-    Multi-tensor apply (issue 6): within ``step`` the dense AdamW step of every non-projected
+    Multi-tensor apply: within ``step`` the dense AdamW step of every non-projected
     parameter (``_dense_adamw_step``) is collected and run at the end of the loop as one
     ``ops_multi.adamw_step_multi`` call per set of parameters sharing a device, a backend and
     the method's conventions (per-parameter lr, betas, eps, weight decay and step counters
     ride along); that is one CUDA launch (``cuda`` backend, what ``auto`` picks for it on a
     GPU) or one OpenMP loop (``cpu``) instead of one per parameter, with the same math
-    (ALGORITHMS.md 2). The per-tensor loop remains where the backend has no multi-tensor op
+    (docs/methods/adamw.md). The per-tensor loop remains where the backend has no multi-tensor op
     (``backend="triton"``), for tensors the compiled kernels do not take (float16, not
     contiguous), in per-layer mode (one parameter at a time by design) and when the attribute
     ``multi_tensor`` is set to False (default True; a setting, not checkpointed state).
@@ -287,7 +287,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _dense_adamw_step(self, p, group, backend, *, eps_mode, wd_mode, correct_bias=True,
                           step=None):
-        """The dense AdamW step (ALGORITHMS.md 2) for a parameter off the low-rank path:
+        """The dense AdamW step (docs/methods/adamw.md) for a parameter off the low-rank path:
         torch conventions (``eps_mode="torch", wd_mode="pre"``) or HF/GaLore ones
         (``"hf", "post"``). The bias correction uses the parameter's own counter, or ``step``
         when the method has a global one (LDAdam). Within ``step()`` the update joins the

@@ -1,5 +1,5 @@
-"""Capacity buffers for low-rank states whose rank changes at a refresh (issue 4, K2's runtime
-rank; ALGORITHMS.md 5.3 and 6: "allocate states with capacity r_max and pass r_cur").
+"""Capacity buffers for low-rank states whose rank changes at a refresh (K2's runtime rank:
+allocate states with capacity r_max and pass r_cur; docs/bytes.md, "Kernel-design notes").
 
 AdaptiveAdamW and AdaRankGrad change a matrix's rank r at a refresh, so its moments change
 shape (r x n, or m x r). Without capacity buffers each refresh allocates new moments (the

@@ -1,4 +1,4 @@
-"""Adafactor, the HF ``transformers`` version vendored in GaLore (ALGORITHMS.md section 3).
+"""Adafactor, the HF ``transformers`` version vendored in GaLore (docs/methods/adafactor.md).
 
 Parameters with ndim >= 2 keep factored second-moment statistics: ``exp_avg_sq_row`` of shape
 ``shape[:-1]`` and ``exp_avg_sq_col`` of shape ``shape[:-2] + shape[-1:]`` (a tensor with more

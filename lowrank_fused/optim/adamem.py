@@ -1,4 +1,4 @@
-"""AdaMeM: memory-efficient momentum for Adafactor (ALGORITHMS.md section 8, seed 003).
+"""AdaMeM: memory-efficient momentum for Adafactor (docs/methods/adamem.md).
 
 A low-rank matrix W (m x n, run on its transpose when m > n so that m <= n) keeps momentum
 only in the top-r left singular subspace P of its gradient (refreshed by an SVD every
@@ -16,7 +16,7 @@ r + n factored statistics and the n one-sided statistics: ``mr + nr + r + 2n`` f
 
 Everything else gets AdaMeM's Adafactor: groups without ``rank`` (the first and last layers,
 per the paper), weights that are not 2-D after flattening, and matrices with
-``rank >= min(m, n)`` (the size guard of ALGORITHMS.md 1.6) get a factored Adafactor with fixed
+``rank >= min(m, n)`` (the size guard, docs/conventions.md) get a factored Adafactor with fixed
 beta2, bias correction, no momentum, no clipping and no relative step; 1-D parameters get
 its unfactored version. :func:`adamem_param_groups` builds the paper's groups from a model.
 
@@ -46,7 +46,7 @@ LOW_RANK_OPS = ("project", "adamem_moments", "residual_col_stats", "residual_bac
 
 
 class AdaMeM(LowRankOptimizer):
-    """AdaMeM (ALGORITHMS.md section 8).
+    """AdaMeM (docs/methods/adamem.md).
 
     Args:
         params: parameters or param groups. Groups holding ``rank`` (an int >= 1) get AdaMeM;
@@ -249,7 +249,7 @@ class AdaMeM(LowRankOptimizer):
         sign-canonical), re-orthonormalised by a float64 QR (signs kept, columns move by about
         1e-7). An fp32 SVD basis is orthonormal only to about 1e-6, and Claim 3.1's
         ``<P N1, N2> = 0`` and the residual identity both rest on ``P^T P = I``: this keeps
-        them at fp32 rounding level (ALGORITHMS.md section 11, invariants 2 and 3)."""
+        them at fp32 rounding level (the invariants 2 and 3 of docs/conventions.md)."""
         P = self._pending_bases.pop(p, None) if p is not None else None
         if P is None:
             P = canonical_svd_basis(Gc, rank, "left", self.sign_canon,
@@ -261,7 +261,7 @@ class AdaMeM(LowRankOptimizer):
         rank, shape, transposed = plan
         state = self.state[p]
         W, G, write_back = self._as_matrix(p, shape)
-        # canonical left form (ALGORITHMS.md 1.1): k x l with k <= l, as views
+        # canonical left form (docs/conventions.md): k x l with k <= l, as views
         Wc, Gc = (W.t(), G.t()) if transposed else (W, G)
 
         # 8.3 line 2: refresh at t = 1, T + 1, 2T + 1, ...; everything that can fail (the SVD
@@ -346,7 +346,7 @@ class AdaMeM(LowRankOptimizer):
 
 def adamem_param_groups(model: nn.Module, *, rank: int, all_layers: bool = False,
                         **extra) -> list:
-    """The paper's routing (ALGORITHMS.md 1.6 and 8.2): ``[{"params": low-rank weights,
+    """The paper's routing (docs/methods/adamem.md): ``[{"params": low-rank weights,
     "rank": rank, **extra}, {"params": everything else}]``, empty groups dropped.
 
     Layers are the ``nn.Linear`` and ``nn.Embedding`` modules with a trainable weight, in

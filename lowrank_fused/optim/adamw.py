@@ -1,4 +1,4 @@
-"""AdamW, the dense baseline every low-rank method is measured against (ALGORITHMS.md section 2).
+"""AdamW, the dense baseline every low-rank method is measured against (docs/methods/adamw.md).
 
 Two variants, one class:
 

@@ -1,4 +1,4 @@
-"""AdaPM and AdaPM-mini: adaptive partial momentum (ALGORITHMS.md section 9).
+"""AdaPM and AdaPM-mini: adaptive partial momentum (docs/methods/adapm.md).
 
 Every parameter belongs to a *block* that decides its momentum (section 9.1):
 
@@ -58,7 +58,7 @@ _Part = namedtuple("_Part", "prefix block kind r0 r1 n rank nb")
 
 
 def sketch_matrix(n: int, r: int, seed: int, device) -> torch.Tensor:
-    """The Gaussian sketch ``Omega`` (n x r, fp32) that seeds L at t = 1 (ALGORITHMS.md 9.3):
+    """The Gaussian sketch ``Omega`` (n x r, fp32) that seeds L at t = 1 (docs/methods/adapm.md):
     ``torch.randn`` from a ``torch.Generator`` on ``device`` seeded with ``seed``."""
     gen = torch.Generator(device=device).manual_seed(int(seed))
     return torch.randn(n, r, generator=gen, device=device, dtype=torch.float32)
@@ -75,7 +75,7 @@ def _is_int(x, low):
 
 
 class AdaPM(LowRankOptimizer):
-    """AdaPM (ALGORITHMS.md section 9), torch.optim API.
+    """AdaPM (docs/methods/adapm.md), torch.optim API.
 
     Args:
         params: parameters or param groups. Each group may carry ``block`` (one of
@@ -102,8 +102,9 @@ class AdaPM(LowRankOptimizer):
         nomomentum_mode: second moment of the no-momentum blocks: ``"ema"`` (default, the
             beta2 EMA with bias correction) or ``"adagrad"`` (``v += g^2``, no correction).
         full_rank_fallback: a low-rank block whose matrix is not 2-D or whose rank reaches
-            ``min(m, n)`` takes the full-momentum step (default True, ALGORITHMS.md 1.6).
-            False keeps the low-rank path at ``r = min(m, n)`` (used to test 11.6).
+            ``min(m, n)`` takes the full-momentum step (default True, the size guard of
+            docs/conventions.md). False keeps the low-rank path at ``r = min(m, n)`` (used to
+            test the full-rank limit).
         sketch_seed: base seed of the Gaussian sketches that initialise L (see
             :func:`sketch_seed`).
         backend, faithful_dtypes, sign_canon, matmul_precision: as
@@ -405,7 +406,7 @@ class AdaPM(LowRankOptimizer):
 
 
 class AdaPMMini(AdaPM):
-    """AdaPM-mini (ALGORITHMS.md 9.7): AdaPM whose second moment is Adam-mini's block mean
+    """AdaPM-mini (docs/methods/adapm.md): AdaPM whose second moment is Adam-mini's block mean
     ``vb = beta2*vb + (1-beta2)*mean_block(g^2)`` with ``h = sqrt(vb)/sqrt(bc2) + eps``:
     per head for ``q``/``k`` (needs the group key ``head_dim``), per output row for ``v``,
     ``attn_out`` and ``mlp``, per token row for ``embedding`` and ``lm_head``, one scalar for
@@ -443,7 +444,7 @@ def _is_conv1d(module) -> bool:
 def classify_parameter(name: str, param: torch.Tensor, module: Optional[nn.Module] = None) -> str:
     """The AdaPM block of parameter ``name`` (as in ``named_parameters``) owned by ``module``.
 
-    Rules (ALGORITHMS.md 9.1, names of HF LLaMA, GPT-2/nanoGPT and Meta LLaMA): 1-D tensors are
+    Rules (docs/methods/adapm.md, names of HF LLaMA, GPT-2/nanoGPT and Meta LLaMA): 1-D tensors are
     ``bias`` (named ``*.bias``) or ``norm``; then by the module's own name: embeddings
     (``nn.Embedding``, wte, wpe, embed_tokens) -> ``embedding``; lm_head (or a top-level
     ``output``) -> ``lm_head``; fused

@@ -1,5 +1,5 @@
 """AdaptiveAdamW and the repository variants RSAdamW, GHAAdamW and GaLoreKFACAdamW
-(ALGORITHMS.md section 5).
+(docs/methods/adaptive_adamw.md).
 
 All four extend GaLore-AdamW (section 4: E-hf epsilon, WD-post, the 'std' side rule, refresh
 when ``k % update_proj_gap == 0`` before the counter increments, HF AdamW for parameters outside
@@ -19,8 +19,8 @@ rank groups) and share one low-rank step (5.3 phase B)::
 * ``GaLoreKFACAdamW`` (galore_kfac): GaLore's SVD basis; the low-rank momentum is whitened by a
   Kronecker left factor instead of Adam's second moment.
 
-The variants are reconstructions from one-line README descriptions (ALGORITHMS.md 5.6, all
-``[DC]``). State is plain tensors and ints in ``self.state[p]``; AdaptiveAdamW's pool counter
+The variants are reconstructions from one-line README descriptions (all design
+choices). State is plain tensors and ints in ``self.state[p]``; AdaptiveAdamW's pool counter
 lives in its param group (``pool_step``), so ``state_dict()`` round-trips through
 ``torch.save``/``torch.load(weights_only=True)`` and a resumed run continues bit-identically.
 Right-projected matrices run every op in the canonical left form on transposed views (1.1).
@@ -53,7 +53,8 @@ MONOTONE_METRICS = frozenset(RANK_METRICS) - {"gap"}
 
 
 # ---------------------------------------------------------------------------------------------
-# Rank allocation (ALGORITHMS.md 5.3 A1-A2): host-side control logic, not a kernel op.
+# Rank allocation (docs/methods/adaptive_adamw.md, phase A): host-side control logic, not a
+# kernel op.
 
 def rank_scores(s: torch.Tensor, metric: str, *, combined_weight: float = 0.5) -> torch.Tensor:
     """Scores of the increments ``r -> r+1`` of one matrix, for r = 1 .. len(s)-1.
@@ -364,7 +365,7 @@ class _SubspaceAdamW(GaLoreAdamW):
 # ---------------------------------------------------------------------------------------------
 
 class AdaptiveAdamW(_SubspaceAdamW):
-    """AdaptiveAdamW (ALGORITHMS.md section 5): GaLore-AdamW with a global rank budget.
+    """AdaptiveAdamW (docs/methods/adaptive_adamw.md): GaLore-AdamW with a global rank budget.
 
     Args:
         params: parameters or param groups. Groups holding ``rank`` are projected; ``rank`` is
@@ -594,8 +595,8 @@ def _check_uniform_keys(d):
 # ---------------------------------------------------------------------------------------------
 
 class RSAdamW(_SubspaceAdamW):
-    """rsadamw, "random subspace drift" (ALGORITHMS.md 5.6, a reconstruction): GaLore without
-    SVD, uniform rank.
+    """rsadamw, "random subspace drift" (docs/methods/adaptive_adamw.md, a reconstruction):
+    GaLore without SVD, uniform rank.
 
     At a refresh (``k % update_proj_gap == 0``, per matrix) the basis moves to
     ``orth(sqrt(1 - sigma^2) * P_old + sigma * Z)`` with ``Z_ij ~ N(0, 1/m)``; the first basis
@@ -653,7 +654,8 @@ class RSAdamW(_SubspaceAdamW):
 
 
 class GHAAdamW(_SubspaceAdamW):
-    """gha, Generalised Hebbian Algorithm projector (ALGORITHMS.md 5.6, a reconstruction):
+    """gha, Generalised Hebbian Algorithm projector (docs/methods/adaptive_adamw.md, a
+    reconstruction):
     uniform rank; the basis starts from the SVD of the first gradient and then follows Sanger's
     rule on the gradient covariance every step, before projecting::
 
@@ -708,9 +710,10 @@ class GHAAdamW(_SubspaceAdamW):
 
 
 class GaLoreKFACAdamW(_SubspaceAdamW):
-    """galore_kfac (ALGORITHMS.md 5.6, a reconstruction): GaLore's SVD basis (uniform rank,
-    refreshed when ``k % update_proj_gap == 0``), and the low-rank momentum whitened by a
-    Kronecker left factor instead of Adam's second moment (canonical left form, R is r x n)::
+    """galore_kfac (docs/methods/adaptive_adamw.md, a reconstruction): GaLore's SVD basis
+    (uniform rank, refreshed when ``k % update_proj_gap == 0``), and the low-rank momentum
+    whitened by a Kronecker left factor instead of Adam's second moment (canonical left form,
+    R is r x n)::
 
         M = beta1*M + (1-beta1)*R ;  F = beta2*F + (1-beta2)*(R R^T)/n
         N = (F/bc2 + eps_k*I)^(-1/2) @ (M/bc1),  eps_k = kfac_eps*trace(F/bc2)/r

@@ -1,4 +1,4 @@
-"""AdaRankGrad: adaptive gradient rank and moments (ALGORITHMS.md section 6).
+"""AdaRankGrad: adaptive gradient rank and moments (docs/methods/adarankgrad.md).
 
 Groups holding ``rank`` (= r_max, the paper's "initial rank") are projected. A subspace is
 chosen from the gradient by IASS: one seeded randomized range finder (SSRF: sketch, q power
@@ -10,7 +10,7 @@ carried over with ``C = P_new^T P_old`` (``M <- C M``, ``V <- (C*C) V``), also a
 changes. Every other parameter gets torch AdamW (E-torch, WD-pre) through ``ops.adamw_step``.
 
 One step of a projected matrix (left form; a matrix with m >= n runs on its transpose,
-ALGORITHMS.md 1.1), ALGORITHMS.md 6.4::
+docs/conventions.md), docs/methods/adarankgrad.md::
 
     if refresh pending (always at t = 1):  P, r = IASS(G) ; transport M, V ; new block j
     Ghat = P^T G ; z = ||Ghat||                               # K1 (z^2 a side output)
@@ -64,7 +64,7 @@ def mix_seed(*parts: int) -> int:
 def sketch_matrix(seed: int, layer_id: int, block: int, n: int, k: int,
                   device=None) -> torch.Tensor:
     """SSRF's Gaussian sketch ``Omega`` (n x k, fp32) for block ``block`` of parameter
-    ``layer_id`` (ALGORITHMS.md 6.3 line 1: seeded by (seed, layer_id, j)).
+    ``layer_id`` (SSRF's sketch, docs/methods/adarankgrad.md: seeded by (seed, layer_id, j)).
 
     Drawn on a CPU generator (the same numbers on every device) one column at a time, so
     ``sketch_matrix(..., k)[:, :r] == sketch_matrix(..., r)``: a prefix of the sketch is the
@@ -114,13 +114,13 @@ def _check_hparams(h):
 
 
 class AdaRankGrad(LowRankOptimizer):
-    """AdaRankGrad (ALGORITHMS.md section 6), with the torch.optim API.
+    """AdaRankGrad (docs/methods/adarankgrad.md), with the torch.optim API.
 
     Args:
         params: parameters or param groups. Groups holding ``rank`` (an int >= 1: r_max, the
             largest rank IASS may select) are projected; every other parameter, and a rank
             group's matrix with ``rank >= min(m, n)`` or fewer than 2 dimensions
-            (ALGORITHMS.md 1.6 guard), gets torch AdamW (E-torch, WD-pre). Trailing
+            (the size guard, docs/conventions.md), gets torch AdamW (E-torch, WD-pre). Trailing
             dimensions are flattened: a (o, i, kh, kw) weight is the (o, i*kh*kw) matrix.
             Every hyperparameter below may be overridden per group.
         lr, betas, eps, weight_decay: Adam with E-torch epsilon
@@ -156,7 +156,7 @@ class AdaRankGrad(LowRankOptimizer):
             construction for a projected parameter).
         sign_canon: sign-canonical QR (``diag(R) >= 0``) and Ritz vectors (default True);
             False keeps the library's signs.
-        size_guard: apply the ALGORITHMS.md 1.6 guard (default True). False runs the
+        size_guard: apply the size guard of docs/conventions.md (default True). False runs the
             low-rank path even when ``rank >= min(m, n)`` (the sketch is then square): the
             full-rank limit, for tests.
         matmul_precision: as GaLoreAdamW (for the fused GEMMs; the references run fp32).
@@ -177,7 +177,7 @@ class AdaRankGrad(LowRankOptimizer):
     started), ``t_j`` (step that started the block), ``z_ema``, ``z_ref``, ``refresh``
     (re-select at the next step), ``seed``, ``layer_id``. All tensors fp32.
 
-    Zero gradients (ALGORITHMS.md 6.6): a refresh whose gradient is exactly zero keeps the
+    Zero gradients (docs/methods/adarankgrad.md): a refresh whose gradient is exactly zero keeps the
     subspace, the moments and the block, skips the exit test and stays pending; before the
     first subspace exists such a step only applies the weight decay (M and V would be zero).
     A rank-deficient sketch is completed with a seeded orthonormal complement
@@ -221,7 +221,7 @@ class AdaRankGrad(LowRankOptimizer):
         shape = (p.shape[0], math.prod(p.shape[1:]))
         if self.size_guard and group["rank"] >= min(shape):
             return None
-        side = "right" if shape[0] >= shape[1] else "left"      # ALGORITHMS.md 1.1
+        side = "right" if shape[0] >= shape[1] else "left"      # docs/conventions.md
         return side, group["rank"], shape
 
     def _ops_needed(self, group, p):
@@ -245,11 +245,11 @@ class AdaRankGrad(LowRankOptimizer):
             self._lowrank_step(p, group, plan, backend, precision)
 
     def _dense_step(self, p, group, backend):
-        """torch AdamW: E-torch, WD-pre (ALGORITHMS.md 1.6, 2)."""
+        """torch AdamW: E-torch, WD-pre (docs/methods/adamw.md)."""
         self._dense_adamw_step(p, group, backend, eps_mode="torch", wd_mode="pre")
 
     def _select_subspace(self, G, state, group, side, backend, precision):
-        """IASS (ALGORITHMS.md 6.3) for the block about to start. Returns (basis in the
+        """IASS (docs/methods/adarankgrad.md) for the block about to start. Returns (basis in the
         stored orientation, r), or None for a zero gradient. Mutates no state."""
         Gc = G if side == "left" else G.t()                 # canonical left form
         mc, nc = Gc.shape
@@ -404,8 +404,8 @@ class AdaRankGrad(LowRankOptimizer):
 
     @staticmethod
     def _exit_test(state, group, z, t):
-        """Block 3's stopping condition (ALGORITHMS.md 6.4 line 7): sets ``refresh`` for the
-        next step."""
+        """Block 3's stopping condition (the exit test, docs/methods/adarankgrad.md): sets
+        ``refresh`` for the next step."""
         if group["exit_rule"] == "absolute":
             if z <= group["eps_0"] / state["j"]:
                 state["refresh"] = True

@@ -1,4 +1,4 @@
-"""GaLore-AdamW, a drop-in for ``galore_torch.GaLoreAdamW`` (ALGORITHMS.md section 4).
+"""GaLore-AdamW, a drop-in for ``galore_torch.GaLoreAdamW`` (docs/methods/galore.md).
 
 Groups with a ``rank`` key are projected: the gradient is projected onto the top-r singular
 subspace (refreshed by SVD every ``update_proj_gap`` steps, before the counter increments),
@@ -73,7 +73,7 @@ class GaLoreAdamW(LowRankOptimizer):
             with ``proj_oversample`` (default 8) extra columns and ``proj_power_iters``
             (default 2) power iterations, CholeskyQR2, small SVD; all same-shape layers that
             refresh on a step are stacked into one batched call). Also a group key.
-        multi_tensor_moments: run K2 (the low-rank Adam moments, ALGORITHMS.md 4.3 lines 6-10)
+        multi_tensor_moments: run K2 (the low-rank Adam moments, docs/methods/galore.md)
             of every projected matrix in one ``ops_multi.adam_moments_multi`` call per step
             (one CUDA launch on the ``cuda`` backend, which ``auto`` picks for it on a GPU;
             one OpenMP loop on ``cpu``) instead of one ``adam_moments`` per matrix (default
@@ -101,8 +101,8 @@ class GaLoreAdamW(LowRankOptimizer):
             the whole step respectively. A setting, not state.
 
     A rank group's matrix gets the dense HF AdamW step instead when it is not 2-D after
-    flattening trailing dimensions, or when ``rank >= min(m, n)`` (ALGORITHMS.md 1.6 guard:
-    projection would be degenerate and save no memory).
+    flattening trailing dimensions, or when ``rank >= min(m, n)`` (the size guard of
+    docs/conventions.md: projection would be degenerate and save no memory).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
@@ -287,7 +287,7 @@ class GaLoreAdamW(LowRankOptimizer):
         update()
 
     def _galore_update(self, W, P, N, group, side, t, write_back, backend, precision):
-        """K3 (ALGORITHMS.md 4.3 lines 9, 11-13): ``W -= lr*sqrt(bc2)/bc1 * scale * back(N)``,
+        """K3 (docs/methods/galore.md): ``W -= lr*sqrt(bc2)/bc1 * scale * back(N)``,
         then WD-post."""
         coef, post_decay = self._k3_coefficients(group, t)
         ops.backproject_update(W, P, N, side=side, coef=coef, post_decay=post_decay,

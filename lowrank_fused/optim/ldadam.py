@@ -1,4 +1,4 @@
-"""LDAdamW, the exact behaviour of ``ldadamw_torch.LDAdamW`` (ALGORITHMS.md section 7).
+"""LDAdamW, the exact behaviour of ``ldadamw_torch.LDAdamW`` (docs/methods/ldadam.md).
 
 Groups with ``enable_lowrank=True`` are low-rank: every step the subspace moves by one
 power-iteration step warm-started at the previous basis (SVD only at the first step), the
@@ -9,7 +9,7 @@ to the next gradient. Epsilon and weight decay follow torch AdamW (E-torch, WD-p
 groups get dense torch AdamW. One optimizer-wide counter, ``completed_steps`` (starts at 0),
 drives every bias correction, as in the official code.
 
-Differences from the official code, on purpose (ALGORITHMS.md 7.7, 12.15):
+Differences from the official code, on purpose (docs/methods/ldadam.md):
   * ``E`` is optimizer state (``state[p]["error"]``), not ``p.grad``: ``zero_grad()``,
     ``set_to_none`` and gradient clipping act on the fresh gradient only and cannot lose it;
   * ``E`` and ``completed_steps`` are in ``state_dict()``, so a resumed run continues
@@ -71,7 +71,7 @@ def _check_bool(name, value):
 
 
 def _canonical_signs(B: torch.Tensor) -> torch.Tensor:
-    """Flip each column so its largest-magnitude entry is positive (ALGORITHMS.md 4.6)."""
+    """Flip each column so its largest-magnitude entry is positive (docs/conventions.md)."""
     idx = B.abs().argmax(dim=0, keepdim=True)
     return B * torch.where(B.gather(0, idx) < 0, -1.0, 1.0).to(B.dtype)
 
@@ -108,7 +108,7 @@ def _qr_basis(Y: torch.Tensor, sign_canon: bool) -> torch.Tensor:
 
 
 class LDAdamW(LowRankOptimizer):
-    """LDAdam with decoupled weight decay (ALGORITHMS.md section 7).
+    """LDAdam with decoupled weight decay (docs/methods/ldadam.md).
 
     Args:
         params: parameters or param groups. Group keys (each may be set per group):
@@ -132,9 +132,9 @@ class LDAdamW(LowRankOptimizer):
         form: ``"fused"`` (default): the power iteration without materialising ``b`` and the
             error feedback as one K = 2r GEMM (section 7.5); ``"explicit"``: section 7.3
             literally (``b`` materialised, three in-place error-buffer updates). Both are
-            equal up to rounding (ALGORITHMS.md 11, invariant 4).
+            equal up to rounding (invariant 4 of docs/conventions.md).
         size_guard: a low-rank group's matrix with ``rank >= min(m, n)`` gets the dense AdamW
-            step (ALGORITHMS.md 1.6; default True). With False it runs LDAdam at rank
+            step (the size guard; default True). With False it runs LDAdam at rank
             ``min(rank, m, n)`` (the official code's behaviour at ``rank == min(m, n)``).
         grouped_gemms: run the projection (line 2) and the back-projection with the update
             (line 9) of the matrices of one class (shape, rank, side, dtypes, layout) as one
@@ -293,7 +293,7 @@ class LDAdamW(LowRankOptimizer):
                                    previous=previous)
 
     def _ldadam_step(self, p, group, plan, backend, precision):
-        """ALGORITHMS.md 7.3, left form; a right-projected matrix runs the canonical ops on
+        """docs/methods/ldadam.md, left form; a right-projected matrix runs the canonical ops on
         transposed views (``cv``)."""
         side, rank, shape = plan
         state = self.state[p]
