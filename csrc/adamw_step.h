@@ -1,4 +1,4 @@
-// Fused elementwise AdamW step for non-projected parameters (ALGORITHMS.md section 2).
+// Fused elementwise AdamW step for non-projected parameters (docs/methods/adamw.md).
 //
 // The per-element math lives here, once, as an inline __host__ __device__ function: the CPU
 // twin (csrc/cpu/adamw_step.cpp) and the CUDA kernel (csrc/cuda/adamw_step.cu) both call it,

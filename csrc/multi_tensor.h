@@ -1,4 +1,4 @@
-// Multi-tensor apply (issue 6): ONE pass (one CUDA launch, one OpenMP loop) over many tensors
+// Multi-tensor apply: ONE pass (one CUDA launch, one OpenMP loop) over many tensors
 // of different sizes, e.g. the low-rank moments of every layer or the dense AdamW step of every
 // non-projected parameter.
 //

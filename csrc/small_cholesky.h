@@ -1,5 +1,5 @@
 // Batched inverse Cholesky factor of small SPD matrices: the k x k part of CholeskyQR2 for the
-// batched subspace refresh (issue 5; ALGORITHMS.md 10.3). For every matrix b of the batch:
+// batched subspace refresh (docs/bytes.md, "Kernel-design notes"). For every matrix b of the batch:
 //
 //   L L^T = Gram_b (lower Cholesky, only the lower triangle of Gram_b is read)
 //   Linv_b = L^{-1} (lower triangular; upper triangle written as zeros)

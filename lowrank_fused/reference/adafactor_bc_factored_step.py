@@ -1,7 +1,8 @@
 """Factored Adafactor with a fixed beta2 and bias correction, no momentum, no update clipping and
 no relative step: AdaMeM's optimizer for its 2-D non-low-rank weights (first and last layers),
-eager reference (ALGORITHMS.md section 8.2 "Routing" [DC]; section 10 K6 without the RMS clip).
-This is not HF Adafactor (section 3): that one uses the ``1 - t^-0.8`` schedule and clips."""
+eager reference (docs/methods/adamem.md, "Routing"; K6 of docs/bytes.md without the RMS clip).
+This is not HF Adafactor (docs/methods/adafactor.md): that one uses the ``1 - t^-0.8`` schedule
+and clips."""
 import torch
 
 from lowrank_fused.dispatch import register

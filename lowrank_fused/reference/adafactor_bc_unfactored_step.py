@@ -1,6 +1,6 @@
 """Unfactored Adafactor with a fixed beta2 and bias correction, no momentum, no clipping: AdaMeM's
-optimizer for 1-D parameters (norm weights, biases), eager reference (ALGORITHMS.md section 8.2
-"Routing" [DC]; section 3 line 6, ``ndim < 2`` branch, with a fixed beta2)."""
+optimizer for 1-D parameters (norm weights, biases), eager reference (docs/methods/adamem.md,
+"Routing"; the ``ndim < 2`` branch of docs/methods/adafactor.md with a fixed beta2)."""
 import torch
 
 from lowrank_fused.dispatch import register

@@ -1,6 +1,6 @@
 """Adafactor step (HF ``transformers`` version as vendored in GaLore), eager reference.
 
-ALGORITHMS.md section 3, lines 2-11 of the pseudocode; primitive K6 of section 10.
+docs/methods/adafactor.md (the update rule); primitive K6 of docs/bytes.md.
 The order of operations follows ``galore_torch/adafactor.py#L232-L269`` so that this
 reference agrees with the official code to fp32 rounding.
 """

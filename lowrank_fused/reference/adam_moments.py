@@ -1,4 +1,4 @@
-"""K2 low-rank moment update, eager reference (ALGORITHMS.md section 4.3 lines 6-10, section 10 K2)."""
+"""K2 low-rank moment update, eager reference (docs/methods/galore.md; K2 in docs/bytes.md)."""
 import torch
 
 from lowrank_fused.dispatch import register

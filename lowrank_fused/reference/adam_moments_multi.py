@@ -1,4 +1,4 @@
-"""K2 over many tensors at once (issue 6, multi-tensor apply), eager reference: a loop over
+"""K2 over many tensors at once (multi-tensor apply), eager reference: a loop over
 the single-op reference ``adam_moments_ref``, the norms and the non-finite flag in torch."""
 import torch
 

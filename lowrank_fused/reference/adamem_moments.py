@@ -1,5 +1,5 @@
 """AdaMeM low-rank momentum and factored (Adafactor) preconditioner, eager reference
-(ALGORITHMS.md section 8.3 lines 5-6; seed 003 Alg. 1 l.8-9 and Alg. 3; section 10 K2)."""
+(docs/methods/adamem.md, update lines 5-6; the paper's Alg. 1 l.8-9 and Alg. 3; K2)."""
 import torch
 
 from lowrank_fused.dispatch import register

@@ -1,4 +1,4 @@
-"""Dense AdamW step for non-projected parameters, eager reference (ALGORITHMS.md section 2)."""
+"""Dense AdamW step for non-projected parameters, eager reference (docs/methods/adamw.md)."""
 import torch
 
 from lowrank_fused.dispatch import register

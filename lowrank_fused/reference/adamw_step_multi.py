@@ -1,4 +1,4 @@
-"""Dense AdamW step over many tensors at once (issue 6, multi-tensor apply), eager reference:
+"""Dense AdamW step over many tensors at once (multi-tensor apply), eager reference:
 a loop over the single-op reference ``adamw_step_ref``, the non-finite flag in torch."""
 import torch
 

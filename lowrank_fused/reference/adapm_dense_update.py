@@ -1,5 +1,5 @@
-"""AdaPM / AdaPM-mini full-momentum and no-momentum blocks, eager reference (ALGORITHMS.md
-section 9.6, "Full-momentum block" and "No-momentum block"; section 9.7 for block means)."""
+"""AdaPM / AdaPM-mini full-momentum and no-momentum blocks, eager reference
+(docs/methods/adapm.md: the full- and no-momentum blocks; AdaPM-mini for block means)."""
 from lowrank_fused.dispatch import register
 from lowrank_fused.reference.adapm_update import second_moment_and_apply
 

@@ -1,6 +1,6 @@
 """AdaPM factor maintenance, eager reference: the basis initialisation at t = 1 and the periodic
-refit of (L, R) by alternating gradient descent (ALGORITHMS.md sections 9.3 and 9.6 lines 2
-and 4, section 9.8)."""
+refit of (L, R) by alternating gradient descent (docs/methods/adapm.md, update lines 1
+and 3)."""
 import torch
 
 from lowrank_fused.dispatch import register
@@ -8,7 +8,7 @@ from lowrank_fused.dispatch import register
 
 def _qr(Y: torch.Tensor, sign_canon: bool):
     """Reduced QR of fp32 ``Y``; with ``sign_canon`` each column of Q (and the matching row of
-    R) is flipped so that ``diag(R) >= 0`` (``orth`` in ALGORITHMS.md)."""
+    R) is flipped so that ``diag(R) >= 0`` (``orth``, docs/conventions.md)."""
     Q, Rq = torch.linalg.qr(Y)
     if sign_canon:
         sign = torch.where(torch.diagonal(Rq) < 0, -1.0, 1.0).to(Q.dtype)

@@ -1,6 +1,6 @@
 """AdaPM / AdaPM-mini low-rank step: momentum estimate, second moment, clip and weight update,
-eager reference (ALGORITHMS.md section 9.6 line 4 ``else`` branch and lines 5-8, section 9.7,
-section 10.3 "AdaPM: L@Rg, and L0@R0 on refit steps").
+eager reference (docs/methods/adapm.md, update line 3 ``else`` branch and lines 4-7, AdaPM-mini;
+docs/bytes.md, "Kernel-design notes": L@Rg, and L0@R0 on refit steps).
 
 Also holds the shared tail (second moment, normalisation, clip, decoupled update) that
 ``adapm_dense_update`` reuses for the full- and no-momentum blocks.
@@ -17,10 +17,11 @@ CLIP_MODES = ("elementwise", "rms", "none")
 def second_moment_and_apply(W, G, mc, V, *, v_keep: float, v_add: float, eps: float, c2: float,
                             lr: float, pre_scale: float, clip_mode: str,
                             clip_threshold: float) -> None:
-    """Lines 6-8 of ALGORITHMS.md 9.6 on a (logical) m x n block, in place on V and W.
+    """Lines 5-7 of the update rule in docs/methods/adapm.md on a (logical) m x n block, in
+    place on V and W.
 
     ``V`` either has W's shape (elementwise second moment, AdaPM) or is a vector of ``nb``
-    Adam-mini block means (section 9.7), block ``i`` being rows ``[i*m/nb, (i+1)*m/nb)`` times
+    Adam-mini block means (AdaPM-mini), block ``i`` being rows ``[i*m/nb, (i+1)*m/nb)`` times
     every column (per row: ``nb = m``; per head: ``nb = heads``; whole tensor: ``nb = 1``).
 
     ``V = v_keep*V + v_add*x`` with ``x = g^2`` (or its block mean): the beta2 EMA passes
@@ -71,8 +72,8 @@ def adapm_update_ref(W, G, L, R, Rg, V, L0=None, R0=None, *, beta1: float, s_coe
       ``e = beta1*L0@R0 + (1-beta1)*G - L@R``.
 
     The momentum estimate is ``mc = s_coef*(L@R) + e_coef*e``; the optimizer picks the
-    coefficients for the estimator and bias correction (ALGORITHMS.md 9.2; e.g. the unbiased
-    estimator A passes ``s_coef = 1/bc1``, ``e_coef = 1/(1-beta1)``). Then lines 6-8. Math in
+    coefficients for the estimator and bias correction (docs/methods/adapm.md; e.g. the unbiased
+    estimator A passes ``s_coef = 1/bc1``, ``e_coef = 1/(1-beta1)``). Then lines 5-7. Math in
     fp32; every tensor keeps its dtype. The reference ignores ``precision``.
     """
     g = G.float()

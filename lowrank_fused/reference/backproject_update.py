@@ -1,5 +1,5 @@
-"""K3 back-projection + weight update + weight decay, eager reference (ALGORITHMS.md section 4.3
-lines 11-13, section 1.4, section 10 K3)."""
+"""K3 back-projection + weight update + weight decay, eager reference (docs/methods/galore.md;
+weight-decay orders in docs/conventions.md; K3 in docs/bytes.md)."""
 
 from lowrank_fused.dispatch import register
 

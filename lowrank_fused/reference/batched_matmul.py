@@ -1,4 +1,4 @@
-"""Batched GEMM of the batched subspace refresh (issue 5; ALGORITHMS.md 10 K7), eager
+"""Batched GEMM of the batched subspace refresh (K7 of docs/bytes.md), eager
 reference."""
 import torch
 

@@ -1,5 +1,5 @@
 """Generalised Hebbian (Sanger) subspace tracking for GHAAdamW, eager reference
-(ALGORITHMS.md section 5.6, gha)."""
+(docs/methods/adaptive_adamw.md, GHAAdamW)."""
 import torch
 
 from lowrank_fused.dispatch import register

@@ -1,6 +1,6 @@
 """K3 back-projection + weight update + weight decay of a group of same-shape matrices
-(issue 4), eager reference: a loop over the single-matrix reference ``backproject_update_ref``
-(ALGORITHMS.md section 4.3 lines 11-13, section 1.4, section 10 K3)."""
+(one launch), eager reference: a loop over the single-matrix reference ``backproject_update_ref``
+(docs/methods/galore.md; K3 in docs/bytes.md)."""
 from lowrank_fused.dispatch import register
 from lowrank_fused.reference.backproject_update import backproject_update_ref
 

@@ -1,5 +1,5 @@
-"""K1 projection of a group of same-shape matrices (issue 4), eager reference: a loop over the
-single-matrix reference ``project_ref`` (ALGORITHMS.md section 4.3 line 3, section 10 K1)."""
+"""K1 projection of a group of same-shape matrices, eager reference: a loop over the
+single-matrix reference ``project_ref`` (docs/methods/galore.md; K1 in docs/bytes.md)."""
 from lowrank_fused.dispatch import register
 from lowrank_fused.reference.project import project_ref
 

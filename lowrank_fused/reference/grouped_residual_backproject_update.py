@@ -1,6 +1,6 @@
-"""AdaMeM's combined update of a group of same-shape matrices (issue 4), eager reference: a
-loop over the single-matrix reference ``residual_backproject_update_ref`` (ALGORITHMS.md
-section 8.3 lines 8-9, section 10 K3 with the residual term, K5 pass 2)."""
+"""AdaMeM's combined update of a group of same-shape matrices, eager reference: a
+loop over the single-matrix reference ``residual_backproject_update_ref``
+(docs/methods/adamem.md, update lines 8-9; K3 with the residual term, K5 pass 2)."""
 from lowrank_fused.dispatch import register
 from lowrank_fused.reference.residual_backproject_update import residual_backproject_update_ref
 

@@ -1,5 +1,5 @@
-"""IASS rank selection on one sketch basis, eager reference (ALGORITHMS.md section 6.3
-``IASS`` lines 3-6 and its ``ritz`` option)."""
+"""IASS rank selection on one sketch basis, eager reference (docs/methods/adarankgrad.md,
+``IASS`` and its ``ritz`` option)."""
 from __future__ import annotations
 
 import torch
@@ -71,7 +71,7 @@ def iass_select_ref(G: torch.Tensor, Qb: torch.Tensor, B: torch.Tensor, *, eta_t
         r = min{ r in [1, min(r_max, k)] : c_r >= eta_th * E },   E = ||G||^2,
 
     or ``min(r_max, k)`` when no prefix is sufficient, or **0 when E == 0** (a zero gradient:
-    the caller keeps its subspace, ALGORITHMS.md 6.6).
+    the caller keeps its subspace, docs/methods/adarankgrad.md).
 
     ``mode="prefix"``: ``c_r = sum_{i<=r} ||B[i, :]||^2 = ||Qb[:, :r]^T G||^2``; Qb is left
     unchanged. ``mode="ritz"``: ``B = U_B S_B V_B^T``; Qb is rotated in place to

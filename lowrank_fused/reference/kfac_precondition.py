@@ -1,5 +1,5 @@
 """KFAC-whitened low-rank momentum for GaLoreKFACAdamW, eager reference
-(ALGORITHMS.md section 5.6, galore_kfac)."""
+(docs/methods/adaptive_adamw.md, GaLoreKFACAdamW)."""
 import torch
 
 from lowrank_fused.dispatch import register

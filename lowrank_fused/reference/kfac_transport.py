@@ -1,5 +1,5 @@
 """Transport of GaLoreKFACAdamW's momentum and Kronecker factor across a subspace refresh,
-eager reference (ALGORITHMS.md section 5.3 A4 applied to section 5.6 galore_kfac)."""
+eager reference (docs/methods/adaptive_adamw.md: A4 applied to GaLoreKFACAdamW)."""
 import torch
 
 from lowrank_fused.dispatch import register

@@ -1,5 +1,5 @@
-"""LDAdam's generalised error feedback (ALGORITHMS.md section 7.3 lines 3 and 5, section 7.5,
-section 10 K4), eager reference."""
+"""LDAdam's generalised error feedback (docs/methods/ldadam.md, update lines 3 and 5 and the
+fused form; K4 in docs/bytes.md), eager reference."""
 import torch
 
 from lowrank_fused.dispatch import register

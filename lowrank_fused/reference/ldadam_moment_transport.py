@@ -1,5 +1,5 @@
 """LDAdam's projection-aware (variance-aware) moment transport between consecutive subspaces
-(ALGORITHMS.md section 7.3 lines 4 and 6, section 10 K8), eager reference."""
+(docs/methods/ldadam.md, update lines 4 and 6; K8 in docs/bytes.md), eager reference."""
 
 from lowrank_fused.dispatch import register
 

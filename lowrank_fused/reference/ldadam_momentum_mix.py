@@ -1,4 +1,4 @@
-"""LDAdam's power-iteration input ``b`` (ALGORITHMS.md section 7.3 line 1), eager reference."""
+"""LDAdam's power-iteration input ``b`` (docs/methods/ldadam.md, update line 1), eager reference."""
 
 from lowrank_fused.dispatch import register
 

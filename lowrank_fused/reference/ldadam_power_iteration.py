@@ -1,5 +1,5 @@
-"""LDAdam's warm-started block power iteration (ALGORITHMS.md sections 7.3 line 1 and 7.5,
-section 10 K4/K7), eager reference."""
+"""LDAdam's warm-started block power iteration (docs/methods/ldadam.md, update line 1 and
+its fused form; K4/K7 in docs/bytes.md), eager reference."""
 import torch
 
 from lowrank_fused.dispatch import register

@@ -1,5 +1,6 @@
-"""K8 moment transport between subspaces, eager reference (ALGORITHMS.md section 5.3 A4,
-section 10 K8). Used by AdaptiveAdamW and AdaRankGrad across refreshes and rank changes."""
+"""K8 moment transport between subspaces, eager reference (docs/methods/adaptive_adamw.md,
+A4; K8 in docs/bytes.md). Used by AdaptiveAdamW and AdaRankGrad across refreshes and rank
+changes."""
 import torch
 
 from lowrank_fused.dispatch import register

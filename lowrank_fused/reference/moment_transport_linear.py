@@ -1,5 +1,5 @@
 """Linear moment transport (AdaRankGrad's ``v_transport="linear"``), eager reference
-(ALGORITHMS.md section 6.4 line 1 comment, section 12 item 2)."""
+(docs/methods/adarankgrad.md, design choices: unsafe, V can turn negative)."""
 import torch
 
 from lowrank_fused.dispatch import register

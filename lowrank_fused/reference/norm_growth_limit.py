@@ -1,4 +1,4 @@
-"""Norm-growth limiter (Fira / APOLLO), eager reference (ALGORITHMS.md section 5.3 B1).
+"""Norm-growth limiter (Fira / APOLLO), eager reference (docs/methods/adaptive_adamw.md, phase B).
 
 AdaptiveAdamW and its repository variants apply it to the normalised low-rank step
 ``N = exp_avg / denom`` before back-projection; since ``||P @ N|| = ||N||`` for an orthonormal
@@ -22,8 +22,8 @@ def norm_growth_limit_ref(N: torch.Tensor, nl_prev: torch.Tensor, *, gamma: floa
 
     A memory of exactly 0 (the previous step was zero: a zero gradient) counts as no memory
     (``f = 1``, record ``z``), where Fira's formula would throttle the layer to grow from
-    1e-8 by ``gamma`` per step (ALGORITHMS.md 5.5 guards zero gradients; this is the same
-    guard for the limiter, ``[DC]``). Otherwise this is Fira's formula exactly.
+    1e-8 by ``gamma`` per step (AdaptiveAdamW guards zero gradients; this is the same
+    guard for the limiter, a design choice). Otherwise this is Fira's formula exactly.
 
     ``sumsq`` (optional, a 1-element fp32 tensor): ``||N||^2`` already computed, e.g. by K2's
     side output (``adam_moments(..., sumsq=)``); then ``z = sqrt(sumsq)`` and N is not read

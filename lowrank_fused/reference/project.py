@@ -1,4 +1,4 @@
-"""K1 projection, eager reference (ALGORITHMS.md section 4.3 line 3, section 10 K1)."""
+"""K1 projection, eager reference (docs/methods/galore.md; K1 in docs/bytes.md)."""
 import torch
 
 from lowrank_fused.dispatch import register

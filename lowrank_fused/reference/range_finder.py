@@ -1,5 +1,5 @@
 """K7 randomized range finder with power iterations (SSRF), eager reference
-(ALGORITHMS.md section 6.3 ``SSRF``, section 10 K7, section 10.3 QR robustness)."""
+(docs/methods/adarankgrad.md ``SSRF``; K7 and the QR robustness notes in docs/bytes.md)."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +12,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 
 def orth_complete(Y: torch.Tensor, *, sign_canon: bool = True, fill_seed: int = 0) -> torch.Tensor:
     """Orthonormal basis of ``Y`` (m x k, m >= k) with exactly k columns, even when ``Y`` is
-    rank-deficient (ALGORITHMS.md 10.3).
+    rank-deficient (docs/bytes.md, "Kernel-design notes").
 
     Householder QR (``torch.linalg.qr``) in fp32; with ``sign_canon`` each column's sign is
     flipped so that ``diag(R) >= 0`` (``lowrank_fused.linalg.orth``). A column whose
@@ -59,7 +59,7 @@ def range_finder_ref(G: torch.Tensor, Omega: torch.Tensor, Qb: torch.Tensor, *,
     Every ``orth`` is ``orth_complete`` (sign-canonical QR; rank-deficient columns replaced
     by a seeded orthonormal complement, seeds derived from ``fill_seed``). QR and the power
     iteration preserve column prefixes, so ``Qb[:, :r]`` spans what the same call with
-    ``Omega[:, :r]`` returns (ALGORITHMS.md invariant 7). All math in fp32; the reference
+    ``Omega[:, :r]`` returns (invariant 7 of docs/conventions.md). All math in fp32; the reference
     ignores ``precision``. A right-projected matrix passes ``G^T``.
     """
     A = G.float()

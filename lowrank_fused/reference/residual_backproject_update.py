@@ -1,6 +1,6 @@
 """AdaMeM combined update: back-projected low-rank step plus the column-scaled residual, with
-decoupled weight decay, eager reference (ALGORITHMS.md section 8.3 lines 8-9; section 10 K3 with
-the residual term, K5 pass 2)."""
+decoupled weight decay, eager reference (docs/methods/adamem.md, update lines 8-9; K3 with
+the residual term, K5 pass 2, in docs/bytes.md)."""
 
 from lowrank_fused.dispatch import register
 

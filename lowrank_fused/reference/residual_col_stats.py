@@ -1,6 +1,6 @@
 """AdaMeM one-sided (per-column) Adafactor statistics of the residual ``S = G - P @ R``, eager
-reference (ALGORITHMS.md section 8.3 lines 4 and 7, the fused identity below it; seed 003
-Alg. 4 with the orientation fixed by Claim 3.1; section 10 K5 pass 1)."""
+reference (docs/methods/adamem.md, update lines 4 and 7 and the fused identity below them;
+the paper's Alg. 4 with the orientation fixed by Claim 3.1; K5 pass 1 in docs/bytes.md)."""
 import torch
 
 from lowrank_fused.dispatch import register

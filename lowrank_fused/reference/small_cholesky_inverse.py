@@ -1,5 +1,5 @@
-"""Batched inverse Cholesky factor of small SPD matrices (the k x k part of CholeskyQR2,
-issue 5; ALGORITHMS.md 10.3), eager reference."""
+"""Batched inverse Cholesky factor of small SPD matrices (the k x k part of CholeskyQR2;
+docs/bytes.md, "Kernel-design notes"), eager reference."""
 import torch
 
 from lowrank_fused.dispatch import register

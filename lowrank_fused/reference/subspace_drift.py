@@ -1,4 +1,4 @@
-"""Random subspace drift for RSAdamW, eager reference (ALGORITHMS.md section 5.6, rsadamw)."""
+"""Random subspace drift for RSAdamW, eager reference (docs/methods/adaptive_adamw.md, RSAdamW)."""
 import math
 
 import torch
