@@ -1,7 +1,7 @@
 """The public ops the optimizers call.
 
 Each op checks its arguments, brings a right-projected problem into the canonical left form
-(ALGORITHMS.md section 1.1: a right projection of G is the left projection of G^T with
+(docs/conventions.md: a right projection of G is the left projection of G^T with
 P := Q^T; only views are taken, no copies), and calls the implementation that
 ``lowrank_fused.dispatch`` picks for the backend. Outputs are written into caller-provided
 tensors, so callers (and tests, which poison them) control allocation.
@@ -128,7 +128,7 @@ def adam_moments(R, M, V, N, *, beta1, beta2, eps, step, eps_mode="hf", sumsq=No
     """K2: low-rank Adam moments in place, and the normalised step N.
 
     ``eps_mode="hf"`` (GaLore, HF AdamW): ``N = M/(sqrt(V)+eps)``, bias correction left to the
-    step size; ``eps_mode="torch"``: ``N = (M/bc1)/(sqrt(V/bc2)+eps)`` (ALGORITHMS.md 1.3).
+    step size; ``eps_mode="torch"``: ``N = (M/bc1)/(sqrt(V/bc2)+eps)`` (docs/conventions.md).
     ``sumsq`` (optional, a 1-element float32 tensor) receives ``sum(N^2)`` of the stored N,
     computed by the fused kernels in the same pass (the limiter's norm, section 5.3 B1).
     """
@@ -185,7 +185,7 @@ def adamw_step(W, G, M, V, *, lr, beta1, beta2, eps, step, weight_decay=0.0,
     """Dense AdamW step in place on W, M, V.
 
     ``eps_mode="torch", wd_mode="pre"`` is torch.optim.AdamW; ``eps_mode="hf", wd_mode="post"``
-    is HF AdamW as used by GaLore for its non-projected parameters (ALGORITHMS.md 1.3, 1.4, 2).
+    is HF AdamW as used by GaLore for its non-projected parameters (docs/methods/adamw.md).
     """
     for name, t in (("W", W), ("G", G), ("M", M), ("V", V)):
         _check_float(name, t)
@@ -222,7 +222,7 @@ def hf_step_size(lr, beta1, beta2, step, correct_bias=True):
 
 def decay_coefficients(lr, weight_decay, wd_mode):
     """(pre_scale, post_decay) for WD-pre (``W*(1-lr*wd)`` first) or WD-post (``W -= lr*wd*W``
-    after the update), ALGORITHMS.md 1.4."""
+    after the update), docs/conventions.md."""
     if wd_mode == "pre":
         return 1.0 - float(lr) * float(weight_decay), 0.0
     if wd_mode == "post":

@@ -1,4 +1,4 @@
-"""Grouped versions of the GEMM ops (issue 4): one call (one Triton launch) runs K1 or K3 for a
+"""Grouped versions of the GEMM ops: one call (one Triton launch) runs K1 or K3 for a
 whole list of matrices of one shape, dtype, rank and side.
 
 A LLaMA has a handful of distinct (shape, rank, side) classes with tens of layers each; the
@@ -181,7 +181,7 @@ def grouped_backproject_update(Ws, Ps, Ns, *, side="left", coef, pre_scale=1.0, 
 def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef, res_coef,
                                         pre_scale=1.0, post_decay=0.0, precision="ieee",
                                         backend="auto"):
-    """AdaMeM's combined update (K3 with the residual term, ALGORITHMS.md 8.3 lines 8-9) in
+    """AdaMeM's combined update (K3 with the residual term, docs/methods/adamem.md) in
     place on every member, as the single ``residual_backproject_update``: left (canonical)
     form only, W_i and G_i m x n (AdaMeM passes transposed views of tall matrices), P_i m x r,
     R_i = P_i^T G_i and N_i r x n, col_scale_i (n):

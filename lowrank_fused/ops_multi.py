@@ -1,4 +1,4 @@
-"""Multi-tensor versions of the public ops (issue 6): one call (one CUDA launch, one OpenMP
+"""Multi-tensor versions of the public ops: one call (one CUDA launch, one OpenMP
 loop on the CPU twin) updates every tensor of the lists.
 
 ``adam_moments_multi`` is ``ops.adam_moments`` over lists (R_i, M_i, V_i, N_i);

@@ -1,6 +1,7 @@
 """Which parameters each method projects: param groups as the official training scripts build
 them (``galore_param_groups``: GaLore's ``torchrun_main``; ``param_groups``: every method,
-ALGORITHMS.md section 1.6), and ``make_optimizer``, one call from a model to an optimizer.
+docs/conventions.md, "Parameter routing"), and ``make_optimizer``, one call from a model to an
+optimizer.
 
 GaLore projects only the weights of ``nn.Linear`` modules whose name matches a target; every
 other trainable parameter (biases, norms, embeddings, ``lm_head``) goes to a plain group that
@@ -71,7 +72,8 @@ def galore_param_groups(model: nn.Module, *, target_modules: TargetSpec = ("attn
 
 
 # ---------------------------------------------------------------------------------------------
-# Every method: ALGORITHMS.md section 1.6, one call from a model to an optimizer's groups.
+# Every method (docs/conventions.md, parameter routing): one call from a model to an
+# optimizer's groups.
 
 # the GaLore family: low-rank = targeted Linear weights with a ``rank`` key, the rest plain
 GALORE_LIKE = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adarankgrad")
@@ -139,7 +141,7 @@ def _trainable(model: nn.Module, seen: set) -> List:
 
 def param_groups(model: nn.Module, *, method: str, target_modules: TargetSpec = None,
                  rank: int = DEFAULT_RANK, **method_kwargs) -> List[dict]:
-    """Param groups that route ``model``'s parameters for ``method`` (ALGORITHMS.md 1.6).
+    """Param groups that route ``model``'s parameters for ``method`` (docs/conventions.md).
 
     * ``galore``, ``adaptive_adamw``, ``rsadamw``, ``gha``, ``galore_kfac``, ``adarankgrad``:
       ``[{"params": targeted Linear weights, "rank": rank, **method_kwargs},

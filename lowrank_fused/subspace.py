@@ -1,5 +1,5 @@
-"""Batched subspace estimation for the refreshes of every low-rank method (issue 5;
-ALGORITHMS.md 6.3, 7.5, 10 K7, 10.3).
+"""Batched subspace estimation for the refreshes of every low-rank method (K7 and the
+kernel-design notes of docs/bytes.md; docs/methods/adarankgrad.md, docs/methods/ldadam.md).
 
 Everything here works on a batch of same-shape matrices ``(B, m, n)`` (a single ``(m, n)``
 matrix is a batch of one) and computes in fp32 whatever the storage dtype of the input:
@@ -219,8 +219,8 @@ def power_iteration(G: torch.Tensor, Q: torch.Tensor, *, iters: int = 1,
 def sketched_range(G: torch.Tensor, Omega: torch.Tensor, *, power_iters: int,
                    fill_seed: int = 0, backend: str = "auto",
                    precision: str = "ieee") -> torch.Tensor:
-    """SSRF on the batched primitives (ALGORITHMS.md 6.3): the contract of the ``range_finder``
-    op (``reference/range_finder.py``) for sign-canonical bases::
+    """SSRF on the batched primitives (docs/methods/adarankgrad.md): the contract of the
+    ``range_finder`` op (``reference/range_finder.py``) for sign-canonical bases::
 
         Q = orth(G @ Omega);  power_iters times:  Z = orth(G^T @ Q);  Q = orth(G @ Z)
 

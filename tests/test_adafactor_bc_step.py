@@ -1,4 +1,4 @@
-"""Fused bias-corrected Adafactor (AdaMeM's non-low-rank parameters, ALGORITHMS.md 8.2):
+"""Fused bias-corrected Adafactor (AdaMeM's non-low-rank parameters, docs/methods/adamem.md):
 Triton vs the eager references, factored and unfactored, on random positive statistics; no
 m x n temporary. W and the statistics are all read-and-updated (no write-only output to
 poison): every state starts random and W moves by far more than the tolerance (lr = 0.1)."""

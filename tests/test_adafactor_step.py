@@ -1,4 +1,4 @@
-"""Fused Adafactor step (ALGORITHMS.md section 3, K6): Triton vs the eager reference on random
+"""Fused Adafactor step (docs/methods/adafactor.md, K6): Triton vs the eager reference on random
 states (never zeros), odd shapes, factored and unfactored, every flag; no m x n temporary.
 
 The op has no write-only output (W, the statistics and exp_avg are all read and updated), so

@@ -30,8 +30,8 @@ def test_adam_moments_matches_reference(shape, eps_mode, state_dtype, step, devi
 @pytest.mark.parametrize("shape", SHAPES + [(64, 700)], ids=str)
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_adam_moments_sumsq_side_output(shape, state_dtype, device):
-    """``sumsq`` receives sum(N^2) of the stored N (the limiter's norm, ALGORITHMS.md 5.3 B1)
-    from the kernel's own pass: against ``(N.float()**2).sum()`` of the kernel's N (fp32 sums
+    """``sumsq`` receives sum(N^2) of the stored N (the limiter's norm,
+    docs/methods/adaptive_adamw.md) from the kernel's own pass: against ``(N.float()**2).sum()`` of the kernel's N (fp32 sums
     in another order: 1e-5; (64, 700) spans 44 programs, so the partial sums are added), and
     the reference's side output against the same formula."""
     R = torch.randn(shape, device=device)
@@ -65,7 +65,7 @@ def test_adam_moments_sumsq_non_contiguous_and_checked(device):
 
 
 def test_adam_moments_formula(device):
-    """The reference itself against the formula of ALGORITHMS.md 1.3, written out in fp64."""
+    """The reference itself against the formula of docs/conventions.md, written out in fp64."""
     R = torch.randn(5, 7, device=device, dtype=torch.float64)
     M, V = torch.randn(5, 7, device=device, dtype=torch.float64), torch.rand(5, 7, device=device, dtype=torch.float64)
     b1, b2, eps, t = 0.8, 0.95, 1e-3, 3

@@ -1,4 +1,4 @@
-"""AdaMeM's K2 (``adamem_moments``, ALGORITHMS.md section 8.3 lines 5-6): the Triton kernel
+"""AdaMeM's K2 (``adamem_moments``, docs/methods/adamem.md lines 5-6): the Triton kernel
 against the eager reference.
 
 Tolerances (``lowrank_fused.testing.tolerance``): fp32 states 1e-5 normwise: the kernel

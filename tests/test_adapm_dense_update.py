@@ -1,4 +1,4 @@
-"""AdaPM / AdaPM-mini full-momentum and no-momentum blocks (ALGORITHMS.md 9.6, 9.7): the fused
+"""AdaPM / AdaPM-mini full-momentum and no-momentum blocks (docs/methods/adapm.md): the fused
 Triton op vs the eager reference (lowrank_fused/reference/adapm_dense_update.py). Every
 mutated tensor (W, M, V) is compared; inputs are fresh random values, never zeros."""
 import importlib

@@ -1,4 +1,4 @@
-"""AdaPM / AdaPM-mini low-rank step (ALGORITHMS.md 9.6 lines 4-8, 9.7): the fused Triton op vs
+"""AdaPM / AdaPM-mini low-rank step (docs/methods/adapm.md lines 3-7): the fused Triton op vs
 the eager reference (lowrank_fused/reference/adapm_update.py). Every mutated tensor (W, V, R)
 is compared; inputs are fresh random values, never zeros."""
 import pytest

@@ -1,5 +1,5 @@
-"""The benchmark byte model (bench/bytes.py) against ALGORITHMS.md section 10.1's table for
-m, n, r = 4096, 11008, 128 (MiB as printed by shared/spec_checks/bytes2.py), and its
+"""The benchmark byte model (bench/bytes.py) against the table of docs/bytes.md for
+m, n, r = 4096, 11008, 128 (MiB), and its
 generalisation to other element sizes and the right-projected form."""
 import pytest
 

@@ -95,7 +95,7 @@ def test_fused_variant_needs_a_triton_implementation(monkeypatch, capsys):
 
 
 def test_bench_multi_tensor_runs_and_writes(tmp_path):
-    """The stand-alone multi-tensor benchmark (issue 6): both CPU parts run and write their
+    """The stand-alone multi-tensor benchmark: both CPU parts run and write their
     ratios (the C++ twin's parts need the extension; without it only the check runs). On
     CUDA the gpu part runs (one launch vs Triton per tensor vs eager) on a small model."""
     from bench import bench_multi_tensor as B

@@ -76,7 +76,7 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
 def test_refresh_suite(tmp_path, capsys):
     """The refresh suite's rows (speed ratio and captured energy, q = 1 and 2, real and
     decaying gradients) and its report section. Only structure and quality are asserted: the
-    speedup is measured, not tested (ALGORITHMS.md / issue 5 targets live in the bench)."""
+    speedup is measured, not tested (speed targets live in the bench)."""
     from bench import run
 
     rc = run.main(["--suite", "refresh", "--out", str(tmp_path), "--threads", "1", "--quick"])

@@ -1,4 +1,4 @@
-"""Capacity buffers (issue 4, K2's runtime rank; ``lowrank_fused.optim._capacity``):
+"""Capacity buffers (K2's runtime rank; ``lowrank_fused.optim._capacity``):
 AdaptiveAdamW and AdaRankGrad with ``capacity_buffers=True`` keep each matrix's basis and
 moments in one buffer sized for its largest rank, so rank changes at a refresh write into the
 same memory. The trajectory must be bit-identical to the reallocating default, the addresses

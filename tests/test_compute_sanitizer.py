@@ -1,4 +1,4 @@
-"""compute-sanitizer memcheck over the CUDA kernels of csrc/ (issue 6), where the device and
+"""compute-sanitizer memcheck over the CUDA kernels of csrc/, where the device and
 the toolkit allow it: a child process runs every CUDA op of the extension (dense AdamW step,
 the multi-tensor moments and AdamW steps over many odd-sized tensors, the batched small
 Cholesky inverse) under ``compute-sanitizer --tool memcheck``; any out-of-bounds or misaligned

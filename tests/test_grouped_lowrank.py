@@ -1,4 +1,4 @@
-"""Grouped K1/K3 (issue 4, ``lowrank_fused.ops_grouped``): the Triton op over a group of
+"""Grouped K1/K3 (``lowrank_fused.ops_grouped``): the Triton op over a group of
 same-shape matrices in ONE launch vs the single-matrix eager reference applied per member.
 
 Tolerances (``lowrank_fused.testing.tolerance``): R is fp32 whatever G's dtype (the reference

@@ -11,7 +11,7 @@ from lowrank_fused.testing.trace import HostReads
 from _methods import backward, model, optimizer
 
 # reads a step needs by construction: AdaRankGrad's convergence test (data-dependent refresh
-# trigger, ALGORITHMS.md 6.4) reads the norms of all matrices at once
+# trigger, docs/methods/adarankgrad.md) reads the norms of all matrices at once
 PER_STEP = {"adarankgrad": 1}
 # reads per step with nonfinite='raise' | 'skip': the non-finite flag, and LDAdam's one read
 # of its power-iteration guards (for the fallback warning)

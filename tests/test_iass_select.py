@@ -1,4 +1,4 @@
-"""IASS rank selection (``iass_select``, ALGORITHMS.md section 6.3 lines 3-6 and ``ritz``): the
+"""IASS rank selection (``iass_select``, docs/methods/adarankgrad.md, ``prefix`` and ``ritz``): the
 Triton implementation (``||G||^2`` by a Triton reduction, the k x n work on torch) against the
 eager reference.
 
@@ -144,7 +144,8 @@ def test_given_energy_is_used_and_g_not_read(backend, device):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("mode", ["prefix", "ritz"])
 def test_zero_gradient_selects_zero(backend, mode, device):
-    """The documented zero-gradient case (ALGORITHMS.md 6.6): E == 0 returns 0, Qb kept."""
+    """The documented zero-gradient case (docs/methods/adarankgrad.md): E == 0 returns 0, Qb
+    kept."""
     _, Qb, _ = _inputs((40, 70), 5, torch.float32, device)
     G = torch.zeros(40, 70, device=device)
     B = Qb.t() @ G

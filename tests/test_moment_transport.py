@@ -1,5 +1,5 @@
-"""K8 moment transport (ALGORITHMS.md 5.3 A4, 7.3 lines 4 + 6, 10 K8): the Triton ops
-(kernels/moment_transport.py) vs their eager references (lowrank_fused/reference/
+"""K8 moment transport (docs/methods/adaptive_adamw.md A4, docs/methods/ldadam.md lines 4 + 6):
+the Triton ops (kernels/moment_transport.py) vs their eager references (lowrank_fused/reference/
 moment_transport.py, moment_transport_linear.py, ldadam_moment_transport.py) on fresh random
 inputs: orthonormal bases from QR of randn, M = randn, V = randn^2; odd shapes, r_new != r_old,
 ranks 1 .. min(m, n), fp32 and bf16 moments. Every output is compared everywhere, so an

@@ -1,4 +1,4 @@
-"""Multi-tensor ops (issue 6; csrc/multi_tensor.h): the CPU twin (one OpenMP loop over every
+"""Multi-tensor ops (csrc/multi_tensor.h): the CPU twin (one OpenMP loop over every
 (tensor, chunk)) and, on a GPU, the CUDA kernel (one launch) against the eager reference, a
 loop over the single-op references.
 

@@ -1,4 +1,4 @@
-"""Multi-tensor apply in the optimizers (issue 6): within ``step()`` the dense AdamW step of every
+"""Multi-tensor apply in the optimizers: within ``step()`` the dense AdamW step of every
 non-projected parameter is one ``adamw_step_multi`` call, and GaLoreAdamW with
 ``multi_tensor_moments=True`` runs K2 of every projected matrix as one ``adam_moments_multi``.
 

@@ -1,5 +1,5 @@
-"""The norm-growth limiter (ALGORITHMS.md section 5.3 B1): Triton kernel against the eager
-reference, with its norm read from N or given by K2's side output (``sumsq``). fp32 N: 1e-5
+"""The norm-growth limiter (docs/methods/adaptive_adamw.md, phase B): Triton kernel against the
+eager reference, with its norm read from N or given by K2's side output (``sumsq``). fp32 N: 1e-5
 (``||N||`` summed in another order); bf16 N: 1e-2 (one bf16 ulp of N/f)."""
 import pytest
 import torch

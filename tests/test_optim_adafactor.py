@@ -1,4 +1,4 @@
-"""Adafactor (ALGORITHMS.md section 3, the HF version vendored in GaLore): an independent fp64
+"""Adafactor (docs/methods/adafactor.md, the HF version vendored in GaLore): an independent fp64
 transcription of the pseudocode compared step by step under every flag, exact identities
 (step-1 statistics, rank-1 gradients, the RMS clip), >2-D factoring, checkpoints, a tiny
 model, state bytes, errors."""

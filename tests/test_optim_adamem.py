@@ -1,6 +1,6 @@
-"""AdaMeM (ALGORITHMS.md section 8): a literal transcription of the section 8.3 pseudocode,
-the section 11 invariants (orthonormal basis, Claim 3.1 orthogonality and its converse, the
-residual identity), the full-rank limits, every flag, checkpoint resume, routing, a tiny model,
+"""AdaMeM (docs/methods/adamem.md): a literal transcription of its update rule,
+the invariants of docs/conventions.md (orthonormal basis, Claim 3.1 orthogonality and its
+converse, the residual identity), the full-rank limits, every flag, checkpoint resume, routing, a tiny model,
 and argument errors."""
 import io
 import math
@@ -28,7 +28,7 @@ def _ref(op):
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent transcription of ALGORITHMS.md 8.2-8.3, in float64, one tensor at a time.
+# An independent transcription of docs/methods/adamem.md, in float64, one tensor at a time.
 
 def _literal_basis(G, r):
     """Top-r left singular vectors, largest-|.| entry of each made positive (section 4.6)."""
@@ -235,8 +235,8 @@ def _cos(A, B):
 @pytest.mark.parametrize("shape,rank", [((64, 128), 8), ((33, 97), 5), ((50, 50), 20)])
 @pytest.mark.parametrize("v_source", ["momentum", "gradient"])
 def test_claim_3_1_orthogonality_and_its_converse(shape, rank, v_source):
-    """Invariant 2: <P N1, N2>_F ~ 0 (< 1e-6 relative in fp32). Converse (spec_checks/verify.py
-    test 1): per-row one-sided statistics would break it."""
+    """Invariant 2: <P N1, N2>_F ~ 0 (< 1e-6 relative in fp32). Converse (the
+    design choice of docs/methods/adamem.md): per-row one-sided statistics would break it."""
     m, n = shape
     g = torch.Generator().manual_seed(m * n + rank)
     G = _hetero_grad(m, n, g)
@@ -361,7 +361,7 @@ def test_tall_matrix_runs_on_its_transpose():
 # full-rank limits
 
 def test_full_rank_guard_gives_adafactor():
-    """rank >= min(m, n): the matrix gets AdaMeM's Adafactor, exactly (ALGORITHMS.md 1.6)."""
+    """rank >= min(m, n): the matrix gets AdaMeM's Adafactor, exactly (the size guard)."""
     p = torch.nn.Parameter(torch.randn(6, 30))
     q = torch.nn.Parameter(p.detach().clone())
     a = AdaMeM([dict(params=[p], rank=6)], lr=1e-2, weight_decay=0.1, backend="reference")
@@ -695,7 +695,7 @@ def test_zero_learning_rate_leaves_weights():
 def test_fused_step_makes_no_full_size_temporary(device):
     """Between refreshes, with the projection (and its colsum(G^2) side output) and the
     residual update fused, an AdaMeM step allocates nothing of the weight's size: the
-    residual G - P R never exists (ALGORITHMS.md 10.2: two reads of G, one of W)."""
+    residual G - P R never exists (docs/bytes.md: two reads of G, one of W)."""
     from lowrank_fused.dispatch import available
     from lowrank_fused.testing.trace import AllocationTrace
 

@@ -1,4 +1,4 @@
-"""AdamW baseline (ALGORITHMS.md section 2): torch semantics against torch.optim.AdamW and a
+"""AdamW baseline (docs/methods/adamw.md): torch semantics against torch.optim.AdamW and a
 literal transcription, the HF variant (E-hf, WD-post) against its own transcription and
 GaLore's dense path, every backend of ``adamw_step`` against the reference, checkpoints,
 a tiny model, errors."""

@@ -1,6 +1,6 @@
-"""AdaPM and AdaPM-mini (ALGORITHMS.md section 9): a literal transcription of the section 9.6 /
-9.7 pseudocode compared step by step, the section 11 invariants (1, 6, 8), the full-rank
-limits, block classification (HF LLaMA and GPT-2 names, plain Linear stacks, overrides), the
+"""AdaPM and AdaPM-mini (docs/methods/adapm.md): a literal transcription of the update rule
+(both variants) compared step by step, the invariants of docs/conventions.md (1, 6, 8), the
+full-rank limits, block classification (HF LLaMA and GPT-2 names, plain Linear stacks, overrides), the
 fused-QKV split, checkpoint round trips, a tiny model, every flag, and argument errors."""
 import math
 
@@ -25,8 +25,8 @@ def _one_thread():
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent transcription of ALGORITHMS.md 9.6 (low-rank, full- and no-momentum blocks)
-# and 9.7 (Adam-mini block means), in float64. Only the Gaussian sketch that seeds L at t = 1
+# An independent transcription of docs/methods/adapm.md (low-rank, full- and no-momentum
+# blocks, and AdaPM-mini's block means), in float64. Only the Gaussian sketch that seeds L at t = 1
 # is taken from the module (it is a documented random draw, not math).
 
 def _orth(Y):
@@ -297,7 +297,7 @@ def test_invariant8_estimator_bias(correction, low, high):
     """Fixed L, stationary gradients ``mu + noise``: the mean over independent columns of
     ``mc - F/bc1`` (F the full momentum), normalised by the part of mu outside span(L), is
     about 0 for the unbiased estimator, (1-beta1) for eq. 3, 1+beta1 for Alg. 1 literal and 1
-    without correction (ALGORITHMS.md 9.2 table, checks/adapm_bias.py). mc is read back from
+    without correction (the estimators of docs/methods/adapm.md). mc is read back from
     the update with lr = 1, eps = 0 and no clip. Step 1 sees pure noise, so that L (fitted at
     t = 1 and never refit) is a random subspace."""
     m, n, r, b1, b2, T = 40, 1500, 4, 0.9, 0.95, 60

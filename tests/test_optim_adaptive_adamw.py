@@ -1,6 +1,6 @@
-"""AdaptiveAdamW and the variants RSAdamW, GHAAdamW, GaLoreKFACAdamW (ALGORITHMS.md section 5):
-rank allocation (vectorised vs step-by-step greedy), the section 11 invariants, full-rank
-limits, GaLore equivalence, literal transcriptions of the spec, checkpoint round trips, a tiny
+"""AdaptiveAdamW and the variants RSAdamW, GHAAdamW, GaLoreKFACAdamW
+(docs/methods/adaptive_adamw.md): rank allocation (vectorised vs step-by-step greedy), the
+invariants of docs/conventions.md, full-rank limits, GaLore equivalence, literal transcriptions, checkpoint round trips, a tiny
 model, flags and errors."""
 import copy
 import io
@@ -82,8 +82,8 @@ def _orthonormality_error(P):
 
 
 def _stepwise_greedy(spectra, budget, metric, w=0.5):
-    """ALGORITHMS.md 5.3 A2 as written: r_l = 1, then one increment at a time to the first
-    matrix (smallest l) with the largest score among those below r_max = len(s)."""
+    """Phase A2 of docs/methods/adaptive_adamw.md as written: r_l = 1, then one increment at a
+    time to the first matrix (smallest l) with the largest score among those below r_max = len(s)."""
     lists = [rank_scores(s, metric, combined_weight=w).tolist() for s in spectra]
     ranks = [1] * len(spectra)
     for _ in range(budget - len(spectra)):
@@ -428,7 +428,7 @@ def test_full_rank_allocation_with_identity_basis_is_hf_adamw():
 
 
 # ---------------------------------------------------------------------------------------------
-# literal transcription of ALGORITHMS.md 5.3 (fp32; "std" side rule; E-hf; WD-post)
+# literal transcription of docs/methods/adaptive_adamw.md (fp32; "std" side rule; E-hf; WD-post)
 
 def _literal_sign_canon(B):
     """4.6: flip each column (singular vector) so that its largest-magnitude entry is positive."""

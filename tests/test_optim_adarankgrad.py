@@ -1,6 +1,6 @@
-"""AdaRankGrad (ALGORITHMS.md section 6): a literal transcription of the spec's pseudocode,
-the section 11 invariants (orthonormality, prefix nesting, transport shape and V >= 0), rank
-selection on planted spectra, the exit rules, zero and rank-deficient gradients, the
+"""AdaRankGrad (docs/methods/adarankgrad.md): a literal transcription of its update rule,
+the invariants of docs/conventions.md (orthonormality, prefix nesting, transport shape and
+V >= 0), rank selection on planted spectra, the exit rules, zero and rank-deficient gradients, the
 full-rank limits, checkpoint resume, a tiny model, every flag, and argument errors."""
 import math
 
@@ -81,7 +81,7 @@ def _canon(basis, shape):
 
 
 # ---------------------------------------------------------------------------------------------
-# literal transcription of ALGORITHMS.md 6.3 / 6.4 (left form; m >= n runs on the transpose)
+# literal transcription of docs/methods/adarankgrad.md (left form; m >= n runs on the transpose)
 
 def _lit_orth(Y):
     Q, R = torch.linalg.qr(Y)
@@ -178,7 +178,7 @@ def test_reference_matches_literal_pseudocode():
 
 
 # ---------------------------------------------------------------------------------------------
-# invariants of ALGORITHMS.md 11
+# invariants of docs/conventions.md
 
 def test_sketch_prefix_is_the_smaller_sketch():
     big = sketch_matrix(5, 2, 3, 50, 12)
@@ -521,7 +521,7 @@ def test_nonfinite_gradient_at_refresh_raises_before_mutating():
 # full-rank limits
 
 def test_size_guard_gives_torch_adamw():
-    """rank >= min(m, n) (ALGORITHMS.md 1.6) and groups without rank: torch AdamW (E-torch,
+    """rank >= min(m, n) (the size guard) and groups without rank: torch AdamW (E-torch,
     WD-pre)."""
     ps = [torch.nn.Parameter(torch.randn(6, 30)), torch.nn.Parameter(torch.randn(9))]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]

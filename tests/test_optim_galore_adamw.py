@@ -1,4 +1,4 @@
-"""GaLore-AdamW: faithfulness of the reference to galore_torch (section 4 of ALGORITHMS.md),
+"""GaLore-AdamW: faithfulness of the reference to galore_torch (docs/methods/galore.md),
 fused (Triton) vs reference trajectories, checkpoint round trips, schedulers, errors."""
 import math
 
@@ -12,7 +12,7 @@ from lowrank_fused.testing.trace import AllocationTrace
 
 # ---------------------------------------------------------------------------------------------
 # An independent transcription of galore_torch's GaLoreAdamW + GaLoreProjector, written from
-# ALGORITHMS.md section 4 (official dtype policy aside: everything fp32 here).
+# docs/methods/galore.md (official dtype policy aside: everything fp32 here).
 
 def _literal_is_right(shape, proj_type):
     if proj_type == "std":
@@ -188,7 +188,7 @@ def test_lr_scheduler_drives_the_step(device):
 
 
 def test_full_rank_guard_gives_hf_adamw(device):
-    """rank >= min(m, n): the matrix gets the group's dense HF AdamW (ALGORITHMS.md 1.6)."""
+    """rank >= min(m, n): the matrix gets the group's dense HF AdamW (the size guard)."""
     p = torch.nn.Parameter(torch.randn(6, 30, device=device))
     q = torch.nn.Parameter(p.detach().clone())
     a = GaLoreAdamW([dict(params=[p], rank=6)], lr=1e-2, weight_decay=0.1, backend="reference")

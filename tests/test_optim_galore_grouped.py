@@ -1,4 +1,4 @@
-"""GaLoreAdamW(grouped_gemms=True) (issue 4, grouped launch): the step between refreshes runs
+"""GaLoreAdamW(grouped_gemms=True) (grouped launch): the step between refreshes runs
 K1 and K3 of every matrix class as one grouped launch each; the trajectory equals the
 per-matrix step bit for bit on the CPU (same tiles), across refreshes, both projection sides,
 fp32 and bf16, on the Triton (interpreter) and reference backends; fewer launches."""

@@ -1,6 +1,6 @@
-"""LDAdamW: faithfulness to a literal transcription of ALGORITHMS.md section 7.3, the section 11
-invariants (4: fused == explicit, 5: error-feedback conservation, 6: full-rank limit, 1: an
-orthonormal basis, 9: V >= 0), the dense limits, error-buffer safety under zero_grad and
+"""LDAdamW: faithfulness to a literal transcription of docs/methods/ldadam.md, the
+invariants of docs/conventions.md (4: fused == explicit, 5: error-feedback conservation,
+6: full-rank limit, 1: an orthonormal basis, 9: V >= 0), the dense limits, error-buffer safety under zero_grad and
 clipping, checkpoint round trips, a tiny model, every flag, and argument errors."""
 import math
 
@@ -30,7 +30,7 @@ def _one_thread():
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent literal transcription of ALGORITHMS.md 7.3 (left and right forms written out
+# An independent literal transcription of docs/methods/ldadam.md (left and right forms written out
 # separately, as the spec states them), in float64, one global counter, sign-canonical
 # QR/SVD (the optimizer's default), the dense path as torch AdamW with the global counter.
 
@@ -223,7 +223,7 @@ def _orthonormal(m, r, seed):
 
 
 def test_fused_power_iteration_and_single_gemm_ef_equal_explicit_ops():
-    """checks/verify.py test 3, on the reference ops."""
+    """Invariant 4 of docs/conventions.md, on the reference ops."""
     g = torch.Generator().manual_seed(3)
     m, n, r = 64, 128, 8
     rho, bc1, c = 0.908, 1 - 0.908 ** 5, 0.908 / (1 - 0.908)

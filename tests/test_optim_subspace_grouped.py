@@ -1,4 +1,4 @@
-"""``grouped_gemms=True`` for the AdaptiveAdamW family (issue 4, grouped launch): K1 and K3 of
+"""``grouped_gemms=True`` for the AdaptiveAdamW family (grouped launch): K1 and K3 of
 every class of same-shape, same-rank matrices run as one grouped launch each, the normalised
 step and the norm-growth limiter per matrix in between. The trajectory equals the per-matrix
 step bit for bit on the CPU (same tiles), across refreshes and AdaptiveAdamW's rank changes,

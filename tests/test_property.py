@@ -128,7 +128,7 @@ def test_optimizer_step_matches_reference_backend(method, case):
     m, n, rank, side, dtype, seed = case
     if method == "adamem":
         # AdaMeM's fused path gets the residual statistics from the identity
-        # colsum(S^2) = colsum(G^2) - colsum(R^2) (ALGORITHMS.md 8.3, 8.6), whose cancellation
+        # colsum(S^2) = colsum(G^2) - colsum(R^2) (docs/methods/adamem.md), whose cancellation
         # error grows as |G|^2/|S|^2: near full rank (found here: r = 133 of 135) the residual
         # step differs from the reference's explicit S by up to 0.5%. Compared where the
         # residual holds at least half the dimensions; README "Failure behaviour" says so.

@@ -1,4 +1,4 @@
-"""AdaMeM's residual column statistics (``residual_col_stats``, ALGORITHMS.md section 8.3 lines 4
+"""AdaMeM's residual column statistics (``residual_col_stats``, docs/methods/adamem.md lines 4
 and 7 and the fused identity): the Triton kernels against the eager reference, in the three
 ways the op runs: identity form with ``colsum(G^2)`` given (the optimizer's path: no pass over
 G), identity form computing it, and the explicit form (S formed tile by tile, never stored).

@@ -1,4 +1,4 @@
-"""Parameter routing for every method (ALGORITHMS.md 1.6) and make_optimizer, on the tiny
+"""Parameter routing for every method (docs/conventions.md) and make_optimizer, on the tiny
 LLaMA model and on a plain stack of Linears."""
 import importlib
 import math

@@ -1,6 +1,6 @@
 """Memory claims, measured: after a run that crosses refreshes (and AdaptiveAdamW rank
-changes), every parameter's optimizer state holds exactly the tensors of the spec's state table
-(ALGORITHMS.md 2, 3, 4.1, 5.1, 5.6, 6.1, 7.1, 8.1, 9.4, 9.7: names, shapes, fp32) and nothing
+changes), every parameter's optimizer state holds exactly the tensors of its method's state table
+(docs/methods/*.md, "State and bytes": names, shapes, fp32) and nothing
 else, so ``state_bytes()`` equals the analytic count and no hidden full-size buffer exists."""
 import math
 

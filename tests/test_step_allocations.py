@@ -1,5 +1,5 @@
 """Memory claims, measured per step: one step of every method between refreshes, on the
-default (fused) backend, allocates no full-size (m x n) temporary (ALGORITHMS.md 10.2: the
+default (fused) backend, allocates no full-size (m x n) temporary (docs/bytes.md: the
 fused methods read G and W in place and keep only the state of their table)."""
 import pytest
 import torch

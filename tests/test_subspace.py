@@ -1,4 +1,4 @@
-"""Batched subspace primitives (lowrank_fused.subspace; issue 5): CholeskyQR2 with Householder
+"""Batched subspace primitives (lowrank_fused.subspace): CholeskyQR2 with Householder
 fallback, power iteration, randomized range finder and SVD, shape-grouped refresh."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""projector="randomized" in the optimizers (issue 5): batched refresh grouped by shape,
+"""projector="randomized" in the optimizers: batched refresh grouped by shape,
 trajectories close to projector="svd" on decaying-spectrum gradients."""
 import pytest
 import torch

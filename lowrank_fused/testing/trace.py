@@ -1,6 +1,6 @@
 """What a piece of torch code does behind the ops: which tensors it allocates
 (``AllocationTrace``: the check that a fused step makes no full-size m x n temporary,
-ALGORITHMS.md section 10) and how often it reads a value to the host (``HostReads``)."""
+docs/bytes.md) and how often it reads a value to the host (``HostReads``)."""
 import collections
 
 import torch
