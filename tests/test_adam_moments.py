@@ -31,9 +31,9 @@ def test_adam_moments_matches_reference(shape, eps_mode, state_dtype, step, devi
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_adam_moments_sumsq_side_output(shape, state_dtype, device):
     """``sumsq`` receives sum(N^2) of the stored N (the limiter's norm,
-    docs/methods/adaptive_adamw.md) from the kernel's own pass: against ``(N.float()**2).sum()`` of the kernel's N (fp32 sums
-    in another order: 1e-5; (64, 700) spans 44 programs, so the partial sums are added), and
-    the reference's side output against the same formula."""
+    docs/methods/adaptive_adamw.md) from the kernel's own pass: against ``(N.float()**2).sum()`` of
+    the kernel's N (fp32 sums in another order: 1e-5; (64, 700) spans 44 programs, so the partial
+    sums are added), and the reference's side output against the same formula."""
     R = torch.randn(shape, device=device)
     M0 = (0.1 * torch.randn(shape, device=device)).to(state_dtype)
     V0 = (0.01 * torch.rand(shape, device=device) + 1e-4).to(state_dtype)

@@ -1,7 +1,7 @@
-"""AdaMeM (docs/methods/adamem.md): a literal transcription of its update rule,
-the invariants of docs/conventions.md (orthonormal basis, Claim 3.1 orthogonality and its
-converse, the residual identity), the full-rank limits, every flag, checkpoint resume, routing, a tiny model,
-and argument errors."""
+"""AdaMeM (docs/methods/adamem.md): a literal transcription of its update rule, the invariants of
+docs/conventions.md (orthonormal basis, Claim 3.1 orthogonality and its converse, the residual
+identity), the full-rank limits, every flag, checkpoint resume, routing, a tiny model, and argument
+errors."""
 import io
 import math
 

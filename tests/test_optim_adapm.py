@@ -1,6 +1,6 @@
-"""AdaPM and AdaPM-mini (docs/methods/adapm.md): a literal transcription of the update rule
-(both variants) compared step by step, the invariants of docs/conventions.md (1, 6, 8), the
-full-rank limits, block classification (HF LLaMA and GPT-2 names, plain Linear stacks, overrides), the
+"""AdaPM and AdaPM-mini (docs/methods/adapm.md): a literal transcription of the update rule (both
+variants) compared step by step, the invariants of docs/conventions.md (1, 6, 8), the full-rank
+limits, block classification (HF LLaMA and GPT-2 names, plain Linear stacks, overrides), the
 fused-QKV split, checkpoint round trips, a tiny model, every flag, and argument errors."""
 import math
 

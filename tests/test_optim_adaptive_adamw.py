@@ -1,7 +1,7 @@
 """AdaptiveAdamW and the variants RSAdamW, GHAAdamW, GaLoreKFACAdamW
 (docs/methods/adaptive_adamw.md): rank allocation (vectorised vs step-by-step greedy), the
-invariants of docs/conventions.md, full-rank limits, GaLore equivalence, literal transcriptions, checkpoint round trips, a tiny
-model, flags and errors."""
+invariants of docs/conventions.md, full-rank limits, GaLore equivalence, literal transcriptions,
+checkpoint round trips, a tiny model, flags and errors."""
 import copy
 import io
 import math
@@ -82,8 +82,8 @@ def _orthonormality_error(P):
 
 
 def _stepwise_greedy(spectra, budget, metric, w=0.5):
-    """Phase A2 of docs/methods/adaptive_adamw.md as written: r_l = 1, then one increment at a
-    time to the first matrix (smallest l) with the largest score among those below r_max = len(s)."""
+    """Phase A2 of docs/methods/adaptive_adamw.md as written: r_l = 1, then one increment at a time
+    to the first matrix (smallest l) with the largest score among those below r_max = len(s)."""
     lists = [rank_scores(s, metric, combined_weight=w).tolist() for s in spectra]
     ranks = [1] * len(spectra)
     for _ in range(budget - len(spectra)):

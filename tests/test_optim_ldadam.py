@@ -1,6 +1,6 @@
-"""LDAdamW: faithfulness to a literal transcription of docs/methods/ldadam.md, the
-invariants of docs/conventions.md (4: fused == explicit, 5: error-feedback conservation,
-6: full-rank limit, 1: an orthonormal basis, 9: V >= 0), the dense limits, error-buffer safety under zero_grad and
+"""LDAdamW: faithfulness to a literal transcription of docs/methods/ldadam.md, the invariants of
+docs/conventions.md (4: fused == explicit, 5: error-feedback conservation, 6: full-rank limit, 1:
+an orthonormal basis, 9: V >= 0), the dense limits, error-buffer safety under zero_grad and
 clipping, checkpoint round trips, a tiny model, every flag, and argument errors."""
 import math
 
