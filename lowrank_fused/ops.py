@@ -130,7 +130,8 @@ def adam_moments(R, M, V, N, *, beta1, beta2, eps, step, eps_mode="hf", sumsq=No
     ``eps_mode="hf"`` (GaLore, HF AdamW): ``N = M/(sqrt(V)+eps)``, bias correction left to the
     step size; ``eps_mode="torch"``: ``N = (M/bc1)/(sqrt(V/bc2)+eps)`` (docs/conventions.md).
     ``sumsq`` (optional, a 1-element float32 tensor) receives ``sum(N^2)`` of the stored N,
-    computed by the fused kernels in the same pass (the limiter's norm, section 5.3 B1).
+    computed by the fused kernels in the same pass (the limiter's norm,
+    docs/methods/adaptive_adamw.md).
     """
     for name, t in (("R", R), ("M", M), ("V", V), ("N", N)):
         _check_float(name, t)

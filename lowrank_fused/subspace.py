@@ -312,7 +312,8 @@ def _iterate(A: torch.Tensor, k: int, power_iters: int, seed: int,
 
 
 def _sign_canon_cols(U: torch.Tensor) -> torch.Tensor:
-    """(B, m, r): flip columns so each one's largest-magnitude entry is positive (4.6)."""
+    """(B, m, r): flip columns so each one's largest-magnitude entry is positive
+    (docs/conventions.md)."""
     idx = U.abs().argmax(dim=-2, keepdim=True)
     return torch.where(U.gather(-2, idx) < 0, -1.0, 1.0).to(U.dtype)
 

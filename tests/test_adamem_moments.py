@@ -93,7 +93,7 @@ def test_adamem_moments_strided(device):
 
 def test_adamem_moments_tiny_statistics(device):
     """A zero row and column of R (stats from the gradient): eps1 keeps mean(row) > 0 and eps
-    keeps N finite, as in the reference (section 8.6)."""
+    keeps N finite, as in the reference (docs/methods/adamem.md)."""
     R, M, row, col = _inputs((4, 40), torch.float32, device, seed=3)
     R[1].zero_()
     R[:, 7].zero_()

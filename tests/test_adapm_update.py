@@ -121,7 +121,8 @@ def test_narrow_states(refit, vmode, device):
 
 @pytest.mark.parametrize("correction", ["eq3", "alg1", "none"])
 def test_other_estimators(correction, device):
-    """The coefficients of the other estimators (9.2): e_coef = 1/c1 +- 1/(1-beta1), or 0."""
+    """The coefficients of the other estimators (docs/methods/adapm.md): e_coef = 1/c1 +-
+    1/(1-beta1), or 0."""
     k = 1.0 / (1 - BETA1)
     e_coef = {"eq3": 1.0 / C1 + k, "alg1": 1.0 / C1 - k, "none": 0.0}[correction]
     for refit in (False, True):

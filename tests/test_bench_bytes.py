@@ -75,7 +75,7 @@ def test_model_table_has_every_op():
 
 def test_adafactor_step_k6():
     stats = 8 * (M + N)
-    # section 10.1 row K6: 10A fused with bf16 G/W (GaLore's C4 script: no scale_parameter)
+    # K6 (docs/bytes.md): 10A fused with bf16 G/W (GaLore's C4 script: no scale_parameter)
     b = B.adafactor_step_bytes(M, N, scale_parameter=False)
     assert b == B.Bytes(10 * A + stats, 106 * A + stats)
     assert mib(b.floor) == 430
@@ -232,7 +232,7 @@ def test_eager_models_count_the_references(dtype_name):
 
 
 def test_moment_transport_k8():
-    # section 10.1 row K8: 16S + 8C fused with fp32 states and bases (26 MiB in the example)
+    # K8 (docs/bytes.md): 16S + 8C fused with fp32 states and bases (26 MiB in the example)
     b = B.moment_transport_bytes(M, N, R)
     assert b.floor == 16 * S + 8 * C and mib(b.floor) == 26
     assert b.eager == 8 * C + 16 * S + 24 * R * R
@@ -369,8 +369,8 @@ def test_iass_select_eager_model_counts_the_reference(dtype_name):
     ("galore", 6), ("adaptive_adamw", 6), ("rsadamw", 6), ("adarankgrad", 6), ("gha", 10),
     ("galore_kfac", 6), ("ldadam", 18), ("adamem", 8), ("adapm", 16), ("adapm_mini", 10)])
 def test_method_step_floor_counts_the_full_size_passes(method, full_passes):
-    """Section 10.1/10.2 at bf16 parameters: each method's step floor is its full-size passes
-    (GaLore 6A, AdaMeM 8A, AdaPM 16A; LDAdam 18A = the spec's 14A plus forming A = E + G;
+    """docs/bytes.md at bf16 parameters: each method's step floor is its full-size passes
+    (GaLore 6A, AdaMeM 8A, AdaPM 16A; LDAdam 18A = the ideal 14A plus forming A = E + G;
     AdaPM-mini 10A with its kernel's extra read of G for the block means) plus low-rank terms
     (about 32 bytes per r x n element: one to two A at rank 128 on 4096 x 11008)."""
     A = M * N

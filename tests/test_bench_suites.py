@@ -86,7 +86,7 @@ def test_refresh_suite(tmp_path, capsys):
     assert doc["errors"] == [] and len(doc["rows"]) == 4
     for r in doc["rows"]:
         assert r["per_layer_svd_s"] > 0 and r["batched_randomized_s"] > 0
-        # captured energy relative to the exact SVD's (section 6.3 quality bar: within 1%)
+        # captured energy relative to the exact SVD's (quality bar: within 1%)
         assert r["energy_ratio"] > 0.99 and r["energy_ratio"] <= 1.0 + 1e-6
     assert "5. Subspace refresh" in (tmp_path / "README.md").read_text()
 

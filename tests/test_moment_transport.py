@@ -73,7 +73,7 @@ def test_transport_matches_reference(op, case, dtype, device):
     M, V = moments(r_old, n, device, seed=m + n, dtype=dtype)
     M_new, V_new = check_transport(op, P_new, P_old, M, V)
     if op == "moment_transport":
-        assert (V_new >= 0).all()          # section 11 item 9: C*C keeps V non-negative
+        assert (V_new >= 0).all()          # invariant 9: C*C keeps V non-negative
 
 
 @pytest.mark.parametrize("case", LDADAM_CASES, ids=[f"{m}x{n}-r{r}" for m, n, r in LDADAM_CASES])

@@ -27,7 +27,7 @@ HF_DEFAULTS = dict(lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0
 
 
 # ---------------------------------------------------------------------------------------------
-# Literal transcription of the section 3 pseudocode, in fp64, one matrix at a time.
+# Literal transcription of docs/methods/adafactor.md, in fp64, one matrix at a time.
 
 def literal_adafactor_step(p, st, hp):
     g = p.grad.double()                                             # 1

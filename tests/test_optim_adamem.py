@@ -31,14 +31,16 @@ def _ref(op):
 # An independent transcription of docs/methods/adamem.md, in float64, one tensor at a time.
 
 def _literal_basis(G, r):
-    """Top-r left singular vectors, largest-|.| entry of each made positive (section 4.6)."""
+    """Top-r left singular vectors, largest-|.| entry of each made positive
+    (docs/conventions.md)."""
     U = torch.linalg.svd(G, full_matrices=False)[0][:, :r]
     top = U.gather(0, U.abs().argmax(dim=0, keepdim=True))
     return U * torch.sign(top)
 
 
 class LiteralAdaMeM:
-    """Section 8.3 for one matrix; m > n runs everything on the transpose."""
+    """The update rule of docs/methods/adamem.md for one matrix; m > n runs everything on the
+    transpose."""
 
     def __init__(self, rank, T, lr, beta1, beta2, eps, eps1, lam, delta, v_source="momentum",
                  transport_on_refresh=False, bias_correction=True):
@@ -82,8 +84,8 @@ class LiteralAdaMeM:
 
 
 class LiteralAdafactor:
-    """Section 8.2 routing: Adafactor with fixed beta2 and bias correction, no momentum, no
-    clipping, no relative step; factored for matrices, unfactored for vectors."""
+    """Routing (docs/methods/adamem.md): Adafactor with fixed beta2 and bias correction, no
+    momentum, no clipping, no relative step; factored for matrices, unfactored for vectors."""
 
     def __init__(self, lr, beta2, eps, eps1, lam, bias_correction=True):
         self.__dict__.update(locals())
@@ -202,7 +204,7 @@ def test_matches_literal_transcription(case):
 
 
 # ---------------------------------------------------------------------------------------------
-# section 11 invariants
+# invariants of docs/conventions.md
 
 def _orthonormal(m, r, g):
     return torch.linalg.qr(torch.randn(m, r, dtype=torch.float64, generator=g))[0].float()
@@ -542,7 +544,7 @@ def test_routing_keeps_first_and_last_layers_on_adafactor():
 @pytest.mark.parametrize("all_layers", [False, True], ids=["paper-routing", "all-layers"])
 def test_tiny_llama_learns_with_far_less_state_than_adamw(all_layers):
     """~100 steps on a fixed synthetic task (next token = 5*token + 3 mod V): the loss falls,
-    nothing goes NaN, and the state is the (m + n) r + r + 2n count of section 8.1."""
+    nothing goes NaN, and the state is the (m + n) r + r + 2n count of docs/methods/adamem.md."""
     model = _tiny_llama()
     V, rank = model.config.vocab_size, 4
     opt = AdaMeM(adamem_param_groups(model, rank=rank, update_proj_gap=25, all_layers=all_layers),
@@ -662,7 +664,8 @@ def test_nonfinite_gradient_at_refresh_is_reported_and_leaves_weights():
 
 
 def test_zero_rows_and_columns_stay_finite():
-    """Section 8.6: eps1 prevents 0/0 in mean(a_row), eps the division by zero in N1, N2."""
+    """docs/methods/adamem.md: eps1 prevents 0/0 in mean(a_row), eps the division by zero in N1,
+    N2."""
     mats, dense = _params(shapes=((40, 70), (70, 40)))
     opt = AdaMeM([dict(params=mats, rank=5), dict(params=dense)], update_proj_gap=2,
                  backend="reference")

@@ -23,8 +23,8 @@ def _one_thread():
 
 
 # ---------------------------------------------------------------------------------------------
-# Literal transcriptions of the section 2 pseudocode (torch) and of HF AdamW (section 2 last
-# paragraph, section 4.3 lines 4-13 without the projection), one parameter at a time, fp32.
+# Literal transcriptions of docs/methods/adamw.md, torch AdamW and HF AdamW (GaLore's step
+# without the projection), one parameter at a time, fp32.
 
 def literal_torch_adamw_step(p, st, lr, betas, eps, wd):
     b1, b2 = betas

@@ -228,7 +228,7 @@ def test_matches_literal_transcription(cls, config):
 
 
 # ---------------------------------------------------------------------------------------------
-# section 11 invariants and full-rank limits
+# invariants (docs/conventions.md) and full-rank limits
 
 def test_invariant6_full_rank_square_L_is_adam_plus_clip():
     """r = m <= n (low-rank path kept with full_rank_fallback=False): L is square orthogonal
@@ -561,8 +561,8 @@ def test_load_state_dict_rejects_another_layout():
 # a tiny model
 
 def _expected_state_bytes(model, mini):
-    """Section 9.4 state for the tiny LLaMA (all fp32): low rank L, R (+ v), full m, v,
-    no-momentum v; AdaPM-mini's v are block means."""
+    """The state (docs/methods/adapm.md) for the tiny LLaMA (all fp32): low rank L, R (+ v),
+    full m, v, no-momentum v; AdaPM-mini's v are block means."""
     total = 0
     for name, block in adapm_block_names(model).items():
         p = dict(model.named_parameters())[name]

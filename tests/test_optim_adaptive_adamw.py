@@ -238,8 +238,8 @@ def test_every_metric_spends_the_budget_and_keeps_invariants(metric):
 
 
 def test_transport_at_a_rank_change_is_C_and_C_squared():
-    """Section 11.9: across a refresh with r_new != r_old the moments are C m and (C*C) v
-    (then updated with the new projected gradient), V stays >= 0 with the new shape."""
+    """Invariant 9 (docs/conventions.md): across a refresh with r_new != r_old the moments are C m
+    and (C*C) v (then updated with the new projected gradient), V stays >= 0 with the new shape."""
     T = 4
     mats, opt = _adaptive_run(T, T=T, opt_kw=dict(nl_gamma=None))
     before = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
@@ -337,7 +337,7 @@ def test_zero_gradient_is_safe_in_every_variant(cls):
 
 
 def test_limiter_caps_norm_growth_at_gamma():
-    """5.3 B1: after the first call, ||N_t|| <= gamma * ||N_{t-1}||; E-hf's N grows fast in the
+    """The limiter: after the first call, ||N_t|| <= gamma * ||N_{t-1}||; E-hf's N grows fast in the
     first steps (bias correction sits in the step size), so the cap is active."""
     p = _params([(20, 36)])[0]
     opt = AdaptiveAdamW([dict(params=[p], rank=4)], update_proj_gap=100, backend="reference")
@@ -405,7 +405,7 @@ def test_full_rank_guard_is_hf_adamw():
 
 def test_full_rank_allocation_with_identity_basis_is_hf_adamw():
     """A layer allocated r = min(m, n) whose basis is the identity (planted first gradient
-    D X with orthonormal rows X), scale 1, limiter off, no refresh: section 11.6, HF AdamW."""
+    D X with orthonormal rows X), scale 1, limiter off, no refresh: invariant 6, HF AdamW."""
     small, big = (6, 20), (30, 40)
     p = _params([small, big])
     q = [torch.nn.Parameter(p[0].detach().clone())]
@@ -449,7 +449,7 @@ def _literal_orth(Y):
 def _literal_score(s, E, r, metric, w):
     if r + 1 > len(s) or E == 0:
         return -math.inf
-    nxt = s[r]                     # s[r+1] in the spec's 1-based indexing
+    nxt = s[r]                     # s[r+1] in the docs' 1-based indexing
     if metric == "explained_variance":
         return nxt ** 2 / E
     if metric == "singular_value":
@@ -566,14 +566,14 @@ def test_reference_matches_literal_transcription(metric):
         assert_parity(opt.state[p]["nl_prev"], st["nl"], rtol=1e-5, name="nl_prev")
 
 
-# literal GHA and KFAC (section 5.6), written in the canonical left form
+# literal GHA and KFAC (docs/methods/adaptive_adamw.md), written in the canonical left form
 
 def _canon_grad(G):
     return (G.t(), True) if G.shape[0] >= G.shape[1] else (G, False)
 
 
 def _literal_svd_basis(G, r):
-    """4.3 line 2 as columns of the canonical form (right: Vh[:r]^T), sign-canonical."""
+    """GaLore's refresh as columns of the canonical form (right: Vh[:r]^T), sign-canonical."""
     U, s, Vh = torch.linalg.svd(G.float(), full_matrices=False)
     return _literal_sign_canon(Vh[:r].t() if G.shape[0] >= G.shape[1] else U[:, :r])
 

@@ -149,7 +149,8 @@ class LiteralAdaRankGrad:
 
 def test_reference_matches_literal_pseudocode():
     """20 steps, both projection sides and a dense bias, crossing refreshes by the exit rule
-    and by T_max, with rank changes 3 -> 6 -> 2 (an independent transcription of 6.3/6.4)."""
+    and by T_max, with rank changes 3 -> 6 -> 2 (an independent transcription of
+    docs/methods/adarankgrad.md)."""
     mats, dense = _params()
     lit_W = [p.detach().clone() for p in mats]
     hp = dict(lr=2e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, scale=0.5, eta_th=0.9,

@@ -31,7 +31,7 @@ def _one_thread():
 
 # ---------------------------------------------------------------------------------------------
 # An independent literal transcription of docs/methods/ldadam.md (left and right forms written out
-# separately, as the spec states them), in float64, one global counter, sign-canonical
+# separately, as docs/methods/ldadam.md states them), in float64, one global counter, sign-canonical
 # QR/SVD (the optimizer's default), the dense path as torch AdamW with the global counter.
 
 def _orth64(Y):

@@ -29,7 +29,7 @@ def _std_side(m, n):
 
 
 def expected(method, name, p, state, block=None):
-    """{state key: shape} the spec gives this parameter."""
+    """{state key: shape} its method's state table gives this parameter."""
     shape = tuple(p.shape)
     projected = p.dim() == 2 and "layers" in name          # attn / mlp Linear weights
     dense = {"exp_avg": shape, "exp_avg_sq": shape}
@@ -93,7 +93,7 @@ def test_state_is_exactly_the_spec_table(method):
         state = opt.state[p]
         tensors = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
         want = expected(method, name, p, state, blocks.get(name))
-        assert tensors == want, f"{method}: {name} holds {tensors}, the spec says {want}"
+        assert tensors == want, f"{method}: {name} holds {tensors}, its state table says {want}"
         for k, v in state.items():
             if torch.is_tensor(v):
                 assert v.dtype == torch.float32, f"{method}: {name}.{k} is {v.dtype}"

@@ -11,7 +11,7 @@ rank change writes into the same memory: no allocator traffic at a refresh and f
 addresses step after step (what a captured CUDA graph or a grouped kernel's cached offset
 table needs).
 
-A state tensor placed here keeps the spec's shape; ``state_bytes`` counts its whole buffer.
+A state tensor placed here keeps its method's shape; ``state_bytes`` counts its whole buffer.
 ``torch.save`` writes the whole buffer too; ``load_state_dict`` loads compact copies, which
 the optimizers place back into buffers (``restore``).
 """

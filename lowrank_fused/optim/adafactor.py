@@ -22,8 +22,8 @@ from lowrank_fused.optim._base import LowRankOptimizer, check_number
 
 
 def relative_step_size(step: int, lr, relative_step: bool, warmup_init: bool) -> float:
-    """rho_t (section 3 line 3, ``adafactor.py#L133-L137``): ``min(1e-6*t if warmup_init else
-    1e-2, 1/sqrt(t))`` with ``relative_step``, else ``lr``."""
+    """rho_t (docs/methods/adafactor.md, ``adafactor.py#L133-L137``):
+    ``min(1e-6*t if warmup_init else 1e-2, 1/sqrt(t))`` with ``relative_step``, else ``lr``."""
     if relative_step:
         min_step = 1e-6 * step if warmup_init else 1e-2
         return min(min_step, 1.0 / math.sqrt(step))
@@ -31,7 +31,7 @@ def relative_step_size(step: int, lr, relative_step: bool, warmup_init: bool) ->
 
 
 def beta2_at(step: int, decay_rate: float) -> float:
-    """``1 - t^decay_rate`` (section 3 line 4): 0 at t = 1."""
+    """``1 - t^decay_rate`` (``b2t`` in docs/methods/adafactor.md): 0 at t = 1."""
     return 1.0 - math.pow(step, decay_rate)
 
 

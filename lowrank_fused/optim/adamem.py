@@ -20,7 +20,7 @@ per the paper), weights that are not 2-D after flattening, and matrices with
 beta2, bias correction, no momentum, no clipping and no relative step; 1-D parameters get
 its unfactored version. :func:`adamem_param_groups` builds the paper's groups from a model.
 
-Conventions, all fixed by the spec (sections 8 and 12.3): bias correction with bc1 on M and
+Conventions, all design choices of docs/methods/adamem.md: bias correction with bc1 on M and
 bc2 on both second moments (``bias_correction`` flag), eps added outside the square root, eps1
 added to the squares before averaging, decoupled weight decay applied before the update.
 """
@@ -83,7 +83,7 @@ class AdaMeM(LowRankOptimizer):
             holds every class's R, N1 and colsum at once.
 
     The refreshed basis is the fp32 SVD basis re-orthonormalised by a float64 QR (``_basis``):
-    a [DC] beyond the spec that keeps Claim 3.1 at fp32 rounding level.
+    a design choice that keeps Claim 3.1 at fp32 rounding level.
 
     Every hyperparameter but ``rank`` is also a per-group key. State is plain tensors and ints
     (``state_dict`` loads with ``torch.load(weights_only=True)``) and always fp32.
@@ -170,7 +170,7 @@ class AdaMeM(LowRankOptimizer):
             self._adamem_step(p, group, plan, backend, precision)
 
     def _adafactor_step(self, p, group, backend):
-        """AdaMeM's Adafactor for non-low-rank parameters (section 8.2, Routing)."""
+        """AdaMeM's Adafactor for non-low-rank parameters (docs/methods/adamem.md, Routing)."""
         state = self.state[p]
         factored = p.dim() >= 2
         if factored:
@@ -264,8 +264,9 @@ class AdaMeM(LowRankOptimizer):
         # canonical left form (docs/conventions.md): k x l with k <= l, as views
         Wc, Gc = (W.t(), G.t()) if transposed else (W, G)
 
-        # 8.3 line 2: refresh at t = 1, T + 1, 2T + 1, ...; everything that can fail (the SVD
-        # of a non-finite gradient) runs before any state is touched
+        # update line 2 (docs/methods/adamem.md): refresh at t = 1, T + 1, 2T + 1, ...;
+        # everything that can fail (the SVD of a non-finite gradient) runs before any state is
+        # touched
         if self._refresh_due(state, group):
             P_new = self._basis(Gc, rank, p)
             if group["transport_on_refresh"] and "P" in state:

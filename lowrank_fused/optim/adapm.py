@@ -1,6 +1,6 @@
 """AdaPM and AdaPM-mini: adaptive partial momentum (docs/methods/adapm.md).
 
-Every parameter belongs to a *block* that decides its momentum (section 9.1):
+Every parameter belongs to a *block* that decides its momentum (docs/methods/adapm.md):
 
 =========================================  ===========================  ======================
 block (``group["block"]``)                  momentum                     second moment (mini)
@@ -22,9 +22,9 @@ A low-rank block (m x n) keeps ``L`` (m x r, orthonormal) and ``R`` (r x n) with
 ``L@R``; between refits R is the exact least-squares factor for the fixed L, every ``refit_T``
 steps (L, R) is refitted by ``refit_K`` alternating gradient-descent iterations, and the update
 uses the debiased estimate ``L@R/bc1 + e/(1-beta1)`` built from the one-step residual ``e``
-(estimator A of section 9.2), an elementwise clip to [-1, 1], E-torch epsilon and WD-pre.
+(estimator A of docs/methods/adapm.md), an elementwise clip to [-1, 1], E-torch epsilon and WD-pre.
 
-``AdaPMMini`` replaces the elementwise second moment with Adam-mini's block means (9.7).
+``AdaPMMini`` replaces the elementwise second moment with Adam-mini's block means.
 :func:`adapm_param_groups` classifies a model's parameters by module name (HF LLaMA, GPT-2 /
 nanoGPT, plain ``nn.Linear`` stacks; overridable) and returns the groups these classes expect.
 """
@@ -84,13 +84,13 @@ class AdaPM(LowRankOptimizer):
         lr, betas, eps, weight_decay: ``lr`` (eta), ``(beta1, beta2)`` (paper: 0.9, 0.95),
             ``eps`` (1e-8, E-torch: ``sqrt(v/bc2) + eps``), decoupled weight decay ``lam``
             (paper 0.1) applied WD-pre (``W*(1 - lr*lam)``) and only to parameters with
-            ``dim >= 2`` (nanoGPT's convention, section 9.1).
+            ``dim >= 2`` (nanoGPT's convention).
         rank: rank r of every low-rank block (capped at ``min(m, n)``), or None to use
             ``rank_ratio``: ``r = ceil(rank_ratio * min(m, n))`` (default 5%).
         refit_T: refit (L, R) at steps t with ``(t-1) % refit_T == 0`` (default 100; 1 refits
             every step).
         refit_K: alternating gradient-descent iterations per refit (default 10; 0 keeps L).
-        adapm_correction: momentum estimator (section 9.2): ``"unbiased"`` (A, default:
+        adapm_correction: momentum estimator (docs/methods/adapm.md): ``"unbiased"`` (A, default:
             ``L@R/bc1 + e/(1-beta1)``), ``"eq3"`` (B: ``m/bc1 + e/(1-beta1)``), ``"alg1"``
             (C, Alg. 1 literal: ``m/bc1 - e/(1-beta1)``) or ``"none"`` (``L@R/bc1``), where
             ``m = L@R + e`` is the momentum before truncation and e the one-step residual.
@@ -360,7 +360,7 @@ class AdaPM(LowRankOptimizer):
         write_back(W_mat)
 
     def _lowrank_step(self, state, key, W, G, t, group, c1, c2, common, backend, precision):
-        """Section 9.6 lines 3-8 for one low-rank block (left form)."""
+        """Update lines 2-7 of docs/methods/adapm.md for one low-rank block (left form)."""
         beta1, beta2 = group["betas"]
         L, R, V = state[key + "L"], state[key + "R"], state[key + "exp_avg_sq"]
         Rg = ops.project(G, L, side="left", precision=precision, backend=backend)   # line 3
@@ -451,8 +451,8 @@ def classify_parameter(name: str, param: torch.Tensor, module: Optional[nn.Modul
     c_attn / qkv_proj -> ``qkv``; q_proj, k_proj, v_proj -> ``q``, ``k``, ``v``; o_proj,
     out_proj and a ``c_proj`` under an attention module -> ``attn_out``; c_fc, gate/up/down_proj
     and any module under mlp / feed_forward / ffn -> ``mlp``; any other ``nn.Linear`` or
-    ``Conv1D`` -> ``mlp`` (plain Linear stacks get low-rank momentum) `[DC]`; anything else
-    -> ``other`` (full momentum).
+    ``Conv1D`` -> ``mlp`` (plain Linear stacks get low-rank momentum, a design choice);
+    anything else -> ``other`` (full momentum).
     """
     path = name.split(".")
     pname = path[-1]

@@ -1,9 +1,9 @@
 """AdaptiveAdamW and the repository variants RSAdamW, GHAAdamW and GaLoreKFACAdamW
 (docs/methods/adaptive_adamw.md).
 
-All four extend GaLore-AdamW (section 4: E-hf epsilon, WD-post, the 'std' side rule, refresh
-when ``k % update_proj_gap == 0`` before the counter increments, HF AdamW for parameters outside
-rank groups) and share one low-rank step (5.3 phase B)::
+All four extend GaLore-AdamW (docs/methods/galore.md: E-hf epsilon, WD-post, the 'std' side rule,
+refresh when ``k % update_proj_gap == 0`` before the counter increments, HF AdamW for parameters
+outside rank groups) and share one low-rank step (phase B)::
 
     basis update (method specific) -> R = P^T G -> normalised step N -> limiter (B1)
     -> W -= step_size * scale * (P @ N), WD-post
@@ -23,7 +23,8 @@ The variants are reconstructions from one-line README descriptions (all design
 choices). State is plain tensors and ints in ``self.state[p]``; AdaptiveAdamW's pool counter
 lives in its param group (``pool_step``), so ``state_dict()`` round-trips through
 ``torch.save``/``torch.load(weights_only=True)`` and a resumed run continues bit-identically.
-Right-projected matrices run every op in the canonical left form on transposed views (1.1).
+Right-projected matrices run every op in the canonical left form on transposed views
+(docs/conventions.md).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def rank_scores(s: torch.Tensor, metric: str, *, combined_weight: float = 0.5) -
     uniform_variance     ``-(s[1]^2 + ... + s[r]^2) / E``
     ==================== ==============================================
 
-    A matrix with ``E == 0`` (zero gradient) scores ``-inf`` everywhere (5.5 guard).
+    A matrix with ``E == 0`` (zero gradient) scores ``-inf`` everywhere (the zero-gradient guard).
     """
     if metric not in RANK_METRICS:
         raise ValueError(f"rank_metric must be one of {RANK_METRICS}, got {metric!r}")
@@ -266,12 +267,12 @@ class _SubspaceAdamW(GaLoreAdamW):
         write_back(W)
 
     def _direction(self, R, state, group, side, backend):
-        """5.3 phase B between K1 and K3: the normalised step N from R (the moments advance),
+        """Phase B between K1 and K3: the normalised step N from R (the moments advance),
         the norm-growth limiter on it (B1), and K3's coefficient and WD-post decay."""
         limit = group["nl_gamma"] is not None
         N, step_size, sumsq = self._normalised_step(R, state, group, side, state["step"],
                                                     backend, want_sumsq=limit)
-        if limit:                                                # 5.3 B1
+        if limit:                                                # the limiter, B1
             first = "nl_prev" not in state
             if first:
                 state["nl_prev"] = torch.zeros((), dtype=torch.float32, device=R.device)
@@ -305,8 +306,8 @@ class _SubspaceAdamW(GaLoreAdamW):
         raise NotImplementedError
 
     def _normalised_step(self, R, state, group, side, t, backend, want_sumsq=False):
-        """GaLore 4.3 lines 6-10: Adam moments on R, E-hf. Returns (N, step_size, sumsq):
-        with ``want_sumsq`` (the limiter is on), ``sumsq`` is ``||N||^2`` (1-element fp32)
+        """GaLore's K2 (docs/methods/galore.md): Adam moments on R, E-hf. Returns (N, step_size,
+        sumsq): with ``want_sumsq`` (the limiter is on), ``sumsq`` is ``||N||^2`` (1-element fp32)
         from K2's own pass, so the limiter does not read N for its norm; else None."""
         beta1, beta2 = group["betas"]
         N = torch.empty_like(state["exp_avg"])
@@ -325,7 +326,7 @@ class _SubspaceAdamW(GaLoreAdamW):
                                              device=p.device)
 
     def _transport_moments(self, state, side, P_new, backend, cap=None):
-        """5.3 A4 through the K8 op: ``M <- C M``, ``V <- (C*C) V`` with C = P_new^T P_old
+        """A4 through the K8 op: ``M <- C M``, ``V <- (C*C) V`` with C = P_new^T P_old
         (canonical left form; right-projected matrices pass transposed views)."""
         impl = implementation("moment_transport", backend, P_new.device)
         M, V = impl(_canon(side, P_new), _canon(side, state["ortho"]),
@@ -380,7 +381,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
         nl_gamma: norm-growth limiter factor (default 1.01, Fira/APOLLO); None switches it off.
         combined_weight: w of the ``combined`` metric (default 0.5).
         max_rank: the largest rank one matrix can receive (group key; default None:
-            ``min(m, n)``, the spec's r_max). Must be >= ``rank``.
+            ``min(m, n)``, r_max). Must be >= ``rank``.
         capacity_buffers: allocate each matrix's basis and moments once, for the largest rank
             it can receive (``min(m, n, max_rank, B - L + 1)``), and keep them as views of
             their first r elements, so rank changes at a refresh reuse the same memory (fixed
@@ -400,13 +401,13 @@ class AdaptiveAdamW(_SubspaceAdamW):
             vectors are the new bases. ``"svd"`` (default): per-matrix ``svdvals`` + SVD.
 
     Every ``update_proj_gap`` steps of a group (its counter ``pool_step``, checked before the
-    increment), all its projected matrices are refreshed together (5.3 phase A): singular
+    increment), all its projected matrices are refreshed together (phase A): singular
     values of every gradient, greedy allocation from rank 1 per matrix with r_max = min(m, n),
     top-r_l singular bases, moment transport across the change of basis and rank, and the
     limiter memory rescaled by ``sqrt(r_new/r_old)``. All projected matrices of a group need a
     gradient at a refresh step (use zeros for an unused layer). Between refreshes each matrix
-    takes GaLore's step with the limiter on the normalised step (5.3 phase B). Matrices with
-    ``rank >= min(m, n)`` and 1-D parameters get the dense HF AdamW step (1.6 guard), outside
+    takes GaLore's step with the limiter on the normalised step (phase B). Matrices with
+    ``rank >= min(m, n)`` and 1-D parameters get the dense HF AdamW step (the size guard), outside
     the budget.
     """
 
@@ -491,7 +492,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
         if group.get("projector", "svd") == "randomized":
             return self._refresh_randomized(group, managed)
         grads = [self._as_matrix(p, plan[2])[1] for p, plan in managed]
-        # A1: spectra, in fp32 (5.5), one matrix at a time
+        # A1: spectra, in fp32, one matrix at a time
         try:
             spectra = [torch.linalg.svdvals(G.float()) for G in grads]
             bad = next((p for s, (p, _) in zip(spectra, managed)
@@ -601,7 +602,7 @@ class RSAdamW(_SubspaceAdamW):
     At a refresh (``k % update_proj_gap == 0``, per matrix) the basis moves to
     ``orth(sqrt(1 - sigma^2) * P_old + sigma * Z)`` with ``Z_ij ~ N(0, 1/m)``; the first basis
     is ``orth(Z)``. ``sigma`` = 1 (default) draws a fresh random subspace at every refresh
-    (GoLore-style); ``sigma`` < 1 drifts. Moments are transported as in 5.3 A4. Z is drawn on
+    (GoLore-style); ``sigma`` < 1 drifts. Moments are transported as in A4. Z is drawn on
     the CPU from a generator seeded by (``seed``, the parameter's index in the optimizer, k),
     so runs and resumed runs are reproducible. Other arguments as ``AdaptiveAdamW``.
     """
@@ -661,7 +662,7 @@ class GHAAdamW(_SubspaceAdamW):
 
         Y = G^T P ; H = (Y^T Y)/||G||^2 ; P_new = orth(P + eta*((G Y)/||G||^2 - P triu(H)))
 
-    with the moments transported by ``C = P_new^T P`` (5.3 A4) every step. A zero gradient
+    with the moments transported by ``C = P_new^T P`` (A4) every step. A zero gradient
     leaves the basis as it is. ``eta`` defaults to 0.5; ``update_proj_gap`` is not used. Other
     arguments as ``AdaptiveAdamW``.
     """
@@ -722,7 +723,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     The inverse root comes from ``eigh`` every ``kfac_update_freq`` steps (default 10; also
     after a refresh and while F is still zero). ``exp_avg_sq`` and ``eps`` are not used.
     ``transport_on_refresh`` (default True) moves M and F into the new basis at a refresh
-    (``C M`` and ``C F C^T``, 5.3 A4); False keeps them as GaLore keeps its moments.
+    (``C M`` and ``C F C^T``, as A4); False keeps them as GaLore keeps its moments.
     Other arguments as ``AdaptiveAdamW``.
     """
 

@@ -145,7 +145,7 @@ class AdaRankGrad(LowRankOptimizer):
             fixed refresh interval t_max, as in the paper's ablation). ``"absolute"``: refresh
             when ``z <= eps_0 / j`` (paper-literal; ``eps_0`` required, no t_min / t_max).
         v_transport: second-moment transport on a subspace change: ``"cc"`` (default),
-            ``V <- (C*C) @ V``, which keeps V >= 0; ``"linear"``, ``V <- C @ V`` (the [3P]
+            ``V <- (C*C) @ V``, which keeps V >= 0; ``"linear"``, ``V <- C @ V`` (a third-party
             transcription of the paper; can make V negative and the step NaN).
         seed: seeds the sketches: block j of the i-th parameter (in param-group order) uses
             ``sketch_matrix(seed, i, j, ...)``; the seed and the parameter index are stored

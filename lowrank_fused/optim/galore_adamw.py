@@ -243,7 +243,7 @@ class GaLoreAdamW(LowRankOptimizer):
         side, rank, shape = plan
         state = self.state[p]
         W, G, write_back = self._as_matrix(p, shape)    # FSDP2: this rank's rows
-        k = state.get("step", 0)                       # counter BEFORE increment (4.3 line 1)
+        k = state.get("step", 0)       # counter BEFORE increment (docs/methods/galore.md)
         if "ortho" not in state or k % group["update_proj_gap"] == 0:
             P_new = self._pending_bases.pop(p, None)
             if P_new is None and is_sharded(p):

@@ -15,13 +15,13 @@ Differences from the official code, on purpose (docs/methods/ldadam.md):
   * ``E`` and ``completed_steps`` are in ``state_dict()``, so a resumed run continues
     bit-identically (the official checkpoint drops both);
   * states and the basis are fp32 unless ``faithful_dtypes=True``;
-  * the second moment is transported with ``C∘C`` exactly as section 7.3 states.
+  * the second moment is transported with ``C∘C`` exactly as docs/methods/ldadam.md states.
 
-The per-step math is a sequence of ops (section 10.3 boundaries, lines 1 / 2 / 3+5 / 4+6 /
-7-8 / 9): ``ldadam_power_iteration`` (or ``ldadam_momentum_mix`` + SVD), ``project``,
+The per-step math is a sequence of ops (the update lines of docs/methods/ldadam.md: 1 / 2 / 3+5 /
+4+6 / 7-8 / 9): ``ldadam_power_iteration`` (or ``ldadam_momentum_mix`` + SVD), ``project``,
 ``ldadam_error_feedback``, ``ldadam_moment_transport``, ``adam_moments`` (E-torch) and
 ``backproject_update`` (WD-pre); dense parameters use ``adamw_step``. Right-projected
-matrices run the same ops on transposed views (section 1.1 canonical form).
+matrices run the same ops on transposed views (the canonical form of docs/conventions.md).
 """
 from __future__ import annotations
 
@@ -130,8 +130,8 @@ class LDAdamW(LowRankOptimizer):
         matmul_precision: ``"ieee" | "tf32" | "bf16"`` for fused GEMMs, or None to follow
             ``torch.get_float32_matmul_precision()``.
         form: ``"fused"`` (default): the power iteration without materialising ``b`` and the
-            error feedback as one K = 2r GEMM (section 7.5); ``"explicit"``: section 7.3
-            literally (``b`` materialised, three in-place error-buffer updates). Both are
+            error feedback as one K = 2r GEMM (the fused form); ``"explicit"``: the update
+            rule literally (``b`` materialised, three in-place error-buffer updates). Both are
             equal up to rounding (invariant 4 of docs/conventions.md).
         size_guard: a low-rank group's matrix with ``rank >= min(m, n)`` gets the dense AdamW
             step (the size guard; default True). With False it runs LDAdam at rank

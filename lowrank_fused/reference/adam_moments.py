@@ -15,7 +15,7 @@ def adam_moments_ref(R, M, V, N, *, beta1: float, beta2: float, eps: float,
     stored in their own dtypes (fp32, or the parameter dtype with ``faithful_dtypes``).
 
     ``sumsq`` (optional, a 1-element fp32 tensor) receives ``sum(N^2)`` of the stored N: the
-    norm the limiter of section 5.3 B1 needs, which the fused kernel computes in its pass.
+    norm the norm-growth limiter needs, which the fused kernel computes in its pass.
     """
     r = R.float()
     m = M.float() * beta1 + (1.0 - beta1) * r

@@ -19,10 +19,10 @@ def _qr(Y: torch.Tensor, sign_canon: bool):
 
 @register("adapm_init_basis", "reference")
 def adapm_init_basis_ref(G, Omega, L, *, sign_canon: bool = True, precision: str = "ieee") -> None:
-    """Line 2 of 9.6: ``L = orth(G @ Omega)``, then one power iteration
-    ``L = orth(G @ orth(G^T @ L))`` (SSRF, section 6.3). G m x n (storage dtype), Omega n x r
-    (fp32 Gaussian sketch), L m x r written in its own dtype. The zero initialisation of
-    Alg. 1 is a saddle of ``||LR - m||^2``, hence this start (section 9.3)."""
+    """Update line 1 of docs/methods/adapm.md: ``L = orth(G @ Omega)``, then one power iteration
+    ``L = orth(G @ orth(G^T @ L))`` (SSRF, docs/methods/adarankgrad.md). G m x n (storage dtype),
+    Omega n x r (fp32 Gaussian sketch), L m x r written in its own dtype. The zero initialisation
+    of Alg. 1 is a saddle of ``||LR - m||^2``, hence this start (docs/methods/adapm.md)."""
     g = G.float()
     Y, _ = _qr(g @ Omega.float(), sign_canon)
     Z, _ = _qr(g.t() @ Y, sign_canon)

@@ -19,7 +19,8 @@ def ldadam_moment_transport_ref(P_new, P_old, M, V, M_tr, *, bc1: float, bc2: fl
     because ``V/bc2 - M^2/bc1^2`` can be negative. M is kept so the caller can still use it
     (LDAdam's error feedback needs both M and M_tr); the caller then sets ``M = M_tr``.
     Math in fp32; outputs keep their dtypes. A right-projected matrix passes ``Q^T`` bases and
-    ``M^T, V^T, M_tr^T`` (then ``C`` is the transpose of ``Q_old @ Q_new^T``, section 7.3).
+    ``M^T, V^T, M_tr^T`` (then ``C`` is the transpose of ``Q_old @ Q_new^T``,
+    docs/methods/ldadam.md).
     """
     C = P_new.float().t() @ P_old.float()
     m = M.float()

@@ -14,14 +14,15 @@ def ldadam_power_iteration_ref(A, P_old, M, Y, *, coef_m: float, coef_a: float,
     ``b = coef_m*(P_old @ M) + coef_a*A`` warm-started at ``P_old``; writes the un-orthogonalised
     ``Y = b @ (b^T @ P_old)`` (m x r, fp32) into ``Y``. The caller orthogonalises (``orth``).
 
-    ``explicit=False`` (section 7.5, the form fused kernels implement): ``b`` is never formed::
+    ``explicit=False`` (the fused form of docs/methods/ldadam.md, the kernels' form): ``b`` is
+    never formed::
 
         V1 = coef_m * M^T + coef_a * (A^T @ P_old)            # n x r, uses P_old^T P_old = I
         Y  = coef_m * (P_old @ (M @ V1)) + coef_a * (A @ V1)   # m x r
 
     exact only when P_old has orthonormal columns (fp32 P_old).
 
-    ``explicit=True`` (section 7.3 literally, as ``ldadamw_torch``): ``b`` is materialised in
+    ``explicit=True`` (the update rule literally, as ``ldadamw_torch``): ``b`` is materialised in
     ``b_dtype`` and ``V = b^T @ P_old`` is rounded to ``b_dtype`` before ``Y = b @ V``
     (with ``b_dtype`` the bf16 parameter dtype this reproduces the official rounding points;
     with fp32 it is the textbook formula).
