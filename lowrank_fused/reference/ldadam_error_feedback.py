@@ -18,7 +18,8 @@ def ldadam_error_feedback_ref(A, P_new, P_old, Rg, M, M_tr, E, *, c: float,
     represent.
 
     ``explicit=False`` (the fused form of docs/methods/ldadam.md, which the kernels implement):
-    one GEMM with K = 2r and a subtract epilogue, ``E = A - hcat(P_new, P_old) @ vcat(Rg + c*M_tr, -c*M)``.
+    one GEMM with K = 2r and a subtract epilogue,
+    ``E = A - hcat(P_new, P_old) @ vcat(Rg + c*M_tr, -c*M)``.
     ``explicit=True``: the three in-place updates of ``ldadamw_torch`` in order, each result
     stored in E's dtype (reproduces the official rounding of a bf16 error buffer).
     Math in fp32; A is read in its storage dtype.
