@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUITES = ("step", "e2e", "convergence", "refresh")
+SUITES = ("step", "e2e", "convergence", "convergence-study", "refresh")
 _KERNEL_RE = re.compile(r"^(?P<slug>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
 
 
@@ -40,7 +40,7 @@ def find_results(folder: Path) -> dict:
     found: dict = {}
     newest: dict = {}
     for path in sorted(folder.glob("*.json")):
-        suite = next((s for s in SUITES if path.name.startswith(s + "-")), None)
+        suite = max((s for s in SUITES if path.name.startswith(s + "-")), key=len, default=None)
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -153,7 +153,10 @@ def convergence_section(doc) -> str:
             f"tokens, peak lr {cfg['lr']} for every method (no tuning), warm-up {cfg['warmup']}, "
             f"cosine to 0.1x, rank {cfg['rank']}, refresh interval {cfg['update_proj_gap']}; "
             f"validation loss on {cfg['eval_batches']} fixed batches every {cfg['eval_every']} "
-            "steps. Sorted by final validation loss.\n\n"
+            "steps. Sorted by final validation loss. One untuned lr for every method: a check "
+            "that each method trains, not a ranking (an lr that suits one method is too large "
+            "or too small for another; section 4b tunes the lr per method and repeats seeds)."
+            "\n\n"
             + _table(["method", "rank", "val loss", "val ppl", "state/AdamW"], main_rows)
             + "\n\nAdaptiveAdamW vs GaLore at equal rank budget:\n\n"
             + _table(["method", "rank", "val loss", "val ppl", "state/AdamW"], rank_rows) + "\n")
@@ -175,8 +178,72 @@ def refresh_section(doc) -> str:
                       "energy", "worst layer"], rows) + "\n")
 
 
+def convergence_study_section(doc) -> str:
+    """The convergence study (``bench/suite_convergence_study.py``): every method at its best
+    lr over several seeds, and the paired AdaptiveAdamW - GaLore differences."""
+    cfg, m = doc["config"], doc["config"]["model"]
+    sweep = {}
+    for s in doc.get("sweep", []):
+        ppl = "diverged" if s["diverged"] else _f(s["final_val_ppl"], ".2f")
+        sweep.setdefault((s["method"], s["rank"]), []).append(
+            f"{s['lr']:.0e}: " + (f"**{ppl}**" if s["best"] else ppl))
+    main = [r for r in doc["rows"] if r["rank"] in (cfg["rank"], None)]
+    rows = [[r["method"], r["rank"] or "-", f"{r['best_lr']:.0e}", r["ppl_main_seeds"]["n"],
+             _f(r["ppl_main_seeds"]["mean"], ".3f"), _f(r["ppl_main_seeds"]["sd"], ".3f"),
+             f"{_f(r['ppl_main_seeds']['min'], '.2f')} - {_f(r['ppl_main_seeds']['max'], '.2f')}",
+             _f(r["state_ratio"], ".3f"), ", ".join(sweep.get((r["method"], r["rank"]), []))]
+            for r in sorted(main, key=lambda r: r["ppl_main_seeds"]["mean"] or 1e9)]
+    done = {r["method"] for r in main}
+    rows += [[x, "", "-", 0, "-", "-", "-", "-", ", ".join(v)]
+             for (x, _), v in sweep.items() if x not in done]
+    pair_rows = []
+    for p in doc.get("pairs", []):
+        d = p["diff_pct"]
+        pair_rows.append([p["rank"], f"{p['lr_a']:.0e} / {p['lr_b']:.0e}", d["n"],
+                          ", ".join(f"{x['diff_pct']:+.1f}" for x in p["per_seed"]),
+                          _f(d["mean"], "+.2f"), _f(d["sd"], ".2f"),
+                          f"{_f(d['min'], '+.1f')} .. {_f(d['max'], '+.1f')}",
+                          f"{p['a_better']} of {d['n']}"])
+    a, b = cfg["pair_methods"]
+    runs = doc.get("runs", [])
+    return (f"### 4b. Convergence study: every method at its own best lr, {len(cfg['seeds'])} "
+            "seeds, paired differences\n\n" + _env_line(doc) + "\n\n"
+            f"A LLaMA of dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} heads, MLP "
+            f"{m['mlp_dim']} on byte-level standard-library text ({cfg['corpus']}); "
+            f"{cfg['steps']} steps x {cfg['batch_size']} x {cfg['seq_len']} bytes, warm-up "
+            f"{cfg['warmup']} then cosine to {cfg['min_lr_ratio']}x, grad clip "
+            f"{cfg['grad_clip']}, rank {cfg['rank']} and refresh interval "
+            f"{cfg['update_proj_gap']} for the low-rank methods, validation perplexity on "
+            f"{cfg['eval_batches']} fixed batches at the end; {len(runs)} runs, "
+            f"{sum(r.get('seconds', 0) for r in runs) / 60:.0f} min of training. "
+            "lr sweep with seed 0: "
+            + ", ".join(f"{x:.0e}" for x in cfg["lr_start"]) + " for every method, extended "
+            "along " + ", ".join(f"{x:.0e}" for x in cfg["lr_ladder"]) + " while the best lr "
+            f"is at an end of the lrs tried; then seeds {cfg['seeds']} at the best lr. The "
+            "seed sets the initial weights and the batch order (same data and validation "
+            "bytes for every seed). Mean and sd (sample standard deviation, n - 1) over those "
+            "seeds: the sd is the run-to-run spread from initialisation and batch order "
+            "alone, not an error bar on a method's quality in general; differences smaller "
+            "than about two sds are not a ranking. The sweep column gives seed 0's "
+            "perplexity at every lr tried (best in bold).\n\n"
+            + _table(["method", "rank", "best lr", "seeds", "mean ppl", "sd", "range",
+                      "state/AdamW", "lr sweep, seed 0"], rows)
+            + f"\n\n{a} vs {b}, same seed, each at its own best rank-{cfg['rank']} lr, seeds "
+            f"{cfg['pair_seeds']}: per-seed difference 100 x (ppl {a} / ppl {b} - 1), percent; "
+            f"negative = {a} lower. The same seed gives both the same initial weights and "
+            "batches, so the run-to-run noise they share cancels in the difference.\n\n"
+            + _table(["rank", f"lr {a} / {b}", "seeds", "per seed %", "mean %", "sd %",
+                      "range %", f"{a} lower"], pair_rows)
+            + f"\n\nThese are CPU runs of a dim-{m['dim']} model for "
+            f"{cfg['steps'] * cfg['batch_size'] * cfg['seq_len']:,} tokens: they say how the "
+            "methods compare at this size and budget, not how they rank at LLaMA scale "
+            "(60M-1B parameters, billions of tokens), where the rank is a far smaller "
+            "fraction of the width and the lr optima differ.\n")
+
+
 SECTIONS = {"kernels": kernels_section, "step": step_section, "e2e": e2e_section,
-            "convergence": convergence_section, "refresh": refresh_section}
+            "convergence": convergence_section, "convergence-study": convergence_study_section,
+            "refresh": refresh_section}
 
 
 # ---- plots ---------------------------------------------------------------------------------
@@ -278,7 +345,49 @@ def plot_kernels(plt, doc, path):
           "kernels", path)
 
 
-PLOTS = {"kernels": plot_kernels, "step": plot_step, "e2e": plot_e2e}
+def plot_convergence_study(plt, doc, path):
+    """Left: each method's final perplexity per seed (dots) and mean +- sd at its best lr;
+    right: the per-seed paired differences of the pair methods, per rank."""
+    cfg = doc["config"]
+    main = sorted((r for r in doc["rows"] if r["rank"] in (cfg["rank"], None)
+                   and r["ppl_main_seeds"]["n"]), key=lambda r: r["ppl_main_seeds"]["mean"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 0.32 * max(len(main), 4) + 1.6),
+                                 gridspec_kw={"width_ratios": [2, 1]})
+    for i, r in enumerate(main):
+        st = r["ppl_main_seeds"]
+        ys = [p for p, s in zip(r["val_ppl"], r["seeds"]) if p is not None and s in cfg["seeds"]]
+        ax.plot(ys, [i] * len(ys), "o", ms=4, color="tab:gray", alpha=0.7)
+        ax.errorbar([st["mean"]], [i], xerr=[st["sd"] or 0], fmt="D", ms=5, color="tab:blue",
+                    capsize=3)
+    ax.set_yticks(range(len(main)))
+    ax.set_yticklabels([f"{r['method']} (lr {r['best_lr']:.0e})" for r in main], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("final validation perplexity (dots: seeds; diamond: mean +- sd)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"each method at its best lr, {len(cfg['seeds'])} seeds", fontsize=10)
+    pairs = doc.get("pairs", [])
+    for i, p in enumerate(pairs):
+        xs = [x["diff_pct"] for x in p["per_seed"]]
+        bx.plot(xs, [i] * len(xs), "o", ms=5, color="tab:gray", alpha=0.7)
+        if p["diff_pct"]["mean"] is not None:
+            bx.errorbar([p["diff_pct"]["mean"]], [i], xerr=[p["diff_pct"]["sd"] or 0], fmt="D",
+                        ms=6, color="tab:red", capsize=3)
+    bx.axvline(0, color="k", lw=0.8)
+    bx.set_yticks(range(len(pairs)))
+    bx.set_yticklabels([f"rank {p['rank']}" for p in pairs])
+    bx.set_ylim(-0.7, max(len(pairs), 1) - 0.3)
+    bx.invert_yaxis()
+    a, b = cfg["pair_methods"]
+    bx.set_xlabel(f"ppl {a} / {b} - 1, % (same seed)")
+    bx.set_title(f"{a} vs {b}, paired", fontsize=10)
+    bx.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+PLOTS = {"kernels": plot_kernels, "step": plot_step, "e2e": plot_e2e,
+         "convergence-study": plot_convergence_study}
 NO_PLOT = ("refresh",)
 
 

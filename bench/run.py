@@ -8,6 +8,9 @@ Suites: ``kernels`` (every fused op vs eager: ``<out>/<gpu-or-cpu>-<YYYY-MM-DD>.
 (the training driver's tokens/s and peak memory, ``bench.suite_e2e``) and ``convergence``
 (every method on the tiny config, ``bench.suite_convergence``), ``refresh`` (batched randomized
 subspace refresh vs per-layer SVD, ``bench.suite_refresh``): ``<out>/<suite>-<device>.json``.
+Opt-in, only when named in ``--suite``: ``convergence-study`` (every method at its own best lr
+over several seeds, ``bench.suite_convergence_study``; about an hour of one CPU core, resumable,
+``--jobs 2`` trains two runs at a time).
 Then ``bench.report`` writes ``<out>/README.md`` and the plots ``<out>/plots/*.png``.
 Default: every suite (``--only`` alone selects the kernel suite).
 
@@ -34,6 +37,8 @@ MODULES = ("project", "adam_moments", "backproject_update", "galore_step", "adaf
            "adamem_moments", "grouped_lowrank")
 MODULES += ("iass_select", "residual_col_stats", "method_step")
 SUITES = ("kernels", "step", "e2e", "convergence", "refresh")
+# run only when named in --suite (about an hour of one CPU core): bench.suite_convergence_study
+OPT_IN_SUITES = ("convergence-study",)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -57,6 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU runs: torch intra-op threads (default 1: on a small shared machine "
                          "more threads mostly measure OpenMP wake-ups)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="convergence-study: training processes at a time (default 1: in "
+                         "this process)")
     return ap.parse_args(argv)
 
 
@@ -74,9 +82,10 @@ def select_suites(suite, only):
     if not suite:
         return ["kernels"] if only else list(SUITES)
     names = [x.strip() for x in suite.split(",") if x.strip()]
-    bad = [x for x in names if x not in SUITES]
+    bad = [x for x in names if x not in SUITES + OPT_IN_SUITES]
     if bad or not names:
-        raise SystemExit(f"--suite: unknown suite(s) {bad}; choose from {list(SUITES)}")
+        raise SystemExit(f"--suite: unknown suite(s) {bad}; choose from "
+                         f"{list(SUITES + OPT_IN_SUITES)}")
     return names
 
 
@@ -157,7 +166,7 @@ def _run_suite(suite, args, command, device, interpret, out, methods) -> int:
     t0 = time.perf_counter()
     env = H.environment(device)
     print(f"# suite {suite}: {env['device_name']}" + (" (quick)" if quick else ""), flush=True)
-    mod = importlib.import_module(f"bench.suite_{suite}")
+    mod = importlib.import_module(f"bench.suite_{suite.replace('-', '_')}")
     kw = dict(quick=quick, methods=methods)
     if suite == "step":
         kw["interpret"] = interpret
@@ -165,6 +174,8 @@ def _run_suite(suite, args, command, device, interpret, out, methods) -> int:
         kw["threads"] = args.threads
         # CPU without --interpret: the eager reference, whatever TRITON_INTERPRET says
         kw["backend"] = "auto" if (device.type == "cuda" or interpret) else "reference"
+    if suite in OPT_IN_SUITES:    # resumable: rewrites its JSON in <out> after every run
+        kw.update(out=out, jobs=max(1, args.jobs))
     try:
         doc = mod.run(device, **kw)
     except Exception as exc:  # record and go on with the next suite

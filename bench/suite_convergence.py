@@ -8,7 +8,9 @@ steps on 4 fixed batches. Then the seed comparison: AdaptiveAdamW vs GaLore at e
 budget, ranks 4 and 8 (rank 8 is shared with the first table).
 
 Runs in-process, on CPU unless ``device`` is CUDA (same config: a convergence check, not a
-speed measurement). ``--quick``: 10 steps.
+speed measurement). ``--quick``: 10 steps. One lr for all is a check that every method trains,
+not a ranking of the methods: ``suite_convergence_study`` tunes the lr per method, repeats
+seeds and pairs AdaptiveAdamW with GaLore seed by seed.
 """
 from __future__ import annotations
 

@@ -108,3 +108,96 @@ def test_whole_model_step_rows_and_report():
     assert wm["rows"][0]["vs_torch_adamw"] == 1.0
     page = report.whole_model_section(wm)
     assert "Whole model, steady step" in page and "| galore | fused-grouped |" in page
+
+
+def _study_done(cfg, losses):
+    """A ``done`` map for the convergence study's plan: {(method, lr): loss} at seed 0."""
+    from bench import suite_convergence_study as S
+    out = {}
+    for (method, lr), loss in losses.items():
+        rank = S._rank(cfg, method)
+        out[S.run_key(method, rank, lr, 0)] = {
+            "method": method, "rank": rank, "lr": lr, "seed": 0,
+            "final_val_loss": loss, "final_val_ppl": None if loss is None else 2.0 ** loss}
+    return out
+
+
+def test_convergence_study_plan():
+    """The study's lr sweep: the start grid first, one more ladder lr beyond an edge best (up
+    and down), a diverged lr never best, every lr diverging walks down the ladder; seed and
+    pair runs only once the sweep has a best lr."""
+    from bench import suite_convergence_study as S
+
+    cfg = S.config(quick=False)
+    start, ladder = cfg["lr_start"], cfg["lr_ladder"]
+    assert S.best_lr(cfg, "galore", {}) == (None, start)
+    # best at the top of the start grid -> the next lr up; then inside -> done
+    done = _study_done(cfg, {("galore", 3e-3): 3.0, ("galore", 1e-2): 2.5, ("galore", 3e-2): 2.0})
+    assert S.best_lr(cfg, "galore", done) == (None, [1e-1])
+    done.update(_study_done(cfg, {("galore", 1e-1): 2.2}))
+    assert S.best_lr(cfg, "galore", done) == (3e-2, [])
+    # best at the bottom -> down the ladder until inside
+    done = _study_done(cfg, {("adamw", 3e-3): 2.0, ("adamw", 1e-2): 2.1, ("adamw", 3e-2): None})
+    assert S.best_lr(cfg, "adamw", done) == (None, [1e-3])
+    done.update(_study_done(cfg, {("adamw", 1e-3): 2.05}))
+    assert S.best_lr(cfg, "adamw", done) == (3e-3, [])
+    # a best at the ladder's end stays there
+    done = _study_done(cfg, {("adamw", lr): 3.0 - i for i, lr in enumerate(ladder)})
+    assert S.best_lr(cfg, "adamw", done) == (ladder[-1], [])
+    # every lr diverged: down to the ladder's bottom, then no best
+    done = _study_done(cfg, {("adamw", lr): None for lr in start})
+    assert S.best_lr(cfg, "adamw", done) == (None, [1e-3])
+    done = _study_done(cfg, {("adamw", lr): None for lr in ladder})
+    assert S.best_lr(cfg, "adamw", done) == (None, [])
+    # the plan: sweeps first; seeds and pairs at the best lr once it is known
+    methods = ["galore", "adaptive_adamw", "adamw"]
+    done = _study_done(cfg, {("galore", 3e-3): 3.0, ("galore", 1e-2): 2.0,
+                             ("galore", 3e-2): 2.5})
+    todo = S.pending(cfg, methods, done)
+    assert [t[0] for t in todo] == sorted(t[0] for t in todo)
+    sweep = [t for t in todo if t[5] == "sweep"]
+    assert {(t[1], t[3]) for t in sweep} == {(m, lr) for m in methods[1:] for lr in start}
+    later = [t for t in todo if t[5] != "sweep"]
+    assert {t[1] for t in later} == {"galore"} and {t[3] for t in later} == {1e-2}
+    assert {(t[2], t[4]) for t in later} == (
+        {(8, s) for s in cfg["pair_seeds"] if s != 0} | {(4, s) for s in cfg["pair_seeds"]})
+    assert {(t[2], t[4]) for t in later if t[0] == 1} == {(8, 1), (8, 2), (4, 0), (4, 1), (4, 2)}
+    # without its partner, a pair method gets only its seeds
+    todo = S.pending(cfg, ["galore"], done)
+    assert {(t[2], t[4]) for t in todo} == {(8, 1), (8, 2)}
+
+
+def test_convergence_study_quick_and_resume(tmp_path, capsys):
+    """The convergence study at its smallest (2 methods, 2 seeds): its JSON, the report's
+    section and plot, and a second run that continues from the file instead of retraining."""
+    from bench import run
+
+    argv = ["--quick", "--suite", "convergence-study", "--methods", "galore,adaptive_adamw",
+            "--out", str(tmp_path), "--threads", "1"]
+    assert run.main(argv) == 0, capsys.readouterr().out
+    path = tmp_path / "convergence-study-cpu.json"
+    doc = json.loads(path.read_text())
+    assert doc["errors"] == [] and doc["environment"]["torch"]
+    # sweep 2 x 3 lrs; seed 1 at rank 8; seeds 0 and 1 at rank 4
+    assert len(doc["runs"]) == 12
+    rows = {(r["method"], r["rank"]): r for r in doc["rows"]}
+    assert set(rows) == {("galore", 8), ("galore", 4), ("adaptive_adamw", 8),
+                         ("adaptive_adamw", 4)}
+    for r in rows.values():
+        assert r["seeds"] == [0, 1] and r["ppl"]["n"] == 2 and r["ppl"]["sd"] is not None
+        assert r["best_lr"] in doc["config"]["lr_start"]
+    for p in doc["pairs"]:
+        assert p["diff_pct"]["n"] == 2
+        for x in p["per_seed"]:
+            assert abs(x["diff_pct"] - 100 * (x["adaptive_adamw"] / x["galore"] - 1)) < 1e-9
+    page = (tmp_path / "README.md").read_text()
+    assert "4b. Convergence study" in page and "not how they rank at LLaMA scale" in page
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "plots" / "cpu-convergence-study.png").stat().st_size > 0
+    except ImportError:
+        assert "Plots skipped" in page
+    capsys.readouterr()
+    assert run.main(argv + ["--no-report"]) == 0
+    assert "continuing from 12 runs" in capsys.readouterr().out
+    assert json.loads(path.read_text())["runs"] == doc["runs"]
