@@ -6,6 +6,7 @@ rounding to nearest. So when interpreting, dot operands are always fp32 (bf16 op
 is emulated by rounding to bf16 and back), and bf16 stores round to nearest-even explicitly.
 On a GPU neither workaround is compiled in.
 """
+import contextlib
 import os
 
 import torch
@@ -34,6 +35,51 @@ def check_left_basis(G, P, name: str, cols: str):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# GPU tile selection while interpreting: the SM count of the GPU whose launch choices (tile
+# configs, split-K, split-row grids) the launchers make, or None for their own choice
+_GPU_TILING = {"sm_count": None}
+H100_SM_COUNT = 132
+
+
+@contextlib.contextmanager
+def gpu_tiling(sm_count: int = H100_SM_COUNT):
+    """Inside, every launcher chooses its tile config, split-K and grid as it would on a CUDA
+    device with ``sm_count`` SMs (default an H100 SXM's 132) and a tensor-core precision, even
+    under the interpreter, instead of the interpreter-only tiles: for counting the memory
+    traffic of the GPU configurations (``lowrank_fused.testing.traffic``). The kernels' own
+    ``DOT_MODE`` stays the interpreter's (its bf16 dot is wrong), so results are unchanged."""
+    if not isinstance(sm_count, int) or isinstance(sm_count, bool) or sm_count < 1:
+        raise ValueError(f"sm_count must be a positive int, got {sm_count!r}")
+    previous = _GPU_TILING["sm_count"]
+    _GPU_TILING["sm_count"] = sm_count
+    try:
+        yield
+    finally:
+        _GPU_TILING["sm_count"] = previous
+
+
+def interpreter_tiles() -> bool:
+    """Whether launchers take their interpreter-only tiles (interpreting, outside
+    ``gpu_tiling``)."""
+    return interpreting() and _GPU_TILING["sm_count"] is None
+
+
+def config_mode(precision: str, device: torch.device) -> int:
+    """The DOT_MODE that selects a launcher's tile config: ``dot_mode``'s, or inside
+    ``gpu_tiling`` the one a CUDA device would run ``precision`` in."""
+    if _GPU_TILING["sm_count"] is not None:
+        return _DOT_MODES[precision]
+    return dot_mode(precision, device)
+
+
+def grid_sm_count(device: torch.device):
+    """The SM count that sizes split-K / split-row grids: the device's on CUDA, ``gpu_tiling``'s
+    when forced, else None (one slice)."""
+    if _GPU_TILING["sm_count"] is not None:
+        return _GPU_TILING["sm_count"]
+    return sm_count(device) if device.type == "cuda" else None
 
 
 def dot_mode(precision: str, device: torch.device) -> int:

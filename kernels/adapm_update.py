@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, interpreting, load_tile,
-                      mma, tile_offsets, to_storage)
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, config_mode, dot_mode,
+                      interpreter_tiles, interpreting, load_tile, mma, tile_offsets, to_storage)
 
 CLIP_MODES = ("elementwise", "rms", "none")
 
@@ -128,7 +128,7 @@ def elementwise_tiles(gpu_m: int, gpu_n: int):
     """The (BLOCK_M, BLOCK_N) of an elementwise launch: the GPU tile, or a large one on the CPU
     interpreter (never compiled), which runs programs one after another at a fixed cost per
     operation, so that fewer, larger tiles are several times faster there."""
-    return (128, 256) if interpreting() else (gpu_m, gpu_n)
+    return (128, 256) if interpreter_tiles() else (gpu_m, gpu_n)
 
 
 def block_means_denominator(G, V, *, v_keep: float, v_add: float, eps: float,
@@ -241,7 +241,7 @@ CONFIG_INTERPRET = AdapmConfig(128, 128, 64, 4, 1)
 
 
 def choose_config(m: int, n: int, rank: int, mode: int) -> AdapmConfig:
-    if interpreting():
+    if interpreter_tiles():
         return CONFIG_INTERPRET
     return configs_for(mode)[0]
 
@@ -336,7 +336,7 @@ def adapm_update(W, G, L, R, Rg, V, L0=None, R0=None, *, beta1: float, s_coef: f
     else:
         h, rpb, Vk = fp32, 1, V
     mode = dot_mode(precision, W.device)
-    cfg = choose_config(m, n, rank, mode)
+    cfg = choose_config(m, n, rank, config_mode(precision, W.device))
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N))
     part = scale = fp32
     if passes[0] == RMS_STATS:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, interpreting, mma, to_storage
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, config_mode, dot_mode, interpreter_tiles,
+                      interpreting, mma, to_storage)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ CONFIG_INTERPRET = BackprojectConfig(128, 128, 64, 4, 1)
 
 
 def choose_config(m: int, n: int, rank: int, mode: int) -> BackprojectConfig:
-    if interpreting():
+    if interpreter_tiles():
         return CONFIG_INTERPRET
     configs = configs_for(mode)
     return configs[0] if m * n <= 1 << 20 else configs[-1]
@@ -118,7 +119,7 @@ def backproject_update(W, P, N, *, coef: float, pre_scale: float, post_decay: fl
     if m == 0 or n == 0:
         return
     mode = dot_mode(precision, W.device)
-    cfg = config or choose_config(m, n, rank, mode)
+    cfg = config or choose_config(m, n, rank, config_mode(precision, W.device))
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N))
     _backproject_update_kernel[grid](
         W, X, P, N, Gr, cs, m, n, rank,

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, interpreting, mma
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, config_mode, dot_mode, interpreter_tiles,
+                      mma)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ CONFIG_INTERPRET = BmmConfig(128, 64, 64, 4, 1)
 
 
 def choose_config(n: int, mode: int) -> BmmConfig:
-    if interpreting():
+    if interpreter_tiles():
         return CONFIG_INTERPRET
     cfgs = configs_for(mode)
     for cfg in cfgs:
@@ -93,7 +94,7 @@ def batched_matmul(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
         C.zero_()
         return
     mode = dot_mode(precision, A.device)
-    cfg = config or choose_config(n, mode)
+    cfg = config or choose_config(n, config_mode(precision, A.device))
     stride_bb = 0 if B.shape[0] == 1 else B.stride(0)
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), nb)
     _batched_matmul_kernel[grid](

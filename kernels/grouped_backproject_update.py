@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_mode, interpreting, to_storage
+from ._common import cdiv, config_mode, dot_mode, interpreting, to_storage
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
 from .backproject_update import choose_config, configs_for, pn_tile
 
@@ -107,7 +107,7 @@ def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
         return
     device = W0.device
     mode = dot_mode(precision, device)
-    cfg = config or choose_config(m, n, rank, mode)
+    cfg = config or choose_config(m, n, rank, config_mode(precision, device))
     rows = [element_offsets(name, lst) for name, lst in lists]
     scalars = [[float(x) for x in coef], [float(x) for x in pre_scale],
                [float(x) for x in post_decay]]

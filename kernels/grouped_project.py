@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_mode, sum_fp32
+from ._common import cdiv, config_mode, dot_mode, sum_fp32
 from ._grouped import (check_layout, element_offsets, member_ptr, offsets_table,
                        regular_offsets)
 from .adam_moments import SUM_BLOCK
@@ -100,7 +100,7 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
         return
     device = G0.device
     mode = dot_mode(precision, device)
-    cfg = config or choose_config(m, n, rank, mode)
+    cfg = config or choose_config(m, n, rank, config_mode(precision, device))
     tiles = cdiv(rank, cfg.BLOCK_R) * cdiv(n, cfg.BLOCK_N)
     split = split_k or choose_split_k(m, count * tiles, cfg.BLOCK_K, device)
     k_per_split = cdiv(cdiv(m, split), cfg.BLOCK_K) * cfg.BLOCK_K

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, dot_mode, interpreting, mma,
-                      to_storage)
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, config_mode, dot_mode,
+                      interpreter_tiles, interpreting, mma, to_storage)
 from .project import ProjectConfig, project
 
 # the second product's right operand and epilogue (the V_FORM constexpr)
@@ -170,7 +170,7 @@ def _gram(P_new, P_old, precision):
     C = torch.empty((P_new.shape[1], P_old.shape[1]), dtype=torch.float32,
                     device=P_new.device)
     project(P_old, P_new, C, precision=precision,
-            config=GRAM_CONFIG_INTERPRET if P_new.device.type != "cuda" else None)
+            config=GRAM_CONFIG_INTERPRET if interpreter_tiles() else None)
     return C
 
 
@@ -178,7 +178,7 @@ def _launch(C, M, V, M_out, V_out, *, v_form, precision, bc1=1.0, bc2=1.0, confi
     r_new, r_old = C.shape
     n_m, n_v = M.shape[1], V.shape[1]
     mode = dot_mode(precision, C.device)
-    cfg = config or choose_config(r_new, mode)
+    cfg = config or choose_config(r_new, config_mode(precision, C.device))
     grid = (cdiv(r_new, cfg.BLOCK_R), cdiv(max(n_m, n_v), cfg.BLOCK_N))
     _moment_transport_kernel[grid](
         C, M, V, M_out, V_out, r_new, r_old, n_m, n_v,
@@ -247,7 +247,7 @@ def ldadam_moment_transport(P_new, P_old, M, V, M_tr, *, bc1: float, bc2: float,
         return
     C = _gram(P_new, P_old, precision)
     mode = dot_mode(precision, C.device)
-    cfg = config or choose_config(r_new, mode)
+    cfg = config or choose_config(r_new, config_mode(precision, C.device))
     one_tile = r_new <= cfg.BLOCK_R
     # each program reads every row of its column slab: in place only when no other program
     # writes rows of that slab, and never into an output that shares memory with M

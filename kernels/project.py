@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (DOT_BF16_EMULATED, DOT_IEEE, ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv,
-                      dot_mode, interpreting, mma, sm_count)
+                      config_mode, dot_mode, grid_sm_count, interpreter_tiles, mma)
 from .adam_moments import SUM_BLOCK, _sum_partials_kernel
 
 
@@ -60,7 +60,7 @@ CONFIGS_INTERPRET = (ProjectConfig(64, 128, 64, 4, 1), ProjectConfig(128, 128, 6
 
 
 def choose_config(m: int, n: int, rank: int, mode: int) -> ProjectConfig:
-    configs = CONFIGS_INTERPRET if interpreting() else configs_for(mode)
+    configs = CONFIGS_INTERPRET if interpreter_tiles() else configs_for(mode)
     for cfg in configs:
         if rank <= cfg.BLOCK_R:
             return cfg
@@ -157,9 +157,10 @@ def choose_split_k(m: int, tiles: int, block_k: int, device: torch.device) -> in
     to pull HBM bandwidth on a GPU with 132 SMs; splitting the reduction gives every SM work.
     Each slice keeps at least 8 BLOCK_K steps. Partial sums are added in a fixed order, so the
     result is deterministic. 1 on the CPU interpreter."""
-    if device.type != "cuda":
+    sms = grid_sm_count(device)
+    if sms is None:
         return 1
-    want = cdiv(2 * sm_count(device), tiles)
+    want = cdiv(2 * sms, tiles)
     return max(1, min(want, m // (8 * block_k)))
 
 
@@ -207,7 +208,7 @@ def project(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: str = 
             r_sumsq.zero_()
         return
     mode = dot_mode(precision, G.device)
-    cfg = config or choose_config(m, n, rank, mode)
+    cfg = config or choose_config(m, n, rank, config_mode(precision, G.device))
     tiles = cdiv(rank, cfg.BLOCK_R) * cdiv(n, cfg.BLOCK_N)
     split = split_k or choose_split_k(m, tiles, cfg.BLOCK_K, G.device)
     # each slice spans a whole number of BLOCK_K steps

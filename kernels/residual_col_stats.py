@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_IEEE, cdiv, check_left_basis, interpreting, mma, sm_count, to_storage
+from ._common import (DOT_IEEE, cdiv, check_left_basis, grid_sm_count, interpreting, mma,
+                      to_storage)
 
 # column sums of G^2 or S^2: 64 x 64 tiles, K = 32 over the rank (fp32 FMA, as
 # backproject_update's ieee config) with 8 warps: with 4 the explicit form spills on sm_90
@@ -117,9 +118,10 @@ def _residual_col_stats_kernel(
 def _choose_split(m: int, tiles_n: int, device: torch.device) -> int:
     """Row slices of the column-sum pass: enough programs for every SM of a GPU (the grid
     has only n/PART_N column blocks), each slice at least 4 row tiles; 1 on the interpreter."""
-    if device.type != "cuda":
+    sms = grid_sm_count(device)
+    if sms is None:
         return 1
-    want = cdiv(2 * sm_count(device), tiles_n)
+    want = cdiv(2 * sms, tiles_n)
     return max(1, min(want, m // (4 * PART_M)))
 
 
