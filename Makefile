@@ -6,8 +6,9 @@ VENV := .venv
 VENV_STAMP := $(VENV)/.bootstrapped
 BUILD_STAMP := $(VENV)/.built
 DEPS := triton pybind11 ninja pytest pytest_benchmark numpy
-# optional: a machine without network and without it (the GPU machine) skips the property tests
-OPTIONAL_DEPS := hypothesis
+# optional: a machine without network and without them (the GPU machine) skips the tests that
+# need them (the property tests; the HF Trainer tests, which CI must run: tests/test_hf.py)
+OPTIONAL_DEPS := hypothesis transformers accelerate
 CSRC := $(shell find csrc -type f 2>/dev/null)
 OUT ?=
 
