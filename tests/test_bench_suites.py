@@ -50,10 +50,8 @@ def test_suites_quick(tmp_path, capsys):
     assert elapsed < BUDGET_S, f"suites took {elapsed:.1f} s (budget {BUDGET_S} s)"
 
 
-def test_report_without_matplotlib(tmp_path, monkeypatch):
-    from bench import report
-
-    doc = {"suite": "convergence", "environment": {"device_name": "cpu", "torch": "x"},
+def _tiny_convergence_doc():
+    return {"suite": "convergence", "environment": {"device_name": "cpu", "torch": "x"},
            "meta": {}, "errors": [],
            "config": {"steps": 2, "batch_size": 1, "seq_len": 8, "rank": 8, "lr": 0.01,
                       "warmup": 1, "update_proj_gap": 50, "eval_every": 1, "eval_batches": 1,
@@ -63,7 +61,12 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
                      "state_ratio": 0.2, "curve": [[1, 3.0], [2, 2.0]]},
                     {"method": "adamw", "rank": None, "final_val_loss": 2.5,
                      "final_val_ppl": 12.18, "state_ratio": 1.0, "curve": [[1, 3.0], [2, 2.5]]}]}
-    (tmp_path / "convergence-cpu.json").write_text(json.dumps(doc))
+
+
+def test_report_without_matplotlib(tmp_path, monkeypatch):
+    from bench import report
+
+    (tmp_path / "convergence-cpu.json").write_text(json.dumps(_tiny_convergence_doc()))
     monkeypatch.setattr(report, "_plt", lambda: None)
     path = report.write_report(tmp_path, log=lambda *a: None)
     page = path.read_text()
@@ -71,6 +74,26 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
     assert "| adamw | - | 2.5000 | 12.18 | 1.000 |" in page
     assert not (tmp_path / "plots").exists()
     assert report.main(["--results", str(tmp_path)]) == 0
+
+
+def test_report_without_matplotlib_links_existing_plots(tmp_path, monkeypatch):
+    """Without matplotlib the page links the PNGs a run with matplotlib left (only those that
+    exist, only for the suites on the page) and says they were not redrawn."""
+    from bench import report
+
+    (tmp_path / "convergence-cpu.json").write_text(json.dumps(_tiny_convergence_doc()))
+    (tmp_path / "plots").mkdir()
+    for name in ("cpu-convergence.png", "cpu-step.png", "gpu-convergence.png"):
+        (tmp_path / "plots" / name).write_bytes(b"\x89PNG")
+    monkeypatch.setattr(report, "_plt", lambda: None)
+    page = report.write_report(tmp_path, log=lambda *a: None).read_text()
+    assert "Plots skipped" not in page and "not redrawn" in page
+    assert "![validation loss of every method](plots/cpu-convergence.png)" in page
+    assert "cpu-rank.png" not in page           # not on disk
+    assert "cpu-step.png" not in page           # no step results on the page
+    assert "gpu-convergence.png" not in page    # no gpu results on the page
+    assert sorted(report.existing_plots(tmp_path / "plots", "cpu", "convergence")) == [
+        ("validation loss of every method", "cpu-convergence.png")]
 
 
 def test_refresh_suite(tmp_path, capsys):
