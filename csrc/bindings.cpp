@@ -15,6 +15,7 @@
 #include "adamw_step.h"
 #include "multi_tensor.h"
 #include "small_cholesky.h"
+#include "cpu/elementwise.h"
 #if defined(LOWRANK_FUSED_WITH_CUDA)
 #include "cuda/launchers.h"
 #endif
@@ -349,6 +350,58 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("pre_scale"), py::arg("post_decay"), py::arg("flag") = 0,
       py::arg("num_threads") = 0,
       "AdamW step of many tensors (W, G, M, V per tensor) in one OpenMP loop, on host buffers.");
+
+  mod.def(
+      "nonfinite_flag_cpu",
+      [](const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
+         const std::vector<int>& dtypes, int num_threads) {
+        const size_t T = sizes.size();
+        if (ptrs.size() != T || dtypes.size() != T) {
+          throw std::invalid_argument("nonfinite_flag_cpu: ptrs and dtypes must hold one entry "
+                                      "per tensor (" + std::to_string(T) + "), got " +
+                                      std::to_string(ptrs.size()) + " and " +
+                                      std::to_string(dtypes.size()));
+        }
+        std::vector<const void*> p(T);
+        for (size_t t = 0; t < T; ++t) {
+          if (dtypes[t] < 0 || dtypes[t] > cpu::kFloat64Code) {
+            throw std::invalid_argument("nonfinite_flag_cpu: dtype code [" + std::to_string(t) +
+                                        "] " + std::to_string(dtypes[t]) + " is not 0..3 "
+                                        "(float32, bfloat16, float16, float64)");
+          }
+          if (sizes[t] < 0) {
+            throw std::invalid_argument("nonfinite_flag_cpu: size[" + std::to_string(t) +
+                                        "] must be >= 0");
+          }
+          if (sizes[t] > 0 && ptrs[t] == 0) {
+            throw std::invalid_argument("nonfinite_flag_cpu: pointer [" + std::to_string(t) +
+                                        "] is null");
+          }
+          p[t] = reinterpret_cast<const void*>(ptrs[t]);
+        }
+        py::gil_scoped_release nogil;
+        return nonfinite_multi_cpu(p, sizes, dtypes, num_threads);
+      },
+      py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(),
+      py::arg("num_threads") = 0,
+      "Whether host buffers (one pointer, size and dtype code 0 float32, 1 bfloat16, "
+      "2 float16, 3 float64 per tensor) hold a NaN or an infinity.");
+
+  mod.def("cpu_isa", []() { return std::string(cpu::isa_name()); },
+          "The instruction set the CPU twins' loops run with: avx512, avx2 or baseline.");
+  mod.def("cpu_isas", []() {
+        int count = 0;
+        const char* const* names = cpu::supported_isas(&count);
+        std::vector<std::string> out(names, names + count);
+        return out;
+      },
+      "The instruction sets this CPU can run the CPU twins' loops with, widest first.");
+  mod.def("set_cpu_isa", [](const std::string& name) {
+        return std::string(cpu::set_isa(name.c_str()));
+      },
+      py::arg("name"),
+      "Runs the CPU twins' loops with `name` (one of cpu_isas(); for tests and benchmarks); "
+      "returns the previous one.");
 
   mod.def(
       "adamw_step_multi_cuda",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowrank_fused import _ext
-from lowrank_fused.dispatch import BackendUnavailable, register
+from lowrank_fused.dispatch import BackendUnavailable, register, register_auto_guard
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT32, _C.DTYPE_BFLOAT16
 
@@ -108,6 +108,20 @@ def adamw_step_cpu(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: fl
                            num_threads=torch.get_num_threads(), **kw)
 
     _run_inplace(launch, [G], [W, M, V])
+
+
+def _takes(tensors, contiguous=False) -> bool:
+    """Whether the CPU twins take these tensors (``auto`` runs the reference otherwise)."""
+    for t in tensors:
+        if (not isinstance(t, torch.Tensor) or t.dtype not in _DTYPE_CODES
+                or t.device.type != "cpu" or (contiguous and not t.is_contiguous())):
+            return False
+    return True
+
+
+@register_auto_guard("adamw_step", "cpu")
+def _adamw_step_cpu_takes(W, G, M, V, **_):
+    return _takes((W, G, M, V)) and M.dtype == V.dtype
 
 
 @register("adamw_step", "cuda")
@@ -325,6 +339,13 @@ def adam_moments_multi_cpu(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, c1, c2, norms=N
     _moments_multi("cpu", Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite)
 
 
+@register_auto_guard("adam_moments_multi", "cpu")
+def _adam_moments_multi_cpu_takes(Rs, Ms, Vs, Ns, **_):
+    return (all(R.dtype == torch.float32 for R in Rs) and _takes(Rs, True)
+            and _takes(Ms, True) and _takes(Vs, True) and _takes(Ns, True)
+            and all(M.dtype == V.dtype for M, V in zip(Ms, Vs)))
+
+
 @register("adam_moments_multi", "cuda")
 def adam_moments_multi_cuda(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, c1, c2, norms=None,
                             nonfinite=None) -> None:
@@ -365,6 +386,12 @@ def adamw_step_multi_cpu(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, c1, c2, pre_s
                                              post_decay=post_decay), nonfinite)
 
 
+@register_auto_guard("adamw_step_multi", "cpu")
+def _adamw_step_multi_cpu_takes(Ws, Gs, Ms, Vs, **_):
+    return (_takes(Ws, True) and _takes(Gs, True) and _takes(Ms, True) and _takes(Vs, True)
+            and all(M.dtype == V.dtype for M, V in zip(Ms, Vs)))
+
+
 @register("adamw_step_multi", "cuda")
 def adamw_step_multi_cuda(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, c1, c2, pre_scale,
                           post_decay, nonfinite=None) -> None:
@@ -372,3 +399,26 @@ def adamw_step_multi_cuda(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, c1, c2, pre_
     _adamw_multi("cuda", Ws, Gs, Ms, Vs, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, c1=c1,
                                               c2=c2, pre_scale=pre_scale,
                                               post_decay=post_decay), nonfinite)
+
+
+# -- the non-finite check of the optimizers' step (ops.nonfinite_flag) on the CPU -------------
+
+_FLAG_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+
+def nonfinite_flag_cpu(tensors):
+    """``ops.nonfinite_flag`` for CPU tensors through the compiled twin: one OpenMP pass over
+    the exponent bits of every tensor (no reduction temporaries; torch's max-abs reduction is
+    an order of magnitude slower on the CPU). None when the extension is not built or some
+    tensor is not a contiguous CPU float32/bfloat16/float16/float64 tensor: the caller then
+    takes the torch path."""
+    if _ext.why_no_cpu() is not None:
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in _FLAG_CODES or not t.is_contiguous():
+            return None
+    bad = _ext.load().nonfinite_flag_cpu([t.data_ptr() for t in tensors],
+                                         [t.numel() for t in tensors],
+                                         [_FLAG_CODES[t.dtype] for t in tensors],
+                                         num_threads=torch.get_num_threads())
+    return torch.tensor(bool(bad))

@@ -104,11 +104,37 @@ def available(backend: str, device) -> bool:
     return _why_unavailable(backend, torch.device(device)) is None
 
 
-# Ops whose compiled CPU twin ``auto`` takes on the CPU (every other op keeps the reference
-# there): a batch of small factorizations is dominated by torch's per-matrix call overhead
-# (LAPACK per matrix plus a triangular solve), which the C++ loop does not have (~3.5x on
-# 16 x 40 x 40).
-AUTO_ON_CPU = frozenset({"small_cholesky_inverse"})
+# Ops whose compiled CPU twin ``auto`` takes on the CPU when the extension is built (every
+# other op keeps the reference there; without the extension everything does), each because it
+# is faster (bench/bench_adamw_cpu.py measures them side by side):
+#   small_cholesky_inverse: a batch of small factorizations is dominated by torch's per-matrix
+#     call overhead (LAPACK per matrix plus a triangular solve), which the C++ loop does not
+#     have (~3.5x on 16 x 40 x 40);
+#   adamw_step, adamw_step_multi, adam_moments_multi: one vectorised, multi-threaded pass over
+#     the buffers instead of ~10 eager ops, each a full read and write of a temporary.
+# The twins take float32 and bfloat16 storage only: a call they do not take (e.g. float16) runs
+# the reference under ``auto`` (``register_auto_guard``); an explicit ``backend="cpu"`` raises.
+AUTO_ON_CPU = frozenset({"small_cholesky_inverse", "adamw_step", "adamw_step_multi",
+                         "adam_moments_multi"})
+
+# (op, backend) -> predicate(*args, **kwargs): whether that backend's implementation takes the
+# call's arguments; ``auto`` runs the reference for the calls it does not take.
+_AUTO_GUARDS: Dict[tuple, Callable] = {}
+_GUARDED: Dict[tuple, Callable] = {}
+
+
+def register_auto_guard(op: str, backend: str):
+    """Decorator: ``fn(*args, **kwargs) -> bool`` says whether ``backend``'s implementation of
+    ``op`` takes a call; under ``auto`` a call it does not take runs the reference instead."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn):
+        _AUTO_GUARDS[(op, backend)] = fn
+        _GUARDED.pop((op, backend), None)
+        return fn
+
+    return deco
 
 
 def _auto_candidates(device: torch.device, ops=()):
@@ -125,7 +151,7 @@ def resolve_backend(backend: str, device) -> str:
     """Pick the backend for tensors on ``device``.
 
     ``auto``: Triton on CUDA devices (and on CPU under ``TRITON_INTERPRET=1``), else the
-    eager reference. An explicit backend that cannot run on ``device`` raises
+    eager reference (per op, ``choose_backend`` may take a CPU twin, ``AUTO_ON_CPU``). An explicit backend that cannot run on ``device`` raises
     ``BackendUnavailable`` naming the reason.
     """
     if backend not in CHOICES:
@@ -162,8 +188,25 @@ def choose_backend(backend: str, device, ops=()) -> str:
 
 
 def implementation(op: str, backend: str, device) -> Callable:
-    """The implementation of ``op`` that ``backend`` (possibly ``auto``) runs on ``device``."""
-    return lookup(op, choose_backend(backend, device, (op,)))
+    """The implementation of ``op`` that ``backend`` (possibly ``auto``) runs on ``device``.
+    Under ``auto``, an implementation with a guard (``register_auto_guard``) comes wrapped:
+    the calls it does not take run the reference."""
+    chosen = choose_backend(backend, device, (op,))
+    impl = lookup(op, chosen)
+    if backend != "auto" or chosen == "reference" or (op, chosen) not in _AUTO_GUARDS:
+        return impl
+    key = (op, chosen)
+    wrapped = _GUARDED.get(key)
+    if wrapped is None:
+        takes = _AUTO_GUARDS[key]
+
+        def wrapped(*args, **kwargs):
+            which = chosen if takes(*args, **kwargs) else "reference"
+            return lookup(op, which)(*args, **kwargs)
+
+        wrapped.__name__ = f"{op}_auto_{chosen}_or_reference"
+        _GUARDED[key] = wrapped
+    return wrapped
 
 
 def _has(op: str, backend: str) -> bool:

@@ -252,6 +252,12 @@ def nonfinite_flag(tensors):
         if t.dtype not in FLOAT_DTYPES + (torch.float64,):
             raise TypeError(f"nonfinite_flag takes floating tensors, got {t.dtype}")
         by_dtype.setdefault(t.dtype, []).append(t)
+    if tensors[0].device.type == "cpu":
+        from lowrank_fused import _ext_ops  # CPU: the compiled pass over the exponent bits
+
+        flag = _ext_ops.nonfinite_flag_cpu(tensors)  # None without the extension
+        if flag is not None:
+            return flag
     maxima = [m.float() for group in by_dtype.values()
               for m in torch._foreach_norm(group, ord=math.inf)]
     return ~torch.isfinite(torch.stack(maxima)).all()

@@ -198,6 +198,98 @@ def test_empty_is_a_no_op():
     lookup("adamw_step", "cpu")(W, G, M, V, **step_scalars("torch", "pre", 1))
 
 
+@needs_cpu_ext
+def test_cpu_instruction_sets_agree_bit_for_bit():
+    """The twin's loops are compiled for the x86-64 baseline, AVX2 and AVX-512 and one is
+    picked at run time (``_C.cpu_isa``). IEEE vector operations round as the scalar ones and
+    nothing is contracted, so every instruction set this CPU runs must give the same bits:
+    single and multi-tensor AdamW for every dtype mix and both weight-decay modes, the moments
+    with their norms, on lengths that leave vector tails."""
+    mod = _ext.load()
+    isas = mod.cpu_isas()
+    assert mod.cpu_isa() == isas[0] and isas[-1] == "baseline"
+    gen = torch.Generator().manual_seed(11)
+    sizes = [1, 15, 17, 4099, (1 << 14) + 33]  # the last spans two multi-tensor chunks
+    cases = []
+    for w_dt in DTYPES.values():
+        for g_dt in DTYPES.values():
+            for s_dt in DTYPES.values():
+                for wd_mode, eps_mode in (("pre", "torch"), ("post", "hf")):
+                    cases.append((w_dt, g_dt, s_dt, step_scalars(eps_mode, wd_mode, 3)))
+    inputs = []
+    for w_dt, g_dt, s_dt, kw in cases:
+        tensors = [make_state((n,), w_dt, s_dt, "cpu", gen) for n in sizes]
+        grads = [torch.randn(n, generator=gen).to(g_dt) for n in sizes]
+        inputs.append((tensors, grads, kw))
+    R = [torch.randn(n, generator=gen) for n in sizes]
+    MV = [(0.1 * torch.randn(n, generator=gen), torch.rand(n, generator=gen)) for n in sizes]
+
+    def run():
+        out = []
+        for tensors, grads, kw in inputs:
+            single = [[t.clone() for t in s] for s in tensors]
+            for (W, M, V), G in zip(single, grads):
+                lookup("adamw_step", "cpu")(W, G, M, V, **kw)
+            multi = [[t.clone() for t in s] for s in tensors]
+            Ws, Ms, Vs = (list(x) for x in zip(*multi))
+            lookup("adamw_step_multi", "cpu")(Ws, grads, Ms, Vs,
+                                              **{k: [v] * len(sizes) for k, v in kw.items()})
+            out += [t for s in single + multi for t in s]
+        Ms, Vs = [m.clone() for m, _ in MV], [v.clone() for _, v in MV]
+        Ns, norms = [torch.empty_like(r) for r in R], torch.empty(len(R))
+        n = len(R)
+        lookup("adam_moments_multi", "cpu")(R, Ms, Vs, Ns, beta1=[0.9] * n, beta2=[0.99] * n,
+                                            eps=[1e-6] * n, c1=[0.3] * n, c2=[0.2] * n,
+                                            norms=norms)
+        return out + Ms + Vs + Ns + [norms]
+
+    old = mod.cpu_isa()
+    try:
+        results = {}
+        for isa in isas:
+            mod.set_cpu_isa(isa)
+            assert mod.cpu_isa() == isa
+            results[isa] = run()
+    finally:
+        mod.set_cpu_isa(old)
+    for isa in isas[1:]:
+        for k, (a, b) in enumerate(zip(results[isas[0]], results[isa])):
+            assert torch.equal(a, b), f"{isa} differs from {isas[0]} in output {k}"
+    with pytest.raises(ValueError, match="cpu isa must be one this CPU runs.*'sse9'"):
+        mod.set_cpu_isa("sse9")
+
+
+@needs_cpu_ext
+def test_compiled_nonfinite_flag():
+    """``ops.nonfinite_flag`` on CPU tensors takes the compiled pass over the exponent bits:
+    NaN, +-Inf anywhere (first, last, a vector tail, the second chunk) in any of the four
+    dtypes sets it; the largest finite values do not."""
+    from lowrank_fused import _ext_ops
+
+    gen = torch.Generator().manual_seed(5)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    sizes = (1, 33, (1 << 14) + 7)
+    base = [torch.randn(n, generator=gen).to(dt) for dt in dtypes for n in sizes]
+    assert _ext_ops.nonfinite_flag_cpu(base) is not None
+    assert not bool(ops.nonfinite_flag(base))
+    big = [t.clone() for t in base]
+    for t in big:
+        t[-1] = torch.finfo(t.dtype).max
+        t[0] = -torch.finfo(t.dtype).max
+    assert not bool(ops.nonfinite_flag(big))
+    for i, t in enumerate(base):
+        for pos in {0, t.numel() // 2, t.numel() - 1}:
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                ts = [x.clone() for x in base]
+                ts[i][pos] = bad
+                assert bool(ops.nonfinite_flag(ts)), (t.dtype, t.numel(), pos, bad)
+                assert bool(_ext_ops.nonfinite_flag_cpu(ts))
+    nc = torch.randn(8, 6, generator=gen).t()
+    assert _ext_ops.nonfinite_flag_cpu([nc]) is None  # not contiguous: the torch path
+    nc[1, 2] = float("nan")
+    assert bool(ops.nonfinite_flag([nc]))
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 def _args(shape=(4, 3), **over):

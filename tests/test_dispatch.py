@@ -27,14 +27,54 @@ def test_auto_on_cpu(monkeypatch):
 
 
 def test_auto_on_cpu_takes_the_compiled_twin_only_for_its_listed_ops(monkeypatch):
-    """``dispatch.AUTO_ON_CPU``: the batched small Cholesky runs the C++ twin under ``auto``
-    on the CPU (with or without the interpreter); every other op keeps the reference there."""
+    """``dispatch.AUTO_ON_CPU``: the ops with a faster C++ twin run it under ``auto`` on the
+    CPU when the extension is built (after Triton under the interpreter, where Triton has the
+    op); every other op keeps the reference there, and so does every op without the
+    extension."""
+    twin = "cpu" if dispatch.available("cpu", "cpu") else "reference"
     for interp in ("0", "1"):
         monkeypatch.setenv("TRITON_INTERPRET", interp)
-        want = "cpu" if dispatch.available("cpu", "cpu") else "reference"
-        assert choose_backend("auto", "cpu", ("small_cholesky_inverse",)) == want
+        for op in ("small_cholesky_inverse", "adamw_step_multi", "adam_moments_multi"):
+            assert choose_backend("auto", "cpu", (op,)) == twin, op
         assert choose_backend("auto", "cpu", ("adamw_step",)) == (
+            "triton" if interp == "1" else twin)
+        assert choose_backend("auto", "cpu", ("project",)) == (
             "triton" if interp == "1" else "reference")
+    monkeypatch.setattr(dispatch, "_why_unavailable",
+                        lambda b, d: "not built" if b == "cpu" else None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for op in sorted(dispatch.AUTO_ON_CPU):
+        assert choose_backend("auto", "cpu", (op,)) == "reference", op
+
+
+@pytest.mark.skipif(not dispatch.available("cpu", "cpu"), reason="extension not built")
+def test_auto_runs_the_reference_for_calls_the_twin_does_not_take(monkeypatch):
+    """float16 (which the compiled kernels do not store) and non-contiguous lists: ``auto``
+    takes the reference for that call, while ``backend="cpu"`` raises as before."""
+    from lowrank_fused import ops, ops_multi
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=2, weight_decay=0.1)
+    W = torch.randn(33, 17, generator=gen).half()
+    G = torch.randn(33, 17, generator=gen).half()
+    states = [torch.zeros(33, 17, dtype=torch.half) for _ in range(4)]
+    W0, W_ref = W.clone(), W.clone()
+    ops.adamw_step(W, G, states[0], states[1], backend="auto", **kw)
+    ops.adamw_step(W_ref, G, states[2], states[3], backend="reference", **kw)
+    assert torch.equal(W, W_ref) and not torch.equal(W, W0)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        ops.adamw_step(W, G, states[0], states[1], backend="cpu", **kw)
+    Ws = [torch.randn(8, 6, generator=gen).t()]      # not contiguous
+    Gs = [torch.randn(6, 8, generator=gen)]
+    Ms, Vs = [torch.zeros(6, 8)], [torch.zeros(6, 8)]
+    W0 = Ws[0].clone()
+    ops_multi.adamw_step_multi(Ws, Gs, Ms, Vs, backend="auto", **kw)
+    ref = [W0, Gs[0], torch.zeros(6, 8), torch.zeros(6, 8)]
+    ops.adamw_step(*ref, backend="reference", **kw)
+    assert torch.equal(Ws[0], ref[0]) and torch.equal(Ms[0], ref[2])
+    with pytest.raises(ValueError, match="contiguous"):
+        ops_multi.adamw_step_multi(Ws, Gs, Ms, Vs, backend="cpu", **kw)
 
 
 def test_auto_takes_the_fastest_backend_that_has_every_op(reference_only_op, monkeypatch):

@@ -224,9 +224,15 @@ def test_multi_backend_choice():
     cpu = torch.device("cpu")
     assert multi_backend("adamw_step", "reference", cpu) == "reference"
     assert multi_backend("adam_moments", "reference", cpu) == "reference"
-    # auto: the reference loop only where the single op also runs its reference
-    want = None if interpreting() else "reference"
+    # auto: the compiled CPU twin when built (dispatch.AUTO_ON_CPU); without it the reference
+    # loop, only where the single op also runs its reference
+    if dispatch.available("cpu", "cpu"):
+        want = "cpu"
+    else:
+        want = None if interpreting() else "reference"
     assert multi_backend("adamw_step", AutoBackend("cpu"), cpu) == want
+    assert multi_backend("adam_moments", AutoBackend("cpu"), cpu) == (
+        "cpu" if want == "cpu" else None if interpreting() else "reference")
     if dispatch.available("cpu", "cpu"):
         assert multi_backend("adamw_step", "cpu", cpu) == "cpu"
 

@@ -1,6 +1,8 @@
-// CPU twin of csrc/cuda/adamw_step.cu: the same per-element function (adamw_step.h) in an
-// OpenMP loop (serial when the build found no OpenMP).
+// CPU twin of csrc/cuda/adamw_step.cu: the per-element function of adamw_step.h as a
+// vectorised span (elementwise.h), one contiguous range per OpenMP thread (serial when the
+// build found no OpenMP or the tensor is small).
 #include "adamw_step.h"
+#include "cpu/elementwise.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -10,36 +12,42 @@ namespace lowrank_fused {
 
 namespace {
 
-template <typename TW, typename TG, typename TS>
-void adamw_loop(const AdamWArgs& a, int num_threads) {
-  TW* w = static_cast<TW*>(a.w);
-  const TG* g = static_cast<const TG*>(a.g);
-  TS* m = static_cast<TS*>(a.m);
-  TS* v = static_cast<TS*>(a.v);
-  const AdamWScalars s = a.s;
-  const int64_t n = a.n;
-#if defined(_OPENMP)
-  // below this many elements a parallel region costs more than it saves
-  constexpr int64_t kGrain = 1 << 15;
-  int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-  const int64_t useful = (n + kGrain - 1) / kGrain;
-  if (useful < threads) threads = static_cast<int>(useful < 1 ? 1 : useful);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t i = 0; i < n; ++i) adamw_element(w + i, g + i, m + i, v + i, s);
-#else
-  (void)num_threads;
-  for (int64_t i = 0; i < n; ++i) adamw_element(w + i, g + i, m + i, v + i, s);
-#endif
+// below this many elements per thread a parallel region costs more than it saves
+constexpr int64_t kGrain = int64_t(1) << 15;
+// thread ranges start on multiples of this many elements (whole cache lines for every dtype)
+constexpr int64_t kAlign = 64;
+
+void span(const AdamWArgs& a, int64_t begin, int64_t end) {
+  if (end <= begin) return;
+  cpu::adamw_span(cpu::offset(a.w, a.w_dtype, begin), cpu::offset(a.g, a.g_dtype, begin),
+                  cpu::offset(a.m, a.mv_dtype, begin), cpu::offset(a.v, a.mv_dtype, begin),
+                  end - begin, a.w_dtype, a.g_dtype, a.mv_dtype, a.s);
 }
 
 }  // namespace
 
 void adamw_step_cpu(const AdamWArgs& a, int num_threads) {
   check_args(a);
-  if (a.n == 0) return;
-  dispatch_dtypes(a.w_dtype, a.g_dtype, a.mv_dtype, [&](auto tw, auto tg, auto ts) {
-    adamw_loop<decltype(tw), decltype(tg), decltype(ts)>(a, num_threads);
-  });
+  const int64_t n = a.n;
+  if (n == 0) return;
+#if defined(_OPENMP)
+  int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const int64_t useful = (n + kGrain - 1) / kGrain;
+  if (useful < threads) threads = static_cast<int>(useful < 1 ? 1 : useful);
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+      const int64_t per = ((n + T - 1) / T + kAlign - 1) / kAlign * kAlign;
+      const int64_t begin = t * per;
+      span(a, begin, begin + per < n ? begin + per : n);
+    }
+    return;
+  }
+#else
+  (void)num_threads;
+#endif
+  span(a, 0, n);
 }
 
 }  // namespace lowrank_fused

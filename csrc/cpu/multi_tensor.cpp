@@ -1,9 +1,11 @@
 // CPU twins of csrc/cuda/multi_tensor.cu: one OpenMP loop over the (tensor, chunk) work items
-// of every tensor (serial when the build found no OpenMP), the per-element math shared with
-// the CUDA kernels (multi_tensor.h). Per-item partial results (sums of n^2 in double, the
-// non-finite bit) are combined after the loop in item order, so the result does not depend on
-// the number of threads.
+// of every tensor (serial when the build found no OpenMP), each chunk one vectorised span of
+// the per-element math shared with the CUDA kernels (elementwise.h, multi_tensor.h). Per-item
+// partial results (sums of n^2 in double, the non-finite bit) are combined after the loop in
+// item order, so the result does not depend on the number of threads (nor on the instruction
+// set: elementwise.h).
 #include "multi_tensor.h"
+#include "cpu/elementwise.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -48,46 +50,6 @@ void for_items(const std::vector<MTItem>& items, int threads, F&& body) {
 #endif
 }
 
-// All-fp32 fast paths: the same per-element functions on __restrict__ pointers, so the
-// compiler may vectorise (IEEE vector mul/add/div/sqrt round exactly as the scalar ones; no
-// contraction, no reassociation). The norm and the flag are separate passes over the stored N
-// and R: eight fixed partial sums (deterministic) and an OR of exponent bits.
-double sum_squares(const float* __restrict__ x, int64_t count) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(x[i + j]) * x[i + j];
-  }
-  for (; i < count; ++i) acc[0] += static_cast<double>(x[i]) * x[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
-bool any_nonfinite(const float* __restrict__ x, int64_t count) {
-  uint32_t worst = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    uint32_t e = float_bits(x[i]) & 0x7f800000u;
-    worst = e > worst ? e : worst;
-  }
-  return worst == 0x7f800000u;
-}
-
-void moments_fp32(const float* __restrict__ r, float* __restrict__ m, float* __restrict__ v,
-                  float* __restrict__ n, int64_t count, const MomentsScalars s) {
-  for (int64_t i = 0; i < count; ++i) {
-    const float ri = r[i];
-    const float mi = add_rn(mul_rn(m[i], s.beta1), mul_rn(s.one_minus_beta1, ri));
-    const float vi = add_rn(mul_rn(v[i], s.beta2), mul_rn(s.one_minus_beta2, mul_rn(ri, ri)));
-    m[i] = mi;
-    v[i] = vi;
-    n[i] = div_rn(div_rn(mi, s.c1), add_rn(sqrt_rn(div_rn(vi, s.c2)), s.eps));
-  }
-}
-
-void adamw_fp32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
-                float* __restrict__ v, int64_t count, const AdamWScalars s) {
-  for (int64_t i = 0; i < count; ++i) adamw_element(w + i, g + i, m + i, v + i, s);
-}
-
 bool all_fp32(const MTEntry& e) {
   for (int b = 0; b < kMTMaxBuffers; ++b) {
     if (e.dtype[b] != kFloat32) return false;
@@ -113,11 +75,11 @@ void adam_moments_multi_cpu(const MomentsMultiArgs& a, int num_threads) {
     if (all_fp32(e)) {
       const float* r = static_cast<const float*>(e.ptr[0]) + begin;
       float* nn = static_cast<float*>(e.ptr[3]) + begin;
-      moments_fp32(r, static_cast<float*>(e.ptr[1]) + begin,
-                   static_cast<float*>(e.ptr[2]) + begin, nn, end - begin,
-                   a.scalars[it.tensor]);
-      if (want_norm) sq = sum_squares(nn, end - begin);
-      if (want_flag) b = any_nonfinite(r, end - begin);
+      cpu::moments_span_fp32(r, static_cast<float*>(e.ptr[1]) + begin,
+                             static_cast<float*>(e.ptr[2]) + begin, nn, end - begin,
+                             a.scalars[it.tensor]);
+      if (want_norm) sq = cpu::sum_squares_fp32(nn, end - begin);
+      if (want_flag) b = cpu::any_nonfinite(r, kFloat32, end - begin);
     } else {
       moments_range_any(e, a.scalars[it.tensor], begin, end, 1, want_norm, want_flag, sq, b);
     }
@@ -149,17 +111,12 @@ void adamw_step_multi_cpu(const AdamWMultiArgs& a, int num_threads) {
     const MTEntry& e = a.entries[it.tensor];
     const int64_t begin = int64_t(it.chunk) * kCpuChunk;
     const int64_t end = begin + kCpuChunk < e.n ? begin + kCpuChunk : e.n;
-    bool b = false;
-    if (all_fp32(e)) {
-      adamw_fp32(static_cast<float*>(e.ptr[0]) + begin,
-                 static_cast<const float*>(e.ptr[1]) + begin,
-                 static_cast<float*>(e.ptr[2]) + begin, static_cast<float*>(e.ptr[3]) + begin,
-                 end - begin, a.scalars[it.tensor]);
-      if (want_flag) b = any_nonfinite(static_cast<const float*>(e.ptr[1]) + begin, end - begin);
-    } else {
-      adamw_range_any(e, a.scalars[it.tensor], begin, end, 1, want_flag, b);
-    }
-    if (want_flag) bad[k] = b ? 1 : 0;
+    const void* g = cpu::offset(static_cast<const void*>(e.ptr[1]), e.dtype[1], begin);
+    cpu::adamw_span(cpu::offset(e.ptr[0], e.dtype[0], begin), g,
+                    cpu::offset(e.ptr[2], e.dtype[2], begin),
+                    cpu::offset(e.ptr[3], e.dtype[3], begin), end - begin, e.dtype[0],
+                    e.dtype[1], e.dtype[2], a.scalars[it.tensor]);
+    if (want_flag) bad[k] = cpu::any_nonfinite(g, e.dtype[1], end - begin) ? 1 : 0;
   });
   if (want_flag) {
     for (unsigned char b : bad) {
@@ -169,6 +126,30 @@ void adamw_step_multi_cpu(const AdamWMultiArgs& a, int num_threads) {
       }
     }
   }
+}
+
+bool nonfinite_multi_cpu(const std::vector<const void*>& ptrs, const std::vector<int64_t>& sizes,
+                         const std::vector<int>& dtypes, int num_threads) {
+  std::vector<MTEntry> entries(ptrs.size());
+  for (size_t t = 0; t < ptrs.size(); ++t) {
+    entries[t].ptr[0] = const_cast<void*>(ptrs[t]);
+    entries[t].n = sizes[t];
+  }
+  const std::vector<MTItem> items = mt_work_items(entries, kCpuChunk);
+  std::vector<unsigned char> bad(items.size(), 0);
+  const int threads = thread_count(total_elements(entries), num_threads);
+  for_items(items, threads, [&](int64_t k, const MTItem& it) {
+    const int64_t begin = int64_t(it.chunk) * kCpuChunk;
+    const int64_t n = entries[it.tensor].n;
+    const int64_t end = begin + kCpuChunk < n ? begin + kCpuChunk : n;
+    const int dtype = dtypes[it.tensor];
+    bad[k] = cpu::any_nonfinite(cpu::offset(ptrs[it.tensor], dtype, begin), dtype,
+                                end - begin) ? 1 : 0;
+  });
+  for (unsigned char b : bad) {
+    if (b) return true;
+  }
+  return false;
 }
 
 }  // namespace lowrank_fused
