@@ -145,6 +145,47 @@ def adamw_step_cuda(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: f
         _run_inplace(launch, [G], [W, M, V])
 
 
+# -- adam_moments (K2 of one matrix) on the CPU: the multi-tensor twin with one entry ---------
+
+@register("adam_moments", "cpu")
+def adam_moments_cpu(R, M, V, N, *, beta1: float, beta2: float, eps: float, c1: float,
+                     c2: float, sumsq=None) -> None:
+    """K2 in place on M, V, writing N (and ``sum(N^2)`` into ``sumsq``): the vectorised pass
+    of ``csrc/cpu/multi_tensor.cpp`` over one tensor."""
+    where = "adam_moments (backend 'cpu')"
+    _check_tensors("adam_moments", "cpu", {"R": R, "M": M, "V": V, "N": N}, like="R")
+    if R.dtype != torch.float32:
+        raise TypeError(f"{where}: R must be float32, got {R.dtype}")
+    if M.dtype != V.dtype:
+        raise TypeError(f"{where}: M and V must have one dtype, got M {M.dtype} and V {V.dtype}")
+    _check_distinct("adam_moments", "cpu", {"M": M, "V": V, "N": N})
+    if sumsq is not None:
+        _check_aux("adam_moments", "cpu", "sumsq", sumsq, torch.float32, 1, None)
+    if R.numel() == 0:
+        if sumsq is not None:
+            sumsq.zero_()
+        return
+    mod = _module("cpu")
+
+    def launch(r, m, v, n):
+        mod.adam_moments_multi_cpu(
+            [r.data_ptr(), m.data_ptr(), v.data_ptr(), n.data_ptr()], [r.numel()],
+            [_DTYPE_CODES[t.dtype] for t in (r, m, v, n)], beta1=[float(beta1)],
+            beta2=[float(beta2)], eps=[float(eps)], c1=[float(c1)], c2=[float(c2)],
+            norms=sumsq.data_ptr() if sumsq is not None else 0,
+            num_threads=torch.get_num_threads())
+
+    _run_inplace(launch, [R], [M, V, N])
+    if sumsq is not None:
+        _bump_version(sumsq)
+
+
+@register_auto_guard("adam_moments", "cpu")
+def _adam_moments_cpu_takes(R, M, V, N, sumsq=None, **_):
+    return (R.dtype == torch.float32 and _takes((R, M, V, N)) and M.dtype == V.dtype
+            and (sumsq is None or (sumsq.is_contiguous() and sumsq.device.type == "cpu")))
+
+
 # -- small_cholesky_inverse (CholeskyQR2's k x k part, lowrank_fused.subspace) ----------------
 
 def _chol_checks(backend, Gram, Linv, ok):

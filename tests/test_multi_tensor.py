@@ -125,6 +125,39 @@ def test_moments_cpu_matches_reference(s_dt, n_dt, eps_mode):
 
 
 @needs_cpu_ext
+@pytest.mark.parametrize("s_dt,n_dt", [(s, n) for s in DT for n in DT])
+def test_single_adam_moments_cpu_matches_reference(s_dt, n_dt):
+    """The single ``adam_moments`` op's CPU twin (the multi-tensor pass with one entry, what
+    ``auto`` runs on the CPU): odd shapes, a non-contiguous (transposed) case, ``sumsq``;
+    N poisoned first."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"single{s_dt}{n_dt}".encode()))
+    s_dt, n_dt = DT[s_dt], DT[n_dt]
+    for shape, transpose in [((1,), False), ((97, 203), False), ((130, 257), True),
+                             ((4099,), False)]:
+        R = torch.randn(shape, generator=gen)
+        M = (0.1 * torch.randn(shape, generator=gen)).to(s_dt)
+        V = torch.rand(shape, generator=gen).to(s_dt)
+        if transpose:
+            R, M, V = R.t(), M.t().contiguous(), V.t()
+        for mode, step in (("hf", 1), ("torch", 3)):
+            ours = [R, M.clone(), V.clone(), torch.full(R.shape, float("nan"), dtype=n_dt)]
+            ref = [R, M.clone(), V.clone(), torch.full(R.shape, float("nan"), dtype=n_dt)]
+            sq, sq_ref = torch.full((1,), -1.0), torch.zeros(1)
+            ops.adam_moments(*ours, beta1=0.9, beta2=0.999, eps=1e-6, step=step,
+                             eps_mode=mode, sumsq=sq, backend="cpu")
+            ops.adam_moments(*ref, beta1=0.9, beta2=0.999, eps=1e-6, step=step,
+                             eps_mode=mode, sumsq=sq_ref, backend="reference")
+            for k, name in ((1, "M"), (2, "V")):
+                assert ulps(ours[k], ref[k]) == 0, name
+            assert not ours[3].isnan().any()
+            assert_close_fp("N", ours[3], ref[3])
+            torch.testing.assert_close(sq, sq_ref, rtol=1e-5, atol=1e-30)
+    with pytest.raises(TypeError, match=r"R must be float32"):
+        lookup("adam_moments", "cpu")(R.bfloat16(), M, V, torch.empty(R.shape), beta1=0.9,
+                                      beta2=0.9, eps=1e-6, c1=1.0, c2=1.0)
+
+
+@needs_cpu_ext
 def test_moments_nonfinite_flag():
     *_, flag, flag_ref = run_moments("cpu", "cpu", F32, F32, "hf", nan_at=3)
     assert int(flag) == 1 and int(flag_ref) == 1
