@@ -16,6 +16,8 @@ harness's small shape (the interpreter's with ``--interpret``).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from bench import bytes as B
@@ -69,9 +71,14 @@ def _group(method, W, rank):
 
 
 def _optimizer(params, W, backend):
+    """The method's optimizer on W. Where the class offers ``projector="randomized"`` the
+    warm step's subspace comes from the randomized range finder instead of a full SVD (the
+    timed steps never refresh, so only the warm-up gets shorter)."""
     cls = optimizer_class(params["method"])
+    extra = ({"projector": "randomized"}
+             if "projector" in inspect.signature(cls).parameters else {})
     return cls([_group(params["method"], W, params["r"])], lr=LR, weight_decay=WD,
-               backend=backend, matmul_precision=params["precision"])
+               backend=backend, matmul_precision=params["precision"], **extra)
 
 
 def clear_cache():
@@ -95,4 +102,5 @@ def describe(params, backend):
     return dict(op=f"{OP}:{params['method']}", r=r, precision=params["precision"],
                 bytes=B.method_step_bytes(params["method"], m, n, r, param_bytes=p,
                                           state_bytes=4, side=params["side"]),
+                flops=B.method_step_flops(params["method"], m, n, r, side=params["side"]),
                 note=params["method"])

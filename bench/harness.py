@@ -11,7 +11,9 @@ How it measures (shared/GPU.md):
 * The two ceilings are measured in the same run (``measure_ceilings``): a large copy (bytes
   read + written) and, on CUDA, a large bf16 matmul. ``multiple_of_floor`` in a row is
   ``time / (floor bytes / copy bandwidth)``: 1.0 means the kernel moves its floor bytes at copy
-  speed.
+  speed. ``multiple_of_roofline`` is ``time / roofline`` with the roofline
+  ``max(floor bytes / copy bandwidth, FLOPs / peak at the row's precision)`` (``bench.bytes``:
+  the FLOP model and the device's peak table; no roofline where the device has no table).
 
 Nothing here touches a GPU at import time.
 """
@@ -37,7 +39,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ROTATE_BYTES = 128 << 20   # working set per rotation: > 2x the L2 of an H100 (50 MB) / H200
 MAX_COPIES = 32
 QUANTILES = (0.2, 0.5, 0.8)
-_PRECISION_TO_TORCH = {"ieee": "highest", "tf32": "high", "bf16": "medium"}
+# torch has no 3xTF32 mode: eager fp32 matmuls of a "tf32x3" row run at "highest" (IEEE), its
+# nearest accuracy
+_PRECISION_TO_TORCH = {"ieee": "highest", "tf32": "high", "tf32x3": "highest", "bf16": "medium"}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -161,10 +165,18 @@ def random_tensor(shape, dtype, device, *, positive=False, scale=1.0):
 # -------------------------------------------------------------------------------------------
 # ceilings
 
-def measure_ceilings(device, *, quick: bool = False) -> dict:
-    """Copy bandwidth (GB/s, bytes read + written) and, on CUDA, bf16 matmul TFLOP/s."""
+def measure_ceilings(device, *, quick: bool = False, peaks_for: Optional[str] = None) -> dict:
+    """Copy bandwidth (GB/s, bytes read + written) and, on CUDA, bf16 matmul TFLOP/s; plus
+    ``peaks``, the device's peak table (``bench.bytes.device_peaks``; ``peaks_for`` names the
+    device to look up instead, e.g. "H100" for a dry run on a CPU), None when unknown."""
+    from bench import bytes as B
+
     device = torch.device(device)
     out = {"device": device.type}
+    pk = B.device_peaks(peaks_for or (device_name(device) if device.type == "cuda" else None))
+    out["peaks"] = pk.as_dict() if pk else None
+    if pk and peaks_for:
+        out["peaks"]["note"] = f"the {pk.name} table, asked for (not this device's)"
     if device.type == "cuda":
         nbytes = (256 if quick else 1024) << 20
         warm, rep = (10, 50) if quick else (25, 200)
@@ -285,6 +297,11 @@ class Row:
     side: Optional[str] = None
     achieved_gbps: Optional[float] = None    # bytes_floor / p50
     multiple_of_floor: Optional[float] = None  # p50 / (bytes_floor / copy bandwidth)
+    flops: Optional[int] = None              # bench.bytes FLOP model, all kinds
+    flops_fp32: Optional[int] = None         # of which on fp32 CUDA cores (IEEE GEMMs, elementwise)
+    roofline_ms: Optional[float] = None      # max(bytes / copy bandwidth, FLOPs / peaks)
+    multiple_of_roofline: Optional[float] = None  # p50 / roofline_ms
+    roofline_bound: Optional[str] = None     # "bytes" or "flops": the larger term
     device: str = "cpu"
     gpu: Optional[str] = None
     torch: str = ""
@@ -293,14 +310,23 @@ class Row:
     note: str = ""
     extra: dict = field(default_factory=dict)
 
-    def finish(self, env: dict, ceilings: dict) -> "Row":
-        """Fill the derived columns and the environment fields."""
+    def finish(self, env: dict, ceilings: dict, flops=None) -> "Row":
+        """Fill the derived columns and the environment fields. ``flops``: the op's
+        ``bench.bytes.Flops`` (None: not modelled, no roofline)."""
         t = self.p50_ms * 1e-3
         if t > 0 and self.bytes_floor > 0:
             self.achieved_gbps = self.bytes_floor / t / 1e9
             bw = ceilings.get("copy_gbps")
             if bw:
                 self.multiple_of_floor = t / (self.bytes_floor / (bw * 1e9))
+        if flops is not None:
+            self.flops, self.flops_fp32 = flops.total, flops.fp32
+            rl = roofline_of(self.bytes_floor, flops, self.precision, ceilings)
+            if rl is not None:
+                self.roofline_ms = rl.seconds * 1e3
+                self.roofline_bound = rl.bound
+                if t > 0 and rl.seconds > 0:
+                    self.multiple_of_roofline = t / rl.seconds
         self.device = env["device"]
         self.gpu = env.get("gpu")
         self.torch = env["torch"]
@@ -310,6 +336,21 @@ class Row:
 
 
 ROW_FIELDS = [f.name for f in fields(Row)]
+
+
+def roofline_of(nbytes: int, flops, precision: Optional[str], ceilings: dict):
+    """``bench.bytes.roofline`` with the run's measured copy bandwidth (the table's HBM figure
+    when none was measured) and the peaks in ``ceilings``; None without a peak table."""
+    from bench import bytes as B
+
+    pk = ceilings.get("peaks")
+    if not pk:
+        return None
+    tf = pk["tflops"]
+    peaks = B.DevicePeaks(pk["name"], pk["hbm_gbps"], pk["hbm_source"], tf["ieee"], tf["tf32"],
+                          tf["bf16"])
+    bw = ceilings.get("copy_gbps") or pk["hbm_gbps"]
+    return B.roofline(nbytes, flops, precision, bandwidth_gbps=bw, peaks=peaks)
 
 
 def write_json(path, rows: Iterable[Row], env: dict, ceilings: dict, meta: dict = None) -> Path:
@@ -341,9 +382,16 @@ def format_markdown(rows: List[Row], env: dict, ceilings: dict, meta: dict = Non
                   if copy else "Ceilings: copy bandwidth not measured")
                  + (f"; matmul {mm:.1f} TFLOP/s ({ceilings.get('matmul_note')})." if mm
                     else f"; matmul: {ceilings.get('matmul_note', 'not measured')}."))
+    pk = ceilings.get("peaks")
+    lines.append("Roofline: " + (
+        f"{pk['name']} peaks (TFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in pk['tflops'].items())}"
+        f"; {pk['compute_source']}), measured copy bandwidth" + (f"; {pk['note']}"
+                                                                 if pk.get("note") else "")
+        if pk else "no peak table for this device (x roofline not reported)") + ".")
     lines += ["", "| op | variant | backend | m x n | r | side | dtype | precision | p50 ms "
-              "| p20-p80 ms | floor MiB | GB/s | x floor | eager/this |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| p20-p80 ms | floor MiB | GB/s | x floor | GFLOP | x roofline | bound "
+              "| eager/this |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = eager.get(_key(r))
         lines.append(
@@ -351,6 +399,8 @@ def format_markdown(rows: List[Row], env: dict, ceilings: dict, meta: dict = Non
             f"| {r.side or '-'} | {r.dtype} | {r.precision or '-'} | {r.p50_ms:.4g} "
             f"| {r.p20_ms:.4g}-{r.p80_ms:.4g} | {r.bytes_floor / 2 ** 20:.1f} "
             f"| {_fmt(r.achieved_gbps, '.1f')} | {_fmt(r.multiple_of_floor, '.2f')} "
+            f"| {_fmt(r.flops / 1e9 if r.flops is not None else None, '.2f')} "
+            f"| {_fmt(r.multiple_of_roofline, '.2f')} | {r.roofline_bound or '-'} "
             f"| {_fmt(rel / r.p50_ms if rel else None, '.2f')} |")
     for section in extra_sections:
         lines += ["", section]

@@ -20,6 +20,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = ("step", "e2e", "convergence", "convergence-study", "refresh")
 _KERNEL_RE = re.compile(r"^(?P<slug>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
+HEADLINE = "headline"      # bench.gpu_check's first device command: headline-<slug>-<date>.json
 
 
 def _mib(n):
@@ -50,6 +51,13 @@ def find_results(folder: Path) -> dict:
             found.setdefault(path.stem[len(suite) + 1:], {})[suite] = doc
             continue
         m = _KERNEL_RE.match(path.name)
+        if m and m["slug"].startswith(HEADLINE + "-") and doc.get("kind") == HEADLINE:
+            slug = m["slug"][len(HEADLINE) + 1:]
+            key = (HEADLINE, slug)
+            if key not in newest or m["date"] >= newest[key]:
+                newest[key] = m["date"]
+                found.setdefault(slug, {})[HEADLINE] = doc
+            continue
         if m and "rows" in doc and (m["slug"] not in newest or m["date"] > newest[m["slug"]]):
             newest[m["slug"]] = m["date"]
             found.setdefault(m["slug"], {})["kernels"] = doc
@@ -77,14 +85,107 @@ def kernels_section(doc) -> str:
     for r in doc["rows"]:
         rows.append([r["op"], r["variant"], r["backend"], f"{r['m']}x{r['n']}", r.get("r") or "-",
                      r["dtype"], r.get("precision") or "-", _f(r["p50_ms"], ".4f"),
-                     _f(r["achieved_gbps"], ".1f"), _f(r["multiple_of_floor"], ".2f")])
+                     _f(r["achieved_gbps"], ".1f"), _f(r["multiple_of_floor"], ".2f"),
+                     _f(r.get("multiple_of_roofline"), ".2f"), r.get("roofline_bound") or "-"])
     note = ""
     if doc.get("environment", {}).get("device") == "cpu":
         note = ("\nCPU: eager only (the Triton kernels need a GPU or `--interpret`); a smoke test "
                 "of the harness, not a performance result.\n")
     return ("### 1. Kernels: fused ops vs eager reference\n\n" + _env_line(doc) + "\n" + note
             + "\n" + _table(["op", "variant", "backend", "shape", "r", "dtype", "precision",
-                             "p50 ms", "GB/s", "x floor"], rows) + "\n")
+                             "p50 ms", "GB/s", "x floor", "x roofline", "bound"], rows)
+            + "\n\n`x floor` = p50 / (floor bytes at the measured copy bandwidth); `x roofline` ="
+            " p50 / max(that, FLOPs at the device's peak for the row's precision), `bound` the "
+            "larger term (`bench/bytes.py`; no roofline without a peak table, e.g. on a CPU).\n")
+
+
+def headline_section(doc) -> str:
+    """The headline run (``bench.gpu_check``): its stages, then one row per (method, dtype,
+    precision, rank) with the fused and eager steps side by side and torch's fused AdamW on
+    the same matrix, then the whole-model step."""
+    meta = doc.get("meta", {})
+    out = ["### Headline: every method's steady step, fused vs eager vs torch AdamW\n",
+           _env_line(doc) + "\n"]
+    if meta.get("tiny"):
+        out.append("**Dry run** (`--tiny`: a CPU, Triton under the interpreter, tiny shapes): "
+                   "the numbers check the script, they are not measurements.\n")
+    stages = [[name, st.get("status", "?"), _f(st.get("elapsed_s"), ".1f"),
+               _f(st.get("budget_s"), ".0f")] for name, st in doc.get("stages", {}).items()]
+    out.append(_table(["stage", "status", "s", "budget s"], stages) + "\n")
+    for st in doc.get("stages", {}).values():
+        for sh in st.get("shards", []):
+            out.append(f"- tests `{sh['select']}`: "
+                       + ("killed at the budget" if sh["timed_out"] else f"exit {sh['exit']}")
+                       + ", " + ", ".join(f"{sh.get(k, 0)} {k}" for k in
+                                          ("passed", "failed", "errors", "skipped")))
+    c = doc.get("ceilings") or {}
+    if c.get("copy_gbps"):
+        pk = c.get("peaks")
+        out.append(f"\nCeilings: copy {c['copy_gbps']:.1f} GB/s"
+                   + (f", bf16 matmul {c['matmul_tflops']:.1f} TFLOP/s"
+                      if c.get("matmul_tflops") else "")
+                   + (f"; roofline peaks {pk['name']} ("
+                      + ", ".join(f"{k} {v:.0f}" for k, v in pk["tflops"].items())
+                      + f" TFLOP/s, {pk['compute_source']})" if pk else "; no roofline") + ".\n")
+    rows = doc.get("rows", [])
+    torch_rows = {r["dtype"]: r for r in rows if r["variant"] == "torch-fused"}
+    table, index = [], {}
+    for r in rows:
+        if r["variant"] not in ("fused", "eager"):
+            continue
+        key = (r["op"], r["dtype"], r["precision"], r["r"])
+        if key not in index:
+            index[key] = {}
+            table.append(key)
+        index[key][r["variant"]] = r
+    cells = []
+    for key in table:
+        fused, eager = index[key].get("fused"), index[key].get("eager")
+        base = torch_rows.get(key[1])
+        f50 = fused["p50_ms"] if fused else None
+        e50 = eager["p50_ms"] if eager else None
+        bound = fused.get("roofline_bound") if fused else None
+        cells.append([
+            key[0].split(":", 1)[-1], key[1], key[2], key[3], _f(f50, ".3f"), _f(e50, ".3f"),
+            _f(base["p50_ms"] if base else None, ".3f"),
+            _f(e50 / f50 if f50 and e50 else None, ".2f"),
+            _f(f50 / base["p50_ms"] if f50 and base else None, ".2f"),
+            _f(fused["achieved_gbps"] if fused else None, ".0f"),
+            _f(fused["multiple_of_floor"] if fused else None, ".2f"),
+            _f(fused.get("multiple_of_roofline") if fused else None, ".2f")
+            + (f" ({bound})" if bound else ""),
+            _f(eager.get("multiple_of_roofline") if eager else None, ".2f"),
+            _f((fused.get("extra") or {}).get("first_call_ms") if fused else None, ".0f")])
+    shape = "x".join(str(x) for x in meta.get("shape", [])) or "?"
+    out.append(f"\nOne steady step on one {shape} matrix (p50 ms; refreshes out of reach). "
+               "`eager/fused` = speed-up of the fused step; `fused/torch` = fused step / "
+               "`torch.optim.AdamW(fused=True)` on the same matrix and dtype (its states in the "
+               "parameter dtype); GB/s = byte floor / p50; `x floor`, `x roofline` = p50 / the "
+               "byte floor at the measured copy bandwidth / the roofline floor "
+               "(`bench/bytes.py`, the larger term in brackets); first call = the fused step's "
+               "cold call (Triton compiles).\n")
+    out.append(_table(["method", "dtype", "precision", "r", "fused ms", "eager ms",
+                       "torch AdamW ms", "eager/fused", "fused/torch", "fused GB/s",
+                       "fused x floor", "fused x roofline", "eager x roofline",
+                       "first call ms"], cells) + "\n")
+    wm = doc.get("whole_model")
+    if wm:
+        out.append(whole_model_section(wm))
+        if wm.get("skipped"):
+            out.append("Not measured (budget spent): " + ", ".join(wm["skipped"]) + "\n")
+    if doc.get("notes"):
+        out.append("Notes:\n\n" + "\n".join(f"- {n}" for n in doc["notes"]) + "\n")
+    if doc.get("errors"):
+        out.append("Errors:\n\n" + "\n".join(f"- {e['case']}: {e['error']}"
+                                             for e in doc["errors"]) + "\n")
+    return "\n".join(out)
+
+
+def headline_page(doc) -> str:
+    """The stand-alone markdown file of a headline run (``headline-<device>-<date>.md``)."""
+    env = doc.get("environment", {})
+    return (f"# lowrank_fused headline: {env.get('device_name', '?')}, "
+            f"{str(env.get('date', '?'))[:10]}\n\n" + headline_section(doc))
 
 
 def step_section(doc) -> str:
@@ -111,12 +212,19 @@ def whole_model_section(wm) -> str:
     if not wm:
         return ""
     rows = [[r["method"], r["variant"], _f(r["steady_p50_ms"]), _f(r["steady_mean_ms"]),
-             _f(r["vs_torch_adamw"], ".2f"), _mib(r["state_bytes"])] for r in wm["rows"]]
+             _f(r.get("host_p50_ms")), r.get("graph") or "-", _f(r["vs_torch_adamw"], ".2f"),
+             _f(r.get("multiple_of_floor"), ".2f"), _f(r.get("multiple_of_roofline"), ".2f"),
+             _mib(r["state_bytes"])] for r in wm["rows"]]
+    prec = wm.get("precision")
     return (f"\nWhole model, steady step (between refreshes): LLaMA-{wm['model']} "
-            f"({wm['model_params']:,} fp32 params, rank {wm['rank']}), p50 of "
-            f"{wm['timed_steps']} steps, against `torch.optim.AdamW(fused=True)`.\n\n"
-            + _table(["method", "variant", "steady p50 ms", "steady mean ms", "x torch",
-                      "state MiB"], rows) + "\n")
+            f"({wm['model_params']:,} fp32 params, rank {wm['rank']}"
+            + (f", GEMM precision {prec}" if prec else "") + f"), p50 of "
+            f"{wm['timed_steps']} steps, against `torch.optim.AdamW(fused=True)`. Host = wall "
+            "time of the `opt.step()` call before synchronising (the CPU's issue work); graph = "
+            "CUDA-graph capture (`n/a`: the optimizer offers none). `x floor` / `x roofline`: "
+            "against the model-wide byte floor / roofline (`bench/bytes.py`).\n\n"
+            + _table(["method", "variant", "steady p50 ms", "steady mean ms", "host p50 ms",
+                      "graph", "x torch", "x floor", "x roofline", "state MiB"], rows) + "\n")
 
 
 def e2e_section(doc) -> str:
@@ -242,7 +350,8 @@ def convergence_study_section(doc) -> str:
             "fraction of the width and the lr optima differ.\n")
 
 
-SECTIONS = {"kernels": kernels_section, "step": step_section, "e2e": e2e_section,
+SECTIONS = {HEADLINE: headline_section, "kernels": kernels_section, "step": step_section,
+            "e2e": e2e_section,
             "convergence": convergence_section, "convergence-study": convergence_study_section,
             "refresh": refresh_section}
 
@@ -428,7 +537,7 @@ def write_report(folder: Path, log=print) -> Path:
     for slug in sorted(found, key=lambda s: (s == "cpu", s)):
         docs = found[slug]
         parts.append(f"## {slug}\n")
-        for suite in ("kernels",) + SUITES:
+        for suite in (HEADLINE, "kernels") + SUITES:
             doc = docs.get(suite)
             if not doc:
                 continue
@@ -443,7 +552,7 @@ def write_report(folder: Path, log=print) -> Path:
                     plot_convergence(plt, doc, a, b)
                     parts.append(f"![validation loss of every method](plots/{a.name})\n\n"
                                  f"![AdaptiveAdamW vs GaLore](plots/{b.name})\n")
-                elif suite not in NO_PLOT:
+                elif suite not in NO_PLOT + (HEADLINE,):
                     p = plots_dir / f"{slug}-{suite}.png"
                     PLOTS[suite](plt, doc, p)
                     parts.append(f"![{suite}](plots/{p.name})\n")

@@ -10,7 +10,9 @@ Suites: ``kernels`` (every fused op vs eager: ``<out>/<gpu-or-cpu>-<YYYY-MM-DD>.
 subspace refresh vs per-layer SVD, ``bench.suite_refresh``): ``<out>/<suite>-<device>.json``.
 Opt-in, only when named in ``--suite``: ``convergence-study`` (every method at its own best lr
 over several seeds, ``bench.suite_convergence_study``; about an hour of one CPU core, resumable,
-``--jobs 2`` trains two runs at a time).
+``--jobs 2`` trains two runs at a time); ``traffic`` (the bytes the Triton kernels request in
+one steady step of every method with the H100 tile configs, counted under the interpreter in a
+child process, ``bench.bench_traffic``; CPU minutes on any machine).
 Then ``bench.report`` writes ``<out>/README.md`` and the plots ``<out>/plots/*.png``.
 Default: every suite (``--only`` alone selects the kernel suite).
 
@@ -37,8 +39,9 @@ MODULES = ("project", "adam_moments", "backproject_update", "galore_step", "adaf
            "adamem_moments", "grouped_lowrank")
 MODULES += ("iass_select", "residual_col_stats", "method_step")
 SUITES = ("kernels", "step", "e2e", "convergence", "refresh")
-# run only when named in --suite (about an hour of one CPU core): bench.suite_convergence_study
-OPT_IN_SUITES = ("convergence-study",)
+# run only when named in --suite: bench.suite_convergence_study (about an hour of one CPU
+# core), bench.suite_traffic (bytes the kernels request, counted under the Triton interpreter)
+OPT_IN_SUITES = ("convergence-study", "traffic")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -105,6 +108,17 @@ def budget(device, quick, interpret):
     if device.type == "cuda":
         return (10, 40) if quick else (25, 100)
     return (0, 0) if interpret else (2, 20)
+
+
+def row_flops(d, params):
+    """The FLOPs of a described case: the module's own ``flops`` when it gives one, else the
+    FLOP model of the row's op (``bench.bytes.op_flops``; None where it has none)."""
+    from bench import bytes as B
+
+    if d.get("flops") is not None:
+        return d["flops"]
+    return B.op_flops(d["op"], params["m"], params["n"], d["r"],
+                      side=params.get("side") if d["r"] else None)
 
 
 def _note(d, backend, interpret):
@@ -243,10 +257,13 @@ def _run_kernels(args, command, device, interpret, out) -> int:
                             p20_ms=p20, p50_ms=p50, p80_ms=p80, bytes_floor=d["bytes"].floor,
                             bytes_eager_model=d["bytes"].eager,
                             side=params.get("side") if d["r"] else None,
-                            note=_note(d, backend, interpret)).finish(env, ceilings)
+                            note=_note(d, backend, interpret)
+                            ).finish(env, ceilings, flops=row_flops(d, params))
                 rows.append(row)
                 print(f"{label:60s} p50 {p50:9.4f} ms  {row.achieved_gbps:8.1f} GB/s  "
-                      f"x{row.multiple_of_floor:.2f} floor", flush=True)
+                      f"x{row.multiple_of_floor:.2f} floor"
+                      + (f"  x{row.multiple_of_roofline:.2f} roofline ({row.roofline_bound})"
+                         if row.multiple_of_roofline is not None else ""), flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         if hasattr(mod, "clear_cache"):

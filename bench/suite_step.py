@@ -71,23 +71,32 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(opt, device, n: int, warm: int = 2):
+def time_steps(opt, device, n: int, warm: int = 2, host: bool = False):
+    """p50 and mean ms of ``n`` synchronised steps after ``warm`` ones; ``opt`` is an optimizer
+    or a zero-argument step callable. ``host``: also the p50 of the host time, the wall time
+    of the step call itself before synchronising (the CPU's issue work)."""
+    step = opt.step if hasattr(opt, "step") else opt
     for _ in range(warm):
-        opt.step()
+        step()
     _sync(device)
-    ts = []
+    ts, hs = [], []
     for _ in range(n):
         t0 = time.perf_counter()
-        opt.step()
+        step()
+        hs.append((time.perf_counter() - t0) * 1e3)
         _sync(device)
         ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), statistics.fmean(ts)
+    out = (statistics.median(ts), statistics.fmean(ts))
+    return out + (statistics.median(hs),) if host else out
 
 
-def _set_grads(model, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+def _set_grads(model, seed=0, on_device=False):
+    """Fixed random gradients (std 1e-3); ``on_device``: drawn on the parameters' device (a
+    1B model's gradients are not drawn on the host)."""
+    dev = next(model.parameters()).device if on_device else torch.device("cpu")
+    g = torch.Generator(device=dev).manual_seed(seed)
     for p in model.parameters():
-        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(p.device, p.dtype)
+        p.grad = (torch.randn(p.shape, generator=g, device=dev) * 1e-3).to(p.device, p.dtype)
 
 
 def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int = None,
@@ -178,45 +187,173 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
     return doc
 
 
-def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int = 20) -> dict:
+def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int = 20,
+                warm: int = 2, precision=None, ceilings=None, graphs: bool = True,
+                deadline=None) -> dict:
     """Issue 4's whole-model comparison: the steady step (between refreshes) of GaLore and
     AdaptiveAdamW, fused per matrix and grouped, on every parameter of a LLaMA-1B-sized model
     (fp32), against ``torch.optim.AdamW(fused=True)`` on the same parameters, side by side in
-    one process. The first step (a randomized refresh, to keep the run short) is a warm step."""
+    one process. The first step (a randomized refresh, to keep the run short) is a warm step.
+
+    Every row has the synchronised step time (``steady_p50_ms``) and the host time
+    (``host_p50_ms``: wall time of the ``opt.step()`` call itself, before synchronising: the
+    CPU's launch work); the model-wide byte floor and FLOPs (``model_step_cost``) and, with
+    ``ceilings`` (``harness.measure_ceilings``), the multiples of the byte floor and of the
+    roofline at ``precision`` (the optimizers' ``matmul_precision``; None: torch's setting).
+    CUDA graphs (``graphs``, CUDA only): a ``+graph`` row for torch's AdamW (``capturable=True``,
+    captured with ``torch.cuda.graph``) and for every optimizer that offers a capture API
+    (``graph_step``); the others get ``graph: "n/a"``. ``deadline`` (``time.monotonic()``):
+    rows not started by then are listed under ``skipped`` instead of measured."""
     from lowrank_fused.models import LlamaForCausalLM, llama_config
-    name, rank, which = spec
+    name, rank, which = spec[:3]
+    overrides = spec[3] if len(spec) > 3 else {}     # (name, rank, methods[, config overrides])
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(name)).to(device)
+    with torch.device(device):      # built on the device: no host init of 1B parameters
+        model = LlamaForCausalLM(llama_config(name, **overrides))
     n_params = sum(p.numel() for p in model.parameters())
-    _set_grads(model)
+    _set_grads(model, on_device=True)
     rows = []
     params = list(model.parameters())
+    graph_ok = graphs and device.type == "cuda"
+    opt_kw = {} if precision is None else {"matmul_precision": precision}
+    skipped = []
+
+    def late(method, variant):
+        if deadline is not None and time.monotonic() > deadline:
+            skipped.append(f"{method} {variant}")
+            log(f"  whole-model {method} {variant}: skipped (budget spent)")
+            return True
+        return False
+
+    def add(method, variant, opt, step, cost, graph):
+        p50, mean, host = time_steps(step, device, steps, warm=min(warm, steps), host=True)
+        state = int(opt.state_bytes()) if hasattr(opt, "state_bytes") else 8 * n_params
+        row = {"method": method, "variant": variant, "steady_p50_ms": p50,
+               "steady_mean_ms": mean, "host_p50_ms": host, "state_bytes": state,
+               "graph": graph, "precision": precision, "bytes_floor": cost[0],
+               "flops": cost[1].total}
+        row.update(_floor_multiples(p50, cost, precision, ceilings))
+        rows.append(row)
+        log(f"  whole-model {name} {method} {variant}: {p50:8.3f} ms (host {host:8.3f} ms)"
+            + (f"  x{row['multiple_of_roofline']:.2f} roofline"
+               if row.get("multiple_of_roofline") is not None else ""))
+
+    torch_cost = model_step_cost(None, params)
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    p50, mean = time_steps(opt, device, steps, warm=min(2, steps))
+    add("torch.optim.AdamW", "torch-fused", opt, opt.step, torch_cost,
+        "captured separately" if graph_ok else "n/a")
     del opt
-    rows.append({"method": "torch.optim.AdamW", "variant": "torch-fused", "steady_p50_ms": p50,
-                 "steady_mean_ms": mean, "state_bytes": 8 * n_params})
-    log(f"  whole-model {name} torch.optim.AdamW(fused=True): {p50:8.3f} ms")
+    if graph_ok and not late("torch.optim.AdamW", "torch-fused+graph"):
+        try:
+            opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
+            add("torch.optim.AdamW", "torch-fused+graph", opt, _torch_graph(opt), torch_cost,
+                "torch.cuda.graph")
+            del opt
+        except Exception as exc:
+            errors.append({"case": "whole-model torch.optim.AdamW graph",
+                           "error": f"{type(exc).__name__}: {exc}"})
+            log(f"ERROR whole-model torch AdamW graph: {exc}")
     for method in which:
         if methods is not None and method not in methods:
             continue
         for variant, extra in (("fused", {}), ("fused-grouped", {"grouped_gemms": True})):
+            if late(method, variant):
+                continue
             try:
                 opt = make_optimizer(model, method, **_kwargs(
-                    method, rank, FAR, "triton", {"projector": "randomized", **extra}))
-                p50, mean = time_steps(opt, device, steps, warm=min(2, steps))
-                state = int(opt.state_bytes())
+                    method, rank, FAR, "triton", {"projector": "randomized", **extra,
+                                                  **opt_kw}))
+                cost = model_step_cost(opt, params, method)
+                capture = graph_step(opt)
+                add(method, variant, opt, opt.step, cost,
+                    "captured separately" if capture and graph_ok else "n/a")
+                if capture is not None and graph_ok:
+                    add(method, variant + "+graph", opt, capture(), cost, "optimizer capture")
                 del opt
             except Exception as exc:
                 errors.append({"case": f"whole-model {method} {variant}",
                                "error": f"{type(exc).__name__}: {exc}"})
                 log(f"ERROR whole-model {method} {variant}: {exc}")
                 continue
-            rows.append({"method": method, "variant": variant, "steady_p50_ms": p50,
-                         "steady_mean_ms": mean, "state_bytes": state})
-            log(f"  whole-model {name} {method} {variant}: {p50:8.3f} ms")
     base = rows[0]["steady_p50_ms"]
     for r in rows:
         r["vs_torch_adamw"] = r["steady_p50_ms"] / base
     return {"model": name, "model_params": n_params, "rank": rank, "timed_steps": steps,
-            "rows": rows}
+            "precision": precision, "rows": rows, "skipped": skipped}
+
+
+# the names under which an optimizer may offer CUDA-graph capture of its step: a method that
+# returns a zero-argument callable replaying one step (capture happens inside the method)
+CAPTURE_APIS = ("capture", "capture_step", "cuda_graph", "graphed_step")
+
+
+def graph_step(opt):
+    """The optimizer's capture method (a callable returning a replay callable), or None when it
+    offers none (today none does: the whole-model rows then say ``graph: "n/a"``)."""
+    for attr in CAPTURE_APIS:
+        fn = getattr(opt, attr, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def _torch_graph(opt):
+    """``opt.step`` of a ``capturable`` torch optimizer captured into a CUDA graph (warm-up on a
+    side stream first, as torch's documentation does); returns the graph's ``replay``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph.replay
+
+
+def model_step_cost(opt, params, method=None):
+    """``(bytes_floor, Flops)`` of one steady step over ``params``: ``method``'s step model
+    (``bench.bytes.method_step_bytes`` / ``method_step_flops``, fp32 states, side by
+    galore_torch's "std" rule) for every matrix of ``opt``'s low-rank groups with a rank below
+    its smaller dimension, dense AdamW (fp32 states) for the rest; ``opt=None``: torch's AdamW
+    on everything (states in the parameter dtype)."""
+    from bench import bytes as B
+    from bench.harness import galore_side
+
+    low = {}
+    if opt is not None:
+        for group in opt.param_groups:
+            if group.get("rank"):
+                for p in group["params"]:
+                    if p.dim() == 2 and group["rank"] < min(p.shape):
+                        low[id(p)] = group["rank"]
+    nbytes, flops = 0, B.Flops(0)
+    for p in params:
+        size = p.element_size()
+        if id(p) in low:
+            m, n = p.shape
+            side = galore_side(m, n)
+            nbytes += B.method_step_bytes(method, m, n, low[id(p)], param_bytes=size,
+                                          side=side).floor
+            flops = flops + B.method_step_flops(method, m, n, low[id(p)], side=side)
+        else:
+            nbytes += B.adamw_bytes(p.numel(), 1, param_bytes=size,
+                                    state_bytes=size if opt is None else 4).floor
+            flops = flops + B.adamw_flops(p.numel(), 1)
+    return nbytes, flops
+
+
+def _floor_multiples(p50_ms, cost, precision, ceilings):
+    """``multiple_of_floor`` / ``multiple_of_roofline`` / ``roofline_bound`` of a step of
+    ``cost = (bytes, Flops)`` taking ``p50_ms``, against ``ceilings`` (empty without them)."""
+    from bench import harness as H
+
+    if not ceilings or not ceilings.get("copy_gbps") or p50_ms <= 0:
+        return {}
+    out = {"multiple_of_floor": p50_ms * 1e-3 / (cost[0] / (ceilings["copy_gbps"] * 1e9))}
+    rl = H.roofline_of(cost[0], cost[1], precision, ceilings)
+    if rl is not None:
+        out.update(roofline_ms=rl.seconds * 1e3, multiple_of_roofline=p50_ms * 1e-3 / rl.seconds,
+                   roofline_bound=rl.bound)
+    return out
