@@ -17,8 +17,18 @@ import triton.language as tl
 #   ieee  fp32 FMA, exact to fp32 rounding          ("highest")
 #   tf32  TF32 tensor cores, fp32 accumulate          ("high")
 #   bf16  operands rounded to bf16, fp32 accumulate   ("medium")
+#   tf32x3  split precision: a = a_hi + a_lo (a_hi = tf32(a), a_lo = tf32(a - a_hi)), and
+#         a @ b ~ a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi on TF32 tensor cores, fp32
+#         accumulate: about fp32 accuracy at a third of TF32's speed (docs/precision.md)
+# The *_EMULATED modes are the interpreter's stand-ins (fp32 numpy dots on operands rounded
+# to the mode's precision); they are never compiled.
 DOT_IEEE, DOT_TF32, DOT_BF16, DOT_BF16_EMULATED = 0, 1, 2, 3
-_DOT_MODES = {"ieee": DOT_IEEE, "tf32": DOT_TF32, "bf16": DOT_BF16}
+DOT_TF32X3, DOT_TF32_EMULATED, DOT_TF32X3_EMULATED = 4, 5, 6
+_DOT_MODES = {"ieee": DOT_IEEE, "tf32": DOT_TF32, "bf16": DOT_BF16, "tf32x3": DOT_TF32X3}
+_EMULATED = {DOT_BF16: DOT_BF16_EMULATED, DOT_TF32: DOT_TF32_EMULATED,
+             DOT_TF32X3: DOT_TF32X3_EMULATED}
+# the modes a GPU launch can ask for (the AOT variant lists compile each)
+GPU_DOT_MODES = (DOT_IEEE, DOT_TF32, DOT_BF16, DOT_TF32X3)
 
 
 def check_left_basis(G, P, name: str, cols: str):
@@ -84,9 +94,11 @@ def grid_sm_count(device: torch.device):
 
 def dot_mode(precision: str, device: torch.device) -> int:
     """The DOT_MODE constexpr for ``precision`` on ``device``."""
+    if precision not in _DOT_MODES:
+        raise ValueError(f"precision must be one of {tuple(_DOT_MODES)}, got {precision!r}")
     mode = _DOT_MODES[precision]
-    if device.type != "cuda":  # interpreter: fp32 numpy dot for every mode
-        return DOT_BF16_EMULATED if mode == DOT_BF16 else DOT_IEEE
+    if device.type != "cuda":  # interpreter: fp32 numpy dots on operands rounded per mode
+        return _EMULATED.get(mode, mode)
     return mode
 
 
@@ -96,6 +108,15 @@ def round_bf16_rne(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_tf32_rne(x):
+    """fp32 -> fp32 holding the nearest-even TF32 value (10-bit mantissa: the low 13 bits
+    rounded off); NaN stays NaN, overflow past the largest TF32 value gives inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -131,6 +152,24 @@ def mma(a, b, acc, DOT_MODE: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation in the requested operand precision."""
     if DOT_MODE == 2:
         acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
+    elif DOT_MODE == 4:   # the compiler splits the operands and issues three TF32 MMAs
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3",
+                     out_dtype=tl.float32)
+    elif DOT_MODE == 5:
+        a = round_tf32_rne(a.to(tl.float32))
+        b = round_tf32_rne(b.to(tl.float32))
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
+    elif DOT_MODE == 6:   # the GPU's order: the two small products first, NaN -> 0 in them
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        a_hi = round_tf32_rne(a)
+        b_hi = round_tf32_rne(b)
+        a_lo = round_tf32_rne(a - a_hi)
+        b_lo = round_tf32_rne(b - b_hi)
+        small = tl.dot(a_lo, b_hi, input_precision="ieee", out_dtype=tl.float32)
+        small = tl.dot(a_hi, b_lo, small, input_precision="ieee", out_dtype=tl.float32)
+        small = tl.where(small != small, 0.0, small)
+        acc = tl.dot(a_hi, b_hi, acc + small, input_precision="ieee", out_dtype=tl.float32)
     elif DOT_MODE == 3:
         a = round_bf16_rne(a.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
         b = round_bf16_rne(b.to(tl.float32)).to(tl.bfloat16).to(tl.float32)

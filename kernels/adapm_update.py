@@ -379,7 +379,7 @@ def aot_variants():
     for w_t, s_t in DTYPE_PAIRS:
         for blocks in (False, True):
             for clip in (CLAMP, RMS_STATS, RMS_APPLY):
-                for mode in (0, 1, 2):
+                for mode in (0, 1, 2, 4):   # ieee, tf32, bf16, tf32x3
                     for cfg in configs_for(mode):
                         types = {"w_ptr": "*" + w_t, "g_ptr": "*" + w_t, "l_ptr": "*" + s_t,
                                  "b_ptr": "*fp32", "l0_ptr": "*" + s_t, "b0_ptr": "*fp32",

@@ -148,7 +148,7 @@ def aot_variants():
     combos += [("fp32", "fp32", "fp32", True), ("bf16", "bf16", "fp32", True)]
     for w_t, x_t, s_t, has_res in combos:
         g_t, c_t = (w_t, "fp32") if has_res else (w_t, w_t)
-        for mode in (0, 1, 2):
+        for mode in (0, 1, 2, 4):   # ieee, tf32, bf16, tf32x3
             for cfg in configs_for(mode):
                 yield Variant(_backproject_update_kernel,
                               {"w_ptr": "*" + w_t, "x_ptr": "*" + x_t, "p_ptr": "*" + s_t,

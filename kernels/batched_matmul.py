@@ -114,7 +114,7 @@ def aot_variants():
                                "stride_bb", "stride_bk", "stride_bn", "stride_cb", "stride_cm",
                                "stride_cn")}
     for a_t in ("fp32", "bf16", "fp16"):
-        for mode in (0, 1, 2):
+        for mode in (0, 1, 2, 4):   # ieee, tf32, bf16, tf32x3
             for cfg in configs_for(mode):
                 yield Variant(_batched_matmul_kernel,
                               {"a_ptr": "*" + a_t, "b_ptr": "*fp32", "c_ptr": "*fp32", **ints},

@@ -168,7 +168,7 @@ def aot_variants():
     combos += [(g_t, "fp32", not has_cs, has_cs) for has_cs in (False, True)
                for g_t in ("fp32", "bf16")]
     for g_t, p_t, has_rsq, has_cs in combos:
-        for mode in (0, 1, 2):
+        for mode in (0, 1, 2, 4):   # ieee, tf32, bf16, tf32x3
             for cfg in configs_for(mode):
                 for aligned in (True, False):
                     yield Variant(_grouped_project_kernel,

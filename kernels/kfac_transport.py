@@ -48,7 +48,7 @@ def aot_variants():
                                "stride_mor", "stride_mon", "stride_vor", "stride_von")}
     floats = {"bc1_sq": "fp32", "bc2": "fp32"}
     for s_t in ("bf16", "fp16"):
-        for mode in (0, 1, 2):
+        for mode in (0, 1, 2, 4):   # ieee, tf32, bf16, tf32x3
             for cfg in configs_for(mode):
                 yield Variant(_moment_transport_kernel,
                               {"c_ptr": "*fp32", "m_ptr": "*" + s_t, "v_ptr": "*" + s_t,

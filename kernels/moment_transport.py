@@ -273,7 +273,7 @@ def aot_variants():
     floats = {"bc1_sq": "fp32", "bc2": "fp32"}
     for s_t in ("fp32", "bf16", "fp16"):            # M and V (and their outputs) dtype
         for v_form in (V_SQUARED, V_LINEAR, V_LDADAM):
-            for mode in (0, 1, 2):
+            for mode in (0, 1, 2, 4):   # ieee, tf32, bf16, tf32x3
                 for cfg in configs_for(mode):
                     yield Variant(_moment_transport_kernel,
                                   {"c_ptr": "*fp32", "m_ptr": "*" + s_t, "v_ptr": "*" + s_t,

@@ -275,7 +275,7 @@ def aot_variants():
     combos += [(g_t, "fp32", has_cs, not has_cs) for has_cs in (True, False)
                for g_t in ("fp32", "bf16")]
     for g_t, p_t, has_cs, has_rsq in combos:
-        for mode in (0, 1, 2):
+        for mode in (0, 1, 2, 4):   # ieee, tf32, bf16, tf32x3
             for cfg in configs_for(mode):
                 yield Variant(_project_kernel,
                               {"g_ptr": "*" + g_t, "p_ptr": "*" + p_t, "r_ptr": "*fp32",

@@ -15,7 +15,8 @@ import torch
 from lowrank_fused.dispatch import implementation
 
 SIDES = ("left", "right")
-PRECISIONS = ("ieee", "tf32", "bf16")
+# GEMM operand precisions (docs/precision.md); every mode accumulates in fp32
+PRECISIONS = ("ieee", "tf32", "bf16", "tf32x3")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -10,6 +10,7 @@ import math
 import torch
 
 from lowrank_fused.dispatch import register
+from lowrank_fused.reference._precision import matmul
 
 CLIP_MODES = ("elementwise", "rms", "none")
 
@@ -74,17 +75,18 @@ def adapm_update_ref(W, G, L, R, Rg, V, L0=None, R0=None, *, beta1: float, s_coe
     The momentum estimate is ``mc = s_coef*(L@R) + e_coef*e``; the optimizer picks the
     coefficients for the estimator and bias correction (docs/methods/adapm.md; e.g. the unbiased
     estimator A passes ``s_coef = 1/bc1``, ``e_coef = 1/(1-beta1)``). Then lines 5-7. Math in
-    fp32; every tensor keeps its dtype. The reference ignores ``precision``.
+    fp32, the products with the operands of ``precision``; every tensor keeps its dtype.
     """
     g = G.float()
     Lf = L.float()
     if L0 is None:
         rg = Rg.float()
         R.copy_(R.float() * beta1 + (1.0 - beta1) * rg)
-        e = (1.0 - beta1) * (g - Lf @ rg)
+        e = (1.0 - beta1) * (g - matmul(Lf, rg, precision))
     else:
-        e = beta1 * (L0.float() @ R0.float()) + (1.0 - beta1) * g - Lf @ R.float()
-    mc = s_coef * (Lf @ R.float()) + e_coef * e
+        e = (beta1 * matmul(L0, R0, precision) + (1.0 - beta1) * g
+             - matmul(Lf, R, precision))
+    mc = s_coef * matmul(Lf, R, precision) + e_coef * e
     second_moment_and_apply(W, G, mc, V, v_keep=v_keep, v_add=v_add, eps=eps, c2=c2, lr=lr,
                             pre_scale=pre_scale, clip_mode=clip_mode,
                             clip_threshold=clip_threshold)

@@ -2,6 +2,7 @@
 weight-decay orders in docs/conventions.md; K3 in docs/bytes.md)."""
 
 from lowrank_fused.dispatch import register
+from lowrank_fused.reference._precision import matmul
 
 
 @register("backproject_update", "reference")
@@ -11,12 +12,13 @@ def backproject_update_ref(W, P, N, *, coef: float, pre_scale: float, post_decay
 
     ``W = W*pre_scale``; ``W = W - coef*(P @ N)``; ``W = W - post_decay*W``.
     WD-pre passes ``pre_scale = 1 - lr*wd, post_decay = 0``; WD-post (GaLore/HF) passes
-    ``pre_scale = 1, post_decay = lr*wd``. Math in fp32; W is written back in its own dtype.
+    ``pre_scale = 1, post_decay = lr*wd``. Math in fp32 (``P @ N`` with the operands of
+    ``precision``); W is written back in its own dtype.
     """
     w = W.float()
     if pre_scale != 1.0:
         w = w * pre_scale
-    w = w - coef * (P.float() @ N.float())
+    w = w - coef * matmul(P, N, precision)
     if post_decay != 0.0:
         w = w - post_decay * w
     W.copy_(w)

@@ -3,12 +3,13 @@ reference."""
 import torch
 
 from lowrank_fused.dispatch import register
+from lowrank_fused.reference._precision import matmul
 
 
 @register("batched_matmul", "reference")
 def batched_matmul_ref(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
                        precision: str = "ieee") -> None:
     """``C[b] = float32(A[b]) @ B[b]`` into fp32 C (batch, M, N); A (batch, M, K) in its
-    storage dtype, any strides; B (batch or 1, K, N) fp32. The reference ignores
-    ``precision`` (fp32 torch matmul)."""
-    C.copy_(torch.matmul(A.float(), B.float()))
+    storage dtype, any strides; B (batch or 1, K, N) fp32; the operands rounded as
+    ``precision`` rounds them."""
+    C.copy_(matmul(A, B, precision))

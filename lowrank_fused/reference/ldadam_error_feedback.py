@@ -3,6 +3,7 @@ fused form; K4 in docs/bytes.md), eager reference."""
 import torch
 
 from lowrank_fused.dispatch import register
+from lowrank_fused.reference._precision import matmul
 
 
 @register("ldadam_error_feedback", "reference")
@@ -22,14 +23,15 @@ def ldadam_error_feedback_ref(A, P_new, P_old, Rg, M, M_tr, E, *, c: float,
     ``E = A - hcat(P_new, P_old) @ vcat(Rg + c*M_tr, -c*M)``.
     ``explicit=True``: the three in-place updates of ``ldadamw_torch`` in order, each result
     stored in E's dtype (reproduces the official rounding of a bf16 error buffer).
-    Math in fp32; A is read in its storage dtype.
+    Math in fp32, the products with the operands of ``precision``; A is read in its storage
+    dtype.
     """
     Pn, Po = P_new.float(), P_old.float()
     if explicit:
-        E.copy_(A.float() - Pn @ Rg.float())
-        E.copy_(E.float() + c * (Po @ M.float()))
-        E.copy_(E.float() - c * (Pn @ M_tr.float()))
+        E.copy_(A.float() - matmul(Pn, Rg, precision))
+        E.copy_(E.float() + c * matmul(Po, M, precision))
+        E.copy_(E.float() - c * matmul(Pn, M_tr, precision))
         return
     K = torch.cat([Pn, Po], dim=1)
     L = torch.cat([Rg.float() + c * M_tr.float(), -c * M.float()], dim=0)
-    E.copy_(A.float() - K @ L)
+    E.copy_(A.float() - matmul(K, L, precision))

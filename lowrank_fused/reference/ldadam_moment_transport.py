@@ -2,6 +2,7 @@
 (docs/methods/ldadam.md, update lines 4 and 6; K8 in docs/bytes.md), eager reference."""
 
 from lowrank_fused.dispatch import register
+from lowrank_fused.reference._precision import matmul
 
 
 @register("ldadam_moment_transport", "reference")
@@ -18,15 +19,16 @@ def ldadam_moment_transport_ref(P_new, P_old, M, V, M_tr, *, bc1: float, bc2: fl
     squared transported mean is added back; ``abs`` (not a clamp) is part of the algorithm,
     because ``V/bc2 - M^2/bc1^2`` can be negative. M is kept so the caller can still use it
     (LDAdam's error feedback needs both M and M_tr); the caller then sets ``M = M_tr``.
-    Math in fp32; outputs keep their dtypes. A right-projected matrix passes ``Q^T`` bases and
+    Math in fp32 (the three products with the operands of ``precision``); outputs keep their
+    dtypes. A right-projected matrix passes ``Q^T`` bases and
     ``M^T, V^T, M_tr^T`` (then ``C`` is the transpose of ``Q_old @ Q_new^T``,
     docs/methods/ldadam.md).
     """
-    C = P_new.float().t() @ P_old.float()
+    C = matmul(P_new.t(), P_old, precision)
     m = M.float()
-    m_tr = C @ m
+    m_tr = matmul(C, m, precision)
     w = V.float() / bc2 - (m * m) / (bc1 * bc1)
-    w = (C * C) @ w
+    w = matmul(C * C, w, precision)
     w = w + (m_tr * m_tr) / (bc1 * bc1)
     M_tr.copy_(m_tr)
     V.copy_((w * bc2).abs())

@@ -2,6 +2,7 @@
 import torch
 
 from lowrank_fused.dispatch import register
+from lowrank_fused.reference._precision import matmul
 
 
 @register("project", "reference")
@@ -11,11 +12,11 @@ def project_ref(G: torch.Tensor, P: torch.Tensor, R: torch.Tensor, precision: st
     With ``col_sumsq`` (n, fp32) also writes ``colsum(G^2)``; with ``r_sumsq`` (1 element,
     fp32) also ``||R||_F^2`` of the fp32 R.
 
-    G and P are cast to fp32 before the product (the reference ignores ``precision``: its
-    GEMM is whatever torch's fp32 matmul is on the device).
+    G and P are cast to fp32 before the product, whose operands are rounded as the fused
+    GEMM's ``precision`` rounds them (``reference._precision``).
     """
     g = G.float()
-    R.copy_(P.float().t() @ g)
+    R.copy_(matmul(P.t(), g, precision))
     if col_sumsq is not None:
         col_sumsq.copy_((g * g).sum(dim=0))
     if r_sumsq is not None:

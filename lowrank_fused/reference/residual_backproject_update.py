@@ -3,6 +3,7 @@ decoupled weight decay, eager reference (docs/methods/adamem.md, update lines 8-
 the residual term, K5 pass 2, in docs/bytes.md)."""
 
 from lowrank_fused.dispatch import register
+from lowrank_fused.reference._precision import matmul
 
 
 @register("residual_backproject_update", "reference")
@@ -16,14 +17,15 @@ def residual_backproject_update_ref(W, G, P, R, N, col_scale, *, coef: float, re
     ``W = W - coef*(P @ N) - res_coef*((G - P @ R) * col_scale[None, :])``;
     ``W = W - post_decay*W``.
     AdaMeM passes ``coef = lr``, ``res_coef = lr*delta``, WD-pre (``pre_scale = 1 - lr*wd``).
-    Math in fp32 (the reference ignores ``precision``); W is written once, in its own dtype.
+    Math in fp32, the two products with the operands of ``precision``; W is written once, in
+    its own dtype.
     """
     p = P.float()
     w = W.float()
     if pre_scale != 1.0:
         w = w * pre_scale
-    residual = G.float() - p @ R.float()
-    w = w - (coef * (p @ N.float()) + res_coef * (residual * col_scale.float()))
+    residual = G.float() - matmul(p, R, precision)
+    w = w - (coef * matmul(p, N, precision) + res_coef * (residual * col_scale.float()))
     if post_decay != 0.0:
         w = w - post_decay * w
     W.copy_(w)

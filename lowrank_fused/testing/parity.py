@@ -7,6 +7,8 @@ the GEMM operand precision:
 * fp32 output, ieee GEMM: 1e-5. fp32 rounding is 6e-8; a length-k reduction in another order
   differs by about sqrt(k) ulps, and Adam's division by sqrt(v)+eps can amplify that where
   v is tiny, so 1e-5 leaves two orders of margin while a wrong formula (1e-3 and up) fails.
+* tf32x3 GEMM: each product is off by at most ~2^-21 relative (the dropped lo*lo term
+  and the rounding of the lo parts), below the reorder budget above: as ieee.
 * tf32 GEMM: operands rounded to 10 mantissa bits (4.9e-4 each): 3e-3.
 * bf16 GEMM operands or a bf16 output: 1 bf16 ulp is 2^-8..2^-7 (3.9e-3..7.8e-3): 1e-2.
 * trajectories of bf16 parameters: each step can flip the last bit of W, so 2e-2.
@@ -26,7 +28,7 @@ TOLERANCES = {
     ("trajectory", torch.bfloat16): 2e-2,
     ("trajectory", torch.float16): 4e-3,
 }
-PRECISION_TOLERANCE = {"ieee": 0.0, "tf32": 3e-3, "bf16": 1e-2}
+PRECISION_TOLERANCE = {"ieee": 0.0, "tf32x3": 0.0, "tf32": 3e-3, "bf16": 1e-2}
 
 
 def tolerance(dtype: torch.dtype, kind: str = "op", precision: str = "ieee") -> float:
