@@ -315,8 +315,8 @@ def convergence_study_section(doc) -> str:
                           f"{p['a_better']} of {d['n']}"])
     a, b = cfg["pair_methods"]
     runs = doc.get("runs", [])
-    return (f"### 4b. Convergence study: every method at its own best lr, {len(cfg['seeds'])} "
-            "seeds, paired differences\n\n" + _env_line(doc) + "\n\n"
+    return (f"### 4b. Convergence study: every method at its own best lr, up to "
+            f"{len(cfg['seeds'])} seeds, paired differences\n\n" + _env_line(doc) + "\n\n"
             f"A LLaMA of dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} heads, MLP "
             f"{m['mlp_dim']} on byte-level standard-library text ({cfg['corpus']}); "
             f"{cfg['steps']} steps x {cfg['batch_size']} x {cfg['seq_len']} bytes, warm-up "
@@ -324,7 +324,10 @@ def convergence_study_section(doc) -> str:
             f"{cfg['grad_clip']}, rank {cfg['rank']} and refresh interval "
             f"{cfg['update_proj_gap']} for the low-rank methods, validation perplexity on "
             f"{cfg['eval_batches']} fixed batches at the end; {len(runs)} runs, "
-            f"{sum(r.get('seconds', 0) for r in runs) / 60:.0f} min of training. "
+            f"{sum(r.get('seconds', 0) for r in runs) / 60:.0f} min of training"
+            + (f" (**stopped before its end: {doc['pending']} more runs are planned** from "
+               "these results; the same command continues the study)" if doc.get("pending")
+               else "") + ". "
             "lr sweep with seed 0: "
             + ", ".join(f"{x:.0e}" for x in cfg["lr_start"]) + " for every method, extended "
             "along " + ", ".join(f"{x:.0e}" for x in cfg["lr_ladder"]) + " while the best lr "
@@ -500,7 +503,7 @@ def plot_convergence_study(plt, doc, path):
     bx.set_ylim(-0.7, max(len(pairs), 1) - 0.3)
     bx.invert_yaxis()
     a, b = cfg["pair_methods"]
-    bx.set_xlabel(f"ppl {a} / {b} - 1, % (same seed)")
+    bx.set_xlabel("ppl ratio - 1, % (dots: seeds)")
     bx.set_title(f"{a} vs {b}, paired", fontsize=10)
     bx.grid(axis="x", alpha=0.3)
     fig.tight_layout()

@@ -17,7 +17,7 @@ that lr happens to suit them. This study tunes first and then measures the sprea
    validation split), so runs of different seeds are scored on the same validation bytes.
 
 A run is one ``python -m lowrank_fused.train`` (a model between the driver's tiny one and the
-dim-256 / 4-layer one: dim 192, 3 layers, 4 heads, MLP 512, byte-level stdlib text; 150 steps of
+dim-256 / 4-layer one: dim 128, 3 layers, 4 heads, MLP 344, byte-level stdlib text; 150 steps of
 8 x 128 bytes, warm-up 15 then cosine to 0.1x, grad clip 1.0, refresh interval 50; validation
 loss on 8 fixed batches every 50 steps). A diverged run (non-finite loss) counts as the worst
 result of its lr.
@@ -46,7 +46,7 @@ from lowrank_fused.routing import DENSE_METHODS, METHODS
 NAME = "convergence-study"
 PAIR = ("adaptive_adamw", "galore")
 
-FULL = {"model": {"dim": 192, "n_layers": 3, "n_heads": 4, "mlp_dim": 512},
+FULL = {"model": {"dim": 128, "n_layers": 3, "n_heads": 4, "mlp_dim": 344},
         "steps": 150, "batch_size": 8, "seq_len": 128, "rank": 8, "update_proj_gap": 50,
         "eval_every": 50, "eval_batches": 8, "max_bytes": 1_000_000,
         "warmup": 15, "min_lr_ratio": 0.1, "grad_clip": 1.0,
@@ -105,8 +105,9 @@ def best_lr(cfg, method, done):
 def pending(cfg, methods, done):
     """Runs still needed as ``(priority, method, rank, lr, seed, stage)``, most urgent first:
     the sweeps (0), then every method's seeds at its best lr and the pairs on the sweep's seeds
-    (1), then the pairs' extra seeds (2). Only what the runs so far decide is listed: a method
-    whose sweep is unfinished has no seed runs yet."""
+    (1), then the pairs' extra seeds (2); within a priority seed by seed, so that a study cut
+    short has the same seeds for every method. Only what the runs so far decide is listed: a
+    method whose sweep is unfinished has no seed runs yet."""
     out = []
     for method in methods:
         best, todo = best_lr(cfg, method, done)
@@ -125,7 +126,7 @@ def pending(cfg, methods, done):
             if (r, s) not in seen and run_key(method, r, best, s) not in done:
                 seen.add((r, s))
                 out.append((prio, method, r, best, s, stage))
-    return sorted(out, key=lambda t: (t[0], methods.index(t[1]), t[4], t[2] or 0, t[3]))
+    return sorted(out, key=lambda t: (t[0], t[4], methods.index(t[1]), -(t[2] or 0), t[3]))
 
 
 # ---- the summary: per method at its best lr, and the paired differences ---------------------
@@ -266,7 +267,7 @@ def load_runs(path: Path, cfg) -> list:
 def document(cfg, methods, runs, errors) -> dict:
     done = {run_key(r["method"], r["rank"], r["lr"], r["seed"]): r for r in runs}
     return {"suite": NAME, "config": cfg, "methods": list(methods), **summarize(cfg, methods, done),
-            "runs": runs, "errors": errors}
+            "pending": len(pending(cfg, list(methods), done)), "runs": runs, "errors": errors}
 
 
 def _write(path: Path, doc):

@@ -185,6 +185,12 @@ def test_convergence_study_plan():
     assert {(t[2], t[4]) for t in later} == (
         {(8, s) for s in cfg["pair_seeds"] if s != 0} | {(4, s) for s in cfg["pair_seeds"]})
     assert {(t[2], t[4]) for t in later if t[0] == 1} == {(8, 1), (8, 2), (4, 0), (4, 1), (4, 2)}
+    # seed by seed across methods: a study cut short has the same seeds for every method
+    done.update(_study_done(cfg, {("adamw", 1e-3): 2.2, ("adamw", 3e-3): 2.0,
+                                  ("adamw", 1e-2): 2.1, ("adamw", 3e-2): 2.3}))
+    seeds = [(t[4], t[1]) for t in S.pending(cfg, ["galore", "adamw"], done) if t[0] == 1]
+    assert seeds == sorted(seeds, key=lambda x: (x[0], ["galore", "adamw"].index(x[1])))
+    assert ("adamw" in {m for s, m in seeds if s == 1}) and seeds[-1][0] == 2
     # without its partner, a pair method gets only its seeds
     todo = S.pending(cfg, ["galore"], done)
     assert {(t[2], t[4]) for t in todo} == {(8, 1), (8, 2)}
@@ -202,7 +208,7 @@ def test_convergence_study_quick_and_resume(tmp_path, capsys):
     doc = json.loads(path.read_text())
     assert doc["errors"] == [] and doc["environment"]["torch"]
     # sweep 2 x 3 lrs; seed 1 at rank 8; seeds 0 and 1 at rank 4
-    assert len(doc["runs"]) == 12
+    assert len(doc["runs"]) == 12 and doc["pending"] == 0
     rows = {(r["method"], r["rank"]): r for r in doc["rows"]}
     assert set(rows) == {("galore", 8), ("galore", 4), ("adaptive_adamw", 8),
                          ("adaptive_adamw", 4)}
