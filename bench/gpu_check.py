@@ -575,8 +575,10 @@ class Headline:
         return out
 
     def warm(self, index: int, count: int) -> int:
-        """A warm worker: every ``count``-th fused case of the per-method table from
-        ``index``, one call each (the compiles, and the reference warm step each needs)."""
+        """A warm worker: its share of the per-method table's fused cases (whole (method, rank,
+        dtype) groups), one call each (the compiles, and the reference warm step each needs);
+        on CUDA the last worker then steps the whole-model optimizers (``--tiny`` leaves that
+        out: the interpreter has no compile cache to fill)."""
         from bench import bench_method_step as MS
         from bench import harness as H
 
@@ -600,6 +602,16 @@ class Headline:
                 import torch
 
                 torch.cuda.empty_cache()
+        if index == count - 1 and not self.tiny:
+            # the last worker also steps the whole-model optimizers once (their shapes' compiles)
+            from bench import suite_step
+
+            precisions = self.precisions()
+            try:
+                suite_step.warm_whole_model(self.device, suite_step.WHOLE_MODEL,
+                                            precisions[0] if precisions else None)
+            except Exception as exc:
+                print(f"warm-error whole-model: {type(exc).__name__}: {exc}", flush=True)
         return 0
 
     # ---- stage 3: ceilings --------------------------------------------------------------------
@@ -729,7 +741,7 @@ class Headline:
         from bench import suite_step
 
         spec = TINY_WHOLE_MODEL if self.tiny else suite_step.WHOLE_MODEL
-        steps, warm = (1, 1) if self.tiny else (10, 2)
+        steps, warm = (1, 0) if self.tiny else (10, 2)
         precisions = self.precisions()
         errors = []
         wm = suite_step.whole_model(self.device, self.log, errors, spec=spec, steps=steps,

@@ -204,18 +204,11 @@ def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int 
     captured with ``torch.cuda.graph``) and for every optimizer that offers a capture API
     (``graph_step``); the others get ``graph: "n/a"``. ``deadline`` (``time.monotonic()``):
     rows not started by then are listed under ``skipped`` instead of measured."""
-    from lowrank_fused.models import LlamaForCausalLM, llama_config
-    name, rank, which = spec[:3]
-    overrides = spec[3] if len(spec) > 3 else {}     # (name, rank, methods[, config overrides])
-    torch.manual_seed(0)
-    with torch.device(device):      # built on the device: no host init of 1B parameters
-        model = LlamaForCausalLM(llama_config(name, **overrides))
+    name, rank, which, model = _whole_model(device, spec)
     n_params = sum(p.numel() for p in model.parameters())
-    _set_grads(model, on_device=True)
     rows = []
     params = list(model.parameters())
     graph_ok = graphs and device.type == "cuda"
-    opt_kw = {} if precision is None else {"matmul_precision": precision}
     skipped = []
 
     def late(method, variant):
@@ -256,13 +249,11 @@ def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int 
     for method in which:
         if methods is not None and method not in methods:
             continue
-        for variant, extra in (("fused", {}), ("fused-grouped", {"grouped_gemms": True})):
+        for variant, extra in WHOLE_MODEL_VARIANTS:
             if late(method, variant):
                 continue
             try:
-                opt = make_optimizer(model, method, **_kwargs(
-                    method, rank, FAR, "triton", {"projector": "randomized", **extra,
-                                                  **opt_kw}))
+                opt = _whole_model_optimizer(model, method, rank, extra, precision)
                 cost = model_step_cost(opt, params, method)
                 capture = graph_step(opt)
                 add(method, variant, opt, opt.step, cost,
@@ -280,6 +271,52 @@ def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int 
         r["vs_torch_adamw"] = r["steady_p50_ms"] / base
     return {"model": name, "model_params": n_params, "rank": rank, "timed_steps": steps,
             "precision": precision, "rows": rows, "skipped": skipped}
+
+
+WHOLE_MODEL_VARIANTS = (("fused", {}), ("fused-grouped", {"grouped_gemms": True}))
+
+
+def _whole_model(device, spec):
+    """``(name, rank, methods, model)`` of a whole-model spec ``(name, rank, methods[, config
+    overrides])``: the model built on the device, fixed random gradients drawn there."""
+    from lowrank_fused.models import LlamaForCausalLM, llama_config
+    name, rank, which = spec[:3]
+    overrides = spec[3] if len(spec) > 3 else {}
+    torch.manual_seed(0)
+    with torch.device(device):      # built on the device: no host init of 1B parameters
+        model = LlamaForCausalLM(llama_config(name, **overrides))
+    _set_grads(model, on_device=True)
+    return name, rank, which, model
+
+
+def _whole_model_optimizer(model, method, rank, extra, precision):
+    """A fused optimizer of the whole-model comparison: refresh out of reach after the first
+    step, whose subspace comes from the randomized range finder (a short warm step)."""
+    kw = {"projector": "randomized", **extra}
+    if precision is not None:
+        kw["matmul_precision"] = precision
+    return make_optimizer(model, method, **_kwargs(method, rank, FAR, "triton", kw))
+
+
+def warm_whole_model(device, spec=WHOLE_MODEL, precision=None, log=print) -> int:
+    """Two steps (the first refreshes) of every fused optimizer ``whole_model`` times, untimed:
+    their Triton compiles for the model's shapes, done by a warm-up process
+    (``bench.gpu_check``'s warm workers) so the timed run loads them from Triton's cache.
+    Returns how many optimizers stepped."""
+    name, rank, which, model = _whole_model(device, spec)
+    done = 0
+    for method in which:
+        for variant, extra in WHOLE_MODEL_VARIANTS:
+            t = time.perf_counter()
+            opt = _whole_model_optimizer(model, method, rank, extra, precision)
+            opt.step()
+            opt.step()
+            _sync(device)
+            del opt
+            done += 1
+            log(f"warm whole-model {name} {method} {variant}: "
+                f"{(time.perf_counter() - t) * 1e3:.0f} ms")
+    return done
 
 
 # the names under which an optimizer may offer CUDA-graph capture of its step: a method that

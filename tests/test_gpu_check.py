@@ -128,3 +128,17 @@ def test_headline_out_of_budget_still_writes_partial_results(tmp_path, monkeypat
     st = doc["stages"]
     assert rc == 1 and all(st[k]["status"].startswith("skipped: no time left")
                            for k in ("tests", "ceilings", "method_step"))
+
+
+def test_warm_whole_model_steps_every_fused_optimizer():
+    """What the last warm worker runs on CUDA (the whole-model optimizers' compiles), on the
+    tiny spec under the interpreter."""
+    import torch
+
+    from bench import suite_step
+
+    logs = []
+    n = suite_step.warm_whole_model(torch.device("cpu"), gpu_check.TINY_WHOLE_MODEL, "ieee",
+                                    log=logs.append)
+    assert n == len(logs) == len(gpu_check.TINY_WHOLE_MODEL[2]) * len(
+        suite_step.WHOLE_MODEL_VARIANTS)
