@@ -71,19 +71,26 @@ TEST_TIMEOUT_S = 900
 
 # ---- the headline run: its grid, its test selection and its time budgets -------------------
 # Budget of the first device command (8 minutes, start of `make gpu-check` to the last file
-# written), seconds. Estimate on an H100 from a bare machine: the build (venv bootstrap and the
-# CUDA extension, 4 .cu files + bindings) 60-120 s; the hot tests, 4 processes, about 170
-# distinct Triton variants at 1-3 s of cold compile each spread over 4 cores, capped at 150 s;
-# ceilings 10 s; the per-method table: 4 Triton variants or so per (method, dtype, precision)
-# (K1, K2, K3 and the method's own kernels; the ranks share most tiles), about 60 cold
-# compiles in one process for two precisions (60-180 s, the first call of each case, reported
-# as first_call_ms), plus 2 x 2 x 2 x 10 x 2 + 4 = 164 timed cases of 0.1-0.4 s; LLaMA-1B 60-90
-# s. Each stage stops at its own budget (the rest of its cases reported as skipped) and never
-# runs past the overall deadline, which keeps STAGE_RESERVE_S for the later stages.
+# written), seconds. Estimate on an H100 from a bare machine (no GPU measurement yet):
+# * the build (venv bootstrap, the CUDA extension: 4 .cu files + bindings): 60-120 s;
+# * the hot tests (667 tests in 8 files) in 4 processes, capped at 150 s: their cold Triton
+#   compiles (1-3 s per variant) dominate; what does not finish is reported as killed;
+# * ceilings: under 10 s;
+# * the per-method table: the fused steps of all 10 methods x 2 dtypes x 2 precisions launch 49
+#   distinct kernel variants at the interpreter's tile sizes (counted with a launch hook: 9-15
+#   per method, K1/K2/K3 shared); with the GPU's shape- and rank-dependent tiles perhaps 50-100,
+#   i.e. 1-5 minutes of compiles in one process: the 4 warm workers compile them while the
+#   tests run (each case's first call, reported as first_call_ms, shows what was left); then
+#   164 timed cases (10 methods x 2 ranks x 2 dtypes x 2 precisions x fused/eager + torch's
+#   AdamW per dtype) at 0.1-0.4 s each plus 40 reference warm steps: 60-120 s;
+# * LLaMA-1B: build ~5 s, 5 rows of 12 steps plus a graph capture, the compiles of its
+#   shapes done by the last warm worker: 30-60 s.
+# Each stage stops at its own budget (the rest of its cases reported as skipped) and never runs
+# past the overall deadline, which keeps STAGE_RESERVE_S for the later stages.
 TOTAL_BUDGET_S = 470
 STAGE_BUDGETS_S = {"tests": 150, "ceilings": 20, "method_step": 200, "whole_model": 90}
 STAGE_RESERVE_S = {"tests": 200, "ceilings": 150, "method_step": 60, "whole_model": 0}
-# on CUDA a stage with less than this left is skipped (LLaMA-1B alone takes ~15 s to build)
+# on CUDA a stage with less than this left is skipped (too short for its first result)
 STAGE_MIN_S = {"tests": 20, "ceilings": 3, "method_step": 15, "whole_model": 25}
 HEADLINE_SHAPE = (4096, 11008)
 HEADLINE_RANKS = (128, 512)

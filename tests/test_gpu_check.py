@@ -52,7 +52,8 @@ def test_bad_headline_arguments_are_refused(argv, flag, capsys):
 
 
 def test_parse_pytest_log_complete_and_killed():
-    done = "..F.s\nFAILED tests/test_a.py::test_b - assert 0\n3 passed, 1 failed, 1 skipped in 2.0s\n"
+    done = ("..F.s\nFAILED tests/test_a.py::test_b - assert 0\n"
+            "3 passed, 1 failed, 1 skipped in 2.0s\n")
     c = gpu_check.parse_pytest_log(done)
     assert (c["passed"], c["failed"], c["skipped"], c["complete"]) == (3, 1, 1, True)
     assert c["failures"] == ["FAILED tests/test_a.py::test_b - assert 0"]

@@ -1,4 +1,5 @@
 """Every optimizer: one class per method, each running every backend its ops have."""
+from lowrank_fused.optim._base import IgnoredGroupKeyWarning, LowRankNotEnabledWarning
 from lowrank_fused.optim.adafactor import Adafactor
 from lowrank_fused.optim.adamem import AdaMeM
 from lowrank_fused.optim.adamw import AdamW, HFAdamW
@@ -10,4 +11,5 @@ from lowrank_fused.optim.galore_adamw import GaLoreAdamW
 from lowrank_fused.optim.ldadam import LDAdamW
 
 __all__ = ["Adafactor", "AdaMeM", "AdamW", "HFAdamW", "AdaPM", "AdaPMMini", "AdaptiveAdamW",
-           "GaLoreKFACAdamW", "GHAAdamW", "RSAdamW", "AdaRankGrad", "GaLoreAdamW", "LDAdamW"]
+           "GaLoreKFACAdamW", "GHAAdamW", "RSAdamW", "AdaRankGrad", "GaLoreAdamW", "LDAdamW",
+           "IgnoredGroupKeyWarning", "LowRankNotEnabledWarning"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
+import warnings
 
 import torch
 
@@ -13,6 +16,31 @@ from lowrank_fused.dispatch import (CHOICES, AutoBackend, BackendUnavailable, ch
 from lowrank_fused.linalg import _sign_canonical
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+# group keys that are labels, not hyperparameters: torch's own, an LR scheduler's, a user's name
+_LABEL_KEYS = frozenset({"params", "param_names", "initial_lr", "name"})
+
+
+class IgnoredGroupKeyWarning(UserWarning):
+    """A param group sets a key that its optimizer never reads there: not a key of the method
+    (a typo, another method's key), or a low-rank key in a group that is not low-rank."""
+
+
+class LowRankNotEnabledWarning(IgnoredGroupKeyWarning):
+    """LDAdamW: a group sets low-rank keys (``rank``, ...) but not ``enable_lowrank``, so it
+    runs dense AdamW (the official code's convention)."""
+
+
+_INTERNAL = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+             os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep)
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for a warning raised in the caller of this function,
+    that points at the first frame outside lowrank_fused and torch.optim (the user's line)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 _CHECKPOINT_KEY = "lowrank_fused"
 NONFINITE = ("raise", "skip", "ignore")
 # what the compiled multi-tensor kernels store (lowrank_fused/_ext_ops.py): contiguous fp32 or
@@ -148,9 +176,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.step_calls = 0
         self._param_names = {}
         self._label_index = {}
-        if matmul_precision is not None and matmul_precision not in ops.PRECISIONS:
-            raise ValueError("matmul_precision must be None, 'ieee', 'tf32', 'bf16' or 'tf32x3', "
-                             f"got {matmul_precision!r}")
+        if matmul_precision is not None and matmul_precision not in ("ieee", "tf32", "bf16"):
+            raise ValueError("matmul_precision must be None, 'ieee', 'tf32' or 'bf16', got "
+                             f"{matmul_precision!r}")
         if backend not in CHOICES:
             raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
         self.backend = backend
@@ -167,6 +195,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._backend_for(group, p)
 
     def add_param_group(self, param_group):
+        given = set(param_group) if isinstance(param_group, dict) else set()
         super().add_param_group(param_group)
         try:
             self._check_tensors(self.param_groups[-1])
@@ -174,6 +203,52 @@ class LowRankOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()       # a refused group leaves the optimizer as it was
             raise
+        self._warn_ignored_keys(self.param_groups[-1], given)
+
+    # -- group keys that would be ignored ---------------------------------------------------
+    # OPTIONAL_GROUP_KEYS: keys a group may set beyond ``defaults``; LOWRANK_GROUP_KEYS: keys
+    # only a low-rank group reads (``_is_lowrank_group``); a subclass sets both.
+    OPTIONAL_GROUP_KEYS = frozenset()
+    LOWRANK_GROUP_KEYS = frozenset()
+    LOWRANK_RULE = "a group is low-rank when it sets 'rank'"
+
+    def _lowrank_group_keys(self) -> set:
+        return set(self.LOWRANK_GROUP_KEYS)
+
+    def _is_lowrank_group(self, group) -> bool:
+        return "rank" in group
+
+    def _ignored_group_keys(self, group, given) -> dict:
+        """{key: why it has no effect} for the keys the caller set on ``group``."""
+        cls = type(self).__name__
+        known = set(self.defaults) | set(self.OPTIONAL_GROUP_KEYS) | self._lowrank_group_keys()
+        out = {k: f"it is not a param-group key of {cls}" for k in given - known - _LABEL_KEYS}
+        if not self._is_lowrank_group(group):
+            for k in sorted(given & self._lowrank_group_keys()):
+                out.setdefault(k, f"only low-rank groups read it and this one is not low-rank "
+                                  f"({self.LOWRANK_RULE})")
+        return out
+
+    def _ignored_key_category(self, group, given, key):
+        return IgnoredGroupKeyWarning
+
+    def _warn_ignored_keys(self, group, given):
+        """One warning per ignored key and reason per optimizer (naming the first group that
+        sets it), pointing at the caller's line."""
+        ignored = self._ignored_group_keys(group, given)
+        warned = self.__dict__.setdefault("_warned_group_keys", set())
+        index = len(self.param_groups) - 1
+        n = len(group["params"])
+        first = (self.param_label(group["params"][0]) + (f" and {n - 1} more" if n > 1 else "")
+                 if n else "no parameters")
+        for key in sorted(ignored):
+            if (key, ignored[key]) in warned:
+                continue
+            warned.add((key, ignored[key]))
+            warnings.warn(f"{type(self).__name__}: param group {index} (holding {first}) "
+                          f"sets {key!r}, which has no effect: {ignored[key]}",
+                          self._ignored_key_category(group, given, key),
+                          stacklevel=_caller_stacklevel())
 
     def _check_tensors(self, group):
         """Every parameter floating (``PARAM_DTYPES``), dense, and on the optimizer's device."""
@@ -277,18 +352,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._resolved[key] = choose_backend(self.backend, p.device, ops)
         return self._resolved[key]
 
-    def precision(self, device=None) -> str:
-        """The fused GEMMs' operand precision for parameters on ``device``:
-        ``matmul_precision`` when set, else torch's fp32 matmul setting ("high" -> tf32,
-        "medium" -> bf16); "highest", torch's default, gives "tf32x3" on CUDA (fp32 accuracy
-        within a small factor, and no longer compute-bound: docs/precision.md) and "ieee"
-        elsewhere (without tensor cores the split only costs time)."""
+    def precision(self) -> str:
         if self.matmul_precision is not None:
             return self.matmul_precision
-        precision = _TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
-        if precision == "ieee" and device is not None and torch.device(device).type == "cuda":
-            return "tf32x3"
-        return precision
+        return _TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
 
     def _state_dtype(self, p):
         return p.dtype if self.faithful_dtypes else torch.float32
@@ -526,13 +593,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             return loss
         self._before_updates()
+        precision = self.precision()
         self._batch = {}
         try:
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None and p.numel():   # an empty tensor has nothing to do
-                        self._step_param(p, group, self._backend_for(group, p),
-                                         self.precision(p.device))
+                        self._step_param(p, group, self._backend_for(group, p), precision)
             self._run_batches()
         finally:
             self._batch = None
@@ -570,7 +637,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._raise_nonfinite([p], written="it was not updated (per-layer mode: the "
                                                "layers whose gradients came earlier were)")
         group = self._pl_group[id(p)]
-        self._step_param(p, group, self._backend_for(group, p), self.precision(p.device))
+        self._step_param(p, group, self._backend_for(group, p), self.precision())
         self._pl_stepped.append(p)
         return True
 

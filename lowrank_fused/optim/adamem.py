@@ -89,6 +89,10 @@ class AdaMeM(LowRankOptimizer):
     (``state_dict`` loads with ``torch.load(weights_only=True)``) and always fp32.
     """
 
+    # projected groups hold ``rank``; the subspace keys mean nothing in the others
+    LOWRANK_GROUP_KEYS = frozenset({"rank", "update_proj_gap", "projector", "proj_oversample",
+                                    "proj_power_iters"})
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, eps1=1e-30,
                  weight_decay=0.01, delta=1.0, update_proj_gap=200, *, v_source="momentum",
                  transport_on_refresh=False, bias_correction=True, residual_form="identity",

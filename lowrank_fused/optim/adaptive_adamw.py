@@ -209,6 +209,11 @@ class _SubspaceAdamW(GaLoreAdamW):
         if "rank" in group:
             self._check_family(group)
 
+    def _lowrank_group_keys(self) -> set:
+        """GaLore's rank-group keys and the method's own (an IgnoredGroupKeyWarning names
+        any other key a group sets)."""
+        return super()._lowrank_group_keys() | set(self._family)
+
     def _check_family(self, group):
         gamma = group["nl_gamma"]
         if gamma is not None:

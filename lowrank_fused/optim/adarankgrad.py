@@ -185,6 +185,8 @@ class AdaRankGrad(LowRankOptimizer):
     orthonormal with the requested width.
     """
 
+    LOWRANK_GROUP_KEYS = frozenset({"rank"})     # projected groups hold it
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  scale=1.0, eta_th=0.96, power_iters=1, oversampling=0, iass_mode="prefix",
                  exit_rule="relative", eps_rel=0.5, beta_c=0.9, t_min=10, t_max=200,

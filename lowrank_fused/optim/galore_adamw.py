@@ -60,15 +60,16 @@ class GaLoreAdamW(LowRankOptimizer):
             (default ``"std"``) follow galore_torch.
         lr, betas, eps, weight_decay, correct_bias: as galore_torch's AdamW (eps 1e-6, E-hf,
             decoupled weight decay applied after the update with ``lr*weight_decay``).
+        no_deprecation_warning: accepted for galore_torch's signature (it silences HF
+            AdamW's deprecation warning there); this class has no such warning.
         backend: ``"auto" | "reference" | "triton" | "cuda" | "cpu"`` (lowrank_fused.dispatch).
         faithful_dtypes: keep moments and the basis in the parameter dtype, as the official
             code does (default: fp32).
         sign_canon: make the largest-magnitude entry of every singular vector positive, so
             refreshes are reproducible across SVD libraries (default True).
-        matmul_precision: ``"ieee" | "tf32" | "bf16" | "tf32x3"`` for the fused GEMMs, or None
-            to follow ``torch.get_float32_matmul_precision()`` at every step ("high" -> tf32,
-            "medium" -> bf16; "highest" -> tf32x3 for CUDA parameters, ieee for CPU ones;
-            docs/precision.md).
+        matmul_precision: ``"ieee" | "tf32" | "bf16"`` for the fused GEMMs, or None to follow
+            ``torch.get_float32_matmul_precision()`` ("highest" -> ieee, "high" -> tf32,
+            "medium" -> bf16) at every step, as torch's own fp32 matmuls do.
         projector: ``"svd"`` (default, faithful: one full ``torch.linalg.svd`` per layer and
             refresh) or ``"randomized"`` (``lowrank_fused.subspace``: randomized range finder
             with ``proj_oversample`` (default 8) extra columns and ``proj_power_iters``
@@ -104,7 +105,15 @@ class GaLoreAdamW(LowRankOptimizer):
     A rank group's matrix gets the dense HF AdamW step instead when it is not 2-D after
     flattening trailing dimensions, or when ``rank >= min(m, n)`` (the size guard of
     docs/conventions.md: projection would be degenerate and save no memory).
+
+    A group key this class never reads (a typo, another method's key, or a rank-group key
+    such as ``update_proj_gap`` in a group without ``rank``) gives an
+    ``IgnoredGroupKeyWarning`` naming the key and the group.
     """
+
+    # read only by rank groups (filled in by _check_group)
+    LOWRANK_GROUP_KEYS = frozenset({"rank", "update_proj_gap", "scale", "proj_type", "projector",
+                                    "proj_oversample", "proj_power_iters"})
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, no_deprecation_warning=True, *, backend="auto", nonfinite="raise",

@@ -35,7 +35,8 @@ from lowrank_fused import ops, ops_grouped
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
-from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number, is_sharded
+from lowrank_fused.optim._base import (LowRankNotEnabledWarning, LowRankOptimizer, check_betas,
+                                       check_number, is_sharded)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJ_METHODS = ("power_iteration", "svd", "svd_lowrank")
@@ -127,8 +128,8 @@ class LDAdamW(LowRankOptimizer):
             code does (default: fp32 states and basis).
         sign_canon: sign-canonical QR (``orth``) and SVD bases (default True); False keeps
             the library's signs, as the official code.
-        matmul_precision: ``"ieee" | "tf32" | "bf16" | "tf32x3"`` for fused GEMMs, or None to
-            follow ``torch.get_float32_matmul_precision()`` (as GaLoreAdamW).
+        matmul_precision: ``"ieee" | "tf32" | "bf16"`` for fused GEMMs, or None to follow
+            ``torch.get_float32_matmul_precision()``.
         form: ``"fused"`` (default): the power iteration without materialising ``b`` and the
             error feedback as one K = 2r GEMM (the fused form); ``"explicit"``: the update
             rule literally (``b`` materialised, three in-place error-buffer updates). Both are
@@ -150,7 +151,17 @@ class LDAdamW(LowRankOptimizer):
     ``exp_avg``, ``exp_avg_sq`` (r x n, or m x r) and ``error`` (m x n, with error feedback);
     per dense parameter ``exp_avg``, ``exp_avg_sq``; the global ``completed_steps`` (an int)
     lives in the state of the first parameter of the first group.
+
+    Groups are low-rank only with ``enable_lowrank=True`` (the official code's convention): a
+    group that sets a low-rank key (``rank``, ``rho``, ``proj_type``, ``proj_method``,
+    ``error_feedback``, ``ef_dtype``) without ``enable_lowrank``, and an optimizer none of
+    whose groups is low-rank, give a ``LowRankNotEnabledWarning`` (they run dense AdamW);
+    other keys it never reads give an ``IgnoredGroupKeyWarning``.
     """
+
+    LOWRANK_GROUP_KEYS = frozenset({"rank", "rho", "proj_type", "proj_method", "error_feedback",
+                                    "ef_dtype"})
+    LOWRANK_RULE = "an LDAdamW group is low-rank only with enable_lowrank=True"
 
     def __init__(self, params, lr=1e-3, betas=(0.908, 0.99), eps=1e-8, weight_decay=0.0,
                  rank=16, rho=0.908, proj_type="std", proj_method="power_iteration",
@@ -171,6 +182,20 @@ class LDAdamW(LowRankOptimizer):
         self.grouped_gemms = grouped_gemms
         super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
+        if not any(g["enable_lowrank"] for g in self.param_groups):
+            warnings.warn("LDAdamW: no param group has enable_lowrank=True, so every parameter "
+                          "gets dense AdamW and rank is never used (groups are low-rank only "
+                          "with enable_lowrank=True, the official code's convention; pass "
+                          "enable_lowrank=True, or set it on the groups to project)",
+                          LowRankNotEnabledWarning, stacklevel=2)
+
+    def _is_lowrank_group(self, group) -> bool:
+        return bool(group["enable_lowrank"])
+
+    def _ignored_key_category(self, group, given, key):
+        if key in self.LOWRANK_GROUP_KEYS and "enable_lowrank" not in given:
+            return LowRankNotEnabledWarning
+        return super()._ignored_key_category(group, given, key)
 
     # -- validation -----------------------------------------------------------------------
     def _check_group(self, group):
