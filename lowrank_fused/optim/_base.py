@@ -176,9 +176,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.step_calls = 0
         self._param_names = {}
         self._label_index = {}
-        if matmul_precision is not None and matmul_precision not in ("ieee", "tf32", "bf16"):
-            raise ValueError("matmul_precision must be None, 'ieee', 'tf32' or 'bf16', got "
-                             f"{matmul_precision!r}")
+        if matmul_precision is not None and matmul_precision not in ops.PRECISIONS:
+            raise ValueError("matmul_precision must be None, 'ieee', 'tf32', 'bf16' or 'tf32x3', "
+                             f"got {matmul_precision!r}")
         if backend not in CHOICES:
             raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
         self.backend = backend
@@ -352,10 +352,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._resolved[key] = choose_backend(self.backend, p.device, ops)
         return self._resolved[key]
 
-    def precision(self) -> str:
+    def precision(self, device=None) -> str:
+        """The fused GEMMs' operand precision for parameters on ``device``:
+        ``matmul_precision`` when set, else torch's fp32 matmul setting ("high" -> tf32,
+        "medium" -> bf16); "highest", torch's default, gives "tf32x3" on CUDA (fp32 accuracy
+        within a small factor, and no longer compute-bound: docs/precision.md) and "ieee"
+        elsewhere (without tensor cores the split only costs time)."""
         if self.matmul_precision is not None:
             return self.matmul_precision
-        return _TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+        precision = _TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+        if precision == "ieee" and device is not None and torch.device(device).type == "cuda":
+            return "tf32x3"
+        return precision
 
     def _state_dtype(self, p):
         return p.dtype if self.faithful_dtypes else torch.float32
@@ -593,13 +601,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             return loss
         self._before_updates()
-        precision = self.precision()
         self._batch = {}
         try:
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None and p.numel():   # an empty tensor has nothing to do
-                        self._step_param(p, group, self._backend_for(group, p), precision)
+                        self._step_param(p, group, self._backend_for(group, p),
+                                         self.precision(p.device))
             self._run_batches()
         finally:
             self._batch = None
@@ -637,7 +645,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._raise_nonfinite([p], written="it was not updated (per-layer mode: the "
                                                "layers whose gradients came earlier were)")
         group = self._pl_group[id(p)]
-        self._step_param(p, group, self._backend_for(group, p), self.precision())
+        self._step_param(p, group, self._backend_for(group, p), self.precision(p.device))
         self._pl_stepped.append(p)
         return True
 

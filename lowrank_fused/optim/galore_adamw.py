@@ -67,9 +67,10 @@ class GaLoreAdamW(LowRankOptimizer):
             code does (default: fp32).
         sign_canon: make the largest-magnitude entry of every singular vector positive, so
             refreshes are reproducible across SVD libraries (default True).
-        matmul_precision: ``"ieee" | "tf32" | "bf16"`` for the fused GEMMs, or None to follow
-            ``torch.get_float32_matmul_precision()`` ("highest" -> ieee, "high" -> tf32,
-            "medium" -> bf16) at every step, as torch's own fp32 matmuls do.
+        matmul_precision: ``"ieee" | "tf32" | "bf16" | "tf32x3"`` for the fused GEMMs, or None
+            to follow ``torch.get_float32_matmul_precision()`` at every step ("high" -> tf32,
+            "medium" -> bf16; "highest" -> tf32x3 for CUDA parameters, ieee for CPU ones;
+            docs/precision.md).
         projector: ``"svd"`` (default, faithful: one full ``torch.linalg.svd`` per layer and
             refresh) or ``"randomized"`` (``lowrank_fused.subspace``: randomized range finder
             with ``proj_oversample`` (default 8) extra columns and ``proj_power_iters``

@@ -128,8 +128,8 @@ class LDAdamW(LowRankOptimizer):
             code does (default: fp32 states and basis).
         sign_canon: sign-canonical QR (``orth``) and SVD bases (default True); False keeps
             the library's signs, as the official code.
-        matmul_precision: ``"ieee" | "tf32" | "bf16"`` for fused GEMMs, or None to follow
-            ``torch.get_float32_matmul_precision()``.
+        matmul_precision: ``"ieee" | "tf32" | "bf16" | "tf32x3"`` for fused GEMMs, or None to
+            follow ``torch.get_float32_matmul_precision()`` (as GaLoreAdamW).
         form: ``"fused"`` (default): the power iteration without materialising ``b`` and the
             error feedback as one K = 2r GEMM (the fused form); ``"explicit"``: the update
             rule literally (``b`` materialised, three in-place error-buffer updates). Both are
