@@ -51,9 +51,13 @@ bench: $(BUILD_STAMP)
 # budget clock starts here (GPU_CHECK_T0). pip gets no retries: the GPU machine has no network.
 # GPU_CHECK_ARGS="--full [--skip-tests | --skip-bench | --suite ...]" is the whole suite and
 # every benchmark instead, split over further device commands of at most 10 minutes each.
+# A failed build still runs the script (the Triton kernels need no build; the CUDA tests then
+# fail and say why) and the target fails with the build's status.
 gpu-check:
-	@t0=$$(date +%s); PIP_RETRIES=0 PIP_TIMEOUT=5 $(MAKE) --no-print-directory build && \
-	  GPU_CHECK_T0=$$t0 $(PY) -m bench.gpu_check $(if $(OUT),--out $(OUT),) $(GPU_CHECK_ARGS)
+	@t0=$$(date +%s); PIP_RETRIES=0 PIP_TIMEOUT=5 $(MAKE) --no-print-directory build; b=$$?; \
+	  GPU_CHECK_T0=$$t0 $(PY) -m bench.gpu_check $(if $(OUT),--out $(OUT),) $(GPU_CHECK_ARGS); \
+	  r=$$?; if [ $$b -ne 0 ]; then echo "gpu-check: the build failed (exit $$b)"; exit $$b; fi; \
+	  exit $$r
 
 clean:
 	rm -rf build *.egg-info lowrank_fused/*.so $(BUILD_STAMP)
