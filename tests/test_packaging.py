@@ -64,7 +64,7 @@ def test_wheel_builds_isolated_and_installs(tmp_path):
     shutil.copytree(ROOT, src, ignore=_NOT_SOURCE)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(LOWRANK_FUSED_NO_CUDA="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
-               PIP_RETRIES="1", PIP_TIMEOUT="20")     # an unreachable index fails fast
+               PIP_RETRIES="0", PIP_TIMEOUT="5")     # an unreachable index fails fast
 
     wheels = tmp_path / "wheels"
     build = _run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-w", str(wheels)],
