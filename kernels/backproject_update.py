@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, config_mode, dot_mode, interpreter_tiles,
-                      interpreting, mma, to_storage)
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, DOT_TF32X3, DOT_TF32X3_EMULATED, cdiv,
+                      config_mode, dot_mode, interpreter_tiles, interpreting, mma, to_storage)
 
 
 @dataclass(frozen=True)
@@ -24,15 +24,25 @@ class BackprojectConfig:
     num_stages: int
 
 
-# Every config the launcher can choose (the AOT test compiles each and rejects spills).
-# The epilogue holds the accumulator, the W tile and its pointers at once, so 128x128 tiles
-# spill on sm_90; 128x64 with 8 warps does not. ieee (FMA) mode uses 64x64.
-CONFIGS_FMA = (BackprojectConfig(64, 64, 32, 4, 3),)
-CONFIGS_MMA = (BackprojectConfig(64, 64, 32, 4, 3), BackprojectConfig(128, 64, 32, 8, 3))
+# Every config the launcher can choose (the AOT test compiles each under Triton 3.6 and 3.9
+# and rejects spills; registers per variant: bench/results/aot-sm90.json). The epilogue holds
+# the accumulator, the W tile and its pointers at once (and with the residual the G tile), so
+# 128x128 tiles spill on sm_90; 128x64 with 8 warps does not (up to ~245 registers with the
+# residual: the largest). ieee (FMA): 64x64 at 4 warps spilled under Triton 3.6 (255
+# registers: ptxas holds each thread's slice of both operand tiles over BLOCK_K); at 8 warps
+# the accumulator is 16 registers per thread and the kernel takes ~130-160. tf32x3 splits the
+# operands into TF32 halves in registers: 64x64 at 8 warps only.
+CONFIGS_FMA = (BackprojectConfig(64, 64, 32, 8, 3),)
+CONFIGS_MMA = (BackprojectConfig(64, 64, 32, 8, 3), BackprojectConfig(128, 64, 32, 8, 3))
+CONFIGS_TF32X3 = (BackprojectConfig(64, 64, 32, 8, 3),)
+# every GPU config, for tests that run each of them
+GPU_CONFIGS = tuple(dict.fromkeys(CONFIGS_FMA + CONFIGS_MMA + CONFIGS_TF32X3))
 
 
 def configs_for(mode: int):
-    return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
+    if mode in (DOT_IEEE, DOT_BF16_EMULATED):
+        return CONFIGS_FMA
+    return CONFIGS_TF32X3 if mode in (DOT_TF32X3, DOT_TF32X3_EMULATED) else CONFIGS_MMA
 
 
 # CPU interpreter only (never compiled): fewer, larger tiles (see project.CONFIGS_INTERPRET)

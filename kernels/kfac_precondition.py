@@ -26,13 +26,14 @@ import triton.language as tl
 
 from ._common import DOT_IEEE, cdiv, interpreting, mma, to_storage
 
-# One config (the AOT test compiles it for every state dtype). fp32 FMA dot: software
-# pipelining (num_stages=2) takes 254 registers on sm_90 with fp32 states, one stage 96,
-# so occupancy hides the load latency instead.
+# One config (the AOT test compiles it for every state dtype under Triton 3.6 and 3.9). fp32
+# FMA dot: software pipelining (num_stages=2) takes 254 registers on sm_90 with fp32 states,
+# so occupancy hides the load latency instead. At 4 warps Triton 3.6 spilled (128 registers,
+# fp32 states); 8 warps halve each thread's share of the 64x32 tile: ~80 registers.
 BLOCK_M = 64       # rows of N per pass (r <= 64: M read once)
 BLOCK_N = 32       # columns of the slab a program owns
 BLOCK_K = 16       # rows of M per GEMM step
-NUM_WARPS = 4
+NUM_WARPS = 8
 NUM_STAGES = 1
 
 

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, config_mode, dot_mode,
-                      interpreter_tiles, interpreting, mma, to_storage)
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, DOT_TF32X3, DOT_TF32X3_EMULATED, cdiv,
+                      config_mode, dot_mode, interpreter_tiles, interpreting, mma, to_storage)
 from .project import ProjectConfig, project
 
 # the second product's right operand and epilogue (the V_FORM constexpr)
@@ -58,6 +58,9 @@ class TransportConfig:
 # tensor-core modes cover r_new <= 128 with one tile, so M and V are read once.
 CONFIGS_FMA = (TransportConfig(32, 64, 16, 8, 3),)
 CONFIGS_MMA = (TransportConfig(64, 64, 32, 8, 3), TransportConfig(128, 64, 32, 8, 3))
+# tf32x3 holds TF32 halves of both operands in registers: both tiles above spilled under
+# Triton 3.9 (8-68 bytes); 64x64 with BLOCK_K=16 takes ~155-180 registers under 3.6 and 3.9
+CONFIGS_TF32X3 = (TransportConfig(64, 64, 16, 8, 3),)
 # Under the interpreter (a few ms per program whatever its size) C comes from larger tiles
 GRAM_CONFIG_INTERPRET = ProjectConfig(64, 128, 64, 4, 1)
 # (P_old, P_new) dtypes the projection kernel is compiled for (project.aot_variants);
@@ -67,7 +70,9 @@ _GRAM_DTYPES = {(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
 
 
 def configs_for(mode: int):
-    return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
+    if mode in (DOT_IEEE, DOT_BF16_EMULATED):
+        return CONFIGS_FMA
+    return CONFIGS_TF32X3 if mode in (DOT_TF32X3, DOT_TF32X3_EMULATED) else CONFIGS_MMA
 
 
 def choose_config(r_new: int, mode: int) -> TransportConfig:

@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_BF16_EMULATED, DOT_IEEE, ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv,
-                      config_mode, dot_mode, grid_sm_count, interpreter_tiles, mma)
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, DOT_TF32X3, DOT_TF32X3_EMULATED,
+                      ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, config_mode, dot_mode,
+                      grid_sm_count, interpreter_tiles, mma)
 from .adam_moments import SUM_BLOCK, _sum_partials_kernel
 
 
@@ -37,21 +38,36 @@ class ProjectConfig:
     num_stages: int
 
 
-# Every config the launcher can choose (the AOT test compiles each and rejects spills).
-# ieee (fp32 FMA, no tensor cores) needs small tiles: larger ones spill on sm_90, worst with
-# bf16 G. Tensor-core modes cover the rank with one tile up to 128 so G is read once
-# (twice at rank 256, the second time from L2: the r-tiles of a column slab are adjacent).
-CONFIGS_FMA = (ProjectConfig(16, 64, 32, 4, 3),)
+# Every config the launcher can choose (the AOT test compiles each under Triton 3.6 and 3.9
+# and rejects spills; registers per variant: bench/results/aot-sm90.json). The first config
+# whose BLOCK_R covers the rank is taken, so up to rank 128 (64 for ieee) one rank tile spans
+# the whole rank and G is read once; above that the rank tiles of a column slab are adjacent
+# in the grid and re-read G from L2.
+# Registers (sm_90, 255 per thread at most): the fp32 accumulator costs BLOCK_R*BLOCK_N /
+# (32*num_warps) per thread, and the operand tiles in flight (fp32 after G's cast) as much
+# again or more, so tiles grow with the warp count: 8 warps for every tile above 32x64. The
+# colsum(G^2) and ||R||^2 side outputs add 20-60 registers, tf32x3 (hi/lo operand halves)
+# 30-70 more. Measured: 128x128 at 8 warps reached 230-255 registers with the side outputs
+# (tf32 / bf16) and 32x128 at 4 warps spilled under Triton 3.6; 128x64 stays under 190.
+# ieee (fp32 FMA): ptxas holds each thread's slice of both operand tiles for the whole
+# BLOCK_K, hence BLOCK_K=16 (32 spilled at 16x64 with bf16 G; 128x64 reaches 255).
+CONFIGS_FMA = (ProjectConfig(32, 64, 16, 4, 3), ProjectConfig(64, 64, 16, 8, 3))
 CONFIGS_MMA = (
-    ProjectConfig(16, 64, 32, 4, 3),
-    ProjectConfig(32, 128, 32, 4, 3),
+    ProjectConfig(32, 128, 32, 8, 3),
     ProjectConfig(64, 128, 32, 8, 3),
-    ProjectConfig(128, 128, 32, 8, 3),
+    ProjectConfig(128, 64, 32, 8, 3),
 )
+# tf32x3 splits both operands into TF32 halves in registers: smaller tiles per thread
+# (128x128 would spill; 128x64 with BLOCK_K=32 reached 250 registers with colsum)
+CONFIGS_TF32X3 = (ProjectConfig(64, 64, 32, 8, 3), ProjectConfig(128, 64, 16, 8, 4))
+# every GPU config, for tests that run each of them
+GPU_CONFIGS = tuple(dict.fromkeys(CONFIGS_FMA + CONFIGS_MMA + CONFIGS_TF32X3))
 
 
 def configs_for(mode: int):
-    return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
+    if mode in (DOT_IEEE, DOT_BF16_EMULATED):
+        return CONFIGS_FMA
+    return CONFIGS_TF32X3 if mode in (DOT_TF32X3, DOT_TF32X3_EMULATED) else CONFIGS_MMA
 
 
 # CPU interpreter only (never compiled): it runs programs one after another at a fixed cost per

@@ -25,7 +25,7 @@ def _unique(configs):
     return list(dict.fromkeys(configs))
 
 
-@pytest.mark.parametrize("cfg", _unique(pj.CONFIGS_FMA + pj.CONFIGS_MMA), ids=str)
+@pytest.mark.parametrize("cfg", pj.GPU_CONFIGS, ids=str)
 @pytest.mark.parametrize("rank", [1, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_project_every_gpu_config(cfg, rank, dtype):
@@ -42,7 +42,7 @@ def test_project_every_gpu_config(cfg, rank, dtype):
                   rtol=tolerance(torch.float32), name="||R||^2")
 
 
-@pytest.mark.parametrize("cfg", _unique(bp.CONFIGS_FMA + bp.CONFIGS_MMA), ids=str)
+@pytest.mark.parametrize("cfg", bp.GPU_CONFIGS, ids=str)
 @pytest.mark.parametrize("rank", [1, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backproject_update_every_gpu_config(cfg, rank, dtype):
