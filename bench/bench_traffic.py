@@ -12,7 +12,9 @@ Runs in a subprocess of its own with ``TRITON_INTERPRET=1`` (the kernels must be
 interpreted), on CPU tensors whatever the machine. The counts are the kernels' requests before
 any cache: a tile re-read by several programs counts each time (on a GPU the L2 may serve it).
 Eager aten ops left in a step (outside the kernels) are modelled separately (``eager_bytes``:
-each op's inputs read once, outputs written once), not measured.
+each op's inputs read once, outputs written once), not measured; the optimizers' non-finite
+check of the gradient (``nonfinite="raise"``, the default: on CUDA one more read of G per step,
+``nonfinite_check_bytes``) is outside the floor and outside both counts.
 
 Cases: every low-rank method of ``bytes.METHOD_STEPS`` plus dense AdamW and Adafactor; a
 scaled LLaMA MLP shape (512x1376, 4096x11008 / 8) at the real ranks 128 and 256 (the rank
@@ -25,7 +27,8 @@ bf16. Steady step: refreshes out of reach, state from one warm reference step
 
 Columns: ``requested`` (bytes of every load and store), ``ratio`` = requested / floor;
 ``mn_bytes_per_element``: the traffic on the m x n tensors (G, W, LDAdam's E, AdaPM's V) per
-element, to compare with the floor's A coefficient (6 for a bf16 GaLore step): a re-read of
+element, to compare with the floor's A coefficient (``floor_per_element``; 6 for a bf16 GaLore
+step): a re-read of
 an m x n tensor is DRAM traffic on any GPU; ``l2_model_bytes`` / ``ratio_l2_model``: the
 same launches with every tensor of at most ``L2_RESIDENT`` bytes counted once per launch
 (a re-read tile of P, N or R served by the H100's 50 MB L2), larger ones as requested;
@@ -55,14 +58,14 @@ def methods_all():
     return tuple(B.METHOD_STEPS) + DENSE
 
 
-def grid(quick: bool, full: bool):
-    """[(shape, rank, dtype name)] of the run."""
+def grid(quick: bool, full: bool, shapes=None):
+    """[(shape, rank, dtype name)] of the run (``shapes``: only these m x n)."""
     if quick:
         return [(QUICK_SHAPE, 128, "bf16")]
     out = [(SCALED_SHAPE, 128, "fp32"), (SCALED_SHAPE, 128, "bf16"), (SCALED_SHAPE, 256, "bf16")]
     if full:
         out.append((FULL_SHAPE, 128, "bf16"))
-    return out
+    return [c for c in out if shapes is None or c[0] in shapes]
 
 
 def floor_bytes(method, m, n, r, p, side):
@@ -73,6 +76,14 @@ def floor_bytes(method, m, n, r, p, side):
         return B.adafactor_step_bytes(m, n, param_bytes=p, factored=True, momentum=False,
                                       scale_parameter=True).floor
     return B.method_step_bytes(method, m, n, r, param_bytes=p, state_bytes=4, side=side).floor
+
+
+def floor_per_element(method, m, n, r, p, side) -> float:
+    """The floor's A coefficient (bytes per m x n element): with f = aA + bm + dn + k at a
+    fixed rank (A = mn; C = mr, S = rn are linear in m and n), a = f(2m, 2n) - f(m, 2n) -
+    f(2m, n) + f(m, n), over mn."""
+    f = lambda mm, nn: floor_bytes(method, mm, nn, r, p, side)   # noqa: E731
+    return (f(2 * m, 2 * n) - f(m, 2 * n) - f(2 * m, n) + f(m, n)) / (m * n)
 
 
 def _build(method, params, W, backend):
@@ -111,13 +122,17 @@ def measure(method, shape, r, dtype_name, log=print) -> dict:
             step()
     floor = floor_bytes(method, m, n, r, dtype.itemsize, side)
     A = m * n
+    # the optimizers' non-finite check (nonfinite="raise"): on CUDA one torch._foreach_norm
+    # read of the gradient (nonfinite_check_bytes), on a CPU build a compiled pass that the
+    # eager model does not see: left out of eager_bytes so both count alike
+    eager = tc.eager_bytes - tc.eager_ops.get("_foreach_norm", 0)
     big = small = l2_model = 0
     rereads = []
     for ln in tc.launches:
         l2_model += ln.unattributed
         for t in ln.tensors:
             moved = t.loaded + t.stored
-            if _numel(t.shape) >= A:
+            if sorted(t.shape) == sorted((m, n)):   # G, W, E, V (not a split-K buffer)
                 big += moved
             else:
                 small += moved
@@ -141,17 +156,21 @@ def measure(method, shape, r, dtype_name, log=print) -> dict:
                dtype=dtype_name, precision=precision, bytes_floor=floor,
                requested=tc.requested, loaded=tc.loaded, stored=tc.stored,
                ratio=round(tc.requested / floor, 4),
-               mn_bytes_per_element=round(big / A, 3), small_bytes=small,
+               mn_bytes_per_element=round(big / A, 3),
+               floor_per_element=round(floor_per_element(method, m, n, r, dtype.itemsize, side),
+                                       3),
+               small_bytes=small,
                l2_model_bytes=l2_model, ratio_l2_model=round(l2_model / floor, 4),
-               unattributed=tc.unattributed, eager_bytes=tc.eager_bytes,
-               ratio_with_eager=round((tc.requested + tc.eager_bytes) / floor, 4),
+               unattributed=tc.unattributed, eager_bytes=eager,
+               ratio_with_eager=round((tc.requested + eager) / floor, 4),
+               nonfinite_check_bytes=A * dtype.itemsize,
                eager_ops=dict(sorted(tc.eager_ops.items(), key=lambda kv: -kv[1])[:6]),
                launches=len(tc.launches), kernels=kernels,
                rereads=rereads[:TOP_REREADS], seconds=round(time.perf_counter() - t0, 1))
     log(f"  {method:14s} {m}x{n} r{r} {dtype_name}: requested {tc.requested / 2**20:8.2f} MiB"
         f" = {row['ratio']:.2f}x floor ({floor / 2**20:.2f} MiB), L2 model "
         f"{row['ratio_l2_model']:.2f}x; m x n tensors "
-        f"{row['mn_bytes_per_element']:.1f} B/elem; eager model {tc.eager_bytes / 2**20:.2f} MiB;"
+        f"{row['mn_bytes_per_element']:.1f} B/elem; eager model {eager / 2**20:.2f} MiB;"
         f" {len(tc.launches)} launches; {row['seconds']:.0f} s")
     return row
 
@@ -163,8 +182,25 @@ def _numel(shape):
     return out
 
 
+def _commit() -> str:
+    from bench import harness as H
+    return H.git_commit()
+
+
+def _tiles() -> dict:
+    """The GEMM launchers' GPU config tables the counts were taken with."""
+    import importlib
+    out = {}
+    for name in ("project", "backproject_update", "moment_transport", "adapm_update"):
+        mod = importlib.import_module(f"lowrank_fused.kernels.{name}")
+        out[name] = {key: [list(vars(c).values()) for c in getattr(mod, key)]
+                     for key in ("CONFIGS_FMA", "CONFIGS_MMA", "CONFIGS_TF32X3")
+                     if hasattr(mod, key)}
+    return out
+
+
 def run_inprocess(quick=False, full=False, methods=None, full_methods=FULL_METHODS,
-                  log=print) -> dict:
+                  shapes=None, ranks=None, log=print) -> dict:
     import torch
     import triton
 
@@ -172,7 +208,9 @@ def run_inprocess(quick=False, full=False, methods=None, full_methods=FULL_METHO
     rows, errors = [], []
     names = methods or methods_all()
     t0 = time.perf_counter()
-    for shape, r, dt in grid(quick, full):
+    for shape, r, dt in grid(quick, full, shapes):
+        if ranks is not None and r not in ranks:
+            continue
         for method in names:
             if shape == FULL_SHAPE and method not in full_methods:
                 continue
@@ -186,6 +224,7 @@ def run_inprocess(quick=False, full=False, methods=None, full_methods=FULL_METHO
                 log(f"ERROR {errors[-1]['case']}: {errors[-1]['error']}")
     return {"suite": "traffic", "rows": rows, "errors": errors,
             "config": {"gpu_tiling_sm_count": H100_SM_COUNT, "counted": "interpreter",
+                       "commit": _commit(), "tiles": _tiles(),
                        "torch": torch.__version__, "triton": triton.__version__,
                        "quick": quick, "full": full,
                        "elapsed_s": round(time.perf_counter() - t0, 1)}}
@@ -219,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full-methods", default=",".join(FULL_METHODS),
                     help="methods measured at the full shape (default: %(default)s)")
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    ap.add_argument("--shapes", default=None, help="only these shapes, e.g. 4096x11008")
+    ap.add_argument("--ranks", default=None, help="only these ranks, e.g. 256")
     ap.add_argument("--out", default=None, help="write the JSON here")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -230,8 +271,11 @@ def main(argv=None) -> int:
         bad = [x for x in methods if x not in methods_all()]
         if bad:
             raise SystemExit(f"--methods: unknown method(s) {bad}; choose from {methods_all()}")
+    shapes = ([tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
+              if args.shapes else None)
+    ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else None
     doc = run_inprocess(args.quick, args.full, methods,
-                        tuple(x.strip() for x in args.full_methods.split(",")))
+                        tuple(x.strip() for x in args.full_methods.split(",")), shapes, ranks)
     text = json.dumps(doc, indent=1) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

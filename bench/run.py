@@ -10,7 +10,9 @@ Suites: ``kernels`` (every fused op vs eager: ``<out>/<gpu-or-cpu>-<YYYY-MM-DD>.
 subspace refresh vs per-layer SVD, ``bench.suite_refresh``): ``<out>/<suite>-<device>.json``.
 Opt-in, only when named in ``--suite``: ``convergence-study`` (every method at its own best lr
 over several seeds, ``bench.suite_convergence_study``; about an hour of one CPU core, resumable,
-``--jobs 2`` trains two runs at a time).
+``--jobs 2`` trains two runs at a time); ``traffic`` (the bytes the Triton kernels request in
+one steady step of every method with the H100 tile configs, counted under the interpreter in a
+child process, ``bench.bench_traffic``; CPU minutes on any machine).
 Then ``bench.report`` writes ``<out>/README.md`` and the plots ``<out>/plots/*.png``.
 Default: every suite (``--only`` alone selects the kernel suite).
 
@@ -37,8 +39,9 @@ MODULES = ("project", "adam_moments", "backproject_update", "galore_step", "adaf
            "adamem_moments", "grouped_lowrank")
 MODULES += ("iass_select", "residual_col_stats", "method_step")
 SUITES = ("kernels", "step", "e2e", "convergence", "refresh")
-# run only when named in --suite (about an hour of one CPU core): bench.suite_convergence_study
-OPT_IN_SUITES = ("convergence-study",)
+# run only when named in --suite: bench.suite_convergence_study (about an hour of one CPU
+# core), bench.suite_traffic (bytes the kernels request, counted under the Triton interpreter)
+OPT_IN_SUITES = ("convergence-study", "traffic")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

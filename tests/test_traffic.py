@@ -199,26 +199,27 @@ def test_counter_detects_a_moved_interpreter_api(monkeypatch):
     assert tc.requested == 3 * 5 * 4 * 6
 
 
-# method -> (m x n-tensor bytes per element, requested / floor) of the steady step at 64x96,
-# rank 4, bf16 parameters, H100 tiles, as measured when committed: the first may not grow (a
-# kernel that re-reads G or W, or a new pass over an m x n tensor, adds 2 per read), the second
-# may grow by 0.02 at most. Compare the first with the floor's A coefficient
-# (``bench.bytes.method_step_bytes``): AdaPM-mini's 10 against its 8 is the extra read of G
-# for the block means; LDAdam's 14 is below the model's 18 (the model counts E at the
-# parameter dtype's size through three passes).
+# method -> (m x n-tensor bytes per element, L2-model bytes / floor) of the steady step at
+# 64x96, rank 4, bf16 parameters, H100 tiles, as measured when committed. The first may not grow
+# (a kernel that re-reads G or W, or a new pass over an m x n tensor, adds 2 per read); the
+# second (every tensor counted once per launch, so independent of the tile shapes) may grow by
+# 0.02 at most. The first equals the floor's A coefficient (``bench.bytes.method_step_bytes``,
+# ``bench_traffic.floor_per_element``) for every method at this rank, but LDAdam's 14 is below
+# the model's 18 here (it is 18 at 512x1376, rank 128: bench/results/traffic-cpu.json) and
+# GHA's 10 holds only while one FMA rank tile covers the rank (see bench/README.md).
 STEP_BOUNDS = {
-    "galore": (6.0, 1.04), "adaptive_adamw": (6.0, 1.11), "rsadamw": (6.0, 1.11),
-    "gha": (10.0, 1.12), "galore_kfac": (6.0, 1.21), "adarankgrad": (6.0, 1.05),
-    "ldadam": (14.0, 0.92), "adamem": (8.0, 1.04), "adapm": (16.0, 1.05),
-    "adapm_mini": (10.0, 1.08), "adamw": (22.0, 1.0), "adafactor": (12.0, 1.03),
+    "galore": (6.0, 1.0), "adaptive_adamw": (6.0, 1.061), "rsadamw": (6.0, 1.061),
+    "gha": (10.0, 1.078), "galore_kfac": (6.0, 1.131), "adarankgrad": (6.0, 1.001),
+    "ldadam": (14.0, 0.88), "adamem": (8.0, 1.007), "adapm": (16.0, 1.029),
+    "adapm_mini": (10.0, 1.044), "adamw": (22.0, 1.0), "adafactor": (12.0, 1.014),
 }
 
 
 @pytest.mark.parametrize("method", sorted(STEP_BOUNDS))
 def test_method_step_traffic_bound(method):
     from bench.bench_traffic import measure
-    mn_bound, ratio_bound = STEP_BOUNDS[method]
+    mn_bound, l2_bound = STEP_BOUNDS[method]
     row = measure(method, (64, 96), 4, "bf16", log=lambda *a: None)
     assert row["unattributed"] == 0
     assert row["mn_bytes_per_element"] <= mn_bound + 1e-9, row
-    assert row["ratio"] <= ratio_bound + 0.02, row
+    assert row["ratio_l2_model"] <= l2_bound + 0.02, row
