@@ -1,5 +1,5 @@
-"""Benchmark of AdaMeM's bias-corrected Adafactor (ALGORITHMS.md section 8.2 "Routing";
-section 10.1 K6 without the RMS clip), fused Triton (``kernels/adafactor_bc_step.py``) vs the
+"""Benchmark of AdaMeM's bias-corrected Adafactor (docs/methods/adamem.md, "Routing";
+K6 of docs/bytes.md without the RMS clip), fused Triton (``kernels/adafactor_bc_step.py``) vs the
 eager references, both looked up in the dispatch table:
 
 * ``adafactor_bc_factored_step``: an m x n W with row (m) and col (n) statistics; fused: the

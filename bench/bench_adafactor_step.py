@@ -1,4 +1,4 @@
-"""Benchmark of ``adafactor_step`` (ALGORITHMS.md section 3 lines 2-11; section 10.1 row K6):
+"""Benchmark of ``adafactor_step`` (docs/methods/adafactor.md; K6 in docs/bytes.md):
 one HF Adafactor step on a whole m x n matrix, fused Triton (``kernels/adafactor_step.py``:
 three passes over G, no m x n temporary) vs the eager reference
 (``lowrank_fused/reference/adafactor_step.py``), both looked up in the dispatch table.

@@ -1,4 +1,4 @@
-"""Benchmark of K2 ``adam_moments`` (ALGORITHMS.md section 10.1 row K2): the low-rank moment
+"""Benchmark of K2 ``adam_moments`` (K2 in docs/bytes.md): the low-rank moment
 update and normalised step, fused Triton (one pass) vs the eager reference, both through
 ``lowrank_fused.ops.adam_moments``. R, M, V, N are fp32 whatever the parameter dtype, so the
 cases are the (shape, rank, side) combinations of ``harness.matrix_cases`` without repeats."""

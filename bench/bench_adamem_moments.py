@@ -1,5 +1,5 @@
-"""Benchmark of AdaMeM's K2 ``adamem_moments`` (ALGORITHMS.md sections 8.3 lines 5-6 and 8.5
-step 2; section 10.1 row K2): the low-rank momentum, the factored (Adafactor) row/column
+"""Benchmark of AdaMeM's K2 ``adamem_moments`` (docs/methods/adamem.md, update
+lines 5-6; K2 in docs/bytes.md): the low-rank momentum, the factored (Adafactor) row/column
 statistics and the normalised step N1 on the r x n projection, fused Triton
 (``kernels/adamem_moments.py``: three launches, no host read) vs the eager reference, both
 looked up in the dispatch table.

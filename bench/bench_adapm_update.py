@@ -1,5 +1,5 @@
-"""Benchmark of ``adapm_update`` (ALGORITHMS.md section 9.6 lines 4-8, between refits; 9.7;
-9.9; 10.3 "AdaPM: L@Rg"): one AdaPM low-rank block step, fused Triton
+"""Benchmark of ``adapm_update`` (docs/methods/adapm.md, update lines 3-7 between
+refits, and AdaPM-mini; docs/bytes.md): one AdaPM low-rank block step, fused Triton
 (``kernels/adapm_update.py``: ``L@R`` and ``L@Rg`` as one K = r GEMM, the second moment, clip
 and W update in its epilogue, no m x n temporary) vs the eager reference
 (``lowrank_fused/reference/adapm_update.py``), both looked up in the dispatch table.

@@ -1,4 +1,4 @@
-"""Benchmark of K3 ``backproject_update`` (ALGORITHMS.md section 10.1 row K3): ``W <- (W -
+"""Benchmark of K3 ``backproject_update`` (K3 in docs/bytes.md): ``W <- (W -
 coef*P@N)(1 - c)``, fused Triton (update and weight decay in the GEMM epilogue, W read and
 written once) vs the eager reference (fp32 product materialised), both through
 ``lowrank_fused.ops.backproject_update``."""

@@ -1,4 +1,4 @@
-"""Distributed and per-layer sanity figures on CPU (issue 8), measured side by side in one run:
+"""Distributed and per-layer sanity figures on CPU, measured side by side in one run:
 
 * DDP with 2 gloo processes vs one process on the same global batch: optimizer step time and
   whole-iteration time (median over steps after warm-up), per method. On a 2-core CPU the two

@@ -1,5 +1,5 @@
 """Benchmark of one whole GaLore-AdamW step between subspace refreshes (K1 + K2 + K3,
-ALGORITHMS.md section 10.1 whole-step table), fused (``backend="triton"``) vs the eager
+the per-method floors of docs/bytes.md), fused (``backend="triton"``) vs the eager
 reference (``backend="reference"``): the same ``GaLoreAdamW`` class, so they cannot drift.
 
 The SVD is excluded: ``update_proj_gap`` is huge, and every optimizer starts from the state

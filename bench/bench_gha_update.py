@@ -1,4 +1,4 @@
-"""Benchmark of ``gha_update`` (ALGORITHMS.md section 5.6, gha): GHAAdamW's generalised
+"""Benchmark of ``gha_update`` (docs/methods/adaptive_adamw.md): GHAAdamW's generalised
 Hebbian basis update ``P_new = orth(P + eta*(G Y/||G||^2 - P triu(Y^T Y/||G||^2)))``,
 ``Y = G^T P``. Fused (``kernels/gha_update.py``: two K1 projection passes over G, the first
 with its colsum(G^2) side output; no m x n temporary) vs the eager reference

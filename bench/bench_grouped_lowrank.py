@@ -1,5 +1,5 @@
-"""Benchmark of the grouped K1/K3 (issue 4; ALGORITHMS.md section 10.1 rows K1 and K3, times
-the group size): a group of same-shape matrices, as a LLaMA has tens of layers per (shape,
+"""Benchmark of the grouped K1/K3 (K1 and K3 of docs/bytes.md, times the group
+size): a group of same-shape matrices, as a LLaMA has tens of layers per (shape,
 rank, side) class, processed three ways, all through ``lowrank_fused``:
 
 * ``grouped``/``triton``: ``ops_grouped.grouped_project`` /

@@ -1,5 +1,5 @@
-"""Benchmark of IASS rank selection ``iass_select`` (ALGORITHMS.md section 6.3 lines 3-5,
-``prefix`` mode; section 6.5's "one more read for ... ||G||^2"), Triton
+"""Benchmark of IASS rank selection ``iass_select`` (docs/methods/adarankgrad.md,
+``prefix`` mode; the refresh's one more read of G for ``||G||^2``), Triton
 (``kernels/iass_select.py``: ``||G||^2`` by a Triton reduction reading G once in its storage
 dtype, the k x n row norms and cumulative sums on torch) vs the eager reference (an fp32 copy
 of G squared and summed), both looked up in the dispatch table.

@@ -1,8 +1,8 @@
 """Benchmark of one whole optimizer step of every low-rank method on one matrix between
-refreshes (issue 4's per-method targets: the fused step within 1.3x of its byte floor on
+refreshes (the per-method targets: the fused step within 1.3x of its byte floor on
 4096x11008, and faster than the eager reference by about their byte ratio), fused
 (``backend="triton"``) vs the eager reference (``backend="reference"``) of the same optimizer
-class. The byte model is ``bytes.method_step_bytes`` (ALGORITHMS.md 10.1 / 10.2); GaLore's
+class. The byte model is ``bytes.method_step_bytes`` (docs/bytes.md); GaLore's
 own step, with the dense comparators, is ``bench_galore_step``.
 
 Refreshes are pushed out of reach (each method's interval keywords set to 10**9) and every

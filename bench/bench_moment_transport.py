@@ -1,5 +1,6 @@
-"""Benchmark of the K8 moment transport between subspaces (ALGORITHMS.md sections 5.3 A4,
-7.3 lines 4 + 6, 10 K8): ``C = P_new^T P_old``, then ``(C@M, (C*C)@V)``
+"""Benchmark of the K8 moment transport between subspaces (docs/methods/adaptive_adamw.md A4,
+docs/methods/ldadam.md lines 4 + 6; K8 in docs/bytes.md): ``C = P_new^T P_old``, then
+``(C@M, (C*C)@V)``
 (``moment_transport``: AdaptiveAdamW, AdaMeM and AdaRankGrad at a refresh),
 ``(C@M, C@V)`` (``moment_transport_linear``: AdaRankGrad's ``v_transport="linear"``, at the
 grid's smallest rank only: the same kernel with another right operand) and LDAdam's

@@ -1,4 +1,4 @@
-"""CPU benchmark of the multi-tensor ops (issue 6): one call of the CPU twin over every state of
+"""CPU benchmark of the multi-tensor ops: one call of the CPU twin over every state of
 a model vs the per-tensor eager reference loop.
 
 Model: ``lowrank_fused.models.LlamaForCausalLM`` with its default config; GaLore groups

@@ -1,4 +1,4 @@
-"""Benchmark of K1 ``project`` (ALGORITHMS.md section 10.1 row K1): fused Triton
+"""Benchmark of K1 ``project`` (K1 in docs/bytes.md): fused Triton
 (cast in the GEMM prologue, one read of G) vs the eager reference (``G.float()``, fp32 GEMM),
 both through ``lowrank_fused.ops.project``."""
 from __future__ import annotations

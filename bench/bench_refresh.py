@@ -1,4 +1,4 @@
-"""Subspace refresh of a whole LLaMA-style model (issue 5): batched randomized SVD
+"""Subspace refresh of a whole LLaMA-style model: batched randomized SVD
 (``lowrank_fused.subspace.refresh_bases``: one call per distinct shape) vs the per-layer full
 ``torch.linalg.svd`` that GaLore runs (``linalg.canonical_svd_basis``).
 

@@ -1,6 +1,6 @@
-"""Benchmark of AdaMeM's residual column statistics ``residual_col_stats`` (ALGORITHMS.md
-sections 8.3 lines 4 and 7, 8.5; section 10.1 row K5 pass 1): the EMA of the per-column
-residual statistics ``c_os`` and the column scales, fused Triton
+"""Benchmark of AdaMeM's residual column statistics ``residual_col_stats``
+(docs/methods/adamem.md, update lines 4 and 7; K5 pass 1 in docs/bytes.md): the EMA of the
+per-column residual statistics ``c_os`` and the column scales, fused Triton
 (``kernels/residual_col_stats.py``) vs the eager reference, both looked up in the dispatch
 table.
 

@@ -1,4 +1,4 @@
-"""Byte model of ALGORITHMS.md section 10.1: bytes each kernel must move per call.
+"""Byte model (docs/bytes.md explains it): bytes each kernel must move per call.
 
 Notation (section 10.1): ``A = m*n``, ``S`` = elements of the low-rank tensors (R, M, V, N),
 ``C`` = elements of the basis. In the left (canonical) form S = r*n and C = m*r; a right
@@ -14,8 +14,8 @@ projection swaps them (S = m*r, C = r*n), so every function takes ``side``.
 * ``state_bytes``: M, V, N and the basis P (fp32 = 4 in lowrank_fused unless
   ``faithful_dtypes``). The projection R is fp32 (4 B) always (``lowrank_fused.ops.project``).
 
-With the defaults, ``m, n, r = 4096, 11008, 128`` reproduces the section 10.1 table
-(``shared/spec_checks/bytes2.py``; MiB): K1 437/93, K2 97/32, K3 1039/179, GaLore 1574/305,
+With the defaults, ``m, n, r = 4096, 11008, 128`` reproduces the table of docs/bytes.md
+(MiB): K1 437/93, K2 97/32, K3 1039/179, GaLore 1574/305,
 AdamW 946 (fused).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one GPU entry point (shared/GPU.md): by default the first device command, the headline
+"""The one GPU entry point (docs/gpu.md): by default the first device command, the headline
 run of at most 8 minutes on a bare machine; ``--full`` is the whole suite and every benchmark.
 
     make gpu-check OUT=DIR                              # headline (build + this, <= 8 min)
@@ -318,7 +318,7 @@ def full(args, out: Path) -> int:
                 print(f"[gpu_check] benchmarks failed: {type(exc).__name__}: {exc}",
                       flush=True)
                 bench_rc = 1
-        # issue 6: the multi-tensor launch vs Triton per tensor vs eager, LLaMA-1B states
+        # the multi-tensor launch vs Triton per tensor vs eager, LLaMA-1B states
         if args.suite is None or "multi-tensor" in args.suite:
             from bench import bench_multi_tensor
 

@@ -1,6 +1,6 @@
 """The one benchmark harness: timer, input rotation, ceilings, the result row and its writers.
 
-How it measures (shared/GPU.md):
+How it measures (docs/gpu.md):
 
 * CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call, warm-up first)
   returning the 20th/50th/80th percentiles. The benchmark factories additionally rotate their
@@ -278,7 +278,7 @@ def environment(device) -> dict:
 
 @dataclass
 class Row:
-    """One measurement. Times in ms; bytes from ``bench.bytes`` (ALGORITHMS.md 10.1)."""
+    """One measurement. Times in ms; bytes from ``bench.bytes`` (docs/bytes.md)."""
 
     op: str                      # "project", ..., "galore_step", "adamw"; ":form" suffixes
                                  # name a module's forms ("adafactor_step:momentum")

@@ -147,7 +147,7 @@ def _run(args, argv) -> int:
 
     cuda = torch.cuda.is_available()
     if args.interpret and not cuda:
-        # must precede the first import of the kernel modules (shared/STYLE.md)
+        # must precede the first import of the kernel modules (docs/backends.md)
         os.environ["TRITON_INTERPRET"] = "1"
     interpret = bool(args.interpret) and not cuda
     if args.interpret and cuda:
@@ -270,7 +270,7 @@ def _run_kernels(args, command, device, interpret, out) -> int:
             mod.clear_cache()
 
     model = B.format_model_table(H.LLAMA_SHAPES, H.RANKS)
-    model_section = ("## Byte model (ALGORITHMS.md 10.1), LLaMA shapes, fp32 states and basis, "
+    model_section = ("## Byte model (docs/bytes.md), LLaMA shapes, fp32 states and basis, "
                      "side by galore_torch's \"std\" rule\n\n" + model)
     elapsed = time.perf_counter() - t_start
     meta = {"command": command,

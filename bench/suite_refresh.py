@@ -1,4 +1,4 @@
-"""Suite ``refresh`` of ``bench.run`` (issue 5): the subspace refresh of a whole LLaMA-style
+"""Suite ``refresh`` of ``bench.run``: the subspace refresh of a whole LLaMA-style
 model's matrices, batched randomized SVD (``lowrank_fused.subspace.refresh_bases``) vs the
 per-layer ``torch.linalg.svd`` GaLore runs, timed side by side in one process, with the
 captured-energy ratio; real gradients (one backward on random tokens) and synthetic decaying

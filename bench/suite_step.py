@@ -37,7 +37,7 @@ FAR = 10 ** 9
 # methods with ``grouped_gemms`` (K1/K3 of each matrix class as one launch): a "fused-grouped" row
 GROUPED = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adarankgrad", "ldadam",
            "adamem")
-# the whole-model comparison of issue 4 on CUDA (not --quick): LLaMA-1B, GaLore's rank for it
+# the whole-model comparison on CUDA (not --quick): LLaMA-1B, GaLore's rank for it
 WHOLE_MODEL = ("1b", 512, ("galore", "adaptive_adamw"))
 
 
@@ -190,7 +190,7 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
 def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int = 20,
                 warm: int = 2, precision=None, ceilings=None, graphs: bool = True,
                 deadline=None) -> dict:
-    """Issue 4's whole-model comparison: the steady step (between refreshes) of GaLore and
+    """The whole-model comparison: the steady step (between refreshes) of GaLore and
     AdaptiveAdamW, fused per matrix and grouped, on every parameter of a LLaMA-1B-sized model
     (fp32), against ``torch.optim.AdamW(fused=True)`` on the same parameters, side by side in
     one process. The first step (a randomized refresh, to keep the run short) is a warm step.

@@ -1,6 +1,6 @@
 """Pieces shared by the Triton kernels: dot precision modes, bf16 rounding, launch helpers.
 
-Facts this encodes (measured, see shared/STYLE.md): under ``TRITON_INTERPRET=1`` a bf16
+Facts this encodes (measured; docs/backends.md explains them): under ``TRITON_INTERPRET=1`` a bf16
 ``tl.dot`` multiplies raw bits (garbage) and an fp32 -> bf16 store truncates instead of
 rounding to nearest. So when interpreting, dot operands are always fp32 (bf16 operand rounding
 is emulated by rounding to bf16 and back), and bf16 stores round to nearest-even explicitly.

@@ -1,4 +1,4 @@
-"""Addressing for the grouped kernels (issue 4): many same-shape matrices in one launch.
+"""Addressing for the grouped kernels: many same-shape matrices in one launch.
 
 The matrices of a group are separate allocations. A grouped kernel receives, per operand list,
 one base pointer (the list's first tensor) and an int64 table of element offsets of every

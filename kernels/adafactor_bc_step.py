@@ -1,6 +1,6 @@
 """Bias-corrected Adafactor with a fixed beta2, no momentum, no clip and no relative step:
-AdaMeM's optimizer for its non-low-rank parameters (ALGORITHMS.md section 8.2 "Routing";
-section 10 K6 without the RMS clip), fused.
+AdaMeM's optimizer for its non-low-rank parameters (docs/methods/adamem.md, "Routing";
+K6 of docs/bytes.md without the RMS clip), fused.
 
 Factored (``adafactor_bc_factored_step``, W and G m x n, any strides), two passes over G:
 

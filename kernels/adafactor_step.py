@@ -1,4 +1,4 @@
-"""Adafactor step, HF version (ALGORITHMS.md section 3 lines 2-11; section 10 K6), fused.
+"""Adafactor step, HF version (docs/methods/adafactor.md; K6 in docs/bytes.md), fused.
 
 Factored form, W and G (B, m, n) in their storage dtypes (any strides), three passes over G:
 

@@ -1,4 +1,4 @@
-"""K2 low-rank Adam moment update (ALGORITHMS.md section 4.3 lines 6-10, section 10 K2).
+"""K2 low-rank Adam moment update (docs/methods/galore.md; K2 in docs/bytes.md).
 
 One pass over the r x n (or m x r) low-rank tensors: read R, M, V; write M, V and the
 normalised step ``N = (M/c1) / (sqrt(V/c2) + eps)``. Per-step scalars are runtime arguments,

@@ -1,5 +1,5 @@
 """AdaMeM's K2: low-rank momentum and factored (Adafactor) preconditioner on the r x n
-projection, fused (ALGORITHMS.md section 8.3 lines 5-6, section 8.5 step 2, section 10 K2).
+projection, fused (docs/methods/adamem.md, update lines 5-6; K2 in docs/bytes.md).
 
 ``M = beta1*M + (1-beta1)*R``; ``Mhat = M/c1``; ``X = Mhat`` (``stats_from_momentum``) or R;
 ``row = beta2*row + (1-beta2)*rowmean(X^2 + eps1)``, ``col`` likewise with column means;

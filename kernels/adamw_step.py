@@ -1,4 +1,4 @@
-"""Dense AdamW step for the non-projected parameters (ALGORITHMS.md section 2).
+"""Dense AdamW step for the non-projected parameters (docs/methods/adamw.md).
 
 One pass: read G, read/write M, V and W (22 bytes per element with bf16 G/W and fp32 states).
 ``W = W*pre_scale``; Adam moments; ``W -= lr*(M/c1)/(sqrt(V/c2)+eps)``; ``W -= post_decay*W``.

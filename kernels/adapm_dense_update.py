@@ -1,5 +1,5 @@
-"""AdaPM / AdaPM-mini full-momentum and no-momentum blocks, fused (ALGORITHMS.md section 9.6
-"Full-momentum block" / "No-momentum block", section 9.7 for block means).
+"""AdaPM / AdaPM-mini full-momentum and no-momentum blocks, fused (docs/methods/adapm.md:
+the full- and no-momentum blocks; AdaPM-mini for block means).
 
 In place on M, V and W (W, G, M m x n, any strides; V m x n or Adam-mini block means). One
 elementwise tile loop with the same epilogue as ``adapm_update``: ``M = beta1*M + (1-beta1)*G``

@@ -1,4 +1,4 @@
-"""AdaPM's periodic refit of (L, R) (ALGORITHMS.md 9.3, 9.6 line 4, 9.8) on the fused K1
+"""AdaPM's periodic refit of (L, R) (docs/methods/adapm.md, update line 3) on the fused K1
 projection: per alternating iteration two reads of G, no m x n temporary, G never cast to a
 full-size fp32 copy.
 

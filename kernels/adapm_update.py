@@ -1,5 +1,5 @@
-"""AdaPM / AdaPM-mini low-rank step, fused (ALGORITHMS.md section 9.6 lines 4-8, section 9.7,
-section 9.9, section 10.3 "AdaPM: L@Rg, and L0@R0 on refit steps").
+"""AdaPM / AdaPM-mini low-rank step, fused (docs/methods/adapm.md, update lines 3-7 and
+AdaPM-mini; docs/bytes.md, "Kernel-design notes": L@Rg, and L0@R0 on refit steps).
 
 Left form, in place on R (between refits), V and W; W, G m x n in their storage dtypes.
 
@@ -70,7 +70,7 @@ def dummy(device) -> torch.Tensor:
 def normalize(mc, g, v_ptr, v_offs, mask, h_ptr, rows, mask_m, rows_per_block,
               v_keep, v_add, eps, c2, V_BLOCKS: tl.constexpr, STORE_V: tl.constexpr,
               INTERPRET: tl.constexpr):
-    """``u = mc / denominator`` (ALGORITHMS.md 9.6 lines 6-7, 9.7): elementwise V is updated
+    """``u = mc / denominator`` (docs/methods/adapm.md lines 5-6): elementwise V is updated
     (``v_keep*V + v_add*g^2``, stored when STORE_V) and the denominator is computed from the
     *stored* value, ``sqrt(V/c2) + eps``; block-mean V reads the per-row denominator ``h``
     (``sqrt(V)/sqrt(c2) + eps``, one per block of ``rows_per_block`` rows)."""
@@ -133,7 +133,7 @@ def elementwise_tiles(gpu_m: int, gpu_n: int):
 
 def block_means_denominator(G, V, *, v_keep: float, v_add: float, eps: float,
                             c2: float) -> torch.Tensor:
-    """Adam-mini (ALGORITHMS.md 9.7): ``V = v_keep*V + v_add*mean_block(g^2)`` in place on the
+    """Adam-mini (docs/methods/adapm.md): ``V = v_keep*V + v_add*mean_block(g^2)`` in place on the
     ``nb``-vector V, and the fp32 per-block denominator ``sqrt(V)/sqrt(c2) + eps`` (nb), all on
     the device. One launch reads G for per-slab row sums; torch reduces the small buffer."""
     m, n = G.shape

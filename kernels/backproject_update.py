@@ -1,5 +1,5 @@
-"""K3 back-projection fused with the weight update and weight decay (ALGORITHMS.md section 4.3
-lines 11-13, section 1.4, section 10 K3).
+"""K3 back-projection fused with the weight update and weight decay (docs/methods/galore.md;
+decay orders in docs/conventions.md; K3 in docs/bytes.md).
 
 Left (canonical) form, in place: ``W = W*pre_scale; W -= coef*(P @ N); W -= post_decay*W``
 with W m x n in its storage dtype, P m x r, N r x n. The product ``P @ N`` lives only in the

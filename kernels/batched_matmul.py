@@ -1,5 +1,5 @@
-"""Batched GEMM ``C[b] = A[b] @ B[b]`` for the batched subspace refresh (issue 5; ALGORITHMS.md
-10 K7): the two products of a power-iteration step ``Y = G (G^T Q)`` over a stack of
+"""Batched GEMM ``C[b] = A[b] @ B[b]`` for the batched subspace refresh (K7 of
+docs/bytes.md): the two products of a power-iteration step ``Y = G (G^T Q)`` over a stack of
 same-shape layers. A (batch, M, K) is read in its storage dtype (fp32/bf16/fp16, any strides:
 ``G^T`` is a transposed view) and cast in the prologue; B (batch or 1, K, N) fp32 (a batch
 stride of 0 broadcasts one sketch); C (batch, M, N) fp32, fp32 accumulation.

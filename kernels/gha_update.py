@@ -1,4 +1,4 @@
-"""GHAAdamW's generalised Hebbian basis update (ALGORITHMS.md 5.6, gha) on the fused K1
+"""GHAAdamW's generalised Hebbian basis update (docs/methods/adaptive_adamw.md) on the fused K1
 projection: two reads of G, no m x n temporary.
 
     R  = P^T G  and colsum(G^2)      (K1 with its sum-of-squares side output; R = Y^T)

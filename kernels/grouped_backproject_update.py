@@ -1,6 +1,6 @@
 """K3 back-projection fused with the weight update and weight decay for a whole group of
-same-shape matrices in one launch (issue 4; ALGORITHMS.md section 4.3 lines 11-13, section 1.4,
-section 10 K3).
+same-shape matrices in one launch (docs/methods/galore.md; K3 in
+docs/bytes.md).
 
 Left (canonical) form, in place on every member b: ``W_b = W_b*pre_scale_b;
 W_b -= coef_b*(P_b @ N_b); W_b -= post_decay_b*W_b``, the math and the epilogue of

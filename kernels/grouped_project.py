@@ -1,5 +1,5 @@
-"""K1 projection of a whole group of same-shape matrices in one launch (issue 4; ALGORITHMS.md
-section 4.3 line 3, section 10 K1): ``R_b = P_b^T @ G_b`` for every member b.
+"""K1 projection of a whole group of same-shape matrices in one launch
+(docs/methods/galore.md; K1 in docs/bytes.md): ``R_b = P_b^T @ G_b`` for every member b.
 
 Left (canonical) form, as ``kernels/project.py``: G_b m x n in its storage dtype, P_b m x r,
 R_b r x n fp32; the members are separate tensors addressed as offsets from the first

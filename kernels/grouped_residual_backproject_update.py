@@ -1,5 +1,5 @@
-"""AdaMeM's combined update for a whole group of same-shape matrices in one launch (issue 4;
-ALGORITHMS.md section 8.3 lines 8-9, section 10 K3 with the residual term, K5 pass 2).
+"""AdaMeM's combined update for a whole group of same-shape matrices in one launch
+(docs/methods/adamem.md, update lines 8-9; K3 with the residual term, K5 pass 2).
 
 Per member b, in place: ``W_b = W_b*pre_b - coef_b*(P_b @ N_b)
 - res_coef_b*((G_b - P_b @ R_b) * col_scale_b) ; W_b -= post_decay_b*W_b``. As the single

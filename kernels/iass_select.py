@@ -1,4 +1,4 @@
-"""IASS rank selection (ALGORITHMS.md section 6.3, ``IASS`` lines 3-6 and the ``ritz`` option).
+"""IASS rank selection (docs/methods/adarankgrad.md: ``IASS`` and the ``ritz`` option).
 
 The op's only m x n work is the gradient energy ``E = ||G||^2``. When the caller passes ``E``
 (AdaRankGrad does: ``sum(colsum(G^2))`` from the side output of the projection that made

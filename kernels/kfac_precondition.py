@@ -1,4 +1,4 @@
-"""GaLoreKFACAdamW's KFAC-whitened low-rank momentum (ALGORITHMS.md 5.6, galore_kfac), left
+"""GaLoreKFACAdamW's KFAC-whitened low-rank momentum (docs/methods/adaptive_adamw.md), left
 (canonical) form: R, M, N are r x n, F and its inverse root r x r.
 
     F  = beta2*F + (1-beta2)*(R R^T)/n      Gram over n: the batched GEMM kernel

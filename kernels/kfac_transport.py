@@ -1,5 +1,5 @@
 """Transport of GaLoreKFACAdamW's momentum and Kronecker factor across a subspace refresh
-(ALGORITHMS.md 5.3 A4 applied to 5.6 galore_kfac), left (canonical) form:
+(docs/methods/adaptive_adamw.md: A4 applied to GaLoreKFACAdamW), left (canonical) form:
 
     C = P_new^T @ P_old          (r_new x r_old: the K1 projection kernel, an m-long reduction)
     M_new = C @ M                (r_new x n)      } one launch of the K8 transport kernel

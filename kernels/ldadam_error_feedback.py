@@ -1,5 +1,5 @@
-"""LDAdam's generalised error feedback, fused (ALGORITHMS.md section 7.3 lines 3 and 5, 7.5,
-section 10 K4).
+"""LDAdam's generalised error feedback, fused (docs/methods/ldadam.md, update lines 3 and 5 and
+the fused form; K4 in docs/bytes.md).
 
 ``E = A - hcat(P_new, P_old) @ vcat(Rg + c*M_tr, -c*M)``: one GEMM with K = 2r whose
 subtract epilogue reads A once and writes E once (``backproject_update``'s kernel with a

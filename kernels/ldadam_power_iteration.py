@@ -1,7 +1,7 @@
-"""LDAdam's warm-started power-iteration step (ALGORITHMS.md 7.3 line 1, 7.5; section 10 K7)
+"""LDAdam's warm-started power-iteration step (docs/methods/ldadam.md, line 1; K7)
 on the batched GEMM kernel of the subspace refresh (``batched_matmul.py``): the two m x n
 products read the accumulated gradient A once each in its storage dtype, and b = coef_m *
-P_old M + coef_a * A is never formed (the 7.5 form)::
+P_old M + coef_a * A is never formed (the fused form)::
 
     V1 = coef_m * M^T + coef_a * (A^T @ P_old)              # n x r
     Y  = coef_a * (A @ V1) + coef_m * (P_old @ (M @ V1))     # m x r

@@ -1,5 +1,6 @@
-"""K8 moment transport between subspaces (ALGORITHMS.md section 5.3 A4, section 7.3 lines 4
-and 6, section 10 K8), for the three transports of the dispatch table:
+"""K8 moment transport between subspaces (docs/methods/adaptive_adamw.md A4,
+docs/methods/ldadam.md lines 4 and 6; K8 in docs/bytes.md), for the three transports of the
+dispatch table:
 
     moment_transport         (C @ M, (C*C) @ V)          AdaptiveAdamW, AdaMeM, AdaRankGrad "cc"
     moment_transport_linear  (C @ M, C @ V)              AdaRankGrad ``v_transport="linear"``

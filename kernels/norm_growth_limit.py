@@ -1,4 +1,4 @@
-"""Norm-growth limiter of AdaptiveAdamW (ALGORITHMS.md section 5.3 B1; Fira / APOLLO), fused.
+"""Norm-growth limiter of AdaptiveAdamW (docs/methods/adaptive_adamw.md; Fira / APOLLO), fused.
 
 ``z = ||N||``; the first call records ``nl_prev = z``; afterwards
 ``f = max(z/(nl_prev + 1e-8), gamma)/gamma`` (``f = 1`` where ``nl_prev == 0``),

@@ -1,4 +1,4 @@
-"""K1 projection ``R = P^T @ G`` (ALGORITHMS.md section 4.3 line 3, section 10 K1).
+"""K1 projection ``R = P^T @ G`` (docs/methods/galore.md; K1 in docs/bytes.md).
 
 Left (canonical) form: G is m x n in its storage dtype, P is m x r, R is r x n fp32. A right
 projection arrives here as the transposed views (lowrank_fused.ops.project). G is cast in the

@@ -1,5 +1,5 @@
-"""SSRF range finder (AdaRankGrad's subspace selection, ALGORITHMS.md 6.3) and AdaPM's basis
-initialisation (9.6 line 2) on the shared subspace primitives of issue 5: the G products run
+"""SSRF range finder (AdaRankGrad's subspace selection, docs/methods/adarankgrad.md) and AdaPM's
+basis initialisation (docs/methods/adapm.md) on the shared subspace primitives: the G products run
 the batched GEMM kernel (``batched_matmul.py``: G read once per product in its storage dtype,
 cast in the prologue, fp32 accumulate) and every re-orthonormalisation is CholeskyQR2
 (``lowrank_fused.subspace.cholesky_qr2``: two Gram GEMMs and batched k x k Cholesky instead of

@@ -1,5 +1,5 @@
-"""AdaMeM's combined update, fused (ALGORITHMS.md section 8.3 lines 8-9, section 10 K3 with the
-residual term, K5 pass 2).
+"""AdaMeM's combined update, fused (docs/methods/adamem.md, update lines 8-9; K3 with the
+residual term, K5 pass 2, in docs/bytes.md).
 
 ``W = W*pre - coef*(P @ N) - res_coef*((G - P @ R) * col_scale) ; W -= post_decay*W``.
 Because ``col_scale`` is per column, ``(P @ R) * col_scale = P @ (R * col_scale)``, so the two

@@ -1,6 +1,6 @@
 """AdaMeM's one-sided (per-column) statistics of the residual ``S = G - P @ R``, fused
-(ALGORITHMS.md section 8.3 lines 4 and 7 and the fused identity below them; section 8.5;
-section 10 K5 pass 1).
+(docs/methods/adamem.md, update lines 4 and 7 and the fused identity below them; K5 pass 1
+in docs/bytes.md).
 
 ``c_os = beta2*c_os + (1-beta2)*(colsum(S^2)/m + eps1)``, ``col_scale = 1/(sqrt(c_os/c2) + eps)``
 (n-vectors, on the device, no host read). ``colsum(S^2)`` comes from one of two sources:

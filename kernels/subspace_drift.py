@@ -1,4 +1,4 @@
-"""RSAdamW's random subspace drift (ALGORITHMS.md 5.6, rsadamw), left (canonical) form:
+"""RSAdamW's random subspace drift (docs/methods/adaptive_adamw.md), left (canonical) form:
 
     P_new = orth(sqrt(1 - sigma^2) * P_old + sigma * Z)        (P_old given)
     P_new = orth(Z)                                             (first refresh)
