@@ -1,12 +1,12 @@
 """Byte model (docs/bytes.md explains it): bytes each kernel must move per call.
 
-Notation (section 10.1): ``A = m*n``, ``S`` = elements of the low-rank tensors (R, M, V, N),
+Notation (docs/bytes.md): ``A = m*n``, ``S`` = elements of the low-rank tensors (R, M, V, N),
 ``C`` = elements of the basis. In the left (canonical) form S = r*n and C = m*r; a right
 projection swaps them (S = m*r, C = r*n), so every function takes ``side``.
 
 "Fused" (the floor) reads every operand once per unavoidable pass and writes every output once;
 "eager" counts every read and write of the straightforward one-kernel-per-op PyTorch code
-(GaLore's official code for K2/K3). Caches are ignored. Section 10.1's example uses bf16 G and W
+(GaLore's official code for K2/K3). Caches are ignored. The docs' example uses bf16 G and W
 (2 B) and fp32 states and basis (4 B); here those sizes are arguments:
 
 * ``g_bytes`` / ``w_bytes`` / ``param_bytes``: gradient and weight element size (2 for bf16,
@@ -40,7 +40,7 @@ class Bytes:
 
 
 def sizes(m: int, n: int, r: int, side: str = "left"):
-    """``(A, S, C)`` element counts: full matrix, low-rank tensors, basis (section 10.1)."""
+    """``(A, S, C)`` element counts: full matrix, low-rank tensors, basis (docs/bytes.md)."""
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     A = m * n
@@ -54,7 +54,7 @@ def _cast(elements: int, src_bytes: int) -> int:
 
 
 def project_bytes(m, n, r, *, g_bytes=2, state_bytes=4, side="left") -> Bytes:
-    """K1 ``R = P^T @ G`` (section 10.1, row K1).
+    """K1 ``R = P^T @ G`` (docs/bytes.md, row K1).
 
     fused: cast in the GEMM prologue: read G, read P, write R = ``gA + pC + 4S``
     (2A + 4C + 4S in the example). eager: ``G.float()`` (read gA, write 4A; nothing when G is
@@ -68,7 +68,7 @@ def project_bytes(m, n, r, *, g_bytes=2, state_bytes=4, side="left") -> Bytes:
 
 
 def adam_moments_bytes(m, n, r, *, state_bytes=4, side="left") -> Bytes:
-    """K2 low-rank moment update ``(R, M, V) -> (M, V, N)`` (section 10.1, row K2).
+    """K2 low-rank moment update ``(R, M, V) -> (M, V, N)`` (docs/bytes.md, row K2).
 
     fused: read R, M, V; write M, V, N = ``(4 + 5s)S`` (24S in the example; 20S when N is
     consumed in K3's prologue, not modelled here). eager: GaLore's 7 kernels (adamw.py
@@ -82,9 +82,9 @@ def adam_moments_bytes(m, n, r, *, state_bytes=4, side="left") -> Bytes:
 
 
 def adamem_moments_bytes(m, n, r, *, state_bytes=4, side="left") -> Bytes:
-    """AdaMeM's K2 ``(R, M, row, col) -> (M, row, col, N)`` (sections 8.3 lines 5-6 and 8.5
-    step 2; section 10.1 row K2 with AdaMeM's factored second moment), canonical left form:
-    R, M, N have S elements, the statistics ``row`` and ``col`` r and S/r (both forms).
+    """AdaMeM's K2 ``(R, M, row, col) -> (M, row, col, N)`` (docs/methods/adamem.md,
+    update lines 5-6; row K2 of docs/bytes.md with AdaMeM's factored second moment),
+    canonical left form: R, M, N have S elements, the statistics ``row`` and ``col`` r and S/r (both forms).
 
     fused (``kernels/adamem_moments.py``): two unavoidable passes, since N needs row and column
     statistics of the whole matrix: R read, M read and written (pass 1), M read again and N
@@ -105,7 +105,7 @@ def adamem_moments_bytes(m, n, r, *, state_bytes=4, side="left") -> Bytes:
 
 
 def backproject_update_bytes(m, n, r, *, w_bytes=2, state_bytes=4, side="left") -> Bytes:
-    """K3 ``W <- (W - b*P@N)(1-c)`` (section 10.1, row K3).
+    """K3 ``W <- (W - b*P@N)(1-c)`` (docs/bytes.md, row K3).
 
     fused: GEMM epilogue reads and writes W once, reads P and N: ``2wA + sC + sS``
     (4A + 4C + 4S in the example). eager: the GEMM writes an fp32 U (4A, reading sC + sS),
@@ -118,7 +118,7 @@ def backproject_update_bytes(m, n, r, *, w_bytes=2, state_bytes=4, side="left") 
 
 
 def galore_step_bytes(m, n, r, *, param_bytes=2, state_bytes=4, side="left") -> Bytes:
-    """One GaLore-AdamW step between refreshes, K1 + K2 + K3 (section 10.1, whole-step table:
+    """One GaLore-AdamW step between refreshes, K1 + K2 + K3 (docs/bytes.md, per-method floors:
     6A + 24S + 8C + 8S = 305 MiB fused, 1574 MiB eager in the example). The SVD refresh every
     ``update_proj_gap`` steps is not counted."""
     return (project_bytes(m, n, r, g_bytes=param_bytes, state_bytes=state_bytes, side=side)
@@ -128,12 +128,12 @@ def galore_step_bytes(m, n, r, *, param_bytes=2, state_bytes=4, side="left") -> 
 
 
 def adamw_bytes(m, n, *, param_bytes=2, state_bytes=4) -> Bytes:
-    """Dense (full-rank) AdamW step on an m x n matrix (section 10.1, whole-step table: 22A =
+    """Dense (full-rank) AdamW step on an m x n matrix (docs/bytes.md, per-method floors: 22A =
     946 MiB in the example).
 
     fused: read G, read and write W, M, V = ``(g + 2w + 4s)A`` (22A with bf16 G/W and fp32
     states; 28A all fp32; 14A for torch's AdamW on bf16 parameters, whose states are bf16).
-    eager (not in section 10; counted here from torch's single-tensor AdamW with weight decay:
+    eager (counted here from torch's single-tensor AdamW with weight decay:
     ``W.mul_`` 2w, ``M.lerp_(G)`` 2s+g, ``V.mul_`` 2s, ``V.addcmul_(G, G)`` 2s+2g,
     ``(V.sqrt() / c).add_(eps)`` 6s, ``W.addcdiv_(M, denom)`` 2w+2s):
     ``(4w + 3g + 14s)A`` (70A with bf16 G/W and fp32 states).
@@ -157,13 +157,13 @@ def adamw_bytes(m, n, *, param_bytes=2, state_bytes=4) -> Bytes:
 
 def adafactor_step_bytes(m, n, *, param_bytes=2, factored=True, momentum=False,
                          scale_parameter=True, weight_decay=False, batch=1) -> Bytes:
-    """K6 HF Adafactor step (section 3 lines 2-11; section 10.1 row K6) on ``batch`` m x n
+    """K6 HF Adafactor step (docs/methods/adafactor.md; row K6 of docs/bytes.md) on ``batch`` m x n
     matrices (``factored``: row (batch, m) and col (batch, n) statistics) or on a flat tensor of
     ``A = batch*m*n`` elements (unfactored: V of A elements). G and W have ``p = param_bytes``.
 
     fused (``kernels/adafactor_step.py`` docstring), per element of A:
       factored: G read in each of the three passes + W read and written: ``3p + 2p`` (10 with
-      bf16: section 10.1's 10A); ``+ p`` for the RMS(W) read with ``scale_parameter`` (12);
+      bf16: K6's 10A); ``+ p`` for the RMS(W) read with ``scale_parameter`` (12);
       unfactored: G read twice, V read, written and read again, W read and written:
       ``2p + 12 + 2p`` (20 with bf16); ``+ p`` with ``scale_parameter`` (22);
       both: ``+ 8`` with momentum (fp32 exp_avg read and written). Factored adds the
@@ -175,7 +175,7 @@ def adafactor_step_bytes(m, n, *, param_bytes=2, factored=True, momentum=False,
       ``.mul_(g)`` 12; RMS(U) 4, ``U.div_`` 8, ``U.mul_(a)`` 8; momentum ``exp_avg.mul_`` 8 +
       ``.add_(U)`` 12; weight decay ``w*(-lam*a)`` 8 + ``w.add_`` 12; ``-U`` 8, ``w.add_`` 12;
       ``W.copy_(w)`` c (nothing for fp32 W, which the reference updates in place):
-      ``3c + 88`` factored (106 with bf16: section 3's "about 110"), ``3c + 104`` unfactored
+      ``3c + 88`` factored (106 with bf16: the "about 110" of the HF code), ``3c + 104`` unfactored
       (122), ``+ 20`` with momentum, ``+ 20`` with weight decay; statistics as in the floor.
     """
     A = batch * m * n
@@ -191,8 +191,8 @@ def adafactor_step_bytes(m, n, *, param_bytes=2, factored=True, momentum=False,
 
 def adafactor_bc_factored_step_bytes(m, n, *, param_bytes=2, pre_scale=True,
                                      post_decay=False) -> Bytes:
-    """AdaMeM's bias-corrected factored Adafactor on an m x n W (section 8.2 "Routing";
-    section 10.1 K6 without the RMS clip). ``pre_scale`` / ``post_decay``: whether the WD-pre
+    """AdaMeM's bias-corrected factored Adafactor on an m x n W (docs/methods/adamem.md,
+    "Routing"; K6 without the RMS clip). ``pre_scale`` / ``post_decay``: whether the WD-pre
     factor differs from 1 / the WD-post coefficient from 0 (each adds an eager pass).
 
     fused (``kernels/adafactor_bc_step.py``): G read twice (stats pass, apply pass), W read and
@@ -234,10 +234,10 @@ ADAPM_CLIPS = ("elementwise", "rms", "none")
 
 def adapm_update_bytes(m, n, r, *, param_bytes=2, v_blocks=None, clip_mode="elementwise",
                        pre_scale=True) -> Bytes:
-    """AdaPM low-rank block step between refits, left form (section 9.6 lines 4-8 ``else``
-    branch, section 9.9; section 10.1 whole-step rows AdaPM / AdaPM-mini): W, G m x n, L m x r
-    (C), R and Rg r x n (S), V m x n fp32 or, ``v_blocks = nb``, Adam-mini's nb block means
-    (AdaPM-mini, section 9.7). ``pre_scale``: the WD-pre factor differs from 1.
+    """AdaPM low-rank block step between refits, left form (docs/methods/adapm.md, update lines
+    3-7, ``else`` branch; the per-method floors of docs/bytes.md, AdaPM / AdaPM-mini): W, G
+    m x n, L m x r (C), R and Rg r x n (S), V m x n fp32 or, ``v_blocks = nb``, Adam-mini's nb block means
+    (AdaPM-mini). ``pre_scale``: the WD-pre factor differs from 1.
 
     fused (``kernels/adapm_update.py`` docstring table), per element: the apply pass reads G,
     V, W and writes V, W (``p + 8 + 2p``, 14 with bf16); ``clip_mode="rms"`` adds a statistics
@@ -251,7 +251,7 @@ def adapm_update_bytes(m, n, r, *, param_bytes=2, v_blocks=None, clip_mode="elem
     (= 84); block means: ``g*g`` 12, mean 4, ``mc/h`` 8 (= 24); clip: elementwise ``clamp`` 8,
     rms ``u*u`` 12 + mean 4 + ``u/`` 8 (= 24), none 0; ``W.float()`` c, ``w*pre_scale`` 8,
     ``lr*u`` 8, ``w -`` 12, ``W.copy_`` ``4 + p``: ``3c + (4 + p) + 76 + V + clip`` (+ 8
-    pre_scale): 200 with bf16, elementwise V and clip (section 9.9 estimates about 130), 140
+    pre_scale): 200 with bf16, elementwise V and clip (a rough estimate is about 130), 140
     for AdaPM-mini (about 90). Operands as in the floor.
     """
     if clip_mode not in ADAPM_CLIPS:
@@ -269,8 +269,8 @@ def adapm_update_bytes(m, n, r, *, param_bytes=2, v_blocks=None, clip_mode="elem
 
 
 def gha_update_bytes(m, n, r, *, g_bytes=2, side="left") -> Bytes:
-    """GHAAdamW's basis update (section 5.6 gha): ``Y = G^T P``, ``G @ Y``, ``||G||^2``, then
-    the r x r / m x r tail and ``orth`` (not counted: the same small work in both backends).
+    """GHAAdamW's basis update (docs/methods/adaptive_adamw.md): ``Y = G^T P``, ``G @ Y``,
+    ``||G||^2``, then the r x r / m x r tail and ``orth`` (not counted: the same small work in both backends).
 
     fused (``kernels/gha_update.py``): two K1 passes over G (``R = P^T G`` with the colsum(G^2)
     side output, then ``G R^T``): ``2gA`` (4A with bf16: "2 extra reads of G, the same as K7"),
@@ -289,7 +289,7 @@ TRANSPORT_FORMS = ("squared", "linear", "ldadam")
 
 def moment_transport_bytes(m, n, r, *, state_bytes=4, basis_bytes=4, side="left",
                            form="squared") -> Bytes:
-    """K8 moment transport at a refresh (section 10.1 row K8; sections 5.3 A4, 7.3 lines 4 + 6)
+    """K8 moment transport at a refresh (row K8 of docs/bytes.md; the A4 and LDAdam transports)
     with ``r_new = r_old = r``: ``C = P_new^T P_old`` (r x r) from the two bases (C elements
     each, ``b = basis_bytes``), then the moments M, V (S elements each, ``s = state_bytes``).
     ``form``: ``"squared"`` (``moment_transport``: ``(C@M, (C*C)@V)``), ``"linear"``
@@ -297,7 +297,7 @@ def moment_transport_bytes(m, n, r, *, state_bytes=4, basis_bytes=4, side="left"
     LDAdam's variance-aware form, M_tr written and V in place).
 
     fused (``kernels/moment_transport.py``): the bases read once by C's GEMM, M and V read once
-    and the two outputs written once: ``2bC + 4sS`` (``8C + 16S`` at fp32, section 10.1's K8;
+    and the two outputs written once: ``2bC + 4sS`` (``8C + 16S`` at fp32, K8;
     the r x r C, written once and re-read from L2, is not counted).
     eager (the references, one torch kernel at a time, every operand read): the bases' casts
     ``2c(C)`` (``c`` = an eager ``.float()``, ``b + 4`` per element, 0 for fp32), the fp32 GEMM
@@ -325,7 +325,7 @@ def moment_transport_bytes(m, n, r, *, state_bytes=4, basis_bytes=4, side="left"
 
 def residual_col_stats_bytes(m, n, r, *, g_bytes=2, state_bytes=4, side="left",
                              form="identity") -> Bytes:
-    """AdaMeM's residual column statistics (sections 8.3 lines 4 and 7, 10.1 row K5 pass 1),
+    """AdaMeM's residual column statistics (docs/methods/adamem.md lines 4 and 7, K5 pass 1),
     canonical left form: the statistics ``c_os``, ``col_scale`` have ``S/r`` elements (the
     long dimension), R has S, G has A, P has C.
 
@@ -358,7 +358,7 @@ METHOD_STEPS = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "ad
 
 
 def method_step_bytes(method, m, n, r, *, param_bytes=2, state_bytes=4, side="left") -> Bytes:
-    """One optimizer step of ``method`` on an m x n matrix between refreshes (section 10.1's
+    """One optimizer step of ``method`` on an m x n matrix between refreshes (docs/bytes.md's
     whole-step table, 10.2's passes), G and W in the parameter dtype ``p``, states fp32:
 
     * ``galore``, ``adaptive_adamw``, ``rsadamw``, ``adarankgrad``: K1 + K2 + K3
@@ -372,16 +372,16 @@ def method_step_bytes(method, m, n, r, *, param_bytes=2, state_bytes=4, side="le
     * ``ldadam``: A = E + G formed once (G and E read, A written in E's place), the rest of the
       power iteration, the projection and the error feedback reading A once each (3 reads),
       E written, W read and written: ``(3p + 6e)A`` with ``e`` = E's bytes (the parameter dtype
-      by default): 18A at bf16, against section 10.1's 14A, which takes A = E + G as given.
+      by default): 18A at bf16, against the ideal 14A, which takes A = E + G as given.
       Low-rank terms: the projection's and K3's ``4C + 4S`` each, the power iteration's two
       basis reads ``8C``, K2's 24S and LDAdam's transport (``moment_transport_bytes``,
-      ``"ldadam"`` form). eager: not modelled (section 10.1 estimates about 58A).
+      ``"ldadam"`` form). eager: not modelled (estimated at about 58A).
     * ``adamem``: K5: pass 1 = K1 with ``colsum(G^2)``, pass 2 reads G and reads/writes W with
-      ``P@R`` and ``P@N1`` in-tile (``4pA``; 8A at bf16, section 10.1), plus the factored r x n
+      ``P@R`` and ``P@N1`` in-tile (``4pA``; 8A at bf16), plus the factored r x n
       moments (``adamem_moments_bytes``) and the residual statistics from the identity
-      (``residual_col_stats_bytes``). eager: not modelled (section 10.1 estimates about 74A).
+      (``residual_col_stats_bytes``). eager: not modelled (estimated at about 74A).
     * ``adapm`` / ``adapm_mini``: K1 ``Rg = L^T G`` plus ``adapm_update_bytes`` (elementwise V,
-      or Adam-mini's per-row block means for an MLP matrix): 16A / 8A at bf16 (section 10.1).
+      or Adam-mini's per-row block means for an MLP matrix): 16A / 8A at bf16.
     """
     p, s = param_bytes, state_bytes
     A, S, C = sizes(m, n, r, side)
@@ -416,7 +416,7 @@ def method_step_bytes(method, m, n, r, *, param_bytes=2, state_bytes=4, side="le
 
 
 def iass_select_bytes(m, n, k, *, g_bytes=2, side="left") -> Bytes:
-    """IASS rank selection without a given ``E`` (section 6.3 lines 3-5, ``prefix`` mode),
+    """IASS rank selection without a given ``E`` (docs/methods/adarankgrad.md, ``prefix`` mode),
     canonical left form: G (A elements), ``B = Qb^T G`` (S = k x n, fp32).
 
     fused (``kernels/iass_select.py``): ``||G||^2`` reads G once (gA; per-tile partials not

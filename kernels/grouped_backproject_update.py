@@ -11,7 +11,7 @@ nearest in its dtype). The members are separate tensors addressed as offsets fro
 (3 x count: coef, pre_scale, post_decay). The tiling is the single kernel's (its
 ``choose_config``); the grid adds a member axis: (row tiles, column tiles, member).
 
-``HAS_RESIDUAL`` (AdaMeM, section 8.3 lines 8-9, K5 pass 2): the single kernel's residual
+``HAS_RESIDUAL`` (AdaMeM, update lines 8-9, K5 pass 2): the single kernel's residual
 epilogue per member, ``W_b -= res_coef_b * G_b * col_scale_b[None, :]`` before the decay, with
 two more member lists (G_b m x n in its storage dtype, col_scale_b n fp32 contiguous) and a
 fourth row of scalars (res_coef). ``grouped_residual_backproject_update.py`` builds the

@@ -2,7 +2,7 @@
 
 The op's only m x n work is the gradient energy ``E = ||G||^2``. When the caller passes ``E``
 (AdaRankGrad does: ``sum(colsum(G^2))`` from the side output of the projection that made
-``B = Qb^T G``, section 10 K1), G is not read here at all. Otherwise ``_iass_sumsq_kernel``
+``B = Qb^T G``, K1), G is not read here at all. Otherwise ``_iass_sumsq_kernel``
 reads G once in its storage dtype, fp32 accumulation: each program squares and sums one tile
 into its own partial, then ``adam_moments._sum_partials_kernel`` (one program) adds the
 partials in a fixed order (deterministic, no atomics).

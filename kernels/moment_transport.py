@@ -21,7 +21,7 @@ Two launches:
    both products; the epilogue adds back ``M_tr^2/bc1^2`` and applies ``*bc2``, ``abs``
    (LDAdam) and stores in the moments' dtypes. M and V are read once per r_new tile (once in
    all when one tile covers r_new; the r tiles of a column slab are adjacent in the grid, so
-   further reads come from L2): ``16S + 8C`` bytes at fp32 (section 10.1 row K8).
+   further reads come from L2): ``16S + 8C`` bytes at fp32 (row K8 of docs/bytes.md).
 
 A program reads the rows of its column slab of V and writes rows of the same slab, so
 LDAdam's in-place V is safe when one tile covers r_new; otherwise the new V goes through a
