@@ -82,9 +82,9 @@ def adam_moments_bytes(m, n, r, *, state_bytes=4, side="left") -> Bytes:
 
 
 def adamem_moments_bytes(m, n, r, *, state_bytes=4, side="left") -> Bytes:
-    """AdaMeM's K2 ``(R, M, row, col) -> (M, row, col, N)`` (docs/methods/adamem.md,
-    update lines 5-6; row K2 of docs/bytes.md with AdaMeM's factored second moment),
-    canonical left form: R, M, N have S elements, the statistics ``row`` and ``col`` r and S/r (both forms).
+    """AdaMeM's K2 ``(R, M, row, col) -> (M, row, col, N)`` (docs/methods/adamem.md, update lines
+    5-6; row K2 of docs/bytes.md with AdaMeM's factored second moment), canonical left form: R, M,
+    N have S elements, the statistics ``row`` and ``col`` r and S/r (both forms).
 
     fused (``kernels/adamem_moments.py``): two unavoidable passes, since N needs row and column
     statistics of the whole matrix: R read, M read and written (pass 1), M read again and N
@@ -235,8 +235,8 @@ ADAPM_CLIPS = ("elementwise", "rms", "none")
 def adapm_update_bytes(m, n, r, *, param_bytes=2, v_blocks=None, clip_mode="elementwise",
                        pre_scale=True) -> Bytes:
     """AdaPM low-rank block step between refits, left form (docs/methods/adapm.md, update lines
-    3-7, ``else`` branch; the per-method floors of docs/bytes.md, AdaPM / AdaPM-mini): W, G
-    m x n, L m x r (C), R and Rg r x n (S), V m x n fp32 or, ``v_blocks = nb``, Adam-mini's nb block means
+    3-7, ``else`` branch; the per-method floors of docs/bytes.md, AdaPM / AdaPM-mini): W, G m x n,
+    L m x r (C), R and Rg r x n (S), V m x n fp32 or, ``v_blocks = nb``, Adam-mini's nb block means
     (AdaPM-mini). ``pre_scale``: the WD-pre factor differs from 1.
 
     fused (``kernels/adapm_update.py`` docstring table), per element: the apply pass reads G,
@@ -270,7 +270,8 @@ def adapm_update_bytes(m, n, r, *, param_bytes=2, v_blocks=None, clip_mode="elem
 
 def gha_update_bytes(m, n, r, *, g_bytes=2, side="left") -> Bytes:
     """GHAAdamW's basis update (docs/methods/adaptive_adamw.md): ``Y = G^T P``, ``G @ Y``,
-    ``||G||^2``, then the r x r / m x r tail and ``orth`` (not counted: the same small work in both backends).
+    ``||G||^2``, then the r x r / m x r tail and ``orth`` (not counted: the same small work in both
+    backends).
 
     fused (``kernels/gha_update.py``): two K1 passes over G (``R = P^T G`` with the colsum(G^2)
     side output, then ``G R^T``): ``2gA`` (4A with bf16: "2 extra reads of G, the same as K7"),

@@ -6,10 +6,10 @@ so a learning-rate schedule or the step counter never recompiles the kernel. The
 be stored in a narrower dtype (``faithful_dtypes``): N is computed from the stored values,
 exactly as the reference does.
 
-Optional side output (K2 in docs/bytes.md, the limiter's ``||N||^2``): ``sumsq``, a 1-element
-fp32 tensor, receives ``sum(N^2)`` of the stored N from the same pass, so the norm-growth
-limiter (docs/methods/adaptive_adamw.md) does not read N for its norm. Each program writes the
-partial sum of its block; a one-program kernel adds the partials in a fixed order (deterministic, no atomics).
+Optional side output (K2 in docs/bytes.md, the limiter's ``||N||^2``): ``sumsq``, a 1-element fp32
+tensor, receives ``sum(N^2)`` of the stored N from the same pass, so the norm-growth limiter
+(docs/methods/adaptive_adamw.md) does not read N for its norm. Each program writes the partial sum
+of its block; a one-program kernel adds the partials in a fixed order (deterministic, no atomics).
 """
 import torch
 import triton
