@@ -297,7 +297,10 @@ def convergence_study_section(doc) -> str:
         sweep.setdefault((s["method"], s["rank"]), []).append(
             f"{s['lr']:.0e}: " + (f"**{ppl}**" if s["best"] else ppl))
     main = [r for r in doc["rows"] if r["rank"] in (cfg["rank"], None)]
-    rows = [[r["method"], r["rank"] or "-", f"{r['best_lr']:.0e}", r["ppl_main_seeds"]["n"],
+    edge = (cfg["lr_ladder"][0], cfg["lr_ladder"][-1])
+    rows = [[r["method"], r["rank"] or "-",
+             f"{r['best_lr']:.0e}" + (" (ladder end)" if r["best_lr"] in edge else ""),
+             r["ppl_main_seeds"]["n"],
              _f(r["ppl_main_seeds"]["mean"], ".3f"), _f(r["ppl_main_seeds"]["sd"], ".3f"),
              f"{_f(r['ppl_main_seeds']['min'], '.2f')} - {_f(r['ppl_main_seeds']['max'], '.2f')}",
              _f(r["state_ratio"], ".3f"), ", ".join(sweep.get((r["method"], r["rank"]), []))]
@@ -323,8 +326,9 @@ def convergence_study_section(doc) -> str:
             f"{cfg['warmup']} then cosine to {cfg['min_lr_ratio']}x, grad clip "
             f"{cfg['grad_clip']}, rank {cfg['rank']} and refresh interval "
             f"{cfg['update_proj_gap']} for the low-rank methods, validation perplexity on "
-            f"{cfg['eval_batches']} fixed batches at the end; {len(runs)} runs, "
-            f"{sum(r.get('seconds', 0) for r in runs) / 60:.0f} min of training"
+            f"{cfg['eval_batches']} fixed batches at the end; {len(runs)} runs "
+            f"({sum(r.get('seconds', 0) for r in runs) / 60:.0f} min of wall-clock time "
+            "summed over runs)"
             + (f" (**stopped before its end: {doc['pending']} more runs are planned** from "
                "these results; the same command continues the study)" if doc.get("pending")
                else "") + ". "
@@ -337,7 +341,8 @@ def convergence_study_section(doc) -> str:
             "seeds: the sd is the run-to-run spread from initialisation and batch order "
             "alone, not an error bar on a method's quality in general; differences smaller "
             "than about two sds are not a ranking. The sweep column gives seed 0's "
-            "perplexity at every lr tried (best in bold).\n\n"
+            "perplexity at every lr tried (best in bold); a best lr at the ladder's end may "
+            "not be the method's optimum (the ladder stops there).\n\n"
             + _table(["method", "rank", "best lr", "seeds", "mean ppl", "sd", "range",
                       "state/AdamW", "lr sweep, seed 0"], rows)
             + f"\n\n{a} vs {b}, same seed, each at its own best rank-{cfg['rank']} lr, seeds "
