@@ -40,7 +40,7 @@ class ProjectConfig:
 
 # Every config the launcher can choose (the AOT test compiles each under Triton 3.6 and 3.9
 # and rejects spills; registers per variant: bench/results/aot-sm90.json). The first config
-# whose BLOCK_R covers the rank is taken, so up to rank 128 (64 for ieee) one rank tile spans
+# whose BLOCK_R covers the rank is taken, so up to rank 128 (32 for ieee) one rank tile spans
 # the whole rank and G is read once; above that the rank tiles of a column slab are adjacent
 # in the grid and re-read G from L2.
 # Registers (sm_90, 255 per thread at most): the fp32 accumulator costs BLOCK_R*BLOCK_N /
@@ -49,11 +49,15 @@ class ProjectConfig:
 # colsum(G^2) and ||R||^2 side outputs add 20-60 registers, tf32x3 (hi/lo operand halves)
 # 30-70 more. Measured: 128x128 at 8 warps reached 230-255 registers with the side outputs
 # (tf32 / bf16) and 32x128 at 4 warps spilled under Triton 3.6; 128x64 stays under 190.
+# Near 128 registers ptxas may cap a kernel at 128 and spill a few bytes (Triton 3.9's ptxas
+# 13: 32x128 fp32 tf32 at 3 stages, 64x64 ieee with bf16 G): those configs were moved.
 # ieee (fp32 FMA): ptxas holds each thread's slice of both operand tiles for the whole
-# BLOCK_K, hence BLOCK_K=16 (32 spilled at 16x64 with bf16 G; 128x64 reaches 255).
-CONFIGS_FMA = (ProjectConfig(32, 64, 16, 4, 3), ProjectConfig(64, 64, 16, 8, 3))
+# BLOCK_K, hence BLOCK_K=16 (32 spilled at 16x64 with bf16 G; 128x64 reaches 255) and 8
+# warps (32x64 at 4 warps spilled under 3.9 with colsum): one 32-row tile, G re-read from
+# L2 per further 32 ranks, which costs nothing here (FMA is compute-bound at these ranks).
+CONFIGS_FMA = (ProjectConfig(32, 64, 16, 8, 3),)
 CONFIGS_MMA = (
-    ProjectConfig(32, 128, 32, 8, 3),
+    ProjectConfig(32, 128, 32, 8, 4),
     ProjectConfig(64, 128, 32, 8, 3),
     ProjectConfig(128, 64, 32, 8, 3),
 )
