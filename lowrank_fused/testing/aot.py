@@ -356,9 +356,11 @@ def record(path: str, shards=None) -> dict:
            "command": "python -m lowrank_fused.testing.aot --record " + path,
            "tritons": summary, "variants": dict(sorted(variants.items()))}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=False)
-        f.write("\n")
+    head = json.dumps({k: v for k, v in doc.items() if k != "variants"}, indent=1)
+    rows = ",\n".join(f" {json.dumps(n)}: {json.dumps(r, separators=(',', ':'))}"
+                       for n, r in doc["variants"].items())
+    with open(path, "w") as f:   # one line per variant
+        f.write(head[:-2] + ',\n "variants": {\n' + rows + "\n }\n}\n")
     return doc
 
 
