@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_multi_tensor import llama_state_shapes
 from lowrank_fused import _ext, ops, ops_multi
 from lowrank_fused.dispatch import available, choose_backend, lookup
 from lowrank_fused.models import LLAMA_CONFIGS
@@ -132,17 +133,6 @@ def optimizer_part(args):
     return results
 
 
-def _median_time(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def _pair(label, fns, repeats):
     """Alternating medians of {variant: fn}."""
     for fn in fns.values():
@@ -185,11 +175,8 @@ def ops_part(args):
            for b in ("cpu", "reference")}
     rows.append(_pair(f"adamw_step_multi llama-60m ({len(shapes)} tensors)", fns, args.repeats))
     del Ws, Gs, Ms, Vs
-    cfg = LLAMA_CONFIGS["60m"]
-    h, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     rank = 128
-    low = [((m, rank) if m >= n else (rank, n))
-           for m, n in ([(h, h)] * 4 + [(f, h)] * 2 + [(h, f)])] * L
+    low, _ = llama_state_shapes("60m", rank)
     Rs = [torch.randn(s, generator=gen) for s in low]
     Ms = [torch.zeros(s) for s in low]
     Vs = [torch.zeros(s) for s in low]

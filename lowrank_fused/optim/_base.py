@@ -602,12 +602,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return loss
         self._before_updates()
         self._batch = {}
+        precision = None   # once per step: every parameter is on the optimizer's one device
         try:
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None and p.numel():   # an empty tensor has nothing to do
-                        self._step_param(p, group, self._backend_for(group, p),
-                                         self.precision(p.device))
+                        if precision is None:
+                            precision = self.precision(p.device)
+                        self._step_param(p, group, self._backend_for(group, p), precision)
             self._run_batches()
         finally:
             self._batch = None
