@@ -161,7 +161,10 @@ LF_HD void adamw_element(TW* w_p, const TG* g_p, TS* m_p, TS* v_p, const AdamWSc
   store(w_p, w);
 }
 
-// Everything one launch needs: raw pointers, element count, dtype codes, scalars.
+// Everything one launch needs: raw pointers, element count, dtype codes, scalars, and the
+// optional skip flag: a one-byte bool (a 0-dim torch.bool tensor) in the buffers' memory, read
+// by the kernel itself (never by the host of a CUDA launch); when it holds true nothing is
+// written. Null: no flag.
 struct AdamWArgs {
   void* w;
   const void* g;
@@ -170,6 +173,7 @@ struct AdamWArgs {
   int64_t n;
   int w_dtype, g_dtype, mv_dtype;
   AdamWScalars s;
+  const uint8_t* skip = nullptr;
 };
 
 inline void check_args(const AdamWArgs& a) {

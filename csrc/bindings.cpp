@@ -102,7 +102,7 @@ MomentsMultiArgs make_moments_multi(const std::vector<std::uintptr_t>& ptrs,
                                     const std::vector<double>& beta2,
                                     const std::vector<double>& eps, const std::vector<double>& c1,
                                     const std::vector<double>& c2, std::uintptr_t norms,
-                                    std::uintptr_t flag) {
+                                    std::uintptr_t flag, std::uintptr_t skip) {
   const char* op = "adam_moments_multi";
   MomentsMultiArgs a;
   a.entries = make_entries(op, ptrs, sizes, dtypes);
@@ -114,6 +114,7 @@ MomentsMultiArgs make_moments_multi(const std::vector<std::uintptr_t>& ptrs,
   }
   a.norms = reinterpret_cast<float*>(norms);
   a.flag = reinterpret_cast<int32_t*>(flag);
+  a.skip = reinterpret_cast<const uint8_t*>(skip);
   check_moments_multi_args(a);
   return a;
 }
@@ -126,7 +127,8 @@ AdamWMultiArgs make_adamw_multi(const std::vector<std::uintptr_t>& ptrs,
                                 const std::vector<double>& eps, const std::vector<double>& c1,
                                 const std::vector<double>& c2,
                                 const std::vector<double>& pre_scale,
-                                const std::vector<double>& post_decay, std::uintptr_t flag) {
+                                const std::vector<double>& post_decay, std::uintptr_t flag,
+                                std::uintptr_t skip) {
   const char* op = "adamw_step_multi";
   AdamWMultiArgs a;
   a.entries = make_entries(op, ptrs, sizes, dtypes);
@@ -139,6 +141,7 @@ AdamWMultiArgs make_adamw_multi(const std::vector<std::uintptr_t>& ptrs,
                                      pre_scale[t], post_decay[t]));
   }
   a.flag = reinterpret_cast<int32_t*>(flag);
+  a.skip = reinterpret_cast<const uint8_t*>(skip);
   check_adamw_multi_args(a);
   return a;
 }
@@ -204,9 +207,10 @@ PYBIND11_MODULE(_C, mod) {
       [](std::uintptr_t w, std::uintptr_t g, std::uintptr_t m, std::uintptr_t v, int64_t n,
          int w_dtype, int g_dtype, int mv_dtype, double lr, double beta1, double beta2,
          double eps, double c1, double c2, double pre_scale, double post_decay,
-         int num_threads) {
+         std::uintptr_t skip, int num_threads) {
         AdamWArgs a = make_args(w, g, m, v, n, w_dtype, g_dtype, mv_dtype, lr, beta1, beta2,
                                 eps, c1, c2, pre_scale, post_decay);
+        a.skip = reinterpret_cast<const uint8_t*>(skip);
         check_args(a);  // throws (ValueError) with the GIL still held
         py::gil_scoped_release nogil;
         adamw_step_cpu(a, num_threads);
@@ -214,18 +218,20 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("w"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("n"), py::arg("w_dtype"),
       py::arg("g_dtype"), py::arg("mv_dtype"), py::kw_only(), py::arg("lr"), py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("pre_scale"),
-      py::arg("post_decay"), py::arg("num_threads") = 0,
-      "AdamW step in place on contiguous host buffers of n elements (pointers as integers).");
+      py::arg("post_decay"), py::arg("skip") = 0, py::arg("num_threads") = 0,
+      "AdamW step in place on contiguous host buffers of n elements (pointers as integers); "
+      "`skip`: a one-byte bool, or 0 for none, that when true leaves every buffer as it is.");
 
   mod.def(
       "adamw_step_cuda",
       [](std::uintptr_t w, std::uintptr_t g, std::uintptr_t m, std::uintptr_t v, int64_t n,
          int w_dtype, int g_dtype, int mv_dtype, double lr, double beta1, double beta2,
-         double eps, double c1, double c2, double pre_scale, double post_decay, int device,
-         std::uintptr_t stream) {
+         double eps, double c1, double c2, double pre_scale, double post_decay,
+         std::uintptr_t skip, int device, std::uintptr_t stream) {
 #if defined(LOWRANK_FUSED_WITH_CUDA)
         AdamWArgs a = make_args(w, g, m, v, n, w_dtype, g_dtype, mv_dtype, lr, beta1, beta2,
                                 eps, c1, c2, pre_scale, post_decay);
+        a.skip = reinterpret_cast<const uint8_t*>(skip);
         check_args(a);
         std::string err;
         {
@@ -236,7 +242,7 @@ PYBIND11_MODULE(_C, mod) {
 #else
         (void)w; (void)g; (void)m; (void)v; (void)n; (void)w_dtype; (void)g_dtype;
         (void)mv_dtype; (void)lr; (void)beta1; (void)beta2; (void)eps; (void)c1; (void)c2;
-        (void)pre_scale; (void)post_decay; (void)device; (void)stream;
+        (void)pre_scale; (void)post_decay; (void)skip; (void)device; (void)stream;
         throw std::runtime_error(std::string("adamw_step_cuda: lowrank_fused._C was ") +
                                  LOWRANK_FUSED_NO_CUDA_REASON);
 #endif
@@ -244,8 +250,9 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("w"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("n"), py::arg("w_dtype"),
       py::arg("g_dtype"), py::arg("mv_dtype"), py::kw_only(), py::arg("lr"), py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("pre_scale"),
-      py::arg("post_decay"), py::arg("device"), py::arg("stream"),
-      "AdamW step in place on contiguous device buffers, launched on `stream` of `device`; "
+      py::arg("post_decay"), py::arg("skip") = 0, py::arg("device"), py::arg("stream"),
+      "AdamW step in place on contiguous device buffers, launched on `stream` of `device` "
+      "(`skip`: a device bool the kernel reads, or 0); "
       "raises RuntimeError with the CUDA error (asynchronous: errors inside the kernel show "
       "up at the next synchronisation).");
 
@@ -287,22 +294,23 @@ PYBIND11_MODULE(_C, mod) {
       "Batched inverse Cholesky factors on device buffers, launched on `stream` of `device`.");
 
   // -- multi-tensor ops (multi_tensor.h): ptrs/dtypes 4 per tensor, sizes and scalars 1 per
-  // tensor; norms/flag are pointers, 0 for none. The flag is only ever set to 1.
+  // tensor; norms/flag/skip are pointers, 0 for none. The flag is only ever set to 1; a skip
+  // flag (one bool, read by the kernels) that holds true leaves everything else unwritten.
   mod.def(
       "adam_moments_multi_cpu",
       [](const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
          const std::vector<int>& dtypes, const std::vector<double>& beta1,
          const std::vector<double>& beta2, const std::vector<double>& eps,
          const std::vector<double>& c1, const std::vector<double>& c2, std::uintptr_t norms,
-         std::uintptr_t flag, int num_threads) {
+         std::uintptr_t flag, std::uintptr_t skip, int num_threads) {
         MomentsMultiArgs a = make_moments_multi(ptrs, sizes, dtypes, beta1, beta2, eps, c1, c2,
-                                                norms, flag);
+                                                norms, flag, skip);
         py::gil_scoped_release nogil;
         adam_moments_multi_cpu(a, num_threads);
       },
       py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("norms") = 0,
-      py::arg("flag") = 0, py::arg("num_threads") = 0,
+      py::arg("flag") = 0, py::arg("skip") = 0, py::arg("num_threads") = 0,
       "K2 moments of many tensors (R, M, V, N per tensor) in one OpenMP loop, on host buffers.");
 
   mod.def(
@@ -311,9 +319,9 @@ PYBIND11_MODULE(_C, mod) {
          const std::vector<int>& dtypes, const std::vector<double>& beta1,
          const std::vector<double>& beta2, const std::vector<double>& eps,
          const std::vector<double>& c1, const std::vector<double>& c2, std::uintptr_t norms,
-         std::uintptr_t flag, int device, std::uintptr_t stream) {
+         std::uintptr_t flag, std::uintptr_t skip, int device, std::uintptr_t stream) {
         MomentsMultiArgs a = make_moments_multi(ptrs, sizes, dtypes, beta1, beta2, eps, c1, c2,
-                                                norms, flag);
+                                                norms, flag, skip);
 #if defined(LOWRANK_FUSED_WITH_CUDA)
         std::string err;
         {
@@ -329,7 +337,7 @@ PYBIND11_MODULE(_C, mod) {
       },
       py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("norms") = 0,
-      py::arg("flag") = 0, py::arg("device"), py::arg("stream"),
+      py::arg("flag") = 0, py::arg("skip") = 0, py::arg("device"), py::arg("stream"),
       "K2 moments of many tensors in ONE kernel launch on `stream` of `device`.");
 
   mod.def(
@@ -339,15 +347,16 @@ PYBIND11_MODULE(_C, mod) {
          const std::vector<double>& beta1, const std::vector<double>& beta2,
          const std::vector<double>& eps, const std::vector<double>& c1,
          const std::vector<double>& c2, const std::vector<double>& pre_scale,
-         const std::vector<double>& post_decay, std::uintptr_t flag, int num_threads) {
+         const std::vector<double>& post_decay, std::uintptr_t flag, std::uintptr_t skip,
+         int num_threads) {
         AdamWMultiArgs a = make_adamw_multi(ptrs, sizes, dtypes, lr, beta1, beta2, eps, c1, c2,
-                                            pre_scale, post_decay, flag);
+                                            pre_scale, post_decay, flag, skip);
         py::gil_scoped_release nogil;
         adamw_step_multi_cpu(a, num_threads);
       },
       py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("lr"),
       py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"),
-      py::arg("pre_scale"), py::arg("post_decay"), py::arg("flag") = 0,
+      py::arg("pre_scale"), py::arg("post_decay"), py::arg("flag") = 0, py::arg("skip") = 0,
       py::arg("num_threads") = 0,
       "AdamW step of many tensors (W, G, M, V per tensor) in one OpenMP loop, on host buffers.");
 
@@ -410,10 +419,10 @@ PYBIND11_MODULE(_C, mod) {
          const std::vector<double>& beta1, const std::vector<double>& beta2,
          const std::vector<double>& eps, const std::vector<double>& c1,
          const std::vector<double>& c2, const std::vector<double>& pre_scale,
-         const std::vector<double>& post_decay, std::uintptr_t flag, int device,
-         std::uintptr_t stream) {
+         const std::vector<double>& post_decay, std::uintptr_t flag, std::uintptr_t skip,
+         int device, std::uintptr_t stream) {
         AdamWMultiArgs a = make_adamw_multi(ptrs, sizes, dtypes, lr, beta1, beta2, eps, c1, c2,
-                                            pre_scale, post_decay, flag);
+                                            pre_scale, post_decay, flag, skip);
 #if defined(LOWRANK_FUSED_WITH_CUDA)
         std::string err;
         {
@@ -429,7 +438,7 @@ PYBIND11_MODULE(_C, mod) {
       },
       py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("lr"),
       py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"),
-      py::arg("pre_scale"), py::arg("post_decay"), py::arg("flag") = 0, py::arg("device"),
-      py::arg("stream"),
+      py::arg("pre_scale"), py::arg("post_decay"), py::arg("flag") = 0, py::arg("skip") = 0,
+      py::arg("device"), py::arg("stream"),
       "AdamW step of many tensors in ONE kernel launch on `stream` of `device`.");
 }

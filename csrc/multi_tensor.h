@@ -20,6 +20,10 @@
 //
 // The non-finite flag is only ever *set* (to 1), never cleared: the caller zeroes it, may
 // collect several calls into it, and reads it once.
+//
+// The skip flag (optional; a one-byte bool, a 0-dim torch.bool tensor, read by the kernels
+// themselves, never by the host of a CUDA launch): when it holds true no state, weight or norm
+// is written; the non-finite flag is still set from the inputs as without it.
 #pragma once
 
 #include <cstdint>
@@ -156,6 +160,21 @@ LF_HD void adamw_range_g(const MTEntry& e, const AdamWScalars& s, int64_t begin,
   else adamw_range_s<TW, float>(e, s, begin, end, stride, want_flag, bad);
 }
 
+// Whether one of the elements begin, begin+stride, ... < end of a float32 or bfloat16 buffer is
+// a NaN or an infinity (the inputs' scan of a skipped call, which writes nothing else).
+LF_HD bool range_nonfinite(const void* p, int dtype, int64_t begin, int64_t end,
+                           int64_t stride) {
+  bool bad = false;
+  if (dtype == kBFloat16) {
+    const bf16* x = static_cast<const bf16*>(p);
+    for (int64_t i = begin; i < end; i += stride) bad |= is_nonfinite(to_float(x[i]));
+  } else {
+    const float* x = static_cast<const float*>(p);
+    for (int64_t i = begin; i < end; i += stride) bad |= is_nonfinite(x[i]);
+  }
+  return bad;
+}
+
 // adamw_range with the storage types named by the entry's codes (M and V share one).
 LF_HD void adamw_range_any(const MTEntry& e, const AdamWScalars& s, int64_t begin, int64_t end,
                            int64_t stride, bool want_flag, bool& bad) {
@@ -170,12 +189,14 @@ struct MomentsMultiArgs {
   std::vector<MomentsScalars> scalars;  // one per entry
   float* norms = nullptr;               // (len(entries),) fp32, or null: no norms
   int32_t* flag = nullptr;              // one int32, or null: no flag
+  const uint8_t* skip = nullptr;        // one bool, or null: never skipped
 };
 
 struct AdamWMultiArgs {
   std::vector<MTEntry> entries;
   std::vector<AdamWScalars> scalars;  // one per entry
   int32_t* flag = nullptr;
+  const uint8_t* skip = nullptr;      // one bool, or null: never skipped
 };
 
 // Validates what Python handed over; throws std::invalid_argument (ValueError) naming the

@@ -183,6 +183,30 @@ def mma(a, b, acc, DOT_MODE: tl.constexpr):
     return acc
 
 
+_NO_SKIP = {}        # device -> a cached 0-dim False flag
+_CAPTURED_NO_SKIP = []   # flags made during a CUDA graph capture, kept alive (see skip_flag)
+
+
+def skip_flag(skip, device):
+    """The ``skip_ptr`` a kernel that writes optimizer state or weights loads (and returns
+    early when it holds True): ``skip`` (a 0-dim torch.bool tensor on ``device``, checked by
+    ``lowrank_fused.ops``), or for None a 0-dim False tensor cached per device, so a call
+    without a flag launches the same compiled kernel and allocates nothing. The flag is
+    never read on the host. The first call per device allocates it; one made while a CUDA
+    graph is being captured is filled inside the graph, so it is not cached (the next eager
+    call makes the cached one) but kept alive for the graph's replays."""
+    if skip is not None:
+        return skip
+    flag = _NO_SKIP.get(device)
+    if flag is None:
+        flag = torch.zeros((), dtype=torch.bool, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            _CAPTURED_NO_SKIP.append(flag)
+        else:
+            _NO_SKIP[device] = flag
+    return flag
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 

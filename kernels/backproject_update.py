@@ -5,6 +5,14 @@ Left (canonical) form, in place: ``W = W*pre_scale; W -= coef*(P @ N); W -= post
 with W m x n in its storage dtype, P m x r, N r x n. The product ``P @ N`` lives only in the
 GEMM accumulator: the epilogue reads the W tile, applies the update and both weight-decay
 orders, and writes W once (round-to-nearest in W's dtype). No m x n temporary exists.
+
+``skip`` (a 0-dim bool tensor on the device, ``lowrank_fused.ops``): every program loads it in the
+epilogue and masks its store of W with it, so a skipped step leaves W's bits; the host never
+reads it. A masked store rather than an early return: ptxas then allocates the registers of
+the kernel without the flag (an early return raised some variants by up to 69 registers under
+Triton 3.9; the store mask changes them by +27 at most and none on average), and a skipped
+step, rare, may run its GEMM for nothing. Without a flag the launcher passes a cached False
+one (``skip_flag``): one compiled kernel either way.
 """
 from dataclasses import dataclass
 
@@ -12,7 +20,8 @@ import triton
 import triton.language as tl
 
 from ._common import (DOT_BF16_EMULATED, DOT_IEEE, DOT_TF32X3, DOT_TF32X3_EMULATED, cdiv,
-                      config_mode, dot_mode, interpreter_tiles, interpreting, mma, to_storage)
+                      config_mode, dot_mode, interpreter_tiles, interpreting, mma, skip_flag,
+                      to_storage)
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ def pn_tile(p_ptr, n_ptr, offs_m, offs_n, mask_m, mask_n, RANK,
 
 @triton.jit
 def _backproject_update_kernel(
-    w_ptr, x_ptr, p_ptr, n_ptr, g_ptr, cs_ptr,
+    w_ptr, x_ptr, p_ptr, n_ptr, g_ptr, cs_ptr, skip_ptr,
     M, N, RANK,
     stride_wm, stride_wn, stride_xm, stride_xn, stride_pm, stride_pr, stride_nr, stride_nn,
     stride_gm, stride_gn,
@@ -109,17 +118,20 @@ def _backproject_update_kernel(
     if post_decay != 0.0:
         w = w - post_decay * w
     w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
+    mask = tl.where(tl.load(skip_ptr), False, mask)   # a skipped step does not write W
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def backproject_update(W, P, N, *, coef: float, pre_scale: float, post_decay: float,
                        precision: str = "ieee", config: BackprojectConfig = None,
-                       source=None, residual=None, col_scale=None, res_coef: float = 0.0) -> None:
+                       source=None, residual=None, col_scale=None, res_coef: float = 0.0,
+                       skip=None) -> None:
     """In place on W, or ``W = source*pre_scale - coef*(P @ N) ...`` when ``source`` (same
     shape, any dtype and strides) is given: the GEMM-with-subtract-epilogue that LDAdam's error
     feedback and AdaMeM's residual update are made of. With ``residual`` (m x n, e.g. the
     gradient) and ``col_scale`` (n), the epilogue also subtracts
-    ``res_coef * residual * col_scale[None, :]`` (before the post-update decay)."""
+    ``res_coef * residual * col_scale[None, :]`` (before the post-update decay). ``skip``
+    (optional 0-dim bool on the device): when True, W is not written (read on the device)."""
     X = W if source is None else source
     has_res = residual is not None
     Gr = residual if has_res else W
@@ -132,7 +144,7 @@ def backproject_update(W, P, N, *, coef: float, pre_scale: float, post_decay: fl
     cfg = config or choose_config(m, n, rank, config_mode(precision, W.device))
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N))
     _backproject_update_kernel[grid](
-        W, X, P, N, Gr, cs, m, n, rank,
+        W, X, P, N, Gr, cs, skip_flag(skip, W.device), m, n, rank,
         W.stride(0), W.stride(1), X.stride(0), X.stride(1), P.stride(0), P.stride(1),
         N.stride(0), N.stride(1), Gr.stride(0), Gr.stride(1),
         float(coef), float(pre_scale), float(post_decay), float(res_coef),
@@ -163,7 +175,7 @@ def aot_variants():
                 yield Variant(_backproject_update_kernel,
                               {"w_ptr": "*" + w_t, "x_ptr": "*" + x_t, "p_ptr": "*" + s_t,
                                "n_ptr": "*" + s_t, "g_ptr": "*" + g_t, "cs_ptr": "*" + c_t,
-                               **ints, **scalars},
+                               "skip_ptr": "*i1", **ints, **scalars},
                               dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
                                    DOT_MODE=mode, HAS_RESIDUAL=has_res, INTERPRET=False),
                               cfg.num_warps, cfg.num_stages)

@@ -16,12 +16,17 @@ epilogue per member, ``W_b -= res_coef_b * G_b * col_scale_b[None, :]`` before t
 two more member lists (G_b m x n in its storage dtype, col_scale_b n fp32 contiguous) and a
 fourth row of scalars (res_coef). ``grouped_residual_backproject_update.py`` builds the
 folded low-rank factors and launches it.
+
+``skip`` (a 0-dim bool tensor on the device, ``lowrank_fused.ops``): every program loads it in the
+epilogue and masks its store of W_b with it (as the single kernel does, and for the same
+register reason), so a skipped step leaves every W_b's bits; the host never reads it. Without
+one the launcher passes a cached False flag (``skip_flag``): one compiled kernel either way.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, config_mode, dot_mode, interpreting, to_storage
+from ._common import cdiv, config_mode, dot_mode, interpreting, skip_flag, to_storage
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
 from .backproject_update import choose_config, configs_for, pn_tile
 
@@ -30,7 +35,7 @@ MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members)
 
 @triton.jit
 def _grouped_backproject_update_kernel(
-    w_ptr, p_ptr, n_ptr, offs_ptr, scal_ptr, g_ptr, cs_ptr,
+    w_ptr, p_ptr, n_ptr, offs_ptr, scal_ptr, g_ptr, cs_ptr, skip_ptr,
     GROUP, M, N, RANK,
     stride_wm, stride_wn, stride_pm, stride_pr, stride_nr, stride_nn, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -73,18 +78,20 @@ def _grouped_backproject_update_kernel(
     if HAS_RESIDUAL:   # the single kernel's order: ((W*pre) - coef*PN) - res
         w = w - res
     w = tl.where(post_decay != 0.0, w - post_decay * w, w)
+    mask = tl.where(tl.load(skip_ptr), False, mask)   # a skipped step writes no W_b
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
                                precision: str = "ieee", config=None, residuals=None,
-                               col_scales=None, res_coef=None) -> None:
+                               col_scales=None, res_coef=None, skip=None) -> None:
     """In place on every ``Ws[b]``, in one kernel launch. Lists of left-form tensors, each list
     sharing one shape, dtype and strides; ``coef``, ``pre_scale``, ``post_decay``: one float
     per member (sequences of ``len(Ws)``). With ``residuals`` (m x n each), ``col_scales``
     (n each, fp32, contiguous) and ``res_coef`` (one float per member), the epilogue also
     subtracts ``res_coef[b] * residuals[b] * col_scales[b][None, :]`` before the decay (the
-    single kernel's ``residual`` term)."""
+    single kernel's ``residual`` term). ``skip`` (optional 0-dim bool on the device): when True,
+    no W_b is written (read on the device only)."""
     count = len(Ws)
     if count == 0:
         return
@@ -118,7 +125,7 @@ def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
     scal = scalar_table(scalars, device)
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), count)
     _grouped_backproject_update_kernel[grid](
-        W0, P0, N0, offs, scal, G0, C0, count, m, n, rank,
+        W0, P0, N0, offs, scal, G0, C0, skip_flag(skip, device), count, m, n, rank,
         W0.stride(0), W0.stride(1), P0.stride(0), P0.stride(1), N0.stride(0), N0.stride(1),
         G0.stride(0), G0.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
@@ -147,7 +154,7 @@ def aot_variants():
                     yield Variant(_grouped_backproject_update_kernel,
                                   {"w_ptr": "*" + w_t, "p_ptr": "*" + s_t, "n_ptr": "*" + s_t,
                                    "offs_ptr": "*i64", "scal_ptr": "*fp32", "g_ptr": "*" + g_t,
-                                   "cs_ptr": "*" + c_t, **ints},
+                                   "cs_ptr": "*" + c_t, "skip_ptr": "*i1", **ints},
                                   dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                                        BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode, INTERPRET=False,
                                        ALIGNED=aligned, HAS_RESIDUAL=has_res),

@@ -5,6 +5,11 @@ Each function has its reference's canonical signature and works in place. The ex
 raw pointers to contiguous buffers, so non-contiguous tensors are handled here: the kernel runs
 on contiguous copies and the results are copied back. Importing this module does not load the
 extension; the first call does (``lowrank_fused._ext``).
+
+The ops that write optimizer state or weights take ``skip`` (None, or a 0-dim torch.bool
+tensor on the tensors' device): its address goes to the kernel, which reads it itself (on the
+device for CUDA; host memory for the CPU twins) and writes nothing when it holds True. None
+passes a null pointer, the call of a build without the flag.
 """
 from __future__ import annotations
 
@@ -78,6 +83,23 @@ def _run_inplace(launch, inputs, outputs) -> None:
                 dst.copy_(src)
 
 
+def _skip_ptr(op: str, backend: str, skip, device) -> int:
+    """The address of ``skip`` (a 0-dim torch.bool tensor on ``device``) for the kernel, 0 for
+    None. Never reads the flag."""
+    if skip is None:
+        return 0
+    where = f"{op} (backend {backend!r})"
+    if not isinstance(skip, torch.Tensor):
+        raise TypeError(f"{where}: skip must be None or a 0-dim torch.bool tensor, got "
+                        f"{type(skip).__name__}")
+    if skip.dtype != torch.bool or skip.dim() != 0:
+        raise TypeError(f"{where}: skip must be a 0-dim torch.bool tensor, got {skip.dtype} "
+                        f"of shape {tuple(skip.shape)}")
+    if skip.device != device:
+        raise ValueError(f"{where}: skip is on {skip.device} but the tensors are on {device}")
+    return skip.data_ptr()
+
+
 def _adamw_checks(backend, W, G, M, V):
     _check_tensors("adamw_step", backend, {"W": W, "G": G, "M": M, "V": V})
     if M.dtype != V.dtype:
@@ -94,9 +116,11 @@ def _adamw_scalars(lr, beta1, beta2, eps, c1, c2, pre_scale, post_decay):
 
 @register("adamw_step", "cpu")
 def adamw_step_cpu(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: float,
-                   c1: float, c2: float, pre_scale: float, post_decay: float) -> None:
+                   c1: float, c2: float, pre_scale: float, post_decay: float,
+                   skip=None) -> None:
     """The fused AdamW step of ``csrc/cpu`` (same math as the CUDA kernel), in place."""
     _adamw_checks("cpu", W, G, M, V)
+    skip_ptr = _skip_ptr("adamw_step", "cpu", skip, W.device)
     if W.numel() == 0:
         return
     mod = _module("cpu")
@@ -105,7 +129,7 @@ def adamw_step_cpu(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: fl
     def launch(g, w, m, v):
         mod.adamw_step_cpu(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(),
                            _DTYPE_CODES[w.dtype], _DTYPE_CODES[g.dtype], _DTYPE_CODES[m.dtype],
-                           num_threads=torch.get_num_threads(), **kw)
+                           skip=skip_ptr, num_threads=torch.get_num_threads(), **kw)
 
     _run_inplace(launch, [G], [W, M, V])
 
@@ -126,9 +150,11 @@ def _adamw_step_cpu_takes(W, G, M, V, **_):
 
 @register("adamw_step", "cuda")
 def adamw_step_cuda(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: float,
-                    c1: float, c2: float, pre_scale: float, post_decay: float) -> None:
+                    c1: float, c2: float, pre_scale: float, post_decay: float,
+                    skip=None) -> None:
     """The fused AdamW step of ``csrc/cuda`` on W's device and current stream, in place."""
     _adamw_checks("cuda", W, G, M, V)
+    skip_ptr = _skip_ptr("adamw_step", "cuda", skip, W.device)
     if W.numel() == 0:
         return
     mod = _module("cuda")
@@ -138,7 +164,7 @@ def adamw_step_cuda(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: f
     def launch(g, w, m, v):
         mod.adamw_step_cuda(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(),
                             _DTYPE_CODES[w.dtype], _DTYPE_CODES[g.dtype], _DTYPE_CODES[m.dtype],
-                            device=device.index,
+                            skip=skip_ptr, device=device.index,
                             stream=torch.cuda.current_stream(device).cuda_stream, **kw)
 
     with torch.cuda.device(device):
@@ -149,9 +175,10 @@ def adamw_step_cuda(W, G, M, V, *, lr: float, beta1: float, beta2: float, eps: f
 
 @register("adam_moments", "cpu")
 def adam_moments_cpu(R, M, V, N, *, beta1: float, beta2: float, eps: float, c1: float,
-                     c2: float, sumsq=None) -> None:
+                     c2: float, sumsq=None, skip=None) -> None:
     """K2 in place on M, V, writing N (and ``sum(N^2)`` into ``sumsq``): the vectorised pass
-    of ``csrc/cpu/multi_tensor.cpp`` over one tensor."""
+    of ``csrc/cpu/multi_tensor.cpp`` over one tensor. ``skip``: nothing is written when it
+    holds True."""
     where = "adam_moments (backend 'cpu')"
     _check_tensors("adam_moments", "cpu", {"R": R, "M": M, "V": V, "N": N}, like="R")
     if R.dtype != torch.float32:
@@ -161,9 +188,13 @@ def adam_moments_cpu(R, M, V, N, *, beta1: float, beta2: float, eps: float, c1: 
     _check_distinct("adam_moments", "cpu", {"M": M, "V": V, "N": N})
     if sumsq is not None:
         _check_aux("adam_moments", "cpu", "sumsq", sumsq, torch.float32, 1, None)
+    skip_ptr = _skip_ptr("adam_moments", "cpu", skip, R.device)
     if R.numel() == 0:
         if sumsq is not None:
-            sumsq.zero_()
+            if skip is None:
+                sumsq.zero_()
+            else:
+                sumsq.masked_fill_(~skip, 0.0)
         return
     mod = _module("cpu")
 
@@ -172,7 +203,7 @@ def adam_moments_cpu(R, M, V, N, *, beta1: float, beta2: float, eps: float, c1: 
             [r.data_ptr(), m.data_ptr(), v.data_ptr(), n.data_ptr()], [r.numel()],
             [_DTYPE_CODES[t.dtype] for t in (r, m, v, n)], beta1=[float(beta1)],
             beta2=[float(beta2)], eps=[float(eps)], c1=[float(c1)], c2=[float(c2)],
-            norms=sumsq.data_ptr() if sumsq is not None else 0,
+            norms=sumsq.data_ptr() if sumsq is not None else 0, skip=skip_ptr,
             num_threads=torch.get_num_threads())
 
     _run_inplace(launch, [R], [M, V, N])
@@ -345,7 +376,8 @@ def _per_tensor(op, name, values, count):
     return vals
 
 
-def _moments_multi(backend, Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite):
+def _moments_multi(backend, Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite,
+                   skip=None):
     op = "adam_moments_multi"
     count = _check_multi(op, backend, {"Rs": Rs, "Ms": Ms, "Vs": Vs, "Ns": Ns},
                          fp32_only=("Rs",), same_dtype=(("Ms", "Vs"),),
@@ -357,10 +389,11 @@ def _moments_multi(backend, Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, no
           (("beta1", beta1), ("beta2", beta2), ("eps", eps), ("c1", c1), ("c2", c2))}
     if count == 0:
         return None
+    skip_ptr = _skip_ptr(op, backend, skip, device)
     mod = _module(backend)
     ptrs, sizes, codes = _pack((Rs, Ms, Vs, Ns))
     kw.update(norms=norms.data_ptr() if norms is not None else 0,
-              flag=nonfinite.data_ptr() if nonfinite is not None else 0)
+              flag=nonfinite.data_ptr() if nonfinite is not None else 0, skip=skip_ptr)
     if backend == "cpu":
         mod.adam_moments_multi_cpu(ptrs, sizes, codes, num_threads=torch.get_num_threads(), **kw)
     else:
@@ -375,9 +408,9 @@ def _moments_multi(backend, Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, no
 
 @register("adam_moments_multi", "cpu")
 def adam_moments_multi_cpu(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, c1, c2, norms=None,
-                           nonfinite=None) -> None:
+                           nonfinite=None, skip=None) -> None:
     """K2 over every tensor of the lists in one OpenMP loop (``csrc/cpu/multi_tensor.cpp``)."""
-    _moments_multi("cpu", Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite)
+    _moments_multi("cpu", Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite, skip)
 
 
 @register_auto_guard("adam_moments_multi", "cpu")
@@ -389,13 +422,13 @@ def _adam_moments_multi_cpu_takes(Rs, Ms, Vs, Ns, **_):
 
 @register("adam_moments_multi", "cuda")
 def adam_moments_multi_cuda(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, c1, c2, norms=None,
-                            nonfinite=None) -> None:
+                            nonfinite=None, skip=None) -> None:
     """K2 over every tensor of the lists in ONE kernel launch (``csrc/cuda/multi_tensor.cu``)
     on the tensors' device and its current stream."""
-    _moments_multi("cuda", Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite)
+    _moments_multi("cuda", Rs, Ms, Vs, Ns, beta1, beta2, eps, c1, c2, norms, nonfinite, skip)
 
 
-def _adamw_multi(backend, Ws, Gs, Ms, Vs, scalars, nonfinite):
+def _adamw_multi(backend, Ws, Gs, Ms, Vs, scalars, nonfinite, skip=None):
     op = "adamw_step_multi"
     count = _check_multi(op, backend, {"Ws": Ws, "Gs": Gs, "Ms": Ms, "Vs": Vs},
                          same_dtype=(("Ms", "Vs"),), outputs=("Ws", "Ms", "Vs"))
@@ -404,9 +437,11 @@ def _adamw_multi(backend, Ws, Gs, Ms, Vs, scalars, nonfinite):
     kw = {k: _per_tensor(op, k, v, count) for k, v in scalars.items()}
     if count == 0:
         return None
+    skip_ptr = _skip_ptr(op, backend, skip, device)
     mod = _module(backend)
     ptrs, sizes, codes = _pack((Ws, Gs, Ms, Vs))
     kw["flag"] = nonfinite.data_ptr() if nonfinite is not None else 0
+    kw["skip"] = skip_ptr
     if backend == "cpu":
         mod.adamw_step_multi_cpu(ptrs, sizes, codes, num_threads=torch.get_num_threads(), **kw)
     else:
@@ -420,11 +455,11 @@ def _adamw_multi(backend, Ws, Gs, Ms, Vs, scalars, nonfinite):
 
 @register("adamw_step_multi", "cpu")
 def adamw_step_multi_cpu(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, c1, c2, pre_scale,
-                         post_decay, nonfinite=None) -> None:
+                         post_decay, nonfinite=None, skip=None) -> None:
     """The AdamW step of every tensor of the lists in one OpenMP loop (``csrc/cpu``)."""
     _adamw_multi("cpu", Ws, Gs, Ms, Vs, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, c1=c1,
                                              c2=c2, pre_scale=pre_scale,
-                                             post_decay=post_decay), nonfinite)
+                                             post_decay=post_decay), nonfinite, skip)
 
 
 @register_auto_guard("adamw_step_multi", "cpu")
@@ -435,11 +470,11 @@ def _adamw_step_multi_cpu_takes(Ws, Gs, Ms, Vs, **_):
 
 @register("adamw_step_multi", "cuda")
 def adamw_step_multi_cuda(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, c1, c2, pre_scale,
-                          post_decay, nonfinite=None) -> None:
+                          post_decay, nonfinite=None, skip=None) -> None:
     """The AdamW step of every tensor of the lists in ONE kernel launch (``csrc/cuda``)."""
     _adamw_multi("cuda", Ws, Gs, Ms, Vs, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, c1=c1,
                                               c2=c2, pre_scale=pre_scale,
-                                              post_decay=post_decay), nonfinite)
+                                              post_decay=post_decay), nonfinite, skip)
 
 
 # -- the non-finite check of the optimizers' step (ops.nonfinite_flag) on the CPU -------------

@@ -63,6 +63,24 @@ def _same_device(**tensors):
     return next(iter(devs.values()))
 
 
+def _check_skip(skip, device):
+    """``skip``: None, or a 0-dim torch.bool tensor on ``device`` (the op's tensors'; None
+    for an op with no tensors: any device). Never read on the host: the backends load it on
+    the device (docs/conventions.md, "Skipping a step on the device")."""
+    if skip is None:
+        return
+    if not isinstance(skip, torch.Tensor):
+        raise TypeError(f"skip must be None or a 0-dim torch.bool tensor, got "
+                        f"{type(skip).__name__}")
+    if skip.dtype != torch.bool:
+        raise TypeError(f"skip must be a 0-dim torch.bool tensor, got dtype {skip.dtype}")
+    if skip.dim() != 0:
+        raise ValueError(f"skip must be a 0-dim torch.bool tensor, got shape "
+                         f"{tuple(skip.shape)}")
+    if device is not None and skip.device != device:
+        raise ValueError(f"skip is on {skip.device} but the op's tensors are on {device}")
+
+
 def _check_finite(name, x):
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
@@ -125,7 +143,7 @@ def project(G, P, R=None, *, side="left", precision="ieee", backend="auto", sums
 
 
 def adam_moments(R, M, V, N, *, beta1, beta2, eps, step, eps_mode="hf", sumsq=None,
-                 backend="auto"):
+                 backend="auto", skip=None):
     """K2: low-rank Adam moments in place, and the normalised step N.
 
     ``eps_mode="hf"`` (GaLore, HF AdamW): ``N = M/(sqrt(V)+eps)``, bias correction left to the
@@ -133,6 +151,10 @@ def adam_moments(R, M, V, N, *, beta1, beta2, eps, step, eps_mode="hf", sumsq=No
     ``sumsq`` (optional, a 1-element float32 tensor) receives ``sum(N^2)`` of the stored N,
     computed by the fused kernels in the same pass (the limiter's norm,
     docs/methods/adaptive_adamw.md).
+
+    ``skip`` (optional, a 0-dim torch.bool tensor on the tensors' device, e.g.
+    ``nonfinite_flag(...)``): when it holds True, M, V, N and ``sumsq`` are left
+    bit-identical. The flag is read on the device only, never on the host.
     """
     for name, t in (("R", R), ("M", M), ("V", V), ("N", N)):
         _check_float(name, t)
@@ -147,17 +169,23 @@ def adam_moments(R, M, V, N, *, beta1, beta2, eps, step, eps_mode="hf", sumsq=No
                                if isinstance(sumsq, torch.Tensor) else type(sumsq).__name__))
         kw["sumsq"] = sumsq
     device = _same_device(R=R, M=M, V=V, N=N, **kw)
+    if skip is not None:
+        _check_skip(skip, device)
+        kw["skip"] = skip
     impl = implementation("adam_moments", backend, device)
     impl(R, M, V, N, beta1=float(beta1), beta2=float(beta2), eps=float(eps), c1=c1, c2=c2, **kw)
     return N
 
 
 def backproject_update(W, P, N, *, side="left", coef, pre_scale=1.0, post_decay=0.0,
-                       precision="ieee", backend="auto"):
+                       precision="ieee", backend="auto", skip=None):
     """K3, in place on W: ``W = W*pre_scale; W -= coef * back(N); W -= post_decay*W``.
 
     ``back(N)`` is ``P @ N`` on the left and ``N @ Q`` on the right; the product is never
     materialised by the fused backends (it lives in the GEMM epilogue).
+
+    ``skip`` (optional, a 0-dim torch.bool tensor on W's device): when it holds True, W is
+    left bit-identical. The flag is read on the device only, never on the host.
     """
     _check_side(side)
     _check_precision(precision)
@@ -175,6 +203,9 @@ def backproject_update(W, P, N, *, side="left", coef, pre_scale=1.0, post_decay=
     impl = implementation("backproject_update", backend, device)
     kw = dict(coef=float(coef), pre_scale=float(pre_scale), post_decay=float(post_decay),
               precision=precision)
+    if skip is not None:
+        _check_skip(skip, device)
+        kw["skip"] = skip
     if side == "left":
         impl(W, P, N, **kw)
     else:
@@ -183,11 +214,15 @@ def backproject_update(W, P, N, *, side="left", coef, pre_scale=1.0, post_decay=
 
 
 def adamw_step(W, G, M, V, *, lr, beta1, beta2, eps, step, weight_decay=0.0,
-               eps_mode="torch", wd_mode="pre", correct_bias=True, backend="auto"):
+               eps_mode="torch", wd_mode="pre", correct_bias=True, backend="auto", skip=None):
     """Dense AdamW step in place on W, M, V.
 
     ``eps_mode="torch", wd_mode="pre"`` is torch.optim.AdamW; ``eps_mode="hf", wd_mode="post"``
     is HF AdamW as used by GaLore for its non-projected parameters (docs/methods/adamw.md).
+
+    ``skip`` (optional, a 0-dim torch.bool tensor on W's device, e.g. ``nonfinite_flag([G])``):
+    when it holds True, W, M and V are left bit-identical. The flag is read on the device
+    only, never on the host.
     """
     for name, t in (("W", W), ("G", G), ("M", M), ("V", V)):
         _check_float(name, t)
@@ -199,9 +234,13 @@ def adamw_step(W, G, M, V, *, lr, beta1, beta2, eps, step, weight_decay=0.0,
         step_size = hf_step_size(lr, beta1, beta2, step, correct_bias)
     pre_scale, post_decay = decay_coefficients(lr, weight_decay, wd_mode)
     device = _same_device(W=W, G=G, M=M, V=V)
+    kw = {}
+    if skip is not None:
+        _check_skip(skip, device)
+        kw["skip"] = skip
     impl = implementation("adamw_step", backend, device)
     impl(W, G, M, V, lr=step_size, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-         c1=c1, c2=c2, pre_scale=pre_scale, post_decay=post_decay)
+         c1=c1, c2=c2, pre_scale=pre_scale, post_decay=post_decay, **kw)
     return W
 
 

@@ -154,23 +154,30 @@ def _finite_scalars(count, **named):
 
 
 def grouped_backproject_update(Ws, Ps, Ns, *, side="left", coef, pre_scale=1.0, post_decay=0.0,
-                               precision="ieee", backend="auto"):
+                               precision="ieee", backend="auto", skip=None):
     """K3 in place on every member: ``W_i = W_i*pre_scale_i; W_i -= coef_i * back(N_i);
     W_i -= post_decay_i*W_i``, as ``ops.backproject_update`` (``back(N)`` is ``P @ N`` on the
     left, ``N @ Q`` on the right). Each scalar is one number for all members or a sequence with
-    one per member. Returns ``Ws``."""
+    one per member. Returns ``Ws``.
+
+    ``skip`` (optional, a 0-dim torch.bool tensor on the members' device): when it holds True,
+    every W_i is left bit-identical. The flag is read on the device only, never on the host."""
     ops._check_side(side)
     ops._check_precision(precision)
     lists, count = _lists(Ws=Ws, Ps=Ps, Ns=Ns)
     Ws, Ps, Ns = lists["Ws"], lists["Ps"], lists["Ns"]
     scalars = _finite_scalars(count, coef=coef, pre_scale=pre_scale, post_decay=post_decay)
     if count == 0:
+        ops._check_skip(skip, None)
         return Ws
     shape, rank, device = _check_matrices_and_bases("Ws", Ws, Ps, side)
     _check_members("Ns", Ns, ops.low_rank_shape(shape, rank, side), device, "Ws[0]")
     _check_disjoint("Ws", Ws)
     impl = implementation("grouped_backproject_update", backend, device)
     kw = dict(precision=precision, **scalars)
+    if skip is not None:
+        ops._check_skip(skip, device)
+        kw["skip"] = skip
     if side == "left":
         impl(Ws, Ps, Ns, **kw)
     else:

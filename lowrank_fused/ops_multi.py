@@ -12,6 +12,12 @@ Optional outputs: ``norms`` (fp32, one element per tensor) receives ``sum(N_i^2)
 norm-growth limiter; ``nonfinite`` (int32, one element) is set to 1 when an input R_i (G_i)
 holds a NaN or an infinity and is otherwise left alone, so the caller zeroes it once, may
 collect several calls into it, and reads it once.
+
+``skip`` (optional, a 0-dim torch.bool tensor on the tensors' device, e.g.
+``ops.nonfinite_flag(...)``): when it holds True, no state, weight or ``norms`` entry is
+written (every one keeps its bits), while ``nonfinite`` still reports the inputs exactly as
+without a flag (set to 1 when an input R_i / G_i holds a NaN or an infinity). The flag is read
+on the device only, never on the host.
 """
 from __future__ import annotations
 
@@ -77,10 +83,11 @@ def _per_tensor_step(step, count):
 
 
 def adam_moments_multi(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, step, eps_mode="hf", norms=None,
-                       nonfinite=None, backend="auto"):
+                       nonfinite=None, backend="auto", skip=None):
     """K2 in place on every (R_i, M_i, V_i, N_i): the math of ``ops.adam_moments`` per tensor.
 
-    Returns ``Ns``. ``norms``/``nonfinite``: see the module docstring.
+    Returns ``Ns``. ``norms``/``nonfinite``/``skip``: see the module docstring (with ``skip``
+    True the Ms, Vs, Ns and ``norms`` keep their bits; ``nonfinite`` is still set).
     """
     lists = {name: _as_list(name, t)
              for name, t in (("Rs", Rs), ("Ms", Ms), ("Vs", Vs), ("Ns", Ns))}
@@ -94,19 +101,24 @@ def adam_moments_multi(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, step, eps_mode="hf"
         a, b = ops._eps_mode_divisors(eps_mode, b1[i], b2[i], steps[i])
         c1.append(float(a))
         c2.append(float(b))
+    kw = {}
+    if skip is not None:
+        ops._check_skip(skip, device)
+        kw["skip"] = skip
     if count == 0:
         return Ns
     impl = implementation("adam_moments_multi", backend, device)
     impl(lists["Rs"], lists["Ms"], lists["Vs"], lists["Ns"], beta1=b1, beta2=b2, eps=ep,
-         c1=c1, c2=c2, norms=norms, nonfinite=nonfinite)
+         c1=c1, c2=c2, norms=norms, nonfinite=nonfinite, **kw)
     return Ns
 
 
 def adamw_step_multi(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, step, weight_decay=0.0,
                      eps_mode="torch", wd_mode="pre", correct_bias=True, nonfinite=None,
-                     backend="auto"):
+                     backend="auto", skip=None):
     """Dense AdamW step in place on every (W_i, M_i, V_i): the math of ``ops.adamw_step`` per
-    tensor. Returns ``Ws``. ``nonfinite``: see the module docstring."""
+    tensor. Returns ``Ws``. ``nonfinite``/``skip``: see the module docstring (with ``skip``
+    True the Ws, Ms and Vs keep their bits; ``nonfinite`` is still set)."""
     lists = {name: _as_list(name, t)
              for name, t in (("Ws", Ws), ("Gs", Gs), ("Ms", Ms), ("Vs", Vs))}
     count, device = _check_lists(lists)
@@ -129,6 +141,9 @@ def adamw_step_multi(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, step, weight_deca
             if not math.isfinite(v):
                 raise ValueError(f"{k}[{i}] must be finite, got {v}")
             kw[k].append(float(v))
+    if skip is not None:
+        ops._check_skip(skip, device)
+        kw["skip"] = skip
     if count == 0:
         return Ws
     impl = implementation("adamw_step_multi", backend, device)

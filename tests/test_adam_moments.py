@@ -5,6 +5,8 @@ import torch
 from lowrank_fused import ops
 from lowrank_fused.testing import assert_parity, poison, tolerance
 
+from _skip import backends as skip_backends, check_bad_skips, check_skip
+
 SHAPES = [(8, 203), (97, 40), (1, 1), (33, 1025)]
 
 
@@ -103,3 +105,39 @@ def test_adam_moments_rejects_bad_input(device):
     with pytest.raises(ValueError, match="step must be >= 1"):
         ops.adam_moments(R, R.clone(), R.clone(), R.clone(), beta1=0.9, beta2=0.9, eps=1e-8,
                          step=0, eps_mode="torch", backend="reference")
+
+
+# -- the on-device skip flag (ops.adam_moments(..., skip=...)) ---------------------------------
+
+@pytest.mark.parametrize("backend", skip_backends("adam_moments"))
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_adam_moments_skip_flag(backend, state_dtype, device):
+    """skip=True: M, V, N and sumsq keep their prefilled bits, no host read; skip=False: the
+    bits of a call without a flag. (37, 61): an odd size over several Triton programs; the
+    transposed views take the backends' non-contiguous path (contiguous copies written
+    back)."""
+    R = torch.randn(37, 61, device=device)
+    kw = dict(beta1=0.9, beta2=0.99, eps=1e-8, step=3, eps_mode="torch", backend=backend)
+
+    def make():
+        return [torch.randn(37, 61, device=device).to(state_dtype),
+                torch.rand(37, 61, device=device).to(state_dtype),
+                torch.randn(37, 61, device=device).to(state_dtype),
+                torch.randn(1, device=device)]
+
+    def run(out, skip):
+        ops.adam_moments(R, *out[:3], sumsq=out[3], skip=skip, **kw)
+
+    check_skip(make, run, device)
+
+    def run_t(out, skip):
+        ops.adam_moments(R.t(), *(t.t() for t in out[:3]), sumsq=out[3], skip=skip, **kw)
+
+    check_skip(make, run_t, device)
+
+
+def test_adam_moments_skip_rejects_bad_flags(device):
+    R = torch.randn(3, 4, device=device)
+    check_bad_skips(lambda skip: ops.adam_moments(
+        R, R.clone(), R.clone(), R.clone(), beta1=0.9, beta2=0.9, eps=1e-8, step=1,
+        backend="reference", skip=skip), device)

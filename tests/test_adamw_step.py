@@ -8,6 +8,8 @@ import torch
 from lowrank_fused import ops
 from lowrank_fused.testing import assert_parity, tolerance
 
+from _skip import backends as skip_backends, check_bad_skips, check_skip
+
 SHAPES = [(1,), (97, 203), (4097,), (3, 5, 7)]
 MODES = {"torch": dict(eps_mode="torch", wd_mode="pre"), "hf": dict(eps_mode="hf", wd_mode="post")}
 
@@ -63,3 +65,51 @@ def test_reference_hf_adamw_formula(device):
         ops.adamw_step(Wf, g.float(), Mf, Vf, lr=lr, beta1=b1, beta2=b2, eps=eps, step=t,
                        weight_decay=wd, eps_mode="hf", wd_mode="post", backend="reference")
     assert_parity(Wf, W, rtol=1e-6, name="W")
+
+
+# -- the on-device skip flag (ops.adamw_step(..., skip=...)) -----------------------------------
+
+@pytest.mark.parametrize("backend", skip_backends("adamw_step"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_adamw_step_skip_flag(backend, dtype, device):
+    """skip=True: W, M, V keep their prefilled bits, no host read; skip=False: the bits of a
+    call without a flag. 2053 elements: several Triton programs and a partial last one."""
+    G = torch.randn(2053, device=device).to(dtype)
+    for mode in MODES.values():
+
+        def make():
+            return [torch.randn(2053, device=device).to(dtype),
+                    torch.randn(2053, device=device).to(dtype),
+                    torch.rand(2053, device=device).to(dtype)]
+
+        def run(out, skip):
+            ops.adamw_step(*out[:1], G, *out[1:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                           step=2, weight_decay=0.1, backend=backend, skip=skip, **mode)
+
+        check_skip(make, run, device)
+
+
+def test_adamw_step_skip_none_allocates_nothing(device):
+    """Without a flag the Triton launcher passes one cached False flag per device: no tensor
+    is allocated per call (after the first), and a second call gets the same flag."""
+    from lowrank_fused.testing.trace import AllocationTrace
+
+    W, G, M, V = (torch.randn(100, device=device) for _ in range(4))
+    V = V.abs()
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1, backend="triton")
+    ops.adamw_step(W, G, M, V, **kw)
+    with AllocationTrace() as trace:
+        ops.adamw_step(W, G, M, V, **kw)
+    assert trace.at_least(1) == []   # (the interpreter's own argument copies are empty)
+    from lowrank_fused.kernels._common import skip_flag
+
+    dev = torch.device(device)
+    assert skip_flag(None, dev) is skip_flag(None, dev)
+    assert not skip_flag(None, dev).item()
+
+
+def test_adamw_step_skip_rejects_bad_flags(device):
+    W = torch.randn(5, device=device)
+    check_bad_skips(lambda skip: ops.adamw_step(
+        W, W.clone(), W.clone(), W.clone().abs(), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+        step=1, backend="reference", skip=skip), device)

@@ -419,3 +419,39 @@ def test_cuda_non_contiguous_and_stream():
     adamw_step_ref(ref[0], G, ref[1], ref[2], **kw)
     torch.cuda.synchronize()
     check_step((W, M, V), tuple(ref), kw, exact_moments=False)
+
+
+# --- the on-device skip flag ------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("cpu", marks=needs_cpu_ext),
+    pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda_ext])])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "transposed"])
+def test_compiled_skip_flag(backend, strided):
+    """The compiled step with a skip flag: bf16 W and G, fp32 states, (300, 257) (several
+    OpenMP threads on the CPU: two torch threads here), and a transposed view (the contiguous
+    copies written back): skip=True keeps every bit with no host read, skip=False gives the
+    bits of a call without a flag."""
+    from _skip import check_skip
+
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(31)
+    shape = (257, 300) if strided else (300, 257)
+    G = torch.randn(shape, generator=gen).to(device=backend, dtype=torch.bfloat16)
+    kw = step_scalars("hf", "post", 3)
+
+    def make():
+        W = torch.randn(shape, generator=gen).to(device=backend, dtype=torch.bfloat16)
+        M = torch.randn(shape, generator=gen).to(backend)
+        V = torch.rand(shape, generator=gen).to(backend)
+        return [W, M, V]
+
+    def run(out, skip):
+        W, M, V = (t.t() for t in out) if strided else out
+        lookup("adamw_step", backend)(W, G.t() if strided else G, M, V, skip=skip, **kw)
+
+    check_skip(make, run, backend)
+    impl = lookup("adamw_step", backend)
+    W, M, V = make()
+    with pytest.raises(TypeError, match=rf"adamw_step \(backend '{backend}'\): skip must"):
+        impl(W, G, M, V, skip=torch.zeros((), device=backend), **kw)

@@ -5,6 +5,7 @@ import torch
 from lowrank_fused import ops
 from lowrank_fused.testing import assert_parity, tolerance
 from _cases import DTYPES, SHAPES, basis, ranks_for
+from _skip import backends as skip_backends, check_bad_skips, check_skip
 
 CASES = [(s, r) for s in SHAPES for r in ranks_for(s)]
 WD = {"post": dict(pre_scale=1.0, post_decay=1e-2), "pre": dict(pre_scale=0.99, post_decay=0.0),
@@ -64,3 +65,29 @@ def test_backproject_update_rejects_bad_input(device):
         ops.backproject_update(W, torch.randn(10, 3), torch.randn(3, 20), side="right", coef=1.0,
                                backend="reference")
     assert torch.equal(W, W0), "a rejected call must leave W untouched"
+
+
+# -- the on-device skip flag (ops.backproject_update(..., skip=...)) ---------------------------
+
+@pytest.mark.parametrize("backend", skip_backends("backproject_update"))
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backproject_update_skip_flag(backend, side, dtype, device):
+    """skip=True: W keeps its prefilled bits, no host read; skip=False: the bits of a call
+    without a flag. 70 x 150 spans two interpreter tiles in n (more than one program)."""
+    shape, rank = (70, 150), 5
+    P = basis(shape, rank, side, device)
+    N = torch.randn(ops.low_rank_shape(shape, rank, side), device=device)
+
+    def run(out, skip):
+        ops.backproject_update(out[0], P, N, side=side, coef=0.3, post_decay=0.01,
+                               backend=backend, skip=skip)
+
+    check_skip(lambda: [torch.randn(shape, device=device).to(dtype)], run, device)
+
+
+def test_backproject_update_skip_rejects_bad_flags(device):
+    W = torch.randn(10, 20, device=device)
+    check_bad_skips(lambda skip: ops.backproject_update(
+        W, torch.randn(10, 3, device=device), torch.randn(3, 20, device=device), coef=1.0,
+        backend="reference", skip=skip), device)

@@ -11,6 +11,7 @@ import torch
 from lowrank_fused import ops, ops_grouped
 from lowrank_fused.testing import assert_parity, poison, tolerance
 from _cases import DTYPES, basis, ranks_for
+from _skip import backends as skip_backends, check_bad_skips, check_skip
 
 SHAPES = [(97, 203), (203, 97), (64, 64), (130, 257)]
 CASES = [(s, r) for s in SHAPES for r in ranks_for(s)]
@@ -490,3 +491,32 @@ def test_grouped_residual_backproject_update_rejects_bad_input(backend, device):
     for W, w in zip(Ws, W0):
         assert torch.equal(W, w), "a rejected call must leave W untouched"
     assert update([], [], [], [], [], [], coef=1.0, res_coef=1.0, backend=backend) == []
+
+
+# -- the on-device skip flag (grouped_backproject_update(..., skip=...)) -----------------------
+
+@pytest.mark.parametrize("backend", skip_backends("grouped_backproject_update"))
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouped_backproject_update_skip_flag(backend, side, dtype, device):
+    """skip=True: every W_b keeps its prefilled bits, no host read; skip=False: the bits of a
+    call without a flag (3 members with their own scalars)."""
+    shape, rank, count = (45, 70), 4, 3
+    Ps = bases(shape, rank, side, count, device)
+    Ns = members(ops.low_rank_shape(shape, rank, side), count, torch.float32, device)
+    coef, pre, post = scalars(count)
+
+    def run(out, skip):
+        ops_grouped.grouped_backproject_update(out, Ps, Ns, side=side, coef=coef,
+                                               pre_scale=pre, post_decay=post,
+                                               backend=backend, skip=skip)
+
+    check_skip(lambda: members(shape, count, dtype, device), run, device)
+
+
+def test_grouped_backproject_update_skip_rejects_bad_flags(device):
+    shape, rank, Gs, Ps, Ns = _bad_inputs(device)
+    check_bad_skips(lambda skip: ops_grouped.grouped_backproject_update(
+        Gs, Ps, Ns, coef=1.0, backend="reference", skip=skip), device)
+    with pytest.raises(TypeError, match="skip"):   # checked for an empty group too
+        ops_grouped.grouped_backproject_update([], [], [], coef=1.0, skip=1)

@@ -16,6 +16,8 @@ import torch
 from lowrank_fused import _ext, ops, ops_multi
 from lowrank_fused.dispatch import lookup
 
+from _skip import check_bad_skips, check_skip
+
 needs_cpu_ext = pytest.mark.skipif(_ext.why_no_cpu() is not None,
                                    reason=str(_ext.why_no_cpu()))
 _WHY_NO_CUDA = _ext.why_no_cuda()
@@ -506,3 +508,130 @@ def test_cpu_many_tensors():
     for i in range(len(ours[0])):
         assert torch.equal(ours[1][i], ref[1][i]) and torch.equal(ours[2][i], ref[2][i])
     torch.testing.assert_close(norms, norms_ref, rtol=1e-5, atol=1e-30)
+
+
+# --- the on-device skip flag (ops_multi.*(..., skip=...)) ------------------------------------
+
+SKIP_BACKENDS = [pytest.param("reference", "cpu", id="reference"),
+                 pytest.param("cpu", "cpu", id="cpu", marks=needs_cpu_ext),
+                 pytest.param("cuda", "cuda", id="cuda", marks=[pytest.mark.gpu, needs_cuda_ext])]
+SKIP_SHAPES = [(97, 203), (0, 4), (1,), (130, 257)]   # (130, 257): three CPU chunks
+
+
+def _random_like_shapes(gen, dtypes, device, positive=False):
+    out = []
+    for shape, dt in zip(SKIP_SHAPES, dtypes):
+        t = torch.randn(shape, generator=gen)
+        out.append((t.abs() if positive else t).to(device=device, dtype=dt))
+    return out
+
+
+@pytest.mark.parametrize("backend,device", SKIP_BACKENDS)
+def test_moments_multi_skip_flag(backend, device):
+    """skip=True: every M_i, V_i, N_i and the norms keep their prefilled bits, no host read;
+    skip=False: the bits of a call without a flag. fp32 and bf16 states in one call."""
+    gen = torch.Generator().manual_seed(21)
+    count = len(SKIP_SHAPES)
+    s_dts, n_dts = [F32, BF16, BF16, F32], [BF16, F32, BF16, F32]
+    Rs = _random_like_shapes(gen, [F32] * count, device)
+
+    def make():
+        return (_random_like_shapes(gen, s_dts, device)
+                + _random_like_shapes(gen, s_dts, device, positive=True)
+                + _random_like_shapes(gen, n_dts, device)
+                + [torch.randn(count, generator=gen).to(device),
+                   torch.zeros(1, dtype=torch.int32, device=device)])
+
+    def run(out, skip):
+        ops_multi.adam_moments_multi(Rs, out[:count], out[count:2 * count],
+                                     out[2 * count:3 * count], beta1=[0.9, 0.8, 0.9, 0.7],
+                                     beta2=0.999, eps=1e-8, step=[1, 2, 3, 4], eps_mode="torch",
+                                     norms=out[-2], nonfinite=out[-1], backend=backend,
+                                     skip=skip)
+
+    check_skip(make, run, device)
+
+
+@pytest.mark.parametrize("backend,device", SKIP_BACKENDS)
+def test_adamw_multi_skip_flag(backend, device):
+    """skip=True: every W_i, M_i, V_i keeps its prefilled bits, no host read; skip=False: the
+    bits of a call without a flag. fp32 and bf16 weights, gradients and states in one call."""
+    gen = torch.Generator().manual_seed(22)
+    count = len(SKIP_SHAPES)
+    w_dts, s_dts = [BF16, F32, BF16, F32], [F32, BF16, BF16, F32]
+    Gs = _random_like_shapes(gen, [F32, BF16, F32, BF16], device)
+
+    def make():
+        return (_random_like_shapes(gen, w_dts, device) + _random_like_shapes(gen, s_dts, device)
+                + _random_like_shapes(gen, s_dts, device, positive=True)
+                + [torch.zeros(1, dtype=torch.int32, device=device)])
+
+    def run(out, skip):
+        ops_multi.adamw_step_multi(out[:count], Gs, out[count:2 * count],
+                                   out[2 * count:3 * count], lr=[1e-2, 1e-3, 1e-2, 5e-3],
+                                   beta1=0.9, beta2=0.999, eps=1e-8, step=[1, 2, 3, 4],
+                                   weight_decay=0.1, eps_mode="hf", wd_mode="post",
+                                   nonfinite=out[-1], backend=backend, skip=skip)
+
+    check_skip(make, run, device)
+
+
+@pytest.mark.parametrize("backend,device", SKIP_BACKENDS)
+def test_multi_skip_still_reports_nonfinite(backend, device):
+    """A skipped call still sets ``nonfinite`` from its inputs (as documented): a NaN in R_3
+    (its last CPU chunk) and an inf in a bf16 G_0; a clean skipped call leaves it at 0."""
+    gen = torch.Generator().manual_seed(23)
+    count = len(SKIP_SHAPES)
+    yes = torch.ones((), dtype=torch.bool, device=device)
+    Rs = _random_like_shapes(gen, [F32] * count, device)
+    Ms = _random_like_shapes(gen, [F32, BF16, F32, BF16], device)
+    Vs = _random_like_shapes(gen, [F32, BF16, F32, BF16], device, positive=True)
+    Ns = _random_like_shapes(gen, [BF16] * count, device)
+    norms = torch.randn(count, generator=gen).to(device)
+    before = [t.clone() for t in Ms + Vs + Ns + [norms]]
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=1, norms=norms, backend=backend, skip=yes)
+    for bad in (False, True):
+        if bad:
+            Rs[3].view(-1)[-1] = float("nan")
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        ops_multi.adam_moments_multi(Rs, Ms, Vs, Ns, nonfinite=flag, **kw)
+        assert int(flag) == int(bad)
+        assert all(torch.equal(a, b) for a, b in zip(Ms + Vs + Ns + [norms], before))
+    Ws = _random_like_shapes(gen, [BF16, F32, F32, BF16], device)
+    Gs = _random_like_shapes(gen, [BF16, F32, BF16, F32], device)
+    Gs[0].view(-1)[5] = float("inf")
+    before = [t.clone() for t in Ws + Ms + Vs]
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    ops_multi.adamw_step_multi(Ws, Gs, Ms, Vs, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                               step=1, nonfinite=flag, backend=backend, skip=yes)
+    assert int(flag) == 1
+    assert all(torch.equal(a, b) for a, b in zip(Ws + Ms + Vs, before))
+
+
+def test_multi_skip_rejects_bad_flags():
+    Rs, Ms, Vs, Ns = _lists()
+    check_bad_skips(lambda skip: ops_multi.adam_moments_multi(
+        Rs, Ms, Vs, Ns, beta1=0.9, beta2=0.999, eps=1e-8, step=1, backend="reference",
+        skip=skip), "cpu")
+    check_bad_skips(lambda skip: ops_multi.adamw_step_multi(
+        Rs, Ms, Vs, [v.abs() for v in Ns], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=1,
+        backend="reference", skip=skip), "cpu")
+    with pytest.raises(TypeError, match="skip"):   # checked for empty lists too
+        ops_multi.adam_moments_multi([], [], [], [], beta1=0.9, beta2=0.999, eps=1e-8, step=1,
+                                     skip=1)
+    with pytest.raises(TypeError, match="skip"):
+        ops_multi.adamw_step_multi([], [], [], [], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                   step=1, skip=1)
+
+
+@needs_cpu_ext
+def test_multi_skip_checked_by_the_compiled_backend():
+    """The extension's glue checks a flag handed to it directly (not through ops_multi)."""
+    Rs, Ms, Vs, Ns = _lists()
+    with pytest.raises(TypeError, match=r"adam_moments_multi \(backend 'cpu'\): skip must"):
+        lookup("adam_moments_multi", "cpu")(Rs, Ms, Vs, Ns, skip=torch.zeros(()), **_mkw())
+    with pytest.raises(ValueError, match=r"adamw_step_multi \(backend 'cpu'\): skip is on meta"):
+        lookup("adamw_step_multi", "cpu")(Rs, Ms, Vs, Ns, lr=[1e-3] * 4, pre_scale=[1.0] * 4,
+                                          post_decay=[0.0] * 4,
+                                          skip=torch.zeros((), dtype=torch.bool,
+                                                           device="meta"), **_mkw())

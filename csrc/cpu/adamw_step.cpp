@@ -30,6 +30,7 @@ void adamw_step_cpu(const AdamWArgs& a, int num_threads) {
   check_args(a);
   const int64_t n = a.n;
   if (n == 0) return;
+  if (a.skip != nullptr && *a.skip != 0) return;  // host memory: reading it costs nothing
 #if defined(_OPENMP)
   int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   const int64_t useful = (n + kGrain - 1) / kGrain;

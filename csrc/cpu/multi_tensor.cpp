@@ -50,6 +50,32 @@ void for_items(const std::vector<MTItem>& items, int threads, F&& body) {
 #endif
 }
 
+// A skipped call (its skip flag, host memory, holds true): nothing but the non-finite flag is
+// written, from a scan of the input buffer `buffer` (R or G) of every tensor.
+void flag_skipped(const std::vector<MTEntry>& entries, int buffer, int32_t* flag,
+                  int num_threads) {
+  if (flag == nullptr) return;
+  const std::vector<MTItem> items = mt_work_items(entries, kCpuChunk);
+  std::vector<unsigned char> bad(items.size(), 0);
+  const int threads = thread_count(total_elements(entries), num_threads);
+  for_items(items, threads, [&](int64_t k, const MTItem& it) {
+    const MTEntry& e = entries[it.tensor];
+    const int64_t begin = int64_t(it.chunk) * kCpuChunk;
+    const int64_t end = begin + kCpuChunk < e.n ? begin + kCpuChunk : e.n;
+    bad[k] = cpu::any_nonfinite(cpu::offset(static_cast<const void*>(e.ptr[buffer]),
+                                            e.dtype[buffer], begin),
+                                e.dtype[buffer], end - begin) ? 1 : 0;
+  });
+  for (unsigned char b : bad) {
+    if (b) {
+      *flag = 1;
+      break;
+    }
+  }
+}
+
+bool skipped(const uint8_t* skip) { return skip != nullptr && *skip != 0; }
+
 bool all_fp32(const MTEntry& e) {
   for (int b = 0; b < kMTMaxBuffers; ++b) {
     if (e.dtype[b] != kFloat32) return false;
@@ -61,6 +87,10 @@ bool all_fp32(const MTEntry& e) {
 
 void adam_moments_multi_cpu(const MomentsMultiArgs& a, int num_threads) {
   check_moments_multi_args(a);
+  if (skipped(a.skip)) {
+    flag_skipped(a.entries, 0, a.flag, num_threads);
+    return;
+  }
   const std::vector<MTItem> items = mt_work_items(a.entries, kCpuChunk);
   const bool want_norm = a.norms != nullptr, want_flag = a.flag != nullptr;
   std::vector<double> partial(want_norm ? items.size() : 0, 0.0);
@@ -103,6 +133,10 @@ void adam_moments_multi_cpu(const MomentsMultiArgs& a, int num_threads) {
 
 void adamw_step_multi_cpu(const AdamWMultiArgs& a, int num_threads) {
   check_adamw_multi_args(a);
+  if (skipped(a.skip)) {
+    flag_skipped(a.entries, 1, a.flag, num_threads);
+    return;
+  }
   const std::vector<MTItem> items = mt_work_items(a.entries, kCpuChunk);
   const bool want_flag = a.flag != nullptr;
   std::vector<unsigned char> bad(want_flag ? items.size() : 0, 0);

@@ -19,7 +19,9 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 template <typename TW, typename TG, typename TS>
 __global__ void __launch_bounds__(kThreads)
 adamw_step_kernel(TW* __restrict__ w, const TG* __restrict__ g, TS* __restrict__ m,
-                  TS* __restrict__ v, int64_t n, AdamWScalars s) {
+                  TS* __restrict__ v, int64_t n, AdamWScalars s,
+                  const uint8_t* __restrict__ skip) {
+  if (skip != nullptr && *skip != 0) return;  // the step is skipped: nothing is written
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     adamw_element(w + i, g + i, m + i, v + i, s);
@@ -62,7 +64,7 @@ std::string adamw_step_cuda(const AdamWArgs& a, int device, std::uintptr_t strea
     using TS = decltype(ts);
     adamw_step_kernel<TW, TG, TS><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         static_cast<TW*>(a.w), static_cast<const TG*>(a.g), static_cast<TS*>(a.m),
-        static_cast<TS*>(a.v), a.n, a.s);
+        static_cast<TS*>(a.v), a.n, a.s, a.skip);
   });
   err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_error("adamw_step: kernel launch", err);

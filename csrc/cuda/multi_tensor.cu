@@ -11,6 +11,11 @@
 // tensor's slot (zeroed first on the stream), so the order of the additions (and the last bits
 // of a norm of a multi-chunk tensor) may vary from run to run. The flag: a block that saw a
 // non-finite input stores 1.
+//
+// The skip flag (a device bool, or null): every block reads it first; when it holds true the
+// block only scans its chunk of the input for the non-finite flag and writes nothing else, and
+// the norms are zeroed by a small kernel that reads it too (instead of the memset of a call
+// without a flag), so they keep their values. The host never reads it.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -81,15 +86,36 @@ __device__ __forceinline__ void locate(const MTBatch<S>& b, int& tensor, int64_t
   chunk = bid - b.first_block[lo];
 }
 
+// A skipped block: the non-finite flag from its chunk of the input buffer, nothing else. Every
+// thread of the block read the same skip flag, so all of them reach the barrier.
+__device__ __forceinline__ void flag_skipped_chunk(const MTEntry& e, int buffer, int64_t begin,
+                                                   int64_t end, int32_t* flag) {
+  if (flag == nullptr) return;
+  const bool bad = range_nonfinite(e.ptr[buffer], e.dtype[buffer], begin + threadIdx.x, end,
+                                   kThreads);
+  if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1;
+}
+
+// norms[i] = 0 for i < count unless *skip (the memset of a call with a skip flag).
+__global__ void zero_unless_skipped_kernel(float* norms, int64_t count, const uint8_t* skip) {
+  if (*skip != 0) return;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) norms[i] = 0.0f;
+}
+
 __global__ void __launch_bounds__(kThreads)
 adam_moments_multi_kernel(const __grid_constant__ MTBatch<MomentsScalars> batch, float* norms,
-                          int32_t* flag) {
+                          int32_t* flag, const uint8_t* skip) {
   int t;
   int64_t chunk;
   locate(batch, t, chunk);
   const MTEntry& e = batch.entries[t];
   const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
+  if (skip != nullptr && *skip != 0) {
+    flag_skipped_chunk(e, 0, begin, end, flag);
+    return;
+  }
   float sq = 0.0f;
   bool bad = false;
   moments_range_any(e, batch.scalars[t], begin + threadIdx.x, end, kThreads, norms != nullptr,
@@ -104,13 +130,18 @@ adam_moments_multi_kernel(const __grid_constant__ MTBatch<MomentsScalars> batch,
 }
 
 __global__ void __launch_bounds__(kThreads)
-adamw_step_multi_kernel(const __grid_constant__ MTBatch<AdamWScalars> batch, int32_t* flag) {
+adamw_step_multi_kernel(const __grid_constant__ MTBatch<AdamWScalars> batch, int32_t* flag,
+                        const uint8_t* skip) {
   int t;
   int64_t chunk;
   locate(batch, t, chunk);
   const MTEntry& e = batch.entries[t];
   const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
+  if (skip != nullptr && *skip != 0) {
+    flag_skipped_chunk(e, 1, begin, end, flag);
+    return;
+  }
   bool bad = false;
   adamw_range_any(e, batch.scalars[t], begin + threadIdx.x, end, kThreads, flag != nullptr, bad);
   if (flag != nullptr) {
@@ -118,21 +149,29 @@ adamw_step_multi_kernel(const __grid_constant__ MTBatch<AdamWScalars> batch, int
   }
 }
 
-// Sets the device, zeroes `zero_first` (zero_count floats) on the stream, then for each batch
-// of tensors fills an MTBatch and calls launch(batch, blocks, first tensor index, stream).
-// Returns "" or the first CUDA error.
+// Sets the device, zeroes `zero_first` (zero_count floats) on the stream (unless `skip`, a
+// device flag or null, holds true), then for each batch of tensors fills an MTBatch and calls
+// launch(batch, blocks, first tensor index, stream). Returns "" or the first CUDA error.
 template <typename S, typename L>
 std::string run_multi(const char* op, const std::vector<MTEntry>& entries,
                       const std::vector<S>& scalars, int device, std::uintptr_t stream_handle,
-                      float* zero_first, size_t zero_count, L&& launch) {
+                      float* zero_first, size_t zero_count, const uint8_t* skip, L&& launch) {
   const std::string name(op);
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return cuda_error((name + ": cudaSetDevice").c_str(), err);
   (void)cudaGetLastError();  // clear a stale error of an earlier call, reported then
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (zero_first != nullptr && zero_count > 0) {
-    err = cudaMemsetAsync(zero_first, 0, zero_count * sizeof(float), stream);
-    if (err != cudaSuccess) return cuda_error((name + ": cudaMemsetAsync").c_str(), err);
+    if (skip == nullptr) {
+      err = cudaMemsetAsync(zero_first, 0, zero_count * sizeof(float), stream);
+      if (err != cudaSuccess) return cuda_error((name + ": cudaMemsetAsync").c_str(), err);
+    } else {
+      const int64_t count = static_cast<int64_t>(zero_count);
+      zero_unless_skipped_kernel<<<static_cast<unsigned>((count + kThreads - 1) / kThreads),
+                                   kThreads, 0, stream>>>(zero_first, count, skip);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return cuda_error((name + ": zeroing the norms").c_str(), err);
+    }
   }
   constexpr int K = MTBatch<S>::K;
   MTBatch<S> batch;  // ~31 KB; filled per launch
@@ -166,21 +205,21 @@ std::string adam_moments_multi_cuda(const MomentsMultiArgs& a, int device,
   check_moments_multi_args(a);
   if (a.entries.empty()) return "";
   return run_multi("adam_moments_multi", a.entries, a.scalars, device, stream, a.norms,
-                   a.entries.size(),
+                   a.entries.size(), a.skip,
                    [&](const MTBatch<MomentsScalars>& batch, unsigned blocks, size_t first,
                        cudaStream_t st) {
                      adam_moments_multi_kernel<<<blocks, kThreads, 0, st>>>(
-                         batch, a.norms != nullptr ? a.norms + first : nullptr, a.flag);
+                         batch, a.norms != nullptr ? a.norms + first : nullptr, a.flag, a.skip);
                    });
 }
 
 std::string adamw_step_multi_cuda(const AdamWMultiArgs& a, int device, std::uintptr_t stream) {
   check_adamw_multi_args(a);
   if (a.entries.empty()) return "";
-  return run_multi("adamw_step_multi", a.entries, a.scalars, device, stream, nullptr, 0,
+  return run_multi("adamw_step_multi", a.entries, a.scalars, device, stream, nullptr, 0, a.skip,
                    [&](const MTBatch<AdamWScalars>& batch, unsigned blocks, size_t,
                        cudaStream_t st) {
-                     adamw_step_multi_kernel<<<blocks, kThreads, 0, st>>>(batch, a.flag);
+                     adamw_step_multi_kernel<<<blocks, kThreads, 0, st>>>(batch, a.flag, a.skip);
                    });
 }
 

@@ -2,11 +2,12 @@
 import torch
 
 from lowrank_fused.dispatch import register
+from lowrank_fused.reference._skip import run_unless
 
 
 @register("adam_moments", "reference")
 def adam_moments_ref(R, M, V, N, *, beta1: float, beta2: float, eps: float,
-                     c1: float, c2: float, sumsq=None) -> None:
+                     c1: float, c2: float, sumsq=None, skip=None) -> None:
     """Update the moments in place and write the normalised step ``N``.
 
     ``M = beta1*M + (1-beta1)*R``; ``V = beta2*V + (1-beta2)*R^2``;
@@ -16,7 +17,12 @@ def adam_moments_ref(R, M, V, N, *, beta1: float, beta2: float, eps: float,
 
     ``sumsq`` (optional, a 1-element fp32 tensor) receives ``sum(N^2)`` of the stored N: the
     norm the norm-growth limiter needs, which the fused kernel computes in its pass.
+
+    ``skip`` (optional, 0-dim bool): where True, M, V, N and ``sumsq`` keep their bits.
     """
+    if skip is not None:
+        return run_unless(skip, (M, V, N, sumsq), adam_moments_ref, R, M, V, N, beta1=beta1,
+                          beta2=beta2, eps=eps, c1=c1, c2=c2, sumsq=sumsq)
     r = R.float()
     m = M.float() * beta1 + (1.0 - beta1) * r
     v = V.float() * beta2 + (1.0 - beta2) * (r * r)
