@@ -31,7 +31,7 @@ import triton.language as tl
 
 ALIGN_BYTES = 16
 _CACHE_SIZE = 256
-_OFFSETS = OrderedDict()   # (device, offsets) -> int64 tensor on the device
+_OFFSETS = OrderedDict()   # (device, sizes, offsets) -> (int64 tensor on the device, aligned)
 
 
 def check_layout(name: str, tensors) -> None:
@@ -68,27 +68,60 @@ def regular_offsets(count: int, step: int) -> list:
 def offsets_table(rows, element_sizes, device):
     """``(offs, aligned)``: the int64 (len(rows), count) table on ``device`` (cached) and
     whether every offset is a multiple of ``ALIGN_BYTES`` bytes."""
-    aligned = all((o * size) % ALIGN_BYTES == 0
-                  for row, size in zip(rows, element_sizes) for o in row)
-    key = (str(device), tuple(tuple(row) for row in rows))
-    offs = _OFFSETS.get(key)
-    if offs is None:
-        offs = torch.tensor(rows, dtype=torch.int64).to(device)
-        _OFFSETS[key] = offs
+    key = (str(device), tuple(element_sizes), tuple(tuple(row) for row in rows))
+    entry = _OFFSETS.get(key)
+    if entry is None:
+        aligned = all((o * size) % ALIGN_BYTES == 0
+                      for row, size in zip(rows, element_sizes) for o in row)
+        entry = _OFFSETS[key] = (torch.tensor(rows, dtype=torch.int64).to(device), aligned)
         if len(_OFFSETS) > _CACHE_SIZE:
             _OFFSETS.popitem(last=False)
     else:
         _OFFSETS.move_to_end(key)
-    return offs, aligned
+    return entry
 
 
-def scalar_table(rows, device) -> torch.Tensor:
+_TABLES = OrderedDict()    # key -> (device table, pinned staging or None, event or None)
+
+
+def scalar_table(rows, device, key=None) -> torch.Tensor:
     """Per-member fp32 scalars (``len(rows)`` x count) on ``device``; on CUDA staged in pinned
-    memory and copied without blocking the host."""
-    t = torch.tensor(rows, dtype=torch.float32)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    memory and copied without blocking the host.
+
+    With ``key`` (hashable; the caller's identity, e.g. its first output's address) the table
+    is kept and refilled in place on every call with that key: the kernel then sees the same
+    address at every step (what a CUDA-graph replay needs; the host writes the new values into
+    the same pinned staging buffer before the copy). The staging buffer is rewritten only
+    after the previous copy from it has completed (an event recorded after it)."""
+    device = torch.device(device)
+    if key is None:
+        t = torch.tensor(rows, dtype=torch.float32)
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t
+    shape = (len(rows), len(rows[0]) if rows else 0)
+    full = (str(device), shape) + tuple(key)
+    entry = _TABLES.get(full)
+    if entry is None:
+        table = torch.empty(shape, dtype=torch.float32, device=device)
+        staging = torch.empty(shape, dtype=torch.float32, pin_memory=True) \
+            if device.type == "cuda" else None
+        entry = _TABLES[full] = [table, staging, None]
+        if len(_TABLES) > _CACHE_SIZE:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(full)
+    table, staging, event = entry
+    if staging is None:                       # CPU: the table is host memory
+        table.numpy()[...] = rows
+        return table
+    if event is not None:
+        event.synchronize()                   # the previous step's copy, long done
+    staging.numpy()[...] = rows
+    table.copy_(staging, non_blocking=True)
+    entry[2] = torch.cuda.Event()
+    entry[2].record()
+    return table
 
 
 @triton.jit

@@ -84,14 +84,16 @@ def _grouped_backproject_update_kernel(
 
 def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
                                precision: str = "ieee", config=None, residuals=None,
-                               col_scales=None, res_coef=None, skip=None) -> None:
+                               col_scales=None, res_coef=None, skip=None,
+                               prepared=None) -> None:
     """In place on every ``Ws[b]``, in one kernel launch. Lists of left-form tensors, each list
     sharing one shape, dtype and strides; ``coef``, ``pre_scale``, ``post_decay``: one float
     per member (sequences of ``len(Ws)``). With ``residuals`` (m x n each), ``col_scales``
     (n each, fp32, contiguous) and ``res_coef`` (one float per member), the epilogue also
     subtracts ``res_coef[b] * residuals[b] * col_scales[b][None, :]`` before the decay (the
     single kernel's ``residual`` term). ``skip`` (optional 0-dim bool on the device): when True,
-    no W_b is written (read on the device only)."""
+    no W_b is written (read on the device only). ``prepared`` (a bound caller's): {list name:
+    its element offsets} for lists whose layout the caller checked once (not re-checked)."""
     count = len(Ws)
     if count == 0:
         return
@@ -102,8 +104,10 @@ def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
         for i, c in enumerate(col_scales):
             if c.dtype != torch.float32 or c.dim() != 1 or c.stride(0) != 1:
                 raise ValueError(f"col_scales[{i}] must be a contiguous fp32 vector")
+    prepared = prepared or {}
     for name, lst in lists:
-        check_layout(name, lst)
+        if name not in prepared:
+            check_layout(name, lst)
     if count > MAX_GRID_Z:
         raise ValueError(f"a group of {count} matrices exceeds the grid limit {MAX_GRID_Z}: "
                          f"split the group")
@@ -115,14 +119,14 @@ def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
     device = W0.device
     mode = dot_mode(precision, device)
     cfg = config or choose_config(m, n, rank, config_mode(precision, device))
-    rows = [element_offsets(name, lst) for name, lst in lists]
+    rows = [prepared.get(name) or element_offsets(name, lst) for name, lst in lists]
     scalars = [[float(x) for x in coef], [float(x) for x in pre_scale],
                [float(x) for x in post_decay]]
     G0, C0 = (residuals[0], col_scales[0]) if has_res else (W0, W0)
     if has_res:
         scalars.append([float(x) for x in res_coef])
     offs, aligned = offsets_table(rows, [lst[0].element_size() for _, lst in lists], device)
-    scal = scalar_table(scalars, device)
+    scal = scalar_table(scalars, device, key=(W0.data_ptr(), count))   # same address every step
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), count)
     _grouped_backproject_update_kernel[grid](
         W0, P0, N0, offs, scal, G0, C0, skip_flag(skip, device), count, m, n, rank,

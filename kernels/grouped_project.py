@@ -71,7 +71,7 @@ def _sum_rows_kernel(part_ptr, out_ptr, count, BLOCK: tl.constexpr):
 
 
 def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: int = None,
-                    r_sumsq=None, col_sumsq=None):
+                    r_sumsq=None, col_sumsq=None, prepared=None):
     """``Rs[b] = Ps[b]^T @ Gs[b]`` for every b, in one kernel launch (plus, with split-K, one
     reduction and one multi-tensor copy). Lists of left-form tensors; each list shares one
     shape, dtype and strides; the Rs are fp32. ``r_sumsq`` (fp32, one element per member):
@@ -80,12 +80,15 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
     single matrix's anyway) from one multi-tensor norm of the finished Rs. ``col_sumsq``
     (fp32, (count, n), any strides): ``colsum(Gs[b]^2)`` in row b, from the G tiles of the
     same pass, equal to the single kernel's; with split-K the per-slice partials are summed
-    by one torch reduction."""
+    by one torch reduction. ``prepared`` (a bound caller's): {list name: its element
+    offsets} for lists whose layout the caller checked once; those are not re-checked."""
     count = len(Gs)
     if count == 0:
         return
+    prepared = prepared or {}
     for name, lst in (("Gs", Gs), ("Ps", Ps), ("Rs", Rs)):
-        check_layout(name, lst)
+        if name not in prepared:
+            check_layout(name, lst)
     G0, P0, R0 = Gs[0], Ps[0], Rs[0]
     m, n = G0.shape
     rank = P0.shape[1]
@@ -109,14 +112,15 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
         raise ValueError(f"a group of {count} matrices x {split} K-slices exceeds the grid "
                          f"limit {MAX_GRID_Z}: split the group")
     if split == 1:
-        out, r_offs = R0, element_offsets("Rs", Rs)
+        out, r_offs = R0, prepared.get("Rs") or element_offsets("Rs", Rs)
         stride_s, stride_r, stride_n = 0, R0.stride(0), R0.stride(1)
     else:
         out = torch.empty((count, split, rank, n), device=device, dtype=torch.float32)
         r_offs = regular_offsets(count, split * rank * n)
         stride_s, stride_r, stride_n = out.stride()[1:]
     offs, aligned = offsets_table(
-        [element_offsets("Gs", Gs), element_offsets("Ps", Ps), r_offs],
+        [prepared.get("Gs") or element_offsets("Gs", Gs),
+         prepared.get("Ps") or element_offsets("Ps", Ps), r_offs],
         [G0.element_size(), P0.element_size(), 4], device)
     grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N), count * split)
     tile_rsq = has_rsq and split == 1

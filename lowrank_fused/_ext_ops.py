@@ -498,3 +498,63 @@ def nonfinite_flag_cpu(tensors):
                                          [_FLAG_CODES[t.dtype] for t in tensors],
                                          num_threads=torch.get_num_threads())
     return torch.tensor(bool(bad))
+
+
+# -- bound multi-tensor calls: the lists checked and packed once ------------------------------
+
+_MULTI_CHECKS = {
+    "adam_moments_multi": dict(fp32_only=("Rs",), same_dtype=(("Ms", "Vs"),),
+                               outputs=("Ms", "Vs", "Ns")),
+    "adamw_step_multi": dict(same_dtype=(("Ms", "Vs"),), outputs=("Ws", "Ms", "Vs")),
+}
+
+
+class PackedMulti:
+    """A multi-tensor op of the extension bound to fixed lists: checked (``_check_multi``) and
+    packed into the pointer lists of ``_C`` once. ``dynamic`` names the list that changes at
+    every call (the gradients); a call patches its pointers after a cheap check (same dtype,
+    shape and contiguity as the bound ones) instead of re-checking and re-packing everything.
+    The scalars are the implementation's per-tensor lists (``c1``, ``c2``, ...)."""
+
+    def __init__(self, op, backend, lists: dict, dynamic=None):
+        check = _MULTI_CHECKS[op]
+        self.count = _check_multi(op, backend, lists, **check)
+        if self.count == 0:
+            raise ValueError(f"{op}: a bound call needs at least one tensor")
+        names = list(lists)
+        self.op, self.backend, self.names = op, backend, names
+        self.device = lists[names[0]][0].device
+        self.ptrs, self.sizes, self.codes = _pack(tuple(lists.values()))
+        self.stride = len(names)
+        self.slot = names.index(dynamic) if dynamic is not None else None
+        self.like = [(t.shape, t.dtype) for t in lists[dynamic]] if dynamic is not None else None
+        self.lists = lists
+        self.written = [t for name in check["outputs"] for t in lists[name]
+                        if not t.is_inference()]
+        self.fn = getattr(_module(backend), f"{op}_{backend}")
+
+    def __call__(self, dynamic=None, *, skip=None, norms=None, **scalars):
+        if self.slot is not None:
+            if len(dynamic) != self.count or not all(
+                    t.is_contiguous() and (t.shape, t.dtype) == like
+                    for t, like in zip(dynamic, self.like)):
+                lists = dict(self.lists)
+                lists[self.names[self.slot]] = list(dynamic)
+                _check_multi(self.op, self.backend, lists, **_MULTI_CHECKS[self.op])
+                raise ValueError(f"{self.op}: {self.names[self.slot]} must have the dtypes of "
+                                 f"the bound call's")
+            self.ptrs[self.slot::self.stride] = [t.data_ptr() for t in dynamic]
+        kw = dict(scalars, skip=_skip_ptr(self.op, self.backend, skip, self.device), flag=0)
+        if self.op == "adam_moments_multi":
+            _check_aux(self.op, self.backend, "norms", norms, torch.float32, self.count,
+                       self.device)
+            kw["norms"] = norms.data_ptr() if norms is not None else 0
+        if self.backend == "cpu":
+            self.fn(self.ptrs, self.sizes, self.codes, num_threads=torch.get_num_threads(), **kw)
+        else:
+            with torch.cuda.device(self.device):
+                self.fn(self.ptrs, self.sizes, self.codes, device=self.device.index,
+                        stream=torch.cuda.current_stream(self.device).cuda_stream, **kw)
+        torch.autograd.graph.increment_version(self.written)
+        if norms is not None and not norms.is_inference():
+            torch.autograd.graph.increment_version(norms)

@@ -210,6 +210,19 @@ def implementation(op: str, backend: str, device) -> Callable:
     return wrapped
 
 
+def resolve_call(op: str, backend: str, device, *args, **kwargs):
+    """``(backend name, implementation)`` that a call of ``op`` with these arguments runs on
+    ``device``: ``implementation``'s choice with the ``auto`` guard evaluated once, here, for
+    these arguments (a bound call keeps the answer for the tensors it was bound to)."""
+    device = torch.device(device)
+    chosen = choose_backend(backend, device, (op,))
+    if backend == "auto" and chosen != "reference":
+        takes = _AUTO_GUARDS.get((op, chosen))
+        if takes is not None and not takes(*args, **kwargs):
+            chosen = "reference"
+    return chosen, lookup(op, chosen)
+
+
 def _has(op: str, backend: str) -> bool:
     try:
         lookup(op, backend)

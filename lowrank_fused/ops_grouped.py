@@ -218,3 +218,99 @@ def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef,
     impl = implementation("grouped_residual_backproject_update", backend, device)
     impl(Ws, Gs, Ps, Rs, Ns, css, precision=precision, **scalars)
     return Ws
+
+
+# -- bound calls: a fixed group checked once, called every step -----------------------------
+
+def _same_layout(Xs, like) -> bool:
+    """Every X has ``like``'s shape, strides, dtype and device (the cheap check of a call)."""
+    shape, stride, dtype, device = like
+    return all(X.shape == shape and X.stride() == stride and X.dtype == dtype
+               and X.device == device for X in Xs)
+
+
+def _bound_impl(op, backend, device, static: dict):
+    """The implementation of ``op`` and the keywords a bound call adds: for the Triton
+    launchers, the element offsets of the fixed (left-form) lists, checked once here."""
+    from lowrank_fused.dispatch import resolve_call
+
+    chosen, impl = resolve_call(op, backend, device)
+    if chosen != "triton":
+        return impl, {}
+    from lowrank_fused.kernels._grouped import check_layout, element_offsets
+
+    prepared = {}
+    for name, lst in static.items():
+        check_layout(name, lst)
+        prepared[name] = element_offsets(name, lst)
+    return impl, {"prepared": prepared}
+
+
+class BoundGroupedProject:
+    """``grouped_project`` for a fixed group: the bases ``Ps`` and outputs ``Rs`` are checked
+    once, here, with every check of the op, and the implementation is resolved once; a call
+    takes the step's gradients (checked to have the layout of the ones given here, one cheap
+    pass) and the precision. What an optimizer's step engine calls every step."""
+
+    def __init__(self, Gs, Ps, Rs, *, side="left", backend="auto"):
+        ops._check_side(side)
+        lists, count = _lists(Gs=Gs, Ps=Ps, Rs=Rs)
+        if count == 0:
+            raise ValueError("a bound group needs at least one member")
+        Gs, Ps, Rs = lists["Gs"], lists["Ps"], lists["Rs"]
+        shape, rank, device = _check_matrices_and_bases("Gs", Gs, Ps, side)
+        self.shape = ops.low_rank_shape(shape, rank, side)
+        _check_members("Rs", Rs, self.shape, device, "Gs[0]", dtype=torch.float32)
+        _check_disjoint("Rs", Rs)
+        self.side, self.count, self.device = side, count, device
+        self.layout = (Gs[0].shape, Gs[0].stride(), Gs[0].dtype, device)
+        self.Ps, self.Rs = (Ps, Rs) if side == "left" else (
+            [P.t() for P in Ps], [R.t() for R in Rs])
+        self.impl, self.kw = _bound_impl("grouped_project", backend, device,
+                                         {"Ps": self.Ps, "Rs": self.Rs})
+
+    def __call__(self, Gs, *, precision="ieee", r_sumsq=None, sumsq=None):
+        if len(Gs) != self.count or not _same_layout(Gs, self.layout):
+            _lists(Gs=Gs, Ps=self.Ps)
+            _check_members("Gs", Gs, self.layout[0], self.device, "the bound Gs[0]",
+                           dtype=self.layout[2])
+        kw = dict(self.kw, precision=precision)
+        if r_sumsq is not None:
+            ops._check_side_output("r_sumsq", r_sumsq, (self.count,), self.device, "Gs[0]")
+            kw["r_sumsq"] = r_sumsq
+        if sumsq is not None:
+            shape = self.layout[0]
+            length = shape[1] if self.side == "left" else shape[0]
+            ops._check_side_output("sumsq", sumsq, (self.count, length), self.device, "Gs[0]")
+            kw["col_sumsq"] = sumsq
+        self.impl(Gs if self.side == "left" else [G.t() for G in Gs], self.Ps, self.Rs, **kw)
+        return self.Rs if self.side == "left" else [R.t() for R in self.Rs]
+
+
+class BoundGroupedBackprojectUpdate:
+    """``grouped_backproject_update`` for a fixed group (Ws, Ps, Ns checked once, here, with
+    every check of the op); a call takes the step's per-member scalars, the precision and the
+    on-device ``skip`` flag."""
+
+    def __init__(self, Ws, Ps, Ns, *, side="left", backend="auto"):
+        ops._check_side(side)
+        lists, count = _lists(Ws=Ws, Ps=Ps, Ns=Ns)
+        if count == 0:
+            raise ValueError("a bound group needs at least one member")
+        Ws, Ps, Ns = lists["Ws"], lists["Ps"], lists["Ns"]
+        shape, rank, device = _check_matrices_and_bases("Ws", Ws, Ps, side)
+        _check_members("Ns", Ns, ops.low_rank_shape(shape, rank, side), device, "Ws[0]")
+        _check_disjoint("Ws", Ws)
+        self.count, self.device = count, device
+        self.lists = (Ws, Ps, Ns) if side == "left" else tuple(
+            [X.t() for X in lst] for lst in (Ws, Ps, Ns))
+        self.impl, self.kw = _bound_impl("grouped_backproject_update", backend, device,
+                                         dict(zip(("Ws", "Ps", "Ns"), self.lists)))
+
+    def __call__(self, *, coef, pre_scale=1.0, post_decay=0.0, precision="ieee", skip=None):
+        scalars = _finite_scalars(self.count, coef=coef, pre_scale=pre_scale,
+                                  post_decay=post_decay)
+        if skip is not None:
+            ops._check_skip(skip, self.device)
+            scalars["skip"] = skip
+        self.impl(*self.lists, precision=precision, **self.kw, **scalars)

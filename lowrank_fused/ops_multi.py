@@ -150,3 +150,120 @@ def adamw_step_multi(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, step, weight_deca
     impl(lists["Ws"], lists["Gs"], lists["Ms"], lists["Vs"], beta1=b1, beta2=b2, eps=ep,
          nonfinite=nonfinite, **kw)
     return Ws
+
+
+# -- bound calls: fixed lists checked once, called every step ---------------------------------
+
+def _bind(op, backend, device, lists: dict, dynamic=None):
+    """``run(dynamic_list, **scalars)`` for ``op`` on fixed ``lists`` (checked by the caller):
+    the compiled extension's ``PackedMulti`` where the call goes there, else the resolved
+    implementation called with the lists."""
+    from lowrank_fused.dispatch import resolve_call
+
+    chosen, impl = resolve_call(op, backend, device, *lists.values())
+    if chosen in ("cpu", "cuda"):
+        from lowrank_fused import _ext_ops
+
+        # the extension's registered function: its packed fast path (a table entry replaced
+        # by a wrapper, as tests do, is called as it is)
+        if impl is getattr(_ext_ops, f"{op}_{chosen}", None):
+            return _ext_ops.PackedMulti(op, chosen, lists, dynamic)
+    names = list(lists)
+
+    def run(dyn=None, **kw):
+        args = [dyn if name == dynamic else lists[name] for name in names]
+        impl(*args, **kw)
+    return run
+
+
+def _memo_rows(rows, derive):
+    """``[derive(*row) for row in rows]`` with each distinct row derived once."""
+    memo = {}
+    out = []
+    for row in rows:
+        v = memo.get(row)
+        if v is None:
+            v = memo[row] = derive(*row)
+        out.append(v)
+    return out
+
+
+class BoundAdamMomentsMulti:
+    """``adam_moments_multi`` on fixed lists (R, M, V, N): checked and resolved once, here; a
+    call takes one ``(beta1, beta2, eps, step)`` row per tensor and the ``skip`` flag."""
+
+    def __init__(self, Rs, Ms, Vs, Ns, *, eps_mode="hf", backend="auto"):
+        lists = {name: _as_list(name, t)
+                 for name, t in (("Rs", Rs), ("Ms", Ms), ("Vs", Vs), ("Ns", Ns))}
+        self.count, self.device = _check_lists(lists)
+        if self.count == 0:
+            raise ValueError("a bound call needs at least one tensor")
+        if eps_mode not in ("hf", "torch"):
+            raise ValueError(f"eps_mode must be 'hf' or 'torch', got {eps_mode!r}")
+        self.eps_mode = eps_mode
+        self.run = _bind("adam_moments_multi", backend, self.device, lists)
+
+    def _scalars(self, b1, b2, eps, t):
+        if t != int(t):
+            raise ValueError(f"step must be an integer, got {t}")
+        c1, c2 = ops._eps_mode_divisors(self.eps_mode, b1, b2, int(t))
+        return float(b1), float(b2), float(eps), float(c1), float(c2)
+
+    def __call__(self, rows, *, norms=None, skip=None):
+        if len(rows) != self.count:
+            raise ValueError(f"rows must hold one (beta1, beta2, eps, step) per tensor "
+                             f"({self.count}), got {len(rows)}")
+        b1, b2, eps, c1, c2 = (list(x) for x in zip(*_memo_rows(rows, self._scalars)))
+        if skip is not None:
+            ops._check_skip(skip, self.device)
+        self.run(None, beta1=b1, beta2=b2, eps=eps, c1=c1, c2=c2, norms=norms, skip=skip)
+
+
+class BoundAdamWStepMulti:
+    """``adamw_step_multi`` on fixed lists (W, M, V) with the gradients given per call:
+    checked and resolved once, here (the gradients of a call must have the dtypes and shapes
+    of ``G_like``); a call takes one ``(lr, beta1, beta2, eps, weight_decay, step)`` row per
+    tensor and the ``skip`` flag."""
+
+    def __init__(self, Ws, G_like, Ms, Vs, *, eps_mode="torch", wd_mode="pre",
+                 correct_bias=True, backend="auto"):
+        lists = {name: _as_list(name, t)
+                 for name, t in (("Ws", Ws), ("Gs", G_like), ("Ms", Ms), ("Vs", Vs))}
+        self.count, self.device = _check_lists(lists)
+        if self.count == 0:
+            raise ValueError("a bound call needs at least one tensor")
+        self.eps_mode, self.wd_mode, self.correct_bias = eps_mode, wd_mode, bool(correct_bias)
+        self.like = [(G.shape, G.dtype, G.device) for G in lists["Gs"]]
+        self.run = _bind("adamw_step_multi", backend, self.device, lists, dynamic="Gs")
+
+    def _scalars(self, lr, b1, b2, eps, wd, t):
+        if t != int(t):
+            raise ValueError(f"step must be an integer, got {t}")
+        t = int(t)
+        c1, c2 = ops._eps_mode_divisors(self.eps_mode, b1, b2, t)
+        step_size = lr if self.eps_mode == "torch" else ops.hf_step_size(lr, b1, b2, t,
+                                                                         self.correct_bias)
+        pre_scale, post_decay = ops.decay_coefficients(lr, wd, self.wd_mode)
+        out = (float(step_size), float(b1), float(b2), float(eps), float(c1), float(c2),
+               float(pre_scale), float(post_decay))
+        for name, v in zip(("lr", "beta1", "beta2", "eps", "c1", "c2", "pre_scale",
+                            "post_decay"), out):
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v}")
+        return out
+
+    def __call__(self, Gs, rows, *, skip=None):
+        if len(rows) != self.count or len(Gs) != self.count:
+            raise ValueError(f"Gs and rows must hold one entry per tensor ({self.count}), got "
+                             f"{len(Gs)} and {len(rows)}")
+        if not all((G.shape, G.dtype, G.device) == like for G, like in zip(Gs, self.like)):
+            for i, (G, (shape, dtype, device)) in enumerate(zip(Gs, self.like)):
+                ops._check_float(f"Gs[{i}]", G)
+                if (G.shape, G.dtype, G.device) != (shape, dtype, device):
+                    raise ValueError(f"Gs[{i}] ({tuple(G.shape)}, {G.dtype}, {G.device}) differs "
+                                     f"from the bound gradient ({tuple(shape)}, {dtype}, {device})")
+        cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
+        if skip is not None:
+            ops._check_skip(skip, self.device)
+        self.run(Gs, lr=cols[0], beta1=cols[1], beta2=cols[2], eps=cols[3], c1=cols[4],
+                 c2=cols[5], pre_scale=cols[6], post_decay=cols[7], skip=skip)

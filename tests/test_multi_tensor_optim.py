@@ -1,14 +1,15 @@
 """Multi-tensor apply in the optimizers: within ``step()`` the dense AdamW step of every
-non-projected parameter is one ``adamw_step_multi`` call, and GaLoreAdamW with
-``multi_tensor_moments=True`` runs K2 of every projected matrix as one ``adam_moments_multi``.
+non-projected parameter is one ``adamw_step_multi`` call, and GaLoreAdamW (on the step engine)
+runs K2 of every class of projected matrices as one ``adam_moments_multi``.
 
 * The multi-tensor path equals the per-tensor loop (``opt.multi_tensor = False``) bit for bit on
   the reference backend, over 5 steps of every optimizer with dense parameters; on the C++ twin
   (backend "cpu") within fp32 1e-6 relative of the reference.
 * One step makes one multi-tensor call and no per-tensor call; ``backend="triton"`` (no multi
   op) constructs and keeps the per-tensor loop.
-* ``multi_tensor_moments=True`` equals ``False`` bit for bit (reference) over 12 steps that cross
-  two refreshes, with left- and right-projected matrices, fp32 and bf16 parameters.
+* GaLore's engine step equals its per-matrix step (``opt.engine = False``) bit for bit
+  (reference) over 12 steps that cross two refreshes, with left- and right-projected
+  matrices, fp32 and bf16 parameters.
 * Per-layer mode steps each parameter alone and still equals ``opt.step()``.
 """
 import collections
@@ -247,9 +248,22 @@ def test_outside_step_runs_now():
     assert opt.state[p]["step"] == 1 and not torch.equal(p.detach(), torch.ones(4))
 
 
-# -- (c) GaLoreAdamW multi_tensor_moments ----------------------------------------------------------
+# -- (c) GaLoreAdamW: K2 of each matrix class in one multi-tensor call -----------------------------
 
 GAP = 5         # refreshes at counters 0, 5, 10: two after the first within 12 steps
+
+
+def run_engine(engine, **kw):
+    """``run`` with the step engine on (every class's K2 in one multi-tensor call) or off (the
+    per-matrix step)."""
+    net = model(dtype=kw.pop("dtype", torch.float32))
+    opt = build(net, "galore", **kw)
+    opt.engine = engine
+    for t in range(12):
+        backward(net, t)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return net, opt
 
 
 @pytest.mark.parametrize("dtype,faithful", [(torch.float32, False), (torch.bfloat16, False),
@@ -258,51 +272,41 @@ GAP = 5         # refreshes at counters 0, 5, 10: two after the first within 12 
 def test_galore_multi_tensor_moments_equal(dtype, faithful, projector, calls):
     steps = 12
     kw = dict(backend="reference", update_proj_gap=GAP, faithful_dtypes=faithful,
-              projector=projector)
-    a, opt_a = run("galore", multi_tensor_moments=True, steps=steps, dtype=dtype, **kw)
+              projector=projector, dtype=dtype)
+    a, opt_a = run_engine(True, **kw)
     lowrank = [(p, g) for g in opt_a.param_groups for p in g["params"]
                if opt_a._plan(p, g) is not None]
     sides = {projection_side(tuple(p.shape), g["proj_type"]) for p, g in lowrank}
     assert sides == {"left", "right"}, "the model must have wide and tall matrices"
-    assert calls["adam_moments_multi", "reference"] == steps and calls["adam_moments"] == 0
+    classes = len(opt_a._engine_plan.classes)
+    assert classes >= 2
+    assert calls["adam_moments_multi", "reference"] == steps * classes
+    assert calls["adam_moments"] == 0
     calls.clear()
-    b, opt_b = run("galore", multi_tensor_moments=False, steps=steps, dtype=dtype, **kw)
+    b, opt_b = run_engine(False, **kw)
     assert calls["adam_moments_multi"] == 0 and calls["adam_moments"] == steps * len(lowrank)
     assert all(opt_b.state[p]["step"] == steps for g in opt_b.param_groups for p in g["params"]
                if opt_b._plan(p, g) is not None)
-    assert_same(snapshot(a, opt_a), snapshot(b, opt_b), "multi_tensor_moments")
+    assert_same(snapshot(a, opt_a), snapshot(b, opt_b), "engine vs per-matrix")
 
 
 @needs_cpu_ext
 def test_galore_multi_tensor_moments_cpu_twin(monkeypatch, calls):
-    """The twin's adam_moments_multi takes the lists GaLore collects (see
+    """The twin's adam_moments_multi takes the lists of GaLore's classes (see
     test_dense_multi_cpu_twin_in_lowrank_methods for the swap)."""
     for op in ("adamw_step_multi", "adam_moments_multi"):
         monkeypatch.setitem(dispatch._TABLE[op], "reference", dispatch._TABLE[op]["cpu"])
-    a, opt_a = run_fixed_grads("galore", multi_tensor_moments=True, backend="reference",
-                               update_proj_gap=3)
-    assert calls["adam_moments_multi", "cpu"] == STEPS
+    a, opt_a = run_fixed_grads("galore", backend="reference", update_proj_gap=3)
+    assert calls["adam_moments_multi", "cpu"] == STEPS * len(opt_a._engine_plan.classes)
     monkeypatch.undo()
-    b, opt_b = run_fixed_grads("galore", multi_tensor_moments=False, multi=False,
-                               backend="reference", update_proj_gap=3)
+    b, opt_b = run_fixed_grads("galore", multi=False, backend="reference", update_proj_gap=3)
     assert_close_snapshots(snapshot(a, opt_a), snapshot(b, opt_b), what="galore")
 
-
-def test_multi_tensor_moments_is_checked_and_not_state():
-    net = model()
-    with pytest.raises(ValueError, match="multi_tensor_moments"):
-        lf.GaLoreAdamW(net.parameters(), multi_tensor_moments=1)
-    a, opt_a = run("galore", multi_tensor_moments=True, backend="reference", steps=2)
-    sd = opt_a.state_dict()
-    assert "multi_tensor_moments" not in repr(sd)
-    opt_b = optimizer(model(), "galore", backend="reference")
-    opt_b.load_state_dict(sd)
-    assert opt_b.multi_tensor_moments is False
 
 
 # -- (d) per-layer mode ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,kw", [("adamw", {}), ("galore", {"multi_tensor_moments": True}),
+@pytest.mark.parametrize("method,kw", [("adamw", {}), ("galore", {}),
                                        ("ldadam", {})])
 def test_per_layer_steps_per_tensor_and_equals_step(method, kw, calls):
     a, _ = run(method, backend="reference", **kw)

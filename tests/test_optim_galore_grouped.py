@@ -1,7 +1,7 @@
-"""GaLoreAdamW(grouped_gemms=True) (grouped launch): the step between refreshes runs
-K1 and K3 of every matrix class as one grouped launch each; the trajectory equals the
-per-matrix step bit for bit on the CPU (same tiles), across refreshes, both projection sides,
-fp32 and bf16, on the Triton (interpreter) and reference backends; fewer launches."""
+"""GaLoreAdamW on the step engine (grouped launches): every step runs K1 and K3 of every
+matrix class as one grouped launch each; the trajectory equals the per-matrix step
+(``opt.engine = False``) bit for bit on the CPU (same tiles), across refreshes, both
+projection sides, fp32 and bf16, on the Triton (interpreter) and reference backends."""
 import pytest
 import torch
 
@@ -15,8 +15,8 @@ def _run(grouped, backend, dtype, steps=5, **kw):
     model, batch = tiny_lm_task(0)
     model.to(dtype)
     groups = galore_param_groups(model, rank=8, update_proj_gap=2, scale=0.25)
-    opt = GaLoreAdamW(groups, lr=1e-2, weight_decay=0.01, backend=backend,
-                      grouped_gemms=grouped, **kw)
+    opt = GaLoreAdamW(groups, lr=1e-2, weight_decay=0.01, backend=backend, **kw)
+    opt.engine = grouped
     sides = set()
     for _ in range(steps):
         lm_loss(model, batch).backward()
@@ -40,7 +40,9 @@ def test_grouped_equals_per_matrix(backend, dtype):
     assert sides == {"left", "right"}, sides          # both projection sides are exercised
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-    for p, q in zip(opt_a.state, opt_b.state):
+    pa = [p for g in opt_a.param_groups for p in g["params"]]
+    pb = [p for g in opt_b.param_groups for p in g["params"]]
+    for p, q in zip(pa, pb):
         for key in ("exp_avg", "exp_avg_sq", "ortho"):
             if key in opt_a.state[p]:
                 assert torch.equal(opt_a.state[p][key], opt_b.state[q][key]), key
@@ -66,7 +68,7 @@ def test_per_layer_mode_keeps_the_per_matrix_path():
 
     model, batch = tiny_lm_task(0)
     opt = GaLoreAdamW(galore_param_groups(model, rank=8, update_proj_gap=2, scale=0.25),
-                      lr=1e-2, grouped_gemms=True, backend="reference")
+                      lr=1e-2, backend="reference")
     stepper = PerLayerStep(opt)
     ref_model, ref_batch = tiny_lm_task(0)
     ref = GaLoreAdamW(galore_param_groups(ref_model, rank=8, update_proj_gap=2, scale=0.25),
@@ -81,6 +83,7 @@ def test_per_layer_mode_keeps_the_per_matrix_path():
         assert torch.equal(p, q)
 
 
-def test_flag_is_checked():
+def test_removed_grouped_gemms_flag_is_refused():
+    """The grouped path is the only path: the old opt-in keyword is an error, not ignored."""
     with pytest.raises((TypeError, ValueError), match="grouped_gemms"):
         GaLoreAdamW([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms="yes")

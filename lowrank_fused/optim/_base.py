@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from lowrank_fused import ops, ops_multi
+from lowrank_fused import ops, ops_grouped, ops_multi
 from lowrank_fused.dispatch import (CHOICES, AutoBackend, BackendUnavailable, choose_backend,
                                     resolve_backend)
 from lowrank_fused.linalg import _sign_canonical
@@ -188,6 +188,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._resolved = {}
         self._multi_resolved = {}
         self.multi_tensor = True
+        # the step engine (optim/_engine.py); False: every parameter takes the method's own
+        # per-parameter step (what the engine's parity tests compare with). A setting.
+        self.engine = True
+        self._engine_plan = None
+        self._skip_flag = None      # this step's on-device non-finite flag (_defer_nonfinite)
+        self._classes_stale = True
         self._batch = None          # during step(): the batched calls collected so far
         super().__init__(params, defaults)
         for group in self.param_groups:   # fail at construction, not at the first step
@@ -204,6 +210,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()       # a refused group leaves the optimizer as it was
             raise
         self._warn_ignored_keys(self.param_groups[-1], given)
+        self._invalidate_plan()
 
     # -- group keys that would be ignored ---------------------------------------------------
     # OPTIONAL_GROUP_KEYS: keys a group may set beyond ``defaults``; LOWRANK_GROUP_KEYS: keys
@@ -522,21 +529,108 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _validate_step(self):
         """Every group and every gradient checked before anything is written. Returns False
         when the step is to be skipped (a non-finite gradient with ``nonfinite="skip"``)."""
+        self.__dict__.pop("_validated_plan", None)     # set below for this step only
         for group in self.param_groups:
             self._check_group(group)
         grads = []
+        dtypes = self.PARAM_DTYPES
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    self._check_grad(p)
-                    grads.append(p.grad)
-        if self.nonfinite != "ignore" and bool(self._global_flag(grads)):    # one host read
-            if self.nonfinite == "skip":
-                return False
-            self._raise_nonfinite(written="no parameter or state was updated (nonfinite='skip' "
-                                          "skips such steps)")
+                g = p.grad
+                if g is not None:
+                    # the common case in one expression; _check_grad names what is wrong
+                    if (g.shape != p.shape or g.dtype not in dtypes or g.is_sparse
+                            or g.device != p.device):
+                        self._check_grad(p)
+                    grads.append(g)
+        self._skip_flag = None
+        if self.nonfinite != "ignore":
+            if self._defer_nonfinite(grads):   # the flag stays on the device: no host read
+                self._check_grads()
+                return True
+            if bool(self._global_flag(grads)):                      # one host read
+                if self.nonfinite == "skip":
+                    return False
+                self._raise_nonfinite(written="no parameter or state was updated (nonfinite="
+                                              "'skip' skips such steps)")
         self._check_grads()
         return True
+
+    # -- non-finite gradients without a host read (docs/engine.md) --------------------------
+    # A method whose every state-writing op of a steady step takes the on-device ``skip``
+    # flag sets this; the engine then passes the flag instead of reading it
+    DEVICE_SKIP = False
+
+    def _lagged_nonfinite(self, device) -> bool:
+        """Whether the flag is left on the device and read at the next step: the
+        ``lagged_nonfinite`` setting, or by default on CUDA (a read there stalls the host
+        until the GPU has caught up; on the CPU reading it costs nothing)."""
+        lagged = getattr(self, "lagged_nonfinite", None)
+        return device.type == "cuda" if lagged is None else bool(lagged)
+
+    def _defer_nonfinite(self, grads) -> bool:
+        """On a step the engine runs whole with the on-device skip (``DEVICE_SKIP``, no
+        per-parameter fallback, no refresh due), compute the per-tensor non-finite flags on
+        the device, hand the step-wide flag to the ops as ``skip`` and keep a host copy
+        (asynchronous on CUDA) for ``nonfinite_check``. False: the caller reads the flag now."""
+        if not (self.DEVICE_SKIP and self.engine and grads and
+                self._lagged_nonfinite(grads[0].device)):
+            return False
+        if any(is_sharded(g) for g in grads):
+            return False
+        plan = self._validated_plan = self._current_plan()
+        if plan is None or plan.legacy or self._refresh_pending(plan):
+            return False
+        maxima = torch._foreach_norm([g for g in grads if g.numel()], ord=math.inf,
+                                     dtype=torch.float32)
+        bad = ~torch.isfinite(torch.stack(maxima)) if maxima else \
+            torch.zeros(0, dtype=torch.bool, device=grads[0].device)
+        self._skip_flag = bad.any()
+        if bad.is_cuda:
+            host = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = bad, None
+        params = [p for p, _ in self._live]
+        self._pending_nonfinite = (host, event, plan, params, self.step_calls + 1)
+        return True
+
+    def _refresh_pending(self, plan) -> bool:
+        """Hook: True when a routed matrix refreshes on this step (its basis is computed
+        from the gradient, which must then be finite: the flag is read). Default: none."""
+        return False
+
+    def nonfinite_check(self):
+        """Act on the non-finite flag of the last step when it was left on the device (on
+        CUDA, with ``nonfinite`` "raise" or "skip", on steps the engine runs whole): called
+        at the start of every ``step()`` and by ``state_dict()``; call it yourself to learn
+        earlier. When that step had a NaN or Inf gradient, its updates were skipped on the
+        device; here its step counters are rolled back and it is counted in
+        ``skipped_steps``, and with "raise" ``FloatingPointError`` names the parameter and
+        the step. Weights and state are then exactly as before that step."""
+        pending = self.__dict__.pop("_pending_nonfinite", None)
+        if pending is None:
+            return
+        host, event, plan, params, step_number = pending
+        if event is not None:
+            event.synchronize()        # the copy of a step the GPU has long finished
+        bad = host.numpy() if host.numel() else ()
+        hit = next((i for i, b in enumerate(bad) if b), None)
+        if hit is None:
+            return
+        for state in plan.counters:
+            state["step"] -= 1
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+        else:
+            self.step_calls -= 1          # as a step that raised: it did not happen
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradient of {self.param_label(params[hit])} had "
+                f"non-finite entries at step {step_number} (found at the next step() or "
+                f"nonfinite_check()); that step was skipped on the device: no parameter or "
+                f"state was updated")
 
     def _global_flag(self, grads):
         """The non-finite flag of this rank's gradients; with sharded parameters the ranks
@@ -591,6 +685,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        self.nonfinite_check()              # the previous step's flag, when it was left on the device
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -602,19 +697,229 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return loss
         self._before_updates()
         self._batch = {}
-        precision = None   # once per step: every parameter is on the optimizer's one device
         try:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None and p.numel():   # an empty tensor has nothing to do
-                        if precision is None:
-                            precision = self.precision(p.device)
-                        self._step_param(p, group, self._backend_for(group, p), precision)
+            self._engine_step()
             self._run_batches()
         finally:
             self._batch = None
         self._after_updates()
         return loss
+
+    # -- the step engine (optim/_engine.py) -------------------------------------------------
+    def _route(self, p, group):
+        """Hook: the engine route of a parameter (``_engine.DenseRoute``, ``ClassRoute``) or
+        None for the method's own per-parameter step (``_step_param``). Default: None."""
+        return None
+
+    def _invalidate_plan(self):
+        """The structure changed (groups, loaded state, a replaced state tensor): the next
+        step builds a new plan."""
+        self._engine_plan = None
+        self._classes_stale = True
+
+    def _current_plan(self):
+        """The plan of this step (built when the set of parameters with a gradient or the
+        structure changed), or None when no parameter has a gradient."""
+        live = [(p, g) for g in self.param_groups for p in g["params"]
+                if p.grad is not None and p.numel()]   # an empty tensor has nothing to do
+        self._live = live
+        if not live:
+            return None
+        plan = self.__dict__.get("_engine_plan")
+        signature = (self.engine, self.multi_tensor, tuple(id(p) for p, _ in live),
+                     tuple(tuple(g.get(k) for k in self.LAYOUT_KEYS) for g in self.param_groups))
+        if plan is None or plan.signature != signature:
+            plan = self._engine_plan = self._build_routes(live, signature)
+            self._classes_stale = True
+        return plan
+
+    def _engine_step(self):
+        """One step over every parameter with a gradient, by the plan."""
+        plan = self.__dict__.pop("_validated_plan", None) or self._current_plan()
+        if plan is None:
+            return
+        precision = self.precision(self._live[0][0].device)  # every parameter is on one device
+        for p, group in plan.legacy:
+            self._step_param(p, group, self._backend_for(group, p), precision)
+        if plan.routed:
+            if self._refresh_classes(plan.routed) or self._classes_stale:
+                self._build_classes(plan)
+            for cls in plan.classes.values():
+                self._class_step(cls, precision)
+        for dense in plan.dense.values():
+            self._dense_set_step(dense)
+
+    def _build_routes(self, live, signature):
+        from lowrank_fused.optim import _engine
+
+        plan = _engine.Plan(signature=signature)
+        for p, group in live:
+            route = None if is_sharded(p) or not self.engine else self._route(p, group)
+            if route is None:
+                plan.legacy.append((p, group))
+            elif isinstance(route, _engine.DenseRoute):
+                self._add_dense(plan, p, group, route)
+            else:
+                if p.dim() != 2:
+                    try:                      # a 2-D view must exist (no copy-back per step)
+                        p.view(route.shape)
+                    except RuntimeError:
+                        plan.legacy.append((p, group))
+                        continue
+                plan.routed.append((p, group, route, self.state[p]))
+        return plan
+
+    def _add_dense(self, plan, p, group, route):
+        from lowrank_fused.optim import _engine
+
+        backend = self._backend_for(group, p)
+        state = self.state[p]
+        if "exp_avg" not in state:
+            if not route.global_step:
+                state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
+                                                memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        M, V = state["exp_avg"], state["exp_avg_sq"]
+        where = self._multi_where("adamw_step", backend, (p, p.grad, M, V)) \
+            if self.multi_tensor else None
+        key = (route, str(backend), p.device, where)
+        dense = plan.dense.get(key)
+        if dense is None:
+            dense = plan.dense[key] = _engine.DenseSet(route=route, backend=backend, where=where)
+        dense.params.append(p)
+        dense.groups.append(group)
+        dense.states.append(state)
+        dense.Ws.append(p)
+        dense.Ms.append(M)
+        dense.Vs.append(V)
+
+    def _dense_step_number(self):
+        """The global counter's next value for ``DenseRoute(global_step=True)``."""
+        raise NotImplementedError
+
+    def _dense_set_step(self, dense):
+        """The dense AdamW step of one set: one ``adamw_step_multi`` call (or one
+        ``adamw_step`` per tensor where no multi-tensor op takes them), then the counters."""
+        from lowrank_fused.optim._engine import per_member
+
+        route = dense.route
+        Gs = [p.grad for p in dense.params]
+        if route.global_step:
+            ts = [self._dense_step_number()] * len(Gs)
+        else:
+            ts = [st["step"] + 1 for st in dense.states]
+        hyper = per_member(dense.groups, lambda g: (
+            g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]))
+        if dense.where is not None:
+            if dense.bound is None:
+                dense.bound = ops_multi.BoundAdamWStepMulti(
+                    dense.Ws, Gs, dense.Ms, dense.Vs, eps_mode=route.eps_mode,
+                    wd_mode=route.wd_mode, correct_bias=route.correct_bias,
+                    backend=dense.backend)
+            dense.bound(Gs, [h + (t,) for h, t in zip(hyper, ts)], skip=self._skip_flag)
+        else:
+            lrs, b1s, b2s, epss, wds = zip(*hyper)
+            for W, G, M, V, lr, b1, b2, e, wd, t in zip(dense.Ws, Gs, dense.Ms, dense.Vs,
+                                                        lrs, b1s, b2s, epss, wds, ts):
+                ops.adamw_step(W, G, M, V, lr=lr, beta1=b1, beta2=b2, eps=e, step=t,
+                               weight_decay=wd, eps_mode=route.eps_mode,
+                               wd_mode=route.wd_mode, correct_bias=route.correct_bias,
+                               backend=dense.backend, skip=self._skip_flag)
+        if not route.global_step:
+            for st, t in zip(dense.states, ts):
+                st["step"] = t
+
+    def _refresh_classes(self, routed) -> bool:
+        """Hook: the refreshes due on this step for the class members ``routed`` ((p, group,
+        route, state) entries), run before the classes step; True when a state tensor was replaced
+        (the classes are then rebuilt)."""
+        raise NotImplementedError
+
+    def _build_classes(self, plan):
+        """The classes of the routed matrices: members grouped by (route, dtypes, strides,
+        backend), each class's tensor lists, and workspace views for R and N."""
+        from lowrank_fused import ops as _ops
+        from lowrank_fused.optim import _engine
+
+        classes = {}
+        for p, group, route, state in plan.routed:
+            backend = self._backend_for(group, p)
+            W = p if p.dim() == 2 else p.view(route.shape)
+            P = state[self.BASIS_KEY]
+            M = state["exp_avg"]
+            key = (route, W.dtype, P.dtype, M.dtype, W.stride(), P.stride(), str(backend),
+                   id(backend)) + self._class_key_extra(p, group, state)
+            cls = classes.get(key)
+            if cls is None:
+                cls = classes[key] = _engine.MatrixClass(key=key, route=route, backend=backend)
+            cls.members.append(_engine.Member(p=p, group=group, state=state, W=W))
+            cls.Ws.append(W)
+            cls.Ps.append(P)
+        workspace = self.__dict__.setdefault("_workspace", _engine.Workspace())
+        need = {}
+        for cls in classes.values():
+            low = _ops.low_rank_shape(cls.route.shape, cls.route.rank, cls.route.side)
+            count = len(cls.members)
+            for dtype in {torch.float32, cls.key[3]}:
+                k = (dtype, cls.Ws[0].device)
+                need[k] = max(need.get(k, 0), math.prod(low) * count * (
+                    2 if dtype == torch.float32 == cls.key[3] else 1))
+        for (dtype, device), numel in need.items():
+            workspace.reserve(dtype, device, numel)
+        for cls in classes.values():
+            low = _ops.low_rank_shape(cls.route.shape, cls.route.rank, cls.route.side)
+            count = len(cls.members)
+            device = cls.Ws[0].device
+            if cls.key[3] == torch.float32:      # R and N from one fp32 buffer, disjoint
+                both = workspace.views(torch.float32, device, low, 2 * count)
+                cls.Rs, cls.Ns = both[:count], both[count:]
+            else:
+                cls.Rs = workspace.views(torch.float32, device, low, count)
+                cls.Ns = workspace.views(cls.key[3], device, low, count)
+            self._class_lists(cls)
+        plan.classes = classes
+        self._classes_stale = False
+
+    BASIS_KEY = "ortho"
+
+    def _class_key_extra(self, p, group, state) -> tuple:
+        """Hook: what else separates classes for the method (default nothing)."""
+        return ()
+
+    def _class_lists(self, cls):
+        """Hook: the method's own per-class lists (``cls.extra``) at plan time."""
+
+    def _class_step(self, cls, precision):
+        """Hook: one class's step (K1, the middle, K3)."""
+        raise NotImplementedError
+
+    # what a method's _class_step calls for the class-wide GEMMs
+    def _class_grads(self, cls):
+        """The members' gradients as 2-D matrices (views)."""
+        shape = cls.route.shape
+        return [m.p.grad if m.p.dim() == 2 else m.p.grad.reshape(shape) for m in cls.members]
+
+    def _class_project(self, cls, Gs, precision, **side_outputs):
+        """K1 of every member into the class's R workspace (one grouped launch; the call is
+        checked and resolved once per plan)."""
+        k1 = cls.extra.get("k1")
+        if k1 is None:
+            k1 = cls.extra["k1"] = ops_grouped.BoundGroupedProject(
+                Gs, cls.Ps, cls.Rs, side=cls.route.side, backend=cls.backend)
+        k1(Gs, precision=precision, **side_outputs)
+        return cls.Rs
+
+    def _class_update(self, cls, coefs, post_decays, precision, pre_scales=1.0):
+        """K3 of every member from the class's N workspace: ``W = W*pre_scale; W -= coef *
+        back(N); W -= post_decay*W`` (one grouped launch), skipped on the device with the
+        step's non-finite flag."""
+        k3 = cls.extra.get("k3")
+        if k3 is None:
+            k3 = cls.extra["k3"] = ops_grouped.BoundGroupedBackprojectUpdate(
+                cls.Ws, cls.Ps, cls.Ns, side=cls.route.side, backend=cls.backend)
+        k3(coef=coefs, pre_scale=pre_scales, post_decay=post_decays, precision=precision,
+           skip=self._skip_flag)
 
     # -- per-layer mode (lowrank_fused.per_layer) -------------------------------------------
     def _per_layer_defers(self) -> bool:
@@ -684,6 +989,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """torch's state dict plus what identifies it: the optimizer class and the shapes of
         its parameters, so a checkpoint cannot load silently into another method or model.
         Plain data only (tensors, numbers, strings): ``torch.load(weights_only=True)`` works."""
+        self.nonfinite_check()          # a step skipped on the device: its counters back
         sd = super().state_dict()
         sd[_CHECKPOINT_KEY] = {
             "optimizer": type(self).__name__,
@@ -756,6 +1062,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         self._resolved = {}
         self._multi_resolved = {}
+        self._invalidate_plan()
         self._after_load()
 
     def _after_load(self):

@@ -20,6 +20,7 @@ and in per-layer mode, which step each parameter alone (``LowRankOptimizer``).
 from __future__ import annotations
 
 from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
+from lowrank_fused.optim._engine import DenseRoute
 
 _TORCH_DEFAULTS = dict(eps=1e-8, weight_decay=1e-2)
 _HF_DEFAULTS = dict(eps=1e-6, weight_decay=0.0)
@@ -84,6 +85,12 @@ class AdamW(LowRankOptimizer):
 
     def _ops_needed(self, group, p):
         return ("adamw_step",)
+
+    DEVICE_SKIP = True      # the dense multi-tensor step takes the on-device skip flag
+
+    def _route(self, p, group):
+        return DenseRoute("hf" if self.hf else "torch", "post" if self.hf else "pre",
+                          group["correct_bias"])
 
     def _step_param(self, p, group, backend, precision):
         self._dense_adamw_step(p, group, backend, eps_mode="hf" if self.hf else "torch",

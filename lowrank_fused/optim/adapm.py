@@ -302,6 +302,8 @@ class AdaPM(LowRankOptimizer):
 
     # -- the step ---------------------------------------------------------------------------
     def _check_grads(self):
+        if self.nonfinite != "ignore":       # covered by the step's flag
+            return
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and self._factorises_now(p, group):

@@ -40,6 +40,7 @@ from lowrank_fused.dispatch import implementation
 from lowrank_fused.linalg import RefreshFallbackWarning, canonical_svd_basis, fallback_basis
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import check_bool, check_number
+from lowrank_fused.optim._engine import DenseRoute
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
 from lowrank_fused.subspace import randomized_svd
 
@@ -187,6 +188,7 @@ class _SubspaceAdamW(GaLoreAdamW):
     step with a method-specific basis update, the norm-growth limiter and moment transport."""
 
     SUPPORTS_SHARDED = False
+    DEVICE_SKIP = False     # the projected step is still per matrix
 
     def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
                  backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision,
@@ -195,6 +197,7 @@ class _SubspaceAdamW(GaLoreAdamW):
         # (set before the base constructor, which checks the groups)
         self._family = dict(family)
         self.capacity_buffers = check_bool("capacity_buffers", capacity_buffers)
+        self.grouped_gemms = check_bool("grouped_gemms", projector.pop("grouped_gemms", False))
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          correct_bias=correct_bias, backend=backend, nonfinite=nonfinite,
                          faithful_dtypes=faithful_dtypes, sign_canon=sign_canon,
@@ -229,6 +232,12 @@ class _SubspaceAdamW(GaLoreAdamW):
         return ("project", "adam_moments", "moment_transport")
 
     # -- the optimizer step -----------------------------------------------------------------
+    def _route(self, p, group):
+        """Dense parameters on the engine's dense sets; projected ones keep the per-matrix
+        step."""
+        route = super()._route(p, group)
+        return route if isinstance(route, DenseRoute) else None
+
     def _managed(self, group):
         """(param, plan) of a group's projected matrices."""
         if "rank" not in group:
@@ -237,6 +246,8 @@ class _SubspaceAdamW(GaLoreAdamW):
                 for plan in [self._plan(p, group)] if plan is not None]
 
     def _check_grads(self):
+        if self.nonfinite != "ignore":       # covered by the step's flag
+            return
         for group in self.param_groups:
             for p, plan in self._managed(group):
                 if p.grad is not None and self._basis_reads_grad(p, group):

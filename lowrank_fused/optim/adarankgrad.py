@@ -36,6 +36,7 @@ from lowrank_fused.dispatch import lookup
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import (LowRankOptimizer, check_bool, check_choice, check_int,
                                        check_number)
+from lowrank_fused.optim._engine import DenseRoute
 from lowrank_fused.reference.iass_select import IASS_MODES
 
 EXIT_RULES = ("relative", "absolute")
@@ -245,6 +246,10 @@ class AdaRankGrad(LowRankOptimizer):
             self._dense_step(p, group, backend)
         else:
             self._lowrank_step(p, group, plan, backend, precision)
+
+    def _route(self, p, group):
+        """Dense parameters on the engine's dense sets; projected ones per matrix."""
+        return DenseRoute("torch", "pre") if self._plan(p, group) is None else None
 
     def _dense_step(self, p, group, backend):
         """torch AdamW: E-torch, WD-pre (docs/methods/adamw.md)."""

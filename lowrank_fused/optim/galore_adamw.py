@@ -10,7 +10,6 @@ the weight update and decay in the GEMM epilogue: no m x n temporary per step).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -18,8 +17,9 @@ import torch
 from lowrank_fused import ops, ops_grouped, ops_multi
 from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
-from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_number,
-                                       is_sharded)
+from lowrank_fused.dispatch import BackendUnavailable, choose_backend
+from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number, is_sharded
+from lowrank_fused.optim._engine import ClassRoute, DenseRoute, per_member
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized")
@@ -76,32 +76,12 @@ class GaLoreAdamW(LowRankOptimizer):
             with ``proj_oversample`` (default 8) extra columns and ``proj_power_iters``
             (default 2) power iterations, CholeskyQR2, small SVD; all same-shape layers that
             refresh on a step are stacked into one batched call). Also a group key.
-        multi_tensor_moments: run K2 (the low-rank Adam moments, docs/methods/galore.md)
-            of every projected matrix in one ``ops_multi.adam_moments_multi`` call per step
-            (one CUDA launch on the ``cuda`` backend, which ``auto`` picks for it on a GPU;
-            one OpenMP loop on ``cpu``) instead of one ``adam_moments`` per matrix (default
-            False). The step then runs in three phases: the refresh (when due) and K1 of every
-            matrix in parameter order, one K2 over all of them, then K3 of every matrix. The
-            result is that of the per-matrix step (bit for bit on the reference backend), but
-            the step holds every matrix's projected gradient R (fp32) and normalised step N
-            (state dtype) at once instead of one matrix's at a time: at the peak two r x n (or
-            m x r) buffers per projected matrix, ``8 * r * n`` bytes with fp32 state (R and N
-            cannot share memory: the compiled kernels take inputs and outputs as non-aliasing
-            pointers). Per-layer mode, ``backend="triton"`` (no multi-tensor op)
-            and tensors the compiled kernels do not take (float16 state) keep the per-matrix
-            K2. A setting, not state: checkpoints do not record it.
-        grouped_gemms: run K1 and K3 of all projected matrices of one class (shape, rank,
-            side, dtypes, layout: a LLaMA has a handful) as one grouped launch each
-            (``ops_grouped.grouped_project`` / ``grouped_backproject_update``, Triton: a
-            member axis on the single kernels' grid, per-matrix lr/decay/bias-correction
-            scalars from a small table), with K2 of the class as one ``adam_moments_multi``
-            where the backend has it (default False). Between refreshes a LLaMA step then
-            launches a few kernels per class instead of three per matrix. Equal bit for bit to
-            the per-matrix step on the CPU (the same tiles; on a GPU K1 may split K
-            differently for small matrices: rounding). Like ``multi_tensor_moments`` it holds
-            each class's R and N at once (opt-in for that memory). Refreshes, per-layer mode
-            and FSDP2-sharded parameters keep the per-matrix path for the refresh itself /
-            the whole step respectively. A setting, not state.
+
+    The step runs on the engine (docs/engine.md): the matrices of one class (side, rank,
+    shape, dtypes, layout: a LLaMA has a handful) take one grouped K1, one multi-tensor K2 and
+    one grouped K3 per step, through workspaces planned once; the dense parameters take one
+    multi-tensor AdamW call. The result equals the per-matrix step bit for bit on the CPU
+    (``opt.engine = False`` runs that; FSDP2 shards and per-layer mode always do).
 
     A rank group's matrix gets the dense HF AdamW step instead when it is not 2-D after
     flattening trailing dimensions, or when ``rank >= min(m, n)`` (the size guard of
@@ -119,14 +99,11 @@ class GaLoreAdamW(LowRankOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, no_deprecation_warning=True, *, backend="auto", nonfinite="raise",
                  faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 projector="svd", proj_oversample=8, proj_power_iters=2,
-                 multi_tensor_moments=False, grouped_gemms=False):
+                 projector="svd", proj_oversample=8, proj_power_iters=2):
         check_number("lr", lr, low=0.0)
         check_betas(betas)
         check_number("eps", eps, low=0.0)
         check_number("weight_decay", weight_decay, low=0.0)
-        self.multi_tensor_moments = check_bool("multi_tensor_moments", multi_tensor_moments)
-        self.grouped_gemms = check_bool("grouped_gemms", grouped_gemms)
         if projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {projector!r}")
         self._default_projector = (projector, proj_oversample, proj_power_iters)
@@ -200,6 +177,8 @@ class GaLoreAdamW(LowRankOptimizer):
         parameter of the step is touched (between refreshes it would only reach the moments,
         as in galore_torch). With ``nonfinite`` "raise" or "skip" the step's check has
         already covered every gradient."""
+        if self.nonfinite != "ignore":       # covered by the step's flag
+            return
         for group in self.param_groups:
             for p in group["params"]:
                 if (p.grad is not None and self._plan(p, group) is not None
@@ -237,7 +216,110 @@ class GaLoreAdamW(LowRankOptimizer):
                            and self._refresh_due(p, group) for p in group["params"])
                    for group in self.param_groups)
 
-    # -- the step -------------------------------------------------------------------------
+    # -- the step: routes for the engine (optim/_engine.py) --------------------------------
+    def _route(self, p, group):
+        plan = self._plan(p, group)
+        if plan is None:
+            return DenseRoute("hf", "post", bool(group["correct_bias"]))
+        if not self._grouped_available(group, p):
+            return None
+        side, rank, shape = plan
+        return ClassRoute(side, rank, shape)
+
+    # every state-writing op of the engine's steady step takes the on-device skip flag
+    DEVICE_SKIP = True
+
+    def _refresh_pending(self, plan) -> bool:
+        for _, group, _, st in plan.routed:
+            if "ortho" not in st or st.get("step", 0) % group["update_proj_gap"] == 0:
+                return True
+        return False
+
+    def _grouped_available(self, group, p) -> bool:
+        """Whether the parameter's backend runs the grouped K1/K3 (every backend but the
+        compiled-extension ones, which have no GEMMs)."""
+        backend = self._backend_for(group, p)
+
+        def resolve():
+            try:
+                return choose_backend("auto" if backend == "auto" else str(backend), p.device,
+                                      self.GROUPED_OPS)
+            except BackendUnavailable:
+                return None
+
+        return self._resolved_once(("grouped", str(backend), p.device), resolve) is not None
+
+    def _refresh_classes(self, routed) -> bool:
+        """The refreshes due on this step (counter before increment divisible by
+        ``update_proj_gap``, or no basis yet): the new basis is written into the stored one
+        (same shape: the plan's tensors stay), or stored, with zero moments, the first time."""
+        replaced = False
+        for p, group, route, state in routed:
+            k = state.get("step", 0)
+            basis = state.get("ortho")
+            if basis is not None and k % group["update_proj_gap"]:
+                continue
+            G = p.grad if p.dim() == 2 else p.grad.reshape(route.shape)
+            P_new = self._pending_bases.pop(p, None)
+            if P_new is None:
+                P_new = canonical_svd_basis(G, route.rank, route.side, self.sign_canon,
+                                            label=self.param_label(p), previous=basis)
+            P_new = P_new.to(self._state_dtype(p))
+            if basis is not None and basis.shape == P_new.shape and basis.dtype == P_new.dtype:
+                basis.copy_(P_new)
+                continue
+            state["ortho"] = P_new
+            if "exp_avg" not in state:
+                low = ops.low_rank_shape(route.shape, route.rank, route.side)
+                state["exp_avg"] = torch.zeros(low, dtype=self._state_dtype(p),
+                                               device=p.device)
+                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                state.setdefault("step", 0)
+            replaced = True
+        return replaced
+
+    def _class_lists(self, cls):
+        cls.extra["Ms"] = [m.state["exp_avg"] for m in cls.members]
+        cls.extra["Vs"] = [m.state["exp_avg_sq"] for m in cls.members]
+        cls.extra["where"] = self._multi_where("adam_moments", cls.backend,
+                                               cls.Rs + cls.extra["Ms"] + cls.extra["Vs"]
+                                               + cls.Ns) if self.multi_tensor else None
+
+    def _class_step(self, cls, precision):
+        """One class: K1 of every member (one grouped launch), K2 (one multi-tensor call
+        where the backend has it, else per matrix), K3 (one grouped launch)."""
+        ts = []
+        for m in cls.members:
+            t = m.state["step"] + 1
+            m.state["step"] = t
+            ts.append(t)
+        groups = [m.group for m in cls.members]
+        skip = self._skip_flag        # K1 writes only the workspace: it needs no skip
+        Rs = self._class_project(cls, self._class_grads(cls), precision)
+        hyper = per_member(groups, lambda g: (g["betas"][0], g["betas"][1], g["eps"]))
+        Ms, Vs = cls.extra["Ms"], cls.extra["Vs"]
+        where = cls.extra["where"]
+        if where is not None:
+            k2 = cls.extra.get("k2")
+            if k2 is None:
+                k2 = cls.extra["k2"] = ops_multi.BoundAdamMomentsMulti(
+                    Rs, Ms, Vs, cls.Ns, eps_mode="hf", backend=where)
+            k2([h + (t,) for h, t in zip(hyper, ts)], skip=skip)
+        else:
+            for R, M, V, N, (a, b, e), t in zip(Rs, Ms, Vs, cls.Ns, hyper, ts):
+                ops.adam_moments(R, M, V, N, beta1=a, beta2=b, eps=e, step=t, eps_mode="hf",
+                                 backend=cls.backend, skip=skip)
+        memo = {}
+        coefs, posts = [], []
+        for g, t in zip(groups, ts):
+            c = memo.get((id(g), t))
+            if c is None:
+                c = memo[(id(g), t)] = self._k3_coefficients(g, t)
+            coefs.append(c[0])
+            posts.append(c[1])
+        self._class_update(cls, coefs, posts, precision)
+
+    # -- the per-parameter step (FSDP2 shards, per-layer mode, copied views) ----------------
     def _step_param(self, p, group, backend, precision):
         plan = self._plan(p, group)
         if plan is None:
@@ -265,18 +347,6 @@ class GaLoreAdamW(LowRankOptimizer):
                                             previous=state.get("ortho"))
             state["ortho"] = P_new.to(self._state_dtype(p))
         P = state["ortho"]
-        if self.grouped_gemms and not is_sharded(p):
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros(ops.low_rank_shape(tuple(W.shape), rank, side),
-                                               dtype=self._state_dtype(p), device=p.device)
-                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-            batch = self._grouped_batch(backend, side, precision, W, G, P,
-                                        state["exp_avg"].dtype)
-            if batch is not None:                      # K1, K2, K3 of the class at the end
-                state["step"] = k + 1
-                batch.append((W, G, P, state["exp_avg"], state["exp_avg_sq"], group, k + 1,
-                              write_back))
-                return
         R = ops.project(G, P, side=side, precision=precision, backend=backend)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros(R.shape, dtype=self._state_dtype(p), device=p.device)
@@ -286,16 +356,9 @@ class GaLoreAdamW(LowRankOptimizer):
         beta1, beta2 = group["betas"]
         M, V = state["exp_avg"], state["exp_avg_sq"]
         N = torch.empty_like(M)
-        update = functools.partial(self._galore_update, W, P, N, group, side, t, write_back,
-                                   backend, precision)
-        if self.multi_tensor_moments:
-            batch = self._batch_for("adam_moments", backend, (R, M, V, N), self._flush_moments)
-            if batch is not None:                      # K2 and K3 after every matrix's K1
-                batch.append((R, M, V, N, beta1, beta2, group["eps"], t, update))
-                return
         ops.adam_moments(R, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
                          eps_mode="hf", backend=backend)
-        update()
+        self._galore_update(W, P, N, group, side, t, write_back, backend, precision)
 
     def _galore_update(self, W, P, N, group, side, t, write_back, backend, precision):
         """K3 (docs/methods/galore.md): ``W -= lr*sqrt(bc2)/bc1 * scale * back(N)``,
@@ -313,43 +376,3 @@ class GaLoreAdamW(LowRankOptimizer):
         step_size = ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"])
         _, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "post")
         return step_size * group["scale"], post_decay
-
-    def _flush_moments(self, backend, items):
-        """``multi_tensor_moments``: K2 of every collected matrix in one
-        ``adam_moments_multi`` call, then K3 of each in parameter order (each R is released
-        after K2, each N after its K3)."""
-        Rs, Ms, Vs, Ns, b1s, b2s, epss, steps, updates = (list(x) for x in zip(*items))
-        items.clear()
-        ops_multi.adam_moments_multi(Rs, Ms, Vs, Ns, beta1=b1s, beta2=b2s, eps=epss, step=steps,
-                                     eps_mode="hf", backend=backend)
-        del Rs, Ms, Vs, Ns
-        updates.reverse()
-        while updates:
-            updates.pop()()
-
-    def _flush_grouped(self, backend, side, precision, items):
-        """``grouped_gemms``: one class's K1 (one launch), K2 (one multi-tensor call where the
-        backend has it, else per matrix), K3 (one launch), then the write-backs."""
-        Ws, Gs, Ps, Ms, Vs, groups, ts, wbs = (list(x) for x in zip(*items))
-        items.clear()
-        Rs = ops_grouped.grouped_project(Gs, Ps, side=side, precision=precision,
-                                         backend=backend)
-        Ns = [torch.empty_like(M) for M in Ms]
-        b1 = [g["betas"][0] for g in groups]
-        b2 = [g["betas"][1] for g in groups]
-        eps = [g["eps"] for g in groups]
-        where = self._multi_where("adam_moments", backend, Rs + Ms + Vs + Ns)
-        if where is not None:
-            ops_multi.adam_moments_multi(Rs, Ms, Vs, Ns, beta1=b1, beta2=b2, eps=eps, step=ts,
-                                         eps_mode="hf", backend=where)
-        else:
-            for R, M, V, N, a, b, e, t in zip(Rs, Ms, Vs, Ns, b1, b2, eps, ts):
-                ops.adam_moments(R, M, V, N, beta1=a, beta2=b, eps=e, step=t, eps_mode="hf",
-                                 backend=backend)
-        del Rs
-        coef, post = zip(*(self._k3_coefficients(g, t) for g, t in zip(groups, ts)))
-        ops_grouped.grouped_backproject_update(Ws, Ps, Ns, side=side, coef=list(coef),
-                                               post_decay=list(post), precision=precision,
-                                               backend=backend)
-        for write_back, W in zip(wbs, Ws):
-            write_back(W)

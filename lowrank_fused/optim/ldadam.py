@@ -35,6 +35,7 @@ from lowrank_fused import ops, ops_grouped
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
+from lowrank_fused.optim._engine import DenseRoute
 from lowrank_fused.optim._base import (LowRankNotEnabledWarning, LowRankOptimizer, check_betas,
                                        check_number, is_sharded)
 
@@ -294,6 +295,16 @@ class LDAdamW(LowRankOptimizer):
             self._dense_step(p, group, backend)
         else:
             self._ldadam_step(p, group, plan, backend, precision)
+
+    def _route(self, p, group):
+        """Dense parameters on the engine's dense sets (the global counter's bias
+        correction); projected ones per matrix."""
+        if self._plan(p, group) is None:
+            return DenseRoute("torch", "pre", global_step=True)
+        return None
+
+    def _dense_step_number(self):
+        return self.completed_steps + 1
 
     def _dense_step(self, p, group, backend):
         """torch AdamW with the global counter's bias correction (ldadamw.py#L131-L161)."""

@@ -1,0 +1,116 @@
+"""Bound calls (what the step engine calls every step): a grouped or multi-tensor op bound to
+fixed lists is checked and resolved once, then called with the step's values. Each equals the
+unbound op bit for bit on every backend here (reference, Triton under the interpreter, the
+compiled CPU twin), on fresh gradients per call (new tensors, as ``zero_grad(set_to_none=True)``
+gives), both projection sides, fp32 and bf16; a call whose gradients do not match the bound
+layout raises naming them; ``skip`` keeps every written tensor."""
+import pytest
+import torch
+
+from lowrank_fused import ops_grouped, ops_multi
+from lowrank_fused.dispatch import AutoBackend, available
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MULTI_BACKENDS = [b for b in ("reference", "cpu") if available(b, "cpu")] + ["auto"]   # no Triton multi op
+GEMM_BACKENDS = [b for b in ("reference", "triton") if available(b, "cpu")] + ["auto"]
+
+
+def _backend(name):
+    return AutoBackend("cpu") if name == "auto" else name
+
+
+def _group(count, m, n, r, side, dtype, gen):
+    P = [torch.linalg.qr(torch.randn(m, r, generator=gen))[0] if side == "left"
+         else torch.linalg.qr(torch.randn(n, r, generator=gen))[0].t().contiguous()
+         for _ in range(count)]
+    W = [torch.randn(m, n, generator=gen).to(dtype) for _ in range(count)]
+    low = (r, n) if side == "left" else (m, r)
+    return W, P, low
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bound_grouped_k1_k3_equal_the_ops(backend, side, dtype):
+    gen = torch.Generator().manual_seed(7)
+    m, n, r, count = (13, 21, 4, 3) if side == "left" else (21, 13, 4, 3)
+    W, P, low = _group(count, m, n, r, side, dtype, gen)
+    Rs = [torch.full(low, float("nan")) for _ in range(count)]
+    Ns = [torch.randn(low, generator=gen) for _ in range(count)]
+    W_ref = [w.clone() for w in W]
+    be = _backend(backend)
+    k1 = k3 = None
+    for step in range(2):                  # fresh gradients every call
+        Gs = [torch.randn(m, n, generator=gen).to(dtype) for _ in range(count)]
+        if k1 is None:
+            k1 = ops_grouped.BoundGroupedProject(Gs, P, Rs, side=side, backend=be)
+            k3 = ops_grouped.BoundGroupedBackprojectUpdate(W, P, Ns, side=side, backend=be)
+        k1(Gs, precision="ieee")
+        want = ops_grouped.grouped_project(Gs, P, side=side, backend=be)
+        for a, b in zip(Rs, want):
+            assert torch.equal(a, b)
+        coef = [0.1 * (i + 1) + step for i in range(count)]
+        k3(coef=coef, post_decay=[0.01] * count, precision="ieee")
+        ops_grouped.grouped_backproject_update(W_ref, P, Ns, side=side, coef=coef,
+                                               post_decay=[0.01] * count, backend=be)
+        for a, b in zip(W, W_ref):
+            assert torch.equal(a, b)
+    before = [w.clone() for w in W]
+    k3(coef=[1.0] * count, precision="ieee", skip=torch.ones((), dtype=torch.bool))
+    assert all(torch.equal(a, b) for a, b in zip(W, before))
+    bad = [torch.randn(n, m, generator=gen).to(dtype) for _ in range(count)]
+    with pytest.raises(ValueError, match="Gs"):
+        k1(bad, precision="ieee")
+
+
+@pytest.mark.parametrize("backend", MULTI_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bound_adamw_multi_equals_the_op(backend, dtype):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 7), (11,), (3, 2, 4)]
+    Ws = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    Ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    Vs = [torch.rand(s, generator=gen) * 0.1 for s in shapes]
+    ref = [[t.clone() for t in lst] for lst in (Ws, Ms, Vs)]
+    be = _backend(backend)
+    bound = None
+    for t in (1, 2, 3):
+        Gs = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        rows = [(1e-2 * (i + 1), 0.9, 0.999, 1e-8, 0.01, t) for i in range(len(shapes))]
+        if bound is None:
+            bound = ops_multi.BoundAdamWStepMulti(Ws, Gs, Ms, Vs, eps_mode="torch",
+                                                  wd_mode="pre", backend=be)
+        bound(Gs, rows)
+        ops_multi.adamw_step_multi(*ref[:1], Gs, *ref[1:], lr=[r[0] for r in rows],
+                                   beta1=0.9, beta2=0.999, eps=1e-8, step=t,
+                                   weight_decay=0.01, eps_mode="torch", wd_mode="pre",
+                                   backend=be)
+        for got, want in zip(Ws + Ms + Vs, ref[0] + ref[1] + ref[2]):
+            assert torch.equal(got, want)
+    before = [x.clone() for x in Ws + Ms + Vs]
+    bound(Gs, rows, skip=torch.ones((), dtype=torch.bool))
+    assert all(torch.equal(a, b) for a, b in zip(Ws + Ms + Vs, before))
+    with pytest.raises((TypeError, ValueError), match="Gs"):
+        bound([g.double() for g in Gs], rows)
+
+
+@pytest.mark.parametrize("backend", MULTI_BACKENDS)
+def test_bound_adam_moments_multi_equals_the_op(backend):
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(4, 9), (6, 4), (4, 9)]
+    Rs = [torch.randn(s, generator=gen) for s in shapes]
+    Ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    Vs = [torch.rand(s, generator=gen) * 0.1 for s in shapes]
+    Ns = [torch.full(s, float("nan")) for s in shapes]
+    ref = [[t.clone() for t in lst] for lst in (Ms, Vs, Ns)]
+    be = _backend(backend)
+    bound = ops_multi.BoundAdamMomentsMulti(Rs, Ms, Vs, Ns, eps_mode="hf", backend=be)
+    for t in (1, 2):
+        bound([(0.9, 0.999, 1e-6, t)] * 3)
+        ops_multi.adam_moments_multi(Rs, *ref, beta1=0.9, beta2=0.999, eps=1e-6, step=t,
+                                     eps_mode="hf", backend=be)
+        for got, want in zip(Ms + Vs + Ns, ref[0] + ref[1] + ref[2]):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="rows"):
+        bound([(0.9, 0.999, 1e-6, 3)] * 2)

@@ -1,0 +1,180 @@
+"""The step engine (lowrank_fused/optim/_engine.py, docs/engine.md).
+
+* A steady step launches the same kernels on the same tensors every time: every Triton launch
+  and every call into the compiled extension is recorded (the kernels run for real) and two
+  steady steps give the same kernels with the same tensor addresses, a few per matrix class.
+* A steady step allocates O(classes) small tensors, not O(parameters).
+* With the flag left on the device (``lagged_nonfinite``, the default on CUDA), a step with a
+  NaN/Inf gradient makes no host read, is skipped on the device, and the next ``step()`` (or
+  ``nonfinite_check()``) rolls its counters back: weights and every state value bit-identical
+  to before it; "raise" then names the parameter and the step.
+* A refresh step reads the flag at once (its SVD needs a finite gradient).
+"""
+import collections
+
+import pytest
+import torch
+
+from lowrank_fused import _ext
+from lowrank_fused.testing.trace import AllocationTrace, HostReads
+
+from _methods import assert_same, backward, model, optimizer, snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ENGINE_METHODS = ("galore", "adamw")
+STEADY = {"galore": dict(update_proj_gap=50), "adamw": {}}
+
+
+class LaunchRecorder:
+    """Records (kernel, tensor addresses) of every Triton launch and extension call."""
+
+    def __init__(self, monkeypatch, stub=False):
+        import triton.runtime.interpreter as interp
+
+        self.log = []
+        real_run = interp.InterpretedFunction.run
+        log = self.log
+
+        def run(fn, *args, **kwargs):
+            ptrs = tuple(a.data_ptr() for a in list(args) + list(kwargs.values())
+                         if torch.is_tensor(a))
+            log.append(("triton:" + fn.fn.__name__, ptrs))
+            if not stub:        # stubbed: the interpreter's own copies are not counted
+                return real_run(fn, *args, **kwargs)
+
+        monkeypatch.setattr(interp.InterpretedFunction, "run", run)
+        real = _ext.load()
+        if real is None:
+            return
+
+        class Recorded:
+            def __getattr__(self, name):
+                attr = getattr(real, name)
+                if not callable(attr) or name in ("build_info", "cpu_isa", "has_cuda"):
+                    return attr
+
+                def call(*args, **kwargs):
+                    ptrs = tuple(tuple(a) for a in args if isinstance(a, (list, tuple)))
+                    log.append(("ext:" + name, ptrs))
+                    return attr(*args, **kwargs)
+                return call
+
+        monkeypatch.setattr(_ext, "_module", Recorded())
+        monkeypatch.setattr(_ext, "_tried", True)
+
+
+def _steady(method, **kw):
+    """A model whose gradients stay in the same tensors (zero_grad without set_to_none), the
+    optimizer past its first refresh."""
+    net = model()
+    opt = optimizer(net, method, **{**STEADY[method], **kw})
+    for t in range(3):
+        backward(net, t)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    return net, opt
+
+
+@pytest.mark.parametrize("method", ENGINE_METHODS)
+def test_steady_steps_launch_the_same_kernels_on_the_same_tensors(method, monkeypatch):
+    net, opt = _steady(method)         # auto: Triton GEMMs, the twin's multi-tensor ops
+    recorder = LaunchRecorder(monkeypatch)
+    steps = []
+    for t in range(3, 5):
+        backward(net, t)
+        recorder.log.clear()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        steps.append(list(recorder.log))
+    assert steps[0], "nothing was recorded"
+    assert steps[0] == steps[1], "a steady step changed its kernels or their tensors"
+    plan = opt._engine_plan
+    units = len(plan.classes) + len(plan.dense)
+    kernels = collections.Counter(name for name, _ in steps[0])
+    # a handful per class: K1, K2, K3 (+ a split-K reduction) and one dense call per set
+    assert sum(kernels.values()) <= 4 * units + 2, kernels
+    assert not plan.legacy
+
+
+@pytest.mark.parametrize("method", ENGINE_METHODS)
+def test_steady_step_allocates_per_class_not_per_parameter(method, monkeypatch):
+    net, opt = _steady(method)
+    backward(net, 3)
+    LaunchRecorder(monkeypatch, stub=True)
+    trace = AllocationTrace()
+    with trace:
+        opt.step()
+    plan = opt._engine_plan
+    params = sum(len(g["params"]) for g in opt.param_groups)
+    units = len(plan.classes) + len(plan.dense)
+    assert params > 2 * units
+    assert len(trace.sizes) <= 4 * units + 8, trace.sizes
+
+
+def _poison(net, name, value=float("nan")):
+    p = dict(net.named_parameters())[name]
+    p.grad.view(-1)[3] = value
+
+
+NAMES = {"lowrank": "model.layers.0.mlp.down_proj.weight", "dense": "model.embed_tokens.weight"}
+
+
+@pytest.mark.parametrize("method", ENGINE_METHODS)
+@pytest.mark.parametrize("which", ["lowrank", "dense"])
+def test_device_skip_without_host_read_rolls_back(method, which):
+    net, opt = _steady(method, nonfinite="skip")
+    opt.lagged_nonfinite = True
+    before = snapshot(net, opt)
+    backward(net, 3)
+    _poison(net, NAMES[which])
+    reads = HostReads()
+    with reads:
+        opt.step()
+    assert sum(reads.count.values()) == 0, dict(reads.count)
+    opt.nonfinite_check()
+    assert opt.skipped_steps == 1
+    assert_same(before, snapshot(net, opt), f"{method}: skipped on the device")
+    # the run goes on as if that batch had never come
+    opt.zero_grad(set_to_none=False)
+    backward(net, 4)
+    opt.step()
+    ref_net, ref = _steady(method, nonfinite="skip")
+    ref.zero_grad(set_to_none=False)
+    backward(ref_net, 4)
+    ref.step()
+    assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"{method}: after the skip")
+
+
+@pytest.mark.parametrize("method", ENGINE_METHODS)
+def test_device_skip_raise_names_parameter_and_step_at_the_next_step(method):
+    net, opt = _steady(method)
+    opt.lagged_nonfinite = True
+    before = snapshot(net, opt)
+    backward(net, 3)
+    _poison(net, NAMES["lowrank"], float("inf"))
+    opt.step()                                  # no read: the flag stays on the device
+    opt.zero_grad(set_to_none=False)
+    backward(net, 4)
+    with pytest.raises(FloatingPointError, match=rf"'{NAMES['lowrank']}'.*at step 4"):
+        opt.step()
+    assert_same(before, snapshot(net, opt), f"{method}: raise")
+    assert opt.step_calls == 3 and opt.skipped_steps == 0
+    opt.step()                                  # the flag was consumed: the run goes on
+    assert opt.step_calls == 4
+
+
+def test_refresh_step_reads_the_flag_at_once():
+    net, opt = _steady("galore", nonfinite="skip", update_proj_gap=4)   # refresh at counter 4
+    opt.lagged_nonfinite = True
+    backward(net, 3)
+    opt.step()
+    before = snapshot(net, opt)
+    backward(net, 4)
+    _poison(net, NAMES["lowrank"])
+    reads = HostReads()
+    with reads:
+        opt.step()
+    assert sum(reads.count.values()) >= 1
+    assert opt.skipped_steps == 1
+    assert_same(before, snapshot(net, opt), "refresh step skipped at once")
