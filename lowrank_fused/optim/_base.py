@@ -847,7 +847,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             backend = self._backend_for(group, p)
             W = p if p.dim() == 2 else p.view(route.shape)
             P = state[self.BASIS_KEY]
-            M = state["exp_avg"]
+            M = state[self.MOMENT_KEY]
             key = (route, W.dtype, P.dtype, M.dtype, W.stride(), P.stride(), str(backend),
                    id(backend)) + self._class_key_extra(p, group, state)
             cls = classes.get(key)
@@ -882,6 +882,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._classes_stale = False
 
     BASIS_KEY = "ortho"
+    MOMENT_KEY = "exp_avg"   # the state tensor whose dtype is the N workspace's
 
     def _class_key_extra(self, p, group, state) -> tuple:
         """Hook: what else separates classes for the method (default nothing)."""
