@@ -128,13 +128,15 @@ def stubbed_launches():
         _ext_ops.nonfinite_flag_cpu = real_flag
 
 
-def build(method, seed=0, **overrides):
-    """The 24-layer model, fixed gradients, and the method's optimizer (its defaults)."""
+def build(method, seed=0, layers=None, **overrides):
+    """The 24-layer model (``layers`` overrides the count), fixed gradients, and the method's
+    optimizer (its defaults)."""
     import lowrank_fused as lf
     from lowrank_fused.models import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    net = LlamaForCausalLM(LlamaConfig(**LAYOUT))
+    cfg = dict(LAYOUT, **({} if layers is None else {"num_hidden_layers": layers}))
+    net = LlamaForCausalLM(LlamaConfig(**cfg))
     gen = torch.Generator().manual_seed(seed + 1)
     for p in net.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * 1e-2
@@ -183,48 +185,57 @@ def host_reads_and_allocations(opt):
     return dict(reads.count), len(allocs.sizes)
 
 
-def measure(methods, steps, warm, log=print, overrides=None):
+def measure(methods, steps, warm, log=print, overrides=None, layers=None):
     overrides = overrides or {}
     rows = []
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)        # host time: one thread, no pool wake-ups in the timing
-    with stubbed_launches() as launches:
-        _, base = build("torch_fused_adamw")
-        for _ in range(warm):
-            base.step()
-        for method in methods:
-            net, opt = build(method, **overrides.get(method, {}))
-            t0 = time.perf_counter()
-            with launches.real():
-                for _ in range(warm):
-                    opt.step()
-            log(f"{method}: {warm} warm-up steps with real kernels in "
-                f"{time.perf_counter() - t0:.1f} s")
-            launches.count.clear()
-            opt.step()
-            per_step = dict(launches.count)
-            reads, allocs = host_reads_and_allocations(opt)
-            ours, theirs = [], []
-            for _ in range(steps):                 # alternate: the same load for both
-                t0 = time.perf_counter()
-                opt.step()
-                t1 = time.perf_counter()
-                base.step()
-                t2 = time.perf_counter()
-                ours.append((t1 - t0) * 1e6)
-                theirs.append((t2 - t1) * 1e6)
-            tensors, projected = count_matrices(opt)
-            row = dict(method=method, host_us=statistics.median(ours),
-                       torch_fused_adamw_us=statistics.median(theirs),
-                       launches=sum(per_step.values()), launches_by_kernel=per_step,
-                       host_reads=sum(reads.values()), host_reads_by_op=reads,
-                       allocations=allocs, tensors=tensors, projected=projected,
-                       overrides=overrides.get(method, {}))
-            row["x_torch_fused_adamw"] = row["host_us"] / row["torch_fused_adamw_us"]
-            rows.append(row)
-            log(f"{method:16s} {row['host_us']:10.0f} us  {row['x_torch_fused_adamw']:6.1f}x "
-                f"torch fused AdamW ({row['torch_fused_adamw_us']:.0f} us)  launches "
-                f"{row['launches']:5d}  host reads {row['host_reads']}  allocations {allocs}")
+    try:
+        with stubbed_launches() as launches:
+            _measure(methods, steps, warm, log, overrides, layers, launches, rows)
+    finally:
+        torch.set_num_threads(threads)
     return rows
+
+
+def _measure(methods, steps, warm, log, overrides, layers, launches, rows):
+    """``measure``'s loop, inside the stubs: the baseline, then each method in turn."""
+    _, base = build("torch_fused_adamw", layers=layers)
+    for _ in range(warm):
+        base.step()
+    for method in methods:
+        net, opt = build(method, layers=layers, **overrides.get(method, {}))
+        t0 = time.perf_counter()
+        with launches.real():
+            for _ in range(warm):
+                opt.step()
+        log(f"{method}: {warm} warm-up steps with real kernels in "
+            f"{time.perf_counter() - t0:.1f} s")
+        launches.count.clear()
+        opt.step()
+        per_step = dict(launches.count)
+        reads, allocs = host_reads_and_allocations(opt)
+        ours, theirs = [], []
+        for _ in range(steps):                 # alternate: the same load for both
+            t0 = time.perf_counter()
+            opt.step()
+            t1 = time.perf_counter()
+            base.step()
+            t2 = time.perf_counter()
+            ours.append((t1 - t0) * 1e6)
+            theirs.append((t2 - t1) * 1e6)
+        tensors, projected = count_matrices(opt)
+        row = dict(method=method, host_us=statistics.median(ours),
+                   torch_fused_adamw_us=statistics.median(theirs),
+                   launches=sum(per_step.values()), launches_by_kernel=per_step,
+                   host_reads=sum(reads.values()), host_reads_by_op=reads,
+                   allocations=allocs, tensors=tensors, projected=projected,
+                   overrides=overrides.get(method, {}))
+        row["x_torch_fused_adamw"] = row["host_us"] / row["torch_fused_adamw_us"]
+        rows.append(row)
+        log(f"{method:16s} {row['host_us']:10.0f} us  {row['x_torch_fused_adamw']:6.1f}x "
+            f"torch fused AdamW ({row['torch_fused_adamw_us']:.0f} us)  launches "
+            f"{row['launches']:5d}  host reads {row['host_reads']}  allocations {allocs}")
 
 
 def main(argv=None):
@@ -236,14 +247,17 @@ def main(argv=None):
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--label", default="", help="a note stored with the results")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default 24, LLaMA-1B's count)")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     load0 = os.getloadavg()[0]
-    rows = measure(methods, args.steps, args.warm)
-    result = dict(bench="host_step", layout=LAYOUT, rank=RANK, steps=args.steps,
+    rows = measure(methods, args.steps, args.warm, layers=args.layers)
+    layout = dict(LAYOUT, **({} if args.layers is None else {"num_hidden_layers": args.layers}))
+    result = dict(bench="host_step", layout=layout, rank=RANK, steps=args.steps,
                   warm=args.warm, label=args.label, python=sys.version.split()[0],
                   torch=torch.__version__, machine=platform.processor() or platform.machine(),
                   loadavg=[load0, os.getloadavg()[0]], rows=rows)

@@ -114,3 +114,19 @@ def test_bench_multi_tensor_runs_and_writes(tmp_path):
     assert doc["optimizer"] == out["optimizer"]
     if torch.cuda.is_available():
         assert {r["case"] for r in doc["gpu"]["rows"]} >= {"multi-tensor cuda (1 launch)"}
+
+
+def test_bench_host_step_counts_launches_and_reads():
+    """bench.bench_host_step at 2 layers: every row has a host time, the torch baseline and
+    the counts; GaLore's steady step is a few launches per class with the flag left on the
+    device (no host read), AdamW's one multi-tensor call."""
+    from bench import bench_host_step
+
+    rows = bench_host_step.measure(["galore", "adamw"], steps=2, warm=2, layers=2,
+                                   log=lambda *a: None)
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        assert r["host_us"] > 0 and r["torch_fused_adamw_us"] > 0
+        assert r["host_reads"] == 0, r["host_reads_by_op"]
+    assert by["adamw"]["launches"] == 1
+    assert 0 < by["galore"]["launches"] <= 4 * 4
