@@ -30,7 +30,48 @@ _PROVIDERS = {
     "cuda": "lowrank_fused._ext_ops",
     "cpu": "lowrank_fused._ext_ops",
 }
-_TABLE: Dict[str, Dict[str, Callable]] = {}
+_VERSION = [0]      # bumped by every change of the table or the guards: the cache key
+
+
+class _Impls(dict):
+    """One op's {backend: implementation}; a change invalidates ``implementation``'s cache
+    (tests wrap entries with ``monkeypatch.setitem``, which goes through here)."""
+
+    def __setitem__(self, key, value):
+        _VERSION[0] += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        _VERSION[0] += 1
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        _VERSION[0] += 1
+        return super().pop(*args)
+
+
+class _Table(dict):
+    def __missing__(self, op):
+        raise KeyError(op)
+
+    def setdefault(self, op, default=None):
+        if op not in self:
+            _VERSION[0] += 1
+            super().__setitem__(op, _Impls(default or {}))
+        return self[op]
+
+    def __setitem__(self, op, impls):
+        _VERSION[0] += 1
+        super().__setitem__(op, _Impls(impls))
+
+    def pop(self, *args):
+        _VERSION[0] += 1
+        return super().pop(*args)
+
+
+_TABLE: Dict[str, Dict[str, Callable]] = _Table()
+# (op, backend, device, interpreting, version) -> implementation
+_IMPL_CACHE: Dict[tuple, Callable] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -133,6 +174,7 @@ def register_auto_guard(op: str, backend: str):
     def deco(fn):
         _AUTO_GUARDS[(op, backend)] = fn
         _GUARDED.pop((op, backend), None)
+        _VERSION[0] += 1
         return fn
 
     return deco
@@ -191,7 +233,19 @@ def choose_backend(backend: str, device, ops=()) -> str:
 def implementation(op: str, backend: str, device) -> Callable:
     """The implementation of ``op`` that ``backend`` (possibly ``auto``) runs on ``device``.
     Under ``auto``, an implementation with a guard (``register_auto_guard``) comes wrapped:
-    the calls it does not take run the reference."""
+    the calls it does not take run the reference. Resolved once per (op, backend, device)
+    and cached until the table changes (or ``TRITON_INTERPRET`` does)."""
+    key = (op, str(backend), device, interpreting(), _VERSION[0])
+    impl = _IMPL_CACHE.get(key)
+    if impl is None:
+        impl = _IMPL_CACHE[key] = _implementation(op, backend, device)
+        if len(_IMPL_CACHE) > 4096:            # old versions' entries
+            _IMPL_CACHE.clear()
+            _IMPL_CACHE[key] = impl
+    return impl
+
+
+def _implementation(op: str, backend: str, device) -> Callable:
     chosen = choose_backend(backend, device, (op,))
     impl = lookup(op, chosen)
     if backend != "auto" or chosen == "reference" or (op, chosen) not in _AUTO_GUARDS:

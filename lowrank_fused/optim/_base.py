@@ -1064,6 +1064,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._resolved = {}
         self._multi_resolved = {}
         self._invalidate_plan()
+        self.__dict__.pop("_pending_nonfinite", None)   # a flag of the state just replaced
         self._after_load()
 
     def _after_load(self):
