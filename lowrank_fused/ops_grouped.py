@@ -314,3 +314,76 @@ class BoundGroupedBackprojectUpdate:
             ops._check_skip(skip, self.device)
             scalars["skip"] = skip
         self.impl(*self.lists, precision=precision, **self.kw, **scalars)
+
+
+def _stacked(tensors):
+    """A ``(count,) + shape`` view whose slices are ``tensors`` when they are contiguous,
+    consecutive slices of one buffer (the step engine's workspaces), else None."""
+    first = tensors[0]
+    if not first.is_contiguous():
+        return None
+    step = first.numel() * first.element_size()
+    base = first.data_ptr()
+    if any(t.data_ptr() != base + b * step or not t.is_contiguous()
+           or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+           for b, t in enumerate(tensors)):
+        return None
+    return first.as_strided((len(tensors),) + tuple(first.shape),
+                            (first.numel(),) + tuple(first.stride()))
+
+
+class BoundGroupedResidualBackprojectUpdate:
+    """``grouped_residual_backproject_update`` for a fixed group (left form; Ws, Ps, Rs, Ns
+    and col_scales checked once, here, with every check of the op, the implementation resolved
+    once); a call takes the step's gradients ``Gs`` (checked to have the layout of the ones
+    given here, one cheap pass), the per-member scalars and the precision.
+
+    ``scratch=True``: the call may overwrite ``Rs`` and ``Ns`` (the caller's workspaces, dead
+    after the update). The Triton launcher then forms every member's folded factor in place
+    in ``Ns`` with four launches for the whole group instead of four per member, when the
+    members of ``Rs``, ``Ns`` (fp32) and ``col_scales`` are consecutive slices of one buffer
+    each (the step engine's workspaces are); the bits are the same either way."""
+
+    def __init__(self, Ws, Gs, Ps, Rs, Ns, col_scales, *, backend="auto", scratch=False):
+        lists, count = _lists(Ws=Ws, Gs=Gs, Ps=Ps, Rs=Rs, Ns=Ns, col_scales=col_scales)
+        if count == 0:
+            raise ValueError("a bound group needs at least one member")
+        Ws, Gs, Ps, Rs, Ns, css = (lists[k] for k in ("Ws", "Gs", "Ps", "Rs", "Ns",
+                                                      "col_scales"))
+        shape, rank, device = _check_matrices_and_bases("Ws", Ws, Ps, "left")
+        _check_first("Gs", Gs[0])
+        _check_members("Gs", Gs, shape, device, "Ws[0]")
+        low = ops.low_rank_shape(shape, rank, "left")
+        _check_members("Rs", Rs, low, device, "Ws[0]")
+        _check_members("Ns", Ns, low, device, "Ws[0]")
+        ops._check_float("col_scales[0]", css[0])
+        _check_members("col_scales", css, (shape[1],), device, "Ws[0]")
+        _check_disjoint("Ws", Ws)
+        if not isinstance(scratch, bool):
+            raise TypeError(f"scratch must be a bool, got {scratch!r}")
+        self.count, self.device = count, device
+        self.layout = (Gs[0].shape, Gs[0].stride(), Gs[0].dtype, device)
+        self.lists = (Ws, Ps, Rs, Ns, css)
+        static = {"Ws": Ws, "Ps": Ps}
+        stacked = None
+        if scratch and all(X[0].dtype == torch.float32 for X in (Rs, Ns, css)):
+            stacked = tuple(_stacked(X) for X in (Rs, Ns, css))
+            if any(s is None for s in stacked):
+                stacked = None
+            else:
+                static.update(Ns=Ns, col_scales=css)    # the factors are formed in Ns
+        self.impl, self.kw = _bound_impl("grouped_residual_backproject_update", backend,
+                                         device, static)
+        if stacked is not None and "prepared" in self.kw:    # the Triton launcher
+            self.kw["stacked"] = stacked
+
+    def __call__(self, Gs, *, coef, res_coef, pre_scale=1.0, post_decay=0.0,
+                 precision="ieee"):
+        if len(Gs) != self.count or not _same_layout(Gs, self.layout):
+            _lists(Gs=Gs, Ws=self.lists[0])
+            _check_members("Gs", Gs, self.layout[0], self.device, "the bound Gs[0]",
+                           dtype=self.layout[2])
+        scalars = _finite_scalars(self.count, coef=coef, res_coef=res_coef,
+                                  pre_scale=pre_scale, post_decay=post_decay)
+        Ws, Ps, Rs, Ns, css = self.lists
+        self.impl(Ws, Gs, Ps, Rs, Ns, css, precision=precision, **self.kw, **scalars)

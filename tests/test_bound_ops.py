@@ -114,3 +114,57 @@ def test_bound_adam_moments_multi_equals_the_op(backend):
             assert torch.equal(got, want)
     with pytest.raises(ValueError, match="rows"):
         bound([(0.9, 0.999, 1e-6, 3)] * 2)
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+@pytest.mark.parametrize("scratch", [False, True], ids=["keep", "scratch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bound_grouped_residual_update_equals_the_op(backend, scratch, dtype):
+    """AdaMeM's combined update bound to a group (left form; a transposed member list, as
+    AdaMeM passes for tall matrices, in the bf16 case): equal to the unbound op bit for bit
+    over fresh gradients per call; with ``scratch`` the R and N workspaces are consecutive
+    slices of one buffer (the engine's), which the Triton launcher folds in place."""
+    gen = torch.Generator().manual_seed(11)
+    m, n, r, count = 9, 21, 3, 3
+    P = [torch.linalg.qr(torch.randn(m, r, generator=gen))[0] for _ in range(count)]
+    if dtype == torch.float32:
+        W = [torch.randn(m, n, generator=gen) for _ in range(count)]
+    else:                                   # transposed views (strides (1, m))
+        W = [torch.randn(n, m, generator=gen).to(dtype).t() for _ in range(count)]
+    buf = torch.empty(2 * count, r, n)
+    Rs, Ns = list(buf[:count].unbind(0)), list(buf[count:].unbind(0))
+    css = list(torch.empty(count, n).unbind(0))
+    W_ref = [w.clone() for w in W]
+    be = _backend(backend)
+    bound = None
+    for step in range(2):
+        Gs = [torch.randn(m, n, generator=gen).to(dtype) for _ in range(count)]
+        for R, N, cs in zip(Rs, Ns, css):
+            R.copy_(torch.randn(r, n, generator=gen))
+            N.copy_(torch.randn(r, n, generator=gen))
+            cs.copy_(torch.rand(n, generator=gen) + 0.5)
+        R_ref, N_ref = [R.clone() for R in Rs], [N.clone() for N in Ns]
+        cs_ref = [c.clone() for c in css]
+        if bound is None:
+            bound = ops_grouped.BoundGroupedResidualBackprojectUpdate(
+                W, Gs, P, Rs, Ns, css, backend=be, scratch=scratch)
+            if scratch and backend == "triton":
+                assert "stacked" in bound.kw
+        coef = [0.1 * (i + 1) + step for i in range(count)]
+        res = [0.05 * (i + 2) for i in range(count)]
+        bound(Gs, coef=coef, res_coef=res, pre_scale=[0.99] * count, post_decay=0.0,
+              precision="ieee")
+        ops_grouped.grouped_residual_backproject_update(
+            W_ref, Gs, P, R_ref, N_ref, cs_ref, coef=coef, res_coef=res,
+            pre_scale=[0.99] * count, post_decay=0.0, backend=be)
+        for a, b in zip(W, W_ref):
+            assert torch.equal(a, b)
+        assert not torch.equal(W[0], W[1])
+        if not scratch:                     # the inputs are kept
+            assert all(torch.equal(a, b) for a, b in zip(Rs + Ns, R_ref + N_ref))
+    bad = [torch.randn(n, m, generator=gen).to(dtype) for _ in range(count)]
+    with pytest.raises(ValueError, match="Gs"):
+        bound(bad, coef=coef, res_coef=res)
+    with pytest.raises(ValueError, match="Rs"):
+        ops_grouped.BoundGroupedResidualBackprojectUpdate(
+            W, Gs, P, [torch.zeros(r, n + 1)] * count, Ns, css, backend=be)

@@ -716,3 +716,84 @@ def test_fused_step_makes_no_full_size_temporary(device):
         sizes[backend] = trace.at_least(w.numel())
     assert sizes["reference"], "the trace must see the reference's full-size temporaries"
     assert sizes["auto"] == [], f"fused step allocated full-size tensors: {sizes['auto']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the step engine (docs/engine.md): classes of matrices equal the per-matrix step
+
+ENGINE_CASES = [("triton", torch.float32, {}), ("triton", torch.bfloat16, {}),
+                ("reference", torch.float32, {}), ("reference", torch.bfloat16, {}),
+                ("reference", torch.float32, dict(transport_on_refresh=True,
+                                                  v_source="gradient", bias_correction=False)),
+                ("reference", torch.bfloat16, dict(projector="randomized"))]
+
+
+def _engine_run(engine, backend, dtype, steps, flags):
+    g = torch.Generator().manual_seed(3)
+    # two wide and two tall (transposed, side "right") matrices of one shape each, a 3-D
+    # weight (a 2-D view), a second rank group with its own lr, Adafactor parameters
+    shapes = [(12, 20), (12, 20), (20, 12), (20, 12), (4, 3, 5), (16, 24)]
+    mats = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    dense = [torch.nn.Parameter(torch.randn(9, 7, generator=g).to(dtype)),
+             torch.nn.Parameter(torch.randn(5, generator=g).to(dtype))]
+    opt = AdaMeM([dict(params=mats[:5], rank=3), dict(params=mats[5:], rank=4, lr=3e-3),
+                  dict(params=dense)], update_proj_gap=2, backend=backend,
+                 **{**HYPER, **flags})
+    opt.engine = engine
+    params = mats + dense
+    for t in range(steps):
+        for i, p in enumerate(params):
+            p.grad = _grad_like(p, t, i)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("backend,dtype,flags", ENGINE_CASES, ids=str)
+def test_engine_equals_per_matrix_step(backend, dtype, flags, monkeypatch):
+    """The engine's classes (one grouped K1 with every colsum(G^2), the factored moments and
+    residual statistics per member, one grouped combined update) equal the per-matrix step
+    (``opt.engine = False``) bit for bit: weights and every state tensor, over steps crossing
+    the refreshes at t = 1, 3, both orientations, fp32 and bf16 weights; each class takes one
+    grouped K1 and one grouped update per step and no single one."""
+    from lowrank_fused.dispatch import available
+    from _cases import count_calls
+
+    if not available(backend, "cpu"):
+        pytest.skip(f"{backend} unavailable here")
+    steps = 3 if backend == "triton" else 4
+    a, opt_a = _engine_run(False, backend, dtype, steps, flags)
+    calls = count_calls(monkeypatch, ("project", "grouped_project",
+                                      "residual_backproject_update",
+                                      "grouped_residual_backproject_update"), backend=backend)
+    b, opt_b = _engine_run(True, backend, dtype, steps, flags)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for p, q in zip(a, b):
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert sa.keys() == sb.keys()
+        for key, v in sa.items():
+            assert torch.equal(v, sb[key]) if torch.is_tensor(v) else v == sb[key], key
+    plan = opt_b._engine_plan
+    assert {cls.route.side for cls in plan.classes.values()} == {"left", "right"}
+    assert len(plan.classes) == 4                           # (12, 20), (20, 12), 3-D, rank 4
+    assert [p for p, _ in plan.legacy] == b[-2:]             # the Adafactor parameters
+    assert calls.get("project", 0) == calls.get("residual_backproject_update", 0) == 0
+    assert calls["grouped_project"] == calls["grouped_residual_backproject_update"] \
+        == steps * len(plan.classes)
+
+
+def test_engine_keeps_the_explicit_form_and_adafactor_per_parameter():
+    """``residual_form="explicit"`` and the Adafactor parameters take the per-parameter step;
+    a rank changed mid-run is refused on the engine as on the per-matrix step."""
+    a, opt_a = _engine_run(False, "reference", torch.float32, 2,
+                           dict(residual_form="explicit"))
+    b, opt_b = _engine_run(True, "reference", torch.float32, 2,
+                           dict(residual_form="explicit"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not opt_b._engine_plan.classes and not opt_b._engine_plan.routed
+    _, opt = _engine_run(True, "reference", torch.float32, 1, {})
+    opt.param_groups[0]["rank"] = 2
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="rank changed"):
+        opt.step()

@@ -36,8 +36,10 @@ from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
 from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim.galore_adamw import checked_bases
+from lowrank_fused.dispatch import BackendUnavailable, choose_backend
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_choice,
                                        check_int, check_number)
+from lowrank_fused.optim._engine import ClassRoute
 
 V_SOURCES = ("momentum", "gradient")
 RESIDUAL_FORMS = ("identity", "explicit")
@@ -73,14 +75,15 @@ class AdaMeM(LowRankOptimizer):
             op has a Triton implementation (the residual's column statistics:
             ``kernels/residual_col_stats.py``), so ``backend="triton"`` runs the whole step
             fused; a backend lacking an op raises ``BackendUnavailable`` at construction.
-        grouped_gemms: run K1 (with its ``colsum(G^2)`` side output) and the combined update
-            (K3 with the residual term) of the matrices of one class (canonical shape, rank,
-            dtypes, layout) as one grouped launch each (``lowrank_fused.ops_grouped``), the
-            factored moments and the residual's column statistics per matrix in between;
-            bit-identical to the per-matrix step on the CPU. The refresh (SVD, transport)
-            stays per matrix. ``residual_form="explicit"`` keeps the per-matrix step (its
-            statistics re-read G against P and R per matrix anyway). Opt-in: the step then
-            holds every class's R, N1 and colsum at once.
+
+    The step runs on the engine (docs/engine.md): the low-rank matrices of one class
+    (canonical shape, rank, dtypes, layout) take one grouped K1 with every ``colsum(G^2)``,
+    the factored moments and the residual's column statistics per matrix, and one grouped
+    combined update (K3 with the residual term) per step, through workspaces planned once.
+    The result equals the per-matrix step bit for bit on the CPU (``opt.engine = False``
+    runs that; so do per-layer mode, ``residual_form="explicit"``, whose statistics re-read G
+    against P and R per matrix, and the Adafactor parameters). The refresh (SVD, transport)
+    runs per matrix before the classes step.
 
     The refreshed basis is the fp32 SVD basis re-orthonormalised by a float64 QR (``_basis``):
     a design choice that keeps Claim 3.1 at fp32 rounding level.
@@ -97,9 +100,8 @@ class AdaMeM(LowRankOptimizer):
                  weight_decay=0.01, delta=1.0, update_proj_gap=200, *, v_source="momentum",
                  transport_on_refresh=False, bias_correction=True, residual_form="identity",
                  backend="auto", nonfinite="raise", sign_canon=True, matmul_precision=None, projector="svd",
-                 proj_oversample=8, proj_power_iters=2, grouped_gemms=False):
+                 proj_oversample=8, proj_power_iters=2):
         self._pending_bases = {}
-        self.grouped_gemms = check_bool("grouped_gemms", grouped_gemms)
         defaults = dict(lr=lr, betas=betas, eps=eps, eps1=eps1, weight_decay=weight_decay,
                         delta=delta, update_proj_gap=update_proj_gap, v_source=v_source,
                         transport_on_refresh=transport_on_refresh,
@@ -146,7 +148,7 @@ class AdaMeM(LowRankOptimizer):
             return None
         return group["rank"], shape, shape[0] > shape[1]
 
-    # the grouped ops the grouped step needs (the dispatcher's availability check)
+    # the grouped ops the engine's class step needs (the dispatcher's availability check)
     GROUPED_OPS = ("grouped_project", "grouped_residual_backproject_update")
 
     # -- the step -------------------------------------------------------------------------
@@ -158,7 +160,15 @@ class AdaMeM(LowRankOptimizer):
 
     def _step_param(self, p, group, backend, precision):
         plan = self._plan(p, group)
-        state = self.state[p]
+        self._check_path(self.state[p], plan)
+        if plan is None:
+            self._adafactor_step(p, group, backend)
+        else:
+            self._adamem_step(p, group, plan, backend, precision)
+
+    @staticmethod
+    def _check_path(state, plan):
+        """The state fits the path the parameter takes now (its group's rank may change)."""
         low_rank_state = "P" in state
         dense_state = "row" in state or "v" in state
         if (plan is None and low_rank_state) or (plan is not None and dense_state):
@@ -168,10 +178,6 @@ class AdaMeM(LowRankOptimizer):
         if plan is not None and low_rank_state and state["P"].shape[1] != plan[0]:
             raise ValueError(f"rank changed from {state['P'].shape[1]} to {plan[0]} mid-run; "
                              "AdaMeM keeps a fixed rank per matrix")
-        if plan is None:
-            self._adafactor_step(p, group, backend)
-        else:
-            self._adamem_step(p, group, plan, backend, precision)
 
     def _adafactor_step(self, p, group, backend):
         """AdaMeM's Adafactor for non-low-rank parameters (docs/methods/adamem.md, Routing)."""
@@ -261,92 +267,181 @@ class AdaMeM(LowRankOptimizer):
                                     previous=self.state[p].get("P") if p is not None else None)
         return orth(P.double()).float()
 
+    def _refresh(self, p, state, group, Gc, rank, backend):
+        """Update line 2 (docs/methods/adamem.md): a new basis at t = 1, T + 1, 2T + 1, ...,
+        written into the stored one (the moments rotated with ``transport_on_refresh``), or
+        stored with zero moments and statistics the first time; True when a state tensor was
+        replaced. Everything that can fail (the SVD of a non-finite gradient) runs before any
+        state is touched."""
+        P_new = self._basis(Gc, rank, p)
+        P_old = state.get("P")
+        if group["transport_on_refresh"] and P_old is not None:
+            transport = lookup("moment_transport", backend)
+            M_new, row_new = transport(P_new, P_old, state["M"], state["a_row"].unsqueeze(1))
+            state["M"].copy_(M_new)
+            state["a_row"].copy_(row_new.squeeze(1))
+        if P_old is not None and P_old.shape == P_new.shape and P_old.dtype == P_new.dtype:
+            P_old.copy_(P_new)
+            return False
+        state["P"] = P_new
+        if "M" not in state:
+            low, cols = (rank, Gc.shape[1]), Gc.shape[1]
+            dev = Gc.device
+            state["M"] = torch.zeros(low, dtype=torch.float32, device=dev)
+            state["a_row"] = torch.zeros(rank, dtype=torch.float32, device=dev)
+            state["a_col"] = torch.zeros(cols, dtype=torch.float32, device=dev)
+            state["c_os"] = torch.zeros(cols, dtype=torch.float32, device=dev)
+            state.setdefault("step", 0)
+        return True
+
     def _adamem_step(self, p, group, plan, backend, precision):
         rank, shape, transposed = plan
         state = self.state[p]
         W, G, write_back = self._as_matrix(p, shape)
         # canonical left form (docs/conventions.md): k x l with k <= l, as views
         Wc, Gc = (W.t(), G.t()) if transposed else (W, G)
-
-        # update line 2 (docs/methods/adamem.md): refresh at t = 1, T + 1, 2T + 1, ...;
-        # everything that can fail (the SVD of a non-finite gradient) runs before any state is
-        # touched
         if self._refresh_due(state, group):
-            P_new = self._basis(Gc, rank, p)
-            if group["transport_on_refresh"] and "P" in state:
-                transport = lookup("moment_transport", backend)
-                M_new, row_new = transport(P_new, state["P"], state["M"],
-                                           state["a_row"].unsqueeze(1))
-                state["M"] = M_new.contiguous()
-                state["a_row"] = row_new.squeeze(1).contiguous()
-            state["P"] = P_new
+            self._refresh(p, state, group, Gc, rank, backend)
         P = state["P"]
         explicit = group["residual_form"] == "explicit"
-        if self.grouped_gemms and not explicit:
-            batch = self._grouped_batch(backend, "left", precision, Wc, Gc, P)
-            if batch is not None:         # K1, the middle and K3 of the class at the end
-                batch.append((Wc, Gc, P, state, group, lambda W=W, wb=write_back: wb(W)))
-                return
         # line 3; the identity form's colsum(G^2) comes from the same pass over G (K1 side output)
         g_sumsq = None if explicit else torch.empty(Gc.shape[1], dtype=torch.float32,
                                                      device=p.device)
         R = ops.project(Gc, P, side="left", precision=precision, backend=backend, sumsq=g_sumsq)
-        N1, col_scale, coefs = self._low_rank_middle(state, group, Gc, P, R, g_sumsq, backend)
+        t = state["step"] = state.get("step", 0) + 1                  # line 1
+        N1 = torch.empty_like(state["M"])
+        col_scale = torch.empty_like(state["c_os"])
+        moments_kw, stats_kw, coefs = self._scalars(group, t)
+        self._low_rank_middle(lookup("adamem_moments", backend),
+                              lookup("residual_col_stats", backend), state, Gc, P, R, g_sumsq,
+                              N1, col_scale, moments_kw, stats_kw)
         lookup("residual_backproject_update", backend)(                 # lines 8-9
             Wc, Gc, P, R, N1, col_scale, **coefs, precision=precision)
         write_back(W)
 
-    def _low_rank_middle(self, state, group, Gc, P, R, g_sumsq, backend):
-        """Lines 1 and 4-7 of one matrix after its projection R (and colsum(G^2) in the
-        identity form): the step counter, the factored moments (N1) and the residual's column
-        statistics (col_scale); returns those and the combined update's scalars."""
+    def _scalars(self, group, t):
+        """The keywords of step t: the factored moments', the residual statistics' and the
+        combined update's."""
         beta1, beta2 = group["betas"]
-        if "M" not in state:
-            state["M"] = torch.zeros_like(R)
-            state["a_row"] = torch.zeros(R.shape[0], dtype=torch.float32, device=R.device)
-            state["a_col"] = torch.zeros(R.shape[1], dtype=torch.float32, device=R.device)
-            state["c_os"] = torch.zeros(R.shape[1], dtype=torch.float32, device=R.device)
-        t = state.get("step", 0) + 1
-        state["step"] = t                                        # line 1
         c1, c2 = self._coefficients(group, t)
-
-        N1 = torch.empty_like(state["M"])                        # lines 5-6
-        lookup("adamem_moments", backend)(
-            R, state["M"], state["a_row"], state["a_col"], N1, beta1=float(beta1),
-            beta2=float(beta2), eps=float(group["eps"]), eps1=float(group["eps1"]), c1=c1, c2=c2,
-            stats_from_momentum=group["v_source"] == "momentum")
-        col_scale = torch.empty_like(state["c_os"])              # lines 4 and 7
-        lookup("residual_col_stats", backend)(
-            Gc, P, R, state["c_os"], col_scale, beta2=float(beta2), eps1=float(group["eps1"]),
-            eps=float(group["eps"]), c2=c2, explicit=group["residual_form"] == "explicit",
-            g_col_sumsq=g_sumsq)
+        eps, eps1 = float(group["eps"]), float(group["eps1"])
+        moments_kw = dict(beta1=float(beta1), beta2=float(beta2), eps=eps, eps1=eps1, c1=c1,
+                          c2=c2, stats_from_momentum=group["v_source"] == "momentum")
+        stats_kw = dict(beta2=float(beta2), eps1=eps1, eps=eps, c2=c2,
+                        explicit=group["residual_form"] == "explicit")
         lr = float(group["lr"])                                  # lines 8-9
         pre_scale, post_decay = ops.decay_coefficients(lr, group["weight_decay"], "pre")
-        return N1, col_scale, dict(coef=lr, res_coef=lr * float(group["delta"]),
-                                   pre_scale=pre_scale, post_decay=post_decay)
+        return moments_kw, stats_kw, dict(coef=lr, res_coef=lr * float(group["delta"]),
+                                          pre_scale=pre_scale, post_decay=post_decay)
 
-    def _flush_grouped(self, backend, side, precision, items):
-        """``grouped_gemms``: one class's K1 with every ``colsum(G^2)`` (one launch), each
-        matrix's factored moments and residual statistics, the combined update (one launch),
-        then the write-backs."""
-        Ws, Gs, Ps, states, groups, wbs = (list(x) for x in zip(*items))
-        items.clear()
-        g_sumsq = torch.empty((len(Gs), Gs[0].shape[1]), dtype=torch.float32,
-                              device=Gs[0].device)
-        Rs = ops_grouped.grouped_project(Gs, Ps, side="left", precision=precision,
-                                         backend=backend, sumsq=g_sumsq)
-        N1s, col_scales, coefs = [], [], []
-        for b, (G, P, R, state, group) in enumerate(zip(Gs, Ps, Rs, states, groups)):
-            N1, col_scale, c = self._low_rank_middle(state, group, G, P, R, g_sumsq[b], backend)
-            N1s.append(N1)
-            col_scales.append(col_scale)
-            coefs.append(c)
-        ops_grouped.grouped_residual_backproject_update(
-            Ws, Gs, Ps, Rs, N1s, col_scales, precision=precision, backend=backend,
-            **{k: [c[k] for c in coefs] for k in ("coef", "res_coef", "pre_scale",
-                                                   "post_decay")})
-        for write_back in wbs:
-            write_back()
+    @staticmethod
+    def _low_rank_middle(moments, col_stats, state, Gc, P, R, g_sumsq, N1, col_scale,
+                         moments_kw, stats_kw):
+        """Lines 4-7 of one matrix after its projection R (and colsum(G^2) in the identity
+        form): the factored moments into N1 (``moments``: the ``adamem_moments``
+        implementation) and the residual's column statistics into col_scale (``col_stats``:
+        ``residual_col_stats``)."""
+        moments(R, state["M"], state["a_row"], state["a_col"], N1, **moments_kw)  # lines 5-6
+        col_stats(Gc, P, R, state["c_os"], col_scale, g_col_sumsq=g_sumsq,       # lines 4, 7
+                  **stats_kw)
+
+    # -- the step on the engine (optim/_engine.py) ------------------------------------------
+    BASIS_KEY = "P"
+    MOMENT_KEY = "M"
+
+    def _route(self, p, group):
+        """``ClassRoute`` for a low-rank matrix in the identity form (side "right": a tall
+        matrix, run on its transpose), None for the rest (Adafactor, the explicit form)."""
+        plan = self._plan(p, group)
+        if plan is None or group["residual_form"] == "explicit":
+            return None
+        if not self._grouped_available(group, p):
+            return None
+        rank, shape, transposed = plan
+        return ClassRoute("right" if transposed else "left", rank, shape)
+
+    def _grouped_available(self, group, p) -> bool:
+        """Whether the parameter's backend runs the grouped K1 and combined update."""
+        backend = self._backend_for(group, p)
+
+        def resolve():
+            try:
+                return choose_backend("auto" if backend == "auto" else str(backend), p.device,
+                                      self.GROUPED_OPS)
+            except BackendUnavailable:
+                return None
+
+        return self._resolved_once(("grouped", str(backend), p.device), resolve) is not None
+
+    def _refresh_pending(self, plan) -> bool:
+        return any(self._refresh_due(st, group) for _, group, _, st in plan.routed)
+
+    def _refresh_classes(self, routed) -> bool:
+        replaced = False
+        for p, group, route, state in routed:
+            self._check_path(state, (route.rank,))
+            if not self._refresh_due(state, group):
+                continue
+            G = p.grad if p.dim() == 2 else p.grad.reshape(route.shape)
+            Gc = G.t() if route.side == "right" else G
+            replaced |= self._refresh(p, state, group, Gc, route.rank,
+                                      self._backend_for(group, p))
+        return replaced
+
+    def _class_lists(self, cls):
+        """Canonical (left-form) views of the class's weights and workspaces, the members'
+        state, and the class's own colsum(G^2) and column-scale rows (kept with the plan)."""
+        transposed = cls.route.side == "right"
+        rank = cls.route.rank
+        cols = cls.route.shape[0] if transposed else cls.route.shape[1]
+        count = len(cls.members)
+        device = cls.Ws[0].device
+        cls.extra["Wc"] = [W.t() for W in cls.Ws] if transposed else list(cls.Ws)
+        cls.extra["Rc"] = [R.view(rank, cols) for R in cls.Rs]
+        cls.extra["Nc"] = [N.view(rank, cols) for N in cls.Ns]
+        sumsq = torch.empty((count, cols), dtype=torch.float32, device=device)
+        cls.extra["sumsq"] = sumsq
+        cls.extra["sumsq_rows"] = list(sumsq.unbind(0))
+        cls.extra["col_scales"] = list(torch.empty((count, cols), dtype=torch.float32,
+                                                   device=device).unbind(0))
+        cls.extra["impls"] = (lookup("adamem_moments", cls.backend),
+                              lookup("residual_col_stats", cls.backend))
+
+    def _class_step(self, cls, precision):
+        """One class: K1 of every member with its colsum(G^2) (one grouped launch), each
+        member's factored moments and residual statistics, the combined update (one grouped
+        launch)."""
+        ex = cls.extra
+        Gs = self._class_grads(cls)
+        if cls.route.side == "right":
+            Gs = [G.t() for G in Gs]
+        k1 = ex.get("k1")
+        if k1 is None:
+            k1 = ex["k1"] = ops_grouped.BoundGroupedProject(Gs, cls.Ps, ex["Rc"], side="left",
+                                                            backend=cls.backend)
+        k1(Gs, precision=precision, sumsq=ex["sumsq"])
+        moments, col_stats = ex["impls"]
+        memo = {}
+        coefs = []
+        for m, G, P, R, N1, g_sumsq, col_scale in zip(
+                cls.members, Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["sumsq_rows"],
+                ex["col_scales"]):
+            state = m.state
+            t = state["step"] = state["step"] + 1
+            key = (id(m.group), t)
+            scalars = memo.get(key)
+            if scalars is None:
+                scalars = memo[key] = self._scalars(m.group, t)
+            self._low_rank_middle(moments, col_stats, state, G, P, R, g_sumsq, N1, col_scale,
+                                  scalars[0], scalars[1])
+            coefs.append(scalars[2])
+        k3 = ex.get("k3")
+        if k3 is None:
+            k3 = ex["k3"] = ops_grouped.BoundGroupedResidualBackprojectUpdate(
+                ex["Wc"], Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["col_scales"],
+                backend=cls.backend, scratch=True)
+        k3(Gs, precision=precision, **{k: [c[k] for c in coefs] for k in (
+            "coef", "res_coef", "pre_scale", "post_decay")})
 
 
 def adamem_param_groups(model: nn.Module, *, rank: int, all_layers: bool = False,
