@@ -181,21 +181,38 @@ ADAMEM_OPS = ("project", "grouped_project", "residual_backproject_update",
               "grouped_residual_backproject_update")
 
 
+def _run_adamem(engine, backend, dtype, steps, **kw):
+    """``steps`` tiny-LM steps of AdaMeM built by ``make_optimizer`` (rank 8), on the engine
+    or (``engine=False``) the per-matrix step."""
+    from lowrank_fused.routing import make_optimizer
+
+    model, batch = tiny_lm_task(0)
+    model.to(dtype)
+    opt = make_optimizer(model, "adamem", rank=8, lr=1e-2, weight_decay=0.01, backend=backend,
+                         **kw)
+    opt.engine = engine
+    for _ in range(steps):
+        lm_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
 @pytest.mark.parametrize("backend,dtype", [("triton", torch.float32),
                                            ("reference", torch.float32),
                                            ("reference", torch.bfloat16)], ids=str)
-def test_adamem_grouped_equals_per_matrix(backend, dtype, monkeypatch):
-    """AdaMeM's grouped K1 carries every ``colsum(G^2)`` (the residual's statistics) and its
-    grouped K3 the residual term: weights, bases, moments and statistics equal the
-    per-matrix step bit for bit over steps crossing a refresh (t = 1 and 3), for wide and
-    tall (transposed) matrices; each class takes one grouped K1 and K3 per step and no single
-    one (the refresh is an SVD, no K1)."""
+def test_adamem_engine_equals_per_matrix(backend, dtype, monkeypatch):
+    """AdaMeM on the engine: the grouped K1 carries every ``colsum(G^2)`` (the residual's
+    statistics) and the grouped K3 the residual term; weights, bases, moments and statistics
+    equal the per-matrix step (``opt.engine = False``) bit for bit over steps crossing a
+    refresh (t = 1 and 3), for wide and tall (transposed) matrices; each class takes one
+    grouped K1 and K3 per step and no single one (the refresh is an SVD, no K1)."""
     if not available(backend, "cpu"):
         pytest.skip(f"{backend} unavailable here")
     steps = 3
-    a, opt_a, _ = _run_method("adamem", False, backend, dtype, steps, update_proj_gap=2)
+    a, opt_a = _run_adamem(False, backend, dtype, steps, update_proj_gap=2)
     calls = count_calls(monkeypatch, ADAMEM_OPS, backend=backend)
-    b, opt_b, _ = _run_method("adamem", True, backend, dtype, steps, update_proj_gap=2)
+    b, opt_b = _run_adamem(True, backend, dtype, steps, update_proj_gap=2)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     for p, q in zip(opt_a.state, opt_b.state):
@@ -206,17 +223,18 @@ def test_adamem_grouped_equals_per_matrix(backend, dtype, monkeypatch):
     plans = [opt_b._plan(p, g) for g in opt_b.param_groups for p in g["params"]]
     classes = {(shape, transposed) for _, shape, transposed in filter(None, plans)}
     assert {t for _, t in classes} == {False, True}     # wide and tall matrices
+    assert len(opt_b._engine_plan.classes) == len(classes)
     assert calls.get("project", 0) == calls.get("residual_backproject_update", 0) == 0
     assert (calls["grouped_project"] == calls["grouped_residual_backproject_update"]
             == steps * len(classes))
 
 
-def test_adamem_grouped_flag_and_explicit_form(monkeypatch):
-    """The flag is checked; ``residual_form="explicit"`` keeps the per-matrix step."""
+def test_adamem_explicit_form_keeps_the_per_matrix_step(monkeypatch):
+    """``residual_form="explicit"`` keeps the per-matrix step; ``grouped_gemms`` is gone."""
     from lowrank_fused.optim.adamem import AdaMeM
 
-    with pytest.raises(ValueError, match="grouped_gemms"):
-        AdaMeM([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms="yes")
+    with pytest.raises(TypeError, match="grouped_gemms"):
+        AdaMeM([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms=True)
     calls = count_calls(monkeypatch, ADAMEM_OPS, backend="reference")
-    _run_method("adamem", True, "reference", torch.float32, 1, residual_form="explicit")
+    _run_adamem(True, "reference", torch.float32, 1, residual_form="explicit")
     assert calls.get("grouped_project", 0) == 0 and calls["project"] > 0
