@@ -116,35 +116,7 @@ def _run_method(method, grouped, backend, dtype, steps, **kw):
     return [p.detach().clone() for p in model.parameters()], opt, ranks
 
 
-@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32),
-                                           ("reference", torch.float32),
-                                           ("reference", torch.bfloat16)], ids=str)
-def test_adarankgrad_grouped_equals_per_matrix(backend, dtype, monkeypatch):
-    """AdaRankGrad's grouped K1 carries every ``||Ghat||^2`` (the exit rule's norm) as a side
-    output: the exit decisions, rank changes and weights equal the per-matrix step bit for
-    bit; on Triton each class takes one grouped K1 and K3 and no single one."""
-    if not available(backend, "cpu"):
-        pytest.skip(f"{backend} unavailable here")
-    steps = 4 if backend == "triton" else 7
-    kw = dict(t_min=2, t_max=3, eta_th=0.8)
-    a, opt_a, ranks = _run_method("adarankgrad", False, backend, dtype, steps, **kw)
-    calls = count_calls(monkeypatch, backend=backend)
-    b, opt_b, ranks_b = _run_method("adarankgrad", True, backend, dtype, steps, **kw)
-    assert ranks == ranks_b and len(set(ranks)) > 1 and len(set(ranks[-1])) > 1
-    _assert_same(a, opt_a, b, opt_b)
-    for p, q in zip(opt_a.state, opt_b.state):
-        for key in ("z_ema", "z_ref", "j", "t_j", "refresh"):
-            assert opt_a.state[p].get(key) == opt_b.state[q].get(key), key
-    # (single projections remain: IASS's B = Qb^T G at a subspace selection)
-    assert calls.get("backproject_update", 0) == 0
-    assert calls["grouped_project"] == calls["grouped_backproject_update"] > 0
-
-
-def test_adarankgrad_flag_is_checked():
-    from lowrank_fused.optim.adarankgrad import AdaRankGrad
-
-    with pytest.raises(ValueError, match="grouped_gemms"):
-        AdaRankGrad([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms=1)
+# AdaRankGrad on the engine: tests/test_optim_adarankgrad_engine.py
 
 
 @pytest.mark.parametrize("backend,dtype,ef", [("triton", torch.float32, True),

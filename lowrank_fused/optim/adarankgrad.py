@@ -31,12 +31,12 @@ import math
 
 import torch
 
-from lowrank_fused import ops, ops_grouped
-from lowrank_fused.dispatch import lookup
+from lowrank_fused import ops, ops_multi
+from lowrank_fused.dispatch import BackendUnavailable, choose_backend, lookup
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import (LowRankOptimizer, check_bool, check_choice, check_int,
                                        check_number)
-from lowrank_fused.optim._engine import DenseRoute
+from lowrank_fused.optim._engine import ClassRoute, DenseRoute, per_member
 from lowrank_fused.reference.iass_select import IASS_MODES
 
 EXIT_RULES = ("relative", "absolute")
@@ -166,10 +166,15 @@ class AdaRankGrad(LowRankOptimizer):
             first r_cur elements, so a rank change at a refresh reuses the same memory (fixed
             addresses, no allocation; ``optim._capacity``). Default False: they are
             reallocated at each refresh for the selected rank (the least memory).
-        grouped_gemms: run K1 (with the ``||Ghat||^2`` side output) and K3 of the matrices of
-            one class (shape, current rank, side, dtypes, layout) as one grouped launch each
-            (``lowrank_fused.ops_grouped``), K2 per matrix in between; bit-identical to the
-            per-matrix step on the CPU. Holds each class's R and N at once (default False).
+
+    The step runs on the engine (docs/engine.md): the projected matrices of one class (side,
+    current rank, shape, dtypes, layout) take one grouped K1 with every ``||Ghat||^2`` as its
+    side output, one multi-tensor K2 and one grouped K3 per step; a subspace selection that
+    changes a matrix's rank moves it to another class (the classes are rebuilt), one that
+    keeps it writes the new basis and the transported moments into the stored tensors. The
+    exit tests of all matrices read their norms in one host read per step. The result equals
+    the per-matrix step bit for bit on the CPU (``opt.engine = False`` runs that; FSDP2 shards
+    and per-layer mode always do).
 
     State of a projected matrix (plain tensors and Python scalars, so ``state_dict``
     round-trips through ``torch.save`` / ``torch.load(weights_only=True)``):
@@ -192,8 +197,7 @@ class AdaRankGrad(LowRankOptimizer):
                  scale=1.0, eta_th=0.96, power_iters=1, oversampling=0, iass_mode="prefix",
                  exit_rule="relative", eps_rel=0.5, beta_c=0.9, t_min=10, t_max=200,
                  eps_0=None, v_transport="cc", seed=0, backend="auto", nonfinite="raise", sign_canon=True,
-                 size_guard=True, matmul_precision=None, capacity_buffers=False,
-                 grouped_gemms=False):
+                 size_guard=True, matmul_precision=None, capacity_buffers=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
                         eta_th=eta_th, power_iters=power_iters, oversampling=oversampling,
                         iass_mode=iass_mode, exit_rule=exit_rule, eps_rel=eps_rel,
@@ -207,7 +211,6 @@ class AdaRankGrad(LowRankOptimizer):
             raise ValueError(f"sign_canon must be a bool, got {sign_canon!r}")
         self.size_guard = size_guard
         self.capacity_buffers = check_bool("capacity_buffers", capacity_buffers)
-        self.grouped_gemms = check_bool("grouped_gemms", grouped_gemms)
         super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=False,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
 
@@ -246,10 +249,6 @@ class AdaRankGrad(LowRankOptimizer):
             self._dense_step(p, group, backend)
         else:
             self._lowrank_step(p, group, plan, backend, precision)
-
-    def _route(self, p, group):
-        """Dense parameters on the engine's dense sets; projected ones per matrix."""
-        return DenseRoute("torch", "pre") if self._plan(p, group) is None else None
 
     def _dense_step(self, p, group, backend):
         """torch AdamW: E-torch, WD-pre (docs/methods/adamw.md)."""
@@ -317,32 +316,46 @@ class AdaRankGrad(LowRankOptimizer):
                 self._keep(state, {k: state[k] for k in ("ortho", "exp_avg", "exp_avg_sq")},
                            state["r_cur"], self._rank_capacity(group, plan[2]))
 
+    def _init_state(self, p, state, group):
+        """A projected matrix's scalars before its first step (no subspace yet)."""
+        if "step" not in state:
+            state.update(step=0, r_cur=0, j=0, t_j=0, z_ema=0.0, z_ref=0.0, refresh=True,
+                         seed=int(group["seed"]), layer_id=self._layer_id(p))
+
+    def _new_block(self, G, state, group, side, shape, backend, precision):
+        """Blocks 1 and 2 at a pending refresh: IASS on ``G``, then zero moments (first block)
+        or the old ones transported. Returns ({"ortho", "exp_avg", "exp_avg_sq"}: the new
+        tensors, r), or None for a zero gradient. Mutates no state."""
+        chosen = self._select_subspace(G, state, group, side, backend, precision)
+        if chosen is None:
+            return None
+        P_new, r_new = chosen
+        if state["j"] == 0:
+            shape_lr = ops.low_rank_shape(shape, r_new, side)
+            cap = self._rank_capacity(group, shape)
+            M, V = (_capacity.new_zeros(shape_lr, r_new, cap, dtype=torch.float32,
+                                        device=G.device) for _ in range(2))
+        else:
+            M, V = self._transport(P_new, state, group, side, backend)
+        return dict(ortho=P_new, exp_avg=M, exp_avg_sq=V), r_new
+
     def _lowrank_step(self, p, group, plan, backend, precision):
         side, _, shape = plan
         state = self.state[p]
         W, G, write_back = self._as_matrix(p, shape)
-        if "step" not in state:
-            state.update(step=0, r_cur=0, j=0, t_j=0, z_ema=0.0, z_ref=0.0, refresh=True,
-                         seed=int(group["seed"]), layer_id=self._layer_id(p))
+        self._init_state(p, state, group)
         t = state["step"] + 1
         lr, beta1, beta2 = group["lr"], group["betas"][0], group["betas"][1]
         pre_scale, _ = ops.decay_coefficients(lr, group["weight_decay"], "pre")
 
         exit_test = True
         if state["refresh"]:                                  # Block 1 + Block 2
-            chosen = self._select_subspace(G, state, group, side, backend, precision)
-            if chosen is None:                                # zero gradient: keep P
+            block = self._new_block(G, state, group, side, shape, backend, precision)
+            if block is None:                                 # zero gradient: keep P
                 exit_test = False
             else:
-                P_new, r_new = chosen
-                cap = self._rank_capacity(group, shape)
-                if state["j"] == 0:
-                    shape_lr = ops.low_rank_shape(shape, r_new, side)
-                    M, V = (_capacity.new_zeros(shape_lr, r_new, cap, dtype=torch.float32,
-                                                device=p.device) for _ in range(2))
-                else:
-                    M, V = self._transport(P_new, state, group, side, backend)
-                self._keep(state, dict(ortho=P_new, exp_avg=M, exp_avg_sq=V), r_new, cap)
+                values, r_new = block
+                self._keep(state, values, r_new, self._rank_capacity(group, shape))
                 state.update(r_cur=r_new, j=state["j"] + 1, t_j=t, refresh=False)
 
         if "ortho" not in state:      # zero gradient before any subspace: M = V = 0, N = 0
@@ -353,12 +366,6 @@ class AdaRankGrad(LowRankOptimizer):
             return
 
         P, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
-        if self.grouped_gemms:
-            batch = self._grouped_batch(backend, side, precision, W, G, P)
-            if batch is not None:                 # K1, K2, K3 of the class at the end
-                state["step"] = t
-                batch.append((W, G, P, M, V, state, group, t, pre_scale, exit_test, write_back))
-                return
         z2 = torch.empty(1, dtype=torch.float32, device=G.device)   # ||Ghat||^2, K1 side output
         R = ops.project(G, P, side=side, precision=precision, backend=backend, r_sumsq=z2)
         N = torch.empty_like(M)
@@ -372,42 +379,165 @@ class AdaRankGrad(LowRankOptimizer):
         if exit_test:
             self._pending_exit.append((state, group, z2, t))
 
-    def _flush_grouped(self, backend, side, precision, items):
-        """``grouped_gemms``: one class's K1 with every ``||Ghat||^2`` (one launch), each
-        matrix's K2, K3 (one launch), the write-backs, then the exit tests' entries."""
-        Ws, Gs, Ps, Ms, Vs, states, groups, ts, pres, exits, wbs = (list(x) for x in zip(*items))
-        items.clear()
-        z2 = torch.empty(len(Ws), dtype=torch.float32, device=Ws[0].device)
-        Rs = ops_grouped.grouped_project(Gs, Ps, side=side, precision=precision,
-                                         backend=backend, r_sumsq=z2)
-        Ns = []
-        for R, M, V, group, t in zip(Rs, Ms, Vs, groups, ts):
-            N = torch.empty_like(M)
-            ops.adam_moments(R, M, V, N, beta1=group["betas"][0], beta2=group["betas"][1],
-                             eps=group["eps"], step=t, eps_mode="torch", backend=backend)
-            Ns.append(N)
-        del Rs
-        ops_grouped.grouped_backproject_update(
-            Ws, Ps, Ns, side=side, coef=[g["lr"] * g["scale"] for g in groups],
-            pre_scale=pres, post_decay=0.0, precision=precision, backend=backend)
-        for write_back, W in zip(wbs, Ws):
-            write_back(W)
-        for b, (state, group, t, exit_test) in enumerate(zip(states, groups, ts, exits)):
-            if exit_test:
-                self._pending_exit.append((state, group, z2[b:b + 1], t))
+    # -- the step: routes and classes for the engine (optim/_engine.py) ---------------------
+    def _route(self, p, group):
+        """Dense parameters on the engine's dense sets; a projected matrix in the class of its
+        current rank (0 before its first subspace: such a matrix is in no class)."""
+        plan = self._plan(p, group)
+        if plan is None:
+            return DenseRoute("torch", "pre")
+        if not self._grouped_available(group, p):
+            return None
+        side, _, shape = plan
+        return ClassRoute(side, int(self.state[p].get("r_cur", 0)), shape)
+
+    # every state-writing op of the engine's steady step takes the on-device skip flag (the
+    # exit tests, on the host, are not applied on a step whose flag is set: _after_updates)
+    DEVICE_SKIP = True
+
+    def _grouped_available(self, group, p) -> bool:
+        """Whether the parameter's backend runs the grouped K1/K3."""
+        backend = self._backend_for(group, p)
+
+        def resolve():
+            try:
+                return choose_backend("auto" if backend == "auto" else str(backend), p.device,
+                                      self.GROUPED_OPS)
+            except BackendUnavailable:
+                return None
+
+        return self._resolved_once(("grouped", str(backend), p.device), resolve) is not None
+
+    def _refresh_pending(self, plan) -> bool:
+        return any(st.get("refresh", True) for _, _, _, st in plan.routed)
+
+    def _refresh_classes(self, routed) -> bool:
+        """Blocks 1 and 2 of every matrix whose refresh is pending. A new block of the same
+        rank writes its basis and moments into the stored tensors (the classes stay); a new
+        rank (or the first block) stores new tensors and moves the matrix to the class of its
+        rank: True (the classes are rebuilt). A zero gradient keeps the block (and skips this
+        step's exit test); before any subspace it only applies the weight decay."""
+        replaced = False
+        for i, (p, group, route, state) in enumerate(routed):
+            self._init_state(p, state, group)
+            if not state["refresh"]:
+                continue
+            t = state["step"] + 1
+            side, shape = route.side, route.shape
+            G = p.grad if p.dim() == 2 else p.grad.reshape(shape)
+            block = self._new_block(G, state, group, side, shape, self._backend_for(group, p),
+                                    self.precision(p.device))
+            if block is None:
+                self._no_exit_test.add(id(state))
+                if "ortho" not in state:      # zero gradient before any subspace
+                    pre_scale, _ = ops.decay_coefficients(group["lr"], group["weight_decay"],
+                                                          "pre")
+                    if pre_scale != 1.0:
+                        (p if p.dim() == 2 else p.view(shape)).mul_(pre_scale)
+                    state["step"] = t
+                continue
+            values, r_new = block
+            if route.rank == r_new and all(
+                    state.get(k) is not None and state[k].shape == v.shape
+                    and state[k].dtype == v.dtype for k, v in values.items()):
+                for k, v in values.items():   # v was computed from the old tensors: read
+                    state[k].copy_(v)          # completely before this write
+            else:
+                self._keep(state, values, r_new, self._rank_capacity(group, shape))
+                routed[i] = (p, group, ClassRoute(side, r_new, shape), state)
+                replaced = True
+            state.update(r_cur=r_new, j=state["j"] + 1, t_j=t, refresh=False)
+        return replaced
+
+    def _build_classes(self, plan):
+        """The engine's classes of the matrices that have a subspace, and one buffer for every
+        member's ``||Ghat||^2`` (K1's side output), read once per step by the exit tests."""
+        routed = plan.routed
+        plan.routed = [e for e in routed if "ortho" in e[3]]
+        try:
+            super()._build_classes(plan)
+        finally:
+            plan.routed = routed
+        members = [m for cls in plan.classes.values() for m in cls.members]
+        device = members[0].W.device if members else None
+        z2 = torch.empty(len(members), dtype=torch.float32, device=device)
+        offset = 0
+        for cls in plan.classes.values():
+            cls.extra["z2"] = z2[offset:offset + len(cls.members)]
+            offset += len(cls.members)
+        self._class_z2 = (z2, [(m.state, m.group) for m in members])
+
+    def _class_lists(self, cls):
+        cls.extra["Ms"] = [m.state["exp_avg"] for m in cls.members]
+        cls.extra["Vs"] = [m.state["exp_avg_sq"] for m in cls.members]
+        cls.extra["where"] = self._multi_where("adam_moments", cls.backend,
+                                               cls.Rs + cls.extra["Ms"] + cls.extra["Vs"]
+                                               + cls.Ns) if self.multi_tensor else None
+
+    def _class_step(self, cls, precision):
+        """One class: K1 of every member with its ``||Ghat||^2`` (one grouped launch), K2
+        (one multi-tensor call where the backend has it, else per matrix), K3 (one grouped
+        launch, WD-pre). The exit tests run after every class (``_after_updates``)."""
+        ts = []
+        for m in cls.members:
+            t = m.state["step"] + 1
+            m.state["step"] = t
+            ts.append(t)
+        groups = [m.group for m in cls.members]
+        skip = self._skip_flag        # K1 writes only the workspace: it needs no skip
+        Rs = self._class_project(cls, self._class_grads(cls), precision,
+                                 r_sumsq=cls.extra["z2"])
+        # per member: (beta1, beta2, eps) of K2, then K3's coef = lr*scale and WD-pre scale
+        hyper = per_member(groups, lambda g: (
+            (g["betas"][0], g["betas"][1], g["eps"]), g["lr"] * g["scale"],
+            ops.decay_coefficients(g["lr"], g["weight_decay"], "pre")[0]))
+        Ms, Vs = cls.extra["Ms"], cls.extra["Vs"]
+        where = cls.extra["where"]
+        if where is not None:
+            k2 = cls.extra.get("k2")
+            if k2 is None:
+                k2 = cls.extra["k2"] = ops_multi.BoundAdamMomentsMulti(
+                    Rs, Ms, Vs, cls.Ns, eps_mode="torch", backend=where)
+            k2([h[0] + (t,) for h, t in zip(hyper, ts)], skip=skip)
+        else:
+            for R, M, V, N, ((a, b, e), _, _), t in zip(Rs, Ms, Vs, cls.Ns, hyper, ts):
+                ops.adam_moments(R, M, V, N, beta1=a, beta2=b, eps=e, step=t,
+                                 eps_mode="torch", backend=cls.backend, skip=skip)
+        self._class_update(cls, [h[1] for h in hyper], 0.0, precision, [h[2] for h in hyper])
+        self._class_exit = True
 
     def _before_updates(self):
         self._pending_exit = []
+        self._no_exit_test = set()
+        self._class_exit = False
 
     def _after_updates(self):
         """The exit tests of every matrix of the step, from one host read of all ``||Ghat||``
-        (the decisions only act at the next step)."""
+        (the decisions only act at the next step). On a step whose non-finite flag was left
+        on the device, the flag comes with that read: when it is set the step was skipped on
+        the device and no exit test is applied (``nonfinite_check`` does the rest)."""
         pending, self._pending_exit = getattr(self, "_pending_exit", []), []
-        if not pending:
+        entries = [(state, group, t) for state, group, _, t in pending]
+        norms = [z2 for _, _, z2, _ in pending]
+        if getattr(self, "_class_exit", False):
+            self._class_exit = False
+            z2, members = self._class_z2
+            norms.append(z2)
+            no_exit = self._no_exit_test
+            entries += [None if id(state) in no_exit else (state, group, state["step"])
+                        for state, group in members]
+        if not norms:
             return
-        zs = torch.cat([z2 for _, _, z2, _ in pending]).sqrt().cpu().tolist()
-        for (state, group, _, t), z in zip(pending, zs):
-            self._exit_test(state, group, z, t)
+        zs = (norms[0] if len(norms) == 1 else torch.cat(norms)).sqrt()
+        skip = self._skip_flag
+        if skip is not None:
+            zs = torch.cat([zs, skip.reshape(1).to(zs.dtype)])
+        zs = zs.cpu().tolist()
+        if skip is not None and zs.pop():
+            return
+        for entry, z in zip(entries, zs):
+            if entry is not None:
+                self._exit_test(entry[0], entry[1], z, entry[2])
 
     @staticmethod
     def _exit_test(state, group, z, t):
