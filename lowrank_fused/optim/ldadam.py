@@ -31,11 +31,12 @@ import warnings
 
 import torch
 
-from lowrank_fused import ops, ops_grouped
-from lowrank_fused.dispatch import lookup
+from lowrank_fused import ops, ops_grouped, ops_multi
+from lowrank_fused.dispatch import BackendUnavailable, choose_backend, lookup
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
-from lowrank_fused.optim._engine import DenseRoute
+from lowrank_fused.optim._engine import ClassRoute, DenseRoute, Workspace
+from lowrank_fused.reference._precision import matmul as _matmul
 from lowrank_fused.optim._base import (LowRankNotEnabledWarning, LowRankOptimizer, check_betas,
                                        check_number, is_sharded)
 
@@ -109,6 +110,25 @@ def _qr_basis(Y: torch.Tensor, sign_canon: bool) -> torch.Tensor:
     return torch.linalg.qr(Y.float())[0]
 
 
+def _bound_project(As, Ps, Rs, side, backend, fixed):
+    """A class's grouped projection ``Rs = proj(As, Ps)`` bound once
+    (``ops_grouped.BoundGroupedProject``), as a call ``(As, precision)``. ``fixed``: the
+    matrices are the class's error buffers, the same tensors every step, so their layout
+    (checked by the binding) and element offsets are prepared once too and a call checks
+    nothing per member (three projections of the same buffers per step)."""
+    bound = ops_grouped.BoundGroupedProject(As, Ps, Rs, side=side, backend=backend)
+    if not fixed:
+        return lambda Xs, precision: bound(Xs, precision=precision)
+    Gs = As if side == "left" else [A.t() for A in As]
+    kw = dict(bound.kw)
+    if "prepared" in kw:                       # the Triton launcher: offsets of every list
+        from lowrank_fused.kernels._grouped import element_offsets
+
+        kw["prepared"] = dict(kw["prepared"], Gs=element_offsets("Gs", Gs))
+    impl, bPs, bRs = bound.impl, bound.Ps, bound.Rs
+    return lambda Xs, precision: impl(Gs, bPs, bRs, precision=precision, **kw)
+
+
 class LDAdamW(LowRankOptimizer):
     """LDAdam with decoupled weight decay (docs/methods/ldadam.md).
 
@@ -138,12 +158,18 @@ class LDAdamW(LowRankOptimizer):
         size_guard: a low-rank group's matrix with ``rank >= min(m, n)`` gets the dense AdamW
             step (the size guard; default True). With False it runs LDAdam at rank
             ``min(rank, m, n)`` (the official code's behaviour at ``rank == min(m, n)``).
-        grouped_gemms: run the projection (line 2) and the back-projection with the update
-            (line 9) of the matrices of one class (shape, rank, side, dtypes, layout) as one
-            grouped launch each (``lowrank_fused.ops_grouped``); the per-step power iteration,
-            transport, error feedback and moments stay per matrix in between. Bit-identical to
-            the per-matrix step on the CPU; holds each class's Rg and N at once (default
-            False). Not for FSDP2-sharded matrices (they keep the per-matrix step).
+
+    The step runs on the engine (docs/engine.md): with ``proj_method="power_iteration"`` and
+    the fused form (the defaults), the low-rank matrices of one class (side, rank, shape,
+    dtypes, layout, param group) take their whole step together: the power iteration as two
+    grouped projections of ``A`` and batched r x r products, one batched QR, one grouped
+    projection (line 2), the transport and moments on the class's stacked state, the error
+    feedback as one grouped K = 2r back-projection and one grouped K3 (line 9). The class's
+    bases and moments are views of one stacked buffer per class (the state keeps one tensor
+    per matrix). The result equals the per-matrix step (``opt.engine = False``, which runs the
+    same composition one matrix at a time) bit for bit on the CPU. A matrix's first step (SVD
+    basis), ``proj_method`` "svd" / "svd_lowrank", the explicit form (``form="explicit"`` or
+    ``faithful_dtypes``), FSDP2 shards and per-layer mode take the per-matrix step.
 
     Tensors with more than 2 dimensions are projected as ``(shape[0], prod(rest))``; 1-D
     parameters of a low-rank group get the dense step.
@@ -168,7 +194,7 @@ class LDAdamW(LowRankOptimizer):
                  rank=16, rho=0.908, proj_type="std", proj_method="power_iteration",
                  error_feedback=True, ef_dtype="param", enable_lowrank=False, *,
                  backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 form="fused", size_guard=True, grouped_gemms=False):
+                 form="fused", size_guard=True):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         _check_bool("size_guard", size_guard)
@@ -179,8 +205,6 @@ class LDAdamW(LowRankOptimizer):
         self._check_group(defaults)
         self.form = form
         self.size_guard = size_guard
-        _check_bool("grouped_gemms", grouped_gemms)
-        self.grouped_gemms = grouped_gemms
         super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision)
         if not any(g["enable_lowrank"] for g in self.param_groups):
@@ -275,15 +299,25 @@ class LDAdamW(LowRankOptimizer):
     # -- the step -------------------------------------------------------------------------
     def _before_updates(self):
         self._pi_checks = []
+        # the settings that decide a matrix's route (engine or per-matrix step) and its
+        # class's lists: a change rebuilds the plan
+        sig = (self.form, self.faithful_dtypes, self.sign_canon, tuple(
+            (g["proj_method"], g["error_feedback"], g["ef_dtype"]) for g in self.param_groups))
+        if sig != self.__dict__.get("_route_settings"):
+            self._route_settings = sig
+            self._invalidate_plan()
 
     def _after_updates(self):
         self.completed_steps = self.completed_steps + 1   # after all parameters (ldadamw.py#L124)
+        if self.__dict__.pop("_routes_pending", False):
+            self._invalidate_plan()      # matrices that took their first step join their class
         checks, self._pi_checks = getattr(self, "_pi_checks", []), []
         if checks and self.nonfinite != "ignore":          # one host read for the whole step
-            ok = torch.stack([flag for _, flag in checks])
+            ok = torch.cat([flag.reshape(-1) for _, flag in checks])
             if bool(ok.all()):
                 return
-            for (p, _), good in zip(checks, ok.cpu().tolist()):
+            params = [p for ps, _ in checks for p in ps]
+            for p, good in zip(params, ok.cpu().tolist()):
                 if not good:
                     warnings.warn(f"subspace refresh of {self.param_label(p)}: the power "
                                   "iteration produced non-finite values; kept the previous "
@@ -298,10 +332,37 @@ class LDAdamW(LowRankOptimizer):
 
     def _route(self, p, group):
         """Dense parameters on the engine's dense sets (the global counter's bias
-        correction); projected ones per matrix."""
-        if self._plan(p, group) is None:
+        correction); a low-rank matrix with a basis on its class (``_batched_ok``); its first
+        step (the SVD basis) on the per-matrix step, after which the plan is rebuilt."""
+        plan = self._plan(p, group)
+        if plan is None:
             return DenseRoute("torch", "pre", global_step=True)
-        return None
+        side, rank, shape = plan
+        state = self.state[p]
+        if "basis" not in state:
+            self._routes_pending = True
+            return None
+        if (not self._batched_ok(p, group)
+                or tuple(state["basis"].shape) != ops.basis_shape(shape, rank, side)
+                or tuple(state["exp_avg"].shape) != ops.low_rank_shape(shape, rank, side)):
+            return None                   # the per-matrix step (which names a bad shape)
+        return ClassRoute(side, rank, shape)
+
+    def _batched_ok(self, p, group) -> bool:
+        """Whether the matrix's steady step is the batched composition (``_batch_step``):
+        the fused power iteration, not FSDP2-sharded, and a backend with grouped GEMMs."""
+        if (group["proj_method"] != "power_iteration" or self._explicit or is_sharded(p)):
+            return False
+        backend = self._backend_for(group, p)
+
+        def resolve():
+            try:
+                return choose_backend("auto" if backend == "auto" else str(backend), p.device,
+                                      self.GROUPED_OPS)
+            except BackendUnavailable:
+                return None
+
+        return self._resolved_once(("grouped", str(backend), p.device), resolve) is not None
 
     def _dense_step_number(self):
         return self.completed_steps + 1
@@ -333,6 +394,10 @@ class LDAdamW(LowRankOptimizer):
         transposed views (``cv``)."""
         side, rank, shape = plan
         state = self.state[p]
+        if ("basis" in state and self._batched_ok(p, group)
+                and tuple(state["basis"].shape) == ops.basis_shape(shape, rank, side)
+                and tuple(state["exp_avg"].shape) == ops.low_rank_shape(shape, rank, side)):
+            return self._single_step(p, group, plan, backend, precision)
         W, G, write_back = self._as_matrix(p, shape)
         shape = tuple(W.shape)                         # FSDP2: this rank's rows
         t = self.completed_steps                    # 0-based, before this step's increment
@@ -402,11 +467,6 @@ class LDAdamW(LowRankOptimizer):
         P_new = P_new.to(sdt).contiguous()
         rest = functools.partial(self._ldadam_after_projection, p, group, side, shape, W, A, E,
                                  P_new, P_old, M, V, first, t, write_back, backend, precision)
-        if self.grouped_gemms and not is_sharded(p):
-            batch = self._grouped_batch(backend, side, precision, W, A, P_new)
-            if batch is not None:                 # K1 and K3 of the class at the end
-                batch.append((W, A, P_new, rest))
-                return
         # line 2: project the accumulated gradient
         Rg = ops.project(A, P_new, side=side, precision=precision, backend=backend)
         N, coef, pre_scale, post_decay, finish = rest(Rg)
@@ -462,18 +522,242 @@ class LDAdamW(LowRankOptimizer):
 
         return N, lr, pre_scale, post_decay, finish
 
-    def _flush_grouped(self, backend, side, precision, items):
-        """``grouped_gemms``: one class's K1 (one launch), each matrix's lines 3-8, K3 (one
-        launch), then each matrix's write-back and state."""
-        Ws, As, Ps, rests = (list(x) for x in zip(*items))
-        items.clear()
-        Rgs = ops_grouped.grouped_project(As, Ps, side=side, precision=precision,
-                                          backend=backend)
-        out = [rest(Rg) for rest, Rg in zip(rests, Rgs)]
-        del Rgs
-        Ns, coefs, pres, posts, finishes = (list(x) for x in zip(*out))
-        ops_grouped.grouped_backproject_update(Ws, Ps, Ns, side=side, coef=coefs,
-                                               pre_scale=pres, post_decay=posts,
-                                               precision=precision, backend=backend)
-        for finish in finishes:
-            finish()
+    # -- the batched steady step: the engine's classes, and the per-matrix step as a batch of one
+    BASIS_KEY = "basis"
+
+    @staticmethod
+    def _scratch_shapes(side, rank, shape):
+        low = ops.low_rank_shape(shape, rank, side)
+        return (("R1", low), ("V1", low), ("Yp", ops.basis_shape(shape, rank, side)),
+                ("K", ops.basis_shape(shape, 2 * rank, side)),
+                ("L", ops.low_rank_shape(shape, 2 * rank, side)))
+
+    @classmethod
+    def _scratch_numel(cls, side, rank, shape, count):
+        return count * sum(math.prod(s) for _, s in cls._scratch_shapes(side, rank, shape))
+
+    @classmethod
+    def _carve(cls, flat, side, rank, shape, count):
+        """A batch's fp32 scratch, (count, ...) views of ``flat``: R1 = proj(A, P_old) and
+        V1 (line 1), Yp (line 1's Y), K = [P_new, P_old] (the error feedback's K = 2r bases,
+        P_old kept there for the transport) and L (its 2r rows / columns)."""
+        out, off = {}, 0
+        for name, shp in cls._scratch_shapes(side, rank, shape):
+            n = count * math.prod(shp)
+            out[name] = flat[off:off + n].view((count,) + tuple(shp))
+            off += n
+        return out
+
+    def _batch_step(self, group, side, rank, t, Gs, Es, st, calls, precision):
+        """One steady step (docs/methods/ldadam.md lines 1-9, the fused form) of a batch of
+        matrices of one param group: ``st`` holds the stacked state ``P``, ``M``, ``V``
+        ((count, ...) views of the stored tensors), ``R`` (count, low) fp32 and the scratch
+        of ``_carve``; ``calls`` the grouped GEMMs on the batch's lists: ``k1a`` R1 =
+        proj(A, P_old), ``k1b`` Yp = proj(A, V1) on the other side, ``k1`` R = proj(A, P_new),
+        ``kef`` E -= K @ L, ``k2`` the Adam moments (R, M, V -> N), ``k3`` line 9 from N.
+        ``Gs`` the gradients, ``Es`` the error buffers (None without error feedback).
+        Returns the per-matrix flags (count,) of a finite power iteration."""
+        beta1, beta2 = group["betas"]
+        rho = group["rho"]
+        left = side == "left"
+        P, M, V, K = st["P"], st["M"], st["V"], st["K"]
+        if Es is not None:                   # A = E + G in place (the official p.grad)
+            torch._foreach_add_(Es, Gs)
+            As = Es
+        else:
+            As = Gs
+        # line 1, fused: V1 = coef_m M + coef_a proj(A, P_old) (low shape), then
+        # Y = coef_a proj(A, V1) (the other side) + coef_m P_old (M V1) (basis shape)
+        bc1_t = 1.0 - beta1 ** t
+        coef_m, coef_a = rho / bc1_t, 1.0 - rho
+        calls["k1a"](As, precision)
+        V1 = torch.mul(M, coef_m, out=st["V1"]).add_(st["R1"], alpha=coef_a)
+        calls["k1b"](As, precision)
+        if left:
+            corr = _matmul(P, _matmul(M, V1.transpose(1, 2), precision), precision)
+        else:
+            corr = _matmul(_matmul(V1.transpose(1, 2), M, precision), P, precision)
+        Y = st["Yp"].mul_(coef_a).add_(corr, alpha=coef_m)
+        # overflow in b keeps the previous basis, chosen on the device (read once per step)
+        ok = torch.isfinite(Y).flatten(1).all(1)
+        keep = ok.view(-1, 1, 1)
+        Yc, Pc = (Y, P) if left else (Y.transpose(1, 2), P.transpose(1, 2))
+        P_new = torch.where(keep, _qr_basis(torch.where(keep, Yc, Pc), self.sign_canon), Pc)
+        P_old = K[:, :, rank:] if left else K[:, rank:]
+        P_old.copy_(P)
+        P.copy_(P_new if left else P_new.transpose(1, 2))     # into the stored bases
+        (K[:, :, :rank] if left else K[:, :rank]).copy_(P)
+        # line 2
+        calls["k1"](As, precision)
+        R = st["R"]
+        # lines 4 + 6: the transport (as ldadam_moment_transport, on the batch)
+        bc1, bc2 = ops.bias_corrections(beta1, beta2, t)
+        if left:
+            C = _matmul(P.transpose(1, 2), P_old, precision)
+            m_tr = _matmul(C, M, precision)
+        else:                                # canonical C = Q_new Q_old^T, M_tr^T = C M^T
+            C = _matmul(P, P_old.transpose(1, 2), precision)
+            m_tr = _matmul(M, C.transpose(1, 2), precision)
+        w = V.float() / bc2 - (M * M) / (bc1 * bc1)
+        w = (_matmul(C * C, w, precision) if left
+             else _matmul(w, (C * C).transpose(1, 2), precision))
+        w = w + (m_tr * m_tr) / (bc1 * bc1)
+        V.copy_((w * bc2).abs())
+        # lines 3 + 5: E = A - [P_new, P_old] @ [R + c M_tr; -c M] (one K = 2r GEMM)
+        if Es is not None:
+            c = beta1 / (1.0 - beta1)
+            L = st["L"]
+            top, bot = (L[:, :rank], L[:, rank:]) if left else (L[..., :rank], L[..., rank:])
+            torch.mul(m_tr, c, out=top).add_(R)
+            torch.mul(M, -c, out=bot)
+            calls["kef"](precision)
+        M.copy_(m_tr)
+        # lines 7 + 8 (bias correction at t + 1), line 9 (WD-pre)
+        calls["k2"](t + 1)
+        pre_scale, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "pre")
+        calls["k3"](group["lr"], pre_scale, post_decay, precision)
+        return ok
+
+    def _error_buffers(self, states, shape, group, dtype, device):
+        """The matrices' error buffers in the group's ``ef_dtype`` (created at zero when error
+        feedback was switched on mid-run), or None without error feedback (dropped)."""
+        if not group["error_feedback"]:
+            for state in states:
+                state.pop("error", None)
+            return None
+        edt = torch.float32 if group["ef_dtype"] == "fp32" else dtype
+        for state in states:
+            E = state.get("error")
+            if E is None:
+                state["error"] = torch.zeros(shape, dtype=edt, device=device)
+            elif E.dtype != edt:
+                state["error"] = E.to(edt)
+        return [state["error"] for state in states]
+
+    def _single_step(self, p, group, plan, backend, precision):
+        """The per-matrix steady step: ``_batch_step`` on a batch of one (what the engine's
+        classes run, so both are equal bit for bit)."""
+        side, rank, shape = plan
+        state = self.state[p]
+        W, G, write_back = self._as_matrix(p, shape)
+        Es = self._error_buffers([state], shape, group, p.dtype, p.device)
+        P, M, V = state["basis"], state["exp_avg"], state["exp_avg_sq"]
+        flat = torch.empty(self._scratch_numel(side, rank, shape, 1), dtype=torch.float32,
+                           device=p.device)
+        st = self._carve(flat, side, rank, shape, 1)
+        R = torch.empty(M.shape, dtype=torch.float32, device=p.device)
+        N = torch.empty_like(M)
+        st.update(P=P.unsqueeze(0), M=M.unsqueeze(0), V=V.unsqueeze(0), R=R.unsqueeze(0))
+        other = "right" if side == "left" else "left"
+        beta = group["betas"]
+
+        def project(Ps, Rs, on):
+            return lambda As, prec: ops_grouped.grouped_project(As, Ps, Rs, side=on,
+                                                                precision=prec, backend=backend)
+
+        calls = dict(
+            k1a=project([P], [st["R1"][0]], side), k1b=project([st["V1"][0]], [st["Yp"][0]], other),
+            k1=project([P], [R], side),
+            kef=lambda prec: ops_grouped.grouped_backproject_update(
+                Es, [st["K"][0]], [st["L"][0]], side=side, coef=1.0, precision=prec,
+                backend=backend),
+            k2=lambda t: ops.adam_moments(R, M, V, N, beta1=beta[0], beta2=beta[1],
+                                          eps=group["eps"], step=t, eps_mode="torch",
+                                          backend=backend),
+            k3=lambda lr, pre, post, prec: ops_grouped.grouped_backproject_update(
+                [W], [P], [N], side=side, coef=lr, pre_scale=pre, post_decay=post,
+                precision=prec, backend=backend))
+        ok = self._batch_step(group, side, rank, self.completed_steps, [G], Es, st, calls,
+                              precision)
+        write_back(W)
+        self._pi_checks.append(([p], ok))
+
+    # the engine's hooks (optim/_engine.py)
+    def _class_key_extra(self, p, group, state) -> tuple:
+        return (id(group),)               # one group per class: its scalars are the class's
+
+    def _refresh_classes(self, routed) -> bool:
+        """No refresh of its own (the basis moves inside the step); when the classes are to be
+        rebuilt, the scratch they share is reserved for the largest one."""
+        if self._classes_stale:
+            need = {}
+            for p, _, route, _ in routed:
+                key = (route, p.device)
+                need[key] = need.get(key, 0) + 1
+            ws = self.__dict__.setdefault("_batch_workspace", Workspace())
+            for (route, device), count in need.items():
+                ws.reserve(torch.float32, device,
+                           self._scratch_numel(route.side, route.rank, route.shape, count))
+        return False
+
+    def _class_lists(self, cls):
+        """The class's state stacked: its bases and moments become (count, ...) views of one
+        buffer each (copied there once, when the class is built), its error buffers, the
+        scratch (shared by the classes, which run one after the other) and the bound calls."""
+        side, rank, shape = cls.route.side, cls.route.rank, cls.route.shape
+        members = cls.members
+        group = members[0].group
+        count = len(members)
+        device = cls.Ws[0].device
+        st = {}
+        for key, name in (("basis", "P"), ("exp_avg", "M"), ("exp_avg_sq", "V")):
+            xs = [m.state[key] for m in members]
+            X = ops_grouped._stacked(xs)
+            if X is None:
+                X = torch.stack(xs)
+                for m, x in zip(members, X.unbind(0)):
+                    m.state[key] = x
+            st[name] = X
+        cls.Ps = [m.state["basis"] for m in members]
+        Ms = [m.state["exp_avg"] for m in members]
+        Vs = [m.state["exp_avg_sq"] for m in members]
+        Es = self._error_buffers([m.state for m in members], shape, group, cls.Ws[0].dtype,
+                                 device)
+        ws = self.__dict__.setdefault("_batch_workspace", Workspace())
+        flat = ws.views(torch.float32, device,
+                        (self._scratch_numel(side, rank, shape, count),), 1)[0]
+        st.update(self._carve(flat, side, rank, shape, count))
+        st["R"] = ops_grouped._stacked(cls.Rs)
+        if st["R"] is None:
+            st["R"] = torch.stack(cls.Rs)           # not reached: the workspace's views
+        other = "right" if side == "left" else "left"
+        like = Es if Es is not None else self._class_grads(cls)
+        k1a, k1b, k1 = (_bound_project(like, Ps, Rs, on, cls.backend, fixed=Es is not None)
+                        for Ps, Rs, on in ((cls.Ps, list(st["R1"].unbind(0)), side),
+                                           (list(st["V1"].unbind(0)), list(st["Yp"].unbind(0)),
+                                            other),
+                                           (cls.Ps, cls.Rs, side)))
+        kef = None if Es is None else ops_grouped.BoundGroupedBackprojectUpdate(
+            Es, list(st["K"].unbind(0)), list(st["L"].unbind(0)), side=side,
+            backend=cls.backend)
+        where = self._multi_where("adam_moments", cls.backend,
+                                  cls.Rs + Ms + Vs + cls.Ns) if self.multi_tensor else None
+        if where is not None:
+            k2m = ops_multi.BoundAdamMomentsMulti(cls.Rs, Ms, Vs, cls.Ns, eps_mode="torch",
+                                                  backend=where)
+
+            def k2(t):
+                b1, b2 = group["betas"]
+                k2m([(b1, b2, group["eps"], t)] * count)
+        else:
+            def k2(t):
+                b1, b2 = group["betas"]
+                for R, M, V, N in zip(cls.Rs, Ms, Vs, cls.Ns):
+                    ops.adam_moments(R, M, V, N, beta1=b1, beta2=b2, eps=group["eps"], step=t,
+                                     eps_mode="torch", backend=cls.backend)
+        cls.extra.update(
+            st=st, Es=Es, params=[m.p for m in members],
+            calls=dict(k1a=k1a, k1b=k1b, k1=k1,
+                       kef=lambda prec: kef(coef=1.0, precision=prec),
+                       k2=k2,
+                       k3=lambda lr, pre, post, prec: self._class_update(
+                           cls, lr, post, prec, pre_scales=pre)))
+
+    def _class_step(self, cls, precision):
+        """One class: ``_batch_step`` on its stacked state (about 30 calls, whatever its
+        size: 5 grouped GEMM launches, one multi-tensor moments call, batched small ops)."""
+        x = cls.extra
+        ok = self._batch_step(cls.members[0].group, cls.route.side, cls.route.rank,
+                              self.completed_steps, self._class_grads(cls), x["Es"], x["st"],
+                              x["calls"], precision)
+        self._pi_checks.append((x["params"], ok))
