@@ -376,6 +376,7 @@ class BoundGroupedResidualBackprojectUpdate:
                                          device, static)
         if stacked is not None and "prepared" in self.kw:    # the Triton launcher
             self.kw["stacked"] = stacked
+        self._g_ptrs = None       # the gradients' addresses whose offsets ``prepared`` holds
 
     def __call__(self, Gs, *, coef, res_coef, pre_scale=1.0, post_decay=0.0,
                  precision="ieee"):
@@ -383,6 +384,14 @@ class BoundGroupedResidualBackprojectUpdate:
             _lists(Gs=Gs, Ws=self.lists[0])
             _check_members("Gs", Gs, self.layout[0], self.device, "the bound Gs[0]",
                            dtype=self.layout[2])
+        prepared = self.kw.get("prepared")
+        if prepared is not None:  # Triton: the gradients' offsets, kept while they stay put
+            ptrs = tuple(G.data_ptr() for G in Gs)
+            if ptrs != self._g_ptrs:
+                from lowrank_fused.kernels._grouped import element_offsets
+
+                prepared["residuals"] = element_offsets("Gs", Gs)
+                self._g_ptrs = ptrs
         scalars = _finite_scalars(self.count, coef=coef, res_coef=res_coef,
                                   pre_scale=pre_scale, post_decay=post_decay)
         Ws, Ps, Rs, Ns, css = self.lists

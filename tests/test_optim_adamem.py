@@ -722,6 +722,8 @@ def test_fused_step_makes_no_full_size_temporary(device):
 # the step engine (docs/engine.md): classes of matrices equal the per-matrix step
 
 ENGINE_CASES = [("triton", torch.float32, {}), ("triton", torch.bfloat16, {}),
+                ("triton", torch.float32, dict(v_source="gradient", bias_correction=False,
+                                               betas=(0.8, 0.9))),
                 ("reference", torch.float32, {}), ("reference", torch.bfloat16, {}),
                 ("reference", torch.float32, dict(transport_on_refresh=True,
                                                   v_source="gradient", bias_correction=False)),
@@ -754,7 +756,8 @@ def test_engine_equals_per_matrix_step(backend, dtype, flags, monkeypatch):
     residual statistics per member, one grouped combined update) equal the per-matrix step
     (``opt.engine = False``) bit for bit: weights and every state tensor, over steps crossing
     the refreshes at t = 1, 3, both orientations, fp32 and bf16 weights; each class takes one
-    grouped K1 and one grouped update per step and no single one."""
+    grouped K1 and one grouped update per step and no single one; on Triton the middle is
+    one grouped call per class (kernels/grouped_adamem_middle.py)."""
     from lowrank_fused.dispatch import available
     from _cases import count_calls
 
@@ -776,6 +779,8 @@ def test_engine_equals_per_matrix_step(backend, dtype, flags, monkeypatch):
     plan = opt_b._engine_plan
     assert {cls.route.side for cls in plan.classes.values()} == {"left", "right"}
     assert len(plan.classes) == 4                           # (12, 20), (20, 12), 3-D, rank 4
+    if backend == "triton":             # the class's middle as one grouped call
+        assert all(cls.extra["middle"] is not None for cls in plan.classes.values())
     assert [p for p, _ in plan.legacy] == b[-2:]             # the Adafactor parameters
     assert calls.get("project", 0) == calls.get("residual_backproject_update", 0) == 0
     assert calls["grouped_project"] == calls["grouped_residual_backproject_update"] \
@@ -797,3 +802,32 @@ def test_engine_keeps_the_explicit_form_and_adafactor_per_parameter():
         p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match="rank changed"):
         opt.step()
+
+
+def test_engine_grouped_middle_spans_several_tiles():
+    """The grouped middle over members of several 32 x 128 tiles (partial sums across tiles,
+    several row and column blocks): bit for bit the per-matrix Triton step."""
+    from lowrank_fused.dispatch import available
+
+    if not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
+    runs = []
+    for engine in (False, True):
+        g = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g))
+                  for s in ((40, 300), (40, 300), (300, 40))]
+        opt = AdaMeM([dict(params=params, rank=34)], update_proj_gap=2, backend="triton",
+                     **HYPER)
+        opt.engine = engine
+        for t in range(2):
+            for i, p in enumerate(params):
+                p.grad = _grad_like(p, t, i)
+            opt.step()
+        runs.append((params, opt))
+    (a, opt_a), (b, opt_b) = runs
+    assert all(cls.extra["middle"] is not None for cls in opt_b._engine_plan.classes.values())
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for key, v in opt_a.state[p].items():
+            assert torch.equal(v, opt_b.state[q][key]) if torch.is_tensor(v) else \
+                v == opt_b.state[q][key], key

@@ -36,7 +36,7 @@ from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
 from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim.galore_adamw import checked_bases
-from lowrank_fused.dispatch import BackendUnavailable, choose_backend
+from lowrank_fused.dispatch import BackendUnavailable, choose_backend, resolve_call
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_choice,
                                        check_int, check_number)
 from lowrank_fused.optim._engine import ClassRoute
@@ -78,8 +78,9 @@ class AdaMeM(LowRankOptimizer):
 
     The step runs on the engine (docs/engine.md): the low-rank matrices of one class
     (canonical shape, rank, dtypes, layout) take one grouped K1 with every ``colsum(G^2)``,
-    the factored moments and the residual's column statistics per matrix, and one grouped
-    combined update (K3 with the residual term) per step, through workspaces planned once.
+    the factored moments and the residual's column statistics of the class (four grouped
+    launches on Triton, ``kernels/grouped_adamem_middle.py``; per matrix elsewhere), and one
+    grouped combined update (K3 with the residual term) per step, through workspaces planned once.
     The result equals the per-matrix step bit for bit on the CPU (``opt.engine = False``
     runs that; so do per-layer mode, ``residual_form="explicit"``, whose statistics re-read G
     against P and R per matrix, and the Adafactor parameters). The refresh (SVD, transport)
@@ -406,6 +407,23 @@ class AdaMeM(LowRankOptimizer):
                                                    device=device).unbind(0))
         cls.extra["impls"] = (lookup("adamem_moments", cls.backend),
                               lookup("residual_col_stats", cls.backend))
+        cls.extra["middle"] = None
+        if all(resolve_call(op, cls.backend, device)[0] == "triton"
+               for op in ("adamem_moments", "residual_col_stats")):
+            # both on Triton: the whole class's middle in four launches, the same bits
+            from lowrank_fused.kernels.grouped_adamem_middle import GroupedAdamemMiddle
+
+            sts = [m.state for m in cls.members]
+            k = cls.route.shape[1] if transposed else cls.route.shape[0]
+            cls.extra["middle"] = GroupedAdamemMiddle(
+                k, cls.extra["Rc"], [st["M"] for st in sts], [st["a_row"] for st in sts],
+                [st["a_col"] for st in sts], cls.extra["Nc"], [st["c_os"] for st in sts],
+                cls.extra["col_scales"], cls.extra["sumsq_rows"],
+                stats_from_momentum=cls.members[0].group["v_source"] == "momentum")
+
+    def _class_key_extra(self, p, group, state) -> tuple:
+        # a class's grouped middle has one statistics source
+        return (group["v_source"],)
 
     def _class_step(self, cls, precision):
         """One class: K1 of every member with its colsum(G^2) (one grouped launch), each
@@ -423,9 +441,26 @@ class AdaMeM(LowRankOptimizer):
         moments, col_stats = ex["impls"]
         memo = {}
         coefs = []
-        for m, G, P, R, N1, g_sumsq, col_scale in zip(
+        middle = ex["middle"]
+        if middle is not None:
+            rows = []
+            for m in cls.members:
+                state = m.state
+                t = state["step"] = state["step"] + 1
+                key = (id(m.group), t)
+                scalars = memo.get(key)
+                if scalars is None:
+                    scalars = memo[key] = self._scalars(m.group, t)
+                    mk = scalars[0]
+                    scalars += ((mk["beta1"], mk["beta2"], mk["eps"], mk["eps1"], mk["c1"],
+                                 mk["c2"]),)
+                    memo[key] = scalars
+                rows.append(scalars[3])
+                coefs.append(scalars[2])
+            middle(rows)
+        for m, G, P, R, N1, g_sumsq, col_scale in (() if middle is not None else zip(
                 cls.members, Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["sumsq_rows"],
-                ex["col_scales"]):
+                ex["col_scales"])):
             state = m.state
             t = state["step"] = state["step"] + 1
             key = (id(m.group), t)
