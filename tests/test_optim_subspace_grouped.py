@@ -1,8 +1,10 @@
-"""``grouped_gemms=True`` for the AdaptiveAdamW family (grouped launch): K1 and K3 of
-every class of same-shape, same-rank matrices run as one grouped launch each, the normalised
-step and the norm-growth limiter per matrix in between. The trajectory equals the per-matrix
-step bit for bit on the CPU (same tiles), across refreshes and AdaptiveAdamW's rank changes,
-both projection sides, fp32 and bf16, on the Triton (interpreter) and reference backends."""
+"""The AdaptiveAdamW family on the step engine (docs/engine.md): K1 and K3 of every class of
+same-shape, same-rank matrices run as one grouped launch each, K2 as one multi-tensor call
+(with every ``||N||^2`` for the limiter) where the backend has one, the limiter (and K-FAC's
+whitening) per matrix in between. The trajectory equals the per-matrix step
+(``opt.engine = False``) bit for bit on the CPU (same tiles), across refreshes and
+AdaptiveAdamW's rank changes, both projection sides, fp32 and bf16, on the Triton
+(interpreter), reference and auto backends. (AdaRankGrad, LDAdam and AdaMeM: below.)"""
 import pytest
 import torch
 
@@ -16,11 +18,12 @@ CLASSES = {"adaptive_adamw": AdaptiveAdamW, "rsadamw": RSAdamW, "gha": GHAAdamW,
            "galore_kfac": GaLoreKFACAdamW}
 
 
-def _run(cls, grouped, backend, dtype, steps=5, **kw):
+def _run(cls, engine, backend, dtype, steps=5, **kw):
     model, batch = tiny_lm_task(0)
     model.to(dtype)
     groups = galore_param_groups(model, rank=8, update_proj_gap=2, scale=0.25)
-    opt = cls(groups, lr=1e-2, weight_decay=0.01, backend=backend, grouped_gemms=grouped, **kw)
+    opt = cls(groups, lr=1e-2, weight_decay=0.01, backend=backend, **kw)
+    opt.engine = engine
     ranks = []
     for _ in range(steps):
         lm_loss(model, batch).backward()
@@ -35,9 +38,12 @@ def _assert_same(a, opt_a, b, opt_b):
         assert torch.equal(x, y)
     sides = set()
     for p, q in zip(opt_a.state, opt_b.state):
+        assert opt_a.state[p].keys() == opt_b.state[q].keys()
         for key, v in opt_a.state[p].items():
             if torch.is_tensor(v):
                 assert torch.equal(v, opt_b.state[q][key]), key
+            else:
+                assert v == opt_b.state[q][key], key
     for g in opt_a.param_groups:
         for p in g["params"]:
             plan = opt_a._plan(p, g)
@@ -52,23 +58,28 @@ CASES = [("triton", "adaptive_adamw", torch.float32), ("triton", "adaptive_adamw
          ("triton", "galore_kfac", torch.float32)]
 CASES += [("reference", name, dtype) for name in CLASSES
           for dtype in (torch.float32, torch.bfloat16)]
+# auto on the CPU: the compiled multi-tensor K2 (norms as its side output) against the
+# per-matrix K2's sumsq
+CASES += [("auto", "adaptive_adamw", torch.float32), ("auto", "rsadamw", torch.bfloat16)]
 
 
 @pytest.mark.parametrize("backend,name,dtype", CASES, ids=str)
-def test_grouped_equals_per_matrix(backend, name, dtype):
-    if not available(backend, "cpu"):
+def test_engine_equals_per_matrix(backend, name, dtype):
+    if backend != "auto" and not available(backend, "cpu"):
         pytest.skip(f"{backend} unavailable here")
     steps = 3 if backend == "triton" else 5    # refreshes at steps 1 and 3
     a, opt_a, ranks = _run(CLASSES[name], False, backend, dtype, steps)
     b, opt_b, ranks_b = _run(CLASSES[name], True, backend, dtype, steps)
+    assert opt_a._engine_plan.legacy and not opt_b._engine_plan.legacy   # engine vs not
+    assert opt_b._engine_plan.classes
     assert ranks == ranks_b
     if name == "adaptive_adamw":
         assert len(set(ranks)) > 1 and len(set(ranks[-1])) > 1   # rank changes, mixed ranks
     _assert_same(a, opt_a, b, opt_b)
 
 
-def test_grouped_with_capacity_buffers():
-    """Capacity-buffer views are ordinary contiguous members of a group."""
+def test_engine_with_capacity_buffers():
+    """Capacity-buffer views are ordinary contiguous members of a class."""
     b, opt_b, ranks = _run(AdaptiveAdamW, True, "reference", torch.float32,
                            capacity_buffers=True, max_rank=12)
     c, opt_c, ranks_c = _run(AdaptiveAdamW, False, "reference", torch.float32, max_rank=12)
@@ -76,10 +87,47 @@ def test_grouped_with_capacity_buffers():
     _assert_same(c, opt_c, b, opt_b)
 
 
-def test_grouped_launches_once_per_class(monkeypatch):
+@pytest.mark.parametrize("shape", [(30, 44), (44, 30)], ids=["left", "right"])
+def test_engine_refresh_without_rank_change(shape):
+    """One matrix (budget = rank: its rank cannot change): AdaptiveAdamW's refresh still
+    replaces the moments (transport), which the engine's classes must pick up."""
+    def run(engine):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(shape))
+        opt = AdaptiveAdamW([dict(params=[p], rank=5, update_proj_gap=2)], lr=1e-2,
+                            backend="reference")
+        opt.engine = engine
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            p.grad = torch.randn(shape, generator=gen)
+            opt.step()
+        return [p.detach().clone()], opt, None
+
+    a, opt_a, _ = run(False)
+    b, opt_b, _ = run(True)
+    assert opt_b._engine_plan.classes and opt_b.state[opt_b.param_groups[0]["params"][0]][
+        "rank"] == 5
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for p, q in zip(opt_a.state, opt_b.state):
+        for key, v in opt_a.state[p].items():
+            assert torch.equal(v, opt_b.state[q][key]) if torch.is_tensor(v) else \
+                v == opt_b.state[q][key], key
+
+
+def test_engine_without_limiter():
+    """``nl_gamma=None``: no norm side output, no limiter memory; still the per-matrix step."""
+    a, opt_a, _ = _run(RSAdamW, False, "reference", torch.float32, 3, nl_gamma=None)
+    b, opt_b, _ = _run(RSAdamW, True, "reference", torch.float32, 3, nl_gamma=None)
+    assert not any("nl_prev" in st for st in opt_b.state.values())
+    _assert_same(a, opt_a, b, opt_b)
+
+
+def test_engine_launches_once_per_class(monkeypatch):
     """Between refreshes each class of same-shape, same-rank matrices takes one grouped K1 and
     one grouped K3 call, and no single-matrix K1/K3 (AdaptiveAdamW: ranks differ per matrix,
-    so there are more classes than shapes)."""
+    so there are more classes than shapes); with the reference backend K2 is one
+    multi-tensor call per class, not one per matrix."""
     if not available("triton", "cpu"):
         pytest.skip("triton unavailable here")
     calls = count_calls(monkeypatch)
@@ -90,12 +138,18 @@ def test_grouped_launches_once_per_class(monkeypatch):
     assert len(classes) > len(shapes)
     assert calls.get("project", 0) == 0 and calls.get("backproject_update", 0) == 0
     assert calls["grouped_project"] == calls["grouped_backproject_update"] == len(classes)
+    assert len(opt._engine_plan.classes) == len(classes)
+    calls = count_calls(monkeypatch, ("adam_moments", "adam_moments_multi"),
+                        backend="reference")
+    _run(AdaptiveAdamW, True, "reference", torch.float32, steps=2)   # no refresh at step 2
+    assert calls.get("adam_moments", 0) == 0 and calls["adam_moments_multi"] > 0
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
-def test_flag_is_checked(name):
-    with pytest.raises((TypeError, ValueError), match="grouped_gemms"):
-        CLASSES[name]([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms="yes")
+def test_removed_grouped_gemms_flag_is_refused(name):
+    """The engine is the only path: the old opt-in keyword is an error, not ignored."""
+    with pytest.raises(TypeError, match="grouped_gemms"):
+        CLASSES[name]([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms=True)
 
 
 def _run_method(method, grouped, backend, dtype, steps, **kw):
@@ -119,7 +173,34 @@ def _run_method(method, grouped, backend, dtype, steps, **kw):
 # AdaRankGrad on the engine: tests/test_optim_adarankgrad_engine.py
 
 
-# LDAdamW on the engine: tests/test_optim_ldadam_engine.py
+@pytest.mark.parametrize("backend,dtype,ef", [("triton", torch.float32, True),
+                                              ("reference", torch.float32, True),
+                                              ("reference", torch.bfloat16, True),
+                                              ("reference", torch.float32, False)], ids=str)
+def test_ldadam_grouped_equals_per_matrix(backend, dtype, ef, monkeypatch):
+    """LDAdamW's grouped K1 (line 2) and K3 (line 9) around the per-matrix power iteration,
+    transport, error feedback and moments: weights, bases, moments and error buffers equal
+    the per-matrix step bit for bit, both sides; one grouped K1 and K3 per class and step."""
+    if not available(backend, "cpu"):
+        pytest.skip(f"{backend} unavailable here")
+    steps = 3 if backend == "triton" else 5
+    kw = dict(error_feedback=ef)
+    a, opt_a, _ = _run_method("ldadam", False, backend, dtype, steps, **kw)
+    calls = count_calls(monkeypatch, backend=backend)
+    b, opt_b, _ = _run_method("ldadam", True, backend, dtype, steps, **kw)
+    _assert_same(a, opt_a, b, opt_b)
+    assert any("error" in st for st in opt_b.state.values()) == ef
+    assert calls.get("project", 0) == calls.get("backproject_update", 0) == 0
+    classes = {(tuple(p.shape), opt_b._plan(p, g)[0]) for g in opt_b.param_groups
+               for p in g["params"] if opt_b._plan(p, g) is not None}
+    assert calls["grouped_project"] == calls["grouped_backproject_update"] == steps * len(classes)
+
+
+def test_ldadam_flag_is_checked():
+    from lowrank_fused.optim.ldadam import LDAdamW
+
+    with pytest.raises(ValueError, match="grouped_gemms"):
+        LDAdamW([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms="no")
 
 
 ADAMEM_OPS = ("project", "grouped_project", "residual_backproject_update",

@@ -28,6 +28,7 @@ Right-projected matrices run every op in the canonical left form on transposed v
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import warnings
@@ -35,12 +36,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from lowrank_fused import ops, ops_grouped
+from lowrank_fused import ops, ops_multi
 from lowrank_fused.dispatch import implementation
 from lowrank_fused.linalg import RefreshFallbackWarning, canonical_svd_basis, fallback_basis
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import check_bool, check_number
-from lowrank_fused.optim._engine import DenseRoute
+from lowrank_fused.optim._engine import ClassRoute, per_member
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
 from lowrank_fused.subspace import randomized_svd
 
@@ -188,7 +189,9 @@ class _SubspaceAdamW(GaLoreAdamW):
     step with a method-specific basis update, the norm-growth limiter and moment transport."""
 
     SUPPORTS_SHARDED = False
-    DEVICE_SKIP = False     # the projected step is still per matrix
+    # the limiter, the basis updates and K-FAC's whitening do not take the on-device skip
+    # flag yet: the step reads the non-finite flag on the host
+    DEVICE_SKIP = False
 
     def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
                  backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision,
@@ -197,7 +200,6 @@ class _SubspaceAdamW(GaLoreAdamW):
         # (set before the base constructor, which checks the groups)
         self._family = dict(family)
         self.capacity_buffers = check_bool("capacity_buffers", capacity_buffers)
-        self.grouped_gemms = check_bool("grouped_gemms", projector.pop("grouped_gemms", False))
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          correct_bias=correct_bias, backend=backend, nonfinite=nonfinite,
                          faithful_dtypes=faithful_dtypes, sign_canon=sign_canon,
@@ -233,10 +235,14 @@ class _SubspaceAdamW(GaLoreAdamW):
 
     # -- the optimizer step -----------------------------------------------------------------
     def _route(self, p, group):
-        """Dense parameters on the engine's dense sets; projected ones keep the per-matrix
-        step."""
+        """Dense parameters on the engine's dense sets; projected ones on its classes, at their
+        current rank (AdaptiveAdamW's ranks differ per matrix: a class is also one rank)."""
         route = super()._route(p, group)
-        return route if isinstance(route, DenseRoute) else None
+        if isinstance(route, ClassRoute):
+            rank = self.state[p].get("rank", route.rank) if p in self.state else route.rank
+            if rank != route.rank:
+                route = dataclasses.replace(route, rank=rank)
+        return route
 
     def _managed(self, group):
         """(param, plan) of a group's projected matrices."""
@@ -269,12 +275,6 @@ class _SubspaceAdamW(GaLoreAdamW):
         W, G, write_back = self._as_matrix(p, shape)
         self._update_basis(p, group, side, G, state, backend)
         P = state["ortho"]
-        if self.grouped_gemms:
-            batch = self._grouped_batch(backend, side, precision, W, G, P)
-            if batch is not None:                 # K1 and K3 of the class at the end
-                state["step"] += 1
-                batch.append((W, G, P, state, group, write_back))
-                return
         R = ops.project(G, P, side=side, precision=precision, backend=backend)
         state["step"] += 1
         N, coef, post_decay = self._direction(R, state, group, side, backend)
@@ -289,33 +289,142 @@ class _SubspaceAdamW(GaLoreAdamW):
         N, step_size, sumsq = self._normalised_step(R, state, group, side, state["step"],
                                                     backend, want_sumsq=limit)
         if limit:                                                # the limiter, B1
-            first = "nl_prev" not in state
-            if first:
-                state["nl_prev"] = torch.zeros((), dtype=torch.float32, device=R.device)
-            implementation("norm_growth_limit", backend, R.device)(
-                N, state["nl_prev"], gamma=float(group["nl_gamma"]), first=first, sumsq=sumsq)
+            self._limit(implementation("norm_growth_limit", backend, R.device), N, state,
+                        group, sumsq)
         _, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "post")
         return N, step_size * group["scale"], post_decay
 
-    def _flush_grouped(self, backend, side, precision, items):
-        """``grouped_gemms``: one matrix class's K1 (one launch), each matrix's normalised
-        step and limiter (``_direction``), K3 (one launch), then the write-backs."""
-        Ws, Gs, Ps, states, groups, wbs = (list(x) for x in zip(*items))
-        items.clear()
-        Rs = ops_grouped.grouped_project(Gs, Ps, side=side, precision=precision,
-                                         backend=backend)
-        Ns, coefs, posts = [], [], []
-        for R, state, group in zip(Rs, states, groups):
-            N, coef, post = self._direction(R, state, group, side, backend)
-            Ns.append(N)
-            coefs.append(coef)
-            posts.append(post)
-        del Rs
-        ops_grouped.grouped_backproject_update(Ws, Ps, Ns, side=side, coef=coefs,
-                                               post_decay=posts, precision=precision,
-                                               backend=backend)
-        for write_back, W in zip(wbs, Ws):
-            write_back(W)
+    @staticmethod
+    def _limit(impl, N, state, group, sumsq):
+        """The norm-growth limiter (B1) on one matrix's N, in place; its memory ``nl_prev``
+        is created (0-dim fp32) on the first call."""
+        first = "nl_prev" not in state
+        if first:
+            state["nl_prev"] = torch.zeros((), dtype=torch.float32, device=N.device)
+        impl(N, state["nl_prev"], gamma=float(group["nl_gamma"]), first=first, sumsq=sumsq)
+
+    # -- the step on the engine's classes (optim/_engine.py) --------------------------------
+    # the state tensors a class's lists hold (a basis update that replaces one rebuilds them)
+    _CLASS_STATE = ("ortho", "exp_avg", "exp_avg_sq")
+
+    def _refresh_classes(self, routed) -> bool:
+        """Every member's basis update due on this step (``_update_basis``, as the per-matrix
+        step runs it; AdaptiveAdamW's joint refresh ran before, in ``_before_updates``). True
+        when one replaced a state tensor of the class lists or changed a rank; a changed rank
+        also changes the member's route (the class key and its workspace shapes)."""
+        # AdaptiveAdamW's refresh (before the engine step) replaced tensors
+        replaced = self.__dict__.pop("_state_replaced", False)
+        keys = self._CLASS_STATE
+        backends = {}
+        for i, (p, group, route, state) in enumerate(routed):
+            if self._basis_due(group, state):
+                before = [state.get(k) for k in keys]
+                G = p.grad if p.dim() == 2 else p.grad.reshape(route.shape)
+                backend = backends.get(id(group))      # one per group: all are projected
+                if backend is None:
+                    backend = backends[id(group)] = self._backend_for(group, p)
+                self._update_basis(p, group, route.side, G, state, backend)
+                if any(state.get(k) is not b for k, b in zip(keys, before)):
+                    replaced = True
+            rank = state["rank"]
+            if rank != route.rank:
+                routed[i] = (p, group, dataclasses.replace(route, rank=rank), state)
+                replaced = True
+        return replaced
+
+    def _refresh_pending(self, plan) -> bool:
+        return True             # not reached while DEVICE_SKIP is False
+
+    def _basis_due(self, group, state) -> bool:
+        """Whether ``_update_basis`` has anything to do on this step (default: always)."""
+        return True
+
+    def _refresh_basis_due(self, group, state) -> bool:
+        """A refresh every ``update_proj_gap`` steps (counter before the increment)."""
+        return "ortho" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
+
+    def _class_lists(self, cls):
+        members = cls.members
+        device = cls.Ws[0].device
+        cls.extra["Ms"] = [m.state["exp_avg"] for m in members]
+        limit = [m.group["nl_gamma"] is not None for m in members]
+        cls.extra["limit"] = limit
+        cls.extra["limiter"] = implementation("norm_growth_limit", cls.backend, device) \
+            if any(limit) else None
+        self._class_lists_k2(cls)
+
+    def _class_lists_k2(self, cls):
+        """The lists of the middle step: Adam's V and, where the backend has it, one
+        multi-tensor K2 for the class with ``||N||^2`` of every member as a side output."""
+        members = cls.members
+        cls.extra["Vs"] = [m.state["exp_avg_sq"] for m in members]
+        cls.extra["where"] = self._multi_where(
+            "adam_moments", cls.backend, cls.Rs + cls.extra["Ms"] + cls.extra["Vs"] + cls.Ns) \
+            if self.multi_tensor else None
+        if any(cls.extra["limit"]):
+            norms = torch.zeros(len(members), dtype=torch.float32, device=cls.Ws[0].device)
+            cls.extra["norms"] = norms
+            cls.extra["sumsq"] = list(norms.view(len(members), 1).unbind(0))
+        else:
+            cls.extra["norms"] = None
+            cls.extra["sumsq"] = [None] * len(members)
+
+    def _class_step(self, cls, precision):
+        """One class: K1 of every member (one grouped launch), the middle step (one
+        multi-tensor K2 where the backend has it, else per member; K-FAC's whitening per
+        member), the limiter per member, K3 (one grouped launch)."""
+        ts = []
+        for m in cls.members:
+            t = m.state["step"] + 1
+            m.state["step"] = t
+            ts.append(t)
+        groups = [m.group for m in cls.members]
+        Rs = self._class_project(cls, self._class_grads(cls), precision)
+        steps = self._class_middle(cls, Rs, groups, ts)
+        limiter = cls.extra["limiter"]
+        if limiter is not None:
+            for N, m, on, sumsq in zip(cls.Ns, cls.members, cls.extra["limit"],
+                                       cls.extra["sumsq"]):
+                if on:
+                    self._limit(limiter, N, m.state, m.group, sumsq)
+        memo = {}
+        coefs, posts = [], []
+        for g, t, step_size in zip(groups, ts, steps):
+            c = memo.get((id(g), step_size))
+            if c is None:
+                _, post = ops.decay_coefficients(g["lr"], g["weight_decay"], "post")
+                c = memo[(id(g), step_size)] = (step_size * g["scale"], post)
+            coefs.append(c[0])
+            posts.append(c[1])
+        self._class_update(cls, coefs, posts, precision)
+
+    def _class_middle(self, cls, Rs, groups, ts):
+        """K2 on the class: the moments advance, N is written into the class's workspace
+        (with ``||N||^2`` for the limiter). Returns each member's step size."""
+        hyper = per_member(groups, lambda g: (g["betas"][0], g["betas"][1], g["eps"]))
+        Ms, Vs, Ns = cls.extra["Ms"], cls.extra["Vs"], cls.Ns
+        where = cls.extra["where"]
+        if where is not None:
+            k2 = cls.extra.get("k2")
+            if k2 is None:
+                k2 = cls.extra["k2"] = ops_multi.BoundAdamMomentsMulti(
+                    Rs, Ms, Vs, Ns, eps_mode="hf", backend=where)
+            k2([h + (t,) for h, t in zip(hyper, ts)], norms=cls.extra["norms"],
+               skip=self._skip_flag)
+        else:
+            for R, M, V, N, (a, b, e), t, sumsq in zip(Rs, Ms, Vs, Ns, hyper, ts,
+                                                       cls.extra["sumsq"]):
+                ops.adam_moments(R, M, V, N, beta1=a, beta2=b, eps=e, step=t, eps_mode="hf",
+                                 sumsq=sumsq, backend=cls.backend, skip=self._skip_flag)
+        memo = {}
+        out = []
+        for g, t in zip(groups, ts):
+            v = memo.get((id(g), t))
+            if v is None:
+                b1, b2 = g["betas"]
+                v = memo[(id(g), t)] = ops.hf_step_size(g["lr"], b1, b2, t, g["correct_bias"])
+            out.append(v)
+        return out
 
     # -- pieces the methods choose from ------------------------------------------------------
     def _update_basis(self, p, group, side, G, state, backend):
@@ -326,10 +435,20 @@ class _SubspaceAdamW(GaLoreAdamW):
         sumsq): with ``want_sumsq`` (the limiter is on), ``sumsq`` is ``||N||^2`` (1-element fp32)
         from K2's own pass, so the limiter does not read N for its norm; else None."""
         beta1, beta2 = group["betas"]
-        N = torch.empty_like(state["exp_avg"])
+        M, V = state["exp_avg"], state["exp_avg_sq"]
+        N = torch.empty_like(M)
         sumsq = torch.empty(1, dtype=torch.float32, device=R.device) if want_sumsq else None
-        ops.adam_moments(R, state["exp_avg"], state["exp_avg_sq"], N, beta1=beta1, beta2=beta2,
-                         eps=group["eps"], step=t, eps_mode="hf", sumsq=sumsq, backend=backend)
+        where = self._multi_where("adam_moments", backend, (R, M, V, N)) \
+            if want_sumsq and self.multi_tensor else None
+        if where is not None:
+            # the op the engine's class step runs (its ||N||^2 is a reduction: another
+            # implementation, e.g. auto's single-matrix kernel, may round it differently)
+            ops_multi.adam_moments_multi([R], [M], [V], [N], beta1=beta1, beta2=beta2,
+                                         eps=group["eps"], step=t, eps_mode="hf", norms=sumsq,
+                                         backend=where)
+        else:
+            ops.adam_moments(R, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
+                             eps_mode="hf", sumsq=sumsq, backend=backend)
         return N, ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"]), sumsq
 
     def _init_moments(self, p, state, side, shape, rank, cap=None):
@@ -405,10 +524,6 @@ class AdaptiveAdamW(_SubspaceAdamW):
             reallocated at each refresh for the new ranks (the least memory). Without
             ``max_rank`` a capacity can be ``min(m, n)``: set both.
         backend, faithful_dtypes, sign_canon, matmul_precision: as ``GaLoreAdamW``.
-        grouped_gemms: as ``GaLoreAdamW``: K1 and K3 of the matrices of one class (shape,
-            current rank, side, dtypes, layout) run as one grouped launch each (also for
-            ``RSAdamW``, ``GHAAdamW`` and ``GaLoreKFACAdamW``, whose ranks are uniform);
-            bit-identical to the per-matrix step.
         projector, proj_oversample, proj_power_iters: as ``GaLoreAdamW``. With
             ``"randomized"`` a refresh runs one batched randomized SVD per distinct matrix shape
             (and side) of the group, with k = the largest rank a matrix can receive
@@ -425,6 +540,15 @@ class AdaptiveAdamW(_SubspaceAdamW):
     takes GaLore's step with the limiter on the normalised step (phase B). Matrices with
     ``rank >= min(m, n)`` and 1-D parameters get the dense HF AdamW step (the size guard), outside
     the budget.
+
+    The step runs on the engine (docs/engine.md), as GaLore's does, for all four classes
+    (``RSAdamW``, ``GHAAdamW`` and ``GaLoreKFACAdamW`` too): the matrices of one class (side,
+    current rank, shape, dtypes, layout; adaptive ranks make more classes than shapes) take
+    one grouped K1, one multi-tensor K2 with every ``||N||^2`` as a side output (K-FAC's
+    whitening: one call per matrix), the limiter per matrix and one grouped K3; the dense
+    parameters one multi-tensor AdamW call. A basis update that replaces a state tensor or
+    changes a rank rebuilds the classes. The result equals the per-matrix step bit for bit on
+    the CPU (``opt.engine = False`` runs that; per-layer mode always does).
     """
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
@@ -432,7 +556,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
                  combined_weight=0.5, update_proj_gap=200, scale=0.25, max_rank=None,
                  capacity_buffers=False, backend="auto", nonfinite="raise",
                  faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 projector="svd", proj_oversample=8, proj_power_iters=2, grouped_gemms=False):
+                 projector="svd", proj_oversample=8, proj_power_iters=2):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, rank_metric=rank_metric,
                       nl_gamma=nl_gamma, combined_weight=combined_weight, max_rank=max_rank,
                       pool_step=0)
@@ -441,8 +565,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
                          backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
                          sign_canon=sign_canon, matmul_precision=matmul_precision,
                          capacity_buffers=capacity_buffers, projector=projector,
-                         proj_oversample=proj_oversample, proj_power_iters=proj_power_iters,
-                         grouped_gemms=grouped_gemms)
+                         proj_oversample=proj_oversample, proj_power_iters=proj_power_iters)
 
     def _check_family(self, group):
         super()._check_family(group)
@@ -458,6 +581,9 @@ class AdaptiveAdamW(_SubspaceAdamW):
         cap = min(min(shape), group["rank"] * count - count + 1)
         return cap if group.get("max_rank") is None else min(cap, group["max_rank"])
 
+    def _basis_due(self, group, state) -> bool:
+        return "ortho" not in state       # (an error: the joint refresh runs before)
+
     def _update_basis(self, p, group, side, G, state, backend):
         if "ortho" not in state:   # only reachable if a refresh was skipped: a bug
             raise RuntimeError("AdaptiveAdamW: projected matrix has no basis (refresh missed)")
@@ -469,6 +595,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
 
     def _check_grads(self):
         for group in self.param_groups:
+            if "rank" not in group or group["pool_step"] % group["update_proj_gap"]:
+                continue                      # no refresh: nothing to check
             managed = self._managed(group)
             if not managed or not self._refresh_due(group, managed):
                 continue
@@ -483,11 +611,16 @@ class AdaptiveAdamW(_SubspaceAdamW):
 
     def _before_updates(self):
         for group in self.param_groups:
-            managed = self._managed(group)
-            if not managed or not any(p.grad is not None for p, _ in managed):
+            if "rank" not in group:
                 continue
-            if self._refresh_due(group, managed):
+            if group["pool_step"] % group["update_proj_gap"] == 0:
+                managed = self._managed(group)
+                if not managed or not any(p.grad is not None for p, _ in managed):
+                    continue
                 self._refresh(group, managed)
+            elif not any(p.grad is not None and self._plan(p, group) is not None
+                         for p in group["params"]):
+                continue                      # (stops at the first projected gradient)
             group["pool_step"] += 1
 
     def _per_layer_defers(self):
@@ -538,6 +671,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
         ``capacity_buffers``)."""
         cap = cap if self.capacity_buffers else None
         state = self.state[p]
+        self._state_replaced = True       # the engine's classes are rebuilt
         P_new = P_new.to(self._state_dtype(p))
         if "ortho" in state:
             self._transport_moments(state, side, P_new, self.backend, cap)
@@ -626,14 +760,13 @@ class RSAdamW(_SubspaceAdamW):
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, sigma=1.0, seed=0, nl_gamma=1.01, update_proj_gap=200,
                  scale=0.25, backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
-                 matmul_precision=None, grouped_gemms=False):
+                 matmul_precision=None):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
                       sigma=sigma, seed=seed)
         self._check_rs(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
                          backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision,
-                         grouped_gemms=grouped_gemms)
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     @staticmethod
     def _check_rs(d):
@@ -647,6 +780,8 @@ class RSAdamW(_SubspaceAdamW):
 
     def _method_ops(self, group):
         return super()._method_ops(group) + ("subspace_drift",)
+
+    _basis_due = _SubspaceAdamW._refresh_basis_due
 
     def _update_basis(self, p, group, side, G, state, backend):
         k = state.get("step", 0)
@@ -685,14 +820,12 @@ class GHAAdamW(_SubspaceAdamW):
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, eta=0.5, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 grouped_gemms=False):
+                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma, eta=eta)
         self._check_gha(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
                          backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision,
-                         grouped_gemms=grouped_gemms)
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     @staticmethod
     def _check_gha(d):
@@ -718,12 +851,18 @@ class GHAAdamW(_SubspaceAdamW):
             state["rank"] = group["rank"]
             self._init_moments(p, state, side, (G.shape[0], G.shape[1]), group["rank"])
             return
+        # every step: written into the stored basis and moments (same shapes), so the
+        # engine's classes keep their tensors
         P_new = implementation("gha_update", backend, p.device)(
             _canon(side, G), _canon(side, state["ortho"]), eta=float(group["eta"]),
             sign_canon=self.sign_canon)
-        P_new = _uncanon(side, P_new).to(self._state_dtype(p))
-        self._transport_moments(state, side, P_new, backend)
-        state["ortho"] = P_new
+        P_new = P_new.to(self._state_dtype(p))
+        M, V = implementation("moment_transport", backend, p.device)(
+            P_new, _canon(side, state["ortho"]), _canon(side, state["exp_avg"]),
+            _canon(side, state["exp_avg_sq"]))
+        _canon(side, state["exp_avg"]).copy_(M)
+        _canon(side, state["exp_avg_sq"]).copy_(V)
+        _canon(side, state["ortho"]).copy_(P_new)
 
 
 class GaLoreKFACAdamW(_SubspaceAdamW):
@@ -746,16 +885,14 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, kfac_eps=1e-6, kfac_update_freq=10,
                  transport_on_refresh=True, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 grouped_gemms=False):
+                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
                       kfac_eps=kfac_eps, kfac_update_freq=kfac_update_freq,
                       transport_on_refresh=transport_on_refresh)
         self._check_kfac(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
                          backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision,
-                         grouped_gemms=grouped_gemms)
+                         sign_canon=sign_canon, matmul_precision=matmul_precision)
 
     @staticmethod
     def _check_kfac(d):
@@ -780,6 +917,8 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     def _basis_reads_grad(self, p, group):
         st = self.state.get(p, {})
         return "ortho" not in st or st["step"] % group["update_proj_gap"] == 0
+
+    _basis_due = _SubspaceAdamW._refresh_basis_due
 
     def _update_basis(self, p, group, side, G, state, backend):
         k = state.get("step", 0)
@@ -807,17 +946,37 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
 
     def _normalised_step(self, R, state, group, side, t, backend, want_sumsq=False):
         """K-FAC whitening; no norm side output (the limiter computes ``||N||`` itself)."""
+        N = torch.empty_like(state["exp_avg"])
+        self._whiten(implementation("kfac_precondition", backend, R.device), R, N, state,
+                     group, side, t)
+        return N, float(group["lr"]), None
+
+    @staticmethod
+    def _whiten(impl, R, N, state, group, side, t):
+        """One matrix's K-FAC step into ``N``: M and F advance, the inverse root is
+        recomputed when due."""
         beta1, beta2 = group["betas"]
         if group["correct_bias"]:
             c1, c2 = ops.bias_corrections(beta1, beta2, t)
         else:
             c1, c2 = 1.0, 1.0
         recompute = (t - 1) % group["kfac_update_freq"] == 0 or not state["kfac_root_valid"]
-        N = torch.empty_like(state["exp_avg"])
-        valid = implementation("kfac_precondition", backend, R.device)(
-            _canon(side, R), _canon(side, state["exp_avg"]), state["kfac_factor"],
-            state["kfac_root"], _canon(side, N), beta1=float(beta1), beta2=float(beta2),
-            c1=c1, c2=c2, eps_rel=float(group["kfac_eps"]), recompute=recompute)
+        valid = impl(_canon(side, R), _canon(side, state["exp_avg"]), state["kfac_factor"],
+                     state["kfac_root"], _canon(side, N), beta1=float(beta1),
+                     beta2=float(beta2), c1=c1, c2=c2, eps_rel=float(group["kfac_eps"]),
+                     recompute=recompute)
         if recompute:
             state["kfac_root_valid"] = int(bool(valid))
-        return N, float(group["lr"]), None
+
+    # the engine: no second moment, and the whitening per matrix (no multi-tensor form)
+    _CLASS_STATE = ("ortho", "exp_avg")
+
+    def _class_lists_k2(self, cls):
+        cls.extra["kfac"] = implementation("kfac_precondition", cls.backend, cls.Ws[0].device)
+        cls.extra["sumsq"] = [None] * len(cls.members)
+
+    def _class_middle(self, cls, Rs, groups, ts):
+        impl, side = cls.extra["kfac"], cls.route.side
+        for R, N, m, t in zip(Rs, cls.Ns, cls.members, ts):
+            self._whiten(impl, R, N, m.state, m.group, side, t)
+        return [float(g["lr"]) for g in groups]
