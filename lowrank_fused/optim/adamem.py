@@ -415,11 +415,14 @@ class AdaMeM(LowRankOptimizer):
 
             sts = [m.state for m in cls.members]
             k = cls.route.shape[1] if transposed else cls.route.shape[0]
-            cls.extra["middle"] = GroupedAdamemMiddle(
-                k, cls.extra["Rc"], [st["M"] for st in sts], [st["a_row"] for st in sts],
-                [st["a_col"] for st in sts], cls.extra["Nc"], [st["c_os"] for st in sts],
-                cls.extra["col_scales"], cls.extra["sumsq_rows"],
-                stats_from_momentum=cls.members[0].group["v_source"] == "momentum")
+            try:
+                cls.extra["middle"] = GroupedAdamemMiddle(
+                    k, cls.extra["Rc"], [st["M"] for st in sts], [st["a_row"] for st in sts],
+                    [st["a_col"] for st in sts], cls.extra["Nc"], [st["c_os"] for st in sts],
+                    cls.extra["col_scales"], cls.extra["sumsq_rows"],
+                    stats_from_momentum=cls.members[0].group["v_source"] == "momentum")
+            except ValueError:     # a state tensor of another layout (e.g. loaded strided):
+                pass               # the per-matrix middle, which takes any strides
 
     def _class_key_extra(self, p, group, state) -> tuple:
         # a class's grouped middle has one statistics source
