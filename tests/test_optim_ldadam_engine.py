@@ -175,3 +175,27 @@ def test_nonfinite_power_iteration_keeps_basis_and_warns_once_per_step():
 def test_removed_grouped_gemms_flag_is_refused():
     with pytest.raises(TypeError, match="grouped_gemms"):
         LDAdamW([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms=True)
+
+
+def test_lagged_guards_warn_at_the_next_call():
+    """With the flags left on the device (``lagged_nonfinite``, CUDA's default), the step does
+    not read the power-iteration guards: the warning comes at the next ``step()`` (or
+    ``nonfinite_check()`` / ``state_dict()``), naming the matrix."""
+    _, opt = _run(True, "reference", torch.float32, 2)
+    opt.lagged_nonfinite = True
+    cls = next(iter(opt._engine_plan.classes.values()))
+    m = cls.members[0]
+    m.state["exp_avg"].fill_(3e38)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.randn_like(p) * 1e-2
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        opt.step()
+    assert not [x for x in w if issubclass(x.category, RefreshFallbackWarning)]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        opt.nonfinite_check()
+        opt.nonfinite_check()                 # read once
+    hits = [x for x in w if issubclass(x.category, RefreshFallbackWarning)]
+    assert len(hits) == 1 and opt.param_label(m.p) in str(hits[0].message)

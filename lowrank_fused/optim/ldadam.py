@@ -314,14 +314,48 @@ class LDAdamW(LowRankOptimizer):
         checks, self._pi_checks = getattr(self, "_pi_checks", []), []
         if checks and self.nonfinite != "ignore":          # one host read for the whole step
             ok = torch.cat([flag.reshape(-1) for _, flag in checks])
-            if bool(ok.all()):
-                return
             params = [p for ps, _ in checks for p in ps]
-            for p, good in zip(params, ok.cpu().tolist()):
-                if not good:
-                    warnings.warn(f"subspace refresh of {self.param_label(p)}: the power "
-                                  "iteration produced non-finite values; kept the previous "
-                                  "basis", RefreshFallbackWarning)
+            if self._lagged_nonfinite(ok.device):
+                # as the engine's non-finite flag (docs/engine.md): copied asynchronously and
+                # read at the next step() (or nonfinite_check(), state_dict()), so the host
+                # does not wait here for the step's kernels
+                if ok.is_cuda:
+                    host = torch.empty(ok.shape, dtype=torch.bool, pin_memory=True)
+                    host.copy_(ok, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                else:
+                    host, event = ok, None
+                self._take_pending_guards()       # per-layer mode: no step() in between
+                self._pending_guards = (host, event, params)
+                return
+            self._warn_fallbacks(ok, params)
+
+    def _warn_fallbacks(self, ok, params):
+        """The warning for every matrix whose power iteration was not finite (``ok``: one
+        flag per matrix of ``params``; one host read)."""
+        if bool(ok.all()):
+            return
+        for p, good in zip(params, ok.cpu().tolist()):
+            if not good:
+                warnings.warn(f"subspace refresh of {self.param_label(p)}: the power "
+                              "iteration produced non-finite values; kept the previous "
+                              "basis", RefreshFallbackWarning)
+
+    def nonfinite_check(self):
+        """The base's check, and the power-iteration guards of the last step when they were
+        left on the device (``lagged_nonfinite``, the default on CUDA): a matrix that kept its
+        basis is named by a ``RefreshFallbackWarning`` here, one call later."""
+        self._take_pending_guards()
+        super().nonfinite_check()
+
+    def _take_pending_guards(self):
+        pending = self.__dict__.pop("_pending_guards", None)
+        if pending is not None:
+            host, event, params = pending
+            if event is not None:
+                event.synchronize()
+            self._warn_fallbacks(host, params)
 
     def _step_param(self, p, group, backend, precision):
         plan = self._plan(p, group)
