@@ -441,38 +441,28 @@ class AdaMeM(LowRankOptimizer):
             k1 = ex["k1"] = ops_grouped.BoundGroupedProject(Gs, cls.Ps, ex["Rc"], side="left",
                                                             backend=cls.backend)
         k1(Gs, precision=precision, sumsq=ex["sumsq"])
-        moments, col_stats = ex["impls"]
         memo = {}
-        coefs = []
-        middle = ex["middle"]
-        if middle is not None:
-            rows = []
-            for m in cls.members:
-                state = m.state
-                t = state["step"] = state["step"] + 1
-                key = (id(m.group), t)
-                scalars = memo.get(key)
-                if scalars is None:
-                    scalars = memo[key] = self._scalars(m.group, t)
-                    mk = scalars[0]
-                    scalars += ((mk["beta1"], mk["beta2"], mk["eps"], mk["eps1"], mk["c1"],
-                                 mk["c2"]),)
-                    memo[key] = scalars
-                rows.append(scalars[3])
-                coefs.append(scalars[2])
-            middle(rows)
-        for m, G, P, R, N1, g_sumsq, col_scale in (() if middle is not None else zip(
-                cls.members, Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["sumsq_rows"],
-                ex["col_scales"])):
+        scalars = []
+        for m in cls.members:                                    # line 1: the counters
             state = m.state
             t = state["step"] = state["step"] + 1
             key = (id(m.group), t)
-            scalars = memo.get(key)
-            if scalars is None:
-                scalars = memo[key] = self._scalars(m.group, t)
-            self._low_rank_middle(moments, col_stats, state, G, P, R, g_sumsq, N1, col_scale,
-                                  scalars[0], scalars[1])
-            coefs.append(scalars[2])
+            sc = memo.get(key)
+            if sc is None:
+                sc = memo[key] = self._scalars(m.group, t)
+            scalars.append(sc)
+        middle = ex["middle"]
+        if middle is not None:           # the class's middle in four launches
+            middle([(mk["beta1"], mk["beta2"], mk["eps"], mk["eps1"], mk["c1"], mk["c2"])
+                    for mk, _, _ in scalars])
+        else:
+            moments, col_stats = ex["impls"]
+            for m, G, P, R, N1, g_sumsq, col_scale, sc in zip(
+                    cls.members, Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["sumsq_rows"],
+                    ex["col_scales"], scalars):
+                self._low_rank_middle(moments, col_stats, m.state, G, P, R, g_sumsq, N1,
+                                      col_scale, sc[0], sc[1])
+        coefs = [sc[2] for sc in scalars]
         k3 = ex.get("k3")
         if k3 is None:
             k3 = ex["k3"] = ops_grouped.BoundGroupedResidualBackprojectUpdate(
