@@ -23,7 +23,7 @@ build counts). After every stage, and after every benchmark case, ``<out>/headli
    eager (reference), and ``torch.optim.AdamW(fused=True)`` on the same matrix; each row with
    GB/s, the multiple of the byte floor and of the roofline floor, and its first call's time
    (``first_call_ms``: the cold Triton compiles);
-5. ``whole_model``: the LLaMA-1B step of GaLore and AdaptiveAdamW (fused, grouped) vs torch's
+5. ``whole_model``: the LLaMA-1B step of GaLore and AdaptiveAdamW (engine, per matrix) vs torch's
    fused AdamW, with host time, and CUDA-graph rows where an optimizer offers capture
    (``suite_step.whole_model``).
 
@@ -102,6 +102,7 @@ HOT_TEST_SHARDS = (
     ("tests/test_project.py", "tests/test_moment_transport.py"),
     ("tests/test_adam_moments.py", "tests/test_adamw_step.py", "tests/test_adamw_step_csrc.py",
      "tests/test_multi_tensor.py"),
+    ("tests/test_step_engine.py", "tests/test_bound_ops.py"),
 )
 # --tiny: the same code on a CPU under the interpreter, as small as still exercises it
 TINY_SHAPE = (32, 48)

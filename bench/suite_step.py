@@ -34,9 +34,10 @@ REFRESH = {
 }
 DENSE = ("adamw", "adafactor")
 FAR = 10 ** 9
-# methods with ``grouped_gemms`` (K1/K3 of each matrix class as one launch): a "fused-grouped" row
-GROUPED = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adarankgrad", "ldadam",
-           "adamem")
+# the low-rank methods also get a "fused-per-matrix" row: the step engine off (``opt.engine =
+# False``: each matrix's own K1/K2/K3, docs/engine.md) against the default (classes, grouped)
+PER_MATRIX = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adarankgrad",
+              "ldadam", "adamem")
 # the whole-model comparison on CUDA (not --quick): LLaMA-1B, GaLore's rank for it
 WHOLE_MODEL = ("1b", 512, ("galore", "adaptive_adamw"))
 
@@ -110,7 +111,7 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
     backends = [("eager", "reference", None)]
     if H.triton_usable(device, interpret):
         backends[:0] = [("fused", "triton", None),
-                        ("fused-grouped", "triton", {"grouped_gemms": True})]
+                        ("fused-per-matrix", "triton", {"engine": False})]
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
     rows, errors = [], []
@@ -121,12 +122,13 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
 
     for method in methods:
         for variant, backend, extra in backends:
-            if extra and method not in GROUPED:
+            if extra and method not in PER_MATRIX:
                 continue
             label = f"{method} {variant}/{backend}"
             try:
                 fresh()
-                opt = make_optimizer(model, method, **_kwargs(method, rank, FAR, backend, extra))
+                opt = _settings(make_optimizer(model, method,
+                                               **_kwargs(method, rank, FAR, backend)), extra)
                 p50, mean = time_steps(opt, device, n)
                 state = int(opt.state_bytes())
                 row = {"method": method, "variant": variant, "backend": backend,
@@ -135,8 +137,8 @@ def run(device, *, quick: bool, interpret: bool = False, methods=None, rank: int
                 del opt
                 if method in REFRESH:
                     fresh()
-                    opt = make_optimizer(model, method,
-                                         **_kwargs(method, rank, 1, backend, extra))
+                    opt = _settings(make_optimizer(model, method,
+                                                   **_kwargs(method, rank, 1, backend)), extra)
                     r50, _ = time_steps(opt, device, 3, warm=1)   # each one an SVD-class refresh
                     T = REFRESH[method][1]
                     row.update(refresh_p50_ms=r50, refresh_interval=T,
@@ -191,7 +193,7 @@ def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int 
                 warm: int = 2, precision=None, ceilings=None, graphs: bool = True,
                 deadline=None) -> dict:
     """The whole-model comparison: the steady step (between refreshes) of GaLore and
-    AdaptiveAdamW, fused per matrix and grouped, on every parameter of a LLaMA-1B-sized model
+    AdaptiveAdamW, fused on the step engine and per matrix, on every parameter of a LLaMA-1B-sized model
     (fp32), against ``torch.optim.AdamW(fused=True)`` on the same parameters, side by side in
     one process. The first step (a randomized refresh, to keep the run short) is a warm step.
 
@@ -273,7 +275,7 @@ def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int 
             "precision": precision, "rows": rows, "skipped": skipped}
 
 
-WHOLE_MODEL_VARIANTS = (("fused", {}), ("fused-grouped", {"grouped_gemms": True}))
+WHOLE_MODEL_VARIANTS = (("fused", {}), ("fused-per-matrix", {"engine": False}))
 
 
 def _whole_model(device, spec):
@@ -292,10 +294,18 @@ def _whole_model(device, spec):
 def _whole_model_optimizer(model, method, rank, extra, precision):
     """A fused optimizer of the whole-model comparison: refresh out of reach after the first
     step, whose subspace comes from the randomized range finder (a short warm step)."""
-    kw = {"projector": "randomized", **extra}
+    kw = {"projector": "randomized"}
     if precision is not None:
         kw["matmul_precision"] = precision
-    return make_optimizer(model, method, **_kwargs(method, rank, FAR, "triton", kw))
+    return _settings(make_optimizer(model, method, **_kwargs(method, rank, FAR, "triton", kw)),
+                     extra)
+
+
+def _settings(opt, settings):
+    """The optimizer with its settings (attributes, not constructor arguments: ``engine``)."""
+    for key, value in (settings or {}).items():
+        setattr(opt, key, value)
+    return opt
 
 
 def warm_whole_model(device, spec=WHOLE_MODEL, precision=None, log=print) -> int:

@@ -126,11 +126,11 @@ def test_whole_model_step_rows_and_report():
                                 spec=("tiny", 8, ("galore",)), steps=1)
     assert errors == []
     assert [(r["method"], r["variant"]) for r in wm["rows"]] == [
-        ("torch.optim.AdamW", "torch-fused"), ("galore", "fused"), ("galore", "fused-grouped")]
+        ("torch.optim.AdamW", "torch-fused"), ("galore", "fused"), ("galore", "fused-per-matrix")]
     assert all(r["steady_p50_ms"] > 0 and r["state_bytes"] > 0 for r in wm["rows"])
     assert wm["rows"][0]["vs_torch_adamw"] == 1.0
     page = report.whole_model_section(wm)
-    assert "Whole model, steady step" in page and "| galore | fused-grouped |" in page
+    assert "Whole model, steady step" in page and "| galore | fused-per-matrix |" in page
 
 
 def _study_done(cfg, losses):

@@ -98,7 +98,7 @@ def test_tiny_headline_runs_every_stage(tmp_path):
         assert r["extra"]["first_call_ms"] > 0
     wm = doc["whole_model"]
     assert [(r["method"], r["variant"]) for r in wm["rows"]] == [
-        ("torch.optim.AdamW", "torch-fused"), ("galore", "fused"), ("galore", "fused-grouped")]
+        ("torch.optim.AdamW", "torch-fused"), ("galore", "fused"), ("galore", "fused-per-matrix")]
     for r in wm["rows"]:
         assert 0 < r["host_p50_ms"] <= r["steady_p50_ms"] * 1.01 and r["graph"] == "n/a"
         assert r["multiple_of_roofline"] > 0 and r["bytes_floor"] > 0
@@ -121,7 +121,7 @@ def test_headline_out_of_budget_still_writes_partial_results(tmp_path, monkeypat
     # the whole-model stage measures its baseline, then skips the rest
     assert st["whole_model"]["status"] == "budget"
     assert [r["variant"] for r in doc["whole_model"]["rows"]] == ["torch-fused"]
-    assert doc["whole_model"]["skipped"] == ["galore fused", "galore fused-grouped"]
+    assert doc["whole_model"]["skipped"] == ["galore fused", "galore fused-per-matrix"]
     assert "Not measured (budget spent)" in md
     # under a second in all: the stages before the last keep their reserve for the later
     # ones, so they are skipped; the files are still written

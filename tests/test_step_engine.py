@@ -178,3 +178,34 @@ def test_refresh_step_reads_the_flag_at_once():
     assert sum(reads.count.values()) >= 1
     assert opt.skipped_steps == 1
     assert_same(before, snapshot(net, opt), "refresh step skipped at once")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_leaves_the_flag_on_the_device():
+    """On CUDA the lagged mode is the default: a NaN step makes no host read, is skipped on
+    the device, and the next step raises naming the parameter and the step."""
+    from _methods import CFG
+
+    def backward(net, t):                         # the batch of _methods.backward, on CUDA
+        g = torch.Generator().manual_seed(1000 + t)
+        ids = torch.randint(0, CFG["vocab_size"], (2, 9), generator=g).cuda()
+        net(ids[:, :-1], labels=ids[:, 1:])[1].backward()
+
+    net = model().cuda()
+    opt = optimizer(net, "galore", update_proj_gap=50)
+    for t in range(3):
+        backward(net, t)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    before = snapshot(net, opt)
+    backward(net, 3)
+    _poison(net, NAMES["dense"])
+    reads = HostReads()
+    with reads:
+        opt.step()
+    assert sum(reads.count.values()) == 0, dict(reads.count)
+    backward(net, 4)
+    with pytest.raises(FloatingPointError, match=rf"'{NAMES['dense']}'.*at step 4"):
+        opt.step()
+    assert_same(before, snapshot(net, opt), "cuda: raise")

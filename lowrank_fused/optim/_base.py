@@ -587,7 +587,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             torch.zeros(0, dtype=torch.bool, device=grads[0].device)
         self._skip_flag = bad.any()
         if bad.is_cuda:
-            host = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
+            # one pinned buffer, reused: nonfinite_check waited for the last copy into it
+            host = self.__dict__.get("_flag_host")
+            if host is None or host.shape != bad.shape:
+                host = self._flag_host = torch.empty(bad.shape, dtype=torch.bool,
+                                                     pin_memory=True)
             host.copy_(bad, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
