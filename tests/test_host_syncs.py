@@ -47,3 +47,36 @@ def test_host_reads_per_step(method, nonfinite, monkeypatch):
     if nonfinite != "ignore":
         expected += PER_STEP_CHECKED.get(method, 1)
     assert sum(reads.count.values()) == expected, f"{method}: {dict(reads.count)}"
+
+
+# reads per steady step with nonfinite="raise" and the flag left on the device (the CUDA
+# default, docs/engine.md): none where the engine runs the whole step with the on-device skip
+# (GaLore, AdamW; AdaRankGrad's one read of its norms carries the flag); the other methods
+# still read the flag at once, and LDAdam reads the previous step's power-iteration guards from
+# their host copy (on CUDA a pinned buffer whose copy has long completed: no wait on the GPU)
+LAGGED = {"galore": 0, "adamw": 0, "adarankgrad": 1, "ldadam": 2}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_host_reads_per_step_with_the_flag_on_the_device(method, monkeypatch):
+    net = model()
+    gap = {"update_proj_gap": 50} if method in (
+        "galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adamem") else {}
+    opt = optimizer(net, method, **gap)
+    opt.lagged_nonfinite = True
+    for t in range(3):
+        backward(net, t)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    backward(net, 3)
+    reads = HostReads()
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(t):
+        reads.count["tolist"] += 1
+        return real_tolist(t)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    with reads:
+        opt.step()
+    monkeypatch.undo()
+    assert sum(reads.count.values()) == LAGGED.get(method, 1), f"{method}: {dict(reads.count)}"
