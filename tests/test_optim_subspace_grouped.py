@@ -1,9 +1,9 @@
 """The AdaptiveAdamW family on the step engine (docs/engine.md): K1 and K3 of every class of
 same-shape, same-rank matrices run as one grouped launch each, K2 as one multi-tensor call
-(with every ``||N||^2`` for the limiter) where the backend has one, the limiter (and K-FAC's
-whitening) per matrix in between. The trajectory equals the per-matrix step
-(``opt.engine = False``) bit for bit on the CPU (same tiles), across refreshes and
-AdaptiveAdamW's rank changes, both projection sides, fp32 and bf16, on the Triton
+(with every ``||N||^2`` for the limiter) where the backend has one, the limiter once per
+class (fused limiter) or per matrix, K-FAC's whitening per matrix. The trajectory equals
+the per-matrix step (``opt.engine = False``) bit for bit on the CPU (same tiles), across
+refreshes and AdaptiveAdamW's rank changes, both projection sides, fp32 and bf16, on the Triton
 (interpreter), reference and auto backends. (AdaRankGrad, LDAdam and AdaMeM: below.)"""
 import pytest
 import torch
@@ -113,6 +113,44 @@ def test_engine_refresh_without_rank_change(shape):
         for key, v in opt_a.state[p].items():
             assert torch.equal(v, opt_b.state[q][key]) if torch.is_tensor(v) else \
                 v == opt_b.state[q][key], key
+
+
+def test_engine_limiter_per_class(monkeypatch):
+    """Between refreshes, with the fused limiter (Triton) and K2's norms, the limiter runs
+    once per class on the stacked N (no per-matrix limiter call); its bits are the per-matrix
+    kernel's (test_engine_equals_per_matrix)."""
+    if not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
+    from lowrank_fused import dispatch
+
+    dispatch.lookup("norm_growth_limit", "triton")
+    calls = {}
+    real = dispatch.implementation
+
+    def counted(op, backend, device):
+        impl = real(op, backend, device)
+        if op != "norm_growth_limit":
+            return impl
+
+        def run(*a, **k):
+            calls[k["first"]] = calls.get(k["first"], 0) + 1
+            return impl(*a, **k)
+        return run
+    import lowrank_fused.optim.adaptive_adamw as mod
+    monkeypatch.setattr(mod, "implementation", counted)
+    _, opt, _ = _run(AdaptiveAdamW, True, "auto", torch.float32, steps=2)
+    assert calls == {True: sum(len(c.members) for c in opt._engine_plan.classes.values())}
+    assert all("Nstack" in c.extra for c in opt._engine_plan.classes.values())
+
+
+def test_engine_faithful_dtypes():
+    """bf16 parameters with ``faithful_dtypes``: bf16 moments and N (the class limiter rounds
+    its fp32 result to bf16 once, as the kernel does)."""
+    a, opt_a, _ = _run(AdaptiveAdamW, False, "auto", torch.bfloat16, 4, faithful_dtypes=True)
+    b, opt_b, _ = _run(AdaptiveAdamW, True, "auto", torch.bfloat16, 4, faithful_dtypes=True)
+    assert all(c.Ns[0].dtype == torch.bfloat16 and "Nstack" in c.extra
+               for c in opt_b._engine_plan.classes.values())
+    _assert_same(a, opt_a, b, opt_b)
 
 
 def test_engine_without_limiter():

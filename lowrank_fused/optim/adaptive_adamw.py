@@ -42,6 +42,7 @@ from lowrank_fused.linalg import RefreshFallbackWarning, canonical_svd_basis, fa
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import check_bool, check_number
 from lowrank_fused.optim._engine import ClassRoute, per_member
+from lowrank_fused.reference.norm_growth_limit import NL_TINY
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
 from lowrank_fused.subspace import randomized_svd
 
@@ -362,9 +363,22 @@ class _SubspaceAdamW(GaLoreAdamW):
             "adam_moments", cls.backend, cls.Rs + cls.extra["Ms"] + cls.extra["Vs"] + cls.Ns) \
             if self.multi_tensor else None
         if any(cls.extra["limit"]):
-            norms = torch.zeros(len(members), dtype=torch.float32, device=cls.Ws[0].device)
+            count, device = len(members), cls.Ws[0].device
+            norms = torch.zeros(count, dtype=torch.float32, device=device)
             cls.extra["norms"] = norms
-            cls.extra["sumsq"] = list(norms.view(len(members), 1).unbind(0))
+            cls.extra["sumsq"] = list(norms.view(count, 1).unbind(0))
+            N0 = cls.Ns[0]
+            step = N0.numel() * N0.element_size()
+            fused = cls.extra["limiter"] is not implementation("norm_growth_limit",
+                                                                 "reference", device)
+            if fused and N0.is_contiguous() and all(N.data_ptr() == N0.data_ptr() + i * step
+                                          for i, N in enumerate(cls.Ns)):
+                # the class's N are consecutive in the workspace: one (count, ...) view
+                cls.extra["Nstack"] = N0.as_strided((count,) + tuple(N0.shape),
+                                                    (N0.numel(),) + N0.stride())
+                cls.extra["prev"] = torch.zeros(count, dtype=torch.float32, device=device)
+                new = cls.extra["new_prev"] = torch.zeros_like(cls.extra["prev"])
+                cls.extra["new_prevs"] = list(new.unbind(0))
         else:
             cls.extra["norms"] = None
             cls.extra["sumsq"] = [None] * len(members)
@@ -372,7 +386,8 @@ class _SubspaceAdamW(GaLoreAdamW):
     def _class_step(self, cls, precision):
         """One class: K1 of every member (one grouped launch), the middle step (one
         multi-tensor K2 where the backend has it, else per member; K-FAC's whitening per
-        member), the limiter per member, K3 (one grouped launch)."""
+        member), the limiter (per class where ``_class_limit`` applies, else per member),
+        K3 (one grouped launch)."""
         ts = []
         for m in cls.members:
             t = m.state["step"] + 1
@@ -382,7 +397,7 @@ class _SubspaceAdamW(GaLoreAdamW):
         Rs = self._class_project(cls, self._class_grads(cls), precision)
         steps = self._class_middle(cls, Rs, groups, ts)
         limiter = cls.extra["limiter"]
-        if limiter is not None:
+        if limiter is not None and not self._class_limit(cls):
             for N, m, on, sumsq in zip(cls.Ns, cls.members, cls.extra["limit"],
                                        cls.extra["sumsq"]):
                 if on:
@@ -397,6 +412,37 @@ class _SubspaceAdamW(GaLoreAdamW):
             coefs.append(c[0])
             posts.append(c[1])
         self._class_update(cls, coefs, posts, precision)
+
+    def _class_limit(self, cls) -> bool:
+        """The limiter (B1) on the whole class at once, where every member has it on with one
+        ``gamma``, already has its memory and K2 gave every ``||N||^2`` (``norms``): a few
+        torch ops on the class's stacked N instead of two launches per matrix. The math is
+        the fused kernel's (``kernels/norm_growth_limit.py``: fp32, correctly rounded
+        division and square root, the same operations in the same order), so each member
+        gets the kernel's bits; only where the limiter runs that kernel (the reference rounds
+        its square root as torch's CPU kernels do). False: the caller runs the op per
+        member."""
+        stack = cls.extra.get("Nstack")
+        if stack is None or not all(cls.extra["limit"]):
+            return False
+        states = [m.state for m in cls.members]
+        if not all("nl_prev" in st for st in states):
+            return False
+        gammas = per_member([m.group for m in cls.members], lambda g: float(g["nl_gamma"]))
+        gamma = gammas[0]
+        if any(g != gamma for g in gammas):
+            return False
+        prev, new = cls.extra["prev"], cls.extra["new_prev"]
+        torch.stack([st["nl_prev"] for st in states], out=prev)
+        # the square root correctly rounded (as tl.sqrt_rn): in fp64, then rounded once
+        z = cls.extra["norms"].double().sqrt().float()
+        f = torch.clamp(z / (prev + NL_TINY), min=gamma) / gamma
+        f = torch.where(prev > 0, f, 1.0)
+        f3 = f.view((-1,) + (1,) * (stack.dim() - 1))
+        torch.div(stack, f3, out=stack)       # in fp32, rounded once to N's dtype
+        torch.div(z, f, out=new)
+        torch._foreach_copy_([st["nl_prev"] for st in states], cls.extra["new_prevs"])
+        return True
 
     def _class_middle(self, cls, Rs, groups, ts):
         """K2 on the class: the moments advance, N is written into the class's workspace
@@ -545,7 +591,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
     (``RSAdamW``, ``GHAAdamW`` and ``GaLoreKFACAdamW`` too): the matrices of one class (side,
     current rank, shape, dtypes, layout; adaptive ranks make more classes than shapes) take
     one grouped K1, one multi-tensor K2 with every ``||N||^2`` as a side output (K-FAC's
-    whitening: one call per matrix), the limiter per matrix and one grouped K3; the dense
+    whitening: one call per matrix), the limiter (once per class on the stacked N where
+    the fused limiter and K2's norms allow, ``_class_limit``) and one grouped K3; the dense
     parameters one multi-tensor AdamW call. A basis update that replaces a state tensor or
     changes a rank rebuilds the classes. The result equals the per-matrix step bit for bit on
     the CPU (``opt.engine = False`` runs that; per-layer mode always does).
@@ -820,7 +867,8 @@ class GHAAdamW(_SubspaceAdamW):
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, eta=0.5, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
+                 matmul_precision=None):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma, eta=eta)
         self._check_gha(family)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
@@ -885,7 +933,8 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, *, kfac_eps=1e-6, kfac_update_freq=10,
                  transport_on_refresh=True, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None):
+                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
+                 matmul_precision=None):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
                       kfac_eps=kfac_eps, kfac_update_freq=kfac_update_freq,
                       transport_on_refresh=transport_on_refresh)
