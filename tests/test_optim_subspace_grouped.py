@@ -4,7 +4,8 @@ same-shape, same-rank matrices run as one grouped launch each, K2 as one multi-t
 class (fused limiter) or per matrix, K-FAC's whitening per matrix. The trajectory equals
 the per-matrix step (``opt.engine = False``) bit for bit on the CPU (same tiles), across
 refreshes and AdaptiveAdamW's rank changes, both projection sides, fp32 and bf16, on the Triton
-(interpreter), reference and auto backends. (AdaRankGrad, LDAdam and AdaMeM: below.)"""
+(interpreter), reference and auto backends. (AdaMeM: below; AdaRankGrad,
+LDAdam: test_optim_adarankgrad_engine.py, test_optim_ldadam_engine.py.)"""
 import pytest
 import torch
 
@@ -190,55 +191,10 @@ def test_removed_grouped_gemms_flag_is_refused(name):
         CLASSES[name]([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms=True)
 
 
-def _run_method(method, grouped, backend, dtype, steps, **kw):
-    """``steps`` tiny-LM steps of ``method`` built by ``make_optimizer`` (rank 8), the ranks
-    (``r_cur`` for AdaRankGrad) after each."""
-    from lowrank_fused.routing import make_optimizer
-
-    model, batch = tiny_lm_task(0)
-    model.to(dtype)
-    opt = make_optimizer(model, method, rank=8, lr=1e-2, weight_decay=0.01, backend=backend,
-                         grouped_gemms=grouped, **kw)
-    ranks = []
-    for _ in range(steps):
-        lm_loss(model, batch).backward()
-        opt.step()
-        opt.zero_grad()
-        ranks.append(tuple(st["r_cur"] for st in opt.state.values() if "r_cur" in st))
-    return [p.detach().clone() for p in model.parameters()], opt, ranks
-
-
 # AdaRankGrad on the engine: tests/test_optim_adarankgrad_engine.py
 
 
-@pytest.mark.parametrize("backend,dtype,ef", [("triton", torch.float32, True),
-                                              ("reference", torch.float32, True),
-                                              ("reference", torch.bfloat16, True),
-                                              ("reference", torch.float32, False)], ids=str)
-def test_ldadam_grouped_equals_per_matrix(backend, dtype, ef, monkeypatch):
-    """LDAdamW's grouped K1 (line 2) and K3 (line 9) around the per-matrix power iteration,
-    transport, error feedback and moments: weights, bases, moments and error buffers equal
-    the per-matrix step bit for bit, both sides; one grouped K1 and K3 per class and step."""
-    if not available(backend, "cpu"):
-        pytest.skip(f"{backend} unavailable here")
-    steps = 3 if backend == "triton" else 5
-    kw = dict(error_feedback=ef)
-    a, opt_a, _ = _run_method("ldadam", False, backend, dtype, steps, **kw)
-    calls = count_calls(monkeypatch, backend=backend)
-    b, opt_b, _ = _run_method("ldadam", True, backend, dtype, steps, **kw)
-    _assert_same(a, opt_a, b, opt_b)
-    assert any("error" in st for st in opt_b.state.values()) == ef
-    assert calls.get("project", 0) == calls.get("backproject_update", 0) == 0
-    classes = {(tuple(p.shape), opt_b._plan(p, g)[0]) for g in opt_b.param_groups
-               for p in g["params"] if opt_b._plan(p, g) is not None}
-    assert calls["grouped_project"] == calls["grouped_backproject_update"] == steps * len(classes)
-
-
-def test_ldadam_flag_is_checked():
-    from lowrank_fused.optim.ldadam import LDAdamW
-
-    with pytest.raises(ValueError, match="grouped_gemms"):
-        LDAdamW([torch.nn.Parameter(torch.randn(4, 4))], grouped_gemms="no")
+# LDAdamW on the engine: tests/test_optim_ldadam_engine.py
 
 
 ADAMEM_OPS = ("project", "grouped_project", "residual_backproject_update",
