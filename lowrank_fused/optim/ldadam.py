@@ -493,7 +493,7 @@ class LDAdamW(LowRankOptimizer):
                 Po = cv(P_old).float()
                 Q = _qr_basis(torch.where(ok, Y, Po), self.sign_canon)
                 P_new = cv(torch.where(ok, Q, Po))
-                self._pi_checks.append((p, ok))
+                self._pi_checks.append(([p], ok))
             else:
                 B = torch.empty(shape, dtype=b_dtype, device=p.device)
                 lookup("ldadam_momentum_mix", backend)(cv(A), cv(P_old), cv(M), cv(B), **mix)
