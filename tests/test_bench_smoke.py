@@ -117,12 +117,12 @@ def test_bench_multi_tensor_runs_and_writes(tmp_path):
 
 
 def test_bench_host_step_counts_launches_and_reads():
-    """bench.bench_host_step at 2 layers: every row has a host time, the torch baseline and
+    """bench.bench_host_step at 1 layer: every row has a host time, the torch baseline and
     the counts; GaLore's steady step is a few launches per class with the flag left on the
     device (no host read), AdamW's one multi-tensor call."""
     from bench import bench_host_step
 
-    rows = bench_host_step.measure(["galore", "adamw"], steps=2, warm=2, layers=2,
+    rows = bench_host_step.measure(["galore", "adamw"], steps=2, warm=2, layers=1,
                                    log=lambda *a: None)
     by = {r["method"]: r for r in rows}
     for r in rows:
