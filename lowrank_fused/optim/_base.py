@@ -444,32 +444,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     GROUPED_OPS = ("grouped_project", "grouped_backproject_update")
 
-    def _grouped_batch(self, backend, side, precision, W, G, P, *extra):
-        """``grouped_gemms``: the step's list for the class of matrix ``W`` (gradient ``G``,
-        basis ``P``): one side, GEMM precision, shape, rank, dtypes and strides, plus
-        ``extra`` (e.g. the moments' dtype), flushed by ``self._flush_grouped(backend, side,
-        precision, items)``; None outside ``step()`` (per-layer mode) or without grouped
-        kernels for ``backend`` on W's device."""
-        device = W.device
-        if self._batch is None:
-            return None
+    def _grouped_available(self, group, p) -> bool:
+        """Whether the parameter's backend runs the method's grouped ops (``GROUPED_OPS``) on
+        its device (every backend but the compiled extension's, which has no GEMMs); resolved
+        once per backend and device."""
+        backend = self._backend_for(group, p)
 
         def resolve():
             try:
-                return choose_backend("auto" if backend == "auto" else str(backend), device,
+                return choose_backend("auto" if backend == "auto" else str(backend), p.device,
                                       self.GROUPED_OPS)
             except BackendUnavailable:
                 return None
 
-        if self._resolved_once(("grouped", str(backend), device), resolve) is None:
-            return None
-        key = (side, precision, tuple(W.shape), tuple(P.shape), W.dtype, G.dtype, P.dtype,
-               W.stride(), G.stride(), P.stride()) + extra
-        return self._collect(("grouped", device, str(backend)) + key,
-                             functools.partial(self._flush_grouped, backend, side, precision))
-
-    def _flush_grouped(self, backend, side, precision, items):
-        raise NotImplementedError
+        return self._resolved_once(("grouped", str(backend), p.device), resolve) is not None
 
     def _resolved_once(self, key, resolve):
         """``resolve()``, computed once per ``key`` (a backend choice for this optimizer's

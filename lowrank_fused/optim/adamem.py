@@ -36,7 +36,7 @@ from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
 from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim.galore_adamw import checked_bases
-from lowrank_fused.dispatch import BackendUnavailable, choose_backend, resolve_call
+from lowrank_fused.dispatch import resolve_call
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_choice,
                                        check_int, check_number)
 from lowrank_fused.optim._engine import ClassRoute
@@ -360,19 +360,6 @@ class AdaMeM(LowRankOptimizer):
             return None
         rank, shape, transposed = plan
         return ClassRoute("right" if transposed else "left", rank, shape)
-
-    def _grouped_available(self, group, p) -> bool:
-        """Whether the parameter's backend runs the grouped K1 and combined update."""
-        backend = self._backend_for(group, p)
-
-        def resolve():
-            try:
-                return choose_backend("auto" if backend == "auto" else str(backend), p.device,
-                                      self.GROUPED_OPS)
-            except BackendUnavailable:
-                return None
-
-        return self._resolved_once(("grouped", str(backend), p.device), resolve) is not None
 
     def _refresh_pending(self, plan) -> bool:
         return any(self._refresh_due(st, group) for _, group, _, st in plan.routed)

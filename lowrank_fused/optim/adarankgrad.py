@@ -32,7 +32,7 @@ import math
 import torch
 
 from lowrank_fused import ops, ops_multi
-from lowrank_fused.dispatch import BackendUnavailable, choose_backend, lookup
+from lowrank_fused.dispatch import lookup
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import (LowRankOptimizer, check_bool, check_choice, check_int,
                                        check_number)
@@ -394,19 +394,6 @@ class AdaRankGrad(LowRankOptimizer):
     # every state-writing op of the engine's steady step takes the on-device skip flag (the
     # exit tests, on the host, are not applied on a step whose flag is set: _after_updates)
     DEVICE_SKIP = True
-
-    def _grouped_available(self, group, p) -> bool:
-        """Whether the parameter's backend runs the grouped K1/K3."""
-        backend = self._backend_for(group, p)
-
-        def resolve():
-            try:
-                return choose_backend("auto" if backend == "auto" else str(backend), p.device,
-                                      self.GROUPED_OPS)
-            except BackendUnavailable:
-                return None
-
-        return self._resolved_once(("grouped", str(backend), p.device), resolve) is not None
 
     def _refresh_pending(self, plan) -> bool:
         return any(st.get("refresh", True) for _, _, _, st in plan.routed)

@@ -17,7 +17,6 @@ import torch
 from lowrank_fused import ops, ops_grouped, ops_multi
 from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
-from lowrank_fused.dispatch import BackendUnavailable, choose_backend
 from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number, is_sharded
 from lowrank_fused.optim._engine import ClassRoute, DenseRoute, per_member
 
@@ -234,20 +233,6 @@ class GaLoreAdamW(LowRankOptimizer):
             if "ortho" not in st or st.get("step", 0) % group["update_proj_gap"] == 0:
                 return True
         return False
-
-    def _grouped_available(self, group, p) -> bool:
-        """Whether the parameter's backend runs the grouped K1/K3 (every backend but the
-        compiled-extension ones, which have no GEMMs)."""
-        backend = self._backend_for(group, p)
-
-        def resolve():
-            try:
-                return choose_backend("auto" if backend == "auto" else str(backend), p.device,
-                                      self.GROUPED_OPS)
-            except BackendUnavailable:
-                return None
-
-        return self._resolved_once(("grouped", str(backend), p.device), resolve) is not None
 
     def _refresh_classes(self, routed) -> bool:
         """The refreshes due on this step (counter before increment divisible by

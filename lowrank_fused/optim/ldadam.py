@@ -32,7 +32,7 @@ import warnings
 import torch
 
 from lowrank_fused import ops, ops_grouped, ops_multi
-from lowrank_fused.dispatch import BackendUnavailable, choose_backend, lookup
+from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
 from lowrank_fused.optim._engine import ClassRoute, DenseRoute, Workspace
@@ -387,16 +387,7 @@ class LDAdamW(LowRankOptimizer):
         the fused power iteration, not FSDP2-sharded, and a backend with grouped GEMMs."""
         if (group["proj_method"] != "power_iteration" or self._explicit or is_sharded(p)):
             return False
-        backend = self._backend_for(group, p)
-
-        def resolve():
-            try:
-                return choose_backend("auto" if backend == "auto" else str(backend), p.device,
-                                      self.GROUPED_OPS)
-            except BackendUnavailable:
-                return None
-
-        return self._resolved_once(("grouped", str(backend), p.device), resolve) is not None
+        return self._grouped_available(group, p)
 
     def _dense_step_number(self):
         return self.completed_steps + 1
