@@ -185,6 +185,21 @@ def grouped_backproject_update(Ws, Ps, Ns, *, side="left", coef, pre_scale=1.0, 
     return Ws
 
 
+def _check_residual_group(Ws, Gs, Ps, Rs, Ns, css):
+    """The members of a residual update (left form, see below), as the op checks them;
+    returns their device."""
+    shape, rank, device = _check_matrices_and_bases("Ws", Ws, Ps, "left")
+    _check_first("Gs", Gs[0])
+    _check_members("Gs", Gs, shape, device, "Ws[0]")
+    low = ops.low_rank_shape(shape, rank, "left")
+    _check_members("Rs", Rs, low, device, "Ws[0]")
+    _check_members("Ns", Ns, low, device, "Ws[0]")
+    ops._check_float("col_scales[0]", css[0])
+    _check_members("col_scales", css, (shape[1],), device, "Ws[0]")
+    _check_disjoint("Ws", Ws)
+    return device
+
+
 def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef, res_coef,
                                         pre_scale=1.0, post_decay=0.0, precision="ieee",
                                         backend="auto"):
@@ -206,15 +221,7 @@ def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef,
                               post_decay=post_decay)
     if count == 0:
         return Ws
-    shape, rank, device = _check_matrices_and_bases("Ws", Ws, Ps, "left")
-    _check_first("Gs", Gs[0])
-    _check_members("Gs", Gs, shape, device, "Ws[0]")
-    low = ops.low_rank_shape(shape, rank, "left")
-    _check_members("Rs", Rs, low, device, "Ws[0]")
-    _check_members("Ns", Ns, low, device, "Ws[0]")
-    ops._check_float("col_scales[0]", css[0])
-    _check_members("col_scales", css, (shape[1],), device, "Ws[0]")
-    _check_disjoint("Ws", Ws)
+    device = _check_residual_group(Ws, Gs, Ps, Rs, Ns, css)
     impl = implementation("grouped_residual_backproject_update", backend, device)
     impl(Ws, Gs, Ps, Rs, Ns, css, precision=precision, **scalars)
     return Ws
@@ -350,15 +357,7 @@ class BoundGroupedResidualBackprojectUpdate:
             raise ValueError("a bound group needs at least one member")
         Ws, Gs, Ps, Rs, Ns, css = (lists[k] for k in ("Ws", "Gs", "Ps", "Rs", "Ns",
                                                       "col_scales"))
-        shape, rank, device = _check_matrices_and_bases("Ws", Ws, Ps, "left")
-        _check_first("Gs", Gs[0])
-        _check_members("Gs", Gs, shape, device, "Ws[0]")
-        low = ops.low_rank_shape(shape, rank, "left")
-        _check_members("Rs", Rs, low, device, "Ws[0]")
-        _check_members("Ns", Ns, low, device, "Ws[0]")
-        ops._check_float("col_scales[0]", css[0])
-        _check_members("col_scales", css, (shape[1],), device, "Ws[0]")
-        _check_disjoint("Ws", Ws)
+        device = _check_residual_group(Ws, Gs, Ps, Rs, Ns, css)
         if not isinstance(scratch, bool):
             raise TypeError(f"scratch must be a bool, got {scratch!r}")
         self.count, self.device = count, device

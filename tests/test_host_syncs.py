@@ -24,10 +24,22 @@ CASES = [(m, "ignore") for m in METHODS] + [
 
 @pytest.mark.parametrize("method,nonfinite", CASES)
 def test_host_reads_per_step(method, nonfinite, monkeypatch):
+    reads = _steady_step_reads(method, monkeypatch, nonfinite=nonfinite)
+    expected = PER_STEP.get(method, 0)
+    if nonfinite != "ignore":
+        expected += PER_STEP_CHECKED.get(method, 1)
+    assert sum(reads.count.values()) == expected, f"{method}: {dict(reads.count)}"
+
+
+def _steady_step_reads(method, monkeypatch, lagged=None, **kw):
+    """The host reads (``HostReads`` plus ``Tensor.tolist`` calls) of one step between
+    refreshes, after three steps; ``lagged`` sets ``lagged_nonfinite``."""
     net = model()
     gap = {"update_proj_gap": 50} if method in (
         "galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adamem") else {}
-    opt = optimizer(net, method, nonfinite=nonfinite, **gap)
+    opt = optimizer(net, method, **kw, **gap)
+    if lagged is not None:
+        opt.lagged_nonfinite = lagged
     for t in range(3):
         backward(net, t)
         opt.step()
@@ -43,10 +55,7 @@ def test_host_reads_per_step(method, nonfinite, monkeypatch):
     with reads:
         opt.step()
     monkeypatch.undo()
-    expected = PER_STEP.get(method, 0)
-    if nonfinite != "ignore":
-        expected += PER_STEP_CHECKED.get(method, 1)
-    assert sum(reads.count.values()) == expected, f"{method}: {dict(reads.count)}"
+    return reads
 
 
 # reads per steady step with nonfinite="raise" and the flag left on the device (the CUDA
@@ -61,24 +70,5 @@ LAGGED = {"galore": 0, "adamw": 0, "adarankgrad": 1, "ldadam": 2}
 # on-device skip takes the path of test_host_reads_per_step)
 @pytest.mark.parametrize("method", ["galore", "adarankgrad", "ldadam"])
 def test_host_reads_per_step_with_the_flag_on_the_device(method, monkeypatch):
-    net = model()
-    gap = {"update_proj_gap": 50} if method in (
-        "galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adamem") else {}
-    opt = optimizer(net, method, **gap)
-    opt.lagged_nonfinite = True
-    for t in range(3):
-        backward(net, t)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    backward(net, 3)
-    reads = HostReads()
-    real_tolist = torch.Tensor.tolist
-
-    def tolist(t):
-        reads.count["tolist"] += 1
-        return real_tolist(t)
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-    with reads:
-        opt.step()
-    monkeypatch.undo()
+    reads = _steady_step_reads(method, monkeypatch, lagged=True)
     assert sum(reads.count.values()) == LAGGED.get(method, 1), f"{method}: {dict(reads.count)}"
