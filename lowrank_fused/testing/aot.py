@@ -179,6 +179,7 @@ KERNEL_MODULES += ("grouped_project", "grouped_backproject_update",
 KERNEL_MODULES += ("iass_select", "residual_col_stats")
 KERNEL_MODULES += ("adapm_refit", "subspace_drift", "kfac_precondition", "kfac_transport")
 KERNEL_MODULES += ("grouped_adamem_middle",)
+KERNEL_MODULES += ("ldadam_error_accumulate",)
 
 
 def all_variants():
