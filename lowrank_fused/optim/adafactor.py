@@ -15,10 +15,22 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import torch
 
 from lowrank_fused.dispatch import implementation
 from lowrank_fused.optim._base import LowRankOptimizer, check_number
+
+
+@dataclass(frozen=True)
+class AdafactorRoute:
+    """The step engine's route of an Adafactor parameter: its canonical shape ((B, m, n) for
+    ndim >= 2, flat otherwise) and whether its second moment is factored. Parameters of one
+    route (and dtype, strides, momentum, ``scale_parameter``, backend) form a class that runs
+    in one set of launches."""
+    shape: tuple
+    factored: bool
 
 
 def relative_step_size(step: int, lr, relative_step: bool, warmup_init: bool) -> float:
@@ -106,35 +118,61 @@ class Adafactor(LowRankOptimizer):
 
     # -- the step -------------------------------------------------------------------------
     @staticmethod
-    def _views(p):
-        """(W, G, write_back) in the op's canonical shape: (B, m, n) for ndim >= 2, flat for
-        ndim < 2. ``write_back`` copies W into p when p could not be viewed."""
+    def _canonical(p):
+        """The op's canonical shape: (B, m, n) for ndim >= 2, flat for ndim < 2."""
         shape = p.shape
         if p.dim() >= 2:
-            canon = (math.prod(shape[:-2]), shape[-2], shape[-1])
-        else:
-            canon = (p.numel(),)
+            return (math.prod(shape[:-2]), shape[-2], shape[-1])
+        return (p.numel(),)
+
+    @classmethod
+    def _views(cls, p):
+        """(W, G, write_back) in the op's canonical shape. ``write_back`` copies W into p
+        when p could not be viewed."""
+        canon = cls._canonical(p)
         G = p.grad.reshape(canon)
         try:
             return p.view(canon), G, lambda W: None
         except RuntimeError:
             W = p.reshape(canon).clone()
-            return W, G, lambda W: p.copy_(W.view(shape))
+            return W, G, lambda W: p.copy_(W.view(p.shape))
 
-    def _step_param(self, p, group, backend, precision):
+    def _init_state(self, p, group):
         state = self.state[p]
-        factored = p.dim() >= 2
-        use_momentum = group["beta1"] is not None
         if "step" not in state:
             state["step"] = 0
             f32 = dict(dtype=torch.float32, device=p.device)
-            if factored:
+            if p.dim() >= 2:
                 state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **f32)
                 state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **f32)
             else:
                 state["exp_avg_sq"] = torch.zeros(p.shape, **f32)
-        if use_momentum and "exp_avg" not in state:
+        if group["beta1"] is not None and "exp_avg" not in state:
             state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return state
+
+    @staticmethod
+    def _step_scalars(group, t):
+        """``(rho, beta2t, eps1, eps2, clip_threshold, beta1, weight_decay)`` of step ``t``
+        (the ``adafactor_step`` keywords, in the order the grouped launcher takes them)."""
+        eps1, eps2 = group["eps"]
+        beta1 = group["beta1"]
+        return (relative_step_size(t, group["lr"], group["relative_step"], group["warmup_init"]),
+                beta2_at(t, float(group["decay_rate"])), float(eps1), float(eps2),
+                float(group["clip_threshold"]), None if beta1 is None else float(beta1),
+                float(group["weight_decay"]))
+
+    @staticmethod
+    def _call(impl, W, G, row, col, V, exp_avg, scalars, scale_parameter, skip):
+        rho, beta2t, eps1, eps2, d, beta1, wd = scalars
+        impl(W, G, row, col, V, exp_avg, rho=rho, beta2t=beta2t, eps1=eps1, eps2=eps2,
+             clip_threshold=d, scale_parameter=scale_parameter, beta1=beta1, weight_decay=wd,
+             skip=skip)
+
+    def _step_param(self, p, group, backend, precision):
+        state = self._init_state(p, group)
+        factored = p.dim() >= 2
+        use_momentum = group["beta1"] is not None
         t = state["step"] + 1
         W, G, write_back = self._views(p)
         if factored:
@@ -146,14 +184,104 @@ class Adafactor(LowRankOptimizer):
             row = col = None
             V = state["exp_avg_sq"].view(W.shape)
         exp_avg = state["exp_avg"].view(W.shape) if use_momentum else None
-        eps1, eps2 = group["eps"]
         impl = implementation("adafactor_step", backend, p.device)
-        impl(W, G, row, col, V, exp_avg,
-             rho=relative_step_size(t, group["lr"], group["relative_step"], group["warmup_init"]),
-             beta2t=beta2_at(t, float(group["decay_rate"])), eps1=float(eps1), eps2=float(eps2),
-             clip_threshold=float(group["clip_threshold"]),
-             scale_parameter=group["scale_parameter"],
-             beta1=float(group["beta1"]) if use_momentum else None,
-             weight_decay=float(group["weight_decay"]))
+        self._call(impl, W, G, row, col, V, exp_avg, self._step_scalars(group, t),
+                   group["scale_parameter"], self._skip_flag)
         write_back(W)
         state["step"] = t
+
+    # -- the step engine (docs/engine.md; this method's classes: docs/methods/adafactor.md) --
+    # Every state write of a steady step (the statistics, exp_avg, W) takes the on-device skip
+    # flag, so with the lagged flag a steady step reads nothing on the host.
+    DEVICE_SKIP = True
+
+    def _route(self, p, group):
+        """Every parameter runs on a class of its canonical shape; a strided vector (the
+        unfactored kernels take contiguous ones) keeps its own per-parameter step."""
+        if p.dim() < 2 and not p.is_contiguous():
+            return None
+        return AdafactorRoute(shape=self._canonical(p), factored=p.dim() >= 2)
+
+    def _refresh_classes(self, routed) -> bool:
+        """No refresh; True (rebuild the classes) when a group's momentum or
+        ``scale_parameter`` changed since they were built (they fix a class's kernels)."""
+        flags = tuple((g["beta1"] is None, bool(g["scale_parameter"]))
+                      for g in self.param_groups)
+        return flags != self.__dict__.get("_class_flags")
+
+    def _build_classes(self, plan):
+        """The classes of the routed parameters: the members sharing canonical shape, weight
+        dtype and strides, momentum, ``scale_parameter`` and backend, with their state lists.
+        (Adafactor has no basis and no projection, so the base's classes, built around those,
+        are replaced here; the base's ``_engine_step`` runs them through ``_class_step``.)"""
+        from lowrank_fused.dispatch import resolve_call
+        from lowrank_fused.optim import _engine
+
+        classes = {}
+        for p, group, route, state in plan.routed:
+            state = self._init_state(p, group)
+            backend = self._backend_for(group, p)
+            W = p.view(route.shape)
+            key = (route, W.dtype, W.stride(), group["beta1"] is not None,
+                   bool(group["scale_parameter"]), str(backend), id(backend))
+            cls = classes.get(key)
+            if cls is None:
+                cls = classes[key] = _engine.MatrixClass(key=key, route=route, backend=backend)
+            cls.members.append(_engine.Member(p=p, group=group, state=state, W=W))
+            cls.Ws.append(W)
+        for cls in classes.values():
+            route, sts = cls.route, [m.state for m in cls.members]
+            momentum, scaled = cls.key[3], cls.key[4]
+            if route.factored:
+                B, m, n = route.shape
+                rows = [st["exp_avg_sq_row"].view(B, m) for st in sts]
+                cols = [st["exp_avg_sq_col"].view(B, n) for st in sts]
+                Vs = None
+            else:
+                rows = cols = None
+                Vs = [st["exp_avg_sq"].view(route.shape) for st in sts]
+            Es = [st["exp_avg"].view(route.shape) for st in sts] if momentum else None
+            cls.extra.update(rows=rows, cols=cols, Vs=Vs, Es=Es, scaled=scaled, grouped=None,
+                             impl=implementation("adafactor_step", cls.backend,
+                                                 cls.Ws[0].device))
+            if resolve_call("adafactor_step", cls.backend, cls.Ws[0].device)[0] == "triton":
+                from lowrank_fused.kernels.adafactor_step import GroupedAdafactorStep
+
+                try:     # the whole class in one set of launches, each member's bits as alone
+                    cls.extra["grouped"] = GroupedAdafactorStep(
+                        cls.Ws, rows, cols, Vs, Es, shape=route.shape, scale_parameter=scaled)
+                except ValueError:   # state of another layout (e.g. loaded strided): per member
+                    pass
+        plan.classes = classes
+        self._class_flags = tuple((g["beta1"] is None, bool(g["scale_parameter"]))
+                                  for g in self.param_groups)
+        self._classes_stale = False
+
+    def _class_step(self, cls, precision):
+        """One class: the grouped step (five launches factored, three unfactored) with one
+        scalar set per distinct (group, step counter), or the op per member elsewhere."""
+        memo, sets, sel = {}, [], []
+        for m in cls.members:
+            st = m.state
+            t = st["step"] + 1
+            st["step"] = t
+            k = (id(m.group), t)
+            i = memo.get(k)
+            if i is None:
+                i = memo[k] = len(sets)
+                sets.append(self._step_scalars(m.group, t))
+            sel.append(i)
+        grouped = cls.extra["grouped"]
+        if grouped is not None:
+            grouped([m.p.grad for m in cls.members], sets, None if len(sets) == 1 else sel,
+                    skip=self._skip_flag)
+            return
+        x = cls.extra
+        impl, shape, scaled = x["impl"], cls.route.shape, x["scaled"]
+        for i, (m, W) in enumerate(zip(cls.members, cls.Ws)):
+            self._call(impl, W, m.p.grad.reshape(shape),
+                       None if x["rows"] is None else x["rows"][i],
+                       None if x["cols"] is None else x["cols"][i],
+                       None if x["Vs"] is None else x["Vs"][i],
+                       None if x["Es"] is None else x["Es"][i],
+                       sets[sel[i]], scaled, self._skip_flag)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from lowrank_fused.dispatch import register
+from lowrank_fused.reference._skip import run_unless
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +23,7 @@ def adafactor_step_ref(W, G, row: Optional[torch.Tensor], col: Optional[torch.Te
                        V: Optional[torch.Tensor], exp_avg: Optional[torch.Tensor], *,
                        rho: float, beta2t: float, eps1: float, eps2: float,
                        clip_threshold: float, scale_parameter: bool,
-                       beta1: Optional[float], weight_decay: float) -> None:
+                       beta1: Optional[float], weight_decay: float, skip=None) -> None:
     """One Adafactor step, in place on W and the statistics.
 
     Canonical form:
@@ -43,7 +44,17 @@ def adafactor_step_ref(W, G, row: Optional[torch.Tensor], col: Optional[torch.Te
         if beta1 is not None: exp_avg = beta1*exp_avg + (1-beta1)*U ; U = exp_avg
         W    = W - weight_decay*a*W (if weight_decay != 0) ; W = W - U
     W is read and written in its own dtype; all math is fp32.
+
+    ``skip``: None, or the on-device non-finite flag (a 0-dim bool tensor): when it holds
+    True, W, the statistics and exp_avg are left bit-identical (``_skip.run_unless``; the
+    flag is not read on the host).
     """
+    if skip is not None:
+        run_unless(skip, (W, row, col, V, exp_avg), adafactor_step_ref, W, G, row, col, V,
+                   exp_avg, rho=rho, beta2t=beta2t, eps1=eps1, eps2=eps2,
+                   clip_threshold=clip_threshold, scale_parameter=scale_parameter,
+                   beta1=beta1, weight_decay=weight_decay)
+        return
     g = G.float()
     w = W.float()
     rms_w = _rms(w)
