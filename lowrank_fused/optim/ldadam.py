@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from types import SimpleNamespace
 
 import torch
 
@@ -45,6 +46,9 @@ PROJ_METHODS = ("power_iteration", "svd", "svd_lowrank")
 FORMS = ("fused", "explicit")
 EF_DTYPES = ("param", "fp32")
 _SVD_LOWRANK_SEED = 0x1DAD
+# what a step skipped on the device rolls back besides ``completed_steps``: no per-matrix
+# counter (the dense parameters take the global counter too)
+_NO_COUNTERS = SimpleNamespace(counters=())
 
 
 def ldadam_side(shape, proj_type: str) -> str:
@@ -127,6 +131,22 @@ def _bound_project(As, Ps, Rs, side, backend, fixed):
         kw["prepared"] = dict(kw["prepared"], Gs=element_offsets("Gs", Gs))
     impl, bPs, bRs = bound.impl, bound.Ps, bound.Rs
     return lambda Xs, precision: impl(Gs, bPs, bRs, precision=precision, **kw)
+
+
+def _accumulator(backend, device):
+    """Line 3's ``E += G`` for a batch (``Es, Gs, skip``): one Triton launch for the batch
+    (``kernels/ldadam_error_accumulate.py``) where the grouped GEMMs run on Triton, else the
+    reference (``torch._foreach_add_``, a snapshot and a select under a ``skip`` flag). Both
+    give the bits of ``torch._foreach_add_``."""
+    from lowrank_fused.dispatch import resolve_call
+
+    if resolve_call("grouped_project", backend, device)[0] == "triton":
+        from lowrank_fused.kernels.ldadam_error_accumulate import ldadam_error_accumulate
+
+        return ldadam_error_accumulate
+    from lowrank_fused.reference.ldadam_error_accumulate import ldadam_error_accumulate_ref
+
+    return ldadam_error_accumulate_ref
 
 
 class LDAdamW(LowRankOptimizer):
@@ -313,14 +333,20 @@ class LDAdamW(LowRankOptimizer):
             self._invalidate_plan()      # matrices that took their first step join their class
         checks, self._pi_checks = getattr(self, "_pi_checks", []), []
         if checks and self.nonfinite != "ignore":          # one host read for the whole step
-            ok = torch.cat([flag.reshape(-1) for _, flag in checks])
-            params = [p for ps, _ in checks for p in ps]
+            ok = (checks[0][1].reshape(-1) if len(checks) == 1
+                  else torch.cat([flag.reshape(-1) for _, flag in checks]))
+            params = checks[0][0] if len(checks) == 1 else [p for ps, _ in checks for p in ps]
             if self._lagged_nonfinite(ok.device):
                 # as the engine's non-finite flag (docs/engine.md): copied asynchronously and
                 # read at the next step() (or nonfinite_check(), state_dict()), so the host
                 # does not wait here for the step's kernels
                 if ok.is_cuda:
-                    host = torch.empty(ok.shape, dtype=torch.bool, pin_memory=True)
+                    # one pinned buffer per size, reused: the copy into it was waited for
+                    # when the previous step's guards were read
+                    host = self.__dict__.setdefault("_guards_host", {}).get(ok.numel())
+                    if host is None:
+                        host = self._guards_host[ok.numel()] = torch.empty(
+                            ok.shape, dtype=torch.bool, pin_memory=True)
                     host.copy_(ok, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record()
@@ -331,23 +357,47 @@ class LDAdamW(LowRankOptimizer):
                 return
             self._warn_fallbacks(ok, params)
 
-    def _warn_fallbacks(self, ok, params):
+    def _warn_fallbacks(self, ok, params, on_host=False):
         """The warning for every matrix whose power iteration was not finite (``ok``: one
-        flag per matrix of ``params``; one host read)."""
-        if bool(ok.all()):
-            return
-        for p, good in zip(params, ok.cpu().tolist()):
+        flag per matrix of ``params``). ``on_host``: ``ok`` is the host copy of a step's flags
+        whose copy has completed (the lagged guards), read as memory as the engine reads its
+        lagged flag; else one host read of the device's flags."""
+        if on_host:
+            flags = ok.numpy()
+            if flags.all():
+                return
+            flags = flags.tolist()
+        else:
+            if bool(ok.all()):
+                return
+            flags = ok.cpu().tolist()
+        for p, good in zip(params, flags):
             if not good:
                 warnings.warn(f"subspace refresh of {self.param_label(p)}: the power "
                               "iteration produced non-finite values; kept the previous "
                               "basis", RefreshFallbackWarning)
 
+    # every state-writing op of a class's steady step takes the on-device flag (_batch_step)
+    DEVICE_SKIP = True
+
     def nonfinite_check(self):
         """The base's check, and the power-iteration guards of the last step when they were
         left on the device (``lagged_nonfinite``, the default on CUDA): a matrix that kept its
-        basis is named by a ``RefreshFallbackWarning`` here, one call later."""
+        basis is named by a ``RefreshFallbackWarning`` here, one call later. A step skipped
+        on the device is rolled back on the one counter LDAdam keeps, ``completed_steps``
+        (its matrices have no per-matrix counter for the base to roll back)."""
         self._take_pending_guards()
-        super().nonfinite_check()
+        pending = self.__dict__.get("_pending_nonfinite")
+        if pending is None:
+            return
+        host, event, _, params, step_number = pending
+        self._pending_nonfinite = (host, event, _NO_COUNTERS, params, step_number)
+        skipped, calls = self.skipped_steps, self.step_calls
+        try:
+            super().nonfinite_check()
+        finally:
+            if (self.skipped_steps, self.step_calls) != (skipped, calls):
+                self.completed_steps = self.completed_steps - 1
 
     def _take_pending_guards(self):
         pending = self.__dict__.pop("_pending_guards", None)
@@ -355,7 +405,7 @@ class LDAdamW(LowRankOptimizer):
             host, event, params = pending
             if event is not None:
                 event.synchronize()
-            self._warn_fallbacks(host, params)
+            self._warn_fallbacks(host, params, on_host=True)
 
     def _step_param(self, p, group, backend, precision):
         plan = self._plan(p, group)
@@ -573,21 +623,25 @@ class LDAdamW(LowRankOptimizer):
             off += n
         return out
 
-    def _batch_step(self, group, side, rank, t, Gs, Es, st, calls, precision):
+    def _batch_step(self, group, side, rank, t, Gs, Es, st, calls, precision, skip=None):
         """One steady step (docs/methods/ldadam.md lines 1-9, the fused form) of a batch of
         matrices of one param group: ``st`` holds the stacked state ``P``, ``M``, ``V``
         ((count, ...) views of the stored tensors), ``R`` (count, low) fp32 and the scratch
         of ``_carve``; ``calls`` the grouped GEMMs on the batch's lists: ``k1a`` R1 =
         proj(A, P_old), ``k1b`` Yp = proj(A, V1) on the other side, ``k1`` R = proj(A, P_new),
-        ``kef`` E -= K @ L, ``k2`` the Adam moments (R, M, V -> N), ``k3`` line 9 from N.
-        ``Gs`` the gradients, ``Es`` the error buffers (None without error feedback).
-        Returns the per-matrix flags (count,) of a finite power iteration."""
+        ``kef`` E -= K @ L, ``k2`` the Adam moments (R, M, V -> N), ``k3`` line 9 from N,
+        ``acc`` line 3's E += G (``_accumulator``). ``Gs`` the gradients, ``Es`` the error
+        buffers (None without error feedback). ``skip``: the step's on-device non-finite flag
+        (docs/engine.md) or None; when it holds True every state tensor and weight keeps its
+        bits (the error buffers, the basis, the moments, W), never read on the host.
+        Returns the per-matrix flags (count,) of a finite power iteration (all True on a
+        skipped step: its basis was kept because of the skip, not the iteration)."""
         beta1, beta2 = group["betas"]
         rho = group["rho"]
         left = side == "left"
         P, M, V, K = st["P"], st["M"], st["V"], st["K"]
         if Es is not None:                   # A = E + G in place (the official p.grad)
-            torch._foreach_add_(Es, Gs)
+            calls["acc"](Es, Gs, skip=skip)
             As = Es
         else:
             As = Gs
@@ -605,7 +659,11 @@ class LDAdamW(LowRankOptimizer):
         Y = st["Yp"].mul_(coef_a).add_(corr, alpha=coef_m)
         # overflow in b keeps the previous basis, chosen on the device (read once per step)
         ok = torch.isfinite(Y).flatten(1).all(1)
-        keep = ok.view(-1, 1, 1)
+        if skip is not None:                 # a skipped step keeps the stored basis
+            ok = ok | skip
+            keep = (ok & ~skip).view(-1, 1, 1)
+        else:
+            keep = ok.view(-1, 1, 1)
         Yc, Pc = (Y, P) if left else (Y.transpose(1, 2), P.transpose(1, 2))
         P_new = torch.where(keep, _qr_basis(torch.where(keep, Yc, Pc), self.sign_canon), Pc)
         P_old = K[:, :, rank:] if left else K[:, rank:]
@@ -627,7 +685,8 @@ class LDAdamW(LowRankOptimizer):
         w = (_matmul(C * C, w, precision) if left
              else _matmul(w, (C * C).transpose(1, 2), precision))
         w = w + (m_tr * m_tr) / (bc1 * bc1)
-        V.copy_((w * bc2).abs())
+        w = (w * bc2).abs()
+        V.copy_(w if skip is None else torch.where(skip, V, w))
         # lines 3 + 5: E = A - [P_new, P_old] @ [R + c M_tr; -c M] (one K = 2r GEMM)
         if Es is not None:
             c = beta1 / (1.0 - beta1)
@@ -635,12 +694,12 @@ class LDAdamW(LowRankOptimizer):
             top, bot = (L[:, :rank], L[:, rank:]) if left else (L[..., :rank], L[..., rank:])
             torch.mul(m_tr, c, out=top).add_(R)
             torch.mul(M, -c, out=bot)
-            calls["kef"](precision)
-        M.copy_(m_tr)
+            calls["kef"](precision, skip)
+        M.copy_(m_tr if skip is None else torch.where(skip, M, m_tr))
         # lines 7 + 8 (bias correction at t + 1), line 9 (WD-pre)
-        calls["k2"](t + 1)
+        calls["k2"](t + 1, skip)
         pre_scale, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "pre")
-        calls["k3"](group["lr"], pre_scale, post_decay, precision)
+        calls["k3"](group["lr"], pre_scale, post_decay, precision, skip)
         return ok
 
     def _error_buffers(self, states, shape, group, dtype, device):
@@ -683,15 +742,16 @@ class LDAdamW(LowRankOptimizer):
         calls = dict(
             k1a=project([P], [st["R1"][0]], side), k1b=project([st["V1"][0]], [st["Yp"][0]], other),
             k1=project([P], [R], side),
-            kef=lambda prec: ops_grouped.grouped_backproject_update(
+            kef=lambda prec, skip: ops_grouped.grouped_backproject_update(
                 Es, [st["K"][0]], [st["L"][0]], side=side, coef=1.0, precision=prec,
-                backend=backend),
-            k2=lambda t: ops.adam_moments(R, M, V, N, beta1=beta[0], beta2=beta[1],
-                                          eps=group["eps"], step=t, eps_mode="torch",
-                                          backend=backend),
-            k3=lambda lr, pre, post, prec: ops_grouped.grouped_backproject_update(
+                backend=backend, skip=skip),
+            k2=lambda t, skip: ops.adam_moments(R, M, V, N, beta1=beta[0], beta2=beta[1],
+                                                eps=group["eps"], step=t, eps_mode="torch",
+                                                backend=backend, skip=skip),
+            k3=lambda lr, pre, post, prec, skip: ops_grouped.grouped_backproject_update(
                 [W], [P], [N], side=side, coef=lr, pre_scale=pre, post_decay=post,
-                precision=prec, backend=backend))
+                precision=prec, backend=backend, skip=skip),
+            acc=_accumulator(backend, p.device))
         ok = self._batch_step(group, side, rank, self.completed_steps, [G], Es, st, calls,
                               precision)
         write_back(W)
@@ -761,22 +821,23 @@ class LDAdamW(LowRankOptimizer):
             k2m = ops_multi.BoundAdamMomentsMulti(cls.Rs, Ms, Vs, cls.Ns, eps_mode="torch",
                                                   backend=where)
 
-            def k2(t):
+            def k2(t, skip):
                 b1, b2 = group["betas"]
-                k2m([(b1, b2, group["eps"], t)] * count)
+                k2m([(b1, b2, group["eps"], t)] * count, skip=skip)
         else:
-            def k2(t):
+            def k2(t, skip):
                 b1, b2 = group["betas"]
                 for R, M, V, N in zip(cls.Rs, Ms, Vs, cls.Ns):
                     ops.adam_moments(R, M, V, N, beta1=b1, beta2=b2, eps=group["eps"], step=t,
-                                     eps_mode="torch", backend=cls.backend)
+                                     eps_mode="torch", backend=cls.backend, skip=skip)
         cls.extra.update(
             st=st, Es=Es, params=[m.p for m in members],
             calls=dict(k1a=k1a, k1b=k1b, k1=k1,
-                       kef=lambda prec: kef(coef=1.0, precision=prec),
+                       kef=lambda prec, skip: kef(coef=1.0, precision=prec, skip=skip),
                        k2=k2,
-                       k3=lambda lr, pre, post, prec: self._class_update(
-                           cls, lr, post, prec, pre_scales=pre)))
+                       k3=lambda lr, pre, post, prec, skip: self._class_update(
+                           cls, lr, post, prec, pre_scales=pre),
+                       acc=_accumulator(cls.backend, device)))
 
     def _class_step(self, cls, precision):
         """One class: ``_batch_step`` on its stacked state (about 30 calls, whatever its
@@ -784,5 +845,5 @@ class LDAdamW(LowRankOptimizer):
         x = cls.extra
         ok = self._batch_step(cls.members[0].group, cls.route.side, cls.route.rank,
                               self.completed_steps, self._class_grads(cls), x["Es"], x["st"],
-                              x["calls"], precision)
+                              x["calls"], precision, skip=self._skip_flag)
         self._pi_checks.append((x["params"], ok))
