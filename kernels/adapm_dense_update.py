@@ -39,7 +39,7 @@ def _adapm_dense_update_kernel(
     w_ptr, g_ptr, m_ptr, v_ptr, h_ptr, scale_ptr, part_ptr,
     M, N, ROWS_PER_BLOCK,
     stride_wm, stride_wn, stride_gm, stride_gn, stride_mm, stride_mn, stride_vm, stride_vn,
-    beta1, c1, v_keep, v_add, eps, c2, lr, pre_scale, clip_threshold,
+    beta1, one_minus_beta1, c1, v_keep, v_add, eps, c2, lr, pre_scale, clip_threshold,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_M: tl.constexpr,
     V_BLOCKS: tl.constexpr, CLIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -50,7 +50,7 @@ def _adapm_dense_update_kernel(
     if HAS_M:
         m_ptrs = m_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         mom = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-        mom = mom * beta1 + (1.0 - beta1) * g
+        mom = mom * beta1 + one_minus_beta1 * g
         mom_st = to_storage(mom, m_ptr.dtype.element_ty, INTERPRET)
         if CLIP != 1:
             tl.store(m_ptrs, mom_st, mask=mask)
@@ -98,7 +98,7 @@ def adapm_dense_update(W, G, M, V, *, beta1: float, c1: float, v_keep: float, v_
             W, G, Mk, Vk, h, scale, part, m, n, rpb,
             W.stride(0), W.stride(1), G.stride(0), G.stride(1), Mk.stride(0), Mk.stride(-1),
             Vk.stride(0), Vk.stride(-1),
-            float(beta1), float(c1), float(v_keep), float(v_add), float(eps), float(c2),
+            float(beta1), 1.0 - float(beta1), float(c1), float(v_keep), float(v_add), float(eps), float(c2),
             float(lr), float(pre_scale), clamp,
             BLOCK_M=bm, BLOCK_N=bn, HAS_M=has_m, V_BLOCKS=blocks, CLIP=clip,
             INTERPRET=interpreting(), num_warps=NUM_WARPS,
@@ -108,13 +108,14 @@ def adapm_dense_update(W, G, M, V, *, beta1: float, c1: float, v_keep: float, v_
 def aot_variants():
     """Every compilation ``adapm_dense_update`` can launch on a GPU: (W/G, state) dtypes x
     (full / no momentum) x (elementwise / block-mean V) x pass (clamp, rms stats, rms apply).
-    The row-sum helper is listed by ``adapm_update``."""
+    The block-mean kernels are listed by ``grouped_adapm_update``."""
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in ("M", "N", "ROWS_PER_BLOCK", "stride_wm", "stride_wn",
                                "stride_gm", "stride_gn", "stride_mm", "stride_mn", "stride_vm",
                                "stride_vn")}
-    scalars = {a: "fp32" for a in ("beta1", "c1", "v_keep", "v_add", "eps", "c2", "lr",
+    scalars = {a: "fp32" for a in ("beta1", "one_minus_beta1", "c1", "v_keep", "v_add", "eps",
+                                   "c2", "lr",
                                    "pre_scale", "clip_threshold")}
     seen = set()
     for w_t, s_t in DTYPE_PAIRS:

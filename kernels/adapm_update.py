@@ -29,10 +29,11 @@ block-mean V, clip rms                    row sums + stats (read G) + apply     
 ========================================  ==========================================  ===========
 
 (bf16 G and W, fp32 V; plus O((m + n) r) for L, L0, B, B0, R, Rg, which come from L2.) The
-reductions the apply pass needs first (RMS of u over the whole block; Adam-mini's per-block mean
-of g^2) are per-program partial sums written to a small buffer, reduced by torch on the device
-in a fixed order, and handed to the next launch through a pointer: no host synchronisation and
-no float atomics.
+reductions the apply pass needs first are computed on the device in a fixed order and handed to
+the next launch through a pointer (no host synchronisation, no float atomics): the RMS of u over
+the whole block from per-program partial sums reduced by torch; Adam-mini's per-block mean of
+g^2 by the two block-mean launches of ``kernels/grouped_adapm_update.py`` (row sums, then block
+sums with V and the denominator), shared with the step engine's grouped form.
 """
 import math
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, config_mode, dot_mode,
-                      interpreter_tiles, interpreting, load_tile, mma, tile_offsets, to_storage)
+                      interpreter_tiles, interpreting, mma, to_storage)
 
 CLIP_MODES = ("elementwise", "rms", "none")
 
@@ -110,20 +111,6 @@ def clip_and_apply(u, mask, w_ptr, w_offs, part_ptr, scale_ptr, lr, pre_scale, c
         tl.store(w_ptr + w_offs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@triton.jit
-def _row_sumsq_kernel(g_ptr, part_ptr, M, N, stride_gm, stride_gn,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``part[pid_n, i] = sum_j g[i, j]^2`` over this program's column slab (Adam-mini)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    offs_m, offs_n, mask_m, _, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
-    g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
-    tl.store(part_ptr + pid_n * M + offs_m, tl.sum(g * g, axis=1), mask=mask_m)
-
-
-ROWSUM_BLOCK_M, ROWSUM_BLOCK_N, ROWSUM_WARPS = 16, 256, 4
-
-
 def elementwise_tiles(gpu_m: int, gpu_n: int):
     """The (BLOCK_M, BLOCK_N) of an elementwise launch: the GPU tile, or a large one on the CPU
     interpreter (never compiled), which runs programs one after another at a fixed cost per
@@ -135,19 +122,17 @@ def block_means_denominator(G, V, *, v_keep: float, v_add: float, eps: float,
                             c2: float) -> torch.Tensor:
     """Adam-mini (docs/methods/adapm.md): ``V = v_keep*V + v_add*mean_block(g^2)`` in place on the
     ``nb``-vector V, and the fp32 per-block denominator ``sqrt(V)/sqrt(c2) + eps`` (nb), all on
-    the device. One launch reads G for per-slab row sums; torch reduces the small buffer."""
+    the device: the two launches of ``kernels/grouped_adapm_update.py`` on a group of one (row
+    sums of g^2, then each block's sum, V and h), so a matrix alone and the step engine's class
+    compute them the same way."""
     m, n = G.shape
     nb = V.numel()
     rpb = m // nb
-    if m * n == 0:
-        rowsq = torch.zeros(m, dtype=torch.float32, device=G.device)
-    else:
-        bm, bn = elementwise_tiles(ROWSUM_BLOCK_M, ROWSUM_BLOCK_N)
-        grid = (cdiv(m, bm), cdiv(n, bn))
-        part = torch.empty((grid[1], m), dtype=torch.float32, device=G.device)
-        _row_sumsq_kernel[grid](G, part, m, n, G.stride(0), G.stride(1), BLOCK_M=bm,
-                                BLOCK_N=bn, num_warps=ROWSUM_WARPS)
-        rowsq = part.sum(dim=0)
+    if m * n:
+        from .grouped_adapm_update import block_means
+
+        return block_means(G, V, v_keep=v_keep, v_add=v_add, eps=eps, c2=c2)
+    rowsq = torch.zeros(m, dtype=torch.float32, device=G.device)
     sq = rowsq.view(nb, rpb).sum(dim=1) / float(rpb * n)
     V.copy_(V.float() * v_keep + v_add * sq)
     return torch.sqrt(V.float()) / math.sqrt(c2) + eps
@@ -173,7 +158,8 @@ def clip_setup(clip_mode: str, clip_threshold: float):
 
 @triton.jit
 def _right_operand_kernel(x_ptr, y_ptr, b_ptr, RANK, N, stride_xr, stride_xn, stride_yr,
-                          stride_yn, beta1, coef_x, coef_y, UPDATE_X: tl.constexpr,
+                          stride_yn, beta1, one_minus_beta1, coef_x, coef_y,
+                          UPDATE_X: tl.constexpr,
                           INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """UPDATE_X (between refits): ``X = beta1*X + (1-beta1)*Y`` in place (the exact
     least-squares R for the fixed L), then ``b = coef_x*X + coef_y*Y`` from the *stored* X (as
@@ -189,7 +175,7 @@ def _right_operand_kernel(x_ptr, y_ptr, b_ptr, RANK, N, stride_xr, stride_xn, st
     if UPDATE_X:
         y = tl.load(y_ptr + offs_m[:, None] * stride_yr + offs_n[None, :] * stride_yn,
                     mask=mask, other=0.0).to(tl.float32)
-        x_st = to_storage(x * beta1 + (1.0 - beta1) * y, x_ptr.dtype.element_ty, INTERPRET)
+        x_st = to_storage(x * beta1 + one_minus_beta1 * y, x_ptr.dtype.element_ty, INTERPRET)
         tl.store(x_ptrs, x_st, mask=mask)
         b = coef_x * x_st.to(tl.float32) + coef_y * y
     else:
@@ -208,7 +194,8 @@ def _right_operand(X, Y, out, *, coef_x: float, coef_y: float, beta1: float = 0.
     bm, bn = elementwise_tiles(B_BLOCK_M, B_BLOCK_N)
     grid = (cdiv(rank, bm), cdiv(n, bn))
     _right_operand_kernel[grid](X, Y, out, rank, n, X.stride(0), X.stride(1), Y.stride(0),
-                                Y.stride(1), float(beta1), float(coef_x), float(coef_y),
+                                Y.stride(1), float(beta1), 1.0 - float(beta1), float(coef_x),
+                                float(coef_y),
                                 UPDATE_X=update_x, INTERPRET=interpreting(), BLOCK_M=bm,
                                 BLOCK_N=bn, num_warps=B_WARPS)
 
@@ -367,7 +354,8 @@ DTYPE_PAIRS = (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "f
 def aot_variants():
     """Every compilation ``adapm_update`` can launch on a GPU: (W/G, state) dtypes x
     (elementwise V, block-mean V) x pass (clamp apply, rms stats, rms apply) x precision x
-    config, plus the row-sum and right-operand helpers."""
+    config, plus the right-operand helper (the block-mean kernels are listed by
+    ``grouped_adapm_update``)."""
     from lowrank_fused.testing.aot import Variant
 
     ints = {a: "i32" for a in (
@@ -390,17 +378,13 @@ def aot_variants():
                                            BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode, V_BLOCKS=blocks,
                                            CLIP=clip, INTERPRET=False),
                                       cfg.num_warps, cfg.num_stages)
-    for g_t in ("fp32", "bf16", "fp16"):
-        yield Variant(_row_sumsq_kernel,
-                      {"g_ptr": "*" + g_t, "part_ptr": "*fp32", "M": "i32", "N": "i32",
-                       "stride_gm": "i32", "stride_gn": "i32"},
-                      dict(BLOCK_M=ROWSUM_BLOCK_M, BLOCK_N=ROWSUM_BLOCK_N), ROWSUM_WARPS, 3)
     for s_t in ("fp32", "bf16", "fp16"):
         for update in (True, False):
             yield Variant(_right_operand_kernel,
                           {"x_ptr": "*" + s_t, "y_ptr": "*fp32" if update else "*" + s_t,
                            "b_ptr": "*fp32", "RANK": "i32", "N": "i32", "stride_xr": "i32",
                            "stride_xn": "i32", "stride_yr": "i32", "stride_yn": "i32",
-                           "beta1": "fp32", "coef_x": "fp32", "coef_y": "fp32"},
+                           "beta1": "fp32", "one_minus_beta1": "fp32", "coef_x": "fp32",
+                           "coef_y": "fp32"},
                           dict(UPDATE_X=update, INTERPRET=False, BLOCK_M=B_BLOCK_M,
                                BLOCK_N=B_BLOCK_N), B_WARPS, 3)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import re
 from collections import namedtuple
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
@@ -72,6 +73,20 @@ def sketch_seed(base: int, param_index: int, part: int) -> int:
 
 def _is_int(x, low):
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+@dataclass(frozen=True)
+class AdapmRoute:
+    """The step engine's route of a one-block parameter (docs/methods/adapm.md, "Step engine"):
+    its block kind ("lowrank", "full", "none"), the 2-D shape of its storage (trailing dims
+    flattened), the rank of a low-rank block, the Adam-mini block count (None: elementwise),
+    whether the method runs on its transpose and whether weight decay applies (``dim >= 2``)."""
+    kind: str
+    shape: tuple
+    rank: Optional[int]
+    nb: Optional[int]
+    transposed: bool
+    decayed: bool
 
 
 class AdaPM(LowRankOptimizer):
@@ -379,6 +394,205 @@ class AdaPM(LowRankOptimizer):
         implementation("adapm_update", backend, G.device)(                          # lines 5-8
             W, G, L, R, Rg, V, L0, R0, beta1=float(beta1), s_coef=1.0 / c1, e_coef=e_coef,
             v_keep=float(beta2), v_add=1.0 - beta2, c2=c2, precision=precision, **common)
+
+    # -- the step engine (optim/_engine.py; docs/methods/adapm.md, "Step engine") ------------
+    # every state-writing op of a steady engine step (the grouped launches of
+    # ops_adapm_grouped) takes the on-device skip flag; refits and first steps read it at once
+    DEVICE_SKIP = True
+
+    def _route(self, p, group):
+        """An ``AdapmRoute`` for a parameter of one block whose clip the grouped kernels take;
+        None (its own per-parameter step) for a fused QKV (three blocks in one weight) and
+        for the RMS clip (a per-matrix reduction between two passes)."""
+        if group["clip_mode"] == "rms" or group["block"] == "qkv":
+            return None
+        parts = self._plan(p, group)
+        if len(parts) != 1:
+            return None
+        part = parts[0]
+        shape = (p.shape[0], math.prod(p.shape[1:])) if p.dim() >= 2 else (1, p.numel())
+        return AdapmRoute(part.kind, shape, part.rank, part.nb, bool(group["transposed"]),
+                          p.dim() >= 2)
+
+    def _refresh_pending(self, plan) -> bool:
+        """A routed parameter without state (its first step initialises L from the gradient)
+        or a low-rank block that refits on this step: the non-finite flag is read at once."""
+        for _, group, route, state in plan.routed:
+            if not state or (route.kind == "lowrank"
+                             and state["step"] % group["refit_T"] == 0):
+                return True
+        return False
+
+    def _refresh_classes(self, routed) -> bool:
+        """The state of routed parameters that have none yet, as the per-parameter step makes
+        it (a low-rank block's L from the seeded sketch of its gradient); True when any was
+        made (the classes are then rebuilt). Refits run in the class step."""
+        made = False
+        for p, group, route, state in routed:
+            if state:
+                continue
+            part = self._plan(p, group)[0]
+            G = self._class_grad(p, route)
+            m, n = G.shape
+            sd = self._state_dtype(p)
+            v_shape = (m, n) if part.nb is None else (part.nb,)
+            if part.kind == "lowrank":
+                backend = self._backend_for(group, p)
+                L = torch.empty((m, part.rank), dtype=sd, device=p.device)
+                omega = sketch_matrix(n, part.rank, sketch_seed(
+                    group["sketch_seed"], self._param_index(p), 0), p.device)
+                implementation("adapm_init_basis", backend, p.device)(
+                    G, omega, L, sign_canon=self.sign_canon, precision=self.precision(p.device))
+                state["L"] = L
+                state["R"] = torch.zeros((part.rank, n), dtype=sd, device=p.device)
+            elif part.kind == "full":
+                state["exp_avg"] = torch.zeros((m, n), dtype=sd, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=p.device)
+            state["step"] = 0
+            made = True
+        return made
+
+    @staticmethod
+    def _class_grad(p, route):
+        """The gradient as the method's (logical, left-form) 2-D view."""
+        G = p.grad if p.dim() == 2 else p.grad.view(route.shape)
+        return G.t() if route.transposed else G
+
+    def _build_classes(self, plan):
+        """AdaPM's classes: the routed parameters grouped by block kind, logical shape, rank,
+        second-moment layout, decay, dtypes, strides and backend. Each class binds its
+        launches once (``ops_adapm_grouped.BoundAdapmClass``; a low-rank class also its grouped
+        K1 into a workspace view Rg and the scratch B, shared by the classes)."""
+        from lowrank_fused import ops_adapm_grouped, ops_grouped
+        from lowrank_fused.optim import _engine
+
+        classes = {}
+        for p, group, route, state in plan.routed:
+            backend = self._backend_for(group, p)
+            W = p if p.dim() == 2 else p.view(route.shape)
+            if route.transposed:
+                W = W.t()
+            names = ("L", "R", "exp_avg_sq") if route.kind == "lowrank" else \
+                ("exp_avg", "exp_avg_sq") if route.kind == "full" else ("exp_avg_sq",)
+            tensors = [W] + [state[k] for k in names]
+            key = (route.kind, tuple(W.shape), route.rank, route.nb, route.decayed,
+                   route.transposed, p.grad.stride(), str(backend), id(backend)) + tuple(
+                (t.dtype, tuple(t.shape), t.stride()) for t in tensors)
+            cls = classes.get(key)
+            if cls is None:
+                cls = classes[key] = _engine.MatrixClass(key=key, route=route, backend=backend)
+            cls.members.append(_engine.Member(p=p, group=group, state=state, W=W))
+            cls.Ws.append(W)
+        workspace = self.__dict__.setdefault("_workspace", _engine.Workspace())
+        need = {}
+        for cls in classes.values():
+            if cls.route.kind == "lowrank":
+                device = cls.Ws[0].device
+                numel = 2 * len(cls.members) * cls.route.rank * cls.Ws[0].shape[1]
+                need[device] = max(need.get(device, 0), numel)
+        for device, numel in need.items():
+            workspace.reserve(torch.float32, device, numel)
+        for cls in classes.values():
+            states = [m.state for m in cls.members]
+            Gs = [self._class_grad(m.p, cls.route) for m in cls.members]
+            Vs = [st["exp_avg_sq"] for st in states]
+            if cls.route.kind == "lowrank":
+                count, n = len(states), cls.Ws[0].shape[1]
+                views = workspace.views(torch.float32, cls.Ws[0].device,
+                                        (cls.route.rank, n), 2 * count)
+                Rgs, Bs = views[:count], views[count:]
+                Ls = [st["L"] for st in states]
+                cls.Ps = Ls
+                cls.extra["k1"] = ops_grouped.BoundGroupedProject(Gs, Ls, Rgs, side="left",
+                                                                  backend=cls.backend)
+                cls.extra["step"] = ops_adapm_grouped.BoundAdapmClass(
+                    cls.Ws, Gs, Vs, Ls=Ls, Rs=[st["R"] for st in states], Rgs=Rgs, Bs=Bs,
+                    backend=cls.backend)
+            else:
+                Ms = [st["exp_avg"] for st in states] if cls.route.kind == "full" else None
+                cls.extra["step"] = ops_adapm_grouped.BoundAdapmClass(
+                    cls.Ws, Gs, Vs, Ms=Ms, backend=cls.backend)
+            cls.extra["key"] = ("adapm", cls.Ws[0].data_ptr(), len(states))
+        plan.classes = classes
+        self._classes_stale = False
+
+    def _class_rows(self, cls, ts):
+        """The scalar table of a class's step (``ops_adapm_grouped.ROWS``), per member from its
+        group and step, with the per-parameter step's arithmetic (one evaluation per distinct
+        group and step)."""
+        from lowrank_fused.ops_adapm_grouped import ROWS
+
+        kind, decayed = cls.route.kind, cls.route.decayed
+        memo = {}
+        per = []
+        for m, t in zip(cls.members, ts):
+            group = m.group
+            k = (id(group), t)
+            row = memo.get(k)
+            if row is None:
+                row = memo[k] = self._scalars(group, t, kind, decayed)
+            per.append(row)
+        if len(memo) == 1:
+            return [[x] * len(per) for x in per[0]]
+        return [list(col) for col in zip(*per)] if per else [[] for _ in ROWS]
+
+    @staticmethod
+    def _scalars(group, t, kind, decayed):
+        """One member's scalars in the order of ``ops_adapm_grouped.ROWS``: what
+        ``_step_param`` passes to ``adapm_update`` / ``adapm_dense_update`` for the step ``t``."""
+        beta1, beta2 = group["betas"]
+        if group["bias_correction"]:
+            c1, c2 = ops.bias_corrections(beta1, beta2, t)
+        else:
+            c1, c2 = 1.0, 1.0
+        lr = float(group["lr"])
+        pre_scale, _ = ops.decay_coefficients(lr, group["weight_decay"] if decayed else 0.0,
+                                              "pre")
+        clip = float(group["clip_threshold"]) if group["clip_mode"] == "elementwise" \
+            else math.inf
+        s_coef = e_coef = coef_g = 0.0
+        if kind == "lowrank":
+            k = 1.0 / (1.0 - beta1)
+            e_coef = {"unbiased": k, "eq3": 1.0 / c1 + k, "alg1": 1.0 / c1 - k,
+                      "none": 0.0}[group["adapm_correction"]]
+            s_coef = 1.0 / c1
+            coef_g = float(e_coef) * (1.0 - float(beta1))
+            v_keep, v_add = float(beta2), 1.0 - beta2
+        elif kind == "none" and group["nomomentum_mode"] == "adagrad":
+            v_keep, v_add, c2 = 1.0, 1.0, 1.0
+        else:
+            v_keep, v_add = float(beta2), 1.0 - beta2
+        # ROWS: beta1, c1, s_coef, e_coef, coef_g, v_keep, v_add, eps, c2, sqrt_c2, lr,
+        # pre_scale, clip, one_minus_beta1
+        return (float(beta1), c1, s_coef, e_coef, coef_g, v_keep, v_add, float(group["eps"]),
+                c2, math.sqrt(c2), lr, pre_scale, clip, 1.0 - float(beta1))
+
+    def _class_step(self, cls, precision):
+        """One class: a low-rank class's grouped K1 (Rg) and its two launches (right operand,
+        fused GEMM + second moment + clip + update), a dense class's one launch (plus two for
+        Adam-mini block means), all with the step's skip flag. A step on which a member of a
+        low-rank class refits runs the class's members through the per-parameter step."""
+        members = cls.members
+        if cls.route.kind == "lowrank":
+            for m in members:
+                if m.state["step"] % m.group["refit_T"] == 0:
+                    for mm in members:
+                        self._step_param(mm.p, mm.group, cls.backend, precision)
+                    return
+        ts = [m.state["step"] + 1 for m in members]
+        rows = self._class_rows(cls, ts)
+        route = cls.route
+        if route.transposed:
+            Gs = [(m.p.grad if m.p.dim() == 2 else m.p.grad.view(route.shape)).t()
+                  for m in members]
+        else:
+            Gs = [m.p.grad if m.p.dim() == 2 else m.p.grad.view(route.shape) for m in members]
+        ex = cls.extra
+        if route.kind == "lowrank":
+            ex["k1"](Gs, precision=precision)
+        ex["step"](Gs, rows, precision=precision, skip=self._skip_flag, key=ex["key"])
+        for m, t in zip(members, ts):
+            m.state["step"] = t
 
     # -- checkpoints ------------------------------------------------------------------------
     def load_state_dict(self, state_dict):
