@@ -180,6 +180,7 @@ KERNEL_MODULES += ("iass_select", "residual_col_stats")
 KERNEL_MODULES += ("adapm_refit", "subspace_drift", "kfac_precondition", "kfac_transport")
 KERNEL_MODULES += ("grouped_adamem_middle",)
 KERNEL_MODULES += ("ldadam_error_accumulate",)
+KERNEL_MODULES += ("grouped_adapm_update",)
 
 
 def all_variants():
