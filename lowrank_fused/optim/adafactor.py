@@ -66,7 +66,8 @@ class Adafactor(LowRankOptimizer):
         backend: ``"auto" | "reference" | ...``: the backend of the ``adafactor_step`` op
             (``triton``: ``kernels/adafactor_step.py``, three passes over G with the row and
             column statistics, the update RMS and RMS(W) reduced on the device, no m x n
-            temporary and no host read; ``auto`` picks it on CUDA).
+            temporary and no host read, a whole class of same-shape parameters per set of
+            launches on the step engine; ``auto`` picks it on CUDA).
 
     State per parameter: ``step`` (int); ``exp_avg_sq_row`` and ``exp_avg_sq_col`` (ndim >= 2)
     or ``exp_avg_sq`` (ndim < 2); ``exp_avg`` when beta1 is not None. The HF code also keeps
