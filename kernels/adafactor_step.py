@@ -477,10 +477,11 @@ class GroupedAdafactorStep:
         self.per = self.scal + 3
         self.scratch = torch.empty(count * self.per, dtype=torch.float32, device=self.device)
         self.bases = (Ws[0], Es[0], Rs[0], Cs[0])
+        self.lists = (list(Ws), list(Es), list(Rs), list(Cs))   # kept alive: addressed by offset
         self.static = [element_offsets("Ws", Ws), element_offsets("exp_avgs", Es),
                        element_offsets("rows" if self.factored else "Vs", Rs),
                        element_offsets("cols" if self.factored else "Vs", Cs)]
-        self.sizes = [Ws[0].element_size(), 4, 4, 4]
+        self.sizes = [Ws[0].element_size(), Es[0].element_size(), 4, 4]
         self._table_key = None
         self._g_layout = None
         self._scal_key = ("adafactor_step", self.scratch.data_ptr()) if persistent else None

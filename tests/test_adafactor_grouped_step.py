@@ -111,3 +111,21 @@ def test_bad_layouts_are_refused_by_name(device):
         step([members[0][1], members[1][1], torch.zeros(1, 8, 7, device=device)], SETS[:1])
     with pytest.raises(ValueError, match="sel"):
         step([m[1] for m in members], SETS, [0, 1])
+
+
+def test_group_keeps_its_members_alive(device):
+    """The kernels address members by offset from the first: the group holds them."""
+    import gc
+    import weakref
+
+    from lowrank_fused.kernels.adafactor_step import GroupedAdafactorStep
+
+    members = _members((1, 8, 6), torch.float32, False, device)
+    step = GroupedAdafactorStep([m[0] for m in members], [m[2] for m in members],
+                                [m[3] for m in members], None, None, shape=(1, 8, 6),
+                                scale_parameter=True)
+    refs = [weakref.ref(members[2][i]) for i in (0, 2, 3)]
+    del members
+    gc.collect()
+    assert all(r() is not None for r in refs)
+    assert step.count == COUNT
