@@ -396,6 +396,77 @@ PYBIND11_MODULE(_C, mod) {
       "Whether host buffers (one pointer, size and dtype code 0 float32, 1 bfloat16, "
       "2 float16, 3 float64 per tensor) hold a NaN or an infinity.");
 
+  // per-tensor flags: the checks of nonfinite_flag_cpu, shared by both backends
+  auto flag_inputs = [](const char* op, const std::vector<std::uintptr_t>& ptrs,
+                        const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+                        std::uintptr_t flags) {
+    const size_t T = sizes.size();
+    const std::string name(op);
+    if (ptrs.size() != T || dtypes.size() != T) {
+      throw std::invalid_argument(name + ": ptrs and dtypes must hold one entry per tensor (" +
+                                  std::to_string(T) + "), got " + std::to_string(ptrs.size()) +
+                                  " and " + std::to_string(dtypes.size()));
+    }
+    if (flags == 0) throw std::invalid_argument(name + ": flags pointer is null");
+    std::vector<const void*> p(T);
+    for (size_t t = 0; t < T; ++t) {
+      if (dtypes[t] < 0 || dtypes[t] > cpu::kFloat64Code) {
+        throw std::invalid_argument(name + ": dtype code [" + std::to_string(t) + "] " +
+                                    std::to_string(dtypes[t]) + " is not 0..3 (float32, "
+                                    "bfloat16, float16, float64)");
+      }
+      if (sizes[t] < 0) {
+        throw std::invalid_argument(name + ": size[" + std::to_string(t) + "] must be >= 0");
+      }
+      if (sizes[t] > 0 && ptrs[t] == 0) {
+        throw std::invalid_argument(name + ": pointer [" + std::to_string(t) + "] is null");
+      }
+      p[t] = reinterpret_cast<const void*>(ptrs[t]);
+    }
+    return p;
+  };
+
+  mod.def(
+      "nonfinite_flags_multi_cpu",
+      [flag_inputs](const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
+                    const std::vector<int>& dtypes, std::uintptr_t flags, int num_threads) {
+        std::vector<const void*> p =
+            flag_inputs("nonfinite_flags_multi_cpu", ptrs, sizes, dtypes, flags);
+        py::gil_scoped_release nogil;
+        nonfinite_flags_multi_cpu(p, sizes, dtypes, reinterpret_cast<uint8_t*>(flags),
+                                  num_threads);
+      },
+      py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("flags"),
+      py::arg("num_threads") = 0,
+      "Per-tensor non-finite flags of host buffers into `flags` (len(ptrs) + 1 bytes: one per "
+      "tensor, then whether any is set).");
+
+  mod.def(
+      "nonfinite_flags_multi_cuda",
+      [flag_inputs](const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
+                    const std::vector<int>& dtypes, std::uintptr_t flags, int device,
+                    std::uintptr_t stream) {
+        std::vector<const void*> p =
+            flag_inputs("nonfinite_flags_multi_cuda", ptrs, sizes, dtypes, flags);
+#if defined(LOWRANK_FUSED_WITH_CUDA)
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = nonfinite_flags_multi_cuda(p, sizes, dtypes, reinterpret_cast<uint8_t*>(flags),
+                                           device, stream);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+#else
+        (void)p; (void)device; (void)stream;
+        throw std::runtime_error(std::string("nonfinite_flags_multi_cuda: lowrank_fused._C "
+                                             "was ") + LOWRANK_FUSED_NO_CUDA_REASON);
+#endif
+      },
+      py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("flags"),
+      py::arg("device"), py::arg("stream"),
+      "Per-tensor non-finite flags of device buffers into `flags` (device bytes) in ONE "
+      "kernel launch on `stream` of `device`; nothing is read back.");
+
   mod.def("cpu_isa", []() { return std::string(cpu::isa_name()); },
           "The instruction set the CPU twins' loops run with: avx512, avx2 or baseline.");
   mod.def("cpu_isas", []() {

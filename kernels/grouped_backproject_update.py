@@ -94,9 +94,24 @@ def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
     single kernel's ``residual`` term). ``skip`` (optional 0-dim bool on the device): when True,
     no W_b is written (read on the device only). ``prepared`` (a bound caller's): {list name:
     its element offsets} for lists whose layout the caller checked once (not re-checked)."""
-    count = len(Ws)
-    if count == 0:
+    if not len(Ws):
         return
+    launch = plan_grouped_backproject_update(Ws, Ps, Ns, precision=precision, config=config,
+                                             residuals=residuals, col_scales=col_scales,
+                                             prepared=prepared)
+    if launch is not None:
+        launch(coef, pre_scale, post_decay, skip=skip, res_coef=res_coef,
+               G0=residuals[0] if residuals is not None else None)
+
+
+def plan_grouped_backproject_update(Ws, Ps, Ns, *, precision="ieee", config=None,
+                                    residuals=None, col_scales=None, prepared=None):
+    """Everything ``grouped_backproject_update`` does on the host before its launch, done
+    once: returns ``launch(coef, pre_scale, post_decay, *, skip=None, res_coef=None,
+    G0=None)``, which fills the persistent scalar table (same address every call) and makes
+    the launch; ``G0``: the first residual (the base of the residuals' offsets, for residuals
+    at the planned addresses). The closure holds no residual. None for an empty matrix."""
+    count = len(Ws)
     has_res = residuals is not None
     lists = [("Ws", Ws), ("Ps", Ps), ("Ns", Ns)]
     if has_res:
@@ -115,27 +130,33 @@ def grouped_backproject_update(Ws, Ps, Ns, *, coef, pre_scale, post_decay,
     m, n = W0.shape
     rank = P0.shape[1]
     if m == 0 or n == 0:
-        return
+        return None
     device = W0.device
     mode = dot_mode(precision, device)
     cfg = config or choose_config(m, n, rank, config_mode(precision, device))
     rows = [prepared.get(name) or element_offsets(name, lst) for name, lst in lists]
-    scalars = [[float(x) for x in coef], [float(x) for x in pre_scale],
-               [float(x) for x in post_decay]]
-    G0, C0 = (residuals[0], col_scales[0]) if has_res else (W0, W0)
-    if has_res:
-        scalars.append([float(x) for x in res_coef])
     offs, aligned = offsets_table(rows, [lst[0].element_size() for _, lst in lists], device)
-    scal = scalar_table(scalars, device, key=(W0.data_ptr(), count))   # same address every step
+    C0 = col_scales[0] if has_res else W0
+    g_strides = (residuals[0].stride(0), residuals[0].stride(1)) if has_res else \
+        (W0.stride(0), W0.stride(1))
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), count)
-    _grouped_backproject_update_kernel[grid](
-        W0, P0, N0, offs, scal, G0, C0, skip_flag(skip, device), count, m, n, rank,
-        W0.stride(0), W0.stride(1), P0.stride(0), P0.stride(1), N0.stride(0), N0.stride(1),
-        G0.stride(0), G0.stride(1),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
-        INTERPRET=interpreting(), ALIGNED=aligned, HAS_RESIDUAL=has_res,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    key = (W0.data_ptr(), count)
+    args = (count, m, n, rank, W0.stride(0), W0.stride(1), P0.stride(0), P0.stride(1),
+            N0.stride(0), N0.stride(1)) + g_strides
+    meta = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
+                INTERPRET=interpreting(), ALIGNED=aligned, HAS_RESIDUAL=has_res,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(coef, pre_scale, post_decay, *, skip=None, res_coef=None, G0=None):
+        scalars = [[float(x) for x in coef], [float(x) for x in pre_scale],
+                   [float(x) for x in post_decay]]
+        if has_res:
+            scalars.append([float(x) for x in res_coef])
+        scal = scalar_table(scalars, device, key=key)   # same address every step
+        _grouped_backproject_update_kernel[grid](
+            W0, P0, N0, offs, scal, G0 if has_res else W0, C0, skip_flag(skip, device), *args,
+            **meta)
+    return launch
 
 
 def aot_variants():

@@ -82,9 +82,34 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
     same pass, equal to the single kernel's; with split-K the per-slice partials are summed
     by one torch reduction. ``prepared`` (a bound caller's): {list name: its element
     offsets} for lists whose layout the caller checked once; those are not re-checked."""
-    count = len(Gs)
-    if count == 0:
+    if not len(Gs):
         return
+    launch = plan_grouped_project(Gs, Ps, Rs, precision, config, split_k, r_sumsq, col_sumsq,
+                                  prepared)
+    if launch is None:
+        _empty_project(Gs, Rs, r_sumsq, col_sumsq)
+    else:
+        launch(Gs[0])
+
+
+def _empty_project(Gs, Rs, r_sumsq, col_sumsq):
+    """Nothing to launch (an empty dimension): the single launcher's empty case, per member."""
+    torch._foreach_zero_(list(Rs))
+    if r_sumsq is not None:
+        r_sumsq.zero_()
+    if col_sumsq is not None:
+        col_sumsq.copy_(torch.stack([G.float().square().sum(dim=0) for G in Gs]))
+
+
+def plan_grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k=None,
+                         r_sumsq=None, col_sumsq=None, prepared=None):
+    """Everything ``grouped_project`` does on the host before its launches, done once:
+    returns ``launch(G0)``, which makes exactly those launches (the same kernels, arguments
+    and tables every call) with ``G0`` the first member's gradient (the base the offsets of
+    the others are counted from: a call for gradients at the same addresses as the ones
+    planned). The closure holds no gradient. None when an empty dimension leaves nothing to
+    launch. What a bound caller keeps while the gradients stay at their addresses."""
+    count = len(Gs)
     prepared = prepared or {}
     for name, lst in (("Gs", Gs), ("Ps", Ps), ("Rs", Rs)):
         if name not in prepared:
@@ -95,12 +120,7 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
     has_rsq = r_sumsq is not None
     has_cs = col_sumsq is not None
     if m == 0 or n == 0 or rank == 0:
-        torch._foreach_zero_(list(Rs))
-        if has_rsq:
-            r_sumsq.zero_()
-        if has_cs:   # nothing to launch: the single launcher's empty case, per member
-            col_sumsq.copy_(torch.stack([G.float().square().sum(dim=0) for G in Gs]))
-        return
+        return None
     device = G0.device
     mode = dot_mode(precision, device)
     cfg = config or choose_config(m, n, rank, config_mode(precision, device))
@@ -112,49 +132,61 @@ def grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split_k: i
         raise ValueError(f"a group of {count} matrices x {split} K-slices exceeds the grid "
                          f"limit {MAX_GRID_Z}: split the group")
     if split == 1:
-        out, r_offs = R0, prepared.get("Rs") or element_offsets("Rs", Rs)
+        r_offs = prepared.get("Rs") or element_offsets("Rs", Rs)
         stride_s, stride_r, stride_n = 0, R0.stride(0), R0.stride(1)
     else:
-        out = torch.empty((count, split, rank, n), device=device, dtype=torch.float32)
         r_offs = regular_offsets(count, split * rank * n)
-        stride_s, stride_r, stride_n = out.stride()[1:]
+        stride_s, stride_r, stride_n = rank * n, n, 1             # (count, split, rank, n)
     offs, aligned = offsets_table(
         [prepared.get("Gs") or element_offsets("Gs", Gs),
          prepared.get("Ps") or element_offsets("Ps", Ps), r_offs],
         [G0.element_size(), P0.element_size(), 4], device)
     grid = (cdiv(rank, cfg.BLOCK_R), cdiv(n, cfg.BLOCK_N), count * split)
     tile_rsq = has_rsq and split == 1
-    rsq_part = (torch.empty(count * tiles, device=device, dtype=torch.float32) if tile_rsq
-                else out)
     # colsum rows: straight into col_sumsq when it has unit column stride and K is not split,
     # else one (count, split, n) buffer of per-slice partials, reduced below
-    if has_cs and (split > 1 or (n > 1 and col_sumsq.stride(1) != 1)):
-        cs_out = torch.empty((count, split, n), device=device, dtype=torch.float32)
-        stride_cb, stride_cs = cs_out.stride(0), cs_out.stride(1)
+    cs_partials = has_cs and (split > 1 or (n > 1 and col_sumsq.stride(1) != 1))
+    if cs_partials:
+        stride_cb, stride_cs = split * n, n
     elif has_cs:
-        cs_out, stride_cb, stride_cs = col_sumsq, col_sumsq.stride(0), 0
+        stride_cb, stride_cs = col_sumsq.stride(0), 0
     else:
-        cs_out, stride_cb, stride_cs = out, 0, 0
-    _grouped_project_kernel[grid](
-        G0, P0, out, offs, rsq_part, cs_out, count, split, m, n, rank, k_per_split,
-        G0.stride(0), G0.stride(1), P0.stride(0), P0.stride(1), stride_s, stride_r, stride_n,
-        stride_cb, stride_cs,
-        BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
-        ALIGNED=aligned, HAS_RSQ=tile_rsq, HAS_COLSQ=has_cs, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    if has_cs and cs_out is not col_sumsq:
-        col_sumsq.copy_(cs_out.sum(dim=1))
-    if split > 1:
-        torch._foreach_copy_(list(Rs), list(out.sum(dim=1).unbind(0)))
-        if has_rsq:
-            r_sumsq.copy_(torch.stack(torch._foreach_norm(list(Rs))).square())
-    elif has_rsq:
+        stride_cb, stride_cs = 0, 0
+    strides = (G0.stride(0), G0.stride(1), P0.stride(0), P0.stride(1), stride_s, stride_r,
+               stride_n, stride_cb, stride_cs)
+    meta = dict(BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
+                ALIGNED=aligned, HAS_RSQ=tile_rsq, HAS_COLSQ=has_cs, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    Rs = list(Rs)
+    # ||R||^2 partials: one buffer per plan (held: the plan's launches reuse it)
+    rsq_part = torch.empty(count * tiles, device=device, dtype=torch.float32) \
+        if tile_rsq else None
+    dense = None
+    if tile_rsq:
         dense = r_sumsq if r_sumsq.is_contiguous() else torch.empty(
             count, device=device, dtype=torch.float32)
-        _sum_rows_kernel[(count,)](rsq_part, dense, tiles, BLOCK=SUM_BLOCK, num_warps=4)
-        if dense is not r_sumsq:
-            r_sumsq.copy_(dense)
+
+    def launch(G):
+        if split == 1:
+            out = R0
+        else:
+            out = torch.empty((count, split, rank, n), device=device, dtype=torch.float32)
+        cs_out = torch.empty((count, split, n), device=device, dtype=torch.float32) \
+            if cs_partials else (col_sumsq if has_cs else out)
+        _grouped_project_kernel[grid](
+            G, P0, out, offs, rsq_part if tile_rsq else out, cs_out, count, split, m, n, rank,
+            k_per_split, *strides, **meta)
+        if cs_partials:
+            col_sumsq.copy_(cs_out.sum(dim=1))
+        if split > 1:
+            torch._foreach_copy_(Rs, list(out.sum(dim=1).unbind(0)))
+            if has_rsq:
+                r_sumsq.copy_(torch.stack(torch._foreach_norm(Rs)).square())
+        elif tile_rsq:
+            _sum_rows_kernel[(count,)](rsq_part, dense, tiles, BLOCK=SUM_BLOCK, num_warps=4)
+            if dense is not r_sumsq:
+                r_sumsq.copy_(dense)
+    return launch
 
 
 def aot_variants():

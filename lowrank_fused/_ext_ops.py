@@ -500,6 +500,23 @@ def nonfinite_flag_cpu(tensors):
     return torch.tensor(bool(bad))
 
 
+def nonfinite_flags_multi(backend, ptrs, sizes, codes, flags):
+    """Per-tensor non-finite flags through the extension (``ops_multi.BoundNonfiniteFlags``):
+    ``flags`` (a contiguous torch.bool tensor of len(ptrs) + 1 on the buffers' device) gets one
+    byte per buffer (pointers, element counts and ``_FLAG_CODES`` codes given) and then
+    whether any is set; one OpenMP loop on the CPU, one launch on CUDA, nothing read back."""
+    mod = _module(backend)
+    if backend == "cpu":
+        mod.nonfinite_flags_multi_cpu(ptrs, sizes, codes, flags=flags.data_ptr(),
+                                      num_threads=torch.get_num_threads())
+    else:
+        device = flags.device
+        with torch.cuda.device(device):
+            mod.nonfinite_flags_multi_cuda(
+                ptrs, sizes, codes, flags=flags.data_ptr(), device=device.index,
+                stream=torch.cuda.current_stream(device).cuda_stream)
+
+
 # -- bound multi-tensor calls: the lists checked and packed once ------------------------------
 
 _MULTI_CHECKS = {

@@ -17,6 +17,7 @@ not overlap. The fused backend addresses the members as offsets from the first
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -229,35 +230,71 @@ def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef,
 
 # -- bound calls: a fixed group checked once, called every step -----------------------------
 
+class _Layout:
+    """One shape, strides, dtype and device for every tensor of a list of ``count`` (the
+    cheap check of a bound call: four list comparisons, C loops, no per-tensor Python)."""
+
+    def __init__(self, like, count):
+        self.shape, self.stride, self.dtype, self.device = (like.shape, like.stride(),
+                                                            like.dtype, like.device)
+        self.count = count
+        self._lists = ([like.shape] * count, [like.stride()] * count,
+                       [like.get_device()] * count, [like.dtype] * count)
+
+    def matches(self, Xs) -> bool:
+        shapes, strides, devices, dtypes = self._lists
+        return (len(Xs) == self.count and list(map(torch.Tensor.size, Xs)) == shapes
+                and list(map(torch.Tensor.stride, Xs)) == strides
+                and list(map(torch.Tensor.get_device, Xs)) == devices
+                and list(map(_DTYPE, Xs)) == dtypes)
+
+
+    def __getitem__(self, i):            # (shape, stride, dtype, device), as a tuple
+        return (self.shape, self.stride, self.dtype, self.device)[i]
+
+
 def _same_layout(Xs, like) -> bool:
-    """Every X has ``like``'s shape, strides, dtype and device (the cheap check of a call)."""
-    shape, stride, dtype, device = like
-    return all(X.shape == shape and X.stride() == stride and X.dtype == dtype
-               and X.device == device for X in Xs)
+    """Every X has ``like``'s shape, strides, dtype and device (a ``_Layout``)."""
+    return like.matches(Xs)
+
+
+_DTYPE = torch.Tensor.dtype.__get__
+_PTR = torch.Tensor.data_ptr
 
 
 def _bound_impl(op, backend, device, static: dict):
     """The implementation of ``op`` and the keywords a bound call adds: for the Triton
-    launchers, the element offsets of the fixed (left-form) lists, checked once here."""
+    launchers, the element offsets of the fixed (left-form) lists, checked once here, and
+    the launcher's planner (``plan_<op>``: its host work done once, kept by the bound call)."""
     from lowrank_fused.dispatch import resolve_call
 
     chosen, impl = resolve_call(op, backend, device)
     if chosen != "triton":
-        return impl, {}
-    from lowrank_fused.kernels._grouped import check_layout, element_offsets
+        return impl, {}, None
+    from lowrank_fused.kernels import _grouped
 
     prepared = {}
     for name, lst in static.items():
-        check_layout(name, lst)
-        prepared[name] = element_offsets(name, lst)
-    return impl, {"prepared": prepared}
+        _grouped.check_layout(name, lst)
+        prepared[name] = _grouped.element_offsets(name, lst)
+    planner = None
+    module = sys.modules.get(getattr(impl, "__module__", ""))
+    if module is not None and getattr(impl, "__name__", "") == op:   # the launcher itself
+        planner = getattr(module, f"plan_{op}", None)
+    return impl, {"prepared": prepared}, planner
 
 
 class BoundGroupedProject:
     """``grouped_project`` for a fixed group: the bases ``Ps`` and outputs ``Rs`` are checked
     once, here, with every check of the op, and the implementation is resolved once; a call
     takes the step's gradients (checked to have the layout of the ones given here, one cheap
-    pass) and the precision. What an optimizer's step engine calls every step."""
+    pass) and the precision. What an optimizer's step engine calls every step.
+
+    On the Triton backend the launcher's host work (tile choice, offset tables, grid) is
+    planned once per (precision, side outputs, gradient addresses) and kept: a step whose
+    gradients sit where the last step's did (``zero_grad(set_to_none=False)``, or the
+    caching allocator handing back the same blocks) makes the same launch with no Python
+    per member but the layout check."""
 
     def __init__(self, Gs, Ps, Rs, *, side="left", backend="auto"):
         ops._check_side(side)
@@ -270,34 +307,56 @@ class BoundGroupedProject:
         _check_members("Rs", Rs, self.shape, device, "Gs[0]", dtype=torch.float32)
         _check_disjoint("Rs", Rs)
         self.side, self.count, self.device = side, count, device
-        self.layout = (Gs[0].shape, Gs[0].stride(), Gs[0].dtype, device)
+        self.layout = _Layout(Gs[0], count)
+        self.out = Rs
         self.Ps, self.Rs = (Ps, Rs) if side == "left" else (
             [P.t() for P in Ps], [R.t() for R in Rs])
-        self.impl, self.kw = _bound_impl("grouped_project", backend, device,
-                                         {"Ps": self.Ps, "Rs": self.Rs})
+        self.impl, self.kw, self.planner = _bound_impl("grouped_project", backend, device,
+                                                       {"Ps": self.Ps, "Rs": self.Rs})
+        self._plans = {}      # (precision, side outputs) -> (gradient addresses, launch)
 
     def __call__(self, Gs, *, precision="ieee", r_sumsq=None, sumsq=None):
-        if len(Gs) != self.count or not _same_layout(Gs, self.layout):
+        if not self.layout.matches(Gs):
             _lists(Gs=Gs, Ps=self.Ps)
-            _check_members("Gs", Gs, self.layout[0], self.device, "the bound Gs[0]",
-                           dtype=self.layout[2])
+            _check_members("Gs", Gs, self.layout.shape, self.device, "the bound Gs[0]",
+                           dtype=self.layout.dtype)
+            self.layout = _Layout(Gs[0], self.count)     # other strides, one for all: re-plan
+            self._plans.clear()
         kw = dict(self.kw, precision=precision)
         if r_sumsq is not None:
             ops._check_side_output("r_sumsq", r_sumsq, (self.count,), self.device, "Gs[0]")
             kw["r_sumsq"] = r_sumsq
         if sumsq is not None:
-            shape = self.layout[0]
+            shape = self.layout.shape
             length = shape[1] if self.side == "left" else shape[0]
             ops._check_side_output("sumsq", sumsq, (self.count, length), self.device, "Gs[0]")
             kw["col_sumsq"] = sumsq
-        self.impl(Gs if self.side == "left" else [G.t() for G in Gs], self.Ps, self.Rs, **kw)
-        return self.Rs if self.side == "left" else [R.t() for R in self.Rs]
+        if self.planner is None:
+            self.impl(Gs if self.side == "left" else [G.t() for G in Gs], self.Ps, self.Rs,
+                      **kw)
+            return self.out
+        key = (precision, None if r_sumsq is None else (r_sumsq.data_ptr(), r_sumsq.stride()),
+               None if sumsq is None else (sumsq.data_ptr(), sumsq.stride()))
+        ptrs = tuple(map(_PTR, Gs))
+        known = self._plans.get(key)
+        if known is None or known[0] != ptrs:
+            left = Gs if self.side == "left" else [G.t() for G in Gs]
+            launch = self.planner(left, self.Ps, self.Rs, precision=precision,
+                                  r_sumsq=r_sumsq, col_sumsq=kw.get("col_sumsq"),
+                                  prepared=dict(self.kw["prepared"]))
+            if launch is None:                  # an empty dimension: the plain call
+                self.impl(left, self.Ps, self.Rs, **kw)
+                return self.out
+            known = self._plans[key] = (ptrs, launch)
+        known[1](Gs[0] if self.side == "left" else Gs[0].t())
+        return self.out
 
 
 class BoundGroupedBackprojectUpdate:
     """``grouped_backproject_update`` for a fixed group (Ws, Ps, Ns checked once, here, with
     every check of the op); a call takes the step's per-member scalars, the precision and the
-    on-device ``skip`` flag."""
+    on-device ``skip`` flag. On the Triton backend the launch is planned once per precision
+    (``BoundGroupedProject``): a call fills the persistent scalar table and launches."""
 
     def __init__(self, Ws, Ps, Ns, *, side="left", backend="auto"):
         ops._check_side(side)
@@ -311,16 +370,28 @@ class BoundGroupedBackprojectUpdate:
         self.count, self.device = count, device
         self.lists = (Ws, Ps, Ns) if side == "left" else tuple(
             [X.t() for X in lst] for lst in (Ws, Ps, Ns))
-        self.impl, self.kw = _bound_impl("grouped_backproject_update", backend, device,
-                                         dict(zip(("Ws", "Ps", "Ns"), self.lists)))
+        self.impl, self.kw, self.planner = _bound_impl(
+            "grouped_backproject_update", backend, device,
+            dict(zip(("Ws", "Ps", "Ns"), self.lists)))
+        self._plans = {}      # precision -> launch (None: an empty matrix)
 
     def __call__(self, *, coef, pre_scale=1.0, post_decay=0.0, precision="ieee", skip=None):
         scalars = _finite_scalars(self.count, coef=coef, pre_scale=pre_scale,
                                   post_decay=post_decay)
         if skip is not None:
             ops._check_skip(skip, self.device)
-            scalars["skip"] = skip
-        self.impl(*self.lists, precision=precision, **self.kw, **scalars)
+        if self.planner is None:
+            if skip is not None:
+                scalars["skip"] = skip
+            self.impl(*self.lists, precision=precision, **self.kw, **scalars)
+            return
+        if precision not in self._plans:
+            ops._check_precision(precision)
+            self._plans[precision] = self.planner(*self.lists, precision=precision,
+                                                  prepared=dict(self.kw["prepared"]))
+        launch = self._plans[precision]
+        if launch is not None:
+            launch(scalars["coef"], scalars["pre_scale"], scalars["post_decay"], skip=skip)
 
 
 def _stacked(tensors):
@@ -361,7 +432,7 @@ class BoundGroupedResidualBackprojectUpdate:
         if not isinstance(scratch, bool):
             raise TypeError(f"scratch must be a bool, got {scratch!r}")
         self.count, self.device = count, device
-        self.layout = (Gs[0].shape, Gs[0].stride(), Gs[0].dtype, device)
+        self.layout = _Layout(Gs[0], count)
         self.lists = (Ws, Ps, Rs, Ns, css)
         static = {"Ws": Ws, "Ps": Ps}
         stacked = None
@@ -371,21 +442,21 @@ class BoundGroupedResidualBackprojectUpdate:
                 stacked = None
             else:
                 static.update(Ns=Ns, col_scales=css)    # the factors are formed in Ns
-        self.impl, self.kw = _bound_impl("grouped_residual_backproject_update", backend,
-                                         device, static)
+        self.impl, self.kw, _ = _bound_impl("grouped_residual_backproject_update", backend,
+                                            device, static)
         if stacked is not None and "prepared" in self.kw:    # the Triton launcher
             self.kw["stacked"] = stacked
         self._g_ptrs = None       # the gradients' addresses whose offsets ``prepared`` holds
 
     def __call__(self, Gs, *, coef, res_coef, pre_scale=1.0, post_decay=0.0,
                  precision="ieee"):
-        if len(Gs) != self.count or not _same_layout(Gs, self.layout):
+        if not self.layout.matches(Gs):
             _lists(Gs=Gs, Ws=self.lists[0])
-            _check_members("Gs", Gs, self.layout[0], self.device, "the bound Gs[0]",
-                           dtype=self.layout[2])
+            _check_members("Gs", Gs, self.layout.shape, self.device, "the bound Gs[0]",
+                           dtype=self.layout.dtype)
         prepared = self.kw.get("prepared")
         if prepared is not None:  # Triton: the gradients' offsets, kept while they stay put
-            ptrs = tuple(G.data_ptr() for G in Gs)
+            ptrs = tuple(map(_PTR, Gs))
             if ptrs != self._g_ptrs:
                 from lowrank_fused.kernels._grouped import element_offsets
 

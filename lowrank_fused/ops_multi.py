@@ -29,7 +29,7 @@ import torch
 from lowrank_fused import ops
 from lowrank_fused.dispatch import implementation
 
-__all__ = ["adam_moments_multi", "adamw_step_multi"]
+__all__ = ["adam_moments_multi", "adamw_step_multi", "nonfinite_flags", "BoundNonfiniteFlags"]
 
 
 def _as_list(name, t):
@@ -210,10 +210,17 @@ class BoundAdamMomentsMulti:
         return float(b1), float(b2), float(eps), float(c1), float(c2)
 
     def __call__(self, rows, *, norms=None, skip=None):
-        if len(rows) != self.count:
+        """``rows``: one ``(beta1, beta2, eps, step)`` per tensor, or one such tuple for all."""
+        if isinstance(rows, tuple):
+            if len(rows) != 4:
+                raise ValueError(f"a row for every tensor must be (beta1, beta2, eps, step), "
+                                 f"got {rows!r}")
+            b1, b2, eps, c1, c2 = ([v] * self.count for v in self._scalars(*rows))
+        elif len(rows) != self.count:
             raise ValueError(f"rows must hold one (beta1, beta2, eps, step) per tensor "
                              f"({self.count}), got {len(rows)}")
-        b1, b2, eps, c1, c2 = (list(x) for x in zip(*_memo_rows(rows, self._scalars)))
+        else:
+            b1, b2, eps, c1, c2 = (list(x) for x in zip(*_memo_rows(rows, self._scalars)))
         if skip is not None:
             ops._check_skip(skip, self.device)
         self.run(None, beta1=b1, beta2=b2, eps=eps, c1=c1, c2=c2, norms=norms, skip=skip)
@@ -267,3 +274,104 @@ class BoundAdamWStepMulti:
             ops._check_skip(skip, self.device)
         self.run(Gs, lr=cols[0], beta1=cols[1], beta2=cols[2], eps=cols[3], c1=cols[4],
                  c2=cols[5], pre_scale=cols[6], post_decay=cols[7], skip=skip)
+
+
+# -- per-tensor non-finite flags: one call for every gradient of a step ----------------------
+
+class BoundNonfiniteFlags:
+    """Per-tensor non-finite flags of a fixed list of tensors (a step's gradients), into one
+    persistent device buffer: ``flags`` (torch.bool, ``count + 1``): ``flags[i]`` is True when
+    tensor i holds a NaN or an infinity, ``flags[count]`` (``any``, a 0-dim view) when any
+    does. Every call rewrites the whole buffer at the same address and reads nothing back to
+    the host: the optimizers hand ``any`` to their ops as the on-device ``skip`` flag and copy
+    ``per_tensor`` to the host asynchronously, to name the parameter later.
+
+    Bound once to the tensors' count, sizes, dtypes and device (``like``); a call takes the
+    step's tensors, which must match them. Where the compiled extension serves the device
+    (``backend="auto"``, every tensor contiguous float32/bfloat16/float16/float64) a call is
+    one OpenMP loop on the CPU or one kernel launch on CUDA (per ~1200 tensors); otherwise
+    (``backend="reference"``, a non-contiguous tensor, no extension) torch's multi-tensor
+    max-abs reduction per dtype (``torch._foreach_norm`` with ``ord=inf``, which propagates
+    NaN) and a scatter by precomputed device indices. Empty tensors are never flagged."""
+
+    _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+    def __init__(self, like, *, backend="auto"):
+        like = _as_list("like", like)
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"backend must be 'auto' or 'reference', got {backend!r}")
+        if not like:
+            raise ValueError("a bound call needs at least one tensor")
+        device = like[0].device
+        for i, t in enumerate(like):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"like[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in self._CODES:
+                raise TypeError(f"like[{i}] has dtype {t.dtype}; the flags take float32, "
+                                f"bfloat16, float16 or float64 tensors")
+            if t.device != device:
+                raise ValueError(f"like[{i}] is on {t.device} but like[0] is on {device}")
+        self.count, self.device = len(like), device
+        self.sizes = [t.numel() for t in like]
+        self.dtypes = [t.dtype for t in like]
+        self.codes = [self._CODES[d] for d in self.dtypes]
+        self.flags = torch.zeros(self.count + 1, dtype=torch.bool, device=device)
+        self.any = self.flags[self.count]
+        self.per_tensor = self.flags[:self.count]
+        self.where = "reference"
+        if backend == "auto":
+            from lowrank_fused import _ext
+
+            why = _ext.why_no_cpu() if device.type == "cpu" else (
+                _ext.why_no_cuda() if device.type == "cuda" else "no compiled backend")
+            if why is None:
+                self.where = device.type
+        self._groups = None           # the reference path's (indices on the device, positions)
+
+    def _reference_groups(self):
+        if self._groups is None:
+            by_dtype = {}
+            for i, (n, d) in enumerate(zip(self.sizes, self.dtypes)):
+                if n:
+                    by_dtype.setdefault(d, []).append(i)
+            self._groups = [(torch.tensor(pos, dtype=torch.int64).to(self.device), pos)
+                            for pos in by_dtype.values()]
+        return self._groups
+
+    def __call__(self, tensors):
+        """The flags of ``tensors`` (shapes' element counts and dtypes as bound); returns
+        ``any`` (a 0-dim view of the buffer)."""
+        if len(tensors) != self.count:
+            raise ValueError(f"tensors must hold {self.count} tensors (as bound), got "
+                             f"{len(tensors)}")
+        if (list(map(torch.Tensor.numel, tensors)) != self.sizes
+                or [t.dtype for t in tensors] != self.dtypes):
+            for i, t in enumerate(tensors):
+                if t.numel() != self.sizes[i] or t.dtype != self.dtypes[i]:
+                    raise ValueError(f"tensors[{i}] ({t.numel()} elements, {t.dtype}) differs "
+                                     f"from the bound tensor ({self.sizes[i]} elements, "
+                                     f"{self.dtypes[i]})")
+        if self.where != "reference" and all(map(torch.Tensor.is_contiguous, tensors)):
+            from lowrank_fused import _ext_ops
+
+            _ext_ops.nonfinite_flags_multi(self.where, list(map(torch.Tensor.data_ptr, tensors)),
+                                           self.sizes, self.codes, self.flags)
+            return self.any
+        self.flags.zero_()
+        for index, pos in self._reference_groups():
+            maxima = torch._foreach_norm([tensors[i] for i in pos], ord=math.inf)
+            self.per_tensor.index_copy_(0, index, ~torch.isfinite(torch.stack(maxima)))
+        torch.any(self.per_tensor, dim=0, keepdim=True, out=self.flags[self.count:])
+        return self.any
+
+
+def nonfinite_flags(tensors, *, backend="auto"):
+    """Per-tensor non-finite flags: a torch.bool tensor of ``len(tensors) + 1`` on the
+    tensors' device, entry i True when ``tensors[i]`` holds a NaN or an infinity, the last
+    entry True when any does (``BoundNonfiniteFlags`` for a list checked every step)."""
+    tensors = _as_list("tensors", tensors)
+    if not tensors:
+        return torch.zeros(1, dtype=torch.bool)
+    bound = BoundNonfiniteFlags(tensors, backend=backend)
+    bound(tensors)
+    return bound.flags

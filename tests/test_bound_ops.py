@@ -64,6 +64,61 @@ def test_bound_grouped_k1_k3_equal_the_ops(backend, side, dtype):
         k1(bad, precision="ieee")
 
 
+@pytest.mark.skipif(not available("triton", "cpu"), reason="needs Triton (interpreter)")
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_bound_grouped_triton_plans_once_while_gradients_stay(side, monkeypatch):
+    """The Triton launch is planned once per (precision, side outputs, gradient addresses):
+    gradients refilled in place reuse the plan, gradients at new addresses re-plan; every call
+    equals the unbound op, side outputs included."""
+    import importlib
+
+    k1mod = importlib.import_module("lowrank_fused.kernels.grouped_project")
+    k3mod = importlib.import_module("lowrank_fused.kernels.grouped_backproject_update")
+
+    plans = {"k1": 0, "k3": 0}
+    for mod, name, tag in ((k1mod, "plan_grouped_project", "k1"),
+                           (k3mod, "plan_grouped_backproject_update", "k3")):
+        real = getattr(mod, name)
+
+        def counted(*a, _real=real, _tag=tag, **kw):
+            plans[_tag] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(mod, name, counted)
+    gen = torch.Generator().manual_seed(21)
+    m, n, r, count = (13, 21, 4, 3) if side == "left" else (21, 13, 4, 3)
+    W, P, low = _group(count, m, n, r, side, torch.float32, gen)
+    Rs = [torch.full(low, float("nan")) for _ in range(count)]
+    Ns = [torch.randn(low, generator=gen) for _ in range(count)]
+    W_ref = [w.clone() for w in W]
+    Gs = [torch.randn(m, n, generator=gen) for _ in range(count)]
+    k1 = ops_grouped.BoundGroupedProject(Gs, P, Rs, side=side, backend="triton")
+    k3 = ops_grouped.BoundGroupedBackprojectUpdate(W, P, Ns, side=side, backend="triton")
+    rsq = torch.full((count,), float("nan"))
+    length = n if side == "left" else m
+    cs = torch.full((count, length), float("nan"))
+    for step in range(4):
+        if step == 2:                       # new tensors: new addresses
+            Gs = [torch.randn(m, n, generator=gen) for _ in range(count)]
+        else:
+            for G in Gs:                    # refilled in place: the same addresses
+                G.copy_(torch.randn(m, n, generator=gen))
+        k1(Gs, precision="ieee", r_sumsq=rsq, sumsq=cs)
+        want_rsq = torch.empty(count)
+        want_cs = torch.empty(count, length)
+        want = ops_grouped.grouped_project(Gs, P, side=side, backend="triton",
+                                           r_sumsq=want_rsq, sumsq=want_cs)
+        assert all(torch.equal(a, b) for a, b in zip(Rs, want))
+        assert torch.equal(rsq, want_rsq) and torch.equal(cs, want_cs)
+        coef = [0.1 * (i + 1) + step for i in range(count)]
+        k3(coef=coef, post_decay=0.01, precision="ieee")
+        ops_grouped.grouped_backproject_update(W_ref, P, Ns, side=side, coef=coef,
+                                               post_decay=0.01, backend="triton")
+        assert all(torch.equal(a, b) for a, b in zip(W, W_ref))
+    # unbound calls plan every time (4 x K1, 4 x K3); the bound ones: K1 twice (the first
+    # gradients, the new ones at step 2; step 3 reuses), K3 once
+    assert plans == {"k1": 4 + 2, "k3": 4 + 1}
+
+
 @pytest.mark.parametrize("backend", MULTI_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bound_adamw_multi_equals_the_op(backend, dtype):

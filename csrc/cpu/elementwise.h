@@ -68,4 +68,10 @@ inline P* offset(P* p, int dtype, int64_t i) {
 bool nonfinite_multi_cpu(const std::vector<const void*>& ptrs, const std::vector<int64_t>& sizes,
                          const std::vector<int>& dtypes, int num_threads);
 
+// Per-tensor flags (same inputs as nonfinite_multi_cpu): flags[t] = 1 when tensor t holds a NaN
+// or an infinity, else 0, and flags[T] = 1 when any does (T + 1 bytes, all written).
+void nonfinite_flags_multi_cpu(const std::vector<const void*>& ptrs,
+                               const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+                               uint8_t* flags, int num_threads);
+
 }  // namespace lowrank_fused

@@ -186,4 +186,33 @@ bool nonfinite_multi_cpu(const std::vector<const void*>& ptrs, const std::vector
   return false;
 }
 
+void nonfinite_flags_multi_cpu(const std::vector<const void*>& ptrs,
+                               const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+                               uint8_t* flags, int num_threads) {
+  std::vector<MTEntry> entries(ptrs.size());
+  for (size_t t = 0; t < ptrs.size(); ++t) {
+    entries[t].ptr[0] = const_cast<void*>(ptrs[t]);
+    entries[t].n = sizes[t];
+  }
+  const std::vector<MTItem> items = mt_work_items(entries, kCpuChunk);
+  std::vector<unsigned char> bad(items.size(), 0);
+  const int threads = thread_count(total_elements(entries), num_threads);
+  for_items(items, threads, [&](int64_t k, const MTItem& it) {
+    const int64_t begin = int64_t(it.chunk) * kCpuChunk;
+    const int64_t n = entries[it.tensor].n;
+    const int64_t end = begin + kCpuChunk < n ? begin + kCpuChunk : n;
+    const int dtype = dtypes[it.tensor];
+    bad[k] = cpu::any_nonfinite(cpu::offset(ptrs[it.tensor], dtype, begin), dtype,
+                                end - begin) ? 1 : 0;
+  });
+  const size_t T = ptrs.size();
+  for (size_t t = 0; t <= T; ++t) flags[t] = 0;
+  for (size_t k = 0; k < items.size(); ++k) {
+    if (bad[k]) {
+      flags[items[k].tensor] = 1;
+      flags[T] = 1;
+    }
+  }
+}
+
 }  // namespace lowrank_fused

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "adamw_step.h"
 #include "multi_tensor.h"
@@ -30,5 +31,12 @@ std::string small_cholesky_inverse_cuda(const SmallCholeskyArgs& a, int device,
 // Multi-tensor ops (multi_tensor.h): one kernel launch for all tensors on `stream` of `device`.
 std::string adam_moments_multi_cuda(const MomentsMultiArgs& a, int device, std::uintptr_t stream);
 std::string adamw_step_multi_cuda(const AdamWMultiArgs& a, int device, std::uintptr_t stream);
+
+// Per-tensor non-finite flags of many buffers (dtype codes 0 float32, 1 bfloat16, 2 float16,
+// 3 float64) into `flags` (len(ptrs) + 1 device bytes: one per tensor, then any) in one launch.
+std::string nonfinite_flags_multi_cuda(const std::vector<const void*>& ptrs,
+                                       const std::vector<int64_t>& sizes,
+                                       const std::vector<int>& dtypes, uint8_t* flags,
+                                       int device, std::uintptr_t stream);
 
 }  // namespace lowrank_fused

@@ -223,4 +223,107 @@ std::string adamw_step_multi_cuda(const AdamWMultiArgs& a, int device, std::uint
                    });
 }
 
+// -- per-tensor non-finite flags (nonfinite_flags_multi) ------------------------------------
+// One launch (per ~1200 tensors) over the (tensor, chunk) items of every tensor; the flags are
+// zeroed on the stream first, then a block that saw a NaN or an infinity in its chunk stores 1
+// into its tensor's flag and into the any-flag after the last tensor (every writer stores the
+// same value, so the races are benign). Nothing is read back: the caller keeps the flags on the
+// device (the optimizers' on-device skip) and copies them to the host asynchronously.
+
+namespace {
+
+struct FlagBatch {
+  static constexpr int K = static_cast<int>((kParamBytes - 64) / (8 + 8 + 4 + 4));
+  const void* ptr[K];
+  int64_t n[K];
+  int32_t dtype[K];
+  int32_t first_block[K + 1];
+  int32_t count;
+  int32_t base;  // the index of the batch's first tensor in the whole list
+};
+static_assert(sizeof(FlagBatch) <= kParamBytes, "kernel argument too large");
+
+// Whether elements begin, begin+stride, ... < end of a buffer of dtype code `dtype` (0 float32,
+// 1 bfloat16, 2 float16, 3 float64) hold a NaN or an infinity: the exponent bits all set.
+__device__ __forceinline__ bool chunk_nonfinite(const void* p, int dtype, int64_t begin,
+                                                int64_t end, int64_t stride) {
+  bool bad = false;
+  if (dtype == 0) {
+    const uint32_t* x = static_cast<const uint32_t*>(p);
+    for (int64_t i = begin; i < end; i += stride) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
+  } else if (dtype == 1) {
+    const uint16_t* x = static_cast<const uint16_t*>(p);
+    for (int64_t i = begin; i < end; i += stride) bad |= (x[i] & 0x7f80u) == 0x7f80u;
+  } else if (dtype == 2) {
+    const uint16_t* x = static_cast<const uint16_t*>(p);
+    for (int64_t i = begin; i < end; i += stride) bad |= (x[i] & 0x7c00u) == 0x7c00u;
+  } else {
+    const uint64_t* x = static_cast<const uint64_t*>(p);
+    for (int64_t i = begin; i < end; i += stride) {
+      bad |= (x[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+    }
+  }
+  return bad;
+}
+
+__global__ void __launch_bounds__(kThreads)
+nonfinite_flags_kernel(const __grid_constant__ FlagBatch batch, uint8_t* flags, int64_t total) {
+  const int32_t bid = static_cast<int32_t>(blockIdx.x);
+  int lo = 0, hi = batch.count;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (batch.first_block[mid] <= bid) lo = mid;
+    else hi = mid;
+  }
+  const int64_t begin = int64_t(bid - batch.first_block[lo]) * kChunk;
+  const int64_t n = batch.n[lo];
+  const int64_t end = begin + kChunk < n ? begin + kChunk : n;
+  const bool bad = chunk_nonfinite(batch.ptr[lo], batch.dtype[lo], begin + threadIdx.x, end,
+                                   kThreads);
+  if (__syncthreads_or(bad) && threadIdx.x == 0) {
+    flags[batch.base + lo] = 1;
+    flags[total] = 1;
+  }
+}
+
+}  // namespace
+
+std::string nonfinite_flags_multi_cuda(const std::vector<const void*>& ptrs,
+                                       const std::vector<int64_t>& sizes,
+                                       const std::vector<int>& dtypes, uint8_t* flags,
+                                       int device, std::uintptr_t stream_handle) {
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return cuda_error("nonfinite_flags_multi: cudaSetDevice", err);
+  (void)cudaGetLastError();
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const size_t total = ptrs.size();
+  err = cudaMemsetAsync(flags, 0, total + 1, stream);
+  if (err != cudaSuccess) return cuda_error("nonfinite_flags_multi: cudaMemsetAsync", err);
+  constexpr int K = FlagBatch::K;
+  FlagBatch batch;
+  for (size_t first = 0; first < total; first += K) {
+    const int count = static_cast<int>(total - first < size_t(K) ? total - first : size_t(K));
+    int64_t blocks = 0;
+    for (int t = 0; t < count; ++t) {
+      batch.ptr[t] = ptrs[first + t];
+      batch.n[t] = sizes[first + t];
+      batch.dtype[t] = dtypes[first + t];
+      batch.first_block[t] = static_cast<int32_t>(blocks);
+      blocks += (sizes[first + t] + kChunk - 1) / kChunk;
+      if (blocks > int64_t(INT32_MAX)) {
+        return "nonfinite_flags_multi: too many elements for one launch (more than 2^31 chunks)";
+      }
+    }
+    batch.first_block[count] = static_cast<int32_t>(blocks);
+    batch.count = count;
+    batch.base = static_cast<int32_t>(first);
+    if (blocks == 0) continue;
+    nonfinite_flags_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        batch, flags, static_cast<int64_t>(total));
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return cuda_error("nonfinite_flags_multi: kernel launch", err);
+  }
+  return "";
+}
+
 }  // namespace lowrank_fused

@@ -502,9 +502,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _check_grad(self, p):
         """One gradient's layout, shape, device and dtype."""
         g = p.grad
-        if g.is_sparse:
+        if g.is_sparse or g.layout != torch.strided:
             raise RuntimeError(f"{type(self).__name__} does not support sparse "
-                               f"gradients ({self.param_label(p)})")
+                               f"gradients ({self.param_label(p)}, layout {g.layout})")
         if g.shape != p.shape:
             raise ValueError(f"gradient shape {tuple(g.shape)} does not match "
                              f"parameter shape of {self.param_label(p)}")
@@ -520,17 +520,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.__dict__.pop("_validated_plan", None)     # set below for this step only
         for group in self.param_groups:
             self._check_group(group)
-        grads = []
-        dtypes = self.PARAM_DTYPES
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    # the common case in one expression; _check_grad names what is wrong
-                    if (g.shape != p.shape or g.dtype not in dtypes or g.is_sparse
-                            or g.device != p.device):
-                        self._check_grad(p)
-                    grads.append(g)
+        pairs = [(p, group) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        params = [p for p, _ in pairs]
+        grads = [p.grad for p in params]
+        key = tuple(map(id, params))
+        self._step_params = (key, pairs)     # this step's parameters with a gradient
+        self._check_grad_layouts(key, params, grads)
         self._skip_flag = None
         if self.nonfinite != "ignore":
             if self._defer_nonfinite(grads):   # the flag stays on the device: no host read
@@ -543,6 +539,24 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                               "'skip' skips such steps)")
         self._check_grads()
         return True
+
+    def _check_grad_layouts(self, key, params, grads):
+        """Each gradient's shape, dtype, device and (dense) layout, as ``_check_grad``. The
+        parameters' values are kept per set of parameters with gradients (``key``: their
+        ids), so a steady step compares four lists (C loops) instead of checking tensor by
+        tensor in Python; any difference runs the full check, which names the gradient."""
+        known = self.__dict__.get("_grad_layouts")
+        if known is not None and known[0] == key:
+            _, shapes, dtypes, devices, dense = known
+            if (list(map(torch.Tensor.size, grads)) == shapes
+                    and [g.dtype for g in grads] == dtypes
+                    and [g.layout for g in grads] == dense
+                    and [g.device for g in grads] == devices):
+                return
+        for p in params:
+            self._check_grad(p)
+        self._grad_layouts = (key, [p.shape for p in params], [p.dtype for p in params],
+                              [p.device for p in params], [torch.strided] * len(params))
 
     # -- non-finite gradients without a host read (docs/engine.md) --------------------------
     # A method whose every state-writing op of a steady step takes the on-device ``skip``
@@ -564,16 +578,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if not (self.DEVICE_SKIP and self.engine and grads and
                 self._lagged_nonfinite(grads[0].device)):
             return False
-        if any(is_sharded(g) for g in grads):
-            return False
         plan = self._validated_plan = self._current_plan()
+        # sharded parameters (FSDP2) and every other per-parameter step are in plan.legacy
         if plan is None or plan.legacy or self._refresh_pending(plan):
             return False
-        maxima = torch._foreach_norm([g for g in grads if g.numel()], ord=math.inf,
-                                     dtype=torch.float32)
-        bad = ~torch.isfinite(torch.stack(maxima)) if maxima else \
-            torch.zeros(0, dtype=torch.bool, device=grads[0].device)
-        self._skip_flag = bad.any()
+        params = plan.params
+        live = [p.grad for p in params]
+        flags = plan.flags
+        if flags is None or flags.count != len(live):
+            flags = plan.flags = ops_multi.BoundNonfiniteFlags(live)
+        self._skip_flag = flags(live)     # one launch; the buffer keeps its address
+        bad = flags.per_tensor
         if bad.is_cuda:
             # one pinned buffer, reused: nonfinite_check waited for the last copy into it
             host = self.__dict__.get("_flag_host")
@@ -585,7 +600,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
             event.record()
         else:
             host, event = bad, None
-        params = [p for p, _ in self._live]
         self._pending_nonfinite = (host, event, plan, params, self.step_calls + 1)
         return True
 
@@ -682,18 +696,21 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        proceed = self._validate_step()
-        self.step_calls += 1
-        if not proceed:
-            self.skipped_steps += 1
-            return loss
-        self._before_updates()
-        self._batch = {}
         try:
-            self._engine_step()
-            self._run_batches()
+            proceed = self._validate_step()
+            self.step_calls += 1
+            if not proceed:
+                self.skipped_steps += 1
+                return loss
+            self._before_updates()
+            self._batch = {}
+            try:
+                self._engine_step()
+                self._run_batches()
+            finally:
+                self._batch = None
         finally:
-            self._batch = None
+            self.__dict__.pop("_step_params", None)      # this step's only
         self._after_updates()
         return loss
 
@@ -712,17 +729,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _current_plan(self):
         """The plan of this step (built when the set of parameters with a gradient or the
         structure changed), or None when no parameter has a gradient."""
-        live = [(p, g) for g in self.param_groups for p in g["params"]
-                if p.grad is not None and p.numel()]   # an empty tensor has nothing to do
+        key, pairs = self.__dict__.get("_step_params") or (None, None)
+        if key is None:
+            pairs = [(p, group) for group in self.param_groups for p in group["params"]
+                     if p.grad is not None]
+            key = tuple(map(id, (p for p, _ in pairs)))
+        plan = self.__dict__.get("_engine_plan")
+        signature = (self.engine, self.multi_tensor, key,
+                     tuple(tuple(g.get(k) for k in self.LAYOUT_KEYS) for g in self.param_groups))
+        if plan is not None and plan.signature == signature:
+            self._live = plan.live
+            return plan
+        live = [(p, g) for p, g in pairs if p.numel()]   # an empty tensor has nothing to do
         self._live = live
         if not live:
             return None
-        plan = self.__dict__.get("_engine_plan")
-        signature = (self.engine, self.multi_tensor, tuple(id(p) for p, _ in live),
-                     tuple(tuple(g.get(k) for k in self.LAYOUT_KEYS) for g in self.param_groups))
-        if plan is None or plan.signature != signature:
-            plan = self._engine_plan = self._build_routes(live, signature)
-            self._classes_stale = True
+        plan = self._engine_plan = self._build_routes(live, signature)
+        plan.live = live
+        plan.params = [p for p, _ in live]
+        self._classes_stale = True
         return plan
 
     def _engine_step(self):
@@ -890,8 +915,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # what a method's _class_step calls for the class-wide GEMMs
     def _class_grads(self, cls):
         """The members' gradients as 2-D matrices (views)."""
+        params = cls.extra.get("_params")
+        if params is None:
+            params = cls.extra["_params"] = [m.p for m in cls.members]
+            cls.extra["_all_2d"] = all(p.dim() == 2 for p in params)
+        if cls.extra["_all_2d"]:
+            return [p.grad for p in params]
         shape = cls.route.shape
-        return [m.p.grad if m.p.dim() == 2 else m.p.grad.reshape(shape) for m in cls.members]
+        return [p.grad if p.dim() == 2 else p.grad.reshape(shape) for p in params]
 
     def _class_project(self, cls, Gs, precision, **side_outputs):
         """K1 of every member into the class's R workspace (one grouped launch; the call is

@@ -123,6 +123,9 @@ class Plan:
     classes: dict = field(default_factory=dict)       # key -> MatrixClass
     dense: dict = field(default_factory=dict)         # key -> DenseSet
     routed: list = field(default_factory=list)        # (p, group, route, state): classes
+    flags: Any = None     # the per-tensor non-finite flags (ops_multi.BoundNonfiniteFlags)
+    live: list = field(default_factory=list)          # (p, group) of every planned parameter
+    params: list = field(default_factory=list)        # their parameters, in that order
 
     @property
     def counters(self):

@@ -266,42 +266,52 @@ class GaLoreAdamW(LowRankOptimizer):
     def _class_lists(self, cls):
         cls.extra["Ms"] = [m.state["exp_avg"] for m in cls.members]
         cls.extra["Vs"] = [m.state["exp_avg_sq"] for m in cls.members]
+        cls.extra["states"] = [m.state for m in cls.members]
+        groups = {id(m.group): m.group for m in cls.members}
+        cls.extra["group"] = next(iter(groups.values())) if len(groups) == 1 else None
         cls.extra["where"] = self._multi_where("adam_moments", cls.backend,
                                                cls.Rs + cls.extra["Ms"] + cls.extra["Vs"]
                                                + cls.Ns) if self.multi_tensor else None
 
     def _class_step(self, cls, precision):
         """One class: K1 of every member (one grouped launch), K2 (one multi-tensor call
-        where the backend has it, else per matrix), K3 (one grouped launch)."""
-        ts = []
-        for m in cls.members:
-            t = m.state["step"] + 1
-            m.state["step"] = t
-            ts.append(t)
-        groups = [m.group for m in cls.members]
+        where the backend has it, else per matrix), K3 (one grouped launch). The common case,
+        every member of one group at one step count, derives its scalars once."""
+        states = cls.extra["states"]
+        ts = [st["step"] + 1 for st in states]
+        for st, t in zip(states, ts):
+            st["step"] = t
         skip = self._skip_flag        # K1 writes only the workspace: it needs no skip
         Rs = self._class_project(cls, self._class_grads(cls), precision)
-        hyper = per_member(groups, lambda g: (g["betas"][0], g["betas"][1], g["eps"]))
+        group = cls.extra["group"]
+        if group is not None and ts.count(ts[0]) == len(ts):       # one group, one step
+            t = ts[0]
+            rows = (group["betas"][0], group["betas"][1], group["eps"], t)
+            per = [rows] * len(ts)
+            coefs, posts = self._k3_coefficients(group, t)
+        else:
+            groups = [m.group for m in cls.members]
+            hyper = per_member(groups, lambda g: (g["betas"][0], g["betas"][1], g["eps"]))
+            rows = per = [h + (t,) for h, t in zip(hyper, ts)]
+            memo = {}
+            coefs, posts = [], []
+            for g, t in zip(groups, ts):
+                c = memo.get((id(g), t))
+                if c is None:
+                    c = memo[(id(g), t)] = self._k3_coefficients(g, t)
+                coefs.append(c[0])
+                posts.append(c[1])
         Ms, Vs = cls.extra["Ms"], cls.extra["Vs"]
-        where = cls.extra["where"]
-        if where is not None:
+        if cls.extra["where"] is not None:
             k2 = cls.extra.get("k2")
             if k2 is None:
                 k2 = cls.extra["k2"] = ops_multi.BoundAdamMomentsMulti(
-                    Rs, Ms, Vs, cls.Ns, eps_mode="hf", backend=where)
-            k2([h + (t,) for h, t in zip(hyper, ts)], skip=skip)
+                    Rs, Ms, Vs, cls.Ns, eps_mode="hf", backend=cls.extra["where"])
+            k2(rows, skip=skip)
         else:
-            for R, M, V, N, (a, b, e), t in zip(Rs, Ms, Vs, cls.Ns, hyper, ts):
+            for R, M, V, N, (a, b, e, t) in zip(Rs, Ms, Vs, cls.Ns, per):
                 ops.adam_moments(R, M, V, N, beta1=a, beta2=b, eps=e, step=t, eps_mode="hf",
                                  backend=cls.backend, skip=skip)
-        memo = {}
-        coefs, posts = [], []
-        for g, t in zip(groups, ts):
-            c = memo.get((id(g), t))
-            if c is None:
-                c = memo[(id(g), t)] = self._k3_coefficients(g, t)
-            coefs.append(c[0])
-            posts.append(c[1])
         self._class_update(cls, coefs, posts, precision)
 
     # -- the per-parameter step (FSDP2 shards, per-layer mode, copied views) ----------------
