@@ -505,12 +505,22 @@ class GroupedAdafactorStep:
         self._g_layout = (G.shape, G.stride(), G.dtype, strides)
         return strides
 
+    def takes(self, Gs) -> bool:
+        """Whether ``Gs`` fit the group (one gradient per member, sharing one layout of the
+        members' shape on their device): a caller with another fallback asks first."""
+        try:
+            self._taken = (Gs, self._check_grads(Gs))
+        except (ValueError, RuntimeError):
+            return False
+        return True
+
     def __call__(self, Gs, scalars, sel=None, *, skip=None):
         """``scalars``: ``(rho, beta2t, eps1, eps2, clip_threshold, beta1, weight_decay)``
         sets; ``sel``: the set of each member (None: every member takes set 0); ``skip``: the
         on-device non-finite flag (None or a 0-dim bool tensor): when it holds True nothing
         is written."""
-        g_strides = self._check_grads(Gs)
+        taken = self.__dict__.pop("_taken", None)   # takes() just checked this very list
+        g_strides = taken[1] if taken is not None and taken[0] is Gs else self._check_grads(Gs)
         count = self.count
         if sel is None:
             sel = [0] * count

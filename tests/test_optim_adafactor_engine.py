@@ -93,6 +93,26 @@ def test_engine_equals_per_parameter_step_bit_for_bit(backend, dtype, flags, dev
     assert s_e[1]["step"] == 2 and s_e[0]["step"] == 3
 
 
+def test_gradients_of_mixed_layouts_in_a_class_match_the_per_parameter_step(device):
+    """One member's gradient in another dtype, another's transposed: the class takes the op
+    per member on that step, with the same bits."""
+    out = []
+    for engine in (True, False):
+        ps = _params(torch.bfloat16, device)
+        opt = Adafactor(ps, backend="triton")
+        opt.engine = engine
+        for t in range(2):
+            _grads(ps, t)
+            if t == 1:
+                ps[1].grad_dtype = None          # torch refuses another dtype otherwise
+                ps[1].grad = ps[1].grad.float()
+                ps[2].grad = ps[2].grad.t().contiguous().t()
+            opt.step()
+        out.append([p.detach().clone() for p in ps])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
 def test_group_flags_changed_mid_run_rebuild_the_classes(device):
     """Turning momentum on in a group (a class's kernels) rebuilds the classes; the engine
     still equals the per-parameter step."""

@@ -273,14 +273,15 @@ class Adafactor(LowRankOptimizer):
                 sets.append(self._step_scalars(m.group, t))
             sel.append(i)
         grouped = cls.extra["grouped"]
-        if grouped is not None:
-            grouped([m.p.grad for m in cls.members], sets, None if len(sets) == 1 else sel,
-                    skip=self._skip_flag)
+        Gs = [m.p.grad for m in cls.members]
+        if grouped is not None and grouped.takes(Gs):
+            grouped(Gs, sets, None if len(sets) == 1 else sel, skip=self._skip_flag)
             return
+        # the reference, or gradients of different layouts on this step: the op per member
         x = cls.extra
         impl, shape, scaled = x["impl"], cls.route.shape, x["scaled"]
         for i, (m, W) in enumerate(zip(cls.members, cls.Ws)):
-            self._call(impl, W, m.p.grad.reshape(shape),
+            self._call(impl, W, Gs[i].reshape(shape),
                        None if x["rows"] is None else x["rows"][i],
                        None if x["cols"] is None else x["cols"][i],
                        None if x["Vs"] is None else x["Vs"][i],
