@@ -102,15 +102,19 @@ MomentsMultiArgs make_moments_multi(const std::vector<std::uintptr_t>& ptrs,
                                     const std::vector<double>& beta2,
                                     const std::vector<double>& eps, const std::vector<double>& c1,
                                     const std::vector<double>& c2, std::uintptr_t norms,
-                                    std::uintptr_t flag, std::uintptr_t skip) {
+                                    std::uintptr_t flag, std::uintptr_t skip,
+                                    std::uintptr_t table) {
   const char* op = "adam_moments_multi";
   MomentsMultiArgs a;
   a.entries = make_entries(op, ptrs, sizes, dtypes);
   const size_t T = sizes.size();
-  check_lengths(op, T, {{"beta1", beta1.size()}, {"beta2", beta2.size()}, {"eps", eps.size()},
-                        {"c1", c1.size()}, {"c2", c2.size()}});
-  for (size_t t = 0; t < T; ++t) {
-    a.scalars.push_back(make_moments_scalars(beta1[t], beta2[t], eps[t], c1[t], c2[t]));
+  a.table = reinterpret_cast<const float*>(table);
+  if (table == 0) {  // else the scalars come from the table (multi_tensor.h)
+    check_lengths(op, T, {{"beta1", beta1.size()}, {"beta2", beta2.size()},
+                          {"eps", eps.size()}, {"c1", c1.size()}, {"c2", c2.size()}});
+    for (size_t t = 0; t < T; ++t) {
+      a.scalars.push_back(make_moments_scalars(beta1[t], beta2[t], eps[t], c1[t], c2[t]));
+    }
   }
   a.norms = reinterpret_cast<float*>(norms);
   a.flag = reinterpret_cast<int32_t*>(flag);
@@ -128,17 +132,20 @@ AdamWMultiArgs make_adamw_multi(const std::vector<std::uintptr_t>& ptrs,
                                 const std::vector<double>& c2,
                                 const std::vector<double>& pre_scale,
                                 const std::vector<double>& post_decay, std::uintptr_t flag,
-                                std::uintptr_t skip) {
+                                std::uintptr_t skip, std::uintptr_t table) {
   const char* op = "adamw_step_multi";
   AdamWMultiArgs a;
   a.entries = make_entries(op, ptrs, sizes, dtypes);
   const size_t T = sizes.size();
-  check_lengths(op, T, {{"lr", lr.size()}, {"beta1", beta1.size()}, {"beta2", beta2.size()},
-                        {"eps", eps.size()}, {"c1", c1.size()}, {"c2", c2.size()},
-                        {"pre_scale", pre_scale.size()}, {"post_decay", post_decay.size()}});
-  for (size_t t = 0; t < T; ++t) {
-    a.scalars.push_back(make_scalars(lr[t], beta1[t], beta2[t], eps[t], c1[t], c2[t],
-                                     pre_scale[t], post_decay[t]));
+  a.table = reinterpret_cast<const float*>(table);
+  if (table == 0) {  // else the scalars come from the table (multi_tensor.h)
+    check_lengths(op, T, {{"lr", lr.size()}, {"beta1", beta1.size()}, {"beta2", beta2.size()},
+                          {"eps", eps.size()}, {"c1", c1.size()}, {"c2", c2.size()},
+                          {"pre_scale", pre_scale.size()}, {"post_decay", post_decay.size()}});
+    for (size_t t = 0; t < T; ++t) {
+      a.scalars.push_back(make_scalars(lr[t], beta1[t], beta2[t], eps[t], c1[t], c2[t],
+                                       pre_scale[t], post_decay[t]));
+    }
   }
   a.flag = reinterpret_cast<int32_t*>(flag);
   a.skip = reinterpret_cast<const uint8_t*>(skip);
@@ -302,15 +309,15 @@ PYBIND11_MODULE(_C, mod) {
          const std::vector<int>& dtypes, const std::vector<double>& beta1,
          const std::vector<double>& beta2, const std::vector<double>& eps,
          const std::vector<double>& c1, const std::vector<double>& c2, std::uintptr_t norms,
-         std::uintptr_t flag, std::uintptr_t skip, int num_threads) {
+         std::uintptr_t flag, std::uintptr_t skip, std::uintptr_t table, int num_threads) {
         MomentsMultiArgs a = make_moments_multi(ptrs, sizes, dtypes, beta1, beta2, eps, c1, c2,
-                                                norms, flag, skip);
+                                                norms, flag, skip, table);
         py::gil_scoped_release nogil;
         adam_moments_multi_cpu(a, num_threads);
       },
       py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("norms") = 0,
-      py::arg("flag") = 0, py::arg("skip") = 0, py::arg("num_threads") = 0,
+      py::arg("flag") = 0, py::arg("skip") = 0, py::arg("table") = 0, py::arg("num_threads") = 0,
       "K2 moments of many tensors (R, M, V, N per tensor) in one OpenMP loop, on host buffers.");
 
   mod.def(
@@ -319,9 +326,10 @@ PYBIND11_MODULE(_C, mod) {
          const std::vector<int>& dtypes, const std::vector<double>& beta1,
          const std::vector<double>& beta2, const std::vector<double>& eps,
          const std::vector<double>& c1, const std::vector<double>& c2, std::uintptr_t norms,
-         std::uintptr_t flag, std::uintptr_t skip, int device, std::uintptr_t stream) {
+         std::uintptr_t flag, std::uintptr_t skip, std::uintptr_t table, int device,
+         std::uintptr_t stream) {
         MomentsMultiArgs a = make_moments_multi(ptrs, sizes, dtypes, beta1, beta2, eps, c1, c2,
-                                                norms, flag, skip);
+                                                norms, flag, skip, table);
 #if defined(LOWRANK_FUSED_WITH_CUDA)
         std::string err;
         {
@@ -337,7 +345,8 @@ PYBIND11_MODULE(_C, mod) {
       },
       py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"), py::arg("norms") = 0,
-      py::arg("flag") = 0, py::arg("skip") = 0, py::arg("device"), py::arg("stream"),
+      py::arg("flag") = 0, py::arg("skip") = 0, py::arg("table") = 0, py::arg("device"),
+      py::arg("stream"),
       "K2 moments of many tensors in ONE kernel launch on `stream` of `device`.");
 
   mod.def(
@@ -348,16 +357,16 @@ PYBIND11_MODULE(_C, mod) {
          const std::vector<double>& eps, const std::vector<double>& c1,
          const std::vector<double>& c2, const std::vector<double>& pre_scale,
          const std::vector<double>& post_decay, std::uintptr_t flag, std::uintptr_t skip,
-         int num_threads) {
+         std::uintptr_t table, int num_threads) {
         AdamWMultiArgs a = make_adamw_multi(ptrs, sizes, dtypes, lr, beta1, beta2, eps, c1, c2,
-                                            pre_scale, post_decay, flag, skip);
+                                            pre_scale, post_decay, flag, skip, table);
         py::gil_scoped_release nogil;
         adamw_step_multi_cpu(a, num_threads);
       },
       py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("lr"),
       py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"),
       py::arg("pre_scale"), py::arg("post_decay"), py::arg("flag") = 0, py::arg("skip") = 0,
-      py::arg("num_threads") = 0,
+      py::arg("table") = 0, py::arg("num_threads") = 0,
       "AdamW step of many tensors (W, G, M, V per tensor) in one OpenMP loop, on host buffers.");
 
   mod.def(
@@ -491,9 +500,9 @@ PYBIND11_MODULE(_C, mod) {
          const std::vector<double>& eps, const std::vector<double>& c1,
          const std::vector<double>& c2, const std::vector<double>& pre_scale,
          const std::vector<double>& post_decay, std::uintptr_t flag, std::uintptr_t skip,
-         int device, std::uintptr_t stream) {
+         std::uintptr_t table, int device, std::uintptr_t stream) {
         AdamWMultiArgs a = make_adamw_multi(ptrs, sizes, dtypes, lr, beta1, beta2, eps, c1, c2,
-                                            pre_scale, post_decay, flag, skip);
+                                            pre_scale, post_decay, flag, skip, table);
 #if defined(LOWRANK_FUSED_WITH_CUDA)
         std::string err;
         {
@@ -510,6 +519,6 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::kw_only(), py::arg("lr"),
       py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("c1"), py::arg("c2"),
       py::arg("pre_scale"), py::arg("post_decay"), py::arg("flag") = 0, py::arg("skip") = 0,
-      py::arg("device"), py::arg("stream"),
+      py::arg("table") = 0, py::arg("device"), py::arg("stream"),
       "AdamW step of many tensors in ONE kernel launch on `stream` of `device`.");
 }

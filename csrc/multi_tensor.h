@@ -182,14 +182,54 @@ LF_HD void adamw_range_any(const MTEntry& e, const AdamWScalars& s, int64_t begi
   else adamw_range_g<float>(e, s, begin, end, stride, want_flag, bad);
 }
 
+// Per-step scalars from a table instead of the call's arguments (what a CUDA-graph replay
+// needs: the kernel's arguments stay the same, the table's contents change): a float32 table of
+// kColumns rows x `count` columns, value j of tensor t at table[j * count + t] (device memory for
+// the CUDA kernels, host memory for the CPU twins). The rows are the fields of the scalar
+// structs in order, (1 - beta) precomputed in double and rounded as make_*_scalars round them;
+// AdamW's two switches are rows of 0/1, decided in double by the caller.
+constexpr int kMomentsColumns = 7;   // beta1, 1-beta1, beta2, 1-beta2, eps, c1, c2
+constexpr int kAdamWColumns = 12;    // lr, beta1, 1-beta1, beta2, 1-beta2, eps, c1, c2,
+                                     // pre_scale, post_decay, do_pre_scale, do_post_decay
+
+LF_HD MomentsScalars moments_scalars_at(const float* table, int64_t count, int64_t t) {
+  MomentsScalars s;
+  s.beta1 = table[t];
+  s.one_minus_beta1 = table[count + t];
+  s.beta2 = table[2 * count + t];
+  s.one_minus_beta2 = table[3 * count + t];
+  s.eps = table[4 * count + t];
+  s.c1 = table[5 * count + t];
+  s.c2 = table[6 * count + t];
+  return s;
+}
+
+LF_HD AdamWScalars adamw_scalars_at(const float* table, int64_t count, int64_t t) {
+  AdamWScalars s;
+  s.lr = table[t];
+  s.beta1 = table[count + t];
+  s.one_minus_beta1 = table[2 * count + t];
+  s.beta2 = table[3 * count + t];
+  s.one_minus_beta2 = table[4 * count + t];
+  s.eps = table[5 * count + t];
+  s.c1 = table[6 * count + t];
+  s.c2 = table[7 * count + t];
+  s.pre_scale = table[8 * count + t];
+  s.post_decay = table[9 * count + t];
+  s.do_pre_scale = table[10 * count + t] != 0.0f;
+  s.do_post_decay = table[11 * count + t] != 0.0f;
+  return s;
+}
+
 // Everything one multi-tensor call needs. Buffers per entry: moments (R, M, V, N),
-// adamw (W, G, M, V).
+// adamw (W, G, M, V). With `table` set, `scalars` is empty and the scalars come from it.
 struct MomentsMultiArgs {
   std::vector<MTEntry> entries;
   std::vector<MomentsScalars> scalars;  // one per entry
   float* norms = nullptr;               // (len(entries),) fp32, or null: no norms
   int32_t* flag = nullptr;              // one int32, or null: no flag
   const uint8_t* skip = nullptr;        // one bool, or null: never skipped
+  const float* table = nullptr;         // kMomentsColumns x len(entries), or null
 };
 
 struct AdamWMultiArgs {
@@ -197,6 +237,7 @@ struct AdamWMultiArgs {
   std::vector<AdamWScalars> scalars;  // one per entry
   int32_t* flag = nullptr;
   const uint8_t* skip = nullptr;      // one bool, or null: never skipped
+  const float* table = nullptr;       // kAdamWColumns x len(entries), or null
 };
 
 // Validates what Python handed over; throws std::invalid_argument (ValueError) naming the
@@ -236,7 +277,8 @@ inline void check_multi_entries(const char* op, const std::vector<MTEntry>& entr
 
 inline void check_moments_multi_args(const MomentsMultiArgs& a) {
   static const char* const names[kMTMaxBuffers] = {"R", "M", "V", "N"};
-  check_multi_entries("adam_moments_multi", a.entries, a.scalars.size(), names, true);
+  check_multi_entries("adam_moments_multi", a.entries,
+                      a.table != nullptr ? a.entries.size() : a.scalars.size(), names, true);
   for (size_t t = 0; t < a.entries.size(); ++t) {
     if (a.entries[t].dtype[1] != a.entries[t].dtype[2]) {
       throw std::invalid_argument("adam_moments_multi: M[" + std::to_string(t) + "] and V[" +
@@ -247,7 +289,8 @@ inline void check_moments_multi_args(const MomentsMultiArgs& a) {
 
 inline void check_adamw_multi_args(const AdamWMultiArgs& a) {
   static const char* const names[kMTMaxBuffers] = {"W", "G", "M", "V"};
-  check_multi_entries("adamw_step_multi", a.entries, a.scalars.size(), names, false);
+  check_multi_entries("adamw_step_multi", a.entries,
+                      a.table != nullptr ? a.entries.size() : a.scalars.size(), names, false);
   for (size_t t = 0; t < a.entries.size(); ++t) {
     if (a.entries[t].dtype[2] != a.entries[t].dtype[3]) {
       throw std::invalid_argument("adamw_step_multi: M[" + std::to_string(t) + "] and V[" +

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_fused._tables import StagedTable
+
 ALIGN_BYTES = 16
 _CACHE_SIZE = 256
 _OFFSETS = OrderedDict()   # (device, sizes, offsets) -> (int64 tensor on the device, aligned)
@@ -81,7 +83,7 @@ def offsets_table(rows, element_sizes, device):
     return entry
 
 
-_TABLES = OrderedDict()    # key -> (device table, pinned staging or None, event or None)
+_TABLES = OrderedDict()    # key -> StagedTable
 
 
 def scalar_table(rows, device, key=None) -> torch.Tensor:
@@ -89,10 +91,8 @@ def scalar_table(rows, device, key=None) -> torch.Tensor:
     memory and copied without blocking the host.
 
     With ``key`` (hashable; the caller's identity, e.g. its first output's address) the table
-    is kept and refilled in place on every call with that key: the kernel then sees the same
-    address at every step (what a CUDA-graph replay needs; the host writes the new values into
-    the same pinned staging buffer before the copy). The staging buffer is rewritten only
-    after the previous copy from it has completed (an event recorded after it)."""
+    is kept and refilled in place on every call with that key (``lowrank_fused._tables``):
+    the kernel then sees the same address at every step (what a CUDA-graph replay needs)."""
     device = torch.device(device)
     if key is None:
         t = torch.tensor(rows, dtype=torch.float32)
@@ -103,25 +103,12 @@ def scalar_table(rows, device, key=None) -> torch.Tensor:
     full = (str(device), shape) + tuple(key)
     entry = _TABLES.get(full)
     if entry is None:
-        table = torch.empty(shape, dtype=torch.float32, device=device)
-        staging = torch.empty(shape, dtype=torch.float32, pin_memory=True) \
-            if device.type == "cuda" else None
-        entry = _TABLES[full] = [table, staging, None]
+        entry = _TABLES[full] = StagedTable(shape[0], shape[1], device)
         if len(_TABLES) > _CACHE_SIZE:
             _TABLES.popitem(last=False)
     else:
         _TABLES.move_to_end(full)
-    table, staging, event = entry
-    if staging is None:                       # CPU: the table is host memory
-        table.numpy()[...] = rows
-        return table
-    if event is not None:
-        event.synchronize()                   # the previous step's copy, long done
-    staging.numpy()[...] = rows
-    table.copy_(staging, non_blocking=True)
-    entry[2] = torch.cuda.Event()
-    entry[2].record()
-    return table
+    return entry.fill(rows)
 
 
 @triton.jit

@@ -526,6 +526,17 @@ _MULTI_CHECKS = {
 }
 
 
+# the rows of a scalar table (csrc/multi_tensor.h kMomentsColumns / kAdamWColumns)
+_TABLE_ROWS = {
+    "adam_moments_multi": ("beta1", "1-beta1", "beta2", "1-beta2", "eps", "c1", "c2"),
+    "adamw_step_multi": ("lr", "beta1", "1-beta1", "beta2", "1-beta2", "eps", "c1", "c2",
+                         "pre_scale", "post_decay", "do_pre_scale", "do_post_decay"),
+}
+_SCALAR_NAMES = {"adam_moments_multi": ("beta1", "beta2", "eps", "c1", "c2"),
+                 "adamw_step_multi": ("lr", "beta1", "beta2", "eps", "c1", "c2", "pre_scale",
+                                      "post_decay")}
+
+
 class PackedMulti:
     """A multi-tensor op of the extension bound to fixed lists: checked (``_check_multi``) and
     packed into the pointer lists of ``_C`` once. ``dynamic`` names the list that changes at
@@ -550,7 +561,11 @@ class PackedMulti:
                         if not t.is_inference()]
         self.fn = getattr(_module(backend), f"{op}_{backend}")
 
-    def __call__(self, dynamic=None, *, skip=None, norms=None, **scalars):
+    def __call__(self, dynamic=None, *, skip=None, norms=None, table=None, **scalars):
+        """``table`` (optional): the per-tensor scalars as a ``_tables.StagedTable``'s fp32
+        table (``csrc/multi_tensor.h``: one row per field, one column per tensor) on the
+        tensors' device, instead of the ``scalars`` lists: the call's arguments are then the
+        same at every step."""
         if self.slot is not None:
             if len(dynamic) != self.count or not all(
                     t.is_contiguous() and (t.shape, t.dtype) == like
@@ -562,6 +577,14 @@ class PackedMulti:
                                  f"the bound call's")
             self.ptrs[self.slot::self.stride] = [t.data_ptr() for t in dynamic]
         kw = dict(scalars, skip=_skip_ptr(self.op, self.backend, skip, self.device), flag=0)
+        if table is not None:
+            rows = _TABLE_ROWS[self.op]
+            if (table.dtype != torch.float32 or tuple(table.shape) != (len(rows), self.count)
+                    or not table.is_contiguous() or table.device != self.device):
+                raise ValueError(f"{self.op}: table must be a contiguous float32 "
+                                 f"({len(rows)}, {self.count}) tensor on {self.device}, got "
+                                 f"{table.dtype} {tuple(table.shape)} on {table.device}")
+            kw.update({name: [] for name in _SCALAR_NAMES[self.op]}, table=table.data_ptr())
         if self.op == "adam_moments_multi":
             _check_aux(self.op, self.backend, "norms", norms, torch.float32, self.count,
                        self.device)

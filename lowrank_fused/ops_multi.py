@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+import numpy as np
 import torch
 
 from lowrank_fused import ops
@@ -176,6 +177,18 @@ def _bind(op, backend, device, lists: dict, dynamic=None):
     return run
 
 
+def _table_for(run, rows, count, device):
+    """A per-step scalar table for a bound call that goes to the compiled extension (whose
+    kernels then read their scalars from it: the same arguments every step), else None."""
+    from lowrank_fused import _ext_ops
+
+    if isinstance(run, _ext_ops.PackedMulti):
+        from lowrank_fused._tables import StagedTable
+
+        return StagedTable(rows, count, device)
+    return None
+
+
 def _memo_rows(rows, derive):
     """``[derive(*row) for row in rows]`` with each distinct row derived once."""
     memo = {}
@@ -202,6 +215,7 @@ class BoundAdamMomentsMulti:
             raise ValueError(f"eps_mode must be 'hf' or 'torch', got {eps_mode!r}")
         self.eps_mode = eps_mode
         self.run = _bind("adam_moments_multi", backend, self.device, lists)
+        self.table = _table_for(self.run, 7, self.count, self.device)
 
     def _scalars(self, b1, b2, eps, t):
         if t != int(t):
@@ -215,14 +229,23 @@ class BoundAdamMomentsMulti:
             if len(rows) != 4:
                 raise ValueError(f"a row for every tensor must be (beta1, beta2, eps, step), "
                                  f"got {rows!r}")
-            b1, b2, eps, c1, c2 = ([v] * self.count for v in self._scalars(*rows))
+            one = self._scalars(*rows)
+            cols = [[v] for v in one] if self.table is not None else \
+                [[v] * self.count for v in one]
         elif len(rows) != self.count:
             raise ValueError(f"rows must hold one (beta1, beta2, eps, step) per tensor "
                              f"({self.count}), got {len(rows)}")
         else:
-            b1, b2, eps, c1, c2 = (list(x) for x in zip(*_memo_rows(rows, self._scalars)))
+            cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
         if skip is not None:
             ops._check_skip(skip, self.device)
+        if self.table is not None:        # the scalars from a table at a fixed address
+            b1, b2, eps, c1, c2 = (np.asarray(c, dtype=np.float64) for c in cols)
+            values = np.stack(np.broadcast_arrays(b1, 1.0 - b1, b2, 1.0 - b2, eps, c1, c2))
+            self.run(None, table=self.table.fill(values.astype(np.float32)), norms=norms,
+                     skip=skip)
+            return
+        b1, b2, eps, c1, c2 = cols
         self.run(None, beta1=b1, beta2=b2, eps=eps, c1=c1, c2=c2, norms=norms, skip=skip)
 
 
@@ -242,6 +265,7 @@ class BoundAdamWStepMulti:
         self.eps_mode, self.wd_mode, self.correct_bias = eps_mode, wd_mode, bool(correct_bias)
         self.like = [(G.shape, G.dtype, G.device) for G in lists["Gs"]]
         self.run = _bind("adamw_step_multi", backend, self.device, lists, dynamic="Gs")
+        self.table = _table_for(self.run, 12, self.count, self.device)
 
     def _scalars(self, lr, b1, b2, eps, wd, t):
         if t != int(t):
@@ -272,6 +296,12 @@ class BoundAdamWStepMulti:
         cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
         if skip is not None:
             ops._check_skip(skip, self.device)
+        if self.table is not None:        # the scalars from a table at a fixed address
+            lr, b1, b2, eps, c1, c2, pre, post = (np.asarray(c, dtype=np.float64) for c in cols)
+            values = np.stack((lr, b1, 1.0 - b1, b2, 1.0 - b2, eps, c1, c2, pre, post,
+                               pre != 1.0, post != 0.0)).astype(np.float32)
+            self.run(Gs, table=self.table.fill(values), skip=skip)
+            return
         self.run(Gs, lr=cols[0], beta1=cols[1], beta2=cols[2], eps=cols[3], c1=cols[4],
                  c2=cols[5], pre_scale=cols[6], post_decay=cols[7], skip=skip)
 

@@ -26,8 +26,19 @@ ENGINE_METHODS = ("galore", "adamw")
 STEADY = {"galore": dict(update_proj_gap=50), "adamw": {}}
 
 
+def _arg(a):
+    """A launch argument as recorded: a tensor by its address, a list elementwise, a
+    scalar by value."""
+    if torch.is_tensor(a):
+        return ("tensor", a.data_ptr())
+    if isinstance(a, (list, tuple)):
+        return tuple(_arg(x) for x in a)
+    return a
+
+
 class LaunchRecorder:
-    """Records (kernel, tensor addresses) of every Triton launch and extension call."""
+    """Records every Triton launch and extension call: the kernel and every argument (tensors
+    by address, scalars and the compiled meta-parameters by value)."""
 
     def __init__(self, monkeypatch, stub=False):
         import triton.runtime.interpreter as interp
@@ -37,9 +48,8 @@ class LaunchRecorder:
         log = self.log
 
         def run(fn, *args, **kwargs):
-            ptrs = tuple(a.data_ptr() for a in list(args) + list(kwargs.values())
-                         if torch.is_tensor(a))
-            log.append(("triton:" + fn.fn.__name__, ptrs))
+            log.append(("triton:" + fn.fn.__name__, _arg(args),
+                        tuple(sorted((k, _arg(v)) for k, v in kwargs.items()))))
             if not stub:        # stubbed: the interpreter's own copies are not counted
                 return real_run(fn, *args, **kwargs)
 
@@ -55,8 +65,8 @@ class LaunchRecorder:
                     return attr
 
                 def call(*args, **kwargs):
-                    ptrs = tuple(tuple(a) for a in args if isinstance(a, (list, tuple)))
-                    log.append(("ext:" + name, ptrs))
+                    log.append(("ext:" + name, _arg(args), tuple(
+                        sorted((k, _arg(v)) for k, v in kwargs.items()))))
                     return attr(*args, **kwargs)
                 return call
 
@@ -77,9 +87,15 @@ def _steady(method, **kw):
 
 
 @pytest.mark.parametrize("method", ENGINE_METHODS)
-def test_steady_steps_launch_the_same_kernels_on_the_same_tensors(method, monkeypatch):
-    net, opt = _steady(method)         # auto: Triton GEMMs, the twin's multi-tensor ops
+@pytest.mark.parametrize("lagged", [False, True], ids=["flag-read", "flag-lagged"])
+def test_steady_steps_launch_the_same_kernels_on_the_same_tensors(method, lagged, monkeypatch):
+    """Capture-ready: two steady steps (different step counts, so different bias
+    corrections) make the same launches with the same arguments: the same tensors, and the
+    per-step scalars in tables at fixed addresses."""
+    # recording from the start: the multi-tensor calls bind the extension's functions once
     recorder = LaunchRecorder(monkeypatch)
+    net, opt = _steady(method)         # auto: Triton GEMMs, the twin's multi-tensor ops
+    opt.lagged_nonfinite = lagged
     steps = []
     for t in range(3, 5):
         backward(net, t)
@@ -88,10 +104,13 @@ def test_steady_steps_launch_the_same_kernels_on_the_same_tensors(method, monkey
         opt.zero_grad(set_to_none=False)
         steps.append(list(recorder.log))
     assert steps[0], "nothing was recorded"
-    assert steps[0] == steps[1], "a steady step changed its kernels or their tensors"
+    for a, b in zip(steps[0], steps[1]):
+        assert a == b, f"a steady step changed a launch:\n{a}\n{b}"
+    assert len(steps[0]) == len(steps[1])
     plan = opt._engine_plan
     units = len(plan.classes) + len(plan.dense)
-    kernels = collections.Counter(name for name, _ in steps[0])
+    kernels = collections.Counter(entry[0] for entry in steps[0])
+    assert any(name.startswith("ext:") for name in kernels), kernels   # the multi-tensor calls
     # a handful per class: K1, K2, K3 (+ a split-K reduction) and one dense call per set
     assert sum(kernels.values()) <= 4 * units + 2, kernels
     assert not plan.legacy
@@ -110,6 +129,22 @@ def test_steady_step_allocates_per_class_not_per_parameter(method, monkeypatch):
     units = len(plan.classes) + len(plan.dense)
     assert params > 2 * units
     assert len(trace.sizes) <= 4 * units + 8, trace.sizes
+
+
+@pytest.mark.parametrize("method", ENGINE_METHODS)
+def test_steady_step_with_the_flag_on_the_device_allocates_nothing(method, monkeypatch):
+    """With the non-finite flag left on the device (the CUDA default), a steady step
+    allocates no tensor at all: flags, workspaces and scalar tables are the plan's."""
+    net, opt = _steady(method)
+    opt.lagged_nonfinite = True
+    backward(net, 3)
+    opt.step()                      # the plan's flags buffer
+    backward(net, 4)
+    LaunchRecorder(monkeypatch, stub=True)
+    trace = AllocationTrace()
+    with trace:
+        opt.step()
+    assert trace.sizes == [], trace.sizes
 
 
 def _poison(net, name, value=float("nan")):

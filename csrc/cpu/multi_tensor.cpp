@@ -86,6 +86,15 @@ bool all_fp32(const MTEntry& e) {
 }  // namespace
 
 void adam_moments_multi_cpu(const MomentsMultiArgs& a, int num_threads) {
+  if (a.table != nullptr) {  // the scalars from the (host) table: the same call, resolved here
+    MomentsMultiArgs b = a;
+    const int64_t count = static_cast<int64_t>(a.entries.size());
+    b.table = nullptr;
+    b.scalars.clear();
+    for (int64_t t = 0; t < count; ++t) b.scalars.push_back(moments_scalars_at(a.table, count, t));
+    adam_moments_multi_cpu(b, num_threads);
+    return;
+  }
   check_moments_multi_args(a);
   if (skipped(a.skip)) {
     flag_skipped(a.entries, 0, a.flag, num_threads);
@@ -132,6 +141,15 @@ void adam_moments_multi_cpu(const MomentsMultiArgs& a, int num_threads) {
 }
 
 void adamw_step_multi_cpu(const AdamWMultiArgs& a, int num_threads) {
+  if (a.table != nullptr) {
+    AdamWMultiArgs b = a;
+    const int64_t count = static_cast<int64_t>(a.entries.size());
+    b.table = nullptr;
+    b.scalars.clear();
+    for (int64_t t = 0; t < count; ++t) b.scalars.push_back(adamw_scalars_at(a.table, count, t));
+    adamw_step_multi_cpu(b, num_threads);
+    return;
+  }
   check_adamw_multi_args(a);
   if (skipped(a.skip)) {
     flag_skipped(a.entries, 1, a.flag, num_threads);

@@ -12,6 +12,10 @@
 // of a norm of a multi-chunk tensor) may vary from run to run. The flag: a block that saw a
 // non-finite input stores 1.
 //
+// Scalars from a table (multi_tensor.h: a device table, the same address every call, what a
+// CUDA-graph replay needs): a block reads its tensor's column instead of the argument struct's
+// copy; the struct's scalars are then left unset.
+//
 // The skip flag (a device bool, or null): every block reads it first; when it holds true the
 // block only scans its chunk of the input for the non-finite flag and writes nothing else, and
 // the norms are zeroed by a small kernel that reads it too (instead of the memset of a call
@@ -67,6 +71,7 @@ struct MTBatch {
   S scalars[K];
   int32_t first_block[K + 1];
   int32_t count;
+  int32_t first;  // the index of the batch's first tensor in the whole list
 };
 static_assert(sizeof(MTBatch<MomentsScalars>) <= kParamBytes, "kernel argument too large");
 static_assert(sizeof(MTBatch<AdamWScalars>) <= kParamBytes, "kernel argument too large");
@@ -105,7 +110,8 @@ __global__ void zero_unless_skipped_kernel(float* norms, int64_t count, const ui
 
 __global__ void __launch_bounds__(kThreads)
 adam_moments_multi_kernel(const __grid_constant__ MTBatch<MomentsScalars> batch, float* norms,
-                          int32_t* flag, const uint8_t* skip) {
+                          int32_t* flag, const uint8_t* skip, const float* table,
+                          int64_t table_count) {
   int t;
   int64_t chunk;
   locate(batch, t, chunk);
@@ -118,7 +124,9 @@ adam_moments_multi_kernel(const __grid_constant__ MTBatch<MomentsScalars> batch,
   }
   float sq = 0.0f;
   bool bad = false;
-  moments_range_any(e, batch.scalars[t], begin + threadIdx.x, end, kThreads, norms != nullptr,
+  const MomentsScalars s = table != nullptr
+      ? moments_scalars_at(table, table_count, int64_t(batch.first) + t) : batch.scalars[t];
+  moments_range_any(e, s, begin + threadIdx.x, end, kThreads, norms != nullptr,
                     flag != nullptr, sq, bad);
   if (flag != nullptr) {
     if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1;
@@ -131,7 +139,7 @@ adam_moments_multi_kernel(const __grid_constant__ MTBatch<MomentsScalars> batch,
 
 __global__ void __launch_bounds__(kThreads)
 adamw_step_multi_kernel(const __grid_constant__ MTBatch<AdamWScalars> batch, int32_t* flag,
-                        const uint8_t* skip) {
+                        const uint8_t* skip, const float* table, int64_t table_count) {
   int t;
   int64_t chunk;
   locate(batch, t, chunk);
@@ -143,7 +151,9 @@ adamw_step_multi_kernel(const __grid_constant__ MTBatch<AdamWScalars> batch, int
     return;
   }
   bool bad = false;
-  adamw_range_any(e, batch.scalars[t], begin + threadIdx.x, end, kThreads, flag != nullptr, bad);
+  const AdamWScalars s = table != nullptr
+      ? adamw_scalars_at(table, table_count, int64_t(batch.first) + t) : batch.scalars[t];
+  adamw_range_any(e, s, begin + threadIdx.x, end, kThreads, flag != nullptr, bad);
   if (flag != nullptr) {
     if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1;
   }
@@ -181,7 +191,7 @@ std::string run_multi(const char* op, const std::vector<MTEntry>& entries,
     int64_t blocks = 0;
     for (int t = 0; t < count; ++t) {
       batch.entries[t] = entries[first + t];
-      batch.scalars[t] = scalars[first + t];
+      if (!scalars.empty()) batch.scalars[t] = scalars[first + t];  // else: from the table
       batch.first_block[t] = static_cast<int32_t>(blocks);
       blocks += (entries[first + t].n + kChunk - 1) / kChunk;
       if (blocks > int64_t(INT32_MAX)) {
@@ -190,6 +200,7 @@ std::string run_multi(const char* op, const std::vector<MTEntry>& entries,
     }
     batch.first_block[count] = static_cast<int32_t>(blocks);
     batch.count = count;
+    batch.first = static_cast<int32_t>(first);
     if (blocks == 0) continue;
     launch(batch, static_cast<unsigned>(blocks), first, stream);
     err = cudaGetLastError();
@@ -209,7 +220,8 @@ std::string adam_moments_multi_cuda(const MomentsMultiArgs& a, int device,
                    [&](const MTBatch<MomentsScalars>& batch, unsigned blocks, size_t first,
                        cudaStream_t st) {
                      adam_moments_multi_kernel<<<blocks, kThreads, 0, st>>>(
-                         batch, a.norms != nullptr ? a.norms + first : nullptr, a.flag, a.skip);
+                         batch, a.norms != nullptr ? a.norms + first : nullptr, a.flag, a.skip,
+                         a.table, static_cast<int64_t>(a.entries.size()));
                    });
 }
 
@@ -219,7 +231,8 @@ std::string adamw_step_multi_cuda(const AdamWMultiArgs& a, int device, std::uint
   return run_multi("adamw_step_multi", a.entries, a.scalars, device, stream, nullptr, 0, a.skip,
                    [&](const MTBatch<AdamWScalars>& batch, unsigned blocks, size_t,
                        cudaStream_t st) {
-                     adamw_step_multi_kernel<<<blocks, kThreads, 0, st>>>(batch, a.flag, a.skip);
+                     adamw_step_multi_kernel<<<blocks, kThreads, 0, st>>>(
+                         batch, a.flag, a.skip, a.table, static_cast<int64_t>(a.entries.size()));
                    });
 }
 

@@ -1,0 +1,52 @@
+"""Per-step scalar tables: small fp32 tables a kernel reads its per-member scalars from, kept
+at one device address for the life of their owner.
+
+A bound call (the step engine's grouped and multi-tensor launches) keeps one ``StagedTable``
+and refills it every step: the kernels then see the same arguments at every step, only the
+table's contents change, which is what replaying a captured CUDA graph requires. On CUDA the
+host writes the new values into a pinned staging buffer and the stream copies them to the
+device table without blocking the host (inside the graph when the step is captured, where the
+copy node reads the staging buffer at every replay); the staging buffer is rewritten only
+after the previous copy from it has completed (an event recorded after it, long done by the
+next step). On the CPU the table is host memory, written in place.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class StagedTable:
+    """A ``(rows, count)`` fp32 table on ``device`` with its pinned staging (on CUDA)."""
+
+    def __init__(self, rows: int, count: int, device):
+        device = torch.device(device)
+        self.shape = (rows, count)
+        self.device = device
+        self.table = torch.empty(self.shape, dtype=torch.float32, device=device)
+        self.staging = (torch.empty(self.shape, dtype=torch.float32, pin_memory=True)
+                        if device.type == "cuda" else None)
+        self._host = (self.staging if self.staging is not None else self.table).numpy()
+        self._event = None
+
+    def fill(self, values) -> torch.Tensor:
+        """Write ``values`` (anything numpy assigns to a ``(rows, count)`` float32 array: a
+        list of rows, each a list of ``count`` numbers or one number) and return the table
+        (the same tensor every call)."""
+        if self.staging is None:
+            self._host[...] = values
+            return self.table
+        if self._event is not None:
+            self._event.synchronize()        # the previous step's copy, long done
+        self._host[...] = values
+        self.table.copy_(self.staging, non_blocking=True)
+        if not torch.cuda.is_current_stream_capturing():
+            self._event = torch.cuda.Event()
+            self._event.record()
+        return self.table
+
+
+def as_rows(columns) -> np.ndarray:
+    """``columns`` (a list of equal-length lists) as a float32 array, each Python float rounded
+    once to the nearest fp32 (as a C++ ``static_cast<float>`` of a double rounds it)."""
+    return np.asarray(columns, dtype=np.float64).astype(np.float32)
