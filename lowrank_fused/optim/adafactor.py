@@ -186,8 +186,10 @@ class Adafactor(LowRankOptimizer):
             V = state["exp_avg_sq"].view(W.shape)
         exp_avg = state["exp_avg"].view(W.shape) if use_momentum else None
         impl = implementation("adafactor_step", backend, p.device)
+        # no skip flag: a step with per-parameter work reads the flag at once (docs/engine.md),
+        # and per-layer mode checks each gradient itself
         self._call(impl, W, G, row, col, V, exp_avg, self._step_scalars(group, t),
-                   group["scale_parameter"], self._skip_flag)
+                   group["scale_parameter"], None)
         write_back(W)
         state["step"] = t
 
