@@ -173,9 +173,10 @@ POISON = {"matrix": "model.layers.0.mlp.down_proj.weight",
           "vector": "model.layers.0.input_layernorm.weight"}
 
 
-@pytest.mark.parametrize("which", list(POISON))
-def test_device_skip_without_host_read_rolls_back(which):
-    net, opt = _steady(nonfinite="skip", beta1=0.9)
+@pytest.mark.parametrize("which,backend", [("matrix", "auto"), ("vector", "auto"),
+                                           ("matrix", "reference")])
+def test_device_skip_without_host_read_rolls_back(which, backend):
+    net, opt = _steady(nonfinite="skip", beta1=0.9, backend=backend)
     opt.lagged_nonfinite = True
     before = snapshot(net, opt)
     backward(net, 2)
@@ -192,7 +193,7 @@ def test_device_skip_without_host_read_rolls_back(which):
     opt.zero_grad(set_to_none=False)
     backward(net, 3)
     opt.step()
-    ref_net, ref = _steady(nonfinite="skip", beta1=0.9)
+    ref_net, ref = _steady(nonfinite="skip", beta1=0.9, backend=backend)
     ref.zero_grad(set_to_none=False)
     backward(ref_net, 3)
     ref.step()
