@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_IEEE, cdiv, interpreting, mma, to_storage
+from ._common import DOT_IEEE, cdiv, interpreting, mma, skip_flag, to_storage
+from ._grouped import check_layout, element_offsets, member_ptr, offsets_table
 
 # One config (the AOT test compiles it for every state dtype under Triton 3.6 and 3.9). fp32
 # FMA dot: software pipelining (num_stages=2) takes 254 registers on sm_90 with fp32 states,
@@ -48,7 +49,44 @@ def _kfac_momentum_whiten_kernel(
 ):
     """``M = beta1*M + (1-beta1)*R`` and ``N = root @ (M/c1)`` on columns
     ``[pid*BLOCK_N, (pid+1)*BLOCK_N)``."""
-    pid = tl.program_id(0)
+    _whiten_slab(r_ptr, m_ptr, root_ptr, n_ptr, tl.program_id(0), RANK, NCOLS,
+                 stride_rr, stride_rn, stride_mr, stride_mn, stride_qi, stride_qj, stride_nr,
+                 stride_nn, beta1, one_minus_beta1, c1, BLOCK_M, BLOCK_N, BLOCK_K, DOT_MODE,
+                 INTERPRET)
+
+
+@triton.jit
+def _grouped_kfac_momentum_whiten_kernel(
+    r_ptr, m_ptr, root_ptr, n_ptr, offs_ptr, skip_ptr,
+    GROUP, RANK, NCOLS,
+    stride_rr, stride_rn, stride_mr, stride_mn, stride_qi, stride_qj, stride_nr, stride_nn,
+    beta1, one_minus_beta1, c1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """The single kernel's slab (``_whiten_slab``) for member ``program_id(1)`` of a group
+    (offset rows: R, M, root, N); nothing is written when ``skip_ptr`` holds True."""
+    if tl.load(skip_ptr):
+        return
+    b = tl.program_id(1)
+    _whiten_slab(member_ptr(r_ptr, offs_ptr, b, ALIGNED),
+                 member_ptr(m_ptr, offs_ptr + GROUP, b, ALIGNED),
+                 member_ptr(root_ptr, offs_ptr + 2 * GROUP, b, ALIGNED),
+                 member_ptr(n_ptr, offs_ptr + 3 * GROUP, b, ALIGNED), tl.program_id(0), RANK,
+                 NCOLS, stride_rr, stride_rn, stride_mr, stride_mn, stride_qi, stride_qj,
+                 stride_nr, stride_nn, beta1, one_minus_beta1, c1, BLOCK_M, BLOCK_N, BLOCK_K,
+                 DOT_MODE, INTERPRET)
+
+
+@triton.jit
+def _whiten_slab(
+    r_ptr, m_ptr, root_ptr, n_ptr, pid, RANK, NCOLS,
+    stride_rr, stride_rn, stride_mr, stride_mn, stride_qi, stride_qj, stride_nr, stride_nn,
+    beta1, one_minus_beta1, c1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One program's slab of columns (the single and grouped kernels share it)."""
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NCOLS
     cols_r = offs_n[None, :].to(tl.int64) * stride_rn
@@ -117,6 +155,50 @@ def kfac_precondition(R, M, F, root, N, *, beta1: float, beta2: float, c1: float
     return valid
 
 
+def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: float,
+                              c1: float, c2: float, skip=None) -> None:
+    """The steady step (no recompute of the roots) of ``kfac_precondition`` for a group of
+    same-shape members sharing the hyper-parameters, each member's bits the single op's:
+    ``Rs`` (count, r, n) fp32 (a stack; any strides), ``Ms``/``Ns`` lists of r x n, ``Fs`` and
+    ``roots`` lists of r x r (each list one layout). The Grams of all members in one
+    batched-GEMM launch, F in a few torch ops over the stack, M and N in one grouped
+    launch. ``skip`` (0-dim bool on the device): when True, M and F keep their bits (N, a
+    workspace, is not defined then)."""
+    from lowrank_fused.subspace import batched_matmul
+
+    count, r, n = Rs.shape
+    for name, lst, shape in (("Ms", Ms, (r, n)), ("Ns", Ns, (r, n)), ("Fs", Fs, (r, r)),
+                             ("roots", roots, (r, r))):
+        if len(lst) != count:
+            raise ValueError(f"{name} has {len(lst)} members for {count} in Rs")
+        check_layout(name, lst)
+        if tuple(lst[0].shape) != shape:
+            raise ValueError(f"{name}[0] must have shape {shape} for Rs of shape "
+                             f"{tuple(Rs.shape)}, got {tuple(lst[0].shape)}")
+    if count == 0 or r == 0 or n == 0:
+        raise ValueError(f"grouped_kfac_precondition needs non-empty members, got Rs of shape "
+                         f"{tuple(Rs.shape)}")
+    Rf = Rs if Rs.dtype == torch.float32 else Rs.float()
+    gram = batched_matmul(Rf, Rf.transpose(1, 2), backend="triton")
+    F = torch.stack(Fs)
+    F_new = beta2 * F.float() + (1.0 - beta2) * gram / n
+    if skip is not None:
+        F_new = torch.where(skip, F, F_new)
+    torch._foreach_copy_(list(Fs), list(F_new.unbind(0)))
+    R0, M0, Q0, N0 = list(Rf.unbind(0)), Ms[0], roots[0], Ns[0]
+    offs, aligned = offsets_table(
+        [element_offsets("Rs", R0), element_offsets("Ms", Ms), element_offsets("roots", roots),
+         element_offsets("Ns", Ns)],
+        [4, M0.element_size(), Q0.element_size(), N0.element_size()], Rf.device)
+    R0 = R0[0]
+    _grouped_kfac_momentum_whiten_kernel[(cdiv(n, BLOCK_N), count)](
+        R0, M0, Q0, N0, offs, skip_flag(skip, Rf.device), count, r, n,
+        R0.stride(0), R0.stride(1), M0.stride(0), M0.stride(1), Q0.stride(0), Q0.stride(1),
+        N0.stride(0), N0.stride(1), float(beta1), 1.0 - float(beta1), float(c1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
+        INTERPRET=interpreting(), ALIGNED=aligned, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
 def aot_variants():
     """M, root and N in the state dtypes (fp32 / bf16 / fp16); R is the fp32 projection."""
     from lowrank_fused.testing.aot import Variant
@@ -131,3 +213,12 @@ def aot_variants():
                       dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
                            INTERPRET=False),
                       NUM_WARPS, NUM_STAGES)
+        for aligned in (True, False):
+            yield Variant(_grouped_kfac_momentum_whiten_kernel,
+                          {"r_ptr": "*fp32", "m_ptr": "*" + s_t, "root_ptr": "*" + s_t,
+                           "n_ptr": "*" + s_t, "offs_ptr": "*i64", "skip_ptr": "*i1",
+                           "GROUP": "i32", **ints, "beta1": "fp32",
+                           "one_minus_beta1": "fp32", "c1": "fp32"},
+                          dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                               DOT_MODE=DOT_IEEE, INTERPRET=False, ALIGNED=aligned),
+                          NUM_WARPS, NUM_STAGES)

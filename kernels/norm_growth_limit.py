@@ -64,6 +64,47 @@ def _limiter_scale_kernel(n_ptr, f_ptr, numel, BLOCK: tl.constexpr, INTERPRET: t
              mask=mask)
 
 
+@triton.jit
+def _grouped_sumsq_partials_kernel(n_ptr, part_ptr, numel, stride_b, BLOCK: tl.constexpr):
+    """``_sumsq_partials_kernel`` on member ``program_id(1)`` of a stack (members
+    ``stride_b`` elements apart, each contiguous): its partials at ``b * blocks``."""
+    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    n = tl.load(n_ptr + b * stride_b + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    tl.store(part_ptr + b * tl.num_programs(0) + pid, tl.sum(n * n, axis=0))
+
+
+@triton.jit
+def _grouped_sumsq_kernel(part_ptr, out_ptr, count, BLOCK: tl.constexpr):
+    """``out[b] = sum(part[b*count:(b+1)*count])`` in ``_limiter_factor_kernel``'s fixed
+    order (one program per member)."""
+    b = tl.program_id(0).to(tl.int64)
+    tl.store(out_ptr + b, sum_fp32(part_ptr + b * count, count, BLOCK))
+
+
+def grouped_sumsq(Ns, out) -> None:
+    """``out[b] = ||Ns[b]||^2`` (fp32) for a stack ``Ns`` (count, ...) of contiguous members,
+    each value the bits ``norm_growth_limit`` computes for member b alone without ``sumsq``
+    (the same partials, summed in the same order): two launches for the whole stack."""
+    count = Ns.shape[0]
+    numel = Ns[0].numel() if count else 0
+    if out.dtype != torch.float32 or tuple(out.shape) != (count,) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape ({count},), got "
+                         f"{out.dtype} of shape {tuple(out.shape)}")
+    if count == 0:
+        return
+    if numel == 0 or not Ns[0].is_contiguous():
+        raise ValueError(f"Ns must hold non-empty contiguous members, got shape "
+                         f"{tuple(Ns.shape)} with strides {Ns.stride()}")
+    blocks = cdiv(numel, ELEMENTWISE_BLOCK)
+    part = torch.empty(count * blocks, dtype=torch.float32, device=Ns.device)
+    _grouped_sumsq_partials_kernel[(blocks, count)](Ns, part, numel, Ns.stride(0),
+                                                    BLOCK=ELEMENTWISE_BLOCK,
+                                                    num_warps=ELEMENTWISE_WARPS)
+    _grouped_sumsq_kernel[(count,)](part, out, blocks, BLOCK=SUM_BLOCK, num_warps=4)
+
+
 def norm_growth_limit(N, nl_prev, *, gamma: float, first: bool, sumsq=None) -> None:
     """Same contract as ``lowrank_fused.reference.norm_growth_limit``: in place on ``N`` (any
     shape) and the 1-element memory ``nl_prev``; ``sumsq`` (optional, 1-element fp32) is
@@ -114,3 +155,9 @@ def aot_variants():
                       {"part_ptr": "*fp32", "count": "i32", "prev_ptr": "*fp32", "f_ptr": "*fp32",
                        "gamma": "fp32", "tiny": "fp32"},
                       dict(FIRST=first, BLOCK=SUM_BLOCK), 4, 3)
+    for s_t in ("fp32", "bf16", "fp16"):
+        yield Variant(_grouped_sumsq_partials_kernel,
+                      {"n_ptr": "*" + s_t, "part_ptr": "*fp32", "numel": "i32", "stride_b": "i32"},
+                      dict(BLOCK=ELEMENTWISE_BLOCK), ELEMENTWISE_WARPS, 3)
+    yield Variant(_grouped_sumsq_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "count": "i32"},
+                  dict(BLOCK=SUM_BLOCK), 4, 3)

@@ -131,3 +131,43 @@ def test_bad_shape_names_the_argument(device):
     F, root = torch.zeros(4, 4, device=device), torch.zeros(5, 5, device=device)
     with pytest.raises(ValueError, match="root"):
         _run("triton", R, M, F, root, N, False)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouped_whitening_equals_the_single_op(side, dtype, device):
+    """``grouped_kfac_precondition`` (one Gram launch, F over the stack, one grouped
+    whitening launch) gives every member the single op's bits (cached root): separate
+    state tensors, R a stack (transposed for right-form views), poisoned N; with the skip
+    flag set M and F keep their bits."""
+    import importlib
+
+    kp = importlib.import_module("lowrank_fused.kernels.kfac_precondition")
+    count, r, n = 3, 5, 70
+    gen = torch.Generator().manual_seed(7)
+    ins = [_inputs(r, n, dtype, device, gen) for _ in range(count)]
+    if side == "left":
+        Rs = torch.stack([R for R, *_ in ins])
+    else:                                      # canonical R = stored.t(): a transposed stack
+        Rs = torch.stack([R.t().contiguous() for R, *_ in ins]).transpose(1, 2)
+
+    def states(right):
+        Ms = [M.t().contiguous().t() if right else M.clone() for _, M, _, _ in ins]
+        return Ms, [F.clone() for *_, F, _ in ins], [q.clone() for *_, q in ins], \
+            [poison(torch.empty(r, n, dtype=dtype, device=device)) for _ in range(count)]
+    hyper = {k: v for k, v in HYPER.items() if k != "eps_rel"}
+    want = states(side == "right")
+    for b in range(count):
+        _run("triton", Rs[b], want[0][b], want[1][b], want[2][b], want[3][b], False)
+    got = states(side == "right")
+    kp.grouped_kfac_precondition(Rs, *got, **hyper)
+    for W, G in zip(want, got):
+        for a, b in zip(W, G):
+            assert torch.equal(a, b)
+    before = [[t.clone() for t in lst] for lst in got[:2]]
+    kp.grouped_kfac_precondition(Rs, *got, **hyper, skip=torch.tensor(True, device=device))
+    for B, G in zip(before, got[:2]):
+        for a, b in zip(B, G):
+            assert torch.equal(a, b)
+    kp.grouped_kfac_precondition(Rs, *got, **hyper, skip=torch.tensor(False, device=device))
+    assert not torch.equal(before[0][0], got[0][0])

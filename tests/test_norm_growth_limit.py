@@ -82,3 +82,26 @@ def test_norm_growth_limit_rejects_bad_sumsq(device):
     with pytest.raises(ValueError, match="nl_prev must hold one element"):
         lookup("norm_growth_limit", "triton")(N, torch.ones(2, device=device), gamma=1.01,
                                               first=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_sumsq_is_the_limiters_own_norm(dtype, device):
+    """``grouped_sumsq`` over a stack gives each member the ``||N||^2`` the fused limiter
+    computes for it alone (without ``sumsq``): fed back as ``sumsq``, the limiter's results
+    are bit-identical; members span several partial blocks (2500 elements)."""
+    import importlib
+
+    nl = importlib.import_module("lowrank_fused.kernels.norm_growth_limit")
+    gen = torch.Generator().manual_seed(3)
+    Ns = (torch.randn(3, 50, 50, generator=gen) * 10).to(device=device, dtype=dtype)
+    norms = poison(torch.empty(3, dtype=torch.float32, device=device))
+    nl.grouped_sumsq(Ns, norms)
+    for b in range(3):
+        prev = torch.full((), 2.0, device=device)
+        a, pa = Ns[b].clone(), prev.clone()
+        nl.norm_growth_limit(a, pa, gamma=1.01, first=False)
+        c, pc = Ns[b].clone(), prev.clone()
+        nl.norm_growth_limit(c, pc, gamma=1.01, first=False, sumsq=norms[b:b + 1])
+        assert torch.equal(a, c) and torch.equal(pa, pc)
+    with pytest.raises(ValueError, match="out must be"):
+        nl.grouped_sumsq(Ns, torch.empty(2, device=device))

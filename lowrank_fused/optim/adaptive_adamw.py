@@ -31,17 +31,20 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import sys
 import warnings
 from typing import List, Optional, Sequence
 
 import torch
 
-from lowrank_fused import ops, ops_multi
+from lowrank_fused import ops, ops_grouped, ops_multi
 from lowrank_fused.dispatch import implementation
-from lowrank_fused.linalg import RefreshFallbackWarning, canonical_svd_basis, fallback_basis
+from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
+                                  orth)
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import check_bool, check_number
 from lowrank_fused.optim._engine import ClassRoute, per_member
+from lowrank_fused.reference._skip import run_unless
 from lowrank_fused.reference.norm_growth_limit import NL_TINY
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
 from lowrank_fused.subspace import randomized_svd
@@ -169,6 +172,19 @@ def _uncanon(side, X):
     return X.contiguous() if side == "left" else X.t().contiguous()
 
 
+def _consecutive(tensors):
+    """A (count,) + shape view whose slices are ``tensors`` when they are contiguous and
+    consecutive in one buffer (the engine's workspace views), else None."""
+    first = tensors[0]
+    step = first.numel() * first.element_size()
+    if not first.is_contiguous() or not all(
+            t.is_contiguous() and t.data_ptr() == first.data_ptr() + i * step
+            for i, t in enumerate(tensors)):
+        return None
+    return first.as_strided((len(tensors),) + tuple(first.shape),
+                            (first.numel(),) + first.stride())
+
+
 def _is_int(x, low):
     return not isinstance(x, bool) and isinstance(x, int) and x >= low
 
@@ -190,9 +206,10 @@ class _SubspaceAdamW(GaLoreAdamW):
     step with a method-specific basis update, the norm-growth limiter and moment transport."""
 
     SUPPORTS_SHARDED = False
-    # the limiter, the basis updates and K-FAC's whitening do not take the on-device skip
-    # flag yet: the step reads the non-finite flag on the host
-    DEVICE_SKIP = False
+    # every state-writing op of a steady class step takes the on-device skip flag (K2, the
+    # limiter, GHA's update and transport, K-FAC's whitening, K3): between refreshes the
+    # non-finite flag is not read on the host (docs/engine.md)
+    DEVICE_SKIP = True
 
     def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
                  backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision,
@@ -315,6 +332,9 @@ class _SubspaceAdamW(GaLoreAdamW):
         also changes the member's route (the class key and its workspace shapes)."""
         # AdaptiveAdamW's refresh (before the engine step) replaced tensors
         replaced = self.__dict__.pop("_state_replaced", False)
+        if self._skip_flag is not None:
+            # the flag left on the device: _refresh_pending found nothing due on this step
+            return replaced
         keys = self._CLASS_STATE
         backends = {}
         for i, (p, group, route, state) in enumerate(routed):
@@ -334,7 +354,10 @@ class _SubspaceAdamW(GaLoreAdamW):
         return replaced
 
     def _refresh_pending(self, plan) -> bool:
-        return True             # not reached while DEVICE_SKIP is False
+        """Whether a member's basis update (an SVD or a drawn basis, or the first basis) is
+        due on this step: the non-finite flag is then read at once."""
+        due = self._basis_due
+        return any(due(group, st) for _, group, _, st in plan.routed)
 
     def _basis_due(self, group, state) -> bool:
         """Whether ``_update_basis`` has anything to do on this step (default: always)."""
@@ -347,6 +370,9 @@ class _SubspaceAdamW(GaLoreAdamW):
     def _class_lists(self, cls):
         members = cls.members
         device = cls.Ws[0].device
+        cls.extra["states"] = [m.state for m in members]
+        cls.extra["groups"] = groups = [m.group for m in members]
+        cls.extra["one_group"] = all(g is groups[0] for g in groups)
         cls.extra["Ms"] = [m.state["exp_avg"] for m in members]
         limit = [m.group["nl_gamma"] is not None for m in members]
         cls.extra["limit"] = limit
@@ -363,57 +389,71 @@ class _SubspaceAdamW(GaLoreAdamW):
             "adam_moments", cls.backend, cls.Rs + cls.extra["Ms"] + cls.extra["Vs"] + cls.Ns) \
             if self.multi_tensor else None
         if any(cls.extra["limit"]):
-            count, device = len(members), cls.Ws[0].device
-            norms = torch.zeros(count, dtype=torch.float32, device=device)
-            cls.extra["norms"] = norms
-            cls.extra["sumsq"] = list(norms.view(count, 1).unbind(0))
-            N0 = cls.Ns[0]
-            step = N0.numel() * N0.element_size()
-            fused = cls.extra["limiter"] is not implementation("norm_growth_limit",
-                                                                 "reference", device)
-            if fused and N0.is_contiguous() and all(N.data_ptr() == N0.data_ptr() + i * step
-                                          for i, N in enumerate(cls.Ns)):
-                # the class's N are consecutive in the workspace: one (count, ...) view
-                cls.extra["Nstack"] = N0.as_strided((count,) + tuple(N0.shape),
-                                                    (N0.numel(),) + N0.stride())
-                cls.extra["prev"] = torch.zeros(count, dtype=torch.float32, device=device)
-                new = cls.extra["new_prev"] = torch.zeros_like(cls.extra["prev"])
-                cls.extra["new_prevs"] = list(new.unbind(0))
+            self._limiter_lists(cls)
         else:
             cls.extra["norms"] = None
             cls.extra["sumsq"] = [None] * len(members)
 
+    def _limiter_lists(self, cls):
+        """The class limiter's lists: every member's ``||N||^2`` (``norms``, written by the
+        middle step) and, with the fused limiter and the class's N consecutive in the
+        workspace, their (count, ...) view ``Nstack`` (``_class_limit``)."""
+        count, device = len(cls.members), cls.Ws[0].device
+        norms = torch.zeros(count, dtype=torch.float32, device=device)
+        cls.extra["norms"] = norms
+        cls.extra["sumsq"] = list(norms.view(count, 1).unbind(0))
+        N0 = cls.Ns[0]
+        fused = cls.extra["limiter"] is not implementation("norm_growth_limit",
+                                                             "reference", device)
+        stack = _consecutive(cls.Ns)
+        if fused and stack is not None:
+            cls.extra["Nstack"] = stack
+            cls.extra["prev"] = torch.zeros(count, dtype=torch.float32, device=device)
+            new = cls.extra["new_prev"] = torch.zeros_like(cls.extra["prev"])
+            cls.extra["new_prevs"] = list(new.unbind(0))
+
     def _class_step(self, cls, precision):
         """One class: K1 of every member (one grouped launch), the middle step (one
         multi-tensor K2 where the backend has it, else per member; K-FAC's whitening per
-        member), the limiter (per class where ``_class_limit`` applies, else per member),
-        K3 (one grouped launch)."""
-        ts = []
-        for m in cls.members:
-            t = m.state["step"] + 1
-            m.state["step"] = t
-            ts.append(t)
-        groups = [m.group for m in cls.members]
+        class where it can), the limiter (per class where ``_class_limit`` applies, else per
+        member), K3 (one grouped launch). The per-member scalars are computed once when the
+        class's members share one group and one step (the common case)."""
+        states = cls.extra["states"]
+        ts = [st["step"] + 1 for st in states]
+        for st, t in zip(states, ts):
+            st["step"] = t
+        groups = cls.extra["groups"]
+        count = len(ts)
+        one = groups[0] if cls.extra["one_group"] and ts.count(ts[0]) == count else None
         Rs = self._class_project(cls, self._class_grads(cls), precision)
-        steps = self._class_middle(cls, Rs, groups, ts)
+        steps = self._class_middle(cls, Rs, groups, ts, one)
         limiter = cls.extra["limiter"]
-        if limiter is not None and not self._class_limit(cls):
+        if limiter is not None and not self._class_limit(cls, one):
+            skip = self._skip_flag
             for N, m, on, sumsq in zip(cls.Ns, cls.members, cls.extra["limit"],
                                        cls.extra["sumsq"]):
                 if on:
-                    self._limit(limiter, N, m.state, m.group, sumsq)
-        memo = {}
-        coefs, posts = [], []
-        for g, t, step_size in zip(groups, ts, steps):
-            c = memo.get((id(g), step_size))
-            if c is None:
-                _, post = ops.decay_coefficients(g["lr"], g["weight_decay"], "post")
-                c = memo[(id(g), step_size)] = (step_size * g["scale"], post)
-            coefs.append(c[0])
-            posts.append(c[1])
+                    if skip is None or "nl_prev" not in m.state:
+                        self._limit(limiter, N, m.state, m.group, sumsq)
+                    else:           # its memory keeps its bits when the step is skipped
+                        run_unless(skip, [m.state["nl_prev"]], self._limit, limiter, N,
+                                   m.state, m.group, sumsq)
+        if one is not None:
+            _, post = ops.decay_coefficients(one["lr"], one["weight_decay"], "post")
+            coefs, posts = [steps[0] * one["scale"]] * count, [post] * count
+        else:
+            memo = {}
+            coefs, posts = [], []
+            for g, step_size in zip(groups, steps):
+                c = memo.get((id(g), step_size))
+                if c is None:
+                    _, post = ops.decay_coefficients(g["lr"], g["weight_decay"], "post")
+                    c = memo[(id(g), step_size)] = (step_size * g["scale"], post)
+                coefs.append(c[0])
+                posts.append(c[1])
         self._class_update(cls, coefs, posts, precision)
 
-    def _class_limit(self, cls) -> bool:
+    def _class_limit(self, cls, one=None) -> bool:
         """The limiter (B1) on the whole class at once, where every member has it on with one
         ``gamma``, already has its memory and K2 gave every ``||N||^2`` (``norms``): a few
         torch ops on the class's stacked N instead of two launches per matrix. The math is
@@ -425,15 +465,21 @@ class _SubspaceAdamW(GaLoreAdamW):
         stack = cls.extra.get("Nstack")
         if stack is None or not all(cls.extra["limit"]):
             return False
-        states = [m.state for m in cls.members]
-        if not all("nl_prev" in st for st in states):
-            return False
-        gammas = per_member([m.group for m in cls.members], lambda g: float(g["nl_gamma"]))
-        gamma = gammas[0]
-        if any(g != gamma for g in gammas):
-            return False
+        prevs = cls.extra.get("nl_prevs")
+        if prevs is None:                    # (each memory is created once, then kept)
+            states = cls.extra["states"]
+            if not all("nl_prev" in st for st in states):
+                return False
+            prevs = cls.extra["nl_prevs"] = [st["nl_prev"] for st in states]
+        if one is not None:
+            gamma = float(one["nl_gamma"])
+        else:
+            gammas = per_member(cls.extra["groups"], lambda g: float(g["nl_gamma"]))
+            gamma = gammas[0]
+            if any(g != gamma for g in gammas):
+                return False
         prev, new = cls.extra["prev"], cls.extra["new_prev"]
-        torch.stack([st["nl_prev"] for st in states], out=prev)
+        torch.stack(prevs, out=prev)
         # the square root correctly rounded (as tl.sqrt_rn): in fp64, then rounded once
         z = cls.extra["norms"].double().sqrt().float()
         f = torch.clamp(z / (prev + NL_TINY), min=gamma) / gamma
@@ -441,13 +487,19 @@ class _SubspaceAdamW(GaLoreAdamW):
         f3 = f.view((-1,) + (1,) * (stack.dim() - 1))
         torch.div(stack, f3, out=stack)       # in fp32, rounded once to N's dtype
         torch.div(z, f, out=new)
-        torch._foreach_copy_([st["nl_prev"] for st in states], cls.extra["new_prevs"])
+        if self._skip_flag is not None:      # a skipped step keeps the memory's bits
+            torch.where(self._skip_flag, prev, new, out=new)
+        torch._foreach_copy_(prevs, cls.extra["new_prevs"])
         return True
 
-    def _class_middle(self, cls, Rs, groups, ts):
+    def _class_middle(self, cls, Rs, groups, ts, one=None):
         """K2 on the class: the moments advance, N is written into the class's workspace
-        (with ``||N||^2`` for the limiter). Returns each member's step size."""
-        hyper = per_member(groups, lambda g: (g["betas"][0], g["betas"][1], g["eps"]))
+        (with ``||N||^2`` for the limiter). Returns each member's step size. ``one``: the
+        members' group when they share it and the step."""
+        if one is not None:
+            hyper = [(one["betas"][0], one["betas"][1], one["eps"])] * len(ts)
+        else:
+            hyper = per_member(groups, lambda g: (g["betas"][0], g["betas"][1], g["eps"]))
         Ms, Vs, Ns = cls.extra["Ms"], cls.extra["Vs"], cls.Ns
         where = cls.extra["where"]
         if where is not None:
@@ -455,13 +507,17 @@ class _SubspaceAdamW(GaLoreAdamW):
             if k2 is None:
                 k2 = cls.extra["k2"] = ops_multi.BoundAdamMomentsMulti(
                     Rs, Ms, Vs, Ns, eps_mode="hf", backend=where)
-            k2([h + (t,) for h, t in zip(hyper, ts)], norms=cls.extra["norms"],
-               skip=self._skip_flag)
+            rows = [hyper[0] + (ts[0],)] * len(ts) if one is not None else \
+                [h + (t,) for h, t in zip(hyper, ts)]
+            k2(rows, norms=cls.extra["norms"], skip=self._skip_flag)
         else:
             for R, M, V, N, (a, b, e), t, sumsq in zip(Rs, Ms, Vs, Ns, hyper, ts,
                                                        cls.extra["sumsq"]):
                 ops.adam_moments(R, M, V, N, beta1=a, beta2=b, eps=e, step=t, eps_mode="hf",
                                  sumsq=sumsq, backend=cls.backend, skip=self._skip_flag)
+        if one is not None:
+            b1, b2 = one["betas"]
+            return [ops.hf_step_size(one["lr"], b1, b2, ts[0], one["correct_bias"])] * len(ts)
         memo = {}
         out = []
         for g, t in zip(groups, ts):
@@ -631,6 +687,32 @@ class AdaptiveAdamW(_SubspaceAdamW):
     def _basis_due(self, group, state) -> bool:
         return "ortho" not in state       # (an error: the joint refresh runs before)
 
+    def _refresh_pending(self, plan) -> bool:
+        """A group's joint refresh (its ``pool_step``, before the increment) or a missing
+        basis."""
+        seen = set()
+        for _, group, _, st in plan.routed:
+            if "ortho" not in st:
+                return True
+            if id(group) not in seen:
+                seen.add(id(group))
+                if group["pool_step"] % group["update_proj_gap"] == 0:
+                    return True
+        return False
+
+    def nonfinite_check(self):
+        """As the base's, and a step skipped on the device also takes back its advance of
+        the groups' ``pool_step`` (the refresh schedule is as if it had not run)."""
+        advanced = self.__dict__.pop("_pool_advanced", None)
+        pending = "_pending_nonfinite" in self.__dict__
+        counts = (self.skipped_steps, self.step_calls)
+        try:
+            super().nonfinite_check()
+        finally:
+            if pending and advanced and counts != (self.skipped_steps, self.step_calls):
+                for group in advanced:
+                    group["pool_step"] -= 1
+
     def _update_basis(self, p, group, side, G, state, backend):
         if "ortho" not in state:   # only reachable if a refresh was skipped: a bug
             raise RuntimeError("AdaptiveAdamW: projected matrix has no basis (refresh missed)")
@@ -669,6 +751,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
                          for p in group["params"]):
                 continue                      # (stops at the first projected gradient)
             group["pool_step"] += 1
+            if self._skip_flag is not None:   # taken back if the step turns out skipped
+                self.__dict__.setdefault("_pool_advanced", []).append(group)
 
     def _per_layer_defers(self):
         """A refresh allocates ranks over all matrices of a group: defer such steps."""
@@ -852,6 +936,71 @@ class RSAdamW(_SubspaceAdamW):
         state["rank"] = rank
 
 
+class _GHABatch:
+    """GHAAdamW's per-step basis update and moment transport for a batch of same-shape
+    matrices (a class of the engine, or one matrix on the per-matrix step: both run this, so
+    they are equal bit for bit), canonical left form (G m x n, P m x r, moments r x n)::
+
+        Y^T = P^T G and colsum(G^2)      one grouped K1 with its sum-of-squares side output
+        GY  = G Y                        one grouped K1 on the right, with Y^T as the basis
+        P_new = orth(P + eta*(GY/||G||^2 - P triu(Y^T Y/||G||^2)))     batched torch
+        C = P_new^T P ;  M <- C M ;  V <- (C*C) V                      batched torch
+
+    (``reference/gha_update.py`` and ``reference/moment_transport.py`` per matrix). A zero or
+    non-finite gradient keeps P (the moments still move by ``C = P^T P``, as the per-matrix
+    ops do). With the step's on-device ``skip`` flag set, P, M and V keep their bits.
+    Buffers (fp32, held while the batch lives): the old bases, Y^T, colsum(G^2), G Y."""
+
+    def __init__(self, Gs, Ps, Ms, Vs, backend, bound):
+        count = len(Ps)
+        m, r = Ps[0].shape
+        n = Gs[0].shape[1]
+        dev = Ps[0].device
+        self.Ps, self.Ms, self.Vs = list(Ps), list(Ms), list(Vs)
+        self.dtype = Ps[0].dtype
+        self.pf = torch.empty((count, m, r), dtype=torch.float32, device=dev)
+        self.Y = torch.empty((count, r, n), dtype=torch.float32, device=dev)     # Y^T
+        self.cs = torch.empty((count, n), dtype=torch.float32, device=dev)
+        self.GY = torch.empty((count, m, r), dtype=torch.float32, device=dev)
+        self.pfs = list(self.pf.unbind(0))
+        Ys, GYs = list(self.Y.unbind(0)), list(self.GY.unbind(0))
+        if bound:          # the engine: checked and resolved once per plan
+            self.k1a = ops_grouped.BoundGroupedProject(Gs, self.pfs, Ys, backend=backend)
+            self.k1b = ops_grouped.BoundGroupedProject(Gs, Ys, GYs, side="right",
+                                                       backend=backend)
+        else:
+            self.k1a = lambda Gs, **kw: ops_grouped.grouped_project(
+                Gs, self.pfs, Ys, backend=backend, **kw)
+            self.k1b = lambda Gs, **kw: ops_grouped.grouped_project(
+                Gs, Ys, GYs, side="right", backend=backend, **kw)
+
+    def __call__(self, Gs, eta, sign_canon, skip=None):
+        pf, Y = self.pf, self.Y
+        torch._foreach_copy_(self.pfs, self.Ps)
+        self.k1a(Gs, sumsq=self.cs)
+        self.k1b(Gs)
+        g2 = self.cs.sum(dim=1).view(-1, 1, 1)
+        ok = (g2 > 0) & torch.isfinite(g2)
+        g2 = torch.where(ok, g2, 1.0)
+        H = torch.bmm(Y, Y.transpose(1, 2)).div_(g2)
+        Z = torch.where(ok, pf + eta * (self.GY.div_(g2) - torch.bmm(pf, torch.triu(H))), pf)
+        Q = orth(Z) if sign_canon else torch.linalg.qr(Z)[0]
+        P_new = torch.where(ok, Q, pf).to(self.dtype)
+        # the transport (reference/moment_transport.py on the stored, rounded P_new)
+        C = torch.bmm(P_new.float().transpose(1, 2), pf)
+        M = torch.stack(self.Ms)
+        V = torch.stack(self.Vs)
+        M_new = torch.bmm(C, M.float()).to(M.dtype)
+        V_new = torch.bmm(C * C, V.float()).to(V.dtype)
+        if skip is not None:
+            M_new = torch.where(skip, M, M_new)
+            V_new = torch.where(skip, V, V_new)
+            P_new = torch.where(skip, pf, P_new)    # pf holds the old bases exactly
+        torch._foreach_copy_(self.Ms, list(M_new.unbind(0)))
+        torch._foreach_copy_(self.Vs, list(V_new.unbind(0)))
+        torch._foreach_copy_(self.Ps, list(P_new.unbind(0)))
+
+
 class GHAAdamW(_SubspaceAdamW):
     """gha, Generalised Hebbian Algorithm projector (docs/methods/adaptive_adamw.md, a
     reconstruction):
@@ -899,18 +1048,60 @@ class GHAAdamW(_SubspaceAdamW):
             state["rank"] = group["rank"]
             self._init_moments(p, state, side, (G.shape[0], G.shape[1]), group["rank"])
             return
-        # every step: written into the stored basis and moments (same shapes), so the
-        # engine's classes keep their tensors
-        P_new = implementation("gha_update", backend, p.device)(
-            _canon(side, G), _canon(side, state["ortho"]), eta=float(group["eta"]),
-            sign_canon=self.sign_canon)
-        P_new = P_new.to(self._state_dtype(p))
-        M, V = implementation("moment_transport", backend, p.device)(
-            P_new, _canon(side, state["ortho"]), _canon(side, state["exp_avg"]),
-            _canon(side, state["exp_avg_sq"]))
-        _canon(side, state["exp_avg"]).copy_(M)
-        _canon(side, state["exp_avg_sq"]).copy_(V)
-        _canon(side, state["ortho"]).copy_(P_new)
+        # every step: written into the stored basis and moments (same shapes); the batch
+        # of one the engine's classes run for all their members at once
+        Gs = [_canon(side, G)]
+        batch = _GHABatch(Gs, [_canon(side, state["ortho"])], [_canon(side, state["exp_avg"])],
+                          [_canon(side, state["exp_avg_sq"])], backend, bound=False)
+        batch(Gs, float(group["eta"]), self.sign_canon)
+
+    # -- the engine: the basis update of a whole class in _class_step (_GHABatch) -------------
+    def _basis_due(self, group, state) -> bool:
+        return "ortho" not in state           # the first basis (an SVD); the rest per class
+
+    def _refresh_pending(self, plan) -> bool:
+        return any("ortho" not in st for _, _, _, st in plan.routed)
+
+    def _refresh_classes(self, routed) -> bool:
+        fresh = self._gha_fresh = set()
+        if self._skip_flag is not None:       # _refresh_pending: every basis exists
+            return False
+        for p, group, route, state in routed:
+            if "ortho" not in state:
+                fresh.add(id(state))            # its first basis: no GHA update this step
+        return super()._refresh_classes(routed) if fresh else False
+
+    def _class_lists(self, cls):
+        super()._class_lists(cls)
+        side = cls.route.side
+        cls.extra["gha"] = _GHABatch(
+            [_canon(side, G) for G in self._class_grads(cls)], [_canon(side, P) for P in cls.Ps],
+            [_canon(side, m.state["exp_avg"]) for m in cls.members],
+            [_canon(side, m.state["exp_avg_sq"]) for m in cls.members], cls.backend,
+            bound=True)
+        etas = per_member([m.group for m in cls.members], lambda g: float(g["eta"]))
+        cls.extra["eta"] = etas[0] if all(e == etas[0] for e in etas) else None
+
+    def _class_step(self, cls, precision):
+        """The GHA update of every member (one ``_GHABatch`` call: two grouped K1 and batched
+        torch), then the family's class step."""
+        fresh = self.__dict__.get("_gha_fresh")
+        side = cls.route.side
+        if cls.extra["eta"] is None or (fresh and any(id(m.state) in fresh
+                                                      for m in cls.members)):
+            for m in cls.members:               # mixed etas, or a member's first step
+                if not fresh or id(m.state) not in fresh:
+                    G = m.p.grad if m.p.dim() == 2 else m.p.grad.reshape(cls.route.shape)
+                    Gs = [_canon(side, G)]
+                    _GHABatch(Gs, [_canon(side, m.state["ortho"])],
+                              [_canon(side, m.state["exp_avg"])],
+                              [_canon(side, m.state["exp_avg_sq"])], cls.backend,
+                              bound=False)(Gs, float(m.group["eta"]), self.sign_canon,
+                                           self._skip_flag)
+        else:
+            cls.extra["gha"]([_canon(side, G) for G in self._class_grads(cls)],
+                             cls.extra["eta"], self.sign_canon, self._skip_flag)
+        super()._class_step(cls, precision)
 
 
 class GaLoreKFACAdamW(_SubspaceAdamW):
@@ -1021,11 +1212,84 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     _CLASS_STATE = ("ortho", "exp_avg")
 
     def _class_lists_k2(self, cls):
-        cls.extra["kfac"] = implementation("kfac_precondition", cls.backend, cls.Ws[0].device)
+        """The whitening of the whole class (``grouped_kfac_precondition``: one batched Gram,
+        F in torch over the stack, one grouped whitening launch) where the backend's
+        whitening is the fused one and the class's R are consecutive in the workspace; and
+        the limiter's norms from one grouped sum of squares (the bits the per-matrix fused
+        limiter computes for itself) for the class limiter."""
+        device, side = cls.Ws[0].device, cls.route.side
+        impl = cls.extra["kfac"] = implementation("kfac_precondition", cls.backend, device)
         cls.extra["sumsq"] = [None] * len(cls.members)
+        cls.extra["norms"] = None
+        grouped = getattr(sys.modules.get(getattr(impl, "__module__", "")),
+                          "grouped_kfac_precondition", None)
+        Rs = _consecutive(cls.Rs)
+        cls.extra["kfac_class"] = None
+        if grouped is not None and Rs is not None:
+            states = [m.state for m in cls.members]
+            cls.extra["kfac_class"] = (
+                grouped, Rs if side == "left" else Rs.transpose(1, 2),
+                [_canon(side, st["exp_avg"]) for st in states],
+                [st["kfac_factor"] for st in states], [st["kfac_root"] for st in states],
+                [_canon(side, N) for N in cls.Ns])
+        limiter = cls.extra["limiter"]
+        class_sumsq = None if limiter is None else getattr(
+            sys.modules.get(getattr(limiter, "__module__", "")), "grouped_sumsq", None)
+        if class_sumsq is not None and all(cls.extra["limit"]):
+            self._limiter_lists(cls)
+            if "Nstack" in cls.extra:
+                cls.extra["class_sumsq"] = class_sumsq
+            else:
+                cls.extra["norms"] = None
+                cls.extra["sumsq"] = [None] * len(cls.members)
 
-    def _class_middle(self, cls, Rs, groups, ts):
+    def _refresh_pending(self, plan) -> bool:
+        """A basis refresh or a recompute of the factor's inverse root (``eigh``, which reads
+        ``trace(F)`` on the host) is due."""
+        for _, group, _, st in plan.routed:
+            if self._basis_due(group, st) or not st["kfac_root_valid"] or \
+                    st["step"] % group["kfac_update_freq"] == 0:
+                return True
+        return False
+
+    def _class_middle(self, cls, Rs, groups, ts, one=None):
         impl, side = cls.extra["kfac"], cls.route.side
+        skip = self._skip_flag
+        if not self._kfac_class(cls, groups, ts, skip):
+            self._kfac_members(cls, Rs, ts, impl, side, skip)
+        sumsq = cls.extra.get("class_sumsq")
+        if sumsq is not None:
+            sumsq(cls.extra["Nstack"], cls.extra["norms"])
+        if one is not None:
+            return [float(one["lr"])] * len(ts)
+        return per_member(groups, lambda g: float(g["lr"]))
+
+    def _kfac_class(self, cls, groups, ts, skip) -> bool:
+        """The whitening of the whole class in one ``grouped_kfac_precondition`` call, when
+        the class has it, its members share the hyper-parameters and the step, and no
+        member recomputes its root on this step; False: the caller runs it per member."""
+        found = cls.extra["kfac_class"]
+        if found is None:
+            return False
+        t = ts[0]
+        hyper = per_member(groups, lambda g: (tuple(g["betas"]), g["correct_bias"],
+                                              g["kfac_update_freq"]))
+        (beta1, beta2), bias, freq = hyper[0]
+        if (any(h != hyper[0] for h in hyper) or any(x != t for x in ts)
+                or (t - 1) % freq == 0
+                or not all(m.state["kfac_root_valid"] for m in cls.members)):
+            return False
+        c1, c2 = ops.bias_corrections(beta1, beta2, t) if bias else (1.0, 1.0)
+        grouped, Rs, Ms, Fs, roots, Ns = found
+        grouped(Rs, Ms, Fs, roots, Ns, beta1=float(beta1), beta2=float(beta2), c1=c1, c2=c2,
+                skip=skip)
+        return True
+
+    def _kfac_members(self, cls, Rs, ts, impl, side, skip):
         for R, N, m, t in zip(Rs, cls.Ns, cls.members, ts):
-            self._whiten(impl, R, N, m.state, m.group, side, t)
-        return [float(g["lr"]) for g in groups]
+            if skip is None:
+                self._whiten(impl, R, N, m.state, m.group, side, t)
+            else:                  # (no recompute on such a step: _refresh_pending)
+                st = m.state
+                run_unless(skip, [st["exp_avg"], st["kfac_factor"], st["kfac_root"]],
+                           self._whiten, impl, R, N, st, m.group, side, t)

@@ -1,0 +1,193 @@
+"""The AdaptiveAdamW family's steady step on the engine (docs/methods/adaptive_adamw.md): GHA's
+basis update and transport per class (``_GHABatch``), K-FAC's whitening and the limiter per
+class, and the non-finite flag left on the device (``DEVICE_SKIP``). Each engine step equals
+the per-matrix step (``opt.engine = False``) bit for bit on the CPU, both projection sides,
+fp32 and bf16; a NaN gradient with the lagged flag writes nothing, reads nothing on the host,
+and is acted on at the next step. (The reference-backend parity of every method and the
+Triton cases of AdaptiveAdamW: test_optim_subspace_grouped.py.)"""
+import pytest
+import torch
+
+from lowrank_fused.dispatch import available
+from lowrank_fused.optim.adaptive_adamw import (AdaptiveAdamW, GaLoreKFACAdamW, GHAAdamW,
+                                                RSAdamW)
+from lowrank_fused.routing import galore_param_groups
+from lowrank_fused.testing.trace import HostReads
+from _cases import count_calls, lm_loss, tiny_lm_task
+
+CLASSES = {"adaptive_adamw": AdaptiveAdamW, "rsadamw": RSAdamW, "gha": GHAAdamW,
+           "galore_kfac": GaLoreKFACAdamW}
+
+
+def _model(dtype):
+    model, batch = tiny_lm_task(0)
+    model.to(dtype)
+    return model, batch
+
+
+def _opt(name, model, backend, gap=2, **kw):
+    groups = galore_param_groups(model, rank=8, update_proj_gap=gap, scale=0.25)
+    return CLASSES[name](groups, lr=1e-2, weight_decay=0.01, backend=backend, **kw)
+
+
+def _run(name, engine, backend, dtype, steps, **kw):
+    model, batch = _model(dtype)
+    opt = _opt(name, model, backend, **kw)
+    opt.engine = engine
+    for _ in range(steps):
+        lm_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def _states(opt):
+    return [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+            for g in opt.param_groups for p in g["params"] if p in opt.state]
+
+
+def _assert_same(a, opt_a, b, opt_b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for sa, sb in zip(_states(opt_a), _states(opt_b)):
+        assert sa.keys() == sb.keys()
+        for key, v in sa.items():
+            assert torch.equal(v, sb[key]) if torch.is_tensor(v) else v == sb[key], key
+    sides = {opt_a._plan(p, g)[0] for g in opt_a.param_groups for p in g["params"]
+             if opt_a._plan(p, g) is not None}
+    assert sides == {"left", "right"}
+
+
+# the Triton interpreter is slow: GHA (the grouped update) and K-FAC in fp32 and bf16; the
+# reference backend for GHA in both dtypes is in test_optim_subspace_grouped.py
+@pytest.mark.parametrize("name,dtype", [("gha", torch.float32), ("gha", torch.bfloat16),
+                                        ("galore_kfac", torch.bfloat16)], ids=str)
+def test_engine_equals_per_matrix_triton(name, dtype):
+    if not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
+    a, opt_a = _run(name, False, "triton", dtype, 3)
+    b, opt_b = _run(name, True, "triton", dtype, 3)
+    assert opt_a._engine_plan.legacy and not opt_b._engine_plan.legacy
+    _assert_same(a, opt_a, b, opt_b)
+
+
+def test_gha_update_runs_once_per_class(monkeypatch):
+    """A steady GHA step: two grouped K1 for the update and one for the step per class, no
+    single-matrix projection or transport."""
+    if not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
+    model, batch = _model(torch.float32)
+    opt = _opt("gha", model, "triton")
+    calls = count_calls(monkeypatch, ("project", "grouped_project", "gha_update",
+                                      "moment_transport"))
+    lm_loss(model, batch).backward()
+    opt.step()                                    # the first bases (SVD)
+    calls.clear()
+    opt.step()
+    classes = len(opt._engine_plan.classes)
+    assert calls.get("project", 0) == 0 and calls.get("gha_update", 0) == 0
+    assert calls.get("moment_transport", 0) == 0
+    assert calls["grouped_project"] == 3 * classes
+
+
+def _poisoned(model):
+    p = next(p for p in model.parameters() if p.dim() == 2 and p.grad is not None)
+    p.grad[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_nan_gradient_with_the_lagged_flag(name, mode):
+    """A steady step with a NaN gradient, the flag left on the device: weights and every
+    state tensor keep their bits, no host read; ``raise``/``skip`` act at the next step."""
+    model, batch = _model(torch.float32)
+    opt = _opt(name, model, "reference", gap=100, nonfinite=mode)
+    opt.lagged_nonfinite = True
+    for _ in range(2):
+        lm_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    lm_loss(model, batch).backward()
+    _poisoned(model)
+    weights = [p.detach().clone() for p in model.parameters()]
+    before = _states(opt)
+    groups = [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups]
+    reads = HostReads()
+    with reads:
+        opt.step()
+    assert sum(reads.count.values()) == 0, reads.count
+    for w, p in zip(weights, model.parameters()):
+        assert torch.equal(w, p)
+    after = _states(opt)
+    for sa, sb in zip(before, after):
+        for key, v in sa.items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, sb[key]), key
+    opt.zero_grad()
+    lm_loss(model, batch).backward()
+    if mode == "raise":
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            opt.step()
+    else:
+        opt.step()                           # the NaN step's counters back, then a step
+        assert opt.skipped_steps == 1
+    # the counters are as if the bad step had not happened
+    for g, saved in zip(opt.param_groups, groups):
+        if "pool_step" in saved:
+            assert g["pool_step"] == saved["pool_step"] + (mode == "skip")
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_steady_step_reads_nothing(name):
+    """Between refreshes (and K-FAC root recomputes) the lagged flag costs no host read."""
+    model, batch = _model(torch.float32)
+    opt = _opt(name, model, "reference", gap=100,
+               **({"kfac_update_freq": 100} if name == "galore_kfac" else {}))
+    opt.lagged_nonfinite = True
+    for _ in range(2):
+        lm_loss(model, batch).backward()
+        opt.step()
+    reads = HostReads()
+    with reads:
+        opt.step()
+    assert sum(reads.count.values()) == 0, reads.count
+
+
+def test_kfac_whitening_and_limiter_run_once_per_class(monkeypatch):
+    """A steady K-FAC step (no root recompute): the whitening and the limiter's norms run
+    as grouped launches per class, never the single-matrix kernels."""
+    if not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
+    import importlib
+
+    kp = importlib.import_module("lowrank_fused.kernels.kfac_precondition")
+    nl = importlib.import_module("lowrank_fused.kernels.norm_growth_limit")
+
+    model, batch = _model(torch.float32)
+    opt = _opt("galore_kfac", model, "triton", gap=100)
+    for _ in range(2):                       # the first bases and roots, the limiter memory
+        lm_loss(model, batch).backward()
+        opt.step()
+
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("a single-matrix kernel ran")
+    counts = {}
+
+    def counting(kernel):
+        class Counted:
+            def __getitem__(self, grid):
+                counts[kernel.fn.__name__] = counts.get(kernel.fn.__name__, 0) + 1
+                return kernel[grid]
+        return Counted()
+    for name in ("_kfac_momentum_whiten_kernel", ):
+        monkeypatch.setattr(kp, name, Refuse())
+    for name in ("_sumsq_partials_kernel", "_limiter_factor_kernel", "_limiter_scale_kernel"):
+        monkeypatch.setattr(nl, name, Refuse())
+    monkeypatch.setattr(kp, "_grouped_kfac_momentum_whiten_kernel",
+                        counting(kp._grouped_kfac_momentum_whiten_kernel))
+    monkeypatch.setattr(nl, "_grouped_sumsq_kernel", counting(nl._grouped_sumsq_kernel))
+    opt.step()
+    classes = len(opt._engine_plan.classes)
+    assert counts == {"_grouped_kfac_momentum_whiten_kernel": classes,
+                      "_grouped_sumsq_kernel": classes}
