@@ -12,12 +12,19 @@ single-matrix launchers'. The members are separate tensors addressed as offsets 
 member's bias corrections) come from one fp32 table (8 x count: beta1, 1 - beta1, eps1, c1,
 beta2, 1 - beta2, eps, c2), the partial sums from one scratch buffer with a slice per member.
 Left form, fp32 throughout (AdaMeM's state is fp32; R is the fp32 projection).
+
+``skip`` (a 0-dim bool tensor on the device, docs/conventions.md): every program of the four
+kernels loads it and returns before any store when it holds True, so M, the factored
+statistics and the residual's statistics keep their bits (N1 and the column scales, the
+caller's workspaces, are then left unwritten; the combined update that reads them is skipped
+with the same flag). Without one the launcher passes a cached False flag: one compiled kernel
+either way. The host never reads it.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, sum_fp32, tile_offsets, to_storage
+from ._common import cdiv, interpreting, skip_flag, sum_fp32, tile_offsets, to_storage
 from ._grouped import element_offsets, member_ptr, offsets_table, scalar_table
 from .adamem_moments import MEAN_BLOCK, TILE_M, TILE_N, TILE_WARPS, VEC_BLOCK, VEC_WARPS, \
     _ema_block
@@ -30,12 +37,14 @@ SCALARS = 8
 
 @triton.jit
 def _g_stats_kernel(
-    r_ptr, m_ptr, scratch_ptr, offs_ptr, scal_ptr, GROUP, SCRATCH, COLP, R, N,
+    r_ptr, m_ptr, scratch_ptr, offs_ptr, scal_ptr, skip_ptr, GROUP, SCRATCH, COLP, R, N,
     stride_rm, stride_rn, stride_mm, stride_mn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FROM_MOMENTUM: tl.constexpr,
     INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """``adamem_moments`` pass 1 of member ``program_id(2)``."""
+    if tl.load(skip_ptr):
+        return
     pid_n = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2)
@@ -65,11 +74,13 @@ def _g_stats_kernel(
 
 @triton.jit
 def _g_ema_kernel(
-    scratch_ptr, row_ptr, col_ptr, offs_ptr, scal_ptr, GROUP, SCRATCH, COLP, MEANP, R, N,
-    TILES_M, TILES_N, ROW_BLOCKS,
+    scratch_ptr, row_ptr, col_ptr, offs_ptr, scal_ptr, skip_ptr, GROUP, SCRATCH, COLP, MEANP,
+    R, N, TILES_M, TILES_N, ROW_BLOCKS,
     BLOCK: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """``adamem_moments`` pass 2 of member ``program_id(1)``."""
+    if tl.load(skip_ptr):
+        return
     pid = tl.program_id(0)
     pid_b = tl.program_id(1)
     rowp_ptr = scratch_ptr + pid_b.to(tl.int64) * SCRATCH
@@ -90,12 +101,14 @@ def _g_ema_kernel(
 
 @triton.jit
 def _g_apply_kernel(
-    m_ptr, n_ptr, row_ptr, col_ptr, scratch_ptr, offs_ptr, scal_ptr, GROUP, SCRATCH, MEANP,
-    R, N, ROW_BLOCKS, stride_mm, stride_mn, stride_nm, stride_nn,
+    m_ptr, n_ptr, row_ptr, col_ptr, scratch_ptr, offs_ptr, scal_ptr, skip_ptr, GROUP, SCRATCH,
+    MEANP, R, N, ROW_BLOCKS, stride_mm, stride_mn, stride_nm, stride_nn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MEAN_BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """``adamem_moments`` pass 3 of member ``program_id(2)``."""
+    if tl.load(skip_ptr):
+        return
     pid_n = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2)
@@ -121,13 +134,15 @@ def _g_apply_kernel(
 
 @triton.jit
 def _g_col_stats_kernel(
-    src_ptr, r_ptr, c_ptr, cs_ptr, offs_ptr, scal_ptr, GROUP, M, N, RANK,
+    src_ptr, r_ptr, c_ptr, cs_ptr, offs_ptr, scal_ptr, skip_ptr, GROUP, M, N, RANK,
     stride_rr, stride_rn,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     """``_residual_col_stats_kernel`` (identity form, one partial row: ``g_col_sumsq``) of
     member ``program_id(1)``; c_os, col_scale and the column sums contiguous."""
+    if tl.load(skip_ptr):
+        return
     pid = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1)
     r_ptr = member_ptr(r_ptr, offs_ptr, pid_b, ALIGNED)
@@ -166,7 +181,8 @@ class GroupedAdamemMiddle:
     (r x n, the output N1), ``c_os`` (n), ``col_scales`` (n, output) and ``sumsq`` (n, the K1
     side output ``colsum(G^2)``), each list one shape and set of strides (the vectors
     contiguous); ``m``: the rows of the canonical G. Checked and addressed once, here; a
-    call takes the per-member scalars and launches four kernels."""
+    call takes the per-member scalars (and the step's ``skip`` flag) and launches four
+    kernels."""
 
     def __init__(self, m, Rs, Ms, rows, cols, Ns, c_os, col_scales, sumsq, *,
                  stats_from_momentum: bool):
@@ -198,10 +214,15 @@ class GroupedAdamemMiddle:
         rows_ = [element_offsets(name, lst) for name, lst in zip(LISTS, lists)]
         self.offs, self.aligned = offsets_table(rows_, [4] * len(LISTS), self.device)
 
-    def __call__(self, scalars):
-        """``scalars``: one ``(beta1, beta2, eps, eps1, c1, c2)`` per member."""
+    def __call__(self, scalars, skip=None):
+        """``scalars``: one ``(beta1, beta2, eps, eps1, c1, c2)`` per member; ``skip``: None
+        or a 0-dim bool tensor on the class's device (never read on the host)."""
         if len(scalars) != self.count:
             raise ValueError(f"scalars has {len(scalars)} rows, the class {self.count} members")
+        if skip is not None:
+            from lowrank_fused.ops import _check_skip
+
+            _check_skip(skip, self.device)
         table = [[float(s[0]) for s in scalars], [1.0 - float(s[0]) for s in scalars],
                  [float(s[3]) for s in scalars], [float(s[4]) for s in scalars],
                  [float(s[1]) for s in scalars], [1.0 - float(s[1]) for s in scalars],
@@ -212,26 +233,27 @@ class GroupedAdamemMiddle:
         if r == 0 or n == 0:
             return
         interpret = interpreting()
+        flag = skip_flag(skip, self.device)
         R0, M0, N0 = Rs[0], Ms[0], Ns[0]
         _g_stats_kernel[(self.tiles_n, self.tiles_m, count)](
-            R0, M0, self.scratch, self.offs, scal, count, self.per, self.colp, r, n,
+            R0, M0, self.scratch, self.offs, scal, flag, count, self.per, self.colp, r, n,
             *R0.stride(), *M0.stride(),
             BLOCK_M=TILE_M, BLOCK_N=TILE_N, FROM_MOMENTUM=self.from_momentum,
             INTERPRET=interpret, ALIGNED=self.aligned, num_warps=TILE_WARPS,
         )
         _g_ema_kernel[(self.row_blocks + self.col_blocks, count)](
-            self.scratch, rows[0], cols[0], self.offs, scal, count, self.per, self.colp,
+            self.scratch, rows[0], cols[0], self.offs, scal, flag, count, self.per, self.colp,
             self.meanp, r, n, self.tiles_m, self.tiles_n, self.row_blocks,
             BLOCK=VEC_BLOCK, INTERPRET=interpret, ALIGNED=self.aligned, num_warps=VEC_WARPS,
         )
         _g_apply_kernel[(self.tiles_n, self.tiles_m, count)](
-            M0, N0, rows[0], cols[0], self.scratch, self.offs, scal, count, self.per,
+            M0, N0, rows[0], cols[0], self.scratch, self.offs, scal, flag, count, self.per,
             self.meanp, r, n, self.row_blocks, *M0.stride(), *N0.stride(),
             BLOCK_M=TILE_M, BLOCK_N=TILE_N, MEAN_BLOCK=MEAN_BLOCK, INTERPRET=interpret,
             ALIGNED=self.aligned, num_warps=TILE_WARPS,
         )
         _g_col_stats_kernel[(cdiv(n, CS_BLOCK), count)](
-            sumsq[0], R0, c_os[0], css[0], self.offs, scal, count, self.m, n, r,
+            sumsq[0], R0, c_os[0], css[0], self.offs, scal, flag, count, self.m, n, r,
             *R0.stride(),
             BLOCK_N=CS_BLOCK, BLOCK_R=VEC_R, INTERPRET=interpret, ALIGNED=self.aligned,
             num_warps=CS_WARPS,
@@ -248,27 +270,28 @@ def aot_variants():
         for from_momentum in (False, True):
             yield Variant(_g_stats_kernel,
                           {"r_ptr": "*fp32", "m_ptr": "*fp32", "scratch_ptr": "*fp32",
-                           "offs_ptr": "*i64", "scal_ptr": "*fp32",
+                           "offs_ptr": "*i64", "scal_ptr": "*fp32", "skip_ptr": "*i1",
                            **ints("GROUP", "SCRATCH", "COLP", "R", "N", "stride_rm",
                                   "stride_rn", "stride_mm", "stride_mn")},
                           dict(tile, FROM_MOMENTUM=from_momentum, ALIGNED=aligned),
                           TILE_WARPS, 3)
         yield Variant(_g_ema_kernel,
                       {"scratch_ptr": "*fp32", "row_ptr": "*fp32", "col_ptr": "*fp32",
-                       "offs_ptr": "*i64", "scal_ptr": "*fp32",
+                       "offs_ptr": "*i64", "scal_ptr": "*fp32", "skip_ptr": "*i1",
                        **ints("GROUP", "SCRATCH", "COLP", "MEANP", "R", "N", "TILES_M",
                               "TILES_N", "ROW_BLOCKS")},
                       dict(BLOCK=VEC_BLOCK, INTERPRET=False, ALIGNED=aligned), VEC_WARPS, 3)
         yield Variant(_g_apply_kernel,
                       {"m_ptr": "*fp32", "n_ptr": "*fp32", "row_ptr": "*fp32",
                        "col_ptr": "*fp32", "scratch_ptr": "*fp32", "offs_ptr": "*i64",
-                       "scal_ptr": "*fp32",
+                       "scal_ptr": "*fp32", "skip_ptr": "*i1",
                        **ints("GROUP", "SCRATCH", "MEANP", "R", "N", "ROW_BLOCKS", "stride_mm",
                               "stride_mn", "stride_nm", "stride_nn")},
                       dict(tile, MEAN_BLOCK=MEAN_BLOCK, ALIGNED=aligned), TILE_WARPS, 3)
         yield Variant(_g_col_stats_kernel,
                       {"src_ptr": "*fp32", "r_ptr": "*fp32", "c_ptr": "*fp32",
                        "cs_ptr": "*fp32", "offs_ptr": "*i64", "scal_ptr": "*fp32",
+                       "skip_ptr": "*i1",
                        **ints("GROUP", "M", "N", "RANK", "stride_rr", "stride_rn")},
                       dict(BLOCK_N=CS_BLOCK, BLOCK_R=VEC_R, INTERPRET=False, ALIGNED=aligned),
                       CS_WARPS, 3)

@@ -7,6 +7,10 @@ launcher (``residual_backproject_update.py``), the two low-rank products fold in
 with ``L_b = coef_b*N_b - res_coef_b*R_b*col_scale_b`` (r x n, built with torch, the same
 expression, so the same bits), and the grouped K3 kernel's ``HAS_RESIDUAL`` epilogue subtracts
 ``res_coef_b * G_b * col_scale_b``: one launch for the group, G and W each read once.
+
+``skip`` (a 0-dim bool tensor on the device, docs/conventions.md): the grouped K3 masks its
+store of every W_b with it, so the weights keep their bits when it holds True; the folded
+factors are formed in the caller's workspaces either way (nothing of the optimizer's state).
 """
 from ._grouped import scalar_table
 from .grouped_backproject_update import grouped_backproject_update
@@ -15,7 +19,7 @@ from .residual_backproject_update import folded_factor
 
 def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef, res_coef,
                                         pre_scale, post_decay, precision: str = "ieee",
-                                        prepared=None, stacked=None) -> None:
+                                        prepared=None, stacked=None, skip=None) -> None:
     """Same contract as ``lowrank_fused.reference.grouped_residual_backproject_update`` (left
     form, in place on every ``Ws[b]``; the scalars are sequences, one value per member).
 
@@ -26,7 +30,9 @@ def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef,
     ``col_scales`` (count x n, fp32), each member's slice being its tensor: the folded factors
     are then formed in four launches for the group, in place in ``Ns`` (the same expression
     as ``folded_factor``, so the same bits; ``Rs`` and ``Ns`` are overwritten: the caller's
-    workspaces), and K3 reads them from ``Ns``, whose offsets ``prepared`` may then hold."""
+    workspaces), and K3 reads them from ``Ns``, whose offsets ``prepared`` may then hold.
+    ``skip``: None or a 0-dim bool tensor on the members' device (never read on the host):
+    when it holds True every W_b keeps its bits."""
     if len(Ws) == 0:
         return
     if stacked is not None:
@@ -47,7 +53,8 @@ def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef,
             prepared = {k: v for k, v in prepared.items() if k != "Ns"}
     grouped_backproject_update(Ws, Ps, Ls, coef=[1.0] * len(Ws), pre_scale=pre_scale,
                                post_decay=post_decay, precision=precision, residuals=Gs,
-                               col_scales=css, res_coef=res_coef, prepared=prepared)
+                               col_scales=css, res_coef=res_coef, prepared=prepared,
+                               skip=skip)
 
 
 def aot_variants():

@@ -781,15 +781,18 @@ def test_engine_equals_per_matrix_step(backend, dtype, flags, monkeypatch):
     assert len(plan.classes) == 4                           # (12, 20), (20, 12), 3-D, rank 4
     if backend == "triton":             # the class's middle as one grouped call
         assert all(cls.extra["middle"] is not None for cls in plan.classes.values())
-    assert [p for p, _ in plan.legacy] == b[-2:]             # the Adafactor parameters
+    # the Adafactor parameters on the engine too: the vector set and the factored matrix
+    assert not plan.legacy
+    assert [vs.params for vs in plan.vector_sets] == [b[-1:]]
+    assert [f.p for f in plan.factored] == b[-2:-1]
     assert calls.get("project", 0) == calls.get("residual_backproject_update", 0) == 0
     assert calls["grouped_project"] == calls["grouped_residual_backproject_update"] \
         == steps * len(plan.classes)
 
 
-def test_engine_keeps_the_explicit_form_and_adafactor_per_parameter():
-    """``residual_form="explicit"`` and the Adafactor parameters take the per-parameter step;
-    a rank changed mid-run is refused on the engine as on the per-matrix step."""
+def test_engine_keeps_the_explicit_form_per_parameter():
+    """``residual_form="explicit"`` takes the per-parameter step; a rank changed mid-run is
+    refused on the engine as on the per-matrix step."""
     a, opt_a = _engine_run(False, "reference", torch.float32, 2,
                            dict(residual_form="explicit"))
     b, opt_b = _engine_run(True, "reference", torch.float32, 2,

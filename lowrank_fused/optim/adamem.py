@@ -27,6 +27,7 @@ added to the squares before averaging, decoupled weight decay applied before the
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -38,13 +39,58 @@ from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim.galore_adamw import checked_bases
 from lowrank_fused.dispatch import resolve_call
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_choice,
-                                       check_int, check_number)
+                                       check_int, check_number, is_sharded)
 from lowrank_fused.optim._engine import ClassRoute
+from lowrank_fused.reference._skip import run_unless
 
 V_SOURCES = ("momentum", "gradient")
+STATE_KEYS = ("M", "a_row", "a_col", "c_os")     # what the middle step writes
 RESIDUAL_FORMS = ("identity", "explicit")
 PROJECTORS = ("svd", "randomized")
 LOW_RANK_OPS = ("project", "adamem_moments", "residual_col_stats", "residual_backproject_update")
+
+
+class _BoundResidualUpdate(ops_grouped.BoundGroupedResidualBackprojectUpdate):
+    """The bound combined update of a class with two additions of the step engine's:
+
+    * ``skip``: the step's on-device non-finite flag, passed to the implementation (the
+      grouped K3 masks its store of every W with it; the reference puts the weights back), so
+      the weights keep their bits on a skipped step without a host read;
+    * the per-member scalars are checked for finiteness once per distinct set of values (a
+      class's coefficients change only when a group's ``lr``, ``weight_decay`` or ``delta``
+      does), not on every call.
+
+    Everything else (the gradients' layout check, the offsets of the gradients kept while
+    they stay put) is the bound call's."""
+
+    _scalars_key = None
+
+    def __call__(self, Gs, *, coef, res_coef, pre_scale=1.0, post_decay=0.0,
+                 precision="ieee", skip=None):
+        if len(Gs) != self.count or not ops_grouped._same_layout(Gs, self.layout):
+            ops_grouped._lists(Gs=Gs, Ws=self.lists[0])
+            ops_grouped._check_members("Gs", Gs, self.layout[0], self.device,
+                                       "the bound Gs[0]", dtype=self.layout[2])
+        prepared = self.kw.get("prepared")
+        if prepared is not None:  # Triton: the gradients' offsets, kept while they stay put
+            ptrs = tuple(G.data_ptr() for G in Gs)
+            if ptrs != self._g_ptrs:
+                from lowrank_fused.kernels._grouped import element_offsets
+
+                prepared["residuals"] = element_offsets("Gs", Gs)
+                self._g_ptrs = ptrs
+        key = (coef, res_coef, pre_scale, post_decay)
+        if key != self._scalars_key:
+            self._scalars = ops_grouped._finite_scalars(
+                self.count, coef=coef, res_coef=res_coef, pre_scale=pre_scale,
+                post_decay=post_decay)
+            self._scalars_key = key
+        kw = dict(self.kw, precision=precision, **self._scalars)
+        if skip is not None:
+            ops._check_skip(skip, self.device)
+            kw["skip"] = skip
+        Ws, Ps, Rs, Ns, css = self.lists
+        self.impl(Ws, Gs, Ps, Rs, Ns, css, **kw)
 
 
 class AdaMeM(LowRankOptimizer):
@@ -349,6 +395,10 @@ class AdaMeM(LowRankOptimizer):
     # -- the step on the engine (optim/_engine.py) ------------------------------------------
     BASIS_KEY = "P"
     MOMENT_KEY = "M"
+    # every state-writing op of a class's steady step takes the on-device flag: the grouped
+    # middle (or the per-matrix ops, their state put back), the combined update. A step with
+    # AdaMeM's Adafactor parameters (per-parameter steps) still reads the flag at once.
+    DEVICE_SKIP = True
 
     def _route(self, p, group):
         """``ClassRoute`` for a low-rank matrix in the identity form (side "right": a tall
@@ -361,10 +411,38 @@ class AdaMeM(LowRankOptimizer):
         rank, shape, transposed = plan
         return ClassRoute("right" if transposed else "left", rank, shape)
 
+    def _routed_by_group(self, routed):
+        """``[(group, states)]`` of the routed matrices, kept while ``routed`` (the plan's
+        list) is the same."""
+        cached = self.__dict__.get("_routed_groups")
+        if cached is not None and cached[0] is routed:
+            return cached[1]
+        by_group = {}
+        for _, group, _, state in routed:
+            by_group.setdefault(id(group), (group, []))[1].append(state)
+        out = list(by_group.values())
+        self._routed_groups = (routed, out)
+        return out
+
+    def _due_on_routed(self, routed) -> bool:
+        """Whether some routed matrix refreshes on this step (``_refresh_due`` of each: at its
+        first step and when its counter is a multiple of ``update_proj_gap``), from the
+        distinct counters of each group."""
+        for group, states in self._routed_by_group(routed):
+            gap = group["update_proj_gap"]
+            if any(t % gap == 0 for t in {st["step"] if "P" in st else 0 for st in states}):
+                return True
+        return False
+
     def _refresh_pending(self, plan) -> bool:
-        return any(self._refresh_due(st, group) for _, group, _, st in plan.routed)
+        return self._due_on_routed(plan.routed)
 
     def _refresh_classes(self, routed) -> bool:
+        """The refreshes due on this step; a steady step (no refresh due, the classes built)
+        checks the distinct counters only: the paths of the members were checked when their
+        classes were built (a rank change rebuilds the plan)."""
+        if not self._classes_stale and not self._due_on_routed(routed):
+            return False
         replaced = False
         for p, group, route, state in routed:
             self._check_path(state, (route.rank,))
@@ -415,6 +493,153 @@ class AdaMeM(LowRankOptimizer):
         # a class's grouped middle has one statistics source
         return (group["v_source"],)
 
+    # -- AdaMeM's Adafactor parameters on the engine ----------------------------------------
+    def _build_routes(self, live, signature):
+        """The base's plan, with the Adafactor parameters taken off the per-parameter step:
+        the 1-D ones (norm weights, biases) into *vector sets* (same size, dtypes, device and
+        backend; one grouped step per set, ``kernels/grouped_adamem_vector_step.py`` on
+        Triton, else the per-vector op in a loop), the matrices (the first and last layers)
+        into ``plan.factored`` (one step each, ``kernels/adamem_factored_step.py``), both with
+        the step's ``skip`` flag. FSDP2 shards, weights without a 2-D view and backends
+        without these forms keep the per-parameter step."""
+        plan = super()._build_routes(live, signature)
+        plan.vector_sets, plan.factored = [], []
+        if not self.engine:
+            return plan
+        sets, keep = {}, []
+        for p, group in plan.legacy:
+            G = p.grad
+            if self._plan(p, group) is not None or is_sharded(p):
+                keep.append((p, group))
+                continue
+            if p.dim() >= 2:
+                if not self._add_factored(plan, p, group):
+                    keep.append((p, group))
+                continue
+            if not p.is_contiguous() or not G.is_contiguous():
+                keep.append((p, group))
+                continue
+            state = self.state[p]
+            self._check_path(state, None)
+            backend = self._backend_for(group, p)
+            chosen = resolve_call("adafactor_bc_unfactored_step", backend, p.device)[0]
+            key = (p.numel(), p.dtype, G.dtype, p.device, chosen)
+            vs = sets.get(key)
+            if vs is None:
+                vs = sets[key] = SimpleNamespace(params=[], groups=[], states=[], Ws=[], Vs=[],
+                                                 chosen=chosen, bound=None)
+            if "step" not in state:       # as the per-parameter step's first call
+                state["step"] = 0
+                state["v"] = torch.zeros_like(p, dtype=torch.float32,
+                                              memory_format=torch.contiguous_format)
+            vs.params.append(p)
+            vs.groups.append(group)
+            vs.states.append(state)
+            vs.Ws.append(p)
+            vs.Vs.append(state["v"])
+        plan.legacy = keep
+        plan.vector_sets = list(sets.values())
+        return plan
+
+    def _add_factored(self, plan, p, group) -> bool:
+        """An Adafactor matrix into ``plan.factored`` (its 2-D view, its backend's form);
+        False when it keeps the per-parameter step."""
+        shape = (p.shape[0], math.prod(p.shape[1:]))
+        try:
+            W = p if p.dim() == 2 else p.view(shape)
+        except RuntimeError:             # no 2-D view: the per-parameter step copies back
+            return False
+        chosen = resolve_call("adafactor_bc_factored_step", self._backend_for(group, p),
+                              p.device)[0]
+        if chosen not in ("triton", "reference"):
+            return False
+        state = self.state[p]
+        self._check_path(state, None)
+        if "step" not in state:           # as the per-parameter step's first call
+            state["step"] = 0
+            state["row"] = torch.zeros(shape[0], dtype=torch.float32, device=p.device)
+            state["col"] = torch.zeros(shape[1], dtype=torch.float32, device=p.device)
+        plan.factored.append(SimpleNamespace(p=p, group=group, state=state, W=W, shape=shape,
+                                             chosen=chosen))
+        return True
+
+    def _engine_step(self):
+        plan = self.__dict__.get("_validated_plan") or self._current_plan()
+        if plan is not None:
+            self._validated_plan = plan              # the base's step runs this plan
+        super()._engine_step()
+        for vs in getattr(plan, "vector_sets", ()):
+            self._vector_set_step(vs)
+        for f in getattr(plan, "factored", ()):
+            self._factored_step(f)
+
+    def _factored_step(self, f):
+        """One Adafactor matrix: ``_adafactor_step``'s scalars and its factored op, with the
+        step's ``skip`` flag."""
+        group, state = f.group, f.state
+        G = f.p.grad if f.p.dim() == 2 else f.p.grad.reshape(f.shape)
+        t = state["step"] + 1
+        _, c2 = self._coefficients(group, t)
+        pre_scale, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "pre")
+        kw = dict(lr=float(group["lr"]), beta2=float(group["betas"][1]),
+                  eps1=float(group["eps1"]), eps=float(group["eps"]), c2=c2,
+                  pre_scale=pre_scale, post_decay=post_decay, skip=self._skip_flag)
+        if f.chosen == "triton":
+            from lowrank_fused.kernels.adamem_factored_step import adamem_factored_step as op
+        else:
+            from lowrank_fused.reference.adamem_factored_step import (
+                adamem_factored_step_ref as op)
+        op(f.W, G, state["row"], state["col"], **kw)
+        state["step"] = t
+
+    def _vector_set_step(self, vs):
+        """One vector set: the rows of ``_adafactor_step``'s scalars (one per distinct group
+        and counter), one grouped call, then the counters."""
+        Gs = [p.grad for p in vs.params]
+        ts = [st["step"] + 1 for st in vs.states]
+        memo = {}
+        rows = []
+        for group, t in zip(vs.groups, ts):
+            key = (id(group), t)
+            row = memo.get(key)
+            if row is None:
+                _, c2 = self._coefficients(group, t)
+                pre_scale, post_decay = ops.decay_coefficients(group["lr"],
+                                                               group["weight_decay"], "pre")
+                row = memo[key] = (float(group["lr"]), float(group["betas"][1]),
+                                   float(group["eps1"]), float(group["eps"]), c2, pre_scale,
+                                   post_decay)
+            rows.append(row)
+        if vs.chosen == "triton":
+            if vs.bound is None:
+                from lowrank_fused.kernels.grouped_adamem_vector_step import (
+                    GroupedAdamemVectorStep)
+
+                vs.bound = GroupedAdamemVectorStep(vs.Ws, Gs, vs.Vs)
+            vs.bound(Gs, rows, skip=self._skip_flag)
+        else:
+            from lowrank_fused.reference.grouped_adamem_vector_step import (
+                grouped_adamem_vector_step_ref)
+
+            grouped_adamem_vector_step_ref(vs.Ws, Gs, vs.Vs, rows, skip=self._skip_flag,
+                                           impl=lookup("adafactor_bc_unfactored_step",
+                                                       vs.chosen))
+        for st, t in zip(vs.states, ts):
+            st["step"] = t
+
+    def nonfinite_check(self):
+        """The base's check; a step skipped on the device rolls back the counters of the
+        Adafactor parameters too (the base knows the classes' and the dense sets')."""
+        pending = self.__dict__.get("_pending_nonfinite")
+        if pending is not None:
+            host, event, plan, params, step_number = pending
+            extra = [st for vs in getattr(plan, "vector_sets", ()) for st in vs.states]
+            extra += [f.state for f in getattr(plan, "factored", ())]
+            if extra:
+                counters = SimpleNamespace(counters=list(plan.counters) + extra)
+                self._pending_nonfinite = (host, event, counters, params, step_number)
+        super().nonfinite_check()
+
     def _class_step(self, cls, precision):
         """One class: K1 of every member with its colsum(G^2) (one grouped launch), each
         member's factored moments and residual statistics, the combined update (one grouped
@@ -438,24 +663,32 @@ class AdaMeM(LowRankOptimizer):
             if sc is None:
                 sc = memo[key] = self._scalars(m.group, t)
             scalars.append(sc)
+        skip = self._skip_flag
         middle = ex["middle"]
         if middle is not None:           # the class's middle in four launches
             middle([(mk["beta1"], mk["beta2"], mk["eps"], mk["eps1"], mk["c1"], mk["c2"])
-                    for mk, _, _ in scalars])
+                    for mk, _, _ in scalars], skip=skip)
         else:
             moments, col_stats = ex["impls"]
-            for m, G, P, R, N1, g_sumsq, col_scale, sc in zip(
-                    cls.members, Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["sumsq_rows"],
-                    ex["col_scales"], scalars):
-                self._low_rank_middle(moments, col_stats, m.state, G, P, R, g_sumsq, N1,
-                                      col_scale, sc[0], sc[1])
+
+            def per_member():
+                for m, G, P, R, N1, g_sumsq, col_scale, sc in zip(
+                        cls.members, Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["sumsq_rows"],
+                        ex["col_scales"], scalars):
+                    self._low_rank_middle(moments, col_stats, m.state, G, P, R, g_sumsq, N1,
+                                          col_scale, sc[0], sc[1])
+            if skip is None:
+                per_member()
+            else:                        # the per-matrix ops: their state put back on skip
+                run_unless(skip, [m.state[k] for m in cls.members for k in STATE_KEYS],
+                           per_member)
         coefs = [sc[2] for sc in scalars]
         k3 = ex.get("k3")
         if k3 is None:
-            k3 = ex["k3"] = ops_grouped.BoundGroupedResidualBackprojectUpdate(
+            k3 = ex["k3"] = _BoundResidualUpdate(
                 ex["Wc"], Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["col_scales"],
                 backend=cls.backend, scratch=True)
-        k3(Gs, precision=precision, **{k: [c[k] for c in coefs] for k in (
+        k3(Gs, precision=precision, skip=skip, **{k: tuple(c[k] for c in coefs) for k in (
             "coef", "res_coef", "pre_scale", "post_decay")})
 
 

@@ -179,7 +179,8 @@ KERNEL_MODULES += ("grouped_project", "grouped_backproject_update",
 KERNEL_MODULES += ("iass_select", "residual_col_stats")
 KERNEL_MODULES += ("adapm_refit", "subspace_drift", "kfac_precondition", "kfac_transport")
 KERNEL_MODULES += ("grouped_adamem_middle",)
-KERNEL_MODULES += ("ldadam_error_accumulate",)
+KERNEL_MODULES += ("ldadam_error_accumulate", "grouped_adamem_vector_step",
+                   "adamem_factored_step")
 KERNEL_MODULES += ("grouped_adapm_update",)
 
 

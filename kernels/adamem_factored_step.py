@@ -1,0 +1,100 @@
+"""AdaMeM's factored Adafactor step (its matrices on Adafactor: the first and last layers,
+docs/methods/adamem.md, "Routing") with the on-device ``skip`` flag: the launcher
+``adafactor_bc_factored_step`` (``kernels/adafactor_bc_step.py``: the bias-corrected Adafactor
+with a fixed beta2, no momentum, no clip) whose every write keeps its bits when ``skip`` holds
+True, without a host read.
+
+The two passes are that launcher's: the row and column sums of ``g^2 + eps1``
+(``row_col_sums``), the EMAs of ``row`` and ``col`` in torch (stored through a select on the
+flag), and ``_adamem_factored_apply_kernel``: ``_adafactor_bc_apply_kernel`` with its store of
+W masked by the flag (a mask, not an early return: the GEMM-free tile kernel keeps its register
+allocation either way). The same expressions in the same order, so the bits equal
+``adafactor_bc_factored_step``'s when the flag is None or False.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, interpreting, load_tile, skip_flag, tile_offsets, to_storage
+from .adafactor_step import TILE_M, TILE_N, TILE_WARPS, _tile, row_col_sums
+
+
+@triton.jit
+def _adamem_factored_apply_kernel(
+    w_ptr, g_ptr, row_ptr, col_ptr, mean_ptr, skip_ptr, M, N,
+    stride_wm, stride_wn, stride_gm, stride_gn,
+    lr, eps, c2, pre_scale, post_decay,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One tile of W from the updated ``row`` (M), ``col`` (N), both contiguous fp32, and
+    ``mean(row)`` (a 1-element buffer); no store when ``skip_ptr`` holds True."""
+    _, pid_m, pid_n = _tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N)
+    offs_m, offs_n, mask_m, mask_n, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
+    w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(row_ptr + offs_m, mask=mask_m, other=1.0)
+    c = tl.load(col_ptr + offs_n, mask=mask_n, other=1.0)
+    mean = tl.load(mean_ptr)
+    vhat = tl.div_rn(tl.div_rn(r[:, None] * c[None, :], mean), c2)
+    nrm = tl.div_rn(g, tl.sqrt_rn(vhat) + eps)
+    if pre_scale != 1.0:
+        w = w * pre_scale
+    w = w - lr * nrm
+    if post_decay != 0.0:
+        w = w - post_decay * w
+    mask = tl.where(tl.load(skip_ptr), False, mask)       # a skipped step writes no W
+    tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def adamem_factored_step(W, G, row, col, *, lr: float, beta2: float, eps1: float, eps: float,
+                         c2: float, pre_scale: float, post_decay: float, skip=None) -> None:
+    """``adafactor_bc_factored_step`` (in place on W (m x n), row (m) and col (n), fp32
+    statistics) with ``skip``: None or a 0-dim bool tensor on W's device, never read on the
+    host; when it holds True W, row and col keep their bits."""
+    from lowrank_fused.ops import _check_skip
+
+    _check_skip(skip, W.device)
+    for name, t in (("row", row), ("col", col)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"adamem_factored_step keeps fp32 statistics; {name} is {t.dtype}")
+    M, N = W.shape
+    if M == 0 or N == 0:
+        from lowrank_fused.reference.adamem_factored_step import adamem_factored_step_ref
+
+        adamem_factored_step_ref(W, G, row, col, lr=lr, beta2=beta2, eps1=eps1, eps=eps,
+                                 c2=c2, pre_scale=pre_scale, post_decay=post_decay, skip=skip)
+        return
+    beta2 = float(beta2)
+    rowsum, colsum = row_col_sums(G.unsqueeze(0), float(eps1))
+    new_row = row * beta2 + (1.0 - beta2) * rowsum[0].div_(N)
+    new_col = col * beta2 + (1.0 - beta2) * colsum[0].div_(M)
+    if skip is None:
+        row.copy_(new_row)
+        col.copy_(new_col)
+    else:
+        row.copy_(torch.where(skip, row, new_row))
+        col.copy_(torch.where(skip, col, new_col))
+    mean = new_row.mean()
+    tiles = cdiv(M, TILE_M) * cdiv(N, TILE_N)
+    _adamem_factored_apply_kernel[(tiles,)](
+        W, G, new_row, new_col, mean, skip_flag(skip, W.device), M, N, *W.stride(),
+        *G.stride(), float(lr), float(eps), float(c2), float(pre_scale), float(post_decay),
+        BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
+    )
+
+
+def aot_variants():
+    """W/G dtype (the parameter dtypes AdaMeM accepts); the stats pass is
+    ``adafactor_step``'s ``_adafactor_stats_kernel``, compiled there."""
+    from lowrank_fused.testing.aot import Variant
+
+    scalars = {a: "fp32" for a in ("lr", "eps", "c2", "pre_scale", "post_decay")}
+    for x in ("fp32", "bf16", "fp16"):
+        p = "*" + x
+        yield Variant(_adamem_factored_apply_kernel,
+                      {"w_ptr": p, "g_ptr": p, "row_ptr": "*fp32", "col_ptr": "*fp32",
+                       "mean_ptr": "*fp32", "skip_ptr": "*i1", "M": "i32", "N": "i32",
+                       "stride_wm": "i32", "stride_wn": "i32", "stride_gm": "i32",
+                       "stride_gn": "i32", **scalars},
+                      dict(BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=False), TILE_WARPS, 3)
