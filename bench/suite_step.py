@@ -258,10 +258,19 @@ def whole_model(device, log, errors, methods=None, spec=WHOLE_MODEL, steps: int 
                 opt = _whole_model_optimizer(model, method, rank, extra, precision)
                 cost = model_step_cost(opt, params, method)
                 capture = graph_step(opt)
+                engine_capture = variant == "fused" and isinstance(
+                    getattr(opt, "capture", None), bool)
                 add(method, variant, opt, opt.step, cost,
-                    "captured separately" if capture and graph_ok else "n/a")
+                    "captured separately" if (capture or engine_capture) and graph_ok
+                    else "n/a")
                 if capture is not None and graph_ok:
                     add(method, variant + "+graph", opt, capture(), cost, "optimizer capture")
+                if engine_capture and graph_ok and not late(method, variant + "+graph"):
+                    opt.capture = True     # the engine's CUDA-graph capture (a setting)
+                    add(method, variant + "+graph", opt, opt.step, cost, "opt.capture")
+                    if not opt.graphs_captured:
+                        rows[-1]["graph"] = "opt.capture (not capturable: ran eagerly)"
+                    opt.capture = False
                 del opt
             except Exception as exc:
                 errors.append({"case": f"whole-model {method} {variant}",
@@ -336,7 +345,9 @@ CAPTURE_APIS = ("capture", "capture_step", "cuda_graph", "graphed_step")
 
 def graph_step(opt):
     """The optimizer's capture method (a callable returning a replay callable), or None when it
-    offers none (today none does: the whole-model rows then say ``graph: "n/a"``)."""
+    offers none. This library's optimizers offer capture as a setting instead
+    (``opt.capture = True``: ``step()`` captures and replays by itself), which
+    ``whole_model`` times as its own ``+graph`` rows."""
     for attr in CAPTURE_APIS:
         fn = getattr(opt, attr, None)
         if callable(fn):

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_fused import _capture
+
 from ._common import cdiv, config_mode, dot_mode, interpreting, skip_flag, to_storage
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
 from .backproject_update import choose_config, configs_for, pn_tile
@@ -153,6 +155,8 @@ def plan_grouped_backproject_update(Ws, Ps, Ns, *, precision="ieee", config=None
         if has_res:
             scalars.append([float(x) for x in res_coef])
         scal = scalar_table(scalars, device, key=key)   # same address every step
+        if _capture.replaying():       # a replayed CUDA graph makes the launch
+            return
         _grouped_backproject_update_kernel[grid](
             W0, P0, N0, offs, scal, G0 if has_res else W0, C0, skip_flag(skip, device), *args,
             **meta)

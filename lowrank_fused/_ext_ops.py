@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lowrank_fused import _ext
+from lowrank_fused import _capture, _ext
 from lowrank_fused.dispatch import BackendUnavailable, register, register_auto_guard
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # = _C.DTYPE_FLOAT32, _C.DTYPE_BFLOAT16
@@ -589,7 +589,9 @@ class PackedMulti:
             _check_aux(self.op, self.backend, "norms", norms, torch.float32, self.count,
                        self.device)
             kw["norms"] = norms.data_ptr() if norms is not None else 0
-        if self.backend == "cpu":
+        if _capture.replaying():
+            pass                      # a replayed CUDA graph makes this launch
+        elif self.backend == "cpu":
             self.fn(self.ptrs, self.sizes, self.codes, num_threads=torch.get_num_threads(), **kw)
         else:
             with torch.cuda.device(self.device):

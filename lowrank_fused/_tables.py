@@ -36,11 +36,20 @@ class StagedTable:
         if self.staging is None:
             self._host[...] = values
             return self.table
-        if self._event is not None:
+        from lowrank_fused import _capture
+
+        if _capture.replaying():      # the graph copies the staging buffer at its replay
+            done = _capture.last_replay_event()
+            if done is not None:
+                done.synchronize()    # the previous replay's copy, long done
+            self._host[...] = values
+            return self.table
+        capturing = torch.cuda.is_current_stream_capturing()
+        if self._event is not None and not capturing:   # (a capture starts on an idle stream)
             self._event.synchronize()        # the previous step's copy, long done
         self._host[...] = values
         self.table.copy_(self.staging, non_blocking=True)
-        if not torch.cuda.is_current_stream_capturing():
+        if not capturing:
             self._event = torch.cuda.Event()
             self._event.record()
         return self.table

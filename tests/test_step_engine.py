@@ -244,3 +244,121 @@ def test_cuda_default_leaves_the_flag_on_the_device():
     with pytest.raises(FloatingPointError, match=rf"'{NAMES['dense']}'.*at step 4"):
         opt.step()
     assert_same(before, snapshot(net, opt), "cuda: raise")
+
+
+class LaunchTape:
+    """What a CUDA graph does with a step's launches, on the CPU: while ``recording`` every
+    Triton launch and extension call is kept with its arguments; ``replay()`` makes them all
+    again, in order, with the same arguments."""
+
+    def __init__(self, monkeypatch):
+        import triton.runtime.interpreter as interp
+
+        self.tape, self.recording = [], False
+        real_run = interp.InterpretedFunction.run
+        tape = self
+
+        def run(fn, *args, **kwargs):
+            if tape.recording:
+                tape.tape.append((real_run, (fn,) + args, kwargs))
+            return real_run(fn, *args, **kwargs)
+
+        monkeypatch.setattr(interp.InterpretedFunction, "run", run)
+        real = _ext.load()
+
+        class Taped:
+            def __getattr__(self, name):
+                attr = getattr(real, name)
+                if not callable(attr) or name in ("build_info", "cpu_isa", "has_cuda"):
+                    return attr
+
+                def call(*args, **kwargs):
+                    if tape.recording:
+                        tape.tape.append((attr, args, kwargs))
+                    return attr(*args, **kwargs)
+                return call
+
+        monkeypatch.setattr(_ext, "_module", Taped())
+        monkeypatch.setattr(_ext, "_tried", True)
+
+    def replay(self):
+        for fn, args, kwargs in self.tape:
+            fn(*args, **kwargs)
+
+
+@pytest.mark.skipif(_ext.why_no_cpu() is not None, reason="needs the compiled CPU twin")
+@pytest.mark.parametrize("method", ENGINE_METHODS)
+def test_replayed_launches_with_the_host_half_equal_eager_steps(method, monkeypatch):
+    """A replayed step (``capture`` on CUDA) is the step's host half run with every launch
+    suppressed (``lowrank_fused._capture.replay``: checks, counters, the scalar tables'
+    contents) followed by the launches captured at an earlier steady step, unchanged. On the
+    CPU the captured launches are a tape of one eager step; replaying it after the host half
+    of each later step gives the eager run's weights and state bit for bit, a step with a NaN
+    gradient included (skipped on the device, counted at the next step)."""
+    from lowrank_fused import _capture
+
+    tape = LaunchTape(monkeypatch)
+    net, opt = _steady(method, nonfinite="skip")
+    ref_net, ref = _steady(method, nonfinite="skip")
+    for o in (opt, ref):
+        o.lagged_nonfinite = True
+    for t in range(3, 9):
+        for n, o in ((net, opt), (ref_net, ref)):
+            backward(n, t)
+            if t == 6:
+                _poison(n, NAMES["lowrank"])
+        if t == 3:
+            tape.recording = True        # the "capture": one eager steady step
+            opt.step()
+            tape.recording = False
+            assert tape.tape
+        else:
+            launches = len(tape.tape)
+            with _capture.replay():
+                opt.step()               # the host half: no launch
+            assert len(tape.tape) == launches
+            tape.replay()
+        ref.step()
+        for o in (opt, ref):
+            o.zero_grad(set_to_none=False)
+        opt.nonfinite_check()
+        ref.nonfinite_check()
+        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"{method}: step {t}")
+    assert opt.skipped_steps == ref.skipped_steps == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ENGINE_METHODS)
+def test_cuda_graph_capture_equals_eager(method):
+    """``opt.capture = True`` on CUDA: the second steady step of one structure is captured,
+    the later ones replayed; weights and state equal the eager run's bit for bit, through a
+    NaN step (skipped on the device, raised or counted at the next step) and a refresh."""
+    from _methods import CFG
+
+    def backward_cuda(net, t):
+        g = torch.Generator().manual_seed(1000 + t)
+        ids = torch.randint(0, CFG["vocab_size"], (2, 9), generator=g).cuda()
+        net(ids[:, :-1], labels=ids[:, 1:])[1].backward()
+
+    kw = dict(STEADY[method], nonfinite="skip")
+    if method == "galore":
+        kw["update_proj_gap"] = 6            # a refresh inside the run: re-captured after
+    runs = []
+    for capture in (False, True):
+        net = model().cuda()
+        opt = optimizer(net, method, **kw)
+        opt.capture = capture
+        for t in range(14):
+            backward_cuda(net, t)
+            if t == 9:
+                _poison(net, NAMES["lowrank"])
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        opt.nonfinite_check()
+        torch.cuda.synchronize()
+        runs.append((snapshot(net, opt), opt))
+    (a, eager), (b, captured) = runs
+    assert_same(a, b, f"{method}: captured vs eager")
+    assert captured.graphs_captured >= 1 and eager.graphs_captured == 0
+    assert captured.skipped_steps == eager.skipped_steps == 1

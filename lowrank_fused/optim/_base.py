@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from lowrank_fused import ops, ops_grouped, ops_multi
+from lowrank_fused import _capture, ops, ops_grouped, ops_multi
 from lowrank_fused.dispatch import (CHOICES, AutoBackend, BackendUnavailable, choose_backend,
                                     resolve_backend)
 from lowrank_fused.linalg import _sign_canonical
@@ -191,6 +191,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # the step engine (optim/_engine.py); False: every parameter takes the method's own
         # per-parameter step (what the engine's parity tests compare with). A setting.
         self.engine = True
+        # CUDA-graph capture of the steady step (docs/engine.md); False: every step eager.
+        # A setting; ``graphs_captured`` counts the captures.
+        self.capture = False
+        self.graphs_captured = 0
+        self._graph = None
+        self._graph_key_held = None
+        self._class_generation = 0
         self._engine_plan = None
         self._skip_flag = None      # this step's on-device non-finite flag (_defer_nonfinite)
         self._classes_stale = True
@@ -583,11 +590,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if plan is None or plan.legacy or self._refresh_pending(plan):
             return False
         params = plan.params
-        live = [p.grad for p in params]
         flags = plan.flags
-        if flags is None or flags.count != len(live):
-            flags = plan.flags = ops_multi.BoundNonfiniteFlags(live)
-        self._skip_flag = flags(live)     # one launch; the buffer keeps its address
+        if flags is None or flags.count != len(params):
+            flags = plan.flags = ops_multi.BoundNonfiniteFlags([p.grad for p in params])
+        # the flags are launched with the step's other launches (_launch_flags), into one
+        # buffer at a fixed address: its any-flag is the ops' skip
+        self._skip_flag = flags.any
         bad = flags.per_tensor
         if bad.is_cuda:
             # one pinned buffer, reused: nonfinite_check waited for the last copy into it
@@ -595,13 +603,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if host is None or host.shape != bad.shape:
                 host = self._flag_host = torch.empty(bad.shape, dtype=torch.bool,
                                                      pin_memory=True)
-            host.copy_(bad, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
         else:
-            host, event = bad, None
-        self._pending_nonfinite = (host, event, plan, params, self.step_calls + 1)
+            host = bad
+        self._flags_due = (flags, params, host)
+        # the event (CUDA) is recorded after the step's launches (_device_step)
+        self._pending_nonfinite = [host, None, plan, params, self.step_calls + 1]
         return True
+
+    def _launch_flags(self):
+        """This step's per-tensor non-finite flags (one launch), and on CUDA their copy to the
+        pinned host buffer, when ``_defer_nonfinite`` left them to the step."""
+        due = self.__dict__.pop("_flags_due", None)
+        if due is None:
+            return
+        flags, params, host = due
+        flags([p.grad for p in params])
+        if host is not flags.per_tensor and not _capture.replaying():
+            host.copy_(flags.per_tensor, non_blocking=True)
 
     def _refresh_pending(self, plan) -> bool:
         """Hook: True when a routed matrix refreshes on this step (its basis is computed
@@ -702,17 +720,93 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if not proceed:
                 self.skipped_steps += 1
                 return loss
-            self._before_updates()
-            self._batch = {}
-            try:
-                self._engine_step()
-                self._run_batches()
-            finally:
-                self._batch = None
+            self._device_step()
         finally:
             self.__dict__.pop("_step_params", None)      # this step's only
+            self.__dict__.pop("_flags_due", None)
         self._after_updates()
         return loss
+
+    def _step_work(self):
+        """Everything a step launches: the non-finite flags, the global phase, the engine's
+        classes and dense sets, the batched per-parameter calls."""
+        self._launch_flags()
+        self._before_updates()
+        self._batch = {}
+        try:
+            self._engine_step()
+            self._run_batches()
+        finally:
+            self._batch = None
+
+    # -- CUDA-graph capture of the steady step (docs/engine.md) -----------------------------
+    def _device_step(self):
+        """``_step_work``: eagerly, or with ``capture`` on a CUDA device, captured into a CUDA
+        graph at the second consecutive steady step of one structure and replayed after."""
+        key = self._graph_key() if self.capture else None
+        graph = self._graph
+        done = self.__dict__.get("_graph_event")
+        used_graph = False
+        if key is not None and graph is not None and key == self._graph_key_held:
+            with _capture.replay(done):
+                self._step_work()            # the host half: checks, counters, scalars
+            graph.replay()
+            used_graph = True
+        else:
+            if done is not None:             # staging buffers the last replay may still read
+                done.synchronize()
+                self._graph_event = None
+            if key is not None and key == self.__dict__.get("_graph_key_seen"):
+                self._capture_graph(key)     # the previous step ran eagerly with this key
+                used_graph = True
+            else:
+                self._graph = self._graph_key_held = None
+                self._step_work()
+            self._graph_key_seen = key
+        pending = self.__dict__.get("_pending_nonfinite")
+        flag_copy = pending is not None and pending[1] is None and pending[0].is_pinned()
+        if used_graph or flag_copy:
+            event = torch.cuda.Event()
+            event.record()
+            if used_graph:
+                self._graph_event = event
+            if flag_copy:
+                pending[1] = event
+
+    def _capture_graph(self, key):
+        """Capture ``_step_work`` into a new CUDA graph (its launches are recorded, not run)
+        and replay it once to run this step. One synchronisation per capture: the staging
+        buffers of the scalar tables must be idle when the capture writes them."""
+        torch.cuda.current_stream().synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._step_work()
+        graph.replay()
+        self._graph, self._graph_key_held = graph, key
+        self.graphs_captured = getattr(self, "graphs_captured", 0) + 1
+
+    def _graph_key(self):
+        """What a captured step depends on, or None when this step cannot be captured: CUDA,
+        the step's flag left on the device (no refresh due, every parameter on the engine),
+        classes already built, every class and dense set on capturable calls."""
+        due = self.__dict__.get("_flags_due")
+        plan = self.__dict__.get("_validated_plan")
+        if due is None or plan is None or self._classes_stale or plan.legacy:
+            return None
+        params = due[1]
+        if not params or not params[0].is_cuda:
+            return None
+        if not all(d.where is not None for d in plan.dense.values()):
+            return None
+        if not all(self._class_capturable(c) for c in plan.classes.values()):
+            return None
+        return (id(plan), self._class_generation, self.precision(params[0].device),
+                tuple(map(torch.Tensor.data_ptr, (p.grad for p in params))))
+
+    def _class_capturable(self, cls) -> bool:
+        """Hook: whether a class's steady step makes only launches that a replay can
+        suppress (bound grouped and multi-tensor calls). Default: no."""
+        return False
 
     # -- the step engine (optim/_engine.py) -------------------------------------------------
     def _route(self, p, group):
@@ -896,6 +990,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 cls.Ns = workspace.views(cls.key[3], device, low, count)
             self._class_lists(cls)
         plan.classes = classes
+        self._class_generation += 1      # a captured step of the old classes is stale
         self._classes_stale = False
 
     BASIS_KEY = "ortho"

@@ -273,6 +273,10 @@ class GaLoreAdamW(LowRankOptimizer):
                                                cls.Rs + cls.extra["Ms"] + cls.extra["Vs"]
                                                + cls.Ns) if self.multi_tensor else None
 
+    def _class_capturable(self, cls) -> bool:
+        """A class's steady step is three bound calls when K2 has its multi-tensor op."""
+        return cls.extra.get("where") is not None
+
     def _class_step(self, cls, precision):
         """One class: K1 of every member (one grouped launch), K2 (one multi-tensor call
         where the backend has it, else per matrix), K3 (one grouped launch). The common case,
