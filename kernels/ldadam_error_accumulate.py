@@ -93,6 +93,53 @@ def ldadam_error_accumulate(Es, Gs, *, skip=None) -> None:
     )
 
 
+class BoundErrorAccumulate:
+    """``ldadam_error_accumulate`` on a fixed list of error buffers (a class's, the same
+    tensors every step): checked and addressed once, here; a call takes the step's gradients
+    (checked and addressed again only when they are other tensors than the last call's) and
+    the ``skip`` flag, and launches one kernel."""
+
+    def __init__(self, Es, Gs):
+        Es, Gs = list(Es), list(Gs)
+        if not Es:
+            raise ValueError("a bound call needs at least one error buffer")
+        _check(Es, Gs)
+        if not all(t.is_contiguous() for t in Es):
+            raise ValueError("the bound error buffers must be contiguous")
+        self.Es, self.count, self.numel = Es, len(Es), Es[0].numel()
+        self.device = Es[0].device
+        self._e_offs = element_offsets("Es", Es)
+        self._g_ptrs = None
+
+    def __call__(self, Gs, *, skip=None):
+        ptrs = tuple((G.data_ptr(), G.dtype, G.shape) for G in Gs)   # the last call's tensors?
+        if ptrs != self._g_ptrs:
+            Gs = list(Gs)
+            _check(self.Es, Gs)
+            if not all(G.is_contiguous() for G in Gs):
+                from lowrank_fused.reference.ldadam_error_accumulate import (
+                    ldadam_error_accumulate_ref)
+
+                self._g_ptrs = None
+                ldadam_error_accumulate_ref(self.Es, Gs, skip=skip)
+                return
+            self.offs, self.aligned = offsets_table(
+                [self._e_offs, element_offsets("Gs", Gs)],
+                (self.Es[0].element_size(), Gs[0].element_size()), self.device)
+            self._g_ptrs = ptrs
+        if skip is not None:
+            from lowrank_fused.ops import _check_skip
+
+            _check_skip(skip, self.device)
+        if self.numel == 0:
+            return
+        _error_accumulate_kernel[(cdiv(self.numel, ELEMENTWISE_BLOCK), self.count)](
+            self.Es[0], Gs[0], self.offs, skip_flag(skip, self.device), self.count,
+            self.numel, BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(),
+            ALIGNED=self.aligned, num_warps=ELEMENTWISE_WARPS,
+        )
+
+
 def aot_variants():
     """(E dtype, G dtype): the parameter dtypes with ``ef_dtype="param"`` and with fp32 E,
     aligned and unaligned members."""

@@ -77,3 +77,22 @@ def test_bad_members_are_named(device):
         ldadam_error_accumulate(Es, [Gs[0], Gs[1][:3]])
     with pytest.raises(ValueError, match=r"Es\[1\]"):
         ldadam_error_accumulate([Es[0], Es[1].double()], Gs)
+
+
+def test_bound_call_matches_and_readdresses_new_gradients(device):
+    from lowrank_fused.kernels.ldadam_error_accumulate import BoundErrorAccumulate
+
+    Es, Gs = _members((7, 9), torch.float32, torch.bfloat16, 3, device, seed=11)
+    want = [E.clone() for E in Es]
+    bound = BoundErrorAccumulate(Es, Gs)
+    others = [G.clone() for G in Gs]
+    for step_grads in (Gs, Gs, others):         # the same tensors, then new ones
+        ldadam_error_accumulate_ref(want, step_grads)
+        bound(step_grads)
+        for got, ref in zip(Es, want):
+            assert torch.equal(got, ref)
+    before = [E.clone() for E in Es]
+    bound(others, skip=torch.ones((), dtype=torch.bool, device=device))
+    assert all(torch.equal(a, b) for a, b in zip(Es, before))
+    with pytest.raises(ValueError, match=r"Gs\[2\]"):
+        bound([others[0], others[1], others[2][:3]])

@@ -837,7 +837,21 @@ class LDAdamW(LowRankOptimizer):
                        k2=k2,
                        k3=lambda lr, pre, post, prec, skip: self._class_update(
                            cls, lr, post, prec, pre_scales=pre),
-                       acc=_accumulator(cls.backend, device)))
+                       acc=self._class_accumulator(cls, Es, device)))
+
+    def _class_accumulator(self, cls, Es, device):
+        """Line 3's ``E += G`` of a class: on Triton bound to the class's error buffers once
+        (``BoundErrorAccumulate``: a steady step checks and addresses nothing per member),
+        else ``_accumulator``'s."""
+        from lowrank_fused.dispatch import resolve_call
+
+        if (Es is None or resolve_call("grouped_project", cls.backend, device)[0] != "triton"
+                or not all(E.is_contiguous() for E in Es)):
+            return _accumulator(cls.backend, device)
+        from lowrank_fused.kernels.ldadam_error_accumulate import BoundErrorAccumulate
+
+        bound = BoundErrorAccumulate(Es, self._class_grads(cls))
+        return lambda Es, Gs, skip=None: bound(Gs, skip=skip)
 
     def _class_step(self, cls, precision):
         """One class: ``_batch_step`` on its stacked state (about 30 calls, whatever its
