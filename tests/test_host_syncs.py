@@ -63,7 +63,7 @@ def _steady_step_reads(method, monkeypatch, lagged=None, **kw):
 # (GaLore, AdamW; AdaRankGrad's one read of its norms carries the flag); the other methods
 # still read the flag at once, and LDAdam reads the previous step's power-iteration guards from
 # their host copy (on CUDA a pinned buffer whose copy has long completed: no wait on the GPU)
-LAGGED = {"galore": 0, "adamw": 0, "adarankgrad": 1, "ldadam": 2}
+LAGGED = {"galore": 0, "adamw": 0, "adarankgrad": 0, "adafactor": 0, "ldadam": 2}
 
 
 # one method per count (AdamW's zero: tests/test_step_engine.py; a method without the

@@ -636,12 +636,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the step. Weights and state are then exactly as before that step."""
         pending = self.__dict__.pop("_pending_nonfinite", None)
         if pending is None:
+            self._settle_lagged(False)
             return
         host, event, plan, params, step_number = pending
         if event is not None:
             event.synchronize()        # the copy of a step the GPU has long finished
         bad = host.numpy() if host.numel() else ()
         hit = next((i for i, b in enumerate(bad) if b), None)
+        self._settle_lagged(hit is not None)
         if hit is None:
             return
         for state in plan.counters:
@@ -655,6 +657,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 f"non-finite entries at step {step_number} (found at the next step() or "
                 f"nonfinite_check()); that step was skipped on the device: no parameter or "
                 f"state was updated")
+
+    def _settle_lagged(self, skipped: bool):
+        """Hook: host decisions of the last step that were left to be read with its
+        non-finite flag (AdaRankGrad's exit tests); ``skipped``: that step was skipped on the
+        device, so they are dropped. Default: none."""
 
     def _global_flag(self, grads):
         """The non-finite flag of this rank's gradients; with sharded parameters the ranks
@@ -1183,6 +1190,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._multi_resolved = {}
         self._invalidate_plan()
         self.__dict__.pop("_pending_nonfinite", None)   # a flag of the state just replaced
+        self._settle_lagged(True)                        # and its lagged decisions
         self._after_load()
 
     def _after_load(self):

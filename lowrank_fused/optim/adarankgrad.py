@@ -517,12 +517,41 @@ class AdaRankGrad(LowRankOptimizer):
             return
         zs = (norms[0] if len(norms) == 1 else torch.cat(norms)).sqrt()
         skip = self._skip_flag
+        if skip is not None and self.__dict__.get("_pending_nonfinite") is not None:
+            # the flag was left on the device: the norms follow it to the host without a
+            # read now, and the tests run when the flag is read (_settle_lagged; the
+            # decisions act at the next step's refresh check, which comes after that read)
+            if zs.is_cuda:
+                host = self.__dict__.get("_exit_host")
+                if host is None or host.shape != zs.shape:
+                    host = self._exit_host = torch.empty(zs.shape, dtype=zs.dtype,
+                                                         pin_memory=True)
+                host.copy_(zs, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host, event = zs, None
+            self._lagged_exit = (host, event, entries)
+            return
         if skip is not None:
             zs = torch.cat([zs, skip.reshape(1).to(zs.dtype)])
         zs = zs.cpu().tolist()
         if skip is not None and zs.pop():
             return
         for entry, z in zip(entries, zs):
+            if entry is not None:
+                self._exit_test(entry[0], entry[1], z, entry[2])
+
+    def _settle_lagged(self, skipped):
+        """The exit tests of the last step, from its norms copied with its non-finite flag;
+        none when that step was skipped on the device."""
+        lagged = self.__dict__.pop("_lagged_exit", None)
+        if lagged is None or skipped:
+            return
+        host, event, entries = lagged
+        if event is not None:
+            event.synchronize()        # the copy of a step the GPU has long finished
+        for entry, z in zip(entries, host.numpy().tolist()):
             if entry is not None:
                 self._exit_test(entry[0], entry[1], z, entry[2])
 
