@@ -37,7 +37,7 @@ from pathlib import Path
 MODULES = ("project", "adam_moments", "backproject_update", "galore_step", "adafactor_step",
            "adafactor_bc_step", "adapm_update", "gha_update", "moment_transport",
            "adamem_moments", "grouped_lowrank")
-MODULES += ("iass_select", "residual_col_stats", "method_step")
+MODULES += ("iass_select", "residual_col_stats", "method_step", "adafactor_grouped_step")
 SUITES = ("kernels", "step", "e2e", "convergence", "refresh")
 # run only when named in --suite: bench.suite_convergence_study (about an hour of one CPU
 # core), bench.suite_traffic (bytes the kernels request, counted under the Triton interpreter)

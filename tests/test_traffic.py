@@ -213,7 +213,7 @@ STEP_BOUNDS = {
     "galore": (6.0, 1.0), "adaptive_adamw": (6.0, 1.061), "rsadamw": (6.0, 1.061),
     "gha": (10.0, 1.078), "galore_kfac": (6.0, 1.131), "adarankgrad": (6.0, 1.001),
     "ldadam": (14.0, 0.88), "adamem": (8.0, 1.007), "adapm": (16.0, 1.029),
-    "adapm_mini": (10.0, 1.044), "adamw": (22.0, 1.0), "adafactor": (12.0, 1.014),
+    "adapm_mini": (10.0, 1.044), "adamw": (22.0, 1.0), "adafactor": (12.0, 1.056),
 }
 
 
