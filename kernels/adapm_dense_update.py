@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, interpreting, load_tile, tile_offsets, to_storage
-from .adapm_update import (CLAMP, DTYPE_PAIRS, RMS_APPLY, RMS_STATS, block_means_denominator,
-                           clip_and_apply, clip_setup, dummy, elementwise_tiles, normalize,
-                           rms_scale)
+from .adapm_update import (CLAMP, DTYPE_PAIRS, RMS_APPLY, RMS_STATS, as_fp32,
+                           block_means_denominator, clip_and_apply, clip_setup, dummy,
+                           elementwise_tiles, normalize, rms_scale)
 
 # GPU tile: every variant compiles for sm_90 without spills on Triton 3.6 and 3.9 (with 8x256
 # tiles, or 4 warps, ptxas spills 4-8 bytes in some rms statistics passes)
@@ -39,7 +39,7 @@ def _adapm_dense_update_kernel(
     w_ptr, g_ptr, m_ptr, v_ptr, h_ptr, scale_ptr, part_ptr,
     M, N, ROWS_PER_BLOCK,
     stride_wm, stride_wn, stride_gm, stride_gn, stride_mm, stride_mn, stride_vm, stride_vn,
-    beta1, one_minus_beta1, c1, v_keep, v_add, eps, c2, lr, pre_scale, clip_threshold,
+    beta1, c1, v_keep, v_add, eps, c2, lr, pre_scale, clip_threshold,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_M: tl.constexpr,
     V_BLOCKS: tl.constexpr, CLIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -50,7 +50,7 @@ def _adapm_dense_update_kernel(
     if HAS_M:
         m_ptrs = m_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         mom = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-        mom = mom * beta1 + one_minus_beta1 * g
+        mom = mom * beta1 + (1.0 - beta1) * g
         mom_st = to_storage(mom, m_ptr.dtype.element_ty, INTERPRET)
         if CLIP != 1:
             tl.store(m_ptrs, mom_st, mask=mask)
@@ -98,7 +98,7 @@ def adapm_dense_update(W, G, M, V, *, beta1: float, c1: float, v_keep: float, v_
             W, G, Mk, Vk, h, scale, part, m, n, rpb,
             W.stride(0), W.stride(1), G.stride(0), G.stride(1), Mk.stride(0), Mk.stride(-1),
             Vk.stride(0), Vk.stride(-1),
-            float(beta1), 1.0 - float(beta1), float(c1), float(v_keep), float(v_add), float(eps), float(c2),
+            as_fp32(beta1), float(c1), float(v_keep), float(v_add), float(eps), float(c2),
             float(lr), float(pre_scale), clamp,
             BLOCK_M=bm, BLOCK_N=bn, HAS_M=has_m, V_BLOCKS=blocks, CLIP=clip,
             INTERPRET=interpreting(), num_warps=NUM_WARPS,
@@ -114,8 +114,7 @@ def aot_variants():
     ints = {a: "i32" for a in ("M", "N", "ROWS_PER_BLOCK", "stride_wm", "stride_wn",
                                "stride_gm", "stride_gn", "stride_mm", "stride_mn", "stride_vm",
                                "stride_vn")}
-    scalars = {a: "fp32" for a in ("beta1", "one_minus_beta1", "c1", "v_keep", "v_add", "eps",
-                                   "c2", "lr",
+    scalars = {a: "fp32" for a in ("beta1", "c1", "v_keep", "v_add", "eps", "c2", "lr",
                                    "pre_scale", "clip_threshold")}
     seen = set()
     for w_t, s_t in DTYPE_PAIRS:

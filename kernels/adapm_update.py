@@ -38,6 +38,7 @@ sums with V and the denominator), shared with the step engine's grouped form.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -53,6 +54,14 @@ RMS_STATS = 1    # statistics pass: per-program sum(u^2), nothing else written
 RMS_APPLY = 2    # apply pass, u divided by the scale max(1, rms(u)/threshold) read from memory
 
 _DUMMIES = {}
+
+
+def as_fp32(x) -> float:
+    """``x`` rounded to fp32 (as a Python float). A launcher passes ``beta1`` so: the kernel
+    computes ``1 - beta1`` from it, which the Triton interpreter evaluates in Python (double)
+    arithmetic on a float argument; from the fp32 value that difference is the fp32 one a
+    compiled kernel computes (and that the grouped kernels compute from their fp32 table)."""
+    return float(np.float32(x))
 
 
 def dummy(device) -> torch.Tensor:
@@ -158,8 +167,7 @@ def clip_setup(clip_mode: str, clip_threshold: float):
 
 @triton.jit
 def _right_operand_kernel(x_ptr, y_ptr, b_ptr, RANK, N, stride_xr, stride_xn, stride_yr,
-                          stride_yn, beta1, one_minus_beta1, coef_x, coef_y,
-                          UPDATE_X: tl.constexpr,
+                          stride_yn, beta1, coef_x, coef_y, UPDATE_X: tl.constexpr,
                           INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """UPDATE_X (between refits): ``X = beta1*X + (1-beta1)*Y`` in place (the exact
     least-squares R for the fixed L), then ``b = coef_x*X + coef_y*Y`` from the *stored* X (as
@@ -175,7 +183,7 @@ def _right_operand_kernel(x_ptr, y_ptr, b_ptr, RANK, N, stride_xr, stride_xn, st
     if UPDATE_X:
         y = tl.load(y_ptr + offs_m[:, None] * stride_yr + offs_n[None, :] * stride_yn,
                     mask=mask, other=0.0).to(tl.float32)
-        x_st = to_storage(x * beta1 + one_minus_beta1 * y, x_ptr.dtype.element_ty, INTERPRET)
+        x_st = to_storage(x * beta1 + (1.0 - beta1) * y, x_ptr.dtype.element_ty, INTERPRET)
         tl.store(x_ptrs, x_st, mask=mask)
         b = coef_x * x_st.to(tl.float32) + coef_y * y
     else:
@@ -194,8 +202,7 @@ def _right_operand(X, Y, out, *, coef_x: float, coef_y: float, beta1: float = 0.
     bm, bn = elementwise_tiles(B_BLOCK_M, B_BLOCK_N)
     grid = (cdiv(rank, bm), cdiv(n, bn))
     _right_operand_kernel[grid](X, Y, out, rank, n, X.stride(0), X.stride(1), Y.stride(0),
-                                Y.stride(1), float(beta1), 1.0 - float(beta1), float(coef_x),
-                                float(coef_y),
+                                Y.stride(1), as_fp32(beta1), float(coef_x), float(coef_y),
                                 UPDATE_X=update_x, INTERPRET=interpreting(), BLOCK_M=bm,
                                 BLOCK_N=bn, num_warps=B_WARPS)
 
@@ -384,7 +391,6 @@ def aot_variants():
                           {"x_ptr": "*" + s_t, "y_ptr": "*fp32" if update else "*" + s_t,
                            "b_ptr": "*fp32", "RANK": "i32", "N": "i32", "stride_xr": "i32",
                            "stride_xn": "i32", "stride_yr": "i32", "stride_yn": "i32",
-                           "beta1": "fp32", "one_minus_beta1": "fp32", "coef_x": "fp32",
-                           "coef_y": "fp32"},
+                           "beta1": "fp32", "coef_x": "fp32", "coef_y": "fp32"},
                           dict(UPDATE_X=update, INTERPRET=False, BLOCK_M=B_BLOCK_M,
                                BLOCK_N=B_BLOCK_N), B_WARPS, 3)

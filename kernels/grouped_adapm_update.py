@@ -35,6 +35,7 @@ written. The host never reads it.
 """
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -42,7 +43,7 @@ import triton.language as tl
 from ._common import (cdiv, config_mode, dot_mode, interpreting, load_tile, mma, skip_flag,
                       to_storage)
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
-from .adapm_update import (B_BLOCK_M, B_BLOCK_N, B_WARPS, CLAMP, DTYPE_PAIRS, choose_config,
+from .adapm_update import (B_BLOCK_M, B_BLOCK_N, B_WARPS, DTYPE_PAIRS, choose_config,
                            clip_and_apply, configs_for, dummy, elementwise_tiles, normalize)
 from .adapm_dense_update import BLOCK_M as DENSE_BLOCK_M, BLOCK_N as DENSE_BLOCK_N, \
     NUM_WARPS as DENSE_WARPS
@@ -51,7 +52,7 @@ MAX_GRID = 65535   # CUDA's limit on the grid dimensions that carry the members
 
 # the scalar table's rows (one float per member each); the kernels index them by number
 ROWS = ("beta1", "c1", "s_coef", "e_coef", "coef_g", "v_keep", "v_add", "eps", "c2",
-        "sqrt_c2", "lr", "pre_scale", "clip", "one_minus_beta1")
+        "sqrt_c2", "lr", "pre_scale", "clip")
 SCALARS = len(ROWS)
 
 ROWSQ_BLOCK_M, ROWSQ_BLOCK_N, ROWSQ_WARPS = 16, 256, 4
@@ -188,7 +189,6 @@ def _g_right_operand_kernel(x_ptr, y_ptr, b_ptr, offs_ptr, scal_ptr, skip_ptr, G
     y_ptr = member_ptr(y_ptr, offs_ptr + GROUP, pid_b, ALIGNED)
     b_ptr = member_ptr(b_ptr, offs_ptr + 2 * GROUP, pid_b, ALIGNED)
     beta1 = tl.load(scal_ptr + pid_b)
-    one_minus_beta1 = tl.load(scal_ptr + 13 * GROUP + pid_b)
     coef_x = tl.load(scal_ptr + 2 * GROUP + pid_b)
     coef_y = -tl.load(scal_ptr + 4 * GROUP + pid_b)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -198,7 +198,7 @@ def _g_right_operand_kernel(x_ptr, y_ptr, b_ptr, offs_ptr, scal_ptr, skip_ptr, G
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + offs_m[:, None] * stride_yr + offs_n[None, :] * stride_yn,
                 mask=mask, other=0.0).to(tl.float32)
-    x_st = to_storage(x * beta1 + one_minus_beta1 * y, x_ptr.dtype.element_ty, INTERPRET)
+    x_st = to_storage(x * beta1 + (1.0 - beta1) * y, x_ptr.dtype.element_ty, INTERPRET)
     tl.store(x_ptrs, x_st, mask=tl.where(tl.load(skip_ptr), False, mask))
     b = coef_x * x_st.to(tl.float32) + coef_y * y
     tl.store(b_ptr + offs_m[:, None] * N + offs_n[None, :], b, mask=mask)
@@ -256,7 +256,7 @@ def _g_adapm_update_kernel(
                   v_ptr, offs_m, mask_m, ROWS_PER_BLOCK, v_keep, v_add, eps, c2,
                   V_BLOCKS, True, INTERPRET)
     clip_and_apply(u, keep, w_ptr, offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
-                   scal_ptr, scal_ptr, lr, pre_scale, clip_threshold, CLAMP, INTERPRET)
+                   scal_ptr, scal_ptr, lr, pre_scale, clip_threshold, 0, INTERPRET)  # CLAMP
 
 
 @triton.jit
@@ -278,7 +278,6 @@ def _g_adapm_dense_update_kernel(
     v_ptr = member_ptr(v_ptr, offs_ptr + 2 * GROUP, pid_b, ALIGNED)
     g_ptr = member_ptr(g_ptr, goffs_ptr, pid_b, G_ALIGNED)
     beta1 = tl.load(scal_ptr + pid_b)
-    one_minus_beta1 = tl.load(scal_ptr + 13 * GROUP + pid_b)
     c1 = tl.load(scal_ptr + GROUP + pid_b)
     v_keep = tl.load(scal_ptr + 5 * GROUP + pid_b)
     v_add = tl.load(scal_ptr + 6 * GROUP + pid_b)
@@ -296,7 +295,7 @@ def _g_adapm_dense_update_kernel(
     if HAS_M:
         m_ptrs = m_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         mom = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-        mom = mom * beta1 + one_minus_beta1 * g
+        mom = mom * beta1 + (1.0 - beta1) * g
         mom_st = to_storage(mom, m_ptr.dtype.element_ty, INTERPRET)
         tl.store(m_ptrs, mom_st, mask=keep)
         mc = tl.div_rn(mom_st.to(tl.float32), c1)
@@ -306,11 +305,42 @@ def _g_adapm_dense_update_kernel(
                   v_ptr, offs_m, mask_m, ROWS_PER_BLOCK, v_keep, v_add, eps, c2,
                   V_BLOCKS, True, INTERPRET)
     clip_and_apply(u, keep, w_ptr, offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
-                   scal_ptr, scal_ptr, lr, pre_scale, clip_threshold, CLAMP, INTERPRET)
+                   scal_ptr, scal_ptr, lr, pre_scale, clip_threshold, 0, INTERPRET)  # CLAMP
 
 
 # --------------------------------------------------------------------------------------------
 # a class's launches, addressed once
+
+class ScalarTable:
+    """The (SCALARS x count) fp32 table of a class, kept at one address and refilled every
+    step (on CUDA from a pinned staging buffer, copied without blocking the host; the staging
+    buffer is rewritten only after the previous copy from it completed). ``rows``: SCALARS
+    entries, each a float (every member) or a sequence of ``count`` floats."""
+
+    def __init__(self, count, device):
+        self.count = count
+        self.table = torch.empty((SCALARS, count), dtype=torch.float32, device=device)
+        self.staging = torch.empty((SCALARS, count), dtype=torch.float32, pin_memory=True) \
+            if device.type == "cuda" else None
+        self.event = None
+
+    def fill(self, rows) -> torch.Tensor:
+        if len(rows) != SCALARS:
+            raise ValueError(f"rows must have {SCALARS} entries ({ROWS}), got {len(rows)}")
+        target = self.table if self.staging is None else self.staging
+        if self.event is not None:
+            self.event.synchronize()              # the previous step's copy, long done
+        if all(isinstance(r, (int, float)) for r in rows):
+            target.numpy()[...] = np.asarray(rows, dtype=np.float32)[:, None]
+        else:
+            target.numpy()[...] = [[float(r)] * self.count if isinstance(r, (int, float))
+                                   else r for r in rows]
+        if self.staging is not None:
+            self.table.copy_(self.staging, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return self.table
+
 
 class GroupedAdapmStep:
     """The Triton launches of one class's steady step, the fixed lists checked and addressed
@@ -361,48 +391,78 @@ class GroupedAdapmStep:
                                                        for _, lst in lists], self.device)
         self.lists = dict(lists)
         self.Ws, self.Vs = Ws, Vs
+        V0, W0 = vlist[0], Ws[0]
+        self.wstrides = (W0.stride(0), W0.stride(1))
+        if self.lowrank:
+            R0, Y0, L0 = Rs[0], Rgs[0], Ls[0]
+            self.rstrides = (R0.stride(0), R0.stride(1), Y0.stride(0), Y0.stride(1))
+            self.lvstrides = (L0.stride(0), L0.stride(1), V0.stride(0), V0.stride(-1))
+        else:
+            M0 = self.lists["Ms"][0]
+            self.lvstrides = (M0.stride(0), M0.stride(-1), V0.stride(0), V0.stride(-1))
+        self._settings = {}
+        self.scalars = ScalarTable(self.count, self.device)
+        self._gptrs, self._goffs = None, None
 
-    def __call__(self, Gs, rows, *, precision="ieee", skip=None, key=None):
+    def _launches(self, precision):
+        """The per-precision launch settings (resolved at the first call with ``precision``)."""
+        device, m, n, count = self.device, self.m, self.n, self.count
+        interp = interpreting()
+        out = {}
+        if self.lowrank:
+            rank = self.rank
+            bm, bn = elementwise_tiles(B_BLOCK_M, B_BLOCK_N)
+            out["right"] = ((cdiv(rank, bm), cdiv(n, bn), count), dict(
+                INTERPRET=interp, ALIGNED=self.raligned, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=B_WARPS)) if rank * n else None
+            cfg = choose_config(m, n, rank, config_mode(precision, device))
+            out["update"] = ((cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), count), dict(
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                DOT_MODE=dot_mode(precision, device), V_BLOCKS=self.blocks, INTERPRET=interp,
+                ALIGNED=self.aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        else:
+            bm, bn = elementwise_tiles(DENSE_BLOCK_M, DENSE_BLOCK_N)
+            out["update"] = ((cdiv(m, bm), cdiv(n, bn), count), dict(
+                BLOCK_M=bm, BLOCK_N=bn, HAS_M=self.Ms is not None, V_BLOCKS=self.blocks,
+                INTERPRET=interp, ALIGNED=self.aligned, num_warps=DENSE_WARPS))
+        self._settings[precision] = out
+        return out
+
+    def __call__(self, Gs, rows, *, precision="ieee", skip=None):
         device = self.device
-        skip = skip_flag(skip, device)
+        if skip is None:
+            skip = skip_flag(None, device)
         G0 = Gs[0]
-        goffs, galigned = offsets_table([element_offsets("Gs", Gs)], [G0.element_size()],
+        ptrs = list(map(torch.Tensor.data_ptr, Gs))
+        if ptrs != self._gptrs:           # the gradients moved: their offsets again
+            self._goffs = offsets_table([element_offsets("Gs", Gs)], [G0.element_size()],
                                         device)
-        scal = scalar_table(rows, device, key=key)
+            self._gptrs = ptrs
+        goffs, galigned = self._goffs
+        scal = self.scalars.fill(rows)
+        launch = self._settings.get(precision) or self._launches(precision)
         m, n, count = self.m, self.n, self.count
         if self.blocks:
             self.means(Gs, goffs, galigned, scal, skip)
-        V0 = self.vlist[0]
-        W0 = self.Ws[0]
+        V0, W0 = self.vlist[0], self.Ws[0]
+        grid, kw = launch["update"]
         if self.lowrank:
-            rank = self.rank
-            R0, Y0, B0 = self.Rs[0], self.Rgs[0], self.Bs[0]
-            if rank * n:
-                bm, bn = elementwise_tiles(B_BLOCK_M, B_BLOCK_N)
-                _g_right_operand_kernel[(cdiv(rank, bm), cdiv(n, bn), count)](
-                    R0, Y0, B0, self.roffs, scal, skip, count, rank, n, R0.stride(0),
-                    R0.stride(1), Y0.stride(0), Y0.stride(1), INTERPRET=interpreting(),
-                    ALIGNED=self.raligned, BLOCK_M=bm, BLOCK_N=bn, num_warps=B_WARPS)
-            mode = dot_mode(precision, device)
-            cfg = choose_config(m, n, rank, config_mode(precision, device))
-            L0 = self.Ls[0]
-            _g_adapm_update_kernel[(cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), count)](
-                W0, G0, L0, B0, V0, self.offs, goffs, scal, skip, count, m, n, rank, self.rpb,
-                W0.stride(0), W0.stride(1), G0.stride(0), G0.stride(1), L0.stride(0),
-                L0.stride(1), V0.stride(0), V0.stride(-1),
-                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
-                V_BLOCKS=self.blocks, INTERPRET=interpreting(), ALIGNED=self.aligned,
-                G_ALIGNED=galigned, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            R0, Y0, B0, L0 = self.Rs[0], self.Rgs[0], self.Bs[0], self.Ls[0]
+            if launch["right"] is not None:
+                rgrid, rkw = launch["right"]
+                _g_right_operand_kernel[rgrid](
+                    R0, Y0, B0, self.roffs, scal, skip, count, self.rank, n, *self.rstrides,
+                    **rkw)
+            _g_adapm_update_kernel[grid](
+                W0, G0, L0, B0, V0, self.offs, goffs, scal, skip, count, m, n, self.rank,
+                self.rpb, *self.wstrides, G0.stride(0), G0.stride(1), *self.lvstrides,
+                G_ALIGNED=galigned, **kw)
         else:
             M0 = self.lists["Ms"][0]
-            bm, bn = elementwise_tiles(DENSE_BLOCK_M, DENSE_BLOCK_N)
-            _g_adapm_dense_update_kernel[(cdiv(m, bm), cdiv(n, bn), count)](
+            _g_adapm_dense_update_kernel[grid](
                 W0, G0, M0, V0, self.offs, goffs, scal, skip, count, m, n, self.rpb,
-                W0.stride(0), W0.stride(1), G0.stride(0), G0.stride(1), M0.stride(0),
-                M0.stride(-1), V0.stride(0), V0.stride(-1),
-                BLOCK_M=bm, BLOCK_N=bn, HAS_M=self.Ms is not None, V_BLOCKS=self.blocks,
-                INTERPRET=interpreting(), ALIGNED=self.aligned, G_ALIGNED=galigned,
-                num_warps=DENSE_WARPS)
+                *self.wstrides, G0.stride(0), G0.stride(1), *self.lvstrides,
+                G_ALIGNED=galigned, **kw)
 
 
 # --------------------------------------------------------------------------------------------

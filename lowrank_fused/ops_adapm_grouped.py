@@ -24,7 +24,8 @@ SCALARS = len(ROWS)
 
 def adapm_rows(count, **scalars):
     """The scalar table (``len(ROWS)`` lists of ``count`` floats) from keyword scalars, each a
-    float (every member) or a sequence of ``count``; missing rows are 0."""
+    float (every member) or a sequence of ``count``; missing rows are 0. (A bound call also
+    takes a row as one float for every member.)"""
     unknown = set(scalars) - set(ROWS)
     if unknown:
         raise ValueError(f"unknown scalars {sorted(unknown)}; the rows are {ROWS}")
@@ -122,6 +123,8 @@ class BoundAdapmClass:
         self.backend = choose_backend(backend, device, (op,))
         self.count, self.device = count, device
         self.layout = (W0.shape, Gs[0].stride(), W0.dtype, device)
+        self.strides, self.shapes = [Gs[0].stride()] * count, [W0.shape] * count
+        self.dtypes, self.devices = [W0.dtype] * count, [device] * count
         self.lists = dict(Ws=Ws, Vs=Vs, Ls=Ls, Rs=Rs, Rgs=Rgs, Ms=Ms)
         self.impl = None
         if self.backend == "triton" and m * n:
@@ -136,21 +139,24 @@ class BoundAdapmClass:
                     raise ValueError("Bs must be contiguous")
             self.impl = GroupedAdapmStep(Ws, Vs, Ls=Ls, Rs=Rs, Rgs=Rgs, Bs=Bs, Ms=Ms, Gs=Gs)
 
-    def __call__(self, Gs, rows, *, precision="ieee", skip=None, key=None):
+    def __call__(self, Gs, rows, *, precision="ieee", skip=None):
         """One step: ``Gs`` this step's gradients (the bound layout), ``rows`` the scalar
-        table, ``skip`` the on-device flag (None: never skip)."""
+        table (``ROWS`` entries, each a float for every member or one float per member),
+        ``skip`` the on-device flag (None: never skip)."""
         shape, stride, dtype, device = self.layout
-        if len(Gs) != self.count or not all(G.shape == shape and G.stride() == stride and
-                                            G.dtype == dtype and G.device == device
-                                            for G in Gs):
+        if len(Gs) != self.count or list(map(torch.Tensor.stride, Gs)) != self.strides or \
+                list(map(torch.Tensor.size, Gs)) != self.shapes or \
+                [G.dtype for G in Gs] != self.dtypes or [G.device for G in Gs] != self.devices:
             if len(Gs) != self.count:
                 raise ValueError(f"Gs has {len(Gs)} tensors for a class of {self.count}")
             _check_list("Gs", Gs, shape, device, dtype)
             raise ValueError(f"Gs must have the bound gradients' strides {stride}")
+        if len(rows) != SCALARS:
+            raise ValueError(f"rows must have {SCALARS} entries ({ROWS}), got {len(rows)}")
         if skip is not None:
             ops._check_skip(skip, device)
         if self.impl is not None:
-            self.impl(Gs, rows, precision=precision, skip=skip, key=key)
+            self.impl(Gs, rows, precision=precision, skip=skip)
         elif self.backend == "triton":      # empty matrices: nothing to write
             return
         else:

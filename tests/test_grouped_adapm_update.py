@@ -26,7 +26,7 @@ def scalars(count, clip, t0=3):
         t = t0 + b
         c1, c2 = 1 - b1 ** t, 1 - b2 ** t
         e_coef = 1.0 / (1 - b1)
-        for name, v in (("beta1", b1), ("one_minus_beta1", 1 - b1), ("c1", c1), ("s_coef", 1.0 / c1), ("e_coef", e_coef),
+        for name, v in (("beta1", b1), ("c1", c1), ("s_coef", 1.0 / c1), ("e_coef", e_coef),
                         ("coef_g", e_coef * (1 - b1)), ("v_keep", b2), ("v_add", 1 - b2),
                         ("eps", 1e-8), ("c2", c2), ("sqrt_c2", math.sqrt(c2)),
                         ("lr", 0.05 * (b + 1)), ("pre_scale", 1 - 0.01 * b),

@@ -34,11 +34,9 @@ def _llama(cls_name, engine, backend, dtype, faithful, steps=STEPS, **kw):
     return net, opt
 
 
-CASES = [("adapm", "triton", torch.float32, False), ("adapm_mini", "triton", torch.float32,
-                                                      False),
-         ("adapm_mini", "triton", torch.bfloat16, True), ("adapm", "reference", torch.bfloat16,
-                                                          False),
-         ("adapm_mini", "reference", torch.float32, False)]
+CASES = [("adapm", "triton", torch.float32, False),
+         ("adapm_mini", "triton", torch.bfloat16, True),
+         ("adapm", "reference", torch.bfloat16, False)]
 
 
 @pytest.mark.parametrize("method,backend,dtype,faithful", CASES,
@@ -56,7 +54,7 @@ def test_engine_equals_per_parameter_step(method, backend, dtype, faithful):
                            model(dtype=dtype).model.layers[0].mlp.up_proj.weight)
 
 
-@pytest.mark.parametrize("cls", [AdaPM, AdaPMMini], ids=["AdaPM", "AdaPM-mini"])
+@pytest.mark.parametrize("cls", [AdaPMMini], ids=["AdaPM-mini"])
 def test_engine_equals_per_parameter_step_gpt2_conv1d(cls):
     """Transposed (Conv1D) low-rank and no-momentum blocks, the no-momentum ``adagrad`` mode,
     ``clip_mode="none"`` and a tied embedding by classes; the fused QKV per parameter."""
@@ -104,8 +102,8 @@ def test_steady_steps_run_by_classes_and_refits_per_parameter(monkeypatch):
     assert lowrank and {id(p) for p in stepped} == lowrank
 
 
-def _steady(nonfinite="raise"):
-    net, opt = _llama("adapm_mini", True, "triton", torch.float32, False, steps=2,
+def _steady(nonfinite="raise", backend="triton"):
+    net, opt = _llama("adapm_mini", True, backend, torch.float32, False, steps=2,
                       nonfinite=nonfinite)
     for g in opt.param_groups:
         g["refit_T"] = 100                         # no refit in the steps below
@@ -113,9 +111,10 @@ def _steady(nonfinite="raise"):
     return net, opt
 
 
-@pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj", "input_layernorm"])
-def test_device_skip_without_host_read(where):
-    net, opt = _steady(nonfinite="skip")
+@pytest.mark.parametrize("where,backend", [("mlp.up_proj", "triton"),
+                                           ("input_layernorm", "reference")])
+def test_device_skip_without_host_read(where, backend):
+    net, opt = _steady(nonfinite="skip", backend=backend)
     opt.lagged_nonfinite = True
     before = snapshot(net, opt)
     backward(net, 2)
@@ -132,7 +131,7 @@ def test_device_skip_without_host_read(where):
     opt.zero_grad(set_to_none=False)
     backward(net, 3)
     opt.step()
-    ref_net, ref = _steady(nonfinite="skip")
+    ref_net, ref = _steady(nonfinite="skip", backend=backend)
     backward(ref_net, 3)
     ref.step()
     assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"{where}: after the skip")
@@ -159,7 +158,7 @@ def test_device_skip_raises_at_the_next_step_naming_parameter_and_step():
 
 
 def test_refit_step_reads_the_flag_at_once():
-    net, opt = _steady(nonfinite="skip")
+    net, opt = _steady(nonfinite="skip", backend="reference")
     for g in opt.param_groups:
         g["refit_T"] = 2                           # the next step (t = 3) refits
     opt.lagged_nonfinite = True

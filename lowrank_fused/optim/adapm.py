@@ -194,9 +194,21 @@ class AdaPM(LowRankOptimizer):
             raise ValueError(f"qkv_sizes must be None or three ints >= 1, got {sizes!r}")
 
     def _check_group(self, group):
+        # every step validates every group: a group whose settings and parameter shapes are
+        # those it last passed with is not checked again (the checks depend on nothing else;
+        # a tensor setting, e.g. a scheduler's lr, is checked every time)
+        settings = {k: (tuple(v) if isinstance(v, list) else v) for k, v in group.items()
+                    if k != "params"}        # a copy: a list changed in place is seen
+        shapes = [p.shape for p in group["params"]]
+        cacheable = not any(isinstance(v, torch.Tensor) for v in settings.values())
+        passed = self.__dict__.setdefault("_checked_groups", {})
+        if cacheable and passed.get(id(group)) == (settings, shapes):
+            return
         self._check_hyper(group)
         for p in group["params"]:
             self._plan(p, group)          # raises ValueError on shape / layout mismatches
+        if cacheable:
+            passed[id(group)] = (settings, shapes)
 
     def add_param_group(self, param_group):
         # validate a merged copy first, so a bad group is never appended
@@ -417,9 +429,15 @@ class AdaPM(LowRankOptimizer):
     def _refresh_pending(self, plan) -> bool:
         """A routed parameter without state (its first step initialises L from the gradient)
         or a low-rank block that refits on this step: the non-finite flag is read at once."""
-        for _, group, route, state in plan.routed:
-            if not state or (route.kind == "lowrank"
-                             and state["step"] % group["refit_T"] == 0):
+        routed = plan.routed
+        if self.__dict__.get("_states_made") is not routed:
+            return True                   # some parameter may have no state yet
+        watch = self.__dict__.get("_refit_watch")
+        if watch is None or watch[0] is not routed:
+            watch = self._refit_watch = (routed, [(st, g) for _, g, r, st in routed
+                                                  if r.kind == "lowrank"])
+        for state, group in watch[1]:
+            if state["step"] % group["refit_T"] == 0:
                 return True
         return False
 
@@ -427,6 +445,8 @@ class AdaPM(LowRankOptimizer):
         """The state of routed parameters that have none yet, as the per-parameter step makes
         it (a low-rank block's L from the seeded sketch of its gradient); True when any was
         made (the classes are then rebuilt). Refits run in the class step."""
+        if self.__dict__.get("_states_made") is routed:
+            return False                  # every parameter of this plan has its state
         made = False
         for p, group, route, state in routed:
             if state:
@@ -450,6 +470,7 @@ class AdaPM(LowRankOptimizer):
             state["exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=p.device)
             state["step"] = 0
             made = True
+        self._states_made = routed
         return made
 
     @staticmethod
@@ -512,7 +533,12 @@ class AdaPM(LowRankOptimizer):
                 Ms = [st["exp_avg"] for st in states] if cls.route.kind == "full" else None
                 cls.extra["step"] = ops_adapm_grouped.BoundAdapmClass(
                     cls.Ws, Gs, Vs, Ms=Ms, backend=cls.backend)
-            cls.extra["key"] = ("adapm", cls.Ws[0].data_ptr(), len(states))
+            cls.extra["states"] = states
+            cls.extra["params"] = [m.p for m in cls.members]
+            cls.extra["plain"] = not cls.route.transposed and all(
+                m.p.dim() == 2 for m in cls.members)
+            groups = {id(m.group): m.group for m in cls.members}
+            cls.extra["group"] = next(iter(groups.values())) if len(groups) == 1 else None
         plan.classes = classes
         self._classes_stale = False
 
@@ -533,7 +559,7 @@ class AdaPM(LowRankOptimizer):
                 row = memo[k] = self._scalars(group, t, kind, decayed)
             per.append(row)
         if len(memo) == 1:
-            return [[x] * len(per) for x in per[0]]
+            return per[0]                 # one float per row: every member's
         return [list(col) for col in zip(*per)] if per else [[] for _ in ROWS]
 
     @staticmethod
@@ -563,36 +589,44 @@ class AdaPM(LowRankOptimizer):
         else:
             v_keep, v_add = float(beta2), 1.0 - beta2
         # ROWS: beta1, c1, s_coef, e_coef, coef_g, v_keep, v_add, eps, c2, sqrt_c2, lr,
-        # pre_scale, clip, one_minus_beta1
+        # pre_scale, clip
         return (float(beta1), c1, s_coef, e_coef, coef_g, v_keep, v_add, float(group["eps"]),
-                c2, math.sqrt(c2), lr, pre_scale, clip, 1.0 - float(beta1))
+                c2, math.sqrt(c2), lr, pre_scale, clip)
 
     def _class_step(self, cls, precision):
         """One class: a low-rank class's grouped K1 (Rg) and its two launches (right operand,
         fused GEMM + second moment + clip + update), a dense class's one launch (plus two for
         Adam-mini block means), all with the step's skip flag. A step on which a member of a
         low-rank class refits runs the class's members through the per-parameter step."""
-        members = cls.members
-        if cls.route.kind == "lowrank":
-            for m in members:
-                if m.state["step"] % m.group["refit_T"] == 0:
-                    for mm in members:
-                        self._step_param(mm.p, mm.group, cls.backend, precision)
-                    return
-        ts = [m.state["step"] + 1 for m in members]
-        rows = self._class_rows(cls, ts)
-        route = cls.route
-        if route.transposed:
-            Gs = [(m.p.grad if m.p.dim() == 2 else m.p.grad.view(route.shape)).t()
-                  for m in members]
-        else:
-            Gs = [m.p.grad if m.p.dim() == 2 else m.p.grad.view(route.shape) for m in members]
         ex = cls.extra
-        if route.kind == "lowrank":
+        states = ex["states"]
+        steps = [st["step"] for st in states]
+        if cls.route.kind == "lowrank" and any(
+                k % m.group["refit_T"] == 0 for k, m in zip(steps, cls.members)):
+            for m in cls.members:
+                self._step_param(m.p, m.group, cls.backend, precision)
+            return
+        group = ex["group"]
+        if group is not None and steps.count(steps[0]) == len(steps):   # one group, one step
+            t = steps[0] + 1
+            rows = self._scalars(group, t, cls.route.kind, cls.route.decayed)
+            ts = None
+        else:
+            ts = [k + 1 for k in steps]
+            rows = self._class_rows(cls, ts)
+        if ex["plain"]:
+            Gs = [p.grad for p in ex["params"]]
+        else:
+            Gs = [self._class_grad(p, cls.route) for p in ex["params"]]
+        if cls.route.kind == "lowrank":
             ex["k1"](Gs, precision=precision)
-        ex["step"](Gs, rows, precision=precision, skip=self._skip_flag, key=ex["key"])
-        for m, t in zip(members, ts):
-            m.state["step"] = t
+        ex["step"](Gs, rows, precision=precision, skip=self._skip_flag)
+        if ts is None:
+            for st in states:
+                st["step"] = t
+        else:
+            for st, t in zip(states, ts):
+                st["step"] = t
 
     # -- checkpoints ------------------------------------------------------------------------
     def load_state_dict(self, state_dict):

@@ -4,7 +4,8 @@ runs the single-matrix reference (``adapm_update_ref`` for low-rank blocks betwe
 ``adapm_dense_update_ref`` for full- and no-momentum blocks) with its own scalars, and with
 ``skip`` every tensor a member writes is put back (``reference/_skip.py``).
 
-The per-member scalars come as one table: ``rows[i][b]`` is scalar ``ROWS[i]`` of member b.
+The per-member scalars come as one table: ``rows[i][b]`` is scalar ``ROWS[i]`` of member b
+(or ``rows[i]``, one float, that of every member).
 ``clip`` is the clamp threshold (infinite: ``clip_mode="none"``); the RMS clip is not grouped.
 """
 import math
@@ -14,7 +15,7 @@ from lowrank_fused.reference.adapm_dense_update import adapm_dense_update_ref
 from lowrank_fused.reference.adapm_update import adapm_update_ref
 
 ROWS = ("beta1", "c1", "s_coef", "e_coef", "coef_g", "v_keep", "v_add", "eps", "c2",
-        "sqrt_c2", "lr", "pre_scale", "clip", "one_minus_beta1")
+        "sqrt_c2", "lr", "pre_scale", "clip")
 
 
 def _run(skip, outputs, op, *args, **kwargs):
@@ -31,7 +32,8 @@ def grouped_adapm_step_ref(Ws, Gs, Vs, rows, *, Ls=None, Rs=None, Rgs=None, Ms=N
     ``L^T @ G`` (fp32). Otherwise ``Ms`` (None: no momentum), ``Vs`` and ``Ws`` as
     ``adapm_dense_update_ref``."""
     for b in range(len(Ws)):
-        s = {name: row[b] for name, row in zip(ROWS, rows)}
+        s = {name: float(row) if isinstance(row, (int, float)) else row[b]
+             for name, row in zip(ROWS, rows)}
         clip = dict(clip_mode="none" if math.isinf(s["clip"]) else "elementwise",
                     clip_threshold=s["clip"])
         common = dict(v_keep=s["v_keep"], v_add=s["v_add"], eps=s["eps"], c2=s["c2"],
