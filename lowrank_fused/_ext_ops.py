@@ -526,6 +526,8 @@ _MULTI_CHECKS = {
 }
 
 
+_DTYPE = torch.Tensor.dtype.__get__
+
 # the rows of a scalar table (csrc/multi_tensor.h kMomentsColumns / kAdamWColumns)
 _TABLE_ROWS = {
     "adam_moments_multi": ("beta1", "1-beta1", "beta2", "1-beta2", "eps", "c1", "c2"),
@@ -556,6 +558,9 @@ class PackedMulti:
         self.stride = len(names)
         self.slot = names.index(dynamic) if dynamic is not None else None
         self.like = [(t.shape, t.dtype) for t in lists[dynamic]] if dynamic is not None else None
+        if dynamic is not None:          # the cheap check of a call's list (C loops)
+            self._like_lists = ([t.shape for t in lists[dynamic]],
+                                [t.dtype for t in lists[dynamic]])
         self.lists = lists
         self.written = [t for name in check["outputs"] for t in lists[name]
                         if not t.is_inference()]
@@ -567,15 +572,17 @@ class PackedMulti:
         tensors' device, instead of the ``scalars`` lists: the call's arguments are then the
         same at every step."""
         if self.slot is not None:
-            if len(dynamic) != self.count or not all(
-                    t.is_contiguous() and (t.shape, t.dtype) == like
-                    for t, like in zip(dynamic, self.like)):
+            shapes, dtypes = self._like_lists
+            if len(dynamic) != self.count or not (
+                    all(map(torch.Tensor.is_contiguous, dynamic))
+                    and list(map(torch.Tensor.size, dynamic)) == shapes
+                    and list(map(_DTYPE, dynamic)) == dtypes):
                 lists = dict(self.lists)
                 lists[self.names[self.slot]] = list(dynamic)
                 _check_multi(self.op, self.backend, lists, **_MULTI_CHECKS[self.op])
                 raise ValueError(f"{self.op}: {self.names[self.slot]} must have the dtypes of "
                                  f"the bound call's")
-            self.ptrs[self.slot::self.stride] = [t.data_ptr() for t in dynamic]
+            self.ptrs[self.slot::self.stride] = list(map(torch.Tensor.data_ptr, dynamic))
         kw = dict(scalars, skip=_skip_ptr(self.op, self.backend, skip, self.device), flag=0)
         if table is not None:
             rows = _TABLE_ROWS[self.op]

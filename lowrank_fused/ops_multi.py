@@ -177,6 +177,9 @@ def _bind(op, backend, device, lists: dict, dynamic=None):
     return run
 
 
+_DTYPE = torch.Tensor.dtype.__get__
+
+
 def _table_for(run, rows, count, device):
     """A per-step scalar table for a bound call that goes to the compiled extension (whose
     kernels then read their scalars from it: the same arguments every step), else None."""
@@ -264,6 +267,9 @@ class BoundAdamWStepMulti:
             raise ValueError("a bound call needs at least one tensor")
         self.eps_mode, self.wd_mode, self.correct_bias = eps_mode, wd_mode, bool(correct_bias)
         self.like = [(G.shape, G.dtype, G.device) for G in lists["Gs"]]
+        # the cheap check of a call: three list comparisons (C loops)
+        self._like_lists = ([G.shape for G in lists["Gs"]], [G.dtype for G in lists["Gs"]],
+                            [G.get_device() for G in lists["Gs"]])
         self.run = _bind("adamw_step_multi", backend, self.device, lists, dynamic="Gs")
         self.table = _table_for(self.run, 12, self.count, self.device)
 
@@ -287,7 +293,10 @@ class BoundAdamWStepMulti:
         if len(rows) != self.count or len(Gs) != self.count:
             raise ValueError(f"Gs and rows must hold one entry per tensor ({self.count}), got "
                              f"{len(Gs)} and {len(rows)}")
-        if not all((G.shape, G.dtype, G.device) == like for G, like in zip(Gs, self.like)):
+        shapes, dtypes, devices = self._like_lists
+        if not (list(map(torch.Tensor.size, Gs)) == shapes
+                and list(map(_DTYPE, Gs)) == dtypes
+                and list(map(torch.Tensor.get_device, Gs)) == devices):
             for i, (G, (shape, dtype, device)) in enumerate(zip(Gs, self.like)):
                 ops._check_float(f"Gs[{i}]", G)
                 if (G.shape, G.dtype, G.device) != (shape, dtype, device):
