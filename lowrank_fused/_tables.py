@@ -30,11 +30,12 @@ class StagedTable:
         self._event = None
 
     def fill(self, values) -> torch.Tensor:
-        """Write ``values`` (anything numpy assigns to a ``(rows, count)`` float32 array: a
-        list of rows, each a list of ``count`` numbers or one number) and return the table
-        (the same tensor every call)."""
+        """Write ``values`` (anything numpy assigns to a ``(rows, count)`` float32 array, or a
+        list of rows, each one number for every member or ``count`` numbers; each Python
+        float or float64 value is rounded once to the nearest fp32) and return the table (the
+        same tensor every call)."""
         if self.staging is None:
-            self._host[...] = values
+            self._write(values)
             return self.table
         from lowrank_fused import _capture
 
@@ -42,17 +43,25 @@ class StagedTable:
             done = _capture.last_replay_event()
             if done is not None:
                 done.synchronize()    # the previous replay's copy, long done
-            self._host[...] = values
+            self._write(values)
             return self.table
         capturing = torch.cuda.is_current_stream_capturing()
         if self._event is not None and not capturing:   # (a capture starts on an idle stream)
             self._event.synchronize()        # the previous step's copy, long done
-        self._host[...] = values
+        self._write(values)
         self.table.copy_(self.staging, non_blocking=True)
         if not capturing:
             self._event = torch.cuda.Event()
             self._event.record()
         return self.table
+
+    def _write(self, values):
+        if isinstance(values, (list, tuple)) and len(values) == self.shape[0]:
+            host = self._host
+            for i, row in enumerate(values):     # a number broadcasts along its row
+                host[i] = row
+        else:
+            self._host[...] = values
 
 
 def as_rows(columns) -> np.ndarray:

@@ -148,9 +148,9 @@ def _finite_scalars(count, **named):
     ``count``), all finite."""
     scalars = {name: _per_tensor(name, value, count) for name, value in named.items()}
     for name, values in scalars.items():
-        for i, x in enumerate(values):
-            if not math.isfinite(x):
-                raise ValueError(f"{name}[{i}] must be finite, got {x}")
+        if not all(map(math.isfinite, values)):
+            i, x = next((i, x) for i, x in enumerate(values) if not math.isfinite(x))
+            raise ValueError(f"{name}[{i}] must be finite, got {x}")
     return scalars
 
 

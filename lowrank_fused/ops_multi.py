@@ -65,14 +65,15 @@ def _check_lists(lists: dict):
 
 def _per_tensor(name, value, count):
     """One value per tensor from a scalar or a sequence of ``count`` values."""
-    if isinstance(value, (Real, torch.Tensor)) and not (
-            isinstance(value, torch.Tensor) and value.dim() > 0):
+    kind = type(value)
+    if kind is float or kind is int or (isinstance(value, (Real, torch.Tensor)) and not (
+            isinstance(value, torch.Tensor) and value.dim() > 0)):
         return [float(value)] * count
     vals = list(value)
     if len(vals) != count:
         raise ValueError(f"{name} must be a number or hold one value per tensor ({count}), "
                          f"got {len(vals)} values")
-    return [float(v) for v in vals]
+    return list(map(float, vals))
 
 
 def _per_tensor_step(step, count):
@@ -243,10 +244,12 @@ class BoundAdamMomentsMulti:
         if skip is not None:
             ops._check_skip(skip, self.device)
         if self.table is not None:        # the scalars from a table at a fixed address
-            b1, b2, eps, c1, c2 = (np.asarray(c, dtype=np.float64) for c in cols)
-            values = np.stack(np.broadcast_arrays(b1, 1.0 - b1, b2, 1.0 - b2, eps, c1, c2))
-            self.run(None, table=self.table.fill(values.astype(np.float32)), norms=norms,
-                     skip=skip)
+            if isinstance(rows, tuple):   # one value per row, rounded once to fp32
+                b1, b2, eps, c1, c2 = one
+            else:
+                b1, b2, eps, c1, c2 = (np.asarray(c, dtype=np.float64) for c in cols)
+            self.run(None, table=self.table.fill([b1, 1.0 - b1, b2, 1.0 - b2, eps, c1, c2]),
+                     norms=norms, skip=skip)
             return
         b1, b2, eps, c1, c2 = cols
         self.run(None, beta1=b1, beta2=b2, eps=eps, c1=c1, c2=c2, norms=norms, skip=skip)
@@ -307,9 +310,9 @@ class BoundAdamWStepMulti:
             ops._check_skip(skip, self.device)
         if self.table is not None:        # the scalars from a table at a fixed address
             lr, b1, b2, eps, c1, c2, pre, post = (np.asarray(c, dtype=np.float64) for c in cols)
-            values = np.stack((lr, b1, 1.0 - b1, b2, 1.0 - b2, eps, c1, c2, pre, post,
-                               pre != 1.0, post != 0.0)).astype(np.float32)
-            self.run(Gs, table=self.table.fill(values), skip=skip)
+            self.run(Gs, table=self.table.fill([lr, b1, 1.0 - b1, b2, 1.0 - b2, eps, c1, c2,
+                                                pre, post, pre != 1.0, post != 0.0]),
+                     skip=skip)
             return
         self.run(Gs, lr=cols[0], beta1=cols[1], beta2=cols[2], eps=cols[3], c1=cols[4],
                  c2=cols[5], pre_scale=cols[6], post_decay=cols[7], skip=skip)
