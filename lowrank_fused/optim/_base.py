@@ -57,6 +57,10 @@ def _dtensor_type():
     return DTensor
 
 
+_DTYPE = torch.Tensor.dtype.__get__
+_LAYOUT = torch.Tensor.layout.__get__
+
+
 def is_sharded(t) -> bool:
     """True for a DTensor (an FSDP2 ``fully_shard`` parameter or gradient)."""
     cls = _dtensor_type()
@@ -556,14 +560,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if known is not None and known[0] == key:
             _, shapes, dtypes, devices, dense = known
             if (list(map(torch.Tensor.size, grads)) == shapes
-                    and [g.dtype for g in grads] == dtypes
-                    and [g.layout for g in grads] == dense
-                    and [g.device for g in grads] == devices):
+                    and list(map(_DTYPE, grads)) == dtypes
+                    and list(map(_LAYOUT, grads)) == dense
+                    and list(map(torch.Tensor.get_device, grads)) == devices):
                 return
         for p in params:
             self._check_grad(p)
         self._grad_layouts = (key, [p.shape for p in params], [p.dtype for p in params],
-                              [p.device for p in params], [torch.strided] * len(params))
+                              [p.get_device() for p in params], [torch.strided] * len(params))
 
     # -- non-finite gradients without a host read (docs/engine.md) --------------------------
     # A method whose every state-writing op of a steady step takes the on-device ``skip``
