@@ -353,9 +353,35 @@ class _SubspaceAdamW(GaLoreAdamW):
                 replaced = True
         return replaced
 
+    def _routed_by_group(self, plan):
+        """``[(group, [state, ...]), ...]``: the routed members' states per group (cached
+        while the plan's routes live), so a steady step checks what is due from the distinct
+        counters of a group instead of one call per matrix."""
+        cache = self.__dict__.get("_by_group")
+        if cache is None or cache[0] is not plan.routed:
+            by = {}
+            for _, group, _, st in plan.routed:
+                by.setdefault(id(group), (group, []))[1].append(st)
+            cache = self._by_group = (plan.routed, list(by.values()))
+        return cache[1]
+
+    def _gap_due(self, plan) -> bool:
+        """``_refresh_basis_due`` for any routed member: no basis yet, or a counter (before
+        the increment) divisible by the group's ``update_proj_gap``."""
+        for group, states in self._routed_by_group(plan):
+            steps = {st.get("step") if "ortho" in st else None for st in states}
+            if None in steps:
+                return True
+            gap = group["update_proj_gap"]
+            if any(k % gap == 0 for k in steps):
+                return True
+        return False
+
     def _refresh_pending(self, plan) -> bool:
         """Whether a member's basis update (an SVD or a drawn basis, or the first basis) is
         due on this step: the non-finite flag is then read at once."""
+        if self._basis_due == self._refresh_basis_due:
+            return self._gap_due(plan)
         due = self._basis_due
         return any(due(group, st) for _, group, _, st in plan.routed)
 
@@ -690,14 +716,10 @@ class AdaptiveAdamW(_SubspaceAdamW):
     def _refresh_pending(self, plan) -> bool:
         """A group's joint refresh (its ``pool_step``, before the increment) or a missing
         basis."""
-        seen = set()
-        for _, group, _, st in plan.routed:
-            if "ortho" not in st:
+        for group, states in self._routed_by_group(plan):
+            if group["pool_step"] % group["update_proj_gap"] == 0 or \
+                    not all("ortho" in st for st in states):
                 return True
-            if id(group) not in seen:
-                seen.add(id(group))
-                if group["pool_step"] % group["update_proj_gap"] == 0:
-                    return True
         return False
 
     def nonfinite_check(self):
@@ -949,19 +971,25 @@ class _GHABatch:
     (``reference/gha_update.py`` and ``reference/moment_transport.py`` per matrix). A zero or
     non-finite gradient keeps P (the moments still move by ``C = P^T P``, as the per-matrix
     ops do). With the step's on-device ``skip`` flag set, P, M and V keep their bits.
-    Buffers (fp32, held while the batch lives): the old bases, Y^T, colsum(G^2), G Y."""
+    Buffers (fp32): the old bases, Y^T, colsum(G^2), G Y; on the engine they are views of
+    its shared workspace (``workspace``: dead between the class's steps, and the update ends
+    before the class's K1 writes its R there), else allocated for the call."""
 
-    def __init__(self, Gs, Ps, Ms, Vs, backend, bound):
+    def __init__(self, Gs, Ps, Ms, Vs, backend, bound, workspace=None):
         count = len(Ps)
         m, r = Ps[0].shape
         n = Gs[0].shape[1]
         dev = Ps[0].device
         self.Ps, self.Ms, self.Vs = list(Ps), list(Ms), list(Vs)
         self.dtype = Ps[0].dtype
-        self.pf = torch.empty((count, m, r), dtype=torch.float32, device=dev)
-        self.Y = torch.empty((count, r, n), dtype=torch.float32, device=dev)     # Y^T
-        self.cs = torch.empty((count, n), dtype=torch.float32, device=dev)
-        self.GY = torch.empty((count, m, r), dtype=torch.float32, device=dev)
+        shapes = ((count, m, r), (count, r, n), (count, n), (count, m, r))
+        sizes = [math.prod(sh) for sh in shapes]
+        if workspace is not None:
+            flat = workspace.views(torch.float32, dev, (sum(sizes),), 1)[0]
+        else:
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
+        self.pf, self.Y, self.cs, self.GY = (
+            part.view(sh) for part, sh in zip(flat.split(sizes), shapes))   # Y is Y^T
         self.pfs = list(self.pf.unbind(0))
         Ys, GYs = list(self.Y.unbind(0)), list(self.GY.unbind(0))
         if bound:          # the engine: checked and resolved once per plan
@@ -976,7 +1004,10 @@ class _GHABatch:
 
     def __call__(self, Gs, eta, sign_canon, skip=None):
         pf, Y = self.pf, self.Y
-        torch._foreach_copy_(self.pfs, self.Ps)
+        if self.dtype == torch.float32:       # one op (a multi-tensor copy is one per member)
+            torch.stack(self.Ps, out=pf)
+        else:
+            pf.copy_(torch.stack(self.Ps))
         self.k1a(Gs, sumsq=self.cs)
         self.k1b(Gs)
         g2 = self.cs.sum(dim=1).view(-1, 1, 1)
@@ -1078,7 +1109,7 @@ class GHAAdamW(_SubspaceAdamW):
             [_canon(side, G) for G in self._class_grads(cls)], [_canon(side, P) for P in cls.Ps],
             [_canon(side, m.state["exp_avg"]) for m in cls.members],
             [_canon(side, m.state["exp_avg_sq"]) for m in cls.members], cls.backend,
-            bound=True)
+            bound=True, workspace=self.__dict__.get("_workspace"))
         etas = per_member([m.group for m in cls.members], lambda g: float(g["eta"]))
         cls.extra["eta"] = etas[0] if all(e == etas[0] for e in etas) else None
 
@@ -1246,16 +1277,19 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     def _refresh_pending(self, plan) -> bool:
         """A basis refresh or a recompute of the factor's inverse root (``eigh``, which reads
         ``trace(F)`` on the host) is due."""
-        for _, group, _, st in plan.routed:
-            if self._basis_due(group, st) or not st["kfac_root_valid"] or \
-                    st["step"] % group["kfac_update_freq"] == 0:
+        if self._gap_due(plan):
+            return True
+        for group, states in self._routed_by_group(plan):
+            freq = group["kfac_update_freq"]
+            if any(k % freq == 0 for k in {st["step"] for st in states}) or \
+                    not all(st["kfac_root_valid"] for st in states):
                 return True
         return False
 
     def _class_middle(self, cls, Rs, groups, ts, one=None):
         impl, side = cls.extra["kfac"], cls.route.side
         skip = self._skip_flag
-        if not self._kfac_class(cls, groups, ts, skip):
+        if not self._kfac_class(cls, groups, ts, skip, one):
             self._kfac_members(cls, Rs, ts, impl, side, skip)
         sumsq = cls.extra.get("class_sumsq")
         if sumsq is not None:
@@ -1264,7 +1298,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             return [float(one["lr"])] * len(ts)
         return per_member(groups, lambda g: float(g["lr"]))
 
-    def _kfac_class(self, cls, groups, ts, skip) -> bool:
+    def _kfac_class(self, cls, groups, ts, skip, one=None) -> bool:
         """The whitening of the whole class in one ``grouped_kfac_precondition`` call, when
         the class has it, its members share the hyper-parameters and the step, and no
         member recomputes its root on this step; False: the caller runs it per member."""
@@ -1272,12 +1306,17 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         if found is None:
             return False
         t = ts[0]
-        hyper = per_member(groups, lambda g: (tuple(g["betas"]), g["correct_bias"],
-                                              g["kfac_update_freq"]))
-        (beta1, beta2), bias, freq = hyper[0]
-        if (any(h != hyper[0] for h in hyper) or any(x != t for x in ts)
-                or (t - 1) % freq == 0
-                or not all(m.state["kfac_root_valid"] for m in cls.members)):
+        if one is not None:
+            (beta1, beta2), bias, freq = one["betas"], one["correct_bias"], \
+                one["kfac_update_freq"]
+        else:
+            hyper = per_member(groups, lambda g: (tuple(g["betas"]), g["correct_bias"],
+                                                  g["kfac_update_freq"]))
+            (beta1, beta2), bias, freq = hyper[0]
+            if any(h != hyper[0] for h in hyper) or ts.count(t) != len(ts):
+                return False
+        if (t - 1) % freq == 0 or not all(st["kfac_root_valid"]
+                                          for st in cls.extra["states"]):
             return False
         c1, c2 = ops.bias_corrections(beta1, beta2, t) if bias else (1.0, 1.0)
         grouped, Rs, Ms, Fs, roots, Ns = found
