@@ -223,10 +223,14 @@ class GroupedAdamemMiddle:
             from lowrank_fused.ops import _check_skip
 
             _check_skip(skip, self.device)
-        table = [[float(s[0]) for s in scalars], [1.0 - float(s[0]) for s in scalars],
-                 [float(s[3]) for s in scalars], [float(s[4]) for s in scalars],
-                 [float(s[1]) for s in scalars], [1.0 - float(s[1]) for s in scalars],
-                 [float(s[2]) for s in scalars], [float(s[5]) for s in scalars]]
+        if scalars.count(scalars[0]) == len(scalars):     # one set for every member
+            b1, b2, eps, eps1, c1, c2 = (float(x) for x in scalars[0])
+            table = [[x] * self.count for x in (b1, 1.0 - b1, eps1, c1, b2, 1.0 - b2, eps, c2)]
+        else:
+            table = [[float(s[0]) for s in scalars], [1.0 - float(s[0]) for s in scalars],
+                     [float(s[3]) for s in scalars], [float(s[4]) for s in scalars],
+                     [float(s[1]) for s in scalars], [1.0 - float(s[1]) for s in scalars],
+                     [float(s[2]) for s in scalars], [float(s[5]) for s in scalars]]
         Rs, Ms, rows, cols, Ns, c_os, css, sumsq = self.lists
         scal = scalar_table(table, self.device, key=("adamem_middle", self.scratch.data_ptr()))
         r, n, count = self.r, self.n, self.count

@@ -24,6 +24,8 @@ from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, s
     to_storage
 from ._grouped import element_offsets, member_ptr, offsets_table, scalar_table
 
+_DTYPE = torch.Tensor.dtype.__get__
+
 SCALARS = ("lr", "beta2", "one_minus_beta2", "eps1", "eps", "c2", "pre_scale", "post_decay")
 
 
@@ -97,7 +99,8 @@ class GroupedAdamemVectorStep:
         self.offs, self.aligned = offsets_table(
             [self._w_offs, element_offsets("Gs", Gs), self._v_offs],
             (self.Ws[0].element_size(), Gs[0].element_size(), 4), self.device)
-        self._g_ptrs = tuple((G.data_ptr(), G.dtype, G.shape) for G in Gs)
+        self._g_ptrs = (tuple(map(torch.Tensor.data_ptr, Gs)), list(map(torch.Tensor.size, Gs)),
+                        list(map(_DTYPE, Gs)))
 
     def __call__(self, Gs, rows, skip=None):
         if len(Gs) != self.count or len(rows) != self.count:
@@ -107,7 +110,8 @@ class GroupedAdamemVectorStep:
             from lowrank_fused.ops import _check_skip
 
             _check_skip(skip, self.device)
-        ptrs = tuple((G.data_ptr(), G.dtype, G.shape) for G in Gs)
+        ptrs = (tuple(map(torch.Tensor.data_ptr, Gs)), list(map(torch.Tensor.size, Gs)),
+                list(map(_DTYPE, Gs)))                  # the last call's tensors?
         if ptrs != self._g_ptrs:          # other gradient tensors: checked and addressed
             for i, G in enumerate(Gs):
                 if (G.numel() != self.numel or (G.dtype, G.device) != self.g_like
@@ -117,10 +121,14 @@ class GroupedAdamemVectorStep:
             self._bind_grads(Gs)
         if self.numel == 0:
             return
-        table = [[float(r[0]) for r in rows], [float(r[1]) for r in rows],
-                 [1.0 - float(r[1]) for r in rows], [float(r[2]) for r in rows],
-                 [float(r[3]) for r in rows], [float(r[4]) for r in rows],
-                 [float(r[5]) for r in rows], [float(r[6]) for r in rows]]
+        if rows.count(rows[0]) == self.count:            # one set for every member
+            lr, b2, eps1, eps, c2, pre, post = (float(x) for x in rows[0])
+            table = [[x] * self.count for x in (lr, b2, 1.0 - b2, eps1, eps, c2, pre, post)]
+        else:
+            table = [[float(r[0]) for r in rows], [float(r[1]) for r in rows],
+                     [1.0 - float(r[1]) for r in rows], [float(r[2]) for r in rows],
+                     [float(r[3]) for r in rows], [float(r[4]) for r in rows],
+                     [float(r[5]) for r in rows], [float(r[6]) for r in rows]]
         scal = scalar_table(table, self.device, key=("adamem_vectors", self.Vs[0].data_ptr()))
         _g_vec_kernel[(cdiv(self.numel, ELEMENTWISE_BLOCK), self.count)](
             self.Ws[0], Gs[0], self.Vs[0], self.offs, scal, skip_flag(skip, self.device),

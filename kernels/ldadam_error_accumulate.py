@@ -23,6 +23,8 @@ from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, s
     to_storage
 from ._grouped import element_offsets, member_ptr, offsets_table
 
+_DTYPE = torch.Tensor.dtype.__get__
+
 
 @triton.jit
 def _error_accumulate_kernel(
@@ -112,7 +114,8 @@ class BoundErrorAccumulate:
         self._g_ptrs = None
 
     def __call__(self, Gs, *, skip=None):
-        ptrs = tuple((G.data_ptr(), G.dtype, G.shape) for G in Gs)   # the last call's tensors?
+        ptrs = (tuple(map(torch.Tensor.data_ptr, Gs)), list(map(torch.Tensor.size, Gs)),
+                list(map(_DTYPE, Gs)))                  # the last call's tensors?
         if ptrs != self._g_ptrs:
             Gs = list(Gs)
             _check(self.Es, Gs)

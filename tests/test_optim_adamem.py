@@ -834,3 +834,44 @@ def test_engine_grouped_middle_spans_several_tiles():
         for key, v in opt_a.state[p].items():
             assert torch.equal(v, opt_b.state[q][key]) if torch.is_tensor(v) else \
                 v == opt_b.state[q][key], key
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_engine_class_of_several_groups_and_counters(backend):
+    """A class whose members come from two groups (other lr, weight decay, beta2) and whose
+    counters differ (a matrix and a vector with no gradient on the first steps): per-member
+    scalars in the grouped middle, the combined update and the vector set, bit for bit the
+    per-matrix step."""
+    from lowrank_fused.dispatch import available
+
+    if not available(backend, "cpu"):
+        pytest.skip(f"{backend} unavailable here")
+    runs = []
+    for engine in (False, True):
+        g = torch.Generator().manual_seed(5)
+        mats = [torch.nn.Parameter(torch.randn(12, 20, generator=g)) for _ in range(3)]
+        vecs = [torch.nn.Parameter(torch.randn(7, generator=g)) for _ in range(3)]
+        opt = AdaMeM([dict(params=mats[:2], rank=3), dict(params=vecs[:2]),
+                      dict(params=mats[2:], rank=3, lr=3e-3, weight_decay=0.0,
+                           betas=(0.9, 0.9)),
+                      dict(params=vecs[2:], lr=2e-3, betas=(0.9, 0.8))],
+                     update_proj_gap=4, backend=backend, **{k: v for k, v in HYPER.items()
+                                                            if k not in ("betas",)})
+        opt.engine = engine
+        for t in range(3):
+            for i, p in enumerate(mats + vecs):
+                late = i in (1, 4)                   # no gradient at the first step
+                p.grad = None if late and t == 0 else _grad_like(p, t, i)
+            opt.step()
+        runs.append((mats + vecs, opt))
+    (a, opt_a), (b, opt_b) = runs
+    plan = opt_b._engine_plan
+    assert len(plan.classes) == 1 and len(plan.vector_sets) == 1 and not plan.legacy
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert sa.keys() == sb.keys()
+        for key, v in sa.items():
+            assert torch.equal(v, sb[key]) if torch.is_tensor(v) else v == sb[key], key
+    counters = {opt_b.state[q]["step"] for q in b}
+    assert len(counters) == 2, counters

@@ -45,6 +45,7 @@ from lowrank_fused.reference._skip import run_unless
 
 V_SOURCES = ("momentum", "gradient")
 STATE_KEYS = ("M", "a_row", "a_col", "c_os")     # what the middle step writes
+K3_SCALARS = ("coef", "res_coef", "pre_scale", "post_decay")
 RESIDUAL_FORMS = ("identity", "explicit")
 PROJECTORS = ("svd", "randomized")
 LOW_RANK_OPS = ("project", "adamem_moments", "residual_col_stats", "residual_backproject_update")
@@ -67,13 +68,13 @@ class _BoundResidualUpdate(ops_grouped.BoundGroupedResidualBackprojectUpdate):
 
     def __call__(self, Gs, *, coef, res_coef, pre_scale=1.0, post_decay=0.0,
                  precision="ieee", skip=None):
-        if len(Gs) != self.count or not ops_grouped._same_layout(Gs, self.layout):
+        if not self.layout.matches(Gs):
             ops_grouped._lists(Gs=Gs, Ws=self.lists[0])
             ops_grouped._check_members("Gs", Gs, self.layout[0], self.device,
                                        "the bound Gs[0]", dtype=self.layout[2])
         prepared = self.kw.get("prepared")
         if prepared is not None:  # Triton: the gradients' offsets, kept while they stay put
-            ptrs = tuple(G.data_ptr() for G in Gs)
+            ptrs = tuple(map(torch.Tensor.data_ptr, Gs))
             if ptrs != self._g_ptrs:
                 from lowrank_fused.kernels._grouped import element_offsets
 
@@ -473,6 +474,9 @@ class AdaMeM(LowRankOptimizer):
         cls.extra["impls"] = (lookup("adamem_moments", cls.backend),
                               lookup("residual_col_stats", cls.backend))
         cls.extra["middle"] = None
+        cls.extra["states"] = [m.state for m in cls.members]
+        groups = {id(m.group): m.group for m in cls.members}
+        cls.extra["group"] = next(iter(groups.values())) if len(groups) == 1 else None
         if all(resolve_call(op, cls.backend, device)[0] == "triton"
                for op in ("adamem_moments", "residual_col_stats")):
             # both on Triton: the whole class's middle in four launches, the same bits
@@ -599,7 +603,8 @@ class AdaMeM(LowRankOptimizer):
         ts = [st["step"] + 1 for st in vs.states]
         memo = {}
         rows = []
-        for group, t in zip(vs.groups, ts):
+        one = all(g is vs.groups[0] for g in vs.groups) and ts.count(ts[0]) == len(ts)
+        for group, t in zip(vs.groups[:1] if one else vs.groups, ts):
             key = (id(group), t)
             row = memo.get(key)
             if row is None:
@@ -610,6 +615,8 @@ class AdaMeM(LowRankOptimizer):
                                    float(group["eps1"]), float(group["eps"]), c2, pre_scale,
                                    post_decay)
             rows.append(row)
+        if one:                           # one group, one counter: one row for every member
+            rows = rows * len(ts)
         if vs.chosen == "triton":
             if vs.bound is None:
                 from lowrank_fused.kernels.grouped_adamem_vector_step import (
@@ -653,21 +660,31 @@ class AdaMeM(LowRankOptimizer):
             k1 = ex["k1"] = ops_grouped.BoundGroupedProject(Gs, cls.Ps, ex["Rc"], side="left",
                                                             backend=cls.backend)
         k1(Gs, precision=precision, sumsq=ex["sumsq"])
-        memo = {}
-        scalars = []
-        for m in cls.members:                                    # line 1: the counters
-            state = m.state
-            t = state["step"] = state["step"] + 1
-            key = (id(m.group), t)
-            sc = memo.get(key)
-            if sc is None:
-                sc = memo[key] = self._scalars(m.group, t)
-            scalars.append(sc)
+        states, count = ex["states"], len(cls.members)
+        for st in states:                                        # line 1: the counters
+            st["step"] += 1
+        ts = {st["step"] for st in states}
+        if ex["group"] is not None and len(ts) == 1:   # one group, one counter: one set
+            scalars = [self._scalars(ex["group"], ts.pop())] * count
+        else:
+            memo = {}
+            scalars = []
+            for m in cls.members:
+                key = (id(m.group), m.state["step"])
+                sc = memo.get(key)
+                if sc is None:
+                    sc = memo[key] = self._scalars(m.group, key[1])
+                scalars.append(sc)
         skip = self._skip_flag
         middle = ex["middle"]
+        uniform = scalars.count(scalars[0]) == count
         if middle is not None:           # the class's middle in four launches
-            middle([(mk["beta1"], mk["beta2"], mk["eps"], mk["eps1"], mk["c1"], mk["c2"])
-                    for mk, _, _ in scalars], skip=skip)
+            mk = scalars[0][0]
+            row = (mk["beta1"], mk["beta2"], mk["eps"], mk["eps1"], mk["c1"], mk["c2"])
+            rows = [row] * count if uniform else [
+                (mk["beta1"], mk["beta2"], mk["eps"], mk["eps1"], mk["c1"], mk["c2"])
+                for mk, _, _ in scalars]
+            middle(rows, skip=skip)
         else:
             moments, col_stats = ex["impls"]
 
@@ -682,14 +699,17 @@ class AdaMeM(LowRankOptimizer):
             else:                        # the per-matrix ops: their state put back on skip
                 run_unless(skip, [m.state[k] for m in cls.members for k in STATE_KEYS],
                            per_member)
-        coefs = [sc[2] for sc in scalars]
         k3 = ex.get("k3")
         if k3 is None:
             k3 = ex["k3"] = _BoundResidualUpdate(
                 ex["Wc"], Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["col_scales"],
                 backend=cls.backend, scratch=True)
-        k3(Gs, precision=precision, skip=skip, **{k: tuple(c[k] for c in coefs) for k in (
-            "coef", "res_coef", "pre_scale", "post_decay")})
+        if uniform:
+            c0 = scalars[0][2]
+            coefs = {k: (c0[k],) * count for k in K3_SCALARS}
+        else:
+            coefs = {k: tuple(sc[2][k] for sc in scalars) for k in K3_SCALARS}
+        k3(Gs, precision=precision, skip=skip, **coefs)
 
 
 def adamem_param_groups(model: nn.Module, *, rank: int, all_layers: bool = False,

@@ -114,23 +114,13 @@ def _qr_basis(Y: torch.Tensor, sign_canon: bool) -> torch.Tensor:
     return torch.linalg.qr(Y.float())[0]
 
 
-def _bound_project(As, Ps, Rs, side, backend, fixed):
+def _bound_project(As, Ps, Rs, side, backend):
     """A class's grouped projection ``Rs = proj(As, Ps)`` bound once
-    (``ops_grouped.BoundGroupedProject``), as a call ``(As, precision)``. ``fixed``: the
-    matrices are the class's error buffers, the same tensors every step, so their layout
-    (checked by the binding) and element offsets are prepared once too and a call checks
-    nothing per member (three projections of the same buffers per step)."""
+    (``ops_grouped.BoundGroupedProject``, which also plans its launch once per gradient
+    addresses: the class's error buffers are the same tensors every step, so their three
+    projections per step are planned once), as a call ``(As, precision)``."""
     bound = ops_grouped.BoundGroupedProject(As, Ps, Rs, side=side, backend=backend)
-    if not fixed:
-        return lambda Xs, precision: bound(Xs, precision=precision)
-    Gs = As if side == "left" else [A.t() for A in As]
-    kw = dict(bound.kw)
-    if "prepared" in kw:                       # the Triton launcher: offsets of every list
-        from lowrank_fused.kernels._grouped import element_offsets
-
-        kw["prepared"] = dict(kw["prepared"], Gs=element_offsets("Gs", Gs))
-    impl, bPs, bRs = bound.impl, bound.Ps, bound.Rs
-    return lambda Xs, precision: impl(Gs, bPs, bRs, precision=precision, **kw)
+    return lambda Xs, precision: bound(Xs, precision=precision)
 
 
 def _accumulator(backend, device):
@@ -807,7 +797,7 @@ class LDAdamW(LowRankOptimizer):
             st["R"] = torch.stack(cls.Rs)           # not reached: the workspace's views
         other = "right" if side == "left" else "left"
         like = Es if Es is not None else self._class_grads(cls)
-        k1a, k1b, k1 = (_bound_project(like, Ps, Rs, on, cls.backend, fixed=Es is not None)
+        k1a, k1b, k1 = (_bound_project(like, Ps, Rs, on, cls.backend)
                         for Ps, Rs, on in ((cls.Ps, list(st["R1"].unbind(0)), side),
                                            (list(st["V1"].unbind(0)), list(st["Yp"].unbind(0)),
                                             other),
