@@ -16,7 +16,9 @@ wait on before its first kernel could start, and between kernels when they are s
 The layout is a 24-layer LLaMA (LLaMA-1B's count: 168 projected matrices, 219 tensors) at
 tiny widths (hidden 16, MLP 44, vocabulary 32, rank 4: 76k parameters), so every op, ours and
 torch's, costs its call overhead, not its arithmetic. Gradients are fixed tensors (as with
-``zero_grad(set_to_none=False)``). Each method runs with its defaults (the update gap pushed
+``zero_grad(set_to_none=False)``); ``--fresh-grads`` gives every timed step new gradient
+tensors at other addresses instead (untimed copies; the engine's plans keyed by gradient
+addresses then re-plan every step: its worst case). Each method runs with its defaults (the update gap pushed
 past the timed steps, so every timed step is a steady one) after ``--warm`` steps; the timed
 value is the median wall time of ``opt.step()`` over ``--steps`` steps. ``torch.optim.AdamW(
 fused=True)`` on the same tensors is timed in the same run, in alternation with each method.
@@ -185,20 +187,29 @@ def host_reads_and_allocations(opt):
     return dict(reads.count), len(allocs.sizes)
 
 
-def measure(methods, steps, warm, log=print, overrides=None, layers=None):
+def measure(methods, steps, warm, log=print, overrides=None, layers=None, fresh_grads=False):
     overrides = overrides or {}
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # host time: one thread, no pool wake-ups in the timing
     try:
         with stubbed_launches() as launches:
-            _measure(methods, steps, warm, log, overrides, layers, launches, rows)
+            _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh_grads)
     finally:
         torch.set_num_threads(threads)
     return rows
 
 
-def _measure(methods, steps, warm, log, overrides, layers, launches, rows):
+def _new_grads(net):
+    """Every gradient replaced by a copy in a new tensor (untimed): what
+    ``zero_grad(set_to_none=True)`` and the next backward give, new tensors, here at other
+    addresses than the last step's (the worst case for the engine's address-keyed plans)."""
+    for p in net.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+
+
+def _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh_grads=False):
     """``measure``'s loop, inside the stubs: the baseline, then each method in turn."""
     _, base = build("torch_fused_adamw", layers=layers)
     for _ in range(warm):
@@ -217,6 +228,8 @@ def _measure(methods, steps, warm, log, overrides, layers, launches, rows):
         reads, allocs = host_reads_and_allocations(opt)
         ours, theirs = [], []
         for _ in range(steps):                 # alternate: the same load for both
+            if fresh_grads:
+                _new_grads(net)
             t0 = time.perf_counter()
             opt.step()
             t1 = time.perf_counter()
@@ -230,7 +243,7 @@ def _measure(methods, steps, warm, log, overrides, layers, launches, rows):
                    launches=sum(per_step.values()), launches_by_kernel=per_step,
                    host_reads=sum(reads.values()), host_reads_by_op=reads,
                    allocations=allocs, tensors=tensors, projected=projected,
-                   overrides=overrides.get(method, {}))
+                   overrides=overrides.get(method, {}), fresh_grads=bool(fresh_grads))
         row["x_torch_fused_adamw"] = row["host_us"] / row["torch_fused_adamw_us"]
         rows.append(row)
         log(f"{method:16s} {row['host_us']:10.0f} us  {row['x_torch_fused_adamw']:6.1f}x "
@@ -249,21 +262,28 @@ def main(argv=None):
     ap.add_argument("--label", default="", help="a note stored with the results")
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers (default 24, LLaMA-1B's count)")
+    ap.add_argument("--fresh-grads", action="store_true",
+                    help="new gradient tensors before every timed step (as zero_grad("
+                         "set_to_none=True) gives), at other addresses; writes "
+                         "host-step-fresh-grads-cpu.json")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     load0 = os.getloadavg()[0]
-    rows = measure(methods, args.steps, args.warm, layers=args.layers)
+    rows = measure(methods, args.steps, args.warm, layers=args.layers,
+                   fresh_grads=args.fresh_grads)
     layout = dict(LAYOUT, **({} if args.layers is None else {"num_hidden_layers": args.layers}))
     result = dict(bench="host_step", layout=layout, rank=RANK, steps=args.steps,
-                  warm=args.warm, label=args.label, python=sys.version.split()[0],
+                  warm=args.warm, label=args.label, fresh_grads=args.fresh_grads,
+                  python=sys.version.split()[0],
                   torch=torch.__version__, machine=platform.processor() or platform.machine(),
                   loadavg=[load0, os.getloadavg()[0]], rows=rows)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "host-step-cpu.json")
+        path = os.path.join(args.out, "host-step-fresh-grads-cpu.json" if args.fresh_grads
+                            else "host-step-cpu.json")
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {path}")
