@@ -119,7 +119,8 @@ def test_bench_multi_tensor_runs_and_writes(tmp_path):
 def test_bench_host_step_counts_launches_and_reads():
     """bench.bench_host_step at 1 layer: every row has a host time, the torch baseline and
     the counts; GaLore's steady step is a few launches per class with the flag left on the
-    device (no host read), AdamW's one multi-tensor call."""
+    device (no host read), AdamW's two calls: the per-tensor non-finite flags and the
+    multi-tensor step."""
     from bench import bench_host_step
 
     rows = bench_host_step.measure(["galore", "adamw"], steps=2, warm=2, layers=1,
@@ -128,5 +129,6 @@ def test_bench_host_step_counts_launches_and_reads():
     for r in rows:
         assert r["host_us"] > 0 and r["torch_fused_adamw_us"] > 0
         assert r["host_reads"] == 0, r["host_reads_by_op"]
-    assert by["adamw"]["launches"] == 1
+    assert by["adamw"]["launches_by_kernel"] == {"ext:nonfinite_flags_multi_cpu": 1,
+                                                 "ext:adamw_step_multi_cpu": 1}
     assert 0 < by["galore"]["launches"] <= 4 * 4
