@@ -95,13 +95,20 @@ def _poisoned(model):
     p.grad[0, 0] = float("nan")
 
 
-@pytest.mark.parametrize("name", list(CLASSES))
-@pytest.mark.parametrize("mode", ["raise", "skip"])
-def test_nan_gradient_with_the_lagged_flag(name, mode):
+# the reference backend for every method; "auto" (the fused limiter on the class's stacked
+# N, K-FAC's grouped whitening and norms) for the class paths the reference does not take
+NAN_CASES = [(name, mode, "reference") for name in CLASSES for mode in ("raise", "skip")]
+NAN_CASES += [("rsadamw", "skip", "auto"), ("galore_kfac", "skip", "auto")]
+
+
+@pytest.mark.parametrize("name,mode,backend", NAN_CASES, ids=str)
+def test_nan_gradient_with_the_lagged_flag(name, mode, backend):
     """A steady step with a NaN gradient, the flag left on the device: weights and every
     state tensor keep their bits, no host read; ``raise``/``skip`` act at the next step."""
+    if backend != "reference" and not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
     model, batch = _model(torch.float32)
-    opt = _opt(name, model, "reference", gap=100, nonfinite=mode)
+    opt = _opt(name, model, backend, gap=100, nonfinite=mode)
     opt.lagged_nonfinite = True
     for _ in range(2):
         lm_loss(model, batch).backward()
@@ -116,6 +123,8 @@ def test_nan_gradient_with_the_lagged_flag(name, mode):
     with reads:
         opt.step()
     assert sum(reads.count.values()) == 0, reads.count
+    if backend == "auto":                     # the class paths ran
+        assert all("Nstack" in c.extra for c in opt._engine_plan.classes.values())
     for w, p in zip(weights, model.parameters()):
         assert torch.equal(w, p)
     after = _states(opt)
