@@ -6,9 +6,11 @@ and W update in its epilogue, no m x n temporary) vs the eager reference
 
 Forms (the row's ``op``): ``adapm_update`` (AdaPM: elementwise fp32 V, elementwise clip),
 ``adapm_update:mini`` (AdaPM-mini: Adam-mini per-row block means, nb = m, as for MLP and
-attention-output rows) and ``adapm_update:rms`` (elementwise V, RMS clip: one more pass). The
-two extra forms change the epilogue, not the GEMM, so they run at the smallest rank of the grid
-only. AdaPM works in the left form (L is m x r) whatever the shape, so ``side`` is "left".
+attention-output rows), ``adapm_update:rms`` (elementwise V, RMS clip: one more pass) and
+``adapm_update:class`` (the step engine's form: ``CLASS`` same-shape blocks in one
+``ops_adapm_grouped.BoundAdapmClass`` call, the grouped launches of
+``kernels/grouped_adapm_update.py`` on Triton, the per-member reference otherwise; its bytes are
+``CLASS`` times one block's). The extra forms run at the smallest rank of the grid only. AdaPM works in the left form (L is m x r) whatever the shape, so ``side`` is "left".
 Scalars as ``lowrank_fused.optim.AdaPM``'s defaults at step 10 (betas (0.9, 0.95), eps 1e-8,
 lam 0.1 WD-pre, clip 1, the unbiased estimator ``s = 1/bc1``, ``e = 1/(1-beta1)``), lr 1e-3.
 L, R, Rg and V are fp32; W and G in the case dtype.
@@ -27,7 +29,8 @@ from lowrank_fused.dispatch import implementation
 
 OP = "adapm_update"
 FORMS = {"": (False, "elementwise"), "mini": (True, "elementwise"),
-         "rms": (False, "rms")}   # form -> (block-mean V, clip_mode)
+         "rms": (False, "rms"), "class": (False, "elementwise")}   # form -> (block-mean V, clip)
+CLASS = 8    # members of the "class" form
 STEP, LR, BETA1, BETA2, LAM = 10, 1e-3, 0.9, 0.95, 0.1
 _C1, _C2 = ops.bias_corrections(BETA1, BETA2, STEP)
 KW = dict(beta1=BETA1, s_coef=1.0 / _C1, e_coef=1.0 / (1.0 - BETA1), v_keep=BETA2,
@@ -61,6 +64,9 @@ def make(params, backend, device):
     impl = implementation(OP, backend, device)
     f32 = torch.float32
 
+    if params["form"] == "class":
+        return _make_class(params, backend, device)
+
     def factory():
         W = H.random_tensor((m, n), dtype, device)
         G = H.random_tensor((m, n), dtype, device, scale=1e-2)
@@ -75,11 +81,39 @@ def make(params, backend, device):
     return H.rotating(factory, per_set, device)
 
 
+def _make_class(params, backend, device):
+    """``CLASS`` blocks as one class of the step engine (one bound call per step)."""
+    from lowrank_fused.ops_adapm_grouped import BoundAdapmClass, adapm_rows
+
+    m, n, r, dtype = params["m"], params["n"], params["r"], params["dtype"]
+    f32 = torch.float32
+    scalars = {k: v for k, v in KW.items() if k != "clip_threshold"}
+    rows = adapm_rows(CLASS, clip=KW["clip_threshold"], coef_g=KW["e_coef"] * (1.0 - BETA1),
+                      **scalars)
+
+    def factory():
+        Ws = [H.random_tensor((m, n), dtype, device) for _ in range(CLASS)]
+        Gs = [H.random_tensor((m, n), dtype, device, scale=1e-2) for _ in range(CLASS)]
+        Ls = [torch.linalg.qr(H.random_tensor((m, r), f32, device))[0].contiguous()
+              for _ in range(CLASS)]
+        Rgs = [L.t() @ G.float() for L, G in zip(Ls, Gs)]
+        Rs = [H.random_tensor((r, n), f32, device, scale=1e-3) for _ in range(CLASS)]
+        Vs = [H.random_tensor((m, n), f32, device, positive=True, scale=1e-4)
+              for _ in range(CLASS)]
+        bound = BoundAdapmClass(Ws, Gs, Vs, Ls=Ls, Rs=Rs, Rgs=Rgs, backend=backend)
+        return lambda: bound(Gs, rows, precision=params["precision"])
+
+    per_set = CLASS * (m * n * (2 * dtype.itemsize + 4) + 4 * (m * r + 3 * r * n))
+    return H.rotating(factory, per_set, device)
+
+
 def describe(params, backend):
     blocks, clip_mode = FORMS[params["form"]]
     m, n, r = params["m"], params["n"], params["r"]
+    one = B.adapm_update_bytes(m, n, r, param_bytes=params["dtype"].itemsize,
+                               v_blocks=m if blocks else None, clip_mode=clip_mode,
+                               pre_scale=KW["pre_scale"] != 1.0)
+    if params["form"] == "class":
+        one = B.Bytes(one.floor * CLASS, None if one.eager is None else one.eager * CLASS)
     return dict(op=OP + (f":{params['form']}" if params["form"] else ""), r=r,
-                precision=params["precision"],
-                bytes=B.adapm_update_bytes(m, n, r, param_bytes=params["dtype"].itemsize,
-                                           v_blocks=m if blocks else None, clip_mode=clip_mode,
-                                           pre_scale=KW["pre_scale"] != 1.0))
+                precision=params["precision"], bytes=one)

@@ -92,7 +92,7 @@ class BoundAdapmClass:
         device = W0.device
         m, n = W0.shape
         _check_list("Ws", Ws, (m, n), device)
-        _check_list("Gs", Gs, (m, n), device, W0.dtype)
+        _check_list("Gs", Gs, (m, n), device)          # G's dtype may differ from W's
         _check_disjoint("Ws", Ws)
         if Vs[0].shape == W0.shape:
             _check_list("Vs", Vs, (m, n), device)
@@ -122,9 +122,9 @@ class BoundAdapmClass:
         op = "adapm_update" if self.lowrank else "adapm_dense_update"
         self.backend = choose_backend(backend, device, (op,))
         self.count, self.device = count, device
-        self.layout = (W0.shape, Gs[0].stride(), W0.dtype, device)
+        self.layout = (W0.shape, Gs[0].stride(), Gs[0].dtype, device)
         self.strides, self.shapes = [Gs[0].stride()] * count, [W0.shape] * count
-        self.dtypes, self.devices = [W0.dtype] * count, [device] * count
+        self.dtypes, self.devices = [Gs[0].dtype] * count, [device] * count
         self.lists = dict(Ws=Ws, Vs=Vs, Ls=Ls, Rs=Rs, Rgs=Rgs, Ms=Ms)
         self.impl = None
         if self.backend == "triton" and m * n:

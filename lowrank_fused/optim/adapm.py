@@ -497,7 +497,8 @@ class AdaPM(LowRankOptimizer):
                 ("exp_avg", "exp_avg_sq") if route.kind == "full" else ("exp_avg_sq",)
             tensors = [W] + [state[k] for k in names]
             key = (route.kind, tuple(W.shape), route.rank, route.nb, route.decayed,
-                   route.transposed, p.grad.stride(), str(backend), id(backend)) + tuple(
+                   route.transposed, p.grad.stride(), p.grad.dtype, str(backend),
+                   id(backend)) + tuple(
                 (t.dtype, tuple(t.shape), t.stride()) for t in tensors)
             cls = classes.get(key)
             if cls is None:
