@@ -156,16 +156,41 @@ def kfac_precondition(R, M, F, root, N, *, beta1: float, beta2: float, c1: float
 
 
 def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: float,
-                              c1: float, c2: float, skip=None) -> None:
+                              c1: float, c2: float, skip=None, prepared=None) -> None:
     """The steady step (no recompute of the roots) of ``kfac_precondition`` for a group of
     same-shape members sharing the hyper-parameters, each member's bits the single op's:
     ``Rs`` (count, r, n) fp32 (a stack; any strides), ``Ms``/``Ns`` lists of r x n, ``Fs`` and
     ``roots`` lists of r x r (each list one layout). The Grams of all members in one
     batched-GEMM launch, F in a few torch ops over the stack, M and N in one grouped
     launch. ``skip`` (0-dim bool on the device): when True, M and F keep their bits (N, a
-    workspace, is not defined then)."""
+    workspace, is not defined then). ``prepared``: what ``grouped_kfac_offsets`` returned for
+    these lists (a caller stepping the same tensors every step: the checks and the offset
+    table once)."""
     from lowrank_fused.subspace import batched_matmul
 
+    count, r, n = Rs.shape
+    if prepared is None:
+        prepared = grouped_kfac_offsets(Rs, Ms, Fs, roots, Ns)
+    offs, aligned = prepared
+    Rf = Rs if Rs.dtype == torch.float32 else Rs.float()
+    gram = batched_matmul(Rf, Rf.transpose(1, 2), backend="triton")
+    F = torch.stack(Fs)
+    F_new = beta2 * F.float() + (1.0 - beta2) * gram / n
+    if skip is not None:
+        F_new = torch.where(skip, F, F_new)
+    torch._foreach_copy_(list(Fs), list(F_new.unbind(0)))
+    R0, M0, Q0, N0 = Rf[0], Ms[0], roots[0], Ns[0]
+    _grouped_kfac_momentum_whiten_kernel[(cdiv(n, BLOCK_N), count)](
+        R0, M0, Q0, N0, offs, skip_flag(skip, Rf.device), count, r, n,
+        R0.stride(0), R0.stride(1), M0.stride(0), M0.stride(1), Q0.stride(0), Q0.stride(1),
+        N0.stride(0), N0.stride(1), float(beta1), 1.0 - float(beta1), float(c1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
+        INTERPRET=interpreting(), ALIGNED=aligned, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def grouped_kfac_offsets(Rs, Ms, Fs, roots, Ns):
+    """``grouped_kfac_precondition``'s checks of its lists and its member offset table
+    ``(offs, aligned)`` (R from the stack's fp32 form)."""
     count, r, n = Rs.shape
     for name, lst, shape in (("Ms", Ms, (r, n)), ("Ns", Ns, (r, n)), ("Fs", Fs, (r, r)),
                              ("roots", roots, (r, r))):
@@ -178,25 +203,13 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
     if count == 0 or r == 0 or n == 0:
         raise ValueError(f"grouped_kfac_precondition needs non-empty members, got Rs of shape "
                          f"{tuple(Rs.shape)}")
-    Rf = Rs if Rs.dtype == torch.float32 else Rs.float()
-    gram = batched_matmul(Rf, Rf.transpose(1, 2), backend="triton")
-    F = torch.stack(Fs)
-    F_new = beta2 * F.float() + (1.0 - beta2) * gram / n
-    if skip is not None:
-        F_new = torch.where(skip, F, F_new)
-    torch._foreach_copy_(list(Fs), list(F_new.unbind(0)))
-    R0, M0, Q0, N0 = list(Rf.unbind(0)), Ms[0], roots[0], Ns[0]
-    offs, aligned = offsets_table(
-        [element_offsets("Rs", R0), element_offsets("Ms", Ms), element_offsets("roots", roots),
-         element_offsets("Ns", Ns)],
-        [4, M0.element_size(), Q0.element_size(), N0.element_size()], Rf.device)
-    R0 = R0[0]
-    _grouped_kfac_momentum_whiten_kernel[(cdiv(n, BLOCK_N), count)](
-        R0, M0, Q0, N0, offs, skip_flag(skip, Rf.device), count, r, n,
-        R0.stride(0), R0.stride(1), M0.stride(0), M0.stride(1), Q0.stride(0), Q0.stride(1),
-        N0.stride(0), N0.stride(1), float(beta1), 1.0 - float(beta1), float(c1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
-        INTERPRET=interpreting(), ALIGNED=aligned, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if Rs.dtype != torch.float32:
+        raise TypeError(f"Rs must be float32 (the projection), got {Rs.dtype}")
+    M0, Q0, N0 = Ms[0], roots[0], Ns[0]
+    return offsets_table(
+        [element_offsets("Rs", list(Rs.unbind(0))), element_offsets("Ms", Ms),
+         element_offsets("roots", roots), element_offsets("Ns", Ns)],
+        [4, M0.element_size(), Q0.element_size(), N0.element_size()], Rs.device)
 
 
 def aot_variants():

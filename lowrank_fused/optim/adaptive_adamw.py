@@ -1258,11 +1258,13 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         cls.extra["kfac_class"] = None
         if grouped is not None and Rs is not None:
             states = [m.state for m in cls.members]
-            cls.extra["kfac_class"] = (
-                grouped, Rs if side == "left" else Rs.transpose(1, 2),
-                [_canon(side, st["exp_avg"]) for st in states],
-                [st["kfac_factor"] for st in states], [st["kfac_root"] for st in states],
-                [_canon(side, N) for N in cls.Ns])
+            lists = (Rs if side == "left" else Rs.transpose(1, 2),
+                     [_canon(side, st["exp_avg"]) for st in states],
+                     [st["kfac_factor"] for st in states], [st["kfac_root"] for st in states],
+                     [_canon(side, N) for N in cls.Ns])
+            offsets = getattr(sys.modules[impl.__module__], "grouped_kfac_offsets")
+            # checked and addressed once per plan
+            cls.extra["kfac_class"] = (grouped,) + lists + (offsets(*lists),)
         limiter = cls.extra["limiter"]
         class_sumsq = None if limiter is None else getattr(
             sys.modules.get(getattr(limiter, "__module__", "")), "grouped_sumsq", None)
@@ -1319,9 +1321,9 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
                                           for st in cls.extra["states"]):
             return False
         c1, c2 = ops.bias_corrections(beta1, beta2, t) if bias else (1.0, 1.0)
-        grouped, Rs, Ms, Fs, roots, Ns = found
+        grouped, Rs, Ms, Fs, roots, Ns, prepared = found
         grouped(Rs, Ms, Fs, roots, Ns, beta1=float(beta1), beta2=float(beta2), c1=c1, c2=c2,
-                skip=skip)
+                skip=skip, prepared=prepared)
         return True
 
     def _kfac_members(self, cls, Rs, ts, impl, side, skip):
