@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, config_mode, dot_mode, interpreting, load_tile, mma, skip_flag,
-                      to_storage)
+from ._common import (DOT_IEEE, cdiv, config_mode, dot_mode, interpreting, load_tile, mma,
+                      skip_flag, to_storage)
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
 from .adapm_update import (B_BLOCK_M, B_BLOCK_N, B_WARPS, DTYPE_PAIRS, choose_config,
                            clip_and_apply, configs_for, dummy, elementwise_tiles, normalize)
@@ -49,6 +49,14 @@ from .adapm_dense_update import BLOCK_M as DENSE_BLOCK_M, BLOCK_N as DENSE_BLOCK
     NUM_WARPS as DENSE_WARPS
 
 MAX_GRID = 65535   # CUDA's limit on the grid dimensions that carry the members
+
+
+def gemm_stages(cfg, mode: int, blocks: bool) -> int:
+    """Pipeline stages of the grouped GEMM: the single kernel's, but 2 for block-mean V in
+    ieee (FMA) mode, where the member pointers push Triton 3.9's sm_90 build into spills at 3
+    (128 registers and 12 bytes; 148 and none at 2). The stages only schedule the loads: the
+    arithmetic, and so every bit, is the single kernel's."""
+    return 2 if blocks and mode == DOT_IEEE else cfg.num_stages
 
 # the scalar table's rows (one float per member each); the kernels index them by number
 ROWS = ("beta1", "c1", "s_coef", "e_coef", "coef_g", "v_keep", "v_add", "eps", "c2",
@@ -415,11 +423,13 @@ class GroupedAdapmStep:
             out["right"] = ((cdiv(rank, bm), cdiv(n, bn), count), dict(
                 INTERPRET=interp, ALIGNED=self.raligned, BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=B_WARPS)) if rank * n else None
-            cfg = choose_config(m, n, rank, config_mode(precision, device))
+            cmode = config_mode(precision, device)
+            cfg = choose_config(m, n, rank, cmode)
             out["update"] = ((cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), count), dict(
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
                 DOT_MODE=dot_mode(precision, device), V_BLOCKS=self.blocks, INTERPRET=interp,
-                ALIGNED=self.aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                ALIGNED=self.aligned, num_warps=cfg.num_warps,
+                num_stages=gemm_stages(cfg, cmode, self.blocks)))
         else:
             bm, bn = elementwise_tiles(DENSE_BLOCK_M, DENSE_BLOCK_N)
             out["update"] = ((cdiv(m, bm), cdiv(n, bn), count), dict(
@@ -489,7 +499,7 @@ def aot_variants():
                                   dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                                        BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode, V_BLOCKS=blocks,
                                        INTERPRET=False, ALIGNED=True, G_ALIGNED=True),
-                                  cfg.num_warps, cfg.num_stages)
+                                  cfg.num_warps, gemm_stages(cfg, mode, blocks))
             for has_m in (True, False):
                 m_t = s_t if has_m else "fp32"
                 ints = {a: "i32" for a in (
