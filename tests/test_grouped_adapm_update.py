@@ -69,10 +69,14 @@ def run_grouped(kind, ms, rows, backend, skip=None):
         bound = og.BoundAdapmClass(Ws, Gs, Vs, Ls=[d["L"] for d in ms],
                                    Rs=[d["R"] for d in ms], Rgs=[d["Rg"] for d in ms], Bs=Bs,
                                    backend=backend)
-        bound(Gs, rows, skip=skip)
     else:
         Ms = [d["M"] for d in ms] if kind == "full" else None
-        og.grouped_adapm_dense_update(Ws, Gs, Ms, Vs, rows, skip=skip, backend=backend)
+        bound = og.BoundAdapmClass(Ws, Gs, Vs, Ms=Ms, backend=backend)
+    means = getattr(bound.impl, "means", None)
+    if means is not None:               # the block-mean scratch starts poisoned too
+        means.rowsq.fill_(float("nan"))
+        means.h.fill_(float("nan"))
+    bound(Gs, rows, skip=skip)
 
 
 def run_single(kind, ms, s, clip, backend):
