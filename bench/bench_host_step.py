@@ -57,6 +57,10 @@ GAP_KEY = {"galore": "update_proj_gap", "adaptive_adamw": "update_proj_gap",
            "rsadamw": "update_proj_gap", "gha": "update_proj_gap",
            "galore_kfac": "update_proj_gap", "adamem": "update_proj_gap"}
 NO_RANK = ("adamw", "adafactor")
+# stubbed steps before the timed ones: the first steps after the real warm-up are slower on
+# and off for some methods (allocator and interpreter caches settling), which a short median
+# would catch
+STUB_WARM = 15
 # ext functions that answer questions instead of running a kernel
 _EXT_QUERIES = {"build_info", "cpu_isa", "cpu_isas", "cuda_driver_version",
                 "cuda_runtime_status", "has_cuda", "set_cpu_isa", "DTYPE_BFLOAT16",
@@ -222,6 +226,8 @@ def _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh
                 opt.step()
         log(f"{method}: {warm} warm-up steps with real kernels in "
             f"{time.perf_counter() - t0:.1f} s")
+        for _ in range(STUB_WARM):             # stubbed steps settle the host's caches
+            opt.step()
         launches.count.clear()
         opt.step()
         per_step = dict(launches.count)

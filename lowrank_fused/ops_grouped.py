@@ -203,7 +203,7 @@ def _check_residual_group(Ws, Gs, Ps, Rs, Ns, css):
 
 def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef, res_coef,
                                         pre_scale=1.0, post_decay=0.0, precision="ieee",
-                                        backend="auto"):
+                                        backend="auto", skip=None):
     """AdaMeM's combined update (K3 with the residual term, docs/methods/adamem.md) in
     place on every member, as the single ``residual_backproject_update``: left (canonical)
     form only, W_i and G_i m x n (AdaMeM passes transposed views of tall matrices), P_i m x r,
@@ -214,7 +214,9 @@ def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef,
 
     Each scalar is one number for all members or a sequence with one per member. Every list
     is a group (one shape, dtype and set of strides per list; the G_i may have another dtype
-    than the W_i). Returns ``Ws``."""
+    than the W_i). ``skip`` (optional, a 0-dim torch.bool tensor on the members' device):
+    when it holds True every W_i is left bit-identical (read on the device only). Returns
+    ``Ws``."""
     ops._check_precision(precision)
     lists, count = _lists(Ws=Ws, Gs=Gs, Ps=Ps, Rs=Rs, Ns=Ns, col_scales=col_scales)
     Ws, Gs, Ps, Rs, Ns, css = (lists[k] for k in ("Ws", "Gs", "Ps", "Rs", "Ns", "col_scales"))
@@ -224,6 +226,9 @@ def grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, col_scales, *, coef,
         return Ws
     device = _check_residual_group(Ws, Gs, Ps, Rs, Ns, css)
     impl = implementation("grouped_residual_backproject_update", backend, device)
+    if skip is not None:
+        ops._check_skip(skip, device)
+        scalars["skip"] = skip
     impl(Ws, Gs, Ps, Rs, Ns, css, precision=precision, **scalars)
     return Ws
 
@@ -449,7 +454,7 @@ class BoundGroupedResidualBackprojectUpdate:
         self._g_ptrs = None       # the gradients' addresses whose offsets ``prepared`` holds
 
     def __call__(self, Gs, *, coef, res_coef, pre_scale=1.0, post_decay=0.0,
-                 precision="ieee"):
+                 precision="ieee", skip=None):
         if not self.layout.matches(Gs):
             _lists(Gs=Gs, Ws=self.lists[0])
             _check_members("Gs", Gs, self.layout.shape, self.device, "the bound Gs[0]",
@@ -464,5 +469,8 @@ class BoundGroupedResidualBackprojectUpdate:
                 self._g_ptrs = ptrs
         scalars = _finite_scalars(self.count, coef=coef, res_coef=res_coef,
                                   pre_scale=pre_scale, post_decay=post_decay)
+        if skip is not None:
+            ops._check_skip(skip, self.device)
+            scalars["skip"] = skip
         Ws, Ps, Rs, Ns, css = self.lists
         self.impl(Ws, Gs, Ps, Rs, Ns, css, precision=precision, **self.kw, **scalars)

@@ -217,6 +217,15 @@ def test_bound_grouped_residual_update_equals_the_op(backend, scratch, dtype):
         assert not torch.equal(W[0], W[1])
         if not scratch:                     # the inputs are kept
             assert all(torch.equal(a, b) for a, b in zip(Rs + Ns, R_ref + N_ref))
+    before = [w.clone() for w in W]          # skip: every W keeps its bits, bound or not
+    flag = torch.ones((), dtype=torch.bool)
+    bound(Gs, coef=coef, res_coef=res, precision="ieee", skip=flag)
+    ops_grouped.grouped_residual_backproject_update(
+        W, Gs, P, [r.clone() for r in Rs], [x.clone() for x in Ns], [c.clone() for c in css],
+        coef=coef, res_coef=res, backend=be, skip=flag)
+    assert all(torch.equal(a, b) for a, b in zip(W, before))
+    with pytest.raises(TypeError, match="skip"):
+        bound(Gs, coef=coef, res_coef=res, skip=torch.ones(1))
     bad = [torch.randn(n, m, generator=gen).to(dtype) for _ in range(count)]
     with pytest.raises(ValueError, match="Gs"):
         bound(bad, coef=coef, res_coef=res)
