@@ -362,3 +362,13 @@ def test_cuda_graph_capture_equals_eager(method):
     assert_same(a, b, f"{method}: captured vs eager")
     assert captured.graphs_captured >= 1 and eager.graphs_captured == 0
     assert captured.skipped_steps == eager.skipped_steps == 1
+
+
+def test_only_methods_of_bound_calls_only_are_capturable():
+    """A replay suppresses only the bound calls' launches: a method with any other device
+    work in its steady step must never be captured (that work would run twice)."""
+    import lowrank_fused as lf
+
+    capturable = {name for name, cls in lf.optim.__dict__.items()
+                  if isinstance(cls, type) and getattr(cls, "CAPTURABLE", False)}
+    assert capturable == {"GaLoreAdamW", "AdamW", "HFAdamW"}, capturable

@@ -802,7 +802,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         classes already built, every class and dense set on capturable calls."""
         due = self.__dict__.get("_flags_due")
         plan = self.__dict__.get("_validated_plan")
-        if due is None or plan is None or self._classes_stale or plan.legacy:
+        if (not self.CAPTURABLE or due is None or plan is None or self._classes_stale
+                or plan.legacy):
             return None
         params = due[1]
         if not params or not params[0].is_cuda:
@@ -813,6 +814,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return None
         return (id(plan), self._class_generation, self.precision(params[0].device),
                 tuple(map(torch.Tensor.data_ptr, (p.grad for p in params))))
+
+    # a method whose steady step makes only launches of the engine's bound calls (those a
+    # replay suppresses: the flags, grouped K1/K3, the multi-tensor calls) and no other
+    # device work sets this; any other launch would run twice on a replay
+    CAPTURABLE = False
 
     def _class_capturable(self, cls) -> bool:
         """Hook: whether a class's steady step makes only launches that a replay can

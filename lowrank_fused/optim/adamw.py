@@ -87,6 +87,7 @@ class AdamW(LowRankOptimizer):
         return ("adamw_step",)
 
     DEVICE_SKIP = True      # the dense multi-tensor step takes the on-device skip flag
+    CAPTURABLE = True       # a steady step is bound calls only (docs/engine.md)
 
     def _route(self, p, group):
         return DenseRoute("hf" if self.hf else "torch", "post" if self.hf else "pre",

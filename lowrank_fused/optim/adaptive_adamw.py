@@ -210,6 +210,8 @@ class _SubspaceAdamW(GaLoreAdamW):
     # limiter, GHA's update and transport, K-FAC's whitening, K3): between refreshes the
     # non-finite flag is not read on the host (docs/engine.md)
     DEVICE_SKIP = True
+    # the limiter and GHA's update are eager torch ops a graph replay would not stand in for
+    CAPTURABLE = False
 
     def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
                  backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision,

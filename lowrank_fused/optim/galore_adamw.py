@@ -227,6 +227,7 @@ class GaLoreAdamW(LowRankOptimizer):
 
     # every state-writing op of the engine's steady step takes the on-device skip flag
     DEVICE_SKIP = True
+    CAPTURABLE = True       # a steady step is bound calls only (docs/engine.md)
 
     def _refresh_pending(self, plan) -> bool:
         for _, group, _, st in plan.routed:
