@@ -180,14 +180,19 @@ void adamw_step_multi_cpu(const AdamWMultiArgs& a, int num_threads) {
   }
 }
 
-bool nonfinite_multi_cpu(const std::vector<const void*>& ptrs, const std::vector<int64_t>& sizes,
-                         const std::vector<int>& dtypes, int num_threads) {
+namespace {
+
+// The non-finite bit of every (tensor, chunk) work item of the buffers (one OpenMP loop).
+std::vector<unsigned char> nonfinite_items(const std::vector<const void*>& ptrs,
+                                           const std::vector<int64_t>& sizes,
+                                           const std::vector<int>& dtypes, int num_threads,
+                                           std::vector<MTItem>& items) {
   std::vector<MTEntry> entries(ptrs.size());
   for (size_t t = 0; t < ptrs.size(); ++t) {
     entries[t].ptr[0] = const_cast<void*>(ptrs[t]);
     entries[t].n = sizes[t];
   }
-  const std::vector<MTItem> items = mt_work_items(entries, kCpuChunk);
+  items = mt_work_items(entries, kCpuChunk);
   std::vector<unsigned char> bad(items.size(), 0);
   const int threads = thread_count(total_elements(entries), num_threads);
   for_items(items, threads, [&](int64_t k, const MTItem& it) {
@@ -198,7 +203,15 @@ bool nonfinite_multi_cpu(const std::vector<const void*>& ptrs, const std::vector
     bad[k] = cpu::any_nonfinite(cpu::offset(ptrs[it.tensor], dtype, begin), dtype,
                                 end - begin) ? 1 : 0;
   });
-  for (unsigned char b : bad) {
+  return bad;
+}
+
+}  // namespace
+
+bool nonfinite_multi_cpu(const std::vector<const void*>& ptrs, const std::vector<int64_t>& sizes,
+                         const std::vector<int>& dtypes, int num_threads) {
+  std::vector<MTItem> items;
+  for (unsigned char b : nonfinite_items(ptrs, sizes, dtypes, num_threads, items)) {
     if (b) return true;
   }
   return false;
@@ -207,22 +220,8 @@ bool nonfinite_multi_cpu(const std::vector<const void*>& ptrs, const std::vector
 void nonfinite_flags_multi_cpu(const std::vector<const void*>& ptrs,
                                const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
                                uint8_t* flags, int num_threads) {
-  std::vector<MTEntry> entries(ptrs.size());
-  for (size_t t = 0; t < ptrs.size(); ++t) {
-    entries[t].ptr[0] = const_cast<void*>(ptrs[t]);
-    entries[t].n = sizes[t];
-  }
-  const std::vector<MTItem> items = mt_work_items(entries, kCpuChunk);
-  std::vector<unsigned char> bad(items.size(), 0);
-  const int threads = thread_count(total_elements(entries), num_threads);
-  for_items(items, threads, [&](int64_t k, const MTItem& it) {
-    const int64_t begin = int64_t(it.chunk) * kCpuChunk;
-    const int64_t n = entries[it.tensor].n;
-    const int64_t end = begin + kCpuChunk < n ? begin + kCpuChunk : n;
-    const int dtype = dtypes[it.tensor];
-    bad[k] = cpu::any_nonfinite(cpu::offset(ptrs[it.tensor], dtype, begin), dtype,
-                                end - begin) ? 1 : 0;
-  });
+  std::vector<MTItem> items;
+  const std::vector<unsigned char> bad = nonfinite_items(ptrs, sizes, dtypes, num_threads, items);
   const size_t T = ptrs.size();
   for (size_t t = 0; t <= T; ++t) flags[t] = 0;
   for (size_t k = 0; k < items.size(); ++k) {
