@@ -254,14 +254,6 @@ class _Layout:
                 and list(map(_DTYPE, Xs)) == dtypes)
 
 
-    def __getitem__(self, i):            # (shape, stride, dtype, device), as a tuple
-        return (self.shape, self.stride, self.dtype, self.device)[i]
-
-
-def _same_layout(Xs, like) -> bool:
-    """Every X has ``like``'s shape, strides, dtype and device (a ``_Layout``)."""
-    return like.matches(Xs)
-
 
 _DTYPE = torch.Tensor.dtype.__get__
 _PTR = torch.Tensor.data_ptr
@@ -452,6 +444,7 @@ class BoundGroupedResidualBackprojectUpdate:
         if stacked is not None and "prepared" in self.kw:    # the Triton launcher
             self.kw["stacked"] = stacked
         self._g_ptrs = None       # the gradients' addresses whose offsets ``prepared`` holds
+        self._scalars_key = None  # the last call's scalars, checked (a class's change rarely)
 
     def __call__(self, Gs, *, coef, res_coef, pre_scale=1.0, post_decay=0.0,
                  precision="ieee", skip=None):
@@ -467,8 +460,12 @@ class BoundGroupedResidualBackprojectUpdate:
 
                 prepared["residuals"] = element_offsets("Gs", Gs)
                 self._g_ptrs = ptrs
-        scalars = _finite_scalars(self.count, coef=coef, res_coef=res_coef,
-                                  pre_scale=pre_scale, post_decay=post_decay)
+        key = (coef, res_coef, pre_scale, post_decay)   # checked once per distinct values
+        if key != self._scalars_key:
+            self._scalars = _finite_scalars(self.count, coef=coef, res_coef=res_coef,
+                                            pre_scale=pre_scale, post_decay=post_decay)
+            self._scalars_key = key
+        scalars = dict(self._scalars)
         if skip is not None:
             ops._check_skip(skip, self.device)
             scalars["skip"] = skip

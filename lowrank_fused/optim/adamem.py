@@ -51,49 +51,6 @@ PROJECTORS = ("svd", "randomized")
 LOW_RANK_OPS = ("project", "adamem_moments", "residual_col_stats", "residual_backproject_update")
 
 
-class _BoundResidualUpdate(ops_grouped.BoundGroupedResidualBackprojectUpdate):
-    """The bound combined update of a class with two additions of the step engine's:
-
-    * ``skip``: the step's on-device non-finite flag, passed to the implementation (the
-      grouped K3 masks its store of every W with it; the reference puts the weights back), so
-      the weights keep their bits on a skipped step without a host read;
-    * the per-member scalars are checked for finiteness once per distinct set of values (a
-      class's coefficients change only when a group's ``lr``, ``weight_decay`` or ``delta``
-      does), not on every call.
-
-    Everything else (the gradients' layout check, the offsets of the gradients kept while
-    they stay put) is the bound call's."""
-
-    _scalars_key = None
-
-    def __call__(self, Gs, *, coef, res_coef, pre_scale=1.0, post_decay=0.0,
-                 precision="ieee", skip=None):
-        if not self.layout.matches(Gs):
-            ops_grouped._lists(Gs=Gs, Ws=self.lists[0])
-            ops_grouped._check_members("Gs", Gs, self.layout[0], self.device,
-                                       "the bound Gs[0]", dtype=self.layout[2])
-        prepared = self.kw.get("prepared")
-        if prepared is not None:  # Triton: the gradients' offsets, kept while they stay put
-            ptrs = tuple(map(torch.Tensor.data_ptr, Gs))
-            if ptrs != self._g_ptrs:
-                from lowrank_fused.kernels._grouped import element_offsets
-
-                prepared["residuals"] = element_offsets("Gs", Gs)
-                self._g_ptrs = ptrs
-        key = (coef, res_coef, pre_scale, post_decay)
-        if key != self._scalars_key:
-            self._scalars = ops_grouped._finite_scalars(
-                self.count, coef=coef, res_coef=res_coef, pre_scale=pre_scale,
-                post_decay=post_decay)
-            self._scalars_key = key
-        kw = dict(self.kw, precision=precision, **self._scalars)
-        if skip is not None:
-            ops._check_skip(skip, self.device)
-            kw["skip"] = skip
-        Ws, Ps, Rs, Ns, css = self.lists
-        self.impl(Ws, Gs, Ps, Rs, Ns, css, **kw)
-
-
 class AdaMeM(LowRankOptimizer):
     """AdaMeM (docs/methods/adamem.md).
 
@@ -701,7 +658,7 @@ class AdaMeM(LowRankOptimizer):
                            per_member)
         k3 = ex.get("k3")
         if k3 is None:
-            k3 = ex["k3"] = _BoundResidualUpdate(
+            k3 = ex["k3"] = ops_grouped.BoundGroupedResidualBackprojectUpdate(
                 ex["Wc"], Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["col_scales"],
                 backend=cls.backend, scratch=True)
         if uniform:
