@@ -185,10 +185,17 @@ KERNEL_MODULES += ("grouped_adapm_update",)
 
 
 def all_variants():
+    """Every kernel module's variants, each compilation once (two dtype combinations of a
+    launcher can name the same compilation, e.g. a dense kernel whose state is fp32 either
+    way)."""
     import importlib
 
+    seen = set()
     for mod in KERNEL_MODULES:
-        yield from importlib.import_module(f"lowrank_fused.kernels.{mod}").aot_variants()
+        for v in importlib.import_module(f"lowrank_fused.kernels.{mod}").aot_variants():
+            if v.name not in seen:
+                seen.add(v.name)
+                yield v
 
 
 def compile_all(shard: int = 0, shards: int = 1, match: str = None):
