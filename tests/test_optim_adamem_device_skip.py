@@ -68,10 +68,10 @@ def test_a_per_parameter_step_reads_the_flag_at_once():
     assert _reads(opt, net, 3) == 1
 
 
-CASES = [(b, w, torch.float32) for b in ("auto", "reference")
-         for w in ("wide", "tall", "vector", "embedding")]
-CASES += [("auto", "tall", torch.bfloat16), ("reference", "embedding", torch.bfloat16),
-          ("auto", "vector", torch.bfloat16)]
+# every parameter kind on the default backend, the reference on two, bf16 on three
+CASES = [("auto", w, torch.float32) for w in ("wide", "tall", "vector", "embedding")]
+CASES += [("reference", "tall", torch.float32), ("auto", "tall", torch.bfloat16),
+          ("reference", "embedding", torch.bfloat16), ("auto", "vector", torch.bfloat16)]
 
 
 @pytest.mark.parametrize("backend,which,dtype", CASES, ids=str)
