@@ -557,7 +557,6 @@ class PackedMulti:
         self.ptrs, self.sizes, self.codes = _pack(tuple(lists.values()))
         self.stride = len(names)
         self.slot = names.index(dynamic) if dynamic is not None else None
-        self.like = [(t.shape, t.dtype) for t in lists[dynamic]] if dynamic is not None else None
         if dynamic is not None:          # the cheap check of a call's list (C loops)
             self._like_lists = ([t.shape for t in lists[dynamic]],
                                 [t.dtype for t in lists[dynamic]])

@@ -12,7 +12,6 @@ next step). On the CPU the table is host memory, written in place.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
@@ -63,8 +62,3 @@ class StagedTable:
         else:
             self._host[...] = values
 
-
-def as_rows(columns) -> np.ndarray:
-    """``columns`` (a list of equal-length lists) as a float32 array, each Python float rounded
-    once to the nearest fp32 (as a C++ ``static_cast<float>`` of a double rounds it)."""
-    return np.asarray(columns, dtype=np.float64).astype(np.float32)

@@ -23,7 +23,7 @@ import torch
 
 from lowrank_fused import ops
 from lowrank_fused.dispatch import implementation
-from lowrank_fused.ops_multi import _as_list, _per_tensor
+from lowrank_fused.ops_multi import _DTYPE, _as_list, _per_tensor
 
 __all__ = ["grouped_project", "grouped_backproject_update",
            "grouped_residual_backproject_update"]
@@ -254,8 +254,6 @@ class _Layout:
                 and list(map(_DTYPE, Xs)) == dtypes)
 
 
-
-_DTYPE = torch.Tensor.dtype.__get__
 _PTR = torch.Tensor.data_ptr
 
 

@@ -269,7 +269,6 @@ class BoundAdamWStepMulti:
         if self.count == 0:
             raise ValueError("a bound call needs at least one tensor")
         self.eps_mode, self.wd_mode, self.correct_bias = eps_mode, wd_mode, bool(correct_bias)
-        self.like = [(G.shape, G.dtype, G.device) for G in lists["Gs"]]
         # the cheap check of a call: three list comparisons (C loops)
         self._like_lists = ([G.shape for G in lists["Gs"]], [G.dtype for G in lists["Gs"]],
                             [G.get_device() for G in lists["Gs"]])
@@ -300,11 +299,12 @@ class BoundAdamWStepMulti:
         if not (list(map(torch.Tensor.size, Gs)) == shapes
                 and list(map(_DTYPE, Gs)) == dtypes
                 and list(map(torch.Tensor.get_device, Gs)) == devices):
-            for i, (G, (shape, dtype, device)) in enumerate(zip(Gs, self.like)):
+            for i, (G, shape, dtype, device) in enumerate(zip(Gs, shapes, dtypes, devices)):
                 ops._check_float(f"Gs[{i}]", G)
-                if (G.shape, G.dtype, G.device) != (shape, dtype, device):
+                if (G.shape, G.dtype, G.get_device()) != (shape, dtype, device):
                     raise ValueError(f"Gs[{i}] ({tuple(G.shape)}, {G.dtype}, {G.device}) differs "
-                                     f"from the bound gradient ({tuple(shape)}, {dtype}, {device})")
+                                     f"from the bound gradient ({tuple(shape)}, {dtype}, "
+                                     f"{self.device})")
         cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
         if skip is not None:
             ops._check_skip(skip, self.device)

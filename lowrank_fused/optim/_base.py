@@ -57,7 +57,7 @@ def _dtensor_type():
     return DTensor
 
 
-_DTYPE = torch.Tensor.dtype.__get__
+_DTYPE = ops_multi._DTYPE
 _LAYOUT = torch.Tensor.layout.__get__
 
 
@@ -794,7 +794,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._step_work()
         graph.replay()
         self._graph, self._graph_key_held = graph, key
-        self.graphs_captured = getattr(self, "graphs_captured", 0) + 1
+        self.graphs_captured += 1
 
     def _graph_key(self):
         """What a captured step depends on, or None when this step cannot be captured: CUDA,
