@@ -453,8 +453,12 @@ class AdaRankGrad(LowRankOptimizer):
             cls.extra["z2"] = z2[offset:offset + len(cls.members)]
             offset += len(cls.members)
         self._class_z2 = (z2, [(m.state, m.group) for m in members])
+        self._class_zs = torch.empty_like(z2)
 
     def _class_lists(self, cls):
+        cls.extra["states"] = [m.state for m in cls.members]
+        groups = {id(m.group): m.group for m in cls.members}
+        cls.extra["group"] = next(iter(groups.values())) if len(groups) == 1 else None
         cls.extra["Ms"] = [m.state["exp_avg"] for m in cls.members]
         cls.extra["Vs"] = [m.state["exp_avg_sq"] for m in cls.members]
         cls.extra["where"] = self._multi_where("adam_moments", cls.backend,
@@ -465,19 +469,28 @@ class AdaRankGrad(LowRankOptimizer):
         """One class: K1 of every member with its ``||Ghat||^2`` (one grouped launch), K2
         (one multi-tensor call where the backend has it, else per matrix), K3 (one grouped
         launch, WD-pre). The exit tests run after every class (``_after_updates``)."""
-        ts = []
-        for m in cls.members:
-            t = m.state["step"] + 1
-            m.state["step"] = t
-            ts.append(t)
-        groups = [m.group for m in cls.members]
+        states = cls.extra["states"]
+        ts = [st["step"] + 1 for st in states]
+        for st, t in zip(states, ts):
+            st["step"] = t
         skip = self._skip_flag        # K1 writes only the workspace: it needs no skip
         Rs = self._class_project(cls, self._class_grads(cls), precision,
                                  r_sumsq=cls.extra["z2"])
-        # per member: (beta1, beta2, eps) of K2, then K3's coef = lr*scale and WD-pre scale
-        hyper = per_member(groups, lambda g: (
-            (g["betas"][0], g["betas"][1], g["eps"]), g["lr"] * g["scale"],
-            ops.decay_coefficients(g["lr"], g["weight_decay"], "pre")[0]))
+        # per member: (beta1, beta2, eps, t) of K2, then K3's coef = lr*scale and WD-pre
+        # scale; the common case, one group at one step count, derives them once
+        group = cls.extra["group"]
+        if group is not None and ts.count(ts[0]) == len(ts):
+            rows = per = (group["betas"][0], group["betas"][1], group["eps"], ts[0])
+            per = [per] * len(ts)
+            coefs = group["lr"] * group["scale"]
+            pre_scales = ops.decay_coefficients(group["lr"], group["weight_decay"], "pre")[0]
+        else:
+            groups = [m.group for m in cls.members]
+            hyper = per_member(groups, lambda g: (
+                (g["betas"][0], g["betas"][1], g["eps"]), g["lr"] * g["scale"],
+                ops.decay_coefficients(g["lr"], g["weight_decay"], "pre")[0]))
+            rows = per = [h[0] + (t,) for h, t in zip(hyper, ts)]
+            coefs, pre_scales = [h[1] for h in hyper], [h[2] for h in hyper]
         Ms, Vs = cls.extra["Ms"], cls.extra["Vs"]
         where = cls.extra["where"]
         if where is not None:
@@ -485,12 +498,12 @@ class AdaRankGrad(LowRankOptimizer):
             if k2 is None:
                 k2 = cls.extra["k2"] = ops_multi.BoundAdamMomentsMulti(
                     Rs, Ms, Vs, cls.Ns, eps_mode="torch", backend=where)
-            k2([h[0] + (t,) for h, t in zip(hyper, ts)], skip=skip)
+            k2(rows, skip=skip)
         else:
-            for R, M, V, N, ((a, b, e), _, _), t in zip(Rs, Ms, Vs, cls.Ns, hyper, ts):
+            for R, M, V, N, (a, b, e, t) in zip(Rs, Ms, Vs, cls.Ns, per):
                 ops.adam_moments(R, M, V, N, beta1=a, beta2=b, eps=e, step=t,
                                  eps_mode="torch", backend=cls.backend, skip=skip)
-        self._class_update(cls, [h[1] for h in hyper], 0.0, precision, [h[2] for h in hyper])
+        self._class_update(cls, coefs, 0.0, precision, pre_scales)
         self._class_exit = True
 
     def _before_updates(self):
@@ -515,7 +528,11 @@ class AdaRankGrad(LowRankOptimizer):
                         for state, group in members]
         if not norms:
             return
-        zs = (norms[0] if len(norms) == 1 else torch.cat(norms)).sqrt()
+        held = self.__dict__.get("_class_z2")
+        if len(norms) == 1 and held is not None and norms[0] is held[0]:   # steady: no allocation
+            zs = torch.sqrt(norms[0], out=self._class_zs)
+        else:
+            zs = (norms[0] if len(norms) == 1 else torch.cat(norms)).sqrt()
         skip = self._skip_flag
         if skip is not None and self.__dict__.get("_pending_nonfinite") is not None:
             # the flag was left on the device: the norms follow it to the host without a
