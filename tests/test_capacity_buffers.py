@@ -21,13 +21,13 @@ CASES = {
     "adaptive_svd": (AdaptiveAdamW, dict(update_proj_gap=4, max_rank=11)),
     "adaptive_randomized": (AdaptiveAdamW, dict(update_proj_gap=4, max_rank=11,
                                                 projector="randomized")),
-    "adarankgrad": (AdaRankGrad, dict(t_min=2, t_max=4, eta_th=0.9, oversampling=3)),
+    "adarankgrad": (AdaRankGrad, dict(t_min=2, t_max=4, eta_th=0.9, proj_oversample=3)),
 }
 
 
 def _rank(opt, p):
     st = opt.state[p]
-    return st["rank"] if "rank" in st else st["r_cur"]
+    return st["rank"]
 
 
 def _grads(step, dtype):

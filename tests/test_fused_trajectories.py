@@ -33,7 +33,7 @@ def _run(method, backend):
         opt.zero_grad(set_to_none=True)
         if t % 10 == 9:
             snaps.append({k: v.detach().clone() for k, v in net.named_parameters()})
-            ranks.append(sorted(st.get("rank", st.get("r_cur", 0)) for st in opt.state.values()))
+            ranks.append(sorted(st.get("rank", 0) for st in opt.state.values()))
     return snaps, ranks, opt
 
 

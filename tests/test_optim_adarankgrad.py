@@ -154,7 +154,7 @@ def test_reference_matches_literal_pseudocode():
     mats, dense = _params()
     lit_W = [p.detach().clone() for p in mats]
     hp = dict(lr=2e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, scale=0.5, eta_th=0.9,
-              power_iters=1, oversampling=2, eps_rel=0.5, beta_c=0.5, t_min=2, t_max=6, seed=3)
+              proj_power_iters=1, proj_oversample=2, eps_rel=0.5, beta_c=0.5, t_min=2, t_max=6, seed=3)
     opt = AdaRankGrad([dict(params=mats, rank=8), dict(params=dense)], backend="reference", **hp)
     lits = [LiteralAdaRankGrad(i, 8, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
                                lam=hp["weight_decay"], alpha=hp["scale"], eta_th=hp["eta_th"],
@@ -169,10 +169,10 @@ def test_reference_matches_literal_pseudocode():
         for i, (p, lit) in enumerate(zip(mats, lits)):
             lit.step(lit_W[i], grads[i])
             st = opt.state[p]
-            assert (st["r_cur"], st["j"], st["t_j"]) == (lit.r, lit.j, lit.t_j), f"step {t + 1}"
+            assert (st["rank"], st["j"], st["t_j"]) == (lit.r, lit.j, lit.t_j), f"step {t + 1}"
             assert_parity(p, lit_W[i], rtol=1e-5, name=f"W {tuple(p.shape)} step {t + 1}")
             assert_parity(_canon(st["ortho"], p.shape), lit.P, rtol=1e-5, name="P")
-            ranks.add(st["r_cur"])
+            ranks.add(st["rank"])
         blocks.append(opt.state[mats[0]]["j"])
     assert {2, 3, 6} <= ranks, ranks
     assert blocks[-1] >= 4
@@ -209,15 +209,15 @@ def test_iass_prefix_basis_is_the_rank_r_ssrf():
     sketch of (seed, parameter index, block): same columns (sign-canonical), every block."""
     shapes = [(48, 96), (96, 48)]
     Ws = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = AdaRankGrad([dict(params=Ws, rank=10)], eta_th=0.95, power_iters=1, seed=9,
-                      t_min=1, t_max=1, oversampling=3)
+    opt = AdaRankGrad([dict(params=Ws, rank=10)], eta_th=0.95, proj_power_iters=1, seed=9,
+                      t_min=1, t_max=1, proj_oversample=3)
     for block in (1, 2, 3):
         for i, (W, (m, n)) in enumerate(zip(Ws, shapes)):
             W.grad = planted(m, n, [20.0, 19.0, 18.0, 17.0] + [0.2] * 20, salt=block + 5 * i)
         opt.step()
         for i, (W, shape) in enumerate(zip(Ws, shapes)):
             st = opt.state[W]
-            P, r = _canon(st["ortho"], shape), st["r_cur"]
+            P, r = _canon(st["ortho"], shape), st["rank"]
             assert (r, st["j"], st["layer_id"]) == (4, block, i)
             Gc = W.grad if shape[0] < shape[1] else W.grad.t()
             direct = torch.empty(Gc.shape[0], r)
@@ -226,7 +226,7 @@ def test_iass_prefix_basis_is_the_rank_r_ssrf():
             assert_parity(P, direct, rtol=1e-4, name=f"P block {block}")
 
 
-def test_oversampling_changes_ritz_but_not_prefix():
+def test_oversample_changes_ritz_but_not_prefix():
     """A consequence of invariant 7: prefix IASS selects ``Qb[:, :r]``, which does not depend on
     the sketch width, so oversampling changes nothing there; Ritz vectors use the whole sketch."""
     G = planted(60, 90, [10.0 * 0.85 ** i for i in range(40)], salt=8)
@@ -236,7 +236,7 @@ def test_oversampling_changes_ritz_but_not_prefix():
             W = torch.nn.Parameter(torch.randn(60, 90))
             W.grad = G.clone()
             opt = AdaRankGrad([dict(params=[W], rank=8)], eta_th=0.8, iass_mode=mode,
-                              oversampling=p)
+                              proj_oversample=p)
             opt.step()
             bases[mode, p] = opt.state[W]["ortho"]
     assert bases["prefix", 0].shape == bases["prefix", 6].shape
@@ -283,7 +283,7 @@ def _run_with_checks(opt, params, grad_fn, steps):
             if "ortho" in st and st["j"] != before[p]:
                 seen += 1
                 assert _gram_error(st["ortho"]) < 1e-5, f"step {t + 1}"
-                r = st["r_cur"]
+                r = st["rank"]
                 P = st["ortho"]
                 expect = (r, p.shape[1]) if P.shape[0] == p.shape[0] else (p.shape[0], r)
                 assert tuple(st["exp_avg"].shape) == expect == tuple(st["exp_avg_sq"].shape)
@@ -296,7 +296,7 @@ def _run_with_checks(opt, params, grad_fn, steps):
 def test_orthonormal_after_every_refresh(iass_mode):
     mats, _ = _params(((40, 70), (70, 40), (32, 32)), bias=False)
     opt = AdaRankGrad([dict(params=mats, rank=8)], iass_mode=iass_mode, eta_th=0.9,
-                      t_min=2, t_max=3, oversampling=3)
+                      t_min=2, t_max=3, proj_oversample=3)
     kinds = [lambda p, t, i: _switching_grad(p, t, i),
              lambda p, t, i: torch.randn(p.shape),                            # full rank
              lambda p, t, i: planted(*p.shape, [5.0, 1.0], salt=t)]            # rank 2 < k
@@ -352,7 +352,7 @@ def test_rank_at_the_planted_gap(gap, shape, iass_mode):
     W.grad = planted(*shape, sig, salt=gap)
     opt = AdaRankGrad([dict(params=[W], rank=10)], eta_th=0.95, iass_mode=iass_mode)
     opt.step()
-    assert opt.state[W]["r_cur"] == gap
+    assert opt.state[W]["rank"] == gap
 
 
 def test_selected_rank_is_the_smallest_sufficient_one():
@@ -367,7 +367,7 @@ def test_selected_rank_is_the_smallest_sufficient_one():
             W.grad = G.clone()
             opt = AdaRankGrad([dict(params=[W], rank=20)], eta_th=eta, iass_mode=mode)
             opt.step()
-            P, r = opt.state[W]["ortho"], opt.state[W]["r_cur"]
+            P, r = opt.state[W]["ortho"], opt.state[W]["rank"]
             E = G.square().sum()
             assert (P.t() @ G).square().sum() >= eta * E * (1 - 1e-5)
             assert (P[:, :r - 1].t() @ G).square().sum() < eta * E
@@ -458,7 +458,7 @@ def test_zero_gradient_first_step_only_decays():
     assert "ortho" not in st and st["refresh"] and st["j"] == 0 and st["step"] == 1
     W.grad = planted(30, 50, [9.0, 7.0], salt=3)
     opt.step()
-    assert st["j"] == 1 and st["t_j"] == 2 and st["r_cur"] == 2
+    assert st["j"] == 1 and st["t_j"] == 2 and st["rank"] == 2
     assert torch.isfinite(W).all() and _gram_error(st["ortho"]) < 1e-5
 
 
@@ -488,12 +488,12 @@ def test_rank_deficient_sketch():
     picks r <= 2, and nothing is NaN."""
     for shape in ((40, 70), (70, 40)):
         W = torch.nn.Parameter(torch.randn(shape))
-        opt = AdaRankGrad([dict(params=[W], rank=8)], oversampling=2, eta_th=0.999, t_max=2)
+        opt = AdaRankGrad([dict(params=[W], rank=8)], proj_oversample=2, eta_th=0.999, t_max=2)
         for t in range(5):
             W.grad = planted(*shape, [3.0, 1.0], salt=t % 2)
             opt.step()
             st = opt.state[W]
-            assert st["r_cur"] <= 2 and _gram_error(st["ortho"]) < 1e-5
+            assert st["rank"] <= 2 and _gram_error(st["ortho"]) < 1e-5
             assert torch.isfinite(W).all() and torch.isfinite(st["exp_avg_sq"]).all()
 
 
@@ -562,7 +562,7 @@ def test_full_rank_moments_are_rotated_adam_moments(shape):
         dm = 0.8 * dm + 0.2 * G
         dv = 0.9 * dv + 0.1 * G * G
         st = opt.state[W]
-        assert st["r_cur"] == min(shape)
+        assert st["rank"] == min(shape)
         P = _canon(st["ortho"], shape)
         assert_parity(P @ tr(st["exp_avg"]), dm, rtol=1e-5, name="P @ M")
         assert_parity(tr(st["exp_avg_sq"]).sum(0), dv.sum(0), rtol=1e-5, name="colsum V")
@@ -575,7 +575,7 @@ def test_full_rank_moments_are_rotated_adam_moments(shape):
 def _ckpt_run(steps, start=0, opt_state=None, params=None):
     mats, dense = params if params is not None else _params(dtype=torch.bfloat16)
     opt = AdaRankGrad([dict(params=mats, rank=8), dict(params=dense)], lr=1e-2,
-                      weight_decay=0.01, eta_th=0.9, t_min=2, t_max=5, oversampling=1)
+                      weight_decay=0.01, eta_th=0.9, t_min=2, t_max=5, proj_oversample=1)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     hist = []
@@ -583,7 +583,7 @@ def _ckpt_run(steps, start=0, opt_state=None, params=None):
         for i, p in enumerate(mats + dense):
             p.grad = _switching_grad(p, t, i)
         opt.step()
-        hist.append(opt.state[mats[0]]["r_cur"])
+        hist.append(opt.state[mats[0]]["rank"])
     return mats + dense, opt, hist
 
 
@@ -657,7 +657,7 @@ def test_triton_backend_matches_reference(iass_mode, dtype):
             for i, p in enumerate(params):
                 p.grad = _switching_grad(p.detach().cpu(), t, i).to(device)
             opt.step()
-            hist.append(tuple(opt.state[p]["r_cur"] for p in params[:2]))
+            hist.append(tuple(opt.state[p]["rank"] for p in params[:2]))
         runs.append(params)
         ranks.append(hist)
     assert ranks[0] == ranks[1]
@@ -707,7 +707,7 @@ def test_tiny_mlp_trains_and_saves_state():
     lowrank = 0
     for w in weights:
         st = opt.state[w]
-        r = st["r_cur"]
+        r = st["rank"]
         m, n = w.shape
         lowrank += 4 * (r * n + 2 * r * m) if m >= n else 4 * (m * r + 2 * r * n)
     dense = sum(2 * 4 * p.numel() for p in others)
@@ -721,7 +721,7 @@ def test_tiny_mlp_trains_and_saves_state():
 
 @pytest.mark.parametrize("flags", [
     dict(iass_mode="ritz"), dict(exit_rule="absolute", eps_0=50.0), dict(v_transport="linear"),
-    dict(sign_canon=False), dict(power_iters=0), dict(power_iters=2), dict(oversampling=4),
+    dict(sign_canon=False), dict(proj_power_iters=0), dict(proj_power_iters=2), dict(proj_oversample=4),
 ], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
 def test_every_flag_alternative_runs(flags):
     mats, dense = _params()
@@ -745,8 +745,8 @@ BAD = [
     (dict(betas=(0.9, -0.1)), r"betas\[1\]"), (dict(betas=0.9), "betas"),
     (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
     (dict(scale=float("nan")), "scale"), (dict(eta_th=0.0), "eta_th"),
-    (dict(eta_th=1.5), "eta_th"), (dict(power_iters=-1), "power_iters"),
-    (dict(power_iters=1.5), "power_iters"), (dict(oversampling=-2), "oversampling"),
+    (dict(eta_th=1.5), "eta_th"), (dict(proj_power_iters=-1), "proj_power_iters"),
+    (dict(proj_power_iters=1.5), "proj_power_iters"), (dict(proj_oversample=-2), "proj_oversample"),
     (dict(iass_mode="svd"), "iass_mode"), (dict(exit_rule="fixed"), "exit_rule"),
     (dict(eps_rel=-0.5), "eps_rel"), (dict(beta_c=1.0), "beta_c"), (dict(t_min=0), "t_min"),
     (dict(t_max=0), "t_max"), (dict(t_max=2.5), "t_max"),

@@ -22,7 +22,7 @@ from _methods import assert_same, backward, model, optimizer, snapshot
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KW = dict(t_min=2, t_max=3, eta_th=0.8)
-SCALARS = ("step", "r_cur", "j", "t_j", "z_ema", "z_ref", "refresh", "seed", "layer_id")
+SCALARS = ("step", "rank", "j", "t_j", "z_ema", "z_ref", "refresh", "seed", "layer_id")
 
 
 def _run(engine, backend, dtype, steps, **kw):
@@ -38,8 +38,8 @@ def _run(engine, backend, dtype, steps, **kw):
         lm_loss(net, batch).backward()
         opt.step()
         opt.zero_grad()
-        history.append(tuple((st["r_cur"], st["j"]) for st in opt.state.values()
-                             if "r_cur" in st))
+        history.append(tuple((st["rank"], st["j"]) for st in opt.state.values()
+                             if "rank" in st))
     return [p.detach().clone() for p in net.parameters()], opt, history
 
 
@@ -101,7 +101,7 @@ def test_engine_equals_per_matrix(backend, dtype, capacity, monkeypatch):
     plan = opt_b._engine_plan
     assert not plan.legacy and plan.classes
     for cls in plan.classes.values():               # the class key holds the current rank
-        assert {m.state["r_cur"] for m in cls.members} == {cls.route.rank}
+        assert {m.state["rank"] for m in cls.members} == {cls.route.rank}
     # (single projections remain: IASS's B = Qb^T G at a subspace selection)
     assert calls.get("backproject_update", 0) == 0
     assert calls["grouped_project"] == calls["grouped_backproject_update"] > 0

@@ -43,7 +43,7 @@ def expected(method, name, p, state, block=None):
             return dense
         m, n = shape
         side = _std_side(m, n)
-        r = {"adaptive_adamw": state.get("rank"), "adarankgrad": state.get("r_cur")}.get(
+        r = {"adaptive_adamw": state.get("rank"), "adarankgrad": state.get("rank")}.get(
             method, RANK)
         out = {"ortho": _basis(m, n, r, side), "exp_avg": _low(m, n, r, side)}
         if method == "galore_kfac":                 # 5.6: F and its inverse root, no v

@@ -2,7 +2,7 @@
 
 Groups holding ``rank`` (= r_max, the paper's "initial rank") are projected. A subspace is
 chosen from the gradient by IASS: one seeded randomized range finder (SSRF: sketch, q power
-iterations, sign-canonical QR) of width ``k = min(rank + oversampling, m, n)``, then the
+iterations, sign-canonical QR) of width ``k = min(rank + proj_oversample, m, n)``, then the
 smallest prefix rank r whose projection keeps a fraction ``eta_th`` of ``||G||^2``. Adam
 (E-torch, WD-pre) runs on the r x n projection until the projected-gradient norm has
 converged (exit rule), then the subspace is re-selected at the next step and the moments are
@@ -96,8 +96,8 @@ def _check_hparams(h):
     check_number("scale", h["scale"])
     if check_number("eta_th", h["eta_th"], high=1.0) <= 0.0:
         raise ValueError(f"eta_th must be in (0, 1], got {h['eta_th']!r}")
-    check_int("power_iters", h["power_iters"], 0)
-    check_int("oversampling", h["oversampling"], 0)
+    check_int("proj_power_iters", h["proj_power_iters"], 0)
+    check_int("proj_oversample", h["proj_oversample"], 0)
     check_choice("iass_mode", h["iass_mode"], IASS_MODES)
     check_choice("exit_rule", h["exit_rule"], EXIT_RULES)
     check_number("eps_rel", h["eps_rel"], low=0.0)
@@ -131,10 +131,10 @@ class AdaRankGrad(LowRankOptimizer):
         scale: alpha, the factor on the back-projected step (default 1.0).
         eta_th: information threshold in (0, 1]: the selected rank is the smallest r whose
             projection keeps ``eta_th * ||G||^2`` (default 0.96).
-        power_iters: q, power iterations of the range finder (default 1; 0 is the paper's
+        proj_power_iters: q, power iterations of the range finder (default 1; 0 is the paper's
             stated cost).
-        oversampling: p, extra sketch columns: the sketch width is
-            ``min(rank + oversampling, m, n)`` (default 0).
+        proj_oversample: p, extra sketch columns: the sketch width is
+            ``min(rank + proj_oversample, m, n)`` (default 0).
         iass_mode: ``"prefix"`` (default): energies of the sketch basis' column prefixes;
             ``"ritz"``: rotate the sketch basis by the SVD of ``B = Qb^T G`` first (best rank
             r within the sketch's range).
@@ -179,7 +179,7 @@ class AdaRankGrad(LowRankOptimizer):
     State of a projected matrix (plain tensors and Python scalars, so ``state_dict``
     round-trips through ``torch.save`` / ``torch.load(weights_only=True)``):
     ``step`` (t), ``ortho`` (P, m x r_cur; for m >= n the transposed basis Q, r_cur x n),
-    ``exp_avg`` / ``exp_avg_sq`` (M, V: r_cur x n, or m x r_cur), ``r_cur``, ``j`` (blocks
+    ``exp_avg`` / ``exp_avg_sq`` (M, V: r_cur x n, or m x r_cur), ``rank`` (r_cur), ``j`` (blocks
     started), ``t_j`` (step that started the block), ``z_ema``, ``z_ref``, ``refresh``
     (re-select at the next step), ``seed``, ``layer_id``. All tensors fp32.
 
@@ -194,12 +194,14 @@ class AdaRankGrad(LowRankOptimizer):
     LOWRANK_GROUP_KEYS = frozenset({"rank"})     # projected groups hold it
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 scale=1.0, eta_th=0.96, power_iters=1, oversampling=0, iass_mode="prefix",
+                 scale=1.0, eta_th=0.96, proj_power_iters=1, proj_oversample=0,
+                 iass_mode="prefix",
                  exit_rule="relative", eps_rel=0.5, beta_c=0.9, t_min=10, t_max=200,
                  eps_0=None, v_transport="cc", seed=0, backend="auto", nonfinite="raise", sign_canon=True,
                  size_guard=True, matmul_precision=None, capacity_buffers=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
-                        eta_th=eta_th, power_iters=power_iters, oversampling=oversampling,
+                        eta_th=eta_th, proj_power_iters=proj_power_iters,
+                        proj_oversample=proj_oversample,
                         iass_mode=iass_mode, exit_rule=exit_rule, eps_rel=eps_rel,
                         beta_c=beta_c, t_min=t_min, t_max=t_max, eps_0=eps_0,
                         v_transport=v_transport, seed=seed)
@@ -259,12 +261,12 @@ class AdaRankGrad(LowRankOptimizer):
         stored orientation, r), or None for a zero gradient. Mutates no state."""
         Gc = G if side == "left" else G.t()                 # canonical left form
         mc, nc = Gc.shape
-        k = min(group["rank"] + group["oversampling"], mc, nc)
+        k = min(group["rank"] + group["proj_oversample"], mc, nc)
         block = state["j"] + 1
         seed, layer = state["seed"], state["layer_id"]
         omega = sketch_matrix(seed, layer, block, nc, k, device=G.device)
         Qb = torch.empty(mc, k, dtype=torch.float32, device=G.device)
-        lookup("range_finder", backend)(Gc, omega, Qb, power_iters=group["power_iters"],
+        lookup("range_finder", backend)(Gc, omega, Qb, power_iters=group["proj_power_iters"],
                                         sign_canon=self.sign_canon,
                                         fill_seed=fill_seed(seed, layer, block),
                                         precision=precision)
@@ -314,12 +316,12 @@ class AdaRankGrad(LowRankOptimizer):
                 if plan is None or "ortho" not in state:
                     continue
                 self._keep(state, {k: state[k] for k in ("ortho", "exp_avg", "exp_avg_sq")},
-                           state["r_cur"], self._rank_capacity(group, plan[2]))
+                           state["rank"], self._rank_capacity(group, plan[2]))
 
     def _init_state(self, p, state, group):
         """A projected matrix's scalars before its first step (no subspace yet)."""
         if "step" not in state:
-            state.update(step=0, r_cur=0, j=0, t_j=0, z_ema=0.0, z_ref=0.0, refresh=True,
+            state.update(step=0, rank=0, j=0, t_j=0, z_ema=0.0, z_ref=0.0, refresh=True,
                          seed=int(group["seed"]), layer_id=self._layer_id(p))
 
     def _new_block(self, G, state, group, side, shape, backend, precision):
@@ -356,7 +358,7 @@ class AdaRankGrad(LowRankOptimizer):
             else:
                 values, r_new = block
                 self._keep(state, values, r_new, self._rank_capacity(group, shape))
-                state.update(r_cur=r_new, j=state["j"] + 1, t_j=t, refresh=False)
+                state.update(rank=r_new, j=state["j"] + 1, t_j=t, refresh=False)
 
         if "ortho" not in state:      # zero gradient before any subspace: M = V = 0, N = 0
             if pre_scale != 1.0:
@@ -389,7 +391,7 @@ class AdaRankGrad(LowRankOptimizer):
         if not self._grouped_available(group, p):
             return None
         side, _, shape = plan
-        return ClassRoute(side, int(self.state[p].get("r_cur", 0)), shape)
+        return ClassRoute(side, int(self.state[p].get("rank", 0)), shape)
 
     # every state-writing op of the engine's steady step takes the on-device skip flag (the
     # exit tests, on the host, are not applied on a step whose flag is set: _after_updates)
@@ -433,7 +435,7 @@ class AdaRankGrad(LowRankOptimizer):
                 self._keep(state, values, r_new, self._rank_capacity(group, shape))
                 routed[i] = (p, group, ClassRoute(side, r_new, shape), state)
                 replaced = True
-            state.update(r_cur=r_new, j=state["j"] + 1, t_j=t, refresh=False)
+            state.update(rank=r_new, j=state["j"] + 1, t_j=t, refresh=False)
         return replaced
 
     def _build_classes(self, plan):
