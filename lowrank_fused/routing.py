@@ -226,21 +226,10 @@ def _adamem_groups(model, target_modules, rank, method_kwargs):
 
 def optimizer_class(method: str):
     """The optimizer class of ``method`` (imported on demand). Raises ValueError for an
-    unknown method and NotImplementedError when its module or class does not exist yet."""
+    unknown method."""
     _check_method(method)
     module_name, class_name = OPTIMIZER_CLASSES[method]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise                      # the module exists but one of its imports is missing
-        raise NotImplementedError(f"method={method!r} needs {module_name}.{class_name}, which "
-                                  "is not implemented yet") from None
-    try:
-        return getattr(module, class_name)
-    except AttributeError:
-        raise NotImplementedError(f"method={method!r} needs {module_name}.{class_name}, which "
-                                  "is not implemented yet") from None
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _constructor_keywords(cls) -> set:

@@ -231,7 +231,7 @@ def test_matches_literal_transcription(cls, config):
 # invariants (docs/conventions.md) and full-rank limits
 
 def test_invariant6_full_rank_square_L_is_adam_plus_clip():
-    """r = m <= n (low-rank path kept with full_rank_fallback=False): L is square orthogonal
+    """r = m <= n (low-rank path kept with size_guard=False): L is square orthogonal
     (invariant 1), L@R is the full momentum, so e == 0 and mc = m/bc1: the trajectory equals
     the full-momentum ("v") block, clip included. Refits every 3 steps do not break it."""
     m, n = 12, 20
@@ -239,7 +239,7 @@ def test_invariant6_full_rank_square_L_is_adam_plus_clip():
             for _ in range(2))
     kw = dict(lr=5e-2, betas=(0.9, 0.95), weight_decay=0.1, refit_T=3, refit_K=4,
               backend="reference")
-    low = AdaPM([dict(params=[p], block="mlp", rank=m)], full_rank_fallback=False, **kw)
+    low = AdaPM([dict(params=[p], block="mlp", rank=m)], size_guard=False, **kw)
     full = AdaPM([dict(params=[q], block="v")], **kw)
     F_mom = torch.zeros(m, n, dtype=torch.float64)
     for t in range(10):
@@ -261,7 +261,7 @@ def test_invariant6_does_not_hold_for_tall_matrices():
     meaningful)."""
     m, n = 20, 12
     p = nn.Parameter(torch.randn(m, n))
-    opt = AdaPM([dict(params=[p], block="mlp", rank=n)], full_rank_fallback=False,
+    opt = AdaPM([dict(params=[p], block="mlp", rank=n)], size_guard=False,
                 refit_T=100, refit_K=2, backend="reference")
     F_mom = torch.zeros(m, n, dtype=torch.float64)
     for t in range(4):
@@ -632,7 +632,7 @@ _FLAGS = [dict(adapm_correction="eq3"), dict(adapm_correction="alg1"),
           dict(clip_mode="rms"), dict(clip_mode="none"), dict(clip_threshold=0.5),
           dict(nomomentum_mode="adagrad"), dict(refit_T=1), dict(refit_K=0),
           dict(rank=2), dict(rank_ratio=0.3), dict(sign_canon=False),
-          dict(full_rank_fallback=False, rank=64), dict(sketch_seed=5)]
+          dict(size_guard=False, rank=64), dict(seed=5)]
 
 
 @pytest.mark.parametrize("cls", [AdaPM, AdaPMMini], ids=["AdaPM", "AdaPM-mini"])
@@ -749,8 +749,8 @@ def test_bad_hyperparameters_raise_naming_them():
                       (dict(clip_mode="norm"), "clip_mode"),
                       (dict(clip_threshold=0.0), "clip_threshold"),
                       (dict(nomomentum_mode="sgd"), "nomomentum_mode"),
-                      (dict(full_rank_fallback="yes"), "full_rank_fallback"),
-                      (dict(sketch_seed=-1), "sketch_seed"), (dict(backend="gpu"), "backend"),
+                      (dict(size_guard="yes"), "size_guard"),
+                      (dict(seed=-1), "seed"), (dict(backend="gpu"), "backend"),
                       (dict(matmul_precision="fp16"), "matmul_precision")]:
         with pytest.raises(ValueError, match=match):
             AdaPM([p], **kw)

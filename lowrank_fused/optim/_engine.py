@@ -6,10 +6,12 @@ A method says, per parameter, which *route* its update takes (``LowRankOptimizer
   step that shares a device, a backend and the conventions runs in one multi-tensor call.
 * ``ClassRoute``: a projected matrix of a *class* (side, rank, 2-D shape, dtypes, strides).
   Every class runs as one grouped projection (K1), the method's middle step on the whole
-  class (``_class_middle``: R -> N and K3's coefficients) and one grouped back-projection with
-  the weight update (K3). A class of one matrix is just a small class.
+  class (R -> N and K3's coefficients, in the method's ``_class_step``) and one grouped
+  back-projection with the weight update (K3). A class of one matrix is just a small class.
+  Methods without a projection pair (AdaPM, Adafactor, AdaMeM's Adafactor parameters) group
+  their parameters into classes of their own kinds by the same rules.
 * None: the method's own per-parameter step (``_step_param``), for what the engine does not
-  plan (FSDP2 shards, parameters whose 2-D view needs a copy, methods not yet on the engine).
+  plan (FSDP2 shards, parameters whose 2-D view needs a copy, per-layer mode).
 
 The plan (routes, classes, their tensors and workspaces) is built once and kept while the
 structure stays: the same parameters with gradients, the same state tensors. It is rebuilt

@@ -116,11 +116,11 @@ class AdaPM(LowRankOptimizer):
             (default 1.0). Applies to every block.
         nomomentum_mode: second moment of the no-momentum blocks: ``"ema"`` (default, the
             beta2 EMA with bias correction) or ``"adagrad"`` (``v += g^2``, no correction).
-        full_rank_fallback: a low-rank block whose matrix is not 2-D or whose rank reaches
+        size_guard: a low-rank block whose matrix is not 2-D or whose rank reaches
             ``min(m, n)`` takes the full-momentum step (default True, the size guard of
             docs/conventions.md). False keeps the low-rank path at ``r = min(m, n)`` (used to
             test the full-rank limit).
-        sketch_seed: base seed of the Gaussian sketches that initialise L (see
+        seed: base seed of the Gaussian sketches that initialise L (see
             :func:`sketch_seed`).
         backend, faithful_dtypes, sign_canon, matmul_precision: as
             :class:`~lowrank_fused.optim.galore_adamw.GaLoreAdamW`. ``faithful_dtypes`` keeps
@@ -143,15 +143,15 @@ class AdaPM(LowRankOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, *,
                  rank=None, rank_ratio=0.05, refit_T=100, refit_K=10,
                  adapm_correction="unbiased", bias_correction=True, clip_mode="elementwise",
-                 clip_threshold=1.0, nomomentum_mode="ema", full_rank_fallback=True,
-                 sketch_seed=0, backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
+                 clip_threshold=1.0, nomomentum_mode="ema", size_guard=True,
+                 seed=0, backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
                  matmul_precision=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block="auto",
                         rank=rank, rank_ratio=rank_ratio, refit_T=refit_T, refit_K=refit_K,
                         adapm_correction=adapm_correction, bias_correction=bias_correction,
                         clip_mode=clip_mode, clip_threshold=clip_threshold,
-                        nomomentum_mode=nomomentum_mode, full_rank_fallback=full_rank_fallback,
-                        sketch_seed=sketch_seed, head_dim=None, transposed=False,
+                        nomomentum_mode=nomomentum_mode, size_guard=size_guard,
+                        seed=seed, head_dim=None, transposed=False,
                         qkv_sizes=None)
         self._check_hyper(defaults)
         defaults["betas"] = tuple(betas)
@@ -181,11 +181,11 @@ class AdaPM(LowRankOptimizer):
                 raise ValueError(f"{key} must be one of {choices}, got {group[key]!r}")
         if check_number("clip_threshold", group["clip_threshold"], low=0.0) <= 0.0:
             raise ValueError(f"clip_threshold must be > 0, got {group['clip_threshold']!r}")
-        for key in ("bias_correction", "full_rank_fallback", "transposed"):
+        for key in ("bias_correction", "size_guard", "transposed"):
             if not isinstance(group[key], bool):
                 raise ValueError(f"{key} must be a bool, got {group[key]!r}")
-        if not _is_int(group["sketch_seed"], 0):
-            raise ValueError(f"sketch_seed must be an int >= 0, got {group['sketch_seed']!r}")
+        if not _is_int(group["seed"], 0):
+            raise ValueError(f"seed must be an int >= 0, got {group['seed']!r}")
         if group["head_dim"] is not None and not _is_int(group["head_dim"], 1):
             raise ValueError(f"head_dim must be None or an int >= 1, got {group['head_dim']!r}")
         sizes = group["qkv_sizes"]
@@ -263,7 +263,7 @@ class AdaPM(LowRankOptimizer):
             if rank is None:
                 rank = math.ceil(group["rank_ratio"] * cap)
             rank = min(rank, cap)
-            if p.dim() < 2 or (group["full_rank_fallback"] and rank >= cap):
+            if p.dim() < 2 or (group["size_guard"] and rank >= cap):
                 kind, rank = "full", None
             else:
                 kind = "lowrank"
@@ -365,7 +365,7 @@ class AdaPM(LowRankOptimizer):
                 if key + "L" not in state:
                     L = torch.empty((m, part.rank), dtype=sd, device=p.device)
                     omega = sketch_matrix(n, part.rank, sketch_seed(
-                        group["sketch_seed"], self._param_index(p), i), p.device)
+                        group["seed"], self._param_index(p), i), p.device)
                     implementation("adapm_init_basis", backend, p.device)(
                         G, omega, L, sign_canon=self.sign_canon, precision=precision)
                     state[key + "L"] = L
@@ -460,7 +460,7 @@ class AdaPM(LowRankOptimizer):
                 backend = self._backend_for(group, p)
                 L = torch.empty((m, part.rank), dtype=sd, device=p.device)
                 omega = sketch_matrix(n, part.rank, sketch_seed(
-                    group["sketch_seed"], self._param_index(p), 0), p.device)
+                    group["seed"], self._param_index(p), 0), p.device)
                 implementation("adapm_init_basis", backend, p.device)(
                     G, omega, L, sign_canon=self.sign_canon, precision=self.precision(p.device))
                 state["L"] = L
