@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, interpreting, load_tile, skip_flag, tile_offsets, to_storage
-from .adafactor_step import TILE_M, TILE_N, TILE_WARPS, _tile, row_col_sums
+from .adafactor_step import TILE_M, TILE_N, TILE_WARPS, _adafactor_stats_kernel, _tile, \
+    row_col_sums
 
 
 @triton.jit
@@ -82,6 +83,82 @@ def adamem_factored_step(W, G, row, col, *, lr: float, beta2: float, eps1: float
         *G.stride(), float(lr), float(eps), float(c2), float(pre_scale), float(post_decay),
         BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
     )
+
+
+class BoundAdamemFactoredStep:
+    """``adamem_factored_step`` for a fixed matrix ``W`` (m x n) and its statistics ``row``
+    (m) and ``col`` (n), checked once, here, with the partial sums and the new statistics
+    in buffers kept from call to call: a call writes them in place (``out=`` forms of the
+    same torch ops in the same order, so the bits of ``adamem_factored_step``) and
+    allocates nothing. A call takes the step's gradient (W's shape, dtype and device; any
+    strides), the scalars and ``skip``."""
+
+    def __init__(self, W, row, col):
+        from lowrank_fused.ops import _check_float
+
+        _check_float("W", W)
+        if W.dim() != 2:
+            raise ValueError(f"W must be 2-D, got shape {tuple(W.shape)}")
+        M, N = W.shape
+        for name, t, n in (("row", row, M), ("col", col, N)):
+            if t.dtype != torch.float32 or tuple(t.shape) != (n,) or t.stride(0) != 1 \
+                    or t.device != W.device:
+                raise ValueError(f"{name} must be a contiguous fp32 vector of {n} on "
+                                 f"{W.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        self.W, self.row, self.col = W, row, col
+        self.M, self.N, self.device = M, N, W.device
+        self.tiles_m, self.tiles_n = cdiv(M, TILE_M), cdiv(N, TILE_N)
+        f32 = dict(dtype=torch.float32, device=W.device)
+        self.rowp = torch.empty((self.tiles_n, 1, M), **f32)
+        self.colp = torch.empty((self.tiles_m, 1, N), **f32)
+        # the row and column sums: pass 1's single partial row, or the sums of the partials
+        self.rowsum = self.rowp[0, 0] if self.tiles_n == 1 else torch.empty(M, **f32)
+        self.colsum = self.colp[0, 0] if self.tiles_m == 1 else torch.empty(N, **f32)
+        self.new_row = torch.empty(M, **f32)
+        self.new_col = torch.empty(N, **f32)
+        self.mean = torch.empty((), **f32)
+        self.tiles = self.tiles_m * self.tiles_n
+
+    def __call__(self, G, *, lr: float, beta2: float, eps1: float, eps: float, c2: float,
+                 pre_scale: float, post_decay: float, skip=None) -> None:
+        from lowrank_fused.ops import _check_skip
+
+        W, row, col, M, N = self.W, self.row, self.col, self.M, self.N
+        if G.shape != W.shape or G.dtype != W.dtype or G.device != W.device:
+            raise ValueError(f"G must have W's shape {tuple(W.shape)}, dtype {W.dtype} and "
+                             f"device {W.device}, got {tuple(G.shape)} {G.dtype} {G.device}")
+        _check_skip(skip, self.device)
+        if M == 0 or N == 0:
+            adamem_factored_step(W, G, row, col, lr=lr, beta2=beta2, eps1=eps1, eps=eps, c2=c2,
+                                 pre_scale=pre_scale, post_decay=post_decay, skip=skip)
+            return
+        beta2 = float(beta2)
+        _adafactor_stats_kernel[(self.tiles,)](
+            G, self.rowp, self.colp, 1, M, N, M * G.stride(0), G.stride(0), G.stride(1), float(eps1),
+            BLOCK_M=TILE_M, BLOCK_N=TILE_N, num_warps=TILE_WARPS,
+        )
+        rowsum, colsum, new_row, new_col = self.rowsum, self.colsum, self.new_row, self.new_col
+        if self.tiles_n > 1:
+            torch.sum(self.rowp, dim=0, out=rowsum.view(1, M))
+        if self.tiles_m > 1:
+            torch.sum(self.colp, dim=0, out=colsum.view(1, N))
+        # new = stat * beta2 + (1 - beta2) * (sum / count), as adamem_factored_step
+        torch.mul(row, beta2, out=new_row)
+        new_row.add_(rowsum.div_(N).mul_(1.0 - beta2))
+        torch.mul(col, beta2, out=new_col)
+        new_col.add_(colsum.div_(M).mul_(1.0 - beta2))
+        if skip is None:
+            row.copy_(new_row)
+            col.copy_(new_col)
+        else:
+            torch.where(skip, row, new_row, out=row)
+            torch.where(skip, col, new_col, out=col)
+        torch.mean(new_row, dim=0, out=self.mean)
+        _adamem_factored_apply_kernel[(self.tiles,)](
+            W, G, new_row, new_col, self.mean, skip_flag(skip, W.device), M, N, *W.stride(),
+            *G.stride(), float(lr), float(eps), float(c2), float(pre_scale), float(post_decay),
+            BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
+        )
 
 
 def aot_variants():

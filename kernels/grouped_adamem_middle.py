@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, interpreting, skip_flag, sum_fp32, tile_offsets, to_storage
-from ._grouped import element_offsets, member_ptr, offsets_table, scalar_table
+from ._grouped import element_offsets, member_ptr, offsets_table
 from .adamem_moments import MEAN_BLOCK, TILE_M, TILE_N, TILE_WARPS, VEC_BLOCK, VEC_WARPS, \
     _ema_block
 from .residual_col_stats import VEC_BLOCK as CS_BLOCK, VEC_R, VEC_WARPS as CS_WARPS
@@ -213,6 +213,10 @@ class GroupedAdamemMiddle:
         self.scratch = torch.empty(count * self.per, dtype=torch.float32, device=self.device)
         rows_ = [element_offsets(name, lst) for name, lst in zip(LISTS, lists)]
         self.offs, self.aligned = offsets_table(rows_, [4] * len(LISTS), self.device)
+        from lowrank_fused._tables import StagedTable
+
+        # the per-member scalars: one table at one address for the life of the class
+        self.table = StagedTable(SCALARS, count, self.device)
 
     def __call__(self, scalars, skip=None):
         """``scalars``: one ``(beta1, beta2, eps, eps1, c1, c2)`` per member; ``skip``: None
@@ -223,16 +227,16 @@ class GroupedAdamemMiddle:
             from lowrank_fused.ops import _check_skip
 
             _check_skip(skip, self.device)
-        if scalars.count(scalars[0]) == len(scalars):     # one set for every member
+        if scalars.count(scalars[0]) == len(scalars):     # one set: each row one number
             b1, b2, eps, eps1, c1, c2 = (float(x) for x in scalars[0])
-            table = [[x] * self.count for x in (b1, 1.0 - b1, eps1, c1, b2, 1.0 - b2, eps, c2)]
+            table = [b1, 1.0 - b1, eps1, c1, b2, 1.0 - b2, eps, c2]
         else:
             table = [[float(s[0]) for s in scalars], [1.0 - float(s[0]) for s in scalars],
                      [float(s[3]) for s in scalars], [float(s[4]) for s in scalars],
                      [float(s[1]) for s in scalars], [1.0 - float(s[1]) for s in scalars],
                      [float(s[2]) for s in scalars], [float(s[5]) for s in scalars]]
         Rs, Ms, rows, cols, Ns, c_os, css, sumsq = self.lists
-        scal = scalar_table(table, self.device, key=("adamem_middle", self.scratch.data_ptr()))
+        scal = self.table.fill(table)
         r, n, count = self.r, self.n, self.count
         if r == 0 or n == 0:
             return

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag, \
     to_storage
-from ._grouped import element_offsets, member_ptr, offsets_table, scalar_table
+from ._grouped import element_offsets, member_ptr, offsets_table
 
 _DTYPE = torch.Tensor.dtype.__get__
 
@@ -93,6 +93,10 @@ class GroupedAdamemVectorStep:
         self._v_offs = element_offsets("Vs", self.Vs)
         self._g_ptrs = None
         self._bind_grads(Gs)
+        from lowrank_fused._tables import StagedTable
+
+        # the per-member scalars: one table at one address for the life of the set
+        self.table = StagedTable(8, count, self.device)
 
     def _bind_grads(self, Gs):
         self.g_like = (Gs[0].dtype, Gs[0].device)
@@ -121,15 +125,15 @@ class GroupedAdamemVectorStep:
             self._bind_grads(Gs)
         if self.numel == 0:
             return
-        if rows.count(rows[0]) == self.count:            # one set for every member
+        if rows.count(rows[0]) == self.count:            # one set: each row one number
             lr, b2, eps1, eps, c2, pre, post = (float(x) for x in rows[0])
-            table = [[x] * self.count for x in (lr, b2, 1.0 - b2, eps1, eps, c2, pre, post)]
+            table = [lr, b2, 1.0 - b2, eps1, eps, c2, pre, post]
         else:
             table = [[float(r[0]) for r in rows], [float(r[1]) for r in rows],
                      [1.0 - float(r[1]) for r in rows], [float(r[2]) for r in rows],
                      [float(r[3]) for r in rows], [float(r[4]) for r in rows],
                      [float(r[5]) for r in rows], [float(r[6]) for r in rows]]
-        scal = scalar_table(table, self.device, key=("adamem_vectors", self.Vs[0].data_ptr()))
+        scal = self.table.fill(table)
         _g_vec_kernel[(cdiv(self.numel, ELEMENTWISE_BLOCK), self.count)](
             self.Ws[0], Gs[0], self.Vs[0], self.offs, scal, skip_flag(skip, self.device),
             self.count, self.numel,

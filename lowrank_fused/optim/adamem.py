@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from lowrank_fused import ops, ops_grouped
+from lowrank_fused.ops_adamem_grouped import BoundAdamemResidualUpdate
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import canonical_svd_basis, orth
 from lowrank_fused.subspace import grouped_refresh
@@ -521,7 +522,7 @@ class AdaMeM(LowRankOptimizer):
             state["row"] = torch.zeros(shape[0], dtype=torch.float32, device=p.device)
             state["col"] = torch.zeros(shape[1], dtype=torch.float32, device=p.device)
         plan.factored.append(SimpleNamespace(p=p, group=group, state=state, W=W, shape=shape,
-                                             chosen=chosen))
+                                             chosen=chosen, bound=None))
         return True
 
     def _engine_step(self):
@@ -545,12 +546,18 @@ class AdaMeM(LowRankOptimizer):
         kw = dict(lr=float(group["lr"]), beta2=float(group["betas"][1]),
                   eps1=float(group["eps1"]), eps=float(group["eps"]), c2=c2,
                   pre_scale=pre_scale, post_decay=post_decay, skip=self._skip_flag)
-        if f.chosen == "triton":
-            from lowrank_fused.kernels.adamem_factored_step import adamem_factored_step as op
+        if f.chosen == "triton":         # bound once: its buffers kept, nothing allocated
+            if f.bound is None:
+                from lowrank_fused.kernels.adamem_factored_step import (
+                    BoundAdamemFactoredStep)
+
+                f.bound = BoundAdamemFactoredStep(f.W, state["row"], state["col"])
+            f.bound(G, **kw)
         else:
             from lowrank_fused.reference.adamem_factored_step import (
-                adamem_factored_step_ref as op)
-        op(f.W, G, state["row"], state["col"], **kw)
+                adamem_factored_step_ref)
+
+            adamem_factored_step_ref(f.W, G, state["row"], state["col"], **kw)
         state["step"] = t
 
     def _vector_set_step(self, vs):
@@ -607,34 +614,38 @@ class AdaMeM(LowRankOptimizer):
     def _class_step(self, cls, precision):
         """One class: K1 of every member with its colsum(G^2) (one grouped launch), each
         member's factored moments and residual statistics, the combined update (one grouped
-        launch)."""
+        launch). The bound calls take the gradients as they are (a tall class's untransposed:
+        the same launches); the common case, one group and one counter, derives its scalars
+        once and passes them as single numbers."""
         ex = cls.extra
         Gs = self._class_grads(cls)
-        if cls.route.side == "right":
-            Gs = [G.t() for G in Gs]
+        right = cls.route.side == "right"
         k1 = ex.get("k1")
         if k1 is None:
-            k1 = ex["k1"] = ops_grouped.BoundGroupedProject(Gs, cls.Ps, ex["Rc"], side="left",
-                                                            backend=cls.backend)
+            k1 = ex["k1"] = ops_grouped.BoundGroupedProject(
+                Gs, [P.t() for P in cls.Ps] if right else cls.Ps,
+                [R.t() for R in ex["Rc"]] if right else ex["Rc"],
+                side=cls.route.side, backend=cls.backend)
         k1(Gs, precision=precision, sumsq=ex["sumsq"])
         states, count = ex["states"], len(cls.members)
-        for st in states:                                        # line 1: the counters
-            st["step"] += 1
-        ts = {st["step"] for st in states}
-        if ex["group"] is not None and len(ts) == 1:   # one group, one counter: one set
-            scalars = [self._scalars(ex["group"], ts.pop())] * count
+        ts = [st["step"] + 1 for st in states]                  # line 1: the counters
+        for st, t in zip(states, ts):
+            st["step"] = t
+        group = ex["group"]
+        if group is not None and ts.count(ts[0]) == count:     # one group, one counter
+            sc = self._scalars(group, ts[0])
+            scalars, uniform = [sc] * count, True
         else:
             memo = {}
             scalars = []
-            for m in cls.members:
-                key = (id(m.group), m.state["step"])
-                sc = memo.get(key)
+            for m, t in zip(cls.members, ts):
+                sc = memo.get((id(m.group), t))
                 if sc is None:
-                    sc = memo[key] = self._scalars(m.group, key[1])
+                    sc = memo[(id(m.group), t)] = self._scalars(m.group, t)
                 scalars.append(sc)
+            uniform = scalars.count(scalars[0]) == count
         skip = self._skip_flag
         middle = ex["middle"]
-        uniform = scalars.count(scalars[0]) == count
         if middle is not None:           # the class's middle in four launches
             mk = scalars[0][0]
             row = (mk["beta1"], mk["beta2"], mk["eps"], mk["eps1"], mk["c1"], mk["c2"])
@@ -644,10 +655,11 @@ class AdaMeM(LowRankOptimizer):
             middle(rows, skip=skip)
         else:
             moments, col_stats = ex["impls"]
+            left = [G.t() for G in Gs] if right else Gs
 
             def per_member():
                 for m, G, P, R, N1, g_sumsq, col_scale, sc in zip(
-                        cls.members, Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["sumsq_rows"],
+                        cls.members, left, cls.Ps, ex["Rc"], ex["Nc"], ex["sumsq_rows"],
                         ex["col_scales"], scalars):
                     self._low_rank_middle(moments, col_stats, m.state, G, P, R, g_sumsq, N1,
                                           col_scale, sc[0], sc[1])
@@ -658,12 +670,11 @@ class AdaMeM(LowRankOptimizer):
                            per_member)
         k3 = ex.get("k3")
         if k3 is None:
-            k3 = ex["k3"] = ops_grouped.BoundGroupedResidualBackprojectUpdate(
+            k3 = ex["k3"] = BoundAdamemResidualUpdate(
                 ex["Wc"], Gs, cls.Ps, ex["Rc"], ex["Nc"], ex["col_scales"],
-                backend=cls.backend, scratch=True)
-        if uniform:
-            c0 = scalars[0][2]
-            coefs = {k: (c0[k],) * count for k in K3_SCALARS}
+                side=cls.route.side, backend=cls.backend)
+        if uniform:                      # one number for every member
+            coefs = scalars[0][2]
         else:
             coefs = {k: tuple(sc[2][k] for sc in scalars) for k in K3_SCALARS}
         k3(Gs, precision=precision, skip=skip, **coefs)
