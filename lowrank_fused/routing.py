@@ -233,10 +233,12 @@ def optimizer_class(method: str):
 
 
 def _constructor_keywords(cls) -> set:
-    sig = inspect.signature(cls.__init__)
+    """The constructor's own keywords and the shared options it reads (``OPTIONS``: taken
+    through ``**options``, declared once in ``optim._base``)."""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {name for name, prm in sig.parameters.items()
-            if prm.kind in kinds and name not in ("self", "params")}
+    names = {name for name, prm in inspect.signature(cls.__init__).parameters.items()
+             if prm.kind in kinds and name not in ("self", "params")}
+    return names | set(getattr(cls, "OPTIONS", ()))
 
 
 def _named(model: nn.Module, groups: List[dict]) -> List[dict]:

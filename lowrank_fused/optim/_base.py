@@ -135,6 +135,12 @@ def check_betas(betas):
     return (float(betas[0]), float(betas[1]))
 
 
+# The options every method shares, with their defaults: declared here once; each method's
+# constructor takes them as keywords (``**options``) and its ``OPTIONS`` names those it reads.
+SHARED_OPTIONS = {"backend": "auto", "nonfinite": "raise", "faithful_dtypes": False,
+                  "sign_canon": True, "matmul_precision": None}
+
+
 class LowRankOptimizer(torch.optim.Optimizer):
     """Base class: subclasses implement ``_check_group``, ``_ops_needed`` and ``_step_param``,
     and may hook ``_check_grads`` (method-specific gradient checks), ``_before_updates`` (a global
@@ -144,7 +150,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
     state, so bad input (a scheduler writing a bad value, a NaN gradient) raises with the
     weights and the state as they were.
 
-    ``nonfinite`` (every subclass takes it) says what a NaN or Inf in any gradient does:
+    The options every method shares (keywords of every constructor; docs/conventions.md,
+    "Options every method shares"):
+
+    * ``backend``: ``"auto" | "reference" | "triton" | "cuda" | "cpu"`` (lowrank_fused.dispatch;
+      default ``"auto"``, the fused kernels where they run).
+    * ``nonfinite``: what a non-finite gradient does (below; default ``"raise"``).
+    * ``faithful_dtypes``: keep moments and the basis in the parameter dtype, as the official
+      codes do (default False: fp32). Methods whose state is fp32 by definition do not take it.
+    * ``sign_canon``: make the largest-magnitude entry of every singular vector (basis column)
+      positive, so refreshes are reproducible across SVD libraries (default True). Methods
+      with no basis do not take it.
+    * ``matmul_precision``: ``"ieee" | "tf32" | "bf16" | "tf32x3"`` for the fused GEMMs, or None
+      (default) to follow ``torch.get_float32_matmul_precision()`` at every step ("high" ->
+      tf32, "medium" -> bf16; "highest" -> tf32x3 for CUDA parameters, ieee for CPU ones;
+      docs/precision.md). Methods with no GEMM do not take it.
+
+    A method's ``OPTIONS`` lists those it reads; passing another is a ``TypeError``, as for
+    any unknown keyword.
+
+    ``nonfinite`` says what a NaN or Inf in any gradient does:
     ``"raise"`` (default) raises ``FloatingPointError`` naming the parameter and the step,
     with nothing written; ``"skip"`` skips the whole step (weights and every state tensor stay
     bit-identical) and counts it in ``skipped_steps``; ``"ignore"`` does no check (no host
@@ -172,8 +197,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # LDAdamW project the shard on the right (_sharded_right_basis); the others refuse them
     SUPPORTS_SHARDED = False
 
-    def __init__(self, params, defaults, *, backend="auto", faithful_dtypes=False,
-                 sign_canon=True, matmul_precision=None, nonfinite="raise"):
+    # the shared options this method reads (SHARED_OPTIONS); a subclass narrows it
+    OPTIONS = frozenset(SHARED_OPTIONS)
+
+    def __init__(self, params, defaults, **options):
+        unknown = sorted(set(options) - self.OPTIONS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
+                            f"{unknown[0]!r}")
+        options = {**SHARED_OPTIONS, **options}
+        backend, nonfinite = options["backend"], options["nonfinite"]
+        faithful_dtypes, sign_canon = options["faithful_dtypes"], options["sign_canon"]
+        matmul_precision = options["matmul_precision"]
         check_choice("nonfinite", nonfinite, NONFINITE)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -186,8 +221,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if backend not in CHOICES:
             raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
         self.backend = backend
-        self.faithful_dtypes = bool(faithful_dtypes)
-        self.sign_canon = bool(sign_canon)
+        self.faithful_dtypes = check_bool("faithful_dtypes", faithful_dtypes)
+        self.sign_canon = check_bool("sign_canon", sign_canon)
         self.matmul_precision = matmul_precision
         self._resolved = {}
         self._multi_resolved = {}

@@ -63,8 +63,8 @@ class Adafactor(LowRankOptimizer):
         scale_parameter: multiply the step size by ``max(eps2, RMS(W))`` (True).
         relative_step: time-dependent step size instead of ``lr`` (True).
         warmup_init: linear warm-up of the relative step size (False; needs relative_step).
-        backend: ``"auto" | "reference" | ...``: the backend of the ``adafactor_step`` op
-            (``triton``: ``kernels/adafactor_step.py``, three passes over G with the row and
+        backend, nonfinite: the options every method shares (``LowRankOptimizer``,
+            docs/conventions.md). The backend is that of the ``adafactor_step`` op (``triton``: ``kernels/adafactor_step.py``, three passes over G with the row and
             column statistics, the update RMS and RMS(W) reduced on the device, no m x n
             temporary and no host read, a whole class of same-shape parameters per set of
             launches on the step engine; ``auto`` picks it on CUDA).
@@ -75,15 +75,17 @@ class Adafactor(LowRankOptimizer):
     """
 
     PARAM_DTYPES = LowRankOptimizer.PARAM_DTYPES + (torch.float64,)   # HF Adafactor runs fp64
+    # no basis, no GEMM, and its state is in the parameter dtype by definition
+    OPTIONS = frozenset({"backend", "nonfinite"})
 
     def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
                  beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True,
-                 warmup_init=False, *, backend="auto", nonfinite="raise"):
+                 warmup_init=False, **options):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init)
         self._check_group(defaults)
-        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite)
+        super().__init__(params, defaults, **options)
 
     # -- validation -----------------------------------------------------------------------
     def _check_group(self, group):

@@ -40,15 +40,18 @@ class AdamW(LowRankOptimizer):
             AdamW (E-hf, WD-post).
         correct_bias: hf only: bias-correct the step size (default True). torch AdamW always
             corrects, so ``correct_bias=False`` with ``hf=False`` is rejected.
-        backend: ``"auto" | "reference" | "triton" | "cuda" | "cpu"``.
-        faithful_dtypes: keep exp_avg / exp_avg_sq in the parameter dtype (as torch and HF do)
-            instead of fp32.
+        backend, nonfinite, faithful_dtypes: the options every method shares
+            (``LowRankOptimizer``, docs/conventions.md); ``faithful_dtypes`` keeps exp_avg /
+            exp_avg_sq in the parameter dtype (as torch and HF do) instead of fp32.
 
     State per parameter: ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (shape of the parameter).
     """
 
+    # no basis and no GEMM
+    OPTIONS = frozenset({"backend", "nonfinite", "faithful_dtypes"})
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=None, weight_decay=None,
-                 correct_bias=True, *, hf=False, backend="auto", nonfinite="raise", faithful_dtypes=False):
+                 correct_bias=True, *, hf=False, **options):
         variant = _HF_DEFAULTS if hf else _TORCH_DEFAULTS
         eps = variant["eps"] if eps is None else eps
         weight_decay = variant["weight_decay"] if weight_decay is None else weight_decay
@@ -66,7 +69,7 @@ class AdamW(LowRankOptimizer):
         self.hf = hf
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias)
-        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes)
+        super().__init__(params, defaults, **options)
 
     def _check_group(self, group):
         check_number("lr", group["lr"], low=0.0)
@@ -104,7 +107,6 @@ class HFAdamW(AdamW):
     (0.9, 0.999), eps 1e-6, weight_decay 0.0, correct_bias True)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, *, backend="auto", nonfinite="raise", faithful_dtypes=False):
+                 correct_bias=True, **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, hf=True, backend=backend, nonfinite=nonfinite,
-                         faithful_dtypes=faithful_dtypes)
+                         correct_bias=correct_bias, hf=True, **options)

@@ -122,10 +122,10 @@ class AdaPM(LowRankOptimizer):
             test the full-rank limit).
         seed: base seed of the Gaussian sketches that initialise L (see
             :func:`sketch_seed`).
-        backend, faithful_dtypes, sign_canon, matmul_precision: as
-            :class:`~lowrank_fused.optim.galore_adamw.GaLoreAdamW`. ``faithful_dtypes`` keeps
-            L, R and the moments in the parameter dtype; ``sign_canon`` makes every QR factor
-            sign-canonical (``orth``).
+        backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision: the options every
+            method shares (``LowRankOptimizer``, docs/conventions.md). ``faithful_dtypes``
+            keeps L, R and the moments in the parameter dtype; ``sign_canon`` makes every QR
+            factor sign-canonical (``orth``).
 
     Group-only keys: ``head_dim`` (rows per attention head of q/k/qkv blocks; AdaPM-mini
     needs it), ``transposed`` (the weight is stored (in, out), e.g. HF ``Conv1D``; the method
@@ -144,8 +144,7 @@ class AdaPM(LowRankOptimizer):
                  rank=None, rank_ratio=0.05, refit_T=100, refit_K=10,
                  adapm_correction="unbiased", bias_correction=True, clip_mode="elementwise",
                  clip_threshold=1.0, nomomentum_mode="ema", size_guard=True,
-                 seed=0, backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
-                 matmul_precision=None):
+                 seed=0, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block="auto",
                         rank=rank, rank_ratio=rank_ratio, refit_T=refit_T, refit_K=refit_K,
                         adapm_correction=adapm_correction, bias_correction=bias_correction,
@@ -155,8 +154,7 @@ class AdaPM(LowRankOptimizer):
                         qkv_sizes=None)
         self._check_hyper(defaults)
         defaults["betas"] = tuple(betas)
-        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+        super().__init__(params, defaults, **options)
 
     # -- validation -------------------------------------------------------------------------
     @staticmethod

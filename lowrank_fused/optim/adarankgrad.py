@@ -192,13 +192,15 @@ class AdaRankGrad(LowRankOptimizer):
     """
 
     LOWRANK_GROUP_KEYS = frozenset({"rank"})     # projected groups hold it
+    # its state is fp32 by definition (no faithful_dtypes)
+    OPTIONS = frozenset({"backend", "nonfinite", "sign_canon", "matmul_precision"})
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  scale=1.0, eta_th=0.96, proj_power_iters=1, proj_oversample=0,
                  iass_mode="prefix",
                  exit_rule="relative", eps_rel=0.5, beta_c=0.9, t_min=10, t_max=200,
-                 eps_0=None, v_transport="cc", seed=0, backend="auto", nonfinite="raise", sign_canon=True,
-                 size_guard=True, matmul_precision=None, capacity_buffers=False):
+                 eps_0=None, v_transport="cc", seed=0, size_guard=True, capacity_buffers=False,
+                 **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
                         eta_th=eta_th, proj_power_iters=proj_power_iters,
                         proj_oversample=proj_oversample,
@@ -209,12 +211,9 @@ class AdaRankGrad(LowRankOptimizer):
         defaults["betas"] = tuple(betas)
         if not isinstance(size_guard, bool):
             raise ValueError(f"size_guard must be a bool, got {size_guard!r}")
-        if not isinstance(sign_canon, bool):
-            raise ValueError(f"sign_canon must be a bool, got {sign_canon!r}")
         self.size_guard = size_guard
         self.capacity_buffers = check_bool("capacity_buffers", capacity_buffers)
-        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=False,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+        super().__init__(params, defaults, **options)
 
     # -- validation -----------------------------------------------------------------------
     def _check_group(self, group):

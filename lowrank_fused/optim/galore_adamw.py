@@ -59,22 +59,13 @@ class GaLoreAdamW(LowRankOptimizer):
             (default ``"std"``) follow galore_torch.
         lr, betas, eps, weight_decay, correct_bias: as galore_torch's AdamW (eps 1e-6, E-hf,
             decoupled weight decay applied after the update with ``lr*weight_decay``).
-        no_deprecation_warning: accepted for galore_torch's signature (it silences HF
-            AdamW's deprecation warning there); this class has no such warning.
-        backend: ``"auto" | "reference" | "triton" | "cuda" | "cpu"`` (lowrank_fused.dispatch).
-        faithful_dtypes: keep moments and the basis in the parameter dtype, as the official
-            code does (default: fp32).
-        sign_canon: make the largest-magnitude entry of every singular vector positive, so
-            refreshes are reproducible across SVD libraries (default True).
-        matmul_precision: ``"ieee" | "tf32" | "bf16" | "tf32x3"`` for the fused GEMMs, or None
-            to follow ``torch.get_float32_matmul_precision()`` at every step ("high" -> tf32,
-            "medium" -> bf16; "highest" -> tf32x3 for CUDA parameters, ieee for CPU ones;
-            docs/precision.md).
         projector: ``"svd"`` (default, faithful: one full ``torch.linalg.svd`` per layer and
             refresh) or ``"randomized"`` (``lowrank_fused.subspace``: randomized range finder
             with ``proj_oversample`` (default 8) extra columns and ``proj_power_iters``
             (default 2) power iterations, CholeskyQR2, small SVD; all same-shape layers that
             refresh on a step are stacked into one batched call). Also a group key.
+        backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision: the options every
+            method shares (``LowRankOptimizer``, docs/conventions.md).
 
     The step runs on the engine (docs/engine.md): the matrices of one class (side, rank,
     shape, dtypes, layout: a LLaMA has a handful) take one grouped K1, one multi-tensor K2 and
@@ -96,9 +87,8 @@ class GaLoreAdamW(LowRankOptimizer):
                                     "proj_oversample", "proj_power_iters"})
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, no_deprecation_warning=True, *, backend="auto", nonfinite="raise",
-                 faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 projector="svd", proj_oversample=8, proj_power_iters=2):
+                 correct_bias=True, *, projector="svd", proj_oversample=8, proj_power_iters=2,
+                 **options):
         check_number("lr", lr, low=0.0)
         check_betas(betas)
         check_number("eps", eps, low=0.0)
@@ -109,8 +99,7 @@ class GaLoreAdamW(LowRankOptimizer):
         self._pending_bases = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=bool(correct_bias))
-        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+        super().__init__(params, defaults, **options)
 
     # -- group validation -----------------------------------------------------------------
     def _check_group(self, group):
