@@ -64,6 +64,42 @@ def test_resume_is_bit_identical_and_plain_data(method, tmp_path):
         assert torch.equal(a, b), f"{method}: {name} diverged after resume"
 
 
+def _renaming_methods():
+    return [m for m in METHODS
+            if any(lf.routing.optimizer_class(m).RENAMED_KEYS.values())]
+
+
+@pytest.mark.parametrize("method", _renaming_methods())
+def test_checkpoint_with_earlier_key_names_resumes(method):
+    """A checkpoint whose keys carry the names an earlier version used (``RENAMED_KEYS``:
+    state and group keys the one-vocabulary renaming changed) loads and resumes bit for bit."""
+    full = _model()
+    opt = lf.make_optimizer(full, method, **KW[method])
+    _steps(full, opt, 0, 5)
+
+    part = _model()
+    opt = lf.make_optimizer(part, method, **KW[method])
+    _steps(part, opt, 0, 3)
+    sd = opt.state_dict()
+    old = {new: old for old, new in opt.RENAMED_KEYS["state"].items()}
+    old_group = {new: old for old, new in opt.RENAMED_KEYS["group"].items()}
+    sd["state"] = {i: {old.get(k, k): v for k, v in st.items()} for i, st in sd["state"].items()}
+    sd["param_groups"] = [{old_group.get(k, k): v for k, v in g.items()}
+                          for g in sd["param_groups"]]
+    renamed = ({k for st in sd["state"].values() for k in st} & set(old.values())) | \
+        ({k for g in sd["param_groups"] for k in g} & set(old_group.values()))
+    assert renamed, f"{method}: the checkpoint holds none of the renamed keys"
+
+    resumed = _model(seed=1)
+    resumed.load_state_dict(part.state_dict())
+    opt2 = lf.make_optimizer(resumed, method, **KW[method])
+    opt2.load_state_dict(sd)
+    assert not any(k in st for st in opt2.state.values() for k in old.values())
+    _steps(resumed, opt2, 3, 5)
+    for (name, a), b in zip(resumed.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(a, b), f"{method}: {name} diverged after resuming the old format"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_of_another_method_is_refused(method):
     model = _model()

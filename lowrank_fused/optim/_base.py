@@ -1213,11 +1213,36 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 f"{meta['param_shapes'][diff] if diff < len(meta['param_shapes']) else None}, "
                 f"here {shapes[diff] if diff < len(shapes) else None}")
 
+    # keys an earlier version of the method stored under another name (README, "Checkpoint
+    # format"): {"state": {old: new}, "group": {old: new}}; load_state_dict renames them, so
+    # such a checkpoint still loads
+    RENAMED_KEYS = {"state": {}, "group": {}}
+
+    def _renamed(self, state_dict):
+        """``state_dict`` with the keys of ``RENAMED_KEYS`` under their current names (a new
+        dict; the given one is not changed)."""
+        state_map, group_map = self.RENAMED_KEYS["state"], self.RENAMED_KEYS["group"]
+
+        def rename(d, names):
+            if not any(k in names for k in d):
+                return d
+            return {(names[k] if k in names and names[k] not in d else k): v
+                    for k, v in d.items()}
+
+        out = dict(state_dict)
+        if group_map and "param_groups" in out:
+            out["param_groups"] = [rename(g, group_map) for g in out["param_groups"]]
+        if state_map and "state" in out:
+            out["state"] = {i: rename(st, state_map) for i, st in out["state"].items()}
+        return out
+
     def load_state_dict(self, state_dict):
         """As torch's, after checking the checkpoint belongs to this optimizer class and these
         parameter shapes; every state tensor keeps its saved dtype (torch casts floating state
         to the parameter dtype, which would round fp32 moments of bf16 parameters) and moves to
-        its parameter's device."""
+        its parameter's device. Keys an earlier version stored under another name
+        (``RENAMED_KEYS``) are renamed first."""
+        state_dict = self._renamed(state_dict)
         self._check_checkpoint(state_dict)
         meta = state_dict.get(_CHECKPOINT_KEY) or {}
         state_dict = {k: v for k, v in state_dict.items() if k != _CHECKPOINT_KEY}

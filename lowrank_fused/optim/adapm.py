@@ -139,6 +139,8 @@ class AdaPM(LowRankOptimizer):
     """
 
     _mini = False
+    RENAMED_KEYS = {"state": {}, "group": {"sketch_seed": "seed",
+                                           "full_rank_fallback": "size_guard"}}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, *,
                  rank=None, rank_ratio=0.05, refit_T=100, refit_K=10,

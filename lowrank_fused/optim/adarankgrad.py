@@ -192,6 +192,9 @@ class AdaRankGrad(LowRankOptimizer):
     """
 
     LOWRANK_GROUP_KEYS = frozenset({"rank"})     # projected groups hold it
+    RENAMED_KEYS = {"state": {"r_cur": "rank"},
+                    "group": {"power_iters": "proj_power_iters",
+                              "oversampling": "proj_oversample"}}
     # its state is fp32 by definition (no faithful_dtypes)
     OPTIONS = frozenset({"backend", "nonfinite", "sign_canon", "matmul_precision"})
 
