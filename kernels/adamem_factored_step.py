@@ -109,14 +109,18 @@ class BoundAdamemFactoredStep:
         self.M, self.N, self.device = M, N, W.device
         self.tiles_m, self.tiles_n = cdiv(M, TILE_M), cdiv(N, TILE_N)
         f32 = dict(dtype=torch.float32, device=W.device)
-        self.rowp = torch.empty((self.tiles_n, 1, M), **f32)
-        self.colp = torch.empty((self.tiles_m, 1, N), **f32)
-        # the row and column sums: pass 1's single partial row, or the sums of the partials
-        self.rowsum = self.rowp[0, 0] if self.tiles_n == 1 else torch.empty(M, **f32)
-        self.colsum = self.colp[0, 0] if self.tiles_m == 1 else torch.empty(N, **f32)
-        self.new_row = torch.empty(M, **f32)
-        self.new_col = torch.empty(N, **f32)
+        # the row and column sums side by side (the ops they share run once on both): pass
+        # 1's single partial row written there, or the sums of its partials
+        self.sums = torch.empty(M + N, **f32)
+        self.rowsum, self.colsum = self.sums[:M], self.sums[M:]
+        self.rowp = self.rowsum.view(1, 1, M) if self.tiles_n == 1 else torch.empty(
+            (self.tiles_n, 1, M), **f32)
+        self.colp = self.colsum.view(1, 1, N) if self.tiles_m == 1 else torch.empty(
+            (self.tiles_m, 1, N), **f32)
+        self.new = torch.empty(M + N, **f32)
+        self.new_row, self.new_col = self.new[:M], self.new[M:]
         self.mean = torch.empty((), **f32)
+        self.rowsum_out, self.colsum_out = self.rowsum.view(1, M), self.colsum.view(1, N)
         self.tiles = self.tiles_m * self.tiles_n
 
     def __call__(self, G, *, lr: float, beta2: float, eps1: float, eps: float, c2: float,
@@ -139,14 +143,17 @@ class BoundAdamemFactoredStep:
         )
         rowsum, colsum, new_row, new_col = self.rowsum, self.colsum, self.new_row, self.new_col
         if self.tiles_n > 1:
-            torch.sum(self.rowp, dim=0, out=rowsum.view(1, M))
+            torch.sum(self.rowp, dim=0, out=self.rowsum_out)
         if self.tiles_m > 1:
-            torch.sum(self.colp, dim=0, out=colsum.view(1, N))
-        # new = stat * beta2 + (1 - beta2) * (sum / count), as adamem_factored_step
+            torch.sum(self.colp, dim=0, out=self.colsum_out)
+        # new = stat * beta2 + (1 - beta2) * (sum / count), as adamem_factored_step (the
+        # same elementwise ops, row and column in one call where they share the operands)
+        rowsum.div_(N)
+        colsum.div_(M)
+        self.sums.mul_(1.0 - beta2)
         torch.mul(row, beta2, out=new_row)
-        new_row.add_(rowsum.div_(N).mul_(1.0 - beta2))
         torch.mul(col, beta2, out=new_col)
-        new_col.add_(colsum.div_(M).mul_(1.0 - beta2))
+        self.new.add_(self.sums)
         if skip is None:
             row.copy_(new_row)
             col.copy_(new_col)

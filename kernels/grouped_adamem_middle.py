@@ -20,6 +20,7 @@ caller's workspaces, are then left unwritten; the combined update that reads the
 with the same flag). Without one the launcher passes a cached False flag: one compiled kernel
 either way. The host never reads it.
 """
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -217,6 +218,7 @@ class GroupedAdamemMiddle:
 
         # the per-member scalars: one table at one address for the life of the class
         self.table = StagedTable(SCALARS, count, self.device)
+        self.column = np.empty((SCALARS, 1))   # one number per row: one broadcast write
 
     def __call__(self, scalars, skip=None):
         """``scalars``: one ``(beta1, beta2, eps, eps1, c1, c2)`` per member; ``skip``: None
@@ -229,7 +231,8 @@ class GroupedAdamemMiddle:
             _check_skip(skip, self.device)
         if scalars.count(scalars[0]) == len(scalars):     # one set: each row one number
             b1, b2, eps, eps1, c1, c2 = (float(x) for x in scalars[0])
-            table = [b1, 1.0 - b1, eps1, c1, b2, 1.0 - b2, eps, c2]
+            self.column[:, 0] = (b1, 1.0 - b1, eps1, c1, b2, 1.0 - b2, eps, c2)
+            table = self.column
         else:
             table = [[float(s[0]) for s in scalars], [1.0 - float(s[0]) for s in scalars],
                      [float(s[3]) for s in scalars], [float(s[4]) for s in scalars],

@@ -16,6 +16,7 @@ elements. ``skip`` (a 0-dim bool tensor on the device): every program loads it a
 before any store when it holds True, so every W_b and V_b keeps its bits; the host never reads
 it. Grid: (blocks of ``ELEMENTWISE_BLOCK`` elements, members).
 """
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -97,6 +98,7 @@ class GroupedAdamemVectorStep:
 
         # the per-member scalars: one table at one address for the life of the set
         self.table = StagedTable(8, count, self.device)
+        self.column = np.empty((8, 1))     # one number per row: one broadcast write
 
     def _bind_grads(self, Gs):
         self.g_like = (Gs[0].dtype, Gs[0].device)
@@ -127,7 +129,8 @@ class GroupedAdamemVectorStep:
             return
         if rows.count(rows[0]) == self.count:            # one set: each row one number
             lr, b2, eps1, eps, c2, pre, post = (float(x) for x in rows[0])
-            table = [lr, b2, 1.0 - b2, eps1, eps, c2, pre, post]
+            self.column[:, 0] = (lr, b2, 1.0 - b2, eps1, eps, c2, pre, post)
+            table = self.column
         else:
             table = [[float(r[0]) for r in rows], [float(r[1]) for r in rows],
                      [1.0 - float(r[1]) for r in rows], [float(r[2]) for r in rows],

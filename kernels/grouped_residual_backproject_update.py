@@ -12,6 +12,8 @@ expression, so the same bits), and the grouped K3 kernel's ``HAS_RESIDUAL`` epil
 store of every W_b with it, so the weights keep their bits when it holds True; the folded
 factors are formed in the caller's workspaces either way (nothing of the optimizer's state).
 """
+import numpy as np
+
 from lowrank_fused import _capture
 
 from ._common import cdiv, config_mode, dot_mode, interpreting, skip_flag
@@ -101,6 +103,7 @@ class PlannedResidualUpdate:
         self.fold_coef = self.fold.table[0].view(count, 1, 1)
         self.fold_res = self.fold.table[1].view(count, 1, 1)
         self.k3 = StagedTable(4, count, self.device)      # 1, pre_scale, post_decay, res_coef
+        self.columns = (np.empty((2, 1)), np.empty((4, 1)))   # single numbers: broadcast
         prepared = prepared or {}
         lists = [("Ws", Ws), ("Ps", Ps), ("Ns", Ns), ("residuals", Gs),
                  ("col_scales", col_scales)]
@@ -124,8 +127,14 @@ class PlannedResidualUpdate:
         scalar one number for every member or one per member."""
         if G0.data_ptr() != self.g_ptr:
             raise ValueError("the planned update's gradients moved: plan it again")
-        self.fold.fill([coef, res_coef])
-        self.k3.fill([1.0, pre_scale, post_decay, res_coef])
+        if all(type(x) is float for x in (coef, res_coef, pre_scale, post_decay)):
+            fold, k3 = self.columns                     # one broadcast write per table
+            fold[:, 0] = (coef, res_coef)
+            k3[:, 0] = (1.0, pre_scale, post_decay, res_coef)
+        else:
+            fold, k3 = [coef, res_coef], [1.0, pre_scale, post_decay, res_coef]
+        self.fold.fill(fold)
+        self.k3.fill(k3)
         if _capture.replaying() or self.empty:   # a replayed CUDA graph makes the launches
             return
         self.N3.mul_(self.fold_coef)                    # coef*N

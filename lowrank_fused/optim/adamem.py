@@ -27,6 +27,9 @@ added to the squares before averaging, decoupled weight decay applied before the
 from __future__ import annotations
 
 import math
+import operator
+from collections import deque
+from itertools import repeat
 from types import SimpleNamespace
 
 import torch
@@ -49,6 +52,15 @@ STATE_KEYS = ("M", "a_row", "a_col", "c_os")     # what the middle step writes
 K3_SCALARS = ("coef", "res_coef", "pre_scale", "post_decay")
 RESIDUAL_FORMS = ("identity", "explicit")
 PROJECTORS = ("svd", "randomized")
+_STEP = operator.itemgetter("step")
+_GRAD = operator.attrgetter("grad")
+
+
+def _set_counters(states, ts):
+    """``state["step"] = t`` for every pair (one C loop)."""
+    deque(map(operator.setitem, states, repeat("step"), ts), maxlen=0)
+
+
 LOW_RANK_OPS = ("project", "adamem_moments", "residual_col_stats", "residual_backproject_update")
 
 
@@ -388,8 +400,10 @@ class AdaMeM(LowRankOptimizer):
         first step and when its counter is a multiple of ``update_proj_gap``), from the
         distinct counters of each group."""
         for group, states in self._routed_by_group(routed):
+            if not all(map(operator.contains, states, repeat("P"))):
+                return True                         # a first step (its counter counts as 0)
             gap = group["update_proj_gap"]
-            if any(t % gap == 0 for t in {st["step"] if "P" in st else 0 for st in states}):
+            if any(t % gap == 0 for t in set(map(_STEP, states))):
                 return True
         return False
 
@@ -563,11 +577,14 @@ class AdaMeM(LowRankOptimizer):
     def _vector_set_step(self, vs):
         """One vector set: the rows of ``_adafactor_step``'s scalars (one per distinct group
         and counter), one grouped call, then the counters."""
-        Gs = [p.grad for p in vs.params]
-        ts = [st["step"] + 1 for st in vs.states]
+        Gs = list(map(_GRAD, vs.params))
+        ts = [t + 1 for t in map(_STEP, vs.states)]
         memo = {}
         rows = []
-        one = all(g is vs.groups[0] for g in vs.groups) and ts.count(ts[0]) == len(ts)
+        one_group = vs.__dict__.get("one_group")
+        if one_group is None:
+            one_group = vs.one_group = all(g is vs.groups[0] for g in vs.groups)
+        one = one_group and ts.count(ts[0]) == len(ts)
         for group, t in zip(vs.groups[:1] if one else vs.groups, ts):
             key = (id(group), t)
             row = memo.get(key)
@@ -595,8 +612,7 @@ class AdaMeM(LowRankOptimizer):
             grouped_adamem_vector_step_ref(vs.Ws, Gs, vs.Vs, rows, skip=self._skip_flag,
                                            impl=lookup("adafactor_bc_unfactored_step",
                                                        vs.chosen))
-        for st, t in zip(vs.states, ts):
-            st["step"] = t
+        _set_counters(vs.states, ts)
 
     def nonfinite_check(self):
         """The base's check; a step skipped on the device rolls back the counters of the
@@ -604,11 +620,9 @@ class AdaMeM(LowRankOptimizer):
         pending = self.__dict__.get("_pending_nonfinite")
         if pending is not None:
             host, event, plan, params, step_number = pending
-            extra = [st for vs in getattr(plan, "vector_sets", ()) for st in vs.states]
-            extra += [f.state for f in getattr(plan, "factored", ())]
-            if extra:
-                counters = SimpleNamespace(counters=list(plan.counters) + extra)
-                self._pending_nonfinite = (host, event, counters, params, step_number)
+            if getattr(plan, "vector_sets", None) or getattr(plan, "factored", None):
+                self._pending_nonfinite = (host, event, _WithAdafactor(plan), params,
+                                           step_number)
         super().nonfinite_check()
 
     def _class_step(self, cls, precision):
@@ -628,9 +642,8 @@ class AdaMeM(LowRankOptimizer):
                 side=cls.route.side, backend=cls.backend)
         k1(Gs, precision=precision, sumsq=ex["sumsq"])
         states, count = ex["states"], len(cls.members)
-        ts = [st["step"] + 1 for st in states]                  # line 1: the counters
-        for st, t in zip(states, ts):
-            st["step"] = t
+        ts = [t + 1 for t in map(_STEP, states)]                # line 1: the counters
+        _set_counters(states, ts)
         group = ex["group"]
         if group is not None and ts.count(ts[0]) == count:     # one group, one counter
             sc = self._scalars(group, ts[0])
@@ -678,6 +691,20 @@ class AdaMeM(LowRankOptimizer):
         else:
             coefs = {k: tuple(sc[2][k] for sc in scalars) for k in K3_SCALARS}
         k3(Gs, precision=precision, skip=skip, **coefs)
+
+
+class _WithAdafactor:
+    """A plan's counters with those of its Adafactor parameters (listed only when a skipped
+    step is rolled back)."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    @property
+    def counters(self):
+        plan = self.plan
+        return (list(plan.counters) + [st for vs in plan.vector_sets for st in vs.states]
+                + [f.state for f in plan.factored])
 
 
 def adamem_param_groups(model: nn.Module, *, rank: int, all_layers: bool = False,
