@@ -156,7 +156,8 @@ def kfac_precondition(R, M, F, root, N, *, beta1: float, beta2: float, c1: float
 
 
 def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: float,
-                              c1: float, c2: float, skip=None, prepared=None) -> None:
+                              c1: float, c2: float, skip=None, prepared=None,
+                              work=None) -> None:
     """The steady step (no recompute of the roots) of ``kfac_precondition`` for a group of
     same-shape members sharing the hyper-parameters, each member's bits the single op's:
     ``Rs`` (count, r, n) fp32 (a stack; any strides), ``Ms``/``Ns`` lists of r x n, ``Fs`` and
@@ -165,20 +166,28 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
     launch. ``skip`` (0-dim bool on the device): when True, M and F keep their bits (N, a
     workspace, is not defined then). ``prepared``: what ``grouped_kfac_offsets`` returned for
     these lists (a caller stepping the same tensors every step: the checks and the offset
-    table once)."""
-    from lowrank_fused.subspace import batched_matmul
-
+    table once). ``work``: what ``grouped_kfac_work`` returned for these lists (the
+    buffers of the Grams and of F's update, reused: a call then allocates nothing); the bits
+    are the same either way."""
     count, r, n = Rs.shape
     if prepared is None:
         prepared = grouped_kfac_offsets(Rs, Ms, Fs, roots, Ns)
+    if work is None:
+        work = grouped_kfac_work(Rs, Fs)
     offs, aligned = prepared
     Rf = Rs if Rs.dtype == torch.float32 else Rs.float()
-    gram = batched_matmul(Rf, Rf.transpose(1, 2), backend="triton")
-    F = torch.stack(Fs)
-    F_new = beta2 * F.float() + (1.0 - beta2) * gram / n
+    gram, F, Ff, F_new, F_news = work
+    work_matmul(Rf, Rf.transpose(1, 2), gram)
+    torch.stack(list(Fs), out=F)
+    if Ff is not F:
+        Ff.copy_(F)
+    # beta2*F + ((1 - beta2)*gram)/n, each op rounded as the expression's
+    torch.mul(Ff, beta2, out=F_new)
+    gram.mul_(1.0 - beta2).div_(n)
+    F_new.add_(gram)
     if skip is not None:
-        F_new = torch.where(skip, F, F_new)
-    torch._foreach_copy_(list(Fs), list(F_new.unbind(0)))
+        torch.where(skip, Ff, F_new, out=F_new)
+    torch._foreach_copy_(list(Fs), F_news)
     R0, M0, Q0, N0 = Rf[0], Ms[0], roots[0], Ns[0]
     _grouped_kfac_momentum_whiten_kernel[(cdiv(n, BLOCK_N), count)](
         R0, M0, Q0, N0, offs, skip_flag(skip, Rf.device), count, r, n,
@@ -186,6 +195,27 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
         N0.stride(0), N0.stride(1), float(beta1), 1.0 - float(beta1), float(c1),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
         INTERPRET=interpreting(), ALIGNED=aligned, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def work_matmul(A, B, out) -> None:
+    """``out[b] = A[b] @ B[b]`` (fp32) through the Triton ``batched_matmul`` op, into a
+    given buffer (``subspace.batched_matmul`` with ``backend="triton"`` allocates it)."""
+    from lowrank_fused.dispatch import implementation
+
+    implementation("batched_matmul", "triton", A.device)(A, B, out, precision="ieee")
+
+
+def grouped_kfac_work(Rs, Fs):
+    """The buffers ``grouped_kfac_precondition`` writes besides its outputs, for these
+    lists: ``(gram, F, Ff, F_new, F_news)`` (the Grams, F's stack in its dtype and in fp32,
+    F's update and its members)."""
+    count, r, _ = Rs.shape
+    kw = dict(dtype=torch.float32, device=Rs.device)
+    gram = torch.empty(count, r, r, **kw)
+    F = torch.empty(count, r, r, dtype=Fs[0].dtype, device=Rs.device)
+    Ff = F if F.dtype == torch.float32 else torch.empty(count, r, r, **kw)
+    F_new = torch.empty(count, r, r, **kw)
+    return gram, F, Ff, F_new, list(F_new.unbind(0))
 
 
 def grouped_kfac_offsets(Rs, Ms, Fs, roots, Ns):

@@ -21,8 +21,8 @@ import triton.language as tl
 
 from lowrank_fused.reference.norm_growth_limit import NL_TINY
 
-from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, sum_fp32,
-                      to_storage)
+from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag,
+                      sum_fp32, to_storage)
 
 SUM_BLOCK = 1024   # the factor kernel's chunk over the partial sums
 
@@ -83,10 +83,19 @@ def _grouped_sumsq_kernel(part_ptr, out_ptr, count, BLOCK: tl.constexpr):
     tl.store(out_ptr + b, sum_fp32(part_ptr + b * count, count, BLOCK))
 
 
-def grouped_sumsq(Ns, out) -> None:
+def grouped_sumsq_part(Ns) -> torch.Tensor:
+    """The buffer of ``grouped_sumsq``'s partial sums for a stack shaped as ``Ns`` (a caller
+    stepping the same stack keeps it: a call then allocates nothing)."""
+    numel = Ns[0].numel() if Ns.shape[0] else 0
+    return torch.empty(Ns.shape[0] * cdiv(numel, ELEMENTWISE_BLOCK), dtype=torch.float32,
+                       device=Ns.device)
+
+
+def grouped_sumsq(Ns, out, part=None) -> None:
     """``out[b] = ||Ns[b]||^2`` (fp32) for a stack ``Ns`` (count, ...) of contiguous members,
     each value the bits ``norm_growth_limit`` computes for member b alone without ``sumsq``
-    (the same partials, summed in the same order): two launches for the whole stack."""
+    (the same partials, summed in the same order): two launches for the whole stack.
+    ``part``: ``grouped_sumsq_part(Ns)``, reused (else allocated per call)."""
     count = Ns.shape[0]
     numel = Ns[0].numel() if count else 0
     if out.dtype != torch.float32 or tuple(out.shape) != (count,) or not out.is_contiguous():
@@ -98,11 +107,111 @@ def grouped_sumsq(Ns, out) -> None:
         raise ValueError(f"Ns must hold non-empty contiguous members, got shape "
                          f"{tuple(Ns.shape)} with strides {Ns.stride()}")
     blocks = cdiv(numel, ELEMENTWISE_BLOCK)
-    part = torch.empty(count * blocks, dtype=torch.float32, device=Ns.device)
+    if part is None:
+        part = torch.empty(count * blocks, dtype=torch.float32, device=Ns.device)
+    elif part.dtype != torch.float32 or part.numel() < count * blocks or \
+            not part.is_contiguous() or part.device != Ns.device:
+        raise ValueError(f"part must be a contiguous float32 tensor of at least "
+                         f"{count * blocks} elements on {Ns.device}, got {part.dtype} with "
+                         f"{part.numel()} elements on {part.device}")
     _grouped_sumsq_partials_kernel[(blocks, count)](Ns, part, numel, Ns.stride(0),
                                                     BLOCK=ELEMENTWISE_BLOCK,
                                                     num_warps=ELEMENTWISE_WARPS)
     _grouped_sumsq_kernel[(count,)](part, out, blocks, BLOCK=SUM_BLOCK, num_warps=4)
+
+
+@triton.jit
+def _grouped_limiter_factor_kernel(norm_ptr, prev_ptr, offs_ptr, f_ptr, skip_ptr, count,
+                                   gamma, tiny, BLOCK: tl.constexpr):
+    """``_limiter_factor_kernel`` (not FIRST, norm given) for BLOCK members per program:
+    ``z = sqrt(norm[b])``, ``f[b] = f``, and member b's memory (at ``prev_ptr + offs[b]``)
+    ``= z/f`` unless the step's skip flag holds True."""
+    b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = b < count
+    z = tl.sqrt_rn(tl.load(norm_ptr + b, mask=mask, other=0.0))
+    p_ptr = prev_ptr + tl.load(offs_ptr + b, mask=mask, other=0)
+    prev = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+    f = tl.div_rn(tl.maximum(tl.div_rn(z, prev + tiny), gamma,
+                             propagate_nan=tl.PropagateNan.ALL), gamma)
+    f = tl.where(prev > 0, f, 1.0)
+    tl.store(f_ptr + b, f, mask=mask)
+    keep = tl.where(tl.load(skip_ptr), False, mask)    # a skipped step keeps every memory
+    tl.store(p_ptr, tl.div_rn(z, f).to(prev_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _grouped_limiter_scale_kernel(n_ptr, f_ptr, numel, stride_b, BLOCK: tl.constexpr,
+                                  INTERPRET: tl.constexpr):
+    """``_limiter_scale_kernel`` on member ``program_id(1)`` of a stack (members ``stride_b``
+    elements apart, each contiguous): ``N_b = N_b / f[b]``."""
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    f = tl.load(f_ptr + b)
+    ptr = n_ptr + b * stride_b + offs
+    n = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, to_storage(tl.div_rn(n, f), n_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+FACTOR_BLOCK = 128   # members per program of the grouped factor kernel
+
+
+class BoundGroupedNormGrowthLimit:
+    """``norm_growth_limit`` (not the first call, ``sumsq`` given) on every member of a stack
+    at once, for fixed tensors checked once, here: ``Ns`` (count, ...) of contiguous members
+    (a view of consecutive slices, as the step engine's workspaces are), ``norms`` (count,)
+    fp32 with each member's ``||N_b||^2`` (K2's side output), ``prevs`` the members' 0-dim or
+    1-element fp32 memories (separate tensors, addressed through an offset table). A call
+    ``(gamma, skip=None)`` makes two launches (the factors of all members, then ``N_b /= f_b``)
+    and allocates nothing; member b gets the bits of ``norm_growth_limit(Ns[b], prevs[b],
+    gamma=gamma, first=False, sumsq=norms[b:b+1])``. ``skip`` (0-dim bool on the device):
+    when True every memory keeps its bits (N, a workspace, is divided regardless)."""
+
+    def __init__(self, Ns, norms, prevs):
+        from ._grouped import element_offsets, offsets_table
+
+        prevs = list(prevs)
+        count = Ns.shape[0] if Ns.dim() else 0
+        if count == 0 or Ns[0].numel() == 0 or not Ns[0].is_contiguous():
+            raise ValueError(f"Ns must be a non-empty stack of contiguous members, got shape "
+                             f"{tuple(Ns.shape)} with strides {Ns.stride()}")
+        if norms.dtype != torch.float32 or tuple(norms.shape) != (count,) \
+                or not norms.is_contiguous():
+            raise ValueError(f"norms must be a contiguous float32 tensor of shape ({count},), "
+                             f"got {norms.dtype} of shape {tuple(norms.shape)}")
+        if len(prevs) != count:
+            raise ValueError(f"prevs has {len(prevs)} memories for {count} members in Ns")
+        for i, t in enumerate(prevs):
+            if t.dtype != torch.float32 or t.numel() != 1 or t.device != Ns.device:
+                raise ValueError(f"prevs[{i}] must be a 1-element float32 tensor on "
+                                 f"{Ns.device}, got {t.dtype} with {t.numel()} elements on "
+                                 f"{t.device}")
+        if norms.device != Ns.device:
+            raise ValueError(f"norms must be on {Ns.device}, got {norms.device}")
+        self.Ns, self.norms, self.prevs = Ns, norms, prevs
+        self.count, self.numel = count, Ns[0].numel()
+        self.offs = offsets_table([element_offsets("prevs", prevs)], [4], Ns.device)[0]
+        self.f = torch.empty(count, dtype=torch.float32, device=Ns.device)
+        self.blocks = cdiv(self.numel, ELEMENTWISE_BLOCK)
+        self.interpret = interpreting()
+
+    def __call__(self, gamma: float, *, skip=None) -> None:
+        gamma = float(gamma)
+        if not gamma >= 1.0:
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        Ns = self.Ns
+        _grouped_limiter_factor_kernel[(cdiv(self.count, FACTOR_BLOCK),)](
+            self.norms, self.prevs[0], self.offs, self.f, skip_flag(skip, Ns.device),
+            self.count, gamma, NL_TINY, BLOCK=FACTOR_BLOCK, num_warps=4)
+        _grouped_limiter_scale_kernel[(self.blocks, self.count)](
+            Ns, self.f, self.numel, Ns.stride(0), BLOCK=ELEMENTWISE_BLOCK,
+            INTERPRET=self.interpret, num_warps=ELEMENTWISE_WARPS)
+
+
+def grouped_norm_growth_limit(Ns, norms, prevs, *, gamma: float, skip=None) -> None:
+    """``BoundGroupedNormGrowthLimit(Ns, norms, prevs)(gamma, skip=skip)``: the same contract
+    as ``lowrank_fused.reference.norm_growth_limit.grouped_norm_growth_limit_ref``."""
+    BoundGroupedNormGrowthLimit(Ns, norms, prevs)(gamma, skip=skip)
 
 
 def norm_growth_limit(N, nl_prev, *, gamma: float, first: bool, sumsq=None) -> None:
@@ -161,3 +270,11 @@ def aot_variants():
                       dict(BLOCK=ELEMENTWISE_BLOCK), ELEMENTWISE_WARPS, 3)
     yield Variant(_grouped_sumsq_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "count": "i32"},
                   dict(BLOCK=SUM_BLOCK), 4, 3)
+    yield Variant(_grouped_limiter_factor_kernel,
+                  {"norm_ptr": "*fp32", "prev_ptr": "*fp32", "offs_ptr": "*i64", "f_ptr": "*fp32",
+                   "skip_ptr": "*i1", "count": "i32", "gamma": "fp32", "tiny": "fp32"},
+                  dict(BLOCK=FACTOR_BLOCK), 4, 3)
+    for s_t in ("fp32", "bf16", "fp16"):
+        yield Variant(_grouped_limiter_scale_kernel,
+                      {"n_ptr": "*" + s_t, "f_ptr": "*fp32", "numel": "i32", "stride_b": "i32"},
+                      dict(BLOCK=ELEMENTWISE_BLOCK, INTERPRET=False), ELEMENTWISE_WARPS, 3)

@@ -123,8 +123,9 @@ def test_nan_gradient_with_the_lagged_flag(name, mode, backend):
     with reads:
         opt.step()
     assert sum(reads.count.values()) == 0, reads.count
-    if backend == "auto":                     # the class paths ran
-        assert all("Nstack" in c.extra for c in opt._engine_plan.classes.values())
+    if backend == "auto":                     # the class paths ran (the grouped limiter)
+        assert all("Nstack" in c.extra and "limit_call" in c.extra
+                   for c in opt._engine_plan.classes.values())
     for w, p in zip(weights, model.parameters()):
         assert torch.equal(w, p)
     after = _states(opt)

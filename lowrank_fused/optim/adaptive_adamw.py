@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import math
+import operator
 import sys
 import warnings
 from typing import List, Optional, Sequence
@@ -45,7 +47,6 @@ from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import check_bool, check_number
 from lowrank_fused.optim._engine import ClassRoute, per_member
 from lowrank_fused.reference._skip import run_unless
-from lowrank_fused.reference.norm_growth_limit import NL_TINY
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
 from lowrank_fused.subspace import randomized_svd
 
@@ -57,6 +58,18 @@ RANK_METRICS = ("explained_variance", "singular_value", "conditioning", "gap", "
 # Metrics whose per-matrix score is non-increasing in r (s is sorted descending), so the greedy
 # allocation is a global top-k; "gap" (s[r+1]/s[r]) is not and runs the exact heap greedy.
 MONOTONE_METRICS = frozenset(RANK_METRICS) - {"gap"}
+
+_STEP = operator.itemgetter("step")
+
+
+def _steps(states):
+    """The distinct counters of ``states`` ({None} when one has none yet)."""
+    try:
+        return set(map(_STEP, states))
+    except KeyError:
+        return {None}
+
+_ROOT_VALID = operator.itemgetter("kfac_root_valid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,11 +380,23 @@ class _SubspaceAdamW(GaLoreAdamW):
             cache = self._by_group = (plan.routed, list(by.values()))
         return cache[1]
 
+    def _bases_exist(self, plan) -> bool:
+        """Every routed member has its basis (remembered for the plan's routes: no step
+        removes a basis, so a steady step checks nothing per member)."""
+        if self.__dict__.get("_bases_seen") is plan.routed:
+            return True
+        if all(map(operator.contains, [st for *_, st in plan.routed], itertools.repeat("ortho"))):
+            self._bases_seen = plan.routed
+            return True
+        return False
+
     def _gap_due(self, plan) -> bool:
         """``_refresh_basis_due`` for any routed member: no basis yet, or a counter (before
         the increment) divisible by the group's ``update_proj_gap``."""
+        if not self._bases_exist(plan):
+            return True
         for group, states in self._routed_by_group(plan):
-            steps = {st.get("step") if "ortho" in st else None for st in states}
+            steps = _steps(states)
             if None in steps:
                 return True
             gap = group["update_proj_gap"]
@@ -430,15 +455,11 @@ class _SubspaceAdamW(GaLoreAdamW):
         norms = torch.zeros(count, dtype=torch.float32, device=device)
         cls.extra["norms"] = norms
         cls.extra["sumsq"] = list(norms.view(count, 1).unbind(0))
-        N0 = cls.Ns[0]
         fused = cls.extra["limiter"] is not implementation("norm_growth_limit",
                                                              "reference", device)
         stack = _consecutive(cls.Ns)
         if fused and stack is not None:
             cls.extra["Nstack"] = stack
-            cls.extra["prev"] = torch.zeros(count, dtype=torch.float32, device=device)
-            new = cls.extra["new_prev"] = torch.zeros_like(cls.extra["prev"])
-            cls.extra["new_prevs"] = list(new.unbind(0))
 
     def _class_step(self, cls, precision):
         """One class: K1 of every member (one grouped launch), the middle step (one
@@ -466,9 +487,9 @@ class _SubspaceAdamW(GaLoreAdamW):
                     else:           # its memory keeps its bits when the step is skipped
                         run_unless(skip, [m.state["nl_prev"]], self._limit, limiter, N,
                                    m.state, m.group, sumsq)
-        if one is not None:
-            _, post = ops.decay_coefficients(one["lr"], one["weight_decay"], "post")
-            coefs, posts = [steps[0] * one["scale"]] * count, [post] * count
+        if one is not None:                  # one number for every member
+            _, posts = ops.decay_coefficients(one["lr"], one["weight_decay"], "post")
+            coefs = steps[0] * one["scale"]
         else:
             memo = {}
             coefs, posts = [], []
@@ -483,41 +504,29 @@ class _SubspaceAdamW(GaLoreAdamW):
 
     def _class_limit(self, cls, one=None) -> bool:
         """The limiter (B1) on the whole class at once, where every member has it on with one
-        ``gamma``, already has its memory and K2 gave every ``||N||^2`` (``norms``): a few
-        torch ops on the class's stacked N instead of two launches per matrix. The math is
-        the fused kernel's (``kernels/norm_growth_limit.py``: fp32, correctly rounded
-        division and square root, the same operations in the same order), so each member
-        gets the kernel's bits; only where the limiter runs that kernel (the reference rounds
-        its square root as torch's CPU kernels do). False: the caller runs the op per
-        member."""
-        stack = cls.extra.get("Nstack")
-        if stack is None or not all(cls.extra["limit"]):
-            return False
-        prevs = cls.extra.get("nl_prevs")
-        if prevs is None:                    # (each memory is created once, then kept)
+        ``gamma``, already has its memory and K2 gave every ``||N||^2`` (``norms``): one
+        bound grouped call (``kernels/norm_growth_limit.py``, two launches, no allocation)
+        instead of two launches per matrix, each member getting the single kernel's bits;
+        only where the limiter is that kernel. False: the caller runs the op per member."""
+        call = cls.extra.get("limit_call")
+        if call is None:                     # bound once the memories exist, then kept
+            stack = cls.extra.get("Nstack")
             states = cls.extra["states"]
-            if not all("nl_prev" in st for st in states):
+            if stack is None or not all(cls.extra["limit"]) or \
+                    not all("nl_prev" in st for st in states):
                 return False
-            prevs = cls.extra["nl_prevs"] = [st["nl_prev"] for st in states]
+            from lowrank_fused.kernels.norm_growth_limit import BoundGroupedNormGrowthLimit
+
+            call = cls.extra["limit_call"] = BoundGroupedNormGrowthLimit(
+                stack, cls.extra["norms"], [st["nl_prev"] for st in states])
         if one is not None:
-            gamma = float(one["nl_gamma"])
+            gamma = one["nl_gamma"]
         else:
             gammas = per_member(cls.extra["groups"], lambda g: float(g["nl_gamma"]))
             gamma = gammas[0]
             if any(g != gamma for g in gammas):
                 return False
-        prev, new = cls.extra["prev"], cls.extra["new_prev"]
-        torch.stack(prevs, out=prev)
-        # the square root correctly rounded (as tl.sqrt_rn): in fp64, then rounded once
-        z = cls.extra["norms"].double().sqrt().float()
-        f = torch.clamp(z / (prev + NL_TINY), min=gamma) / gamma
-        f = torch.where(prev > 0, f, 1.0)
-        f3 = f.view((-1,) + (1,) * (stack.dim() - 1))
-        torch.div(stack, f3, out=stack)       # in fp32, rounded once to N's dtype
-        torch.div(z, f, out=new)
-        if self._skip_flag is not None:      # a skipped step keeps the memory's bits
-            torch.where(self._skip_flag, prev, new, out=new)
-        torch._foreach_copy_(prevs, cls.extra["new_prevs"])
+        call(gamma, skip=self._skip_flag)
         return True
 
     def _class_middle(self, cls, Rs, groups, ts, one=None):
@@ -525,7 +534,7 @@ class _SubspaceAdamW(GaLoreAdamW):
         (with ``||N||^2`` for the limiter). Returns each member's step size. ``one``: the
         members' group when they share it and the step."""
         if one is not None:
-            hyper = [(one["betas"][0], one["betas"][1], one["eps"])] * len(ts)
+            hyper = [(one["betas"][0], one["betas"][1], one["eps"])]
         else:
             hyper = per_member(groups, lambda g: (g["betas"][0], g["betas"][1], g["eps"]))
         Ms, Vs, Ns = cls.extra["Ms"], cls.extra["Vs"], cls.Ns
@@ -535,10 +544,13 @@ class _SubspaceAdamW(GaLoreAdamW):
             if k2 is None:
                 k2 = cls.extra["k2"] = ops_multi.BoundAdamMomentsMulti(
                     Rs, Ms, Vs, Ns, eps_mode="hf", backend=where)
-            rows = [hyper[0] + (ts[0],)] * len(ts) if one is not None else \
+            # one row for all (the scalars derived once) when the members share them
+            rows = hyper[0] + (ts[0],) if one is not None else \
                 [h + (t,) for h, t in zip(hyper, ts)]
             k2(rows, norms=cls.extra["norms"], skip=self._skip_flag)
         else:
+            if one is not None:
+                hyper = hyper * len(ts)
             for R, M, V, N, (a, b, e), t, sumsq in zip(Rs, Ms, Vs, Ns, hyper, ts,
                                                        cls.extra["sumsq"]):
                 ops.adam_moments(R, M, V, N, beta1=a, beta2=b, eps=e, step=t, eps_mode="hf",
@@ -718,11 +730,10 @@ class AdaptiveAdamW(_SubspaceAdamW):
     def _refresh_pending(self, plan) -> bool:
         """A group's joint refresh (its ``pool_step``, before the increment) or a missing
         basis."""
-        for group, states in self._routed_by_group(plan):
-            if group["pool_step"] % group["update_proj_gap"] == 0 or \
-                    not all("ortho" in st for st in states):
-                return True
-        return False
+        if not self._bases_exist(plan):
+            return True
+        return any(group["pool_step"] % group["update_proj_gap"] == 0
+                   for group, _ in self._routed_by_group(plan))
 
     def nonfinite_check(self):
         """As the base's, and a step skipped on the device also takes back its advance of
@@ -973,9 +984,11 @@ class _GHABatch:
     (``reference/gha_update.py`` and ``reference/moment_transport.py`` per matrix). A zero or
     non-finite gradient keeps P (the moments still move by ``C = P^T P``, as the per-matrix
     ops do). With the step's on-device ``skip`` flag set, P, M and V keep their bits.
-    Buffers (fp32): the old bases, Y^T, colsum(G^2), G Y; on the engine they are views of
-    its shared workspace (``workspace``: dead between the class's steps, and the update ends
-    before the class's K1 writes its R there), else allocated for the call."""
+    Buffers: the old bases, Y^T, colsum(G^2), G Y and every other intermediate, laid out
+    once (``_buffers``); on the engine they are views of its shared workspace
+    (``workspace``: dead between the class's steps, and the update ends before the class's
+    K1 writes its R and K2 its N there), so a steady call allocates nothing; else allocated
+    with the batch."""
 
     def __init__(self, Gs, Ps, Ms, Vs, backend, bound, workspace=None):
         count = len(Ps)
@@ -984,14 +997,8 @@ class _GHABatch:
         dev = Ps[0].device
         self.Ps, self.Ms, self.Vs = list(Ps), list(Ms), list(Vs)
         self.dtype = Ps[0].dtype
-        shapes = ((count, m, r), (count, r, n), (count, n), (count, m, r))
-        sizes = [math.prod(sh) for sh in shapes]
-        if workspace is not None:
-            flat = workspace.views(torch.float32, dev, (sum(sizes),), 1)[0]
-        else:
-            flat = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
-        self.pf, self.Y, self.cs, self.GY = (
-            part.view(sh) for part, sh in zip(flat.split(sizes), shapes))   # Y is Y^T
+        self.b = b = self._buffers(count, m, r, n, dev, workspace)
+        self.pf, self.Y, self.cs, self.GY = b["pf"], b["Y"], b["cs"], b["GY"]   # Y is Y^T
         self.pfs = list(self.pf.unbind(0))
         Ys, GYs = list(self.Y.unbind(0)), list(self.GY.unbind(0))
         if bound:          # the engine: checked and resolved once per plan
@@ -1004,34 +1011,106 @@ class _GHABatch:
             self.k1b = lambda Gs, **kw: ops_grouped.grouped_project(
                 Gs, Ys, GYs, side="right", backend=backend, **kw)
 
+    def _buffers(self, count, m, r, n, dev, workspace):
+        """Every intermediate of the update, laid out once (a class's call every step then
+        allocates nothing: each is written with ``out=`` or in place). Per dtype one flat
+        block, from the engine's shared workspace where given (dead between the class's
+        steps, like its R and N), else allocated; the bool masks and two constants are the
+        instance's own. The lists of stacked members are unbound once."""
+        f32 = torch.float32
+        mdt, vdt, pdt = self.Ms[0].dtype, self.Vs[0].dtype, self.dtype
+        specs = [("pf", (count, m, r), f32), ("Y", (count, r, n), f32), ("cs", (count, n), f32),
+                 ("GY", (count, m, r), f32), ("g2", (count, 1, 1), f32)]
+        specs += [(k, (count, r, r), f32) for k in ("H", "T", "Rq", "C", "C2")]
+        specs += [(k, (count, m, r), f32) for k in ("PH", "Z", "Q")]
+        specs += [("sign", (count, r), f32)]
+        if pdt != f32:     # P_new in the basis dtype, its fp32 form, the old bases' stack
+            specs += [("Pn", (count, m, r), pdt), ("Pnf", (count, m, r), f32),
+                      ("Pst", (count, m, r), pdt)]
+        for key, dt in (("M", mdt), ("V", vdt)):
+            specs += [(key, (count, r, n), dt), (key + "new_f", (count, r, n), f32)]
+            if dt != f32:
+                specs += [(key + "f", (count, r, n), f32), (key + "new", (count, r, n), dt)]
+        b = {}
+        for dt in dict.fromkeys(dt for _, _, dt in specs):
+            mine = [(k, sh) for k, sh, d in specs if d == dt]
+            # each part 64-byte aligned, as a fresh allocation: torch's CPU GEMMs may round
+            # differently at other alignments (the batch of one of the per-matrix step and
+            # a class's batch then give the same bits)
+            unit = 64 // torch.empty((), dtype=dt).element_size()
+            sizes = [-(-math.prod(sh) // unit) * unit for _, sh in mine]
+            if workspace is not None:
+                flat = workspace.views(dt, dev, (sum(sizes),), 1)[0]
+            else:
+                flat = torch.empty(sum(sizes), dtype=dt, device=dev)
+            for (k, sh), part in zip(mine, flat.split(sizes)):
+                b[k] = part[:math.prod(sh)].view(sh)
+        if pdt == f32:
+            b["Pn"] = b["Pnf"] = b["Q"]
+            b["Pst"] = b["pf"]
+        for key, dt in (("M", mdt), ("V", vdt)):
+            if dt == f32:
+                b[key + "f"], b[key + "new"] = b[key], b[key + "new_f"]
+            b[key + "news"] = list(b[key + "new"].unbind(0))
+        b["Pns"] = list(b["Pn"].unbind(0))
+        for k, sh in (("ok", (count, 1, 1)), ("fin", (count, 1, 1)), ("neg", (count, r))):
+            b[k] = torch.empty(sh, dtype=torch.bool, device=dev)
+        b["one"] = torch.ones((), dtype=f32, device=dev)
+        b["minus"] = torch.full((), -1.0, dtype=f32, device=dev)
+        return b
+
     def __call__(self, Gs, eta, sign_canon, skip=None):
-        pf, Y = self.pf, self.Y
-        if self.dtype == torch.float32:       # one op (a multi-tensor copy is one per member)
-            torch.stack(self.Ps, out=pf)
-        else:
-            pf.copy_(torch.stack(self.Ps))
+        pf, Y, b = self.pf, self.Y, self.b
+        Pst = b["Pst"]                       # the old bases in their dtype
+        torch.stack(self.Ps, out=Pst)       # one op (a multi-tensor copy is one per member)
+        if Pst is not pf:
+            pf.copy_(Pst)
         self.k1a(Gs, sumsq=self.cs)
         self.k1b(Gs)
-        g2 = self.cs.sum(dim=1).view(-1, 1, 1)
-        ok = (g2 > 0) & torch.isfinite(g2)
-        g2 = torch.where(ok, g2, 1.0)
-        H = torch.bmm(Y, Y.transpose(1, 2)).div_(g2)
-        Z = torch.where(ok, pf + eta * (self.GY.div_(g2) - torch.bmm(pf, torch.triu(H))), pf)
-        Q = orth(Z) if sign_canon else torch.linalg.qr(Z)[0]
-        P_new = torch.where(ok, Q, pf).to(self.dtype)
+        g2, ok, fin = b["g2"], b["ok"], b["fin"]
+        torch.sum(self.cs, dim=1, out=g2.view(-1))
+        torch.gt(g2, 0, out=ok)             # ok: g2 > 0 and finite (g2 is a sum of squares)
+        torch.lt(g2, math.inf, out=fin)
+        ok.logical_and_(fin)
+        torch.where(ok, g2, b["one"], out=g2)
+        H, T, PH, Z = b["H"], b["T"], b["PH"], b["Z"]
+        torch.bmm(Y, Y.transpose(1, 2), out=H)
+        H.div_(g2)
+        torch.triu(H, out=T)
+        torch.bmm(pf, T, out=PH)
+        torch.sub(self.GY.div_(g2), PH, out=Z)
+        Z.mul_(eta).add_(pf)                 # pf + eta*(GY/g2 - P triu(H))
+        torch.where(ok, Z, pf, out=Z)
+        Q = b["Q"]
+        torch.linalg.qr(Z, out=(Q, b["Rq"]))
+        if sign_canon:                       # orth (lowrank_fused.linalg): diag(R) >= 0
+            torch.lt(torch.diagonal(b["Rq"], dim1=-2, dim2=-1), 0, out=b["neg"])
+            torch.where(b["neg"], b["minus"], b["one"], out=b["sign"])
+            Q.mul_(b["sign"].unsqueeze(-2))
+        torch.where(ok, Q, pf, out=Q)
+        Pn = b["Pn"]
+        if Pn is not Q:
+            Pn.copy_(Q)                      # rounded once to the basis dtype
+            b["Pnf"].copy_(Pn)
         # the transport (reference/moment_transport.py on the stored, rounded P_new)
-        C = torch.bmm(P_new.float().transpose(1, 2), pf)
-        M = torch.stack(self.Ms)
-        V = torch.stack(self.Vs)
-        M_new = torch.bmm(C, M.float()).to(M.dtype)
-        V_new = torch.bmm(C * C, V.float()).to(V.dtype)
+        C = b["C"]
+        torch.bmm(b["Pnf"].transpose(1, 2), pf, out=C)
+        torch.mul(C, C, out=b["C2"])
+        for key, lst, Cm in (("M", self.Ms, C), ("V", self.Vs, b["C2"])):
+            X, Xf, new_f, new = b[key], b[key + "f"], b[key + "new_f"], b[key + "new"]
+            torch.stack(lst, out=X)
+            if Xf is not X:
+                Xf.copy_(X)
+            torch.bmm(Cm, Xf, out=new_f)
+            if new is not new_f:
+                new.copy_(new_f)
+            if skip is not None:
+                torch.where(skip, X, new, out=new)
         if skip is not None:
-            M_new = torch.where(skip, M, M_new)
-            V_new = torch.where(skip, V, V_new)
-            P_new = torch.where(skip, pf, P_new)    # pf holds the old bases exactly
-        torch._foreach_copy_(self.Ms, list(M_new.unbind(0)))
-        torch._foreach_copy_(self.Vs, list(V_new.unbind(0)))
-        torch._foreach_copy_(self.Ps, list(P_new.unbind(0)))
+            torch.where(skip, Pst, Pn, out=Pn)
+        torch._foreach_copy_(self.Ms, b["Mnews"])
+        torch._foreach_copy_(self.Vs, b["Vnews"])
+        torch._foreach_copy_(self.Ps, b["Pns"])
 
 
 class GHAAdamW(_SubspaceAdamW):
@@ -1093,7 +1172,7 @@ class GHAAdamW(_SubspaceAdamW):
         return "ortho" not in state           # the first basis (an SVD); the rest per class
 
     def _refresh_pending(self, plan) -> bool:
-        return any("ortho" not in st for _, _, _, st in plan.routed)
+        return not self._bases_exist(plan)
 
     def _refresh_classes(self, routed) -> bool:
         fresh = self._gha_fresh = set()
@@ -1132,8 +1211,13 @@ class GHAAdamW(_SubspaceAdamW):
                               bound=False)(Gs, float(m.group["eta"]), self.sign_canon,
                                            self._skip_flag)
         else:
-            cls.extra["gha"]([_canon(side, G) for G in self._class_grads(cls)],
-                             cls.extra["eta"], self.sign_canon, self._skip_flag)
+            Gs = self._class_grads(cls)
+            if side != "left":               # the canonical views, kept while the grads are
+                known = cls.extra.get("gha_grads")
+                if known is None or not all(map(operator.is_, known[0], Gs)):
+                    known = cls.extra["gha_grads"] = (Gs, [G.t() for G in Gs])
+                Gs = known[1]
+            cls.extra["gha"](Gs, cls.extra["eta"], self.sign_canon, self._skip_flag)
         super()._class_step(cls, precision)
 
 
@@ -1264,9 +1348,10 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
                      [_canon(side, st["exp_avg"]) for st in states],
                      [st["kfac_factor"] for st in states], [st["kfac_root"] for st in states],
                      [_canon(side, N) for N in cls.Ns])
-            offsets = getattr(sys.modules[impl.__module__], "grouped_kfac_offsets")
-            # checked and addressed once per plan
-            cls.extra["kfac_class"] = (grouped,) + lists + (offsets(*lists),)
+            module = sys.modules[impl.__module__]
+            # checked, addressed and given its buffers once per plan
+            cls.extra["kfac_class"] = (grouped,) + lists + (
+                module.grouped_kfac_offsets(*lists), module.grouped_kfac_work(lists[0], lists[2]))
         limiter = cls.extra["limiter"]
         class_sumsq = None if limiter is None else getattr(
             sys.modules.get(getattr(limiter, "__module__", "")), "grouped_sumsq", None)
@@ -1274,6 +1359,8 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             self._limiter_lists(cls)
             if "Nstack" in cls.extra:
                 cls.extra["class_sumsq"] = class_sumsq
+                cls.extra["sumsq_part"] = getattr(sys.modules[limiter.__module__],
+                                                  "grouped_sumsq_part")(cls.extra["Nstack"])
             else:
                 cls.extra["norms"] = None
                 cls.extra["sumsq"] = [None] * len(cls.members)
@@ -1281,12 +1368,15 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     def _refresh_pending(self, plan) -> bool:
         """A basis refresh or a recompute of the factor's inverse root (``eigh``, which reads
         ``trace(F)`` on the host) is due."""
-        if self._gap_due(plan):
+        if not self._bases_exist(plan):
             return True
         for group, states in self._routed_by_group(plan):
-            freq = group["kfac_update_freq"]
-            if any(k % freq == 0 for k in {st["step"] for st in states}) or \
-                    not all(st["kfac_root_valid"] for st in states):
+            steps = _steps(states)
+            if None in steps:
+                return True
+            gap, freq = group["update_proj_gap"], group["kfac_update_freq"]
+            if any(k % gap == 0 or k % freq == 0 for k in steps) or \
+                    not all(map(_ROOT_VALID, states)):
                 return True
         return False
 
@@ -1297,7 +1387,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             self._kfac_members(cls, Rs, ts, impl, side, skip)
         sumsq = cls.extra.get("class_sumsq")
         if sumsq is not None:
-            sumsq(cls.extra["Nstack"], cls.extra["norms"])
+            sumsq(cls.extra["Nstack"], cls.extra["norms"], cls.extra["sumsq_part"])
         if one is not None:
             return [float(one["lr"])] * len(ts)
         return per_member(groups, lambda g: float(g["lr"]))
@@ -1323,9 +1413,9 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
                                           for st in cls.extra["states"]):
             return False
         c1, c2 = ops.bias_corrections(beta1, beta2, t) if bias else (1.0, 1.0)
-        grouped, Rs, Ms, Fs, roots, Ns, prepared = found
+        grouped, Rs, Ms, Fs, roots, Ns, prepared, work = found
         grouped(Rs, Ms, Fs, roots, Ns, beta1=float(beta1), beta2=float(beta2), c1=c1, c2=c2,
-                skip=skip, prepared=prepared)
+                skip=skip, prepared=prepared, work=work)
         return True
 
     def _kfac_members(self, cls, Rs, ts, impl, side, skip):

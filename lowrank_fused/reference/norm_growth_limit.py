@@ -41,3 +41,19 @@ def norm_growth_limit_ref(N: torch.Tensor, nl_prev: torch.Tensor, *, gamma: floa
     f = torch.where(prev > 0, f, torch.ones_like(f))
     N.copy_(N.float() / f)
     nl_prev.copy_(z / f)
+
+
+def grouped_norm_growth_limit_ref(Ns, norms, prevs, *, gamma: float, skip=None) -> None:
+    """The limiter (not the first call) on every member of a stack: ``Ns`` (count, ...),
+    ``norms`` (count,) fp32 with every ``||N_b||^2``, ``prevs`` the members' 1-element fp32
+    memories; member b as ``norm_growth_limit_ref(Ns[b], prevs[b], gamma=gamma, first=False,
+    sumsq=norms[b:b+1])``. ``skip`` (0-dim bool on the device): when True every memory keeps
+    its bits (N is divided regardless: it is the caller's workspace)."""
+    from lowrank_fused.reference._skip import run_unless
+
+    for b, prev in enumerate(prevs):
+        if skip is None:
+            norm_growth_limit_ref(Ns[b], prev, gamma=gamma, first=False, sumsq=norms[b:b + 1])
+        else:
+            run_unless(skip, [prev], norm_growth_limit_ref, Ns[b], prev, gamma=gamma,
+                       first=False, sumsq=norms[b:b + 1])
