@@ -59,8 +59,16 @@ class BoundAdamemResidualUpdate:
         return self._scalars
 
     def __call__(self, Gs, *, coef, res_coef, pre_scale=1.0, post_decay=0.0,
-                 precision="ieee", skip=None):
-        if not self.layout.matches(Gs):
+                 precision="ieee", skip=None, checked=None):
+        """``checked``: an ``ops_grouped._Layout`` that ``Gs`` (this very list) has just
+        been checked against, by the class's bound K1 in the same step: when it describes
+        the layout bound here, the per-member check is not repeated."""
+        if checked is not None and (checked.count, checked.shape, checked.stride,
+                                    checked.dtype, checked.device) == (
+                self.count, self.layout.shape, self.layout.stride, self.layout.dtype,
+                self.layout.device):
+            pass
+        elif not self.layout.matches(Gs):
             left = _left(list(Gs), self.side)
             ops_grouped._lists(Gs=left, Ws=self.inner.lists[0])
             ops_grouped._check_members("Gs", left, self.inner.layout.shape, self.device,

@@ -107,6 +107,8 @@ def test_bound_residual_update_equals_the_op(backend, side, dtype):
     bad = [torch.randn(n, m + 1, generator=gen).to(dtype) for _ in range(count)]
     with pytest.raises(ValueError, match="Gs"):
         bound(bad, coef=0.1, res_coef=0.05)
+    with pytest.raises(ValueError, match="Gs"):     # a layout checked elsewhere: not this one
+        bound(bad, coef=0.1, res_coef=0.05, checked=ops_grouped._Layout(bad[0], count))
     with pytest.raises(TypeError, match="skip"):
         bound(Gs, coef=0.1, res_coef=0.05, skip=torch.ones(1))
     with pytest.raises(ValueError, match="precision"):

@@ -690,7 +690,8 @@ class AdaMeM(LowRankOptimizer):
             coefs = scalars[0][2]
         else:
             coefs = {k: tuple(sc[2][k] for sc in scalars) for k in K3_SCALARS}
-        k3(Gs, precision=precision, skip=skip, **coefs)
+        # the gradients' layout: checked by K1 on this list a moment ago
+        k3(Gs, precision=precision, skip=skip, checked=k1.layout, **coefs)
 
 
 class _WithAdafactor:
