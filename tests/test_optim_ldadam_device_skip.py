@@ -8,9 +8,10 @@ power-iteration guards of a steady step are read from their host copy, not from 
 import pytest
 import torch
 
-from lowrank_fused.testing.trace import HostReads
+from lowrank_fused.testing.trace import AllocationTrace, HostReads
 
 from _methods import assert_same, backward, model, optimizer, snapshot
+from test_step_engine import LaunchRecorder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +50,25 @@ def test_steady_steps_read_nothing_on_the_host(backend):
     net, opt = _steady(backend)
     opt.lagged_nonfinite = True
     assert [_steady_reads(opt, net, t) for t in (3, 4)] == [0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_steady_steps_allocate_nothing(dtype, monkeypatch):
+    """With the flag on the device, a steady step of the default (GPU) path allocates no
+    tensor: the power iteration, the QR, the transport and the guards write into the class's
+    scratch, and the guards of several classes are gathered into a kept buffer. (Launches are
+    stubbed: the interpreter's own copies are not the step's.)"""
+    net, opt = _steady("auto", dtype)
+    opt.lagged_nonfinite = True
+    assert len(opt._engine_plan.classes) >= 2          # the guards are gathered
+    backward(net, 3)
+    opt.step()                                         # the plan's flags buffer
+    opt.zero_grad(set_to_none=False)
+    backward(net, 4)
+    LaunchRecorder(monkeypatch, stub=True)
+    with AllocationTrace() as trace:
+        opt.step()
+    assert trace.sizes == [], trace.sizes
 
 
 # every backend, parameter kind and dtype, each pairing at least once (suite time)
