@@ -138,7 +138,8 @@ class BoundAdamemFactoredStep:
             return
         beta2 = float(beta2)
         _adafactor_stats_kernel[(self.tiles,)](
-            G, self.rowp, self.colp, 1, M, N, M * G.stride(0), G.stride(0), G.stride(1), float(eps1),
+            G, self.rowp, self.colp, 1, M, N, M * G.stride(0), G.stride(0), G.stride(1),
+            float(eps1),
             BLOCK_M=TILE_M, BLOCK_N=TILE_N, num_warps=TILE_WARPS,
         )
         rowsum, colsum, new_row, new_col = self.rowsum, self.colsum, self.new_row, self.new_col
