@@ -16,19 +16,26 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, interpreting, load_tile, skip_flag, tile_offsets, to_storage
+from ._grouped import scalar_table
 from .adafactor_step import TILE_M, TILE_N, TILE_WARPS, _adafactor_stats_kernel, _tile, \
     row_col_sums
 
 
 @triton.jit
 def _adamem_factored_apply_kernel(
-    w_ptr, g_ptr, row_ptr, col_ptr, mean_ptr, skip_ptr, M, N,
+    w_ptr, g_ptr, row_ptr, col_ptr, mean_ptr, skip_ptr, scal_ptr, M, N,
     stride_wm, stride_wn, stride_gm, stride_gn,
-    lr, eps, c2, pre_scale, post_decay,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One tile of W from the updated ``row`` (M), ``col`` (N), both contiguous fp32, and
-    ``mean(row)`` (a 1-element buffer); no store when ``skip_ptr`` holds True."""
+    ``mean(row)`` (a 1-element buffer); no store when ``skip_ptr`` holds True. The step's
+    scalars (lr, eps, c2, pre_scale, post_decay) come from the fp32 table at ``scal_ptr``
+    (kept at one address by the bound call: what a CUDA-graph replay needs)."""
+    lr = tl.load(scal_ptr)
+    eps = tl.load(scal_ptr + 1)
+    c2 = tl.load(scal_ptr + 2)
+    pre_scale = tl.load(scal_ptr + 3)
+    post_decay = tl.load(scal_ptr + 4)
     _, pid_m, pid_n = _tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N)
     offs_m, offs_n, mask_m, mask_n, mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
@@ -46,6 +53,12 @@ def _adamem_factored_apply_kernel(
         w = w - post_decay * w
     mask = tl.where(tl.load(skip_ptr), False, mask)       # a skipped step writes no W
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def _scalars(lr, eps, c2, pre_scale, post_decay, device, key=None):
+    """The apply kernel's scalar table (5 x 1 fp32; with ``key``, kept and refilled)."""
+    return scalar_table([[float(lr)], [float(eps)], [float(c2)], [float(pre_scale)],
+                         [float(post_decay)]], device, key=key)
 
 
 def adamem_factored_step(W, G, row, col, *, lr: float, beta2: float, eps1: float, eps: float,
@@ -79,9 +92,9 @@ def adamem_factored_step(W, G, row, col, *, lr: float, beta2: float, eps1: float
     mean = new_row.mean()
     tiles = cdiv(M, TILE_M) * cdiv(N, TILE_N)
     _adamem_factored_apply_kernel[(tiles,)](
-        W, G, new_row, new_col, mean, skip_flag(skip, W.device), M, N, *W.stride(),
-        *G.stride(), float(lr), float(eps), float(c2), float(pre_scale), float(post_decay),
-        BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
+        W, G, new_row, new_col, mean, skip_flag(skip, W.device),
+        _scalars(lr, eps, c2, pre_scale, post_decay, W.device), M, N, *W.stride(),
+        *G.stride(), BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
     )
 
 
@@ -122,6 +135,7 @@ class BoundAdamemFactoredStep:
         self.mean = torch.empty((), **f32)
         self.rowsum_out, self.colsum_out = self.rowsum.view(1, M), self.colsum.view(1, N)
         self.tiles = self.tiles_m * self.tiles_n
+        self._key = ("adamem_factored", W.data_ptr(), M, N)   # its scalar table's
 
     def __call__(self, G, *, lr: float, beta2: float, eps1: float, eps: float, c2: float,
                  pre_scale: float, post_decay: float, skip=None) -> None:
@@ -163,9 +177,9 @@ class BoundAdamemFactoredStep:
             torch.where(skip, col, new_col, out=col)
         torch.mean(new_row, dim=0, out=self.mean)
         _adamem_factored_apply_kernel[(self.tiles,)](
-            W, G, new_row, new_col, self.mean, skip_flag(skip, W.device), M, N, *W.stride(),
-            *G.stride(), float(lr), float(eps), float(c2), float(pre_scale), float(post_decay),
-            BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
+            W, G, new_row, new_col, self.mean, skip_flag(skip, W.device),
+            _scalars(lr, eps, c2, pre_scale, post_decay, W.device, key=self._key), M, N,
+            *W.stride(), *G.stride(), BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
         )
 
 
@@ -174,12 +188,11 @@ def aot_variants():
     ``adafactor_step``'s ``_adafactor_stats_kernel``, compiled there."""
     from lowrank_fused.testing.aot import Variant
 
-    scalars = {a: "fp32" for a in ("lr", "eps", "c2", "pre_scale", "post_decay")}
     for x in ("fp32", "bf16", "fp16"):
         p = "*" + x
         yield Variant(_adamem_factored_apply_kernel,
                       {"w_ptr": p, "g_ptr": p, "row_ptr": "*fp32", "col_ptr": "*fp32",
-                       "mean_ptr": "*fp32", "skip_ptr": "*i1", "M": "i32", "N": "i32",
-                       "stride_wm": "i32", "stride_wn": "i32", "stride_gm": "i32",
-                       "stride_gn": "i32", **scalars},
+                       "mean_ptr": "*fp32", "skip_ptr": "*i1", "scal_ptr": "*fp32",
+                       "M": "i32", "N": "i32", "stride_wm": "i32", "stride_wn": "i32",
+                       "stride_gm": "i32", "stride_gn": "i32"},
                       dict(BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=False), TILE_WARPS, 3)

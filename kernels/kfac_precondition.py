@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import DOT_IEEE, cdiv, interpreting, mma, skip_flag, to_storage
-from ._grouped import check_layout, element_offsets, member_ptr, offsets_table
+from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
 
 # One config (the AOT test compiles it for every state dtype under Triton 3.6 and 3.9). fp32
 # FMA dot: software pipelining (num_stages=2) takes 254 registers on sm_90 with fp32 states,
@@ -57,17 +57,21 @@ def _kfac_momentum_whiten_kernel(
 
 @triton.jit
 def _grouped_kfac_momentum_whiten_kernel(
-    r_ptr, m_ptr, root_ptr, n_ptr, offs_ptr, skip_ptr,
+    r_ptr, m_ptr, root_ptr, n_ptr, offs_ptr, skip_ptr, scal_ptr,
     GROUP, RANK, NCOLS,
     stride_rr, stride_rn, stride_mr, stride_mn, stride_qi, stride_qj, stride_nr, stride_nn,
-    beta1, one_minus_beta1, c1,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """The single kernel's slab (``_whiten_slab``) for member ``program_id(1)`` of a group
-    (offset rows: R, M, root, N); nothing is written when ``skip_ptr`` holds True."""
+    (offset rows: R, M, root, N); nothing is written when ``skip_ptr`` holds True. The
+    step's scalars (beta1, 1 - beta1, c1) come from the fp32 table at ``scal_ptr`` (one
+    address for every step: what a CUDA-graph replay needs)."""
     if tl.load(skip_ptr):
         return
+    beta1 = tl.load(scal_ptr)
+    one_minus_beta1 = tl.load(scal_ptr + 1)
+    c1 = tl.load(scal_ptr + 2)
     b = tl.program_id(1)
     _whiten_slab(member_ptr(r_ptr, offs_ptr, b, ALIGNED),
                  member_ptr(m_ptr, offs_ptr + GROUP, b, ALIGNED),
@@ -189,10 +193,13 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
         torch.where(skip, Ff, F_new, out=F_new)
     torch._foreach_copy_(list(Fs), F_news)
     R0, M0, Q0, N0 = Rf[0], Ms[0], roots[0], Ns[0]
+    # the step's scalars in a table kept per output address (refilled in place)
+    scal = scalar_table([[float(beta1)], [1.0 - float(beta1)], [float(c1)]], Rf.device,
+                        key=("kfac_whiten", N0.data_ptr()))
     _grouped_kfac_momentum_whiten_kernel[(cdiv(n, BLOCK_N), count)](
-        R0, M0, Q0, N0, offs, skip_flag(skip, Rf.device), count, r, n,
+        R0, M0, Q0, N0, offs, skip_flag(skip, Rf.device), scal, count, r, n,
         R0.stride(0), R0.stride(1), M0.stride(0), M0.stride(1), Q0.stride(0), Q0.stride(1),
-        N0.stride(0), N0.stride(1), float(beta1), 1.0 - float(beta1), float(c1),
+        N0.stride(0), N0.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
         INTERPRET=interpreting(), ALIGNED=aligned, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
@@ -260,8 +267,7 @@ def aot_variants():
             yield Variant(_grouped_kfac_momentum_whiten_kernel,
                           {"r_ptr": "*fp32", "m_ptr": "*" + s_t, "root_ptr": "*" + s_t,
                            "n_ptr": "*" + s_t, "offs_ptr": "*i64", "skip_ptr": "*i1",
-                           "GROUP": "i32", **ints, "beta1": "fp32",
-                           "one_minus_beta1": "fp32", "c1": "fp32"},
+                           "scal_ptr": "*fp32", "GROUP": "i32", **ints},
                           dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                DOT_MODE=DOT_IEEE, INTERPRET=False, ALIGNED=aligned),
                           NUM_WARPS, NUM_STAGES)
