@@ -28,6 +28,7 @@ the ``colsum(G^2)`` side output of the projection ``B = Qb^T G``: G is read once
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -112,6 +113,9 @@ def _check_hparams(h):
     check_choice("v_transport", h["v_transport"], V_TRANSPORTS)
     if isinstance(h["seed"], bool) or not isinstance(h["seed"], int):
         raise ValueError(f"seed must be an int, got {h['seed']!r}")
+
+
+_REFRESH = operator.itemgetter("refresh")
 
 
 class AdaRankGrad(LowRankOptimizer):
@@ -400,7 +404,13 @@ class AdaRankGrad(LowRankOptimizer):
     DEVICE_SKIP = True
 
     def _refresh_pending(self, plan) -> bool:
-        return any(st.get("refresh", True) for _, _, _, st in plan.routed)
+        states = plan.__dict__.get("arg_states")
+        if states is None:
+            states = plan.arg_states = [st for _, _, _, st in plan.routed]
+        try:
+            return any(map(_REFRESH, states))       # C-level reads of the flags
+        except KeyError:                           # a matrix not yet initialised
+            return True
 
     def _refresh_classes(self, routed) -> bool:
         """Blocks 1 and 2 of every matrix whose refresh is pending. A new block of the same
@@ -408,6 +418,8 @@ class AdaRankGrad(LowRankOptimizer):
         rank (or the first block) stores new tensors and moves the matrix to the class of its
         rank: True (the classes are rebuilt). A zero gradient keeps the block (and skips this
         step's exit test); before any subspace it only applies the weight decay."""
+        if self._skip_flag is not None:   # left on the device: _refresh_pending found none
+            return False
         replaced = False
         for i, (p, group, route, state) in enumerate(routed):
             self._init_state(p, state, group)

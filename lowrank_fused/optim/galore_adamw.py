@@ -11,6 +11,7 @@ the weight update and decay in the GEMM epilogue: no m x n temporary per step).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -19,6 +20,13 @@ from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number, is_sharded
 from lowrank_fused.optim._engine import ClassRoute, DenseRoute, per_member
+
+_STEP = operator.itemgetter("step")
+
+
+def _HAS_BASIS(state):
+    return "ortho" in state
+
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized")
@@ -219,15 +227,34 @@ class GaLoreAdamW(LowRankOptimizer):
     CAPTURABLE = True       # a steady step is bound calls only (docs/engine.md)
 
     def _refresh_pending(self, plan) -> bool:
-        for _, group, _, st in plan.routed:
-            if "ortho" not in st or st.get("step", 0) % group["update_proj_gap"] == 0:
+        """True when some matrix has no basis yet or a counter (before its increment) that is
+        a multiple of a group's gap. Once every basis exists (kept with the plan: a basis is
+        never removed) the counters are read with C-level maps and only their distinct
+        values tested: a step where they meet another group's gap reads the flag at once,
+        which is safe; ``_refresh_classes`` decides per matrix."""
+        held = plan.__dict__.get("galore_counters")
+        if held is None:
+            held = plan.galore_counters = [[st for _, _, _, st in plan.routed],
+                                           list({id(g): g for _, g, _, _ in plan.routed}
+                                                .values()), False]
+        states, groups, bases = held
+        if not bases:
+            if not all(map(_HAS_BASIS, states)):
                 return True
-        return False
+            held[2] = True
+        try:
+            steps = set(map(_STEP, states))
+        except KeyError:                     # a matrix that has not stepped yet
+            return True
+        gaps = {g["update_proj_gap"] for g in groups}
+        return any(k % gap == 0 for k in steps for gap in gaps)
 
     def _refresh_classes(self, routed) -> bool:
         """The refreshes due on this step (counter before increment divisible by
         ``update_proj_gap``, or no basis yet): the new basis is written into the stored one
         (same shape: the plan's tensors stay), or stored, with zero moments, the first time."""
+        if self._skip_flag is not None:   # left on the device: _refresh_pending found none
+            return False
         replaced = False
         for p, group, route, state in routed:
             k = state.get("step", 0)
