@@ -739,6 +739,12 @@ class LDAdamW(LowRankOptimizer):
         rho = group["rho"]
         left = side == "left"
         P, M, V = st["P"], st["M"], st["V"]
+        if (precision == "ieee" and P.device.type != "cuda" and P.dtype == torch.float32
+                and M.dtype == torch.float32):
+            bmm = torch.bmm                  # what _mm runs here, without its checks
+        else:
+            def bmm(a, b, out):
+                return _mm(a, b, precision, out)
         if Es is not None:                   # A = E + G in place (the official p.grad)
             calls["acc"](Es, Gs, skip=skip)
             As = Es
@@ -753,9 +759,9 @@ class LDAdamW(LowRankOptimizer):
         calls["k1b"](As, precision)
         corr = st["corr"]
         if left:
-            _mm(P, _mm(M, st["V1T"], precision, st["MV"]), precision, corr)
+            bmm(P, bmm(M, st["V1T"], out=st["MV"]), out=corr)
         else:
-            _mm(_mm(st["V1T"], M, precision, st["MV"]), P, precision, corr)
+            bmm(bmm(st["V1T"], M, out=st["MV"]), P, out=corr)
         Y = st["Yp"].mul_(coef_a).add_(corr, alpha=coef_m)
         # overflow in b keeps the previous basis, chosen on the device (read once per step):
         # Y * 0 is NaN exactly where Y is not finite, so its per-matrix sum is 0 iff Y is
@@ -788,11 +794,11 @@ class LDAdamW(LowRankOptimizer):
         bc1_sq = bc1 * bc1
         C, m_tr = st["C"], st["mtr"]
         if left:
-            _mm(st["PT"], P_old, precision, C)
-            _mm(C, M, precision, m_tr)
+            bmm(st["PT"], P_old, out=C)
+            bmm(C, M, out=m_tr)
         else:                                # canonical C = Q_new Q_old^T, M_tr^T = C M^T
-            _mm(P, Pc_old, precision, C)
-            _mm(M, st["CT"], precision, m_tr)
+            bmm(P, Pc_old, out=C)
+            bmm(M, st["CT"], out=m_tr)
         # w = V/bc2 - M^2/bc1^2 (R1 and V1 are free by now: they hold w and the squares)
         w, sq = st["R1"], st["V1"]
         if V.dtype == torch.float32:
@@ -803,9 +809,9 @@ class LDAdamW(LowRankOptimizer):
         torch.mul(C, C, out=st["CC"])
         w2 = st["w2"]
         if left:
-            _mm(st["CC"], w, precision, w2)
+            bmm(st["CC"], w, out=w2)
         else:
-            _mm(w, st["CCT"], precision, w2)
+            bmm(w, st["CCT"], out=w2)
         w2.add_(torch.mul(m_tr, m_tr, out=sq).div_(bc1_sq))
         w2.mul_(bc2).abs_()
         if skip is None:
@@ -948,8 +954,12 @@ class LDAdamW(LowRankOptimizer):
         where = self._multi_where("adam_moments", cls.backend,
                                   cls.Rs + Ms + Vs + cls.Ns) if self.multi_tensor else None
         if where is not None:
-            k2m = ops_multi.BoundAdamMomentsMulti(cls.Rs, Ms, Vs, cls.Ns, eps_mode="torch",
-                                                  backend=where)
+            # R, M, V and N are stacked (count, ...) buffers: the elementwise moments run on
+            # one tensor each (the same bits, a call that handles 4 tensors, not 4 * count)
+            Ns = ops_grouped._stacked(cls.Ns)
+            lists = ((cls.Rs, Ms, Vs, cls.Ns) if Ns is None else
+                     ([st["R"]], [st["M"]], [st["V"]], [Ns]))
+            k2m = ops_multi.BoundAdamMomentsMulti(*lists, eps_mode="torch", backend=where)
 
             def k2(t, skip):                 # one row for the class: its one group
                 b1, b2 = group["betas"]
