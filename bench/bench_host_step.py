@@ -20,8 +20,11 @@ torch's, costs its call overhead, not its arithmetic. Gradients are fixed tensor
 tensors at other addresses instead (untimed copies; the engine's plans keyed by gradient
 addresses then re-plan every step: its worst case). Each method runs with its defaults (the update gap pushed
 past the timed steps, so every timed step is a steady one) after ``--warm`` steps; the timed
-value is the median wall time of ``opt.step()`` over ``--steps`` steps. ``torch.optim.AdamW(
-fused=True)`` on the same tensors is timed in the same run, in alternation with each method.
+value is the median over ``--steps`` steps of the CPU time the calling thread spends in
+``opt.step()`` (``time.thread_time``: on a loaded machine the wall time also counts the time
+the thread waits for a core; everything timed runs on this one thread, torch's intra-op pool
+set to one thread), with the wall time beside it. ``torch.optim.AdamW(fused=True)`` on the
+same tensors is timed in the same run, in alternation with each method.
 
 Also per steady step: kernel launches (Triton + extension calls), device-to-host reads (the
 ``HostReads`` counter of ``lowrank_fused.testing.trace`` plus ``Tensor.tolist``) and tensors
@@ -232,28 +235,34 @@ def _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh
         opt.step()
         per_step = dict(launches.count)
         reads, allocs = host_reads_and_allocations(opt)
-        ours, theirs = [], []
+        ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
         for _ in range(steps):                 # alternate: the same load for both
             if fresh_grads:
                 _new_grads(net)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             opt.step()
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             base.step()
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             ours.append((t1 - t0) * 1e6)
             theirs.append((t2 - t1) * 1e6)
+            ours_cpu.append((c1 - c0) * 1e6)
+            theirs_cpu.append((c2 - c1) * 1e6)
         tensors, projected = count_matrices(opt)
         row = dict(method=method, host_us=statistics.median(ours),
                    torch_fused_adamw_us=statistics.median(theirs),
+                   host_cpu_us=statistics.median(ours_cpu),
+                   torch_fused_adamw_cpu_us=statistics.median(theirs_cpu),
                    launches=sum(per_step.values()), launches_by_kernel=per_step,
                    host_reads=sum(reads.values()), host_reads_by_op=reads,
                    allocations=allocs, tensors=tensors, projected=projected,
                    overrides=overrides.get(method, {}), fresh_grads=bool(fresh_grads))
-        row["x_torch_fused_adamw"] = row["host_us"] / row["torch_fused_adamw_us"]
+        row["x_torch_fused_adamw_wall"] = row["host_us"] / row["torch_fused_adamw_us"]
+        row["x_torch_fused_adamw"] = row["host_cpu_us"] / row["torch_fused_adamw_cpu_us"]
         rows.append(row)
-        log(f"{method:16s} {row['host_us']:10.0f} us  {row['x_torch_fused_adamw']:6.1f}x "
-            f"torch fused AdamW ({row['torch_fused_adamw_us']:.0f} us)  launches "
+        log(f"{method:16s} {row['host_cpu_us']:10.0f} us  {row['x_torch_fused_adamw']:6.2f}x "
+            f"torch fused AdamW ({row['torch_fused_adamw_cpu_us']:.0f} us; wall "
+            f"{row['x_torch_fused_adamw_wall']:.2f}x)  launches "
             f"{row['launches']:5d}  host reads {row['host_reads']}  allocations {allocs}")
 
 

@@ -27,9 +27,10 @@ import triton
 import triton.language as tl
 
 from lowrank_fused import _capture
+from lowrank_fused._tables import StagedTable
 
 from ._common import cdiv, config_mode, dot_mode, interpreting, skip_flag, to_storage
-from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
+from ._grouped import check_layout, element_offsets, member_ptr, offsets_table
 from .backproject_update import choose_config, configs_for, pn_tile
 
 MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members)
@@ -142,19 +143,20 @@ def plan_grouped_backproject_update(Ws, Ps, Ns, *, precision="ieee", config=None
     g_strides = (residuals[0].stride(0), residuals[0].stride(1)) if has_res else \
         (W0.stride(0), W0.stride(1))
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), count)
-    key = (W0.data_ptr(), count)
     args = (count, m, n, rank, W0.stride(0), W0.stride(1), P0.stride(0), P0.stride(1),
             N0.stride(0), N0.stride(1)) + g_strides
     meta = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
                 INTERPRET=interpreting(), ALIGNED=aligned, HAS_RESIDUAL=has_res,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    held = []          # the scalar table, one address for the plan's life
+
     def launch(coef, pre_scale, post_decay, *, skip=None, res_coef=None, G0=None):
-        scalars = [[float(x) for x in coef], [float(x) for x in pre_scale],
-                   [float(x) for x in post_decay]]
-        if has_res:
-            scalars.append([float(x) for x in res_coef])
-        scal = scalar_table(scalars, device, key=key)   # same address every step
+        # each scalar one number for every member (written along its row) or one per member
+        scalars = [coef, pre_scale, post_decay] + ([res_coef] if has_res else [])
+        if not held:
+            held.append(StagedTable(len(scalars), count, device))
+        scal = held[0].fill(scalars)
         if _capture.replaying():       # a replayed CUDA graph makes the launch
             return
         _grouped_backproject_update_kernel[grid](
