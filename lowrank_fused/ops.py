@@ -214,7 +214,7 @@ def backproject_update(W, P, N, *, side="left", coef, pre_scale=1.0, post_decay=
 
 
 def adamw_step(W, G, M, V, *, lr, beta1, beta2, eps, step, weight_decay=0.0,
-               eps_mode="torch", wd_mode="pre", correct_bias=True, backend="auto", skip=None):
+               eps_mode="torch", wd_mode="pre", bias_correction=True, backend="auto", skip=None):
     """Dense AdamW step in place on W, M, V.
 
     ``eps_mode="torch", wd_mode="pre"`` is torch.optim.AdamW; ``eps_mode="hf", wd_mode="post"``
@@ -231,7 +231,7 @@ def adamw_step(W, G, M, V, *, lr, beta1, beta2, eps, step, weight_decay=0.0,
     if eps_mode == "torch":
         step_size = float(lr)
     else:
-        step_size = hf_step_size(lr, beta1, beta2, step, correct_bias)
+        step_size = hf_step_size(lr, beta1, beta2, step, bias_correction)
     pre_scale, post_decay = decay_coefficients(lr, weight_decay, wd_mode)
     device = _same_device(W=W, G=G, M=M, V=V)
     kw = {}
@@ -253,9 +253,9 @@ def bias_corrections(beta1, beta2, step):
     return 1.0 - beta1 ** step, 1.0 - beta2 ** step
 
 
-def hf_step_size(lr, beta1, beta2, step, correct_bias=True):
+def hf_step_size(lr, beta1, beta2, step, bias_correction=True):
     """E-hf step size ``lr*sqrt(bc2)/bc1`` (GaLore ``adamw.py#L122-L126``)."""
-    if not correct_bias:
+    if not bias_correction:
         return float(lr)
     bc1, bc2 = bias_corrections(beta1, beta2, step)
     return float(lr) * math.sqrt(bc2) / bc1

@@ -116,7 +116,7 @@ def adam_moments_multi(Rs, Ms, Vs, Ns, *, beta1, beta2, eps, step, eps_mode="hf"
 
 
 def adamw_step_multi(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, step, weight_decay=0.0,
-                     eps_mode="torch", wd_mode="pre", correct_bias=True, nonfinite=None,
+                     eps_mode="torch", wd_mode="pre", bias_correction=True, nonfinite=None,
                      backend="auto", skip=None):
     """Dense AdamW step in place on every (W_i, M_i, V_i): the math of ``ops.adamw_step`` per
     tensor. Returns ``Ws``. ``nonfinite``/``skip``: see the module docstring (with ``skip``
@@ -136,7 +136,7 @@ def adamw_step_multi(Ws, Gs, Ms, Vs, *, lr, beta1, beta2, eps, step, weight_deca
         if eps_mode == "torch":
             step_size = lrs[i]
         else:
-            step_size = ops.hf_step_size(lrs[i], b1[i], b2[i], steps[i], correct_bias)
+            step_size = ops.hf_step_size(lrs[i], b1[i], b2[i], steps[i], bias_correction)
         pre_scale, post_decay = ops.decay_coefficients(lrs[i], wds[i], wd_mode)
         for k, v in (("lr", step_size), ("c1", c1), ("c2", c2), ("pre_scale", pre_scale),
                      ("post_decay", post_decay)):
@@ -262,13 +262,13 @@ class BoundAdamWStepMulti:
     tensor and the ``skip`` flag."""
 
     def __init__(self, Ws, G_like, Ms, Vs, *, eps_mode="torch", wd_mode="pre",
-                 correct_bias=True, backend="auto"):
+                 bias_correction=True, backend="auto"):
         lists = {name: _as_list(name, t)
                  for name, t in (("Ws", Ws), ("Gs", G_like), ("Ms", Ms), ("Vs", Vs))}
         self.count, self.device = _check_lists(lists)
         if self.count == 0:
             raise ValueError("a bound call needs at least one tensor")
-        self.eps_mode, self.wd_mode, self.correct_bias = eps_mode, wd_mode, bool(correct_bias)
+        self.eps_mode, self.wd_mode, self.bias_correction = eps_mode, wd_mode, bool(bias_correction)
         # the cheap check of a call: three list comparisons (C loops)
         self._like_lists = ([G.shape for G in lists["Gs"]], [G.dtype for G in lists["Gs"]],
                             [G.get_device() for G in lists["Gs"]])
@@ -281,7 +281,7 @@ class BoundAdamWStepMulti:
         t = int(t)
         c1, c2 = ops._eps_mode_divisors(self.eps_mode, b1, b2, t)
         step_size = lr if self.eps_mode == "torch" else ops.hf_step_size(lr, b1, b2, t,
-                                                                         self.correct_bias)
+                                                                         self.bias_correction)
         pre_scale, post_decay = ops.decay_coefficients(lr, wd, self.wd_mode)
         out = (float(step_size), float(b1), float(b2), float(eps), float(c1), float(c2),
                float(pre_scale), float(post_decay))

@@ -15,7 +15,7 @@ from lowrank_fused.optim.adaptive_adamw import AdaptiveAdamW
 
 # left- and right-projected matrices, odd sizes, two of one shape
 SHAPES = [(40, 24), (24, 57), (33, 31), (24, 57)]
-KEYS = ("ortho", "exp_avg", "exp_avg_sq")
+KEYS = ("basis", "exp_avg", "exp_avg_sq")
 
 CASES = {
     "adaptive_svd": (AdaptiveAdamW, dict(update_proj_gap=4, max_rank=11)),

@@ -197,10 +197,10 @@ def test_one_multi_call_per_step(calls):
 
 def test_per_group_settings_split_calls_only_by_convention(calls):
     """Per-parameter lr/betas/eps/weight decay share a call; GaLore's dense groups with another
-    ``correct_bias`` need a call of their own."""
+    ``bias_correction`` need a call of their own."""
     net = model()
     dense = [p for n, p in net.named_parameters() if "norm" in n or "embed" in n]
-    opt = lf.GaLoreAdamW([{"params": dense[:1]}, {"params": dense[1:], "correct_bias": False}],
+    opt = lf.GaLoreAdamW([{"params": dense[:1]}, {"params": dense[1:], "bias_correction": False}],
                          backend="reference")
     backward(net, 0)
     opt.step()

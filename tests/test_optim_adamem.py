@@ -195,7 +195,7 @@ def test_matches_literal_transcription(case):
         assert_parity(st["M"], lit.M.float(), rtol=1e-5, name="M")
         assert_parity(st["c_os"], lit.c_os.float(), rtol=1e-5, name="c_os")
         assert_parity(st["a_row"], lit.a_row.float(), rtol=1e-5, name="a_row")
-        assert st["P"].shape == (min(p.shape), 5) and st["c_os"].shape == (max(p.shape),)
+        assert st["basis"].shape == (min(p.shape), 5) and st["c_os"].shape == (max(p.shape),)
         assert st["M"].shape == (5, max(p.shape))          # canonical (transposed) layout
     if case not in ("defaults", "residual_form=explicit"):
         # the flag must matter: the transcription with the flag differs from the default one
@@ -268,7 +268,7 @@ def test_claim_3_1_with_the_optimizers_own_basis_and_states(shape, rank):
         st = {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v)}
         G = _grad_like(w, 7, seed).float()
         G = G.t() if shape[0] > shape[1] else G                 # canonical form
-        A, B, _ = _preconditioned_parts(G, st["P"], st["M"], st["a_row"], st["a_col"],
+        A, B, _ = _preconditioned_parts(G, st["basis"], st["M"], st["a_row"], st["a_col"],
                                         st["c_os"], t=8)
         worst = max(worst, _cos(A, B))
     assert worst < 1e-6
@@ -325,7 +325,7 @@ def test_basis_is_orthonormal_after_every_refresh(shape):
     for t in range(7):
         w.grad = torch.randn(shape) + _trend(shape, t)     # a new dominant subspace each step
         opt.step()
-        P = opt.state[w]["P"]
+        P = opt.state[w]["basis"]
         assert P.shape == (min(shape), 5)
         assert torch.linalg.norm(P.t() @ P - torch.eye(5)) < 1e-5
         bases.append(P.clone())
@@ -344,7 +344,7 @@ def test_tall_matrix_runs_on_its_transpose():
     opt = AdaMeM([dict(params=[w], rank=r)], lr=0.1, weight_decay=0.0, backend="reference")
     opt.step()
     st = opt.state[w]
-    Q = st["P"]
+    Q = st["basis"]
     Vr = torch.linalg.svd(G.double())[2][:r].t()
     assert_parity(Q.double() @ Q.double().t(), Vr @ Vr.t(), rtol=1e-5, name="right basis")
     R = G @ Q                                               # m x r
@@ -400,7 +400,7 @@ def test_full_rank_limit_is_adafactor_in_the_rotated_basis(shape):
     for G in grads:
         w.grad = G.clone()
         opt.step()
-    P = opt.state[w]["P"]
+    P = opt.state[w]["basis"]
     canon = (lambda X: X.t()) if shape[0] > shape[1] else (lambda X: X)
     d = torch.nn.Parameter(P.t() @ canon(w0))                # rotated canonical weights
     d0 = d.detach().clone()
@@ -430,7 +430,7 @@ def test_sign_canon_off_runs_and_is_invisible_within_one_subspace():
     a, opt_a = _short_run(4, sign_canon=True)
     b, opt_b = _short_run(4, sign_canon=False)
     assert_parity(b, a, rtol=1e-5, name="W")
-    Pa, Pb = opt_a.state[a]["P"], opt_b.state[b]["P"]
+    Pa, Pb = opt_a.state[a]["basis"], opt_b.state[b]["basis"]
     assert_parity(Pb.abs(), Pa.abs(), rtol=1e-5, name="|P|")
 
 

@@ -41,7 +41,7 @@ def literal_torch_adamw_step(p, st, lr, betas, eps, wd):
     p.data.copy_(w)
 
 
-def literal_hf_adamw_step(p, st, lr, betas, eps, wd, correct_bias=True):
+def literal_hf_adamw_step(p, st, lr, betas, eps, wd, bias_correction=True):
     b1, b2 = betas
     g = p.grad.float()
     if not st:
@@ -51,7 +51,7 @@ def literal_hf_adamw_step(p, st, lr, betas, eps, wd, correct_bias=True):
     st["m"] = b1 * st["m"] + (1 - b1) * g
     st["v"] = b2 * st["v"] + (1 - b2) * g ** 2
     denom = torch.sqrt(st["v"]) + eps                             # E-hf
-    ss = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) if correct_bias else lr
+    ss = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) if bias_correction else lr
     w = p.detach().float() - ss * (st["m"] / denom)
     if wd > 0:
         w = w - lr * wd * w                                       # WD-post with lr
@@ -81,7 +81,7 @@ def test_defaults_are_torch_and_hf():
     d = AdamW(p).defaults
     assert (d["lr"], d["betas"], d["eps"], d["weight_decay"]) == (1e-3, (0.9, 0.999), 1e-8, 1e-2)
     d = AdamW(p, hf=True).defaults
-    assert (d["eps"], d["weight_decay"], d["correct_bias"]) == (1e-6, 0.0, True)
+    assert (d["eps"], d["weight_decay"], d["bias_correction"]) == (1e-6, 0.0, True)
     assert HFAdamW(p).defaults == d
 
 
@@ -134,10 +134,10 @@ def test_faithful_dtypes_bf16_tracks_torch_bf16():
     assert fp32.state[q]["exp_avg"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("correct_bias", [True, False])
-def test_hf_variant_matches_literal_and_galore_dense_path(correct_bias):
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_hf_variant_matches_literal_and_galore_dense_path(bias_correction):
     ours, lit, gal = _params(), _params(), _params()
-    kw = dict(lr=2e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.05, correct_bias=correct_bias)
+    kw = dict(lr=2e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.05, bias_correction=bias_correction)
     opt = AdamW(ours, hf=True, backend="reference", **kw)
     galore = GaLoreAdamW(gal, backend="reference", **kw)        # no rank key: HF AdamW
     lit_state = [{} for _ in lit]
@@ -150,7 +150,7 @@ def test_hf_variant_matches_literal_and_galore_dense_path(correct_bias):
         galore.step()
         for r, st in zip(lit, lit_state):
             literal_hf_adamw_step(r, st, kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"],
-                                  correct_bias)
+                                  bias_correction)
         for p, q, r in zip(ours, gal, lit):
             assert torch.equal(p, q), "HF AdamW must be GaLore's dense step bit for bit"
             assert_parity(p, r, rtol=tolerance(torch.float32, "trajectory"), name="W vs literal")
@@ -252,7 +252,7 @@ def test_bad_arguments_are_rejected_without_side_effects():
                       (dict(betas=(1.0, 0.9)), r"betas\[0\]"), (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
                       (dict(betas=0.9), "betas"), (dict(eps=-1e-8), "eps"),
                       (dict(weight_decay=-0.1), "weight_decay"), (dict(backend="gpu"), "backend"),
-                      (dict(hf="yes"), "hf"), (dict(correct_bias=False), "correct_bias")]:
+                      (dict(hf="yes"), "hf"), (dict(bias_correction=False), "bias_correction")]:
         with pytest.raises(ValueError, match=match):
             AdamW([p], **kw)
     with pytest.raises(ValueError, match="lr"):

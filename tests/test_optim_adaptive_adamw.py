@@ -229,10 +229,10 @@ def test_every_metric_spends_the_budget_and_keeps_invariants(metric):
         st = opt.state[p]
         r = st["rank"]
         right = shape[0] >= shape[1]
-        assert st["ortho"].shape == ((r, shape[1]) if right else (shape[0], r))
+        assert st["basis"].shape == ((r, shape[1]) if right else (shape[0], r))
         assert st["exp_avg"].shape == st["exp_avg_sq"].shape == ((shape[0], r) if right
                                                                  else (r, shape[1]))
-        assert _orthonormality_error(st["ortho"]) < 1e-5
+        assert _orthonormality_error(st["basis"]) < 1e-5
         assert (st["exp_avg_sq"] >= 0).all()
         assert torch.isfinite(p).all() and torch.isfinite(st["exp_avg"]).all()
 
@@ -254,13 +254,13 @@ def test_transport_at_a_rank_change_is_C_and_C_squared():
         old, st = before[p], opt.state[p]
         changed += old["rank"] != st["rank"]
         if shape[0] >= shape[1]:      # right: C = Q_old Q_new^T, m <- m C
-            C = old["ortho"] @ st["ortho"].t()
+            C = old["basis"] @ st["basis"].t()
             M, V = old["exp_avg"] @ C, old["exp_avg_sq"] @ (C * C)
-            R = G @ st["ortho"].t()
+            R = G @ st["basis"].t()
         else:                         # left: C = P_new^T P_old, m <- C m
-            C = st["ortho"].t() @ old["ortho"]
+            C = st["basis"].t() @ old["basis"]
             M, V = C @ old["exp_avg"], (C * C) @ old["exp_avg_sq"]
-            R = st["ortho"].t() @ G
+            R = st["basis"].t() @ G
         assert (C * C).min() >= 0 and ((C * C) @ old["exp_avg_sq"] if shape[0] < shape[1]
                                        else old["exp_avg_sq"] @ (C * C)).min() >= 0
         assert_parity(st["exp_avg"], b1 * M + (1 - b1) * R, rtol=1e-5, name="exp_avg")
@@ -297,7 +297,7 @@ def test_zero_gradient_layer_keeps_rank_one_and_stays_finite():
             ranks = opt.ranks()[0]
             assert ranks[1] == 1 and sum(ranks) == 12
             assert torch.equal(mats[1], w0[1])     # a zero gradient moves nothing
-            assert _orthonormality_error(opt.state[mats[1]]["ortho"]) < 1e-6
+            assert _orthonormality_error(opt.state[mats[1]]["basis"]) < 1e-6
     for p in mats:
         assert torch.isfinite(p).all()
         for v in opt.state[p].values():
@@ -324,16 +324,16 @@ def test_zero_gradient_is_safe_in_every_variant(cls):
         opt.step()
         if t == 1:
             assert all((p - w).norm() > 1e-3 for p, w in zip(mats, w0))
-    bases = [opt.state[p]["ortho"].clone() for p in mats]
+    bases = [opt.state[p]["basis"].clone() for p in mats]
     for p in mats:
         p.grad = torch.zeros_like(p)
     opt.step()                                        # k = 3: a refresh for RS and KFAC
     for p, B in zip(mats, bases):
         st = opt.state[p]
-        assert torch.isfinite(p).all() and _orthonormality_error(st["ortho"]) < 1e-5
+        assert torch.isfinite(p).all() and _orthonormality_error(st["basis"]) < 1e-5
         assert all(torch.isfinite(v).all() for v in st.values() if torch.is_tensor(v))
         if cls is GHAAdamW:
-            assert torch.equal(st["ortho"], B)
+            assert torch.equal(st["basis"], B)
 
 
 def test_limiter_caps_norm_growth_at_gamma():
@@ -373,15 +373,15 @@ def test_single_layer_equals_galore_except_transport_at_refresh(shape):
         opt_a.step(); opt_g.step()
         assert torch.equal(a[0], g[0])
     sa, sg = opt_a.state[a[0]], opt_g.state[g[0]]
-    for key in ("exp_avg", "exp_avg_sq", "ortho"):
+    for key in ("exp_avg", "exp_avg_sq", "basis"):
         assert torch.equal(sa[key], sg[key])
-    M, V, P_old = sg["exp_avg"].clone(), sg["exp_avg_sq"].clone(), sg["ortho"].clone()
+    M, V, P_old = sg["exp_avg"].clone(), sg["exp_avg_sq"].clone(), sg["basis"].clone()
     a[0].grad = _phase_grad(a[0], T, 0, T)
     g[0].grad = _phase_grad(g[0], T, 0, T)
     opt_a.step(); opt_g.step()
-    assert torch.equal(sa["ortho"], sg["ortho"]) and sa["rank"] == 5
+    assert torch.equal(sa["basis"], sg["basis"]) and sa["rank"] == 5
     right = shape[0] >= shape[1]
-    C = P_old @ sa["ortho"].t() if right else sa["ortho"].t() @ P_old
+    C = P_old @ sa["basis"].t() if right else sa["basis"].t() @ P_old
     assert (C - torch.eye(5)).abs().max() > 1e-2, "the refresh must change the basis"
     b1, b2 = opt_a.param_groups[0]["betas"]
     tM = M @ C if right else C @ M
@@ -400,7 +400,7 @@ def test_full_rank_guard_is_hf_adamw():
         p[0].grad = torch.randn(6, 20)
         q[0].grad = p[0].grad.clone()
         a.step(); b.step()
-    assert torch.equal(p[0], q[0]) and "ortho" not in a.state[p[0]]
+    assert torch.equal(p[0], q[0]) and "basis" not in a.state[p[0]]
 
 
 def test_full_rank_allocation_with_identity_basis_is_hf_adamw():
@@ -422,7 +422,7 @@ def test_full_rank_allocation_with_identity_basis_is_hf_adamw():
         a.step(); b.step()
         if t == 0:
             assert a.ranks() == [[6, 2]]
-            assert (a.state[p[0]]["ortho"] - torch.eye(6)).abs().max() < 1e-5
+            assert (a.state[p[0]]["basis"] - torch.eye(6)).abs().max() < 1e-5
     assert_parity(p[0], q[0], rtol=1e-5, name="W")
     assert not torch.equal(p[0], _params([small, big])[0])
 
@@ -678,7 +678,7 @@ def test_variants_match_literal_transcriptions(variant):
         for p, q in zip(mats, lit):
             assert_parity(p, q, rtol=1e-5, name=f"W {tuple(p.shape)} step {t}")
     for p, st, shape in zip(mats, states, shapes):
-        assert_parity(_canonical_basis(opt.state[p]["ortho"], shape), st["P"], rtol=1e-4,
+        assert_parity(_canonical_basis(opt.state[p]["basis"], shape), st["P"], rtol=1e-4,
                       name="basis")
 
 
@@ -695,7 +695,7 @@ def test_rsadamw_draws_are_seeded_and_sigma_controls_drift():
             for i, p in enumerate(mats):
                 p.grad = _phase_grad(p, t, i, 2)
             opt.step()
-            bases.append([opt.state[p]["ortho"].clone() for p in mats])
+            bases.append([opt.state[p]["basis"].clone() for p in mats])
             assert all(_orthonormality_error(b) < 1e-5 for b in bases[-1])
             assert opt.ranks() == [[4, 4]]
         return mats, bases
@@ -767,7 +767,7 @@ def test_state_dict_round_trip_continues_bit_identically(cls, tmp_path):
         p.data.copy_(saved)
     resumed = _make(cls, rm, rd, T)
     resumed.load_state_dict(ckpt["opt"])
-    assert resumed.state[rm[0]]["ortho"].dtype == torch.float32
+    assert resumed.state[rm[0]]["basis"].dtype == torch.float32
     _train(cls, rm, rd, resumed, 5, 14, T)
     for p, q in zip(rm + rd, mats + dense):
         assert torch.equal(p, q), f"resumed run diverged for {tuple(p.shape)}"
@@ -796,7 +796,7 @@ def _state_bytes_formula(cls, opt, model):
     total = 0
     for p in model.parameters():
         st = opt.state[p]
-        if "ortho" not in st:
+        if "basis" not in st:
             total += 8 * p.numel()
             continue
         m, n = p.shape
@@ -835,7 +835,7 @@ def test_tiny_model_trains_with_far_less_state(cls):
             opt.step()
             losses.append(loss.item())
             if lr_lowrank and t % 10 == 0:
-                assert all(_orthonormality_error(opt.state[p]["ortho"]) < 1e-5 for p in mats)
+                assert all(_orthonormality_error(opt.state[p]["basis"]) < 1e-5 for p in mats)
         return model, opt, losses
 
     model, opt, losses = train(1e-2)
@@ -854,7 +854,7 @@ FLAG_CASES = [
     (AdaptiveAdamW, dict(sign_canon=False)),
     (AdaptiveAdamW, dict(faithful_dtypes=True)),
     (AdaptiveAdamW, dict(combined_weight=0.2, rank_metric="combined")),
-    (AdaptiveAdamW, dict(correct_bias=False, matmul_precision="ieee")),
+    (AdaptiveAdamW, dict(bias_correction=False, matmul_precision="ieee")),
     (AdaptiveAdamW, dict(group=dict(proj_type="reverse_std"))),
     (AdaptiveAdamW, dict(group=dict(proj_type="left", rank_metric="gap"))),
     (RSAdamW, dict(sigma=0.3, seed=7)),
@@ -862,7 +862,7 @@ FLAG_CASES = [
     (GHAAdamW, dict(eta=0.1, sign_canon=False)),
     (GHAAdamW, dict(faithful_dtypes=True, group=dict(proj_type="right"))),
     (GaLoreKFACAdamW, dict(transport_on_refresh=False, kfac_update_freq=1)),
-    (GaLoreKFACAdamW, dict(kfac_eps=1e-3, faithful_dtypes=True, correct_bias=False)),
+    (GaLoreKFACAdamW, dict(kfac_eps=1e-3, faithful_dtypes=True, bias_correction=False)),
 ]
 
 
@@ -882,8 +882,8 @@ def test_every_flag_alternative_runs(cls, kw):
     for p, w in zip(mats, w0):
         st = opt.state[p]
         assert torch.isfinite(p).all() and not torch.equal(p, w)
-        assert st["exp_avg"].dtype == dtype and st["ortho"].dtype == dtype
-        assert _orthonormality_error(st["ortho"]) < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+        assert st["exp_avg"].dtype == dtype and st["basis"].dtype == dtype
+        assert _orthonormality_error(st["basis"]) < (3e-2 if dtype == torch.bfloat16 else 1e-5)
         assert ("nl_prev" in st) == (kw.get("nl_gamma", 1.01) is not None)
 
 

@@ -171,7 +171,7 @@ def test_reference_matches_literal_pseudocode():
             st = opt.state[p]
             assert (st["rank"], st["j"], st["t_j"]) == (lit.r, lit.j, lit.t_j), f"step {t + 1}"
             assert_parity(p, lit_W[i], rtol=1e-5, name=f"W {tuple(p.shape)} step {t + 1}")
-            assert_parity(_canon(st["ortho"], p.shape), lit.P, rtol=1e-5, name="P")
+            assert_parity(_canon(st["basis"], p.shape), lit.P, rtol=1e-5, name="P")
             ranks.add(st["rank"])
         blocks.append(opt.state[mats[0]]["j"])
     assert {2, 3, 6} <= ranks, ranks
@@ -217,7 +217,7 @@ def test_iass_prefix_basis_is_the_rank_r_ssrf():
         opt.step()
         for i, (W, shape) in enumerate(zip(Ws, shapes)):
             st = opt.state[W]
-            P, r = _canon(st["ortho"], shape), st["rank"]
+            P, r = _canon(st["basis"], shape), st["rank"]
             assert (r, st["j"], st["layer_id"]) == (4, block, i)
             Gc = W.grad if shape[0] < shape[1] else W.grad.t()
             direct = torch.empty(Gc.shape[0], r)
@@ -238,7 +238,7 @@ def test_oversample_changes_ritz_but_not_prefix():
             opt = AdaRankGrad([dict(params=[W], rank=8)], eta_th=0.8, iass_mode=mode,
                               proj_oversample=p)
             opt.step()
-            bases[mode, p] = opt.state[W]["ortho"]
+            bases[mode, p] = opt.state[W]["basis"]
     assert bases["prefix", 0].shape == bases["prefix", 6].shape
     assert_parity(bases["prefix", 6], bases["prefix", 0], rtol=1e-4, name="prefix basis")
     a, b = bases["ritz", 0], bases["ritz", 6]
@@ -259,7 +259,7 @@ def test_sign_canon_only_flips_columns(iass_mode):
         opt = AdaRankGrad([dict(params=[W], rank=8)], eta_th=0.99, sign_canon=canon,
                           iass_mode=iass_mode)
         opt.step()
-        bases.append(opt.state[W]["ortho"])
+        bases.append(opt.state[W]["basis"])
     a, b = bases
     assert a.shape == b.shape and a.shape[1] >= 6
     signs = torch.sign((a * b).sum(0))
@@ -280,11 +280,11 @@ def _run_with_checks(opt, params, grad_fn, steps):
         opt.step()
         for p in params:
             st = opt.state[p]
-            if "ortho" in st and st["j"] != before[p]:
+            if "basis" in st and st["j"] != before[p]:
                 seen += 1
-                assert _gram_error(st["ortho"]) < 1e-5, f"step {t + 1}"
+                assert _gram_error(st["basis"]) < 1e-5, f"step {t + 1}"
                 r = st["rank"]
-                P = st["ortho"]
+                P = st["basis"]
                 expect = (r, p.shape[1]) if P.shape[0] == p.shape[0] else (p.shape[0], r)
                 assert tuple(st["exp_avg"].shape) == expect == tuple(st["exp_avg_sq"].shape)
                 assert (st["exp_avg_sq"] >= 0).all()
@@ -323,7 +323,7 @@ def test_transport_formulas_and_V_nonnegative():
                 st = opt.state[p]
                 if old_j[p] == 0 or st["j"] == old_j[p]:
                     continue
-                Pn, Po = _canon(st["ortho"], p.shape), _canon(old[p]["ortho"], p.shape)
+                Pn, Po = _canon(st["basis"], p.shape), _canon(old[p]["basis"], p.shape)
                 right = p.shape[0] >= p.shape[1]
                 tr = (lambda x: x.t()) if right else (lambda x: x)
                 G = tr(p.grad)
@@ -367,7 +367,7 @@ def test_selected_rank_is_the_smallest_sufficient_one():
             W.grad = G.clone()
             opt = AdaRankGrad([dict(params=[W], rank=20)], eta_th=eta, iass_mode=mode)
             opt.step()
-            P, r = opt.state[W]["ortho"], opt.state[W]["rank"]
+            P, r = opt.state[W]["basis"], opt.state[W]["rank"]
             E = G.square().sum()
             assert (P.t() @ G).square().sum() >= eta * E * (1 - 1e-5)
             assert (P[:, :r - 1].t() @ G).square().sum() < eta * E
@@ -428,7 +428,7 @@ def test_subspace_switch_triggers_refresh_after_t_min():
         s += 1
         ema = 0.9 * ema + 0.1 * (z_a if s <= 7 else z_b)
     assert first == s + 1 and 10 < first < 30 and starts[-1] == first
-    assert _canon(opt.state[W]["ortho"], W.shape).shape[1] == 3
+    assert _canon(opt.state[W]["basis"], W.shape).shape[1] == 3
 
 
 def test_absolute_exit_rule():
@@ -455,11 +455,11 @@ def test_zero_gradient_first_step_only_decays():
     opt.step()
     assert torch.equal(W.detach(), W0 * (1 - 0.1 * 0.5))
     st = opt.state[W]
-    assert "ortho" not in st and st["refresh"] and st["j"] == 0 and st["step"] == 1
+    assert "basis" not in st and st["refresh"] and st["j"] == 0 and st["step"] == 1
     W.grad = planted(30, 50, [9.0, 7.0], salt=3)
     opt.step()
     assert st["j"] == 1 and st["t_j"] == 2 and st["rank"] == 2
-    assert torch.isfinite(W).all() and _gram_error(st["ortho"]) < 1e-5
+    assert torch.isfinite(W).all() and _gram_error(st["basis"]) < 1e-5
 
 
 def test_zero_gradient_at_a_refresh_keeps_the_subspace():
@@ -470,11 +470,11 @@ def test_zero_gradient_at_a_refresh_keeps_the_subspace():
         opt.step()
     st = opt.state[W]
     assert st["refresh"]
-    P, M, j = st["ortho"].clone(), st["exp_avg"].clone(), st["j"]
+    P, M, j = st["basis"].clone(), st["exp_avg"].clone(), st["j"]
     z_ema = st["z_ema"]
     W.grad = torch.zeros_like(W)
     opt.step()
-    assert torch.equal(st["ortho"], P) and st["j"] == j and st["refresh"]
+    assert torch.equal(st["basis"], P) and st["j"] == j and st["refresh"]
     assert st["z_ema"] == z_ema                            # exit test skipped
     assert_parity(st["exp_avg"], 0.9 * M, rtol=1e-6, name="M decays")
     assert torch.isfinite(W).all()
@@ -493,7 +493,7 @@ def test_rank_deficient_sketch():
             W.grad = planted(*shape, [3.0, 1.0], salt=t % 2)
             opt.step()
             st = opt.state[W]
-            assert st["rank"] <= 2 and _gram_error(st["ortho"]) < 1e-5
+            assert st["rank"] <= 2 and _gram_error(st["basis"]) < 1e-5
             assert torch.isfinite(W).all() and torch.isfinite(st["exp_avg_sq"]).all()
 
 
@@ -515,7 +515,7 @@ def test_nonfinite_gradient_at_refresh_raises_before_mutating():
     W0 = W.detach().clone()
     with pytest.raises(FloatingPointError):
         opt.step()
-    assert torch.equal(W, W0) and "ortho" not in opt.state[W]
+    assert torch.equal(W, W0) and "basis" not in opt.state[W]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +538,7 @@ def test_size_guard_gives_torch_adamw():
         b.step()
     for p, q in zip(ps, qs):
         assert_parity(p, q, rtol=1e-6, name="W")
-    assert "ortho" not in a.state[ps[0]]
+    assert "basis" not in a.state[ps[0]]
 
 
 @pytest.mark.parametrize("shape", [(20, 30), (30, 20), (24, 24)])
@@ -563,7 +563,7 @@ def test_full_rank_moments_are_rotated_adam_moments(shape):
         dv = 0.9 * dv + 0.1 * G * G
         st = opt.state[W]
         assert st["rank"] == min(shape)
-        P = _canon(st["ortho"], shape)
+        P = _canon(st["basis"], shape)
         assert_parity(P @ tr(st["exp_avg"]), dm, rtol=1e-5, name="P @ M")
         assert_parity(tr(st["exp_avg_sq"]).sum(0), dv.sum(0), rtol=1e-5, name="colsum V")
     assert st["j"] == 5
@@ -612,7 +612,7 @@ def test_seed_makes_runs_reproducible_and_distinct():
         for t in range(3):
             W.grad = _switching_grad(W, t, 0)
             opt.step()
-        Ws.append(opt.state[W]["ortho"])
+        Ws.append(opt.state[W]["basis"])
     assert torch.equal(Ws[0], Ws[1]) and not torch.equal(Ws[0], Ws[2])
 
 

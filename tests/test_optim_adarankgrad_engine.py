@@ -154,7 +154,7 @@ def test_zero_gradients_equal_per_matrix():
             opt.step()
             opt.zero_grad(set_to_none=False)
             if t == 0:
-                assert "ortho" not in opt.state[first]
+                assert "basis" not in opt.state[first]
         assert opt.state[first]["j"] >= 1
         runs.append(snapshot(net, opt))
     assert_same(runs[0], runs[1], "zero gradients")

@@ -42,7 +42,7 @@ class _LiteralProjector:
         return full * self.scale
 
 
-def literal_galore_step(params, groups_state, groups, lr, betas, eps, weight_decay, correct_bias=True):
+def literal_galore_step(params, groups_state, groups, lr, betas, eps, weight_decay, bias_correction=True):
     wd = weight_decay
     for group, ps in zip(groups, params):
         for p in ps:
@@ -60,7 +60,7 @@ def literal_galore_step(params, groups_state, groups, lr, betas, eps, weight_dec
             st["v"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
             denom = st["v"].sqrt().add_(eps)
             step_size = lr
-            if correct_bias:
+            if bias_correction:
                 step_size = lr * math.sqrt(1 - b2 ** st["step"]) / (1 - b1 ** st["step"])
             norm = st["m"] / denom
             if "rank" in group:
@@ -144,7 +144,7 @@ def test_fused_trajectory_matches_reference(dtype, faithful, device):
     for p, q in zip(fused, ref):
         assert_parity(p, q, rtol=tolerance(dtype, "trajectory"), name=f"W {tuple(p.shape)}")
     for p, q in zip(fused[:2], ref[:2]):
-        for key in ("exp_avg", "exp_avg_sq", "ortho"):
+        for key in ("exp_avg", "exp_avg_sq", "basis"):
             a, e = fused_opt.state[p][key], ref_opt.state[q][key]
             assert a.dtype == (dtype if faithful else torch.float32)
             # the states see gradients computed from W, so they carry W's rounding
@@ -198,7 +198,7 @@ def test_full_rank_guard_gives_hf_adamw(device):
         q.grad = p.grad.clone()
         a.step(); b.step()
     assert torch.equal(p, q)
-    assert "ortho" not in a.state[p]
+    assert "basis" not in a.state[p]
 
 
 def test_conv_weight_is_flattened(device):

@@ -43,7 +43,7 @@ def test_grouped_equals_per_matrix(backend, dtype):
     pa = [p for g in opt_a.param_groups for p in g["params"]]
     pb = [p for g in opt_b.param_groups for p in g["params"]]
     for p, q in zip(pa, pb):
-        for key in ("exp_avg", "exp_avg_sq", "ortho"):
+        for key in ("exp_avg", "exp_avg_sq", "basis"):
             if key in opt_a.state[p]:
                 assert torch.equal(opt_a.state[p][key], opt_b.state[q][key]), key
 

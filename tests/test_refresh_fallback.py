@@ -15,7 +15,7 @@ from _methods import backward, model, optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BASIS_KEYS = ("ortho", "P", "basis", "L")
+BASIS_KEYS = ("basis", "P", "basis", "L")
 # the methods whose refresh calls torch.linalg.svd / svdvals on the gradient (and the options
 # that make it so)
 SVD_METHODS = [("galore", {}), ("adaptive_adamw", {}), ("gha", {}), ("galore_kfac", {}),

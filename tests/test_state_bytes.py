@@ -45,7 +45,7 @@ def expected(method, name, p, state, block=None):
         side = _std_side(m, n)
         r = {"adaptive_adamw": state.get("rank"), "adarankgrad": state.get("rank")}.get(
             method, RANK)
-        out = {"ortho": _basis(m, n, r, side), "exp_avg": _low(m, n, r, side)}
+        out = {"basis": _basis(m, n, r, side), "exp_avg": _low(m, n, r, side)}
         if method == "galore_kfac":                 # 5.6: F and its inverse root, no v
             out.update(kfac_factor=(r, r), kfac_root=(r, r))
         else:

@@ -70,7 +70,7 @@ def test_galore_randomized_trains_close_to_svd(monkeypatch):
         assert (a - b).norm() <= 1e-3 * a.norm()
     for p in p_rnd:
         st = opt.state[p]
-        assert st["step"] == 7 and st["ortho"].dtype == torch.float32
+        assert st["step"] == 7 and st["basis"].dtype == torch.float32
     assert opt._pending_bases == {}
 
 
@@ -81,7 +81,7 @@ def test_galore_projector_group_key_and_validation():
     assert opt.param_groups[0]["projector"] == "randomized"
     p.grad = torch.randn(16, 12)
     opt.step()
-    P = opt.state[p]["ortho"]
+    P = opt.state[p]["basis"]
     assert P.shape == (2, 12)
     assert torch.allclose(P @ P.t(), torch.eye(2), atol=1e-5)
     with pytest.raises(ValueError, match="projector"):
@@ -110,7 +110,7 @@ def test_adaptive_adamw_randomized_spectra_allocation_and_bases():
             for p, G in zip(params, row):
                 p.grad = G.clone()
             opt.step()
-        out[projector] = (params, opt.ranks(), [opt.state[p]["ortho"] for p in params])
+        out[projector] = (params, opt.ranks(), [opt.state[p]["basis"] for p in params])
     (p_s, r_s, B_s), (p_r, r_r, B_r) = out["svd"], out["randomized"]
     assert r_s == r_r and sum(r_s[0]) == 16
     for a, b in zip(B_s, B_r):

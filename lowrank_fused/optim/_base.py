@@ -151,7 +151,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     weights and the state as they were.
 
     The options every method shares (keywords of every constructor; docs/conventions.md,
-    "Options every method shares"):
+    "Names and options every method shares"):
 
     * ``backend``: ``"auto" | "reference" | "triton" | "cuda" | "cpu"`` (lowrank_fused.dispatch;
       default ``"auto"``, the fused kernels where they run).
@@ -421,7 +421,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _state_dtype(self, p):
         return p.dtype if self.faithful_dtypes else torch.float32
 
-    def _dense_adamw_step(self, p, group, backend, *, eps_mode, wd_mode, correct_bias=True,
+    def _dense_adamw_step(self, p, group, backend, *, eps_mode, wd_mode, bias_correction=True,
                           step=None):
         """The dense AdamW step (docs/methods/adamw.md) for a parameter off the low-rank path:
         torch conventions (``eps_mode="torch", wd_mode="pre"``) or HF/GaLore ones
@@ -442,24 +442,24 @@ class LowRankOptimizer(torch.optim.Optimizer):
         batch = None
         if self.multi_tensor:
             batch = self._batch_for("adamw_step", backend, (W, G, M, V), self._flush_adamw,
-                                    eps_mode, wd_mode, bool(correct_bias))
+                                    eps_mode, wd_mode, bool(bias_correction))
         if batch is not None:
             batch.append((W, G, M, V, group["lr"], beta1, beta2, group["eps"],
                           group["weight_decay"], t, state if step is None else None))
             return
         ops.adamw_step(W, G, M, V, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        step=t, weight_decay=group["weight_decay"], eps_mode=eps_mode,
-                       wd_mode=wd_mode, correct_bias=correct_bias, backend=backend)
+                       wd_mode=wd_mode, bias_correction=bias_correction, backend=backend)
         if step is None:
             state["step"] = t
 
-    def _flush_adamw(self, backend, eps_mode, wd_mode, correct_bias, items):
+    def _flush_adamw(self, backend, eps_mode, wd_mode, bias_correction, items):
         """The collected dense AdamW steps of one set: one ``adamw_step_multi`` call, then the
         parameters' own counters advance (as the per-tensor step does, after its update)."""
         Ws, Gs, Ms, Vs, lrs, b1s, b2s, epss, wds, steps, states = (list(x) for x in zip(*items))
         ops_multi.adamw_step_multi(Ws, Gs, Ms, Vs, lr=lrs, beta1=b1s, beta2=b2s, eps=epss,
                                    step=steps, weight_decay=wds, eps_mode=eps_mode,
-                                   wd_mode=wd_mode, correct_bias=correct_bias, backend=backend)
+                                   wd_mode=wd_mode, bias_correction=bias_correction, backend=backend)
         for state, t in zip(states, steps):
             if state is not None:
                 state["step"] = t
@@ -978,7 +978,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if dense.bound is None:
                 dense.bound = ops_multi.BoundAdamWStepMulti(
                     dense.Ws, Gs, dense.Ms, dense.Vs, eps_mode=route.eps_mode,
-                    wd_mode=route.wd_mode, correct_bias=route.correct_bias,
+                    wd_mode=route.wd_mode, bias_correction=route.bias_correction,
                     backend=dense.backend)
             dense.bound(Gs, [h + (t,) for h, t in zip(hyper, ts)], skip=self._skip_flag)
         else:
@@ -987,7 +987,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                                         lrs, b1s, b2s, epss, wds, ts):
                 ops.adamw_step(W, G, M, V, lr=lr, beta1=b1, beta2=b2, eps=e, step=t,
                                weight_decay=wd, eps_mode=route.eps_mode,
-                               wd_mode=route.wd_mode, correct_bias=route.correct_bias,
+                               wd_mode=route.wd_mode, bias_correction=route.bias_correction,
                                backend=dense.backend, skip=self._skip_flag)
         if not route.global_step:
             for st, t in zip(dense.states, ts):
@@ -1045,7 +1045,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._class_generation += 1      # a captured step of the old classes is stale
         self._classes_stale = False
 
-    BASIS_KEY = "ortho"
+    BASIS_KEY = "basis"
     MOMENT_KEY = "exp_avg"   # the state tensor whose dtype is the N workspace's
 
     def _class_key_extra(self, p, group, state) -> tuple:
@@ -1213,15 +1213,24 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 f"{meta['param_shapes'][diff] if diff < len(meta['param_shapes']) else None}, "
                 f"here {shapes[diff] if diff < len(shapes) else None}")
 
-    # keys an earlier version of the method stored under another name (README, "Checkpoint
-    # format"): {"state": {old: new}, "group": {old: new}}; load_state_dict renames them, so
+    # keys an earlier version of the method stored under another name (docs/conventions.md,
+    # "Names and options every method shares"): {"state": {old: new}, "group": {old: new}};
+    # load_state_dict renames them (with the renames every method shares, _RENAMED_ALL), so
     # such a checkpoint still loads
     RENAMED_KEYS = {"state": {}, "group": {}}
+    _RENAMED_ALL = {"state": {"ortho": "basis"}, "group": {"correct_bias": "bias_correction"}}
+
+    @classmethod
+    def renamed_keys(cls):
+        """``{"state": {old: new}, "group": {old: new}}``: every key an earlier version of
+        this method stored under another name (the renames all methods share and its own)."""
+        return {k: {**cls._RENAMED_ALL[k], **cls.RENAMED_KEYS[k]} for k in ("state", "group")}
 
     def _renamed(self, state_dict):
-        """``state_dict`` with the keys of ``RENAMED_KEYS`` under their current names (a new
+        """``state_dict`` with the keys of ``renamed_keys()`` under their current names (a new
         dict; the given one is not changed)."""
-        state_map, group_map = self.RENAMED_KEYS["state"], self.RENAMED_KEYS["group"]
+        names = self.renamed_keys()
+        state_map, group_map = names["state"], names["group"]
 
         def rename(d, names):
             if not any(k in names for k in d):

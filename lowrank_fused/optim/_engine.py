@@ -34,12 +34,12 @@ import torch
 
 @dataclass(frozen=True)
 class DenseRoute:
-    """The dense AdamW step: ``eps_mode``/``wd_mode``/``correct_bias`` as ``ops.adamw_step``;
+    """The dense AdamW step: ``eps_mode``/``wd_mode``/``bias_correction`` as ``ops.adamw_step``;
     ``global_step``: the bias correction uses the optimizer's own counter (LDAdam) instead of
     the parameter's."""
     eps_mode: str
     wd_mode: str
-    correct_bias: bool = True
+    bias_correction: bool = True
     global_step: bool = False
 
 

@@ -88,8 +88,9 @@ class AdaMeM(LowRankOptimizer):
         projector, proj_oversample, proj_power_iters: ``"svd"`` (default) or
             ``"randomized"`` (batched randomized SVD, ``lowrank_fused.subspace``: all
             same-shape matrices refreshing on a step in one call), as GaLoreAdamW.
-        backend, sign_canon, matmul_precision: as :class:`lowrank_fused.GaLoreAdamW`. Every
-            op has a Triton implementation (the residual's column statistics:
+        backend, nonfinite, sign_canon, matmul_precision: the options every method shares
+            (``LowRankOptimizer``, docs/conventions.md; the state is fp32 by definition, so
+            there is no ``faithful_dtypes``). Every op has a Triton implementation (the residual's column statistics:
             ``kernels/residual_col_stats.py``), so ``backend="triton"`` runs the whole step
             fused; a backend lacking an op raises ``BackendUnavailable`` at construction.
 
@@ -111,14 +112,15 @@ class AdaMeM(LowRankOptimizer):
     """
 
     # projected groups hold ``rank``; the subspace keys mean nothing in the others
+    RENAMED_KEYS = {"state": {"P": "basis"}, "group": {}}
+    OPTIONS = frozenset({"backend", "nonfinite", "sign_canon", "matmul_precision"})
     LOWRANK_GROUP_KEYS = frozenset({"rank", "update_proj_gap", "projector", "proj_oversample",
                                     "proj_power_iters"})
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, eps1=1e-30,
                  weight_decay=0.01, delta=1.0, update_proj_gap=200, *, v_source="momentum",
                  transport_on_refresh=False, bias_correction=True, residual_form="identity",
-                 backend="auto", nonfinite="raise", sign_canon=True, matmul_precision=None, projector="svd",
-                 proj_oversample=8, proj_power_iters=2):
+                 projector="svd", proj_oversample=8, proj_power_iters=2, **options):
         self._pending_bases = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, eps1=eps1, weight_decay=weight_decay,
                         delta=delta, update_proj_gap=update_proj_gap, v_source=v_source,
@@ -128,8 +130,7 @@ class AdaMeM(LowRankOptimizer):
                         proj_power_iters=proj_power_iters)
         self._check_group(defaults)
         defaults["betas"] = tuple(betas)
-        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=False,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+        super().__init__(params, defaults, **options)
 
     # -- group validation -----------------------------------------------------------------
     def _check_group(self, group):
@@ -187,13 +188,13 @@ class AdaMeM(LowRankOptimizer):
     @staticmethod
     def _check_path(state, plan):
         """The state fits the path the parameter takes now (its group's rank may change)."""
-        low_rank_state = "P" in state
+        low_rank_state = "basis" in state
         dense_state = "row" in state or "v" in state
         if (plan is None and low_rank_state) or (plan is not None and dense_state):
             raise ValueError(
                 "a parameter moved between AdaMeM's low-rank path and its Adafactor path "
                 "(its group's rank changed); its state does not fit the new path")
-        if plan is not None and low_rank_state and state["P"].shape[1] != plan[0]:
+        if plan is not None and low_rank_state and state["basis"].shape[1] != plan[0]:
             raise ValueError(f"rank changed from {state['P'].shape[1]} to {plan[0]} mid-run; "
                              "AdaMeM keeps a fixed rank per matrix")
 
@@ -250,7 +251,7 @@ class AdaMeM(LowRankOptimizer):
                 requests.append((p, settings, (G.t() if transposed else G, rank, "left")))
         self._pending_bases = checked_bases(
             self, grouped_refresh(requests, sign_canon=self.sign_canon),
-            {p: a for p, _, a in requests}, state_key="P")
+            {p: a for p, _, a in requests}, state_key="basis")
 
     def _after_updates(self):
         self._pending_bases = {}
@@ -258,7 +259,7 @@ class AdaMeM(LowRankOptimizer):
     @staticmethod
     def _refresh_due(state, group):
         """Alg. 2: a new basis at the first step and every ``update_proj_gap`` steps."""
-        return "P" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
+        return "basis" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
 
     def _per_layer_defers(self):
         """A randomized refresh batches all same-shape layers: defer such steps."""
@@ -282,7 +283,7 @@ class AdaMeM(LowRankOptimizer):
         if P is None:
             P = canonical_svd_basis(Gc, rank, "left", self.sign_canon,
                                     label=self.param_label(p) if p is not None else None,
-                                    previous=self.state[p].get("P") if p is not None else None)
+                                    previous=self.state[p].get("basis") if p is not None else None)
         return orth(P.double()).float()
 
     def _refresh(self, p, state, group, Gc, rank, backend):
@@ -292,7 +293,7 @@ class AdaMeM(LowRankOptimizer):
         replaced. Everything that can fail (the SVD of a non-finite gradient) runs before any
         state is touched."""
         P_new = self._basis(Gc, rank, p)
-        P_old = state.get("P")
+        P_old = state.get("basis")
         if group["transport_on_refresh"] and P_old is not None:
             transport = lookup("moment_transport", backend)
             M_new, row_new = transport(P_new, P_old, state["M"], state["a_row"].unsqueeze(1))
@@ -301,7 +302,7 @@ class AdaMeM(LowRankOptimizer):
         if P_old is not None and P_old.shape == P_new.shape and P_old.dtype == P_new.dtype:
             P_old.copy_(P_new)
             return False
-        state["P"] = P_new
+        state["basis"] = P_new
         if "M" not in state:
             low, cols = (rank, Gc.shape[1]), Gc.shape[1]
             dev = Gc.device
@@ -320,7 +321,7 @@ class AdaMeM(LowRankOptimizer):
         Wc, Gc = (W.t(), G.t()) if transposed else (W, G)
         if self._refresh_due(state, group):
             self._refresh(p, state, group, Gc, rank, backend)
-        P = state["P"]
+        P = state["basis"]
         explicit = group["residual_form"] == "explicit"
         # line 3; the identity form's colsum(G^2) comes from the same pass over G (K1 side output)
         g_sumsq = None if explicit else torch.empty(Gc.shape[1], dtype=torch.float32,
@@ -364,7 +365,6 @@ class AdaMeM(LowRankOptimizer):
                   **stats_kw)
 
     # -- the step on the engine (optim/_engine.py) ------------------------------------------
-    BASIS_KEY = "P"
     MOMENT_KEY = "M"
     # every state-writing op of a class's steady step takes the on-device flag: the grouped
     # middle (or the per-matrix ops, their state put back), the combined update. A step with
@@ -400,7 +400,7 @@ class AdaMeM(LowRankOptimizer):
         first step and when its counter is a multiple of ``update_proj_gap``), from the
         distinct counters of each group."""
         for group, states in self._routed_by_group(routed):
-            if not all(map(operator.contains, states, repeat("P"))):
+            if not all(map(operator.contains, states, repeat("basis"))):
                 return True                         # a first step (its counter counts as 0)
             gap = group["update_proj_gap"]
             if any(t % gap == 0 for t in set(map(_STEP, states))):

@@ -7,7 +7,7 @@ Two variants, one class:
   defaults lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2.
 * ``hf=True`` (or the class ``HFAdamW``), HF / galore_torch semantics, what GaLore gives its
   non-projected parameters: E-hf epsilon ``N = m/(sqrt(v)+eps)`` with step size
-  ``lr*sqrt(bc2)/bc1`` (``correct_bias``), and WD-post ``W <- W - lr*lam*W`` after the update;
+  ``lr*sqrt(bc2)/bc1`` (``bias_correction``), and WD-post ``W <- W - lr*lam*W`` after the update;
   defaults eps 1e-6, weight_decay 0.0.
 
 Each parameter's update is ``ops.adamw_step``, so every backend that implements that op
@@ -31,15 +31,15 @@ class AdamW(LowRankOptimizer):
 
     Args:
         params: parameters or param groups (groups may override lr, betas, eps, weight_decay,
-            correct_bias).
+            bias_correction).
         lr: learning rate (default 1e-3).
         betas: (beta1, beta2), each in [0, 1) (default (0.9, 0.999)).
         eps: epsilon; None means the variant's default: 1e-8 (torch) or 1e-6 (hf).
         weight_decay: decoupled weight decay lam; None means 1e-2 (torch) or 0.0 (hf).
         hf: False for torch.optim.AdamW semantics (E-torch, WD-pre), True for HF/galore_torch
             AdamW (E-hf, WD-post).
-        correct_bias: hf only: bias-correct the step size (default True). torch AdamW always
-            corrects, so ``correct_bias=False`` with ``hf=False`` is rejected.
+        bias_correction: hf only: bias-correct the step size (default True). torch AdamW always
+            corrects, so ``bias_correction=False`` with ``hf=False`` is rejected.
         backend, nonfinite, faithful_dtypes: the options every method shares
             (``LowRankOptimizer``, docs/conventions.md); ``faithful_dtypes`` keeps exp_avg /
             exp_avg_sq in the parameter dtype (as torch and HF do) instead of fp32.
@@ -51,7 +51,7 @@ class AdamW(LowRankOptimizer):
     OPTIONS = frozenset({"backend", "nonfinite", "faithful_dtypes"})
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=None, weight_decay=None,
-                 correct_bias=True, *, hf=False, **options):
+                 bias_correction=True, *, hf=False, **options):
         variant = _HF_DEFAULTS if hf else _TORCH_DEFAULTS
         eps = variant["eps"] if eps is None else eps
         weight_decay = variant["weight_decay"] if weight_decay is None else weight_decay
@@ -61,14 +61,14 @@ class AdamW(LowRankOptimizer):
         check_number("weight_decay", weight_decay, low=0.0)
         if not isinstance(hf, bool):
             raise ValueError(f"hf must be a bool, got {hf!r}")
-        if not isinstance(correct_bias, bool):
-            raise ValueError(f"correct_bias must be a bool, got {correct_bias!r}")
-        if not hf and not correct_bias:
-            raise ValueError("correct_bias=False is only defined for hf=True (torch AdamW always "
+        if not isinstance(bias_correction, bool):
+            raise ValueError(f"bias_correction must be a bool, got {bias_correction!r}")
+        if not hf and not bias_correction:
+            raise ValueError("bias_correction=False is only defined for hf=True (torch AdamW always "
                              "corrects the bias)")
         self.hf = hf
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        correct_bias=correct_bias)
+                        bias_correction=bias_correction)
         super().__init__(params, defaults, **options)
 
     def _check_group(self, group):
@@ -76,10 +76,10 @@ class AdamW(LowRankOptimizer):
         group["betas"] = check_betas(group["betas"])
         check_number("eps", group["eps"], low=0.0)
         check_number("weight_decay", group["weight_decay"], low=0.0)
-        if not isinstance(group["correct_bias"], bool):
-            raise ValueError(f"correct_bias must be a bool, got {group['correct_bias']!r}")
-        if not self.hf and not group["correct_bias"]:
-            raise ValueError("correct_bias=False is only defined for hf=True")
+        if not isinstance(group["bias_correction"], bool):
+            raise ValueError(f"bias_correction must be a bool, got {group['bias_correction']!r}")
+        if not self.hf and not group["bias_correction"]:
+            raise ValueError("bias_correction=False is only defined for hf=True")
 
     SUPPORTS_SHARDED = True      # elementwise: each FSDP2 rank updates its own shard
 
@@ -94,19 +94,19 @@ class AdamW(LowRankOptimizer):
 
     def _route(self, p, group):
         return DenseRoute("hf" if self.hf else "torch", "post" if self.hf else "pre",
-                          group["correct_bias"])
+                          group["bias_correction"])
 
     def _step_param(self, p, group, backend, precision):
         self._dense_adamw_step(p, group, backend, eps_mode="hf" if self.hf else "torch",
                                wd_mode="post" if self.hf else "pre",
-                               correct_bias=group["correct_bias"])
+                               bias_correction=group["bias_correction"])
 
 
 class HFAdamW(AdamW):
     """HF / galore_torch AdamW: ``AdamW(hf=True)`` with its defaults (lr 1e-3, betas
-    (0.9, 0.999), eps 1e-6, weight_decay 0.0, correct_bias True)."""
+    (0.9, 0.999), eps 1e-6, weight_decay 0.0, bias_correction True)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, **options):
+                 bias_correction=True, **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, hf=True, **options)
+                         bias_correction=bias_correction, hf=True, **options)

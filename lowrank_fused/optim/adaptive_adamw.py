@@ -226,17 +226,14 @@ class _SubspaceAdamW(GaLoreAdamW):
     # the limiter and GHA's update are eager torch ops a graph replay would not stand in for
     CAPTURABLE = False
 
-    def __init__(self, params, lr, betas, eps, weight_decay, correct_bias, *, family,
-                 backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision,
-                 capacity_buffers=False, **projector):
+    def __init__(self, params, lr, betas, eps, weight_decay, bias_correction, *, family,
+                 capacity_buffers=False, **options):
         # the method's group keys -> the constructor's values, filled into every rank group
         # (set before the base constructor, which checks the groups)
         self._family = dict(family)
         self.capacity_buffers = check_bool("capacity_buffers", capacity_buffers)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, backend=backend, nonfinite=nonfinite,
-                         faithful_dtypes=faithful_dtypes, sign_canon=sign_canon,
-                         matmul_precision=matmul_precision, **projector)
+                         bias_correction=bias_correction, **options)
 
     # -- group validation -----------------------------------------------------------------
     def _check_group(self, group):
@@ -307,7 +304,7 @@ class _SubspaceAdamW(GaLoreAdamW):
         state = self.state[p]
         W, G, write_back = self._as_matrix(p, shape)
         self._update_basis(p, group, side, G, state, backend)
-        P = state["ortho"]
+        P = state["basis"]
         R = ops.project(G, P, side=side, precision=precision, backend=backend)
         state["step"] += 1
         N, coef, post_decay = self._direction(R, state, group, side, backend)
@@ -338,7 +335,7 @@ class _SubspaceAdamW(GaLoreAdamW):
 
     # -- the step on the engine's classes (optim/_engine.py) --------------------------------
     # the state tensors a class's lists hold (a basis update that replaces one rebuilds them)
-    _CLASS_STATE = ("ortho", "exp_avg", "exp_avg_sq")
+    _CLASS_STATE = ("basis", "exp_avg", "exp_avg_sq")
 
     def _refresh_classes(self, routed) -> bool:
         """Every member's basis update due on this step (``_update_basis``, as the per-matrix
@@ -385,7 +382,7 @@ class _SubspaceAdamW(GaLoreAdamW):
         removes a basis, so a steady step checks nothing per member)."""
         if self.__dict__.get("_bases_seen") is plan.routed:
             return True
-        if all(map(operator.contains, [st for *_, st in plan.routed], itertools.repeat("ortho"))):
+        if all(map(operator.contains, [st for *_, st in plan.routed], itertools.repeat("basis"))):
             self._bases_seen = plan.routed
             return True
         return False
@@ -418,7 +415,7 @@ class _SubspaceAdamW(GaLoreAdamW):
 
     def _refresh_basis_due(self, group, state) -> bool:
         """A refresh every ``update_proj_gap`` steps (counter before the increment)."""
-        return "ortho" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
+        return "basis" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
 
     def _class_lists(self, cls):
         members = cls.members
@@ -557,14 +554,14 @@ class _SubspaceAdamW(GaLoreAdamW):
                                  sumsq=sumsq, backend=cls.backend, skip=self._skip_flag)
         if one is not None:
             b1, b2 = one["betas"]
-            return [ops.hf_step_size(one["lr"], b1, b2, ts[0], one["correct_bias"])] * len(ts)
+            return [ops.hf_step_size(one["lr"], b1, b2, ts[0], one["bias_correction"])] * len(ts)
         memo = {}
         out = []
         for g, t in zip(groups, ts):
             v = memo.get((id(g), t))
             if v is None:
                 b1, b2 = g["betas"]
-                v = memo[(id(g), t)] = ops.hf_step_size(g["lr"], b1, b2, t, g["correct_bias"])
+                v = memo[(id(g), t)] = ops.hf_step_size(g["lr"], b1, b2, t, g["bias_correction"])
             out.append(v)
         return out
 
@@ -591,7 +588,7 @@ class _SubspaceAdamW(GaLoreAdamW):
         else:
             ops.adam_moments(R, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
                              eps_mode="hf", sumsq=sumsq, backend=backend)
-        return N, ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"]), sumsq
+        return N, ops.hf_step_size(group["lr"], beta1, beta2, t, group["bias_correction"]), sumsq
 
     def _init_moments(self, p, state, side, shape, rank, cap=None):
         """Zero moments at ``rank``; with a capacity rank ``cap``, at the start of buffers
@@ -606,7 +603,7 @@ class _SubspaceAdamW(GaLoreAdamW):
         """A4 through the K8 op: ``M <- C M``, ``V <- (C*C) V`` with C = P_new^T P_old
         (canonical left form; right-projected matrices pass transposed views)."""
         impl = implementation("moment_transport", backend, P_new.device)
-        M, V = impl(_canon(side, P_new), _canon(side, state["ortho"]),
+        M, V = impl(_canon(side, P_new), _canon(side, state["basis"]),
                     _canon(side, state["exp_avg"]), _canon(side, state["exp_avg_sq"]))
         rank = M.shape[0]
         for key, X in (("exp_avg", M), ("exp_avg_sq", V)):
@@ -627,10 +624,10 @@ class _SubspaceAdamW(GaLoreAdamW):
             managed = self._managed(group)
             for p, (side, _, shape) in managed:
                 state = self.state.get(p, {})
-                if "ortho" not in state or "rank" not in state:
+                if "basis" not in state or "rank" not in state:
                     continue
                 cap = self._rank_capacity(group, shape, len(managed))
-                for key in ("ortho", "exp_avg", "exp_avg_sq"):
+                for key in ("basis", "exp_avg", "exp_avg_sq"):
                     if key in state:
                         state[key] = _capacity.keep(state[key], state[key], state["rank"], cap)
 
@@ -651,7 +648,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
             Group keys (defaults from the constructor): ``update_proj_gap`` (200), ``scale``
             (0.25, ``--galore_scale``), ``proj_type`` (``"std"``), ``rank_metric``,
             ``nl_gamma``, ``combined_weight``.
-        lr, betas, eps, weight_decay, correct_bias: as GaLore (E-hf, WD-post), defaults
+        lr, betas, eps, weight_decay, bias_correction: as GaLore (E-hf, WD-post), defaults
             0.01, (0.9, 0.999), 1e-6, 0, True.
         rank_metric: allocation score, one of ``RANK_METRICS`` (default
             ``"explained_variance"``, ``s[r+1]^2/||G||^2``); see ``rank_scores``.
@@ -665,7 +662,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
             addresses, no allocation; ``optim._capacity``). Default False: they are
             reallocated at each refresh for the new ranks (the least memory). Without
             ``max_rank`` a capacity can be ``min(m, n)``: set both.
-        backend, faithful_dtypes, sign_canon, matmul_precision: as ``GaLoreAdamW``.
+        backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision: the options every
+            method shares (``LowRankOptimizer``, docs/conventions.md).
         projector, proj_oversample, proj_power_iters: as ``GaLoreAdamW``. With
             ``"randomized"`` a refresh runs one batched randomized SVD per distinct matrix shape
             (and side) of the group, with k = the largest rank a matrix can receive
@@ -695,20 +693,18 @@ class AdaptiveAdamW(_SubspaceAdamW):
     """
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, *, rank_metric="explained_variance", nl_gamma=1.01,
+                 bias_correction=True, *, rank_metric="explained_variance", nl_gamma=1.01,
                  combined_weight=0.5, update_proj_gap=200, scale=0.25, max_rank=None,
-                 capacity_buffers=False, backend="auto", nonfinite="raise",
-                 faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 projector="svd", proj_oversample=8, proj_power_iters=2):
+                 capacity_buffers=False, projector="svd", proj_oversample=8,
+                 proj_power_iters=2, **options):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, rank_metric=rank_metric,
                       nl_gamma=nl_gamma, combined_weight=combined_weight, max_rank=max_rank,
                       pool_step=0)
         _check_adaptive_keys(family)
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
-                         backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision,
+        super().__init__(params, lr, betas, eps, weight_decay, bias_correction, family=family,
                          capacity_buffers=capacity_buffers, projector=projector,
-                         proj_oversample=proj_oversample, proj_power_iters=proj_power_iters)
+                         proj_oversample=proj_oversample, proj_power_iters=proj_power_iters,
+                         **options)
 
     def _check_family(self, group):
         super()._check_family(group)
@@ -725,7 +721,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
         return cap if group.get("max_rank") is None else min(cap, group["max_rank"])
 
     def _basis_due(self, group, state) -> bool:
-        return "ortho" not in state       # (an error: the joint refresh runs before)
+        return "basis" not in state       # (an error: the joint refresh runs before)
 
     def _refresh_pending(self, plan) -> bool:
         """A group's joint refresh (its ``pool_step``, before the increment) or a missing
@@ -749,7 +745,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
                     group["pool_step"] -= 1
 
     def _update_basis(self, p, group, side, G, state, backend):
-        if "ortho" not in state:   # only reachable if a refresh was skipped: a bug
+        if "basis" not in state:   # only reachable if a refresh was skipped: a bug
             raise RuntimeError("AdaptiveAdamW: projected matrix has no basis (refresh missed)")
 
     # -- phase A ------------------------------------------------------------------------------
@@ -826,7 +822,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
                                combined_weight=float(group["combined_weight"]))
         # A3: new bases, all computed before any state changes
         bases = [canonical_svd_basis(G, r, plan[0], self.sign_canon, label=self.param_label(p),
-                                     previous=self.state[p].get("ortho"))
+                                     previous=self.state[p].get("basis"))
                  for G, r, (p, plan) in zip(grads, ranks, managed)]
         for (p, (side, _, shape)), r_new, P_new, cap in zip(managed, ranks, bases, caps):
             self._change_basis(p, side, shape, P_new, r_new, cap)
@@ -839,13 +835,13 @@ class AdaptiveAdamW(_SubspaceAdamW):
         state = self.state[p]
         self._state_replaced = True       # the engine's classes are rebuilt
         P_new = P_new.to(self._state_dtype(p))
-        if "ortho" in state:
+        if "basis" in state:
             self._transport_moments(state, side, P_new, self.backend, cap)
             if "nl_prev" in state:
                 state["nl_prev"].mul_(math.sqrt(r_new / state["rank"]))
         else:
             self._init_moments(p, state, side, shape, r_new, cap)
-        state["ortho"] = _capacity.keep(state.get("ortho"), P_new, r_new, cap)
+        state["basis"] = _capacity.keep(state.get("basis"), P_new, r_new, cap)
         state["rank"] = r_new
 
     def _refresh_randomized(self, group, managed):
@@ -924,15 +920,13 @@ class RSAdamW(_SubspaceAdamW):
     """
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, *, sigma=1.0, seed=0, nl_gamma=1.01, update_proj_gap=200,
-                 scale=0.25, backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
-                 matmul_precision=None):
+                 bias_correction=True, *, sigma=1.0, seed=0, nl_gamma=1.01, update_proj_gap=200,
+                 scale=0.25, **options):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
                       sigma=sigma, seed=seed)
         self._check_rs(family)
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
-                         backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+        super().__init__(params, lr, betas, eps, weight_decay, bias_correction, family=family,
+                         **options)
 
     @staticmethod
     def _check_rs(d):
@@ -951,7 +945,7 @@ class RSAdamW(_SubspaceAdamW):
 
     def _update_basis(self, p, group, side, G, state, backend):
         k = state.get("step", 0)
-        if "ortho" in state and k % group["update_proj_gap"] != 0:
+        if "basis" in state and k % group["update_proj_gap"] != 0:
             return
         rows = G.shape[0] if side == "left" else G.shape[1]
         rank = group["rank"]
@@ -959,15 +953,15 @@ class RSAdamW(_SubspaceAdamW):
                      if q is p)
         gen = torch.Generator(device="cpu").manual_seed(_mix_seed(group["seed"], index, k))
         Z = (torch.randn(rows, rank, generator=gen) / math.sqrt(rows)).to(p.device)
-        old = _canon(side, state["ortho"]) if "ortho" in state else None
+        old = _canon(side, state["basis"]) if "basis" in state else None
         P_new = implementation("subspace_drift", backend, p.device)(
             old, Z, sigma=float(group["sigma"]), sign_canon=self.sign_canon)
         P_new = _uncanon(side, P_new).to(self._state_dtype(p))
-        if "ortho" in state:
+        if "basis" in state:
             self._transport_moments(state, side, P_new, backend)
         else:
             self._init_moments(p, state, side, (G.shape[0], G.shape[1]), rank)
-        state["ortho"] = P_new
+        state["basis"] = P_new
         state["rank"] = rank
 
 
@@ -1127,14 +1121,12 @@ class GHAAdamW(_SubspaceAdamW):
     """
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, *, eta=0.5, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
-                 matmul_precision=None):
+                 bias_correction=True, *, eta=0.5, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
+                 **options):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma, eta=eta)
         self._check_gha(family)
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
-                         backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+        super().__init__(params, lr, betas, eps, weight_decay, bias_correction, family=family,
+                         **options)
 
     @staticmethod
     def _check_gha(d):
@@ -1150,11 +1142,11 @@ class GHAAdamW(_SubspaceAdamW):
     def _basis_reads_grad(self, p, group):
         # only the first basis is an SVD of G; the per-step GHA update keeps the basis by
         # itself (on the device) when G is zero or not finite
-        return "ortho" not in self.state.get(p, {})
+        return "basis" not in self.state.get(p, {})
 
     def _update_basis(self, p, group, side, G, state, backend):
-        if "ortho" not in state:
-            state["ortho"] = canonical_svd_basis(G, group["rank"], side, self.sign_canon,
+        if "basis" not in state:
+            state["basis"] = canonical_svd_basis(G, group["rank"], side, self.sign_canon,
                                                  label=self.param_label(p)).to(
                 self._state_dtype(p))
             state["rank"] = group["rank"]
@@ -1163,13 +1155,13 @@ class GHAAdamW(_SubspaceAdamW):
         # every step: written into the stored basis and moments (same shapes); the batch
         # of one the engine's classes run for all their members at once
         Gs = [_canon(side, G)]
-        batch = _GHABatch(Gs, [_canon(side, state["ortho"])], [_canon(side, state["exp_avg"])],
+        batch = _GHABatch(Gs, [_canon(side, state["basis"])], [_canon(side, state["exp_avg"])],
                           [_canon(side, state["exp_avg_sq"])], backend, bound=False)
         batch(Gs, float(group["eta"]), self.sign_canon)
 
     # -- the engine: the basis update of a whole class in _class_step (_GHABatch) -------------
     def _basis_due(self, group, state) -> bool:
-        return "ortho" not in state           # the first basis (an SVD); the rest per class
+        return "basis" not in state           # the first basis (an SVD); the rest per class
 
     def _refresh_pending(self, plan) -> bool:
         return not self._bases_exist(plan)
@@ -1179,7 +1171,7 @@ class GHAAdamW(_SubspaceAdamW):
         if self._skip_flag is not None:       # _refresh_pending: every basis exists
             return False
         for p, group, route, state in routed:
-            if "ortho" not in state:
+            if "basis" not in state:
                 fresh.add(id(state))            # its first basis: no GHA update this step
         return super()._refresh_classes(routed) if fresh else False
 
@@ -1205,7 +1197,7 @@ class GHAAdamW(_SubspaceAdamW):
                 if not fresh or id(m.state) not in fresh:
                     G = m.p.grad if m.p.dim() == 2 else m.p.grad.reshape(cls.route.shape)
                     Gs = [_canon(side, G)]
-                    _GHABatch(Gs, [_canon(side, m.state["ortho"])],
+                    _GHABatch(Gs, [_canon(side, m.state["basis"])],
                               [_canon(side, m.state["exp_avg"])],
                               [_canon(side, m.state["exp_avg_sq"])], cls.backend,
                               bound=False)(Gs, float(m.group["eta"]), self.sign_canon,
@@ -1239,17 +1231,15 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     """
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, *, kfac_eps=1e-6, kfac_update_freq=10,
+                 bias_correction=True, *, kfac_eps=1e-6, kfac_update_freq=10,
                  transport_on_refresh=True, nl_gamma=1.01, update_proj_gap=200, scale=0.25,
-                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True,
-                 matmul_precision=None):
+                 **options):
         family = dict(update_proj_gap=update_proj_gap, scale=scale, nl_gamma=nl_gamma,
                       kfac_eps=kfac_eps, kfac_update_freq=kfac_update_freq,
                       transport_on_refresh=transport_on_refresh)
         self._check_kfac(family)
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, family=family,
-                         backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+        super().__init__(params, lr, betas, eps, weight_decay, bias_correction, family=family,
+                         **options)
 
     @staticmethod
     def _check_kfac(d):
@@ -1273,18 +1263,18 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
 
     def _basis_reads_grad(self, p, group):
         st = self.state.get(p, {})
-        return "ortho" not in st or st["step"] % group["update_proj_gap"] == 0
+        return "basis" not in st or st["step"] % group["update_proj_gap"] == 0
 
     _basis_due = _SubspaceAdamW._refresh_basis_due
 
     def _update_basis(self, p, group, side, G, state, backend):
         k = state.get("step", 0)
-        if "ortho" in state and k % group["update_proj_gap"] != 0:
+        if "basis" in state and k % group["update_proj_gap"] != 0:
             return
         rank = group["rank"]
         P_new = canonical_svd_basis(G, rank, side, self.sign_canon, label=self.param_label(p),
-                                    previous=state.get("ortho")).to(self._state_dtype(p))
-        if "ortho" not in state:
+                                    previous=state.get("basis")).to(self._state_dtype(p))
+        if "basis" not in state:
             dtype = self._state_dtype(p)
             state["step"] = 0
             low = ops.low_rank_shape((G.shape[0], G.shape[1]), rank, side)
@@ -1294,11 +1284,11 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             state["kfac_root_valid"] = 0
         elif group["transport_on_refresh"]:
             M, F = implementation("kfac_transport", backend, p.device)(
-                _canon(side, P_new), _canon(side, state["ortho"]),
+                _canon(side, P_new), _canon(side, state["basis"]),
                 _canon(side, state["exp_avg"]), state["kfac_factor"])
             state["exp_avg"], state["kfac_factor"] = _uncanon(side, M), F.contiguous()
             state["kfac_root_valid"] = 0
-        state["ortho"] = P_new
+        state["basis"] = P_new
         state["rank"] = rank
 
     def _normalised_step(self, R, state, group, side, t, backend, want_sumsq=False):
@@ -1313,7 +1303,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         """One matrix's K-FAC step into ``N``: M and F advance, the inverse root is
         recomputed when due."""
         beta1, beta2 = group["betas"]
-        if group["correct_bias"]:
+        if group["bias_correction"]:
             c1, c2 = ops.bias_corrections(beta1, beta2, t)
         else:
             c1, c2 = 1.0, 1.0
@@ -1326,7 +1316,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             state["kfac_root_valid"] = int(bool(valid))
 
     # the engine: no second moment, and the whitening per matrix (no multi-tensor form)
-    _CLASS_STATE = ("ortho", "exp_avg")
+    _CLASS_STATE = ("basis", "exp_avg")
 
     def _class_lists_k2(self, cls):
         """The whitening of the whole class (``grouped_kfac_precondition``: one batched Gram,
@@ -1401,10 +1391,10 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             return False
         t = ts[0]
         if one is not None:
-            (beta1, beta2), bias, freq = one["betas"], one["correct_bias"], \
+            (beta1, beta2), bias, freq = one["betas"], one["bias_correction"], \
                 one["kfac_update_freq"]
         else:
-            hyper = per_member(groups, lambda g: (tuple(g["betas"]), g["correct_bias"],
+            hyper = per_member(groups, lambda g: (tuple(g["betas"]), g["bias_correction"],
                                                   g["kfac_update_freq"]))
             (beta1, beta2), bias, freq = hyper[0]
             if any(h != hyper[0] for h in hyper) or ts.count(t) != len(ts):

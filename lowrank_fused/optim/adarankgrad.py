@@ -182,7 +182,7 @@ class AdaRankGrad(LowRankOptimizer):
 
     State of a projected matrix (plain tensors and Python scalars, so ``state_dict``
     round-trips through ``torch.save`` / ``torch.load(weights_only=True)``):
-    ``step`` (t), ``ortho`` (P, m x r_cur; for m >= n the transposed basis Q, r_cur x n),
+    ``step`` (t), ``basis`` (P, m x r_cur; for m >= n the transposed basis Q, r_cur x n),
     ``exp_avg`` / ``exp_avg_sq`` (M, V: r_cur x n, or m x r_cur), ``rank`` (r_cur), ``j`` (blocks
     started), ``t_j`` (step that started the block), ``z_ema``, ``z_ref``, ``refresh``
     (re-select at the next step), ``seed``, ``layer_id``. All tensors fp32.
@@ -292,7 +292,7 @@ class AdaRankGrad(LowRankOptimizer):
         """Block 2: carry M, V from the old basis to the new one (K8). Returns them in the
         stored layout (views for right-projected matrices)."""
         op = lookup(_TRANSPORT_OP[group["v_transport"]], backend)
-        P_old, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
+        P_old, M, V = state["basis"], state["exp_avg"], state["exp_avg_sq"]
         if side == "left":
             return op(P_new, P_old, M, V)
         M_new, V_new = op(P_new.t(), P_old.t(), M.t(), V.t())
@@ -319,9 +319,9 @@ class AdaRankGrad(LowRankOptimizer):
             for p in group["params"]:
                 plan = self._plan(p, group)
                 state = self.state.get(p, {})
-                if plan is None or "ortho" not in state:
+                if plan is None or "basis" not in state:
                     continue
-                self._keep(state, {k: state[k] for k in ("ortho", "exp_avg", "exp_avg_sq")},
+                self._keep(state, {k: state[k] for k in ("basis", "exp_avg", "exp_avg_sq")},
                            state["rank"], self._rank_capacity(group, plan[2]))
 
     def _init_state(self, p, state, group):
@@ -332,7 +332,7 @@ class AdaRankGrad(LowRankOptimizer):
 
     def _new_block(self, G, state, group, side, shape, backend, precision):
         """Blocks 1 and 2 at a pending refresh: IASS on ``G``, then zero moments (first block)
-        or the old ones transported. Returns ({"ortho", "exp_avg", "exp_avg_sq"}: the new
+        or the old ones transported. Returns ({"basis", "exp_avg", "exp_avg_sq"}: the new
         tensors, r), or None for a zero gradient. Mutates no state."""
         chosen = self._select_subspace(G, state, group, side, backend, precision)
         if chosen is None:
@@ -345,7 +345,7 @@ class AdaRankGrad(LowRankOptimizer):
                                         device=G.device) for _ in range(2))
         else:
             M, V = self._transport(P_new, state, group, side, backend)
-        return dict(ortho=P_new, exp_avg=M, exp_avg_sq=V), r_new
+        return dict(basis=P_new, exp_avg=M, exp_avg_sq=V), r_new
 
     def _lowrank_step(self, p, group, plan, backend, precision):
         side, _, shape = plan
@@ -366,14 +366,14 @@ class AdaRankGrad(LowRankOptimizer):
                 self._keep(state, values, r_new, self._rank_capacity(group, shape))
                 state.update(rank=r_new, j=state["j"] + 1, t_j=t, refresh=False)
 
-        if "ortho" not in state:      # zero gradient before any subspace: M = V = 0, N = 0
+        if "basis" not in state:      # zero gradient before any subspace: M = V = 0, N = 0
             if pre_scale != 1.0:
                 W.mul_(pre_scale)
             write_back(W)
             state["step"] = t
             return
 
-        P, M, V = state["ortho"], state["exp_avg"], state["exp_avg_sq"]
+        P, M, V = state["basis"], state["exp_avg"], state["exp_avg_sq"]
         z2 = torch.empty(1, dtype=torch.float32, device=G.device)   # ||Ghat||^2, K1 side output
         R = ops.project(G, P, side=side, precision=precision, backend=backend, r_sumsq=z2)
         N = torch.empty_like(M)
@@ -432,7 +432,7 @@ class AdaRankGrad(LowRankOptimizer):
                                     self.precision(p.device))
             if block is None:
                 self._no_exit_test.add(id(state))
-                if "ortho" not in state:      # zero gradient before any subspace
+                if "basis" not in state:      # zero gradient before any subspace
                     pre_scale, _ = ops.decay_coefficients(group["lr"], group["weight_decay"],
                                                           "pre")
                     if pre_scale != 1.0:
@@ -456,7 +456,7 @@ class AdaRankGrad(LowRankOptimizer):
         """The engine's classes of the matrices that have a subspace, and one buffer for every
         member's ``||Ghat||^2`` (K1's side output), read once per step by the exit tests."""
         routed = plan.routed
-        plan.routed = [e for e in routed if "ortho" in e[3]]
+        plan.routed = [e for e in routed if "basis" in e[3]]
         try:
             super()._build_classes(plan)
         finally:

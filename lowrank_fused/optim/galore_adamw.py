@@ -25,7 +25,7 @@ _STEP = operator.itemgetter("step")
 
 
 def _HAS_BASIS(state):
-    return "ortho" in state
+    return "basis" in state
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -44,7 +44,7 @@ def projection_side(shape, proj_type: str) -> str:
     raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
 
 
-def checked_bases(opt, bases, args, state_key="ortho"):
+def checked_bases(opt, bases, args, state_key="basis"):
     """Bases from a batched refresh, each checked finite; a non-finite one (the batched
     decomposition broke down) is replaced by ``fallback_basis`` with a warning naming the
     parameter. ``args``: parameter -> (G, rank, side) of its request."""
@@ -65,7 +65,7 @@ class GaLoreAdamW(LowRankOptimizer):
         params: parameters or param groups. Groups holding ``rank`` are projected; their keys
             ``update_proj_gap`` (default 50), ``scale`` (default 1.0) and ``proj_type``
             (default ``"std"``) follow galore_torch.
-        lr, betas, eps, weight_decay, correct_bias: as galore_torch's AdamW (eps 1e-6, E-hf,
+        lr, betas, eps, weight_decay, bias_correction: as galore_torch's AdamW (eps 1e-6, E-hf,
             decoupled weight decay applied after the update with ``lr*weight_decay``).
         projector: ``"svd"`` (default, faithful: one full ``torch.linalg.svd`` per layer and
             refresh) or ``"randomized"`` (``lowrank_fused.subspace``: randomized range finder
@@ -95,7 +95,7 @@ class GaLoreAdamW(LowRankOptimizer):
                                     "proj_oversample", "proj_power_iters"})
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 correct_bias=True, *, projector="svd", proj_oversample=8, proj_power_iters=2,
+                 bias_correction=True, *, projector="svd", proj_oversample=8, proj_power_iters=2,
                  **options):
         check_number("lr", lr, low=0.0)
         check_betas(betas)
@@ -106,7 +106,7 @@ class GaLoreAdamW(LowRankOptimizer):
         self._default_projector = (projector, proj_oversample, proj_power_iters)
         self._pending_bases = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        correct_bias=bool(correct_bias))
+                        bias_correction=bool(bias_correction))
         super().__init__(params, defaults, **options)
 
     # -- group validation -----------------------------------------------------------------
@@ -166,7 +166,7 @@ class GaLoreAdamW(LowRankOptimizer):
     # -- batched refresh ------------------------------------------------------------------
     def _refresh_due(self, p, group):
         state = self.state[p]
-        return "ortho" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
+        return "basis" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
 
     def _check_grads(self):
         """A refresh computes an SVD of the gradient: a non-finite one is refused before any
@@ -216,7 +216,7 @@ class GaLoreAdamW(LowRankOptimizer):
     def _route(self, p, group):
         plan = self._plan(p, group)
         if plan is None:
-            return DenseRoute("hf", "post", bool(group["correct_bias"]))
+            return DenseRoute("hf", "post", bool(group["bias_correction"]))
         if not self._grouped_available(group, p):
             return None
         side, rank, shape = plan
@@ -258,7 +258,7 @@ class GaLoreAdamW(LowRankOptimizer):
         replaced = False
         for p, group, route, state in routed:
             k = state.get("step", 0)
-            basis = state.get("ortho")
+            basis = state.get("basis")
             if basis is not None and k % group["update_proj_gap"]:
                 continue
             G = p.grad if p.dim() == 2 else p.grad.reshape(route.shape)
@@ -270,7 +270,7 @@ class GaLoreAdamW(LowRankOptimizer):
             if basis is not None and basis.shape == P_new.shape and basis.dtype == P_new.dtype:
                 basis.copy_(P_new)
                 continue
-            state["ortho"] = P_new
+            state["basis"] = P_new
             if "exp_avg" not in state:
                 low = ops.low_rank_shape(route.shape, route.rank, route.side)
                 state["exp_avg"] = torch.zeros(low, dtype=self._state_dtype(p),
@@ -346,23 +346,23 @@ class GaLoreAdamW(LowRankOptimizer):
     def _dense_step(self, p, group, backend):
         """HF AdamW: galore_torch adamw.py without the rank key."""
         self._dense_adamw_step(p, group, backend, eps_mode="hf", wd_mode="post",
-                               correct_bias=group["correct_bias"])
+                               bias_correction=group["bias_correction"])
 
     def _galore_step(self, p, group, plan, backend, precision):
         side, rank, shape = plan
         state = self.state[p]
         W, G, write_back = self._as_matrix(p, shape)    # FSDP2: this rank's rows
         k = state.get("step", 0)       # counter BEFORE increment (docs/methods/galore.md)
-        if "ortho" not in state or k % group["update_proj_gap"] == 0:
+        if "basis" not in state or k % group["update_proj_gap"] == 0:
             P_new = self._pending_bases.pop(p, None)
             if P_new is None and is_sharded(p):
                 P_new = self._sharded_right_basis(p, G, rank)
             if P_new is None:
                 P_new = canonical_svd_basis(G, rank, side, self.sign_canon,
                                             label=self.param_label(p),
-                                            previous=state.get("ortho"))
-            state["ortho"] = P_new.to(self._state_dtype(p))
-        P = state["ortho"]
+                                            previous=state.get("basis"))
+            state["basis"] = P_new.to(self._state_dtype(p))
+        P = state["basis"]
         R = ops.project(G, P, side=side, precision=precision, backend=backend)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros(R.shape, dtype=self._state_dtype(p), device=p.device)
@@ -389,6 +389,6 @@ class GaLoreAdamW(LowRankOptimizer):
         """K3's scalars at step t: ``coef = lr*sqrt(bc2)/bc1 * scale`` (HF step size) and the
         WD-post decay ``lr*weight_decay``."""
         beta1, beta2 = group["betas"]
-        step_size = ops.hf_step_size(group["lr"], beta1, beta2, t, group["correct_bias"])
+        step_size = ops.hf_step_size(group["lr"], beta1, beta2, t, group["bias_correction"])
         _, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "post")
         return step_size * group["scale"], post_decay

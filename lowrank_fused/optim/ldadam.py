@@ -199,14 +199,12 @@ class LDAdamW(LowRankOptimizer):
             ``"fp32"``), and ``lr``, ``betas``, ``eps``, ``weight_decay``.
         lr, betas, eps, weight_decay: torch AdamW semantics (E-torch, WD-pre); class
             defaults of ``ldadamw_torch``: 1e-3, (0.908, 0.99), 1e-8, 0.0.
-        backend: ``"auto" | "reference" | "triton" | "cuda" | "cpu"`` (lowrank_fused.dispatch).
-        faithful_dtypes: keep the moments and the basis in the parameter dtype and run the
-            power iteration in the explicit form with ``b`` in that dtype, as the official
-            code does (default: fp32 states and basis).
-        sign_canon: sign-canonical QR (``orth``) and SVD bases (default True); False keeps
-            the library's signs, as the official code.
-        matmul_precision: ``"ieee" | "tf32" | "bf16" | "tf32x3"`` for fused GEMMs, or None to
-            follow ``torch.get_float32_matmul_precision()`` (as GaLoreAdamW).
+        backend, nonfinite, faithful_dtypes, sign_canon, matmul_precision: the options every
+            method shares (``LowRankOptimizer``, docs/conventions.md). ``faithful_dtypes``
+            keeps the moments and the basis in the parameter dtype and runs the power
+            iteration in the explicit form with ``b`` in that dtype, as the official code
+            does; ``sign_canon`` makes the QR (``orth``) and SVD bases sign-canonical (False
+            keeps the library's signs, as the official code).
         form: ``"fused"`` (default): the power iteration without materialising ``b`` and the
             error feedback as one K = 2r GEMM (the fused form); ``"explicit"``: the update
             rule literally (``b`` materialised, three in-place error-buffer updates). Both are
@@ -249,8 +247,7 @@ class LDAdamW(LowRankOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.908, 0.99), eps=1e-8, weight_decay=0.0,
                  rank=16, rho=0.908, proj_type="std", proj_method="power_iteration",
                  error_feedback=True, ef_dtype="param", enable_lowrank=False, *,
-                 backend="auto", nonfinite="raise", faithful_dtypes=False, sign_canon=True, matmul_precision=None,
-                 form="fused", size_guard=True):
+                 form="fused", size_guard=True, **options):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         _check_bool("size_guard", size_guard)
@@ -261,8 +258,7 @@ class LDAdamW(LowRankOptimizer):
         self._check_group(defaults)
         self.form = form
         self.size_guard = size_guard
-        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite, faithful_dtypes=faithful_dtypes,
-                         sign_canon=sign_canon, matmul_precision=matmul_precision)
+        super().__init__(params, defaults, **options)
         if not any(g["enable_lowrank"] for g in self.param_groups):
             warnings.warn("LDAdamW: no param group has enable_lowrank=True, so every parameter "
                           "gets dense AdamW and rank is never used (groups are low-rank only "
@@ -653,7 +649,6 @@ class LDAdamW(LowRankOptimizer):
         return N, lr, pre_scale, post_decay, finish
 
     # -- the batched steady step: the engine's classes, and the per-matrix step as a batch of one
-    BASIS_KEY = "basis"
 
     @staticmethod
     def _scratch_shapes(side, rank, shape):
