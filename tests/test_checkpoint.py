@@ -68,12 +68,13 @@ def test_resume_is_bit_identical_and_plain_data(method, tmp_path):
 def test_checkpoint_with_earlier_key_names_resumes(method):
     """A checkpoint whose keys carry the names an earlier version used (``renamed_keys()``:
     state and group keys the one-vocabulary renaming changed) loads and resumes bit for bit."""
+    kw = dict(KW[method], backend="reference")     # the keys do not depend on the backend
     full = _model()
-    opt = lf.make_optimizer(full, method, **KW[method])
+    opt = lf.make_optimizer(full, method, **kw)
     _steps(full, opt, 0, 5)
 
     part = _model()
-    opt = lf.make_optimizer(part, method, **KW[method])
+    opt = lf.make_optimizer(part, method, **kw)
     _steps(part, opt, 0, 3)
     sd = opt.state_dict()
     names = opt.renamed_keys()
@@ -88,7 +89,7 @@ def test_checkpoint_with_earlier_key_names_resumes(method):
 
     resumed = _model(seed=1)
     resumed.load_state_dict(part.state_dict())
-    opt2 = lf.make_optimizer(resumed, method, **KW[method])
+    opt2 = lf.make_optimizer(resumed, method, **kw)
     opt2.load_state_dict(sd)
     assert not any(k in st for st in opt2.state.values() for k in old.values())
     _steps(resumed, opt2, 3, 5)

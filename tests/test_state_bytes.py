@@ -64,7 +64,7 @@ def expected(method, name, p, state, block=None):
         if not projected:                           # AdaMeM's routing: Adafactor elsewhere
             return ({"row": shape[:-1], "col": shape[-1:]} if p.dim() >= 2 else {"v": shape})
         m, n = sorted(shape)                        # 8.1: on the transpose when m > n
-        return {"P": (m, RANK), "M": (RANK, n), "a_row": (RANK,), "a_col": (n,), "c_os": (n,)}
+        return {"basis": (m, RANK), "M": (RANK, n), "a_row": (RANK,), "a_col": (n,), "c_os": (n,)}
     if method in ("adapm", "adapm_mini"):
         m, n = (shape[0], shape[1]) if p.dim() == 2 else (1, shape[0])
         mini = method == "adapm_mini"

@@ -135,7 +135,7 @@ def test_adamem_randomized_close_to_svd():
             for p, G in zip(params, row):
                 p.grad = G.clone()
             opt.step()
-        res[projector] = (params, [opt.state[p]["P"] for p in params])
+        res[projector] = (params, [opt.state[p]["basis"] for p in params])
         assert opt._pending_bases == {}
     for a, b in zip(res["svd"][1], res["randomized"][1]):
         assert torch.allclose(a, b, atol=1e-3)

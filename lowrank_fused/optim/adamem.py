@@ -195,7 +195,7 @@ class AdaMeM(LowRankOptimizer):
                 "a parameter moved between AdaMeM's low-rank path and its Adafactor path "
                 "(its group's rank changed); its state does not fit the new path")
         if plan is not None and low_rank_state and state["basis"].shape[1] != plan[0]:
-            raise ValueError(f"rank changed from {state['P'].shape[1]} to {plan[0]} mid-run; "
+            raise ValueError(f"rank changed from {state['basis'].shape[1]} to {plan[0]} mid-run; "
                              "AdaMeM keeps a fixed rank per matrix")
 
     def _adafactor_step(self, p, group, backend):
