@@ -149,14 +149,11 @@ def plan_grouped_backproject_update(Ws, Ps, Ns, *, precision="ieee", config=None
                 INTERPRET=interpreting(), ALIGNED=aligned, HAS_RESIDUAL=has_res,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    held = []          # the scalar table, one address for the plan's life
+    table = StagedTable(4 if has_res else 3, count, device)   # one address for the plan's life
 
     def launch(coef, pre_scale, post_decay, *, skip=None, res_coef=None, G0=None):
         # each scalar one number for every member (written along its row) or one per member
-        scalars = [coef, pre_scale, post_decay] + ([res_coef] if has_res else [])
-        if not held:
-            held.append(StagedTable(len(scalars), count, device))
-        scal = held[0].fill(scalars)
+        scal = table.fill([coef, pre_scale, post_decay] + ([res_coef] if has_res else []))
         if _capture.replaying():       # a replayed CUDA graph makes the launch
             return
         _grouped_backproject_update_kernel[grid](

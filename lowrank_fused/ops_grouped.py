@@ -374,32 +374,28 @@ class BoundGroupedBackprojectUpdate:
     def __call__(self, *, coef, pre_scale=1.0, post_decay=0.0, precision="ieee", skip=None):
         if skip is not None:
             ops._check_skip(skip, self.device)
-        if (self.planner is not None and type(coef) is float and type(pre_scale) in _NUMBER
-                and type(post_decay) in _NUMBER and math.isfinite(coef)
-                and math.isfinite(pre_scale) and math.isfinite(post_decay)):
-            # one number each for every member (the common case): written along the rows
-            launch = self._plans.get(precision)
-            if launch is None and precision not in self._plans:
-                launch = self._plan(precision)
-            if launch is not None:
-                launch(coef, pre_scale, post_decay, skip=skip)
-            return
-        scalars = _finite_scalars(self.count, coef=coef, pre_scale=pre_scale,
-                                  post_decay=post_decay)
+        # the planned launch takes one number per scalar for every member (the common case,
+        # written along the table's rows) as it is; anything else as checked per-member lists
+        numbers = (type(coef) is float and type(pre_scale) in _NUMBER
+                   and type(post_decay) in _NUMBER and math.isfinite(coef)
+                   and math.isfinite(pre_scale) and math.isfinite(post_decay))
+        if self.planner is None or not numbers:
+            scalars = _finite_scalars(self.count, coef=coef, pre_scale=pre_scale,
+                                      post_decay=post_decay)
+            coef, pre_scale, post_decay = (scalars["coef"], scalars["pre_scale"],
+                                           scalars["post_decay"])
         if self.planner is None:
-            if skip is not None:
-                scalars["skip"] = skip
-            self.impl(*self.lists, precision=precision, **self.kw, **scalars)
+            self.impl(*self.lists, precision=precision, **self.kw, coef=coef,
+                      pre_scale=pre_scale, post_decay=post_decay,
+                      **({} if skip is None else {"skip": skip}))
             return
-        launch = self._plans[precision] if precision in self._plans else self._plan(precision)
+        if precision not in self._plans:
+            ops._check_precision(precision)
+            self._plans[precision] = self.planner(*self.lists, precision=precision,
+                                                  prepared=dict(self.kw["prepared"]))
+        launch = self._plans[precision]
         if launch is not None:
-            launch(scalars["coef"], scalars["pre_scale"], scalars["post_decay"], skip=skip)
-
-    def _plan(self, precision):
-        ops._check_precision(precision)
-        launch = self._plans[precision] = self.planner(*self.lists, precision=precision,
-                                                       prepared=dict(self.kw["prepared"]))
-        return launch
+            launch(coef, pre_scale, post_decay, skip=skip)
 
 
 def _stacked(tensors):

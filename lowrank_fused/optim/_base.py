@@ -1040,6 +1040,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             else:
                 cls.Rs = workspace.views(torch.float32, device, low, count)
                 cls.Ns = workspace.views(cls.key[3], device, low, count)
+            # the members' state dicts, and their one group when they share it
+            cls.extra["states"] = [m.state for m in cls.members]
+            cls.extra["group"] = _engine.shared_group(cls.members)
             self._class_lists(cls)
         plan.classes = classes
         self._class_generation += 1      # a captured step of the old classes is stale
@@ -1250,7 +1253,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         parameter shapes; every state tensor keeps its saved dtype (torch casts floating state
         to the parameter dtype, which would round fp32 moments of bf16 parameters) and moves to
         its parameter's device. Keys an earlier version stored under another name
-        (``RENAMED_KEYS``) are renamed first."""
+        (``renamed_keys()``) are renamed first."""
         state_dict = self._renamed(state_dict)
         self._check_checkpoint(state_dict)
         meta = state_dict.get(_CHECKPOINT_KEY) or {}

@@ -136,6 +136,13 @@ class Plan:
         return out + [st for _, _, _, st in self.routed]
 
 
+def shared_group(members):
+    """The param group every member of a class belongs to, or None when they span several
+    (a class's scalars are then derived once for the whole class)."""
+    groups = {id(m.group): m.group for m in members}
+    return next(iter(groups.values())) if len(groups) == 1 else None
+
+
 def per_member(groups, value):
     """``[value(g) for g in groups]`` with ``value`` evaluated once per distinct group."""
     memo = {}

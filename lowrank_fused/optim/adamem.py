@@ -446,9 +446,6 @@ class AdaMeM(LowRankOptimizer):
         cls.extra["impls"] = (lookup("adamem_moments", cls.backend),
                               lookup("residual_col_stats", cls.backend))
         cls.extra["middle"] = None
-        cls.extra["states"] = [m.state for m in cls.members]
-        groups = {id(m.group): m.group for m in cls.members}
-        cls.extra["group"] = next(iter(groups.values())) if len(groups) == 1 else None
         if all(resolve_call(op, cls.backend, device)[0] == "triton"
                for op in ("adamem_moments", "residual_col_stats")):
             # both on Triton: the whole class's middle in four launches, the same bits

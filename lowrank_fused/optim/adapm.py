@@ -538,8 +538,7 @@ class AdaPM(LowRankOptimizer):
             cls.extra["params"] = [m.p for m in cls.members]
             cls.extra["plain"] = not cls.route.transposed and all(
                 m.p.dim() == 2 for m in cls.members)
-            groups = {id(m.group): m.group for m in cls.members}
-            cls.extra["group"] = next(iter(groups.values())) if len(groups) == 1 else None
+            cls.extra["group"] = _engine.shared_group(cls.members)
         plan.classes = classes
         self._classes_stale = False
 

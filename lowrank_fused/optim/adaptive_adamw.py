@@ -420,8 +420,7 @@ class _SubspaceAdamW(GaLoreAdamW):
     def _class_lists(self, cls):
         members = cls.members
         device = cls.Ws[0].device
-        cls.extra["states"] = [m.state for m in members]
-        cls.extra["groups"] = groups = [m.group for m in members]
+        cls.extra["groups"] = groups = [m.group for m in members]   # (states: the base's)
         cls.extra["one_group"] = all(g is groups[0] for g in groups)
         cls.extra["Ms"] = [m.state["exp_avg"] for m in members]
         limit = [m.group["nl_gamma"] is not None for m in members]

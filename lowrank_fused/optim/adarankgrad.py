@@ -472,9 +472,6 @@ class AdaRankGrad(LowRankOptimizer):
         self._class_zs = torch.empty_like(z2)
 
     def _class_lists(self, cls):
-        cls.extra["states"] = [m.state for m in cls.members]
-        groups = {id(m.group): m.group for m in cls.members}
-        cls.extra["group"] = next(iter(groups.values())) if len(groups) == 1 else None
         cls.extra["Ms"] = [m.state["exp_avg"] for m in cls.members]
         cls.extra["Vs"] = [m.state["exp_avg_sq"] for m in cls.members]
         cls.extra["where"] = self._multi_where("adam_moments", cls.backend,
@@ -496,8 +493,8 @@ class AdaRankGrad(LowRankOptimizer):
         # scale; the common case, one group at one step count, derives them once
         group = cls.extra["group"]
         if group is not None and ts.count(ts[0]) == len(ts):
-            rows = per = (group["betas"][0], group["betas"][1], group["eps"], ts[0])
-            per = [per] * len(ts)
+            rows = (group["betas"][0], group["betas"][1], group["eps"], ts[0])
+            per = [rows] * len(ts)
             coefs = group["lr"] * group["scale"]
             pre_scales = ops.decay_coefficients(group["lr"], group["weight_decay"], "pre")[0]
         else:

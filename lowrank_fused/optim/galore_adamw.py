@@ -283,9 +283,6 @@ class GaLoreAdamW(LowRankOptimizer):
     def _class_lists(self, cls):
         cls.extra["Ms"] = [m.state["exp_avg"] for m in cls.members]
         cls.extra["Vs"] = [m.state["exp_avg_sq"] for m in cls.members]
-        cls.extra["states"] = [m.state for m in cls.members]
-        groups = {id(m.group): m.group for m in cls.members}
-        cls.extra["group"] = next(iter(groups.values())) if len(groups) == 1 else None
         cls.extra["where"] = self._multi_where("adam_moments", cls.backend,
                                                cls.Rs + cls.extra["Ms"] + cls.extra["Vs"]
                                                + cls.Ns) if self.multi_tensor else None
