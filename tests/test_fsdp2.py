@@ -1,17 +1,18 @@
 """FSDP2 (``fully_shard``, DTensor parameters sharded on dim 0; 2 gloo processes on CPU):
-AdamW and HFAdamW update each rank's shard; GaLoreAdamW projects each rank's rows on the right
-with a basis from the all-reduced Gram (no gathered gradient); LDAdamW sums its power
-iteration's n x r parts over the ranks; all equal the single-process run
-on the same global batches within rounding; a NaN in one rank's shard makes every rank skip
-(the flag is all-reduced); the other low-rank methods refuse sharded parameters clearly."""
+AdamW and HFAdamW update each rank's shard; GaLoreAdamW and LDAdamW project on the side the
+one-process run uses (a left basis is row-sharded like the weight: its projection is one
+all-reduce of r x n) with refreshes over the shards (lowrank_fused/sharded.py); every run
+equals the single-process run on the same global batches within rounding and resumes from a
+halfway checkpoint; a NaN in one rank's shard makes every rank skip (the flag is
+all-reduced); a method without a sharded path refuses sharded parameters clearly."""
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import lowrank_fused as lf
 from lowrank_fused.testing import assert_parity
-from lowrank_fused.testing.distributed import (free_port, fsdp2_worker, galore_groups,
-                                               ldadam_groups, mlp_single)
+from lowrank_fused.testing.distributed import (FSDP2_TARGETS, check_fsdp2_case, free_port,
+                                               fsdp2_run, fsdp2_single, fsdp2_worker, mlp_single)
 
 STEPS = 4
 WORLD = 2
@@ -26,9 +27,7 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("name,factory", [
     ("adamw", lambda m: lf.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)),
-    ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2)),
-    ("galore", lambda m: lf.GaLoreAdamW(galore_groups(m), lr=1e-2)),
-    ("ldadam", lambda m: lf.LDAdamW(ldadam_groups(m), lr=1e-3))])
+    ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2))])
 def test_fsdp2_equals_single_process(name, factory, results):
     torch.set_num_threads(1)
     single = mlp_single(factory, STEPS, WORLD)
@@ -52,10 +51,11 @@ def test_fsdp2_nonfinite_skip_is_global(results):
         assert_parity(results[0]["adamw_skip"][key], w, rtol=1e-4, name=key)
 
 
-def test_fsdp2_methods_needing_whole_matrices_refuse_sharded_parameters(results):
+def test_fsdp2_a_method_without_a_sharded_path_refuses_sharded_parameters(results):
     for r in results:
         assert r["refusal"] is not None
-        assert "AdaptiveAdamW does not support FSDP2" in r["refusal"] and "use DDP" in r["refusal"]
+        assert "WholeMatricesOnly does not support FSDP2" in r["refusal"]
+        assert "use DDP" in r["refusal"] and "Shard(dim=0)" in r["refusal"]
 
 
 def test_per_layer_mode_refuses_a_process_group(tmp_path):
@@ -66,3 +66,42 @@ def test_per_layer_mode_refuses_a_process_group(tmp_path):
     for r in range(WORLD):
         msg = torch.load(tmp_path / f"pl-{r}.pt", weights_only=True)
         assert msg is not None and "single-process" in msg
+
+
+# the odd MLP (lowrank_fused.testing.distributed.odd_mlp): a right-projected 41x17 and
+# left-projected 23x41 and 9x23 weights under "std", rows split unequally; refreshes at steps
+# 0, 2 and 4. exact_gram_ratio: the exact SVD over shards for every matrix (the one-process
+# run's projector; by default only matrices whose n x n Gram is no larger than the gradient)
+LOWRANK = dict(rank=4, target_modules=FSDP2_TARGETS)
+CASES = [
+    ("galore_svd", "galore", dict(LOWRANK, update_proj_gap=2, lr=1e-2, weight_decay=0.1,
+                                  exact_gram_ratio=1e9)),
+    ("galore_randomized", "galore", dict(LOWRANK, update_proj_gap=2, lr=1e-2,
+                                         projector="randomized", proj_oversample=1)),
+    ("galore_reverse", "galore", dict(LOWRANK, update_proj_gap=3, lr=1e-2,
+                                      proj_type="reverse_std", exact_gram_ratio=1e9)),
+    ("ldadam", "ldadam", dict(LOWRANK, lr=1e-3, weight_decay=0.1, exact_gram_ratio=1e9)),
+    ("ldadam_explicit", "ldadam", dict(LOWRANK, lr=1e-3, form="explicit",
+                                       exact_gram_ratio=1e9)),
+]
+
+
+@pytest.fixture(scope="module")
+def lowrank_results(tmp_path_factory):
+    return fsdp2_run(CASES, tmp_path_factory.mktemp("fsdp2-lowrank"))
+
+
+@pytest.mark.parametrize("name,method,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_fsdp2_lowrank_equals_single_process(lowrank_results, name, method, kwargs):
+    torch.set_num_threads(1)
+    check_fsdp2_case(lowrank_results, name, fsdp2_single(method, kwargs))
+
+
+def test_fsdp2_left_projection_communicates_r_by_n(lowrank_results):
+    """GaLore's steady steps (no refresh: steps 1, 3, 5) all-reduce only the left projections
+    (r x n fp32 for the 23x41 and 9x23 weights), not a gradient; a refresh step adds its
+    thin products."""
+    traffic = lowrank_results[0]["galore_svd:traffic"]
+    want = 4 * (41 + 23) * 4
+    assert [traffic[t] for t in (1, 3, 5)] == [want] * 3
+    assert all(traffic[t] > want for t in (0, 2, 4))

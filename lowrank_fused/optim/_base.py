@@ -13,7 +13,6 @@ import torch
 from lowrank_fused import _capture, ops, ops_grouped, ops_multi
 from lowrank_fused.dispatch import (CHOICES, AutoBackend, BackendUnavailable, choose_backend,
                                     resolve_backend)
-from lowrank_fused.linalg import _sign_canonical
 
 _TORCH_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 # group keys that are labels, not hyperparameters: torch's own, an LR scheduler's, a user's name
@@ -193,8 +192,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     """
 
     PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-    # FSDP2 (DTensor) parameters: AdamW runs on each rank's local shard, GaLoreAdamW and
-    # LDAdamW project the shard on the right (_sharded_right_basis); the others refuse them
+    # FSDP2 (DTensor) parameters, dim-0 shards: a method that sets this runs them in its
+    # per-parameter step with the collectives of lowrank_fused/sharded.py; others refuse them
     SUPPORTS_SHARDED = False
 
     # the shared options this method reads (SHARED_OPTIONS); a subclass narrows it
@@ -315,9 +314,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if is_sharded(p) and not self.SUPPORTS_SHARDED:
                 raise ValueError(
                     f"{type(self).__name__} does not support FSDP2 / DTensor-sharded parameters "
-                    f"yet ({self.param_label(p)} is sharded as {p.placements}): its subspace "
-                    "needs whole matrices. Supported under FSDP2: AdamW, HFAdamW, GaLoreAdamW, "
-                    "LDAdamW; use DDP for the other low-rank methods")
+                    f"({self.param_label(p)} is sharded as {p.placements}); use DDP for it "
+                    "(docs/distributed.md lists the methods FSDP2 runs)")
             if p.layout != torch.strided:
                 raise TypeError(f"{type(self).__name__} supports dense parameters only; "
                                 f"{self.param_label(p)} has layout {p.layout}")
@@ -340,24 +338,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} supports parameters sharded on dim 0 over a "
                         f"1-D mesh (FSDP2's fully_shard); {self.param_label(p)} has placements "
                         f"{p.placements} on a {p.device_mesh.ndim}-D mesh")
-
-    def _sharded_right_basis(self, p, G_local, rank):
-        """Top-``rank`` right singular vectors of the whole (row-sharded) gradient, without
-        gathering it: the n x n Gram ``sum over ranks of G_s^T G_s`` (fp64, one all-reduce of
-        an n x n matrix), its eigenvectors in descending order, sign-canonical like
-        ``canonical_svd_basis``. Returns Q (rank x n, fp32), the same on every rank."""
-        import torch.distributed as dist
-
-        A = G_local.double()
-        C = A.t() @ A
-        dist.all_reduce(C, group=p.device_mesh.get_group())
-        B = torch.linalg.eigh(C).eigenvectors.flip(-1)[:, :rank]
-        if self.sign_canon:
-            B = _sign_canonical(B)
-        if not bool(torch.isfinite(B).all()):
-            raise FloatingPointError(f"the sharded refresh of {self.param_label(p)} produced "
-                                     "non-finite values")
-        return B.float().t().contiguous()
 
     def set_param_names(self, names):
         """Use module names in messages: ``names`` is a module (its ``named_parameters``) or

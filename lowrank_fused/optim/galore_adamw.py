@@ -15,7 +15,7 @@ import operator
 
 import torch
 
-from lowrank_fused import ops, ops_grouped, ops_multi
+from lowrank_fused import ops, ops_grouped, ops_multi, sharded
 from lowrank_fused.linalg import canonical_svd_basis, fallback_basis
 from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number, is_sharded
@@ -148,19 +148,18 @@ class GaLoreAdamW(LowRankOptimizer):
         return ("project", "adam_moments", "backproject_update")
 
     def _plan(self, p, group):
-        """(side, rank, 2-D shape) for a projected matrix, or None for the dense step. An
-        FSDP2-sharded matrix (rows split over ranks) is always projected on the right, so the
-        basis spans the unsharded dimension and every rank holds all of it."""
+        """(side, rank, 2-D shape) for a projected matrix, or None for the dense step. The
+        shape is the whole matrix's, also for an FSDP2 shard (the side is the one-process
+        run's)."""
         if "rank" not in group or p.dim() < 2:
             return None
         shape = (p.shape[0], math.prod(p.shape[1:]))
         if group["rank"] >= min(shape):
             return None
-        if is_sharded(p):
-            return "right", group["rank"], shape
         return projection_side(shape, group["proj_type"]), group["rank"], shape
 
-    # FSDP2: parameters sharded on dim 0 (``fully_shard``'s default), see _sharded_right_basis
+    # FSDP2: parameters sharded on dim 0 (``fully_shard``'s default): the per-parameter step
+    # with the collectives of lowrank_fused/sharded.py (docs/distributed.md)
     SUPPORTS_SHARDED = True
 
     # -- batched refresh ------------------------------------------------------------------
@@ -349,18 +348,22 @@ class GaLoreAdamW(LowRankOptimizer):
         side, rank, shape = plan
         state = self.state[p]
         W, G, write_back = self._as_matrix(p, shape)    # FSDP2: this rank's rows
+        rows = sharded.rows_of(p)
         k = state.get("step", 0)       # counter BEFORE increment (docs/methods/galore.md)
         if "basis" not in state or k % group["update_proj_gap"] == 0:
             P_new = self._pending_bases.pop(p, None)
-            if P_new is None and is_sharded(p):
-                P_new = self._sharded_right_basis(p, G, rank)
+            if P_new is None and rows is not None:
+                P_new = self._sharded_basis(p, G, group, rank, side, rows)
             if P_new is None:
                 P_new = canonical_svd_basis(G, rank, side, self.sign_canon,
                                             label=self.param_label(p),
                                             previous=state.get("basis"))
             state["basis"] = P_new.to(self._state_dtype(p))
         P = state["basis"]
-        R = ops.project(G, P, side=side, precision=precision, backend=backend)
+        if rows is None:
+            R = ops.project(G, P, side=side, precision=precision, backend=backend)
+        else:                          # left: P^T G summed over the ranks' rows
+            R = sharded.project(G, P, side, rows, precision=precision, backend=backend)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros(R.shape, dtype=self._state_dtype(p), device=p.device)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
@@ -372,6 +375,17 @@ class GaLoreAdamW(LowRankOptimizer):
         ops.adam_moments(R, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
                          eps_mode="hf", backend=backend)
         self._galore_update(W, P, N, group, side, t, write_back, backend, precision)
+
+    def _sharded_basis(self, p, G, group, rank, side, rows):
+        """The refresh of an FSDP2 shard (``sharded.basis``): the group's projector, the exact
+        SVD only where its n x n Gram is no larger than the gradient (otherwise the
+        randomized range finder, with one warning). Returns this rank's part of the basis."""
+        return sharded.basis(G, rank, side, rows, projector=group.get("projector", "svd"),
+                             sign_canon=self.sign_canon,
+                             oversample=group.get("proj_oversample", 8),
+                             power_iters=group.get("proj_power_iters", 2),
+                             seed=self.state[p].get("step", 0), label=self.param_label(p),
+                             warn_owner=self)
 
     def _galore_update(self, W, P, N, group, side, t, write_back, backend, precision):
         """K3 (docs/methods/galore.md): ``W -= lr*sqrt(bc2)/bc1 * scale * back(N)``,

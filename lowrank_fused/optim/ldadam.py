@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lowrank_fused import ops, ops_grouped, ops_multi
+from lowrank_fused import ops, ops_grouped, ops_multi, sharded
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
@@ -313,17 +313,16 @@ class LDAdamW(LowRankOptimizer):
         return self.form == "explicit" or self.faithful_dtypes
 
     def _plan(self, p, group):
-        """(side, rank, 2-D shape) for a low-rank matrix, or None for the dense step. An
-        FSDP2-sharded matrix (rows split over ranks) is projected on the right: the basis
-        spans the unsharded dimension, and the power iteration's n x r product is summed over
-        the ranks (one all-reduce per step)."""
+        """(side, rank, 2-D shape) for a low-rank matrix, or None for the dense step. The
+        shape is the whole matrix's, also for an FSDP2 shard (the side is the one-process
+        run's; ``_ldadam_step`` adds the collectives, docs/distributed.md)."""
         if not group["enable_lowrank"] or p.dim() < 2:
             return None
         shape = (p.shape[0], math.prod(p.shape[1:]))
         lo = min(shape)
         if self.size_guard and group["rank"] >= lo:
             return None
-        side = "right" if is_sharded(p) else ldadam_side(shape, group["proj_type"])
+        side = ldadam_side(shape, group["proj_type"])
         return side, min(group["rank"], lo), shape
 
     SUPPORTS_SHARDED = True
@@ -526,6 +525,7 @@ class LDAdamW(LowRankOptimizer):
             return self._single_step(p, group, plan, backend, precision)
         W, G, write_back = self._as_matrix(p, shape)
         shape = tuple(W.shape)                         # FSDP2: this rank's rows
+        rows = sharded.rows_of(p)
         t = self.completed_steps                    # 0-based, before this step's increment
         beta1, rho = group["betas"][0], group["rho"]
         sdt = self._state_dtype(p)
@@ -561,8 +561,10 @@ class LDAdamW(LowRankOptimizer):
 
         # line 1: the new basis (no weight is written before it exists)
         if first:
-            P_new = (self._sharded_right_basis(p, A, rank) if is_sharded(p)
-                     else self._new_basis(A, rank, side, group["proj_method"], t, p))
+            P_new = (self._new_basis(A, rank, side, group["proj_method"], t, p) if rows is None
+                     else sharded.basis(A, rank, side, rows, projector="svd",
+                                        sign_canon=self.sign_canon, seed=t,
+                                        label=self.param_label(p), warn_owner=self))
             P_old = torch.zeros(basis_shape, dtype=sdt, device=p.device)
             M = torch.zeros(low_shape, dtype=sdt, device=p.device)
             V = torch.zeros_like(M)
@@ -572,19 +574,25 @@ class LDAdamW(LowRankOptimizer):
             mix = dict(coef_m=rho / bc1_t, coef_a=1.0 - rho, precision=precision)
             b_dtype = p.dtype if self.faithful_dtypes else torch.float32
             if group["proj_method"] == "power_iteration":
-                Y = torch.empty((cv(A).shape[0], rank), dtype=torch.float32, device=p.device)
-                lookup("ldadam_power_iteration", backend)(
-                    cv(A), cv(P_old), cv(M), Y, explicit=self._explicit, b_dtype=b_dtype, **mix)
-                if is_sharded(p):      # Y is linear in the row shards: sum the ranks' parts
-                    import torch.distributed as dist
-
-                    dist.all_reduce(Y, group=p.device_mesh.get_group())
+                if rows is not None and side == "left":     # Y over the sharded rows
+                    Y = self._sharded_left_power_iteration(A, P_old, M, rows, b_dtype, **mix)
+                    Y, Po = rows.gather(Y), rows.gather(P_old.float())
+                else:
+                    Y = torch.empty((cv(A).shape[0], rank), dtype=torch.float32,
+                                    device=p.device)
+                    lookup("ldadam_power_iteration", backend)(
+                        cv(A), cv(P_old), cv(M), Y, explicit=self._explicit, b_dtype=b_dtype,
+                        **mix)
+                    if rows is not None:   # right: Y is linear in the row shards: sum them
+                        rows.sum_(Y)
+                    Po = cv(P_old).float()
                 # overflow in b = rho*M-mix + A keeps the previous basis, chosen on the device
                 # (no host read per parameter; _after_updates warns once per step)
                 ok = torch.isfinite(Y).all()
-                Po = cv(P_old).float()
                 Q = _qr_basis(torch.where(ok, Y, Po), self.sign_canon)
                 P_new = cv(torch.where(ok, Q, Po))
+                if rows is not None and side == "left":
+                    P_new = rows.local(P_new)
                 self._pi_checks.append(([p], ok))
             else:
                 B = torch.empty(shape, dtype=b_dtype, device=p.device)
@@ -593,8 +601,10 @@ class LDAdamW(LowRankOptimizer):
         P_new = P_new.to(sdt).contiguous()
         rest = functools.partial(self._ldadam_after_projection, p, group, side, shape, W, A, E,
                                  P_new, P_old, M, V, first, t, write_back, backend, precision)
-        # line 2: project the accumulated gradient
-        Rg = ops.project(A, P_new, side=side, precision=precision, backend=backend)
+        # line 2: project the accumulated gradient (left shards: summed over the ranks)
+        Rg = (ops.project(A, P_new, side=side, precision=precision, backend=backend)
+              if rows is None else sharded.project(A, P_new, side, rows, precision=precision,
+                                                   backend=backend))
         N, coef, pre_scale, post_decay, finish = rest(Rg)
         ops.backproject_update(W, P_new, N, side=side, coef=coef, pre_scale=pre_scale,
                                post_decay=post_decay, precision=precision, backend=backend)
@@ -617,9 +627,16 @@ class LDAdamW(LowRankOptimizer):
         M_tr = torch.zeros_like(M)
         if not first:
             bc1_t, bc2_t = ops.bias_corrections(beta1, beta2, t)
+            Pn, Po = cv(P_new), cv(P_old)
+            rows = sharded.rows_of(p)
+            if rows is not None and side == "left":
+                # C = P_new^T P_old sums over the sharded rows: all-reduce the r x r product
+                # and hand the op bases whose product is C (C^T as P_new, the identity as P_old)
+                C = rows.sum_(_matmul(Pn.float().t(), Po.float(), precision).contiguous())
+                Pn = C.t().contiguous()
+                Po = torch.eye(C.shape[0], dtype=torch.float32, device=C.device)
             lookup("ldadam_moment_transport", backend)(
-                cv(P_new), cv(P_old), cv(M), cv(V), cv(M_tr), bc1=bc1_t, bc2=bc2_t,
-                precision=precision)
+                Pn, Po, cv(M), cv(V), cv(M_tr), bc1=bc1_t, bc2=bc2_t, precision=precision)
 
         # lines 3 + 5: generalised error feedback
         if ef:
@@ -647,6 +664,23 @@ class LDAdamW(LowRankOptimizer):
             state["basis"], state["exp_avg"], state["exp_avg_sq"] = P_new, M, V
 
         return N, lr, pre_scale, post_decay, finish
+
+    def _sharded_left_power_iteration(self, A, P_old, M, rows, b_dtype, *, coef_m, coef_a,
+                                      precision):
+        """The ``ldadam_power_iteration`` op's ``Y`` for a left basis over row shards: this
+        rank's rows of ``Y = b (b^T P_old)``, ``b = coef_m P_old M + coef_a A``. ``b^T P_old``
+        (n x r) sums over the rows: one all-reduce; the rest is local (the op's two forms)."""
+        P = P_old.float()
+        if self._explicit:
+            B = torch.empty(A.shape, dtype=b_dtype, device=A.device)
+            lookup("ldadam_momentum_mix", "reference")(A, P_old, M, B, coef_m=coef_m,
+                                                        coef_a=coef_a)
+            b = B.float()
+            V = rows.sum_(b.t() @ P).to(b_dtype).float()
+            return (b @ V).to(b_dtype).float()
+        a, m = A.float(), M.float()
+        V1 = coef_m * m.t() + coef_a * rows.sum_(_matmul(a.t(), P, precision).contiguous())
+        return coef_m * (P @ _matmul(m, V1, precision)) + coef_a * _matmul(a, V1, precision)
 
     # -- the batched steady step: the engine's classes, and the per-matrix step as a batch of one
 

@@ -118,26 +118,18 @@ def mlp_single(opt_factory, steps, world, per_rank=4, poison_step=None):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def galore_groups(model, rank=4):
-    """GaLore groups of the MLP: the Linear weights projected on the right, biases dense."""
-    weights = [p for p in model.parameters() if p.dim() == 2]
-    biases = [p for p in model.parameters() if p.dim() == 1]
-    return [{"params": weights, "rank": rank, "update_proj_gap": 2, "proj_type": "right"},
-            {"params": biases}]
+def _WholeMatricesOnly(params):
+    """A method without a sharded path (``SUPPORTS_SHARDED = False``, the base's default)."""
+    import lowrank_fused as lf
 
-
-def ldadam_groups(model, rank=4):
-    """LDAdam groups of the MLP: the Linear weights low-rank on the right, biases dense."""
-    weights = [p for p in model.parameters() if p.dim() == 2]
-    biases = [p for p in model.parameters() if p.dim() == 1]
-    return [{"params": weights, "rank": rank, "enable_lowrank": True, "proj_type": "right"},
-            {"params": biases, "enable_lowrank": False}]
+    cls = type("WholeMatricesOnly", (lf.GaLoreAdamW,), {"SUPPORTS_SHARDED": False})
+    return cls(params)
 
 
 def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
-    """FSDP2 (``fully_shard``, parameters sharded on dim 0): AdamW, HFAdamW and GaLoreAdamW
-    runs, one with a NaN injected into one rank's shard at step 1 (``nonfinite="skip"``: every
-    rank must skip), and the refusal of a method that needs whole matrices. Saves full weights
+    """FSDP2 (``fully_shard``, parameters sharded on dim 0): AdamW and HFAdamW runs, one with
+    a NaN injected into one rank's shard at step 1 (``nonfinite="skip"``: every
+    rank must skip), and the refusal of a method without a sharded path. Saves full weights
     and messages per rank."""
     import lowrank_fused as lf
     from torch.distributed.fsdp import fully_shard
@@ -152,9 +144,7 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
                 ("adamw", lambda m: lf.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), None),
                 ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2), None),
                 ("adamw_skip", lambda m: lf.AdamW(m.parameters(), lr=1e-2,
-                                                  nonfinite="skip"), 1),
-                ("galore", lambda m: lf.GaLoreAdamW(galore_groups(m), lr=1e-2), None),
-                ("ldadam", lambda m: lf.LDAdamW(ldadam_groups(m), lr=1e-3), None)):
+                                                  nonfinite="skip"), 1)):
             model = mlp_model()
             for layer in model:
                 if isinstance(layer, torch.nn.Linear):
@@ -175,7 +165,7 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
         model = mlp_model()
         fully_shard(model)
         try:
-            lf.make_optimizer(model, "adaptive_adamw", rank=2, target_modules=r"^[024]$")
+            _WholeMatricesOnly(model.parameters())
             out["refusal"] = None
         except ValueError as e:
             out["refusal"] = str(e)
@@ -201,3 +191,204 @@ def per_layer_refusal_worker(rank, world, port, out_dir):
         torch.save(msg, os.path.join(out_dir, f"pl-{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# -- every method under FSDP2: one spawn per test file, compared with the one-process run -----
+FSDP2_STEPS = 6
+FSDP2_TARGETS = r"^[024]$"
+
+
+def odd_mlp(seed=0):
+    """The FSDP2 test model: weights 41x17 (right-projected under "std"), 23x41 and 9x23
+    (left); over 2 ranks their rows split 21/20, 12/11 and 5/4."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(17, 41), torch.nn.Tanh(), torch.nn.Linear(41, 23),
+                               torch.nn.Tanh(), torch.nn.Linear(23, 9))
+
+
+def odd_batch(t, world, per_rank=4):
+    g = torch.Generator().manual_seed(700 + t)
+    x = torch.randn(world * per_rank, 17, generator=g)
+    return x, torch.sin(x[:, :9]) + 0.1 * x[:, 8:]
+
+
+def _odd_loss(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def _case_settings(kwargs):
+    """A case's optimizer keywords without its process settings: ``exact_gram_ratio``
+    (``sharded.EXACT_GRAM_RATIO`` for the case; default 1.0). The backend is the reference
+    one unless the case names another (what is tested is the sharding, not the kernels, which
+    the interpreter runs slowly)."""
+    kwargs = {"backend": "reference", **kwargs}
+    return kwargs, kwargs.pop("exact_gram_ratio", 1.0)
+
+
+def fsdp2_single(method, kwargs, steps=FSDP2_STEPS, world=2, per_rank=4):
+    """The one-process run an FSDP2 run must equal: ``make_optimizer(odd_mlp(), method,
+    **kwargs)`` on the same global batches. Returns the weights."""
+    import lowrank_fused as lf
+
+    kwargs, _ = _case_settings(kwargs)
+    model = odd_mlp()
+    opt = lf.make_optimizer(model, method, **kwargs)
+    for t in range(steps):
+        x, y = odd_batch(t, world, per_rank)
+        _odd_loss(model, x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _sharded_model(fully_shard):
+    model = odd_mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _fsdp2_steps(model, opt, start, stop, rank, world, per_rank, traffic=None):
+    from lowrank_fused import sharded
+
+    for t in range(start, stop):
+        x, y = odd_batch(t, world, per_rank)
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        _odd_loss(model, x[rows], y[rows]).backward()
+        before = sharded.traffic()["bytes"]
+        opt.step()
+        if traffic is not None:
+            traffic.append(sharded.traffic()["bytes"] - before)
+        opt.zero_grad(set_to_none=True)
+
+
+def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
+    """For each ``(name, method, kwargs)``: an FSDP2 run of ``steps`` steps on ``odd_mlp``
+    (its full weights, the bytes the optimizer all-reduced or gathered per step), and the same
+    run checkpointed after ``steps // 2`` steps (each rank's ``opt.state_dict()`` and local
+    weight shards through ``torch.save`` / ``torch.load(weights_only=True)``; a fresh model and
+    optimizer) and resumed. A case whose optimizer raises records the message instead."""
+    import lowrank_fused as lf
+    from lowrank_fused import sharded
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {}
+        for name, method, kwargs in cases:
+            kwargs, ratio = _case_settings(kwargs)
+            sharded.EXACT_GRAM_RATIO = ratio
+            try:
+                model = _sharded_model(fully_shard)
+                opt = lf.make_optimizer(model, method, **kwargs)
+                traffic = []
+                _fsdp2_steps(model, opt, 0, steps, rank, world, per_rank, traffic)
+                out[name] = {k: v.full_tensor().detach().clone()
+                             for k, v in model.state_dict().items()}
+                out[name + ":traffic"] = traffic
+
+                half = steps // 2
+                model = _sharded_model(fully_shard)
+                opt = lf.make_optimizer(model, method, **kwargs)
+                _fsdp2_steps(model, opt, 0, half, rank, world, per_rank)
+                path = os.path.join(out_dir, f"fsdp2-{name}-{rank}.pt")
+                torch.save({"model": {k: v.to_local().detach().clone()
+                                      for k, v in model.state_dict().items()},
+                            "opt": opt.state_dict()}, path)
+                ckpt = torch.load(path, weights_only=True)
+                model = _sharded_model(fully_shard)
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        v.to_local().copy_(ckpt["model"][k])
+                opt = lf.make_optimizer(model, method, **kwargs)
+                opt.load_state_dict(ckpt["opt"])
+                _fsdp2_steps(model, opt, half, steps, rank, world, per_rank)
+                out[name + ":resumed"] = {k: v.full_tensor().detach().clone()
+                                          for k, v in model.state_dict().items()}
+            except Exception as e:              # the test reports it (and may expect it)
+                out[name + ":error"] = f"{type(e).__name__}: {e}"
+        torch.save(out, os.path.join(out_dir, f"fsdp2-cases-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp2_run(cases, out_dir, steps=FSDP2_STEPS, world=2):
+    """Run ``fsdp2_cases_worker`` in ``world`` gloo processes; returns each rank's results."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(fsdp2_cases_worker, args=(world, free_port(), list(cases), steps, str(out_dir)),
+             nprocs=world, join=True)
+    return [torch.load(os.path.join(str(out_dir), f"fsdp2-cases-{r}.pt"), weights_only=True)
+            for r in range(world)]
+
+
+def check_fsdp2_case(results, name, single, rtol=1e-4):
+    """The FSDP2 run ``name`` equals the one-process weights ``single`` within ``rtol``, both
+    ranks hold the same weights, and the resumed run ends where the uninterrupted one does."""
+    from lowrank_fused.testing import assert_parity
+
+    for r in results:
+        if name + ":error" in r:
+            raise AssertionError(f"FSDP2 case {name} failed: {r[name + ':error']}")
+        for key, w in single.items():
+            assert_parity(r[name][key], w, rtol=rtol, name=f"{name} {key}")
+            assert_parity(r[name + ":resumed"][key], r[name][key], rtol=1e-6,
+                          name=f"{name} resumed {key}")
+    for key in single:
+        assert torch.equal(results[0][name][key], results[1][name][key]), (name, key)
+
+
+def sharded_ops_worker(rank, world, port, out_dir):
+    """The core collectives of ``lowrank_fused.sharded`` on row shards of fixed random
+    matrices (odd row counts: unequal shards): every rank saves its results for the test to
+    compare with the one-process functions on the whole matrices."""
+    from lowrank_fused import sharded
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {}
+        for (m, n) in SHARDED_OPS_SHAPES:
+            G = sharded_ops_matrix(m, n)
+            counts = sharded._chunk_counts(m, world)
+            rows = sharded.Rows(dist.group.WORLD, counts, rank)
+            Gi = rows.local(G)
+            for side in ("left", "right"):
+                key = (m, n, side)
+                for iters in (0, 2):
+                    sharded.reset_traffic()
+                    out[key + ("rsvd", iters)] = sharded.randomized_svd(
+                        Gi, 3, side, rows, oversample=2, power_iters=iters, seed=5)
+                    out[key + ("rsvd-bytes", iters)] = sharded.traffic()["bytes"]
+                out[key + ("exact",)] = sharded.exact_svd(Gi, 3, side, rows)
+                B = torch.randn(*((m, 3) if side == "left" else (3, n)),
+                                generator=torch.Generator().manual_seed(3))
+                Bi = rows.local(B) if side == "left" else B
+                sharded.reset_traffic()
+                out[key + ("project",)] = sharded.project(Gi, Bi, side, rows,
+                                                          backend="reference")
+                out[key + ("project-bytes",)] = sharded.traffic()["bytes"]
+            out[(m, n, "sum_sq")] = rows.sum_sq(Gi)
+            out[(m, n, "gather")] = rows.gather(Gi[:, :2].contiguous())
+        torch.save(out, os.path.join(out_dir, f"sharded-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+SHARDED_OPS_SHAPES = ((13, 7), (9, 20), (3, 11))
+
+
+def sharded_ops_matrix(m, n):
+    """A fixed (m x n) test matrix with a decaying spectrum."""
+    g = torch.Generator().manual_seed(100 * m + n)
+    U = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))[0]
+    V = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))[0]
+    s = 0.6 ** torch.arange(min(m, n), dtype=torch.float32)
+    return (U * s) @ V.t()
