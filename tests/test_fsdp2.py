@@ -83,7 +83,11 @@ CASES = [
     ("ldadam", "ldadam", dict(LOWRANK, lr=1e-3, weight_decay=0.1, exact_gram_ratio=1e9)),
     ("ldadam_explicit", "ldadam", dict(LOWRANK, lr=1e-3, form="explicit",
                                        exact_gram_ratio=1e9)),
+    ("ldadam_svd", "ldadam", dict(LOWRANK, lr=1e-3, proj_method="svd", exact_gram_ratio=1e9)),
+    ("ldadam_svd_lowrank", "ldadam", dict(LOWRANK, lr=1e-3, proj_method="svd_lowrank")),
+    ("galore_default", "galore", dict(LOWRANK, update_proj_gap=2, lr=1e-2)),
 ]
+EQUAL = [c for c in CASES if c[0] != "galore_default"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +95,7 @@ def lowrank_results(tmp_path_factory):
     return fsdp2_run(CASES, tmp_path_factory.mktemp("fsdp2-lowrank"))
 
 
-@pytest.mark.parametrize("name,method,kwargs", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,method,kwargs", EQUAL, ids=[c[0] for c in EQUAL])
 def test_fsdp2_lowrank_equals_single_process(lowrank_results, name, method, kwargs):
     torch.set_num_threads(1)
     check_fsdp2_case(lowrank_results, name, fsdp2_single(method, kwargs))
@@ -105,3 +109,14 @@ def test_fsdp2_left_projection_communicates_r_by_n(lowrank_results):
     want = 4 * (41 + 23) * 4
     assert [traffic[t] for t in (1, 3, 5)] == [want] * 3
     assert all(traffic[t] > want for t in (0, 2, 4))
+
+
+def test_fsdp2_exact_refresh_only_where_the_gram_is_small(lowrank_results):
+    """projector="svd" with the default limit: the 41x17 weight (a 17x17 Gram, smaller than
+    its gradient) refreshes exactly, the 23x41 and 9x23 ones (41x41 and 23x23 Grams) by the
+    randomized range finder, with one warning naming the first of them; the run completes."""
+    for r in lowrank_results:
+        assert "galore_default:error" not in r, r.get("galore_default:error")
+        warned = r["galore_default:warnings"]
+        assert len(warned) == 1 and "(23, 41)" in warned[0] and "randomized" in warned[0]
+        assert r["galore_svd:warnings"] == []

@@ -107,6 +107,31 @@ def _randomized_svd_basis(X: torch.Tensor, rank: int, side: str, sign_canon: boo
     return B.contiguous() if side == "left" else B.t().contiguous()
 
 
+def _sharded_randomized_svd_basis(X, rank, side, sign_canon, seed, rows):
+    """``_randomized_svd_basis`` of a row-sharded X (``lowrank_fused.sharded``), step for step:
+    the same seeded sketch over the columns, the QRs of the thin (m x q) products gathered
+    (q x m numbers), the products over the rows all-reduced (n x q and q x n). Returns this
+    rank's rows of P (left) or the whole Q (right), equal to the one-process basis up to the
+    rounding of the sums."""
+    A = X.float()
+    if rows.any_(not bool(torch.isfinite(A).all())):
+        raise FloatingPointError("LDAdamW: the accumulated gradient has non-finite entries; "
+                                 "cannot compute its subspace")
+    n = A.shape[1]
+    q = min(rank + 2, rows.m, n)
+    gen = torch.Generator(device=A.device).manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, device=A.device, dtype=A.dtype)
+    Qr = rows.local(torch.linalg.qr(rows.gather(A @ omega))[0])
+    Z = torch.linalg.qr(rows.sum_((A.t() @ Qr).contiguous()))[0]
+    Qr = torch.linalg.qr(rows.gather(A @ Z))[0]                        # niter = 1, whole
+    Ub, _, Vh = torch.linalg.svd(rows.sum_((rows.local(Qr).t() @ A).contiguous()),
+                                 full_matrices=False)
+    B = (Qr @ Ub)[:, :rank] if side == "left" else Vh[:rank, :].t()
+    if sign_canon:
+        B = _canonical_signs(B)
+    return rows.local(B).contiguous() if side == "left" else B.t().contiguous()
+
+
 def _qr_basis(Y: torch.Tensor, sign_canon: bool) -> torch.Tensor:
     """Orthonormal basis of ``Y``'s columns: ``orth`` (sign-canonical QR) or the library's
     ``torch.linalg.qr`` signs (the official ``Gram_Schmidt``), in fp32."""
@@ -327,14 +352,6 @@ class LDAdamW(LowRankOptimizer):
 
     SUPPORTS_SHARDED = True
 
-    def _check_sharding(self, group):
-        super()._check_sharding(group)
-        method = group.get("proj_method", self.defaults["proj_method"])
-        if method != "power_iteration":
-            p = next(q for q in group["params"] if is_sharded(q))
-            raise ValueError(f"LDAdamW under FSDP2 supports proj_method='power_iteration' "
-                             f"only; {self.param_label(p)} has proj_method={method!r}")
-
     def _ops_needed(self, group, p):
         if self._plan(p, group) is None:
             return ("adamw_step",)
@@ -498,8 +515,19 @@ class LDAdamW(LowRankOptimizer):
                                step=self.completed_steps + 1)
 
     def _new_basis(self, X, rank, side, method, t, p=None):
-        """Basis at a parameter's first step, or from ``b`` (proj_method 'svd', 'svd_lowrank')."""
+        """Basis at a parameter's first step, or from ``b`` (proj_method 'svd', 'svd_lowrank').
+        An FSDP2 shard takes the same decompositions over its rows (``sharded``): the exact
+        SVD where its n x n Gram is small (else the randomized range finder, with a warning),
+        ``svd_lowrank`` step for step."""
         label = self.param_label(p) if p is not None else None
+        rows = sharded.rows_of(p) if p is not None else None
+        if rows is not None:
+            if method == "svd_lowrank":
+                return _sharded_randomized_svd_basis(X, rank, side, self.sign_canon,
+                                                     _SVD_LOWRANK_SEED + t, rows)
+            return sharded.basis(X, rank, side, rows, projector="svd",
+                                 sign_canon=self.sign_canon, seed=t, label=label,
+                                 warn_owner=self)
         previous = self.state[p].get("basis") if p is not None else None
         if method == "svd_lowrank":
             try:
@@ -561,10 +589,7 @@ class LDAdamW(LowRankOptimizer):
 
         # line 1: the new basis (no weight is written before it exists)
         if first:
-            P_new = (self._new_basis(A, rank, side, group["proj_method"], t, p) if rows is None
-                     else sharded.basis(A, rank, side, rows, projector="svd",
-                                        sign_canon=self.sign_canon, seed=t,
-                                        label=self.param_label(p), warn_owner=self))
+            P_new = self._new_basis(A, rank, side, group["proj_method"], t, p)
             P_old = torch.zeros(basis_shape, dtype=sdt, device=p.device)
             M = torch.zeros(low_shape, dtype=sdt, device=p.device)
             V = torch.zeros_like(M)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -287,7 +288,12 @@ def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
                 model = _sharded_model(fully_shard)
                 opt = lf.make_optimizer(model, method, **kwargs)
                 traffic = []
-                _fsdp2_steps(model, opt, 0, steps, rank, world, per_rank, traffic)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", sharded.ShardedRefreshWarning)
+                    _fsdp2_steps(model, opt, 0, steps, rank, world, per_rank, traffic)
+                out[name + ":warnings"] = [str(w.message) for w in caught
+                                           if issubclass(w.category,
+                                                         sharded.ShardedRefreshWarning)]
                 out[name] = {k: v.full_tensor().detach().clone()
                              for k, v in model.state_dict().items()}
                 out[name + ":traffic"] = traffic
