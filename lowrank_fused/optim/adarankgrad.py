@@ -32,13 +32,16 @@ import operator
 
 import torch
 
-from lowrank_fused import ops, ops_multi
+from lowrank_fused import ops, ops_multi, sharded
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import (LowRankOptimizer, check_bool, check_choice, check_int,
-                                       check_number)
+                                       check_number, is_sharded, local)
 from lowrank_fused.optim._engine import ClassRoute, DenseRoute, per_member
-from lowrank_fused.reference.iass_select import IASS_MODES
+from lowrank_fused.reference.iass_select import IASS_MODES, iass_select_ref
+from lowrank_fused.reference.range_finder import orth_complete
+
+_GOLDEN = 0x9E3779B97F4A7C15
 
 EXIT_RULES = ("relative", "absolute")
 V_TRANSPORTS = ("cc", "linear")
@@ -116,6 +119,10 @@ def _check_hparams(h):
 
 
 _REFRESH = operator.itemgetter("refresh")
+
+
+def _no_write_back(W):
+    """An FSDP2 shard is updated in place."""
 
 
 class AdaRankGrad(LowRankOptimizer):
@@ -196,6 +203,9 @@ class AdaRankGrad(LowRankOptimizer):
     """
 
     LOWRANK_GROUP_KEYS = frozenset({"rank"})     # projected groups hold it
+    # FSDP2 shards take the per-matrix step: IASS over the shards (_select_subspace_sharded),
+    # a left basis and right moments kept as each rank's rows (docs/methods/adarankgrad.md)
+    SUPPORTS_SHARDED = True
     RENAMED_KEYS = {"state": {"r_cur": "rank"},
                     "group": {"power_iters": "proj_power_iters",
                               "oversampling": "proj_oversample"}}
@@ -262,9 +272,12 @@ class AdaRankGrad(LowRankOptimizer):
         """torch AdamW: E-torch, WD-pre (docs/methods/adamw.md)."""
         self._dense_adamw_step(p, group, backend, eps_mode="torch", wd_mode="pre")
 
-    def _select_subspace(self, G, state, group, side, backend, precision):
+    def _select_subspace(self, G, state, group, side, backend, precision, rows=None):
         """IASS (docs/methods/adarankgrad.md) for the block about to start. Returns (basis in the
-        stored orientation, r), or None for a zero gradient. Mutates no state."""
+        stored orientation, r), or None for a zero gradient. Mutates no state. ``rows``: G is
+        this rank's rows of an FSDP2-sharded gradient (``_select_subspace_sharded``)."""
+        if rows is not None:
+            return self._select_subspace_sharded(G, state, group, side, rows)
         Gc = G if side == "left" else G.t()                 # canonical left form
         mc, nc = Gc.shape
         k = min(group["rank"] + group["proj_oversample"], mc, nc)
@@ -288,11 +301,50 @@ class AdaRankGrad(LowRankOptimizer):
         P = Qb[:, :r]
         return (P.contiguous() if side == "left" else P.t().contiguous()), r
 
-    def _transport(self, P_new, state, group, side, backend):
+    def _select_subspace_sharded(self, G, state, group, side, rows):
+        """IASS over FSDP2 row shards (G: this rank's (m_i, n) rows), step for step the
+        one-process SSRF and selection: the same sketch (drawn whole; a right-projected matrix
+        uses this rank's rows of it), the same power iterations, the same sign-canonical
+        ``orth_complete`` QRs with the same fill seeds, applied to the whole thin matrices
+        (over the sharded rows: gathered, m x k); the products that sum over the sharded rows
+        are all-reduced (n x k). ``||G||^2`` and so the threshold are all-reduced, so every
+        rank selects the same rank. Returns (this rank's stored basis, r, the whole
+        canonical-left basis (mc x r)), or None for a zero gradient."""
+        op = sharded.Operand(G, side, rows)
+        mc, nc = op.shape
+        k = min(group["rank"] + group["proj_oversample"], mc, nc)
+        block = state["j"] + 1
+        seed, layer = state["seed"], state["layer_id"]
+        omega = sketch_matrix(seed, layer, block, nc, k, device=G.device)
+        fill = fill_seed(seed, layer, block)
+        stage = [0]
+
+        def orth(Y):             # range_finder_ref's QR sequence and seeds, on the whole Y
+            qseed = (int(fill) + _GOLDEN * stage[0]) & _MASK64
+            stage[0] += 1
+            return orth_complete(Y, sign_canon=self.sign_canon, fill_seed=qseed)
+
+        Qb = orth(op.full_rows(op.mm(op.local_cols(omega))))          # (mc, k), whole
+        for _ in range(int(group["proj_power_iters"])):
+            Z = orth(op.full_cols(op.tmm(op.local_rows(Qb))))           # (nc, k), whole
+            Qb = orth(op.full_rows(op.mm(op.local_cols(Z))))
+        B = op.full_cols(op.tmm(op.local_rows(Qb))).t()                # Qb^T Gc: (k, nc)
+        E = rows.sum_sq(G.float())
+        r = iass_select_ref(B, Qb, B, eta_th=group["eta_th"], r_max=group["rank"],
+                            mode=group["iass_mode"], sign_canon=self.sign_canon, E=E)
+        if r == 0:
+            return None
+        P = Qb[:, :r].contiguous()
+        stored = rows.local(P).contiguous() if side == "left" else P.t().contiguous()
+        return stored, r, P
+
+    def _transport(self, P_new, state, group, side, backend, P_old=None):
         """Block 2: carry M, V from the old basis to the new one (K8). Returns them in the
-        stored layout (views for right-projected matrices)."""
+        stored layout (views for right-projected matrices). ``P_old``: the whole old basis
+        where the stored one is a shard's rows (FSDP2, left)."""
         op = lookup(_TRANSPORT_OP[group["v_transport"]], backend)
-        P_old, M, V = state["basis"], state["exp_avg"], state["exp_avg_sq"]
+        P_old, M, V = (state["basis"] if P_old is None else P_old, state["exp_avg"],
+                       state["exp_avg_sq"])
         if side == "left":
             return op(P_new, P_old, M, V)
         M_new, V_new = op(P_new.t(), P_old.t(), M.t(), V.t())
@@ -330,19 +382,26 @@ class AdaRankGrad(LowRankOptimizer):
             state.update(step=0, rank=0, j=0, t_j=0, z_ema=0.0, z_ref=0.0, refresh=True,
                          seed=int(group["seed"]), layer_id=self._layer_id(p))
 
-    def _new_block(self, G, state, group, side, shape, backend, precision):
+    def _new_block(self, G, state, group, side, shape, backend, precision, rows=None):
         """Blocks 1 and 2 at a pending refresh: IASS on ``G``, then zero moments (first block)
         or the old ones transported. Returns ({"basis", "exp_avg", "exp_avg_sq"}: the new
-        tensors, r), or None for a zero gradient. Mutates no state."""
-        chosen = self._select_subspace(G, state, group, side, backend, precision)
+        tensors, r), or None for a zero gradient. Mutates no state. ``rows``: G is this
+        rank's rows of an FSDP2-sharded gradient; the tensors are then this rank's (a left
+        basis and right moments: its rows; the rest whole)."""
+        chosen = self._select_subspace(G, state, group, side, backend, precision, rows)
         if chosen is None:
             return None
-        P_new, r_new = chosen
+        P_new, r_new = chosen[:2]
         if state["j"] == 0:
-            shape_lr = ops.low_rank_shape(shape, r_new, side)
+            local_shape = shape if rows is None else (G.shape[0], shape[1])
+            shape_lr = ops.low_rank_shape(local_shape, r_new, side)
             cap = self._rank_capacity(group, shape)
             M, V = (_capacity.new_zeros(shape_lr, r_new, cap, dtype=torch.float32,
                                         device=G.device) for _ in range(2))
+        elif rows is not None and side == "left":
+            # C = P_new^T P_old sums over the sharded rows: both bases whole (m x r, thin)
+            M, V = self._transport(chosen[2], state, group, side, backend,
+                                   P_old=rows.gather(state["basis"]))
         else:
             M, V = self._transport(P_new, state, group, side, backend)
         return dict(basis=P_new, exp_avg=M, exp_avg_sq=V), r_new
@@ -350,7 +409,13 @@ class AdaRankGrad(LowRankOptimizer):
     def _lowrank_step(self, p, group, plan, backend, precision):
         side, _, shape = plan
         state = self.state[p]
-        W, G, write_back = self._as_matrix(p, shape)
+        rows = sharded.rows_of(p) if is_sharded(p) else None
+        if rows is None:
+            W, G, write_back = self._as_matrix(p, shape)
+        else:                 # FSDP2: this rank's rows (in place updates reach the parameter)
+            W, G = local(p), local(p.grad)
+            W, G = W.reshape(W.shape[0], shape[1]), G.reshape(G.shape[0], shape[1])
+            write_back = _no_write_back
         self._init_state(p, state, group)
         t = state["step"] + 1
         lr, beta1, beta2 = group["lr"], group["betas"][0], group["betas"][1]
@@ -358,7 +423,7 @@ class AdaRankGrad(LowRankOptimizer):
 
         exit_test = True
         if state["refresh"]:                                  # Block 1 + Block 2
-            block = self._new_block(G, state, group, side, shape, backend, precision)
+            block = self._new_block(G, state, group, side, shape, backend, precision, rows)
             if block is None:                                 # zero gradient: keep P
                 exit_test = False
             else:
@@ -374,8 +439,13 @@ class AdaRankGrad(LowRankOptimizer):
             return
 
         P, M, V = state["basis"], state["exp_avg"], state["exp_avg_sq"]
-        z2 = torch.empty(1, dtype=torch.float32, device=G.device)   # ||Ghat||^2, K1 side output
-        R = ops.project(G, P, side=side, precision=precision, backend=backend, r_sumsq=z2)
+        if rows is None:
+            z2 = torch.empty(1, dtype=torch.float32, device=G.device)   # ||Ghat||^2 (K1's)
+            R = ops.project(G, P, side=side, precision=precision, backend=backend, r_sumsq=z2)
+        else:   # left: R = P^T G all-reduced (whole); right: this rank's rows of G Q^T
+            R = sharded.project(G, P, side, rows, precision=precision, backend=backend)
+            z2 = (R.double().square().sum().float() if side == "left"
+                  else rows.sum_sq(R)).reshape(1)
         N = torch.empty_like(M)
         ops.adam_moments(R, M, V, N, beta1=beta1, beta2=beta2, eps=group["eps"], step=t,
                          eps_mode="torch", backend=backend)
