@@ -600,8 +600,10 @@ class LDAdamW(LowRankOptimizer):
             b_dtype = p.dtype if self.faithful_dtypes else torch.float32
             if group["proj_method"] == "power_iteration":
                 if rows is not None and side == "left":     # Y over the sharded rows
-                    Y = self._sharded_left_power_iteration(A, P_old, M, rows, b_dtype, **mix)
-                    Y, Po = rows.gather(Y), rows.gather(P_old.float())
+                    Y = rows.gather(self._sharded_left_power_iteration(A, P_old, M, rows,
+                                                                       b_dtype, **mix))
+                    # the QR's input when Y overflowed (P_new is then this rank's P_old)
+                    Po = torch.eye(Y.shape[0], Y.shape[1], device=Y.device)
                 else:
                     Y = torch.empty((cv(A).shape[0], rank), dtype=torch.float32,
                                     device=p.device)
@@ -615,9 +617,9 @@ class LDAdamW(LowRankOptimizer):
                 # (no host read per parameter; _after_updates warns once per step)
                 ok = torch.isfinite(Y).all()
                 Q = _qr_basis(torch.where(ok, Y, Po), self.sign_canon)
-                P_new = cv(torch.where(ok, Q, Po))
                 if rows is not None and side == "left":
-                    P_new = rows.local(P_new)
+                    Q, Po = rows.local(Q), P_old.float()
+                P_new = cv(torch.where(ok, Q, Po))
                 self._pi_checks.append(([p], ok))
             else:
                 B = torch.empty(shape, dtype=b_dtype, device=p.device)
