@@ -130,8 +130,8 @@ def _WholeMatricesOnly(params):
 def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
     """FSDP2 (``fully_shard``, parameters sharded on dim 0): AdamW and HFAdamW runs, one with
     a NaN injected into one rank's shard at step 1 (``nonfinite="skip"``: every
-    rank must skip), and the refusal of a method without a sharded path. Saves full weights
-    and messages per rank."""
+    rank must skip), the refusal of a method without a sharded path and that of per-layer
+    mode inside a process group. Saves full weights and messages per rank."""
     import lowrank_fused as lf
     from torch.distributed.fsdp import fully_shard
 
@@ -170,26 +170,14 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
             out["refusal"] = None
         except ValueError as e:
             out["refusal"] = str(e)
-        torch.save(out, os.path.join(out_dir, f"fsdp-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        try:                         # per-layer mode inside a process group of 2 ranks
+            from lowrank_fused.per_layer import PerLayerStep
 
-
-def per_layer_refusal_worker(rank, world, port, out_dir):
-    """PerLayerStep inside a 2-process group must refuse (gradients not yet all-reduced)."""
-    import lowrank_fused as lf
-    from lowrank_fused.per_layer import PerLayerStep
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        try:
             PerLayerStep(lf.AdamW(mlp_model().parameters()))
-            msg = None
+            out["per_layer_refusal"] = None
         except ValueError as e:
-            msg = str(e)
-        torch.save(msg, os.path.join(out_dir, f"pl-{rank}.pt"))
+            out["per_layer_refusal"] = str(e)
+        torch.save(out, os.path.join(out_dir, f"fsdp-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
