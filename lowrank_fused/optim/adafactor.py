@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lowrank_fused.dispatch import implementation
-from lowrank_fused.optim._base import LowRankOptimizer, check_number
+from lowrank_fused.optim._base import LowRankOptimizer, check_number, is_sharded, local
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,9 @@ class Adafactor(LowRankOptimizer):
     PARAM_DTYPES = LowRankOptimizer.PARAM_DTYPES + (torch.float64,)   # HF Adafactor runs fp64
     # no basis, no GEMM, and its state is in the parameter dtype by definition
     OPTIONS = frozenset({"backend", "nonfinite"})
+    # FSDP2 (dim-0 shards): the statistics over the split rows and the two RMS are all-reduced
+    # (``_sharded_step``; docs/methods/adafactor.md, "Under FSDP2")
+    SUPPORTS_SHARDED = True
 
     def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
                  beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True,
@@ -142,16 +145,17 @@ class Adafactor(LowRankOptimizer):
 
     def _init_state(self, p, group):
         state = self.state[p]
+        shape = local(p).shape          # an FSDP2 shard's state covers its own rows
         if "step" not in state:
             state["step"] = 0
             f32 = dict(dtype=torch.float32, device=p.device)
             if p.dim() >= 2:
-                state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **f32)
-                state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **f32)
+                state["exp_avg_sq_row"] = torch.zeros(shape[:-1], **f32)
+                state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], **f32)
             else:
-                state["exp_avg_sq"] = torch.zeros(p.shape, **f32)
+                state["exp_avg_sq"] = torch.zeros(shape, **f32)
         if group["beta1"] is not None and "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         return state
 
     @staticmethod
@@ -173,6 +177,9 @@ class Adafactor(LowRankOptimizer):
              skip=skip)
 
     def _step_param(self, p, group, backend, precision):
+        if is_sharded(p):
+            self._sharded_step(p, group)
+            return
         state = self._init_state(p, group)
         factored = p.dim() >= 2
         use_momentum = group["beta1"] is not None
@@ -193,6 +200,83 @@ class Adafactor(LowRankOptimizer):
         self._call(impl, W, G, row, col, V, exp_avg, self._step_scalars(group, t),
                    group["scale_parameter"], None)
         write_back(W)
+        state["step"] = t
+
+    def _sharded_step(self, p, group):
+        """The step of an FSDP2 parameter (rows split over the ranks; docs/methods/adafactor.md,
+        "Under FSDP2"): the reference op's math on this rank's shard, with what spans the whole
+        tensor summed over the ranks. A matrix's column means and the mean of its row
+        statistics are all-reduced (an n-vector and a scalar, with sum(W^2) riding along), then
+        sum(U^2) (one scalar); a vector or a batch of matrices (ndim > 2, split along the
+        batch) keeps all its statistics local and all-reduces only sum(U^2) and sum(W^2). So
+        every rank takes the same clipping and step size, and the run equals the one-process
+        one up to the rounding of the sums."""
+        from lowrank_fused import sharded
+
+        rows = sharded.rows_of(p)
+        state = self._init_state(p, group)
+        t = state["step"] + 1
+        rho, beta2t, eps1, eps2, d, beta1, wd = self._step_scalars(group, t)
+        scaled = bool(group["scale_parameter"])
+        numel = p.numel()                      # the whole tensor's (a DTensor's shape is global)
+        Wl, Gl = local(p), local(p.grad)
+        canon = self._canonical(Wl)
+        G = Gl.reshape(canon)
+        try:
+            W, copied = Wl.view(canon), False
+        except RuntimeError:
+            W, copied = Wl.reshape(canon).clone(), True
+        g = G.float()
+        w = W.float()
+        q = g * g + eps1
+        w_sq = None
+        if p.dim() >= 2:
+            B, m, n = canon
+            row = state["exp_avg_sq_row"].view(B, m)
+            col = state["exp_avg_sq_col"].view(B, n)
+            row.mul_(beta2t).add_(q.mean(dim=-1), alpha=1.0 - beta2t)
+            if p.dim() == 2:
+                # the rows are split: column means and the row statistics' mean over ranks
+                parts = [q.sum(dim=-2).reshape(-1), row.sum().reshape(1)]
+                if scaled:
+                    parts.append(w.square().sum().reshape(1))
+                buf = rows.sum_(torch.cat(parts))
+                col.mul_(beta2t).add_(buf[:n].view(1, n) / rows.m, alpha=1.0 - beta2t)
+                row_mean = (buf[n] / rows.m).reshape(1, 1)
+                w_sq = buf[n + 1] if scaled else None
+            else:                              # split along the batch: every matrix is whole
+                col.mul_(beta2t).add_(q.mean(dim=-2), alpha=1.0 - beta2t)
+                row_mean = row.mean(dim=-1, keepdim=True)
+            r_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
+            c_factor = col.unsqueeze(-2).rsqrt()
+            u = torch.mul(r_factor, c_factor).mul_(g)
+        else:
+            V = state["exp_avg_sq"].view(W.shape)
+            V.mul_(beta2t).add_(q, alpha=1.0 - beta2t)
+            u = V.rsqrt().mul_(g)
+        if w_sq is None:
+            sums = [u.square().sum().reshape(1)]
+            if scaled:
+                sums.append(w.square().sum().reshape(1))
+            sums = rows.sum_(torch.cat(sums))
+            u_sq = sums[0]
+            if scaled:
+                w_sq = sums[1]
+        else:
+            u_sq = rows.sum_(u.square().sum().reshape(1))[0]
+        a = (w_sq.sqrt() / math.sqrt(numel)).clamp(min=eps2) * rho if scaled else rho
+        u.div_((u_sq.sqrt() / math.sqrt(numel) / d).clamp_(min=1.0))
+        u.mul_(a)
+        if beta1 is not None:
+            exp_avg = state["exp_avg"].view(W.shape)
+            exp_avg.mul_(beta1).add_(u, alpha=1.0 - beta1)
+            u = exp_avg
+        if wd != 0:
+            w.add_(w * (-wd * a))
+        w.add_(-u)
+        W.copy_(w)
+        if copied:
+            Wl.copy_(W.view(Wl.shape))
         state["step"] = t
 
     # -- the step engine (docs/engine.md; this method's classes: docs/methods/adafactor.md) --

@@ -43,9 +43,10 @@ from lowrank_fused.subspace import grouped_refresh
 from lowrank_fused.optim.galore_adamw import checked_bases
 from lowrank_fused.dispatch import resolve_call
 from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_bool, check_choice,
-                                       check_int, check_number, is_sharded)
+                                       check_int, check_number, is_sharded, local)
 from lowrank_fused.optim._engine import ClassRoute
 from lowrank_fused.reference._skip import run_unless
+from lowrank_fused.reference.adamem_moments import factored_second_moment
 
 V_SOURCES = ("momentum", "gradient")
 STATE_KEYS = ("M", "a_row", "a_col", "c_os")     # what the middle step writes
@@ -110,6 +111,10 @@ class AdaMeM(LowRankOptimizer):
     Every hyperparameter but ``rank`` is also a per-group key. State is plain tensors and ints
     (``state_dict`` loads with ``torch.load(weights_only=True)``) and always fp32.
     """
+
+    # FSDP2 (dim-0 shards): the per-parameter step over the shards (``_sharded_adamem_step``,
+    # ``_sharded_adafactor_step``; docs/methods/adamem.md, "Under FSDP2")
+    SUPPORTS_SHARDED = True
 
     # projected groups hold ``rank``; the subspace keys mean nothing in the others
     RENAMED_KEYS = {"state": {"P": "basis"}, "group": {}}
@@ -180,7 +185,12 @@ class AdaMeM(LowRankOptimizer):
     def _step_param(self, p, group, backend, precision):
         plan = self._plan(p, group)
         self._check_path(self.state[p], plan)
-        if plan is None:
+        if is_sharded(p):
+            if plan is None:
+                self._sharded_adafactor_step(p, group, backend)
+            else:
+                self._sharded_adamem_step(p, group, plan, backend, precision)
+        elif plan is None:
             self._adafactor_step(p, group, backend)
         else:
             self._adamem_step(p, group, plan, backend, precision)
@@ -239,7 +249,7 @@ class AdaMeM(LowRankOptimizer):
                 continue
             for p in group["params"]:
                 plan = self._plan(p, group) if p.grad is not None else None
-                if plan is None:
+                if plan is None or is_sharded(p):     # a shard refreshes in its own step
                     continue
                 state = self.state[p]
                 if not self._refresh_due(state, group):
@@ -337,6 +347,172 @@ class AdaMeM(LowRankOptimizer):
         lookup("residual_backproject_update", backend)(                 # lines 8-9
             Wc, Gc, P, R, N1, col_scale, **coefs, precision=precision)
         write_back(W)
+
+    # -- FSDP2: the per-parameter step over row shards (docs/methods/adamem.md) -------------
+    def _sharded_adamem_step(self, p, group, plan, backend, precision):
+        """``_adamem_step`` on this rank's rows of W and G (rows split over the ranks), with
+        the sums over the split rows all-reduced (``lowrank_fused.sharded``):
+
+        * m <= n (P over the rows, this rank holding its rows of P): ``R = P^T G`` and
+          ``colsum(G^2)`` are sums over rows, all-reduced in one call ((r + 1) n numbers); the
+          moments, statistics and N1 then run replicated on every rank with the op itself, the
+          residual's column mean divides by the global m, and the update is local.
+          ``residual_form="explicit"`` all-reduces ``colsum(S^2)`` (n) instead of colsum(G^2).
+        * m > n (run on the transpose, P over the columns and replicated): R, M, ``a_col``
+          and ``c_os`` are over this rank's rows (local); only the row statistics of the
+          factored preconditioner are a mean over the split rows: their sums (r) are
+          all-reduced.
+        """
+        from lowrank_fused import sharded
+
+        rank, shape, transposed = plan
+        rows = sharded.rows_of(p)
+        state = self.state[p]
+        W, G, _ = self._as_matrix(p, shape)            # this rank's rows, (m_i, n)
+        Wc, Gc = (W.t(), G.t()) if transposed else (W, G)
+        if self._refresh_due(state, group):
+            self._sharded_refresh(p, state, group, G, rank, transposed, rows, backend)
+        P = state["basis"]
+        explicit = group["residual_form"] == "explicit"
+        t = state["step"] = state.get("step", 0) + 1
+        moments_kw, stats_kw, coefs = self._scalars(group, t)
+        N1 = torch.empty_like(state["M"])
+        col_scale = torch.empty_like(state["c_os"])
+        if not transposed:
+            cols = Gc.shape[1]
+            buf = torch.empty(rank * cols + (0 if explicit else cols), dtype=torch.float32,
+                              device=W.device)
+            R = buf[:rank * cols].view(rank, cols)
+            g_sumsq = None if explicit else buf[rank * cols:]
+            ops.project(Gc, P, R, side="left", precision=precision, backend=backend,
+                        sumsq=g_sumsq)
+            rows.sum_(buf)                               # the whole R and colsum(G^2)
+            lookup("adamem_moments", backend)(R, state["M"], state["a_row"], state["a_col"],
+                                              N1, **moments_kw)
+            if explicit:
+                s = Gc.float() - P @ R
+                sq = rows.sum_((s * s).sum(dim=0))
+            else:
+                sq = torch.clamp(g_sumsq - (R * R).sum(dim=0), min=0.0)
+            beta2, c2 = stats_kw["beta2"], stats_kw["c2"]
+            c_os = state["c_os"]
+            c_os.copy_(c_os * beta2 + (1.0 - beta2) * (sq / rows.m + stats_kw["eps1"]))
+            col_scale.copy_(1.0 / (torch.sqrt(c_os / c2) + stats_kw["eps"]))
+        else:
+            g_sumsq = None if explicit else torch.empty(Gc.shape[1], dtype=torch.float32,
+                                                         device=W.device)
+            R = ops.project(Gc, P, side="left", precision=precision, backend=backend,
+                            sumsq=g_sumsq)
+            self._sharded_moments(state, R, N1, rows, **moments_kw)
+            lookup("residual_col_stats", backend)(Gc, P, R, state["c_os"], col_scale,
+                                                  g_col_sumsq=g_sumsq, **stats_kw)
+        lookup("residual_backproject_update", backend)(                 # lines 8-9, local
+            Wc, Gc, P, R, N1, col_scale, **coefs, precision=precision)
+
+    @staticmethod
+    def _sharded_moments(state, R, N, rows, *, beta1, beta2, eps, eps1, c1, c2,
+                         stats_from_momentum):
+        """``adamem_moments`` of a transposed shard: R, M and ``a_col`` over this rank's
+        columns (the rows of W), ``a_row``'s means over all ranks (its sums all-reduced)."""
+        M, a_row, a_col = state["M"], state["a_row"], state["a_col"]
+        M.copy_(M * beta1 + (1.0 - beta1) * R)
+        m_hat = M / c1
+        x = m_hat if stats_from_momentum else R
+        q = x * x + eps1
+        row_sum = rows.sum_(q.sum(dim=1))
+        a_row.copy_(a_row * beta2 + (1.0 - beta2) * (row_sum / rows.m))
+        a_col.copy_(a_col * beta2 + (1.0 - beta2) * q.mean(dim=0))
+        N.copy_(m_hat / (torch.sqrt(factored_second_moment(a_row, a_col, c2)) + eps))
+
+    def _sharded_refresh(self, p, state, group, G, rank, transposed, rows, backend):
+        """``_refresh`` of a shard: the basis of the whole gradient from ``sharded.basis``
+        (left, m <= n: this rank's rows of U; transposed: V, replicated), re-orthonormalised
+        by the same float64 QR as the one-process basis (a left basis gathered for it: m x r
+        numbers); the transport's ``C = P_new^T P_old`` is all-reduced (r x r) on the left."""
+        from lowrank_fused import sharded
+
+        B = sharded.basis(G, rank, "right" if transposed else "left", rows,
+                          projector=group.get("projector", "svd"), sign_canon=self.sign_canon,
+                          oversample=group.get("proj_oversample", 8),
+                          power_iters=group.get("proj_power_iters", 2),
+                          seed=state.get("step", 0), label=self.param_label(p),
+                          warn_owner=self)
+        if transposed:
+            P_new = orth(B.t().double()).float().contiguous()
+        else:
+            P_new = rows.local(orth(rows.gather(B).double()).float()).clone()
+        P_old = state.get("basis")
+        if group["transport_on_refresh"] and P_old is not None:
+            if transposed:
+                M_new, row_new = lookup("moment_transport", backend)(
+                    P_new, P_old, state["M"], state["a_row"].unsqueeze(1))
+                state["M"].copy_(M_new)
+                state["a_row"].copy_(row_new.squeeze(1))
+            else:
+                C = rows.sum_(P_new.t() @ P_old)
+                state["M"].copy_(C @ state["M"])
+                state["a_row"].copy_((C * C) @ state["a_row"])
+        if P_old is not None and P_old.shape == P_new.shape and P_old.dtype == P_new.dtype:
+            P_old.copy_(P_new)
+            return
+        state["basis"] = P_new
+        if "M" not in state:
+            cols = G.shape[0] if transposed else G.shape[1]     # local rows when transposed
+            f32 = dict(dtype=torch.float32, device=G.device)
+            state["M"] = torch.zeros((rank, cols), **f32)
+            state["a_row"] = torch.zeros(rank, **f32)
+            state["a_col"] = torch.zeros(cols, **f32)
+            state["c_os"] = torch.zeros(cols, **f32)
+            state.setdefault("step", 0)
+
+    def _sharded_adafactor_step(self, p, group, backend):
+        """``_adafactor_step`` of a shard: a vector is elementwise (the op on this rank's
+        entries); a matrix keeps its row statistics local and all-reduces its column sums of
+        ``G^2 + eps1`` and the sum of its row statistics (n + 1 numbers) for the column means
+        and ``mean(row)``."""
+        from lowrank_fused import sharded
+
+        state = self.state[p]
+        factored = p.dim() >= 2
+        if factored:
+            W, G, _ = self._as_matrix(p, (p.shape[0], math.prod(p.shape[1:])))
+        else:
+            W, G = local(p), local(p.grad)
+        if "step" not in state:
+            state["step"] = 0
+            f32 = dict(dtype=torch.float32, device=W.device)
+            if factored:
+                state["row"] = torch.zeros(W.shape[0], **f32)
+                state["col"] = torch.zeros(W.shape[1], **f32)
+            else:
+                state["v"] = torch.zeros(W.shape, **f32)
+        t = state["step"] + 1
+        state["step"] = t
+        _, c2 = self._coefficients(group, t)
+        lr, beta2 = float(group["lr"]), float(group["betas"][1])
+        eps1, eps = float(group["eps1"]), float(group["eps"])
+        pre_scale, post_decay = ops.decay_coefficients(lr, group["weight_decay"], "pre")
+        if not factored:
+            lookup("adafactor_bc_unfactored_step", backend)(
+                W, G, state["v"], lr=lr, beta2=beta2, eps1=eps1, eps=eps, c2=c2,
+                pre_scale=pre_scale, post_decay=post_decay)
+            return
+        rows = sharded.rows_of(p)
+        row, col = state["row"], state["col"]
+        g = G.float()
+        q = g * g + eps1
+        row.copy_(row * beta2 + (1.0 - beta2) * q.mean(dim=1))
+        buf = rows.sum_(torch.cat([q.sum(dim=0), row.sum().reshape(1)]))
+        n = col.shape[0]
+        col.copy_(col * beta2 + (1.0 - beta2) * (buf[:n] / rows.m))
+        v_hat = torch.outer(row, col) / (buf[n] / rows.m) / c2
+        w = W.float()
+        if pre_scale != 1.0:
+            w = w * pre_scale
+        w = w - lr * (g / (torch.sqrt(v_hat) + eps))
+        if post_decay != 0.0:
+            w = w - post_decay * w
+        W.copy_(w)
 
     def _scalars(self, group, t):
         """The keywords of step t: the factored moments', the residual statistics' and the
