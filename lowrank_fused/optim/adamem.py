@@ -427,8 +427,11 @@ class AdaMeM(LowRankOptimizer):
     def _sharded_refresh(self, p, state, group, G, rank, transposed, rows, backend):
         """``_refresh`` of a shard: the basis of the whole gradient from ``sharded.basis``
         (left, m <= n: this rank's rows of U; transposed: V, replicated), re-orthonormalised
-        by the same float64 QR as the one-process basis (a left basis gathered for it: m x r
-        numbers); the transport's ``C = P_new^T P_old`` is all-reduced (r x r) on the left."""
+        in float64 like the one-process basis (``orth``: the QR with ``diag(R) >= 0``). A left
+        basis is row-sharded: its QR is the Cholesky QR through the all-reduced r x r Gram
+        (fp64), the same Q up to rounding (the QR with a positive diagonal is unique, and the
+        basis is orthonormal to ~1e-6, so the Gram is ~I). The transport's
+        ``C = P_new^T P_old`` is all-reduced (r x r) on the left."""
         from lowrank_fused import sharded
 
         B = sharded.basis(G, rank, "right" if transposed else "left", rows,
@@ -440,7 +443,10 @@ class AdaMeM(LowRankOptimizer):
         if transposed:
             P_new = orth(B.t().double()).float().contiguous()
         else:
-            P_new = rows.local(orth(rows.gather(B).double()).float()).clone()
+            Bd = B.double()
+            L = torch.linalg.cholesky(rows.sum_(Bd.t() @ Bd))
+            P_new = torch.linalg.solve_triangular(L, Bd.t(), upper=False).t().float()
+            P_new = P_new.contiguous()
         P_old = state.get("basis")
         if group["transport_on_refresh"] and P_old is not None:
             if transposed:
