@@ -44,7 +44,7 @@ from lowrank_fused.dispatch import implementation
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
 from lowrank_fused.optim import _capacity
-from lowrank_fused.optim._base import check_bool, check_number
+from lowrank_fused.optim._base import check_bool, check_number, is_sharded
 from lowrank_fused.optim._engine import ClassRoute, per_member
 from lowrank_fused.reference._skip import run_unless
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
@@ -198,6 +198,30 @@ def _consecutive(tensors):
                             (first.numel(),) + first.stride())
 
 
+def _rows(p):
+    """The row split of an FSDP2-sharded parameter (``lowrank_fused.sharded.rows_of``: this
+    rank's rows of the matrix, the collectives over them), None for a plain tensor."""
+    if not is_sharded(p):
+        return None
+    from lowrank_fused import sharded
+
+    return sharded.rows_of(p)
+
+
+def _sharded_svd_basis(opt, p, G, rank, side, rows, group, seed):
+    """The top-``rank`` basis of an FSDP2 shard's whole gradient (``sharded.basis``: the exact
+    SVD through the all-reduced Gram of the unsharded dimension where that Gram is no larger
+    than the gradient, else the randomized SVD over the shards with the group's
+    ``proj_oversample`` and ``proj_power_iters``, one warning per optimizer). Left: this
+    rank's rows (m_i, r); right: the whole (r, n) basis."""
+    from lowrank_fused import sharded
+
+    return sharded.basis(G, rank, side, rows, projector="svd", sign_canon=opt.sign_canon,
+                         oversample=group["proj_oversample"],
+                         power_iters=group["proj_power_iters"], seed=seed,
+                         label=opt.param_label(p), warn_owner=opt)
+
+
 def _is_int(x, low):
     return not isinstance(x, bool) and isinstance(x, int) and x >= low
 
@@ -216,9 +240,12 @@ def _mix_seed(*values: int) -> int:
 
 class _SubspaceAdamW(GaLoreAdamW):
     """What the four classes share: GaLore's groups, checks and dense step, plus the low-rank
-    step with a method-specific basis update, the norm-growth limiter and moment transport."""
+    step with a method-specific basis update, the norm-growth limiter and moment transport.
+    FSDP2 shards (rows split over the ranks) take the per-matrix step with the sums over
+    the sharded rows all-reduced (``lowrank_fused.sharded``; docs/methods/adaptive_adamw.md,
+    "Under FSDP2")."""
 
-    SUPPORTS_SHARDED = False
+    SUPPORTS_SHARDED = True
     # every state-writing op of a steady class step takes the on-device skip flag (K2, the
     # limiter, GHA's update and transport, K-FAC's whitening, K3): between refreshes the
     # non-finite flag is not read on the host (docs/engine.md)
@@ -292,6 +319,17 @@ class _SubspaceAdamW(GaLoreAdamW):
     def _basis_reads_grad(self, p, group) -> bool:
         return False
 
+    def _require_finite(self, p, when):
+        """As the base's; an FSDP2 shard's check is agreed over the ranks (a non-finite entry
+        in any rank's rows raises on every rank, before any collective of the step)."""
+        rows = _rows(p)
+        if rows is None or self.nonfinite != "ignore":
+            return super()._require_finite(p, when)
+        if rows.any_(not bool(torch.isfinite(p.grad.to_local()).all())):
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradient of {self.param_label(p)} has non-finite "
+                f"entries {when} (in some rank's shard); no parameter was updated")
+
     def _before_updates(self):
         pass
 
@@ -302,22 +340,38 @@ class _SubspaceAdamW(GaLoreAdamW):
             return
         side, _, shape = plan
         state = self.state[p]
-        W, G, write_back = self._as_matrix(p, shape)
+        W, G, write_back = self._as_matrix(p, shape)    # FSDP2: this rank's rows
         self._update_basis(p, group, side, G, state, backend)
         P = state["basis"]
-        R = ops.project(G, P, side=side, precision=precision, backend=backend)
+        rows = _rows(p)
+        if rows is None:
+            R = ops.project(G, P, side=side, precision=precision, backend=backend)
+        else:           # left: P^T G summed over the ranks (r x n, replicated); right: local
+            from lowrank_fused import sharded
+
+            R = sharded.project(G, P, side, rows, precision=precision, backend=backend)
         state["step"] += 1
-        N, coef, post_decay = self._direction(R, state, group, side, backend)
-        ops.backproject_update(W, P, N, side=side, coef=coef, post_decay=post_decay,
-                               precision=precision, backend=backend)
+        N, coef, post_decay = self._direction(R, state, group, side, backend, rows)
+        if rows is None:
+            ops.backproject_update(W, P, N, side=side, coef=coef, post_decay=post_decay,
+                                   precision=precision, backend=backend)
+        else:
+            sharded.backproject_update(W, P, N, side, rows, coef=coef, post_decay=post_decay,
+                                       precision=precision, backend=backend)
         write_back(W)
 
-    def _direction(self, R, state, group, side, backend):
+    def _direction(self, R, state, group, side, backend, rows=None):
         """Phase B between K1 and K3: the normalised step N from R (the moments advance),
-        the norm-growth limiter on it (B1), and K3's coefficient and WD-post decay."""
+        the norm-growth limiter on it (B1), and K3's coefficient and WD-post decay.
+        ``rows``: an FSDP2 shard's row split; on the right its N holds this rank's rows of
+        the step, so ``||N||^2`` is summed over the ranks (every rank limits alike)."""
         limit = group["nl_gamma"] is not None
         N, step_size, sumsq = self._normalised_step(R, state, group, side, state["step"],
-                                                    backend, want_sumsq=limit)
+                                                    backend, want_sumsq=limit, rows=rows)
+        if limit and rows is not None and side == "right":
+            if sumsq is None:
+                sumsq = N.float().square().sum().reshape(1)
+            rows.sum_(sumsq)
         if limit:                                                # the limiter, B1
             self._limit(implementation("norm_growth_limit", backend, R.device), N, state,
                         group, sumsq)
@@ -568,10 +622,11 @@ class _SubspaceAdamW(GaLoreAdamW):
     def _update_basis(self, p, group, side, G, state, backend):
         raise NotImplementedError
 
-    def _normalised_step(self, R, state, group, side, t, backend, want_sumsq=False):
+    def _normalised_step(self, R, state, group, side, t, backend, want_sumsq=False, rows=None):
         """GaLore's K2 (docs/methods/galore.md): Adam moments on R, E-hf. Returns (N, step_size,
         sumsq): with ``want_sumsq`` (the limiter is on), ``sumsq`` is ``||N||^2`` (1-element fp32)
-        from K2's own pass, so the limiter does not read N for its norm; else None."""
+        from K2's own pass, so the limiter does not read N for its norm; else None.
+        Elementwise: an FSDP2 shard's (``rows``) local moments need nothing more."""
         beta1, beta2 = group["betas"]
         M, V = state["exp_avg"], state["exp_avg_sq"]
         N = torch.empty_like(M)
@@ -598,12 +653,21 @@ class _SubspaceAdamW(GaLoreAdamW):
             state[key] = _capacity.new_zeros(low, rank, cap, dtype=self._state_dtype(p),
                                              device=p.device)
 
-    def _transport_moments(self, state, side, P_new, backend, cap=None):
+    def _transport_moments(self, state, side, P_new, backend, cap=None, rows=None):
         """A4 through the K8 op: ``M <- C M``, ``V <- (C*C) V`` with C = P_new^T P_old
-        (canonical left form; right-projected matrices pass transposed views)."""
-        impl = implementation("moment_transport", backend, P_new.device)
-        M, V = impl(_canon(side, P_new), _canon(side, state["basis"]),
-                    _canon(side, state["exp_avg"]), _canon(side, state["exp_avg_sq"]))
+        (canonical left form; right-projected matrices pass transposed views). An FSDP2
+        shard (``rows``) on the left holds its rows of both bases: C is their product summed
+        over the ranks (r_new x r_old), then the moments (replicated) move as the op moves
+        them; on the right the bases are whole and each rank moves its rows of the moments."""
+        if rows is not None and side == "left":
+            C = rows.sum_(P_new.float().t() @ state["basis"].float())
+            M0, V0 = state["exp_avg"], state["exp_avg_sq"]
+            M = (C @ M0.float()).to(M0.dtype)
+            V = ((C * C) @ V0.float()).to(V0.dtype)
+        else:
+            impl = implementation("moment_transport", backend, P_new.device)
+            M, V = impl(_canon(side, P_new), _canon(side, state["basis"]),
+                        _canon(side, state["exp_avg"]), _canon(side, state["exp_avg_sq"]))
         rank = M.shape[0]
         for key, X in (("exp_avg", M), ("exp_avg_sq", V)):
             state[key] = _capacity.keep(state[key], X if side == "left" else X.t(), rank, cap)
@@ -629,6 +693,23 @@ class _SubspaceAdamW(GaLoreAdamW):
                 for key in ("basis", "exp_avg", "exp_avg_sq"):
                     if key in state:
                         state[key] = _capacity.keep(state[key], state[key], state["rank"], cap)
+
+    def _warn_sharded_svd(self, p, shape, oversample, power_iters):
+        """``sharded.basis``'s warning (one per optimizer, ``ShardedRefreshWarning``): with
+        ``projector="svd"`` an FSDP2 shard whose exact SVD would all-reduce a Gram larger
+        than the gradient is refreshed by the randomized range finder."""
+        from lowrank_fused import sharded
+
+        if self.__dict__.get("_warned_sharded_refresh"):
+            return
+        self._warned_sharded_refresh = True
+        warnings.warn(f"{type(self).__name__}: {self.param_label(p)} is sharded over its "
+                      f"{shape[0]} rows; its exact SVD would all-reduce an {shape[1]} x "
+                      f"{shape[1]} matrix, more than the gradient, so its refreshes (and those "
+                      f"of every such parameter) use the randomized range finder (projector="
+                      f"'randomized', proj_oversample={oversample}, proj_power_iters="
+                      f"{power_iters}; exact when the rank + proj_oversample reaches min(m, n))",
+                      sharded.ShardedRefreshWarning, stacklevel=3)
 
     def ranks(self) -> List[List[int]]:
         """Current rank of every projected matrix, per rank group (None before its first step)."""
@@ -799,6 +880,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
                 group["pool_step"] += 1
 
     def _refresh(self, group, managed):
+        if any(is_sharded(p) for p, _ in managed):
+            return self._refresh_sharded(group, managed)
         if group.get("projector", "svd") == "randomized":
             return self._refresh_randomized(group, managed)
         grads = [self._as_matrix(p, plan[2])[1] for p, plan in managed]
@@ -834,14 +917,82 @@ class AdaptiveAdamW(_SubspaceAdamW):
         state = self.state[p]
         self._state_replaced = True       # the engine's classes are rebuilt
         P_new = P_new.to(self._state_dtype(p))
+        rows = _rows(p)
+        if rows is not None:              # FSDP2: the moments of this rank's rows
+            shape = (rows.stop - rows.start, shape[1])
         if "basis" in state:
-            self._transport_moments(state, side, P_new, self.backend, cap)
+            self._transport_moments(state, side, P_new, self.backend, cap, rows)
             if "nl_prev" in state:
                 state["nl_prev"].mul_(math.sqrt(r_new / state["rank"]))
         else:
             self._init_moments(p, state, side, shape, r_new, cap)
         state["basis"] = _capacity.keep(state.get("basis"), P_new, r_new, cap)
         state["rank"] = r_new
+
+    def _refresh_sharded(self, group, managed):
+        """Phase A with FSDP2 shards in the group (docs/methods/adaptive_adamw.md, "Under
+        FSDP2"): per matrix the top ``cap`` singular values and vectors (``cap`` = the largest
+        rank it can receive) from ``lowrank_fused.sharded``, without gathering the gradient:
+        ``projector="svd"`` the exact SVD through the all-reduced Gram of the unsharded
+        dimension where that Gram is no larger than the gradient, else (and with
+        ``"randomized"``) the randomized SVD over the shards, seeded by ``pool_step`` as the
+        one-process refresh. The spectra (replicated: every rank allocates the same ranks)
+        end with the residual energy ``sqrt(||G||^2 - sum S^2)`` as one more value, so the
+        scores see the exact ``E = ||G||_F^2``; the allocation is the one-process one. A
+        matrix that is not sharded takes the one-process computation."""
+        from lowrank_fused import sharded
+
+        L = len(managed)
+        randomized = group.get("projector", "svd") == "randomized"
+        over, iters = group["proj_oversample"], group["proj_power_iters"]
+        seed = group["pool_step"]
+        grads, spectra, vecs, caps = [], [], [], []
+        for p, (side, _, shape) in managed:
+            G = self._as_matrix(p, shape)[1]
+            rows = _rows(p)
+            cap = self._rank_capacity(group, shape, L)
+            B = E = None
+            if rows is None:
+                if randomized:
+                    A = G.float() if side == "left" else G.float().t()
+                    U, S, _ = randomized_svd(A, cap, oversample=over, power_iters=iters,
+                                             seed=seed, sign_canon=self.sign_canon,
+                                             compute_v=False, check_finite=True)
+                    B, E = (U if side == "left" else U.t()), A.pow(2).sum()
+                else:
+                    S = torch.linalg.svdvals(G.float())
+            else:
+                if not randomized and sharded.gram_is_small(shape):
+                    B, S = sharded.exact_svd(G, cap, side, rows, sign_canon=self.sign_canon,
+                                             label=self.param_label(p))
+                else:
+                    if not randomized:
+                        self._warn_sharded_svd(p, shape, over, iters)
+                    B, S = sharded.randomized_svd(G, cap, side, rows, oversample=over,
+                                                  power_iters=iters, seed=seed,
+                                                  sign_canon=self.sign_canon,
+                                                  label=self.param_label(p))
+                E = rows.sum_sq(G)
+            S = S.float().reshape(-1)
+            if E is not None:
+                tail = (E.float() - S.pow(2).sum()).clamp_min(0).sqrt()
+                S = torch.cat([S, tail.reshape(1)])
+            grads.append(G)
+            spectra.append(S.cpu())
+            vecs.append(B)
+            caps.append(cap)
+        ranks = allocate_ranks(spectra, group["rank"] * L, group["rank_metric"], r_max=caps,
+                               combined_weight=float(group["combined_weight"]))
+        bases = []
+        for G, r_new, B, (p, (side, _, _)) in zip(grads, ranks, vecs, managed):
+            if B is None:
+                bases.append(canonical_svd_basis(G, r_new, side, self.sign_canon,
+                                                 label=self.param_label(p),
+                                                 previous=self.state[p].get("basis")))
+            else:
+                bases.append((B[:, :r_new] if side == "left" else B[:r_new]).contiguous())
+        for (p, (side, _, shape)), r_new, P_new, cap in zip(managed, ranks, bases, caps):
+            self._change_basis(p, side, shape, P_new, r_new, cap)
 
     def _refresh_randomized(self, group, managed):
         """Phase A from batched randomized SVDs: one call per (shape, side) of the group."""
@@ -946,16 +1097,32 @@ class RSAdamW(_SubspaceAdamW):
         k = state.get("step", 0)
         if "basis" in state and k % group["update_proj_gap"] != 0:
             return
-        rows = G.shape[0] if side == "left" else G.shape[1]
+        split = _rows(p)
+        # FSDP2 on the left: every rank draws the whole m x r Z and drifts the whole basis
+        # (its rows gathered: thin), then keeps its rows; on the right the basis is whole
+        shard_left = split is not None and side == "left"
+        rows = split.m if shard_left else G.shape[0] if side == "left" else G.shape[1]
         rank = group["rank"]
         index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"])
                      if q is p)
         gen = torch.Generator(device="cpu").manual_seed(_mix_seed(group["seed"], index, k))
         Z = (torch.randn(rows, rank, generator=gen) / math.sqrt(rows)).to(p.device)
         old = _canon(side, state["basis"]) if "basis" in state else None
+        if shard_left and old is not None:
+            old = split.gather(old)
         P_new = implementation("subspace_drift", backend, p.device)(
             old, Z, sigma=float(group["sigma"]), sign_canon=self.sign_canon)
         P_new = _uncanon(side, P_new).to(self._state_dtype(p))
+        if shard_left:
+            if "basis" in state:        # C = P_new^T P_old from the whole bases (no sum)
+                M, V = implementation("moment_transport", backend, p.device)(
+                    P_new, old.to(P_new.dtype), state["exp_avg"], state["exp_avg_sq"])
+                state["exp_avg"], state["exp_avg_sq"] = M.contiguous(), V.contiguous()
+            else:
+                self._init_moments(p, state, side, (G.shape[0], G.shape[1]), rank)
+            state["basis"] = split.local(P_new).contiguous()
+            state["rank"] = rank
+            return
         if "basis" in state:
             self._transport_moments(state, side, P_new, backend)
         else:
@@ -1106,6 +1273,55 @@ class _GHABatch:
         torch._foreach_copy_(self.Ps, b["Pns"])
 
 
+def _gha_sharded(G, state, side, rows, eta, sign_canon):
+    """``_GHABatch``'s update of one FSDP2 shard (this rank's rows of G), in place on the
+    state: the products that run over the sharded rows are summed over the ranks, in one
+    all-reduce per step. Left (P: this rank's m_i x r rows; M, V replicated r x n):
+    ``Y^T = P^T G`` (r x n) and ``||G||^2``; the new basis is orthonormalised whole (the
+    m x r update gathered: thin) and each rank keeps its rows; ``C = P_new^T P`` is summed
+    (r x r). Right (P whole, r x n; M, V this rank's m_i x r rows): ``G^T Y`` (n x r),
+    ``Y^T Y`` (r x r) and ``||G||^2``; the rest is replicated, and each rank moves its rows
+    of the moments. A zero or non-finite gradient keeps P (as the one-process update)."""
+    P = state["basis"]
+    Pf, Gf = P.float(), G.float()
+    r = Pf.shape[1] if side == "left" else Pf.shape[0]
+    if side == "left":
+        Yt = Pf.t() @ Gf                                           # (r, n), this rank's part
+        buf = rows.sum_(torch.cat([Yt.reshape(-1), Gf.square().sum().reshape(1)]))
+        Yt, g2 = buf[:-1].view(Yt.shape), buf[-1]
+        P0 = Pf                                                    # (m_i, r)
+        GY = Gf @ Yt.t()                                           # (m_i, r), local
+        H = Yt @ Yt.t()
+    else:
+        Yt = Pf @ Gf.t()                                           # (r, m_i), local
+        n = Gf.shape[1]
+        buf = rows.sum_(torch.cat([(Gf.t() @ Yt.t()).reshape(-1), (Yt @ Yt.t()).reshape(-1),
+                                   Gf.square().sum().reshape(1)]))
+        GY, H, g2 = buf[:n * r].view(n, r), buf[n * r:-1].view(r, r), buf[-1]
+        P0 = Pf.t()                                                # (n, r), whole
+    ok = (g2 > 0) & (g2 < math.inf)
+    g2 = torch.where(ok, g2, torch.ones_like(g2))
+    Z = (GY / g2 - P0 @ torch.triu(H / g2)) * eta + P0
+    Z = torch.where(ok, Z, P0)
+    if side == "left":
+        Zw = rows.gather(Z)
+        Q = rows.local(orth(Zw) if sign_canon else torch.linalg.qr(Zw)[0])
+    else:
+        Q = orth(Z) if sign_canon else torch.linalg.qr(Z)[0]
+    Q = torch.where(ok, Q, P0)
+    Pn = Q.to(P.dtype)                                 # rounded once to the basis dtype
+    C = Pn.float().t() @ P0
+    if side == "left":
+        rows.sum_(C)
+    for key, Cm in (("exp_avg", C), ("exp_avg_sq", C * C)):
+        X = state[key]
+        if side == "left":
+            X.copy_((Cm @ X.float()).to(X.dtype))
+        else:
+            X.copy_((X.float() @ Cm.t()).to(X.dtype))
+    P.copy_(Pn if side == "left" else Pn.t())
+
+
 class GHAAdamW(_SubspaceAdamW):
     """gha, Generalised Hebbian Algorithm projector (docs/methods/adaptive_adamw.md, a
     reconstruction):
@@ -1144,12 +1360,19 @@ class GHAAdamW(_SubspaceAdamW):
         return "basis" not in self.state.get(p, {})
 
     def _update_basis(self, p, group, side, G, state, backend):
+        rows = _rows(p)
         if "basis" not in state:
-            state["basis"] = canonical_svd_basis(G, group["rank"], side, self.sign_canon,
-                                                 label=self.param_label(p)).to(
-                self._state_dtype(p))
+            if rows is None:
+                P = canonical_svd_basis(G, group["rank"], side, self.sign_canon,
+                                        label=self.param_label(p))
+            else:
+                P = _sharded_svd_basis(self, p, G, group["rank"], side, rows, group, 0)
+            state["basis"] = P.to(self._state_dtype(p))
             state["rank"] = group["rank"]
             self._init_moments(p, state, side, (G.shape[0], G.shape[1]), group["rank"])
+            return
+        if rows is not None:
+            _gha_sharded(G, state, side, rows, float(group["eta"]), self.sign_canon)
             return
         # every step: written into the stored basis and moments (same shapes); the batch
         # of one the engine's classes run for all their members at once
@@ -1271,8 +1494,13 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         if "basis" in state and k % group["update_proj_gap"] != 0:
             return
         rank = group["rank"]
-        P_new = canonical_svd_basis(G, rank, side, self.sign_canon, label=self.param_label(p),
-                                    previous=state.get("basis")).to(self._state_dtype(p))
+        rows = _rows(p)
+        if rows is None:
+            P_new = canonical_svd_basis(G, rank, side, self.sign_canon,
+                                        label=self.param_label(p), previous=state.get("basis"))
+        else:
+            P_new = _sharded_svd_basis(self, p, G, rank, side, rows, group, k)
+        P_new = P_new.to(self._state_dtype(p))
         if "basis" not in state:
             dtype = self._state_dtype(p)
             state["step"] = 0
@@ -1280,6 +1508,13 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             state["exp_avg"] = torch.zeros(low, dtype=dtype, device=p.device)
             state["kfac_factor"] = torch.zeros(rank, rank, dtype=dtype, device=p.device)
             state["kfac_root"] = torch.zeros_like(state["kfac_factor"])
+            state["kfac_root_valid"] = 0
+        elif group["transport_on_refresh"] and rows is not None and side == "left":
+            # this rank's rows of both bases: C summed over the ranks, M and F replicated
+            C = rows.sum_(P_new.float().t() @ state["basis"].float())
+            M0, F0 = state["exp_avg"], state["kfac_factor"]
+            state["exp_avg"] = (C @ M0.float()).to(M0.dtype)
+            state["kfac_factor"] = (C @ F0.float() @ C.t()).to(F0.dtype)
             state["kfac_root_valid"] = 0
         elif group["transport_on_refresh"]:
             M, F = implementation("kfac_transport", backend, p.device)(
@@ -1290,9 +1525,14 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         state["basis"] = P_new
         state["rank"] = rank
 
-    def _normalised_step(self, R, state, group, side, t, backend, want_sumsq=False):
-        """K-FAC whitening; no norm side output (the limiter computes ``||N||`` itself)."""
+    def _normalised_step(self, R, state, group, side, t, backend, want_sumsq=False, rows=None):
+        """K-FAC whitening; no norm side output (the limiter computes ``||N||`` itself). An
+        FSDP2 shard on the left has the whole R (replicated); on the right
+        ``_whiten_sharded``."""
         N = torch.empty_like(state["exp_avg"])
+        if rows is not None and side == "right":
+            self._whiten_sharded(R, N, state, group, t, rows)
+            return N, float(group["lr"]), None
         self._whiten(implementation("kfac_precondition", backend, R.device), R, N, state,
                      group, side, t)
         return N, float(group["lr"]), None
@@ -1313,6 +1553,31 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
                      recompute=recompute)
         if recompute:
             state["kfac_root_valid"] = int(bool(valid))
+
+    @staticmethod
+    def _whiten_sharded(R, N, state, group, t, rows):
+        """``_whiten`` for an FSDP2 shard projected on the right: this rank holds rows
+        [start, stop) of R, M and N (columns of the canonical r x m forms), so the factor's
+        statistic ``R R^T`` is summed over the ranks (r x r) and divided by the whole m;
+        F, its inverse root and the decision to recompute it are then replicated, and M and
+        N are local (the math of ``reference/kfac_precondition.py``)."""
+        from lowrank_fused.reference.kfac_precondition import recompute_root
+
+        beta1, beta2 = group["betas"]
+        if group["bias_correction"]:
+            c1, c2 = ops.bias_corrections(beta1, beta2, t)
+        else:
+            c1, c2 = 1.0, 1.0
+        recompute = (t - 1) % group["kfac_update_freq"] == 0 or not state["kfac_root_valid"]
+        Rc, M, F, root = R.float().t(), state["exp_avg"].t(), state["kfac_factor"], \
+            state["kfac_root"]
+        M.copy_(beta1 * M.float() + (1.0 - beta1) * Rc)
+        RRt = rows.sum_(Rc @ Rc.t())
+        F.copy_(beta2 * F.float() + (1.0 - beta2) * RRt / rows.m)
+        if recompute:
+            state["kfac_root_valid"] = int(bool(recompute_root(
+                F, root, c2=c2, eps_rel=float(group["kfac_eps"]))))
+        N.t().copy_(root.float() @ (M.float() / c1))
 
     # the engine: no second moment, and the whitening per matrix (no multi-tensor form)
     _CLASS_STATE = ("basis", "exp_avg")
