@@ -29,9 +29,11 @@ CASES = [
      dict(BASE, rank=4, update_proj_gap=2, projector="randomized", proj_oversample=4,
           proj_power_iters=1, rank_metric="combined", nl_gamma=None)),
     # projector "svd" on shards whose Gram is larger than the gradient: the randomized range
-    # finder, which equals the exact SVD when rank + oversample reaches min(m, n)
+    # finder, which equals the exact SVD when rank + oversample reaches min(m, n); the states
+    # in capacity buffers (rank changes write into the same memory), ranks capped by max_rank
     ("adaptive_svd_fallback", "adaptive_adamw",
-     dict(BASE, update_proj_gap=3, proj_oversample=30, rank_metric="gap")),
+     dict(BASE, update_proj_gap=3, proj_oversample=30, rank_metric="gap",
+          capacity_buffers=True, max_rank=5)),
     # random subspaces drifting at every other step (moment transport), both sides
     ("rsadamw", "rsadamw", dict(BASE, update_proj_gap=2, sigma=0.6, seed=3)),
     # K-FAC: refreshes at 0 and 3 (F and M transported), the root recomputed every 2 steps
