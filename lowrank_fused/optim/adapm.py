@@ -39,9 +39,10 @@ from typing import Callable, Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from lowrank_fused import ops
+from lowrank_fused import ops, sharded
 from lowrank_fused.dispatch import implementation
-from lowrank_fused.optim._base import LowRankOptimizer, check_betas, check_number
+from lowrank_fused.optim._base import (LowRankOptimizer, check_betas, check_number, is_sharded,
+                                       local)
 
 BLOCKS = ("auto", "embedding", "attn_out", "q", "k", "v", "qkv", "mlp", "lm_head", "norm",
           "bias", "other")
@@ -69,6 +70,94 @@ def sketch_seed(base: int, param_index: int, part: int) -> int:
     """Seed of the sketch of part ``part`` (0, 1, 2 for the q, k, v of a fused QKV; else 0) of
     the ``param_index``-th parameter of the optimizer (counted over all groups in order)."""
     return (int(base) * 1_000_003 + 4 * int(param_index) + int(part)) % (2 ** 63 - 1)
+
+
+def _qr(Y: torch.Tensor, sign_canon: bool):
+    """Reduced QR of fp32 ``Y``; with ``sign_canon`` ``diag(R) >= 0`` (the QR of the
+    ``adapm_init_basis`` / ``adapm_refit`` references)."""
+    Q, Rq = torch.linalg.qr(Y)
+    if sign_canon:
+        sign = torch.where(torch.diagonal(Rq) < 0, -1.0, 1.0).to(Q.dtype)
+        Q = Q * sign.unsqueeze(0)
+        Rq = Rq * sign.unsqueeze(1)
+    return Q, Rq
+
+
+class _PartShard:
+    """One logical block (``_Part``) of an FSDP2 shard: this rank's rows of it (``lo:hi`` of
+    the shard's rows; a 1-D parameter is one row whose columns are sharded), and the
+    collectives its math needs."""
+
+    def __init__(self, rows, part, one_d):
+        self.rows, self.part, self.one_d = rows, part, one_d
+        if one_d:
+            self.lo, self.hi, self.first = 0, 1, 0
+        else:
+            a = min(max(part.r0, rows.start), rows.stop)
+            b = max(min(part.r1, rows.stop), a)
+            self.lo, self.hi, self.first = a - rows.start, b - rows.start, a - part.r0
+        self.whole = not one_d and part.r0 == 0 and part.r1 == rows.m
+        m = part.r1 - part.r0
+        # Adam-mini blocks of one row each stay with their row (no communication)
+        self.row_blocks = not one_d and part.nb is not None and part.nb == m
+
+    def gather(self, X):
+        """The whole (m_part, k) matrix from every rank's rows of this block."""
+        if self.whole:
+            return self.rows.gather(X.contiguous())
+        Z = X.new_zeros((self.rows.stop - self.rows.start,) + tuple(X.shape[1:]))
+        Z[self.lo:self.hi] = X
+        return self.rows.gather(Z)[self.part.r0:self.part.r1]
+
+    def local(self, X):
+        """This rank's rows of a whole (m_part, k) matrix of this block."""
+        return X[self.first:self.first + self.hi - self.lo]
+
+    def local_tail(self, V, group) -> bool:
+        """Whether lines 5-7 are row-local (the op runs on the shard as it is): an elementwise
+        or per-row second moment and no RMS clip."""
+        return (group["clip_mode"] != "rms"
+                and (self.part.nb is None or self.row_blocks))
+
+    def tail(self, W, G, mc, V, *, v_keep, v_add, eps, c2, lr, pre_scale, clip_mode,
+             clip_threshold):
+        """Lines 5-7 (``second_moment_and_apply``) on this rank's rows, with the block means
+        of blocks spanning ranks (an nb-vector) and the RMS of the clip (a scalar)
+        all-reduced; V is this rank's (elementwise, per row) or whole (other block means)."""
+        g = G.float()
+        if self.part.nb is None:
+            V.copy_(V.float() * v_keep + v_add * (g * g))
+            u = mc / (torch.sqrt(V.float() / c2) + eps)
+        else:
+            if self.row_blocks:
+                sq = (g * g).mean(dim=1)
+                blk = None
+            else:
+                nb = self.part.nb
+                if self.one_d:
+                    per_block, blk = None, torch.zeros(1, dtype=torch.long, device=g.device)
+                else:
+                    per_block = (self.part.r1 - self.part.r0) // nb
+                    blk = (torch.arange(W.shape[0], device=g.device) + self.first) // per_block
+                sums = torch.zeros(nb, dtype=torch.float64, device=g.device)
+                sums.index_add_(0, blk, (g.double() * g.double()).sum(dim=1))
+                self.rows.sum_(sums)
+                count = self.part.n if self.one_d else per_block * self.part.n
+                sq = (sums / count).float()
+            V.copy_(V.float() * v_keep + v_add * sq)
+            h = torch.sqrt(V.float()) / math.sqrt(c2) + eps
+            u = mc / (h if blk is None else h[blk]).unsqueeze(1)
+        if clip_mode == "elementwise":
+            u = u.clamp(-clip_threshold, clip_threshold)
+        elif clip_mode == "rms":
+            total = self.rows.sum_(u.double().square().sum().reshape(1))
+            count = self.part.n if self.one_d else (self.part.r1 - self.part.r0) * self.part.n
+            rms = torch.sqrt(total / count).float()
+            u = u / torch.clamp(rms / clip_threshold, min=1.0)
+        w = W.float()
+        if pre_scale != 1.0:
+            w = w * pre_scale
+        W.copy_(w - lr * u)
 
 
 def _is_int(x, low):
@@ -141,6 +230,8 @@ class AdaPM(LowRankOptimizer):
     _mini = False
     RENAMED_KEYS = {"state": {}, "group": {"sketch_seed": "seed",
                                            "full_rank_fallback": "size_guard"}}
+    # FSDP2 shards take _sharded_step_param (docs/methods/adapm.md, "Under FSDP2")
+    SUPPORTS_SHARDED = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, *,
                  rank=None, rank_ratio=0.05, refit_T=100, refit_K=10,
@@ -290,6 +381,8 @@ class AdaPM(LowRankOptimizer):
         return m          # per output row / per token row
 
     def _state_shapes(self, p, group) -> Dict[str, tuple]:
+        if is_sharded(p):
+            return self._sharded_state_shapes(p, group)
         shapes = {}
         for part in self._plan(p, group):
             m = part.r1 - part.r0
@@ -331,13 +424,25 @@ class AdaPM(LowRankOptimizer):
     def _check_grads(self):
         if self.nonfinite != "ignore":       # covered by the step's flag
             return
+        when = "on a step that initialises or refits its low-rank momentum"
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and self._factorises_now(p, group):
-                    self._require_finite(p, "on a step that initialises or refits its "
-                                            "low-rank momentum")
+                if p.grad is None or not self._factorises_now(p, group):
+                    continue
+                if is_sharded(p):     # every rank raises together (its peers would wait)
+                    bad = not bool(torch.isfinite(local(p.grad)).all())
+                    if sharded.rows_of(p).any_(bad):
+                        raise FloatingPointError(
+                            f"{type(self).__name__}: the gradient of {self.param_label(p)} "
+                            f"has non-finite entries (on some rank's shard) {when}; no "
+                            "parameter was updated")
+                else:
+                    self._require_finite(p, when)
 
     def _step_param(self, p, group, backend, precision):
+        if is_sharded(p):
+            self._sharded_step_param(p, group, backend, precision)
+            return
         parts = self._plan(p, group)
         state = self.state[p]
         t = state.get("step", 0) + 1
@@ -406,6 +511,185 @@ class AdaPM(LowRankOptimizer):
         implementation("adapm_update", backend, G.device)(                          # lines 5-8
             W, G, L, R, Rg, V, L0, R0, beta1=float(beta1), s_coef=1.0 / c1, e_coef=e_coef,
             v_keep=float(beta2), v_add=1.0 - beta2, c2=c2, precision=precision, **common)
+
+    # -- FSDP2 (docs/methods/adapm.md, "Under FSDP2") -----------------------------------------
+    def _check_sharding(self, group):
+        super()._check_sharding(group)
+        if group.get("transposed", self.defaults["transposed"]) and any(
+                is_sharded(p) for p in group["params"]):
+            p = next(p for p in group["params"] if is_sharded(p))
+            raise ValueError(
+                f"{type(self).__name__}: transposed=True is not supported for FSDP2-sharded "
+                f"parameters ({self.param_label(p)}): FSDP2 shards the stored dim 0, which is "
+                "the logical matrix's columns there; use DDP, or an nn.Linear layout")
+
+    def _sharded_step_param(self, p, group, backend, precision):
+        """The per-parameter step of an FSDP2 shard (this rank's rows [start, stop) of the
+        logical matrix; a 1-D parameter is the (1, numel) matrix whose columns are sharded).
+        Everything row-local runs the one-process ops on the shard; what sums over the rows
+        is all-reduced: ``Rg = L^T G`` (r x n), the refit's Gram products (r x (2r + n) per
+        iteration), AdaPM-mini block means spanning rows of several ranks (one nb-vector) and
+        the RMS clip (one scalar); the QRs of the initialisation and the refit run on the
+        whole thin L (gathered, m x r), with the one-process seeds and signs. States: L, a
+        per-row or elementwise second moment and the dense moments are this rank's rows; R
+        and block means spanning ranks are whole (the same on every rank)."""
+        rows = sharded.rows_of(p)
+        parts = self._plan(p, group)
+        state = self.state[p]
+        t = state.get("step", 0) + 1
+        one_d = p.dim() < 2
+        W_loc, G_loc = local(p), local(p.grad)
+        if one_d:
+            W2, G2 = W_loc.reshape(1, -1), G_loc.reshape(1, -1)
+        else:
+            ncols = math.prod(p.shape[1:])
+            W2, G2 = W_loc.reshape(W_loc.shape[0], ncols), G_loc.reshape(G_loc.shape[0], ncols)
+        beta1, beta2 = group["betas"]
+        if group["bias_correction"]:
+            c1, c2 = ops.bias_corrections(beta1, beta2, t)
+        else:
+            c1, c2 = 1.0, 1.0
+        lr = float(group["lr"])
+        decay = group["weight_decay"] if p.dim() >= 2 else 0.0
+        pre_scale, _ = ops.decay_coefficients(lr, decay, "pre")
+        common = dict(eps=float(group["eps"]), lr=lr, pre_scale=pre_scale,
+                      clip_mode=group["clip_mode"], clip_threshold=float(group["clip_threshold"]))
+        sd = self._state_dtype(p)
+        for i, part in enumerate(parts):
+            shard = _PartShard(rows, part, one_d)
+            W, G = W2[shard.lo:shard.hi], G2[shard.lo:shard.hi]
+            mi, n = W.shape
+            key = part.prefix
+            if part.nb is None:
+                v_shape = (mi, n)
+            else:
+                v_shape = (mi,) if shard.row_blocks else (part.nb,)
+            if part.kind == "lowrank":
+                if key + "L" not in state:
+                    omega = sketch_matrix(n, part.rank, sketch_seed(
+                        group["seed"], self._param_index(p), i), p.device)
+                    state[key + "L"] = self._sharded_init_basis(shard, G, omega).to(sd)
+                    state[key + "R"] = torch.zeros((part.rank, n), dtype=sd, device=p.device)
+                    state[key + "exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=p.device)
+                self._sharded_lowrank_step(shard, state, key, W, G, t, group, c1, c2, common,
+                                           backend, precision)
+                continue
+            if key + "exp_avg_sq" not in state:
+                if part.kind == "full":
+                    state[key + "exp_avg"] = torch.zeros((mi, n), dtype=sd, device=p.device)
+                state[key + "exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=p.device)
+            if part.kind == "none" and group["nomomentum_mode"] == "adagrad":
+                v_kw = dict(v_keep=1.0, v_add=1.0, c2=1.0)
+            else:
+                v_kw = dict(v_keep=float(beta2), v_add=1.0 - beta2, c2=c2)
+            M, V = state.get(key + "exp_avg"), state[key + "exp_avg_sq"]
+            if shard.local_tail(V, group):
+                if W.numel():
+                    implementation("adapm_dense_update", backend, p.device)(
+                        W, G, M, V, beta1=float(beta1), c1=c1, **v_kw, **common)
+                continue
+            g = G.float()
+            if M is None:
+                mc = g
+            else:
+                M.copy_(M.float() * beta1 + (1.0 - beta1) * g)
+                mc = M.float() / c1
+            shard.tail(W, G, mc, V, **v_kw, **common)
+        state["step"] = t
+
+    def _sharded_state_shapes(self, p, group) -> Dict[str, tuple]:
+        """The state shapes ``_sharded_step_param`` makes on this rank."""
+        rows, one_d = sharded.rows_of(p), p.dim() < 2
+        shapes = {}
+        for part in self._plan(p, group):
+            shard = _PartShard(rows, part, one_d)
+            mi = shard.hi - shard.lo
+            n = local(p).numel() if one_d else part.n
+            if part.nb is None:
+                v_shape = (mi, n)
+            else:
+                v_shape = (mi,) if shard.row_blocks else (part.nb,)
+            if part.kind == "lowrank":
+                shapes[part.prefix + "L"] = (mi, part.rank)
+                shapes[part.prefix + "R"] = (part.rank, n)
+            elif part.kind == "full":
+                shapes[part.prefix + "exp_avg"] = (mi, n)
+            shapes[part.prefix + "exp_avg_sq"] = v_shape
+        return shapes
+
+    def _sharded_init_basis(self, shard, G, omega):
+        """``adapm_init_basis`` (update line 1) over row shards: ``L = orth(G Omega)``, then
+        ``L = orth(G orth(G^T L))``, each QR on the whole (m x r) matrix. Returns this rank's
+        rows of L (fp32)."""
+        g = G.float()
+        Y = _qr(shard.gather(g @ omega), self.sign_canon)[0]
+        Z = _qr(shard.rows.sum_((g.t() @ shard.local(Y)).contiguous()), self.sign_canon)[0]
+        Y = _qr(shard.gather(g @ Z), self.sign_canon)[0]
+        return shard.local(Y).contiguous()
+
+    def _sharded_lowrank_step(self, shard, state, key, W, G, t, group, c1, c2, common,
+                              backend, precision):
+        """``_lowrank_step`` on this rank's rows: ``Rg = L^T G`` all-reduced, the refit over
+        the shards (``_sharded_refit``), then the row-local update (the ``adapm_update`` op
+        on the shard, or its eager form with ``shard.tail`` where the second moment or the
+        clip reduce over rows of other ranks)."""
+        beta1, beta2 = group["betas"]
+        L, R, V = state[key + "L"], state[key + "R"], state[key + "exp_avg_sq"]
+        mi, n = G.shape
+        if mi:
+            Rg = ops.project(G, L, side="left", precision=precision, backend=backend)
+        else:
+            Rg = torch.zeros((L.shape[1], n), dtype=torch.float32, device=G.device)
+        shard.rows.sum_(Rg)
+        L0 = R0 = None
+        if (t - 1) % group["refit_T"] == 0:
+            L0, R0 = L.clone(), R.clone()
+            self._sharded_refit(shard, G, L0, R0, Rg, L, R, beta1=float(beta1),
+                                iters=group["refit_K"], sign_canon=self.sign_canon)
+        k = 1.0 / (1.0 - beta1)
+        e_coef = {"unbiased": k, "eq3": 1.0 / c1 + k, "alg1": 1.0 / c1 - k,
+                  "none": 0.0}[group["adapm_correction"]]
+        v_kw = dict(v_keep=float(beta2), v_add=1.0 - beta2, c2=c2)
+        if shard.local_tail(V, group) and mi:
+            implementation("adapm_update", backend, G.device)(
+                W, G, L, R, Rg, V, L0, R0, beta1=float(beta1), s_coef=1.0 / c1,
+                e_coef=e_coef, precision=precision, **v_kw, **common)
+            return
+        g, Lf = G.float(), L.float()              # adapm_update_ref, on the shard
+        if L0 is None:
+            R.copy_(R.float() * beta1 + (1.0 - beta1) * Rg)
+            e = (1.0 - beta1) * (g - Lf @ Rg)
+        else:
+            e = beta1 * (L0.float() @ R0.float()) + (1.0 - beta1) * g - Lf @ R.float()
+        mc = (1.0 / c1) * (Lf @ R.float()) + e_coef * e
+        shard.tail(W, G, mc, V, **v_kw, **common)
+
+    @staticmethod
+    def _sharded_refit(shard, G, L0, R0, Rg, L, R, *, beta1, iters, sign_canon):
+        """``adapm_refit`` (update line 3, refit branch) over row shards, iteration for
+        iteration: the L half-step is row-local; the R half-step's ``L^T L``, ``L^T L0`` and
+        ``L^T G`` are one all-reduce of an r x (2r + n) matrix; the final QR runs on the whole
+        (gathered) L. Every rank takes the same step sizes (from the same replicated Grams)."""
+        g = G.float()
+        l0, r0 = L0.float(), R0.float()
+        Lc = l0.clone()
+        Rc = beta1 * r0 + (1.0 - beta1) * Rg.float()
+        r = Rc.shape[0]
+        for _ in range(int(iters)):
+            gram = Rc @ Rc.t()
+            lmax = torch.linalg.eigvalsh(gram)[-1].item()
+            if lmax > 0.0:
+                grad_L = Lc @ gram - beta1 * (l0 @ (r0 @ Rc.t())) - (1.0 - beta1) * (g @ Rc.t())
+                Lc = Lc - grad_L / lmax
+            packed = shard.rows.sum_(torch.cat([Lc.t() @ Lc, Lc.t() @ l0, Lc.t() @ g], dim=1))
+            gram, LtL0, LtG = packed[:, :r], packed[:, r:2 * r], packed[:, 2 * r:]
+            lmax = torch.linalg.eigvalsh(gram)[-1].item()
+            if lmax > 0.0:
+                grad_R = gram @ Rc - beta1 * (LtL0 @ r0) - (1.0 - beta1) * LtG
+                Rc = Rc - grad_R / lmax
+        Q, Rq = _qr(shard.gather(Lc), sign_canon)
+        L.copy_(shard.local(Q))
+        R.copy_(Rq @ Rc)
 
     # -- the step engine (optim/_engine.py; docs/methods/adapm.md, "Step engine") ------------
     # every state-writing op of a steady engine step (the grouped launches of
