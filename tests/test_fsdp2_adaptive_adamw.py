@@ -92,8 +92,8 @@ def _steady_bytes(method, r=3):
     for m, n, side in MATRICES:
         if side == "left":
             total += 4 * r * n                          # P^T G
-            if method == "gha":                         # Y^T and ||G||^2; the gathered Z; C
-                total += 4 * (r * n + 1) + 4 * -(-m // WORLD) * r + 4 * r * r
+            if method == "gha":           # Y^T and ||G||^2; Z^T Z and Z^T P in fp64
+                total += 4 * (r * n + 1) + 8 * 2 * r * r
         else:
             total += 4                                  # ||N||^2 (limiter)
             if method == "galore_kfac":

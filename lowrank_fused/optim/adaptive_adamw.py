@@ -1277,9 +1277,12 @@ def _gha_sharded(G, state, side, rows, eta, sign_canon):
     """``_GHABatch``'s update of one FSDP2 shard (this rank's rows of G), in place on the
     state: the products that run over the sharded rows are summed over the ranks, in one
     all-reduce per step. Left (P: this rank's m_i x r rows; M, V replicated r x n):
-    ``Y^T = P^T G`` (r x n) and ``||G||^2``; the new basis is orthonormalised whole (the
-    m x r update gathered: thin) and each rank keeps its rows; ``C = P_new^T P`` is summed
-    (r x r). Right (P whole, r x n; M, V this rank's m_i x r rows): ``G^T Y`` (n x r),
+    ``Y^T = P^T G`` (r x n) and ``||G||^2``; then the m x r update Z is orthonormalised by
+    the sign-canonical QR without gathering it: ``R^T R = Z^T Z`` (Cholesky of the fp64
+    Gram, all-reduced together with ``Z^T P``, 2r x r), this rank's rows ``Z R^-1`` and
+    ``C = P_new^T P = R^-T Z^T P`` (with ``sign_canon=False``, or a Gram Cholesky cannot
+    factor, or a basis dtype other than fp32 for C, the update is gathered (thin) for the
+    one-process QR and C summed, r x r). Right (P whole, r x n; M, V this rank's m_i x r rows): ``G^T Y`` (n x r),
     ``Y^T Y`` (r x r) and ``||G||^2``; the rest is replicated, and each rank moves its rows
     of the moments. A zero or non-finite gradient keeps P (as the one-process update)."""
     P = state["basis"]
@@ -1303,16 +1306,28 @@ def _gha_sharded(G, state, side, rows, eta, sign_canon):
     g2 = torch.where(ok, g2, torch.ones_like(g2))
     Z = (GY / g2 - P0 @ torch.triu(H / g2)) * eta + P0
     Z = torch.where(ok, Z, P0)
-    if side == "left":
+    Q = C = None
+    if side == "left" and sign_canon:
+        # orth (diag(R) > 0) is the Cholesky QR: Z = Q R with R^T R = Z^T Z
+        Zd, Pd = Z.double(), P0.double()
+        grams = rows.sum_(torch.cat([Zd.t() @ Zd, Zd.t() @ Pd]))
+        L, info = torch.linalg.cholesky_ex(grams[:r])
+        if int(info) == 0:                           # (replicated: every rank agrees)
+            Q = torch.linalg.solve_triangular(L, Zd.t(), upper=False).t().float()
+            if P.dtype == torch.float32:             # C = Q^T P = R^-T Z^T P
+                C = torch.where(ok, torch.linalg.solve_triangular(L, grams[r:], upper=False),
+                                grams[r:]).float()
+    if Q is None and side == "left":
         Zw = rows.gather(Z)
         Q = rows.local(orth(Zw) if sign_canon else torch.linalg.qr(Zw)[0])
-    else:
+    elif Q is None:
         Q = orth(Z) if sign_canon else torch.linalg.qr(Z)[0]
     Q = torch.where(ok, Q, P0)
     Pn = Q.to(P.dtype)                                 # rounded once to the basis dtype
-    C = Pn.float().t() @ P0
-    if side == "left":
-        rows.sum_(C)
+    if C is None:
+        C = Pn.float().t() @ P0
+        if side == "left":
+            rows.sum_(C)
     for key, Cm in (("exp_avg", C), ("exp_avg_sq", C * C)):
         X = state[key]
         if side == "left":
