@@ -3,7 +3,8 @@
 the refits run over the shards (their QRs on the whole thin L, the Gram products all-reduced),
 ``Rg = L^T G`` is all-reduced, Adam-mini block means spanning ranks and the RMS clip reduce
 over all ranks; so every run equals the one-process run within all-reduce rounding and a run
-checkpointed halfway resumes to the same weights. ``transposed=True`` is refused."""
+checkpointed halfway resumes to the same weights. A ``transposed=True`` weight (stored
+(in, out)) is split over its logical columns: L is whole and R, Rg are each rank's columns."""
 import pytest
 import torch
 
@@ -28,7 +29,13 @@ CASES = [
     ("qkv", "adapm_mini", dict(rank=2, lr=1e-2, refit_T=2, refit_K=2,
                                overrides={r"^0\.weight$": {"block": "qkv", "head_dim": 7,
                                                             "qkv_sizes": (14, 14, 13)}})),
-    ("transposed", "adapm", dict(rank=2, overrides={r"^2\.weight$": {"transposed": True}})),
+    # 23x41 stored (in, out): the logical 41x23 matrix, its 23 columns split 12/11
+    ("transposed", "adapm", dict(rank=2, lr=1e-2, refit_T=2, refit_K=3,
+                                 overrides={r"^2\.weight$": {"transposed": True}})),
+    # per-row block means over split columns (one m-vector), the RMS clip
+    ("mini_transposed", "adapm_mini", dict(rank=2, lr=1e-2, refit_T=2, refit_K=2,
+                                           clip_mode="rms",
+                                           overrides={r"^0\.weight$": {"transposed": True}})),
 ]
 KWARGS = {name: (method, kw) for name, method, kw in CASES}
 
@@ -39,18 +46,11 @@ def results(tmp_path_factory):
     return fsdp2_run(CASES, tmp_path_factory.mktemp("fsdp2_adapm"))
 
 
-@pytest.mark.parametrize("name", ["adapm", "mini", "mini_blocks", "qkv"])
+@pytest.mark.parametrize("name", list(KWARGS))
 def test_fsdp2_equals_one_process(name, results):
     torch.set_num_threads(1)
     method, kwargs = KWARGS[name]
     check_fsdp2_case(results, name, fsdp2_single(method, kwargs))
-
-
-def test_transposed_blocks_are_refused_under_fsdp2(results):
-    for r in results:
-        msg = r.get("transposed:error")
-        assert msg is not None and msg.startswith("ValueError")
-        assert "transposed=True" in msg and "2.weight" in msg and "FSDP2" in msg
 
 
 def test_steady_steps_communicate_only_the_projection(results):
@@ -63,3 +63,9 @@ def test_steady_steps_communicate_only_the_projection(results):
         # Rg of 41x17 and 9x23; fp64 block sums: 3 heads, 1 + 1 scalars; 6 RMS sums
         assert r["mini_blocks:traffic"][1] == 4 * 2 * (17 + 23) + 8 * (3 + 1 + 1) + 8 * 6, \
             r["mini_blocks:traffic"]
+        # a transposed weight's Rg stays local: only 41x17's and 9x23's
+        assert r["transposed:traffic"][1] == 4 * 2 * (17 + 23), r["transposed:traffic"]
+        # Rg of 23x41 and 9x23; the row means of the transposed 17x41 (17 fp64 sums) and 6
+        # RMS sums
+        assert r["mini_transposed:traffic"][1] == 4 * 2 * (41 + 23) + 8 * 17 + 8 * 6, \
+            r["mini_transposed:traffic"]

@@ -86,20 +86,25 @@ def _qr(Y: torch.Tensor, sign_canon: bool):
 class _PartShard:
     """One logical block (``_Part``) of an FSDP2 shard: this rank's rows of it (``lo:hi`` of
     the shard's rows; a 1-D parameter is one row whose columns are sharded), and the
-    collectives its math needs."""
+    collectives its math needs. ``cols``: the logical matrix is the transposed storage
+    (``transposed=True``), so FSDP2 splits its columns: every rank holds all its rows and
+    its own columns."""
 
-    def __init__(self, rows, part, one_d):
-        self.rows, self.part, self.one_d = rows, part, one_d
+    def __init__(self, rows, part, one_d, cols=False):
+        self.rows, self.part, self.one_d, self.cols = rows, part, one_d, cols
         if one_d:
             self.lo, self.hi, self.first = 0, 1, 0
+        elif cols:
+            self.lo, self.hi, self.first = part.r0, part.r1, 0
         else:
             a = min(max(part.r0, rows.start), rows.stop)
             b = max(min(part.r1, rows.stop), a)
             self.lo, self.hi, self.first = a - rows.start, b - rows.start, a - part.r0
-        self.whole = not one_d and part.r0 == 0 and part.r1 == rows.m
+        self.whole = not (one_d or cols) and part.r0 == 0 and part.r1 == rows.m
         m = part.r1 - part.r0
-        # Adam-mini blocks of one row each stay with their row (no communication)
-        self.row_blocks = not one_d and part.nb is not None and part.nb == m
+        # Adam-mini blocks of one row each stay with their row (no communication), unless
+        # the row is split over the ranks
+        self.row_blocks = not (one_d or cols) and part.nb is not None and part.nb == m
 
     def gather(self, X):
         """The whole (m_part, k) matrix from every rank's rows of this block."""
@@ -513,16 +518,6 @@ class AdaPM(LowRankOptimizer):
             v_keep=float(beta2), v_add=1.0 - beta2, c2=c2, precision=precision, **common)
 
     # -- FSDP2 (docs/methods/adapm.md, "Under FSDP2") -----------------------------------------
-    def _check_sharding(self, group):
-        super()._check_sharding(group)
-        if group.get("transposed", self.defaults["transposed"]) and any(
-                is_sharded(p) for p in group["params"]):
-            p = next(p for p in group["params"] if is_sharded(p))
-            raise ValueError(
-                f"{type(self).__name__}: transposed=True is not supported for FSDP2-sharded "
-                f"parameters ({self.param_label(p)}): FSDP2 shards the stored dim 0, which is "
-                "the logical matrix's columns there; use DDP, or an nn.Linear layout")
-
     def _sharded_step_param(self, p, group, backend, precision):
         """The per-parameter step of an FSDP2 shard (this rank's rows [start, stop) of the
         logical matrix; a 1-D parameter is the (1, numel) matrix whose columns are sharded).
@@ -532,15 +527,21 @@ class AdaPM(LowRankOptimizer):
         the RMS clip (one scalar); the QRs of the initialisation and the refit run on the
         whole thin L (gathered, m x r), with the one-process seeds and signs. States: L, a
         per-row or elementwise second moment and the dense moments are this rank's rows; R
-        and block means spanning ranks are whole (the same on every rank)."""
+        and block means spanning ranks are whole (the same on every rank). A
+        ``transposed=True`` weight is split over its logical columns: L is whole, R, Rg and
+        the moments are this rank's columns (``_sharded_init_basis_cols``,
+        ``_sharded_refit_cols``), its row means all-reduced."""
         rows = sharded.rows_of(p)
         parts = self._plan(p, group)
         state = self.state[p]
         t = state.get("step", 0) + 1
         one_d = p.dim() < 2
+        cols = bool(group["transposed"])          # a 2-D weight: the split is over columns
         W_loc, G_loc = local(p), local(p.grad)
         if one_d:
             W2, G2 = W_loc.reshape(1, -1), G_loc.reshape(1, -1)
+        elif cols:
+            W2, G2 = W_loc.t(), G_loc.t()
         else:
             ncols = math.prod(p.shape[1:])
             W2, G2 = W_loc.reshape(W_loc.shape[0], ncols), G_loc.reshape(G_loc.shape[0], ncols)
@@ -556,7 +557,7 @@ class AdaPM(LowRankOptimizer):
                       clip_mode=group["clip_mode"], clip_threshold=float(group["clip_threshold"]))
         sd = self._state_dtype(p)
         for i, part in enumerate(parts):
-            shard = _PartShard(rows, part, one_d)
+            shard = _PartShard(rows, part, one_d, cols)
             W, G = W2[shard.lo:shard.hi], G2[shard.lo:shard.hi]
             mi, n = W.shape
             key = part.prefix
@@ -566,9 +567,10 @@ class AdaPM(LowRankOptimizer):
                 v_shape = (mi,) if shard.row_blocks else (part.nb,)
             if part.kind == "lowrank":
                 if key + "L" not in state:
-                    omega = sketch_matrix(n, part.rank, sketch_seed(
+                    omega = sketch_matrix(part.n, part.rank, sketch_seed(
                         group["seed"], self._param_index(p), i), p.device)
-                    state[key + "L"] = self._sharded_init_basis(shard, G, omega).to(sd)
+                    init = self._sharded_init_basis_cols if cols else self._sharded_init_basis
+                    state[key + "L"] = init(shard, G, omega).to(sd)
                     state[key + "R"] = torch.zeros((part.rank, n), dtype=sd, device=p.device)
                     state[key + "exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=p.device)
                 self._sharded_lowrank_step(shard, state, key, W, G, t, group, c1, c2, common,
@@ -599,12 +601,12 @@ class AdaPM(LowRankOptimizer):
 
     def _sharded_state_shapes(self, p, group) -> Dict[str, tuple]:
         """The state shapes ``_sharded_step_param`` makes on this rank."""
-        rows, one_d = sharded.rows_of(p), p.dim() < 2
+        rows, one_d, cols = sharded.rows_of(p), p.dim() < 2, bool(group["transposed"])
         shapes = {}
         for part in self._plan(p, group):
-            shard = _PartShard(rows, part, one_d)
+            shard = _PartShard(rows, part, one_d, cols)
             mi = shard.hi - shard.lo
-            n = local(p).numel() if one_d else part.n
+            n = local(p).numel() if one_d else local(p).shape[0] if cols else part.n
             if part.nb is None:
                 v_shape = (mi, n)
             else:
@@ -627,6 +629,45 @@ class AdaPM(LowRankOptimizer):
         Y = _qr(shard.gather(g @ Z), self.sign_canon)[0]
         return shard.local(Y).contiguous()
 
+    def _sharded_init_basis_cols(self, shard, G, omega):
+        """``adapm_init_basis`` over column shards (``transposed=True``; G: all m rows, this
+        rank's columns): ``G Omega`` (with this rank's rows of the whole sketch) and ``G Z``
+        are all-reduced (m x r), ``G^T L`` gathered (n x r) for its QR. Returns the whole L
+        (the same on every rank)."""
+        g, rows = G.float(), shard.rows
+        Y = _qr(rows.sum_((g @ rows.local(omega)).contiguous()), self.sign_canon)[0]
+        Z = _qr(rows.gather((g.t() @ Y).contiguous()), self.sign_canon)[0]
+        Y = _qr(rows.sum_((g @ rows.local(Z)).contiguous()), self.sign_canon)[0]
+        return Y.contiguous()
+
+    @staticmethod
+    def _sharded_refit_cols(shard, G, L0, R0, Rg, L, R, *, beta1, iters, sign_canon):
+        """``adapm_refit`` over column shards (``transposed=True``): L (m x r) is whole and R
+        (r x n_i) this rank's columns; the L half-step's ``R R^T``, ``R0 R^T`` and ``G R^T``
+        sum over columns: one all-reduce of an r x (2r + m) matrix per iteration; the R
+        half-step and the final QR of L are local (the same on every rank)."""
+        g = G.float()
+        l0, r0 = L0.float(), R0.float()
+        Lc = l0.clone()
+        Rc = beta1 * r0 + (1.0 - beta1) * Rg.float()
+        r = Rc.shape[0]
+        for _ in range(int(iters)):
+            packed = shard.rows.sum_(torch.cat([Rc @ Rc.t(), r0 @ Rc.t(), (g @ Rc.t()).t()],
+                                               dim=1))
+            gram, R0Rt, GRt = packed[:, :r], packed[:, r:2 * r], packed[:, 2 * r:].t()
+            lmax = torch.linalg.eigvalsh(gram)[-1].item()
+            if lmax > 0.0:
+                grad_L = Lc @ gram - beta1 * (l0 @ R0Rt) - (1.0 - beta1) * GRt
+                Lc = Lc - grad_L / lmax
+            gram = Lc.t() @ Lc
+            lmax = torch.linalg.eigvalsh(gram)[-1].item()
+            if lmax > 0.0:
+                grad_R = gram @ Rc - beta1 * ((Lc.t() @ l0) @ r0) - (1.0 - beta1) * (Lc.t() @ g)
+                Rc = Rc - grad_R / lmax
+        Q, Rq = _qr(Lc, sign_canon)
+        L.copy_(Q)
+        R.copy_(Rq @ Rc)
+
     def _sharded_lowrank_step(self, shard, state, key, W, G, t, group, c1, c2, common,
                               backend, precision):
         """``_lowrank_step`` on this rank's rows: ``Rg = L^T G`` all-reduced, the refit over
@@ -636,21 +677,23 @@ class AdaPM(LowRankOptimizer):
         beta1, beta2 = group["betas"]
         L, R, V = state[key + "L"], state[key + "R"], state[key + "exp_avg_sq"]
         mi, n = G.shape
-        if mi:
+        if G.numel():
             Rg = ops.project(G, L, side="left", precision=precision, backend=backend)
         else:
             Rg = torch.zeros((L.shape[1], n), dtype=torch.float32, device=G.device)
-        shard.rows.sum_(Rg)
+        if not shard.cols:           # over split columns Rg is this rank's columns: local
+            shard.rows.sum_(Rg)
         L0 = R0 = None
         if (t - 1) % group["refit_T"] == 0:
             L0, R0 = L.clone(), R.clone()
-            self._sharded_refit(shard, G, L0, R0, Rg, L, R, beta1=float(beta1),
-                                iters=group["refit_K"], sign_canon=self.sign_canon)
+            refit = self._sharded_refit_cols if shard.cols else self._sharded_refit
+            refit(shard, G, L0, R0, Rg, L, R, beta1=float(beta1), iters=group["refit_K"],
+                  sign_canon=self.sign_canon)
         k = 1.0 / (1.0 - beta1)
         e_coef = {"unbiased": k, "eq3": 1.0 / c1 + k, "alg1": 1.0 / c1 - k,
                   "none": 0.0}[group["adapm_correction"]]
         v_kw = dict(v_keep=float(beta2), v_add=1.0 - beta2, c2=c2)
-        if shard.local_tail(V, group) and mi:
+        if shard.local_tail(V, group) and G.numel():
             implementation("adapm_update", backend, G.device)(
                 W, G, L, R, Rg, V, L0, R0, beta1=float(beta1), s_coef=1.0 / c1,
                 e_coef=e_coef, precision=precision, **v_kw, **common)
