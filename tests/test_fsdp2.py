@@ -82,6 +82,7 @@ CASES = [
     ("ldadam_svd", "ldadam", dict(LOWRANK, lr=1e-3, proj_method="svd", exact_gram_ratio=1e9)),
     ("ldadam_svd_lowrank", "ldadam", dict(LOWRANK, lr=1e-3, proj_method="svd_lowrank")),
     ("galore_default", "galore", dict(LOWRANK, update_proj_gap=2, lr=1e-2)),
+    ("adamw", "adamw", dict(lr=1e-2, weight_decay=0.1)),
 ]
 EQUAL = [c for c in CASES if c[0] != "galore_default"]
 
