@@ -39,7 +39,7 @@ _ROWS: dict = {}          # id(parameter) -> Rows, dropped with the parameter
 
 __all__ = ["Rows", "rows_of", "Operand", "project", "backproject_update", "randomized_svd",
            "exact_svd", "gram_is_small", "basis", "traffic", "reset_traffic",
-           "ShardedRefreshWarning"]
+           "ShardedRefreshWarning", "warn_randomized_refresh"]
 
 
 class ShardedRefreshWarning(UserWarning):
@@ -375,6 +375,23 @@ def exact_svd(G, rank, side, rows: Rows, *, sign_canon=True, label=None):
     return rows.local(U).contiguous(), S
 
 
+def warn_randomized_refresh(owner, label, shape, oversample, power_iters):
+    """One ``ShardedRefreshWarning`` per optimizer ``owner``: with ``projector="svd"`` the
+    sharded matrix ``label`` (whole ``shape``) refreshes by the randomized range finder,
+    because its exact SVD's n x n Gram would be larger than its gradient."""
+    if owner.__dict__.get("_warned_sharded_refresh"):
+        return
+    owner._warned_sharded_refresh = True
+    m, n = shape
+    warnings.warn(
+        f"{type(owner).__name__}: {label or 'a sharded parameter'} is sharded over its {m} "
+        f"rows; its exact SVD would all-reduce a {n} x {n} matrix, more than the gradient, so "
+        "its refreshes (and those of every such parameter) use the randomized range finder "
+        f"(projector='randomized', proj_oversample={oversample}, proj_power_iters="
+        f"{power_iters}; exact when the rank + proj_oversample reaches min(m, n); "
+        "docs/distributed.md)", ShardedRefreshWarning, stacklevel=4)
+
+
 def basis(G, rank, side, rows: Rows, *, projector="svd", sign_canon=True, oversample=8,
           power_iters=2, seed=0, label=None, warn_owner=None):
     """The refresh of a row-sharded gradient: ``projector="svd"`` runs ``exact_svd`` where
@@ -388,14 +405,7 @@ def basis(G, rank, side, rows: Rows, *, projector="svd", sign_canon=True, oversa
     if projector == "svd":
         if gram_is_small(shape):
             return exact_svd(G, rank, side, rows, sign_canon=sign_canon, label=label)[0]
-        if warn_owner is not None and not getattr(warn_owner, "_warned_sharded_refresh", False):
-            warn_owner._warned_sharded_refresh = True
-            warnings.warn(
-                f"{type(warn_owner).__name__}: {label or 'a sharded parameter'} is sharded over "
-                f"its {shape[0]} rows; its exact SVD would all-reduce an {shape[1]} x "
-                f"{shape[1]} matrix, more than the gradient, so its refreshes (and those of "
-                "every such parameter) use the randomized range finder (projector="
-                f"'randomized', proj_oversample={oversample}, proj_power_iters={power_iters}) "
-                "(docs/distributed.md)", ShardedRefreshWarning, stacklevel=3)
+        if warn_owner is not None:
+            warn_randomized_refresh(warn_owner, label, shape, oversample, power_iters)
     return randomized_svd(G, rank, side, rows, oversample=oversample, power_iters=power_iters,
                           seed=seed, sign_canon=sign_canon, label=label)[0]

@@ -700,16 +700,8 @@ class _SubspaceAdamW(GaLoreAdamW):
         than the gradient is refreshed by the randomized range finder."""
         from lowrank_fused import sharded
 
-        if self.__dict__.get("_warned_sharded_refresh"):
-            return
-        self._warned_sharded_refresh = True
-        warnings.warn(f"{type(self).__name__}: {self.param_label(p)} is sharded over its "
-                      f"{shape[0]} rows; its exact SVD would all-reduce an {shape[1]} x "
-                      f"{shape[1]} matrix, more than the gradient, so its refreshes (and those "
-                      f"of every such parameter) use the randomized range finder (projector="
-                      f"'randomized', proj_oversample={oversample}, proj_power_iters="
-                      f"{power_iters}; exact when the rank + proj_oversample reaches min(m, n))",
-                      sharded.ShardedRefreshWarning, stacklevel=3)
+        sharded.warn_randomized_refresh(self, self.param_label(p), shape, oversample,
+                                        power_iters)
 
     def ranks(self) -> List[List[int]]:
         """Current rank of every projected matrix, per rank group (None before its first step)."""
