@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from lowrank_fused.testing import assert_parity
-from lowrank_fused.testing.distributed import (check_fsdp2_case, fsdp2_run, fsdp2_single,
-                                               odd_mlp)
+from lowrank_fused.testing.distributed import (check_fsdp2_case, fsdp2_run, fsdp2_single)
 
 # the sharded step is eager torch on any backend; the one-process run it is compared with is
 # the fused kernel (default backend) in the first case, the eager reference op in the others
@@ -39,13 +38,7 @@ def results(tmp_path_factory):
 def test_fsdp2_adafactor_equals_one_process(name, method, kwargs, results):
     torch.set_num_threads(1)
     single = fsdp2_single(method, kwargs)
-    check_fsdp2_case(results, name, single)
-    # the updates themselves (not only the weights they moved) agree
-    start = odd_mlp().state_dict()
-    for key, w in single.items():
-        assert not torch.equal(w, start[key]), key
-        assert_parity(results[0][name][key] - start[key], w - start[key], rtol=1e-3,
-                      name=f"{name} update of {key}")
+    check_fsdp2_case(results, name, single)     # the weights and the updates
 
 
 @pytest.mark.parametrize("name,method,kwargs", CASES, ids=[c[0] for c in CASES])

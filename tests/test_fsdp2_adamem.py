@@ -8,9 +8,8 @@ step all-reduces exactly what the math needs (docs/methods/adamem.md, "Under FSD
 import pytest
 import torch
 
-from lowrank_fused.testing import assert_parity
 from lowrank_fused.testing.distributed import (FSDP2_TARGETS, check_fsdp2_case, fsdp2_run,
-                                               fsdp2_single, odd_mlp)
+                                               fsdp2_single)
 
 LOW = dict(target_modules=FSDP2_TARGETS, all_layers=True)   # all three weights low rank
 # the first case runs the default backend (Triton: its ops on each rank's shard; the CPU
@@ -48,13 +47,7 @@ def results(tmp_path_factory):
 def test_fsdp2_adamem_equals_one_process(name, method, kwargs, results):
     torch.set_num_threads(1)
     single = fsdp2_single(method, kwargs)
-    check_fsdp2_case(results, name, single)
-    # the updates themselves (not only the weights they moved) agree
-    start = odd_mlp().state_dict()
-    for key, w in single.items():
-        assert not torch.equal(w, start[key]), key
-        assert_parity(results[0][name][key] - start[key], w - start[key], rtol=1e-3,
-                      name=f"{name} update of {key}")
+    check_fsdp2_case(results, name, single)     # the weights and the updates
 
 
 def _steady_bytes(kwargs):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import lowrank_fused as lf
-from lowrank_fused.testing import assert_parity
 from lowrank_fused.testing.distributed import (FSDP2_STEPS, FSDP2_TARGETS, check_fsdp2_case,
                                                fsdp2_run, fsdp2_single, odd_batch, odd_mlp)
 
@@ -56,12 +55,7 @@ def results(tmp_path_factory):
 def test_fsdp2_adaptive_family_equals_one_process(name, method, kwargs, results):
     torch.set_num_threads(1)
     single = fsdp2_single(method, kwargs)
-    check_fsdp2_case(results, name, single)
-    start = odd_mlp().state_dict()
-    for key, w in single.items():      # the updates themselves agree, not only the weights
-        assert not torch.equal(w, start[key]), key
-        assert_parity(results[0][name][key] - start[key], w - start[key], rtol=1e-3,
-                      name=f"{name} update of {key}")
+    check_fsdp2_case(results, name, single)     # the weights and the updates
 
 
 def test_fsdp2_adaptive_cases_change_ranks():

@@ -321,16 +321,22 @@ def fsdp2_run(cases, out_dir, steps=FSDP2_STEPS, world=2):
             for r in range(world)]
 
 
-def check_fsdp2_case(results, name, single, rtol=1e-4):
-    """The FSDP2 run ``name`` equals the one-process weights ``single`` within ``rtol``, both
-    ranks hold the same weights, and the resumed run ends where the uninterrupted one does."""
+def check_fsdp2_case(results, name, single, rtol=1e-4, update_rtol=1e-3):
+    """The FSDP2 run ``name`` equals the one-process weights ``single`` within ``rtol`` and
+    so do the updates themselves (every weight moved; ``update_rtol`` relative to the update,
+    not the weight), both ranks hold the same weights, and the resumed run ends where the
+    uninterrupted one does."""
     from lowrank_fused.testing import assert_parity
 
+    start = odd_mlp().state_dict()
     for r in results:
         if name + ":error" in r:
             raise AssertionError(f"FSDP2 case {name} failed: {r[name + ':error']}")
         for key, w in single.items():
             assert_parity(r[name][key], w, rtol=rtol, name=f"{name} {key}")
+            assert not torch.equal(w, start[key]), f"{name}: {key} did not move"
+            assert_parity(r[name][key] - start[key], w - start[key], rtol=update_rtol,
+                          name=f"{name} update of {key}")
             assert_parity(r[name + ":resumed"][key], r[name][key], rtol=1e-6,
                           name=f"{name} resumed {key}")
     for key in single:
