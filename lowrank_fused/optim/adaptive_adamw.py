@@ -1442,6 +1442,15 @@ class GHAAdamW(_SubspaceAdamW):
         super()._class_step(cls, precision)
 
 
+def _kfac_scalars(group, state, t):
+    """K-FAC's per-step numbers at step t: the betas, the bias corrections (1 without bias
+    correction) and whether the factor's inverse root is recomputed."""
+    beta1, beta2 = group["betas"]
+    c1, c2 = ops.bias_corrections(beta1, beta2, t) if group["bias_correction"] else (1.0, 1.0)
+    recompute = (t - 1) % group["kfac_update_freq"] == 0 or not state["kfac_root_valid"]
+    return beta1, beta2, c1, c2, recompute
+
+
 class GaLoreKFACAdamW(_SubspaceAdamW):
     """galore_kfac (docs/methods/adaptive_adamw.md, a reconstruction): GaLore's SVD basis
     (uniform rank, refreshed when ``k % update_proj_gap == 0``), and the low-rank momentum
@@ -1548,12 +1557,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     def _whiten(impl, R, N, state, group, side, t):
         """One matrix's K-FAC step into ``N``: M and F advance, the inverse root is
         recomputed when due."""
-        beta1, beta2 = group["betas"]
-        if group["bias_correction"]:
-            c1, c2 = ops.bias_corrections(beta1, beta2, t)
-        else:
-            c1, c2 = 1.0, 1.0
-        recompute = (t - 1) % group["kfac_update_freq"] == 0 or not state["kfac_root_valid"]
+        beta1, beta2, c1, c2, recompute = _kfac_scalars(group, state, t)
         valid = impl(_canon(side, R), _canon(side, state["exp_avg"]), state["kfac_factor"],
                      state["kfac_root"], _canon(side, N), beta1=float(beta1),
                      beta2=float(beta2), c1=c1, c2=c2, eps_rel=float(group["kfac_eps"]),
@@ -1570,12 +1574,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         N are local (the math of ``reference/kfac_precondition.py``)."""
         from lowrank_fused.reference.kfac_precondition import recompute_root
 
-        beta1, beta2 = group["betas"]
-        if group["bias_correction"]:
-            c1, c2 = ops.bias_corrections(beta1, beta2, t)
-        else:
-            c1, c2 = 1.0, 1.0
-        recompute = (t - 1) % group["kfac_update_freq"] == 0 or not state["kfac_root_valid"]
+        beta1, beta2, c1, c2, recompute = _kfac_scalars(group, state, t)
         Rc, M, F, root = R.float().t(), state["exp_avg"].t(), state["kfac_factor"], \
             state["kfac_root"]
         M.copy_(beta1 * M.float() + (1.0 - beta1) * Rc)
