@@ -444,6 +444,20 @@ class AdaPM(LowRankOptimizer):
                 else:
                     self._require_finite(p, when)
 
+    @staticmethod
+    def _param_scalars(p, group, t):
+        """A parameter's per-step numbers at step t: the betas, the bias corrections (1
+        without bias correction) and the keywords every part's update takes."""
+        beta1, beta2 = group["betas"]
+        c1, c2 = (ops.bias_corrections(beta1, beta2, t) if group["bias_correction"]
+                  else (1.0, 1.0))
+        lr = float(group["lr"])
+        decay = group["weight_decay"] if p.dim() >= 2 else 0.0
+        pre_scale, _ = ops.decay_coefficients(lr, decay, "pre")
+        common = dict(eps=float(group["eps"]), lr=lr, pre_scale=pre_scale,
+                      clip_mode=group["clip_mode"], clip_threshold=float(group["clip_threshold"]))
+        return beta1, beta2, c1, c2, common
+
     def _step_param(self, p, group, backend, precision):
         if is_sharded(p):
             self._sharded_step_param(p, group, backend, precision)
@@ -455,16 +469,7 @@ class AdaPM(LowRankOptimizer):
         W_mat, G_mat, write_back = self._as_matrix(p, shape)
         W2, G2 = (W_mat.t(), G_mat.t()) if group["transposed"] else (W_mat, G_mat)
 
-        beta1, beta2 = group["betas"]
-        if group["bias_correction"]:
-            c1, c2 = ops.bias_corrections(beta1, beta2, t)
-        else:
-            c1, c2 = 1.0, 1.0
-        lr = float(group["lr"])
-        decay = group["weight_decay"] if p.dim() >= 2 else 0.0
-        pre_scale, _ = ops.decay_coefficients(lr, decay, "pre")
-        common = dict(eps=float(group["eps"]), lr=lr, pre_scale=pre_scale,
-                      clip_mode=group["clip_mode"], clip_threshold=float(group["clip_threshold"]))
+        beta1, beta2, c1, c2, common = self._param_scalars(p, group, t)
         sd = self._state_dtype(p)
         for i, part in enumerate(parts):
             W, G = W2[part.r0:part.r1], G2[part.r0:part.r1]
@@ -545,16 +550,7 @@ class AdaPM(LowRankOptimizer):
         else:
             ncols = math.prod(p.shape[1:])
             W2, G2 = W_loc.reshape(W_loc.shape[0], ncols), G_loc.reshape(G_loc.shape[0], ncols)
-        beta1, beta2 = group["betas"]
-        if group["bias_correction"]:
-            c1, c2 = ops.bias_corrections(beta1, beta2, t)
-        else:
-            c1, c2 = 1.0, 1.0
-        lr = float(group["lr"])
-        decay = group["weight_decay"] if p.dim() >= 2 else 0.0
-        pre_scale, _ = ops.decay_coefficients(lr, decay, "pre")
-        common = dict(eps=float(group["eps"]), lr=lr, pre_scale=pre_scale,
-                      clip_mode=group["clip_mode"], clip_threshold=float(group["clip_threshold"]))
+        beta1, beta2, c1, c2, common = self._param_scalars(p, group, t)
         sd = self._state_dtype(p)
         for i, part in enumerate(parts):
             shard = _PartShard(rows, part, one_d, cols)
