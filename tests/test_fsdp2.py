@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import lowrank_fused as lf
 from lowrank_fused.testing import assert_parity
 from lowrank_fused.testing.distributed import (FSDP2_TARGETS, check_fsdp2_case, free_port,
-                                               fsdp2_run, fsdp2_single, fsdp2_worker, mlp_single)
+                                               fsdp2_run, fsdp2_single, fsdp2_worker, odd_single)
 
 STEPS = 4
 WORLD = 2
@@ -30,7 +30,7 @@ def results(tmp_path_factory):
     ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2))])
 def test_fsdp2_equals_single_process(name, factory, results):
     torch.set_num_threads(1)
-    single = mlp_single(factory, STEPS, WORLD)
+    single = odd_single(factory, STEPS, WORLD)
     for r in results:
         for key, w in single.items():
             # the reduce-scatter averages per-rank gradients in another order than one
@@ -45,7 +45,7 @@ def test_fsdp2_nonfinite_skip_is_global(results):
     single-process run that skipped the same step."""
     torch.set_num_threads(1)
     assert [r["adamw_skip:skipped"] for r in results] == [1, 1]
-    single = mlp_single(lambda m: lf.AdamW(m.parameters(), lr=1e-2, nonfinite="skip"), STEPS,
+    single = odd_single(lambda m: lf.AdamW(m.parameters(), lr=1e-2, nonfinite="skip"), STEPS,
                         WORLD, poison_step=1)
     for key, w in single.items():
         assert_parity(results[0]["adamw_skip"][key], w, rtol=1e-4, name=key)

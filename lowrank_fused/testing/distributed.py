@@ -94,31 +94,6 @@ def ddp_worker(rank, world, port, cases, steps, out_dir, per_rank=2):
         dist.destroy_process_group()
 
 
-def mlp_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.Tanh(), torch.nn.Linear(40, 24),
-                               torch.nn.Tanh(), torch.nn.Linear(24, 8))
-
-
-def mlp_batch(t, world, per_rank=4):
-    g = torch.Generator().manual_seed(900 + t)
-    x = torch.randn(world * per_rank, 16, generator=g)
-    return x, torch.sin(x[:, :8])
-
-
-def mlp_single(opt_factory, steps, world, per_rank=4, poison_step=None):
-    model = mlp_model()
-    opt = opt_factory(model)
-    for t in range(steps):
-        x, y = mlp_batch(t, world, per_rank)
-        ((model(x) - y) ** 2).mean().backward()
-        if t == poison_step:
-            next(model.parameters()).grad.view(-1)[0] = float("nan")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _WholeMatricesOnly(params):
     """A method without a sharded path (``SUPPORTS_SHARDED = False``, the base's default)."""
     import lowrank_fused as lf
@@ -146,16 +121,12 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
                 ("hf_adamw", lambda m: lf.HFAdamW(m.parameters(), lr=1e-2), None),
                 ("adamw_skip", lambda m: lf.AdamW(m.parameters(), lr=1e-2,
                                                   nonfinite="skip"), 1)):
-            model = mlp_model()
-            for layer in model:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer)
-            fully_shard(model)
+            model = _sharded_model(fully_shard)
             opt = factory(model)
             for t in range(steps):
-                x, y = mlp_batch(t, world, per_rank)
-                x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
-                ((model(x) - y) ** 2).mean().backward()
+                x, y = odd_batch(t, world, per_rank)
+                rows = slice(rank * per_rank, (rank + 1) * per_rank)
+                _odd_loss(model, x[rows], y[rows]).backward()
                 if t == poison and rank == 1:
                     g = next(model.parameters()).grad
                     g.to_local().view(-1)[0] = float("nan")
@@ -163,8 +134,7 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
                 opt.zero_grad(set_to_none=True)
             out[name] = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
             out[name + ":skipped"] = opt.skipped_steps
-        model = mlp_model()
-        fully_shard(model)
+        model = _sharded_model(fully_shard)
         try:
             _WholeMatricesOnly(model.parameters())
             out["refusal"] = None
@@ -173,7 +143,7 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
         try:                         # per-layer mode inside a process group of 2 ranks
             from lowrank_fused.per_layer import PerLayerStep
 
-            PerLayerStep(lf.AdamW(mlp_model().parameters()))
+            PerLayerStep(lf.AdamW(odd_mlp().parameters()))
             out["per_layer_refusal"] = None
         except ValueError as e:
             out["per_layer_refusal"] = str(e)
@@ -214,20 +184,28 @@ def _case_settings(kwargs):
     return kwargs, kwargs.pop("exact_gram_ratio", 1.0)
 
 
+def odd_single(opt_factory, steps=FSDP2_STEPS, world=2, per_rank=4, poison_step=None):
+    """The one-process run of ``opt_factory(odd_mlp())`` on the global batches of ``world``
+    ranks (a NaN in the first gradient at ``poison_step``). Returns the weights."""
+    model = odd_mlp()
+    opt = opt_factory(model)
+    for t in range(steps):
+        x, y = odd_batch(t, world, per_rank)
+        _odd_loss(model, x, y).backward()
+        if t == poison_step:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def fsdp2_single(method, kwargs, steps=FSDP2_STEPS, world=2, per_rank=4):
     """The one-process run an FSDP2 run must equal: ``make_optimizer(odd_mlp(), method,
     **kwargs)`` on the same global batches. Returns the weights."""
     import lowrank_fused as lf
 
     kwargs, _ = _case_settings(kwargs)
-    model = odd_mlp()
-    opt = lf.make_optimizer(model, method, **kwargs)
-    for t in range(steps):
-        x, y = odd_batch(t, world, per_rank)
-        _odd_loss(model, x, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return odd_single(lambda m: lf.make_optimizer(m, method, **kwargs), steps, world, per_rank)
 
 
 def _sharded_model(fully_shard):
