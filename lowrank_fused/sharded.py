@@ -38,8 +38,8 @@ _TRAFFIC = {"bytes": 0, "calls": 0}
 _ROWS: dict = {}          # id(parameter) -> Rows, dropped with the parameter
 
 __all__ = ["Rows", "rows_of", "Operand", "project", "backproject_update", "randomized_svd",
-           "exact_svd", "gram_is_small", "basis", "traffic", "reset_traffic",
-           "ShardedRefreshWarning", "warn_randomized_refresh"]
+           "exact_svd", "gram_is_small", "randomized_bytes", "basis", "traffic",
+           "reset_traffic", "ShardedRefreshWarning", "warn_randomized_refresh"]
 
 
 class ShardedRefreshWarning(UserWarning):
@@ -330,17 +330,31 @@ def randomized_svd(G, rank, side, rows: Rows, *, oversample=8, power_iters=2, se
     return U.t().contiguous(), S
 
 
-# how large exact_svd's fp64 n x n Gram may be, as a multiple of the fp32 gradient's bytes
+# how large exact_svd's fp64 n x n Gram may be, as a multiple of what it is compared with
 # (``gram_is_small``); a setting of this process, read at every sharded refresh
 EXACT_GRAM_RATIO = 1.0
 
 
-def gram_is_small(shape) -> bool:
+def randomized_bytes(shape, rank, oversample=8, power_iters=2) -> int:
+    """About what ``randomized_svd`` of a row-sharded (m x n) matrix communicates: each of its
+    ``power_iters + 1`` passes moves an (m x k) and an (n x k) fp32 matrix, k = rank +
+    oversample (at most min(m, n))."""
+    m, n = shape
+    k = min(int(rank) + max(int(oversample), 0), m, n)
+    return 4 * k * (m + n) * (int(power_iters) + 1)
+
+
+def gram_is_small(shape, rank=None, oversample=8, power_iters=2) -> bool:
     """Whether the exact SVD of a row-sharded (m x n) matrix is cheap to communicate: its fp64
     n x n Gram (all-reduced by ``exact_svd``) takes at most ``EXACT_GRAM_RATIO`` times the
-    bytes of the fp32 gradient (by default 8 n^2 <= 4 m n, i.e. n <= m / 2)."""
+    larger of the fp32 gradient's bytes and (given the ``rank``) what the randomized refresh
+    it would replace moves (``randomized_bytes``). By default: ``n <= m / 2``, or a rank high
+    enough that the range finder's thin matrices outweigh the Gram."""
     m, n = shape
-    return 8 * n * n <= EXACT_GRAM_RATIO * 4 * m * n
+    budget = 4 * m * n
+    if rank is not None:
+        budget = max(budget, randomized_bytes(shape, rank, oversample, power_iters))
+    return 8 * n * n <= EXACT_GRAM_RATIO * budget
 
 
 def exact_svd(G, rank, side, rows: Rows, *, sign_canon=True, label=None):
@@ -395,7 +409,8 @@ def warn_randomized_refresh(owner, label, shape, oversample, power_iters):
 def basis(G, rank, side, rows: Rows, *, projector="svd", sign_canon=True, oversample=8,
           power_iters=2, seed=0, label=None, warn_owner=None):
     """The refresh of a row-sharded gradient: ``projector="svd"`` runs ``exact_svd`` where
-    ``gram_is_small`` (the n x n Gram is no larger than the gradient) and otherwise the
+    ``gram_is_small`` (the n x n Gram is no larger than the gradient or than the randomized
+    refresh it replaces) and otherwise the
     randomized range finder (``randomized_svd`` with ``oversample`` / ``power_iters`` /
     ``seed``), with one ``ShardedRefreshWarning`` per ``warn_owner`` (the optimizer) naming the
     parameter; ``"randomized"`` always runs ``randomized_svd``. Returns the basis (fp32)."""
@@ -403,7 +418,7 @@ def basis(G, rank, side, rows: Rows, *, projector="svd", sign_canon=True, oversa
         raise ValueError(f"projector must be 'svd' or 'randomized', got {projector!r}")
     shape = (rows.m, G.shape[1])
     if projector == "svd":
-        if gram_is_small(shape):
+        if gram_is_small(shape, rank, oversample, power_iters):
             return exact_svd(G, rank, side, rows, sign_canon=sign_canon, label=label)[0]
         if warn_owner is not None:
             warn_randomized_refresh(warn_owner, label, shape, oversample, power_iters)

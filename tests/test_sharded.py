@@ -125,3 +125,20 @@ def test_basis_rejects_an_unknown_projector():
     rows = sharded.single_rows(4)
     with pytest.raises(ValueError, match="projector"):
         sharded.basis(torch.randn(4, 3), 2, "left", rows, projector="qr")
+
+
+def test_gram_is_small_weighs_the_gradient_and_the_randomized_refresh():
+    """The exact SVD's fp64 n x n Gram is used where it is no larger than the gradient, or
+    than the randomized refresh it replaces at that rank (LLaMA-1B's 2048 x 2048 at rank 512
+    vs the rank 1024 an adaptive allocation may reach)."""
+    assert sharded.gram_is_small((5461, 2048))              # n <= m / 2
+    assert not sharded.gram_is_small((2048, 5461))
+    assert not sharded.gram_is_small((2048, 2048), 512)     # 33.5 MB vs 21.3 MB
+    assert sharded.gram_is_small((2048, 2048), 1024)        # 33.5 MB vs 42.4 MB
+    assert sharded.randomized_bytes((2048, 2048), 512) == 4 * 520 * 4096 * 3
+    old = sharded.EXACT_GRAM_RATIO
+    try:
+        sharded.EXACT_GRAM_RATIO = 2.0
+        assert sharded.gram_is_small((2048, 2048))
+    finally:
+        sharded.EXACT_GRAM_RATIO = old

@@ -926,7 +926,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
         FSDP2"): per matrix the top ``cap`` singular values and vectors (``cap`` = the largest
         rank it can receive) from ``lowrank_fused.sharded``, without gathering the gradient:
         ``projector="svd"`` the exact SVD through the all-reduced Gram of the unsharded
-        dimension where that Gram is no larger than the gradient, else (and with
+        dimension where that Gram is small (``sharded.gram_is_small``), else (and with
         ``"randomized"``) the randomized SVD over the shards, seeded by ``pool_step`` as the
         one-process refresh. The spectra (replicated: every rank allocates the same ranks)
         end with the residual energy ``sqrt(||G||^2 - sum S^2)`` as one more value, so the
@@ -954,7 +954,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
                 else:
                     S = torch.linalg.svdvals(G.float())
             else:
-                if not randomized and sharded.gram_is_small(shape):
+                if not randomized and sharded.gram_is_small(shape, cap, over, iters):
                     B, S = sharded.exact_svd(G, cap, side, rows, sign_canon=self.sign_canon,
                                              label=self.param_label(p))
                 else:

@@ -378,7 +378,7 @@ class GaLoreAdamW(LowRankOptimizer):
 
     def _sharded_basis(self, p, G, group, rank, side, rows):
         """The refresh of an FSDP2 shard (``sharded.basis``): the group's projector, the exact
-        SVD only where its n x n Gram is no larger than the gradient (otherwise the
+        SVD only where its n x n Gram is small (``sharded.gram_is_small``; otherwise the
         randomized range finder, with one warning). Returns this rank's part of the basis."""
         return sharded.basis(G, rank, side, rows, projector=group.get("projector", "svd"),
                              sign_canon=self.sign_canon,
