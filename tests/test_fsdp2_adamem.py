@@ -12,14 +12,15 @@ from lowrank_fused.testing.distributed import (FSDP2_TARGETS, check_fsdp2_case, 
                                                fsdp2_single)
 
 LOW = dict(target_modules=FSDP2_TARGETS, all_layers=True)   # all three weights low rank
-# the first case runs the default backend (Triton: its ops on each rank's shard; the CPU
-# interpreter here), the others the eager reference ops (the interpreter's time is spent once)
+# the first case runs the Triton kernels (its ops on each rank's shard; the CPU interpreter
+# here), the others the eager reference ops (the interpreter's time is spent once)
 REF = dict(backend="reference")
 CASES = [
     # projector "svd": the 41x17 refreshes by the exact SVD of its all-reduced 17 x 17 Gram;
     # the two others (their Gram larger than the gradient) by the randomized range finder,
     # here with an oversample that spans the whole row space, so exact as well
-    ("svd", "adamem", dict(rank=4, update_proj_gap=2, proj_oversample=32, lr=1e-2, **LOW)),
+    ("svd", "adamem", dict(rank=4, update_proj_gap=2, proj_oversample=32, lr=1e-2,
+                           backend="triton", **LOW)),
     # the randomized projector (default oversample: a true sketch on every matrix), the
     # moments transported at each refresh, statistics from R, weight decay, delta
     ("randomized_transport", "adamem", dict(

@@ -157,12 +157,13 @@ FSDP2_STEPS = 6
 FSDP2_TARGETS = r"^[024]$"
 
 
-def odd_mlp(seed=0):
+def odd_mlp(seed=0, dtype=None):
     """The FSDP2 test model: weights 41x17 (right-projected under "std"), 23x41 and 9x23
-    (left); over 2 ranks their rows split 21/20, 12/11 and 5/4."""
+    (left); over 2 ranks their rows split 21/20, 12/11 and 5/4. fp32, or ``dtype``."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(17, 41), torch.nn.Tanh(), torch.nn.Linear(41, 23),
-                               torch.nn.Tanh(), torch.nn.Linear(23, 9))
+    model = torch.nn.Sequential(torch.nn.Linear(17, 41), torch.nn.Tanh(),
+                                torch.nn.Linear(41, 23), torch.nn.Tanh(), torch.nn.Linear(23, 9))
+    return model if dtype is None else model.to(dtype)
 
 
 def odd_batch(t, world, per_rank=4):
@@ -172,26 +173,48 @@ def odd_batch(t, world, per_rank=4):
 
 
 def _odd_loss(model, x, y):
-    return ((model(x) - y) ** 2).mean()
+    dtype = next(model.parameters()).dtype
+    return ((model(x.to(dtype)) - y.to(dtype)) ** 2).float().mean()
+
+
+def fixed_grad(t, i, shape, dtype):
+    """The step-t gradient of parameter i in a fixed-gradient case: the same numbers in the
+    one-process and the sharded run (which takes its rows), so only the optimizer's own sums
+    over the ranks differ; what a bf16 case needs, where the backward passes' own rounding
+    would otherwise dominate."""
+    g = torch.Generator().manual_seed(1000 * t + i)
+    return (0.1 * torch.randn(shape, generator=g)).to(dtype)
+
+
+_SETTINGS = {"exact_gram_ratio": 1.0, "dtype": None, "fixed_grads": False}
 
 
 def _case_settings(kwargs):
-    """A case's optimizer keywords without its process settings: ``exact_gram_ratio``
-    (``sharded.EXACT_GRAM_RATIO`` for the case; default 1.0). The backend is the reference
-    one unless the case names another (what is tested is the sharding, not the kernels, which
-    the interpreter runs slowly)."""
+    """A case's optimizer keywords and its run settings: ``exact_gram_ratio``
+    (``sharded.EXACT_GRAM_RATIO`` for the case), ``dtype`` (of the model: "bfloat16") and
+    ``fixed_grads`` (``fixed_grad`` replaces each backward's gradients). The backend is the
+    reference one unless the case names another (what is tested is the sharding, not the
+    kernels, which the interpreter runs slowly)."""
     kwargs = {"backend": "reference", **kwargs}
-    return kwargs, kwargs.pop("exact_gram_ratio", 1.0)
+    settings = {k: kwargs.pop(k, v) for k, v in _SETTINGS.items()}
+    if settings["dtype"] is not None:
+        settings["dtype"] = getattr(torch, settings["dtype"])
+    return kwargs, settings
 
 
-def odd_single(opt_factory, steps=FSDP2_STEPS, world=2, per_rank=4, poison_step=None):
-    """The one-process run of ``opt_factory(odd_mlp())`` on the global batches of ``world``
-    ranks (a NaN in the first gradient at ``poison_step``). Returns the weights."""
-    model = odd_mlp()
+def odd_single(opt_factory, steps=FSDP2_STEPS, world=2, per_rank=4, poison_step=None,
+               dtype=None, fixed_grads=False):
+    """The one-process run of ``opt_factory(odd_mlp(dtype=dtype))`` on the global batches of
+    ``world`` ranks (a NaN in the first gradient at ``poison_step``; ``fixed_grads``: the
+    gradients of ``fixed_grad``). Returns the weights."""
+    model = odd_mlp(dtype=dtype)
     opt = opt_factory(model)
     for t in range(steps):
         x, y = odd_batch(t, world, per_rank)
         _odd_loss(model, x, y).backward()
+        if fixed_grads:
+            for i, p in enumerate(model.parameters()):
+                p.grad.copy_(fixed_grad(t, i, p.shape, p.dtype))
         if t == poison_step:
             next(model.parameters()).grad.view(-1)[0] = float("nan")
         opt.step()
@@ -204,12 +227,13 @@ def fsdp2_single(method, kwargs, steps=FSDP2_STEPS, world=2, per_rank=4):
     **kwargs)`` on the same global batches. Returns the weights."""
     import lowrank_fused as lf
 
-    kwargs, _ = _case_settings(kwargs)
-    return odd_single(lambda m: lf.make_optimizer(m, method, **kwargs), steps, world, per_rank)
+    kwargs, settings = _case_settings(kwargs)
+    return odd_single(lambda m: lf.make_optimizer(m, method, **kwargs), steps, world, per_rank,
+                      dtype=settings["dtype"], fixed_grads=settings["fixed_grads"])
 
 
-def _sharded_model(fully_shard):
-    model = odd_mlp()
+def _sharded_model(fully_shard, dtype=None):
+    model = odd_mlp(dtype=dtype)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
@@ -217,13 +241,20 @@ def _sharded_model(fully_shard):
     return model
 
 
-def _fsdp2_steps(model, opt, start, stop, rank, world, per_rank, traffic=None):
+def _fsdp2_steps(model, opt, start, stop, rank, world, per_rank, traffic=None,
+                 fixed_grads=False):
     from lowrank_fused import sharded
 
     for t in range(start, stop):
         x, y = odd_batch(t, world, per_rank)
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         _odd_loss(model, x[rows], y[rows]).backward()
+        if fixed_grads:                 # this rank's rows of the one-process gradient
+            for i, p in enumerate(model.parameters()):
+                counts = sharded._chunk_counts(p.shape[0], world)
+                start_row = sum(counts[:rank])
+                full = fixed_grad(t, i, p.shape, p.dtype)
+                p.grad.to_local().copy_(full[start_row:start_row + counts[rank]])
         before = sharded.traffic()["bytes"]
         opt.step()
         if traffic is not None:
@@ -248,15 +279,16 @@ def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
     try:
         out = {}
         for name, method, kwargs in cases:
-            kwargs, ratio = _case_settings(kwargs)
-            sharded.EXACT_GRAM_RATIO = ratio
+            kwargs, settings = _case_settings(kwargs)
+            sharded.EXACT_GRAM_RATIO = settings["exact_gram_ratio"]
+            dtype, fixed = settings["dtype"], settings["fixed_grads"]
             try:
-                model = _sharded_model(fully_shard)
+                model = _sharded_model(fully_shard, dtype)
                 opt = lf.make_optimizer(model, method, **kwargs)
                 traffic = []
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", sharded.ShardedRefreshWarning)
-                    _fsdp2_steps(model, opt, 0, steps, rank, world, per_rank, traffic)
+                    _fsdp2_steps(model, opt, 0, steps, rank, world, per_rank, traffic, fixed)
                 out[name + ":warnings"] = [str(w.message) for w in caught
                                            if issubclass(w.category,
                                                          sharded.ShardedRefreshWarning)]
@@ -265,21 +297,21 @@ def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
                 out[name + ":traffic"] = traffic
 
                 half = steps // 2
-                model = _sharded_model(fully_shard)
+                model = _sharded_model(fully_shard, dtype)
                 opt = lf.make_optimizer(model, method, **kwargs)
-                _fsdp2_steps(model, opt, 0, half, rank, world, per_rank)
+                _fsdp2_steps(model, opt, 0, half, rank, world, per_rank, fixed_grads=fixed)
                 path = os.path.join(out_dir, f"fsdp2-{name}-{rank}.pt")
                 torch.save({"model": {k: v.to_local().detach().clone()
                                       for k, v in model.state_dict().items()},
                             "opt": opt.state_dict()}, path)
                 ckpt = torch.load(path, weights_only=True)
-                model = _sharded_model(fully_shard)
+                model = _sharded_model(fully_shard, dtype)
                 with torch.no_grad():
                     for k, v in model.state_dict().items():
                         v.to_local().copy_(ckpt["model"][k])
                 opt = lf.make_optimizer(model, method, **kwargs)
                 opt.load_state_dict(ckpt["opt"])
-                _fsdp2_steps(model, opt, half, steps, rank, world, per_rank)
+                _fsdp2_steps(model, opt, half, steps, rank, world, per_rank, fixed_grads=fixed)
                 out[name + ":resumed"] = {k: v.full_tensor().detach().clone()
                                           for k, v in model.state_dict().items()}
             except Exception as e:              # the test reports it (and may expect it)
@@ -302,7 +334,8 @@ def fsdp2_run(cases, out_dir, steps=FSDP2_STEPS, world=2):
 def check_fsdp2_case(results, name, single, rtol=1e-4, update_rtol=1e-3):
     """The FSDP2 run ``name`` equals the one-process weights ``single`` within ``rtol`` and
     so do the updates themselves (every weight moved; ``update_rtol`` relative to the update,
-    not the weight), both ranks hold the same weights, and the resumed run ends where the
+    not the weight; None: not compared, as for bf16 weights, whose updates are a few
+    roundings), both ranks hold the same weights, and the resumed run ends where the
     uninterrupted one does."""
     from lowrank_fused.testing import assert_parity
 
@@ -311,10 +344,12 @@ def check_fsdp2_case(results, name, single, rtol=1e-4, update_rtol=1e-3):
         if name + ":error" in r:
             raise AssertionError(f"FSDP2 case {name} failed: {r[name + ':error']}")
         for key, w in single.items():
+            w0 = start[key].to(w.dtype)
             assert_parity(r[name][key], w, rtol=rtol, name=f"{name} {key}")
-            assert not torch.equal(w, start[key]), f"{name}: {key} did not move"
-            assert_parity(r[name][key] - start[key], w - start[key], rtol=update_rtol,
-                          name=f"{name} update of {key}")
+            assert not torch.equal(w, w0), f"{name}: {key} did not move"
+            if update_rtol is not None:
+                assert_parity(r[name][key].float() - w0.float(), w.float() - w0.float(),
+                              rtol=update_rtol, name=f"{name} update of {key}")
             assert_parity(r[name + ":resumed"][key], r[name][key], rtol=1e-6,
                           name=f"{name} resumed {key}")
     for key in single:
