@@ -84,6 +84,23 @@ CASES = [
     ("galore_default", "galore", dict(LOWRANK, update_proj_gap=2, lr=1e-2)),
     ("adamw", "adamw", dict(lr=1e-2, weight_decay=0.1)),
 ]
+# a NaN in one rank's shard only, with nonfinite="skip": every rank skips that step (on a
+# refresh step for the even ones), like the one-process run with the NaN at that step
+SKIP = dict(nonfinite="skip")
+NAN_CASES = [(f"nan_{name}", method, dict(kw, **SKIP, poison_step=step))
+             for name, method, kw, step in [
+    ("galore", "galore", dict(LOWRANK, update_proj_gap=2, lr=1e-2, exact_gram_ratio=1e9), 2),
+    ("ldadam", "ldadam", dict(LOWRANK, lr=1e-3, exact_gram_ratio=1e9), 3),
+    ("adaptive_adamw", "adaptive_adamw", dict(LOWRANK, update_proj_gap=2, lr=1e-2,
+                                              exact_gram_ratio=1e9), 2),
+    ("gha", "gha", dict(LOWRANK, lr=1e-2, exact_gram_ratio=1e9), 3),
+    ("adarankgrad", "adarankgrad", dict(LOWRANK, lr=1e-2, t_min=1, t_max=2, eta_th=0.9), 3),
+    ("adamem", "adamem", dict(LOWRANK, update_proj_gap=2, lr=1e-2, all_layers=True,
+                              exact_gram_ratio=1e9), 2),
+    ("adafactor", "adafactor", dict(), 1),
+    ("adapm_mini", "adapm_mini", dict(rank=2, lr=1e-2, refit_T=2, refit_K=2), 2),
+]]
+CASES += NAN_CASES
 EQUAL = [c for c in CASES if c[0] != "galore_default"]
 
 
@@ -117,3 +134,10 @@ def test_fsdp2_exact_refresh_only_where_the_gram_is_small(lowrank_results):
         warned = r["galore_default:warnings"]
         assert len(warned) == 1 and "(23, 41)" in warned[0] and "randomized" in warned[0]
         assert r["galore_svd:warnings"] == []
+
+
+@pytest.mark.parametrize("name", [c[0] for c in NAN_CASES])
+def test_fsdp2_nonfinite_shard_skips_the_step_on_every_rank(lowrank_results, name):
+    """The run itself equals the one-process run that skipped the same step
+    (test_fsdp2_lowrank_equals_single_process); here: both ranks counted one skipped step."""
+    assert [r[name + ":skipped"] for r in lowrank_results] == [1, 1]

@@ -186,13 +186,15 @@ def fixed_grad(t, i, shape, dtype):
     return (0.1 * torch.randn(shape, generator=g)).to(dtype)
 
 
-_SETTINGS = {"exact_gram_ratio": 1.0, "dtype": None, "fixed_grads": False}
+_SETTINGS = {"exact_gram_ratio": 1.0, "dtype": None, "fixed_grads": False, "poison_step": None}
 
 
 def _case_settings(kwargs):
     """A case's optimizer keywords and its run settings: ``exact_gram_ratio``
     (``sharded.EXACT_GRAM_RATIO`` for the case), ``dtype`` (of the model: "bfloat16") and
-    ``fixed_grads`` (``fixed_grad`` replaces each backward's gradients). The backend is the
+    ``fixed_grads`` (``fixed_grad`` replaces each backward's gradients), ``poison_step`` (a
+    NaN in the first parameter's gradient at that step: on the last rank's shard only in the
+    sharded run). The backend is the
     reference one unless the case names another (what is tested is the sharding, not the
     kernels, which the interpreter runs slowly)."""
     kwargs = {"backend": "reference", **kwargs}
@@ -229,7 +231,8 @@ def fsdp2_single(method, kwargs, steps=FSDP2_STEPS, world=2, per_rank=4):
 
     kwargs, settings = _case_settings(kwargs)
     return odd_single(lambda m: lf.make_optimizer(m, method, **kwargs), steps, world, per_rank,
-                      dtype=settings["dtype"], fixed_grads=settings["fixed_grads"])
+                      dtype=settings["dtype"], fixed_grads=settings["fixed_grads"],
+                      poison_step=settings["poison_step"])
 
 
 def _sharded_model(fully_shard, dtype=None):
@@ -242,7 +245,7 @@ def _sharded_model(fully_shard, dtype=None):
 
 
 def _fsdp2_steps(model, opt, start, stop, rank, world, per_rank, traffic=None,
-                 fixed_grads=False):
+                 fixed_grads=False, poison_step=None):
     from lowrank_fused import sharded
 
     for t in range(start, stop):
@@ -255,6 +258,8 @@ def _fsdp2_steps(model, opt, start, stop, rank, world, per_rank, traffic=None,
                 start_row = sum(counts[:rank])
                 full = fixed_grad(t, i, p.shape, p.dtype)
                 p.grad.to_local().copy_(full[start_row:start_row + counts[rank]])
+        if t == poison_step and rank == world - 1:
+            next(model.parameters()).grad.to_local().view(-1)[0] = float("nan")
         before = sharded.traffic()["bytes"]
         opt.step()
         if traffic is not None:
@@ -282,24 +287,26 @@ def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
             kwargs, settings = _case_settings(kwargs)
             sharded.EXACT_GRAM_RATIO = settings["exact_gram_ratio"]
             dtype, fixed = settings["dtype"], settings["fixed_grads"]
+            run = dict(fixed_grads=fixed, poison_step=settings["poison_step"])
             try:
                 model = _sharded_model(fully_shard, dtype)
                 opt = lf.make_optimizer(model, method, **kwargs)
                 traffic = []
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", sharded.ShardedRefreshWarning)
-                    _fsdp2_steps(model, opt, 0, steps, rank, world, per_rank, traffic, fixed)
+                    _fsdp2_steps(model, opt, 0, steps, rank, world, per_rank, traffic, **run)
                 out[name + ":warnings"] = [str(w.message) for w in caught
                                            if issubclass(w.category,
                                                          sharded.ShardedRefreshWarning)]
                 out[name] = {k: v.full_tensor().detach().clone()
                              for k, v in model.state_dict().items()}
                 out[name + ":traffic"] = traffic
+                out[name + ":skipped"] = opt.skipped_steps
 
                 half = steps // 2
                 model = _sharded_model(fully_shard, dtype)
                 opt = lf.make_optimizer(model, method, **kwargs)
-                _fsdp2_steps(model, opt, 0, half, rank, world, per_rank, fixed_grads=fixed)
+                _fsdp2_steps(model, opt, 0, half, rank, world, per_rank, **run)
                 path = os.path.join(out_dir, f"fsdp2-{name}-{rank}.pt")
                 torch.save({"model": {k: v.to_local().detach().clone()
                                       for k, v in model.state_dict().items()},
@@ -311,7 +318,7 @@ def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
                         v.to_local().copy_(ckpt["model"][k])
                 opt = lf.make_optimizer(model, method, **kwargs)
                 opt.load_state_dict(ckpt["opt"])
-                _fsdp2_steps(model, opt, half, steps, rank, world, per_rank, fixed_grads=fixed)
+                _fsdp2_steps(model, opt, half, steps, rank, world, per_rank, **run)
                 out[name + ":resumed"] = {k: v.full_tensor().detach().clone()
                                           for k, v in model.state_dict().items()}
             except Exception as e:              # the test reports it (and may expect it)
