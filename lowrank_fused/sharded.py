@@ -75,10 +75,12 @@ class Rows:
     A ``Rows`` of one process (``group=None, counts=(m,)``) makes every collective a no-op,
     which is how the one-process code paths can be written with the same calls."""
 
-    __slots__ = ("group", "world", "rank", "counts", "start", "stop", "m", "__weakref__")
+    __slots__ = ("group", "world", "rank", "counts", "start", "stop", "m", "device",
+                 "__weakref__")
 
-    def __init__(self, group, counts, rank):
+    def __init__(self, group, counts, rank, device="cpu"):
         self.group = group
+        self.device = torch.device(device)    # where the collectives' own flags live
         self.counts = tuple(int(c) for c in counts)
         self.world = len(self.counts)
         self.rank = int(rank)
@@ -137,7 +139,7 @@ class Rows:
 
     def any_(self, flag) -> bool:
         """True on every rank when ``flag`` (a bool or a 0-dim tensor) is true on some rank."""
-        t = torch.tensor([1.0 if bool(flag) else 0.0])
+        t = torch.tensor([1.0 if bool(flag) else 0.0], device=self.device)
         return bool(self.max_(t)[0] > 0)
 
 
@@ -170,7 +172,7 @@ def rows_of(p):
             raise ValueError(f"unexpected dim-0 shard: rank {rank} holds "
                              f"{p.to_local().shape[0]} of {p.shape[0]} rows, expected "
                              f"{counts[rank]} (torch.chunk's split)")
-        rows = _ROWS[id(p)] = Rows(group, counts, rank)
+        rows = _ROWS[id(p)] = Rows(group, counts, rank, p.device)
         weakref.finalize(p, _ROWS.pop, id(p), None)
     return rows
 

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from lowrank_fused import _capture, ops, ops_grouped, ops_multi
+from lowrank_fused import _capture, ops, ops_grouped, ops_multi, sharded
 from lowrank_fused.dispatch import (CHOICES, AutoBackend, BackendUnavailable, choose_backend,
                                     resolve_backend)
 
@@ -722,10 +722,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """With ``nonfinite="ignore"`` (no step-wide check), a method whose next computation
         on ``p``'s gradient cannot take NaN/Inf (an SVD, a refit) refuses it here, before the
         step writes anything; otherwise the step's check has already covered it."""
-        if self.nonfinite == "ignore" and not bool(torch.isfinite(local(p.grad)).all()):
+        if self.nonfinite != "ignore":
+            return
+        bad = not bool(torch.isfinite(local(p.grad)).all())
+        rows = sharded.rows_of(p)
+        if rows is not None:            # an FSDP2 shard: every rank raises, or none does
+            bad = rows.any_(bad)
+        if bad:
+            where = " (in some rank's shard)" if rows is not None else ""
             raise FloatingPointError(
                 f"{type(self).__name__}: the gradient of {self.param_label(p)} has non-finite "
-                f"entries {when}; no parameter was updated")
+                f"entries {when}{where}; no parameter was updated")
 
     def _before_updates(self):
         """Hook: a global phase after validation, before the per-parameter updates."""

@@ -434,15 +434,7 @@ class AdaPM(LowRankOptimizer):
             for p in group["params"]:
                 if p.grad is None or not self._factorises_now(p, group):
                     continue
-                if is_sharded(p):     # every rank raises together (its peers would wait)
-                    bad = not bool(torch.isfinite(local(p.grad)).all())
-                    if sharded.rows_of(p).any_(bad):
-                        raise FloatingPointError(
-                            f"{type(self).__name__}: the gradient of {self.param_label(p)} "
-                            f"has non-finite entries (on some rank's shard) {when}; no "
-                            "parameter was updated")
-                else:
-                    self._require_finite(p, when)
+                self._require_finite(p, when)    # a shard's check: agreed over the ranks
 
     @staticmethod
     def _param_scalars(p, group, t):

@@ -319,17 +319,6 @@ class _SubspaceAdamW(GaLoreAdamW):
     def _basis_reads_grad(self, p, group) -> bool:
         return False
 
-    def _require_finite(self, p, when):
-        """As the base's; an FSDP2 shard's check is agreed over the ranks (a non-finite entry
-        in any rank's rows raises on every rank, before any collective of the step)."""
-        rows = _rows(p)
-        if rows is None or self.nonfinite != "ignore":
-            return super()._require_finite(p, when)
-        if rows.any_(not bool(torch.isfinite(p.grad.to_local()).all())):
-            raise FloatingPointError(
-                f"{type(self).__name__}: the gradient of {self.param_label(p)} has non-finite "
-                f"entries {when} (in some rank's shard); no parameter was updated")
-
     def _before_updates(self):
         pass
 
