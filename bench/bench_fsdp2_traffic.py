@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -68,11 +67,9 @@ def _worker(rank, world, port, size, rank_r, methods, out_dir):
     from lowrank_fused import sharded
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    from lowrank_fused.testing.distributed import gloo_group
+
+    with gloo_group(rank, world, port):
         d, f = SIZES[size]
         SIZE_D[0] = d
         rows = {}
@@ -98,8 +95,6 @@ def _worker(rank, world, port, size, rank_r, methods, out_dir):
             except Exception as e:            # a method without a sharded path says so
                 rows[method] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         torch.save(rows, os.path.join(out_dir, f"traffic-{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def measure(size, rank_r, methods, world=2):

@@ -81,17 +81,13 @@ BATCHED_STEPS = 4
 def _batched_worker(rank, world, port, out_dir):
     import os
 
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     import lowrank_fused as lf
     from lowrank_fused import sharded
+    from lowrank_fused.testing.distributed import gloo_group
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         model = _batched_model()
         fully_shard(model)
         opt = lf.Adafactor(model.parameters(), **BATCHED_KW)
@@ -107,8 +103,6 @@ def _batched_worker(rank, world, port, out_dir):
         torch.save({"weights": out, "traffic": traffic,
                     "local_row": list(opt.state[model.weight]["exp_avg_sq_row"].shape)},
                    os.path.join(out_dir, f"batched-{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_adafactor_batch_of_matrices(tmp_path):

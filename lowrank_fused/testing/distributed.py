@@ -2,12 +2,27 @@
 ``DistributedDataParallel`` with the gloo backend on CPU."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import warnings
 
 import torch
 import torch.distributed as dist
+
+
+@contextlib.contextmanager
+def gloo_group(rank, world, port):
+    """This spawned process's part of a ``world``-process gloo group on localhost (one torch
+    thread), destroyed on the way out."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -64,11 +79,7 @@ def ddp_worker(rank, world, port, cases, steps, out_dir, per_rank=2):
     import lowrank_fused as lf
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         results, resumed = {}, {}
         half = steps // 2
         for method, kwargs in cases:
@@ -90,8 +101,6 @@ def ddp_worker(rank, world, port, cases, steps, out_dir, per_rank=2):
             _ddp_steps(model, DDP(model), opt, half, steps, rank, world, per_rank)
             resumed[method] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save({"run": results, "resumed": resumed}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _WholeMatricesOnly(params):
@@ -110,11 +119,7 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
     import lowrank_fused as lf
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         out = {}
         for name, factory, poison in (
                 ("adamw", lambda m: lf.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), None),
@@ -148,8 +153,6 @@ def fsdp2_worker(rank, world, port, steps, out_dir, per_rank=4):
         except ValueError as e:
             out["per_layer_refusal"] = str(e)
         torch.save(out, os.path.join(out_dir, f"fsdp-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 # -- every method under FSDP2: one spawn per test file, compared with the one-process run -----
@@ -277,11 +280,7 @@ def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
     from lowrank_fused import sharded
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         out = {}
         for name, method, kwargs in cases:
             kwargs, settings = _case_settings(kwargs)
@@ -324,8 +323,6 @@ def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
             except Exception as e:              # the test reports it (and may expect it)
                 out[name + ":error"] = f"{type(e).__name__}: {e}"
         torch.save(out, os.path.join(out_dir, f"fsdp2-cases-{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def fsdp2_run(cases, out_dir, steps=FSDP2_STEPS, world=2):
@@ -369,11 +366,7 @@ def sharded_ops_worker(rank, world, port, out_dir):
     compare with the one-process functions on the whole matrices."""
     from lowrank_fused import sharded
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         out = {}
         for (m, n) in SHARDED_OPS_SHAPES:
             G = sharded_ops_matrix(m, n)
@@ -398,8 +391,6 @@ def sharded_ops_worker(rank, world, port, out_dir):
             out[(m, n, "sum_sq")] = rows.sum_sq(Gi)
             out[(m, n, "gather")] = rows.gather(Gi[:, :2].contiguous())
         torch.save(out, os.path.join(out_dir, f"sharded-{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 SHARDED_OPS_SHAPES = ((13, 7), (9, 20), (3, 11))
