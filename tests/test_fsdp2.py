@@ -157,3 +157,25 @@ def test_fsdp2_nonfinite_shard_skips_the_step_on_every_rank(lowrank_results, nam
 def test_fsdp2_ignore_refuses_a_nonfinite_refresh_on_every_rank(lowrank_results, name):
     errors = [r.get(name + ":error", "") for r in lowrank_results]
     assert all(e.startswith("FloatingPointError") for e in errors), errors
+
+
+# four ranks: the 9x23 weight's rows split 3/3/3/0, so one rank holds no row of it (and the
+# biases of 9 split the same way); every collective must still be entered by every rank
+FOUR = [
+    ("galore", "galore", dict(LOWRANK, update_proj_gap=2, lr=1e-2, exact_gram_ratio=1e9)),
+    ("adamem", "adamem", dict(LOWRANK, update_proj_gap=2, lr=1e-2, all_layers=True,
+                              exact_gram_ratio=1e9)),
+    ("adarankgrad", "adarankgrad", dict(LOWRANK, lr=1e-2, t_min=1, t_max=2)),
+    ("adapm_mini", "adapm_mini", dict(rank=2, lr=1e-2, refit_T=2, refit_K=2)),
+]
+
+
+@pytest.fixture(scope="module")
+def four_rank_results(tmp_path_factory):
+    return fsdp2_run(FOUR, tmp_path_factory.mktemp("fsdp2-four"), steps=4, world=4)
+
+
+@pytest.mark.parametrize("name,method,kwargs", FOUR, ids=[c[0] for c in FOUR])
+def test_fsdp2_four_ranks_with_an_empty_shard(four_rank_results, name, method, kwargs):
+    torch.set_num_threads(1)
+    check_fsdp2_case(four_rank_results, name, fsdp2_single(method, kwargs, steps=4, world=4))

@@ -514,7 +514,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         so W has ``W.shape[0] < shape[0]`` there."""
         if is_sharded(p):
             W, G = local(p), local(p.grad)
-            return W.reshape(W.shape[0], -1), G.reshape(G.shape[0], -1), lambda W: None
+            cols = shape[1]                    # not -1: a rank may hold no rows
+            return W.reshape(W.shape[0], cols), G.reshape(G.shape[0], cols), lambda W: None
         if p.dim() == 2:
             return p, p.grad, lambda W: None
         G = p.grad.reshape(shape)

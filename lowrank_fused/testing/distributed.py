@@ -325,12 +325,29 @@ def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
         torch.save(out, os.path.join(out_dir, f"fsdp2-cases-{rank}.pt"))
 
 
-def fsdp2_run(cases, out_dir, steps=FSDP2_STEPS, world=2):
-    """Run ``fsdp2_cases_worker`` in ``world`` gloo processes; returns each rank's results."""
+def spawn_with_deadline(fn, args, nprocs, deadline_s=180.0):
+    """``torch.multiprocessing.spawn`` that gives up after ``deadline_s``: a rank left waiting
+    in a collective for a peer that crashed or skipped it would otherwise hang the caller.
+    The processes are killed and ``TimeoutError`` raised."""
+    import time
+
     import torch.multiprocessing as mp
 
-    mp.spawn(fsdp2_cases_worker, args=(world, free_port(), list(cases), steps, str(out_dir)),
-             nprocs=world, join=True)
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    stop = time.monotonic() + deadline_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > stop:
+            for proc in context.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)}: {nprocs} processes still "
+                               f"running after {deadline_s:.0f} s (a collective left waiting?)")
+
+
+def fsdp2_run(cases, out_dir, steps=FSDP2_STEPS, world=2):
+    """Run ``fsdp2_cases_worker`` in ``world`` gloo processes; returns each rank's results."""
+    spawn_with_deadline(fsdp2_cases_worker,
+                        (world, free_port(), list(cases), steps, str(out_dir)), world)
     return [torch.load(os.path.join(str(out_dir), f"fsdp2-cases-{r}.pt"), weights_only=True)
             for r in range(world)]
 
@@ -357,7 +374,8 @@ def check_fsdp2_case(results, name, single, rtol=1e-4, update_rtol=1e-3):
             assert_parity(r[name + ":resumed"][key], r[name][key], rtol=1e-6,
                           name=f"{name} resumed {key}")
     for key in single:
-        assert torch.equal(results[0][name][key], results[1][name][key]), (name, key)
+        for r in results[1:]:
+            assert torch.equal(results[0][name][key], r[name][key]), (name, key)
 
 
 def sharded_ops_worker(rank, world, port, out_dir):
