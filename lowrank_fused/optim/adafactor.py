@@ -133,15 +133,16 @@ class Adafactor(LowRankOptimizer):
 
     @classmethod
     def _views(cls, p):
-        """(W, G, write_back) in the op's canonical shape. ``write_back`` copies W into p
-        when p could not be viewed."""
-        canon = cls._canonical(p)
-        G = p.grad.reshape(canon)
+        """(W, G, write_back) in the op's canonical shape (of this rank's shard for an FSDP2
+        parameter). ``write_back`` copies W into p when p could not be viewed."""
+        P = local(p)
+        canon = cls._canonical(P)
+        G = local(p.grad).reshape(canon)
         try:
-            return p.view(canon), G, lambda W: None
+            return P.view(canon), G, lambda W: None
         except RuntimeError:
-            W = p.reshape(canon).clone()
-            return W, G, lambda W: p.copy_(W.view(p.shape))
+            W = P.reshape(canon).clone()
+            return W, G, lambda W: P.copy_(W.view(P.shape))
 
     def _init_state(self, p, group):
         state = self.state[p]
@@ -219,19 +220,13 @@ class Adafactor(LowRankOptimizer):
         rho, beta2t, eps1, eps2, d, beta1, wd = self._step_scalars(group, t)
         scaled = bool(group["scale_parameter"])
         numel = p.numel()                      # the whole tensor's (a DTensor's shape is global)
-        Wl, Gl = local(p), local(p.grad)
-        canon = self._canonical(Wl)
-        G = Gl.reshape(canon)
-        try:
-            W, copied = Wl.view(canon), False
-        except RuntimeError:
-            W, copied = Wl.reshape(canon).clone(), True
+        W, G, write_back = self._views(p)      # this rank's shard
         g = G.float()
         w = W.float()
         q = g * g + eps1
         w_sq = None
         if p.dim() >= 2:
-            B, m, n = canon
+            B, m, n = W.shape
             row = state["exp_avg_sq_row"].view(B, m)
             col = state["exp_avg_sq_col"].view(B, n)
             row.mul_(beta2t).add_(q.mean(dim=-1), alpha=1.0 - beta2t)
@@ -275,8 +270,7 @@ class Adafactor(LowRankOptimizer):
             w.add_(w * (-wd * a))
         w.add_(-u)
         W.copy_(w)
-        if copied:
-            Wl.copy_(W.view(Wl.shape))
+        write_back(W)
         state["step"] = t
 
     # -- the step engine (docs/engine.md; this method's classes: docs/methods/adafactor.md) --

@@ -450,6 +450,21 @@ class AdaPM(LowRankOptimizer):
                       clip_mode=group["clip_mode"], clip_threshold=float(group["clip_threshold"]))
         return beta1, beta2, c1, c2, common
 
+    @staticmethod
+    def _dense_part_state(state, key, part, shape, v_shape, sd, device, group, beta2, c2):
+        """A dense part's moments (created at its first step: exp_avg of ``shape`` for a
+        "full" part, the second moment of ``v_shape``) and its second moment's keywords
+        (adagrad accumulation for a "none" part in that mode). Returns (M or None, V, kw)."""
+        if key + "exp_avg_sq" not in state:
+            if part.kind == "full":
+                state[key + "exp_avg"] = torch.zeros(shape, dtype=sd, device=device)
+            state[key + "exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=device)
+        if part.kind == "none" and group["nomomentum_mode"] == "adagrad":
+            v_kw = dict(v_keep=1.0, v_add=1.0, c2=1.0)
+        else:
+            v_kw = dict(v_keep=float(beta2), v_add=1.0 - beta2, c2=c2)
+        return state.get(key + "exp_avg"), state[key + "exp_avg_sq"], v_kw
+
     def _step_param(self, p, group, backend, precision):
         if is_sharded(p):
             self._sharded_step_param(p, group, backend, precision)
@@ -481,17 +496,10 @@ class AdaPM(LowRankOptimizer):
                 self._lowrank_step(state, key, W, G, t, group, c1, c2, common, backend,
                                    precision)
             else:
-                if key + "exp_avg_sq" not in state:
-                    if part.kind == "full":
-                        state[key + "exp_avg"] = torch.zeros((m, n), dtype=sd, device=p.device)
-                    state[key + "exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=p.device)
-                if part.kind == "none" and group["nomomentum_mode"] == "adagrad":
-                    v_kw = dict(v_keep=1.0, v_add=1.0, c2=1.0)
-                else:
-                    v_kw = dict(v_keep=float(beta2), v_add=1.0 - beta2, c2=c2)
+                M, V, v_kw = self._dense_part_state(state, key, part, (m, n), v_shape, sd,
+                                                    p.device, group, beta2, c2)
                 implementation("adapm_dense_update", backend, p.device)(
-                    W, G, state.get(key + "exp_avg"), state[key + "exp_avg_sq"],
-                    beta1=float(beta1), c1=c1, **v_kw, **common)
+                    W, G, M, V, beta1=float(beta1), c1=c1, **v_kw, **common)
         state["step"] = t
         write_back(W_mat)
 
@@ -564,15 +572,8 @@ class AdaPM(LowRankOptimizer):
                 self._sharded_lowrank_step(shard, state, key, W, G, t, group, c1, c2, common,
                                            backend, precision)
                 continue
-            if key + "exp_avg_sq" not in state:
-                if part.kind == "full":
-                    state[key + "exp_avg"] = torch.zeros((mi, n), dtype=sd, device=p.device)
-                state[key + "exp_avg_sq"] = torch.zeros(v_shape, dtype=sd, device=p.device)
-            if part.kind == "none" and group["nomomentum_mode"] == "adagrad":
-                v_kw = dict(v_keep=1.0, v_add=1.0, c2=1.0)
-            else:
-                v_kw = dict(v_keep=float(beta2), v_add=1.0 - beta2, c2=c2)
-            M, V = state.get(key + "exp_avg"), state[key + "exp_avg_sq"]
+            M, V, v_kw = self._dense_part_state(state, key, part, (mi, n), v_shape, sd,
+                                                p.device, group, beta2, c2)
             if shard.local_tail(V, group):
                 if W.numel():
                     implementation("adapm_dense_update", backend, p.device)(
