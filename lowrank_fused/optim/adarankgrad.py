@@ -36,12 +36,10 @@ from lowrank_fused import ops, ops_multi, sharded
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import (LowRankOptimizer, check_bool, check_choice, check_int,
-                                       check_number, is_sharded, local)
+                                       check_number)
 from lowrank_fused.optim._engine import ClassRoute, DenseRoute, per_member
 from lowrank_fused.reference.iass_select import IASS_MODES, iass_select_ref
-from lowrank_fused.reference.range_finder import orth_complete
-
-_GOLDEN = 0x9E3779B97F4A7C15
+from lowrank_fused.reference.range_finder import staged_orth
 
 EXIT_RULES = ("relative", "absolute")
 V_TRANSPORTS = ("cc", "linear")
@@ -119,10 +117,6 @@ def _check_hparams(h):
 
 
 _REFRESH = operator.itemgetter("refresh")
-
-
-def _no_write_back(W):
-    """An FSDP2 shard is updated in place."""
 
 
 class AdaRankGrad(LowRankOptimizer):
@@ -316,14 +310,8 @@ class AdaRankGrad(LowRankOptimizer):
         block = state["j"] + 1
         seed, layer = state["seed"], state["layer_id"]
         omega = sketch_matrix(seed, layer, block, nc, k, device=G.device)
-        fill = fill_seed(seed, layer, block)
-        stage = [0]
-
-        def orth(Y):             # range_finder_ref's QR sequence and seeds, on the whole Y
-            qseed = (int(fill) + _GOLDEN * stage[0]) & _MASK64
-            stage[0] += 1
-            return orth_complete(Y, sign_canon=self.sign_canon, fill_seed=qseed)
-
+        # range_finder_ref's QR sequence and seeds, on the whole thin matrices
+        orth = staged_orth(sign_canon=self.sign_canon, fill_seed=fill_seed(seed, layer, block))
         Qb = orth(op.full_rows(op.mm(op.local_cols(omega))))          # (mc, k), whole
         for _ in range(int(group["proj_power_iters"])):
             Z = orth(op.full_cols(op.tmm(op.local_rows(Qb))))           # (nc, k), whole
@@ -409,13 +397,8 @@ class AdaRankGrad(LowRankOptimizer):
     def _lowrank_step(self, p, group, plan, backend, precision):
         side, _, shape = plan
         state = self.state[p]
-        rows = sharded.rows_of(p) if is_sharded(p) else None
-        if rows is None:
-            W, G, write_back = self._as_matrix(p, shape)
-        else:                 # FSDP2: this rank's rows (in place updates reach the parameter)
-            W, G = local(p), local(p.grad)
-            W, G = W.reshape(W.shape[0], shape[1]), G.reshape(G.shape[0], shape[1])
-            write_back = _no_write_back
+        rows = sharded.rows_of(p)
+        W, G, write_back = self._as_matrix(p, shape)      # FSDP2: this rank's rows
         self._init_state(p, state, group)
         t = state["step"] + 1
         lr, beta1, beta2 = group["lr"], group["betas"][0], group["betas"][1]

@@ -46,6 +46,21 @@ def orth_complete(Y: torch.Tensor, *, sign_canon: bool = True, fill_seed: int = 
     return Q
 
 
+def staged_orth(*, sign_canon: bool = True, fill_seed: int = 0):
+    """The ``orth`` of the range finder's successive QRs: ``orth_complete``, each call with
+    its own fill seed derived from ``fill_seed`` and the call's index (what
+    ``range_finder_ref`` applies, and what a sharded run applies to the same whole thin
+    matrices)."""
+    stage = [0]
+
+    def orth(Y):
+        seed = (int(fill_seed) + _GOLDEN * stage[0]) & _MASK64
+        stage[0] += 1
+        return orth_complete(Y, sign_canon=sign_canon, fill_seed=seed)
+
+    return orth
+
+
 @register("range_finder", "reference")
 def range_finder_ref(G: torch.Tensor, Omega: torch.Tensor, Qb: torch.Tensor, *,
                      power_iters: int, sign_canon: bool = True, fill_seed: int = 0,
@@ -63,13 +78,7 @@ def range_finder_ref(G: torch.Tensor, Omega: torch.Tensor, Qb: torch.Tensor, *,
     ignores ``precision``. A right-projected matrix passes ``G^T``.
     """
     A = G.float()
-    stage = [0]
-
-    def _orth(Y):   # each QR of the iteration gets its own fill seed
-        seed = (int(fill_seed) + _GOLDEN * stage[0]) & _MASK64
-        stage[0] += 1
-        return orth_complete(Y, sign_canon=sign_canon, fill_seed=seed)
-
+    _orth = staged_orth(sign_canon=sign_canon, fill_seed=fill_seed)
     Q = _orth(A @ Omega.float())
     for _ in range(int(power_iters)):
         Z = _orth(A.t() @ Q)
