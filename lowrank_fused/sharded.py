@@ -37,7 +37,7 @@ from lowrank_fused import subspace
 _TRAFFIC = {"bytes": 0, "calls": 0}
 _ROWS: dict = {}          # id(parameter) -> Rows, dropped with the parameter
 
-__all__ = ["Rows", "rows_of", "Operand", "project", "backproject_update", "randomized_svd",
+__all__ = ["Rows", "rows_of", "Operand", "project", "randomized_svd",
            "exact_svd", "gram_is_small", "randomized_bytes", "basis", "traffic",
            "reset_traffic", "ShardedRefreshWarning", "warn_randomized_refresh"]
 
@@ -244,9 +244,6 @@ class Operand:
         """``subspace.cholesky_qr2`` of a thin matrix over A's rows (R and flags replicated)."""
         return self._apply(self.row_sharded, lambda F: subspace.cholesky_qr2(F, **kw), Y)
 
-    def cholesky_qr2_cols(self, Z, **kw):
-        return self._apply(not self.row_sharded, lambda F: subspace.cholesky_qr2(F, **kw), Z)
-
     def sign_canon(self, U):
         """Flip each column of a thin matrix over A's rows so its largest-magnitude entry
         (over all ranks) is positive."""
@@ -259,23 +256,16 @@ def _finite_everywhere(rows: Rows, X: torch.Tensor) -> bool:
     return not rows.any_(not ok) if rows.distributed else ok
 
 
-def project(G, B, side, rows: Rows, *, precision="ieee", backend="auto", R=None):
+def project(G, B, side, rows, *, precision="ieee", backend="auto", R=None):
     """K1 on a shard: left ``P^T G`` (a local (r x n) partial product, all-reduced: every rank
-    holds the whole R); right ``G Q^T`` (this rank's rows of R, local)."""
+    holds the whole R); right ``G Q^T`` (this rank's rows of R, local). ``rows=None`` (a
+    whole matrix): ``ops.project`` itself."""
     from lowrank_fused import ops
 
     R = ops.project(G, B, R, side=side, precision=precision, backend=backend)
-    if side == "left":
+    if side == "left" and rows is not None:
         rows.sum_(R)
     return R
-
-
-def backproject_update(W, B, N, side, rows: Rows, **kw):
-    """K3 on a shard: ``back(N)`` is ``P_i N`` (left: this rank's rows of P, the whole N) or
-    ``N_i Q`` (right: this rank's rows of N): local either way."""
-    from lowrank_fused import ops
-
-    return ops.backproject_update(W, B, N, side=side, **kw)
 
 
 def randomized_svd(G, rank, side, rows: Rows, *, oversample=8, power_iters=2, seed=0,

@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from lowrank_fused import ops, ops_grouped, ops_multi
+from lowrank_fused import ops, ops_grouped, ops_multi, sharded
 from lowrank_fused.dispatch import implementation
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
@@ -198,30 +198,6 @@ def _consecutive(tensors):
                             (first.numel(),) + first.stride())
 
 
-def _rows(p):
-    """The row split of an FSDP2-sharded parameter (``lowrank_fused.sharded.rows_of``: this
-    rank's rows of the matrix, the collectives over them), None for a plain tensor."""
-    if not is_sharded(p):
-        return None
-    from lowrank_fused import sharded
-
-    return sharded.rows_of(p)
-
-
-def _sharded_svd_basis(opt, p, G, rank, side, rows, group, seed):
-    """The top-``rank`` basis of an FSDP2 shard's whole gradient (``sharded.basis``: the exact
-    SVD through the all-reduced Gram of the unsharded dimension where that Gram is no larger
-    than the gradient, else the randomized SVD over the shards with the group's
-    ``proj_oversample`` and ``proj_power_iters``, one warning per optimizer). Left: this
-    rank's rows (m_i, r); right: the whole (r, n) basis."""
-    from lowrank_fused import sharded
-
-    return sharded.basis(G, rank, side, rows, projector="svd", sign_canon=opt.sign_canon,
-                         oversample=group["proj_oversample"],
-                         power_iters=group["proj_power_iters"], seed=seed,
-                         label=opt.param_label(p), warn_owner=opt)
-
-
 def _is_int(x, low):
     return not isinstance(x, bool) and isinstance(x, int) and x >= low
 
@@ -332,21 +308,14 @@ class _SubspaceAdamW(GaLoreAdamW):
         W, G, write_back = self._as_matrix(p, shape)    # FSDP2: this rank's rows
         self._update_basis(p, group, side, G, state, backend)
         P = state["basis"]
-        rows = _rows(p)
-        if rows is None:
-            R = ops.project(G, P, side=side, precision=precision, backend=backend)
-        else:           # left: P^T G summed over the ranks (r x n, replicated); right: local
-            from lowrank_fused import sharded
-
-            R = sharded.project(G, P, side, rows, precision=precision, backend=backend)
+        rows = sharded.rows_of(p)
+        # a shard on the left: P^T G summed over the ranks (r x n, replicated); right: local
+        R = sharded.project(G, P, side, rows, precision=precision, backend=backend)
         state["step"] += 1
         N, coef, post_decay = self._direction(R, state, group, side, backend, rows)
-        if rows is None:
-            ops.backproject_update(W, P, N, side=side, coef=coef, post_decay=post_decay,
-                                   precision=precision, backend=backend)
-        else:
-            sharded.backproject_update(W, P, N, side, rows, coef=coef, post_decay=post_decay,
-                                       precision=precision, backend=backend)
+        # local on a shard too: this rank's rows of P (left) or of N (right)
+        ops.backproject_update(W, P, N, side=side, coef=coef, post_decay=post_decay,
+                               precision=precision, backend=backend)
         write_back(W)
 
     def _direction(self, R, state, group, side, backend, rows=None):
@@ -683,15 +652,6 @@ class _SubspaceAdamW(GaLoreAdamW):
                     if key in state:
                         state[key] = _capacity.keep(state[key], state[key], state["rank"], cap)
 
-    def _warn_sharded_svd(self, p, shape, oversample, power_iters):
-        """``sharded.basis``'s warning (one per optimizer, ``ShardedRefreshWarning``): with
-        ``projector="svd"`` an FSDP2 shard whose exact SVD would all-reduce a Gram larger
-        than the gradient is refreshed by the randomized range finder."""
-        from lowrank_fused import sharded
-
-        sharded.warn_randomized_refresh(self, self.param_label(p), shape, oversample,
-                                        power_iters)
-
     def ranks(self) -> List[List[int]]:
         """Current rank of every projected matrix, per rank group (None before its first step)."""
         return [[self.state[p].get("rank") for p, _ in self._managed(g)]
@@ -898,7 +858,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
         state = self.state[p]
         self._state_replaced = True       # the engine's classes are rebuilt
         P_new = P_new.to(self._state_dtype(p))
-        rows = _rows(p)
+        rows = sharded.rows_of(p)
         if rows is not None:              # FSDP2: the moments of this rank's rows
             shape = (rows.stop - rows.start, shape[1])
         if "basis" in state:
@@ -921,8 +881,6 @@ class AdaptiveAdamW(_SubspaceAdamW):
         end with the residual energy ``sqrt(||G||^2 - sum S^2)`` as one more value, so the
         scores see the exact ``E = ||G||_F^2``; the allocation is the one-process one. A
         matrix that is not sharded takes the one-process computation."""
-        from lowrank_fused import sharded
-
         L = len(managed)
         randomized = group.get("projector", "svd") == "randomized"
         over, iters = group["proj_oversample"], group["proj_power_iters"]
@@ -930,7 +888,7 @@ class AdaptiveAdamW(_SubspaceAdamW):
         grads, spectra, vecs, caps = [], [], [], []
         for p, (side, _, shape) in managed:
             G = self._as_matrix(p, shape)[1]
-            rows = _rows(p)
+            rows = sharded.rows_of(p)
             cap = self._rank_capacity(group, shape, L)
             B = E = None
             if rows is None:
@@ -948,7 +906,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
                                              label=self.param_label(p))
                 else:
                     if not randomized:
-                        self._warn_sharded_svd(p, shape, over, iters)
+                        sharded.warn_randomized_refresh(self, self.param_label(p), shape,
+                                                        over, iters)
                     B, S = sharded.randomized_svd(G, cap, side, rows, oversample=over,
                                                   power_iters=iters, seed=seed,
                                                   sign_canon=self.sign_canon,
@@ -1078,7 +1037,7 @@ class RSAdamW(_SubspaceAdamW):
         k = state.get("step", 0)
         if "basis" in state and k % group["update_proj_gap"] != 0:
             return
-        split = _rows(p)
+        split = sharded.rows_of(p)
         # FSDP2 on the left: every rank draws the whole m x r Z and drifts the whole basis
         # (its rows gathered: thin), then keeps its rows; on the right the basis is whole
         shard_left = split is not None and side == "left"
@@ -1356,13 +1315,13 @@ class GHAAdamW(_SubspaceAdamW):
         return "basis" not in self.state.get(p, {})
 
     def _update_basis(self, p, group, side, G, state, backend):
-        rows = _rows(p)
+        rows = sharded.rows_of(p)
         if "basis" not in state:
             if rows is None:
                 P = canonical_svd_basis(G, group["rank"], side, self.sign_canon,
                                         label=self.param_label(p))
             else:
-                P = _sharded_svd_basis(self, p, G, group["rank"], side, rows, group, 0)
+                P = self._sharded_basis(p, G, group, group["rank"], side, rows, "svd")
             state["basis"] = P.to(self._state_dtype(p))
             state["rank"] = group["rank"]
             self._init_moments(p, state, side, (G.shape[0], G.shape[1]), group["rank"])
@@ -1499,12 +1458,12 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         if "basis" in state and k % group["update_proj_gap"] != 0:
             return
         rank = group["rank"]
-        rows = _rows(p)
+        rows = sharded.rows_of(p)
         if rows is None:
             P_new = canonical_svd_basis(G, rank, side, self.sign_canon,
                                         label=self.param_label(p), previous=state.get("basis"))
         else:
-            P_new = _sharded_svd_basis(self, p, G, rank, side, rows, group, k)
+            P_new = self._sharded_basis(p, G, group, rank, side, rows, "svd")
         P_new = P_new.to(self._state_dtype(p))
         if "basis" not in state:
             dtype = self._state_dtype(p)

@@ -360,10 +360,8 @@ class GaLoreAdamW(LowRankOptimizer):
                                             previous=state.get("basis"))
             state["basis"] = P_new.to(self._state_dtype(p))
         P = state["basis"]
-        if rows is None:
-            R = ops.project(G, P, side=side, precision=precision, backend=backend)
-        else:                          # left: P^T G summed over the ranks' rows
-            R = sharded.project(G, P, side, rows, precision=precision, backend=backend)
+        # a shard on the left: P^T G summed over the ranks' rows
+        R = sharded.project(G, P, side, rows, precision=precision, backend=backend)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros(R.shape, dtype=self._state_dtype(p), device=p.device)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
@@ -376,11 +374,13 @@ class GaLoreAdamW(LowRankOptimizer):
                          eps_mode="hf", backend=backend)
         self._galore_update(W, P, N, group, side, t, write_back, backend, precision)
 
-    def _sharded_basis(self, p, G, group, rank, side, rows):
-        """The refresh of an FSDP2 shard (``sharded.basis``): the group's projector, the exact
-        SVD only where its n x n Gram is small (``sharded.gram_is_small``; otherwise the
-        randomized range finder, with one warning). Returns this rank's part of the basis."""
-        return sharded.basis(G, rank, side, rows, projector=group.get("projector", "svd"),
+    def _sharded_basis(self, p, G, group, rank, side, rows, projector=None):
+        """The refresh of an FSDP2 shard (``sharded.basis``): ``projector`` (default the
+        group's), the exact SVD only where its n x n Gram is small (``sharded.gram_is_small``;
+        otherwise the randomized range finder, with one warning), seeded by the step counter.
+        Returns this rank's part of the basis."""
+        projector = projector or group.get("projector", "svd")
+        return sharded.basis(G, rank, side, rows, projector=projector,
                              sign_canon=self.sign_canon,
                              oversample=group.get("proj_oversample", 8),
                              power_iters=group.get("proj_power_iters", 2),

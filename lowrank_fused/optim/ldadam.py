@@ -84,36 +84,21 @@ def _canonical_signs(B: torch.Tensor) -> torch.Tensor:
     return B * torch.where(B.gather(0, idx) < 0, -1.0, 1.0).to(B.dtype)
 
 
-def _randomized_svd_basis(X: torch.Tensor, rank: int, side: str, sign_canon: bool, seed: int):
+def _randomized_svd_basis(X: torch.Tensor, rank: int, side: str, sign_canon: bool, seed: int,
+                          rows=None):
     """Top-``rank`` singular basis of ``float32(X)`` by a randomized range finder with
     oversampling q = rank + 2 and one power iteration: the algorithm of
     ``torch.svd_lowrank(X, q=rank+2, niter=1)`` (ldadam ``projector.py#L27-L52``), but with a
     seeded generator instead of the global RNG, so runs and resumed runs are reproducible.
-    Returns P (m x rank) for ``side='left'``, Q (rank x n) for ``'right'``, fp32."""
-    A = X.float()
-    if not torch.isfinite(A).all():
-        raise FloatingPointError("LDAdamW: the accumulated gradient has non-finite entries; "
-                                 "cannot compute its subspace")
-    m, n = A.shape
-    q = min(rank + 2, m, n)
-    gen = torch.Generator(device=A.device).manual_seed(seed)
-    omega = torch.randn(n, q, generator=gen, device=A.device, dtype=A.dtype)
-    Qr = torch.linalg.qr(A @ omega)[0]
-    Qr = torch.linalg.qr(A @ torch.linalg.qr(A.t() @ Qr)[0])[0]       # niter = 1
-    Ub, _, Vh = torch.linalg.svd(Qr.t() @ A, full_matrices=False)
-    B = (Qr @ Ub)[:, :rank] if side == "left" else Vh[:rank, :].t()
-    if sign_canon:
-        B = _canonical_signs(B)
-    return B.contiguous() if side == "left" else B.t().contiguous()
+    Returns P (m x rank) for ``side='left'``, Q (rank x n) for ``'right'``, fp32.
 
-
-def _sharded_randomized_svd_basis(X, rank, side, sign_canon, seed, rows):
-    """``_randomized_svd_basis`` of a row-sharded X (``lowrank_fused.sharded``), step for step:
-    the same seeded sketch over the columns, the QRs of the thin (m x q) products gathered
-    (q x m numbers), the products over the rows all-reduced (n x q and q x n). Returns this
-    rank's rows of P (left) or the whole Q (right), equal to the one-process basis up to the
-    rounding of the sums."""
+    ``rows`` (``lowrank_fused.sharded``): X is this rank's rows of a row-sharded matrix; the
+    same steps run over the shards (the thin m x q products gathered for their QRs, the
+    n x q and q x n products all-reduced) and P is this rank's rows. Without it, every
+    collective is a no-op."""
     A = X.float()
+    if rows is None:
+        rows = sharded.single_rows(A.shape[0])
     if rows.any_(not bool(torch.isfinite(A).all())):
         raise FloatingPointError("LDAdamW: the accumulated gradient has non-finite entries; "
                                  "cannot compute its subspace")
@@ -523,8 +508,8 @@ class LDAdamW(LowRankOptimizer):
         rows = sharded.rows_of(p) if p is not None else None
         if rows is not None:
             if method == "svd_lowrank":
-                return _sharded_randomized_svd_basis(X, rank, side, self.sign_canon,
-                                                     _SVD_LOWRANK_SEED + t, rows)
+                return _randomized_svd_basis(X, rank, side, self.sign_canon,
+                                             _SVD_LOWRANK_SEED + t, rows)
             return sharded.basis(X, rank, side, rows, projector="svd",
                                  sign_canon=self.sign_canon, seed=t, label=label,
                                  warn_owner=self)
@@ -629,9 +614,7 @@ class LDAdamW(LowRankOptimizer):
         rest = functools.partial(self._ldadam_after_projection, p, group, side, shape, W, A, E,
                                  P_new, P_old, M, V, first, t, write_back, backend, precision)
         # line 2: project the accumulated gradient (left shards: summed over the ranks)
-        Rg = (ops.project(A, P_new, side=side, precision=precision, backend=backend)
-              if rows is None else sharded.project(A, P_new, side, rows, precision=precision,
-                                                   backend=backend))
+        Rg = sharded.project(A, P_new, side, rows, precision=precision, backend=backend)
         N, coef, pre_scale, post_decay, finish = rest(Rg)
         ops.backproject_update(W, P_new, N, side=side, coef=coef, pre_scale=pre_scale,
                                post_decay=post_decay, precision=precision, backend=backend)
