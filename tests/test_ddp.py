@@ -5,11 +5,11 @@ of the gradient all-reduce, and a run checkpointed halfway and resumed in fresh 
 bit-identical to the uninterrupted one on every rank."""
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lowrank_fused.routing import METHODS
 from lowrank_fused.testing import assert_parity
-from lowrank_fused.testing.distributed import ddp_worker, free_port, run_single
+from lowrank_fused.testing.distributed import (ddp_worker, free_port, run_single,
+                                               spawn_with_deadline)
 
 from _methods import KW
 
@@ -24,8 +24,7 @@ CASES = {m: {**KW[m], "backend": "reference"} for m in METHODS}
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     cases = [(m, CASES[m]) for m in METHODS]
-    mp.spawn(ddp_worker, args=(WORLD, free_port(), cases, STEPS, str(out)), nprocs=WORLD,
-             join=True)
+    spawn_with_deadline(ddp_worker, (WORLD, free_port(), cases, STEPS, str(out)), WORLD)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -7,11 +7,11 @@ halfway checkpoint; a NaN in one rank's shard makes every rank skip (the flag is
 all-reduced); a method without a sharded path refuses sharded parameters clearly."""
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import lowrank_fused as lf
 from lowrank_fused.testing import assert_parity
 from lowrank_fused.testing.distributed import (FSDP2_TARGETS, check_fsdp2_case, free_port,
+                                               spawn_with_deadline,
                                                fsdp2_run, fsdp2_single, fsdp2_worker, odd_single)
 
 STEPS = 4
@@ -21,7 +21,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(fsdp2_worker, args=(WORLD, free_port(), STEPS, str(out)), nprocs=WORLD, join=True)
+    spawn_with_deadline(fsdp2_worker, (WORLD, free_port(), STEPS, str(out)), WORLD)
     return [torch.load(out / f"fsdp-rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -108,13 +108,11 @@ def _batched_worker(rank, world, port, out_dir):
 def test_fsdp2_adafactor_batch_of_matrices(tmp_path):
     """A (5, 6, 7) weight is five matrices; FSDP2 gives each rank whole matrices (3 and 2), so
     their statistics stay local and only sum(U^2) and sum(W^2) are all-reduced (per tensor)."""
-    import torch.multiprocessing as mp
-
-    from lowrank_fused.testing.distributed import free_port
+    from lowrank_fused.testing.distributed import free_port, spawn_with_deadline
     import lowrank_fused as lf
 
     torch.set_num_threads(1)
-    mp.spawn(_batched_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_with_deadline(_batched_worker, (2, free_port(), str(tmp_path)), 2)
     res = [torch.load(tmp_path / f"batched-{r}.pt", weights_only=True) for r in range(2)]
     model = _batched_model()
     opt = lf.Adafactor(model.parameters(), **BATCHED_KW)

@@ -5,12 +5,12 @@ shards of fixed matrices; each result is compared with ``subspace.randomized_svd
 collective moved with what the math needs."""
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lowrank_fused import ops, sharded, subspace
 from lowrank_fused.linalg import canonical_svd_basis
 from lowrank_fused.testing import assert_parity
 from lowrank_fused.testing.distributed import (SHARDED_OPS_SHAPES, free_port, sharded_ops_matrix,
+                                               spawn_with_deadline,
                                                sharded_ops_worker)
 
 WORLD = 2
@@ -19,7 +19,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    mp.spawn(sharded_ops_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_with_deadline(sharded_ops_worker, (WORLD, free_port(), str(out)), WORLD)
     return [torch.load(out / f"sharded-{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -21,6 +21,8 @@ def gloo_group(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         yield
+        # no rank tears its side down while a peer may still have work in flight with it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -325,15 +327,32 @@ def fsdp2_cases_worker(rank, world, port, cases, steps, out_dir, per_rank=4):
         torch.save(out, os.path.join(out_dir, f"fsdp2-cases-{rank}.pt"))
 
 
+def _rank_main(rank, fn, args):
+    """One spawned rank: ``fn(rank, *args)`` with a Python traceback dumped on a fatal signal
+    (a native abort otherwise reaches the test as a bare exit signal), then an immediate exit
+    once ``fn`` has returned and its results are written: interpreter finalization with the
+    communication library's threads still alive can abort a process that has finished its
+    work."""
+    import faulthandler
+    import sys
+
+    faulthandler.enable(all_threads=True)
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_with_deadline(fn, args, nprocs, deadline_s=180.0):
-    """``torch.multiprocessing.spawn`` that gives up after ``deadline_s``: a rank left waiting
-    in a collective for a peer that crashed or skipped it would otherwise hang the caller.
-    The processes are killed and ``TimeoutError`` raised."""
+    """``torch.multiprocessing.spawn`` of ``fn(rank, *args)`` that gives up after
+    ``deadline_s``: a rank left waiting in a collective for a peer that crashed or skipped it
+    would otherwise hang the caller. The processes are killed and ``TimeoutError`` raised.
+    Every multi-process test launches its ranks through this (see ``_rank_main``)."""
     import time
 
     import torch.multiprocessing as mp
 
-    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    context = mp.spawn(_rank_main, args=(fn, tuple(args)), nprocs=nprocs, join=False)
     stop = time.monotonic() + deadline_s
     while not context.join(timeout=1.0):
         if time.monotonic() > stop:
