@@ -9,6 +9,10 @@ DEPS := triton pybind11 ninja pytest pytest_benchmark numpy
 # optional: a machine without network and without them (the GPU machine) skips the tests that
 # need them (the property tests; the HF Trainer tests, which CI must run: tests/test_hf.py)
 OPTIONAL_DEPS := hypothesis transformers accelerate
+# `make test` runs the test files in JOBS processes (pytest-xdist, one file per process at a
+# time so module fixtures are built once; one torch/OpenMP thread each: an idle second thread
+# only spins) where pytest-xdist is installed, else in one process. JOBS=1: one process.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 CSRC := $(shell find csrc -type f 2>/dev/null)
 OUT ?=
 
@@ -27,6 +31,9 @@ $(VENV_STAMP): Makefile
 	  $(VENV)/bin/python -m pip install -q $$mod || \
 	  echo "$$mod unavailable: the tests that need it are skipped"; \
 	done
+	@$(VENV)/bin/python -c "import xdist" 2>/dev/null || \
+	  $(VENV)/bin/python -m pip install -q pytest-xdist || \
+	  echo "pytest-xdist unavailable: make test runs in one process"
 	@touch $@
 
 $(BUILD_STAMP): $(VENV_STAMP) setup.py CMakeLists.txt $(CSRC)
@@ -36,7 +43,12 @@ $(BUILD_STAMP): $(VENV_STAMP) setup.py CMakeLists.txt $(CSRC)
 build: $(BUILD_STAMP)
 
 test: $(BUILD_STAMP)
-	$(PY) -m pytest -q tests
+	@if [ "$(JOBS)" -gt 1 ] && $(PY) -c "import xdist" 2>/dev/null; then \
+	  echo "OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadfile tests"; \
+	  OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadfile tests; \
+	else \
+	  echo "$(PY) -m pytest -q tests"; $(PY) -m pytest -q tests; \
+	fi
 
 train: $(BUILD_STAMP)
 	$(PY) -m lowrank_fused.train
