@@ -564,25 +564,28 @@ class PackedMulti:
         self.written = [t for name in check["outputs"] for t in lists[name]
                         if not t.is_inference()]
         self.fn = getattr(_module(backend), f"{op}_{backend}")
+        self._token = None                  # the layout_token of the last checked call
+        self._checked = (None, None, None)  # the last call's checked skip, norms, table
+        self._written_with_norms = self.written
+        self._no_scalars = {name: [] for name in _SCALAR_NAMES[op]}
 
-    def __call__(self, dynamic=None, *, skip=None, norms=None, table=None, **scalars):
-        """``table`` (optional): the per-tensor scalars as a ``_tables.StagedTable``'s fp32
-        table (``csrc/multi_tensor.h``: one row per field, one column per tensor) on the
-        tensors' device, instead of the ``scalars`` lists: the call's arguments are then the
-        same at every step."""
-        if self.slot is not None:
-            shapes, dtypes = self._like_lists
-            if len(dynamic) != self.count or not (
-                    all(map(torch.Tensor.is_contiguous, dynamic))
-                    and list(map(torch.Tensor.size, dynamic)) == shapes
-                    and list(map(_DTYPE, dynamic)) == dtypes):
-                lists = dict(self.lists)
-                lists[self.names[self.slot]] = list(dynamic)
-                _check_multi(self.op, self.backend, lists, **_MULTI_CHECKS[self.op])
-                raise ValueError(f"{self.op}: {self.names[self.slot]} must have the dtypes of "
-                                 f"the bound call's")
-            self.ptrs[self.slot::self.stride] = list(map(torch.Tensor.data_ptr, dynamic))
-        kw = dict(scalars, skip=_skip_ptr(self.op, self.backend, skip, self.device), flag=0)
+    def _check_dynamic(self, dynamic):
+        shapes, dtypes = self._like_lists
+        if len(dynamic) != self.count or not (
+                all(map(torch.Tensor.is_contiguous, dynamic))
+                and list(map(torch.Tensor.size, dynamic)) == shapes
+                and list(map(_DTYPE, dynamic)) == dtypes):
+            lists = dict(self.lists)
+            lists[self.names[self.slot]] = list(dynamic)
+            _check_multi(self.op, self.backend, lists, **_MULTI_CHECKS[self.op])
+            raise ValueError(f"{self.op}: {self.names[self.slot]} must have the dtypes of "
+                             f"the bound call's")
+
+    def _check_aux_inputs(self, skip, norms, table):
+        """The checks of ``skip``, ``norms`` and ``table`` (kept for the next call with the
+        same three)."""
+        self._checked = (None, None, None)
+        _skip_ptr(self.op, self.backend, skip, self.device)
         if table is not None:
             rows = _TABLE_ROWS[self.op]
             if (table.dtype != torch.float32 or tuple(table.shape) != (len(rows), self.count)
@@ -590,10 +593,36 @@ class PackedMulti:
                 raise ValueError(f"{self.op}: table must be a contiguous float32 "
                                  f"({len(rows)}, {self.count}) tensor on {self.device}, got "
                                  f"{table.dtype} {tuple(table.shape)} on {table.device}")
-            kw.update({name: [] for name in _SCALAR_NAMES[self.op]}, table=table.data_ptr())
         if self.op == "adam_moments_multi":
             _check_aux(self.op, self.backend, "norms", norms, torch.float32, self.count,
                        self.device)
+        self._written_with_norms = self.written + (
+            [norms] if norms is not None and not norms.is_inference() else [])
+        self._checked = (skip, norms, table)
+
+    def __call__(self, dynamic=None, *, skip=None, norms=None, table=None, layout_token=None,
+                 **scalars):
+        """``table`` (optional): the per-tensor scalars as a ``_tables.StagedTable``'s fp32
+        table (``csrc/multi_tensor.h``: one row per field, one column per tensor) on the
+        tensors' device, instead of the ``scalars`` lists: the call's arguments are then the
+        same at every step. ``layout_token``: as ``ops_grouped.BoundGroupedProject``'s (the
+        check of ``dynamic`` once per token). ``skip``, ``norms`` and ``table`` are checked
+        when they are other tensors than the last call's (a step engine passes the same
+        ones every step)."""
+        if self.slot is not None:
+            if layout_token is None or layout_token != self._token:
+                self._check_dynamic(dynamic)
+                self._token = layout_token
+            elif len(dynamic) != self.count:
+                self._check_dynamic(dynamic)
+            self.ptrs[self.slot::self.stride] = list(map(torch.Tensor.data_ptr, dynamic))
+        if skip is not self._checked[0] or norms is not self._checked[1] \
+                or table is not self._checked[2]:
+            self._check_aux_inputs(skip, norms, table)
+        kw = dict(scalars, skip=0 if skip is None else skip.data_ptr(), flag=0)
+        if table is not None:
+            kw.update(self._no_scalars, table=table.data_ptr())
+        if self.op == "adam_moments_multi":
             kw["norms"] = norms.data_ptr() if norms is not None else 0
         if _capture.replaying():
             pass                      # a replayed CUDA graph makes this launch
@@ -603,6 +632,4 @@ class PackedMulti:
             with torch.cuda.device(self.device):
                 self.fn(self.ptrs, self.sizes, self.codes, device=self.device.index,
                         stream=torch.cuda.current_stream(self.device).cuda_stream, **kw)
-        torch.autograd.graph.increment_version(self.written)
-        if norms is not None and not norms.is_inference():
-            torch.autograd.graph.increment_version(norms)
+        torch.autograd.graph.increment_version(self._written_with_norms)

@@ -310,14 +310,22 @@ class BoundGroupedProject:
         self.impl, self.kw, self.planner = _bound_impl("grouped_project", backend, device,
                                                        {"Ps": self.Ps, "Rs": self.Rs})
         self._plans = {}      # (precision, side outputs) -> (gradient addresses, launch)
+        self._token = None    # the layout_token of the last call whose Gs were checked
 
-    def __call__(self, Gs, *, precision="ieee", r_sumsq=None, sumsq=None):
-        if not self.layout.matches(Gs):
-            _lists(Gs=Gs, Ps=self.Ps)
-            _check_members("Gs", Gs, self.layout.shape, self.device, "the bound Gs[0]",
-                           dtype=self.layout.dtype)
-            self.layout = _Layout(Gs[0], self.count)     # other strides, one for all: re-plan
-            self._plans.clear()
+    def __call__(self, Gs, *, precision="ieee", r_sumsq=None, sumsq=None, layout_token=None):
+        """``layout_token`` (optional, from the caller): a value that stays the same only
+        while no gradient's shape, strides, dtype or device has changed since a call that
+        gave it (the step engine's, renewed whenever its per-step check of every gradient
+        sees a change); with the last checked call's token the per-member check of ``Gs`` is
+        not repeated. None: checked every call."""
+        if layout_token is None or layout_token != self._token:
+            if not self.layout.matches(Gs):
+                _lists(Gs=Gs, Ps=self.Ps)
+                _check_members("Gs", Gs, self.layout.shape, self.device, "the bound Gs[0]",
+                               dtype=self.layout.dtype)
+                self.layout = _Layout(Gs[0], self.count)  # other strides, one for all: re-plan
+                self._plans.clear()
+            self._token = layout_token
         kw = dict(self.kw, precision=precision)
         if r_sumsq is not None:
             ops._check_side_output("r_sumsq", r_sumsq, (self.count,), self.device, "Gs[0]")
@@ -370,10 +378,12 @@ class BoundGroupedBackprojectUpdate:
             "grouped_backproject_update", backend, device,
             dict(zip(("Ws", "Ps", "Ns"), self.lists)))
         self._plans = {}      # precision -> launch (None: an empty matrix)
+        self._skip = None     # the last checked skip flag
 
     def __call__(self, *, coef, pre_scale=1.0, post_decay=0.0, precision="ieee", skip=None):
-        if skip is not None:
+        if skip is not None and skip is not self._skip:
             ops._check_skip(skip, self.device)
+            self._skip = skip                   # (a step engine passes the same flag)
         # the planned launch takes one number per scalar for every member (the common case,
         # written along the table's rows) as it is; anything else as checked per-member lists
         numbers = (type(coef) is float and type(pre_scale) in _NUMBER

@@ -209,6 +209,8 @@ class BoundAdamMomentsMulti:
     """``adam_moments_multi`` on fixed lists (R, M, V, N): checked and resolved once, here; a
     call takes one ``(beta1, beta2, eps, step)`` row per tensor and the ``skip`` flag."""
 
+    _last = (None, None)     # ((eps_mode, row), its scalars): the last one-row call's
+
     def __init__(self, Rs, Ms, Vs, Ns, *, eps_mode="hf", backend="auto"):
         lists = {name: _as_list(name, t)
                  for name, t in (("Rs", Rs), ("Ms", Ms), ("Vs", Vs), ("Ns", Ns))}
@@ -220,6 +222,7 @@ class BoundAdamMomentsMulti:
         self.eps_mode = eps_mode
         self.run = _bind("adam_moments_multi", backend, self.device, lists)
         self.table = _table_for(self.run, 7, self.count, self.device)
+        self._skip = None                                 # the last checked skip flag
 
     def _scalars(self, b1, b2, eps, t):
         if t != int(t):
@@ -233,7 +236,13 @@ class BoundAdamMomentsMulti:
             if len(rows) != 4:
                 raise ValueError(f"a row for every tensor must be (beta1, beta2, eps, step), "
                                  f"got {rows!r}")
-            one = self._scalars(*rows)
+            key = (self.eps_mode, rows)
+            memo = BoundAdamMomentsMulti._last   # a step's classes share their row
+            if memo[0] == key:
+                one = memo[1]
+            else:
+                one = self._scalars(*rows)
+                BoundAdamMomentsMulti._last = (key, one)
             cols = [[v] for v in one] if self.table is not None else \
                 [[v] * self.count for v in one]
         elif len(rows) != self.count:
@@ -241,8 +250,9 @@ class BoundAdamMomentsMulti:
                              f"({self.count}), got {len(rows)}")
         else:
             cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
-        if skip is not None:
+        if skip is not None and skip is not self._skip:
             ops._check_skip(skip, self.device)
+            self._skip = skip
         if self.table is not None:        # the scalars from a table at a fixed address
             if isinstance(rows, tuple):   # one value per row, rounded once to fp32
                 b1, b2, eps, c1, c2 = one
@@ -274,6 +284,20 @@ class BoundAdamWStepMulti:
                             [G.get_device() for G in lists["Gs"]])
         self.run = _bind("adamw_step_multi", backend, self.device, lists, dynamic="Gs")
         self.table = _table_for(self.run, 12, self.count, self.device)
+        self._token = None        # the layout_token of the last call whose Gs were checked
+        self._skip = None         # the last checked skip flag
+
+    def _check_grads(self, Gs):
+        shapes, dtypes, devices = self._like_lists
+        if not (list(map(torch.Tensor.size, Gs)) == shapes
+                and list(map(_DTYPE, Gs)) == dtypes
+                and list(map(torch.Tensor.get_device, Gs)) == devices):
+            for i, (G, shape, dtype, device) in enumerate(zip(Gs, shapes, dtypes, devices)):
+                ops._check_float(f"Gs[{i}]", G)
+                if (G.shape, G.dtype, G.get_device()) != (shape, dtype, device):
+                    raise ValueError(f"Gs[{i}] ({tuple(G.shape)}, {G.dtype}, {G.device}) differs "
+                                     f"from the bound gradient ({tuple(shape)}, {dtype}, "
+                                     f"{self.device})")
 
     def _scalars(self, lr, b1, b2, eps, wd, t):
         if t != int(t):
@@ -291,28 +315,24 @@ class BoundAdamWStepMulti:
                 raise ValueError(f"{name} must be finite, got {v}")
         return out
 
-    def __call__(self, Gs, rows, *, skip=None):
+    def __call__(self, Gs, rows, *, skip=None, layout_token=None):
+        """``layout_token``: as ``ops_grouped.BoundGroupedProject``'s (the check of ``Gs``
+        once per token)."""
         if len(rows) != self.count or len(Gs) != self.count:
             raise ValueError(f"Gs and rows must hold one entry per tensor ({self.count}), got "
                              f"{len(Gs)} and {len(rows)}")
-        shapes, dtypes, devices = self._like_lists
-        if not (list(map(torch.Tensor.size, Gs)) == shapes
-                and list(map(_DTYPE, Gs)) == dtypes
-                and list(map(torch.Tensor.get_device, Gs)) == devices):
-            for i, (G, shape, dtype, device) in enumerate(zip(Gs, shapes, dtypes, devices)):
-                ops._check_float(f"Gs[{i}]", G)
-                if (G.shape, G.dtype, G.get_device()) != (shape, dtype, device):
-                    raise ValueError(f"Gs[{i}] ({tuple(G.shape)}, {G.dtype}, {G.device}) differs "
-                                     f"from the bound gradient ({tuple(shape)}, {dtype}, "
-                                     f"{self.device})")
+        if layout_token is None or layout_token != self._token:
+            self._check_grads(Gs)
+            self._token = layout_token
         cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
-        if skip is not None:
+        if skip is not None and skip is not self._skip:
             ops._check_skip(skip, self.device)
+            self._skip = skip
         if self.table is not None:        # the scalars from a table at a fixed address
             lr, b1, b2, eps, c1, c2, pre, post = (np.asarray(c, dtype=np.float64) for c in cols)
             self.run(Gs, table=self.table.fill([lr, b1, 1.0 - b1, b2, 1.0 - b2, eps, c1, c2,
                                                 pre, post, pre != 1.0, post != 0.0]),
-                     skip=skip)
+                     skip=skip, layout_token=layout_token)
             return
         self.run(Gs, lr=cols[0], beta1=cols[1], beta2=cols[2], eps=cols[3], c1=cols[4],
                  c2=cols[5], pre_scale=cols[6], post_decay=cols[7], skip=skip)

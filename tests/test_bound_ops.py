@@ -232,3 +232,47 @@ def test_bound_grouped_residual_update_equals_the_op(backend, scratch, dtype):
     with pytest.raises(ValueError, match="Rs"):
         ops_grouped.BoundGroupedResidualBackprojectUpdate(
             W, Gs, P, [torch.zeros(r, n + 1)] * count, Ns, css, backend=be)
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+def test_layout_token_checks_once_per_token(backend):
+    """``layout_token`` (the step engine's): a call with the token of the last checked call
+    does not check the gradients again; a new token, or None, checks them (a mismatch
+    raises, naming Gs); the results equal the unbound op either way. Also the dense AdamW
+    multi-tensor call."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, r, count = 13, 21, 4, 3
+    W, P, low = _group(count, m, n, r, "left", torch.float32, gen)
+    Rs = [torch.full(low, float("nan")) for _ in range(count)]
+    be = _backend(backend)
+    Gs = [torch.randn(m, n, generator=gen) for _ in range(count)]
+    k1 = ops_grouped.BoundGroupedProject(Gs, P, Rs, backend=be)
+    checks = []
+    real = k1.layout.matches
+    k1.layout.matches = lambda Xs: checks.append(1) or real(Xs)
+    for token in (7, 7, 7):
+        Gs = [torch.randn(m, n, generator=gen) for _ in range(count)]
+        k1(Gs, layout_token=token)
+        want = ops_grouped.grouped_project(Gs, P, backend=be)
+        assert all(torch.equal(a, b) for a, b in zip(Rs, want))
+    assert len(checks) == 1                # once for token 7
+    k1(Gs, layout_token=None)
+    k1(Gs, layout_token=None)
+    assert len(checks) == 3                # None: every call
+    bad = [torch.randn(n, m, generator=gen) for _ in range(count)]
+    with pytest.raises(ValueError, match="Gs"):
+        k1(bad, layout_token=8)            # a new token: checked
+    with pytest.raises(ValueError, match="Gs"):
+        k1(bad, layout_token=None)
+
+    shapes = [(5, 7), (11,)]
+    Ws = [torch.randn(s, generator=gen) for s in shapes]
+    Ms = [torch.zeros(s) for s in shapes]
+    Vs = [torch.zeros(s) for s in shapes]
+    dense = ops_multi.BoundAdamWStepMulti(Ws, [torch.empty(s) for s in shapes], Ms, Vs,
+                                          backend=_backend("auto"))
+    rows = [(1e-2, 0.9, 0.999, 1e-8, 0.0, 1)] * 2
+    dense([torch.randn(s, generator=gen) for s in shapes], rows, layout_token=3)
+    wrong = [torch.randn(7, 5, generator=gen), torch.randn(11, generator=gen)]
+    with pytest.raises(ValueError, match="Gs"):
+        dense(wrong, rows, layout_token=4)

@@ -401,3 +401,41 @@ def test_only_methods_of_bound_calls_only_are_capturable():
     capturable = {name for name, cls in lf.optim.__dict__.items()
                   if isinstance(cls, type) and getattr(cls, "CAPTURABLE", False)}
     assert capturable == {"GaLoreAdamW", "AdamW", "HFAdamW"}, capturable
+
+
+def _transposed_layout(t):
+    """``t``'s values in a tensor of its shape whose 2-D strides are transposed (a gradient
+    that arrived in another memory layout)."""
+    if t.dim() != 2:
+        return t.clone()
+    out = torch.empty(t.shape[::-1], dtype=t.dtype).t()
+    out.copy_(t)
+    assert out.stride() != t.stride()
+    return out
+
+
+@pytest.mark.parametrize("method", ["galore", "adaptive_adamw", "adamw"])
+def test_gradients_in_a_new_layout_mid_run_equal_the_per_parameter_step(method):
+    """The bound calls check their gradients' layouts once per change the step's own check
+    of every gradient sees (the layout token), not every step: gradients that arrive with
+    other strides after steady steps (then the original layout again) must still be
+    checked, re-planned and stepped exactly as the per-parameter step does."""
+    runs = []
+    for engine in (True, False):
+        net = model()
+        opt = optimizer(net, method, **STEADY[method])
+        opt.engine = engine
+        tokens = []
+        for t in range(6):
+            backward(net, t)
+            if t == 3:                       # every 2-D gradient in the transposed layout
+                for p in net.parameters():
+                    p.grad = _transposed_layout(p.grad)
+            opt.step()
+            tokens.append(opt.__dict__.get("_layout_token"))
+            opt.zero_grad(set_to_none=t in (3, 4))
+        runs.append(snapshot(net, opt))
+        if engine:
+            # renewed on the first step, at the change and at the change back only
+            assert tokens == [1, 1, 1, 2, 3, 3], tokens
+    assert_same(runs[0], runs[1], f"{method}: engine vs per-parameter step")

@@ -574,16 +574,22 @@ class LowRankOptimizer(torch.optim.Optimizer):
         tensor in Python; any difference runs the full check, which names the gradient."""
         known = self.__dict__.get("_grad_layouts")
         if known is not None and known[0] == key:
-            _, shapes, dtypes, devices, dense = known
+            _, shapes, dtypes, devices, dense, strides = known
             if (list(map(torch.Tensor.size, grads)) == shapes
                     and list(map(_DTYPE, grads)) == dtypes
                     and list(map(_LAYOUT, grads)) == dense
-                    and list(map(torch.Tensor.get_device, grads)) == devices):
+                    and list(map(torch.Tensor.get_device, grads)) == devices
+                    and list(map(torch.Tensor.stride, grads)) == strides):
                 return
         for p in params:
             self._check_grad(p)
         self._grad_layouts = (key, [p.shape for p in params], [p.dtype for p in params],
-                              [p.get_device() for p in params], [torch.strided] * len(params))
+                              [p.get_device() for p in params], [torch.strided] * len(params),
+                              [g.stride() for g in grads])
+        # every gradient's layout (shape, strides, dtype, device) is unchanged from the last
+        # step for as long as this token is: the bound calls given it check theirs once per
+        # token instead of once per call (``ops_grouped.BoundGroupedProject``)
+        self._layout_token = self.__dict__.get("_layout_token", 0) + 1
 
     # -- non-finite gradients without a host read (docs/engine.md) --------------------------
     # A method whose every state-writing op of a steady step takes the on-device ``skip``
@@ -869,7 +875,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                      if p.grad is not None]
             key = tuple(map(id, (p for p, _ in pairs)))
         plan = self.__dict__.get("_engine_plan")
-        signature = (self.engine, self.multi_tensor, key,
+        # the layout token: gradients in another layout (strides) than the plan's may take
+        # another route (the compiled multi-tensor ops take contiguous tensors only)
+        signature = (self.engine, self.multi_tensor, key, self.__dict__.get("_layout_token"),
                      tuple(tuple(g.get(k) for k in self.LAYOUT_KEYS) for g in self.param_groups))
         if plan is not None and plan.signature == signature:
             self._live = plan.live
@@ -968,7 +976,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     dense.Ws, Gs, dense.Ms, dense.Vs, eps_mode=route.eps_mode,
                     wd_mode=route.wd_mode, bias_correction=route.bias_correction,
                     backend=dense.backend)
-            dense.bound(Gs, [h + (t,) for h, t in zip(hyper, ts)], skip=self._skip_flag)
+            dense.bound(Gs, [h + (t,) for h, t in zip(hyper, ts)], skip=self._skip_flag,
+                        layout_token=self.__dict__.get("_layout_token"))
         else:
             lrs, b1s, b2s, epss, wds = zip(*hyper)
             for W, G, M, V, lr, b1, b2, e, wd, t in zip(dense.Ws, Gs, dense.Ms, dense.Vs,
@@ -1069,7 +1078,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if k1 is None:
             k1 = cls.extra["k1"] = ops_grouped.BoundGroupedProject(
                 Gs, cls.Ps, cls.Rs, side=cls.route.side, backend=cls.backend)
-        k1(Gs, precision=precision, **side_outputs)
+        k1(Gs, precision=precision, layout_token=self.__dict__.get("_layout_token"),
+           **side_outputs)
         return cls.Rs
 
     def _class_update(self, cls, coefs, post_decays, precision, pre_scales=1.0):

@@ -175,6 +175,9 @@ def allocate_ranks(spectra: Sequence[torch.Tensor], budget: int, metric: str = "
 
 # ---------------------------------------------------------------------------------------------
 
+_ROOT_VALID = operator.itemgetter("kfac_root_valid")
+
+
 def _canon(side, X):
     """A tensor of the stored layout in the canonical left form (a view)."""
     return X if side == "left" else X.t()
@@ -1617,8 +1620,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             (beta1, beta2), bias, freq = hyper[0]
             if any(h != hyper[0] for h in hyper) or ts.count(t) != len(ts):
                 return False
-        if (t - 1) % freq == 0 or not all(st["kfac_root_valid"]
-                                          for st in cls.extra["states"]):
+        if (t - 1) % freq == 0 or not all(map(_ROOT_VALID, cls.extra["states"])):
             return False
         c1, c2 = ops.bias_corrections(beta1, beta2, t) if bias else (1.0, 1.0)
         grouped, Rs, Ms, Fs, roots, Ns, prepared, work = found
