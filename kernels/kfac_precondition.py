@@ -2,7 +2,9 @@
 (canonical) form: R, M, N are r x n, F and its inverse root r x r.
 
     F  = beta2*F + (1-beta2)*(R R^T)/n      Gram over n: the batched GEMM kernel
-                                            (``batched_matmul.py``), then r x r torch
+                                            (``batched_matmul.py``), then ``_factor_ema``
+                                            (its own launch for one matrix; inside the
+                                            whitening launch for a group)
     root = (F/c2 + eps_k*I)^(-1/2)          on a recompute step: ``eigh`` (r x r, torch)
     M  = beta1*M + (1-beta1)*R              one pass over the r x n tiles:
     N  = root @ (M/c1)                      ``_kfac_momentum_whiten_kernel``
@@ -36,6 +38,8 @@ BLOCK_N = 32       # columns of the slab a program owns
 BLOCK_K = 16       # rows of M per GEMM step
 NUM_WARPS = 8
 NUM_STAGES = 1
+BLOCK_F = 256      # elements of F per tile of its update (one per thread at 8 warps)
+EMA_PROGRAMS = 64  # programs of the one-matrix factor update (at most)
 
 
 @triton.jit
@@ -56,23 +60,63 @@ def _kfac_momentum_whiten_kernel(
 
 
 @triton.jit
+def _factor_ema(f_ptr, gram_ptr, pid, nprog, RANK, stride_fi, stride_fj, F_ITERS,
+                beta2, one_minus_beta2, ncols, BLOCK_F: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """``F = beta2*F + ((1-beta2)*gram)/n`` in place on program ``pid``'s tiles of F's r*r
+    elements (tiles pid, pid + nprog, ...; ``F_ITERS`` per program); ``gram`` a contiguous
+    fp32 r x r. Each operation rounded in fp32 as the torch expression's (IEEE division),
+    the result stored in F's dtype."""
+    total = RANK * RANK
+    for k in range(0, F_ITERS):
+        offs = (k * nprog + pid) * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask = offs < total
+        i = (offs // RANK).to(tl.int64)
+        j = (offs % RANK).to(tl.int64)
+        fp = f_ptr + i * stride_fi + j * stride_fj
+        f = tl.load(fp, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gram_ptr + offs.to(tl.int64), mask=mask, other=0.0)
+        new = f * beta2 + tl.div_rn(g * one_minus_beta2, ncols)
+        tl.store(fp, to_storage(new, f_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _kfac_factor_ema_kernel(
+    f_ptr, gram_ptr, RANK, stride_fi, stride_fj, F_ITERS, beta2, one_minus_beta2, ncols,
+    BLOCK_F: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One matrix's factor update (``_factor_ema``) over ``num_programs(0)`` programs."""
+    _factor_ema(f_ptr, gram_ptr, tl.program_id(0), tl.num_programs(0), RANK, stride_fi,
+                stride_fj, F_ITERS, beta2, one_minus_beta2, ncols, BLOCK_F, INTERPRET)
+
+
+@triton.jit
 def _grouped_kfac_momentum_whiten_kernel(
-    r_ptr, m_ptr, root_ptr, n_ptr, offs_ptr, skip_ptr, scal_ptr,
+    r_ptr, m_ptr, root_ptr, n_ptr, f_ptr, gram_ptr, offs_ptr, skip_ptr, scal_ptr,
     GROUP, RANK, NCOLS,
     stride_rr, stride_rn, stride_mr, stride_mn, stride_qi, stride_qj, stride_nr, stride_nn,
+    stride_fi, stride_fj, F_ITERS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_F: tl.constexpr, DOT_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    """The single kernel's slab (``_whiten_slab``) for member ``program_id(1)`` of a group
-    (offset rows: R, M, root, N); nothing is written when ``skip_ptr`` holds True. The
-    step's scalars (beta1, 1 - beta1, c1) come from the fp32 table at ``scal_ptr`` (one
-    address for every step: what a CUDA-graph replay needs)."""
+    """For member ``program_id(1)`` of a group (offset rows: R, M, root, N, F): the single
+    kernel's slab (``_whiten_slab``) and this program's share of the factor update
+    (``_factor_ema``; the member's Gram at ``gram_ptr + b*r*r``, a contiguous fp32 stack;
+    the whitening reads the cached root, not F, so the two are independent); nothing is
+    written when ``skip_ptr`` holds True. The step's scalars (beta1, 1 - beta1, c1, beta2,
+    1 - beta2, n) come from the fp32 table at ``scal_ptr`` (one address for every step: what
+    a CUDA-graph replay needs)."""
     if tl.load(skip_ptr):
         return
     beta1 = tl.load(scal_ptr)
     one_minus_beta1 = tl.load(scal_ptr + 1)
     c1 = tl.load(scal_ptr + 2)
     b = tl.program_id(1)
+    _factor_ema(member_ptr(f_ptr, offs_ptr + 4 * GROUP, b, ALIGNED),
+                gram_ptr + b.to(tl.int64) * RANK * RANK, tl.program_id(0), tl.num_programs(0),
+                RANK, stride_fi, stride_fj, F_ITERS, tl.load(scal_ptr + 3),
+                tl.load(scal_ptr + 4), tl.load(scal_ptr + 5), BLOCK_F, INTERPRET)
     _whiten_slab(member_ptr(r_ptr, offs_ptr, b, ALIGNED),
                  member_ptr(m_ptr, offs_ptr + GROUP, b, ALIGNED),
                  member_ptr(root_ptr, offs_ptr + 2 * GROUP, b, ALIGNED),
@@ -151,7 +195,11 @@ def kfac_precondition(R, M, F, root, N, *, beta1: float, beta2: float, c1: float
                                      eps_rel=eps_rel, recompute=recompute)
     Rf = R if R.dtype == torch.float32 else R.float()
     gram = batched_matmul(Rf.unsqueeze(0), Rf.t().unsqueeze(0), backend="triton")[0]
-    F.copy_(beta2 * F.float() + (1.0 - beta2) * gram / n)
+    progs = min(EMA_PROGRAMS, cdiv(r * r, BLOCK_F))
+    _kfac_factor_ema_kernel[(progs,)](
+        F, gram, r, F.stride(0), F.stride(1), cdiv(r * r, progs * BLOCK_F), float(beta2),
+        1.0 - float(beta2), float(n), BLOCK_F=BLOCK_F, INTERPRET=interpreting(),
+        num_warps=NUM_WARPS)
     from lowrank_fused.reference.kfac_precondition import recompute_root
 
     valid = recompute_root(F, root, c2=c2, eps_rel=eps_rel) if recompute else True
@@ -165,14 +213,14 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
     """The steady step (no recompute of the roots) of ``kfac_precondition`` for a group of
     same-shape members sharing the hyper-parameters, each member's bits the single op's:
     ``Rs`` (count, r, n) fp32 (a stack; any strides), ``Ms``/``Ns`` lists of r x n, ``Fs`` and
-    ``roots`` lists of r x r (each list one layout). The Grams of all members in one
-    batched-GEMM launch, F in a few torch ops over the stack, M and N in one grouped
-    launch. ``skip`` (0-dim bool on the device): when True, M and F keep their bits (N, a
-    workspace, is not defined then). ``prepared``: what ``grouped_kfac_offsets`` returned for
-    these lists (a caller stepping the same tensors every step: the checks and the offset
-    table once). ``work``: what ``grouped_kfac_work`` returned for these lists (the
-    buffers of the Grams and of F's update, reused: a call then allocates nothing); the bits
-    are the same either way."""
+    ``roots`` lists of r x r (each list one layout). Two launches: the Grams of all members
+    (batched GEMM), then M, N and F of every member (the grouped whitening, whose programs
+    also share each member's factor update). ``skip`` (0-dim bool on the device): when
+    True, M and F keep their bits (N, a workspace, is not defined then). ``prepared``: what
+    ``grouped_kfac_offsets`` returned for these lists (a caller stepping the same tensors
+    every step: the checks and the offset table once). ``work``: what ``grouped_kfac_work``
+    returned for these lists (the Grams' buffer, reused: a call then allocates nothing);
+    the bits are the same either way."""
     count, r, n = Rs.shape
     if prepared is None:
         prepared = grouped_kfac_offsets(Rs, Ms, Fs, roots, Ns)
@@ -180,27 +228,20 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
         work = grouped_kfac_work(Rs, Fs)
     offs, aligned = prepared
     Rf = Rs if Rs.dtype == torch.float32 else Rs.float()
-    gram, F, Ff, F_new, F_news = work
+    gram, = work
     work_matmul(Rf, Rf.transpose(1, 2), gram)
-    torch.stack(list(Fs), out=F)
-    if Ff is not F:
-        Ff.copy_(F)
-    # beta2*F + ((1 - beta2)*gram)/n, each op rounded as the expression's
-    torch.mul(Ff, beta2, out=F_new)
-    gram.mul_(1.0 - beta2).div_(n)
-    F_new.add_(gram)
-    if skip is not None:
-        torch.where(skip, Ff, F_new, out=F_new)
-    torch._foreach_copy_(list(Fs), F_news)
-    R0, M0, Q0, N0 = Rf[0], Ms[0], roots[0], Ns[0]
+    R0, M0, Q0, N0, F0 = Rf[0], Ms[0], roots[0], Ns[0], Fs[0]
     # the step's scalars in a table kept per output address (refilled in place)
-    scal = scalar_table([[float(beta1)], [1.0 - float(beta1)], [float(c1)]], Rf.device,
+    scal = scalar_table([[float(beta1)], [1.0 - float(beta1)], [float(c1)], [float(beta2)],
+                         [1.0 - float(beta2)], [float(n)]], Rf.device,
                         key=("kfac_whiten", N0.data_ptr()))
-    _grouped_kfac_momentum_whiten_kernel[(cdiv(n, BLOCK_N), count)](
-        R0, M0, Q0, N0, offs, skip_flag(skip, Rf.device), scal, count, r, n,
+    progs = cdiv(n, BLOCK_N)
+    _grouped_kfac_momentum_whiten_kernel[(progs, count)](
+        R0, M0, Q0, N0, F0, gram, offs, skip_flag(skip, Rf.device), scal, count, r, n,
         R0.stride(0), R0.stride(1), M0.stride(0), M0.stride(1), Q0.stride(0), Q0.stride(1),
-        N0.stride(0), N0.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
+        N0.stride(0), N0.stride(1), F0.stride(0), F0.stride(1),
+        cdiv(r * r, progs * BLOCK_F),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_F=BLOCK_F, DOT_MODE=DOT_IEEE,
         INTERPRET=interpreting(), ALIGNED=aligned, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
@@ -213,16 +254,10 @@ def work_matmul(A, B, out) -> None:
 
 
 def grouped_kfac_work(Rs, Fs):
-    """The buffers ``grouped_kfac_precondition`` writes besides its outputs, for these
-    lists: ``(gram, F, Ff, F_new, F_news)`` (the Grams, F's stack in its dtype and in fp32,
-    F's update and its members)."""
+    """The buffer ``grouped_kfac_precondition`` writes besides its outputs, for these
+    lists: ``(gram,)``, the members' Grams (count, r, r) fp32, contiguous."""
     count, r, _ = Rs.shape
-    kw = dict(dtype=torch.float32, device=Rs.device)
-    gram = torch.empty(count, r, r, **kw)
-    F = torch.empty(count, r, r, dtype=Fs[0].dtype, device=Rs.device)
-    Ff = F if F.dtype == torch.float32 else torch.empty(count, r, r, **kw)
-    F_new = torch.empty(count, r, r, **kw)
-    return gram, F, Ff, F_new, list(F_new.unbind(0))
+    return (torch.empty(count, r, r, dtype=torch.float32, device=Rs.device),)
 
 
 def grouped_kfac_offsets(Rs, Ms, Fs, roots, Ns):
@@ -242,11 +277,13 @@ def grouped_kfac_offsets(Rs, Ms, Fs, roots, Ns):
                          f"{tuple(Rs.shape)}")
     if Rs.dtype != torch.float32:
         raise TypeError(f"Rs must be float32 (the projection), got {Rs.dtype}")
-    M0, Q0, N0 = Ms[0], roots[0], Ns[0]
+    M0, Q0, N0, F0 = Ms[0], roots[0], Ns[0], Fs[0]
     return offsets_table(
         [element_offsets("Rs", list(Rs.unbind(0))), element_offsets("Ms", Ms),
-         element_offsets("roots", roots), element_offsets("Ns", Ns)],
-        [4, M0.element_size(), Q0.element_size(), N0.element_size()], Rs.device)
+         element_offsets("roots", roots), element_offsets("Ns", Ns),
+         element_offsets("Fs", Fs)],
+        [4, M0.element_size(), Q0.element_size(), N0.element_size(), F0.element_size()],
+        Rs.device)
 
 
 def aot_variants():
@@ -263,11 +300,18 @@ def aot_variants():
                       dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_MODE=DOT_IEEE,
                            INTERPRET=False),
                       NUM_WARPS, NUM_STAGES)
+        f_ints = {"RANK": "i32", "stride_fi": "i32", "stride_fj": "i32", "F_ITERS": "i32"}
+        yield Variant(_kfac_factor_ema_kernel,
+                      {"f_ptr": "*" + s_t, "gram_ptr": "*fp32", **f_ints, "beta2": "fp32",
+                       "one_minus_beta2": "fp32", "ncols": "fp32"},
+                      dict(BLOCK_F=BLOCK_F, INTERPRET=False), NUM_WARPS, 3)
         for aligned in (True, False):
             yield Variant(_grouped_kfac_momentum_whiten_kernel,
                           {"r_ptr": "*fp32", "m_ptr": "*" + s_t, "root_ptr": "*" + s_t,
-                           "n_ptr": "*" + s_t, "offs_ptr": "*i64", "skip_ptr": "*i1",
-                           "scal_ptr": "*fp32", "GROUP": "i32", **ints},
+                           "n_ptr": "*" + s_t, "f_ptr": "*" + s_t, "gram_ptr": "*fp32",
+                           "offs_ptr": "*i64", "skip_ptr": "*i1", "scal_ptr": "*fp32",
+                           "GROUP": "i32", **ints, **f_ints},
                           dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                               DOT_MODE=DOT_IEEE, INTERPRET=False, ALIGNED=aligned),
+                               BLOCK_F=BLOCK_F, DOT_MODE=DOT_IEEE, INTERPRET=False,
+                               ALIGNED=aligned),
                           NUM_WARPS, NUM_STAGES)

@@ -135,15 +135,17 @@ def test_bad_shape_names_the_argument(device):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grouped_whitening_equals_the_single_op(side, dtype, device):
-    """``grouped_kfac_precondition`` (one Gram launch, F over the stack, one grouped
-    whitening launch) gives every member the single op's bits (cached root): separate
-    state tensors, R a stack (transposed for right-form views), poisoned N; with the skip
-    flag set M and F keep their bits."""
+@pytest.mark.parametrize("r", [5, 40], ids=["r5", "r40"])
+def test_grouped_whitening_equals_the_single_op(side, dtype, r, device):
+    """``grouped_kfac_precondition`` (one Gram launch, one grouped launch for M, N and F)
+    gives every member the single op's bits (cached root): separate state tensors, R a
+    stack (transposed for right-form views), poisoned N; r = 40: each of the 3 programs of
+    a member updates several tiles of its F (1600 elements); with the skip flag set M and
+    F keep their bits."""
     import importlib
 
     kp = importlib.import_module("lowrank_fused.kernels.kfac_precondition")
-    count, r, n = 3, 5, 70
+    count, n = 3, 70
     gen = torch.Generator().manual_seed(7)
     ins = [_inputs(r, n, dtype, device, gen) for _ in range(count)]
     if side == "left":
@@ -171,3 +173,8 @@ def test_grouped_whitening_equals_the_single_op(side, dtype, device):
             assert torch.equal(a, b)
     kp.grouped_kfac_precondition(Rs, *got, **hyper, skip=torch.tensor(False, device=device))
     assert not torch.equal(before[0][0], got[0][0])
+    for b in range(count):                 # a second step, after the skipped one
+        _run("triton", Rs[b], want[0][b], want[1][b], want[2][b], want[3][b], False)
+    for W, G in zip(want, got):
+        for a, b in zip(W, G):
+            assert torch.equal(a, b)

@@ -1541,7 +1541,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
 
     def _class_lists_k2(self, cls):
         """The whitening of the whole class (``grouped_kfac_precondition``: one batched Gram,
-        F in torch over the stack, one grouped whitening launch) where the backend's
+        one grouped launch for M, N and F) where the backend's
         whitening is the fused one and the class's R are consecutive in the workspace; and
         the limiter's norms from one grouped sum of squares (the bits the per-matrix fused
         limiter computes for itself) for the class limiter."""
