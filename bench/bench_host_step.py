@@ -24,7 +24,9 @@ value is the median over ``--steps`` steps of the CPU time the calling thread sp
 ``opt.step()`` (``time.thread_time``: on a loaded machine the wall time also counts the time
 the thread waits for a core; everything timed runs on this one thread, torch's intra-op pool
 set to one thread), with the wall time beside it. ``torch.optim.AdamW(fused=True)`` on the
-same tensors is timed in the same run, in alternation with each method.
+same tensors is timed in the same run, in alternation with each method (Python's cyclic
+garbage collector off while the pairs run); ``x_paired`` is the median of each step's time
+over the baseline step right after it, which a drift of the machine's speed does not move.
 
 Also per steady step: kernel launches (Triton + extension calls), device-to-host reads (the
 ``HostReads`` counter of ``lowrank_fused.testing.trace`` plus ``Tensor.tolist``) and tensors
@@ -44,6 +46,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton import: aut
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -216,6 +219,23 @@ def _new_grads(net):
             p.grad = p.grad.clone()
 
 
+def _timed(opt, base, net, steps, fresh_grads, ours, theirs, ours_cpu, theirs_cpu):
+    """``steps`` pairs: one step of ``opt``, then one of the baseline (the same load for
+    both), each timed in wall and thread CPU microseconds."""
+    for _ in range(steps):
+        if fresh_grads:
+            _new_grads(net)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        opt.step()
+        t1, c1 = time.perf_counter(), time.thread_time()
+        base.step()
+        t2, c2 = time.perf_counter(), time.thread_time()
+        ours.append((t1 - t0) * 1e6)
+        theirs.append((t2 - t1) * 1e6)
+        ours_cpu.append((c1 - c0) * 1e6)
+        theirs_cpu.append((c2 - c1) * 1e6)
+
+
 def _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh_grads=False):
     """``measure``'s loop, inside the stubs: the baseline, then each method in turn."""
     _, base = build("torch_fused_adamw", layers=layers)
@@ -236,23 +256,20 @@ def _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh
         per_step = dict(launches.count)
         reads, allocs = host_reads_and_allocations(opt)
         ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
-        for _ in range(steps):                 # alternate: the same load for both
-            if fresh_grads:
-                _new_grads(net)
-            t0, c0 = time.perf_counter(), time.thread_time()
-            opt.step()
-            t1, c1 = time.perf_counter(), time.thread_time()
-            base.step()
-            t2, c2 = time.perf_counter(), time.thread_time()
-            ours.append((t1 - t0) * 1e6)
-            theirs.append((t2 - t1) * 1e6)
-            ours_cpu.append((c1 - c0) * 1e6)
-            theirs_cpu.append((c2 - c1) * 1e6)
+        gc.collect()                           # no cyclic collection inside a timed step
+        gc.disable()
+        try:
+            _timed(opt, base, net, steps, fresh_grads, ours, theirs, ours_cpu, theirs_cpu)
+        finally:
+            gc.enable()
         tensors, projected = count_matrices(opt)
         row = dict(method=method, host_us=statistics.median(ours),
                    torch_fused_adamw_us=statistics.median(theirs),
                    host_cpu_us=statistics.median(ours_cpu),
                    torch_fused_adamw_cpu_us=statistics.median(theirs_cpu),
+                   # each step against the baseline step right after it: the ratio a slow
+                   # drift of the machine's speed over the run does not move
+                   x_paired=statistics.median(a / b for a, b in zip(ours_cpu, theirs_cpu)),
                    launches=sum(per_step.values()), launches_by_kernel=per_step,
                    host_reads=sum(reads.values()), host_reads_by_op=reads,
                    allocations=allocs, tensors=tensors, projected=projected,
@@ -261,8 +278,8 @@ def _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh
         row["x_torch_fused_adamw"] = row["host_cpu_us"] / row["torch_fused_adamw_cpu_us"]
         rows.append(row)
         log(f"{method:16s} {row['host_cpu_us']:10.0f} us  {row['x_torch_fused_adamw']:6.2f}x "
-            f"torch fused AdamW ({row['torch_fused_adamw_cpu_us']:.0f} us; wall "
-            f"{row['x_torch_fused_adamw_wall']:.2f}x)  launches "
+            f"torch fused AdamW ({row['torch_fused_adamw_cpu_us']:.0f} us; paired "
+            f"{row['x_paired']:.2f}x; wall {row['x_torch_fused_adamw_wall']:.2f}x)  launches "
             f"{row['launches']:5d}  host reads {row['host_reads']}  allocations {allocs}")
 
 

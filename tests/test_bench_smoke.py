@@ -127,7 +127,7 @@ def test_bench_host_step_counts_launches_and_reads():
                                    log=lambda *a: None)
     by = {r["method"]: r for r in rows}
     for r in rows:
-        assert r["host_us"] > 0 and r["torch_fused_adamw_us"] > 0
+        assert r["host_us"] > 0 and r["torch_fused_adamw_us"] > 0 and r["x_paired"] > 0
         assert r["host_reads"] == 0, r["host_reads_by_op"]
     assert by["adamw"]["launches_by_kernel"] == {"ext:nonfinite_flags_multi_cpu": 1,
                                                  "ext:adamw_step_multi_cpu": 1}
