@@ -199,6 +199,10 @@ class BoundGroupedNormGrowthLimit:
         gamma = float(gamma)
         if not gamma >= 1.0:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
+        from lowrank_fused import _capture
+
+        if _capture.replaying():          # a replayed CUDA graph makes these launches
+            return
         Ns = self.Ns
         _grouped_limiter_factor_kernel[(cdiv(self.count, FACTOR_BLOCK),)](
             self.norms, self.prevs[0], self.offs, self.f, skip_flag(skip, Ns.device),

@@ -9,7 +9,7 @@ For every method (``STEADY``):
   launches per matrix class.
 * With the flag left on the device a steady step allocates nothing.
 
-For GaLore and AdamW (the capturable methods; the others' own engine tests check the same):
+For GaLore and AdamW (the others' own engine tests check the same):
 
 * With the flag read at once, a steady step allocates O(classes) small tensors, not
   O(parameters).
@@ -18,6 +18,10 @@ For GaLore and AdamW (the capturable methods; the others' own engine tests check
   ``nonfinite_check()``) rolls its counters back: weights and every state value bit-identical
   to before it; "raise" then names the parameter and the step.
 * A refresh step reads the flag at once (its SVD needs a finite gradient).
+
+For the capturable methods (GaLore, AdaptiveAdamW, RSAdamW, AdamW): a replayed step (the host
+half with every launch suppressed, then an earlier step's launches) equals the eager run; on
+CUDA, the captured run equals the eager one.
 """
 import collections
 
@@ -42,10 +46,11 @@ ENGINE_METHODS = tuple(STEADY)
 # launches per class or dense set in a steady step, at most (default 4)
 PER_UNIT = {"adaptive_adamw": 5, "rsadamw": 5, "gha": 7, "galore_kfac": 7, "adamem": 6,
             "ldadam": 8, "adafactor": 5}
-# the methods whose steady step is offered for CUDA-graph capture (CAPTURABLE); the
-# device-skip tests run on them here, every other method has its own (test_optim_*_engine.py,
-# test_optim_*_device_skip.py)
-CAPTURE_METHODS = ("galore", "adamw")
+# the methods whose steady step is offered for CUDA-graph capture (CAPTURABLE)
+CAPTURE_METHODS = ("galore", "adaptive_adamw", "rsadamw", "adamw")
+# the device-skip and per-class allocation tests run on these here; every other method has
+# its own (test_optim_*_engine.py, test_optim_*_device_skip.py)
+SKIP_METHODS = ("galore", "adamw")
 
 
 def _arg(a):
@@ -144,7 +149,7 @@ def test_steady_steps_launch_the_same_kernels_on_the_same_tensors(method, lagged
     assert not plan.legacy
 
 
-@pytest.mark.parametrize("method", CAPTURE_METHODS)
+@pytest.mark.parametrize("method", SKIP_METHODS)
 def test_steady_step_allocates_per_class_not_per_parameter(method, monkeypatch):
     net, opt = _steady(method)
     backward(net, 3)
@@ -183,7 +188,7 @@ def _poison(net, name, value=float("nan")):
 NAMES = {"lowrank": "model.layers.0.mlp.down_proj.weight", "dense": "model.embed_tokens.weight"}
 
 
-@pytest.mark.parametrize("method", CAPTURE_METHODS)
+@pytest.mark.parametrize("method", SKIP_METHODS)
 @pytest.mark.parametrize("which", ["lowrank", "dense"])
 def test_device_skip_without_host_read_rolls_back(method, which):
     net, opt = _steady(method, nonfinite="skip")
@@ -210,7 +215,7 @@ def test_device_skip_without_host_read_rolls_back(method, which):
     assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"{method}: after the skip")
 
 
-@pytest.mark.parametrize("method", CAPTURE_METHODS)
+@pytest.mark.parametrize("method", SKIP_METHODS)
 def test_device_skip_raise_names_parameter_and_step_at_the_next_step(method):
     net, opt = _steady(method)
     opt.lagged_nonfinite = True
@@ -400,7 +405,8 @@ def test_only_methods_of_bound_calls_only_are_capturable():
 
     capturable = {name for name, cls in lf.optim.__dict__.items()
                   if isinstance(cls, type) and getattr(cls, "CAPTURABLE", False)}
-    assert capturable == {"GaLoreAdamW", "AdamW", "HFAdamW"}, capturable
+    assert capturable == {"GaLoreAdamW", "AdaptiveAdamW", "RSAdamW", "AdamW", "HFAdamW"}, \
+        capturable
 
 
 def _transposed_layout(t):
@@ -439,3 +445,14 @@ def test_gradients_in_a_new_layout_mid_run_equal_the_per_parameter_step(method):
             # renewed on the first step, at the change and at the change back only
             assert tokens == [1, 1, 1, 2, 3, 3], tokens
     assert_same(runs[0], runs[1], f"{method}: engine vs per-parameter step")
+
+
+@pytest.mark.parametrize("method", ["adaptive_adamw", "rsadamw"])
+def test_capture_key_holds_the_values_launched_by_value(method):
+    """The class limiter takes ``nl_gamma`` by value, so a captured graph holds it: the
+    capture key carries it (a changed gamma makes the next step eager and re-captures)."""
+    net, opt = _steady(method)
+    before = opt._captured_values()
+    opt.param_groups[-1]["nl_gamma"] = 1.5
+    assert opt._captured_values() != before
+    assert 1.5 in opt._captured_values()

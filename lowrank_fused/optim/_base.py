@@ -842,7 +842,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if not all(self._class_capturable(c) for c in plan.classes.values()):
             return None
         return (id(plan), self._class_generation, self.precision(params[0].device),
-                tuple(map(torch.Tensor.data_ptr, (p.grad for p in params))))
+                tuple(map(torch.Tensor.data_ptr, (p.grad for p in params))),
+                self._captured_values())
+
+    def _captured_values(self) -> tuple:
+        """Hook: the values a captured step's launches take by value rather than from a
+        scalar table (a change of any of them makes the next step eager and re-captures).
+        Default: none."""
+        return ()
 
     # a method whose steady step makes only launches of the engine's bound calls (those a
     # replay suppresses: the flags, grouped K1/K3, the multi-tensor calls) and no other

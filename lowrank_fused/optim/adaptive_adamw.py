@@ -229,8 +229,26 @@ class _SubspaceAdamW(GaLoreAdamW):
     # limiter, GHA's update and transport, K-FAC's whitening, K3): between refreshes the
     # non-finite flag is not read on the host (docs/engine.md)
     DEVICE_SKIP = True
-    # the limiter and GHA's update are eager torch ops a graph replay would not stand in for
+    # AdaptiveAdamW and RSAdamW: a steady class step is bound calls only (K1, the
+    # multi-tensor K2, the class limiter, K3); GHA's update and K-FAC's whitening make other
+    # launches and torch ops, which a graph replay would run twice
     CAPTURABLE = False
+
+    def _class_capturable(self, cls) -> bool:
+        """K2 on its multi-tensor op and the limiter, when on, as one bound call for the
+        class with one ``nl_gamma`` (``_class_limit``: not the per-member fallback)."""
+        if cls.extra.get("where") is None:
+            return False
+        if cls.extra["limiter"] is None:
+            return True
+        if cls.extra.get("limit_call") is None:
+            return False
+        gammas = per_member(cls.extra["groups"], lambda g: float(g["nl_gamma"]))
+        return all(g == gammas[0] for g in gammas)
+
+    def _captured_values(self) -> tuple:
+        """The class limiter takes ``nl_gamma`` by value."""
+        return tuple(g.get("nl_gamma") for g in self.param_groups)
 
     def __init__(self, params, lr, betas, eps, weight_decay, bias_correction, *, family,
                  capacity_buffers=False, **options):
@@ -716,6 +734,8 @@ class AdaptiveAdamW(_SubspaceAdamW):
     the CPU (``opt.engine = False`` runs that; per-layer mode always does).
     """
 
+    CAPTURABLE = True       # a steady step is bound calls only (docs/engine.md)
+
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  bias_correction=True, *, rank_metric="explained_variance", nl_gamma=1.01,
                  combined_weight=0.5, update_proj_gap=200, scale=0.25, max_rank=None,
@@ -1011,6 +1031,8 @@ class RSAdamW(_SubspaceAdamW):
     the CPU from a generator seeded by (``seed``, the parameter's index in the optimizer, k),
     so runs and resumed runs are reproducible. Other arguments as ``AdaptiveAdamW``.
     """
+
+    CAPTURABLE = True       # a steady step is bound calls only (docs/engine.md)
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  bias_correction=True, *, sigma=1.0, seed=0, nl_gamma=1.01, update_proj_gap=200,
