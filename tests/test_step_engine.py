@@ -19,7 +19,7 @@ For GaLore and AdamW (the others' own engine tests check the same):
   to before it; "raise" then names the parameter and the step.
 * A refresh step reads the flag at once (its SVD needs a finite gradient).
 
-For the capturable methods (GaLore, AdaptiveAdamW, RSAdamW, AdamW): a replayed step (the host
+For the capturable methods (GaLore, AdaptiveAdamW, RSAdamW, AdamW, Adafactor): a replayed step (the host
 half with every launch suppressed, then an earlier step's launches) equals the eager run; on
 CUDA, the captured run equals the eager one.
 """
@@ -47,7 +47,7 @@ ENGINE_METHODS = tuple(STEADY)
 PER_UNIT = {"adaptive_adamw": 5, "rsadamw": 5, "gha": 7, "galore_kfac": 7, "adamem": 6,
             "ldadam": 8, "adafactor": 5}
 # the methods whose steady step is offered for CUDA-graph capture (CAPTURABLE)
-CAPTURE_METHODS = ("galore", "adaptive_adamw", "rsadamw", "adamw")
+CAPTURE_METHODS = ("galore", "adaptive_adamw", "rsadamw", "adamw", "adafactor")
 # the device-skip and per-class allocation tests run on these here; every other method has
 # its own (test_optim_*_engine.py, test_optim_*_device_skip.py)
 SKIP_METHODS = ("galore", "adamw")
@@ -405,8 +405,8 @@ def test_only_methods_of_bound_calls_only_are_capturable():
 
     capturable = {name for name, cls in lf.optim.__dict__.items()
                   if isinstance(cls, type) and getattr(cls, "CAPTURABLE", False)}
-    assert capturable == {"GaLoreAdamW", "AdaptiveAdamW", "RSAdamW", "AdamW", "HFAdamW"}, \
-        capturable
+    assert capturable == {"GaLoreAdamW", "AdaptiveAdamW", "RSAdamW", "AdamW", "HFAdamW",
+                          "Adafactor"}, capturable
 
 
 def _transposed_layout(t):

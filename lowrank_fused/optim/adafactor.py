@@ -277,6 +277,13 @@ class Adafactor(LowRankOptimizer):
     # Every state write of a steady step (the statistics, exp_avg, W) takes the on-device skip
     # flag, so with the lagged flag a steady step reads nothing on the host.
     DEVICE_SKIP = True
+    # a steady step is one grouped call per class (GroupedAdafactorStep: its scalars in a
+    # table, its launches skipped on a replay) where every class took it on the last step
+    CAPTURABLE = True
+
+    def _class_capturable(self, cls) -> bool:
+        """The class ran its grouped call on the last step (not the op per member)."""
+        return cls.extra.get("grouped_used", False)
 
     def _route(self, p, group):
         """Every parameter runs on a class of its canonical shape; a strided vector (the
@@ -358,7 +365,9 @@ class Adafactor(LowRankOptimizer):
         Gs = [m.p.grad for m in cls.members]
         if grouped is not None and grouped.takes(Gs):
             grouped(Gs, sets, None if len(sets) == 1 else sel, skip=self._skip_flag)
+            cls.extra["grouped_used"] = True
             return
+        cls.extra["grouped_used"] = False
         # the reference, or gradients of different layouts on this step: the op per member
         x = cls.extra
         impl, shape, scaled = x["impl"], cls.route.shape, x["scaled"]
