@@ -125,6 +125,7 @@ class BoundAdapmClass:
         self.layout = (W0.shape, Gs[0].stride(), Gs[0].dtype, device)
         self.strides, self.shapes = [Gs[0].stride()] * count, [W0.shape] * count
         self.dtypes, self.devices = [Gs[0].dtype] * count, [device] * count
+        self._token = None      # the layout_token of the last call whose Gs were checked
         self.lists = dict(Ws=Ws, Vs=Vs, Ls=Ls, Rs=Rs, Rgs=Rgs, Ms=Ms)
         self.impl = None
         if self.backend == "triton" and m * n:
@@ -139,18 +140,22 @@ class BoundAdapmClass:
                     raise ValueError("Bs must be contiguous")
             self.impl = GroupedAdapmStep(Ws, Vs, Ls=Ls, Rs=Rs, Rgs=Rgs, Bs=Bs, Ms=Ms, Gs=Gs)
 
-    def __call__(self, Gs, rows, *, precision="ieee", skip=None):
+    def __call__(self, Gs, rows, *, precision="ieee", skip=None, layout_token=None):
         """One step: ``Gs`` this step's gradients (the bound layout), ``rows`` the scalar
         table (``ROWS`` entries, each a float for every member or one float per member),
-        ``skip`` the on-device flag (None: never skip)."""
+        ``skip`` the on-device flag (None: never skip). ``layout_token``: as
+        ``ops_grouped.BoundGroupedProject``'s (the check of ``Gs`` once per token)."""
         shape, stride, dtype, device = self.layout
-        if len(Gs) != self.count or list(map(torch.Tensor.stride, Gs)) != self.strides or \
-                list(map(torch.Tensor.size, Gs)) != self.shapes or \
-                [G.dtype for G in Gs] != self.dtypes or [G.device for G in Gs] != self.devices:
-            if len(Gs) != self.count:
-                raise ValueError(f"Gs has {len(Gs)} tensors for a class of {self.count}")
-            _check_list("Gs", Gs, shape, device, dtype)
-            raise ValueError(f"Gs must have the bound gradients' strides {stride}")
+        if len(Gs) != self.count:
+            raise ValueError(f"Gs has {len(Gs)} tensors for a class of {self.count}")
+        if layout_token is None or layout_token != self._token:
+            if list(map(torch.Tensor.stride, Gs)) != self.strides or \
+                    list(map(torch.Tensor.size, Gs)) != self.shapes or \
+                    [G.dtype for G in Gs] != self.dtypes or \
+                    [G.device for G in Gs] != self.devices:
+                _check_list("Gs", Gs, shape, device, dtype)
+                raise ValueError(f"Gs must have the bound gradients' strides {stride}")
+            self._token = layout_token
         if len(rows) != SCALARS:
             raise ValueError(f"rows must have {SCALARS} entries ({ROWS}), got {len(rows)}")
         if skip is not None:

@@ -420,7 +420,7 @@ def _transposed_layout(t):
     return out
 
 
-@pytest.mark.parametrize("method", ["galore", "adaptive_adamw", "adamw"])
+@pytest.mark.parametrize("method", ["galore", "adaptive_adamw", "adamem", "adapm", "adamw"])
 def test_gradients_in_a_new_layout_mid_run_equal_the_per_parameter_step(method):
     """The bound calls check their gradients' layouts once per change the step's own check
     of every gradient sees (the layout token), not every step: gradients that arrive with

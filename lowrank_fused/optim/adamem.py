@@ -819,7 +819,8 @@ class AdaMeM(LowRankOptimizer):
                 Gs, [P.t() for P in cls.Ps] if right else cls.Ps,
                 [R.t() for R in ex["Rc"]] if right else ex["Rc"],
                 side=cls.route.side, backend=cls.backend)
-        k1(Gs, precision=precision, sumsq=ex["sumsq"])
+        k1(Gs, precision=precision, sumsq=ex["sumsq"],
+           layout_token=self.__dict__.get("_layout_token"))
         states, count = ex["states"], len(cls.members)
         ts = [t + 1 for t in map(_STEP, states)]                # line 1: the counters
         _set_counters(states, ts)
