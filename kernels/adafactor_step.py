@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_fused import _capture
 from ._common import (cdiv, interpreting, load_tile, skip_flag, sum_fp32, tile_offsets,
                       to_storage)
 from ._grouped import ALIGN_BYTES, element_offsets, member_ptr, offsets_table, scalar_table
@@ -538,8 +539,6 @@ class GroupedAdafactorStep:
             self._table_key = key
         offs, aligned = self._table, self._aligned
         scal = scalar_table(_scalar_rows(scalars), self.device, key=self._scal_key)
-        from lowrank_fused import _capture
-
         if _capture.replaying() and self._scal_key is not None:
             return          # a replayed CUDA graph makes these launches (the table refilled)
         flag = skip_flag(skip, self.device)

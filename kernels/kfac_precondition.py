@@ -225,7 +225,7 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
     if prepared is None:
         prepared = grouped_kfac_offsets(Rs, Ms, Fs, roots, Ns)
     if work is None:
-        work = grouped_kfac_work(Rs, Fs)
+        work = grouped_kfac_work(Rs)
     offs, aligned = prepared
     Rf = Rs if Rs.dtype == torch.float32 else Rs.float()
     gram, = work
@@ -253,9 +253,9 @@ def work_matmul(A, B, out) -> None:
     implementation("batched_matmul", "triton", A.device)(A, B, out, precision="ieee")
 
 
-def grouped_kfac_work(Rs, Fs):
-    """The buffer ``grouped_kfac_precondition`` writes besides its outputs, for these
-    lists: ``(gram,)``, the members' Grams (count, r, r) fp32, contiguous."""
+def grouped_kfac_work(Rs):
+    """The buffer ``grouped_kfac_precondition`` writes besides its outputs, for this stack
+    of R: ``(gram,)``, the members' Grams (count, r, r) fp32, contiguous."""
     count, r, _ = Rs.shape
     return (torch.empty(count, r, r, dtype=torch.float32, device=Rs.device),)
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_fused import _capture
 from lowrank_fused.reference.norm_growth_limit import NL_TINY
 
 from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag,
@@ -199,8 +200,6 @@ class BoundGroupedNormGrowthLimit:
         gamma = float(gamma)
         if not gamma >= 1.0:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
-        from lowrank_fused import _capture
-
         if _capture.replaying():          # a replayed CUDA graph makes these launches
             return
         Ns = self.Ns

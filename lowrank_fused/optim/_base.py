@@ -567,6 +567,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._check_grads()
         return True
 
+    # renewed by _check_grad_layouts whenever a gradient's layout changes (None before the
+    # first step's check: a bound call given None checks every call)
+    _layout_token = None
+
     def _check_grad_layouts(self, key, params, grads):
         """Each gradient's shape, dtype, device and (dense) layout, as ``_check_grad``. The
         parameters' values are kept per set of parameters with gradients (``key``: their
@@ -589,7 +593,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # every gradient's layout (shape, strides, dtype, device) is unchanged from the last
         # step for as long as this token is: the bound calls given it check theirs once per
         # token instead of once per call (``ops_grouped.BoundGroupedProject``)
-        self._layout_token = self.__dict__.get("_layout_token", 0) + 1
+        self._layout_token = (self._layout_token or 0) + 1
 
     # -- non-finite gradients without a host read (docs/engine.md) --------------------------
     # A method whose every state-writing op of a steady step takes the on-device ``skip``
@@ -884,7 +888,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         plan = self.__dict__.get("_engine_plan")
         # the layout token: gradients in another layout (strides) than the plan's may take
         # another route (the compiled multi-tensor ops take contiguous tensors only)
-        signature = (self.engine, self.multi_tensor, key, self.__dict__.get("_layout_token"),
+        signature = (self.engine, self.multi_tensor, key, self._layout_token,
                      tuple(tuple(g.get(k) for k in self.LAYOUT_KEYS) for g in self.param_groups))
         if plan is not None and plan.signature == signature:
             self._live = plan.live
@@ -984,7 +988,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     wd_mode=route.wd_mode, bias_correction=route.bias_correction,
                     backend=dense.backend)
             dense.bound(Gs, [h + (t,) for h, t in zip(hyper, ts)], skip=self._skip_flag,
-                        layout_token=self.__dict__.get("_layout_token"))
+                        layout_token=self._layout_token)
         else:
             lrs, b1s, b2s, epss, wds = zip(*hyper)
             for W, G, M, V, lr, b1, b2, e, wd, t in zip(dense.Ws, Gs, dense.Ms, dense.Vs,
@@ -1085,7 +1089,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if k1 is None:
             k1 = cls.extra["k1"] = ops_grouped.BoundGroupedProject(
                 Gs, cls.Ps, cls.Rs, side=cls.route.side, backend=cls.backend)
-        k1(Gs, precision=precision, layout_token=self.__dict__.get("_layout_token"),
+        k1(Gs, precision=precision, layout_token=self._layout_token,
            **side_outputs)
         return cls.Rs
 

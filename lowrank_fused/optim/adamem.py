@@ -820,7 +820,7 @@ class AdaMeM(LowRankOptimizer):
                 [R.t() for R in ex["Rc"]] if right else ex["Rc"],
                 side=cls.route.side, backend=cls.backend)
         k1(Gs, precision=precision, sumsq=ex["sumsq"],
-           layout_token=self.__dict__.get("_layout_token"))
+           layout_token=self._layout_token)
         states, count = ex["states"], len(cls.members)
         ts = [t + 1 for t in map(_STEP, states)]                # line 1: the counters
         _set_counters(states, ts)

@@ -934,7 +934,7 @@ class AdaPM(LowRankOptimizer):
             Gs = [p.grad for p in ex["params"]]
         else:
             Gs = [self._class_grad(p, cls.route) for p in ex["params"]]
-        token = self.__dict__.get("_layout_token")
+        token = self._layout_token
         if cls.route.kind == "lowrank":
             ex["k1"](Gs, precision=precision, layout_token=token)
         ex["step"](Gs, rows, precision=precision, skip=self._skip_flag, layout_token=token)

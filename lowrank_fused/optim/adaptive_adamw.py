@@ -241,10 +241,16 @@ class _SubspaceAdamW(GaLoreAdamW):
             return False
         if cls.extra["limiter"] is None:
             return True
-        if cls.extra.get("limit_call") is None:
-            return False
+        return cls.extra.get("limit_call") is not None and self._class_gamma(cls) is not None
+
+    @staticmethod
+    def _class_gamma(cls, one=None):
+        """The class's one ``nl_gamma`` (``one``: the members' shared group), None when its
+        members' groups differ in it."""
+        if one is not None:
+            return one["nl_gamma"]
         gammas = per_member(cls.extra["groups"], lambda g: float(g["nl_gamma"]))
-        return all(g == gammas[0] for g in gammas)
+        return gammas[0] if all(g == gammas[0] for g in gammas) else None
 
     def _captured_values(self) -> tuple:
         """The class limiter takes ``nl_gamma`` by value."""
@@ -548,13 +554,9 @@ class _SubspaceAdamW(GaLoreAdamW):
 
             call = cls.extra["limit_call"] = BoundGroupedNormGrowthLimit(
                 stack, cls.extra["norms"], [st["nl_prev"] for st in states])
-        if one is not None:
-            gamma = one["nl_gamma"]
-        else:
-            gammas = per_member(cls.extra["groups"], lambda g: float(g["nl_gamma"]))
-            gamma = gammas[0]
-            if any(g != gamma for g in gammas):
-                return False
+        gamma = self._class_gamma(cls, one)
+        if gamma is None:
+            return False
         call(gamma, skip=self._skip_flag)
         return True
 
@@ -1584,7 +1586,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             module = sys.modules[impl.__module__]
             # checked, addressed and given its buffers once per plan
             cls.extra["kfac_class"] = (grouped,) + lists + (
-                module.grouped_kfac_offsets(*lists), module.grouped_kfac_work(lists[0], lists[2]))
+                module.grouped_kfac_offsets(*lists), module.grouped_kfac_work(lists[0]))
         limiter = cls.extra["limiter"]
         class_sumsq = None if limiter is None else getattr(
             sys.modules.get(getattr(limiter, "__module__", "")), "grouped_sumsq", None)
