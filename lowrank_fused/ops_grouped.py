@@ -408,15 +408,17 @@ class BoundGroupedBackprojectUpdate:
             launch(coef, pre_scale, post_decay, skip=skip)
 
 
-def _stacked(tensors):
+def stacked_view(tensors):
     """A ``(count,) + shape`` view whose slices are ``tensors`` when they are contiguous,
-    consecutive slices of one buffer (the step engine's workspaces), else None."""
+    consecutive slices of one buffer (the step engine's workspaces, a class's state block)
+    with one shape and dtype, else None."""
     first = tensors[0]
     if not first.is_contiguous():
         return None
     step = first.numel() * first.element_size()
     base = first.data_ptr()
     if any(t.data_ptr() != base + b * step or not t.is_contiguous()
+           or t.shape != first.shape or t.dtype != first.dtype
            or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
            for b, t in enumerate(tensors)):
         return None
@@ -451,7 +453,7 @@ class BoundGroupedResidualBackprojectUpdate:
         static = {"Ws": Ws, "Ps": Ps}
         stacked = None
         if scratch and all(X[0].dtype == torch.float32 for X in (Rs, Ns, css)):
-            stacked = tuple(_stacked(X) for X in (Rs, Ns, css))
+            stacked = tuple(stacked_view(X) for X in (Rs, Ns, css))
             if any(s is None for s in stacked):
                 stacked = None
             else:

@@ -127,7 +127,7 @@ def test_planned_update_refuses_moved_gradients():
     gen = torch.Generator().manual_seed(22)
     W, Wc, P, Rs, Ns, css = _class(2, 8, 12, 2, "left", torch.float32, gen)
     Gs = [torch.randn(8, 12, generator=gen) for _ in range(2)]
-    stacked = tuple(ops_grouped._stacked(X) for X in (Rs, Ns, css))
+    stacked = tuple(ops_grouped.stacked_view(X) for X in (Rs, Ns, css))
     planned = PlannedResidualUpdate(Wc, Gs, P, Ns, css, stacked)
     before = [w.clone() for w in W]
     with pytest.raises(ValueError, match="moved"):

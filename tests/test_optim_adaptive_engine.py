@@ -90,6 +90,39 @@ def test_gha_update_runs_once_per_class(monkeypatch):
     assert calls["grouped_project"] == 3 * classes
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gha_class_state_lives_in_blocks(dtype):
+    """The engine keeps each GHA class's bases and moments as one block per key (the
+    members' state tensors are consecutive views of it), so the class's update reads and
+    writes the blocks whole instead of gathering and scattering every member; the values
+    are the per-matrix step's (test_engine_equals_per_matrix_*), and a block survives a
+    re-plan without being copied again."""
+    from lowrank_fused.ops_grouped import stacked_view
+    model, batch = _model(dtype)
+    opt = _opt("gha", model, "reference")
+    for _ in range(3):
+        lm_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    classes = list(opt._engine_plan.classes.values())
+    assert classes and any(len(c.members) > 1 for c in classes)
+    blocks = {}
+    for cls in classes:
+        assert cls.extra["gha"].stacks is not None
+        for key in ("basis", "exp_avg", "exp_avg_sq"):
+            block = stacked_view([m.state[key] for m in cls.members])
+            assert block is not None, key
+            blocks[(id(cls.members[0].state), key)] = block.data_ptr()
+        assert all(P is m.state["basis"] for P, m in zip(cls.Ps, cls.members))
+    opt._classes_stale = True                     # a re-plan keeps the blocks where they are
+    lm_loss(model, batch).backward()
+    opt.step()
+    for cls in opt._engine_plan.classes.values():
+        for key in ("basis", "exp_avg", "exp_avg_sq"):
+            ptr = stacked_view([m.state[key] for m in cls.members]).data_ptr()
+            assert blocks[(id(cls.members[0].state), key)] == ptr
+
+
 def _poisoned(model):
     p = next(p for p in model.parameters() if p.dim() == 2 and p.grad is not None)
     p.grad[0, 0] = float("nan")

@@ -188,17 +188,26 @@ def _uncanon(side, X):
     return X.contiguous() if side == "left" else X.t().contiguous()
 
 
-def _consecutive(tensors):
-    """A (count,) + shape view whose slices are ``tensors`` when they are contiguous and
-    consecutive in one buffer (the engine's workspace views), else None."""
-    first = tensors[0]
-    step = first.numel() * first.element_size()
-    if not first.is_contiguous() or not all(
-            t.is_contiguous() and t.data_ptr() == first.data_ptr() + i * step
-            for i, t in enumerate(tensors)):
-        return None
-    return first.as_strided((len(tensors),) + tuple(first.shape),
-                            (first.numel(),) + first.stride())
+def _stack_class_state(cls, keys):
+    """The members' state tensors under each of ``keys`` as one ``(count,) + shape`` block
+    per key, in member order (a class's update then reads and writes each block whole):
+    where they are not yet consecutive in one block, they are moved into a new one (the
+    state then holds views of it; values and dtypes unchanged). None when some key's tensors
+    differ in shape, dtype or layout (the caller gathers them per step instead)."""
+    blocks = []
+    for key in keys:
+        Xs = [m.state[key] for m in cls.members]
+        first = Xs[0]
+        if not all(X.shape == first.shape and X.dtype == first.dtype
+                   and X.device == first.device and X.is_contiguous() for X in Xs):
+            return None
+        blocks.append(ops_grouped.stacked_view(Xs))
+    for i, key in enumerate(keys):
+        if blocks[i] is None:
+            blocks[i] = torch.stack([m.state[key] for m in cls.members])
+            for m, X in zip(cls.members, blocks[i].unbind(0)):
+                m.state[key] = X
+    return blocks
 
 
 def _is_int(x, low):
@@ -492,7 +501,7 @@ class _SubspaceAdamW(GaLoreAdamW):
         cls.extra["sumsq"] = list(norms.view(count, 1).unbind(0))
         fused = cls.extra["limiter"] is not implementation("norm_growth_limit",
                                                              "reference", device)
-        stack = _consecutive(cls.Ns)
+        stack = ops_grouped.stacked_view(cls.Ns)
         if fused and stack is not None:
             cls.extra["Nstack"] = stack
 
@@ -1117,14 +1126,18 @@ class _GHABatch:
     K1 writes its R and K2 its N there), so a steady call allocates nothing; else allocated
     with the batch."""
 
-    def __init__(self, Gs, Ps, Ms, Vs, backend, bound, workspace=None):
+    def __init__(self, Gs, Ps, Ms, Vs, backend, bound, workspace=None, stacks=None):
         count = len(Ps)
         m, r = Ps[0].shape
         n = Gs[0].shape[1]
         dev = Ps[0].device
         self.Ps, self.Ms, self.Vs = list(Ps), list(Ms), list(Vs)
+        # (count, ...) canonical views of the members' P, M and V where their state lives in
+        # one block per key (``_stack_class_state``): read and written whole, not gathered
+        # and scattered per member
+        self.stacks = stacks
         self.dtype = Ps[0].dtype
-        self.b = b = self._buffers(count, m, r, n, dev, workspace)
+        self.b = b = self._buffers(count, m, r, n, dev, workspace, stacks is not None)
         self.pf, self.Y, self.cs, self.GY = b["pf"], b["Y"], b["cs"], b["GY"]   # Y is Y^T
         self.pfs = list(self.pf.unbind(0))
         Ys, GYs = list(self.Y.unbind(0)), list(self.GY.unbind(0))
@@ -1138,7 +1151,7 @@ class _GHABatch:
             self.k1b = lambda Gs, **kw: ops_grouped.grouped_project(
                 Gs, Ys, GYs, side="right", backend=backend, **kw)
 
-    def _buffers(self, count, m, r, n, dev, workspace):
+    def _buffers(self, count, m, r, n, dev, workspace, stacked=False):
         """Every intermediate of the update, laid out once (a class's call every step then
         allocates nothing: each is written with ``out=`` or in place). Per dtype one flat
         block, from the engine's shared workspace where given (dead between the class's
@@ -1152,10 +1165,12 @@ class _GHABatch:
         specs += [(k, (count, m, r), f32) for k in ("PH", "Z", "Q")]
         specs += [("sign", (count, r), f32)]
         if pdt != f32:     # P_new in the basis dtype, its fp32 form, the old bases' stack
-            specs += [("Pn", (count, m, r), pdt), ("Pnf", (count, m, r), f32),
-                      ("Pst", (count, m, r), pdt)]
+            specs += [("Pn", (count, m, r), pdt), ("Pnf", (count, m, r), f32)]
+            specs += [] if stacked else [("Pst", (count, m, r), pdt)]
         for key, dt in (("M", mdt), ("V", vdt)):
-            specs += [(key, (count, r, n), dt), (key + "new_f", (count, r, n), f32)]
+            # (with the state in blocks, the moments are read where they are stored)
+            specs += [] if stacked else [(key, (count, r, n), dt)]
+            specs += [(key + "new_f", (count, r, n), f32)]
             if dt != f32:
                 specs += [(key + "f", (count, r, n), f32), (key + "new", (count, r, n), dt)]
         b = {}
@@ -1177,7 +1192,7 @@ class _GHABatch:
             b["Pst"] = b["pf"]
         for key, dt in (("M", mdt), ("V", vdt)):
             if dt == f32:
-                b[key + "f"], b[key + "new"] = b[key], b[key + "new_f"]
+                b[key + "f"], b[key + "new"] = b.get(key), b[key + "new_f"]
             b[key + "news"] = list(b[key + "new"].unbind(0))
         b["Pns"] = list(b["Pn"].unbind(0))
         for k, sh in (("ok", (count, 1, 1)), ("fin", (count, 1, 1)), ("neg", (count, r))):
@@ -1186,14 +1201,19 @@ class _GHABatch:
         b["minus"] = torch.full((), -1.0, dtype=f32, device=dev)
         return b
 
-    def __call__(self, Gs, eta, sign_canon, skip=None):
-        pf, Y, b = self.pf, self.Y, self.b
-        Pst = b["Pst"]                       # the old bases in their dtype
-        torch.stack(self.Ps, out=Pst)       # one op (a multi-tensor copy is one per member)
-        if Pst is not pf:
+    def __call__(self, Gs, eta, sign_canon, skip=None, layout_token=None):
+        pf, Y, b, stacks = self.pf, self.Y, self.b, self.stacks
+        if stacks is not None:               # the old bases, whole (rounded up to fp32)
+            Pst = stacks[0]
             pf.copy_(Pst)
-        self.k1a(Gs, sumsq=self.cs)
-        self.k1b(Gs)
+        else:
+            Pst = b["Pst"]                   # the old bases in their dtype
+            torch.stack(self.Ps, out=Pst)   # one op (a multi-tensor copy is one per member)
+            if Pst is not pf:
+                pf.copy_(Pst)
+        token = {} if layout_token is None else {"layout_token": layout_token}
+        self.k1a(Gs, sumsq=self.cs, **token)
+        self.k1b(Gs, **token)
         g2, ok, fin = b["g2"], b["ok"], b["fin"]
         torch.sum(self.cs, dim=1, out=g2.view(-1))
         torch.gt(g2, 0, out=ok)             # ok: g2 > 0 and finite (g2 is a sum of squares)
@@ -1223,9 +1243,14 @@ class _GHABatch:
         C = b["C"]
         torch.bmm(b["Pnf"].transpose(1, 2), pf, out=C)
         torch.mul(C, C, out=b["C2"])
-        for key, lst, Cm in (("M", self.Ms, C), ("V", self.Vs, b["C2"])):
-            X, Xf, new_f, new = b[key], b[key + "f"], b[key + "new_f"], b[key + "new"]
-            torch.stack(lst, out=X)
+        for i, (key, lst, Cm) in enumerate((("M", self.Ms, C), ("V", self.Vs, b["C2"]))):
+            new_f, new = b[key + "new_f"], b[key + "new"]
+            if stacks is not None:           # the stored block itself
+                X = stacks[1 + i]
+                Xf = X if X.dtype == torch.float32 else b[key + "f"]
+            else:
+                X, Xf = b[key], b[key + "f"]
+                torch.stack(lst, out=X)
             if Xf is not X:
                 Xf.copy_(X)
             torch.bmm(Cm, Xf, out=new_f)
@@ -1233,8 +1258,13 @@ class _GHABatch:
                 new.copy_(new_f)
             if skip is not None:
                 torch.where(skip, X, new, out=new)
+            if stacks is not None:
+                X.copy_(new)
         if skip is not None:
             torch.where(skip, Pst, Pn, out=Pn)
+        if stacks is not None:
+            Pst.copy_(Pn)
+            return
         torch._foreach_copy_(self.Ms, b["Mnews"])
         torch._foreach_copy_(self.Vs, b["Vnews"])
         torch._foreach_copy_(self.Ps, b["Pns"])
@@ -1380,13 +1410,17 @@ class GHAAdamW(_SubspaceAdamW):
         return super()._refresh_classes(routed) if fresh else False
 
     def _class_lists(self, cls):
+        stacks = _stack_class_state(cls, ("basis", "exp_avg", "exp_avg_sq"))
+        cls.Ps[:] = [m.state["basis"] for m in cls.members]
         super()._class_lists(cls)
         side = cls.route.side
         cls.extra["gha"] = _GHABatch(
             [_canon(side, G) for G in self._class_grads(cls)], [_canon(side, P) for P in cls.Ps],
             [_canon(side, m.state["exp_avg"]) for m in cls.members],
             [_canon(side, m.state["exp_avg_sq"]) for m in cls.members], cls.backend,
-            bound=True, workspace=self.__dict__.get("_workspace"))
+            bound=True, workspace=self.__dict__.get("_workspace"),
+            stacks=None if stacks is None else [
+                X if side == "left" else X.transpose(1, 2) for X in stacks])
         etas = per_member([m.group for m in cls.members], lambda g: float(g["eta"]))
         cls.extra["eta"] = etas[0] if all(e == etas[0] for e in etas) else None
 
@@ -1413,7 +1447,8 @@ class GHAAdamW(_SubspaceAdamW):
                 if known is None or not all(map(operator.is_, known[0], Gs)):
                     known = cls.extra["gha_grads"] = (Gs, [G.t() for G in Gs])
                 Gs = known[1]
-            cls.extra["gha"](Gs, cls.extra["eta"], self.sign_canon, self._skip_flag)
+            cls.extra["gha"](Gs, cls.extra["eta"], self.sign_canon, self._skip_flag,
+                             layout_token=self._layout_token)
         super()._class_step(cls, precision)
 
 
@@ -1575,7 +1610,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         cls.extra["norms"] = None
         grouped = getattr(sys.modules.get(getattr(impl, "__module__", "")),
                           "grouped_kfac_precondition", None)
-        Rs = _consecutive(cls.Rs)
+        Rs = ops_grouped.stacked_view(cls.Rs)
         cls.extra["kfac_class"] = None
         if grouped is not None and Rs is not None:
             states = [m.state for m in cls.members]

@@ -960,7 +960,7 @@ class LDAdamW(LowRankOptimizer):
         st = {}
         for key, name in (("basis", "P"), ("exp_avg", "M"), ("exp_avg_sq", "V")):
             xs = [m.state[key] for m in members]
-            X = ops_grouped._stacked(xs)
+            X = ops_grouped.stacked_view(xs)
             if X is None:
                 X = torch.stack(xs)
                 for m, x in zip(members, X.unbind(0)):
@@ -976,7 +976,7 @@ class LDAdamW(LowRankOptimizer):
                         (self._scratch_numel(side, rank, shape, count),), 1)[0]
         st.update(self._carve(flat, side, rank, shape, count))
         st.update(self._flag_buffers(count, rank, device))
-        st["R"] = ops_grouped._stacked(cls.Rs)
+        st["R"] = ops_grouped.stacked_view(cls.Rs)
         if st["R"] is None:
             st["R"] = torch.stack(cls.Rs)           # not reached: the workspace's views
         self._derive_views(st, side, rank)
@@ -995,7 +995,7 @@ class LDAdamW(LowRankOptimizer):
         if where is not None:
             # R, M, V and N are stacked (count, ...) buffers: the elementwise moments run on
             # one tensor each (the same bits, a call that handles 4 tensors, not 4 * count)
-            Ns = ops_grouped._stacked(cls.Ns)
+            Ns = ops_grouped.stacked_view(cls.Ns)
             lists = ((cls.Rs, Ms, Vs, cls.Ns) if Ns is None else
                      ([st["R"]], [st["M"]], [st["V"]], [Ns]))
             k2m = ops_multi.BoundAdamMomentsMulti(*lists, eps_mode="torch", backend=where)
