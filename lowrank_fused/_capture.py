@@ -7,6 +7,9 @@ into the pinned staging buffers of the scalar tables, ``lowrank_fused._tables``)
 every launch of the bound calls suppressed: ``replaying()`` is True then, and each bound call
 does its host work and returns before launching; the graph's replay then does all of it, the
 tables' copies from their staging buffers included.
+
+Device work that is not a bound call (a method's batched torch ops with fixed tensors and
+scalars that the capture key holds) runs through ``unit``: skipped on a replay as a whole.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import contextlib
 
 _REPLAYING = False
 _WAIT = None        # the event of the last replay: staging buffers are rewritten after it
+_RECORDER = None    # called with (fn, args, kwargs) of each outermost unit run (tests' tapes)
+_DEPTH = 0          # units running now (a unit's own launches are part of it)
 
 
 def replaying() -> bool:
@@ -36,3 +41,23 @@ def replay(wait_event=None):
         yield
     finally:
         _REPLAYING, _WAIT = saved
+
+
+def unit(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, device work a captured graph holds as a whole (batched torch
+    ops and launches on tensors that stay put; every value it takes by value in the capture
+    key): skipped on a replay (returns None then). ``inside_unit()`` is True while it runs."""
+    global _DEPTH
+    if _REPLAYING:
+        return None
+    if _RECORDER is not None and _DEPTH == 0:
+        _RECORDER(fn, args, kwargs)
+    _DEPTH += 1
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _DEPTH -= 1
+
+
+def inside_unit() -> bool:
+    return _DEPTH > 0

@@ -28,7 +28,7 @@ import collections
 import pytest
 import torch
 
-from lowrank_fused import _ext
+from lowrank_fused import _capture, _ext
 from lowrank_fused.testing.trace import AllocationTrace, HostReads
 
 from _methods import assert_same, backward, model, optimizer, snapshot
@@ -47,7 +47,7 @@ ENGINE_METHODS = tuple(STEADY)
 PER_UNIT = {"adaptive_adamw": 5, "rsadamw": 5, "gha": 7, "galore_kfac": 7, "adamem": 6,
             "ldadam": 8, "adafactor": 5}
 # the methods whose steady step is offered for CUDA-graph capture (CAPTURABLE)
-CAPTURE_METHODS = ("galore", "adaptive_adamw", "rsadamw", "adamw", "adafactor")
+CAPTURE_METHODS = ("galore", "adaptive_adamw", "rsadamw", "gha", "adamw", "adafactor")
 # the device-skip and per-class allocation tests run on these here; every other method has
 # its own (test_optim_*_engine.py, test_optim_*_device_skip.py)
 SKIP_METHODS = ("galore", "adamw")
@@ -293,11 +293,16 @@ class LaunchTape:
         tape = self
 
         def run(fn, *args, **kwargs):
-            if tape.recording:
+            if tape.recording and not _capture.inside_unit():
                 tape.tape.append((real_run, (fn,) + args, kwargs))
             return real_run(fn, *args, **kwargs)
 
+        def unit(fn, args, kwargs):          # a capture unit: kept whole, its launches in it
+            if tape.recording:
+                tape.tape.append((fn, args, kwargs))
+
         monkeypatch.setattr(interp.InterpretedFunction, "run", run)
+        monkeypatch.setattr(_capture, "_RECORDER", unit)
         real = _ext.load()
 
         class Taped:
@@ -307,7 +312,7 @@ class LaunchTape:
                     return attr
 
                 def call(*args, **kwargs):
-                    if tape.recording:
+                    if tape.recording and not _capture.inside_unit():
                         tape.tape.append((attr, args, kwargs))
                     return attr(*args, **kwargs)
                 return call
@@ -405,8 +410,8 @@ def test_only_methods_of_bound_calls_only_are_capturable():
 
     capturable = {name for name, cls in lf.optim.__dict__.items()
                   if isinstance(cls, type) and getattr(cls, "CAPTURABLE", False)}
-    assert capturable == {"GaLoreAdamW", "AdaptiveAdamW", "RSAdamW", "AdamW", "HFAdamW",
-                          "Adafactor"}, capturable
+    assert capturable == {"GaLoreAdamW", "AdaptiveAdamW", "RSAdamW", "GHAAdamW", "AdamW",
+                          "HFAdamW", "Adafactor"}, capturable
 
 
 def _transposed_layout(t):
@@ -456,3 +461,21 @@ def test_capture_key_holds_the_values_launched_by_value(method):
     opt.param_groups[-1]["nl_gamma"] = 1.5
     assert opt._captured_values() != before
     assert 1.5 in opt._captured_values()
+
+
+def test_capture_key_holds_gha_eta_and_sign_canon():
+    """GHA's basis update (one capture unit per class) takes ``eta`` and ``sign_canon`` by
+    value: both are in the capture key; a class whose members' etas differ runs the
+    per-member update and is not capturable."""
+    net, opt = _steady("gha")
+    before = opt._captured_values()
+    opt.param_groups[-1]["eta"] = 0.25
+    assert opt._captured_values() != before and 0.25 in opt._captured_values()
+    opt.param_groups[-1]["eta"] = before[-1]
+    opt.sign_canon = not opt.sign_canon
+    assert opt._captured_values() != before
+    opt.sign_canon = not opt.sign_canon
+    classes = list(opt._engine_plan.classes.values())
+    assert classes and all(opt._class_capturable(c) for c in classes)
+    classes[0].extra["eta"] = None          # mixed etas: the per-member path
+    assert not opt._class_capturable(classes[0])

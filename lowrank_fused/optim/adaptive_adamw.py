@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from lowrank_fused import ops, ops_grouped, ops_multi, sharded
+from lowrank_fused import _capture, ops, ops_grouped, ops_multi, sharded
 from lowrank_fused.dispatch import implementation
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
@@ -239,8 +239,8 @@ class _SubspaceAdamW(GaLoreAdamW):
     # non-finite flag is not read on the host (docs/engine.md)
     DEVICE_SKIP = True
     # AdaptiveAdamW and RSAdamW: a steady class step is bound calls only (K1, the
-    # multi-tensor K2, the class limiter, K3); GHA's update and K-FAC's whitening make other
-    # launches and torch ops, which a graph replay would run twice
+    # multi-tensor K2, the class limiter, K3); GHA adds its basis update as one capture unit;
+    # K-FAC's whitening makes other launches and torch ops, which a replay would run twice
     CAPTURABLE = False
 
     def _class_capturable(self, cls) -> bool:
@@ -1366,6 +1366,19 @@ class GHAAdamW(_SubspaceAdamW):
     def _method_ops(self, group):
         return super()._method_ops(group) + ("gha_update",)
 
+    # the basis update of a class runs as one capture unit (lowrank_fused/_capture.py)
+    CAPTURABLE = True
+
+    def _class_capturable(self, cls) -> bool:
+        """The family's bound calls, and the basis update as one ``_GHABatch`` call for the
+        class (one ``eta``: not the per-member path)."""
+        return cls.extra.get("eta") is not None and super()._class_capturable(cls)
+
+    def _captured_values(self) -> tuple:
+        """The basis update takes ``eta`` and ``sign_canon`` by value."""
+        return super()._captured_values() + (bool(self.sign_canon),) + tuple(
+            g.get("eta") for g in self.param_groups)
+
     def _basis_reads_grad(self, p, group):
         # only the first basis is an SVD of G; the per-step GHA update keeps the basis by
         # itself (on the device) when G is zero or not finite
@@ -1447,8 +1460,10 @@ class GHAAdamW(_SubspaceAdamW):
                 if known is None or not all(map(operator.is_, known[0], Gs)):
                     known = cls.extra["gha_grads"] = (Gs, [G.t() for G in Gs])
                 Gs = known[1]
-            cls.extra["gha"](Gs, cls.extra["eta"], self.sign_canon, self._skip_flag,
-                             layout_token=self._layout_token)
+            # one unit: batched torch ops and two bound K1 on the class's fixed tensors, with
+            # eta and sign_canon in the capture key (_captured_values)
+            _capture.unit(cls.extra["gha"], Gs, cls.extra["eta"], self.sign_canon,
+                          self._skip_flag, layout_token=self._layout_token)
         super()._class_step(cls, precision)
 
 
