@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_fused import _capture
+
 from ._common import DOT_IEEE, cdiv, interpreting, mma, skip_flag, to_storage
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
 
@@ -229,12 +231,14 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
     offs, aligned = prepared
     Rf = Rs if Rs.dtype == torch.float32 else Rs.float()
     gram, = work
-    work_matmul(Rf, Rf.transpose(1, 2), gram)
     R0, M0, Q0, N0, F0 = Rf[0], Ms[0], roots[0], Ns[0], Fs[0]
     # the step's scalars in a table kept per output address (refilled in place)
     scal = scalar_table([[float(beta1)], [1.0 - float(beta1)], [float(c1)], [float(beta2)],
                          [1.0 - float(beta2)], [float(n)]], Rf.device,
                         key=("kfac_whiten", N0.data_ptr()))
+    if _capture.replaying():          # a replayed CUDA graph makes both launches
+        return
+    work_matmul(Rf, Rf.transpose(1, 2), gram)
     progs = cdiv(n, BLOCK_N)
     _grouped_kfac_momentum_whiten_kernel[(progs, count)](
         R0, M0, Q0, N0, F0, gram, offs, skip_flag(skip, Rf.device), scal, count, r, n,

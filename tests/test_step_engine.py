@@ -47,7 +47,8 @@ ENGINE_METHODS = tuple(STEADY)
 PER_UNIT = {"adaptive_adamw": 5, "rsadamw": 5, "gha": 7, "galore_kfac": 7, "adamem": 6,
             "ldadam": 8, "adafactor": 5}
 # the methods whose steady step is offered for CUDA-graph capture (CAPTURABLE)
-CAPTURE_METHODS = ("galore", "adaptive_adamw", "rsadamw", "gha", "adamw", "adafactor")
+CAPTURE_METHODS = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adamw",
+                   "adafactor")
 # the device-skip and per-class allocation tests run on these here; every other method has
 # its own (test_optim_*_engine.py, test_optim_*_device_skip.py)
 SKIP_METHODS = ("galore", "adamw")
@@ -289,10 +290,12 @@ class LaunchTape:
         import triton.runtime.interpreter as interp
 
         self.tape, self.recording = [], False
+        self.in_replay = 0                   # launches made while a replay's host half ran
         real_run = interp.InterpretedFunction.run
         tape = self
 
         def run(fn, *args, **kwargs):
+            tape.in_replay += _capture.replaying()
             if tape.recording and not _capture.inside_unit():
                 tape.tape.append((real_run, (fn,) + args, kwargs))
             return real_run(fn, *args, **kwargs)
@@ -312,6 +315,7 @@ class LaunchTape:
                     return attr
 
                 def call(*args, **kwargs):
+                    tape.in_replay += _capture.replaying()
                     if tape.recording and not _capture.inside_unit():
                         tape.tape.append((attr, args, kwargs))
                     return attr(*args, **kwargs)
@@ -355,7 +359,7 @@ def test_replayed_launches_with_the_host_half_equal_eager_steps(method, monkeypa
             launches = len(tape.tape)
             with _capture.replay():
                 opt.step()               # the host half: no launch
-            assert len(tape.tape) == launches
+            assert len(tape.tape) == launches and tape.in_replay == 0, tape.in_replay
             tape.replay()
         ref.step()
         for o in (opt, ref):
@@ -364,6 +368,47 @@ def test_replayed_launches_with_the_host_half_equal_eager_steps(method, monkeypa
         ref.nonfinite_check()
         assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"{method}: step {t}")
     assert opt.skipped_steps == ref.skipped_steps == 1
+
+
+@pytest.mark.skipif(_ext.why_no_cpu() is not None, reason="needs the compiled CPU twin")
+def test_kfac_replays_between_the_eager_recomputes_of_its_roots(monkeypatch):
+    """K-FAC's steps that recompute the roots (``eigh``, every ``kfac_update_freq`` steps)
+    read the host and run eagerly; the steps between them replay the launches captured
+    before a recompute (same tensors: the recompute writes the roots in place), equal to
+    the eager run bit for bit."""
+    from lowrank_fused import _capture
+
+    tape = LaunchTape(monkeypatch)
+    kw = dict(update_proj_gap=50, kfac_update_freq=3, nonfinite="skip")
+    net, opt = _steady("galore_kfac", **kw)
+    ref_net, ref = _steady("galore_kfac", **kw)
+    for o in (opt, ref):
+        o.lagged_nonfinite = True
+    classes = list(opt._engine_plan.classes.values())
+    assert classes and all(opt._class_capturable(c) for c in classes)
+    modes = []
+    for t in range(3, 11):
+        for n in (net, ref_net):
+            backward(n, t)
+        pending = opt._refresh_pending(opt._engine_plan)
+        if pending or not tape.tape:
+            tape.recording = not tape.tape and not pending
+            opt.step()                       # eager: a recompute, or the "capture"
+            tape.recording = False
+            modes.append("eager" if pending else "capture")
+        else:
+            with _capture.replay():
+                opt.step()
+            assert tape.in_replay == 0
+            tape.replay()
+            modes.append("replay")
+        ref.step()
+        for o in (opt, ref):
+            o.zero_grad(set_to_none=False)
+        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"step {t}")
+    assert modes.count("eager") >= 2 and modes.count("replay") >= 3, modes
+    idx = modes.index("eager", modes.index("capture"))
+    assert "replay" in modes[idx:], modes      # replays after a recompute
 
 
 @pytest.mark.gpu
@@ -410,8 +455,8 @@ def test_only_methods_of_bound_calls_only_are_capturable():
 
     capturable = {name for name, cls in lf.optim.__dict__.items()
                   if isinstance(cls, type) and getattr(cls, "CAPTURABLE", False)}
-    assert capturable == {"GaLoreAdamW", "AdaptiveAdamW", "RSAdamW", "GHAAdamW", "AdamW",
-                          "HFAdamW", "Adafactor"}, capturable
+    assert capturable == {"GaLoreAdamW", "AdaptiveAdamW", "RSAdamW", "GHAAdamW",
+                          "GaLoreKFACAdamW", "AdamW", "HFAdamW", "Adafactor"}, capturable
 
 
 def _transposed_layout(t):

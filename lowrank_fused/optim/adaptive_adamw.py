@@ -239,8 +239,8 @@ class _SubspaceAdamW(GaLoreAdamW):
     # non-finite flag is not read on the host (docs/engine.md)
     DEVICE_SKIP = True
     # AdaptiveAdamW and RSAdamW: a steady class step is bound calls only (K1, the
-    # multi-tensor K2, the class limiter, K3); GHA adds its basis update as one capture unit;
-    # K-FAC's whitening makes other launches and torch ops, which a replay would run twice
+    # multi-tensor K2, the class limiter, K3); GHA adds its basis update as one capture unit,
+    # K-FAC its grouped whitening (each method sets it)
     CAPTURABLE = False
 
     def _class_capturable(self, cls) -> bool:
@@ -1612,6 +1612,31 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
 
     # the engine: no second moment, and the whitening per matrix (no multi-tensor form)
     _CLASS_STATE = ("basis", "exp_avg")
+
+    # between the recomputes of the roots (refresh steps, eager) a class's whitening is one
+    # grouped call that a replay stands in for (docs/engine.md)
+    CAPTURABLE = True
+
+    def _class_capturable(self, cls) -> bool:
+        """The whitening as one grouped call for the class (``_kfac_class``: its members at
+        one step with one set of its hyper-parameters) and the limiter, when on, as the
+        class's grouped sum of squares and its bound call with one ``nl_gamma``."""
+        if cls.extra.get("kfac_class") is None:
+            return False
+        states = cls.extra["states"]
+        step = states[0].get("step")
+        if not all(st.get("step") == step for st in states):
+            return False
+        if not cls.extra["one_group"]:
+            hyper = per_member(cls.extra["groups"], lambda g: (
+                tuple(g["betas"]), g["bias_correction"], g["kfac_update_freq"]))
+            if any(h != hyper[0] for h in hyper):
+                return False
+        if cls.extra["limiter"] is None:
+            return True
+        return (cls.extra.get("class_sumsq") is not None
+                and cls.extra.get("limit_call") is not None
+                and self._class_gamma(cls) is not None)
 
     def _class_lists_k2(self, cls):
         """The whitening of the whole class (``grouped_kfac_precondition``: one batched Gram,
