@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_fused import _capture
+
 from ._common import cdiv, interpreting, load_tile, skip_flag, tile_offsets, to_storage
 from ._grouped import scalar_table
 from .adafactor_step import TILE_M, TILE_N, TILE_WARPS, _adafactor_stats_kernel, _tile, \
@@ -150,7 +152,14 @@ class BoundAdamemFactoredStep:
             adamem_factored_step(W, G, row, col, lr=lr, beta2=beta2, eps1=eps1, eps=eps, c2=c2,
                                  pre_scale=pre_scale, post_decay=post_decay, skip=skip)
             return
-        beta2 = float(beta2)
+        # the step's scalars first, then the device work as one capture unit: a replayed
+        # CUDA graph reads the table and makes every launch and product of ``_run`` (beta2
+        # and eps1, which it takes by value, are in the optimizer's capture key)
+        scal = _scalars(lr, eps, c2, pre_scale, post_decay, W.device, key=self._key)
+        _capture.unit(self._run, G, scal, float(beta2), float(eps1), skip)
+
+    def _run(self, G, scal, beta2, eps1, skip):
+        W, row, col, M, N = self.W, self.row, self.col, self.M, self.N
         _adafactor_stats_kernel[(self.tiles,)](
             G, self.rowp, self.colp, 1, M, N, M * G.stride(0), G.stride(0), G.stride(1),
             float(eps1),
@@ -177,8 +186,7 @@ class BoundAdamemFactoredStep:
             torch.where(skip, col, new_col, out=col)
         torch.mean(new_row, dim=0, out=self.mean)
         _adamem_factored_apply_kernel[(self.tiles,)](
-            W, G, new_row, new_col, self.mean, skip_flag(skip, W.device),
-            _scalars(lr, eps, c2, pre_scale, post_decay, W.device, key=self._key), M, N,
+            W, G, new_row, new_col, self.mean, skip_flag(skip, W.device), scal, M, N,
             *W.stride(), *G.stride(), BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
         )
 

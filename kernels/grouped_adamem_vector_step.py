@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_fused import _capture
+
 from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag, \
     to_storage
 from ._grouped import element_offsets, member_ptr, offsets_table
@@ -137,6 +139,8 @@ class GroupedAdamemVectorStep:
                      [float(r[3]) for r in rows], [float(r[4]) for r in rows],
                      [float(r[5]) for r in rows], [float(r[6]) for r in rows]]
         scal = self.table.fill(table)
+        if _capture.replaying():           # a replayed CUDA graph makes the launch
+            return
         _g_vec_kernel[(cdiv(self.numel, ELEMENTWISE_BLOCK), self.count)](
             self.Ws[0], Gs[0], self.Vs[0], self.offs, scal, skip_flag(skip, self.device),
             self.count, self.numel,

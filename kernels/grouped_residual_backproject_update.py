@@ -135,8 +135,10 @@ class PlannedResidualUpdate:
             fold, k3 = [coef, res_coef], [1.0, pre_scale, post_decay, res_coef]
         self.fold.fill(fold)
         self.k3.fill(k3)
-        if _capture.replaying() or self.empty:   # a replayed CUDA graph makes the launches
-            return
+        if not self.empty:    # one capture unit: a replayed CUDA graph makes all of it
+            _capture.unit(self._launch, G0, skip)
+
+    def _launch(self, G0, skip):
         self.N3.mul_(self.fold_coef)                    # coef*N
         self.R3.mul_(self.cs)                           # R*cs
         self.R3.mul_(self.fold_res)                     # res_coef*(R*cs)

@@ -553,6 +553,36 @@ class AdaMeM(LowRankOptimizer):
     # AdaMeM's Adafactor parameters (per-parameter steps) still reads the flag at once.
     DEVICE_SKIP = True
 
+    # a steady step is bound calls only where every class runs its grouped middle and the
+    # planned combined update, and every Adafactor parameter its Triton form (docs/engine.md)
+    CAPTURABLE = True
+
+    def _class_capturable(self, cls) -> bool:
+        """The class's middle as one grouped call and its combined update on the planned
+        launcher (both skip their launches on a replay; the per-matrix middle does not)."""
+        k3 = cls.extra.get("k3")
+        return (cls.extra.get("middle") is not None and k3 is not None
+                and k3.stacked is not None)
+
+    def _graph_key(self):
+        """The base's key, when the Adafactor parameters run their bound Triton calls too
+        (the vector sets' grouped step, each factored matrix's step)."""
+        key = super()._graph_key()
+        plan = self.__dict__.get("_validated_plan")
+        if key is None or plan is None:
+            return None
+        if not all(vs.chosen == "triton" and vs.bound is not None
+                   for vs in getattr(plan, "vector_sets", ())):
+            return None
+        if not all(f.chosen == "triton" and f.bound is not None
+                   for f in getattr(plan, "factored", ())):
+            return None
+        return key
+
+    def _captured_values(self) -> tuple:
+        """The factored step takes beta2 and eps1 by value."""
+        return tuple((tuple(g.get("betas", ())), g.get("eps1")) for g in self.param_groups)
+
     def _route(self, p, group):
         """``ClassRoute`` for a low-rank matrix in the identity form (side "right": a tall
         matrix, run on its transpose), None for the rest (Adafactor, the explicit form)."""

@@ -524,6 +524,15 @@ class AdaRankGrad(LowRankOptimizer):
         self._class_z2 = (z2, [(m.state, m.group) for m in members])
         self._class_zs = torch.empty_like(z2)
 
+    # a steady class step is bound calls only (K1 with its ||Ghat||^2 output, the
+    # multi-tensor K2, K3); the exit tests' square root and copy to the host run after the
+    # step's launches (``_after_updates``), eagerly after a replay too (docs/engine.md)
+    CAPTURABLE = True
+
+    def _class_capturable(self, cls) -> bool:
+        """K2 on its multi-tensor op (not the per-matrix calls)."""
+        return cls.extra.get("where") is not None
+
     def _class_lists(self, cls):
         cls.extra["Ms"] = [m.state["exp_avg"] for m in cls.members]
         cls.extra["Vs"] = [m.state["exp_avg_sq"] for m in cls.members]
