@@ -40,6 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_fused import _capture
+from lowrank_fused._tables import StagedTable
+
 from ._common import (DOT_IEEE, cdiv, config_mode, dot_mode, interpreting, load_tile, mma,
                       skip_flag, to_storage)
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
@@ -319,35 +322,23 @@ def _g_adapm_dense_update_kernel(
 # --------------------------------------------------------------------------------------------
 # a class's launches, addressed once
 
-class ScalarTable:
-    """The (SCALARS x count) fp32 table of a class, kept at one address and refilled every
-    step (on CUDA from a pinned staging buffer, copied without blocking the host; the staging
-    buffer is rewritten only after the previous copy from it completed). ``rows``: SCALARS
-    entries, each a float (every member) or a sequence of ``count`` floats."""
+class ScalarTable(StagedTable):
+    """The (SCALARS x count) fp32 table of a class (``lowrank_fused._tables.StagedTable``):
+    kept at one address and refilled every step (on CUDA from a pinned staging buffer,
+    copied without blocking the host, inside the graph when the step is captured; on a
+    replay only the staging buffer is written). ``rows``: SCALARS entries, each a float
+    (every member) or a sequence of ``count`` floats."""
 
     def __init__(self, count, device):
+        super().__init__(SCALARS, count, device)
         self.count = count
-        self.table = torch.empty((SCALARS, count), dtype=torch.float32, device=device)
-        self.staging = torch.empty((SCALARS, count), dtype=torch.float32, pin_memory=True) \
-            if device.type == "cuda" else None
-        self.event = None
 
     def fill(self, rows) -> torch.Tensor:
         if len(rows) != SCALARS:
             raise ValueError(f"rows must have {SCALARS} entries ({ROWS}), got {len(rows)}")
-        target = self.table if self.staging is None else self.staging
-        if self.event is not None:
-            self.event.synchronize()              # the previous step's copy, long done
-        if all(isinstance(r, (int, float)) for r in rows):
-            target.numpy()[...] = np.asarray(rows, dtype=np.float32)[:, None]
-        else:
-            target.numpy()[...] = [[float(r)] * self.count if isinstance(r, (int, float))
-                                   else r for r in rows]
-        if self.staging is not None:
-            self.table.copy_(self.staging, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        return self.table
+        if all(isinstance(r, (int, float)) for r in rows):    # one column for every member
+            return super().fill(np.asarray(rows, dtype=np.float32)[:, None])
+        return super().fill(list(rows))
 
 
 class GroupedAdapmStep:
@@ -442,6 +433,9 @@ class GroupedAdapmStep:
         device = self.device
         if skip is None:
             skip = skip_flag(None, device)
+        scal = self.scalars.fill(rows)
+        if _capture.replaying():          # a replayed CUDA graph makes the launches (the
+            return                        # gradients sit where they did: the capture key)
         G0 = Gs[0]
         ptrs = list(map(torch.Tensor.data_ptr, Gs))
         if ptrs != self._gptrs:           # the gradients moved: their offsets again
@@ -449,7 +443,6 @@ class GroupedAdapmStep:
                                         device)
             self._gptrs = ptrs
         goffs, galigned = self._goffs
-        scal = self.scalars.fill(rows)
         launch = self._settings.get(precision) or self._launches(precision)
         m, n, count = self.m, self.n, self.count
         if self.blocks:

@@ -727,6 +727,21 @@ class AdaPM(LowRankOptimizer):
     # every state-writing op of a steady engine step (the grouped launches of
     # ops_adapm_grouped) takes the on-device skip flag; refits and first steps read it at once
     DEVICE_SKIP = True
+    # a steady step is each class's bound K1 and bound class step (docs/engine.md, "CUDA-graph
+    # capture"); refits and first steps read the flag at once and run eagerly
+    CAPTURABLE = True
+
+    def _class_capturable(self, cls) -> bool:
+        """The class step on the Triton launches (``GroupedAdapmStep``: the scalar table
+        filled, then every launch skipped on a replay) and, for a low-rank class, its K1 on
+        the planned Triton launch; not the reference backend's torch ops nor an empty
+        matrix. Every per-step and per-group scalar is in the class's table, so nothing is
+        taken by value (no ``_captured_values``). A step on which a member refits is never
+        captured (``_refresh_pending``: the flag is read at once, the step runs eagerly)."""
+        step = cls.extra.get("step")
+        if step is None or step.impl is None:
+            return False
+        return cls.route.kind != "lowrank" or cls.extra["k1"].planner is not None
 
     def _route(self, p, group):
         """An ``AdapmRoute`` for a parameter of one block whose clip the grouped kernels take;
