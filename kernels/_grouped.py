@@ -111,6 +111,25 @@ def scalar_table(rows, device, key=None) -> torch.Tensor:
     return entry.fill(rows)
 
 
+class KeptTables:
+    """Per-step scalar tables owned by one caller (a bound call of the step engine): one
+    ``StagedTable`` per table shape, kept at its address for the life of the owner. What a
+    captured CUDA graph reads must stay where it was captured; ``scalar_table``'s keyed cache
+    may evict a table (and free its memory) when a process uses more than its size."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._tables = {}
+
+    def fill(self, rows) -> torch.Tensor:
+        """``rows`` (as ``scalar_table``'s) into the owner's table of their shape."""
+        shape = (len(rows), len(rows[0]) if rows else 0)
+        table = self._tables.get(shape)
+        if table is None:
+            table = self._tables[shape] = StagedTable(shape[0], shape[1], self.device)
+        return table.fill(rows)
+
+
 @triton.jit
 def member_ptr(base_ptr, offs_ptr, index, ALIGNED: tl.constexpr):
     """``base_ptr`` moved to member ``index`` of its group (offset table row ``offs_ptr``)."""

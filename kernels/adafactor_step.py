@@ -56,7 +56,8 @@ import triton.language as tl
 from lowrank_fused import _capture
 from ._common import (cdiv, interpreting, load_tile, skip_flag, sum_fp32, tile_offsets,
                       to_storage)
-from ._grouped import ALIGN_BYTES, element_offsets, member_ptr, offsets_table, scalar_table
+from ._grouped import (ALIGN_BYTES, KeptTables, element_offsets, member_ptr, offsets_table,
+                       scalar_table)
 
 # factored tiles: one configuration for every shape (BLOCK_N spans the contiguous dimension)
 TILE_M, TILE_N, TILE_WARPS = 32, 128, 8
@@ -485,7 +486,8 @@ class GroupedAdafactorStep:
         self.sizes = [Ws[0].element_size(), Es[0].element_size(), 4, 4]
         self._table_key = None
         self._g_layout = None
-        self._scal_key = ("adafactor_step", self.scratch.data_ptr()) if persistent else None
+        # a persistent group's tables, kept at their addresses (a captured graph reads them)
+        self._tables = KeptTables(self.device) if persistent else None
 
     def _check_grads(self, Gs):
         like = self._g_layout
@@ -538,8 +540,10 @@ class GroupedAdafactorStep:
                 self.device)
             self._table_key = key
         offs, aligned = self._table, self._aligned
-        scal = scalar_table(_scalar_rows(scalars), self.device, key=self._scal_key)
-        if _capture.replaying() and self._scal_key is not None:
+        rows = _scalar_rows(scalars)
+        scal = (scalar_table(rows, self.device) if self._tables is None
+                else self._tables.fill(rows))
+        if _capture.replaying() and self._tables is not None:
             return          # a replayed CUDA graph makes these launches (the table refilled)
         flag = skip_flag(skip, self.device)
         W0, E0, R0, C0 = self.bases

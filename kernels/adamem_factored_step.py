@@ -18,7 +18,7 @@ import triton.language as tl
 from lowrank_fused import _capture
 
 from ._common import cdiv, interpreting, load_tile, skip_flag, tile_offsets, to_storage
-from ._grouped import scalar_table
+from ._grouped import KeptTables, scalar_table
 from .adafactor_step import TILE_M, TILE_N, TILE_WARPS, _adafactor_stats_kernel, _tile, \
     row_col_sums
 
@@ -57,10 +57,9 @@ def _adamem_factored_apply_kernel(
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def _scalars(lr, eps, c2, pre_scale, post_decay, device, key=None):
-    """The apply kernel's scalar table (5 x 1 fp32; with ``key``, kept and refilled)."""
-    return scalar_table([[float(lr)], [float(eps)], [float(c2)], [float(pre_scale)],
-                         [float(post_decay)]], device, key=key)
+def _scalar_rows(lr, eps, c2, pre_scale, post_decay):
+    """The apply kernel's scalar table rows (5 x 1 fp32)."""
+    return [[float(lr)], [float(eps)], [float(c2)], [float(pre_scale)], [float(post_decay)]]
 
 
 def adamem_factored_step(W, G, row, col, *, lr: float, beta2: float, eps1: float, eps: float,
@@ -95,8 +94,9 @@ def adamem_factored_step(W, G, row, col, *, lr: float, beta2: float, eps1: float
     tiles = cdiv(M, TILE_M) * cdiv(N, TILE_N)
     _adamem_factored_apply_kernel[(tiles,)](
         W, G, new_row, new_col, mean, skip_flag(skip, W.device),
-        _scalars(lr, eps, c2, pre_scale, post_decay, W.device), M, N, *W.stride(),
-        *G.stride(), BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
+        scalar_table(_scalar_rows(lr, eps, c2, pre_scale, post_decay), W.device), M, N,
+        *W.stride(), *G.stride(), BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(),
+        num_warps=TILE_WARPS,
     )
 
 
@@ -137,7 +137,7 @@ class BoundAdamemFactoredStep:
         self.mean = torch.empty((), **f32)
         self.rowsum_out, self.colsum_out = self.rowsum.view(1, M), self.colsum.view(1, N)
         self.tiles = self.tiles_m * self.tiles_n
-        self._key = ("adamem_factored", W.data_ptr(), M, N)   # its scalar table's
+        self._tables = KeptTables(W.device)   # its scalar table, kept (a graph reads it)
 
     def __call__(self, G, *, lr: float, beta2: float, eps1: float, eps: float, c2: float,
                  pre_scale: float, post_decay: float, skip=None) -> None:
@@ -155,7 +155,7 @@ class BoundAdamemFactoredStep:
         # the step's scalars first, then the device work as one capture unit: a replayed
         # CUDA graph reads the table and makes every launch and product of ``_run`` (beta2
         # and eps1, which it takes by value, are in the optimizer's capture key)
-        scal = _scalars(lr, eps, c2, pre_scale, post_decay, W.device, key=self._key)
+        scal = self._tables.fill(_scalar_rows(lr, eps, c2, pre_scale, post_decay))
         _capture.unit(self._run, G, scal, float(beta2), float(eps1), skip)
 
     def _run(self, G, scal, beta2, eps1, skip):

@@ -29,7 +29,7 @@ import triton.language as tl
 from lowrank_fused import _capture
 
 from ._common import DOT_IEEE, cdiv, interpreting, mma, skip_flag, to_storage
-from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
+from ._grouped import KeptTables, check_layout, element_offsets, member_ptr, offsets_table
 
 # One config (the AOT test compiles it for every state dtype under Triton 3.6 and 3.9). fp32
 # FMA dot: software pipelining (num_stages=2) takes 254 registers on sm_90 with fp32 states,
@@ -230,12 +230,11 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
         work = grouped_kfac_work(Rs)
     offs, aligned = prepared
     Rf = Rs if Rs.dtype == torch.float32 else Rs.float()
-    gram, = work
+    gram, tables = work
     R0, M0, Q0, N0, F0 = Rf[0], Ms[0], roots[0], Ns[0], Fs[0]
-    # the step's scalars in a table kept per output address (refilled in place)
-    scal = scalar_table([[float(beta1)], [1.0 - float(beta1)], [float(c1)], [float(beta2)],
-                         [1.0 - float(beta2)], [float(n)]], Rf.device,
-                        key=("kfac_whiten", N0.data_ptr()))
+    # the step's scalars in the table kept with the work buffers (refilled in place)
+    scal = tables.fill([[float(beta1)], [1.0 - float(beta1)], [float(c1)], [float(beta2)],
+                        [1.0 - float(beta2)], [float(n)]])
     if _capture.replaying():          # a replayed CUDA graph makes both launches
         return
     work_matmul(Rf, Rf.transpose(1, 2), gram)
@@ -258,10 +257,12 @@ def work_matmul(A, B, out) -> None:
 
 
 def grouped_kfac_work(Rs):
-    """The buffer ``grouped_kfac_precondition`` writes besides its outputs, for this stack
-    of R: ``(gram,)``, the members' Grams (count, r, r) fp32, contiguous."""
+    """The buffers ``grouped_kfac_precondition`` writes besides its outputs, for this stack
+    of R: ``(gram, tables)``, the members' Grams (count, r, r) fp32, contiguous, and its
+    scalar table (kept at one address: a captured graph reads it)."""
     count, r, _ = Rs.shape
-    return (torch.empty(count, r, r, dtype=torch.float32, device=Rs.device),)
+    return (torch.empty(count, r, r, dtype=torch.float32, device=Rs.device),
+            KeptTables(Rs.device))
 
 
 def grouped_kfac_offsets(Rs, Ms, Fs, roots, Ns):
