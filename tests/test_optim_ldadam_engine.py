@@ -199,3 +199,138 @@ def test_lagged_guards_warn_at_the_next_call():
         opt.nonfinite_check()                 # read once
     hits = [x for x in w if issubclass(x.category, RefreshFallbackWarning)]
     assert len(hits) == 1 and opt.param_label(m.p) in str(hits[0].message)
+
+
+# -- CUDA-graph capture of the class step (docs/engine.md), on the CPU ------------------------
+
+def _capture_steady(backend="auto", **kw):
+    """The step-engine tests' tiny LLaMA past LDAdam's first (SVD) step, gradients in fixed
+    tensors."""
+    from _methods import backward, model, optimizer
+
+    net = model()
+    opt = optimizer(net, "ldadam", backend=backend, **kw)
+    for t in range(3):
+        backward(net, t)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    return net, opt
+
+
+@pytest.mark.parametrize("ef", [True, False], ids=["ef", "no-ef"])
+def test_classes_are_capturable_on_the_triton_kernels(ef):
+    """On the Triton backend (auto, here the interpreter) every class reads its per-step
+    scalars from tables (its scaled elementwise steps bound, K2 on the multi-tensor op with
+    its table): capturable; on the reference backend (torch ops with the scalars by value) no
+    class is. ``sign_canon``, which the capture unit takes by value, is in the capture key."""
+    from lowrank_fused import _ext
+
+    if _ext.why_no_cpu() is not None or not available("triton", "cpu"):
+        pytest.skip("needs the compiled CPU twin and Triton")
+    _, opt = _capture_steady(error_feedback=ef)
+    classes = list(opt._engine_plan.classes.values())
+    assert classes and all(opt._class_capturable(c) for c in classes)
+    assert all(c.extra["calls"]["scaled"].has_ef == ef for c in classes)
+    before = opt._captured_values()
+    opt.sign_canon = not opt.sign_canon
+    assert opt._captured_values() != before
+    _, opt = _capture_steady(backend="reference", error_feedback=ef)
+    classes = list(opt._engine_plan.classes.values())
+    assert classes and not any(opt._class_capturable(c) for c in classes)
+    assert all(c.extra["calls"]["scaled"] is None for c in classes)
+
+
+@pytest.mark.parametrize("ef", [True, False], ids=["ef", "no-ef"])
+def test_replayed_steps_take_changed_hyperparameters_from_the_tables(ef, monkeypatch):
+    """test_step_engine's replay test (one eager steady step's launches on a tape, replayed
+    after the host half of each later step, a NaN gradient on one step) with lr (a schedule),
+    weight decay, rho, betas and eps changed between the replays: each reaches the replayed
+    launches through a table (the step count's bias corrections too), equal to the eager run
+    bit for bit."""
+    from lowrank_fused import _ext
+
+    if _ext.why_no_cpu() is not None or not available("triton", "cpu"):
+        pytest.skip("needs the compiled CPU twin and Triton")
+    from _methods import assert_same, backward, snapshot
+    from test_step_engine import NAMES, LaunchTape, _poison
+
+    tape = LaunchTape(monkeypatch)
+    runs = [_capture_steady(nonfinite="skip", error_feedback=ef) for _ in range(2)]
+    (net, opt), (ref_net, ref) = runs
+    for o in (opt, ref):
+        o.lagged_nonfinite = True
+
+    def change(o, t):
+        for i, g in enumerate(o.param_groups):
+            g["lr"] = 1e-3 * (1.0 + 0.1 * t + 0.01 * i)
+            if t == 5:
+                g["weight_decay"] = 0.05
+            if t == 6 and g["enable_lowrank"]:
+                g["rho"] = 0.8
+            if t == 7:
+                g["betas"] = (0.85, 0.95)
+                g["eps"] = 1e-6
+
+    for t in range(3, 10):
+        for n, o in runs:
+            backward(n, t)
+            if t == 8:
+                _poison(n, NAMES["lowrank"])
+            change(o, t)
+        if t == 3:
+            tape.recording = True            # the "capture": one eager steady step
+            opt.step()
+            tape.recording = False
+            assert tape.tape
+        else:
+            launches = len(tape.tape)
+            tape.replayed_step(opt)          # the host half (no launch), then the tape
+            assert len(tape.tape) == launches and tape.in_replay == 0, tape.in_replay
+        ref.step()
+        for o in (opt, ref):
+            o.zero_grad(set_to_none=False)
+        opt.nonfinite_check()
+        ref.nonfinite_check()
+        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"ldadam: step {t}")
+    assert opt.skipped_steps == ref.skipped_steps == 1
+    assert opt.completed_steps == ref.completed_steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_engine_equals_per_matrix_on_triton_without_error_feedback(dtype):
+    """The Triton path's scaled steps without the error feedback's operand (``L``)."""
+    if not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
+    a, opt_a = _run(False, "triton", dtype, 3, error_feedback=False)
+    b, opt_b = _run(True, "triton", dtype, 3, error_feedback=False)
+    assert not any("error" in st for st in opt_b.state.values())
+    _assert_same(a, opt_a, b, opt_b)
+
+
+def test_triton_path_with_bf16_moments_equals_per_matrix():
+    """Moments in bf16 on the batched path (a ``faithful_dtypes`` run's state, then the
+    setting off): the scaled steps read and write the bf16 moments (rounding as the torch
+    ops do); the engine equals the per-matrix step bit for bit."""
+    if not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
+
+    def run(engine):
+        model, batch = tiny_lm_task(0)
+        model.to(torch.bfloat16)
+        opt = make_optimizer(model, "ldadam", rank=8, lr=1e-2, weight_decay=0.01,
+                             backend="triton", faithful_dtypes=True)
+        opt.engine = engine
+        for step in range(4):
+            if step == 2:
+                opt.faithful_dtypes = False      # the bf16 state stays: the batched path
+            lm_loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    a, opt_a = run(False)
+    b, opt_b = run(True)
+    classes = list(opt_b._engine_plan.classes.values())
+    assert classes and all(c.extra["st"]["M"].dtype == torch.bfloat16 for c in classes)
+    assert all(c.extra["calls"]["scaled"] is not None for c in classes)
+    _assert_same(a, opt_a, b, opt_b)

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lowrank_fused import ops, ops_grouped, ops_multi, sharded
+from lowrank_fused import _capture, ops, ops_grouped, ops_multi, sharded
 from lowrank_fused.dispatch import lookup
 from lowrank_fused.linalg import (RefreshFallbackWarning, canonical_svd_basis, fallback_basis,
                                   orth)
@@ -193,6 +193,28 @@ def _accumulator(backend, device):
     from lowrank_fused.reference.ldadam_error_accumulate import ldadam_error_accumulate_ref
 
     return ldadam_error_accumulate_ref
+
+
+def _bind_scaled(st, side, ef, backend, device):
+    """A batch's elementwise steps that take per-step scalars (line 1's two mixes, the
+    transport's two halves, the error feedback's right operand and the moment's update) as
+    three Triton launches on the batch's tensors, reading the scalars from a table the call
+    keeps (``kernels/ldadam_scaled_moments.py``), where the grouped GEMMs run on Triton and
+    the moments are contiguous fp32, bf16 or fp16; else None (``_batch_step``'s torch ops,
+    which take them by value: the reference backend)."""
+    from lowrank_fused.dispatch import resolve_call
+
+    if resolve_call("grouped_project", backend, device)[0] != "triton":
+        return None
+    from lowrank_fused.kernels.ldadam_scaled_moments import STATE_DTYPES, BoundScaledMoments
+
+    M, V = st["M"], st["V"]
+    if (M.dtype not in STATE_DTYPES or V.dtype not in STATE_DTYPES or not M.is_contiguous()
+            or not V.is_contiguous()):
+        return None
+    return BoundScaledMoments(M, V, st["R1"], st["V1"], st["Yp"], st["corr"], st["mtr"],
+                              st["w2"], st["R"] if ef else None, st["L"] if ef else None,
+                              side=side)
 
 
 class LDAdamW(LowRankOptimizer):
@@ -766,17 +788,54 @@ class LDAdamW(LowRankOptimizer):
         of ``_carve`` and the flags of ``_flag_buffers``; ``calls`` the grouped GEMMs on the
         batch's lists: ``k1a`` R1 = proj(A, P_old), ``k1b`` Yp = proj(A, V1) on the other
         side, ``k1`` R = proj(A, P_new), ``kef`` E -= K @ L, ``k2`` the Adam moments
-        (R, M, V -> N), ``k3`` line 9 from N, ``acc`` line 3's E += G (``_accumulator``).
+        (R, M, V -> N), ``k3`` line 9 from N, ``acc`` line 3's E += G (``_accumulator``),
+        and on the Triton backend ``scaled`` (``_bind_scaled``: the elementwise steps that
+        take per-step scalars, as three launches reading them from the batch's table).
         ``Gs`` the gradients, ``Es`` the error buffers (None without error feedback).
         ``skip``: the step's on-device non-finite flag (docs/engine.md) or None; when it
         holds True every state tensor and weight keeps its bits (the error buffers, the
         basis, the moments, W), never read on the host. Every product and select writes
         into the scratch (``out=`` / in place): a step allocates no tensor. Returns the
         per-matrix flags (count,) of a finite power iteration (all True on a skipped step:
-        its basis was kept because of the skip, not the iteration), ``st["ok"]``."""
+        its basis was kept because of the skip, not the iteration), ``st["ok"]`` (the same
+        tensor every step, written on the device).
+
+        The per-step values (``t``, lr) reach the device through tables only where
+        ``scaled`` is bound: the host half (this function) fills ``scaled``'s table, runs
+        everything up to K2 as one capture unit (``_batch_device``: constants only) and
+        then K2 and K3, bound calls that fill their own tables; a replayed step
+        (``lowrank_fused._capture``) runs only the table fills. Without ``scaled`` (the
+        reference backend) the same torch ops take the scalars by value."""
         beta1, beta2 = group["betas"]
         rho = group["rho"]
+        bc1_t = 1.0 - beta1 ** t
+        coef_m, coef_a = rho / bc1_t, 1.0 - rho
+        bc1, bc2 = ops.bias_corrections(beta1, beta2, t)
+        scalars = dict(coef_m=coef_m, coef_a=coef_a, bc2=bc2, bc1_sq=bc1 * bc1,
+                       c=beta1 / (1.0 - beta1))
+        scaled = calls.get("scaled")
+        if scaled is None:
+            self._batch_device(side, rank, Gs, Es, st, calls, precision, skip, self.sign_canon,
+                               scalars)
+        else:
+            scaled.fill(**scalars)           # the host half: the scalars into the table
+            _capture.unit(self._batch_device, side, rank, Gs, Es, st, calls, precision, skip,
+                          self.sign_canon, None)
+        # lines 7 + 8 (bias correction at t + 1), line 9 (WD-pre): bound calls with tables
+        calls["k2"](t + 1, skip)
+        pre_scale, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "pre")
+        calls["k3"](group["lr"], pre_scale, post_decay, precision, skip)
+        return st["ok"]
+
+    @staticmethod
+    def _batch_device(side, rank, Gs, Es, st, calls, precision, skip, sign_canon, scalars):
+        """``_batch_step``'s device work from line 3 to the error feedback (lines 1-6),
+        everything but K2 and K3. ``scalars`` (a dict: coef_m, coef_a, bc2, bc1_sq, c): the
+        torch path, which takes them by value; None: ``calls["scaled"]``'s kernels, which
+        read them from its table, so that every argument here is the same at every step
+        (one capture unit)."""
         left = side == "left"
+        scaled = calls.get("scaled") if scalars is None else None
         P, M, V = st["P"], st["M"], st["V"]
         if (precision == "ieee" and P.device.type != "cuda" and P.dtype == torch.float32
                 and M.dtype == torch.float32):
@@ -791,17 +850,23 @@ class LDAdamW(LowRankOptimizer):
             As = Gs
         # line 1, fused: V1 = coef_m M + coef_a proj(A, P_old) (low shape), then
         # Y = coef_a proj(A, V1) (the other side) + coef_m P_old (M V1) (basis shape)
-        bc1_t = 1.0 - beta1 ** t
-        coef_m, coef_a = rho / bc1_t, 1.0 - rho
         calls["k1a"](As, precision)
-        torch.mul(M, coef_m, out=st["V1"]).add_(st["R1"], alpha=coef_a)
+        if scaled is not None:               # V1, and the transport's w into R1 (free now)
+            scaled.momentum_mix()
+        else:
+            torch.mul(M, scalars["coef_m"], out=st["V1"]).add_(st["R1"],
+                                                               alpha=scalars["coef_a"])
         calls["k1b"](As, precision)
         corr = st["corr"]
         if left:
             bmm(P, bmm(M, st["V1T"], out=st["MV"]), out=corr)
         else:
             bmm(bmm(st["V1T"], M, out=st["MV"]), P, out=corr)
-        Y = st["Yp"].mul_(coef_a).add_(corr, alpha=coef_m)
+        Y = st["Yp"]
+        if scaled is not None:
+            scaled.basis_mix()
+        else:
+            Y.mul_(scalars["coef_a"]).add_(corr, alpha=scalars["coef_m"])
         # overflow in b keeps the previous basis, chosen on the device (read once per step):
         # Y * 0 is NaN exactly where Y is not finite, so its per-matrix sum is 0 iff Y is
         fin, ok = st["fin"], st["ok"]
@@ -821,7 +886,7 @@ class LDAdamW(LowRankOptimizer):
         Ysel = torch.where(keep, st["Yc"], Pc_old, out=st["Ysel"])
         Q = st["Q"]
         torch.linalg.qr(Ysel, out=(Q, st["Rq"]))
-        if self.sign_canon:                  # orth: the column signs that make diag(R) >= 0
+        if sign_canon:                       # orth: the column signs that make diag(R) >= 0
             torch.lt(st["Rq_diag"], 0, out=st["neg"])
             Q.mul_(torch.where(st["neg_row"], st["minus_one"], st["one"], out=st["sign"]))
         torch.where(keep, Q, Pc_old, out=st["Pc_new"])
@@ -829,8 +894,6 @@ class LDAdamW(LowRankOptimizer):
         # line 2
         calls["k1"](As, precision)
         # lines 4 + 6: the transport (as ldadam_moment_transport, on the batch)
-        bc1, bc2 = ops.bias_corrections(beta1, beta2, t)
-        bc1_sq = bc1 * bc1
         C, m_tr = st["C"], st["mtr"]
         if left:
             bmm(st["PT"], P_old, out=C)
@@ -838,19 +901,29 @@ class LDAdamW(LowRankOptimizer):
         else:                                # canonical C = Q_new Q_old^T, M_tr^T = C M^T
             bmm(P, Pc_old, out=C)
             bmm(M, st["CT"], out=m_tr)
-        # w = V/bc2 - M^2/bc1^2 (R1 and V1 are free by now: they hold w and the squares)
+        # w = V/bc2 - M^2/bc1^2 (R1 and V1 are free by now: they hold w and the squares;
+        # the Triton path wrote w with V1)
         w, sq = st["R1"], st["V1"]
-        if V.dtype == torch.float32:
-            torch.div(V, bc2, out=w)
-        else:
-            w.copy_(V).div_(bc2)
-        w.sub_(torch.mul(M, M, out=sq).div_(bc1_sq))
+        if scaled is None:
+            bc2, bc1_sq = scalars["bc2"], scalars["bc1_sq"]
+            if V.dtype == torch.float32:
+                torch.div(V, bc2, out=w)
+            else:
+                w.copy_(V).div_(bc2)
+            w.sub_(torch.mul(M, M, out=sq).div_(bc1_sq))
         torch.mul(C, C, out=st["CC"])
         w2 = st["w2"]
         if left:
             bmm(st["CC"], w, out=w2)
         else:
             bmm(w, st["CCT"], out=w2)
+        if scaled is not None:
+            # V = |(w2 + M_tr^2/bc1^2) bc2|, L = [c M_tr + R; -c M] and M = M_tr, one launch
+            # (nothing written under skip), then lines 3 + 5 as below
+            scaled.transport_finish(skip)
+            if Es is not None:
+                calls["kef"](precision, skip)
+            return
         w2.add_(torch.mul(m_tr, m_tr, out=sq).div_(bc1_sq))
         w2.mul_(bc2).abs_()
         if skip is None:
@@ -859,7 +932,7 @@ class LDAdamW(LowRankOptimizer):
             torch.where(skip, V, w2, out=V)
         # lines 3 + 5: E = A - [P_new, P_old] @ [R + c M_tr; -c M] (one K = 2r GEMM)
         if Es is not None:
-            c = beta1 / (1.0 - beta1)
+            c = scalars["c"]
             torch.mul(m_tr, c, out=st["L_top"]).add_(st["R"])
             torch.mul(M, -c, out=st["L_bot"])
             calls["kef"](precision, skip)
@@ -867,11 +940,6 @@ class LDAdamW(LowRankOptimizer):
             M.copy_(m_tr)
         else:
             torch.where(skip, M, m_tr, out=M)
-        # lines 7 + 8 (bias correction at t + 1), line 9 (WD-pre)
-        calls["k2"](t + 1, skip)
-        pre_scale, post_decay = ops.decay_coefficients(group["lr"], group["weight_decay"], "pre")
-        calls["k3"](group["lr"], pre_scale, post_decay, precision, skip)
-        return ok
 
     def _error_buffers(self, states, shape, group, dtype, device):
         """The matrices' error buffers in the group's ``ef_dtype`` (created at zero when error
@@ -924,11 +992,28 @@ class LDAdamW(LowRankOptimizer):
             k3=lambda lr, pre, post, prec, skip: ops_grouped.grouped_backproject_update(
                 [W], [P], [N], side=side, coef=lr, pre_scale=pre, post_decay=post,
                 precision=prec, backend=backend, skip=skip),
-            acc=_accumulator(backend, p.device))
+            acc=_accumulator(backend, p.device),
+            scaled=_bind_scaled(st, side, Es is not None, backend, p.device))
         ok = self._batch_step(group, side, rank, self.completed_steps, [G], Es, st, calls,
                               precision)
         write_back(W)
         self._pi_checks.append(([p], ok))
+
+    # CUDA-graph capture of the steady step (docs/engine.md): a class's step is a table fill,
+    # one capture unit (_batch_device, constants only) and the bound K2 and K3
+    CAPTURABLE = True
+
+    def _class_capturable(self, cls) -> bool:
+        """The class's per-step scalars all in tables: its elementwise steps on their Triton
+        kernels (``_bind_scaled``: not the reference backend's torch ops, which take them by
+        value) and K2 on the compiled multi-tensor op with its table."""
+        calls = cls.extra.get("calls") or {}
+        return calls.get("scaled") is not None and bool(cls.extra.get("k2_table"))
+
+    def _captured_values(self) -> tuple:
+        """The capture unit takes ``sign_canon`` by value (the QR's column signs); every
+        hyperparameter (rho, betas, eps, lr, weight decay) reaches the kernels through tables."""
+        return super()._captured_values() + (bool(self.sign_canon),)
 
     # the engine's hooks (optim/_engine.py)
     def _class_key_extra(self, p, group, state) -> tuple:
@@ -1011,12 +1096,15 @@ class LDAdamW(LowRankOptimizer):
                                      eps_mode="torch", backend=cls.backend, skip=skip)
         cls.extra.update(
             st=st, Es=Es, params=[m.p for m in members],
+            # K2 reads its per-step scalars from a table (the compiled multi-tensor op)
+            k2_table=where is not None and k2m.table is not None,
             calls=dict(k1a=k1a, k1b=k1b, k1=k1,
                        kef=lambda prec, skip: kef(coef=1.0, precision=prec, skip=skip),
                        k2=k2,
                        k3=lambda lr, pre, post, prec, skip: self._class_update(
                            cls, lr, post, prec, pre_scales=pre),
-                       acc=self._class_accumulator(cls, Es, device)))
+                       acc=self._class_accumulator(cls, Es, device),
+                       scaled=_bind_scaled(st, side, Es is not None, cls.backend, device)))
 
     def _class_accumulator(self, cls, Es, device):
         """Line 3's ``E += G`` of a class: on Triton bound to the class's error buffers once
@@ -1033,9 +1121,10 @@ class LDAdamW(LowRankOptimizer):
         return lambda Es, Gs, skip=None: bound(Gs, skip=skip)
 
     def _class_step(self, cls, precision):
-        """One class: ``_batch_step`` on its stacked state (about 40 small torch calls and
-        seven bound calls, whatever its size: 5 grouped GEMM launches, the accumulation, one
-        multi-tensor moments call; nothing allocated)."""
+        """One class: ``_batch_step`` on its stacked state (on the Triton backend 16 small
+        torch calls, 19 with ``sign_canon``, and ten bound calls, whatever its size: 5 grouped
+        GEMM launches, the accumulation, the three launches of the per-step-scaled elementwise
+        steps, one multi-tensor moments call; nothing allocated)."""
         x = cls.extra
         ok = self._batch_step(cls.members[0].group, cls.route.side, cls.route.rank,
                               self.completed_steps, self._class_grads(cls), x["Es"], x["st"],

@@ -182,6 +182,7 @@ KERNEL_MODULES += ("grouped_adamem_middle",)
 KERNEL_MODULES += ("ldadam_error_accumulate", "grouped_adamem_vector_step",
                    "adamem_factored_step")
 KERNEL_MODULES += ("grouped_adapm_update",)
+KERNEL_MODULES += ("ldadam_scaled_moments",)
 
 
 def all_variants():
