@@ -47,8 +47,8 @@ ENGINE_METHODS = tuple(STEADY)
 PER_UNIT = {"adaptive_adamw": 5, "rsadamw": 5, "gha": 7, "galore_kfac": 7, "adamem": 6,
             "ldadam": 8, "adafactor": 5}
 # the methods whose steady step is offered for CUDA-graph capture (CAPTURABLE)
-CAPTURE_METHODS = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adamw",
-                   "adafactor")
+CAPTURE_METHODS = ("galore", "adaptive_adamw", "rsadamw", "gha", "galore_kfac", "adarankgrad",
+                   "ldadam", "adamem", "adapm", "adapm_mini", "adamw", "adafactor")
 # the device-skip and per-class allocation tests run on these here; every other method has
 # its own (test_optim_*_engine.py, test_optim_*_device_skip.py)
 SKIP_METHODS = ("galore", "adamw")
@@ -119,13 +119,20 @@ def _steady(method, **kw):
 def test_steady_steps_launch_the_same_kernels_on_the_same_tensors(method, lagged, monkeypatch):
     """Capture-ready: two steady steps (different step counts, so different bias
     corrections) make the same launches with the same arguments: the same tensors, and the
-    per-step scalars in tables at fixed addresses."""
+    per-step scalars in tables at fixed addresses, kept by their calls (between the two
+    steps the kernels' shared table cache is filled past its size: a table taken from it
+    could be evicted, and its memory freed under a captured graph)."""
+    from lowrank_fused.kernels._grouped import _CACHE_SIZE, scalar_table
+
     # recording from the start: the multi-tensor calls bind the extension's functions once
     recorder = LaunchRecorder(monkeypatch)
     net, opt = _steady(method)         # auto: Triton GEMMs, the twin's multi-tensor ops
     opt.lagged_nonfinite = lagged
     steps = []
     for t in range(3, 5):
+        if t == 4:
+            for i in range(_CACHE_SIZE + 1):
+                scalar_table([[float(i)]], "cpu", key=("another caller", i))
         backward(net, t)
         recorder.log.clear()
         opt.step()
@@ -328,18 +335,33 @@ class LaunchTape:
         for fn, args, kwargs in self.tape:
             fn(*args, **kwargs)
 
+    def replayed_step(self, opt):
+        """``opt.step()`` as it runs with a captured graph: its ``_device_step`` is the
+        host half of ``_step_work`` with every launch suppressed, then the graph (this
+        tape); what ``step()`` does before and after (the flag's check, ``_after_updates``)
+        runs as ever, around it."""
+        def device_step():
+            with _capture.replay():
+                opt._step_work()
+            self.replay()
+
+        opt._device_step = device_step
+        try:
+            opt.step()
+        finally:
+            del opt._device_step
+
 
 @pytest.mark.skipif(_ext.why_no_cpu() is not None, reason="needs the compiled CPU twin")
 @pytest.mark.parametrize("method", CAPTURE_METHODS)
 def test_replayed_launches_with_the_host_half_equal_eager_steps(method, monkeypatch):
     """A replayed step (``capture`` on CUDA) is the step's host half run with every launch
     suppressed (``lowrank_fused._capture.replay``: checks, counters, the scalar tables'
-    contents) followed by the launches captured at an earlier steady step, unchanged. On the
-    CPU the captured launches are a tape of one eager step; replaying it after the host half
-    of each later step gives the eager run's weights and state bit for bit, a step with a NaN
-    gradient included (skipped on the device, counted at the next step)."""
-    from lowrank_fused import _capture
-
+    contents) followed by the launches captured at an earlier steady step, unchanged, then
+    what a step does after its launches (``_after_updates``). On the CPU the captured
+    launches are a tape of one eager step; replaying it after the host half of each later
+    step gives the eager run's weights and state bit for bit, a step with a NaN gradient
+    included (skipped on the device, counted at the next step)."""
     tape = LaunchTape(monkeypatch)
     net, opt = _steady(method, nonfinite="skip")
     ref_net, ref = _steady(method, nonfinite="skip")
@@ -357,10 +379,8 @@ def test_replayed_launches_with_the_host_half_equal_eager_steps(method, monkeypa
             assert tape.tape
         else:
             launches = len(tape.tape)
-            with _capture.replay():
-                opt.step()               # the host half: no launch
+            tape.replayed_step(opt)      # the host half (no launch), then the tape
             assert len(tape.tape) == launches and tape.in_replay == 0, tape.in_replay
-            tape.replay()
         ref.step()
         for o in (opt, ref):
             o.zero_grad(set_to_none=False)
@@ -376,8 +396,6 @@ def test_kfac_replays_between_the_eager_recomputes_of_its_roots(monkeypatch):
     read the host and run eagerly; the steps between them replay the launches captured
     before a recompute (same tensors: the recompute writes the roots in place), equal to
     the eager run bit for bit."""
-    from lowrank_fused import _capture
-
     tape = LaunchTape(monkeypatch)
     kw = dict(update_proj_gap=50, kfac_update_freq=3, nonfinite="skip")
     net, opt = _steady("galore_kfac", **kw)
@@ -397,10 +415,8 @@ def test_kfac_replays_between_the_eager_recomputes_of_its_roots(monkeypatch):
             tape.recording = False
             modes.append("eager" if pending else "capture")
         else:
-            with _capture.replay():
-                opt.step()
+            tape.replayed_step(opt)
             assert tape.in_replay == 0
-            tape.replay()
             modes.append("replay")
         ref.step()
         for o in (opt, ref):
@@ -456,7 +472,8 @@ def test_only_methods_of_bound_calls_only_are_capturable():
     capturable = {name for name, cls in lf.optim.__dict__.items()
                   if isinstance(cls, type) and getattr(cls, "CAPTURABLE", False)}
     assert capturable == {"GaLoreAdamW", "AdaptiveAdamW", "RSAdamW", "GHAAdamW",
-                          "GaLoreKFACAdamW", "AdamW", "HFAdamW", "Adafactor"}, capturable
+                          "GaLoreKFACAdamW", "AdaRankGrad", "LDAdamW", "AdaMeM", "AdaPM",
+                          "AdaPMMini", "AdamW", "HFAdamW", "Adafactor"}, capturable
 
 
 def _transposed_layout(t):
@@ -506,6 +523,23 @@ def test_capture_key_holds_the_values_launched_by_value(method):
     opt.param_groups[-1]["nl_gamma"] = 1.5
     assert opt._captured_values() != before
     assert 1.5 in opt._captured_values()
+
+
+def test_capture_key_holds_adamem_factored_values():
+    """AdaMeM's factored Adafactor step (the embedding and head) takes beta2 and eps1 by
+    value in its launches and products: both are in the capture key; its classes are
+    capturable on the grouped middle and the planned combined update."""
+    net, opt = _steady("adamem")
+    before = opt._captured_values()
+    opt.param_groups[-1]["eps1"] = 1e-20
+    assert opt._captured_values() != before
+    opt.param_groups[-1]["eps1"] = before[-1][1]
+    opt.param_groups[-1]["betas"] = (0.9, 0.5)
+    assert opt._captured_values() != before
+    classes = list(opt._engine_plan.classes.values())
+    assert classes and all(opt._class_capturable(c) for c in classes)
+    classes[0].extra["middle"] = None         # the per-matrix middle: not capturable
+    assert not opt._class_capturable(classes[0])
 
 
 def test_capture_key_holds_gha_eta_and_sign_canon():
