@@ -427,6 +427,50 @@ def test_kfac_replays_between_the_eager_recomputes_of_its_roots(monkeypatch):
     assert "replay" in modes[idx:], modes      # replays after a recompute
 
 
+@pytest.mark.parametrize("method", ["galore", "gha", "galore_kfac", "ldadam", "adamem",
+                                    "adapm", "adafactor"])
+def test_a_failed_capture_runs_the_step_eagerly(method):
+    """A capture that fails (an op in the step that cannot be captured on that machine)
+    has run the step's host half but nothing on the device: the optimizer puts its host
+    state back (step counters, flags), warns, switches capture off and runs the step
+    eagerly, so the run equals one that never tried, bit for bit, a NaN step included."""
+    import warnings
+
+    from lowrank_fused.optim import CaptureFailedWarning
+
+    net, opt = _steady(method, nonfinite="skip")
+    ref_net, ref = _steady(method, nonfinite="skip")
+    for o in (opt, ref):
+        o.lagged_nonfinite = True
+    opt.capture = True
+    opt._graph_key = lambda: ("a steady step",)
+
+    def failing_capture(key):
+        with _capture.replay():              # a capture records the launches, runs none
+            opt._step_work()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    opt._capture_graph = failing_capture
+    for t in range(3, 8):
+        for n in (net, ref_net):
+            backward(n, t)
+            if t == 6:
+                _poison(n, NAMES["lowrank"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        failed = [w for w in caught if issubclass(w.category, CaptureFailedWarning)]
+        assert len(failed) == (t == 4), (t, [str(w.message) for w in caught])
+        ref.step()
+        for o in (opt, ref):
+            o.zero_grad(set_to_none=False)
+        opt.nonfinite_check()
+        ref.nonfinite_check()
+        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"{method}: step {t}")
+    assert opt.capture is False and opt.graphs_captured == 0
+    assert opt.skipped_steps == ref.skipped_steps == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", CAPTURE_METHODS)

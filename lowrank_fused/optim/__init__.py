@@ -1,5 +1,6 @@
 """Every optimizer: one class per method, each running every backend its ops have."""
-from lowrank_fused.optim._base import IgnoredGroupKeyWarning, LowRankNotEnabledWarning
+from lowrank_fused.optim._base import (CaptureFailedWarning, IgnoredGroupKeyWarning,
+                                       LowRankNotEnabledWarning)
 from lowrank_fused.optim.adafactor import Adafactor
 from lowrank_fused.optim.adamem import AdaMeM
 from lowrank_fused.optim.adamw import AdamW, HFAdamW
@@ -12,4 +13,4 @@ from lowrank_fused.optim.ldadam import LDAdamW
 
 __all__ = ["Adafactor", "AdaMeM", "AdamW", "HFAdamW", "AdaPM", "AdaPMMini", "AdaptiveAdamW",
            "GaLoreKFACAdamW", "GHAAdamW", "RSAdamW", "AdaRankGrad", "GaLoreAdamW", "LDAdamW",
-           "IgnoredGroupKeyWarning", "LowRankNotEnabledWarning"]
+           "CaptureFailedWarning", "IgnoredGroupKeyWarning", "LowRankNotEnabledWarning"]

@@ -24,6 +24,11 @@ class IgnoredGroupKeyWarning(UserWarning):
     (a typo, another method's key), or a low-rank key in a group that is not low-rank."""
 
 
+class CaptureFailedWarning(UserWarning):
+    """``capture = True`` could not capture a step into a CUDA graph (an op in it is not
+    capturable on this machine): the step ran eagerly and capture is switched off."""
+
+
 class LowRankNotEnabledWarning(IgnoredGroupKeyWarning):
     """LDAdamW: a group sets low-rank keys (``rank``, ...) but not ``enable_lowrank``, so it
     runs dense AdamW (the official code's convention)."""
@@ -58,6 +63,42 @@ def _dtensor_type():
 
 _DTYPE = ops_multi._DTYPE
 _LAYOUT = torch.Tensor.layout.__get__
+
+
+_SCALARS = (int, float, str, type(None))
+
+
+def _snapshot_state(st: dict) -> dict:
+    """A per-parameter state's values, nested dicts copied (tensors and other values by
+    reference: a step writes its tensors on the device, not on the host)."""
+    return {k: (_snapshot_state(v) if isinstance(v, dict) else v) for k, v in st.items()}
+
+
+def _restore_into(live: dict, snap: dict):
+    """``live`` (in place) back to ``snap``: keys added since dropped, nested dicts restored
+    in place (their identity kept), every other value put back."""
+    for k in [k for k in live if k not in snap]:
+        del live[k]
+    for k, v in snap.items():
+        cur = live.get(k)
+        if isinstance(v, dict) and isinstance(cur, dict):
+            _restore_into(cur, v)
+        else:
+            live[k] = v
+
+
+def _host_snapshot(opt):
+    """The host state a step advances: the optimizer's number-valued attributes (its step
+    counts, flags) and every parameter's state."""
+    return ({k: v for k, v in opt.__dict__.items() if isinstance(v, _SCALARS)},
+            [(st, _snapshot_state(st)) for st in opt.state.values()])
+
+
+def _host_restore(opt, saved):
+    attrs, states = saved
+    for st, snap in states:
+        _restore_into(st, snap)
+    opt.__dict__.update(attrs)
 
 
 def is_sharded(t) -> bool:
@@ -801,8 +842,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 done.synchronize()
                 self._graph_event = None
             if key is not None and key == self.__dict__.get("_graph_key_seen"):
-                self._capture_graph(key)     # the previous step ran eagerly with this key
-                used_graph = True
+                # the previous step ran eagerly with this key
+                used_graph = self._capture_or_run(key)
             else:
                 self._graph = self._graph_key_held = None
                 self._step_work()
@@ -816,6 +857,28 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._graph_event = event
             if flag_copy:
                 pending[1] = event
+
+    def _capture_or_run(self, key) -> bool:
+        """``_capture_graph``; when the capture fails (an op in the step that cannot be
+        captured here: it synchronises, or its library does not support stream capture),
+        the host state the capture advanced (step counters, flags: every non-tensor value
+        of the optimizer and of its per-parameter states) is put back, capture is switched
+        off with a ``CaptureFailedWarning`` and the step runs eagerly. A failed capture ran
+        nothing on the device, so the eager step is the step. True when captured."""
+        saved = _host_snapshot(self)
+        try:
+            self._capture_graph(key)
+            return True
+        except Exception as exc:            # noqa: BLE001 (any capture error: fall back)
+            _host_restore(self, saved)
+            self.capture = False
+            self._graph = self._graph_key_held = None
+            warnings.warn(f"{type(self).__name__}: CUDA-graph capture of the step failed "
+                          f"({type(exc).__name__}: {exc}); the step ran eagerly and "
+                          f"capture is now off for this optimizer", CaptureFailedWarning,
+                          stacklevel=4)
+            self._step_work()
+            return False
 
     def _capture_graph(self, key):
         """Capture ``_step_work`` into a new CUDA graph (its launches are recorded, not run)
