@@ -234,3 +234,70 @@ def test_kfac_whitening_and_limiter_run_once_per_class(monkeypatch):
     classes = len(opt._engine_plan.classes)
     assert counts == {"_grouped_kfac_momentum_whiten_kernel": classes,
                       "_grouped_sumsq_kernel": classes}
+
+
+# -- GHA's elementwise steps as Triton launches (kernels/gha_batch.py) ----------------------
+NAN_CASES_GHA_TRITON = [("gha", "skip", "auto"), ("gha", "raise", "auto")]
+
+
+@pytest.mark.parametrize("name,mode,backend", NAN_CASES_GHA_TRITON, ids=str)
+def test_nan_gradient_with_the_lagged_flag_gha_kernels(name, mode, backend):
+    """The lagged-flag NaN step with GHA's update on its Triton kernels (the skip flag read
+    on the device by the basis and moments write-back)."""
+    test_nan_gradient_with_the_lagged_flag(name, mode, backend)
+
+
+@pytest.mark.parametrize("dtype,faithful", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=str)
+def test_gha_kernels_equal_the_torch_ops(dtype, faithful, monkeypatch):
+    """On the Triton backend the engine's GHA update runs its four elementwise launches per
+    class; three steps equal the same steps with the torch ops instead (the reference
+    backend's path, with the same K1), bit for bit: fp32 state, and bf16 bases and moments
+    (``faithful_dtypes``); the per-matrix step (which runs the same kernels) equals both."""
+    if not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
+    from lowrank_fused.optim.adaptive_adamw import _GHABatch
+
+    a, opt_a = _run("gha", True, "triton", dtype, 3, faithful_dtypes=faithful)
+    classes = list(opt_a._engine_plan.classes.values())
+    assert classes and all(c.extra["gha"].kernels is not None for c in classes)
+    if faithful:
+        assert any(m.state["basis"].dtype == torch.bfloat16 for c in classes
+                   for m in c.members)
+    c, opt_c = _run("gha", False, "triton", dtype, 3, faithful_dtypes=faithful)
+    _assert_same(a, opt_a, c, opt_c)
+    monkeypatch.setattr(_GHABatch, "_bind_kernels", lambda self, backend, dev: None)
+    b, opt_b = _run("gha", True, "triton", dtype, 3, faithful_dtypes=faithful)
+    assert all(c.extra["gha"].kernels is None for c in opt_b._engine_plan.classes.values())
+    _assert_same(a, opt_a, b, opt_b)
+
+
+def test_gha_kernels_launch_four_times_per_class(monkeypatch):
+    """A steady GHA step on Triton: each of the four elementwise kernels once per class (one
+    launch over the class's stacked buffers), whatever the class's size."""
+    if not available("triton", "cpu"):
+        pytest.skip("triton unavailable here")
+    import importlib
+
+    gb = importlib.import_module("lowrank_fused.kernels.gha_batch")
+    model, batch = _model(torch.float32)
+    opt = _opt("gha", model, "triton")
+    for _ in range(2):
+        lm_loss(model, batch).backward()
+        opt.step()
+    counts = {}
+
+    def counting(kernel):
+        class Counted:
+            def __getitem__(self, grid):
+                counts[kernel.fn.__name__] = counts.get(kernel.fn.__name__, 0) + 1
+                return kernel[grid]
+        return Counted()
+    names = ("_gha_scale_kernel", "_gha_step_kernel", "_gha_basis_kernel",
+             "_gha_moments_kernel")
+    for name in names:
+        monkeypatch.setattr(gb, name, counting(getattr(gb, name)))
+    opt.step()
+    classes = opt._engine_plan.classes.values()
+    assert any(len(c.members) > 1 for c in classes)
+    assert counts == {name: len(classes) for name in names}

@@ -1114,8 +1114,10 @@ class _GHABatch:
 
         Y^T = P^T G and colsum(G^2)      one grouped K1 with its sum-of-squares side output
         GY  = G Y                        one grouped K1 on the right, with Y^T as the basis
-        P_new = orth(P + eta*(GY/||G||^2 - P triu(Y^T Y/||G||^2)))     batched torch
-        C = P_new^T P ;  M <- C M ;  V <- (C*C) V                      batched torch
+        P_new = orth(P + eta*(GY/||G||^2 - P triu(Y^T Y/||G||^2)))     batched torch (*)
+        C = P_new^T P ;  M <- C M ;  V <- (C*C) V                      batched torch (*)
+
+    (*) the GEMMs and the QR; on Triton the elementwise steps are four launches (below).
 
     (``reference/gha_update.py`` and ``reference/moment_transport.py`` per matrix). A zero or
     non-finite gradient keeps P (the moments still move by ``C = P^T P``, as the per-matrix
@@ -1124,9 +1126,17 @@ class _GHABatch:
     once (``_buffers``); on the engine they are views of its shared workspace
     (``workspace``: dead between the class's steps, and the update ends before the class's
     K1 writes its R and K2 its N there), so a steady call allocates nothing; else allocated
-    with the batch."""
+    with the batch.
 
-    def __init__(self, Gs, Ps, Ms, Vs, backend, bound, workspace=None, stacks=None):
+    Where the K1 run on Triton (and the stored dtypes are fp32, bf16 or fp16), the
+    elementwise steps between the GEMMs and the QR are four launches over the whole batch
+    (``kernels/gha_batch.py``: the flags and T = triu(H/g2); Z; the signs, selects, rounding
+    and the basis' write-back; the moments' write-back with the skip flag) that make the torch
+    ops' IEEE operations in their order: the same bits as the torch ops, which the reference
+    backend (and ``kernels=False``) runs."""
+
+    def __init__(self, Gs, Ps, Ms, Vs, backend, bound, workspace=None, stacks=None,
+                 kernels=True):
         count = len(Ps)
         m, r = Ps[0].shape
         n = Gs[0].shape[1]
@@ -1150,6 +1160,31 @@ class _GHABatch:
                 Gs, self.pfs, Ys, backend=backend, **kw)
             self.k1b = lambda Gs, **kw: ops_grouped.grouped_project(
                 Gs, Ys, GYs, side="right", backend=backend, **kw)
+        self.kernels = self._bind_kernels(backend, dev) if kernels else None
+
+    def _bind_kernels(self, backend, dev):
+        """The batch's elementwise steps as Triton launches on its buffers
+        (``kernels/gha_batch.py``), where the K1 run on Triton and every stored dtype is one
+        the kernels take; else None (the torch ops)."""
+        from lowrank_fused.dispatch import resolve_call
+
+        if resolve_call("grouped_project", backend, dev)[0] != "triton":
+            return None
+        from lowrank_fused.kernels.gha_batch import STATE_DTYPES, BoundGHABatch
+
+        b, stacks = self.b, self.stacks
+        if any(X[0].dtype not in STATE_DTYPES for X in (self.Ps, self.Ms, self.Vs)):
+            return None
+        if stacks is not None:
+            olds = dsts = stacks
+        else:
+            olds = (b["Pst"], b["M"], b["V"])
+            dsts = (b["Pn"], b["Mnew"], b["Vnew"])
+        return BoundGHABatch(
+            g2=b["g2"], H=b["H"], ok=b["ok"], g2s=b["g2s"], T=b["T"], GY=b["GY"], PH=b["PH"],
+            pf=b["pf"], Z=b["Z"], Q=b["Q"], Rq=b["Rq"], Pnf=b["Pnf"], P_old=olds[0],
+            P_dst=dsts[0], Mn=b["Mnew_f"], M_old=olds[1], M_dst=dsts[1], Vn=b["Vnew_f"],
+            V_old=olds[2], V_dst=dsts[2])
 
     def _buffers(self, count, m, r, n, dev, workspace, stacked=False):
         """Every intermediate of the update, laid out once (a class's call every step then
@@ -1160,7 +1195,8 @@ class _GHABatch:
         f32 = torch.float32
         mdt, vdt, pdt = self.Ms[0].dtype, self.Vs[0].dtype, self.dtype
         specs = [("pf", (count, m, r), f32), ("Y", (count, r, n), f32), ("cs", (count, n), f32),
-                 ("GY", (count, m, r), f32), ("g2", (count, 1, 1), f32)]
+                 ("GY", (count, m, r), f32), ("g2", (count, 1, 1), f32),
+                 ("g2s", (count, 1, 1), f32)]
         specs += [(k, (count, r, r), f32) for k in ("H", "T", "Rq", "C", "C2")]
         specs += [(k, (count, m, r), f32) for k in ("PH", "Z", "Q")]
         specs += [("sign", (count, r), f32)]
@@ -1215,30 +1251,43 @@ class _GHABatch:
         self.k1a(Gs, sumsq=self.cs, **token)
         self.k1b(Gs, **token)
         g2, ok, fin = b["g2"], b["ok"], b["fin"]
+        kern = self.kernels                 # None: the torch ops (the reference backend)
         torch.sum(self.cs, dim=1, out=g2.view(-1))
-        torch.gt(g2, 0, out=ok)             # ok: g2 > 0 and finite (g2 is a sum of squares)
-        torch.lt(g2, math.inf, out=fin)
-        ok.logical_and_(fin)
-        torch.where(ok, g2, b["one"], out=g2)
+        if kern is None:
+            torch.gt(g2, 0, out=ok)         # ok: g2 > 0 and finite (g2 is a sum of squares)
+            torch.lt(g2, math.inf, out=fin)
+            ok.logical_and_(fin)
+            torch.where(ok, g2, b["one"], out=g2)
         H, T, PH, Z = b["H"], b["T"], b["PH"], b["Z"]
         torch.bmm(Y, Y.transpose(1, 2), out=H)
-        H.div_(g2)
-        torch.triu(H, out=T)
+        if kern is None:
+            H.div_(g2)
+            torch.triu(H, out=T)
+        else:                                # ok, g2s = where(ok, g2, 1), T = triu(H/g2s)
+            kern.scale()
         torch.bmm(pf, T, out=PH)
-        torch.sub(self.GY.div_(g2), PH, out=Z)
-        Z.mul_(eta).add_(pf)                 # pf + eta*(GY/g2 - P triu(H))
-        torch.where(ok, Z, pf, out=Z)
+        if kern is None:
+            torch.sub(self.GY.div_(g2), PH, out=Z)
+            Z.mul_(eta).add_(pf)             # pf + eta*(GY/g2 - P triu(H))
+            torch.where(ok, Z, pf, out=Z)
+        else:
+            kern.step(eta)
         Q = b["Q"]
         torch.linalg.qr(Z, out=(Q, b["Rq"]))
-        if sign_canon:                       # orth (lowrank_fused.linalg): diag(R) >= 0
-            torch.lt(torch.diagonal(b["Rq"], dim1=-2, dim2=-1), 0, out=b["neg"])
-            torch.where(b["neg"], b["minus"], b["one"], out=b["sign"])
-            Q.mul_(b["sign"].unsqueeze(-2))
-        torch.where(ok, Q, pf, out=Q)
         Pn = b["Pn"]
-        if Pn is not Q:
-            Pn.copy_(Q)                      # rounded once to the basis dtype
-            b["Pnf"].copy_(Pn)
+        if kern is not None:
+            # Pnf = the rounded where(ok, Q*signs, P); the basis' destination (the stored
+            # block, or Pn) = where(skip, P, it)
+            kern.basis(sign_canon, skip)
+        else:
+            if sign_canon:                   # orth (lowrank_fused.linalg): diag(R) >= 0
+                torch.lt(torch.diagonal(b["Rq"], dim1=-2, dim2=-1), 0, out=b["neg"])
+                torch.where(b["neg"], b["minus"], b["one"], out=b["sign"])
+                Q.mul_(b["sign"].unsqueeze(-2))
+            torch.where(ok, Q, pf, out=Q)
+            if Pn is not Q:
+                Pn.copy_(Q)                  # rounded once to the basis dtype
+                b["Pnf"].copy_(Pn)
         # the transport (reference/moment_transport.py on the stored, rounded P_new)
         C = b["C"]
         torch.bmm(b["Pnf"].transpose(1, 2), pf, out=C)
@@ -1254,16 +1303,24 @@ class _GHABatch:
             if Xf is not X:
                 Xf.copy_(X)
             torch.bmm(Cm, Xf, out=new_f)
+            if kern is not None:
+                continue
             if new is not new_f:
                 new.copy_(new_f)
             if skip is not None:
                 torch.where(skip, X, new, out=new)
             if stacks is not None:
                 X.copy_(new)
-        if skip is not None:
-            torch.where(skip, Pst, Pn, out=Pn)
+        if kern is not None:
+            # both moments' destinations (the stored blocks, or Mnew and Vnew) =
+            # where(skip, X, rounded C X); the basis' was written above
+            kern.moments(skip)
+        else:
+            if skip is not None:
+                torch.where(skip, Pst, Pn, out=Pn)
+            if stacks is not None:
+                Pst.copy_(Pn)
         if stacks is not None:
-            Pst.copy_(Pn)
             return
         torch._foreach_copy_(self.Ms, b["Mnews"])
         torch._foreach_copy_(self.Vs, b["Vnews"])
@@ -1438,8 +1495,9 @@ class GHAAdamW(_SubspaceAdamW):
         cls.extra["eta"] = etas[0] if all(e == etas[0] for e in etas) else None
 
     def _class_step(self, cls, precision):
-        """The GHA update of every member (one ``_GHABatch`` call: two grouped K1 and batched
-        torch), then the family's class step."""
+        """The GHA update of every member (one ``_GHABatch`` call: two grouped K1, batched
+        torch GEMMs and QR, and on Triton four elementwise launches), then the family's class
+        step."""
         fresh = self.__dict__.get("_gha_fresh")
         side = cls.route.side
         if cls.extra["eta"] is None or (fresh and any(id(m.state) in fresh
@@ -1460,8 +1518,9 @@ class GHAAdamW(_SubspaceAdamW):
                 if known is None or not all(map(operator.is_, known[0], Gs)):
                     known = cls.extra["gha_grads"] = (Gs, [G.t() for G in Gs])
                 Gs = known[1]
-            # one unit: batched torch ops and two bound K1 on the class's fixed tensors, with
-            # eta and sign_canon in the capture key (_captured_values)
+            # one unit: batched torch ops, two bound K1 and (Triton) four elementwise launches
+            # on the class's fixed tensors, with eta and sign_canon in the capture key
+            # (_captured_values)
             _capture.unit(cls.extra["gha"], Gs, cls.extra["eta"], self.sign_canon,
                           self._skip_flag, layout_token=self._layout_token)
         super()._class_step(cls, precision)

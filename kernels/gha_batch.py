@@ -1,0 +1,308 @@
+"""The elementwise parts of GHAAdamW's batched basis update (``_GHABatch`` in
+lowrank_fused/optim/adaptive_adamw.py, docs/methods/adaptive_adamw.md) as four launches for a
+whole class, between the batched GEMMs and the QR that stay torch ops. Canonical left form
+per member: G m x n, P m x r, moments r x n; every buffer a (count, ...) stack::
+
+    g2 = colsum(G^2).sum()                                    torch.sum
+    H  = Y^T Y                                                torch.bmm
+    _gha_scale_kernel:   ok = 0 < g2 < inf ; g2s = where(ok, g2, 1) ; T = triu(H / g2s)
+    PH = P T                                                  torch.bmm
+    _gha_step_kernel:    Z = where(ok, (GY/g2s - PH)*eta + P, P)
+    Q, Rq = qr(Z)                                             torch.linalg.qr
+    _gha_basis_kernel:   Pn = dtype(where(ok, Q*sign(diag Rq), P)) (the sign with
+                         sign_canon); Pnf = fp32(Pn); the stored basis <- where(skip, P, Pn)
+    C = Pnf^T P ; C2 = C*C ; Mn = C M ; Vn = C2 V             torch.bmm, torch.mul
+    _gha_moments_kernel: M <- where(skip, M, dtype(Mn)) ; V <- where(skip, V, dtype(Vn))
+
+Each value is the one the torch ops of ``_GHABatch``'s reference path compute, operation for
+operation (``H.div_(g2)``, ``torch.triu``; ``GY.div_(g2)``, ``sub``, ``mul_(eta)``,
+``add_(P)``, ``where``; the sign as a multiplication by +-1; ``copy_`` into a bf16/fp16
+tensor rounding to nearest-even): the divisions are IEEE divisions (``div_rn``), ``eta`` is
+rounded once to fp32 (as torch rounds a Python scalar operand of an fp32 op), no product is
+fused with an add. Under the interpreter the bits equal torch's on the CPU
+(tests/test_gha_batch.py). On a GPU the compiler may contract ``(GY/g2s - PH)*eta + P`` into
+one FMA where torch rounds the product first (about one fp32 ulp of the update).
+
+The stored basis and moments may be strided views (the class's state blocks, transposed on
+the right side): their three strides are arguments; every other buffer is contiguous. With
+``skip`` (a 0-dim bool on the device, never read on the host) holding True nothing is
+written into the stored blocks (written in place, ``IN_PLACE``); gathered state's buffers
+(the per-matrix step's, then copied to the members) get the old values. Grid: (count, blocks of ``ELEMENTWISE_BLOCK`` elements
+of one member); offsets are int64.
+"""
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag, \
+    to_storage
+
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _gha_scale_kernel(g2_ptr, h_ptr, ok_ptr, g2s_ptr, t_ptr, R, BLOCK: tl.constexpr):
+    """Member ``program_id(0)``: ``ok = 0 < g2 < inf`` and ``g2s = where(ok, g2, 1)``
+    (stored by the first block), and block ``program_id(1)`` of ``T = triu(H / g2s)``."""
+    i = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    g2 = tl.load(g2_ptr + i)
+    ok = (g2 > 0.0) & (g2 <= 3.4028234663852886e38)     # g2 < inf: FLT_MAX; NaN: neither
+    g2s = tl.where(ok, g2, 1.0)
+    if blk == 0:
+        tl.store(ok_ptr + i, ok)
+        tl.store(g2s_ptr + i, g2s)
+    rr = R * R
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < rr
+    row = offs // R
+    col = offs - row * R
+    base = i * rr
+    h = tl.load(h_ptr + base + offs, mask=mask, other=0.0)
+    tl.store(t_ptr + base + offs, tl.where(col >= row, tl.div_rn(h, g2s), 0.0), mask=mask)
+
+
+@triton.jit
+def _gha_step_kernel(gy_ptr, ph_ptr, pf_ptr, z_ptr, ok_ptr, g2s_ptr, eta, MR,
+                     BLOCK: tl.constexpr):
+    """Block ``program_id(1)`` of member ``program_id(0)``:
+    ``Z = where(ok, (GY/g2s - PH)*eta + P, P)`` (each operation rounded to fp32)."""
+    i = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MR
+    base = i * MR
+    ok = tl.load(ok_ptr + i)
+    g2s = tl.load(g2s_ptr + i)
+    gy = tl.load(gy_ptr + base + offs, mask=mask, other=0.0)
+    ph = tl.load(ph_ptr + base + offs, mask=mask, other=0.0)
+    pf = tl.load(pf_ptr + base + offs, mask=mask, other=0.0)
+    d = tl.div_rn(gy, g2s) - ph
+    z = d * tl.cast(eta, tl.float32)             # eta rounded to fp32, as torch's mul_
+    z = z + pf
+    tl.store(z_ptr + base + offs, tl.where(ok, z, pf), mask=mask)
+
+
+@triton.jit
+def _gha_basis_kernel(q_ptr, rq_ptr, pf_ptr, ok_ptr, pnf_ptr, old_ptr, dst_ptr, skip_ptr, R,
+                      MR, s0, s1, s2, SIGN_CANON: tl.constexpr, IN_PLACE: tl.constexpr,
+                      BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    """Block ``program_id(1)`` of member ``program_id(0)``: ``Pn = where(ok, Q*s, P)``
+    rounded to the basis dtype (``s`` = -1 in the columns where ``diag(Rq) < 0``, with
+    ``SIGN_CANON``), ``Pnf = fp32(Pn)`` (contiguous; the old basis P too) and
+    ``dst = where(skip, old, Pn)`` (``old`` and ``dst`` strided alike by ``s0, s1, s2``).
+    ``IN_PLACE`` (``old`` is ``dst``: the stored block): with skip True nothing is written
+    (the transport's products that read ``Pnf`` are then discarded too). Else (the stacked
+    old bases and P_new's buffer) ``Pnf`` is stored first: where ``dst`` is the same memory
+    (an fp32 stack), ``dst`` wins."""
+    if IN_PLACE:
+        if tl.load(skip_ptr):
+            return
+    i = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MR
+    row = offs // R
+    col = offs - row * R
+    base = i * MR
+    q = tl.load(q_ptr + base + offs, mask=mask, other=0.0)
+    if SIGN_CANON:
+        d = tl.load(rq_ptr + i * R * R + col * (R + 1), mask=mask, other=0.0)
+        q = q * tl.where(d < 0.0, -1.0, 1.0)
+    ok = tl.load(ok_ptr + i)
+    pf = tl.load(pf_ptr + base + offs, mask=mask, other=0.0)
+    pn = to_storage(tl.where(ok, q, pf), dst_ptr.dtype.element_ty, INTERPRET)
+    tl.store(pnf_ptr + base + offs, pn.to(tl.float32), mask=mask)
+    at = i * s0 + row.to(tl.int64) * s1 + col.to(tl.int64) * s2
+    if not IN_PLACE:
+        pn = tl.where(tl.load(skip_ptr), tl.load(old_ptr + at, mask=mask), pn)
+    tl.store(dst_ptr + at, pn, mask=mask)
+
+
+@triton.jit
+def _gha_moments_kernel(mn_ptr, mold_ptr, mdst_ptr, vn_ptr, vold_ptr, vdst_ptr, skip_ptr, N,
+                        RN, sm0, sm1, sm2, sv0, sv1, sv2, IN_PLACE: tl.constexpr,
+                        BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    """Block ``program_id(1)`` of member ``program_id(0)``: ``dst = where(skip, old,
+    dtype(new))`` for both moments (``new`` the fp32 products C M and C2 V, contiguous;
+    ``old`` and ``dst`` strided alike, per moment). ``IN_PLACE`` (``old`` is ``dst``, the
+    stored blocks): with skip True nothing is written."""
+    skip = tl.load(skip_ptr)
+    if IN_PLACE:
+        if skip:
+            return
+    i = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < RN
+    row = offs // N
+    col = (offs - row * N).to(tl.int64)
+    row = row.to(tl.int64)
+    base = i * RN
+    mn = to_storage(tl.load(mn_ptr + base + offs, mask=mask, other=0.0),
+                    mdst_ptr.dtype.element_ty, INTERPRET)
+    at = i * sm0 + row * sm1 + col * sm2
+    if not IN_PLACE:
+        mn = tl.where(skip, tl.load(mold_ptr + at, mask=mask), mn)
+    tl.store(mdst_ptr + at, mn, mask=mask)
+    vn = to_storage(tl.load(vn_ptr + base + offs, mask=mask, other=0.0),
+                    vdst_ptr.dtype.element_ty, INTERPRET)
+    at = i * sv0 + row * sv1 + col * sv2
+    if not IN_PLACE:
+        vn = tl.where(skip, tl.load(vold_ptr + at, mask=mask), vn)
+    tl.store(vdst_ptr + at, vn, mask=mask)
+
+
+def _check(name, t, shape, dtypes, device, contiguous=True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the batch on {device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_pair(name, old, dst, shape, device):
+    """``old`` and ``dst``: one dtype, one layout (the same tensor, or two alike)."""
+    _check(name + " (old)", old, shape, STATE_DTYPES, device, contiguous=False)
+    _check(name + " (destination)", dst, shape, (old.dtype,), device, contiguous=False)
+    if old.stride() != dst.stride():
+        raise ValueError(f"{name}: the old and destination tensors must have one layout, got "
+                         f"strides {old.stride()} and {dst.stride()}")
+
+
+class BoundGHABatch:
+    """The four kernels on one batch's fixed tensors (a ``_GHABatch``'s buffers), checked
+    once, here. Canonical shapes: ``g2`` (count, 1, 1), ``H``, ``T``, ``Rq`` (count, r, r),
+    ``GY``, ``PH``, ``pf``, ``Z``, ``Q``, ``Pnf`` (count, m, r), ``Mn``, ``Vn`` (count, r, n),
+    fp32 and contiguous; ``ok`` (count, 1, 1) bool and ``g2s`` (count, 1, 1) fp32, written
+    by ``scale``; ``P_old``/``P_dst``, ``M_old``/``M_dst``, ``V_old``/``V_dst`` the stored
+    tensors and where their new values go (the same tensor in place, or two of one layout),
+    fp32, bf16 or fp16, any strides. ``Q`` may be ``Pnf`` (an fp32 basis), ``Pnf`` may be
+    ``P_dst`` (fp32 bases not stored in a block: ``P_dst`` is then written last) and
+    ``Mn``/``Vn`` may be ``M_dst``/``V_dst`` (fp32 moments not in a block).
+
+    ``scale()``, ``step(eta)``, ``basis(sign_canon, skip)`` and ``moments(skip)`` each make
+    one launch over the whole batch (the caller runs them inside its capture unit)."""
+
+    def __init__(self, *, g2, H, ok, g2s, T, GY, PH, pf, Z, Q, Rq, Pnf, P_old, P_dst, Mn, M_old,
+                 M_dst, Vn, V_old, V_dst):
+        if not isinstance(pf, torch.Tensor) or pf.dim() != 3:
+            raise ValueError("pf must be a (count, m, r) tensor")
+        count, m, r = pf.shape
+        if not isinstance(Mn, torch.Tensor) or Mn.dim() != 3 or Mn.shape[:2] != (count, r):
+            raise ValueError(f"Mn must be a ({count}, {r}, n) tensor")
+        n = Mn.shape[2]
+        dev = pf.device
+        f32 = (torch.float32,)
+        for name, t, shape in (("g2", g2, (count, 1, 1)), ("g2s", g2s, (count, 1, 1)),
+                               ("H", H, (count, r, r)), ("T", T, (count, r, r)),
+                               ("Rq", Rq, (count, r, r)), ("GY", GY, (count, m, r)),
+                               ("PH", PH, (count, m, r)), ("pf", pf, (count, m, r)),
+                               ("Z", Z, (count, m, r)), ("Q", Q, (count, m, r)),
+                               ("Pnf", Pnf, (count, m, r)), ("Mn", Mn, (count, r, n)),
+                               ("Vn", Vn, (count, r, n))):
+            _check(name, t, shape, f32, dev)
+        _check("ok", ok, (count, 1, 1), (torch.bool,), dev)
+        _check_pair("P", P_old, P_dst, (count, m, r), dev)
+        _check_pair("M", M_old, M_dst, (count, r, n), dev)
+        _check_pair("V", V_old, V_dst, (count, r, n), dev)
+        self.count, self.m, self.r, self.n, self.device = count, m, r, n, dev
+        self.g2, self.H, self.ok, self.g2s, self.T = g2, H, ok, g2s, T
+        self.GY, self.PH, self.pf, self.Z, self.Q, self.Rq, self.Pnf = GY, PH, pf, Z, Q, Rq, Pnf
+        self.P_old, self.P_dst = P_old, P_dst
+        self.Mn, self.M_old, self.M_dst = Mn, M_old, M_dst
+        self.Vn, self.V_old, self.V_dst = Vn, V_old, V_dst
+        self.p_in_place = P_old is P_dst
+        if (M_old is M_dst) != (V_old is V_dst):
+            raise ValueError("M and V are both written in place (M_old is M_dst, V_old is "
+                             "V_dst) or neither")
+        self.moments_in_place = M_old is M_dst
+        self.empty = count == 0 or m * r == 0
+        self.grid_rr = (count, max(1, cdiv(r * r, ELEMENTWISE_BLOCK)))
+        self.grid_mr = (count, max(1, cdiv(m * r, ELEMENTWISE_BLOCK)))
+        self.grid_rn = (count, max(1, cdiv(r * n, ELEMENTWISE_BLOCK)))
+        self.interpret = interpreting()
+        self._skip = None
+
+    def _flag(self, skip):
+        if skip is not None and skip is not self._skip:
+            from lowrank_fused.ops import _check_skip
+
+            _check_skip(skip, self.device)
+            self._skip = skip
+        return skip_flag(skip, self.device)
+
+    def scale(self):
+        """``ok``, ``g2s = where(ok, g2, 1)`` and ``T = triu(H / g2s)``."""
+        if self.empty:
+            return
+        _gha_scale_kernel[self.grid_rr](self.g2, self.H, self.ok, self.g2s, self.T, self.r,
+                                        BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
+
+    def step(self, eta):
+        """``Z = where(ok, (GY/g2s - PH)*eta + pf, pf)`` (``eta`` rounded to fp32)."""
+        if self.empty:
+            return
+        _gha_step_kernel[self.grid_mr](self.GY, self.PH, self.pf, self.Z, self.ok, self.g2s,
+                                       float(eta), self.m * self.r, BLOCK=ELEMENTWISE_BLOCK,
+                                       num_warps=ELEMENTWISE_WARPS)
+
+    def basis(self, sign_canon, skip=None):
+        """``Pnf`` and the basis' destination from ``Q`` (after the QR of ``Z``)."""
+        flag = self._flag(skip)
+        if self.empty:
+            return
+        _gha_basis_kernel[self.grid_mr](
+            self.Q, self.Rq, self.pf, self.ok, self.Pnf, self.P_old, self.P_dst, flag, self.r,
+            self.m * self.r, *self.P_old.stride(), SIGN_CANON=bool(sign_canon),
+            IN_PLACE=self.p_in_place, BLOCK=ELEMENTWISE_BLOCK, INTERPRET=self.interpret,
+            num_warps=ELEMENTWISE_WARPS)
+
+    def moments(self, skip=None):
+        """The moments' destinations from ``Mn`` and ``Vn`` (after the transport's GEMMs)."""
+        flag = self._flag(skip)
+        if self.count == 0 or self.r * self.n == 0:
+            return
+        _gha_moments_kernel[self.grid_rn](
+            self.Mn, self.M_old, self.M_dst, self.Vn, self.V_old, self.V_dst, flag, self.n,
+            self.r * self.n, *self.M_old.stride(), *self.V_old.stride(),
+            IN_PLACE=self.moments_in_place, BLOCK=ELEMENTWISE_BLOCK, INTERPRET=self.interpret,
+            num_warps=ELEMENTWISE_WARPS)
+
+
+def aot_variants():
+    """The basis' and moments' stored dtypes (fp32: the default state; bf16 and fp16: a
+    ``faithful_dtypes`` state; the two moments in one dtype), written in place (the state in
+    blocks) or not (gathered), the basis with and without ``sign_canon``; the rest fp32."""
+    from lowrank_fused.testing.aot import Variant
+
+    yield Variant(_gha_scale_kernel,
+                  {"g2_ptr": "*fp32", "h_ptr": "*fp32", "ok_ptr": "*i1", "g2s_ptr": "*fp32",
+                   "t_ptr": "*fp32", "R": "i32"},
+                  dict(BLOCK=ELEMENTWISE_BLOCK), ELEMENTWISE_WARPS, 3)
+    yield Variant(_gha_step_kernel,
+                  {"gy_ptr": "*fp32", "ph_ptr": "*fp32", "pf_ptr": "*fp32", "z_ptr": "*fp32",
+                   "ok_ptr": "*i1", "g2s_ptr": "*fp32", "eta": "fp32", "MR": "i32"},
+                  dict(BLOCK=ELEMENTWISE_BLOCK), ELEMENTWISE_WARPS, 3)
+    strides = {k: "i32" for k in ("s0", "s1", "s2")}
+    for s_t, sign_canon, in_place in itertools.product(("fp32", "bf16", "fp16"),
+                                                       (True, False), (True, False)):
+        yield Variant(_gha_basis_kernel,
+                      {"q_ptr": "*fp32", "rq_ptr": "*fp32", "pf_ptr": "*fp32", "ok_ptr": "*i1",
+                       "pnf_ptr": "*fp32", "old_ptr": "*" + s_t, "dst_ptr": "*" + s_t,
+                       "skip_ptr": "*i1", "R": "i32", "MR": "i32", **strides},
+                      dict(SIGN_CANON=sign_canon, IN_PLACE=in_place, BLOCK=ELEMENTWISE_BLOCK,
+                           INTERPRET=False),
+                      ELEMENTWISE_WARPS, 3)
+    moment_strides = {k: "i32" for k in ("sm0", "sm1", "sm2", "sv0", "sv1", "sv2")}
+    for s_t, in_place in itertools.product(("fp32", "bf16", "fp16"), (True, False)):
+        yield Variant(_gha_moments_kernel,
+                      {"mn_ptr": "*fp32", "mold_ptr": "*" + s_t, "mdst_ptr": "*" + s_t,
+                       "vn_ptr": "*fp32", "vold_ptr": "*" + s_t, "vdst_ptr": "*" + s_t,
+                       "skip_ptr": "*i1", "N": "i32", "RN": "i32", **moment_strides},
+                      dict(IN_PLACE=in_place, BLOCK=ELEMENTWISE_BLOCK, INTERPRET=False),
+                      ELEMENTWISE_WARPS, 3)
