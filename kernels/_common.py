@@ -43,6 +43,22 @@ def check_left_basis(G, P, name: str, cols: str):
     return m, n, P.shape[1]
 
 
+def check_buffer(name: str, t, shape, dtypes, device, *, contiguous: bool = True,
+                 owner: str = "the call"):
+    """A bound call's buffer: a tensor of ``shape``, one of ``dtypes``, on ``device`` (the one
+    of ``owner``) and, where asked, contiguous; else an error naming it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, {owner} on {device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag, \
-    to_storage
+from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, check_buffer, interpreting,
+                      skip_flag, to_storage)
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -153,16 +153,7 @@ def _gha_moments_kernel(mn_ptr, mold_ptr, mdst_ptr, vn_ptr, vold_ptr, vdst_ptr, 
 
 
 def _check(name, t, shape, dtypes, device, contiguous=True):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the batch on {device}")
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+    check_buffer(name, t, shape, dtypes, device, contiguous=contiguous, owner="the batch")
 
 
 def _check_pair(name, old, dst, shape, device):

@@ -44,8 +44,8 @@ import triton.language as tl
 from lowrank_fused import _capture
 from lowrank_fused._tables import StagedTable
 
-from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag, \
-    to_storage
+from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, check_buffer, interpreting,
+                      skip_flag, to_storage)
 
 ROWS = ("coef_m", "coef_a", "bc2", "bc1_sq", "c")
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -120,16 +120,7 @@ def _transport_finish_kernel(
 
 
 def _check(name, t, shape, dtypes, device):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, M on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+    check_buffer(name, t, shape, dtypes, device, owner="M")
 
 
 class BoundScaledMoments:

@@ -13,24 +13,13 @@ capture"), on the CPU: what ``tests/test_step_engine.py``'s generic replay test 
 import pytest
 import torch
 
-from lowrank_fused import _capture, _ext
+from lowrank_fused import _ext
 
-from _methods import assert_same, backward, model, optimizer, snapshot
-from test_step_engine import NAMES, LaunchTape, _poison
+from test_step_engine import LaunchTape, _steady, replay_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ("adapm", "adapm_mini")
-
-
-def _steady(method, **kw):
-    net = model()
-    opt = optimizer(net, method, **{"refit_T": 50, **kw})
-    for t in range(3):
-        backward(net, t)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-    return net, opt
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -49,44 +38,11 @@ def test_every_class_of_a_steady_step_is_capturable(method):
 
 
 def _replay_run(tape, method, steps, change=None, **kw):
-    """test_step_engine's replay test with the optimizer keywords ``kw``: the launches of the
-    first steady step on the tape, replayed after the host half of each later steady step;
-    the steps with a refit pending run eagerly (as with ``capture`` on); a NaN gradient at
-    t = 7; every step compared with the eager run. ``change(opt, t)`` edits both optimizers'
-    groups before step t. Returns the steps' modes ("eager", "capture", "replay")."""
+    """test_step_engine's replay loop (``replay_run``) with the optimizer keywords ``kw``:
+    the steps with a refit pending run eagerly (as with ``capture`` on), a NaN gradient at
+    t = 7. Returns the steps' modes ("eager", "capture", "replay")."""
     runs = [_steady(method, nonfinite="skip", **kw) for _ in range(2)]
-    (net, opt), (ref_net, ref) = runs
-    for o in (opt, ref):
-        o.lagged_nonfinite = True
-    modes = []
-    for t in range(3, 3 + steps):
-        for n, o in runs:
-            backward(n, t)
-            if t == 7:
-                _poison(n, NAMES["lowrank"])
-            if change is not None:
-                change(o, t)
-        pending = opt._refresh_pending(opt._engine_plan)
-        if pending or not tape.tape:
-            tape.recording = not tape.tape and not pending
-            opt.step()                       # eager: a refit, or the "capture"
-            tape.recording = False
-            modes.append("eager" if pending else "capture")
-        else:
-            launches = len(tape.tape)
-            with _capture.replay():
-                opt.step()
-            assert len(tape.tape) == launches and tape.in_replay == 0, tape.in_replay
-            tape.replay()
-            modes.append("replay")
-        ref.step()
-        for o in (opt, ref):
-            o.zero_grad(set_to_none=False)
-        opt.nonfinite_check()
-        ref.nonfinite_check()
-        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"{method}: step {t}")
-    assert opt.skipped_steps == ref.skipped_steps == 1
-    return modes
+    return replay_run(tape, runs[0], runs[1], range(3, 3 + steps), poison_at=7, change=change)
 
 
 @pytest.fixture

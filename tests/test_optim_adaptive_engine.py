@@ -123,6 +123,18 @@ def test_gha_class_state_lives_in_blocks(dtype):
             assert blocks[(id(cls.members[0].state), key)] == ptr
 
 
+def _counter(counts):
+    """``counting(kernel)``: a stand-in for ``kernel`` whose launches (``kernel[grid](...)``)
+    run it and count into ``counts`` by the kernel's name."""
+    def counting(kernel):
+        class Counted:
+            def __getitem__(self, grid):
+                counts[kernel.fn.__name__] = counts.get(kernel.fn.__name__, 0) + 1
+                return kernel[grid]
+        return Counted()
+    return counting
+
+
 def _poisoned(model):
     p = next(p for p in model.parameters() if p.dim() == 2 and p.grad is not None)
     p.grad[0, 0] = float("nan")
@@ -216,13 +228,7 @@ def test_kfac_whitening_and_limiter_run_once_per_class(monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError("a single-matrix kernel ran")
     counts = {}
-
-    def counting(kernel):
-        class Counted:
-            def __getitem__(self, grid):
-                counts[kernel.fn.__name__] = counts.get(kernel.fn.__name__, 0) + 1
-                return kernel[grid]
-        return Counted()
+    counting = _counter(counts)
     for name in ("_kfac_momentum_whiten_kernel", ):
         monkeypatch.setattr(kp, name, Refuse())
     for name in ("_sumsq_partials_kernel", "_limiter_factor_kernel", "_limiter_scale_kernel"):
@@ -286,13 +292,7 @@ def test_gha_kernels_launch_four_times_per_class(monkeypatch):
         lm_loss(model, batch).backward()
         opt.step()
     counts = {}
-
-    def counting(kernel):
-        class Counted:
-            def __getitem__(self, grid):
-                counts[kernel.fn.__name__] = counts.get(kernel.fn.__name__, 0) + 1
-                return kernel[grid]
-        return Counted()
+    counting = _counter(counts)
     names = ("_gha_scale_kernel", "_gha_step_kernel", "_gha_basis_kernel",
              "_gha_moments_kernel")
     for name in names:

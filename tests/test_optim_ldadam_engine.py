@@ -251,14 +251,10 @@ def test_replayed_steps_take_changed_hyperparameters_from_the_tables(ef, monkeyp
 
     if _ext.why_no_cpu() is not None or not available("triton", "cpu"):
         pytest.skip("needs the compiled CPU twin and Triton")
-    from _methods import assert_same, backward, snapshot
-    from test_step_engine import NAMES, LaunchTape, _poison
+    from test_step_engine import LaunchTape, replay_run
 
     tape = LaunchTape(monkeypatch)
     runs = [_capture_steady(nonfinite="skip", error_feedback=ef) for _ in range(2)]
-    (net, opt), (ref_net, ref) = runs
-    for o in (opt, ref):
-        o.lagged_nonfinite = True
 
     def change(o, t):
         for i, g in enumerate(o.param_groups):
@@ -271,29 +267,9 @@ def test_replayed_steps_take_changed_hyperparameters_from_the_tables(ef, monkeyp
                 g["betas"] = (0.85, 0.95)
                 g["eps"] = 1e-6
 
-    for t in range(3, 10):
-        for n, o in runs:
-            backward(n, t)
-            if t == 8:
-                _poison(n, NAMES["lowrank"])
-            change(o, t)
-        if t == 3:
-            tape.recording = True            # the "capture": one eager steady step
-            opt.step()
-            tape.recording = False
-            assert tape.tape
-        else:
-            launches = len(tape.tape)
-            tape.replayed_step(opt)          # the host half (no launch), then the tape
-            assert len(tape.tape) == launches and tape.in_replay == 0, tape.in_replay
-        ref.step()
-        for o in (opt, ref):
-            o.zero_grad(set_to_none=False)
-        opt.nonfinite_check()
-        ref.nonfinite_check()
-        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"ldadam: step {t}")
-    assert opt.skipped_steps == ref.skipped_steps == 1
-    assert opt.completed_steps == ref.completed_steps
+    modes = replay_run(tape, runs[0], runs[1], range(3, 10), poison_at=8, change=change)
+    assert modes == ["capture"] + ["replay"] * 6, modes
+    assert runs[0][1].completed_steps == runs[1][1].completed_steps
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

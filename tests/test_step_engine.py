@@ -352,6 +352,48 @@ class LaunchTape:
             del opt._device_step
 
 
+def replay_run(tape, run, ref_run, ts, poison_at, change=None):
+    """The capture tests' loop on the CPU. ``run`` and ``ref_run`` ((net, opt) pairs) step on
+    the same gradients, the flag left on the device. ``run``'s first steady step is the
+    "capture" (its launches and units recorded on ``tape``); each later one replays it
+    (``tape.replayed_step``: the host half, no launch allowed, then the tape), unless a
+    refresh, refit or recompute is pending (then it runs eagerly, as with ``capture`` on a
+    GPU). ``ref`` runs eagerly. A NaN gradient at step ``poison_at``; ``change(opt, t)`` edits
+    an optimizer's groups before step t. Every step's weights and state are compared bit for
+    bit. Returns each step's mode ("capture", "replay", "eager")."""
+    (net, opt), (ref_net, ref) = run, ref_run
+    for o in (opt, ref):
+        o.lagged_nonfinite = True
+    modes = []
+    for t in ts:
+        for n, o in (run, ref_run):
+            backward(n, t)
+            if t == poison_at:
+                _poison(n, NAMES["lowrank"])
+            if change is not None:
+                change(o, t)
+        pending = opt._refresh_pending(opt._engine_plan)
+        if pending or not tape.tape:
+            tape.recording = not pending     # the "capture": one eager steady step
+            opt.step()
+            tape.recording = False
+            modes.append("eager" if pending else "capture")
+            assert pending or tape.tape
+        else:
+            launches = len(tape.tape)
+            tape.replayed_step(opt)
+            assert len(tape.tape) == launches and tape.in_replay == 0, tape.in_replay
+            modes.append("replay")
+        ref.step()
+        for o in (opt, ref):
+            o.zero_grad(set_to_none=False)
+        opt.nonfinite_check()
+        ref.nonfinite_check()
+        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"step {t}")
+    assert opt.skipped_steps == ref.skipped_steps == 1
+    return modes
+
+
 @pytest.mark.skipif(_ext.why_no_cpu() is not None, reason="needs the compiled CPU twin")
 @pytest.mark.parametrize("method", CAPTURE_METHODS)
 def test_replayed_launches_with_the_host_half_equal_eager_steps(method, monkeypatch):
@@ -363,31 +405,9 @@ def test_replayed_launches_with_the_host_half_equal_eager_steps(method, monkeypa
     step gives the eager run's weights and state bit for bit, a step with a NaN gradient
     included (skipped on the device, counted at the next step)."""
     tape = LaunchTape(monkeypatch)
-    net, opt = _steady(method, nonfinite="skip")
-    ref_net, ref = _steady(method, nonfinite="skip")
-    for o in (opt, ref):
-        o.lagged_nonfinite = True
-    for t in range(3, 9):
-        for n, o in ((net, opt), (ref_net, ref)):
-            backward(n, t)
-            if t == 6:
-                _poison(n, NAMES["lowrank"])
-        if t == 3:
-            tape.recording = True        # the "capture": one eager steady step
-            opt.step()
-            tape.recording = False
-            assert tape.tape
-        else:
-            launches = len(tape.tape)
-            tape.replayed_step(opt)      # the host half (no launch), then the tape
-            assert len(tape.tape) == launches and tape.in_replay == 0, tape.in_replay
-        ref.step()
-        for o in (opt, ref):
-            o.zero_grad(set_to_none=False)
-        opt.nonfinite_check()
-        ref.nonfinite_check()
-        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"{method}: step {t}")
-    assert opt.skipped_steps == ref.skipped_steps == 1
+    modes = replay_run(tape, _steady(method, nonfinite="skip"), _steady(method, nonfinite="skip"),
+                       range(3, 9), poison_at=6)
+    assert modes == ["capture"] + ["replay"] * 5, modes
 
 
 @pytest.mark.skipif(_ext.why_no_cpu() is not None, reason="needs the compiled CPU twin")
@@ -398,30 +418,11 @@ def test_kfac_replays_between_the_eager_recomputes_of_its_roots(monkeypatch):
     the eager run bit for bit."""
     tape = LaunchTape(monkeypatch)
     kw = dict(update_proj_gap=50, kfac_update_freq=3, nonfinite="skip")
-    net, opt = _steady("galore_kfac", **kw)
-    ref_net, ref = _steady("galore_kfac", **kw)
-    for o in (opt, ref):
-        o.lagged_nonfinite = True
+    run, ref_run = _steady("galore_kfac", **kw), _steady("galore_kfac", **kw)
+    opt = run[1]
     classes = list(opt._engine_plan.classes.values())
     assert classes and all(opt._class_capturable(c) for c in classes)
-    modes = []
-    for t in range(3, 11):
-        for n in (net, ref_net):
-            backward(n, t)
-        pending = opt._refresh_pending(opt._engine_plan)
-        if pending or not tape.tape:
-            tape.recording = not tape.tape and not pending
-            opt.step()                       # eager: a recompute, or the "capture"
-            tape.recording = False
-            modes.append("eager" if pending else "capture")
-        else:
-            tape.replayed_step(opt)
-            assert tape.in_replay == 0
-            modes.append("replay")
-        ref.step()
-        for o in (opt, ref):
-            o.zero_grad(set_to_none=False)
-        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"step {t}")
+    modes = replay_run(tape, run, ref_run, range(3, 11), poison_at=8)
     assert modes.count("eager") >= 2 and modes.count("replay") >= 3, modes
     idx = modes.index("eager", modes.index("capture"))
     assert "replay" in modes[idx:], modes      # replays after a recompute
