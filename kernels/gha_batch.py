@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_fused.ops import checked_skip
+
 from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, check_buffer, interpreting,
                       skip_flag, to_storage)
 
@@ -138,18 +140,22 @@ def _gha_moments_kernel(mn_ptr, mold_ptr, mdst_ptr, vn_ptr, vold_ptr, vdst_ptr, 
     col = (offs - row * N).to(tl.int64)
     row = row.to(tl.int64)
     base = i * RN
-    mn = to_storage(tl.load(mn_ptr + base + offs, mask=mask, other=0.0),
-                    mdst_ptr.dtype.element_ty, INTERPRET)
-    at = i * sm0 + row * sm1 + col * sm2
+    _moment_write(mn_ptr + base + offs, mold_ptr, mdst_ptr, i * sm0 + row * sm1 + col * sm2,
+                  mask, skip, IN_PLACE, INTERPRET)
+    _moment_write(vn_ptr + base + offs, vold_ptr, vdst_ptr, i * sv0 + row * sv1 + col * sv2,
+                  mask, skip, IN_PLACE, INTERPRET)
+
+
+@triton.jit
+def _moment_write(new_ptrs, old_ptr, dst_ptr, at, mask, skip, IN_PLACE: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """One moment of ``_gha_moments_kernel``: ``dst[at] = where(skip, old[at],
+    dtype(new))`` (``IN_PLACE``: the skip was handled by the caller)."""
+    x = to_storage(tl.load(new_ptrs, mask=mask, other=0.0), dst_ptr.dtype.element_ty,
+                   INTERPRET)
     if not IN_PLACE:
-        mn = tl.where(skip, tl.load(mold_ptr + at, mask=mask), mn)
-    tl.store(mdst_ptr + at, mn, mask=mask)
-    vn = to_storage(tl.load(vn_ptr + base + offs, mask=mask, other=0.0),
-                    vdst_ptr.dtype.element_ty, INTERPRET)
-    at = i * sv0 + row * sv1 + col * sv2
-    if not IN_PLACE:
-        vn = tl.where(skip, tl.load(vold_ptr + at, mask=mask), vn)
-    tl.store(vdst_ptr + at, vn, mask=mask)
+        x = tl.where(skip, tl.load(old_ptr + at, mask=mask), x)
+    tl.store(dst_ptr + at, x, mask=mask)
 
 
 def _check(name, t, shape, dtypes, device, contiguous=True):
@@ -220,11 +226,7 @@ class BoundGHABatch:
         self._skip = None
 
     def _flag(self, skip):
-        if skip is not None and skip is not self._skip:
-            from lowrank_fused.ops import _check_skip
-
-            _check_skip(skip, self.device)
-            self._skip = skip
+        self._skip = checked_skip(skip, self.device, self._skip)
         return skip_flag(skip, self.device)
 
     def scale(self):

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from lowrank_fused import _capture
 from lowrank_fused._tables import StagedTable
+from lowrank_fused.ops import checked_skip
 
 from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, check_buffer, interpreting,
                       skip_flag, to_storage)
@@ -195,11 +196,7 @@ class BoundScaledMoments:
     def transport_finish(self, skip=None):
         """``V = |(w2 + M_tr^2/bc1_sq)*bc2|``, ``L = [c*M_tr + R; -c*M]`` (error feedback),
         ``M = M_tr``; nothing written when ``skip`` (a 0-dim bool on the device) holds True."""
-        if skip is not None and skip is not self._skip:
-            from lowrank_fused.ops import _check_skip
-
-            _check_skip(skip, self.device)
-            self._skip = skip
+        self._skip = checked_skip(skip, self.device, self._skip)
         if _capture.replaying() or self.numel == 0:
             return
         _transport_finish_kernel[(cdiv(self.numel, ELEMENTWISE_BLOCK),)](

@@ -81,6 +81,16 @@ def _check_skip(skip, device):
         raise ValueError(f"skip is on {skip.device} but the op's tensors are on {device}")
 
 
+def checked_skip(skip, device, last):
+    """``skip`` checked as ``_check_skip`` does, unless it is ``last`` (the flag a bound
+    call checked before: a step engine passes the same flag every step). Returns the flag
+    for the caller to keep as its ``last``."""
+    if skip is None or skip is last:
+        return last
+    _check_skip(skip, device)
+    return skip
+
+
 def _check_finite(name, x):
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")

@@ -381,9 +381,7 @@ class BoundGroupedBackprojectUpdate:
         self._skip = None     # the last checked skip flag
 
     def __call__(self, *, coef, pre_scale=1.0, post_decay=0.0, precision="ieee", skip=None):
-        if skip is not None and skip is not self._skip:
-            ops._check_skip(skip, self.device)
-            self._skip = skip                   # (a step engine passes the same flag)
+        self._skip = ops.checked_skip(skip, self.device, self._skip)
         # the planned launch takes one number per scalar for every member (the common case,
         # written along the table's rows) as it is; anything else as checked per-member lists
         numbers = (type(coef) is float and type(pre_scale) in _NUMBER

@@ -250,9 +250,7 @@ class BoundAdamMomentsMulti:
                              f"({self.count}), got {len(rows)}")
         else:
             cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
-        if skip is not None and skip is not self._skip:
-            ops._check_skip(skip, self.device)
-            self._skip = skip
+        self._skip = ops.checked_skip(skip, self.device, self._skip)
         if self.table is not None:        # the scalars from a table at a fixed address
             if isinstance(rows, tuple):   # one value per row, rounded once to fp32
                 b1, b2, eps, c1, c2 = one
@@ -325,9 +323,7 @@ class BoundAdamWStepMulti:
             self._check_grads(Gs)
             self._token = layout_token
         cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
-        if skip is not None and skip is not self._skip:
-            ops._check_skip(skip, self.device)
-            self._skip = skip
+        self._skip = ops.checked_skip(skip, self.device, self._skip)
         if self.table is not None:        # the scalars from a table at a fixed address
             lr, b1, b2, eps, c1, c2, pre, post = (np.asarray(c, dtype=np.float64) for c in cols)
             self.run(Gs, table=self.table.fill([lr, b1, 1.0 - b1, b2, 1.0 - b2, eps, c1, c2,

@@ -384,14 +384,21 @@ def replay_run(tape, run, ref_run, ts, poison_at, change=None):
             tape.replayed_step(opt)
             assert len(tape.tape) == launches and tape.in_replay == 0, tape.in_replay
             modes.append("replay")
-        ref.step()
-        for o in (opt, ref):
-            o.zero_grad(set_to_none=False)
-        opt.nonfinite_check()
-        ref.nonfinite_check()
-        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"step {t}")
+        _step_eagerly_and_compare(run, ref_run, f"step {t}")
     assert opt.skipped_steps == ref.skipped_steps == 1
     return modes
+
+
+def _step_eagerly_and_compare(run, ref_run, what):
+    """The eager reference's step, both zeroed in place and their flags settled, then the
+    two runs' weights and state compared bit for bit."""
+    (net, opt), (ref_net, ref) = run, ref_run
+    ref.step()
+    for o in (opt, ref):
+        o.zero_grad(set_to_none=False)
+    opt.nonfinite_check()
+    ref.nonfinite_check()
+    assert_same(snapshot(ref_net, ref), snapshot(net, opt), what)
 
 
 @pytest.mark.skipif(_ext.why_no_cpu() is not None, reason="needs the compiled CPU twin")
@@ -462,12 +469,7 @@ def test_a_failed_capture_runs_the_step_eagerly(method):
             opt.step()
         failed = [w for w in caught if issubclass(w.category, CaptureFailedWarning)]
         assert len(failed) == (t == 4), (t, [str(w.message) for w in caught])
-        ref.step()
-        for o in (opt, ref):
-            o.zero_grad(set_to_none=False)
-        opt.nonfinite_check()
-        ref.nonfinite_check()
-        assert_same(snapshot(ref_net, ref), snapshot(net, opt), f"{method}: step {t}")
+        _step_eagerly_and_compare((net, opt), (ref_net, ref), f"{method}: step {t}")
     assert opt.capture is False and opt.graphs_captured == 0
     assert opt.skipped_steps == ref.skipped_steps == 1
 

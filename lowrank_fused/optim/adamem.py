@@ -580,7 +580,7 @@ class AdaMeM(LowRankOptimizer):
         return key
 
     def _captured_values(self) -> tuple:
-        """The factored step takes beta2 and eps1 by value."""
+        """The factored step takes beta2 and eps1 by value (keyed with the groups' betas)."""
         return tuple((tuple(g.get("betas", ())), g.get("eps1")) for g in self.param_groups)
 
     def _route(self, p, group):

@@ -1684,13 +1684,8 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             return False
         states = cls.extra["states"]
         step = states[0].get("step")
-        if not all(st.get("step") == step for st in states):
+        if not all(st.get("step") == step for st in states) or self._kfac_hyper(cls) is None:
             return False
-        if not cls.extra["one_group"]:
-            hyper = per_member(cls.extra["groups"], lambda g: (
-                tuple(g["betas"]), g["bias_correction"], g["kfac_update_freq"]))
-            if any(h != hyper[0] for h in hyper):
-                return False
         if cls.extra["limiter"] is None:
             return True
         return (cls.extra.get("class_sumsq") is not None
@@ -1752,7 +1747,7 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
     def _class_middle(self, cls, Rs, groups, ts, one=None):
         impl, side = cls.extra["kfac"], cls.route.side
         skip = self._skip_flag
-        if not self._kfac_class(cls, groups, ts, skip, one):
+        if not self._kfac_class(cls, ts, skip, one):
             self._kfac_members(cls, Rs, ts, impl, side, skip)
         sumsq = cls.extra.get("class_sumsq")
         if sumsq is not None:
@@ -1761,7 +1756,18 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             return [float(one["lr"])] * len(ts)
         return per_member(groups, lambda g: float(g["lr"]))
 
-    def _kfac_class(self, cls, groups, ts, skip, one=None) -> bool:
+    @staticmethod
+    def _kfac_hyper(cls, one=None):
+        """The class's one ``(betas, bias_correction, kfac_update_freq)`` (``one``: the
+        members' shared group), None when its members' groups differ in them."""
+        def hyper(g):
+            return tuple(g["betas"]), g["bias_correction"], g["kfac_update_freq"]
+        if one is not None:
+            return hyper(one)
+        found = per_member(cls.extra["groups"], hyper)
+        return found[0] if all(h == found[0] for h in found) else None
+
+    def _kfac_class(self, cls, ts, skip, one=None) -> bool:
         """The whitening of the whole class in one ``grouped_kfac_precondition`` call, when
         the class has it, its members share the hyper-parameters and the step, and no
         member recomputes its root on this step; False: the caller runs it per member."""
@@ -1769,15 +1775,10 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
         if found is None:
             return False
         t = ts[0]
-        if one is not None:
-            (beta1, beta2), bias, freq = one["betas"], one["bias_correction"], \
-                one["kfac_update_freq"]
-        else:
-            hyper = per_member(groups, lambda g: (tuple(g["betas"]), g["bias_correction"],
-                                                  g["kfac_update_freq"]))
-            (beta1, beta2), bias, freq = hyper[0]
-            if any(h != hyper[0] for h in hyper) or ts.count(t) != len(ts):
-                return False
+        hyper = self._kfac_hyper(cls, one)
+        if hyper is None or (one is None and ts.count(t) != len(ts)):
+            return False                    # (``one``: one group at one step)
+        (beta1, beta2), bias, freq = hyper
         if (t - 1) % freq == 0 or not all(map(_ROOT_VALID, cls.extra["states"])):
             return False
         c1, c2 = ops.bias_corrections(beta1, beta2, t) if bias else (1.0, 1.0)
