@@ -4,8 +4,8 @@ same-shape layers. A (batch, M, K) is read in its storage dtype (fp32/bf16/fp16,
 ``G^T`` is a transposed view) and cast in the prologue; B (batch or 1, K, N) fp32 (a batch
 stride of 0 broadcasts one sketch); C (batch, M, N) fp32, fp32 accumulation.
 
-Grid: (M tiles, N tiles, batch). N is the sketch width k (tens), so one N tile usually
-covers it and every program streams its rows of A once.
+Grid: (M tiles, N tiles, batch). N is the sketch width k or the rank (up to a few hundred):
+one N tile covers it up to 256, so every program streams its rows of A once.
 """
 from dataclasses import dataclass
 
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_BF16_EMULATED, DOT_IEEE, cdiv, config_mode, dot_mode, interpreter_tiles,
-                      mma)
+from ._common import (DOT_BF16_EMULATED, DOT_IEEE, DOT_TF32X3, DOT_TF32X3_EMULATED, cdiv,
+                      config_mode, dot_mode, interpreter_tiles, mma)
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,25 @@ class BmmConfig:
     num_stages: int
 
 
+# Every config the launcher can choose (the AOT test compiles each under Triton 3.6 and 3.9
+# and rejects spills). The first whose BLOCK_N covers N (the rank or sketch width) is taken,
+# so up to N = 256 one N tile spans it and every program streams its rows of A once (A is
+# the m x n operand; a further N tile would read it again, from DRAM, since the N tiles of a
+# row block are far apart in the grid). Registers, sm_90: the 64 x 256 fp32 accumulator is
+# 64 per thread at 8 warps, the operand tiles as much again; tf32x3's hi/lo halves need a
+# smaller tile for the same N (64 x 256 spilled under Triton 3.6 at BLOCK_K 16 and 32, and
+# 32 x 256 at BLOCK_K 32; 32 x 256 x 16 at 4 stages holds 163-188 under both).
 CONFIGS_FMA = (BmmConfig(32, 32, 32, 4, 2),)
 CONFIGS_MMA = (BmmConfig(64, 32, 32, 4, 3), BmmConfig(64, 64, 32, 4, 3),
-               BmmConfig(128, 64, 32, 8, 3))
+               BmmConfig(64, 128, 32, 8, 3), BmmConfig(64, 256, 32, 8, 3))
+CONFIGS_TF32X3 = (BmmConfig(64, 32, 32, 4, 3), BmmConfig(64, 64, 32, 4, 3),
+                  BmmConfig(64, 128, 32, 8, 3), BmmConfig(32, 256, 16, 8, 4))
 
 
 def configs_for(mode: int):
-    return CONFIGS_FMA if mode in (DOT_IEEE, DOT_BF16_EMULATED) else CONFIGS_MMA
+    if mode in (DOT_IEEE, DOT_BF16_EMULATED):
+        return CONFIGS_FMA
+    return CONFIGS_TF32X3 if mode in (DOT_TF32X3, DOT_TF32X3_EMULATED) else CONFIGS_MMA
 
 
 # CPU interpreter only (never compiled): fewer, larger tiles (see project.CONFIGS_INTERPRET)

@@ -204,3 +204,29 @@ def test_bound_kernels_reject_mismatched_buffers():
         BoundGHABatch(**{**args, "ok": kern.g2})
     with pytest.raises(TypeError, match="skip"):
         kern.basis(True, skip=1)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_precision_reaches_both_projections(side, device):
+    """``precision`` (the optimizer's, on the engine) is the operand precision of both K1:
+    Y^T = P^T G and G Y match the reference product in that mode (fp32 summation budget), and
+    tf32 differs from ieee (so the mode is not dropped on the way)."""
+    from lowrank_fused.reference._precision import matmul
+    from lowrank_fused.testing import assert_parity, tolerance
+
+    got = {}
+    for mode in ("ieee", "tf32"):
+        Gs, blocks, views = _state((2, 40, 36, 6), side, torch.float32, torch.float32, device, 3)
+        batch = _GHABatch(Gs, *[list(X.unbind(0)) for X in views], "auto", bound=True,
+                          stacks=views)
+        _poison(batch)
+        batch(Gs, 0.3, True, None, precision=mode)
+        Y, GY = batch.Y.clone(), batch.GY.clone()
+        for i, G in enumerate(Gs):
+            P = batch.pf[i]                              # the old basis, fp32
+            assert_parity(Y[i], matmul(P.t(), G, mode), rtol=tolerance(torch.float32),
+                          name=f"Y^T[{i}] {mode}")
+            assert_parity(GY[i], matmul(G, Y[i].t(), mode), rtol=tolerance(torch.float32),
+                          name=f"GY[{i}] {mode}")
+        got[mode] = Y
+    assert not torch.equal(got["ieee"], got["tf32"])

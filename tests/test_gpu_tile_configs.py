@@ -56,7 +56,7 @@ def test_backproject_update_every_gpu_config(cfg, rank, dtype):
     assert_parity(W, want, rtol=tolerance(dtype), name=f"W {cfg}")
 
 
-@pytest.mark.parametrize("cfg", _unique(bmm.CONFIGS_FMA + bmm.CONFIGS_MMA), ids=str)
+@pytest.mark.parametrize("cfg", _unique(bmm.CONFIGS_FMA + bmm.CONFIGS_MMA + bmm.CONFIGS_TF32X3), ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_batched_matmul_every_gpu_config(cfg, dtype):
     A = torch.randn(3, 139, 67).to(dtype)

@@ -15,6 +15,8 @@ if interpreting():
     import importlib
 
     K1 = importlib.import_module("lowrank_fused.kernels.project")   # the module, not the op
+    BMM = importlib.import_module("lowrank_fused.kernels.batched_matmul")
+    from lowrank_fused.reference._precision import matmul as BMM_REF
     from lowrank_fused.kernels._common import (H100_SM_COUNT, cdiv, config_mode, gpu_tiling,
                                                interpreter_tiles)
     from lowrank_fused.testing.traffic import TrafficCounter
@@ -160,6 +162,34 @@ def test_gpu_tiling_selects_h100_configs():
     assert_parity(R, R_interp, rtol=tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "tf32x3"])
+@pytest.mark.parametrize("width", [100, 256])
+def test_batched_matmul_reads_a_once_up_to_width_256(width, precision):
+    """The refresh's and LDAdam's power-iteration GEMM with H100 tiles: one N tile covers a
+    width (rank or sketch) of up to 256, so the m x n operand A is read once."""
+    A = torch.randn(1, 150, 70, dtype=torch.bfloat16)
+    B = torch.randn(1, 70, width)
+    C = poison(torch.empty(1, 150, width))
+    with gpu_tiling():
+        with TrafficCounter() as tc:
+            BMM.batched_matmul(A, B, C, precision=precision)
+    ln = _only(tc, "_batched_matmul_kernel")
+    assert ln.grid[1] == 1, ln.grid
+    a = ln.tensor("a_ptr")
+    assert a.loaded == A.numel() * 2 and a.reads == 1.0
+    want = BMM_REF(A, B, precision)
+    assert_parity(C, want, rtol=tolerance(torch.float32))
+
+
+def test_gha_step_reads_g_once_per_projection():
+    """GHA's basis update takes the optimizer's precision: with H100 tensor-core tiles, a
+    rank above one FMA rank tile (32) still reads G once in each of its two K1 (m x n
+    traffic at the floor's 10 bytes per element, bf16)."""
+    from bench.bench_traffic import measure
+    row = measure("gha", (64, 96), 40, "bf16", log=lambda *a: None)
+    assert row["mn_bytes_per_element"] == row["floor_per_element"] == 10.0, row
+
+
 def test_gpu_tiling_rejects_bad_sm_count():
     with pytest.raises(ValueError, match="sm_count must be a positive int, got 0"):
         with gpu_tiling(0):
@@ -209,7 +239,8 @@ def test_counter_detects_a_moved_interpreter_api(monkeypatch):
 # ``bench_traffic.floor_per_element``) for every method at this rank, but LDAdam's 20 is above
 # the model's 18 (its error-feedback E += G is one grouped kernel of its own, a pass over E and
 # G the model fuses into the projection; it was an eager op before, the same bytes uncounted
-# here) and GHA's 10 holds only while one FMA rank tile covers the rank (see bench/README.md).
+# here). GHA's 10 holds at ranks above one FMA rank tile too (its K1 take the step's precision:
+# ``test_gha_step_reads_g_once_per_projection``).
 # GHA's second is 1.151 and LDAdam's 1.263: their low-rank elementwise work (LDAdam's line 1
 # mixes and transport halves, GHA's flags, step, basis and moment selects) moved from uncounted
 # torch ops into counted kernels, which read the low-rank tensors again; the total bytes fell

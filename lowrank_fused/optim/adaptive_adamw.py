@@ -47,6 +47,7 @@ from lowrank_fused.optim import _capacity
 from lowrank_fused.optim._base import check_bool, check_number, is_sharded
 from lowrank_fused.optim._engine import ClassRoute, per_member
 from lowrank_fused.reference._skip import run_unless
+from lowrank_fused.reference._precision import matmul as precise_matmul
 from lowrank_fused.optim.galore_adamw import GaLoreAdamW
 from lowrank_fused.subspace import randomized_svd
 
@@ -1237,7 +1238,11 @@ class _GHABatch:
         b["minus"] = torch.full((), -1.0, dtype=f32, device=dev)
         return b
 
-    def __call__(self, Gs, eta, sign_canon, skip=None, layout_token=None):
+    def __call__(self, Gs, eta, sign_canon, skip=None, layout_token=None, precision="ieee"):
+        """``precision``: the two K1's operand precision (the optimizer's, as its own K1 and
+        K3 take: docs/precision.md); the tensor-core modes' tiles cover a rank of up to 128 in
+        one rank tile, so each K1 reads G once, where the FMA tiles (``ieee``) read it once
+        per 32 ranks. The r x r and m x r GEMMs and the QR are torch's."""
         pf, Y, b, stacks = self.pf, self.Y, self.b, self.stacks
         if stacks is not None:               # the old bases, whole (rounded up to fp32)
             Pst = stacks[0]
@@ -1248,8 +1253,8 @@ class _GHABatch:
             if Pst is not pf:
                 pf.copy_(Pst)
         token = {} if layout_token is None else {"layout_token": layout_token}
-        self.k1a(Gs, sumsq=self.cs, **token)
-        self.k1b(Gs, **token)
+        self.k1a(Gs, sumsq=self.cs, precision=precision, **token)
+        self.k1b(Gs, precision=precision, **token)
         g2, ok, fin = b["g2"], b["ok"], b["fin"]
         kern = self.kernels                 # None: the torch ops (the reference backend)
         torch.sum(self.cs, dim=1, out=g2.view(-1))
@@ -1327,7 +1332,7 @@ class _GHABatch:
         torch._foreach_copy_(self.Ps, b["Pns"])
 
 
-def _gha_sharded(G, state, side, rows, eta, sign_canon):
+def _gha_sharded(G, state, side, rows, eta, sign_canon, precision="ieee"):
     """``_GHABatch``'s update of one FSDP2 shard (this rank's rows of G), in place on the
     state: the products that run over the sharded rows are summed over the ranks, in one
     all-reduce per step. Left (P: this rank's m_i x r rows; M, V replicated r x n):
@@ -1338,21 +1343,23 @@ def _gha_sharded(G, state, side, rows, eta, sign_canon):
     factor, or a basis dtype other than fp32 for C, the update is gathered (thin) for the
     one-process QR and C summed, r x r). Right (P whole, r x n; M, V this rank's m_i x r rows): ``G^T Y`` (n x r),
     ``Y^T Y`` (r x r) and ``||G||^2``; the rest is replicated, and each rank moves its rows
-    of the moments. A zero or non-finite gradient keeps P (as the one-process update)."""
+    of the moments. A zero or non-finite gradient keeps P (as the one-process update).
+    The two products over G take ``precision`` (the one-process update's K1)."""
     P = state["basis"]
     Pf, Gf = P.float(), G.float()
     r = Pf.shape[1] if side == "left" else Pf.shape[0]
     if side == "left":
-        Yt = Pf.t() @ Gf                                           # (r, n), this rank's part
+        Yt = precise_matmul(Pf.t(), Gf, precision)                 # (r, n), this rank's part
         buf = rows.sum_(torch.cat([Yt.reshape(-1), Gf.square().sum().reshape(1)]))
         Yt, g2 = buf[:-1].view(Yt.shape), buf[-1]
         P0 = Pf                                                    # (m_i, r)
-        GY = Gf @ Yt.t()                                           # (m_i, r), local
+        GY = precise_matmul(Gf, Yt.t(), precision)                 # (m_i, r), local
         H = Yt @ Yt.t()
     else:
-        Yt = Pf @ Gf.t()                                           # (r, m_i), local
+        Yt = precise_matmul(Pf, Gf.t(), precision)                 # (r, m_i), local
         n = Gf.shape[1]
-        buf = rows.sum_(torch.cat([(Gf.t() @ Yt.t()).reshape(-1), (Yt @ Yt.t()).reshape(-1),
+        buf = rows.sum_(torch.cat([precise_matmul(Gf.t(), Yt.t(), precision).reshape(-1),
+                                   (Yt @ Yt.t()).reshape(-1),
                                    Gf.square().sum().reshape(1)]))
         GY, H, g2 = buf[:n * r].view(n, r), buf[n * r:-1].view(r, r), buf[-1]
         P0 = Pf.t()                                                # (n, r), whole
@@ -1453,15 +1460,16 @@ class GHAAdamW(_SubspaceAdamW):
             state["rank"] = group["rank"]
             self._init_moments(p, state, side, (G.shape[0], G.shape[1]), group["rank"])
             return
+        precision = self.precision(p.device)
         if rows is not None:
-            _gha_sharded(G, state, side, rows, float(group["eta"]), self.sign_canon)
+            _gha_sharded(G, state, side, rows, float(group["eta"]), self.sign_canon, precision)
             return
         # every step: written into the stored basis and moments (same shapes); the batch
         # of one the engine's classes run for all their members at once
         Gs = [_canon(side, G)]
         batch = _GHABatch(Gs, [_canon(side, state["basis"])], [_canon(side, state["exp_avg"])],
                           [_canon(side, state["exp_avg_sq"])], backend, bound=False)
-        batch(Gs, float(group["eta"]), self.sign_canon)
+        batch(Gs, float(group["eta"]), self.sign_canon, precision=precision)
 
     # -- the engine: the basis update of a whole class in _class_step (_GHABatch) -------------
     def _basis_due(self, group, state) -> bool:
@@ -1510,7 +1518,7 @@ class GHAAdamW(_SubspaceAdamW):
                               [_canon(side, m.state["exp_avg"])],
                               [_canon(side, m.state["exp_avg_sq"])], cls.backend,
                               bound=False)(Gs, float(m.group["eta"]), self.sign_canon,
-                                           self._skip_flag)
+                                           self._skip_flag, precision=precision)
         else:
             Gs = self._class_grads(cls)
             if side != "left":               # the canonical views, kept while the grads are
@@ -1522,7 +1530,8 @@ class GHAAdamW(_SubspaceAdamW):
             # on the class's fixed tensors, with eta and sign_canon in the capture key
             # (_captured_values)
             _capture.unit(cls.extra["gha"], Gs, cls.extra["eta"], self.sign_canon,
-                          self._skip_flag, layout_token=self._layout_token)
+                          self._skip_flag, layout_token=self._layout_token,
+                          precision=precision)
         super()._class_step(cls, precision)
 
 
