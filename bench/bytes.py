@@ -437,7 +437,8 @@ def iass_select_bytes(m, n, k, *, g_bytes=2, side="left") -> Bytes:
 # A GEMM of an (a x k) by a (k x b) matrix is 2*a*k*b FLOPs; every m x n product with the rank
 # is ``2*A*r``. ``Flops.gemm`` are the GEMMs that run at the call's precision (tensor cores for
 # tf32 / tf32x3 / bf16); ``Flops.ieee_gemm`` the GEMMs that always multiply in IEEE fp32
-# whatever the precision (GHA's basis update, the KFAC Gram and whitening); ``Flops.elementwise``
+# whatever the precision (the ``gha_update`` op and GHA's r x r / m x r tail, the KFAC Gram and
+# whitening); ``Flops.elementwise``
 # the elementwise arithmetic (one FLOP per add, multiply, divide, sqrt; counted per element
 # below, minor next to the GEMMs). The last two run on fp32 CUDA cores. Not counted: QR / eigh /
 # SVD of m x r or r x r (O(m r^2), under r/n of the GEMMs), reductions feeding host reads, and
@@ -512,13 +513,16 @@ def moment_transport_flops(m, n, r, *, side="left", form="squared") -> Flops:
     return Flops(2 * r * C + 4 * r * S, elementwise=8 * S if form == "ldadam" else 0)
 
 
-def gha_update_flops(m, n, r, *, side="left") -> Flops:
+def gha_update_flops(m, n, r, *, side="left", k1_at_precision=False) -> Flops:
     """GHA's basis update: two K1 GEMMs over G (``R = P^T G``, then ``G R^T``), ``4Ar``, and
-    the tail ``R R^T`` (``2rS``) and ``P @ triu(.)`` (``2rC``), all IEEE fp32 (the op has no
-    precision argument); ``||G||^2`` (2A). The eager reference computes ``G^T P`` twice
+    the tail ``R R^T`` (``2rS``) and ``P @ triu(.)`` (``2rC``); ``||G||^2`` (2A). The
+    ``gha_update`` op has no precision argument, so all of it is IEEE fp32; in the
+    optimizer's step the two K1 run at the step's precision (``k1_at_precision``: the ``4Ar``
+    in ``gemm``) and the torch tail stays fp32. The eager reference computes ``G^T P`` twice
     (``2Ar`` more)."""
     A, S, C = sizes(m, n, r, side)
-    return Flops(0, 4 * A * r + 2 * r * (S + C), 2 * A)
+    k1, tail = 4 * A * r, 2 * r * (S + C)
+    return Flops(k1, tail, 2 * A) if k1_at_precision else Flops(0, k1 + tail, 2 * A)
 
 
 def adapm_update_flops(m, n, r, *, v_blocks=None) -> Flops:
@@ -541,8 +545,8 @@ def method_step_flops(method, m, n, r, *, side="left") -> Flops:
 
     * ``galore``, ``adaptive_adamw``, ``rsadamw``: K1 + K2 + K3, ``4Ar`` GEMM;
       ``adarankgrad`` adds ``||R||^2`` (2S);
-    * ``gha``: the same plus its basis update (``4Ar + 2r(S + C)`` IEEE) and the K8
-      transport;
+    * ``gha``: the same plus its basis update (its two K1, ``4Ar``, at the step's precision;
+      the ``2r(S + C)`` tail IEEE) and the K8 transport;
     * ``galore_kfac``: K1 + K3 plus the r x r Gram ``R R^T`` and the whitening
       ``root @ M`` (``2rS`` each, IEEE fp32: the KFAC kernels have no precision option);
     * ``ldadam``: the power iteration's two m x n GEMMs (``4Ar``, plus ``M V1`` and
@@ -559,7 +563,8 @@ def method_step_flops(method, m, n, r, *, side="left") -> Flops:
     if method == "adarankgrad":
         return galore_step_flops(m, n, r, side=side) + Flops(0, elementwise=2 * S)
     if method == "gha":
-        return (galore_step_flops(m, n, r, side=side) + gha_update_flops(m, n, r, side=side)
+        return (galore_step_flops(m, n, r, side=side)
+                + gha_update_flops(m, n, r, side=side, k1_at_precision=True)
                 + moment_transport_flops(m, n, r, side=side))
     if method == "galore_kfac":
         return (project_flops(m, n, r, side=side) + backproject_update_flops(m, n, r, side=side)

@@ -403,6 +403,12 @@ def test_flops_hand_derived_small_shape():
     assert B.moment_transport_flops(m, n, r, form="ldadam").elementwise == 8 * 20
     # GHA: two IEEE m x n x r products and the r x r / m x r tail
     assert B.gha_update_flops(m, n, r) == B.Flops(0, 4 * 60 * 2 + 2 * 2 * (20 + 12), 2 * 60)
+    # in the optimizer's step its two K1 run at the step's precision
+    assert B.gha_update_flops(m, n, r, k1_at_precision=True) == B.Flops(4 * 60 * 2,
+                                                                        2 * 2 * (20 + 12), 2 * 60)
+    assert B.method_step_flops("gha", m, n, r) == (B.galore_step_flops(m, n, r)
+                                                   + B.Flops(480, 2 * 2 * 32, 120)
+                                                   + B.moment_transport_flops(m, n, r))
     f = B.method_step_flops("ldadam", m, n, r)
     assert f.gemm == 12 * 60 * 2 + 2 * 2 * 20 + 2 * 2 * 12 + (2 * 2 * 12 + 4 * 2 * 20)
     assert B.method_step_flops("adamem", m, n, r).gemm == 6 * 60 * 2
