@@ -17,7 +17,9 @@ Split-K (the reduction over m cut into slices, summed in a fixed order afterward
 when the whole group's output grid is too small to fill the GPU, which for a LLaMA group (tens
 of members) it never is; then the partial sums go to one (count, split, r, n) buffer and two
 torch calls reduce them and copy them out (the colsum slices likewise, from a
-(count, split, n) buffer).
+(count, split, n) buffer). Those buffers are the plan's, allocated once: about
+``count * split * r * n * 4`` bytes held while the bound call lives (split-K is chosen only
+for small groups, so this is a few member-sized R at most), and a call allocates nothing.
 """
 import torch
 import triton
@@ -168,24 +170,44 @@ def plan_grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split
         dense = r_sumsq if r_sumsq.is_contiguous() else torch.empty(
             count, device=device, dtype=torch.float32)
 
+    # split-K's partial sums and their reductions: buffers held by the plan (a call allocates
+    # nothing), the sums written straight into the members' R where they are consecutive
+    # slices of one buffer (the engine's workspace), else into a held stack copied out
+    f32 = dict(device=device, dtype=torch.float32)
+    out = R0 if split == 1 else torch.empty((count, split, rank, n), **f32)
+    cs_out = torch.empty((count, split, n), **f32) if cs_partials else (
+        col_sumsq if has_cs else out)
+    cs_sum = None
+    if cs_partials:
+        cs_sum = col_sumsq if col_sumsq.is_contiguous() else torch.empty((count, n), **f32)
+    r_sum = r_list = norms = None
+    if split > 1:
+        from lowrank_fused.ops_grouped import stacked_view   # lazy, as the op layer loads us
+
+        r_sum = stacked_view(Rs)
+        if r_sum is None:
+            r_sum = torch.empty((count, rank, n), **f32)
+            r_list = list(r_sum.unbind(0))
+        if has_rsq:
+            norms = torch.empty(count, **f32)
+
     def launch(G):
         if _capture.replaying():       # a replayed CUDA graph makes these launches
             return
-        if split == 1:
-            out = R0
-        else:
-            out = torch.empty((count, split, rank, n), device=device, dtype=torch.float32)
-        cs_out = torch.empty((count, split, n), device=device, dtype=torch.float32) \
-            if cs_partials else (col_sumsq if has_cs else out)
         _grouped_project_kernel[grid](
             G, P0, out, offs, rsq_part if tile_rsq else out, cs_out, count, split, m, n, rank,
             k_per_split, *strides, **meta)
         if cs_partials:
-            col_sumsq.copy_(cs_out.sum(dim=1))
+            torch.sum(cs_out, dim=1, out=cs_sum)
+            if cs_sum is not col_sumsq:
+                col_sumsq.copy_(cs_sum)
         if split > 1:
-            torch._foreach_copy_(Rs, list(out.sum(dim=1).unbind(0)))
+            torch.sum(out, dim=1, out=r_sum)
+            if r_list is not None:
+                torch._foreach_copy_(Rs, r_list)
             if has_rsq:
-                r_sumsq.copy_(torch.stack(torch._foreach_norm(Rs)).square())
+                torch.linalg.vector_norm(r_sum, dim=(1, 2), out=norms)
+                torch.mul(norms, norms, out=r_sumsq.view(-1))
         elif tile_rsq:
             _sum_rows_kernel[(count,)](rsq_part, dense, tiles, BLOCK=SUM_BLOCK, num_warps=4)
             if dense is not r_sumsq:

@@ -5,6 +5,8 @@ Tolerances (``lowrank_fused.testing.tolerance``): R is fp32 whatever G's dtype (
 casts the same G values to fp32; only the summation order differs): 1e-5. K3 writes W in its
 own dtype: 1e-5 for fp32, 1e-2 (about one bf16 ulp) for bf16.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -150,6 +152,52 @@ def test_grouped_project_split_k(split_k, side, device, monkeypatch):
         assert_parity(R, w, rtol=tolerance(torch.float32), name=f"R[{b}]")
 
 
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "separate"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_planned_split_k_allocates_nothing(side, stacked, device):
+    """A planned launch with split-K (a GPU's choice for a small group) keeps its partial-sum
+    buffers: the second call allocates nothing, and R (written straight into a stacked block
+    or copied into separate members), ``colsum(G^2)`` (contiguous or strided) and ``||R||^2``
+    are right, poisoned before every call."""
+    from lowrank_fused.kernels.grouped_project import plan_grouped_project
+    from lowrank_fused.testing.trace import AllocationTrace
+
+    shape, rank, count = ((203, 97) if side == "left" else (97, 203)), 19, 3
+    Gs = members(shape, count, torch.bfloat16, device)
+    Ps = bases(shape, rank, side, count, device)
+    low = ops.low_rank_shape(shape, rank, side)
+    if stacked:
+        block = torch.empty((count,) + low, device=device)
+        Rs = list(block.unbind(0))
+    else:
+        Rs = [torch.empty(low, device=device) for _ in range(count)]
+    canon = (lambda t: t) if side == "left" else (lambda t: t.t())
+    length = shape[1] if side == "left" else shape[0]
+    sq = torch.empty(count, length, device=device) if stacked else \
+        torch.empty(length, count, device=device).t()
+    rsq = torch.empty(count, device=device)
+    launch = plan_grouped_project([canon(G) for G in Gs], [canon(P) for P in Ps],
+                                  [canon(R) for R in Rs], split_k=3, col_sumsq=sq,
+                                  r_sumsq=rsq)
+    want = [ops.project(G, P, side=side, backend="reference") for G, P in zip(Gs, Ps)]
+    want_sq = torch.stack([G.float().square().sum(dim=0 if side == "left" else 1) for G in Gs])
+    for call in range(3):
+        for X in Rs + [sq, rsq]:
+            poison(X)
+        if call == 1:        # the host half of a call: no allocation (the kernel's run stubbed:
+            trace = AllocationTrace()       # the interpreter allocates as it runs one)
+            with trace, stub_triton_runs():
+                launch(canon(Gs[0]))
+            assert trace.sizes == [], trace.sizes
+            continue
+        launch(canon(Gs[0]))
+        for b in range(count):
+            assert_parity(Rs[b], want[b], rtol=tolerance(torch.float32), name=f"R[{b}]")
+        assert_parity(sq, want_sq, rtol=tolerance(torch.float32), name="colsum")
+        assert_parity(rsq, torch.stack([w.double().square().sum() for w in want]).float(),
+                      rtol=tolerance(torch.float32), name="r_sumsq")
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grouped_equals_single_kernels_bitwise(side, dtype, device):
@@ -179,6 +227,20 @@ def test_grouped_equals_single_kernels_bitwise(side, dtype, device):
     ops_grouped.grouped_backproject_update(Gs, Ps, R1, side=side, coef=coef, pre_scale=pre,
                                            post_decay=post, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(W1, Gs))
+
+
+@contextlib.contextmanager
+def stub_triton_runs():
+    """Every Triton launch a no-op (the interpreter's run, or a GPU's ``JITFunction.run``)."""
+    import triton
+
+    cls = type(triton.jit(lambda: None))
+    real = cls.run
+    cls.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        cls.run = real
 
 
 def count_launches(monkeypatch):

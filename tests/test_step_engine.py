@@ -188,6 +188,31 @@ def test_steady_step_with_the_flag_on_the_device_allocates_nothing(method, monke
     assert trace.sizes == [], trace.sizes
 
 
+@pytest.mark.parametrize("method", ENGINE_METHODS)
+def test_steady_step_allocates_nothing_with_gpu_tiles_and_split_k(method, monkeypatch):
+    """The same with the tiles a GPU launcher picks (``gpu_tiling``) and the grouped K1's
+    reduction over m cut into two slices (what an H100 does for a class too small to fill
+    it; the test model's classes are small, but their m is too short for the launcher to
+    choose it): the split-K buffers and reductions are the plans' too."""
+    import importlib
+
+    from lowrank_fused.kernels._common import gpu_tiling
+
+    gp = importlib.import_module("lowrank_fused.kernels.grouped_project")
+    monkeypatch.setattr(gp, "choose_split_k", lambda *args: 2)
+    with gpu_tiling():
+        net, opt = _steady(method)
+        opt.lagged_nonfinite = True
+        backward(net, 3)
+        opt.step()
+        backward(net, 4)
+        LaunchRecorder(monkeypatch, stub=True)
+        trace = AllocationTrace()
+        with trace:
+            opt.step()
+    assert trace.sizes == [], trace.sizes
+
+
 def _poison(net, name, value=float("nan")):
     p = dict(net.named_parameters())[name]
     p.grad.view(-1)[3] = value
