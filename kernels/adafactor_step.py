@@ -58,6 +58,7 @@ from ._common import (cdiv, interpreting, load_tile, skip_flag, sum_fp32, tile_o
                       to_storage)
 from ._grouped import (ALIGN_BYTES, KeptTables, element_offsets, member_ptr, offsets_table,
                        scalar_table)
+from ._launch import launch_planned
 
 # factored tiles: one configuration for every shape (BLOCK_N spans the contiguous dimension)
 TILE_M, TILE_N, TILE_WARPS = 32, 128, 8
@@ -552,15 +553,18 @@ class GroupedAdafactorStep:
         if self.factored:
             B, M, N = self.shape
             grid3 = (self.tiles_n, self.tiles_m, count * B)
-            _af_stats_kernel[grid3](
+            launch_planned(
+                self, _af_stats_kernel, grid3,
                 G0, self.scratch, offs, scal, count, self.per, self.colp, B, M, N, *g_strides,
                 BLOCK_M=TILE_M, BLOCK_N=TILE_N, ALIGNED=aligned, num_warps=TILE_WARPS)
-            _af_ema_kernel[(self.row_blocks + self.col_blocks, count * B)](
+            launch_planned(
+                self, _af_ema_kernel, (self.row_blocks + self.col_blocks, count * B),
                 R0, C0, self.scratch, offs, scal, flag, count, self.per, self.colp, self.rnew,
                 self.cf, self.meanp, B, M, N, self.tiles_m, self.tiles_n, self.row_blocks,
                 *self.vec_strides,
                 BLOCK=VEC_BLOCK, ALIGNED=aligned, num_warps=VEC_WARPS)
-            _af_sumsq_kernel[grid3](
+            launch_planned(
+                self, _af_sumsq_kernel, grid3,
                 G0, W0, self.scratch, offs, count, self.per, self.rnew, self.cf, self.meanp,
                 self.part, self.num_tiles, B, M, N, self.tiles_m, self.tiles_n,
                 self.row_blocks, *g_strides, *self.w_strides,
@@ -568,17 +572,20 @@ class GroupedAdafactorStep:
                 ALIGNED=aligned, num_warps=TILE_WARPS)
             parts = self.num_tiles
         else:
-            _af_vec_stats_kernel[(self.blocks, count)](
+            launch_planned(
+                self, _af_vec_stats_kernel, (self.blocks, count),
                 W0, G0, R0, self.scratch, offs, scal, flag, count, self.per, self.part,
                 self.blocks, self.numel,
                 BLOCK=VEC_BLOCK, SCALED=self.scaled, ALIGNED=aligned, num_warps=VEC_WARPS)
             parts = self.blocks
-        _af_scalars_kernel[(count,)](
+        launch_planned(
+            self, _af_scalars_kernel, (count,),
             self.scratch, offs, scal, count, self.per, self.part, self.scal, parts,
             float(self.numel) ** 0.5,
             BLOCK=SUM_BLOCK, SCALED=self.scaled, num_warps=VEC_WARPS)
         if self.factored:
-            _af_apply_kernel[grid3](
+            launch_planned(
+                self, _af_apply_kernel, grid3,
                 W0, G0, E0, self.scratch, offs, scal, flag, count, self.per, self.rnew,
                 self.cf, self.meanp, self.scal, B, M, N, self.row_blocks, *self.w_strides,
                 *g_strides, *self.e_strides,
@@ -586,7 +593,8 @@ class GroupedAdafactorStep:
                 HAS_MOMENTUM=self.momentum, INTERPRET=interpret, ALIGNED=aligned,
                 num_warps=TILE_WARPS)
         else:
-            _af_vec_apply_kernel[(self.blocks, count)](
+            launch_planned(
+                self, _af_vec_apply_kernel, (self.blocks, count),
                 W0, G0, R0, E0, self.scratch, offs, scal, flag, count, self.per, self.scal,
                 self.numel,
                 BLOCK=VEC_BLOCK, HAS_MOMENTUM=self.momentum, INTERPRET=interpret,

@@ -19,6 +19,7 @@ from lowrank_fused import _capture
 
 from ._common import cdiv, interpreting, load_tile, skip_flag, tile_offsets, to_storage
 from ._grouped import KeptTables, scalar_table
+from ._launch import launch_planned
 from .adafactor_step import TILE_M, TILE_N, TILE_WARPS, _adafactor_stats_kernel, _tile, \
     row_col_sums
 
@@ -160,7 +161,8 @@ class BoundAdamemFactoredStep:
 
     def _run(self, G, scal, beta2, eps1, skip):
         W, row, col, M, N = self.W, self.row, self.col, self.M, self.N
-        _adafactor_stats_kernel[(self.tiles,)](
+        launch_planned(
+            self, _adafactor_stats_kernel, (self.tiles,),
             G, self.rowp, self.colp, 1, M, N, M * G.stride(0), G.stride(0), G.stride(1),
             float(eps1),
             BLOCK_M=TILE_M, BLOCK_N=TILE_N, num_warps=TILE_WARPS,
@@ -185,7 +187,8 @@ class BoundAdamemFactoredStep:
             torch.where(skip, row, new_row, out=row)
             torch.where(skip, col, new_col, out=col)
         torch.mean(new_row, dim=0, out=self.mean)
-        _adamem_factored_apply_kernel[(self.tiles,)](
+        launch_planned(
+            self, _adamem_factored_apply_kernel, (self.tiles,),
             W, G, new_row, new_col, self.mean, skip_flag(skip, W.device), scal, M, N,
             *W.stride(), *G.stride(), BLOCK_M=TILE_M, BLOCK_N=TILE_N, INTERPRET=interpreting(), num_warps=TILE_WARPS,
         )

@@ -40,6 +40,7 @@ from lowrank_fused.ops import checked_skip
 
 from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, check_buffer, interpreting,
                       skip_flag, to_storage)
+from ._launch import PlannedLaunch
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -224,6 +225,14 @@ class BoundGHABatch:
         self.grid_rn = (count, max(1, cdiv(r * n, ELEMENTWISE_BLOCK)))
         self.interpret = interpreting()
         self._skip = None
+        ew = dict(BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
+        self._scale = PlannedLaunch(_gha_scale_kernel, self.grid_rr, ew)
+        self._step = PlannedLaunch(_gha_step_kernel, self.grid_mr, ew)
+        self._basis = {sc: PlannedLaunch(_gha_basis_kernel, self.grid_mr, dict(
+            ew, SIGN_CANON=sc, IN_PLACE=self.p_in_place, INTERPRET=self.interpret))
+            for sc in (True, False)}
+        self._moments = PlannedLaunch(_gha_moments_kernel, self.grid_rn, dict(
+            ew, IN_PLACE=self.moments_in_place, INTERPRET=self.interpret))
 
     def _flag(self, skip):
         self._skip = checked_skip(skip, self.device, self._skip)
@@ -233,38 +242,32 @@ class BoundGHABatch:
         """``ok``, ``g2s = where(ok, g2, 1)`` and ``T = triu(H / g2s)``."""
         if self.empty:
             return
-        _gha_scale_kernel[self.grid_rr](self.g2, self.H, self.ok, self.g2s, self.T, self.r,
-                                        BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
+        self._scale(self.g2, self.H, self.ok, self.g2s, self.T, self.r)
 
     def step(self, eta):
         """``Z = where(ok, (GY/g2s - PH)*eta + pf, pf)`` (``eta`` rounded to fp32)."""
         if self.empty:
             return
-        _gha_step_kernel[self.grid_mr](self.GY, self.PH, self.pf, self.Z, self.ok, self.g2s,
-                                       float(eta), self.m * self.r, BLOCK=ELEMENTWISE_BLOCK,
-                                       num_warps=ELEMENTWISE_WARPS)
+        self._step(self.GY, self.PH, self.pf, self.Z, self.ok, self.g2s, float(eta),
+                   self.m * self.r)
 
     def basis(self, sign_canon, skip=None):
         """``Pnf`` and the basis' destination from ``Q`` (after the QR of ``Z``)."""
         flag = self._flag(skip)
         if self.empty:
             return
-        _gha_basis_kernel[self.grid_mr](
+        self._basis[bool(sign_canon)](
             self.Q, self.Rq, self.pf, self.ok, self.Pnf, self.P_old, self.P_dst, flag, self.r,
-            self.m * self.r, *self.P_old.stride(), SIGN_CANON=bool(sign_canon),
-            IN_PLACE=self.p_in_place, BLOCK=ELEMENTWISE_BLOCK, INTERPRET=self.interpret,
-            num_warps=ELEMENTWISE_WARPS)
+            self.m * self.r, *self.P_old.stride())
 
     def moments(self, skip=None):
         """The moments' destinations from ``Mn`` and ``Vn`` (after the transport's GEMMs)."""
         flag = self._flag(skip)
         if self.count == 0 or self.r * self.n == 0:
             return
-        _gha_moments_kernel[self.grid_rn](
+        self._moments(
             self.Mn, self.M_old, self.M_dst, self.Vn, self.V_old, self.V_dst, flag, self.n,
-            self.r * self.n, *self.M_old.stride(), *self.V_old.stride(),
-            IN_PLACE=self.moments_in_place, BLOCK=ELEMENTWISE_BLOCK, INTERPRET=self.interpret,
-            num_warps=ELEMENTWISE_WARPS)
+            self.r * self.n, *self.M_old.stride(), *self.V_old.stride())
 
 
 def aot_variants():

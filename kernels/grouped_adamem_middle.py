@@ -29,6 +29,7 @@ from lowrank_fused import _capture
 
 from ._common import cdiv, interpreting, skip_flag, sum_fp32, tile_offsets, to_storage
 from ._grouped import element_offsets, member_ptr, offsets_table
+from ._launch import launch_planned
 from .adamem_moments import MEAN_BLOCK, TILE_M, TILE_N, TILE_WARPS, VEC_BLOCK, VEC_WARPS, \
     _ema_block
 from .residual_col_stats import VEC_BLOCK as CS_BLOCK, VEC_R, VEC_WARPS as CS_WARPS
@@ -248,24 +249,28 @@ class GroupedAdamemMiddle:
         interpret = interpreting()
         flag = skip_flag(skip, self.device)
         R0, M0, N0 = Rs[0], Ms[0], Ns[0]
-        _g_stats_kernel[(self.tiles_n, self.tiles_m, count)](
+        launch_planned(
+            self, _g_stats_kernel, (self.tiles_n, self.tiles_m, count),
             R0, M0, self.scratch, self.offs, scal, flag, count, self.per, self.colp, r, n,
             *R0.stride(), *M0.stride(),
             BLOCK_M=TILE_M, BLOCK_N=TILE_N, FROM_MOMENTUM=self.from_momentum,
             INTERPRET=interpret, ALIGNED=self.aligned, num_warps=TILE_WARPS,
         )
-        _g_ema_kernel[(self.row_blocks + self.col_blocks, count)](
+        launch_planned(
+            self, _g_ema_kernel, (self.row_blocks + self.col_blocks, count),
             self.scratch, rows[0], cols[0], self.offs, scal, flag, count, self.per, self.colp,
             self.meanp, r, n, self.tiles_m, self.tiles_n, self.row_blocks,
             BLOCK=VEC_BLOCK, INTERPRET=interpret, ALIGNED=self.aligned, num_warps=VEC_WARPS,
         )
-        _g_apply_kernel[(self.tiles_n, self.tiles_m, count)](
+        launch_planned(
+            self, _g_apply_kernel, (self.tiles_n, self.tiles_m, count),
             M0, N0, rows[0], cols[0], self.scratch, self.offs, scal, flag, count, self.per,
             self.meanp, r, n, self.row_blocks, *M0.stride(), *N0.stride(),
             BLOCK_M=TILE_M, BLOCK_N=TILE_N, MEAN_BLOCK=MEAN_BLOCK, INTERPRET=interpret,
             ALIGNED=self.aligned, num_warps=TILE_WARPS,
         )
-        _g_col_stats_kernel[(cdiv(n, CS_BLOCK), count)](
+        launch_planned(
+            self, _g_col_stats_kernel, (cdiv(n, CS_BLOCK), count),
             sumsq[0], R0, c_os[0], css[0], self.offs, scal, flag, count, self.m, n, r,
             *R0.stride(),
             BLOCK_N=CS_BLOCK, BLOCK_R=VEC_R, INTERPRET=interpret, ALIGNED=self.aligned,

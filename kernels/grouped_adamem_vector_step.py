@@ -26,6 +26,7 @@ from lowrank_fused import _capture
 from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag, \
     to_storage
 from ._grouped import element_offsets, member_ptr, offsets_table
+from ._launch import launch_planned
 
 _DTYPE = torch.Tensor.dtype.__get__
 
@@ -141,7 +142,8 @@ class GroupedAdamemVectorStep:
         scal = self.table.fill(table)
         if _capture.replaying():           # a replayed CUDA graph makes the launch
             return
-        _g_vec_kernel[(cdiv(self.numel, ELEMENTWISE_BLOCK), self.count)](
+        launch_planned(
+            self, _g_vec_kernel, (cdiv(self.numel, ELEMENTWISE_BLOCK), self.count),
             self.Ws[0], Gs[0], self.Vs[0], self.offs, scal, skip_flag(skip, self.device),
             self.count, self.numel,
             BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(), ALIGNED=self.aligned,

@@ -46,6 +46,7 @@ from lowrank_fused._tables import StagedTable
 from ._common import (DOT_IEEE, cdiv, config_mode, dot_mode, interpreting, load_tile, mma,
                       skip_flag, to_storage)
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table, scalar_table
+from ._launch import launch_planned
 from .adapm_update import (B_BLOCK_M, B_BLOCK_N, B_WARPS, DTYPE_PAIRS, choose_config,
                            clip_and_apply, configs_for, dummy, elementwise_tiles, normalize)
 from .adapm_dense_update import BLOCK_M as DENSE_BLOCK_M, BLOCK_N as DENSE_BLOCK_N, \
@@ -158,11 +159,13 @@ class BlockMeans:
     def __call__(self, Gs, goffs, galigned, scal, skip):
         bm, bn = elementwise_tiles(ROWSQ_BLOCK_M, ROWSQ_BLOCK_N)
         G0 = Gs[0]
-        _g_row_sumsq_kernel[(cdiv(self.m, bm), self.count)](
+        launch_planned(
+            self, _g_row_sumsq_kernel, (cdiv(self.m, bm), self.count),
             G0, self.rowsq, goffs, self.m, self.n, G0.stride(0), G0.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, ALIGNED=galigned, num_warps=ROWSQ_WARPS)
         bb, br = _block_v_tiles(self.rpb)
-        _g_block_v_kernel[(cdiv(self.nb, bb), self.count)](
+        launch_planned(
+            self, _g_block_v_kernel, (cdiv(self.nb, bb), self.count),
             self.rowsq, self.Vs[0], self.h, self.voffs, scal, skip, self.count, self.m,
             self.nb, self.rpb, float(self.rpb * self.n),
             BLOCK_B=bb, BLOCK_R=br, INTERPRET=interpreting(), ALIGNED=self.valigned,
@@ -453,16 +456,19 @@ class GroupedAdapmStep:
             R0, Y0, B0, L0 = self.Rs[0], self.Rgs[0], self.Bs[0], self.Ls[0]
             if launch["right"] is not None:
                 rgrid, rkw = launch["right"]
-                _g_right_operand_kernel[rgrid](
+                launch_planned(
+                    self, _g_right_operand_kernel, rgrid,
                     R0, Y0, B0, self.roffs, scal, skip, count, self.rank, n, *self.rstrides,
                     **rkw)
-            _g_adapm_update_kernel[grid](
+            launch_planned(
+                self, _g_adapm_update_kernel, grid,
                 W0, G0, L0, B0, V0, self.offs, goffs, scal, skip, count, m, n, self.rank,
                 self.rpb, *self.wstrides, G0.stride(0), G0.stride(1), *self.lvstrides,
                 G_ALIGNED=galigned, **kw)
         else:
             M0 = self.lists["Ms"][0]
-            _g_adapm_dense_update_kernel[grid](
+            launch_planned(
+                self, _g_adapm_dense_update_kernel, grid,
                 W0, G0, M0, V0, self.offs, goffs, scal, skip, count, m, n, self.rpb,
                 *self.wstrides, G0.stride(0), G0.stride(1), *self.lvstrides,
                 G_ALIGNED=galigned, **kw)

@@ -31,6 +31,7 @@ from lowrank_fused._tables import StagedTable
 
 from ._common import cdiv, config_mode, dot_mode, interpreting, skip_flag, to_storage
 from ._grouped import check_layout, element_offsets, member_ptr, offsets_table
+from ._launch import PlannedLaunch
 from .backproject_update import choose_config, configs_for, pn_tile
 
 MAX_GRID_Z = 65535   # CUDA's limit on the third grid dimension (members)
@@ -150,15 +151,14 @@ def plan_grouped_backproject_update(Ws, Ps, Ns, *, precision="ieee", config=None
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     table = StagedTable(4 if has_res else 3, count, device)   # one address for the plan's life
+    k3 = PlannedLaunch(_grouped_backproject_update_kernel, grid, meta)
 
     def launch(coef, pre_scale, post_decay, *, skip=None, res_coef=None, G0=None):
         # each scalar one number for every member (written along its row) or one per member
         scal = table.fill([coef, pre_scale, post_decay] + ([res_coef] if has_res else []))
         if _capture.replaying():       # a replayed CUDA graph makes the launch
             return
-        _grouped_backproject_update_kernel[grid](
-            W0, P0, N0, offs, scal, G0 if has_res else W0, C0, skip_flag(skip, device), *args,
-            **meta)
+        k3(W0, P0, N0, offs, scal, G0 if has_res else W0, C0, skip_flag(skip, device), *args)
     return launch
 
 

@@ -30,6 +30,7 @@ from lowrank_fused import _capture
 from ._common import cdiv, config_mode, dot_mode, sum_fp32
 from ._grouped import (check_layout, element_offsets, member_ptr, offsets_table,
                        regular_offsets)
+from ._launch import PlannedLaunch
 from .adam_moments import SUM_BLOCK
 from .project import choose_config, choose_split_k, configs_for, project_tile
 
@@ -191,12 +192,14 @@ def plan_grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split
         if has_rsq:
             norms = torch.empty(count, **f32)
 
+    k1 = PlannedLaunch(_grouped_project_kernel, grid, meta)
+    sum_rows = PlannedLaunch(_sum_rows_kernel, (count,), dict(BLOCK=SUM_BLOCK, num_warps=4))
+    rsq_out = rsq_part if tile_rsq else out
+
     def launch(G):
         if _capture.replaying():       # a replayed CUDA graph makes these launches
             return
-        _grouped_project_kernel[grid](
-            G, P0, out, offs, rsq_part if tile_rsq else out, cs_out, count, split, m, n, rank,
-            k_per_split, *strides, **meta)
+        k1(G, P0, out, offs, rsq_out, cs_out, count, split, m, n, rank, k_per_split, *strides)
         if cs_partials:
             torch.sum(cs_out, dim=1, out=cs_sum)
             if cs_sum is not col_sumsq:
@@ -209,7 +212,7 @@ def plan_grouped_project(Gs, Ps, Rs, precision: str = "ieee", config=None, split
                 torch.linalg.vector_norm(r_sum, dim=(1, 2), out=norms)
                 torch.mul(norms, norms, out=r_sumsq.view(-1))
         elif tile_rsq:
-            _sum_rows_kernel[(count,)](rsq_part, dense, tiles, BLOCK=SUM_BLOCK, num_warps=4)
+            sum_rows(rsq_part, dense, tiles)
             if dense is not r_sumsq:
                 r_sumsq.copy_(dense)
     return launch

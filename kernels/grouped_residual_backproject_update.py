@@ -18,6 +18,7 @@ from lowrank_fused import _capture
 
 from ._common import cdiv, config_mode, dot_mode, interpreting, skip_flag
 from ._grouped import element_offsets, offsets_table, scalar_table
+from ._launch import launch_planned
 from .backproject_update import choose_config
 from .grouped_backproject_update import (MAX_GRID_Z, _grouped_backproject_update_kernel,
                                          grouped_backproject_update)
@@ -144,7 +145,8 @@ class PlannedResidualUpdate:
         self.R3.mul_(self.fold_res)                     # res_coef*(R*cs)
         self.N3.sub_(self.R3)
         W0, P0, N0 = self.tensors
-        _grouped_backproject_update_kernel[self.grid](
+        launch_planned(
+            self, _grouped_backproject_update_kernel, self.grid,
             W0, P0, N0, self.offs, self.k3.table, G0, self.C0, skip_flag(skip, self.device),
             *self.args, **self.meta)
 

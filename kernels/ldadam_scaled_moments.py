@@ -47,6 +47,7 @@ from lowrank_fused.ops import checked_skip
 
 from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, check_buffer, interpreting,
                       skip_flag, to_storage)
+from ._launch import PlannedLaunch
 
 ROWS = ("coef_m", "coef_a", "bc2", "bc1_sq", "c")
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -172,6 +173,14 @@ class BoundScaledMoments:
         self.table = StagedTable(len(ROWS), 1, device)
         self.scal = self.table.table
         self._skip = None
+        ew = dict(BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
+        blocks = (cdiv(self.numel, ELEMENTWISE_BLOCK),)
+        self._momentum_mix = PlannedLaunch(_momentum_mix_kernel, blocks,
+                                           dict(ew, INTERPRET=interpreting()))
+        self._basis_mix = PlannedLaunch(_basis_mix_kernel,
+                                        (cdiv(self.y_numel, ELEMENTWISE_BLOCK),), ew)
+        self._transport_finish = PlannedLaunch(_transport_finish_kernel, blocks, dict(
+            ew, HAS_EF=self.has_ef, INTERPRET=interpreting()))
 
     def fill(self, *, coef_m, coef_a, bc2, bc1_sq, c):
         """The step's scalars into the table (each rounded once to fp32); returns it."""
@@ -181,17 +190,13 @@ class BoundScaledMoments:
         """``V1 = coef_m*M + coef_a*R1``; ``R1 <- V/bc2 - M^2/bc1_sq``."""
         if _capture.replaying() or self.numel == 0:
             return
-        _momentum_mix_kernel[(cdiv(self.numel, ELEMENTWISE_BLOCK),)](
-            self.M, self.R1, self.V, self.V1, self.scal, self.numel,
-            BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(), num_warps=ELEMENTWISE_WARPS)
+        self._momentum_mix(self.M, self.R1, self.V, self.V1, self.scal, self.numel)
 
     def basis_mix(self):
         """``Y = coef_a*Y + coef_m*corr``."""
         if _capture.replaying() or self.y_numel == 0:
             return
-        _basis_mix_kernel[(cdiv(self.y_numel, ELEMENTWISE_BLOCK),)](
-            self.Y, self.corr, self.scal, self.y_numel, BLOCK=ELEMENTWISE_BLOCK,
-            num_warps=ELEMENTWISE_WARPS)
+        self._basis_mix(self.Y, self.corr, self.scal, self.y_numel)
 
     def transport_finish(self, skip=None):
         """``V = |(w2 + M_tr^2/bc1_sq)*bc2|``, ``L = [c*M_tr + R; -c*M]`` (error feedback),
@@ -199,10 +204,8 @@ class BoundScaledMoments:
         self._skip = checked_skip(skip, self.device, self._skip)
         if _capture.replaying() or self.numel == 0:
             return
-        _transport_finish_kernel[(cdiv(self.numel, ELEMENTWISE_BLOCK),)](
-            self.V, self.M, self.w2, self.mtr, self.R, self.L, self.scal,
-            skip_flag(skip, self.device), self.numel, self.half, HAS_EF=self.has_ef,
-            BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(), num_warps=ELEMENTWISE_WARPS)
+        self._transport_finish(self.V, self.M, self.w2, self.mtr, self.R, self.L, self.scal,
+                               skip_flag(skip, self.device), self.numel, self.half)
 
 
 def aot_variants():

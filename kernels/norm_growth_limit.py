@@ -24,6 +24,7 @@ from lowrank_fused.reference.norm_growth_limit import NL_TINY
 
 from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag,
                       sum_fp32, to_storage)
+from ._launch import PlannedLaunch
 
 SUM_BLOCK = 1024   # the factor kernel's chunk over the partial sums
 
@@ -197,6 +198,12 @@ class BoundGroupedNormGrowthLimit:
         self.f = torch.empty(count, dtype=torch.float32, device=Ns.device)
         self.blocks = cdiv(self.numel, ELEMENTWISE_BLOCK)
         self.interpret = interpreting()
+        self._factor = PlannedLaunch(_grouped_limiter_factor_kernel,
+                                     (cdiv(self.count, FACTOR_BLOCK),),
+                                     dict(BLOCK=FACTOR_BLOCK, num_warps=4))
+        self._scale = PlannedLaunch(_grouped_limiter_scale_kernel, (self.blocks, self.count),
+                                    dict(BLOCK=ELEMENTWISE_BLOCK, INTERPRET=self.interpret,
+                                         num_warps=ELEMENTWISE_WARPS))
 
     def __call__(self, gamma: float, *, skip=None) -> None:
         gamma = float(gamma)
@@ -205,12 +212,9 @@ class BoundGroupedNormGrowthLimit:
         if _capture.replaying():          # a replayed CUDA graph makes these launches
             return
         Ns = self.Ns
-        _grouped_limiter_factor_kernel[(cdiv(self.count, FACTOR_BLOCK),)](
-            self.norms, self.prevs[0], self.offs, self.f, skip_flag(skip, Ns.device),
-            self.count, gamma, NL_TINY, BLOCK=FACTOR_BLOCK, num_warps=4)
-        _grouped_limiter_scale_kernel[(self.blocks, self.count)](
-            Ns, self.f, self.numel, Ns.stride(0), BLOCK=ELEMENTWISE_BLOCK,
-            INTERPRET=self.interpret, num_warps=ELEMENTWISE_WARPS)
+        self._factor(self.norms, self.prevs[0], self.offs, self.f, skip_flag(skip, Ns.device),
+                     self.count, gamma, NL_TINY)
+        self._scale(Ns, self.f, self.numel, Ns.stride(0))
 
 
 def grouped_norm_growth_limit(Ns, norms, prevs, *, gamma: float, skip=None) -> None:

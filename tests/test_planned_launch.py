@@ -1,0 +1,79 @@
+"""The planned launch (``kernels/_launch.py``): after its first launch through
+``JITFunction.run``, a bound call's kernel is launched through the compiled kernel's launcher
+directly, with the same arguments, as long as they provably specialise the same way.
+
+Without a GPU the direct path is checked with the stand-in driver
+(``lowrank_fused.testing.standin_driver``: kernels compiled for sm_90, the CUDA launch call a
+recorder) in a subprocess without the interpreter, under the installed Triton and under the
+GPU machines' (``aot.GPU_TRITON``, installed side by side for the AOT test; skipped where it is
+not available): the planned K1 and K3 hand the launcher the grid and arguments of their first
+launch on later calls, without ``JITFunction.run``, also for a gradient passed as another
+tensor object at the planned address, and a gradient at another address goes through
+``JITFunction.run`` again. Under the interpreter every call is an ordinary launch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowrank_fused.kernels._common import interpreting
+from lowrank_fused.testing.aot import GPU_TRITON, compile_env, ensure_triton, find_ptxas
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _check(triton_path=None, version=None):
+    env = compile_env(triton_path, version)
+    env["PYTHONPATH"] = os.pathsep.join([p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                         if p] + [ROOT])
+    proc = subprocess.run([sys.executable, "-m", "lowrank_fused.testing.standin_driver",
+                           "--check"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real launcher")
+@pytest.mark.parametrize("which", ["installed", "gpu_triton"])
+def test_direct_launches_hand_the_launcher_the_same_arguments(which):
+    if find_ptxas() is None:
+        pytest.skip("ptxas not found: the kernels cannot compile for sm_90 here")
+    if which == "installed":
+        report = _check()
+    else:
+        import triton
+        if triton.__version__ == GPU_TRITON:
+            pytest.skip(f"the installed Triton is {GPU_TRITON}")
+        where, reason = ensure_triton(GPU_TRITON)
+        if where is None:
+            pytest.skip(f"Triton {GPU_TRITON} not available: {reason}")
+        report = _check(where, GPU_TRITON)
+        assert report["triton"] == GPU_TRITON
+    for name, c in report["checks"].items():
+        assert c["same_arguments"], (name, c)
+        assert c["run_calls_first"] == c["launches"] and c["run_calls_later"] == 0, (name, c)
+    assert report["checks"]["K1"]["run_calls_moved"] == 1
+    assert report["ok"], report
+
+
+@pytest.mark.skipif(not interpreting(), reason="the interpreter's path")
+def test_under_the_interpreter_every_call_is_an_ordinary_launch():
+    from lowrank_fused import ops
+    from lowrank_fused.kernels.grouped_project import plan_grouped_project
+    from lowrank_fused.testing import assert_parity, poison, tolerance
+
+    Gs = [torch.randn(40, 30) for _ in range(2)]
+    Ps = [torch.linalg.qr(torch.randn(40, 5))[0] for _ in range(2)]
+    Rs = [torch.empty(5, 30) for _ in range(2)]
+    launch = plan_grouped_project(Gs, Ps, Rs)
+    for _ in range(2):
+        for R in Rs:
+            poison(R)
+        launch(Gs[0])
+        for G, P, R in zip(Gs, Ps, Rs):
+            assert_parity(R, ops.project(G, P, backend="reference"),
+                          rtol=tolerance(torch.float32))
+    k1 = launch.__closure__ and [c.cell_contents for c in launch.__closure__
+                                 if type(c.cell_contents).__name__ == "PlannedLaunch"]
+    assert k1 and all(k._fast is None for k in k1)
