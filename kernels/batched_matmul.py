@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ._common import (DOT_BF16_EMULATED, DOT_IEEE, DOT_TF32X3, DOT_TF32X3_EMULATED, cdiv,
                       config_mode, dot_mode, interpreter_tiles, mma)
+from ._launch import launch_planned
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,10 @@ def _batched_matmul_kernel(
 
 
 def batched_matmul(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
-                   precision: str = "ieee", config: BmmConfig = None) -> None:
-    """``C[b] = float32(A[b]) @ B[b]`` into fp32 ``C`` (batch, M, N); B's batch may be 1."""
+                   precision: str = "ieee", config: BmmConfig = None, owner=None) -> None:
+    """``C[b] = float32(A[b]) @ B[b]`` into fp32 ``C`` (batch, M, N); B's batch may be 1.
+    ``owner``: an object of a caller that makes this product on the same tensors every call
+    (the launch is then planned and kept there: ``kernels/_launch.py``)."""
     nb, m, kk = A.shape
     n = B.shape[-1]
     if nb == 0 or m == 0 or n == 0:
@@ -109,13 +112,14 @@ def batched_matmul(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
     cfg = config or choose_config(n, config_mode(precision, A.device))
     stride_bb = 0 if B.shape[0] == 1 else B.stride(0)
     grid = (cdiv(m, cfg.BLOCK_M), cdiv(n, cfg.BLOCK_N), nb)
-    _batched_matmul_kernel[grid](
-        A, B, C, m, n, kk,
-        A.stride(0), A.stride(1), A.stride(2), stride_bb, B.stride(1), B.stride(2),
-        C.stride(0), C.stride(1), C.stride(2),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = (A, B, C, m, n, kk, A.stride(0), A.stride(1), A.stride(2), stride_bb, B.stride(1),
+            B.stride(2), C.stride(0), C.stride(1), C.stride(2))
+    meta = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if owner is not None:
+        launch_planned(owner, _batched_matmul_kernel, grid, *args, **meta)
+    else:
+        _batched_matmul_kernel[grid](*args, **meta)
 
 
 def aot_variants():

@@ -30,6 +30,7 @@ from lowrank_fused import _capture
 
 from ._common import DOT_IEEE, cdiv, interpreting, mma, skip_flag, to_storage
 from ._grouped import KeptTables, check_layout, element_offsets, member_ptr, offsets_table
+from ._launch import launch_planned
 
 # One config (the AOT test compiles it for every state dtype under Triton 3.6 and 3.9). fp32
 # FMA dot: software pipelining (num_stages=2) takes 254 registers on sm_90 with fp32 states,
@@ -237,9 +238,10 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
                         [1.0 - float(beta2)], [float(n)]])
     if _capture.replaying():          # a replayed CUDA graph makes both launches
         return
-    work_matmul(Rf, Rf.transpose(1, 2), gram)
+    work_matmul(Rf, Rf.transpose(1, 2), gram, owner=tables)
     progs = cdiv(n, BLOCK_N)
-    _grouped_kfac_momentum_whiten_kernel[(progs, count)](
+    launch_planned(     # kept with the work buffers: the same tensors every step
+        tables, _grouped_kfac_momentum_whiten_kernel, (progs, count),
         R0, M0, Q0, N0, F0, gram, offs, skip_flag(skip, Rf.device), scal, count, r, n,
         R0.stride(0), R0.stride(1), M0.stride(0), M0.stride(1), Q0.stride(0), Q0.stride(1),
         N0.stride(0), N0.stride(1), F0.stride(0), F0.stride(1),
@@ -248,12 +250,13 @@ def grouped_kfac_precondition(Rs, Ms, Fs, roots, Ns, *, beta1: float, beta2: flo
         INTERPRET=interpreting(), ALIGNED=aligned, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-def work_matmul(A, B, out) -> None:
-    """``out[b] = A[b] @ B[b]`` (fp32) through the Triton ``batched_matmul`` op, into a
-    given buffer (``subspace.batched_matmul`` with ``backend="triton"`` allocates it)."""
-    from lowrank_fused.dispatch import implementation
+def work_matmul(A, B, out, owner=None) -> None:
+    """``out[b] = A[b] @ B[b]`` (fp32) through the Triton ``batched_matmul`` kernel, into a
+    given buffer (``subspace.batched_matmul`` with ``backend="triton"`` allocates it);
+    ``owner`` keeps its planned launch (``batched_matmul``'s)."""
+    from .batched_matmul import batched_matmul
 
-    implementation("batched_matmul", "triton", A.device)(A, B, out, precision="ieee")
+    batched_matmul(A, B, out, precision="ieee", owner=owner)
 
 
 def grouped_kfac_work(Rs):

@@ -291,12 +291,20 @@ def test_gha_kernels_launch_four_times_per_class(monkeypatch):
     for _ in range(2):
         lm_loss(model, batch).backward()
         opt.step()
-    counts = {}
-    counting = _counter(counts)
+    # counted where every launch runs (the bound kernels are planned launches that hold
+    # the kernel objects, so a stand-in for the module's names would not see them)
+    import triton.runtime.interpreter as interp
+
     names = ("_gha_scale_kernel", "_gha_step_kernel", "_gha_basis_kernel",
              "_gha_moments_kernel")
-    for name in names:
-        monkeypatch.setattr(gb, name, counting(getattr(gb, name)))
+    counts = {}
+    real_run = interp.InterpretedFunction.run
+
+    def run(fn, *args, **kwargs):
+        if fn.fn.__name__ in names and fn.fn.__module__ == gb.__name__:
+            counts[fn.fn.__name__] = counts.get(fn.fn.__name__, 0) + 1
+        return real_run(fn, *args, **kwargs)
+    monkeypatch.setattr(interp.InterpretedFunction, "run", run)
     opt.step()
     classes = opt._engine_plan.classes.values()
     assert any(len(c.members) > 1 for c in classes)
