@@ -132,7 +132,8 @@ def measure(method, shape, r, dtype_name, log=print) -> dict:
         l2_model += ln.unattributed
         for t in ln.tensors:
             moved = t.loaded + t.stored
-            if sorted(t.shape) == sorted((m, n)):   # G, W, E, V (not a split-K buffer)
+            # G, W, E, V (not a split-K buffer), also as a batch of one (Adafactor's (1, m, n))
+            if sorted(d for d in t.shape if d != 1) == sorted((m, n)):
                 big += moved
             else:
                 small += moved
