@@ -111,7 +111,7 @@ def record(methods, warm=3, stub_warm=5, log=print):
 # -- 2. replay (a subprocess per Triton, no interpreter) ---------------------------------------
 def _materialise(x, dev_tensors):
     import torch
-    if isinstance(x, _TensorSpec):
+    if type(x).__name__ == "_TensorSpec":   # (pickled from __main__ or from this module)
         key = (x.shape, x.stride, x.dtype, x.offset)
         t = dev_tensors.get(key)
         if t is None:

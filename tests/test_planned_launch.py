@@ -77,3 +77,24 @@ def test_under_the_interpreter_every_call_is_an_ordinary_launch():
     k1 = launch.__closure__ and [c.cell_contents for c in launch.__closure__
                                  if type(c.cell_contents).__name__ == "PlannedLaunch"]
     assert k1 and all(k._fast is None for k in k1)
+
+
+@pytest.mark.skipif(not interpreting(), reason="records interpreted launches")
+def test_bench_triton_launch_records_and_replays(tmp_path):
+    """``bench/bench_triton_launch.py`` end to end for one method under the installed Triton:
+    its launches recorded (all of GaLore's planned), replayed both ways, the planned replay
+    cheaper than the plain one."""
+    if find_ptxas() is None:
+        pytest.skip("ptxas not found: the kernels cannot compile for sm_90 here")
+    import pickle
+
+    from bench import bench_triton_launch as BTL
+
+    tapes = BTL.record(["galore"], warm=1, stub_warm=1, log=lambda *a: None)
+    assert tapes["galore"] and all(entry[-1] for entry in tapes["galore"])
+    path = tmp_path / "tapes.pkl"
+    path.write_bytes(pickle.dumps(tapes))
+    result = BTL._run_replay(str(path), 5)
+    row = result["methods"]["galore"]
+    assert row["plain"]["launches"] == row["planned"]["planned"] == len(tapes["galore"])
+    assert row["planned"]["us_per_step"] < row["plain"]["us_per_step"]
