@@ -44,7 +44,7 @@ class PlannedLaunch:
     """``launch(*args)`` = ``kernel[grid](*args, **meta)``, the host work after the first call
     skipped while the arguments stay what they were (see the module docstring)."""
 
-    __slots__ = ("kernel", "grid", "meta", "_args", "_fast", "_misses")
+    __slots__ = ("kernel", "grid", "meta", "_args", "_fast", "_misses", "_plain")
 
     # after this many calls in a row whose arguments could not take the direct path, the
     # launch stops preparing it (a call site whose arguments change every call)
@@ -55,8 +55,18 @@ class PlannedLaunch:
         self._args = None
         self._fast = None
         self._misses = 0
+        # an interpreted kernel (or a stand-in without JITFunction's caches): every call is
+        # an ordinary launch, decided once
+        self._plain = interpreting() or not hasattr(kernel, "device_caches")
 
     def __call__(self, *args):
+        if self._plain:
+            _THROUGH_RUN[0] += 1
+            try:
+                self.kernel[self.grid](*args, **self.meta)
+            finally:
+                _THROUGH_RUN[0] -= 1
+            return
         fast = self._fast
         if fast is not None:
             if all(map(operator.is_, args, self._args)):
@@ -75,8 +85,8 @@ class PlannedLaunch:
         finally:
             _THROUGH_RUN[0] -= 1
         self._args = args
-        if interpreting() or self._misses >= self.MAX_MISSES:
-            self._fast = None
+        if self._misses >= self.MAX_MISSES:
+            self._fast, self._plain = None, True
             return
         self._fast = _Direct.make(self.kernel, compiled, self.grid, args, self.meta)
 
