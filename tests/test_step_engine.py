@@ -176,6 +176,12 @@ def test_steady_step_allocates_per_class_not_per_parameter(method, monkeypatch):
 def test_steady_step_with_the_flag_on_the_device_allocates_nothing(method, monkeypatch):
     """With the non-finite flag left on the device (the CUDA default), a steady step
     allocates no tensor at all: flags, workspaces and scalar tables are the plan's."""
+    assert _steady_step_allocations(method, monkeypatch) == []
+
+
+def _steady_step_allocations(method, monkeypatch):
+    """The tensors one steady step allocates with the flag on the device (launches stubbed:
+    the interpreter's own copies are not the step's)."""
     net, opt = _steady(method)
     opt.lagged_nonfinite = True
     backward(net, 3)
@@ -185,7 +191,7 @@ def test_steady_step_with_the_flag_on_the_device_allocates_nothing(method, monke
     trace = AllocationTrace()
     with trace:
         opt.step()
-    assert trace.sizes == [], trace.sizes
+    return trace.sizes
 
 
 @pytest.mark.parametrize("method", ENGINE_METHODS)
@@ -201,16 +207,7 @@ def test_steady_step_allocates_nothing_with_gpu_tiles_and_split_k(method, monkey
     gp = importlib.import_module("lowrank_fused.kernels.grouped_project")
     monkeypatch.setattr(gp, "choose_split_k", lambda *args: 2)
     with gpu_tiling():
-        net, opt = _steady(method)
-        opt.lagged_nonfinite = True
-        backward(net, 3)
-        opt.step()
-        backward(net, 4)
-        LaunchRecorder(monkeypatch, stub=True)
-        trace = AllocationTrace()
-        with trace:
-            opt.step()
-    assert trace.sizes == [], trace.sizes
+        assert _steady_step_allocations(method, monkeypatch) == []
 
 
 def _poison(net, name, value=float("nan")):
