@@ -7,9 +7,10 @@ cache key and looks the compiled kernel up before the CUDA launch. That is 10-16
 per launch on a CPU like the CI machine's (``bench/bench_triton_launch.py``), and a step of
 some methods makes 20-40 of them. A bound call of the step engine launches the same kernel
 with the same arguments every step, so the lookup's answer cannot change: ``PlannedLaunch``
-makes the first launch through ``JITFunction.run``, keeps the compiled kernel and its bound
-argument values, and from then on calls the compiled kernel's launcher directly with those
-values (what ``JITFunction.run`` itself ends with).
+makes the first launch through ``JITFunction.run`` and keeps the compiled kernel; at the
+second call it binds the arguments once more (``JITFunction``'s own binder), and from then on
+calls the compiled kernel's launcher directly with those values (what ``JITFunction.run``
+itself ends with). A launch made only once (a plan that lives one step) pays nothing extra.
 
 It takes that shortcut only when the answer is provably the same: every argument the same
 object as the first call's, or a tensor with the same address and dtype (the step's gradient
@@ -44,7 +45,7 @@ class PlannedLaunch:
     """``launch(*args)`` = ``kernel[grid](*args, **meta)``, the host work after the first call
     skipped while the arguments stay what they were (see the module docstring)."""
 
-    __slots__ = ("kernel", "grid", "meta", "_args", "_fast", "_misses", "_plain")
+    __slots__ = ("kernel", "grid", "meta", "_args", "_fast", "_compiled", "_misses", "_plain")
 
     # after this many calls in a row whose arguments could not take the direct path, the
     # launch stops preparing it (a call site whose arguments change every call)
@@ -54,6 +55,7 @@ class PlannedLaunch:
         self.kernel, self.grid, self.meta = kernel, tuple(grid), dict(meta)
         self._args = None
         self._fast = None
+        self._compiled = None     # the last ordinary launch's kernel, until a second call
         self._misses = 0
         # an interpreted kernel (or a stand-in without JITFunction's caches): every call is
         # an ordinary launch, decided once
@@ -61,13 +63,17 @@ class PlannedLaunch:
 
     def __call__(self, *args):
         if self._plain:
-            _THROUGH_RUN[0] += 1
-            try:
-                self.kernel[self.grid](*args, **self.meta)
-            finally:
-                _THROUGH_RUN[0] -= 1
+            self._ordinary(args)
             return
         fast = self._fast
+        if fast is None and self._compiled is not None:
+            # a second call: the direct path prepared now (a launch made once, as by a plan
+            # that lives one step, never pays for it)
+            fast = self._fast = _Direct.make(self.kernel, self._compiled, self.grid,
+                                             self._args, self.meta)
+            self._compiled = None
+            if fast is None:                 # a Triton whose internals are not known here
+                self._plain = True
         if fast is not None:
             if all(map(operator.is_, args, self._args)):
                 values = fast.values
@@ -79,16 +85,20 @@ class PlannedLaunch:
                 self._misses = 0
                 return
             self._misses += 1
-        _THROUGH_RUN[0] += 1
-        try:
-            compiled = self.kernel[self.grid](*args, **self.meta)
-        finally:
-            _THROUGH_RUN[0] -= 1
+            self._fast = None
+        compiled = self._ordinary(args)
         self._args = args
         if self._misses >= self.MAX_MISSES:
-            self._fast, self._plain = None, True
-            return
-        self._fast = _Direct.make(self.kernel, compiled, self.grid, args, self.meta)
+            self._plain = True
+        else:
+            self._compiled = compiled
+
+    def _ordinary(self, args):
+        _THROUGH_RUN[0] += 1
+        try:
+            return self.kernel[self.grid](*args, **self.meta)
+        finally:
+            _THROUGH_RUN[0] -= 1
 
 
 class _Direct:
