@@ -24,7 +24,7 @@ from lowrank_fused.reference.norm_growth_limit import NL_TINY
 
 from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag,
                       sum_fp32, to_storage)
-from ._launch import PlannedLaunch
+from ._launch import PlannedLaunch, launch_planned
 
 SUM_BLOCK = 1024   # the factor kernel's chunk over the partial sums
 
@@ -93,11 +93,13 @@ def grouped_sumsq_part(Ns) -> torch.Tensor:
                        device=Ns.device)
 
 
-def grouped_sumsq(Ns, out, part=None) -> None:
+def grouped_sumsq(Ns, out, part=None, owner=None) -> None:
     """``out[b] = ||Ns[b]||^2`` (fp32) for a stack ``Ns`` (count, ...) of contiguous members,
     each value the bits ``norm_growth_limit`` computes for member b alone without ``sumsq``
     (the same partials, summed in the same order): two launches for the whole stack.
-    ``part``: ``grouped_sumsq_part(Ns)``, reused (else allocated per call)."""
+    ``part``: ``grouped_sumsq_part(Ns)``, reused (else allocated per call). ``owner``: an
+    object of a caller that makes this call on the same tensors every step (its launches are
+    then planned and kept there: ``kernels/_launch.py``)."""
     count = Ns.shape[0]
     numel = Ns[0].numel() if count else 0
     if out.dtype != torch.float32 or tuple(out.shape) != (count,) or not out.is_contiguous():
@@ -117,6 +119,12 @@ def grouped_sumsq(Ns, out, part=None) -> None:
                          f"{count * blocks} elements on {Ns.device}, got {part.dtype} with "
                          f"{part.numel()} elements on {part.device}")
     if _capture.replaying():          # a replayed CUDA graph makes these launches
+        return
+    if owner is not None:
+        launch_planned(owner, _grouped_sumsq_partials_kernel, (blocks, count), Ns, part, numel,
+                       Ns.stride(0), BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
+        launch_planned(owner, _grouped_sumsq_kernel, (count,), part, out, blocks,
+                       BLOCK=SUM_BLOCK, num_warps=4)
         return
     _grouped_sumsq_partials_kernel[(blocks, count)](Ns, part, numel, Ns.stride(0),
                                                     BLOCK=ELEMENTWISE_BLOCK,

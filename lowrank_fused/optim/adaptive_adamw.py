@@ -1760,7 +1760,8 @@ class GaLoreKFACAdamW(_SubspaceAdamW):
             self._kfac_members(cls, Rs, ts, impl, side, skip)
         sumsq = cls.extra.get("class_sumsq")
         if sumsq is not None:
-            sumsq(cls.extra["Nstack"], cls.extra["norms"], cls.extra["sumsq_part"])
+            sumsq(cls.extra["Nstack"], cls.extra["norms"], cls.extra["sumsq_part"],
+                  owner=cls)             # the launches planned once per class
         if one is not None:
             return [float(one["lr"])] * len(ts)
         return per_member(groups, lambda g: float(g["lr"]))
