@@ -15,9 +15,10 @@ column slabs, exactly the single kernel's values (same tiles, same order).
 
 Split-K (the reduction over m cut into slices, summed in a fixed order afterwards) is used only
 when the whole group's output grid is too small to fill the GPU, which for a LLaMA group (tens
-of members) it never is; then the partial sums go to one (count, split, r, n) buffer and two
-torch calls reduce them and copy them out (the colsum slices likewise, from a
-(count, split, n) buffer). Those buffers are the plan's, allocated once: about
+of members) it never is; then the partial sums go to one (count, split, r, n) buffer and a
+torch sum reduces them into the members' R (where they are one stacked block, else into a
+held stack copied out; the colsum slices likewise, from a (count, split, n) buffer). Those
+buffers are the plan's, allocated once: about
 ``count * split * r * n * 4`` bytes held while the bound call lives (split-K is chosen only
 for small groups, so this is a few member-sized R at most), and a call allocates nothing.
 """
