@@ -26,10 +26,17 @@ CUDA launch call replaced by a recorder), that the direct launches hand the laun
 the arguments ``JITFunction.run`` hands it, under the installed Triton and the GPU machines'.
 """
 import operator
+import os
+import warnings
 
 import torch
 
 from ._common import interpreting
+
+# LOWRANK_FUSED_DIRECT_LAUNCH=0: every planned launch through JITFunction.run (for debugging a
+# Triton whose launch path differs from the one checked here)
+_ENABLED = os.environ.get("LOWRANK_FUSED_DIRECT_LAUNCH", "1") not in ("0", "")
+_WARNED = []
 
 
 # > 0 while a planned launch goes through ``JITFunction.run`` (or the interpreter): lets a
@@ -59,7 +66,8 @@ class PlannedLaunch:
         self._misses = 0
         # an interpreted kernel (or a stand-in without JITFunction's caches): every call is
         # an ordinary launch, decided once
-        self._plain = interpreting() or not hasattr(kernel, "device_caches")
+        self._plain = (not _ENABLED or interpreting()
+                       or not hasattr(kernel, "device_caches"))
 
     def __call__(self, *args):
         if self._plain:
@@ -81,9 +89,15 @@ class PlannedLaunch:
                 values = fast.rebind(args)
                 if values is not None:
                     self._args, fast.values = args, values
-            if values is not None and fast.launch(values):
-                self._misses = 0
-                return
+            if values is not None:
+                try:
+                    launched = fast.launch(values)
+                except Exception as e:       # noqa: BLE001  (a launcher it does not know)
+                    self._give_up(e)
+                    launched = False
+                if launched:
+                    self._misses = 0
+                    return
             self._misses += 1
             self._fast = None
         compiled = self._ordinary(args)
@@ -92,6 +106,17 @@ class PlannedLaunch:
             self._plain = True
         else:
             self._compiled = compiled
+
+    def _give_up(self, error):
+        """The direct launch raised before launching (an argument its launcher rejects): this
+        launch goes through ``JITFunction.run`` from now on, with a warning once per process."""
+        self._plain = True
+        if not _WARNED:
+            _WARNED.append(error)
+            warnings.warn(f"lowrank_fused: a planned Triton launch of {self.kernel} failed on "
+                          f"its direct path ({type(error).__name__}: {error}); it and any "
+                          f"other that fails go through JITFunction.run",
+                          RuntimeWarning, stacklevel=3)
 
     def _ordinary(self, args):
         _THROUGH_RUN[0] += 1

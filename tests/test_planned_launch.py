@@ -98,3 +98,58 @@ def test_bench_triton_launch_records_and_replays(tmp_path):
     row = result["methods"]["galore"]
     assert row["plain"]["launches"] == row["planned"]["planned"] == len(tapes["galore"])
     assert row["planned"]["us_per_step"] < row["plain"]["us_per_step"]
+
+
+class _FakeJIT:
+    """A kernel object with JITFunction's shape: ``kernel[grid](*args, **meta)`` records the
+    launch and returns a 'compiled kernel'."""
+
+    device_caches = {}
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.launches.append((grid, args, meta))
+            return "compiled"
+        return run
+
+
+def test_a_failing_direct_launch_falls_back_once_and_warns(monkeypatch):
+    """A direct launch that raises (a launcher the planned path does not know) is made through
+    ``JITFunction.run`` instead, that launch and every later one, with one warning."""
+    from lowrank_fused.kernels import _launch
+
+    class Failing:
+        values = [1, 2]
+
+        def rebind(self, args):
+            return list(args)
+
+        def launch(self, values):
+            raise TypeError("bad launcher arguments")
+
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    monkeypatch.setattr(_launch, "_WARNED", [])
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(_launch._Direct, "make", classmethod(lambda cls, *a: Failing()))
+    kernel = _FakeJIT()
+    launch = _launch.PlannedLaunch(kernel, (2, 1), dict(BLOCK=4))
+    launch(1, 2)                                # ordinary, then prepared at the next call
+    with pytest.warns(RuntimeWarning, match="direct path .*TypeError: bad launcher"):
+        launch(1, 2)
+    launch(1, 2)
+    assert kernel.launches == [((2, 1), (1, 2), {"BLOCK": 4})] * 3
+
+
+def test_direct_launches_can_be_switched_off(monkeypatch):
+    from lowrank_fused.kernels import _launch
+
+    monkeypatch.setattr(_launch, "_ENABLED", False)
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    kernel = _FakeJIT()
+    launch = _launch.PlannedLaunch(kernel, (1,), {})
+    for _ in range(3):
+        launch(5)
+    assert len(kernel.launches) == 3 and launch._fast is None and launch._compiled is None
