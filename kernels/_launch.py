@@ -3,7 +3,7 @@ optimizer's plan is made, launched every step without Triton's per-call host wor
 
 ``kernel[grid](*args, **meta)`` goes through ``JITFunction.run`` on every call: it binds the
 arguments, computes their specialisation (dtypes, alignments, integer properties), builds the
-cache key and looks the compiled kernel up before the CUDA launch. That is 10-16 us of Python
+cache key and looks the compiled kernel up before the CUDA launch. That is 9-16 us of Python
 per launch on a CPU like the CI machine's (``bench/bench_triton_launch.py``), and a step of
 some methods makes 20-40 of them. A bound call of the step engine launches the same kernel
 with the same arguments every step, so the lookup's answer cannot change: ``PlannedLaunch``
@@ -13,13 +13,16 @@ calls the compiled kernel's launcher directly with those values (what ``JITFunct
 itself ends with). A launch made only once (a plan that lives one step) pays nothing extra.
 
 It takes that shortcut only when the answer is provably the same: every argument the same
-object as the first call's, or a tensor with the same address and dtype (the step's gradient
-at the planned address, a different tensor object), or an equal number; the current CUDA
+object as the first call's (a tensor whose storage is not swapped in place by ``set_``: the
+plans' tensors are their own), or a tensor with the same address and dtype (the step's
+gradient at the planned address, a different tensor object), or an equal number; the current CUDA
 device the one it compiled for; and a Triton whose ``JITFunction`` it knows (3.x: the
 ``device_caches`` binder, ``CompiledKernel.run``). Anything else takes ``JITFunction.run``
 again (and the new launch becomes the kept one). Launch hooks (``knobs.runtime``'s
 ``launch_enter_hook``/``launch_exit_hook``, as profilers set them) are passed as
-``JITFunction.run`` passes them. Under the interpreter every call is ``kernel[grid](...)``.
+``JITFunction.run`` passes them. A direct launch that raises sends that launch and every later
+one of the call through ``JITFunction.run``, with one warning; ``LOWRANK_FUSED_DIRECT_LAUNCH=0``
+sends every launch there. Under the interpreter every call is ``kernel[grid](...)``.
 
 ``tests/test_planned_launch.py`` checks, without a GPU (the kernels compiled for sm_90 and the
 CUDA launch call replaced by a recorder), that the direct launches hand the launcher exactly
