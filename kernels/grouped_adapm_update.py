@@ -35,7 +35,6 @@ written. The host never reads it.
 """
 import math
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -339,9 +338,7 @@ class ScalarTable(StagedTable):
     def fill(self, rows) -> torch.Tensor:
         if len(rows) != SCALARS:
             raise ValueError(f"rows must have {SCALARS} entries ({ROWS}), got {len(rows)}")
-        if all(isinstance(r, (int, float)) for r in rows):    # one column for every member
-            return super().fill(np.asarray(rows, dtype=np.float32)[:, None])
-        return super().fill(list(rows))
+        return super().fill(list(rows))   # (a number is written along its row)
 
 
 class GroupedAdapmStep:

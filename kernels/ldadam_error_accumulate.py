@@ -22,7 +22,7 @@ import triton.language as tl
 from ._common import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, interpreting, skip_flag, \
     to_storage
 from ._grouped import element_offsets, member_ptr, offsets_table
-from ._launch import PlannedLaunch
+from ._launch import launch_planned
 
 _DTYPE = torch.Tensor.dtype.__get__
 
@@ -113,7 +113,6 @@ class BoundErrorAccumulate:
         self.device = Es[0].device
         self._e_offs = element_offsets("Es", Es)
         self._g_ptrs = None
-        self._launches = {}      # ALIGNED -> its planned launch
 
     def __call__(self, Gs, *, skip=None):
         ptrs = (tuple(map(torch.Tensor.data_ptr, Gs)), list(map(torch.Tensor.size, Gs)),
@@ -138,14 +137,11 @@ class BoundErrorAccumulate:
             _check_skip(skip, self.device)
         if self.numel == 0:
             return
-        launch = self._launches.get(self.aligned)
-        if launch is None:
-            launch = self._launches[self.aligned] = PlannedLaunch(
-                _error_accumulate_kernel, (cdiv(self.numel, ELEMENTWISE_BLOCK), self.count),
-                dict(BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(), ALIGNED=self.aligned,
-                     num_warps=ELEMENTWISE_WARPS))
-        launch(self.Es[0], Gs[0], self.offs, skip_flag(skip, self.device), self.count,
-               self.numel)
+        launch_planned(
+            self, _error_accumulate_kernel, (cdiv(self.numel, ELEMENTWISE_BLOCK), self.count),
+            self.Es[0], Gs[0], self.offs, skip_flag(skip, self.device), self.count, self.numel,
+            BLOCK=ELEMENTWISE_BLOCK, INTERPRET=interpreting(), ALIGNED=self.aligned,
+            num_warps=ELEMENTWISE_WARPS)
 
 
 def aot_variants():
