@@ -54,6 +54,27 @@ def lm_loss(model, batch):
 GEMM_OPS = ("project", "backproject_update", "grouped_project", "grouped_backproject_update")
 
 
+def count_kernel_runs(monkeypatch):
+    """A ``collections.Counter`` kernel name -> launches, filled from now on: every
+    ``kernel[grid](...)`` (the class method behind it: ``JITFunction.run``, or the
+    interpreter's), the launches planned by ``kernels/_launch.py`` included (restored by
+    ``monkeypatch``)."""
+    import collections
+
+    import triton
+
+    cls = type(triton.jit(lambda: None))
+    real = cls.run
+    counts = collections.Counter()
+
+    def run(self, *args, **kwargs):
+        counts[self.fn.__name__] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    return counts
+
+
 def count_calls(monkeypatch, ops=GEMM_OPS, backend="triton"):
     """A dict op -> calls, filled while the test runs: each op's ``backend`` entry in the
     dispatch table is wrapped (restored by ``monkeypatch``)."""

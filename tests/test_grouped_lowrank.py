@@ -12,7 +12,7 @@ import torch
 
 from lowrank_fused import ops, ops_grouped
 from lowrank_fused.testing import assert_parity, poison, tolerance
-from _cases import DTYPES, basis, ranks_for
+from _cases import DTYPES, basis, count_kernel_runs, ranks_for
 from _skip import backends as skip_backends, check_bad_skips, check_skip
 
 SHAPES = [(97, 203), (203, 97), (64, 64), (130, 257)]
@@ -144,10 +144,10 @@ def test_grouped_project_split_k(split_k, side, device, monkeypatch):
     want = [ops.project(G, P, side=side, backend="reference") for G, P in zip(Gs, Ps)]
     Rs = [poison(torch.empty_like(w)) for w in want]
     canon = (lambda t: t) if side == "left" else (lambda t: t.t())
-    launches = count_launches(monkeypatch)
+    launches = count_kernel_runs(monkeypatch)
     launch([canon(G) for G in Gs], [canon(P) for P in Ps], [canon(R) for R in Rs],
            split_k=split_k)
-    assert launches == [1]
+    assert sum(launches.values()) == 1
     for b, (R, w) in enumerate(zip(Rs, want)):
         assert_parity(R, w, rtol=tolerance(torch.float32), name=f"R[{b}]")
 
@@ -243,37 +243,20 @@ def stub_triton_runs():
         cls.run = real
 
 
-def count_launches(monkeypatch):
-    """A one-element list counting every Triton kernel launch from now on (the class method
-    behind ``kernel[grid](...)``: ``JITFunction.run``, or the interpreter's)."""
-    from lowrank_fused.kernels.grouped_project import _grouped_project_kernel
-
-    cls = type(_grouped_project_kernel)
-    real = cls.run
-    count = [0]
-
-    def run(self, *args, **kwargs):
-        count[0] += 1
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "run", run)
-    return count
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_one_launch_per_group(side, device, monkeypatch):
     shape, rank, count = (97, 203), 11, 7
     Gs = members(shape, count, torch.bfloat16, device)
     Ps = bases(shape, rank, side, count, device)
-    launches = count_launches(monkeypatch)
+    launches = count_kernel_runs(monkeypatch)
     Rs = ops_grouped.grouped_project(Gs, Ps, side=side, backend="triton")
-    assert launches == [1]
+    assert sum(launches.values()) == 1
     ops_grouped.grouped_backproject_update(Gs, Ps, Rs, side=side, coef=0.1, post_decay=0.01,
                                            backend="triton")
-    assert launches == [2]
+    assert sum(launches.values()) == 2
     for G, P in zip(Gs, Ps):       # the counter sees per-matrix launches too
         ops.project(G, P, side=side, backend="triton")
-    assert launches == [2 + count]
+    assert sum(launches.values()) == 2 + count
 
 
 def test_scalars_broadcast_and_empty_group(device):
@@ -515,10 +498,10 @@ def test_grouped_residual_backproject_update(shape, rank, dtype, transposed, dev
     want = [W.clone() for W in Ws]
     ops_grouped.grouped_residual_backproject_update(want, Gs, Ps, Rs, Ns, css, **kw,
                                                     backend="reference")
-    launches = count_launches(monkeypatch)
+    launches = count_kernel_runs(monkeypatch)
     out = ops_grouped.grouped_residual_backproject_update(Ws, Gs, Ps, Rs, Ns, css, **kw,
                                                           backend="triton")
-    assert all(a is b for a, b in zip(out, Ws)) and launches == [1]
+    assert all(a is b for a, b in zip(out, Ws)) and sum(launches.values()) == 1
     for b, (W, w, w0) in enumerate(zip(Ws, want, W0)):
         assert_parity(W, w, rtol=tolerance(dtype), name=f"W[{b}]")
         assert (w.float() - w0.float()).abs().max() > 1e-3, "the update must be real"

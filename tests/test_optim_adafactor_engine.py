@@ -11,7 +11,6 @@
   read, leaves weights and every state tensor bit-identical, and "skip"/"raise" act at the
   next step.
 """
-import collections
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch
 from lowrank_fused.optim.adafactor import Adafactor
 from lowrank_fused.testing.trace import HostReads
 
+from _cases import count_kernel_runs
 from _methods import assert_same, backward, model, optimizer, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,8 +132,6 @@ def test_group_flags_changed_mid_run_rebuild_the_classes(device):
 
 
 def test_steady_step_launches_per_class(monkeypatch):
-    import triton.runtime.interpreter as interp
-
     from lowrank_fused.dispatch import interpreting
 
     if not interpreting():
@@ -142,14 +140,7 @@ def test_steady_step_launches_per_class(monkeypatch):
     opt = Adafactor(ps, backend="triton")
     _grads(ps, 0)
     opt.step()
-    launches = collections.Counter()
-    real_run = interp.InterpretedFunction.run
-
-    def run(fn, *args, **kwargs):
-        launches[fn.fn.__name__] += 1
-        return real_run(fn, *args, **kwargs)
-
-    monkeypatch.setattr(interp.InterpretedFunction, "run", run)
+    launches = count_kernel_runs(monkeypatch)
     _grads(ps, 1)
     opt.step()
     classes = opt._engine_plan.classes.values()

@@ -13,7 +13,7 @@ from lowrank_fused.optim.adaptive_adamw import (AdaptiveAdamW, GaLoreKFACAdamW, 
                                                 RSAdamW)
 from lowrank_fused.routing import galore_param_groups
 from lowrank_fused.testing.trace import HostReads
-from _cases import count_calls, lm_loss, tiny_lm_task
+from _cases import count_calls, count_kernel_runs, lm_loss, tiny_lm_task
 
 CLASSES = {"adaptive_adamw": AdaptiveAdamW, "rsadamw": RSAdamW, "gha": GHAAdamW,
            "galore_kfac": GaLoreKFACAdamW}
@@ -283,9 +283,6 @@ def test_gha_kernels_launch_four_times_per_class(monkeypatch):
     launch over the class's stacked buffers), whatever the class's size."""
     if not available("triton", "cpu"):
         pytest.skip("triton unavailable here")
-    import importlib
-
-    gb = importlib.import_module("lowrank_fused.kernels.gha_batch")
     model, batch = _model(torch.float32)
     opt = _opt("gha", model, "triton")
     for _ in range(2):
@@ -293,19 +290,10 @@ def test_gha_kernels_launch_four_times_per_class(monkeypatch):
         opt.step()
     # counted where every launch runs (the bound kernels are planned launches that hold
     # the kernel objects, so a stand-in for the module's names would not see them)
-    import triton.runtime.interpreter as interp
-
     names = ("_gha_scale_kernel", "_gha_step_kernel", "_gha_basis_kernel",
              "_gha_moments_kernel")
-    counts = {}
-    real_run = interp.InterpretedFunction.run
-
-    def run(fn, *args, **kwargs):
-        if fn.fn.__name__ in names and fn.fn.__module__ == gb.__name__:
-            counts[fn.fn.__name__] = counts.get(fn.fn.__name__, 0) + 1
-        return real_run(fn, *args, **kwargs)
-    monkeypatch.setattr(interp.InterpretedFunction, "run", run)
+    counts = count_kernel_runs(monkeypatch)
     opt.step()
     classes = opt._engine_plan.classes.values()
     assert any(len(c.members) > 1 for c in classes)
-    assert counts == {name: len(classes) for name in names}
+    assert {name: counts[name] for name in names} == {name: len(classes) for name in names}

@@ -18,13 +18,23 @@ from lowrank_fused.routing import make_optimizer
 from _cases import count_calls, lm_loss, tiny_lm_task
 
 
-def _run(engine, backend, dtype, steps, **kw):
+def _run(engine, backend, dtype, steps, before_step=None, **kw):
+    """``steps`` steps of LDAdam (``make_optimizer``'s, options ``kw``) on the tiny LM task in
+    ``dtype``; ``_train``'s result."""
     model, batch = tiny_lm_task(0)
     model.to(dtype)
     opt = make_optimizer(model, "ldadam", rank=8, lr=1e-2, weight_decay=0.01, backend=backend,
                          **kw)
+    return _train(model, batch, opt, engine, steps, before_step)
+
+
+def _train(model, batch, opt, engine, steps, before_step=None):
+    """``steps`` steps of ``opt`` on the engine or per matrix (``before_step(opt, step)``
+    first, where given): the parameters after them (copies) and the optimizer."""
     opt.engine = engine
-    for _ in range(steps):
+    for step in range(steps):
+        if before_step is not None:
+            before_step(opt, step)
         lm_loss(model, batch).backward()
         opt.step()
         opt.zero_grad()
@@ -85,12 +95,7 @@ def test_engine_fp32_error_buffer_and_groups():
                        dict(params=mats[half:], enable_lowrank=True, rank=8, lr=3e-3,
                             ef_dtype="fp32"),
                        dict(params=rest)], lr=1e-2, weight_decay=0.01, backend="reference")
-        opt.engine = engine
-        for _ in range(4):
-            lm_loss(model, batch).backward()
-            opt.step()
-            opt.zero_grad()
-        return [p.detach().clone() for p in model.parameters()], opt
+        return _train(model, batch, opt, engine, 4)
 
     a, opt_a = run(False)
     b, opt_b = run(True)
@@ -290,22 +295,12 @@ def test_triton_path_with_bf16_moments_equals_per_matrix():
     if not available("triton", "cpu"):
         pytest.skip("triton unavailable here")
 
-    def run(engine):
-        model, batch = tiny_lm_task(0)
-        model.to(torch.bfloat16)
-        opt = make_optimizer(model, "ldadam", rank=8, lr=1e-2, weight_decay=0.01,
-                             backend="triton", faithful_dtypes=True)
-        opt.engine = engine
-        for step in range(4):
-            if step == 2:
-                opt.faithful_dtypes = False      # the bf16 state stays: the batched path
-            lm_loss(model, batch).backward()
-            opt.step()
-            opt.zero_grad()
-        return [p.detach().clone() for p in model.parameters()], opt
+    def setting_off(opt, step):
+        if step == 2:
+            opt.faithful_dtypes = False          # the bf16 state stays: the batched path
 
-    a, opt_a = run(False)
-    b, opt_b = run(True)
+    a, opt_a = _run(False, "triton", torch.bfloat16, 4, setting_off, faithful_dtypes=True)
+    b, opt_b = _run(True, "triton", torch.bfloat16, 4, setting_off, faithful_dtypes=True)
     classes = list(opt_b._engine_plan.classes.values())
     assert classes and all(c.extra["st"]["M"].dtype == torch.bfloat16 for c in classes)
     assert all(c.extra["calls"]["scaled"] is not None for c in classes)
