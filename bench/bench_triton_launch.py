@@ -179,13 +179,9 @@ def replay(path, reps, log=print):
 
 
 def _run_replay(path, reps, triton_path=None, version=None):
-    from lowrank_fused.testing.aot import compile_env
-    env = compile_env(triton_path, version)
-    env.pop("TRITON_INTERPRET", None)
+    from lowrank_fused.testing.standin_driver import process_env
+    env = process_env(triton_path, version)
     env["OMP_NUM_THREADS"] = "1"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                         if p] + [root])
     proc = subprocess.run([sys.executable, "-m", "bench.bench_triton_launch", "--replay", path,
                            "--reps", str(reps)], env=env, capture_output=True, text=True)
     sys.stderr.write(proc.stderr[-3000:] if proc.returncode else "")

@@ -13,7 +13,6 @@ Under the interpreter the kernels make the torch ops' IEEE operations in their o
 stored basis and moments are the same bits, and so are the intermediates the GEMMs and the QR
 read (T, P T, Z, P_new, C, C*C, C M, C2 V). On a GPU the compiler may fuse Z's product and
 sum into one FMA (about one fp32 ulp of Z), so there they are compared within a tolerance."""
-import math
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ launch on later calls, without ``JITFunction.run``, also for a gradient passed a
 tensor object at the planned address, and a gradient at another address goes through
 ``JITFunction.run`` again. Under the interpreter every call is an ordinary launch."""
 import json
-import os
 import subprocess
 import sys
 
@@ -19,15 +18,12 @@ import pytest
 import torch
 
 from lowrank_fused.kernels._common import interpreting
-from lowrank_fused.testing.aot import GPU_TRITON, compile_env, ensure_triton, find_ptxas
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from lowrank_fused.testing.aot import GPU_TRITON, ensure_triton, find_ptxas
+from lowrank_fused.testing.standin_driver import process_env
 
 
 def _check(triton_path=None, version=None):
-    env = compile_env(triton_path, version)
-    env["PYTHONPATH"] = os.pathsep.join([p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                         if p] + [ROOT])
+    env = process_env(triton_path, version)
     proc = subprocess.run([sys.executable, "-m", "lowrank_fused.testing.standin_driver",
                            "--check"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -73,6 +73,19 @@ def install() -> None:
     driver.set_active(StandInDriver())
 
 
+def process_env(triton_path=None, version=None) -> dict:
+    """The environment of a process that installs the stand-in driver: the compile
+    processes' (``aot.compile_env``: no interpreter, the given Triton first, its own cache),
+    with this repository importable (``bench``, ``lowrank_fused``) from any working folder."""
+    from lowrank_fused.testing.aot import compile_env
+
+    env = compile_env(triton_path, version)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + [root])
+    return env
+
+
 def _launcher(name):
     def run(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, leave,
             *args):
