@@ -5,7 +5,7 @@ the canonical (left-form) arguments of ``lowrank_fused.ops``. Importing this pac
 the launchers as the ``triton`` backend of the dispatch table. Set ``TRITON_INTERPRET=1``
 before importing it to run the kernels on CPU tensors.
 """
-from lowrank_fused.dispatch import register
+from lowrank_fused.dispatch import register, register_auto_guard
 
 from .adafactor_bc_step import adafactor_bc_factored_step, adafactor_bc_unfactored_step
 from .adafactor_step import adafactor_step
@@ -32,6 +32,8 @@ from .project import project
 from .range_finder import adapm_init_basis, range_finder
 from .residual_backproject_update import residual_backproject_update
 from .residual_col_stats import residual_col_stats
+from .small_cholesky_inverse import MAX_K as _CHOLESKY_MAX_K
+from .small_cholesky_inverse import small_cholesky_inverse
 from .subspace_drift import subspace_drift
 
 register("project", "triton")(project)
@@ -64,6 +66,14 @@ register("adapm_refit", "triton")(adapm_refit)
 register("subspace_drift", "triton")(subspace_drift)
 register("kfac_precondition", "triton")(kfac_precondition)
 register("kfac_transport", "triton")(kfac_transport)
+register("small_cholesky_inverse", "triton")(small_cholesky_inverse)
+
+
+@register_auto_guard("small_cholesky_inverse", "triton")
+def _small_cholesky_takes(Gram, Linv, ok, **_):
+    """The register-tile kernel holds k <= MAX_K; larger matrices take the reference."""
+    return (Gram.dim() == 3 and Gram.shape[-1] <= _CHOLESKY_MAX_K and Gram.is_contiguous()
+            and Linv.is_contiguous())
 
 __all__ = ["project", "adam_moments", "backproject_update", "adamw_step",
            "ldadam_error_feedback", "residual_backproject_update", "batched_matmul", "gha_update"]
@@ -75,4 +85,4 @@ __all__ += ["adamem_moments", "norm_growth_limit"]
 __all__ += ["grouped_project", "grouped_backproject_update",
             "grouped_residual_backproject_update"]
 __all__ += ["adapm_refit", "subspace_drift", "kfac_precondition", "kfac_transport"]
-__all__ += ["iass_select", "residual_col_stats"]
+__all__ += ["iass_select", "residual_col_stats", "small_cholesky_inverse"]

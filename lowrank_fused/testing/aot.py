@@ -183,7 +183,7 @@ KERNEL_MODULES += ("ldadam_error_accumulate", "grouped_adamem_vector_step",
                    "adamem_factored_step")
 KERNEL_MODULES += ("grouped_adapm_update",)
 KERNEL_MODULES += ("ldadam_scaled_moments",)
-KERNEL_MODULES += ("gha_batch",)
+KERNEL_MODULES += ("gha_batch", "small_cholesky_inverse")
 
 
 def all_variants():
