@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._common import (DOT_BF16_EMULATED, DOT_IEEE, DOT_TF32X3, DOT_TF32X3_EMULATED, cdiv,
                       config_mode, dot_mode, interpreter_tiles, mma)
-from ._launch import launch_planned
+from ._launch import PlannedLaunch, launch_planned
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,49 @@ def batched_matmul(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
         launch_planned(owner, _batched_matmul_kernel, grid, *args, **meta)
     else:
         _batched_matmul_kernel[grid](*args, **meta)
+
+
+class BoundBatchedMatmul:
+    """``batched_matmul(A, B, C, precision=...)`` on fixed tensors (any strides, ``C`` too):
+    shapes checked, tiles chosen and arguments laid out once; every call is one planned
+    launch (``kernels/_launch.py``). For a plan's products that run every step."""
+
+    def __init__(self, A, B, C, *, precision: str = "ieee"):
+        for name, t in (("A", A), ("B", B), ("C", C)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                raise ValueError(f"{name} must be a 3-D tensor")
+        nb, m, kk = A.shape
+        n = B.shape[-1]
+        if B.shape[1] != kk or B.shape[0] not in (1, nb):
+            raise ValueError(f"B must have shape ({nb} or 1, {kk}, N), got {tuple(B.shape)}")
+        if tuple(C.shape) != (nb, m, n):
+            raise ValueError(f"C must have shape {(nb, m, n)}, got {tuple(C.shape)}")
+        if B.dtype != torch.float32 or C.dtype != torch.float32:
+            raise TypeError(f"B and C must be float32, got {B.dtype} and {C.dtype}")
+        if not (A.device == B.device == C.device):
+            raise ValueError(f"A, B and C must be on one device, got {A.device}, {B.device}, "
+                             f"{C.device}")
+        self.C = C
+        self.empty = nb == 0 or m == 0 or n == 0
+        self.zero = not self.empty and kk == 0
+        mode = dot_mode(precision, A.device)
+        cfg = choose_config(n, config_mode(precision, A.device))
+        stride_bb = 0 if B.shape[0] == 1 else B.stride(0)
+        self.args = (A, B, C, m, n, kk, A.stride(0), A.stride(1), A.stride(2), stride_bb,
+                     B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2))
+        self._launch = PlannedLaunch(
+            _batched_matmul_kernel,
+            (cdiv(max(m, 1), cfg.BLOCK_M), cdiv(max(n, 1), cfg.BLOCK_N), max(nb, 1)),
+            dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+    def __call__(self):
+        if self.empty:
+            return
+        if self.zero:
+            self.C.zero_()
+            return
+        self._launch(*self.args)
 
 
 def aot_variants():

@@ -1,34 +1,47 @@
-"""The elementwise parts of GHAAdamW's batched basis update (``_GHABatch`` in
-lowrank_fused/optim/adaptive_adamw.py, docs/methods/adaptive_adamw.md) as four launches for a
-whole class, between the batched GEMMs and the QR that stay torch ops. Canonical left form
-per member: G m x n, P m x r, moments r x n; every buffer a (count, ...) stack::
+"""GHAAdamW's batched basis update (``_GHABatch`` in lowrank_fused/optim/adaptive_adamw.py,
+docs/methods/adaptive_adamw.md) after its two projections, as launches over a whole class: no
+torch op but one, no loop over the members. Canonical left form per member: G m x n, P m x r,
+moments r x n; every buffer a (count, ...) stack::
 
-    g2 = colsum(G^2).sum()                                    torch.sum
-    H  = Y^T Y                                                torch.bmm
-    _gha_scale_kernel:   ok = 0 < g2 < inf ; g2s = where(ok, g2, 1) ; T = triu(H / g2s)
-    PH = P T                                                  torch.bmm
+    Y^T = P^T G, colsum(G^2) ; GY = G Y                 the two grouped K1 (the caller's)
+    H  = Y^T Y                                          batched_matmul
+    _gha_scale_kernel:   g2 = sum(colsum) ; ok = 0 < g2 < inf ; g2s = where(ok, g2, 1) ;
+                         T = triu(H / g2s)
+    PH = P T                                            batched_matmul
     _gha_step_kernel:    Z = where(ok, (GY/g2s - PH)*eta + P, P)
-    Q, Rq = qr(Z)                                             torch.linalg.qr
-    _gha_basis_kernel:   Pn = dtype(where(ok, Q*sign(diag Rq), P)) (the sign with
-                         sign_canon); Pnf = fp32(Pn); the stored basis <- where(skip, P, Pn)
-    C = Pnf^T P ; C2 = C*C ; Mn = C M ; Vn = C2 V             torch.bmm, torch.mul
+    Q  = CholeskyQR2(Z):  W = Z^T Z ; L1 = chol(W)^-1 ; Q1 = Z L1^T ;
+                          W = Q1^T Q1 ; L2 = chol(W)^-1 ; Q = Q1 L2^T
+                         (batched_matmul and small_cholesky_inverse, twice; qok1, qok2 the
+                         factorizations' flags)
+    _gha_basis_kernel:   Pn = dtype(where(ok & qok1 & qok2, Q, P)) ; Pnf = fp32(Pn) ;
+                         the stored basis <- where(skip, P, Pn)
+    C = Pnf^T P ; C2 = C*C ; Mn = C M ; Vn = C2 V       batched_matmul (C2: torch.mul)
     _gha_moments_kernel: M <- where(skip, M, dtype(Mn)) ; V <- where(skip, V, dtype(Vn))
 
-Each value is the one the torch ops of ``_GHABatch``'s reference path compute, operation for
-operation (``H.div_(g2)``, ``torch.triu``; ``GY.div_(g2)``, ``sub``, ``mul_(eta)``,
-``add_(P)``, ``where``; the sign as a multiplication by +-1; ``copy_`` into a bf16/fp16
-tensor rounding to nearest-even): the divisions are IEEE divisions (``div_rn``), ``eta`` is
-rounded once to fp32 (as torch rounds a Python scalar operand of an fp32 op), no product is
-fused with an add. Under the interpreter the bits equal torch's on the CPU
-(tests/test_gha_batch.py). On a GPU the compiler may contract ``(GY/g2s - PH)*eta + P`` into
-one FMA where torch rounds the product first (about one fp32 ulp of the update).
+The QR is CholeskyQR2 (``lowrank_fused.subspace.cholesky_qr2``'s two passes, without its
+host-side fallback): ``Z = Q R`` with ``R = (C1 C2)^T`` (C1, C2 the two Cholesky factors),
+upper triangular with a positive diagonal, so the basis is the sign-canonical one (``orth``)
+whatever ``sign_canon``. Z always has full column rank (``P^T Z``
+is unit lower triangular: docs/methods/adaptive_adamw.md), so the first factorization fails
+only for a Z too ill-conditioned for an fp32 Gram (about 1/sqrt(eps) = 3e3); such a member keeps
+its basis, like a member whose gradient is zero or not finite (its moments still move by
+``C = P^T P``). Where the Triton path does not run, ``_GHABatch`` makes the same update with
+torch ops and a Householder QR (the reference backend): the two agree to fp32 rounding
+(tests/test_gha_batch.py). Every GEMM takes ``precision`` where it is ``ieee`` and ``tf32x3``
+for a tensor-core precision: the QR needs an fp32-accurate Gram.
+
+The divisions in the elementwise kernels are IEEE divisions (``div_rn``), ``eta`` is rounded
+once to fp32 (as torch rounds a Python scalar operand of an fp32 op), no product is fused
+with an add under the interpreter (on a GPU the compiler may contract ``(GY/g2s - PH)*eta +
+P`` into one FMA).
 
 The stored basis and moments may be strided views (the class's state blocks, transposed on
 the right side): their three strides are arguments; every other buffer is contiguous. With
 ``skip`` (a 0-dim bool on the device, never read on the host) holding True nothing is
 written into the stored blocks (written in place, ``IN_PLACE``); gathered state's buffers
-(the per-matrix step's, then copied to the members) get the old values. Grid: (count, blocks of ``ELEMENTWISE_BLOCK`` elements
-of one member); offsets are int64.
+(the per-matrix step's, then copied to the members) get the old values. The elementwise
+kernels' grid: (count, blocks of ``ELEMENTWISE_BLOCK`` elements of one member); offsets are
+int64.
 """
 import itertools
 
@@ -39,22 +52,25 @@ import triton.language as tl
 from lowrank_fused.ops import checked_skip
 
 from ._common import (ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, cdiv, check_buffer, interpreting,
-                      skip_flag, to_storage)
+                      skip_flag, sum_fp32, to_storage)
 from ._launch import PlannedLaunch
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _gha_scale_kernel(g2_ptr, h_ptr, ok_ptr, g2s_ptr, t_ptr, R, BLOCK: tl.constexpr):
-    """Member ``program_id(0)``: ``ok = 0 < g2 < inf`` and ``g2s = where(ok, g2, 1)``
-    (stored by the first block), and block ``program_id(1)`` of ``T = triu(H / g2s)``."""
+def _gha_scale_kernel(cs_ptr, g2_ptr, h_ptr, ok_ptr, g2s_ptr, t_ptr, R, N,
+                      BLOCK: tl.constexpr):
+    """Member ``program_id(0)``: ``g2 = sum(colsum)`` (its n column sums of G^2), ``ok = 0 <
+    g2 < inf`` and ``g2s = where(ok, g2, 1)`` (stored by the first block), and block
+    ``program_id(1)`` of ``T = triu(H / g2s)``."""
     i = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
-    g2 = tl.load(g2_ptr + i)
+    g2 = sum_fp32(cs_ptr + i * N, N, BLOCK)
     ok = (g2 > 0.0) & (g2 <= 3.4028234663852886e38)     # g2 < inf: FLT_MAX; NaN: neither
     g2s = tl.where(ok, g2, 1.0)
     if blk == 0:
+        tl.store(g2_ptr + i, g2)
         tl.store(ok_ptr + i, ok)
         tl.store(g2s_ptr + i, g2s)
     rr = R * R
@@ -88,12 +104,11 @@ def _gha_step_kernel(gy_ptr, ph_ptr, pf_ptr, z_ptr, ok_ptr, g2s_ptr, eta, MR,
 
 
 @triton.jit
-def _gha_basis_kernel(q_ptr, rq_ptr, pf_ptr, ok_ptr, pnf_ptr, old_ptr, dst_ptr, skip_ptr, R,
-                      MR, s0, s1, s2, SIGN_CANON: tl.constexpr, IN_PLACE: tl.constexpr,
-                      BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
-    """Block ``program_id(1)`` of member ``program_id(0)``: ``Pn = where(ok, Q*s, P)``
-    rounded to the basis dtype (``s`` = -1 in the columns where ``diag(Rq) < 0``, with
-    ``SIGN_CANON``), ``Pnf = fp32(Pn)`` (contiguous; the old basis P too) and
+def _gha_basis_kernel(q_ptr, qok1_ptr, qok2_ptr, pf_ptr, ok_ptr, pnf_ptr, old_ptr, dst_ptr,
+                      skip_ptr, R, MR, s0, s1, s2, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+    """Block ``program_id(1)`` of member ``program_id(0)``: ``Pn = where(ok & qok1 & qok2, Q,
+    P)`` rounded to the basis dtype, ``Pnf = fp32(Pn)`` (contiguous; the old basis P too) and
     ``dst = where(skip, old, Pn)`` (``old`` and ``dst`` strided alike by ``s0, s1, s2``).
     ``IN_PLACE`` (``old`` is ``dst``: the stored block): with skip True nothing is written
     (the transport's products that read ``Pnf`` are then discarded too). Else (the stacked
@@ -109,10 +124,7 @@ def _gha_basis_kernel(q_ptr, rq_ptr, pf_ptr, ok_ptr, pnf_ptr, old_ptr, dst_ptr, 
     col = offs - row * R
     base = i * MR
     q = tl.load(q_ptr + base + offs, mask=mask, other=0.0)
-    if SIGN_CANON:
-        d = tl.load(rq_ptr + i * R * R + col * (R + 1), mask=mask, other=0.0)
-        q = q * tl.where(d < 0.0, -1.0, 1.0)
-    ok = tl.load(ok_ptr + i)
+    ok = tl.load(ok_ptr + i) & (tl.load(qok1_ptr + i) != 0) & (tl.load(qok2_ptr + i) != 0)
     pf = tl.load(pf_ptr + base + offs, mask=mask, other=0.0)
     pn = to_storage(tl.where(ok, q, pf), dst_ptr.dtype.element_ty, INTERPRET)
     tl.store(pnf_ptr + base + offs, pn.to(tl.float32), mask=mask)
@@ -173,21 +185,25 @@ def _check_pair(name, old, dst, shape, device):
 
 
 class BoundGHABatch:
-    """The four kernels on one batch's fixed tensors (a ``_GHABatch``'s buffers), checked
-    once, here. Canonical shapes: ``g2`` (count, 1, 1), ``H``, ``T``, ``Rq`` (count, r, r),
-    ``GY``, ``PH``, ``pf``, ``Z``, ``Q``, ``Pnf`` (count, m, r), ``Mn``, ``Vn`` (count, r, n),
-    fp32 and contiguous; ``ok`` (count, 1, 1) bool and ``g2s`` (count, 1, 1) fp32, written
-    by ``scale``; ``P_old``/``P_dst``, ``M_old``/``M_dst``, ``V_old``/``V_dst`` the stored
-    tensors and where their new values go (the same tensor in place, or two of one layout),
-    fp32, bf16 or fp16, any strides. ``Q`` may be ``Pnf`` (an fp32 basis), ``Pnf`` may be
-    ``P_dst`` (fp32 bases not stored in a block: ``P_dst`` is then written last) and
-    ``Mn``/``Vn`` may be ``M_dst``/``V_dst`` (fp32 moments not in a block).
+    """The update after the two K1 (module docstring) on one batch's fixed tensors (a
+    ``_GHABatch``'s buffers), checked once, here. Canonical shapes, fp32 and contiguous unless
+    said: ``Y`` (Y^T, count, r, n), ``cs`` (count, n), ``g2``, ``g2s`` (count, 1, 1), ``ok``
+    (count, 1, 1) bool; ``H``, ``T``, ``W``, ``L1``, ``L2``, ``C``, ``C2`` (count, r, r);
+    ``GY``, ``PH``, ``pf``, ``Z``, ``Q1``, ``Q``, ``Pnf`` (count, m, r); ``qok1``, ``qok2``
+    (count,) int32; ``Mn``, ``Vn`` (count, r, n); ``P_old``/``P_dst``, ``M_old``/``M_dst``,
+    ``V_old``/``V_dst`` the stored tensors and where their new values go (the same tensor in
+    place, or two of one layout), fp32, bf16 or fp16, any strides. ``Q`` may be ``Pnf`` (an
+    fp32 basis), ``Pnf`` may be ``P_dst`` (fp32 bases not stored in a block: ``P_dst`` is then
+    written last) and ``Mn``/``Vn`` may be ``M_dst``/``V_dst`` (fp32 moments not in a block).
 
-    ``scale()``, ``step(eta)``, ``basis(sign_canon, skip)`` and ``moments(skip)`` each make
-    one launch over the whole batch (the caller runs them inside its capture unit)."""
+    ``__call__(eta, skip, precision)`` makes the whole update: 15 launches and one torch op
+    for any class size (the caller runs them inside its capture unit). The products are
+    bound per precision, at its first use; the factorization runs on the Triton kernel up to
+    rank ``small_cholesky_inverse.MAX_K`` and on the reference (torch's batched Cholesky)
+    above."""
 
-    def __init__(self, *, g2, H, ok, g2s, T, GY, PH, pf, Z, Q, Rq, Pnf, P_old, P_dst, Mn, M_old,
-                 M_dst, Vn, V_old, V_dst):
+    def __init__(self, *, Y, cs, g2, H, ok, g2s, T, GY, PH, pf, Z, W, L1, L2, qok1, qok2, Q1,
+                 Q, Pnf, C, C2, P_old, P_dst, Mn, M_old, M_dst, Vn, V_old, V_dst):
         if not isinstance(pf, torch.Tensor) or pf.dim() != 3:
             raise ValueError("pf must be a (count, m, r) tensor")
         count, m, r = pf.shape
@@ -196,21 +212,28 @@ class BoundGHABatch:
         n = Mn.shape[2]
         dev = pf.device
         f32 = (torch.float32,)
-        for name, t, shape in (("g2", g2, (count, 1, 1)), ("g2s", g2s, (count, 1, 1)),
+        for name, t, shape in (("Y", Y, (count, r, n)), ("cs", cs, (count, n)),
+                               ("g2", g2, (count, 1, 1)), ("g2s", g2s, (count, 1, 1)),
                                ("H", H, (count, r, r)), ("T", T, (count, r, r)),
-                               ("Rq", Rq, (count, r, r)), ("GY", GY, (count, m, r)),
+                               ("W", W, (count, r, r)), ("L1", L1, (count, r, r)),
+                               ("L2", L2, (count, r, r)), ("C", C, (count, r, r)),
+                               ("C2", C2, (count, r, r)), ("GY", GY, (count, m, r)),
                                ("PH", PH, (count, m, r)), ("pf", pf, (count, m, r)),
-                               ("Z", Z, (count, m, r)), ("Q", Q, (count, m, r)),
-                               ("Pnf", Pnf, (count, m, r)), ("Mn", Mn, (count, r, n)),
-                               ("Vn", Vn, (count, r, n))):
+                               ("Z", Z, (count, m, r)), ("Q1", Q1, (count, m, r)),
+                               ("Q", Q, (count, m, r)), ("Pnf", Pnf, (count, m, r)),
+                               ("Mn", Mn, (count, r, n)), ("Vn", Vn, (count, r, n))):
             _check(name, t, shape, f32, dev)
         _check("ok", ok, (count, 1, 1), (torch.bool,), dev)
+        for name, t in (("qok1", qok1), ("qok2", qok2)):
+            _check(name, t, (count,), (torch.int32,), dev)
         _check_pair("P", P_old, P_dst, (count, m, r), dev)
         _check_pair("M", M_old, M_dst, (count, r, n), dev)
         _check_pair("V", V_old, V_dst, (count, r, n), dev)
         self.count, self.m, self.r, self.n, self.device = count, m, r, n, dev
-        self.g2, self.H, self.ok, self.g2s, self.T = g2, H, ok, g2s, T
-        self.GY, self.PH, self.pf, self.Z, self.Q, self.Rq, self.Pnf = GY, PH, pf, Z, Q, Rq, Pnf
+        self.Y, self.cs, self.g2, self.H, self.ok, self.g2s, self.T = Y, cs, g2, H, ok, g2s, T
+        self.GY, self.PH, self.pf, self.Z, self.Q1, self.Q, self.Pnf = GY, PH, pf, Z, Q1, Q, Pnf
+        self.W, self.L1, self.L2, self.qok1, self.qok2 = W, L1, L2, qok1, qok2
+        self.C, self.C2 = C, C2
         self.P_old, self.P_dst = P_old, P_dst
         self.Mn, self.M_old, self.M_dst = Mn, M_old, M_dst
         self.Vn, self.V_old, self.V_dst = Vn, V_old, V_dst
@@ -220,51 +243,87 @@ class BoundGHABatch:
                              "V_dst) or neither")
         self.moments_in_place = M_old is M_dst
         self.empty = count == 0 or m * r == 0
-        self.grid_rr = (count, max(1, cdiv(r * r, ELEMENTWISE_BLOCK)))
-        self.grid_mr = (count, max(1, cdiv(m * r, ELEMENTWISE_BLOCK)))
-        self.grid_rn = (count, max(1, cdiv(r * n, ELEMENTWISE_BLOCK)))
         self.interpret = interpreting()
         self._skip = None
+        grid_rr = (count, max(1, cdiv(r * r, ELEMENTWISE_BLOCK)))
+        grid_mr = (count, max(1, cdiv(m * r, ELEMENTWISE_BLOCK)))
+        grid_rn = (count, max(1, cdiv(r * n, ELEMENTWISE_BLOCK)))
         ew = dict(BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS)
-        self._scale = PlannedLaunch(_gha_scale_kernel, self.grid_rr, ew)
-        self._step = PlannedLaunch(_gha_step_kernel, self.grid_mr, ew)
-        self._basis = {sc: PlannedLaunch(_gha_basis_kernel, self.grid_mr, dict(
-            ew, SIGN_CANON=sc, IN_PLACE=self.p_in_place, INTERPRET=self.interpret))
-            for sc in (True, False)}
-        self._moments = PlannedLaunch(_gha_moments_kernel, self.grid_rn, dict(
+        self._scale = PlannedLaunch(_gha_scale_kernel, grid_rr, ew)
+        self._step = PlannedLaunch(_gha_step_kernel, grid_mr, ew)
+        self._basis = PlannedLaunch(_gha_basis_kernel, grid_mr, dict(
+            ew, IN_PLACE=self.p_in_place, INTERPRET=self.interpret))
+        self._moments = PlannedLaunch(_gha_moments_kernel, grid_rn, dict(
             ew, IN_PLACE=self.moments_in_place, INTERPRET=self.interpret))
+        self._chol = [self._factorization(Wx, Lx, okx) for Wx, Lx, okx in
+                      ((W, L1, qok1), (W, L2, qok2))] if not self.empty else None
+        self._products = {}
+
+    @staticmethod
+    def _factorization(W, L, ok):
+        from lowrank_fused.subspace import PIVOT_RATIO_TOL
+
+        from .small_cholesky_inverse import MAX_K, BoundSmallCholeskyInverse
+
+        if W.shape[-1] <= MAX_K:
+            return BoundSmallCholeskyInverse(W, L, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
+        from lowrank_fused.reference.small_cholesky_inverse import small_cholesky_inverse_ref
+
+        return lambda: small_cholesky_inverse_ref(W, L, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
+
+    def products(self, precision: str):
+        """The batch's GEMMs in ``precision``'s operand mode (``ieee``; ``tf32x3`` for every
+        tensor-core mode), bound at the first call with it."""
+        mode = "ieee" if precision == "ieee" else "tf32x3"
+        got = self._products.get(mode)
+        if got is None:
+            from .batched_matmul import BoundBatchedMatmul as B
+
+            t = lambda X: X.transpose(1, 2)           # noqa: E731
+            kw = dict(precision=mode)
+            got = self._products[mode] = dict(
+                H=B(self.Y, t(self.Y), self.H, **kw),
+                PH=B(self.pf, self.T, self.PH, **kw),
+                W1=B(t(self.Z), self.Z, self.W, **kw),
+                Q1=B(self.Z, t(self.L1), self.Q1, **kw),
+                W2=B(t(self.Q1), self.Q1, self.W, **kw),
+                Q=B(self.Q1, t(self.L2), self.Q, **kw),
+                C=B(t(self.Pnf), self.pf, self.C, **kw),
+                # C M and C2 V as (M^T C^T): the moments read in their stored dtype
+                Mn=B(t(self.M_old), t(self.C), t(self.Mn), **kw),
+                Vn=B(t(self.V_old), t(self.C2), t(self.Vn), **kw))
+        return got
 
     def _flag(self, skip):
         self._skip = checked_skip(skip, self.device, self._skip)
         return skip_flag(skip, self.device)
 
-    def scale(self):
-        """``ok``, ``g2s = where(ok, g2, 1)`` and ``T = triu(H / g2s)``."""
+    def __call__(self, eta, skip=None, precision="ieee"):
+        """The update from ``Y``, ``cs`` and ``GY`` (the K1's outputs) and ``pf`` (the old
+        bases in fp32): the new bases and moments into their destinations."""
+        flag = self._flag(skip)
         if self.empty:
             return
-        self._scale(self.g2, self.H, self.ok, self.g2s, self.T, self.r)
-
-    def step(self, eta):
-        """``Z = where(ok, (GY/g2s - PH)*eta + pf, pf)`` (``eta`` rounded to fp32)."""
-        if self.empty:
-            return
+        mm = self.products(precision)
+        mm["H"]()
+        self._scale(self.cs, self.g2, self.H, self.ok, self.g2s, self.T, self.r, self.n)
+        mm["PH"]()
         self._step(self.GY, self.PH, self.pf, self.Z, self.ok, self.g2s, float(eta),
                    self.m * self.r)
-
-    def basis(self, sign_canon, skip=None):
-        """``Pnf`` and the basis' destination from ``Q`` (after the QR of ``Z``)."""
-        flag = self._flag(skip)
-        if self.empty:
+        mm["W1"]()
+        self._chol[0]()
+        mm["Q1"]()
+        mm["W2"]()
+        self._chol[1]()
+        mm["Q"]()
+        self._basis(self.Q, self.qok1, self.qok2, self.pf, self.ok, self.Pnf, self.P_old,
+                    self.P_dst, flag, self.r, self.m * self.r, *self.P_old.stride())
+        mm["C"]()
+        torch.mul(self.C, self.C, out=self.C2)
+        if self.r * self.n == 0:
             return
-        self._basis[bool(sign_canon)](
-            self.Q, self.Rq, self.pf, self.ok, self.Pnf, self.P_old, self.P_dst, flag, self.r,
-            self.m * self.r, *self.P_old.stride())
-
-    def moments(self, skip=None):
-        """The moments' destinations from ``Mn`` and ``Vn`` (after the transport's GEMMs)."""
-        flag = self._flag(skip)
-        if self.count == 0 or self.r * self.n == 0:
-            return
+        mm["Mn"]()
+        mm["Vn"]()
         self._moments(
             self.Mn, self.M_old, self.M_dst, self.Vn, self.V_old, self.V_dst, flag, self.n,
             self.r * self.n, *self.M_old.stride(), *self.V_old.stride())
@@ -273,26 +332,26 @@ class BoundGHABatch:
 def aot_variants():
     """The basis' and moments' stored dtypes (fp32: the default state; bf16 and fp16: a
     ``faithful_dtypes`` state; the two moments in one dtype), written in place (the state in
-    blocks) or not (gathered), the basis with and without ``sign_canon``; the rest fp32."""
+    blocks) or not (gathered); the rest fp32. (The GEMMs and the factorization are
+    ``batched_matmul``'s and ``small_cholesky_inverse``'s variants.)"""
     from lowrank_fused.testing.aot import Variant
 
     yield Variant(_gha_scale_kernel,
-                  {"g2_ptr": "*fp32", "h_ptr": "*fp32", "ok_ptr": "*i1", "g2s_ptr": "*fp32",
-                   "t_ptr": "*fp32", "R": "i32"},
+                  {"cs_ptr": "*fp32", "g2_ptr": "*fp32", "h_ptr": "*fp32", "ok_ptr": "*i1",
+                   "g2s_ptr": "*fp32", "t_ptr": "*fp32", "R": "i32", "N": "i32"},
                   dict(BLOCK=ELEMENTWISE_BLOCK), ELEMENTWISE_WARPS, 3)
     yield Variant(_gha_step_kernel,
                   {"gy_ptr": "*fp32", "ph_ptr": "*fp32", "pf_ptr": "*fp32", "z_ptr": "*fp32",
                    "ok_ptr": "*i1", "g2s_ptr": "*fp32", "eta": "fp32", "MR": "i32"},
                   dict(BLOCK=ELEMENTWISE_BLOCK), ELEMENTWISE_WARPS, 3)
     strides = {k: "i32" for k in ("s0", "s1", "s2")}
-    for s_t, sign_canon, in_place in itertools.product(("fp32", "bf16", "fp16"),
-                                                       (True, False), (True, False)):
+    for s_t, in_place in itertools.product(("fp32", "bf16", "fp16"), (True, False)):
         yield Variant(_gha_basis_kernel,
-                      {"q_ptr": "*fp32", "rq_ptr": "*fp32", "pf_ptr": "*fp32", "ok_ptr": "*i1",
-                       "pnf_ptr": "*fp32", "old_ptr": "*" + s_t, "dst_ptr": "*" + s_t,
-                       "skip_ptr": "*i1", "R": "i32", "MR": "i32", **strides},
-                      dict(SIGN_CANON=sign_canon, IN_PLACE=in_place, BLOCK=ELEMENTWISE_BLOCK,
-                           INTERPRET=False),
+                      {"q_ptr": "*fp32", "qok1_ptr": "*i32", "qok2_ptr": "*i32",
+                       "pf_ptr": "*fp32", "ok_ptr": "*i1", "pnf_ptr": "*fp32",
+                       "old_ptr": "*" + s_t, "dst_ptr": "*" + s_t, "skip_ptr": "*i1",
+                       "R": "i32", "MR": "i32", **strides},
+                      dict(IN_PLACE=in_place, BLOCK=ELEMENTWISE_BLOCK, INTERPRET=False),
                       ELEMENTWISE_WARPS, 3)
     moment_strides = {k: "i32" for k in ("sm0", "sm1", "sm2", "sv0", "sv1", "sv2")}
     for s_t, in_place in itertools.product(("fp32", "bf16", "fp16"), (True, False)):

@@ -255,11 +255,12 @@ def test_nan_gradient_with_the_lagged_flag_gha_kernels(name, mode, backend):
 
 @pytest.mark.parametrize("dtype,faithful", [(torch.float32, False), (torch.bfloat16, True)],
                          ids=str)
-def test_gha_kernels_equal_the_torch_ops(dtype, faithful, monkeypatch):
-    """On the Triton backend the engine's GHA update runs its four elementwise launches per
-    class; three steps equal the same steps with the torch ops instead (the reference
-    backend's path, with the same K1), bit for bit: fp32 state, and bf16 bases and moments
-    (``faithful_dtypes``); the per-matrix step (which runs the same kernels) equals both."""
+def test_gha_kernels_match_the_torch_ops(dtype, faithful, monkeypatch):
+    """On the Triton backend the engine's GHA update is ``kernels/gha_batch.py``'s launches
+    per class; the per-matrix step (which runs the same kernels on a batch of one) equals it
+    bit for bit, and three steps agree with the same steps on the torch ops (the reference
+    backend's path: torch's GEMMs and Householder QR, the same K1) to the update's rounding:
+    fp32 state, and bf16 bases and moments (``faithful_dtypes``)."""
     if not available("triton", "cpu"):
         pytest.skip("triton unavailable here")
     from lowrank_fused.optim.adaptive_adamw import _GHABatch
@@ -275,12 +276,25 @@ def test_gha_kernels_equal_the_torch_ops(dtype, faithful, monkeypatch):
     monkeypatch.setattr(_GHABatch, "_bind_kernels", lambda self, backend, dev: None)
     b, opt_b = _run("gha", True, "triton", dtype, 3, faithful_dtypes=faithful)
     assert all(c.extra["gha"].kernels is None for c in opt_b._engine_plan.classes.values())
-    _assert_same(a, opt_a, b, opt_b)
+    # fp32: a few ulps of the update per step; bf16 state: an ulp of a stored value
+    tol = 1e-4 if dtype == torch.float32 and not faithful else 2e-2
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol)
+    for sa, sb in zip(_states(opt_a), _states(opt_b)):
+        assert sa.keys() == sb.keys()
+        for key, v in sa.items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                scale = max(1.0, float(sb[key].float().abs().max()))
+                torch.testing.assert_close(v.float(), sb[key].float(), rtol=tol,
+                                           atol=tol * scale, msg=key)
+            else:
+                assert torch.equal(v, sb[key]) if torch.is_tensor(v) else v == sb[key], key
 
 
-def test_gha_kernels_launch_four_times_per_class(monkeypatch):
-    """A steady GHA step on Triton: each of the four elementwise kernels once per class (one
-    launch over the class's stacked buffers), whatever the class's size."""
+def test_gha_kernels_launch_a_fixed_count_per_class(monkeypatch):
+    """A steady GHA step on Triton: per class (one launch over the class's stacked buffers,
+    whatever its size) each of the four elementwise kernels once, the nine GEMMs of the
+    update (H, P T, two Grams, two Q, C, C M, C2 V) and the two factorizations."""
     if not available("triton", "cpu"):
         pytest.skip("triton unavailable here")
     model, batch = _model(torch.float32)
@@ -290,10 +304,12 @@ def test_gha_kernels_launch_four_times_per_class(monkeypatch):
         opt.step()
     # counted where every launch runs (the bound kernels are planned launches that hold
     # the kernel objects, so a stand-in for the module's names would not see them)
-    names = ("_gha_scale_kernel", "_gha_step_kernel", "_gha_basis_kernel",
-             "_gha_moments_kernel")
+    per_class = {"_gha_scale_kernel": 1, "_gha_step_kernel": 1, "_gha_basis_kernel": 1,
+                 "_gha_moments_kernel": 1, "_batched_matmul_kernel": 9,
+                 "_small_cholesky_inverse_kernel": 2}
     counts = count_kernel_runs(monkeypatch)
     opt.step()
     classes = opt._engine_plan.classes.values()
     assert any(len(c.members) > 1 for c in classes)
-    assert {name: counts[name] for name in names} == {name: len(classes) for name in names}
+    assert {name: counts[name] for name in per_class} == {
+        name: k * len(classes) for name, k in per_class.items()}

@@ -1115,26 +1115,25 @@ class _GHABatch:
 
         Y^T = P^T G and colsum(G^2)      one grouped K1 with its sum-of-squares side output
         GY  = G Y                        one grouped K1 on the right, with Y^T as the basis
-        P_new = orth(P + eta*(GY/||G||^2 - P triu(Y^T Y/||G||^2)))     batched torch (*)
-        C = P_new^T P ;  M <- C M ;  V <- (C*C) V                      batched torch (*)
+        P_new = orth(P + eta*(GY/||G||^2 - P triu(Y^T Y/||G||^2)))
+        C = P_new^T P ;  M <- C M ;  V <- (C*C) V
 
-    (*) the GEMMs and the QR; on Triton the elementwise steps are four launches (below).
+    (``reference/gha_update.py`` and ``reference/moment_transport.py`` per matrix). Where the
+    K1 run on Triton (and the stored dtypes are fp32, bf16 or fp16), everything after them is
+    ``kernels/gha_batch.py``'s launches over the whole batch: the GEMMs on
+    ``batched_matmul``, ``orth`` as CholeskyQR2 (``small_cholesky_inverse``), the elementwise
+    steps fused; no loop over the members and one torch op. Elsewhere (the reference backend,
+    ``kernels=False``) the same update is batched torch ops with a Householder QR (``orth``);
+    the two agree to fp32 rounding.
 
-    (``reference/gha_update.py`` and ``reference/moment_transport.py`` per matrix). A zero or
-    non-finite gradient keeps P (the moments still move by ``C = P^T P``, as the per-matrix
-    ops do). With the step's on-device ``skip`` flag set, P, M and V keep their bits.
-    Buffers: the old bases, Y^T, colsum(G^2), G Y and every other intermediate, laid out
-    once (``_buffers``); on the engine they are views of its shared workspace
-    (``workspace``: dead between the class's steps, and the update ends before the class's
-    K1 writes its R and K2 its N there), so a steady call allocates nothing; else allocated
-    with the batch.
-
-    Where the K1 run on Triton (and the stored dtypes are fp32, bf16 or fp16), the
-    elementwise steps between the GEMMs and the QR are four launches over the whole batch
-    (``kernels/gha_batch.py``: the flags and T = triu(H/g2); Z; the signs, selects, rounding
-    and the basis' write-back; the moments' write-back with the skip flag) that make the torch
-    ops' IEEE operations in their order: the same bits as the torch ops, which the reference
-    backend (and ``kernels=False``) runs."""
+    A zero or non-finite gradient keeps P (the moments still move by ``C = P^T P``, as the
+    per-matrix ops do); on the Triton path so does a Z whose Gram cannot be factored in fp32
+    (docs/methods/adaptive_adamw.md). With the step's on-device ``skip`` flag set, P, M and V
+    keep their bits. Buffers: the old bases, Y^T, colsum(G^2), G Y and every other
+    intermediate, laid out once (``_buffers``); on the engine they are views of its shared
+    workspace (``workspace``: dead between the class's steps, and the update ends before the
+    class's K1 writes its R and K2 its N there), so a steady call allocates nothing; else
+    allocated with the batch."""
 
     def __init__(self, Gs, Ps, Ms, Vs, backend, bound, workspace=None, stacks=None,
                  kernels=True):
@@ -1148,7 +1147,8 @@ class _GHABatch:
         # and scattered per member
         self.stacks = stacks
         self.dtype = Ps[0].dtype
-        self.b = b = self._buffers(count, m, r, n, dev, workspace, stacks is not None)
+        kernels = kernels and self._kernels_apply(backend, dev)
+        self.b = b = self._buffers(count, m, r, n, dev, workspace, stacks is not None, kernels)
         self.pf, self.Y, self.cs, self.GY = b["pf"], b["Y"], b["cs"], b["GY"]   # Y is Y^T
         self.pfs = list(self.pf.unbind(0))
         Ys, GYs = list(self.Y.unbind(0)), list(self.GY.unbind(0))
@@ -1163,31 +1163,36 @@ class _GHABatch:
                 Gs, Ys, GYs, side="right", backend=backend, **kw)
         self.kernels = self._bind_kernels(backend, dev) if kernels else None
 
-    def _bind_kernels(self, backend, dev):
-        """The batch's elementwise steps as Triton launches on its buffers
-        (``kernels/gha_batch.py``), where the K1 run on Triton and every stored dtype is one
-        the kernels take; else None (the torch ops)."""
+    def _kernels_apply(self, backend, dev) -> bool:
+        """Whether the update runs on ``kernels/gha_batch.py``: the K1 run on Triton and every
+        stored dtype is one the kernels take."""
         from lowrank_fused.dispatch import resolve_call
 
         if resolve_call("grouped_project", backend, dev)[0] != "triton":
-            return None
-        from lowrank_fused.kernels.gha_batch import STATE_DTYPES, BoundGHABatch
+            return False
+        from lowrank_fused.kernels.gha_batch import STATE_DTYPES
+
+        return all(X[0].dtype in STATE_DTYPES for X in (self.Ps, self.Ms, self.Vs))
+
+    def _bind_kernels(self, backend, dev):
+        """The update after the K1 as Triton launches on the batch's buffers
+        (``kernels/gha_batch.py``); None: the torch ops."""
+        from lowrank_fused.kernels.gha_batch import BoundGHABatch
 
         b, stacks = self.b, self.stacks
-        if any(X[0].dtype not in STATE_DTYPES for X in (self.Ps, self.Ms, self.Vs)):
-            return None
         if stacks is not None:
             olds = dsts = stacks
         else:
             olds = (b["Pst"], b["M"], b["V"])
             dsts = (b["Pn"], b["Mnew"], b["Vnew"])
         return BoundGHABatch(
-            g2=b["g2"], H=b["H"], ok=b["ok"], g2s=b["g2s"], T=b["T"], GY=b["GY"], PH=b["PH"],
-            pf=b["pf"], Z=b["Z"], Q=b["Q"], Rq=b["Rq"], Pnf=b["Pnf"], P_old=olds[0],
-            P_dst=dsts[0], Mn=b["Mnew_f"], M_old=olds[1], M_dst=dsts[1], Vn=b["Vnew_f"],
-            V_old=olds[2], V_dst=dsts[2])
+            Y=b["Y"], cs=b["cs"], g2=b["g2"], H=b["H"], ok=b["ok"], g2s=b["g2s"], T=b["T"],
+            GY=b["GY"], PH=b["PH"], pf=b["pf"], Z=b["Z"], W=b["W"], L1=b["L1"], L2=b["L2"],
+            qok1=b["qok1"], qok2=b["qok2"], Q1=b["Q1"], Q=b["Q"], Pnf=b["Pnf"], C=b["C"],
+            C2=b["C2"], P_old=olds[0], P_dst=dsts[0], Mn=b["Mnew_f"], M_old=olds[1],
+            M_dst=dsts[1], Vn=b["Vnew_f"], V_old=olds[2], V_dst=dsts[2])
 
-    def _buffers(self, count, m, r, n, dev, workspace, stacked=False):
+    def _buffers(self, count, m, r, n, dev, workspace, stacked=False, kernels=False):
         """Every intermediate of the update, laid out once (a class's call every step then
         allocates nothing: each is written with ``out=`` or in place). Per dtype one flat
         block, from the engine's shared workspace where given (dead between the class's
@@ -1200,6 +1205,9 @@ class _GHABatch:
                  ("g2s", (count, 1, 1), f32)]
         specs += [(k, (count, r, r), f32) for k in ("H", "T", "Rq", "C", "C2")]
         specs += [(k, (count, m, r), f32) for k in ("PH", "Z", "Q")]
+        if kernels:        # the Triton path's CholeskyQR2: the Gram, the inverse factors, Q1
+            specs += [(k, (count, r, r), f32) for k in ("W", "L1", "L2")]
+            specs += [("Q1", (count, m, r), f32)]
         specs += [("sign", (count, r), f32)]
         if pdt != f32:     # P_new in the basis dtype, its fp32 form, the old bases' stack
             specs += [("Pn", (count, m, r), pdt), ("Pnf", (count, m, r), f32)]
@@ -1234,6 +1242,8 @@ class _GHABatch:
         b["Pns"] = list(b["Pn"].unbind(0))
         for k, sh in (("ok", (count, 1, 1)), ("fin", (count, 1, 1)), ("neg", (count, r))):
             b[k] = torch.empty(sh, dtype=torch.bool, device=dev)
+        for k in ("qok1", "qok2"):
+            b[k] = torch.empty(count, dtype=torch.int32, device=dev)
         b["one"] = torch.ones((), dtype=f32, device=dev)
         b["minus"] = torch.full((), -1.0, dtype=f32, device=dev)
         return b
@@ -1242,8 +1252,9 @@ class _GHABatch:
         """``precision``: the two K1's operand precision (the optimizer's, as its own K1 and
         K3 take: docs/precision.md); the tensor-core modes' tiles cover a rank of up to 128 in
         one rank tile, so each K1 reads G once, where the FMA tiles (``ieee``) read it once
-        per 32 ranks. The r x r and m x r GEMMs and the QR are torch's."""
-        pf, Y, b, stacks = self.pf, self.Y, self.b, self.stacks
+        per 32 ranks. On the Triton path the other GEMMs take ``ieee`` where it is ``ieee``,
+        else ``tf32x3`` (fp32-accurate, for the QR's Gram)."""
+        pf, b, stacks = self.pf, self.b, self.stacks
         if stacks is not None:               # the old bases, whole (rounded up to fp32)
             Pst = stacks[0]
             pf.copy_(Pst)
@@ -1255,81 +1266,68 @@ class _GHABatch:
         token = {} if layout_token is None else {"layout_token": layout_token}
         self.k1a(Gs, sumsq=self.cs, precision=precision, **token)
         self.k1b(Gs, precision=precision, **token)
+        if stacks is None:                   # the moments, gathered
+            for key, lst in (("M", self.Ms), ("V", self.Vs)):
+                torch.stack(lst, out=b[key])
+        if self.kernels is not None:
+            self.kernels(eta, skip, precision)
+        else:
+            self._torch_update(eta, sign_canon, skip, Pst)
+        if stacks is not None:
+            return
+        torch._foreach_copy_(self.Ms, b["Mnews"])
+        torch._foreach_copy_(self.Vs, b["Vnews"])
+        torch._foreach_copy_(self.Ps, b["Pns"])
+
+    def _torch_update(self, eta, sign_canon, skip, Pst):
+        """The update after the K1 as batched torch ops (the reference backend's path)."""
+        pf, Y, b, stacks = self.pf, self.Y, self.b, self.stacks
         g2, ok, fin = b["g2"], b["ok"], b["fin"]
-        kern = self.kernels                 # None: the torch ops (the reference backend)
         torch.sum(self.cs, dim=1, out=g2.view(-1))
-        if kern is None:
-            torch.gt(g2, 0, out=ok)         # ok: g2 > 0 and finite (g2 is a sum of squares)
-            torch.lt(g2, math.inf, out=fin)
-            ok.logical_and_(fin)
-            torch.where(ok, g2, b["one"], out=g2)
+        torch.gt(g2, 0, out=ok)             # ok: g2 > 0 and finite (g2 is a sum of squares)
+        torch.lt(g2, math.inf, out=fin)
+        ok.logical_and_(fin)
+        torch.where(ok, g2, b["one"], out=g2)
         H, T, PH, Z = b["H"], b["T"], b["PH"], b["Z"]
         torch.bmm(Y, Y.transpose(1, 2), out=H)
-        if kern is None:
-            H.div_(g2)
-            torch.triu(H, out=T)
-        else:                                # ok, g2s = where(ok, g2, 1), T = triu(H/g2s)
-            kern.scale()
+        H.div_(g2)
+        torch.triu(H, out=T)
         torch.bmm(pf, T, out=PH)
-        if kern is None:
-            torch.sub(self.GY.div_(g2), PH, out=Z)
-            Z.mul_(eta).add_(pf)             # pf + eta*(GY/g2 - P triu(H))
-            torch.where(ok, Z, pf, out=Z)
-        else:
-            kern.step(eta)
+        torch.sub(self.GY.div_(g2), PH, out=Z)
+        Z.mul_(eta).add_(pf)                 # pf + eta*(GY/g2 - P triu(H))
+        torch.where(ok, Z, pf, out=Z)
         Q = b["Q"]
         torch.linalg.qr(Z, out=(Q, b["Rq"]))
         Pn = b["Pn"]
-        if kern is not None:
-            # Pnf = the rounded where(ok, Q*signs, P); the basis' destination (the stored
-            # block, or Pn) = where(skip, P, it)
-            kern.basis(sign_canon, skip)
-        else:
-            if sign_canon:                   # orth (lowrank_fused.linalg): diag(R) >= 0
-                torch.lt(torch.diagonal(b["Rq"], dim1=-2, dim2=-1), 0, out=b["neg"])
-                torch.where(b["neg"], b["minus"], b["one"], out=b["sign"])
-                Q.mul_(b["sign"].unsqueeze(-2))
-            torch.where(ok, Q, pf, out=Q)
-            if Pn is not Q:
-                Pn.copy_(Q)                  # rounded once to the basis dtype
-                b["Pnf"].copy_(Pn)
+        if sign_canon:                       # orth (lowrank_fused.linalg): diag(R) >= 0
+            torch.lt(torch.diagonal(b["Rq"], dim1=-2, dim2=-1), 0, out=b["neg"])
+            torch.where(b["neg"], b["minus"], b["one"], out=b["sign"])
+            Q.mul_(b["sign"].unsqueeze(-2))
+        torch.where(ok, Q, pf, out=Q)
+        if Pn is not Q:
+            Pn.copy_(Q)                      # rounded once to the basis dtype
+            b["Pnf"].copy_(Pn)
         # the transport (reference/moment_transport.py on the stored, rounded P_new)
         C = b["C"]
         torch.bmm(b["Pnf"].transpose(1, 2), pf, out=C)
         torch.mul(C, C, out=b["C2"])
-        for i, (key, lst, Cm) in enumerate((("M", self.Ms, C), ("V", self.Vs, b["C2"]))):
+        for i, (key, Cm) in enumerate((("M", C), ("V", b["C2"]))):
             new_f, new = b[key + "new_f"], b[key + "new"]
-            if stacks is not None:           # the stored block itself
-                X = stacks[1 + i]
-                Xf = X if X.dtype == torch.float32 else b[key + "f"]
-            else:
-                X, Xf = b[key], b[key + "f"]
-                torch.stack(lst, out=X)
+            X = stacks[1 + i] if stacks is not None else b[key]
+            Xf = X if X.dtype == torch.float32 else b[key + "f"]
             if Xf is not X:
                 Xf.copy_(X)
             torch.bmm(Cm, Xf, out=new_f)
-            if kern is not None:
-                continue
             if new is not new_f:
                 new.copy_(new_f)
             if skip is not None:
                 torch.where(skip, X, new, out=new)
             if stacks is not None:
                 X.copy_(new)
-        if kern is not None:
-            # both moments' destinations (the stored blocks, or Mnew and Vnew) =
-            # where(skip, X, rounded C X); the basis' was written above
-            kern.moments(skip)
-        else:
-            if skip is not None:
-                torch.where(skip, Pst, Pn, out=Pn)
-            if stacks is not None:
-                Pst.copy_(Pn)
+        if skip is not None:
+            torch.where(skip, Pst, Pn, out=Pn)
         if stacks is not None:
-            return
-        torch._foreach_copy_(self.Ms, b["Mnews"])
-        torch._foreach_copy_(self.Vs, b["Vnews"])
-        torch._foreach_copy_(self.Ps, b["Pns"])
+            Pst.copy_(Pn)
 
 
 def _gha_sharded(G, state, side, rows, eta, sign_canon, precision="ieee"):
