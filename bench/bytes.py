@@ -516,13 +516,23 @@ def moment_transport_flops(m, n, r, *, side="left", form="squared") -> Flops:
 def gha_update_flops(m, n, r, *, side="left", k1_at_precision=False) -> Flops:
     """GHA's basis update: two K1 GEMMs over G (``R = P^T G``, then ``G R^T``), ``4Ar``, and
     the tail ``R R^T`` (``2rS``) and ``P @ triu(.)`` (``2rC``); ``||G||^2`` (2A). The
-    ``gha_update`` op has no precision argument, so all of it is IEEE fp32; in the
-    optimizer's step the two K1 run at the step's precision (``k1_at_precision``: the ``4Ar``
-    in ``gemm``) and the torch tail stays fp32. The eager reference computes ``G^T P`` twice
-    (``2Ar`` more)."""
+    ``gha_update`` op has no precision argument, so all of it is IEEE fp32. In the
+    optimizer's step (``k1_at_precision``) the two K1 run at the step's precision (the
+    ``4Ar`` in ``gemm``), and the tail also counts the QR, CholeskyQR2 on the Triton path:
+    two Grams and two triangular products, ``8rC`` (fp32: ``ieee``, or ``tf32x3`` under a
+    tensor-core precision, counted at the fp32 rate, an upper bound). The eager reference
+    computes ``G^T P`` twice (``2Ar`` more)."""
     A, S, C = sizes(m, n, r, side)
     k1, tail = 4 * A * r, 2 * r * (S + C)
-    return Flops(k1, tail, 2 * A) if k1_at_precision else Flops(0, k1 + tail, 2 * A)
+    if k1_at_precision:
+        return Flops(k1, tail + cholqr2_flops(m, n, r, side=side), 2 * A)
+    return Flops(0, k1 + tail, 2 * A)
+
+
+def cholqr2_flops(m, n, r, *, side="left") -> int:
+    """CholeskyQR2 of the (m x r, left) basis-shaped matrix: two Grams and two products with
+    the inverse factors, ``2rC`` each (the r x r factorizations are negligible)."""
+    return 8 * r * sizes(m, n, r, side)[2]
 
 
 def adapm_update_flops(m, n, r, *, v_blocks=None) -> Flops:
@@ -546,7 +556,7 @@ def method_step_flops(method, m, n, r, *, side="left") -> Flops:
     * ``galore``, ``adaptive_adamw``, ``rsadamw``: K1 + K2 + K3, ``4Ar`` GEMM;
       ``adarankgrad`` adds ``||R||^2`` (2S);
     * ``gha``: the same plus its basis update (its two K1, ``4Ar``, at the step's precision;
-      the ``2r(S + C)`` tail IEEE) and the K8 transport;
+      the ``2r(S + C)`` tail and the QR's ``8rC`` fp32) and the K8 transport;
     * ``galore_kfac``: K1 + K3 plus the r x r Gram ``R R^T`` and the whitening
       ``root @ M`` (``2rS`` each, IEEE fp32: the KFAC kernels have no precision option);
     * ``ldadam``: the power iteration's two m x n GEMMs (``4Ar``, plus ``M V1`` and
