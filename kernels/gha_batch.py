@@ -198,9 +198,9 @@ class BoundGHABatch:
 
     ``__call__(eta, skip, precision)`` makes the whole update: 15 launches and one torch op
     for any class size (the caller runs them inside its capture unit). The products are
-    bound per precision, at its first use; the factorization runs on the Triton kernel up to
-    rank ``small_cholesky_inverse.MAX_K`` and on the reference (torch's batched Cholesky)
-    above."""
+    bound per precision, at its first use; the QR is ``subspace.BoundCholeskyQR2`` on ``Z``
+    (its factorizations on the Triton kernel up to rank ``small_cholesky_inverse.MAX_K``, on
+    the reference, torch's batched Cholesky, above)."""
 
     def __init__(self, *, Y, cs, g2, H, ok, g2s, T, GY, PH, pf, Z, W, L1, L2, qok1, qok2, Q1,
                  Q, Pnf, C, C2, P_old, P_dst, Mn, M_old, M_dst, Vn, V_old, V_dst):
@@ -255,21 +255,10 @@ class BoundGHABatch:
             ew, IN_PLACE=self.p_in_place, INTERPRET=self.interpret))
         self._moments = PlannedLaunch(_gha_moments_kernel, grid_rn, dict(
             ew, IN_PLACE=self.moments_in_place, INTERPRET=self.interpret))
-        self._chol = [self._factorization(Wx, Lx, okx) for Wx, Lx, okx in
-                      ((W, L1, qok1), (W, L2, qok2))] if not self.empty else None
+        from lowrank_fused.subspace import BoundCholeskyQR2
+
+        self._qr = BoundCholeskyQR2(Z, Q, dict(W=W, L1=L1, L2=L2, Q1=Q1, ok1=qok1, ok2=qok2))
         self._products = {}
-
-    @staticmethod
-    def _factorization(W, L, ok):
-        from lowrank_fused.subspace import PIVOT_RATIO_TOL
-
-        from .small_cholesky_inverse import MAX_K, BoundSmallCholeskyInverse
-
-        if W.shape[-1] <= MAX_K:
-            return BoundSmallCholeskyInverse(W, L, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
-        from lowrank_fused.reference.small_cholesky_inverse import small_cholesky_inverse_ref
-
-        return lambda: small_cholesky_inverse_ref(W, L, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
 
     def products(self, precision: str):
         """The batch's GEMMs in ``precision``'s operand mode (``ieee``; ``tf32x3`` for every
@@ -284,10 +273,6 @@ class BoundGHABatch:
             got = self._products[mode] = dict(
                 H=B(self.Y, t(self.Y), self.H, **kw),
                 PH=B(self.pf, self.T, self.PH, **kw),
-                W1=B(t(self.Z), self.Z, self.W, **kw),
-                Q1=B(self.Z, t(self.L1), self.Q1, **kw),
-                W2=B(t(self.Q1), self.Q1, self.W, **kw),
-                Q=B(self.Q1, t(self.L2), self.Q, **kw),
                 C=B(t(self.Pnf), self.pf, self.C, **kw),
                 # C M and C2 V as (M^T C^T): the moments read in their stored dtype
                 Mn=B(t(self.M_old), t(self.C), t(self.Mn), **kw),
@@ -310,12 +295,7 @@ class BoundGHABatch:
         mm["PH"]()
         self._step(self.GY, self.PH, self.pf, self.Z, self.ok, self.g2s, float(eta),
                    self.m * self.r)
-        mm["W1"]()
-        self._chol[0]()
-        mm["Q1"]()
-        mm["W2"]()
-        self._chol[1]()
-        mm["Q"]()
+        self._qr(precision)
         self._basis(self.Q, self.qok1, self.qok2, self.pf, self.ok, self.Pnf, self.P_old,
                     self.P_dst, flag, self.r, self.m * self.r, *self.P_old.stride())
         mm["C"]()

@@ -80,6 +80,91 @@ def _cholqr_pass(Y: torch.Tensor, backend: str = "auto"):
     return Y @ Linv.transpose(-1, -2), Linv, ok
 
 
+class BoundCholeskyQR2:
+    """CholeskyQR2 of a fixed batch ``X`` (count, m, k), m >= k, any strides, into ``Q``
+    (count, m, k) fp32, as launches on Triton with every buffer laid out once: the steady-step
+    QR of GHA's and LDAdam's basis updates (docs/methods/adaptive_adamw.md). A call::
+
+        W = X^T X ; L1 = chol(W)^-1 ; Q1 = X L1^T ; W = Q1^T Q1 ; L2 = chol(W)^-1 ; Q = Q1 L2^T
+
+    four bound ``batched_matmul`` products and two ``small_cholesky_inverse`` (the Triton
+    register-tile kernel up to k = 64, the reference above), no host read and no loop over
+    the matrices. ``ok1``/``ok2`` (count,) int32 are the factorizations' flags: a matrix with
+    either 0 (a Gram that cannot be factored in fp32: condition above about 3e3, or not
+    finite) has an undefined ``Q``, which the caller replaces on the device (unlike
+    ``cholesky_qr2``, whose Householder fallback reads the flags on the host). Where both are
+    1, ``Q`` is the sign-canonical factor (``diag(R) > 0``, ``R = (C1 C2)^T``).
+
+    ``scratch``: a dict with ``W``, ``L1``, ``L2`` (count, k, k), ``Q1`` (count, m, k) fp32
+    contiguous and ``ok1``, ``ok2`` (count,) int32 (a caller's workspace views); missing
+    ones are allocated. The products take ``ieee`` where ``precision`` is ``ieee``, else
+    ``tf32x3`` (the Gram must be fp32-accurate), bound per mode at its first use."""
+
+    def __init__(self, X: torch.Tensor, Q: torch.Tensor, scratch: Optional[dict] = None):
+        if X.dim() != 3 or X.shape[1] < X.shape[2]:
+            raise ValueError(f"X must be (count, m, k) with m >= k, got {tuple(X.shape)}")
+        if tuple(Q.shape) != tuple(X.shape) or Q.dtype != torch.float32:
+            raise ValueError(f"Q must be float32 of X's shape {tuple(X.shape)}, got "
+                             f"{Q.dtype} {tuple(Q.shape)}")
+        count, m, k = X.shape
+        dev = X.device
+        scratch = dict(scratch or {})
+        for name, shape, dt in (("W", (count, k, k), torch.float32),
+                                ("L1", (count, k, k), torch.float32),
+                                ("L2", (count, k, k), torch.float32),
+                                ("Q1", (count, m, k), torch.float32),
+                                ("ok1", (count,), torch.int32), ("ok2", (count,), torch.int32)):
+            t = scratch.get(name)
+            if t is None:
+                t = scratch[name] = torch.empty(shape, dtype=dt, device=dev)
+            elif tuple(t.shape) != shape or t.dtype != dt or not t.is_contiguous():
+                raise ValueError(f"scratch {name} must be a contiguous {dt} {shape} tensor, "
+                                 f"got {t.dtype} {tuple(t.shape)}")
+        self.X, self.Q = X, Q
+        self.W, self.L1, self.L2, self.Q1 = (scratch[k_] for k_ in ("W", "L1", "L2", "Q1"))
+        self.ok1, self.ok2 = scratch["ok1"], scratch["ok2"]
+        self.empty = count == 0 or m * k == 0
+        self._chol = None if self.empty else [self._factorization(self.W, L, ok) for L, ok in
+                                              ((self.L1, self.ok1), (self.L2, self.ok2))]
+        self._products = {}
+
+    @staticmethod
+    def _factorization(W, L, ok):
+        from lowrank_fused.kernels.small_cholesky_inverse import (MAX_K,
+                                                                  BoundSmallCholeskyInverse)
+
+        if W.shape[-1] <= MAX_K:
+            return BoundSmallCholeskyInverse(W, L, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
+        from lowrank_fused.reference.small_cholesky_inverse import small_cholesky_inverse_ref
+
+        return lambda: small_cholesky_inverse_ref(W, L, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
+
+    def _bound(self, precision: str):
+        mode = "ieee" if precision == "ieee" else "tf32x3"
+        got = self._products.get(mode)
+        if got is None:
+            from lowrank_fused.kernels.batched_matmul import BoundBatchedMatmul as B
+
+            X, Q1 = self.X, self.Q1
+            got = self._products[mode] = (
+                B(X.transpose(1, 2), X, self.W, precision=mode),
+                B(X, self.L1.transpose(1, 2), Q1, precision=mode),
+                B(Q1.transpose(1, 2), Q1, self.W, precision=mode),
+                B(Q1, self.L2.transpose(1, 2), self.Q, precision=mode))
+        return got
+
+    def __call__(self, precision: str = "ieee") -> None:
+        if self.empty:
+            return
+        gram1, q1, gram2, q = self._bound(precision)
+        gram1()
+        self._chol[0]()
+        q1()
+        gram2()
+        self._chol[1]()
+        q()
+
+
 def householder_complete(Y: torch.Tensor, *, fill_seed: int = 0) -> torch.Tensor:
     """Fallback of ``cholesky_qr2`` for one matrix: sign-canonical Householder QR whose columns
     that carry nothing of ``Y`` are replaced by a seeded orthonormal complement.
