@@ -83,7 +83,9 @@ def _cholqr_pass(Y: torch.Tensor, backend: str = "auto"):
 class BoundCholeskyQR2:
     """CholeskyQR2 of a fixed batch ``X`` (count, m, k), m >= k, any strides, into ``Q``
     (count, m, k) fp32, as launches on Triton with every buffer laid out once: the steady-step
-    QR of GHA's and LDAdam's basis updates (docs/methods/adaptive_adamw.md). A call::
+    QR of GHA's basis update, whose input is well conditioned (docs/methods/adaptive_adamw.md;
+    not LDAdam's power iteration, whose ``cond(Y)`` grows as the square of the gradient's
+    and leaves CholeskyQR2's fp32 range). A call::
 
         W = X^T X ; L1 = chol(W)^-1 ; Q1 = X L1^T ; W = Q1^T Q1 ; L2 = chol(W)^-1 ; Q = Q1 L2^T
 

@@ -217,19 +217,6 @@ def _bind_scaled(st, side, ef, backend, device):
                               side=side)
 
 
-def _bind_qr(st, scaled):
-    """The batch's QR as ``subspace.BoundCholeskyQR2`` on its scratch (``Ysel`` into ``Q``)
-    where its elementwise steps run on Triton (``scaled``), else None (torch's Householder QR,
-    the reference backend's): no loop over the matrices, no host read; sign-canonical, so
-    the step takes it with ``sign_canon`` (the default) only."""
-    if scaled is None:
-        return None
-    from lowrank_fused.subspace import BoundCholeskyQR2
-
-    return BoundCholeskyQR2(st["Ysel"], st["Q"], dict(
-        W=st["qW"], L1=st["qL1"], L2=st["qL2"], Q1=st["qQ1"], ok1=st["qok1"], ok2=st["qok2"]))
-
-
 class LDAdamW(LowRankOptimizer):
     """LDAdam with decoupled weight decay (docs/methods/ldadam.md).
 
@@ -740,9 +727,7 @@ class LDAdamW(LowRankOptimizer):
                 ("L", ops.low_rank_shape(shape, 2 * rank, side)),
                 ("corr", basis), ("Ysel", canon), ("Q", canon), ("mtr", low), ("w2", low),
                 ("MV", small), ("Rq", small), ("C", small), ("CC", small), ("sign", (1, rank)),
-                ("fsum", ()),
-                # the Triton path's CholeskyQR2 (subspace.BoundCholeskyQR2)
-                ("qW", small), ("qL1", small), ("qL2", small), ("qQ1", canon))
+                ("fsum", ()))
 
     @classmethod
     def _scratch_numel(cls, side, rank, shape, count):
@@ -756,8 +741,7 @@ class LDAdamW(LowRankOptimizer):
         products of the step write into instead of new tensors: corr (line 1's P_old M V1
         term, then the finiteness test of Y), Ysel and Q (the QR's input and factor, in the
         canonical m x r form), mtr and w2 (the transported moments), MV, Rq, C, CC (r x r),
-        sign (the QR's column signs), fsum (one number per matrix) and the Triton path's
-        CholeskyQR2 scratch (qW, qL1, qL2 r x r, qQ1 m x r)."""
+        sign (the QR's column signs) and fsum (one number per matrix)."""
         out, off = {}, 0
         for name, shp in cls._scratch_shapes(side, rank, shape):
             n = count * math.prod(shp)
@@ -782,7 +766,6 @@ class LDAdamW(LowRankOptimizer):
                   L_top=L[:, :rank] if left else L[..., :rank],
                   L_bot=L[:, rank:] if left else L[..., rank:],
                   fin3=st["fin"].view(-1, 1, 1), keep3=st["keep"].view(-1, 1, 1),
-                  qkeep3=st["qkeep"].view(-1, 1, 1),
                   neg_row=st["neg"].unsqueeze(-2),
                   Rq_diag=torch.diagonal(st["Rq"], dim1=-2, dim2=-1))
         return st
@@ -791,16 +774,12 @@ class LDAdamW(LowRankOptimizer):
     def _flag_buffers(count, rank, device):
         """A batch's boolean scratch and constants: ``ok`` (the flags the step returns,
         read after the step: one per class, never shared), ``fin``, ``keep``, ``neg`` and
-        the 0-dim -1 / +1 of the QR's sign select; the Triton path's CholeskyQR2 flags
-        (``qok1``, ``qok2``, their product ``qprod``, int32) and ``qgood``, ``qkeep``."""
-        flags = torch.empty(count * (5 + rank), dtype=torch.bool, device=device)
+        the 0-dim -1 / +1 of the QR's sign select."""
+        flags = torch.empty(count * (3 + rank), dtype=torch.bool, device=device)
         ones = torch.tensor([-1.0, 1.0], dtype=torch.float32, device=device)
-        qok = torch.empty(3 * count, dtype=torch.int32, device=device)
         return dict(ok=flags[:count], fin=flags[count:2 * count],
-                    keep=flags[2 * count:3 * count], qkeep=flags[3 * count:4 * count],
-                    qgood=flags[4 * count:5 * count],
-                    neg=flags[5 * count:].view(count, rank), minus_one=ones[0], one=ones[1],
-                    qok1=qok[:count], qok2=qok[count:2 * count], qprod=qok[2 * count:])
+                    keep=flags[2 * count:3 * count],
+                    neg=flags[3 * count:].view(count, rank), minus_one=ones[0], one=ones[1])
 
     def _batch_step(self, group, side, rank, t, Gs, Es, st, calls, precision, skip=None):
         """One steady step (docs/methods/ldadam.md lines 1-9, the fused form) of a batch of
@@ -906,21 +885,10 @@ class LDAdamW(LowRankOptimizer):
         P_old.copy_(P)
         Ysel = torch.where(keep, st["Yc"], Pc_old, out=st["Ysel"])
         Q = st["Q"]
-        qr = calls.get("qr") if sign_canon else None
-        if qr is not None:
-            # Triton: CholeskyQR2 (sign-canonical, launches over the batch); a Y whose Gram
-            # the fp32 Cholesky cannot factor keeps the stored basis, as a non-finite one does.
-            # (sign_canon=False: torch's Householder QR, LAPACK's signs, as the official code)
-            qr(precision)
-            torch.mul(st["qok1"], st["qok2"], out=st["qprod"])
-            torch.ne(st["qprod"], 0, out=st["qgood"])
-            torch.logical_and(keep.view(-1), st["qgood"], out=st["qkeep"])
-            keep = st["qkeep3"]
-        else:
-            torch.linalg.qr(Ysel, out=(Q, st["Rq"]))
-            if sign_canon:                   # orth: the column signs that make diag(R) >= 0
-                torch.lt(st["Rq_diag"], 0, out=st["neg"])
-                Q.mul_(torch.where(st["neg_row"], st["minus_one"], st["one"], out=st["sign"]))
+        torch.linalg.qr(Ysel, out=(Q, st["Rq"]))
+        if sign_canon:                       # orth: the column signs that make diag(R) >= 0
+            torch.lt(st["Rq_diag"], 0, out=st["neg"])
+            Q.mul_(torch.where(st["neg_row"], st["minus_one"], st["one"], out=st["sign"]))
         torch.where(keep, Q, Pc_old, out=st["Pc_new"])
         P.copy_(st["P_new"])                 # into the stored bases
         # line 2
@@ -1026,7 +994,6 @@ class LDAdamW(LowRankOptimizer):
                 precision=prec, backend=backend, skip=skip),
             acc=_accumulator(backend, p.device),
             scaled=_bind_scaled(st, side, Es is not None, backend, p.device))
-        calls["qr"] = _bind_qr(st, calls["scaled"])
         ok = self._batch_step(group, side, rank, self.completed_steps, [G], Es, st, calls,
                               precision)
         write_back(W)
@@ -1138,8 +1105,6 @@ class LDAdamW(LowRankOptimizer):
                            cls, lr, post, prec, pre_scales=pre),
                        acc=self._class_accumulator(cls, Es, device),
                        scaled=_bind_scaled(st, side, Es is not None, cls.backend, device)))
-        calls = cls.extra["calls"]
-        calls["qr"] = _bind_qr(st, calls["scaled"])
 
     def _class_accumulator(self, cls, Es, device):
         """Line 3's ``E += G`` of a class: on Triton bound to the class's error buffers once
