@@ -18,17 +18,18 @@ moments r x n; every buffer a (count, ...) stack::
     C = Pnf^T P ; C2 = C*C ; Mn = C M ; Vn = C2 V       batched_matmul (C2: torch.mul)
     _gha_moments_kernel: M <- where(skip, M, dtype(Mn)) ; V <- where(skip, V, dtype(Vn))
 
-The QR is CholeskyQR2 (``lowrank_fused.subspace.cholesky_qr2``'s two passes, without its
-host-side fallback): ``Z = Q R`` with ``R = (C1 C2)^T`` (C1, C2 the two Cholesky factors),
+The QR is CholeskyQR2 (``lowrank_fused.subspace.BoundCholeskyQR2``: ``cholesky_qr2``'s two
+passes without its host-side fallback): ``Z = Q R`` with ``R = (C1 C2)^T`` (C1, C2 the two Cholesky factors),
 upper triangular with a positive diagonal, so the basis is the sign-canonical one (``orth``)
-whatever ``sign_canon``. Z always has full column rank (``P^T Z``
-is unit lower triangular: docs/methods/adaptive_adamw.md), so the first factorization fails
-only for a Z too ill-conditioned for an fp32 Gram (about 1/sqrt(eps) = 3e3); such a member keeps
-its basis, like a member whose gradient is zero or not finite (its moments still move by
-``C = P^T P``). Where the Triton path does not run, ``_GHABatch`` makes the same update with
+whatever ``sign_canon``. Z is well conditioned (``P^T Z = I + eta*tril(H, -1)`` with ``H``
+positive semi-definite of trace <= 1: a condition number of at most ``(1 + 2 eta)/(1 -
+eta)``, 4 at the default ``eta`` = 0.5; docs/methods/adaptive_adamw.md), far inside the fp32
+Cholesky's range (about 3e3). A member whose factorization fails all the same (a large
+``eta``) keeps its basis, like a member whose gradient is zero or not finite (its moments
+still move by ``C = P^T P``). Where the Triton path does not run, ``_GHABatch`` makes the same update with
 torch ops and a Householder QR (the reference backend): the two agree to fp32 rounding
-(tests/test_gha_batch.py). Every GEMM takes ``precision`` where it is ``ieee`` and ``tf32x3``
-for a tensor-core precision: the QR needs an fp32-accurate Gram.
+(tests/test_gha_batch.py). Every GEMM runs in ``ieee`` where the step's precision is
+``ieee``, else in ``tf32x3``: the QR needs an fp32-accurate Gram.
 
 The divisions in the elementwise kernels are IEEE divisions (``div_rn``), ``eta`` is rounded
 once to fp32 (as torch rounds a Python scalar operand of an fp32 op), no product is fused

@@ -223,6 +223,27 @@ def test_unfactorable_z_keeps_the_basis(side, device):
             assert float((Pi.t() @ Pi - torch.eye(r, device=Pi.device)).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("eta", [0.5, 0.9])
+@pytest.mark.parametrize("in_span", [False, True])
+def test_z_is_well_conditioned(eta, in_span, device):
+    """The bound the CholeskyQR2 relies on: ``cond(Z) <= (1 + 2 eta)/(1 - eta)`` (4 at the
+    default 0.5), for random gradients and for gradients in the basis' span (where ``P^T Z``
+    is all that Z has)."""
+    count, m, n, r = 4, 30, 26, 6
+    Gs, blocks, views = _state((count, m, n, r), "left", torch.float32, torch.float32,
+                               device, 11)
+    if in_span:
+        gen = torch.Generator().manual_seed(4)
+        Gs = [(views[0][i] @ torch.randn(r, n, generator=gen).to(device)) for i in
+              range(count)]
+    batch = _GHABatch(Gs, *[list(X.unbind(0)) for X in views], "auto", bound=True,
+                      stacks=views, kernels=False)
+    batch(Gs, eta, True, None)
+    s = torch.linalg.svdvals(batch.b["Z"].double().cpu())
+    cond = s[:, 0] / s[:, -1]
+    assert float(cond.max()) <= (1 + 2 * eta) / (1 - eta), cond
+
+
 def test_reference_backend_runs_the_torch_ops():
     Gs, blocks, views = _state((2, 6, 8, 2), "left", torch.float32, torch.float32, "cpu", 0)
     lists = [list(X.unbind(0)) for X in views]
