@@ -44,6 +44,11 @@ class BackprojectConfig:
 CONFIGS_FMA = (BackprojectConfig(64, 64, 32, 8, 3),)
 CONFIGS_MMA = (BackprojectConfig(64, 64, 32, 8, 3), BackprojectConfig(128, 64, 32, 8, 3))
 CONFIGS_TF32X3 = (BackprojectConfig(64, 64, 32, 8, 3),)
+# the grouped K3 that also divides N by the class limiter's factors (``DIVIDE_N``), ieee:
+# the division's temporaries made 64x64x32 spill under Triton 3.9 (28 stores); a 16-deep K
+# slice holds half the N tile. The FMA dot adds k in order across the K slices, so the bits
+# are those of BLOCK_K 32.
+CONFIG_FMA_DIVIDE = BackprojectConfig(64, 64, 16, 8, 3)
 # every GPU config, for tests that run each of them
 GPU_CONFIGS = tuple(dict.fromkeys(CONFIGS_FMA + CONFIGS_MMA + CONFIGS_TF32X3))
 
@@ -69,9 +74,13 @@ def choose_config(m: int, n: int, rank: int, mode: int) -> BackprojectConfig:
 def pn_tile(p_ptr, n_ptr, offs_m, offs_n, mask_m, mask_n, RANK,
             stride_pm, stride_pr, stride_nr, stride_nn,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            DOT_MODE: tl.constexpr):
+            DOT_MODE: tl.constexpr, divisor=1.0, DIVIDE_N: tl.constexpr = False,
+            INTERPRET: tl.constexpr = False):
     """The (BLOCK_M x BLOCK_N) tile of ``P @ N`` in fp32 (K = the rank, runtime): the GEMM
-    part of this kernel and of the grouped one (``grouped_backproject_update.py``)."""
+    part of this kernel and of the grouped one (``grouped_backproject_update.py``). With
+    ``DIVIDE_N`` the operand is ``N / divisor``, each element divided (IEEE) and rounded to
+    N's dtype as it is loaded: the bits of ``N`` divided in place by the norm-growth
+    limiter's scale kernel and then read (its grouped form, fused into the back-projection)."""
     offs_k = tl.arange(0, BLOCK_K)
     p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :] * stride_pr
     n_ptrs = n_ptr + offs_k[:, None] * stride_nr + offs_n[None, :] * stride_nn
@@ -80,6 +89,9 @@ def pn_tile(p_ptr, n_ptr, offs_m, offs_n, mask_m, mask_n, RANK,
         mask_k = (k + offs_k) < RANK
         p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         nn = tl.load(n_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if DIVIDE_N:
+            nn = to_storage(tl.div_rn(nn.to(tl.float32), divisor), n_ptr.dtype.element_ty,
+                            INTERPRET)
         acc = mma(p, nn, acc, DOT_MODE)
         p_ptrs += BLOCK_K * stride_pr
         n_ptrs += BLOCK_K * stride_nr

@@ -120,8 +120,8 @@ class PlannedResidualUpdate:
                      P0.stride(1), N0.stride(0), N0.stride(1), G0.stride(0), G0.stride(1))
         self.meta = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
                          DOT_MODE=dot_mode(precision, self.device), INTERPRET=interpreting(),
-                         ALIGNED=aligned, HAS_RESIDUAL=True, num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages)
+                         ALIGNED=aligned, HAS_RESIDUAL=True, DIVIDE_N=False,
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def __call__(self, G0, *, coef, res_coef, pre_scale, post_decay, skip=None):
         """The step: ``G0`` the first gradient (left form, at the planned address); each
@@ -148,7 +148,7 @@ class PlannedResidualUpdate:
         launch_planned(
             self, _grouped_backproject_update_kernel, self.grid,
             W0, P0, N0, self.offs, self.k3.table, G0, self.C0, skip_flag(skip, self.device),
-            *self.args, **self.meta)
+            W0, *self.args, **self.meta)
 
 
 def aot_variants():

@@ -213,7 +213,9 @@ class BoundGroupedNormGrowthLimit:
                                     dict(BLOCK=ELEMENTWISE_BLOCK, INTERPRET=self.interpret,
                                          num_warps=ELEMENTWISE_WARPS))
 
-    def __call__(self, gamma: float, *, skip=None) -> None:
+    def __call__(self, gamma: float, *, skip=None, scale: bool = True) -> None:
+        """``scale=False``: only the factors (into ``self.f``) and the memories; N is left
+        undivided for a consumer that divides as it reads (the grouped K3's ``divisor``)."""
         gamma = float(gamma)
         if not gamma >= 1.0:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
@@ -222,7 +224,8 @@ class BoundGroupedNormGrowthLimit:
         Ns = self.Ns
         self._factor(self.norms, self.prevs[0], self.offs, self.f, skip_flag(skip, Ns.device),
                      self.count, gamma, NL_TINY)
-        self._scale(Ns, self.f, self.numel, Ns.stride(0))
+        if scale:
+            self._scale(Ns, self.f, self.numel, Ns.stride(0))
 
 
 def grouped_norm_growth_limit(Ns, norms, prevs, *, gamma: float, skip=None) -> None:

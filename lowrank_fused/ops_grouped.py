@@ -380,8 +380,19 @@ class BoundGroupedBackprojectUpdate:
         self._plans = {}      # precision -> launch (None: an empty matrix)
         self._skip = None     # the last checked skip flag
 
-    def __call__(self, *, coef, pre_scale=1.0, post_decay=0.0, precision="ieee", skip=None):
+    @property
+    def takes_divisor(self) -> bool:
+        """Whether a call may pass ``divisor`` (the Triton launcher's ``DIVIDE_N``)."""
+        return self.planner is not None
+
+    def __call__(self, *, coef, pre_scale=1.0, post_decay=0.0, precision="ieee", skip=None,
+                 divisor=None):
+        """``divisor`` (``takes_divisor`` only): fp32 (count,) on the device, member b's N
+        read as ``N_b / divisor[b]`` (the class limiter's factors, its scale pass fused);
+        its address is part of the plan."""
         self._skip = ops.checked_skip(skip, self.device, self._skip)
+        if divisor is not None and self.planner is None:
+            raise ValueError("divisor needs the Triton launcher (takes_divisor is False)")
         # the planned launch takes one number per scalar for every member (the common case,
         # written along the table's rows) as it is; anything else as checked per-member lists
         numbers = (type(coef) is float and type(pre_scale) in _NUMBER
@@ -397,11 +408,13 @@ class BoundGroupedBackprojectUpdate:
                       pre_scale=pre_scale, post_decay=post_decay,
                       **({} if skip is None else {"skip": skip}))
             return
-        if precision not in self._plans:
+        key = (precision, None if divisor is None else divisor.data_ptr())
+        if key not in self._plans:
             ops._check_precision(precision)
-            self._plans[precision] = self.planner(*self.lists, precision=precision,
-                                                  prepared=dict(self.kw["prepared"]))
-        launch = self._plans[precision]
+            self._plans[key] = self.planner(*self.lists, precision=precision,
+                                            prepared=dict(self.kw["prepared"]),
+                                            divisor=divisor)
+        launch = self._plans[key]
         if launch is not None:
             launch(coef, pre_scale, post_decay, skip=skip)
 

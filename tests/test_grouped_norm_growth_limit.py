@@ -78,3 +78,64 @@ def test_grouped_limiter_rejects_bad_lists(device):
         BoundGroupedNormGrowthLimit(N, norms, [prevs[0], prevs[1].double()] + prevs[2:])
     with pytest.raises(ValueError, match="gamma must be >= 1"):
         BoundGroupedNormGrowthLimit(N, norms, prevs)(0.5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_k3_divisor_equals_the_scale_launch_then_k3(dtype, side, device):
+    """The engine's fused form: the limiter's factors only (``scale=False``: N untouched) and
+    the grouped K3 reading ``N_b / f_b`` (``divisor``, ``DIVIDE_N``) give W the bits of the
+    two-launch limiter followed by the plain K3; the memories equal too. Both sides; N and
+    the bases in fp32 or bf16 (N's rounding after the division is kept); odd shapes."""
+    from lowrank_fused.ops_grouped import BoundGroupedBackprojectUpdate
+
+    count, m, n, r = 5, 37, 29, 6
+    gen = torch.Generator().manual_seed(7)
+    low = (r, n) if side == "left" else (m, r)
+    N, norms, prevs = _case(dtype, device, count=count, shape=low)
+    Ws = [torch.randn(m, n, generator=gen).to(device=device, dtype=dtype) for _ in range(count)]
+    Ps = [torch.randn((m, r) if side == "left" else (r, n), generator=gen).to(
+        device=device, dtype=dtype) for _ in range(count)]
+    coef, post = [0.3, 0.7, 1.1, 0.2, 0.5], [0.01] * count
+
+    def run(fused):
+        W = [w.clone() for w in Ws]
+        Nb, pv = N.clone(), [p.clone() for p in prevs]
+        Nb_before = Nb.clone()
+        k3 = BoundGroupedBackprojectUpdate(W, Ps, list(Nb.unbind(0)), side=side,
+                                           backend="triton")
+        assert k3.takes_divisor
+        lim = BoundGroupedNormGrowthLimit(Nb, norms, pv)
+        lim(1.01, scale=not fused)
+        if fused:
+            assert torch.equal(Nb, Nb_before), "N is not written"
+        k3(coef=coef, pre_scale=1.0, post_decay=post, divisor=lim.f if fused else None)
+        return W, pv
+
+    want_W, want_p = run(False)
+    got_W, got_p = run(True)
+    for b in range(count):
+        assert torch.equal(got_W[b], want_W[b]), f"W[{b}]"
+        assert torch.equal(got_p[b], want_p[b]), f"prevs[{b}]"
+    # not trivially equal: a throttled member's update differs from the unlimited one
+    plain = [w.clone() for w in Ws]
+    BoundGroupedBackprojectUpdate(plain, Ps, list(N.clone().unbind(0)), side=side,
+                                  backend="triton")(coef=coef, pre_scale=1.0, post_decay=post)
+    assert not torch.equal(plain[0], got_W[0])
+
+
+def test_k3_divisor_is_checked(device):
+    from lowrank_fused.ops_grouped import BoundGroupedBackprojectUpdate
+
+    Ws = [torch.randn(8, 9, device=device) for _ in range(2)]
+    Ps = [torch.randn(8, 3, device=device) for _ in range(2)]
+    Ns = [torch.randn(3, 9, device=device) for _ in range(2)]
+    k3 = BoundGroupedBackprojectUpdate(Ws, Ps, Ns, backend="triton")
+    with pytest.raises(ValueError, match="divisor must be"):
+        k3(coef=0.1, divisor=torch.ones(3, device=device))
+    with pytest.raises(ValueError, match="divisor must be"):
+        k3(coef=0.1, divisor=torch.ones(2, device=device, dtype=torch.float64))
+    ref = BoundGroupedBackprojectUpdate(Ws, Ps, Ns, backend="reference")
+    assert not ref.takes_divisor
+    with pytest.raises(ValueError, match="Triton launcher"):
+        ref(coef=0.1, divisor=torch.ones(2, device=device))

@@ -149,7 +149,8 @@ def test_steady_steps_launch_the_same_kernels_on_the_same_tensors(method, lagged
     kernels = collections.Counter(entry[0] for entry in steps[0])
     assert any(name.startswith("ext:") for name in kernels), kernels   # the multi-tensor calls
     # a handful per class: K1, K2, K3 (+ a split-K reduction) and one dense call per set;
-    # the AdaptiveAdamW family adds its limiter (two), GHA two projections and the fifteen
+    # the AdaptiveAdamW family adds its limiter (one: its division is fused into K3), GHA two
+    # projections and the fifteen
     # launches of its basis update (nine GEMMs, two factorizations, four elementwise), K-FAC the Grams and its whitening, AdaMeM its middle step's kernels; LDAdam's
     # class also projects its error buffer twice and back-projects it once; Adafactor's
     # factored class takes five (scalars, statistics, EMA, sums, apply)

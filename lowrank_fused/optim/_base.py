@@ -1156,16 +1156,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
            **side_outputs)
         return cls.Rs
 
-    def _class_update(self, cls, coefs, post_decays, precision, pre_scales=1.0):
-        """K3 of every member from the class's N workspace: ``W = W*pre_scale; W -= coef *
-        back(N); W -= post_decay*W`` (one grouped launch), skipped on the device with the
-        step's non-finite flag."""
+    def _class_k3(self, cls):
+        """The class's bound K3 (made at its first use, kept with the class)."""
         k3 = cls.extra.get("k3")
         if k3 is None:
             k3 = cls.extra["k3"] = ops_grouped.BoundGroupedBackprojectUpdate(
                 cls.Ws, cls.Ps, cls.Ns, side=cls.route.side, backend=cls.backend)
-        k3(coef=coefs, pre_scale=pre_scales, post_decay=post_decays, precision=precision,
-           skip=self._skip_flag)
+        return k3
+
+    def _class_update(self, cls, coefs, post_decays, precision, pre_scales=1.0,
+                      divisor=None):
+        """K3 of every member from the class's N workspace: ``W = W*pre_scale; W -= coef *
+        back(N); W -= post_decay*W`` (one grouped launch), skipped on the device with the
+        step's non-finite flag. ``divisor``: N read as ``N_b / divisor[b]`` (the class
+        limiter's factors; ``_class_k3(cls).takes_divisor`` only)."""
+        self._class_k3(cls)(coef=coefs, pre_scale=pre_scales, post_decay=post_decays,
+                            precision=precision, skip=self._skip_flag,
+                            **({} if divisor is None else {"divisor": divisor}))
 
     # -- per-layer mode (lowrank_fused.per_layer) -------------------------------------------
     def _per_layer_defers(self) -> bool:

@@ -522,7 +522,11 @@ class _SubspaceAdamW(GaLoreAdamW):
         Rs = self._class_project(cls, self._class_grads(cls), precision)
         steps = self._class_middle(cls, Rs, groups, ts, one)
         limiter = cls.extra["limiter"]
-        if limiter is not None and not self._class_limit(cls, one):
+        divisor = None
+        if limiter is not None:
+            limited = self._class_limit(cls, one)
+            divisor = limited if torch.is_tensor(limited) else None
+        if limiter is not None and limited is False:
             skip = self._skip_flag
             for N, m, on, sumsq in zip(cls.Ns, cls.members, cls.extra["limit"],
                                        cls.extra["sumsq"]):
@@ -545,14 +549,17 @@ class _SubspaceAdamW(GaLoreAdamW):
                     c = memo[(id(g), step_size)] = (step_size * g["scale"], post)
                 coefs.append(c[0])
                 posts.append(c[1])
-        self._class_update(cls, coefs, posts, precision)
+        self._class_update(cls, coefs, posts, precision, divisor=divisor)
 
-    def _class_limit(self, cls, one=None) -> bool:
+    def _class_limit(self, cls, one=None):
         """The limiter (B1) on the whole class at once, where every member has it on with one
         ``gamma``, already has its memory and K2 gave every ``||N||^2`` (``norms``): one
-        bound grouped call (``kernels/norm_growth_limit.py``, two launches, no allocation)
-        instead of two launches per matrix, each member getting the single kernel's bits;
-        only where the limiter is that kernel. False: the caller runs the op per member."""
+        bound grouped call (``kernels/norm_growth_limit.py``, no allocation) instead of two
+        launches per matrix, each member getting the single kernel's bits; only where the
+        limiter is that kernel. Where the class's K3 takes a divisor (Triton) the call
+        computes the factors only (one launch) and returns them: K3 divides N as it reads it
+        (``DIVIDE_N``, the same bits as N divided first); else it also divides N (a second
+        launch) and returns True. False: the caller runs the op per member."""
         call = cls.extra.get("limit_call")
         if call is None:                     # bound once the memories exist, then kept
             stack = cls.extra.get("Nstack")
@@ -567,8 +574,9 @@ class _SubspaceAdamW(GaLoreAdamW):
         gamma = self._class_gamma(cls, one)
         if gamma is None:
             return False
-        call(gamma, skip=self._skip_flag)
-        return True
+        fuse = self._class_k3(cls).takes_divisor
+        call(gamma, skip=self._skip_flag, scale=not fuse)
+        return call.f if fuse else True
 
     def _class_middle(self, cls, Rs, groups, ts, one=None):
         """K2 on the class: the moments advance, N is written into the class's workspace
@@ -1501,8 +1509,8 @@ class GHAAdamW(_SubspaceAdamW):
         cls.extra["eta"] = etas[0] if all(e == etas[0] for e in etas) else None
 
     def _class_step(self, cls, precision):
-        """The GHA update of every member (one ``_GHABatch`` call: two grouped K1, batched
-        torch GEMMs and QR, and on Triton four elementwise launches), then the family's class
+        """The GHA update of every member (one ``_GHABatch`` call: two grouped K1, then on
+        Triton fifteen launches, else batched torch GEMMs and QR), then the family's class
         step."""
         fresh = self.__dict__.get("_gha_fresh")
         side = cls.route.side
@@ -1524,8 +1532,8 @@ class GHAAdamW(_SubspaceAdamW):
                 if known is None or not all(map(operator.is_, known[0], Gs)):
                     known = cls.extra["gha_grads"] = (Gs, [G.t() for G in Gs])
                 Gs = known[1]
-            # one unit: batched torch ops, two bound K1 and (Triton) four elementwise launches
-            # on the class's fixed tensors, with eta and sign_canon in the capture key
+            # one unit: two bound K1 and (Triton) the update's launches, else batched torch
+            # ops, on the class's fixed tensors, with eta and sign_canon in the capture key
             # (_captured_values)
             _capture.unit(cls.extra["gha"], Gs, cls.extra["eta"], self.sign_canon,
                           self._skip_flag, layout_token=self._layout_token,
