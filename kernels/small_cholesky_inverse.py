@@ -112,14 +112,7 @@ def small_cholesky_inverse(Gram: torch.Tensor, Linv: torch.Tensor, ok: torch.Ten
                            pivot_ratio_tol: float) -> None:
     """Gram (B, k, k) fp32 contiguous, k <= ``MAX_K``; writes ``Linv`` (B, k, k) fp32 and
     ``ok`` (B,) int32 (see the module docstring)."""
-    B, k = _checks(Gram, Linv, ok)
-    if B == 0 or k == 0:
-        return
-    if not (float(pivot_ratio_tol) >= 0.0):
-        raise ValueError(f"pivot_ratio_tol must be >= 0, got {pivot_ratio_tol!r}")
-    block = block_for(k)
-    _small_cholesky_inverse_kernel[(B,)](Gram, Linv, ok, k, float(pivot_ratio_tol),
-                                         BLOCK=block, num_warps=warps_for(block))
+    BoundSmallCholeskyInverse(Gram, Linv, ok, pivot_ratio_tol=pivot_ratio_tol)()
 
 
 class BoundSmallCholeskyInverse:

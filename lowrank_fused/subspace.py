@@ -132,14 +132,17 @@ class BoundCholeskyQR2:
 
     @staticmethod
     def _factorization(W, L, ok):
-        from lowrank_fused.kernels.small_cholesky_inverse import (MAX_K,
-                                                                  BoundSmallCholeskyInverse)
+        """The ``small_cholesky_inverse`` that ``auto`` runs on these buffers (its guard: the
+        Triton kernel up to its register tile, the reference above), bound: the Triton
+        kernel as a planned launch."""
+        from lowrank_fused.dispatch import resolve_call
 
-        if W.shape[-1] <= MAX_K:
+        chosen, impl = resolve_call("small_cholesky_inverse", "auto", W.device, W, L, ok)
+        if chosen == "triton":
+            from lowrank_fused.kernels.small_cholesky_inverse import BoundSmallCholeskyInverse
+
             return BoundSmallCholeskyInverse(W, L, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
-        from lowrank_fused.reference.small_cholesky_inverse import small_cholesky_inverse_ref
-
-        return lambda: small_cholesky_inverse_ref(W, L, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
+        return lambda: impl(W, L, ok, pivot_ratio_tol=PIVOT_RATIO_TOL)
 
     def _bound(self, precision: str):
         mode = "ieee" if precision == "ieee" else "tf32x3"

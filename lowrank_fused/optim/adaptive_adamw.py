@@ -525,17 +525,18 @@ class _SubspaceAdamW(GaLoreAdamW):
         divisor = None
         if limiter is not None:
             limited = self._class_limit(cls, one)
-            divisor = limited if torch.is_tensor(limited) else None
-        if limiter is not None and limited is False:
-            skip = self._skip_flag
-            for N, m, on, sumsq in zip(cls.Ns, cls.members, cls.extra["limit"],
-                                       cls.extra["sumsq"]):
-                if on:
-                    if skip is None or "nl_prev" not in m.state:
-                        self._limit(limiter, N, m.state, m.group, sumsq)
-                    else:           # its memory keeps its bits when the step is skipped
-                        run_unless(skip, [m.state["nl_prev"]], self._limit, limiter, N,
-                                   m.state, m.group, sumsq)
+            if torch.is_tensor(limited):     # the factors, for K3 to divide N by
+                divisor = limited
+            elif not limited:
+                skip = self._skip_flag
+                for N, m, on, sumsq in zip(cls.Ns, cls.members, cls.extra["limit"],
+                                           cls.extra["sumsq"]):
+                    if on:
+                        if skip is None or "nl_prev" not in m.state:
+                            self._limit(limiter, N, m.state, m.group, sumsq)
+                        else:       # its memory keeps its bits when the step is skipped
+                            run_unless(skip, [m.state["nl_prev"]], self._limit, limiter, N,
+                                       m.state, m.group, sumsq)
         if one is not None:                  # one number for every member
             _, posts = ops.decay_coefficients(one["lr"], one["weight_decay"], "post")
             coefs = steps[0] * one["scale"]
