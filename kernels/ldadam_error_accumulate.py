@@ -114,9 +114,19 @@ class BoundErrorAccumulate:
         self._e_offs = element_offsets("Es", Es)
         self._g_ptrs = None
 
-    def __call__(self, Gs, *, skip=None):
-        ptrs = (tuple(map(torch.Tensor.data_ptr, Gs)), list(map(torch.Tensor.size, Gs)),
-                list(map(_DTYPE, Gs)))                  # the last call's tensors?
+    _token = None
+
+    def __call__(self, Gs, *, skip=None, layout_token=None):
+        """``layout_token``: as ``ops_grouped.BoundGroupedProject``'s, a value that stays the
+        same for as long as every gradient's layout (shape, strides, dtype, device) does:
+        while it does, a call compares only the gradients' addresses with the last call's."""
+        if (layout_token is not None and layout_token == self._token
+                and self._g_ptrs is not None):
+            ptrs = (tuple(map(torch.Tensor.data_ptr, Gs)),) + self._g_ptrs[1:]
+        else:
+            self._token = None
+            ptrs = (tuple(map(torch.Tensor.data_ptr, Gs)), list(map(torch.Tensor.size, Gs)),
+                    list(map(_DTYPE, Gs)))              # the last call's tensors?
         if ptrs != self._g_ptrs:
             Gs = list(Gs)
             _check(self.Es, Gs)
@@ -131,6 +141,7 @@ class BoundErrorAccumulate:
                 [self._e_offs, element_offsets("Gs", Gs)],
                 (self.Es[0].element_size(), Gs[0].element_size()), self.device)
             self._g_ptrs = ptrs
+        self._token = layout_token
         if skip is not None:
             from lowrank_fused.ops import _check_skip
 

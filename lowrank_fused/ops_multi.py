@@ -322,10 +322,17 @@ class BoundAdamWStepMulti:
         if layout_token is None or layout_token != self._token:
             self._check_grads(Gs)
             self._token = layout_token
-        cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
+        if rows.count(rows[0]) == len(rows):   # one row for every tensor (the common case)
+            one = self._scalars(*rows[0])
+            cols = [[v] * self.count for v in one] if self.table is None else None
+        else:
+            one = None
+            cols = [list(x) for x in zip(*_memo_rows(rows, self._scalars))]
         self._skip = ops.checked_skip(skip, self.device, self._skip)
         if self.table is not None:        # the scalars from a table at a fixed address
-            lr, b1, b2, eps, c1, c2, pre, post = (np.asarray(c, dtype=np.float64) for c in cols)
+            lr, b1, b2, eps, c1, c2, pre, post = (
+                (np.float64(v) for v in one) if one is not None else
+                (np.asarray(c, dtype=np.float64) for c in cols))
             self.run(Gs, table=self.table.fill([lr, b1, 1.0 - b1, b2, 1.0 - b2, eps, c1, c2,
                                                 pre, post, pre != 1.0, post != 0.0]),
                      skip=skip, layout_token=layout_token)
@@ -396,24 +403,35 @@ class BoundNonfiniteFlags:
                             for pos in by_dtype.values()]
         return self._groups
 
-    def __call__(self, tensors):
+    # the layout token of the last call whose tensors were checked (see ``__call__``)
+    _token = None
+    _contiguous = False
+
+    def __call__(self, tensors, *, layout_token=None):
         """The flags of ``tensors`` (shapes' element counts and dtypes as bound); returns
-        ``any`` (a 0-dim view of the buffer)."""
+        ``any`` (a 0-dim view of the buffer). ``layout_token``: as
+        ``ops_grouped.BoundGroupedProject``'s, a value that stays the same for as long as
+        every tensor's layout (shape, strides, dtype, device) does; the element counts,
+        dtypes and contiguity are then checked once per token instead of at every call."""
         if len(tensors) != self.count:
             raise ValueError(f"tensors must hold {self.count} tensors (as bound), got "
                              f"{len(tensors)}")
-        if (list(map(torch.Tensor.numel, tensors)) != self.sizes
-                or [t.dtype for t in tensors] != self.dtypes):
-            for i, t in enumerate(tensors):
-                if t.numel() != self.sizes[i] or t.dtype != self.dtypes[i]:
-                    raise ValueError(f"tensors[{i}] ({t.numel()} elements, {t.dtype}) differs "
-                                     f"from the bound tensor ({self.sizes[i]} elements, "
-                                     f"{self.dtypes[i]})")
+        if layout_token is None or layout_token != self._token:
+            self._token = None
+            if (list(map(torch.Tensor.numel, tensors)) != self.sizes
+                    or list(map(_DTYPE, tensors)) != self.dtypes):
+                for i, t in enumerate(tensors):
+                    if t.numel() != self.sizes[i] or t.dtype != self.dtypes[i]:
+                        raise ValueError(f"tensors[{i}] ({t.numel()} elements, {t.dtype}) "
+                                         f"differs from the bound tensor ({self.sizes[i]} "
+                                         f"elements, {self.dtypes[i]})")
+            self._contiguous = all(map(torch.Tensor.is_contiguous, tensors))
+            self._token = layout_token
         from lowrank_fused import _capture
 
         if _capture.replaying():       # a replayed CUDA graph makes the launch
             return self.any
-        if self.where != "reference" and all(map(torch.Tensor.is_contiguous, tensors)):
+        if self.where != "reference" and self._contiguous:
             from lowrank_fused import _ext_ops
 
             _ext_ops.nonfinite_flags_multi(self.where, list(map(torch.Tensor.data_ptr, tensors)),

@@ -96,3 +96,23 @@ def test_bound_call_matches_and_readdresses_new_gradients(device):
     assert all(torch.equal(a, b) for a, b in zip(Es, before))
     with pytest.raises(ValueError, match=r"Gs\[2\]"):
         bound([others[0], others[1], others[2][:3]])
+
+
+def test_bound_call_with_a_layout_token_readdresses_and_rechecks(device):
+    """Under one layout token a call compares only the gradients' addresses: new gradient
+    tensors (same layout) are re-addressed; a new token checks the layouts again."""
+    from lowrank_fused.kernels.ldadam_error_accumulate import BoundErrorAccumulate
+
+    Es, Gs = _members((5, 6), torch.float32, torch.float32, 4, device, seed=12)
+    want = [E.clone() for E in Es]
+    bound = BoundErrorAccumulate(Es, Gs)
+    others = [torch.randn_like(G) for G in Gs]
+    for token, step_grads in ((1, Gs), (1, Gs), (1, others), (1, Gs)):
+        ldadam_error_accumulate_ref(want, step_grads)
+        bound(step_grads, layout_token=token)
+        for got, ref in zip(Es, want):
+            assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match=r"Gs\[1\]"):
+        bound([Gs[0], Gs[1][:2], Gs[2], Gs[3]], layout_token=2)
+    for got, ref in zip(Es, want):             # the refused call wrote nothing
+        assert torch.equal(got, ref)

@@ -102,3 +102,21 @@ def test_cuda_kernel_matches_reference():
     assert bound.flags.cpu().tolist() == expected
     ref = ops_multi.nonfinite_flags(tensors, backend="reference")
     assert ref.cpu().tolist() == expected
+
+
+def test_bound_call_checks_once_per_layout_token():
+    """With a layout token the counts, dtypes and contiguity are checked at its first call
+    and again at every new token; the flags are computed at every call."""
+    tensors = [torch.randn(4), torch.randn(2, 3)]
+    bound = ops_multi.BoundNonfiniteFlags(tensors)
+    assert not bool(bound(tensors, layout_token=1))
+    tensors[1][1, 2] = math.nan
+    assert bound(tensors, layout_token=1).item() and bound.flags.tolist() == [False, True, True]
+    with pytest.raises(ValueError, match=r"tensors\[1\] \(5 elements"):
+        bound([tensors[0], torch.randn(5)], layout_token=2)
+    # a non-contiguous tensor under a new token takes the reference path: still right
+    t = torch.randn(3, 2).t()
+    t[0, 1] = math.inf
+    assert bound([torch.randn(4), t], layout_token=3).item()
+    assert bound.flags.tolist() == [False, True, True]
+    assert not bound([torch.randn(4), torch.randn(3, 2).t()], layout_token=3).item()

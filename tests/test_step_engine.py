@@ -628,3 +628,26 @@ def test_capture_key_holds_gha_eta_and_sign_canon():
     assert classes and all(opt._class_capturable(c) for c in classes)
     classes[0].extra["eta"] = None          # mixed etas: the per-member path
     assert not opt._class_capturable(classes[0])
+
+
+@pytest.mark.parametrize("method", ["galore", "ldadam", "adamem", "adafactor"])
+def test_steps_where_some_parameters_have_no_gradient_equal_the_per_parameter_step(method):
+    """The step reads every gradient once and the classes and dense sets take theirs by
+    position: steps where projected and dense parameters in the middle of the list have no
+    gradient (a new set of positions, then the full set again) must step exactly the
+    parameters that have one, as the per-parameter step does."""
+    runs = []
+    for engine in (True, False):
+        net = model()
+        opt = optimizer(net, method, **STEADY[method])
+        opt.engine = engine
+        params = list(net.parameters())
+        for t in range(5):
+            backward(net, t)
+            if t in (1, 2):                  # a projected matrix, a norm weight, another
+                for i in (3, 4, len(params) // 2 + t):
+                    params[i].grad = None
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        runs.append(snapshot(net, opt))
+    assert_same(runs[0], runs[1], f"{method}: engine vs per-parameter step")

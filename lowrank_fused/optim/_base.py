@@ -3,7 +3,9 @@ loop, exact-dtype state round trips and state accounting."""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import operator
 import os
 import sys
 import warnings
@@ -63,9 +65,19 @@ def _dtensor_type():
 
 _DTYPE = ops_multi._DTYPE
 _LAYOUT = torch.Tensor.layout.__get__
+_GRAD = torch.Tensor.grad.__get__
 
 
 _SCALARS = (int, float, str, type(None))
+
+
+def _picker(positions):
+    """A function list -> list of the items at ``positions`` (one C call per use)."""
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda items: [items[i]]
+    get = operator.itemgetter(*positions)
+    return lambda items: list(get(items))
 
 
 def _snapshot_state(st: dict) -> dict:
@@ -588,12 +600,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.__dict__.pop("_validated_plan", None)     # set below for this step only
         for group in self.param_groups:
             self._check_group(group)
-        pairs = [(p, group) for group in self.param_groups for p in group["params"]
-                 if p.grad is not None]
-        params = [p for p, _ in pairs]
-        grads = [p.grad for p in params]
+        params = list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
+        grads = list(map(_GRAD, params))
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
         key = tuple(map(id, params))
-        self._step_params = (key, pairs)     # this step's parameters with a gradient
+        # this step's parameters with a gradient and their gradients, read once: the plan's
+        # classes and dense sets take theirs from this list by position (_step_grads)
+        self._step_params = (key, grads)
         self._check_grad_layouts(key, params, grads)
         self._skip_flag = None
         if self.nonfinite != "ignore":
@@ -688,7 +703,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if due is None:
             return
         flags, params, host = due
-        flags([p.grad for p in params])
+        plan = self.__dict__.get("_engine_plan")
+        step = self.__dict__.get("_step_params")
+        if plan is not None and plan.params is params and step is not None:
+            grads = step[1] if plan.live_pick is None else plan.live_pick(step[1])
+        else:
+            grads = [p.grad for p in params]
+        flags(grads, layout_token=self._layout_token)
         if host is not flags.per_tensor and not _capture.replaying():
             host.copy_(flags.per_tensor, non_blocking=True)
 
@@ -943,10 +964,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _current_plan(self):
         """The plan of this step (built when the set of parameters with a gradient or the
         structure changed), or None when no parameter has a gradient."""
-        key, pairs = self.__dict__.get("_step_params") or (None, None)
+        key = (self.__dict__.get("_step_params") or (None,))[0]
+        pairs = None
         if key is None:
-            pairs = [(p, group) for group in self.param_groups for p in group["params"]
-                     if p.grad is not None]
+            pairs = self._params_with_grads()
             key = tuple(map(id, (p for p, _ in pairs)))
         plan = self.__dict__.get("_engine_plan")
         # the layout token: gradients in another layout (strides) than the plan's may take
@@ -956,6 +977,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if plan is not None and plan.signature == signature:
             self._live = plan.live
             return plan
+        if pairs is None:
+            pairs = self._params_with_grads()
         live = [(p, g) for p, g in pairs if p.numel()]   # an empty tensor has nothing to do
         self._live = live
         if not live:
@@ -963,8 +986,30 @@ class LowRankOptimizer(torch.optim.Optimizer):
         plan = self._engine_plan = self._build_routes(live, signature)
         plan.live = live
         plan.params = [p for p, _ in live]
+        # each live parameter's position in the step's list of gradients (_step_grads)
+        plan.positions = {pid: i for i, pid in enumerate(key)}
+        live_at = [plan.positions[id(p)] for p in plan.params]
+        plan.live_pick = None if live_at == list(range(len(key))) else _picker(live_at)
         self._classes_stale = True
         return plan
+
+    def _params_with_grads(self):
+        """(parameter, group) of every parameter with a gradient, in the groups' order."""
+        return [(p, group) for group in self.param_groups for p in group["params"]
+                if p.grad is not None]
+
+    def _step_grads(self, plan, params, holder):
+        """The gradients of ``params`` (plan members) on this step: picked by position from
+        the list ``_validate_step`` read (a picker kept in the dict ``holder`` for as long
+        as the plan is the same), or read from the parameters outside a step."""
+        step = self.__dict__.get("_step_params")
+        if step is None or plan is None or getattr(plan, "positions", None) is None:
+            return [p.grad for p in params]
+        cached = holder.get("_pick")
+        if cached is None or cached[0] is not plan:
+            cached = holder["_pick"] = (plan, _picker([plan.positions[id(p)]
+                                                      for p in params]))
+        return cached[1](step[1])
 
     def _engine_step(self):
         """One step over every parameter with a gradient, by the plan."""
@@ -1037,22 +1082,32 @@ class LowRankOptimizer(torch.optim.Optimizer):
         from lowrank_fused.optim._engine import per_member
 
         route = dense.route
-        Gs = [p.grad for p in dense.params]
+        Gs = self._step_grads(self.__dict__.get("_engine_plan"), dense.params, dense.extra)
         if route.global_step:
             ts = [self._dense_step_number()] * len(Gs)
         else:
             ts = [st["step"] + 1 for st in dense.states]
-        hyper = per_member(dense.groups, lambda g: (
-            g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]))
+        def hyper_of(g):
+            return (g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"])
+
         if dense.where is not None:
             if dense.bound is None:
                 dense.bound = ops_multi.BoundAdamWStepMulti(
                     dense.Ws, Gs, dense.Ms, dense.Vs, eps_mode=route.eps_mode,
                     wd_mode=route.wd_mode, bias_correction=route.bias_correction,
                     backend=dense.backend)
-            dense.bound(Gs, [h + (t,) for h, t in zip(hyper, ts)], skip=self._skip_flag,
-                        layout_token=self._layout_token)
+            group = dense.extra.get("group", dense)
+            if group is dense:                  # the one group of every member, or None
+                distinct = {id(g): g for g in dense.groups}
+                group = dense.extra["group"] = (next(iter(distinct.values()))
+                                                if len(distinct) == 1 else None)
+            if group is not None and ts.count(ts[0]) == len(ts):
+                rows = [hyper_of(group) + (ts[0],)] * len(ts)   # one row, shared
+            else:
+                rows = [h + (t,) for h, t in zip(per_member(dense.groups, hyper_of), ts)]
+            dense.bound(Gs, rows, skip=self._skip_flag, layout_token=self._layout_token)
         else:
+            hyper = per_member(dense.groups, hyper_of)
             lrs, b1s, b2s, epss, wds = zip(*hyper)
             for W, G, M, V, lr, b1, b2, e, wd, t in zip(dense.Ws, Gs, dense.Ms, dense.Vs,
                                                         lrs, b1s, b2s, epss, wds, ts):
@@ -1141,7 +1196,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             params = cls.extra["_params"] = [m.p for m in cls.members]
             cls.extra["_all_2d"] = all(p.dim() == 2 for p in params)
         if cls.extra["_all_2d"]:
-            return [p.grad for p in params]
+            return self._step_grads(self.__dict__.get("_engine_plan"), params, cls.extra)
         shape = cls.route.shape
         return [p.grad if p.dim() == 2 else p.grad.reshape(shape) for p in params]
 

@@ -88,6 +88,7 @@ class DenseSet:
     Ms: list = field(default_factory=list)
     Vs: list = field(default_factory=list)
     bound: Any = None                  # the multi-tensor call, bound at the first step
+    extra: dict = field(default_factory=dict)   # what the optimizer keeps per set
 
 
 class Workspace:
@@ -128,6 +129,10 @@ class Plan:
     flags: Any = None     # the per-tensor non-finite flags (ops_multi.BoundNonfiniteFlags)
     live: list = field(default_factory=list)          # (p, group) of every planned parameter
     params: list = field(default_factory=list)        # their parameters, in that order
+    # id(parameter) -> position in the step's list of gradients (``_step_params``), and a
+    # picker of the live parameters' gradients from it (None: that list is theirs already)
+    positions: Any = None
+    live_pick: Any = None
 
     @property
     def counters(self):

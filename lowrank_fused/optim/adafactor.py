@@ -362,7 +362,10 @@ class Adafactor(LowRankOptimizer):
                 sets.append(self._step_scalars(m.group, t))
             sel.append(i)
         grouped = cls.extra["grouped"]
-        Gs = [m.p.grad for m in cls.members]
+        params = cls.extra.get("_member_params")
+        if params is None:
+            params = cls.extra["_member_params"] = [m.p for m in cls.members]
+        Gs = self._step_grads(self.__dict__.get("_engine_plan"), params, cls.extra)
         if grouped is not None and grouped.takes(Gs):
             grouped(Gs, sets, None if len(sets) == 1 else sel, skip=self._skip_flag)
             cls.extra["grouped_used"] = True

@@ -1118,7 +1118,7 @@ class LDAdamW(LowRankOptimizer):
         from lowrank_fused.kernels.ldadam_error_accumulate import BoundErrorAccumulate
 
         bound = BoundErrorAccumulate(Es, self._class_grads(cls))
-        return lambda Es, Gs, skip=None: bound(Gs, skip=skip)
+        return lambda Es, Gs, skip=None: bound(Gs, skip=skip, layout_token=self._layout_token)
 
     def _class_step(self, cls, precision):
         """One class: ``_batch_step`` on its stacked state (on the Triton backend 16 small
