@@ -177,3 +177,26 @@ def test_refused_param_group_leaves_the_optimizer_as_it_was(method):
     with pytest.raises(TypeError, match="dtype torch.float64"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3, dtype=torch.float64))]})
     assert len(opt.param_groups) == n
+
+
+@pytest.mark.parametrize("method", ["adamw", "galore"])
+def test_sparse_gradient_after_zero_stride_gradients_changes_nothing(method):
+    """A sparse COO tensor reports all-zero strides, as an expanded dense gradient does: after
+    steps with such a dense gradient, the step's layout check must still see the sparse one
+    (the layouts are compared whenever a recorded gradient has only zero strides)."""
+    net = model()
+    opt = optimizer(net, method)
+    norm = net.model.norm.weight
+    for t in range(2):
+        opt.zero_grad(set_to_none=True)
+        backward(net, t)
+        norm.grad = torch.full((1,), 1e-3).expand(norm.shape)    # strides (0,)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    backward(net, 2)
+    norm.grad = torch.full(norm.shape, 1e-3).to_sparse()
+    assert norm.grad.stride() == (0,)
+    before = snapshot(net, opt)
+    with pytest.raises(RuntimeError, match=r"sparse gradients \('model.norm.weight'"):
+        opt.step()
+    assert_same(before, snapshot(net, opt), method)

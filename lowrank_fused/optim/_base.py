@@ -635,17 +635,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
         known = self.__dict__.get("_grad_layouts")
         if known is not None and known[0] == key:
             _, shapes, dtypes, devices, dense, strides = known
-            if (list(map(torch.Tensor.size, grads)) == shapes
-                    and list(map(_DTYPE, grads)) == dtypes
-                    and list(map(_LAYOUT, grads)) == dense
-                    and list(map(torch.Tensor.get_device, grads)) == devices
-                    and list(map(torch.Tensor.stride, grads)) == strides):
+            try:
+                # only strided tensors have strides (others raise) that are not all 0 (a
+                # sparse COO tensor's): where every recorded gradient has a nonzero stride,
+                # equal strides mean strided tensors, and the layouts are not compared
+                same = (list(map(torch.Tensor.stride, grads)) == strides
+                        and list(map(torch.Tensor.size, grads)) == shapes
+                        and list(map(_DTYPE, grads)) == dtypes
+                        and list(map(torch.Tensor.get_device, grads)) == devices
+                        and (dense is None or list(map(_LAYOUT, grads)) == dense))
+            except RuntimeError:
+                same = False
+            if same:
                 return
         for p in params:
             self._check_grad(p)
+        strides = [g.stride() for g in grads]
         self._grad_layouts = (key, [p.shape for p in params], [p.dtype for p in params],
-                              [p.get_device() for p in params], [torch.strided] * len(params),
-                              [g.stride() for g in grads])
+                              [p.get_device() for p in params],
+                              None if all(map(any, strides)) else [torch.strided] * len(params),
+                              strides)
         # every gradient's layout (shape, strides, dtype, device) is unchanged from the last
         # step for as long as this token is: the bound calls given it check theirs once per
         # token instead of once per call (``ops_grouped.BoundGroupedProject``)
