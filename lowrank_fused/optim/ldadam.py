@@ -217,6 +217,50 @@ def _bind_scaled(st, side, ef, backend, device):
                               side=side)
 
 
+class _BatchGemms:
+    """A batch's five small products per step (line 1's ``P_old (M V1)``, the transport's
+    ``C``, ``M_tr`` and ``(C o C) w``) as bound Triton batched GEMMs on the batch's fixed
+    tensors (``kernels/batched_matmul.py``, one planned launch each), bound per precision
+    at first use. Written so that the second operand is always fp32 (the kernel's contract):
+    a product whose natural second operand is a stored moment or basis (possibly bf16) is
+    made transposed, ``(X Y)^T = Y^T X^T``, into a transposed view of its output."""
+
+    def __init__(self, st, side):
+        M, P = st["M"], st["P"]
+        if side == "left":
+            self.products = dict(
+                MV=(M, st["V1T"], st["MV"]),                      # M V1^T
+                corr=(P, st["MV"], st["corr"]),                   # P_old (M V1^T)
+                C=(st["PT"], st["P_old"], st["C"]),               # P_new^T P_old
+                mtr=(M.transpose(1, 2), st["CT"], st["mtr"].transpose(1, 2)),   # C M
+                w2=(st["CC"], st["R1"], st["w2"]))                # (C o C) w
+        else:
+            self.products = dict(
+                MV=(M.transpose(1, 2), st["V1"], st["MV"].transpose(1, 2)),     # V1^T M
+                corr=(P.transpose(1, 2), st["MV"].transpose(1, 2),
+                      st["corr"].transpose(1, 2)),                # (V1^T M) P_old
+                C=(P, st["Pc_old"], st["C"]),                     # Q_new Q_old^T
+                mtr=(M, st["CT"], st["mtr"]),                     # M C^T
+                w2=(st["R1"], st["CCT"], st["w2"]))               # w (C o C)^T
+        self._bound = {}
+
+    def __call__(self, name, precision):
+        bound = self._bound.get((name, precision))
+        if bound is None:
+            from lowrank_fused.kernels.batched_matmul import BoundBatchedMatmul
+
+            A, B, C = self.products[name]
+            bound = self._bound[(name, precision)] = BoundBatchedMatmul(A, B, C,
+                                                                         precision=precision)
+        bound()
+
+
+def _bind_gemms(st, side, scaled):
+    """``_BatchGemms`` where the batch's elementwise steps run on Triton (``scaled`` bound),
+    else None (``_batch_step``'s torch products)."""
+    return None if scaled is None else _BatchGemms(st, side)
+
+
 class LDAdamW(LowRankOptimizer):
     """LDAdam with decoupled weight decay (docs/methods/ldadam.md).
 
@@ -858,7 +902,11 @@ class LDAdamW(LowRankOptimizer):
                                                                alpha=scalars["coef_a"])
         calls["k1b"](As, precision)
         corr = st["corr"]
-        if left:
+        gemm = calls.get("gemm")
+        if gemm is not None:                 # the Triton path: bound batched GEMMs
+            gemm("MV", precision)
+            gemm("corr", precision)
+        elif left:
             bmm(P, bmm(M, st["V1T"], out=st["MV"]), out=corr)
         else:
             bmm(bmm(st["V1T"], M, out=st["MV"]), P, out=corr)
@@ -895,7 +943,10 @@ class LDAdamW(LowRankOptimizer):
         calls["k1"](As, precision)
         # lines 4 + 6: the transport (as ldadam_moment_transport, on the batch)
         C, m_tr = st["C"], st["mtr"]
-        if left:
+        if gemm is not None:
+            gemm("C", precision)
+            gemm("mtr", precision)
+        elif left:
             bmm(st["PT"], P_old, out=C)
             bmm(C, M, out=m_tr)
         else:                                # canonical C = Q_new Q_old^T, M_tr^T = C M^T
@@ -913,7 +964,9 @@ class LDAdamW(LowRankOptimizer):
             w.sub_(torch.mul(M, M, out=sq).div_(bc1_sq))
         torch.mul(C, C, out=st["CC"])
         w2 = st["w2"]
-        if left:
+        if gemm is not None:
+            gemm("w2", precision)
+        elif left:
             bmm(st["CC"], w, out=w2)
         else:
             bmm(w, st["CCT"], out=w2)
@@ -994,6 +1047,7 @@ class LDAdamW(LowRankOptimizer):
                 precision=prec, backend=backend, skip=skip),
             acc=_accumulator(backend, p.device),
             scaled=_bind_scaled(st, side, Es is not None, backend, p.device))
+        calls["gemm"] = _bind_gemms(st, side, calls["scaled"])
         ok = self._batch_step(group, side, rank, self.completed_steps, [G], Es, st, calls,
                               precision)
         write_back(W)
@@ -1105,6 +1159,8 @@ class LDAdamW(LowRankOptimizer):
                            cls, lr, post, prec, pre_scales=pre),
                        acc=self._class_accumulator(cls, Es, device),
                        scaled=_bind_scaled(st, side, Es is not None, cls.backend, device)))
+        calls = cls.extra["calls"]
+        calls["gemm"] = _bind_gemms(st, side, calls["scaled"])
 
     def _class_accumulator(self, cls, Es, device):
         """Line 3's ``E += G`` of a class: on Triton bound to the class's error buffers once
@@ -1121,10 +1177,11 @@ class LDAdamW(LowRankOptimizer):
         return lambda Es, Gs, skip=None: bound(Gs, skip=skip, layout_token=self._layout_token)
 
     def _class_step(self, cls, precision):
-        """One class: ``_batch_step`` on its stacked state (on the Triton backend 16 small
-        torch calls, 19 with ``sign_canon``, and ten bound calls, whatever its size: 5 grouped
-        GEMM launches, the accumulation, the three launches of the per-step-scaled elementwise
-        steps, one multi-tensor moments call; nothing allocated)."""
+        """One class: ``_batch_step`` on its stacked state (on the Triton backend 11 small
+        torch calls, 14 with ``sign_canon``, the batched QR among them, and fifteen bound
+        calls, whatever its size: 5 grouped GEMM launches, 5 batched small GEMMs
+        (``_BatchGemms``), the accumulation, the three launches of the per-step-scaled
+        elementwise steps, one multi-tensor moments call; nothing allocated)."""
         x = cls.extra
         ok = self._batch_step(cls.members[0].group, cls.route.side, cls.route.rank,
                               self.completed_steps, self._class_grads(cls), x["Es"], x["st"],
