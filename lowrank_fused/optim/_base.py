@@ -713,11 +713,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return
         flags, params, host = due
         plan = self.__dict__.get("_engine_plan")
-        step = self.__dict__.get("_step_params")
-        if plan is not None and plan.params is params and step is not None:
-            grads = step[1] if plan.live_pick is None else plan.live_pick(step[1])
-        else:
-            grads = [p.grad for p in params]
+        grads = (self._step_grads(params, plan.extra) if plan is not None
+                 and plan.params is params else [p.grad for p in params])
         flags(grads, layout_token=self._layout_token)
         if host is not flags.per_tensor and not _capture.replaying():
             host.copy_(flags.per_tensor, non_blocking=True)
@@ -997,8 +994,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
         plan.params = [p for p, _ in live]
         # each live parameter's position in the step's list of gradients (_step_grads)
         plan.positions = {pid: i for i, pid in enumerate(key)}
-        live_at = [plan.positions[id(p)] for p in plan.params]
-        plan.live_pick = None if live_at == list(range(len(key))) else _picker(live_at)
         self._classes_stale = True
         return plan
 
@@ -1007,18 +1002,21 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return [(p, group) for group in self.param_groups for p in group["params"]
                 if p.grad is not None]
 
-    def _step_grads(self, plan, params, holder):
-        """The gradients of ``params`` (plan members) on this step: picked by position from
-        the list ``_validate_step`` read (a picker kept in the dict ``holder`` for as long
-        as the plan is the same), or read from the parameters outside a step."""
+    def _step_grads(self, params, holder):
+        """The gradients of ``params`` (members of the current plan) on this step: picked by
+        position from the list ``_validate_step`` read (a picker kept in the dict ``holder``
+        for as long as the plan is the same; that list itself when ``params`` are all of
+        its parameters, in order), or read from the parameters outside a step."""
+        plan = self.__dict__.get("_engine_plan")
         step = self.__dict__.get("_step_params")
-        if step is None or plan is None or getattr(plan, "positions", None) is None:
+        if step is None or plan is None or plan.positions is None:
             return [p.grad for p in params]
         cached = holder.get("_pick")
         if cached is None or cached[0] is not plan:
-            cached = holder["_pick"] = (plan, _picker([plan.positions[id(p)]
-                                                      for p in params]))
-        return cached[1](step[1])
+            at = [plan.positions[id(p)] for p in params]
+            cached = holder["_pick"] = (plan, None if at == list(range(len(step[1])))
+                                        else _picker(at))
+        return step[1] if cached[1] is None else cached[1](step[1])
 
     def _engine_step(self):
         """One step over every parameter with a gradient, by the plan."""
@@ -1091,7 +1089,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         from lowrank_fused.optim._engine import per_member
 
         route = dense.route
-        Gs = self._step_grads(self.__dict__.get("_engine_plan"), dense.params, dense.extra)
+        Gs = self._step_grads(dense.params, dense.extra)
         if route.global_step:
             ts = [self._dense_step_number()] * len(Gs)
         else:
@@ -1205,7 +1203,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             params = cls.extra["_params"] = [m.p for m in cls.members]
             cls.extra["_all_2d"] = all(p.dim() == 2 for p in params)
         if cls.extra["_all_2d"]:
-            return self._step_grads(self.__dict__.get("_engine_plan"), params, cls.extra)
+            return self._step_grads(params, cls.extra)
         shape = cls.route.shape
         return [p.grad if p.dim() == 2 else p.grad.reshape(shape) for p in params]
 

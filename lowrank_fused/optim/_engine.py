@@ -129,10 +129,9 @@ class Plan:
     flags: Any = None     # the per-tensor non-finite flags (ops_multi.BoundNonfiniteFlags)
     live: list = field(default_factory=list)          # (p, group) of every planned parameter
     params: list = field(default_factory=list)        # their parameters, in that order
-    # id(parameter) -> position in the step's list of gradients (``_step_params``), and a
-    # picker of the live parameters' gradients from it (None: that list is theirs already)
+    # id(parameter) -> position in the step's list of gradients (``_step_params``)
     positions: Any = None
-    live_pick: Any = None
+    extra: dict = field(default_factory=dict)   # what the optimizer keeps per plan
 
     @property
     def counters(self):

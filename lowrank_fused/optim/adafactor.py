@@ -365,7 +365,7 @@ class Adafactor(LowRankOptimizer):
         params = cls.extra.get("_member_params")
         if params is None:
             params = cls.extra["_member_params"] = [m.p for m in cls.members]
-        Gs = self._step_grads(self.__dict__.get("_engine_plan"), params, cls.extra)
+        Gs = self._step_grads(params, cls.extra)
         if grouped is not None and grouped.takes(Gs):
             grouped(Gs, sets, None if len(sets) == 1 else sel, skip=self._skip_flag)
             cls.extra["grouped_used"] = True

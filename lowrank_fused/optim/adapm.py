@@ -946,7 +946,7 @@ class AdaPM(LowRankOptimizer):
             ts = [k + 1 for k in steps]
             rows = self._class_rows(cls, ts)
         if ex["plain"]:
-            Gs = self._step_grads(self.__dict__.get("_engine_plan"), ex["params"], ex)
+            Gs = self._step_grads(ex["params"], ex)
         else:
             Gs = [self._class_grad(p, cls.route) for p in ex["params"]]
         token = self._layout_token
