@@ -1,23 +1,16 @@
 """bench.run end to end in its quick mode (CPU: eager only; CUDA: one shape), writing into a
 temporary folder: both files exist, hold rows, and every row has a positive floor."""
 import json
-import time
 
 import pytest
 import torch
-
-# CPU: eager only, a few seconds. CUDA: one shape, fused and eager, plus first-time Triton
-# compiles and two SVDs for the optimizer's warm state.
-BUDGET_S = 120 if torch.cuda.is_available() else 30
 
 
 def test_bench_run_quick(tmp_path, capsys):
     from bench import run
 
-    t0 = time.perf_counter()
     rc = run.main(["--quick", "--suite", "kernels", "--no-report", "--out", str(tmp_path),
                    "--threads", "1"])
-    elapsed = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert rc == 0, out
     jsons, mds = sorted(tmp_path.glob("*.json")), sorted(tmp_path.glob("*.md"))
@@ -41,7 +34,6 @@ def test_bench_run_quick(tmp_path, capsys):
     md = mds[0].read_text()
     assert md.count("\n| ") >= len(doc["rows"]) + 1
     assert "| galore_step | eager | reference |" in md
-    assert elapsed < BUDGET_S, f"bench.run --quick took {elapsed:.1f} s (budget {BUDGET_S} s)"
 
 
 def test_only_rejects_unknown_module():

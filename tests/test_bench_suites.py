@@ -1,21 +1,17 @@
 """bench.run's suites step, e2e and convergence at their smallest (--quick, one method), and
-bench.report's summary page and plots (CPU, well under 30 s)."""
+bench.report's summary page and plots (CPU). Structure only: how long they take is the
+bench's to report, not a test's to assert."""
 import json
-import time
 
 import pytest
 import torch
-
-BUDGET_S = 120 if torch.cuda.is_available() else 30
 
 
 def test_suites_quick(tmp_path, capsys):
     from bench import run
 
-    t0 = time.perf_counter()
     rc = run.main(["--quick", "--suite", "step,e2e,convergence", "--methods", "galore",
                    "--out", str(tmp_path), "--threads", "1"])
-    elapsed = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert rc == 0, out
     from bench import harness as H
@@ -47,7 +43,6 @@ def test_suites_quick(tmp_path, capsys):
                 f"{slug}-rank.png"} <= pngs
     except ImportError:
         assert "Plots skipped" in page
-    assert elapsed < BUDGET_S, f"suites took {elapsed:.1f} s (budget {BUDGET_S} s)"
 
 
 def _tiny_convergence_doc():
