@@ -9,12 +9,18 @@ Gradient kinds: ``real`` (one backward of the model on random tokens) and ``deca
 
     python -m bench.bench_refresh [--dim 256 --layers 4 --rank 32 --device cpu]
 
+On the CPU the refresh runs what a CPU user gets (the CPU extension and torch): a
+``TRITON_INTERPRET=1`` in the environment is set aside while measuring (``--interpret`` keeps
+it: the interpreted kernels, for correctness, at ~1000x the cost).
+
 Writes ``bench/results/_scratch/refresh-<device>.json`` and ``.md``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -55,6 +61,18 @@ def decaying_like(grads, seed=1):
         s = 1.0 / torch.arange(1, k + 1, dtype=torch.float32)
         out.append(((U * s) @ V.t()).to(G.device))
     return out
+
+
+@contextlib.contextmanager
+def without_interpreter():
+    """``TRITON_INTERPRET`` unset for the duration (dispatch re-resolves its cached
+    implementations when it changes), restored after: timings of the CPU's own path."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def _time(fn, repeats):
@@ -101,14 +119,20 @@ def main(argv=None):
     ap.add_argument("--power-iters", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--interpret", action="store_true",
+                    help="CPU: keep TRITON_INTERPRET=1 (interpreted kernels, not a speed)")
     ap.add_argument("--out", default=str(OUT_DIR))
     args = ap.parse_args(argv)
     cfg, grads = model_gradients(args.dim, args.layers, args.device)
     shapes = sorted({tuple(G.shape) for G in grads})
     rows = {}
-    for kind, gs in (("real", grads), ("decaying", decaying_like(grads))):
-        for q in sorted({args.power_iters, 1}):
-            rows[f"{kind}, q={q}"] = measure(gs, args.rank, args.repeats, args.oversample, q)
+    with contextlib.ExitStack() as stack:
+        if torch.device(args.device).type == "cpu" and not args.interpret:
+            stack.enter_context(without_interpreter())
+        for kind, gs in (("real", grads), ("decaying", decaying_like(grads))):
+            for q in sorted({args.power_iters, 1}):
+                rows[f"{kind}, q={q}"] = measure(gs, args.rank, args.repeats, args.oversample,
+                                                 q)
     result = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
                   machine=platform.processor() or platform.machine(),
                   model=dict(hidden_size=cfg.hidden_size, layers=cfg.num_hidden_layers,

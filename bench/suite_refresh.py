@@ -10,11 +10,12 @@ rank 16); CUDA dim 1024 x 8 layers, rank 128 (``quick``: dim 512 x 4, rank 64). 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
-from bench.bench_refresh import decaying_like, measure, model_gradients
+from bench.bench_refresh import decaying_like, measure, model_gradients, without_interpreter
 
 
 def config(device, quick):
@@ -25,13 +26,24 @@ def config(device, quick):
 
 def run(device, *, quick: bool, methods=None, threads: int = 1, backend: str = "auto",
         log=print) -> dict:
-    """``methods``/``backend`` do not apply (the refresh is the same for every method that
-    has one); ``threads``: the CPU measures with ``max(threads, 2)`` threads, the
-    configuration of the committed numbers."""
+    """``methods`` does not apply (the refresh is the same for every method that has one).
+    ``backend``: ``reference`` on the CPU times what a CPU user runs (the CPU extension and
+    torch) even under ``TRITON_INTERPRET=1``, where the refresh's small Cholesky would
+    otherwise run the interpreted kernel (a correctness tool at ~1000x the cost, not a
+    speed); ``bench.run`` passes ``reference`` on the CPU unless asked for ``--interpret``.
+    ``threads``: the CPU measures with ``max(threads, 2)`` threads, the configuration of the
+    committed numbers."""
     dim, layers, rank = config(device, quick)
     old = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(max(2, int(threads)))
+    with contextlib.ExitStack() as stack:
+        if device.type == "cpu" and backend == "reference":
+            stack.enter_context(without_interpreter())
+        return _run(device, dim, layers, rank, quick, log, old)
+
+
+def _run(device, dim, layers, rank, quick, log, old_threads) -> dict:
     try:
         cfg, grads = model_gradients(dim, layers, device)
         rows, errors = [], []
@@ -54,4 +66,4 @@ def run(device, *, quick: bool, methods=None, threads: int = 1, backend: str = "
                           "shapes": [list(s) for s in sorted({tuple(G.shape) for G in grads})],
                           "rank": rank, "oversample": 8, "threads": torch.get_num_threads()}}
     finally:
-        torch.set_num_threads(old)
+        torch.set_num_threads(old_threads)
