@@ -10,7 +10,7 @@ optimizer starts from the state of one warm reference step (shared per method, s
 dtype, loaded with ``load_state_dict``), so the timed steps are steady ones: LDAdam's per-step
 power iteration and GHA's per-step basis update are part of their steps, as in training.
 
-Cases: CUDA: 4096x11008 (the issue's shape) at ranks 128/256/512, fp32 parameters with tf32
+Cases: CUDA: 4096x11008 (LLaMA-7B's MLP) at ranks 128/256/512, fp32 parameters with tf32
 GEMMs and bf16 parameters with bf16 GEMMs (``--quick``: 4096x4096, rank 128); CPU: the
 harness's small shape (the interpreter's with ``--interpret``).
 """

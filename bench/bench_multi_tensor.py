@@ -20,7 +20,7 @@ optimizer's multi-tensor path (one ``adamw_step_multi`` per step) vs its per-ten
 (``opt.multi_tensor = False``: one ``adamw_step`` per parameter), on backend "cpu" (the C++
 twin) and "reference" (eager; its multi-tensor op is a loop over the same per-tensor math).
 
-Third part, ``--part gpu`` (CUDA only; what ``bench.gpu_check`` runs): the issue's GPU
+Third part, ``--part gpu`` (CUDA only; what ``bench.gpu_check`` runs): the GPU
 comparison on LLaMA-1B's optimizer states (shapes from ``LLAMA_CONFIGS["1b"]``, GaLore rank
 256 by default, fp32 states allocated on the device): K2 of every low-rank state as one
 ``adam_moments_multi`` launch (backend "cuda", the compiled extension) vs one Triton

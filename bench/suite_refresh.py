@@ -4,9 +4,9 @@ per-layer ``torch.linalg.svd`` GaLore runs, timed side by side in one process, w
 captured-energy ratio; real gradients (one backward on random tokens) and synthetic decaying
 spectra of the same shapes, at q = 1 and the default q = 2 power iterations.
 
-Model: CPU dim 256 x 4 layers, rank 32 (the issue's small model; ``quick``: dim 128 x 2,
-rank 16); CUDA dim 1024 x 8 layers, rank 128 (``quick``: dim 512 x 4, rank 64). The measurement itself is ``bench_refresh.measure``
-(also runnable alone: ``python -m bench.bench_refresh``).
+Model: CPU dim 256 x 4 layers, rank 32 (``quick``: dim 128 x 2, rank 16); CUDA dim 1024 x 8
+layers, rank 128 (``quick``: dim 512 x 4, rank 64). The measurement itself is
+``bench_refresh.measure`` (also runnable alone: ``python -m bench.bench_refresh``).
 """
 from __future__ import annotations
 
