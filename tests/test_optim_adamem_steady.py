@@ -12,7 +12,7 @@ it binds once and what a steady step does with it.
 * A steady step of the paper's routing (classes, a vector set, two factored matrices) with
   the flag left on the device allocates no tensor and makes the same launches with the same
   arguments as the step before it (the per-step scalars in tables at fixed addresses; the
-  factored matrices' update kernel still takes its scalars by value).
+  factored matrices' statistics passes take beta2 and eps1 by value, fixed per group).
 """
 import collections
 
@@ -196,9 +196,9 @@ def test_steady_step_allocates_nothing_and_repeats_its_launches(monkeypatch):
     for a, b in zip(*steps):
         assert a == b, f"a steady step changed a launch:\n{a}\n{b}"
     kernels = collections.Counter(entry[0] for entry in steps[0])
-    # per class: K1, the middle's four, K3; two per factored matrix; one per vector set;
-    # the non-finite flags
-    assert sum(kernels.values()) == 6 * len(plan.classes) + 2 * len(plan.factored) \
+    # per class: K1, the middle's four, K3; three per factored matrix (stats, EMA, apply);
+    # one per vector set; the non-finite flags
+    assert sum(kernels.values()) == 6 * len(plan.classes) + 3 * len(plan.factored) \
         + len(plan.vector_sets) + 1, kernels
     backward(net, 5)
     LaunchRecorder(monkeypatch, stub=True)
