@@ -5,7 +5,12 @@ the canonical (left-form) arguments of ``lowrank_fused.ops``. Importing this pac
 the launchers as the ``triton`` backend of the dispatch table. Set ``TRITON_INTERPRET=1``
 before importing it to run the kernels on CPU tensors.
 """
-from lowrank_fused.dispatch import register, register_auto_guard
+from lowrank_fused.dispatch import interpreting, register, register_auto_guard
+
+if interpreting():     # helper calls inside a kernel without re-patching the language
+    from ._interpreter import install as _install_interpreter_shortcut
+
+    _install_interpreter_shortcut()
 
 from .adafactor_bc_step import adafactor_bc_factored_step, adafactor_bc_unfactored_step
 from .adafactor_step import adafactor_step

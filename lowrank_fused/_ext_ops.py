@@ -561,8 +561,12 @@ class PackedMulti:
             self._like_lists = ([t.shape for t in lists[dynamic]],
                                 [t.dtype for t in lists[dynamic]])
         self.lists = lists
+        # the written tensors autograd can have saved: the parameters (a graph built before
+        # the step and run after it must see that they changed, as after torch's optimizers);
+        # optimizer states and buffers are never in a graph, and bumping their versions too
+        # was two thirds of the call's host time on a dense set
         self.written = [t for name in check["outputs"] for t in lists[name]
-                        if not t.is_inference()]
+                        if t.requires_grad and not t.is_inference()]
         self.fn = getattr(_module(backend), f"{op}_{backend}")
         self._token = None                  # the layout_token of the last checked call
         self._checked = (None, None, None)  # the last call's checked skip, norms, table
@@ -597,7 +601,8 @@ class PackedMulti:
             _check_aux(self.op, self.backend, "norms", norms, torch.float32, self.count,
                        self.device)
         self._written_with_norms = self.written + (
-            [norms] if norms is not None and not norms.is_inference() else [])
+            [norms] if norms is not None and norms.requires_grad
+            and not norms.is_inference() else [])
         self._checked = (skip, norms, table)
 
     def __call__(self, dynamic=None, *, skip=None, norms=None, table=None, layout_token=None,
@@ -632,4 +637,5 @@ class PackedMulti:
             with torch.cuda.device(self.device):
                 self.fn(self.ptrs, self.sizes, self.codes, device=self.device.index,
                         stream=torch.cuda.current_stream(self.device).cuda_stream, **kw)
-        torch.autograd.graph.increment_version(self._written_with_norms)
+        if self._written_with_norms:
+            torch.autograd.graph.increment_version(self._written_with_norms)

@@ -66,6 +66,10 @@ def _dtensor_type():
 _DTYPE = ops_multi._DTYPE
 _LAYOUT = torch.Tensor.layout.__get__
 _GRAD = torch.Tensor.grad.__get__
+# a list of tensors' autograd version counters, bumped in one C loop (what
+# torch.autograd.graph.increment_version calls)
+_increment_version = getattr(torch._C, "_increment_version", None) or \
+    torch.autograd.graph.increment_version
 
 
 _SCALARS = (int, float, str, type(None))
@@ -609,6 +613,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # this step's parameters with a gradient and their gradients, read once: the plan's
         # classes and dense sets take theirs from this list by position (_step_grads)
         self._step_params = (key, grads)
+        self._stepped = params
         self._check_grad_layouts(key, params, grads)
         self._skip_flag = None
         if self.nonfinite != "ignore":
@@ -833,8 +838,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self.skipped_steps += 1
                 return loss
             self._device_step()
+            # the kernels write the parameters through their addresses, which autograd does
+            # not see: their version counters are bumped here, once per step (one C loop), so
+            # a graph saved before the step and run after it refuses, as after torch's
+            # optimizers, instead of using the new weights silently
+            _increment_version(self._stepped)
         finally:
             self.__dict__.pop("_step_params", None)      # this step's only
+            self.__dict__.pop("_stepped", None)
             self.__dict__.pop("_flags_due", None)
         self._after_updates()
         return loss

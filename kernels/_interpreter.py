@@ -1,0 +1,103 @@
+"""A faster Triton CPU interpreter (``TRITON_INTERPRET=1``) for kernels that call
+``@triton.jit`` helpers.
+
+The interpreter patches ``triton.language`` into its numpy implementation when a kernel is
+launched (``GridExecutor.__call__`` -> ``_patch_lang``) and restores it when the launch ends.
+But every call of a device function inside the kernel (``InterpretedFunction.__call__``)
+patches the language again, although it is already patched: ``_patch_lang`` walks every member
+of ``triton.language``, its ``tensor`` and ``math`` with ``inspect.getmembers`` (about 0.5 ms),
+once per helper call, per program, per loop iteration. For a kernel whose inner loop calls a
+helper (the small Cholesky's column loop, the tile loaders) that was most of the interpreted
+time.
+
+``install()`` makes a launch patch both language modules a helper can see
+(``triton.language`` and ``triton.language.core``; the interpreter's own patch at a launch
+takes only those in the kernel's module, and a helper holding the other patched it at each
+call, never restoring it) and restore both when it ends, and makes the helper calls inside the
+launch skip the patch: they run against exactly the patched language they would have patched
+again. Outside a launch the interpreter's own ``_patch_lang`` runs as before. Nothing changes on a GPU (the interpreter is not used there), and an interpreter of
+another shape (a Triton version without these functions) is left alone.
+"""
+from __future__ import annotations
+
+import threading
+
+_STATE = threading.local()        # per thread: the languages the running launch patched
+_LANGS = {}                       # function -> the language modules its globals hold
+_installed = False
+_original_patch = None            # the interpreter's own _patch_lang
+
+
+def _languages(fn):
+    """The ``triton.language`` modules in ``fn``'s globals (as ``_patch_lang`` finds them)."""
+    langs = _LANGS.get(fn)
+    if langs is None:
+        import inspect
+
+        import triton.language as tl
+
+        langs = _LANGS[fn] = frozenset(
+            id(v) for v in fn.__globals__.values()
+            if inspect.ismodule(v) and v in (tl, tl.core))
+    return langs
+
+
+class _NoScope:
+    """What a skipped patch returns: nothing to restore."""
+
+    def restore(self) -> None:
+        pass
+
+
+def install() -> bool:
+    """Install the shortcut into ``triton.runtime.interpreter`` (once). False when the
+    interpreter does not have the expected shape (then it is left as it is)."""
+    global _installed, _original_patch
+    if _installed:
+        return True
+    try:
+        import triton.runtime.interpreter as interp
+    except Exception:
+        return False
+    grid_executor = getattr(interp, "GridExecutor", None)
+    original_patch = getattr(interp, "_patch_lang", None)
+    if grid_executor is None or original_patch is None or \
+            getattr(interp, "InterpretedFunction", None) is None:
+        return False
+    original_launch = grid_executor.__call__
+    _original_patch = original_patch
+    no_scope = _NoScope()
+
+    import types
+
+    import triton.language as tl
+
+    # the launch patches both language modules (a kernel's module usually holds only
+    # ``triton.language``; the library's own helpers, ``tl.sum``'s combine functions, hold
+    # ``triton.language.core``, which the interpreter would patch at their first call and
+    # never restore), so every helper call inside it finds its language patched
+    both = types.SimpleNamespace(__globals__={"tl": tl, "core": tl.core})
+    covered_by_both = frozenset((id(tl), id(tl.core)))
+
+    def patch_lang(fn):
+        covered = getattr(_STATE, "covered", None)
+        if covered is not None and _languages(fn) <= covered:
+            return no_scope           # inside a launch that patched these languages already
+        if getattr(_STATE, "launching", False) and covered is None:
+            scope = _original_patch(both)       # the launch's own patch, restored by it
+            _STATE.covered = covered_by_both
+            return scope
+        return _original_patch(fn)
+
+    def launch(self, *args, **kwargs):
+        outer = (getattr(_STATE, "launching", False), getattr(_STATE, "covered", None))
+        _STATE.launching, _STATE.covered = True, None
+        try:
+            return original_launch(self, *args, **kwargs)
+        finally:
+            _STATE.launching, _STATE.covered = outer
+
+    interp._patch_lang = patch_lang
+    grid_executor.__call__ = launch
+    _installed = True
+    return True

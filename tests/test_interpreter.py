@@ -1,0 +1,76 @@
+"""The interpreter shortcut (``kernels/_interpreter.py``): under ``TRITON_INTERPRET=1`` a launch
+patches the language once (both ``triton.language`` and ``triton.language.core``) and the
+``@triton.jit`` helpers it calls run without patching it again; results unchanged, and the
+language is restored when the launch ends."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_fused.dispatch import interpreting
+
+pytestmark = pytest.mark.skipif(not interpreting(), reason="interpreter only")
+
+
+@triton.jit
+def _scaled_square(x, s):
+    return x * x * s
+
+
+@triton.jit
+def _helper_loop_kernel(x_ptr, out_ptr, n, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(STEPS):
+        acc += _scaled_square(x, i + 1.0)          # a helper call per iteration
+    tl.store(out_ptr + offs, acc, mask=mask)
+    tl.store(out_ptr + BLOCK + tl.program_id(0), tl.sum(acc, axis=0))   # tl.sum: a jit helper
+
+
+def _launch(x, steps=5):
+    block = triton.next_power_of_2(x.numel())
+    out = torch.full((block + 1,), float("nan"))
+    _helper_loop_kernel[(1,)](x, out, x.numel(), STEPS=steps, BLOCK=block)
+    return out[:x.numel()], out[block]
+
+
+def test_installed():
+    import triton.runtime.interpreter as interp
+
+    import lowrank_fused.kernels  # noqa: F401  (installs it)
+    from lowrank_fused.kernels import _interpreter
+
+    assert _interpreter._installed
+    assert interp._patch_lang.__module__ == _interpreter.__name__
+
+
+def test_helpers_run_without_patching_again_and_results_hold(monkeypatch):
+    import lowrank_fused.kernels  # noqa: F401
+    from lowrank_fused.kernels import _interpreter
+
+    calls = []
+    original = _interpreter._original_patch
+
+    def counting(fn):
+        calls.append(fn)
+        return original(fn)
+
+    monkeypatch.setattr(_interpreter, "_original_patch", counting)
+    x = torch.randn(37, generator=torch.Generator().manual_seed(0))
+    got, total = _launch(x, steps=5)
+    want = sum(x * x * (i + 1.0) for i in range(5))
+    assert torch.equal(got, want)          # the same fp32 operations in the same order
+    assert torch.allclose(total, want.sum(), rtol=1e-5)
+    # one patch for the launch; the five helper calls and tl.sum's combine function skip it
+    assert len(calls) == 1, len(calls)
+
+
+def test_language_restored_after_a_launch():
+    import lowrank_fused.kernels  # noqa: F401
+
+    _launch(torch.randn(8))
+    for mod in (tl, tl.core):
+        for name in ("load", "store", "where", "arange"):
+            assert tl.core.is_builtin(getattr(mod, name)), f"{mod.__name__}.{name} left patched"
