@@ -5,7 +5,8 @@
 Reports, per gradient kind, the refresh time of both (median of ``--repeats``), their ratio,
 and the captured energy ``||P^T G||^2 / ||G||^2`` summed over layers (randomized / exact).
 Gradient kinds: ``real`` (one backward of the model on random tokens) and ``decaying``
-(synthetic, s_i = (i+1)^-1 power law with the layers' shapes; the regime the randomized refresh targets).
+(synthetic, s_i = (i+1)^-1 power law with the layers' shapes; the regime the randomized
+refresh targets).
 
     python -m bench.bench_refresh [--dim 256 --layers 4 --rank 32 --device cpu]
 

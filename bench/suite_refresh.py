@@ -37,33 +37,33 @@ def run(device, *, quick: bool, methods=None, threads: int = 1, backend: str = "
     old = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(max(2, int(threads)))
-    with contextlib.ExitStack() as stack:
-        if device.type == "cpu" and backend == "reference":
-            stack.enter_context(without_interpreter())
-        return _run(device, dim, layers, rank, quick, log, old)
-
-
-def _run(device, dim, layers, rank, quick, log, old_threads) -> dict:
     try:
-        cfg, grads = model_gradients(dim, layers, device)
-        rows, errors = [], []
-        for kind, gs in (("real", grads), ("decaying", decaying_like(grads))):
-            for q in (1, 2):
-                t0 = time.perf_counter()
-                try:
-                    r = measure(gs, rank, 3 if quick else 5, 8, q)
-                except Exception as exc:    # record, go on
-                    errors.append({"case": f"refresh {kind} q={q}",
-                                   "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                r.update(gradients=kind, power_iters=q, seconds=time.perf_counter() - t0)
-                rows.append(r)
-                log(f"  refresh {kind:8s} q={q}: per-layer SVD {1e3 * r['per_layer_svd_s']:.1f}"
-                    f" ms, batched randomized {1e3 * r['batched_randomized_s']:.1f} ms, "
-                    f"{r['speedup']:.1f}x, energy {100 * r['energy_ratio']:.2f}%")
-        return {"suite": "refresh", "rows": rows, "errors": errors,
-                "model": {"hidden_size": dim, "layers": layers, "matrices": len(grads),
-                          "shapes": [list(s) for s in sorted({tuple(G.shape) for G in grads})],
-                          "rank": rank, "oversample": 8, "threads": torch.get_num_threads()}}
+        with contextlib.ExitStack() as stack:
+            if device.type == "cpu" and backend == "reference":
+                stack.enter_context(without_interpreter())
+            return _run(device, dim, layers, rank, quick, log)
     finally:
-        torch.set_num_threads(old_threads)
+        torch.set_num_threads(old)
+
+
+def _run(device, dim, layers, rank, quick, log) -> dict:
+    cfg, grads = model_gradients(dim, layers, device)
+    rows, errors = [], []
+    for kind, gs in (("real", grads), ("decaying", decaying_like(grads))):
+        for q in (1, 2):
+            t0 = time.perf_counter()
+            try:
+                r = measure(gs, rank, 3 if quick else 5, 8, q)
+            except Exception as exc:    # record, go on
+                errors.append({"case": f"refresh {kind} q={q}",
+                               "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            r.update(gradients=kind, power_iters=q, seconds=time.perf_counter() - t0)
+            rows.append(r)
+            log(f"  refresh {kind:8s} q={q}: per-layer SVD {1e3 * r['per_layer_svd_s']:.1f}"
+                f" ms, batched randomized {1e3 * r['batched_randomized_s']:.1f} ms, "
+                f"{r['speedup']:.1f}x, energy {100 * r['energy_ratio']:.2f}%")
+    return {"suite": "refresh", "rows": rows, "errors": errors,
+            "model": {"hidden_size": dim, "layers": layers, "matrices": len(grads),
+                      "shapes": [list(s) for s in sorted({tuple(G.shape) for G in grads})],
+                      "rank": rank, "oversample": 8, "threads": torch.get_num_threads()}}

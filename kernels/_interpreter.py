@@ -15,8 +15,9 @@ time.
 takes only those in the kernel's module, and a helper holding the other patched it at each
 call, never restoring it) and restore both when it ends, and makes the helper calls inside the
 launch skip the patch: they run against exactly the patched language they would have patched
-again. Outside a launch the interpreter's own ``_patch_lang`` runs as before. Nothing changes on a GPU (the interpreter is not used there), and an interpreter of
-another shape (a Triton version without these functions) is left alone.
+again. Outside a launch the interpreter's own ``_patch_lang`` runs as before. Nothing changes
+on a GPU (the interpreter is not used there), and an interpreter of another shape (a Triton
+version without these functions) is left alone.
 """
 from __future__ import annotations
 

@@ -37,39 +37,44 @@ MEAN_BLOCK = 16                      # the apply pass's sum of the row blocks' s
 
 
 @triton.jit
+def _ema_block(x_ptr, part_ptr, new_ptr, offs, mask, TILES, LEN, COUNT, beta2,
+               one_minus_beta2, skipped):
+    """One block of a statistics vector ``x`` (row or column): its partials ``part[t, i]``
+    (TILES rows of LEN, contiguous fp32) added in tile order, divided by COUNT,
+    ``x*beta2 + (1-beta2)*mean`` stored at ``new_ptr`` and, unless ``skipped``, in ``x``;
+    returns the new values."""
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for t in range(1, TILES):
+        acc += tl.load(part_ptr + t * LEN + offs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    x = x * beta2 + one_minus_beta2 * tl.div_rn(acc, COUNT.to(tl.float32))
+    tl.store(new_ptr + offs, x, mask=mask)
+    tl.store(x_ptr + offs, x, mask=tl.where(skipped, False, mask))
+    return x
+
+
+@triton.jit
 def _adamem_factored_ema_kernel(
     row_ptr, col_ptr, rowp_ptr, colp_ptr, new_ptr, meanp_ptr, skip_ptr,
     M, N, TILES_M, TILES_N, ROW_BLOCKS, beta2, one_minus_beta2,
     BLOCK: tl.constexpr,
 ):
-    """Block ``pid`` of the row (pid < ROW_BLOCKS) or the column vector: the partials
-    ``rowp[t, i]`` (``colp[t, j]``, contiguous fp32) added in tile order, divided by N (M),
-    ``x*beta2 + (1-beta2)*mean`` stored at ``new_ptr`` (row at 0, column at M) and, unless
-    ``skip_ptr`` holds True, in the state; a row block also stores the sum of its new entries
-    at ``meanp_ptr + pid``."""
+    """Block ``pid`` of the row (pid < ROW_BLOCKS) or the column vector: ``_ema_block`` with
+    the row's partials ``rowp`` (TILES_N x M, divided by N) or the column's ``colp`` (TILES_M
+    x N, divided by M), the new values at ``new_ptr`` (row at 0, column at M); a row block
+    also stores the sum of its new entries at ``meanp_ptr + pid``."""
     pid = tl.program_id(0)
     skipped = tl.load(skip_ptr)
     if pid < ROW_BLOCKS:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M
-        acc = tl.load(rowp_ptr + offs, mask=mask, other=0.0)
-        for t in range(1, TILES_N):
-            acc += tl.load(rowp_ptr + t * M + offs, mask=mask, other=0.0)
-        r = tl.load(row_ptr + offs, mask=mask, other=0.0)
-        r = r * beta2 + one_minus_beta2 * tl.div_rn(acc, N.to(tl.float32))
-        tl.store(new_ptr + offs, r, mask=mask)
+        r = _ema_block(row_ptr, rowp_ptr, new_ptr, offs, mask, TILES_N, M, N, beta2,
+                       one_minus_beta2, skipped)
         tl.store(meanp_ptr + pid, tl.sum(tl.where(mask, r, 0.0), axis=0))
-        tl.store(row_ptr + offs, r, mask=tl.where(skipped, False, mask))
     else:
         offs = (pid - ROW_BLOCKS) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        acc = tl.load(colp_ptr + offs, mask=mask, other=0.0)
-        for t in range(1, TILES_M):
-            acc += tl.load(colp_ptr + t * N + offs, mask=mask, other=0.0)
-        c = tl.load(col_ptr + offs, mask=mask, other=0.0)
-        c = c * beta2 + one_minus_beta2 * tl.div_rn(acc, M.to(tl.float32))
-        tl.store(new_ptr + M + offs, c, mask=mask)
-        tl.store(col_ptr + offs, c, mask=tl.where(skipped, False, mask))
+        _ema_block(col_ptr, colp_ptr, new_ptr + M, offs, offs < N, TILES_M, N, M, beta2,
+                   one_minus_beta2, skipped)
 
 
 @triton.jit

@@ -570,7 +570,6 @@ class PackedMulti:
         self.fn = getattr(_module(backend), f"{op}_{backend}")
         self._token = None                  # the layout_token of the last checked call
         self._checked = (None, None, None)  # the last call's checked skip, norms, table
-        self._written_with_norms = self.written
         self._no_scalars = {name: [] for name in _SCALAR_NAMES[op]}
 
     def _check_dynamic(self, dynamic):
@@ -600,9 +599,6 @@ class PackedMulti:
         if self.op == "adam_moments_multi":
             _check_aux(self.op, self.backend, "norms", norms, torch.float32, self.count,
                        self.device)
-        self._written_with_norms = self.written + (
-            [norms] if norms is not None and norms.requires_grad
-            and not norms.is_inference() else [])
         self._checked = (skip, norms, table)
 
     def __call__(self, dynamic=None, *, skip=None, norms=None, table=None, layout_token=None,
@@ -637,5 +633,5 @@ class PackedMulti:
             with torch.cuda.device(self.device):
                 self.fn(self.ptrs, self.sizes, self.codes, device=self.device.index,
                         stream=torch.cuda.current_stream(self.device).cuda_stream, **kw)
-        if self._written_with_norms:
-            torch.autograd.graph.increment_version(self._written_with_norms)
+        if self.written:
+            torch.autograd.graph.increment_version(self.written)
