@@ -74,3 +74,48 @@ def test_language_restored_after_a_launch():
     for mod in (tl, tl.core):
         for name in ("load", "store", "where", "arange"):
             assert tl.core.is_builtin(getattr(mod, name)), f"{mod.__name__}.{name} left patched"
+
+
+@triton.jit
+def _int32_offsets_kernel(x_ptr, out_ptr, scale, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, x * scale + 7)        # int32 arithmetic, as offsets are
+
+
+def _wrap32(v):
+    return (v + 2**31) % 2**32 - 2**31
+
+
+def test_integer_overflow_wraps_as_on_the_gpu_and_is_checked_in_debug():
+    """The shortcut turns the interpreter's integer-overflow sanitizer off while its asserts
+    are off (the check was built and dropped: a compiled kernel has it only with
+    ``debug=True``): int32 wraps as on the GPU. With ``debug`` on, the sanitizer is on and the
+    same launch asserts."""
+    import dataclasses
+
+    import triton.runtime.interpreter as interp
+
+    import lowrank_fused.kernels  # noqa: F401
+    from lowrank_fused.kernels import _interpreter
+
+    options = interp.interpreter_builder.options
+    assert options.sanitize_overflow is False and options.debug is False
+    x = torch.tensor([1, 2, 3, -5, 2**20, 2**30 - 1, 7, 0], dtype=torch.int32)
+    scale = 3000
+    out = torch.full_like(x, -1)
+    _int32_offsets_kernel[(1,)](x, out, scale, BLOCK=8)
+    assert out.tolist() == [_wrap32(v * scale + 7) for v in x.tolist()]
+    assert out.tolist() != [v * scale + 7 for v in x.tolist()]      # it did overflow
+    try:
+        interp.interpreter_builder.options = dataclasses.replace(options, debug=True)
+        assert _interpreter._overflow_check(interp)
+        assert interp.interpreter_builder.options.sanitize_overflow is True
+        with pytest.raises(Exception, match="overflow"):
+            _int32_offsets_kernel[(1,)](x, torch.full_like(x, -1), scale, BLOCK=8)
+        small = torch.arange(8, dtype=torch.int32)
+        out = torch.full_like(small, -1)
+        _int32_offsets_kernel[(1,)](small, out, scale, BLOCK=8)
+        assert out.tolist() == [v * scale + 7 for v in range(8)]
+    finally:
+        interp.interpreter_builder.options = options
