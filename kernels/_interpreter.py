@@ -110,6 +110,7 @@ def install() -> bool:
     interp._patch_lang = patch_lang
     grid_executor.__call__ = launch
     _cache_builtins(interp)
+    _cache_np_dtypes(interp)
     _overflow_check(interp)
     _installed = True
     return True
@@ -141,6 +142,31 @@ def _cache_builtins(interp) -> bool:
             patch_attr(pkg, name, member, builder, scope)
 
     interp._patch_builtin = patch_builtin
+    return True
+
+
+def _cache_np_dtypes(interp) -> bool:
+    """Memoize ``_get_np_dtype`` (the numpy dtype of a Triton type: it built a dict of twenty
+    entries at each of its calls, several per interpreted op) by the scalar type, which is all
+    its answer depends on; True when the interpreter has that function."""
+    import triton.language as tl
+
+    original = getattr(interp, "_get_np_dtype", None)
+    if original is None:
+        return False
+    cache = {}
+
+    def get_np_dtype(tt_dtype):
+        scalar = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        try:
+            return cache[scalar]
+        except KeyError:
+            out = cache[scalar] = original(scalar)
+            return out
+        except TypeError:               # an unhashable type (pointers): as before
+            return original(tt_dtype)
+
+    interp._get_np_dtype = get_np_dtype
     return True
 
 

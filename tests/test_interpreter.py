@@ -44,6 +44,28 @@ def test_installed():
 
     assert _interpreter._installed
     assert interp._patch_lang.__module__ == _interpreter.__name__
+    assert interp._patch_builtin.__module__ == _interpreter.__name__
+    assert interp._get_np_dtype.__module__ == _interpreter.__name__
+
+
+def test_memoized_np_dtypes_answer_as_the_interpreter():
+    """The memoized ``_get_np_dtype`` gives the interpreter's own answer for every scalar,
+    block and pointer type (asked twice: from the cache the second time)."""
+    import importlib
+
+    import triton.runtime.interpreter as interp
+
+    import lowrank_fused.kernels  # noqa: F401
+
+    fresh = importlib.util.module_from_spec(importlib.util.find_spec(interp.__name__))
+    fresh.__spec__.loader.exec_module(fresh)          # the interpreter's own, unpatched
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.uint16, tl.int32, tl.uint32, tl.int64,
+               tl.uint64, tl.float16, tl.bfloat16, tl.float32, tl.float64]
+    kinds = scalars + [tl.block_type(t, [4, 8]) for t in scalars] + \
+        [tl.pointer_type(t) for t in scalars] + [tl.block_type(tl.pointer_type(tl.float32), [4])]
+    for _ in range(2):
+        for t in kinds:
+            assert interp._get_np_dtype(t) == fresh._get_np_dtype(t), t
 
 
 def test_helpers_run_without_patching_again_and_results_hold(monkeypatch):
