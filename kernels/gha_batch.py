@@ -1,6 +1,6 @@
 """GHAAdamW's batched basis update (``_GHABatch`` in lowrank_fused/optim/adaptive_adamw.py,
 docs/methods/adaptive_adamw.md) after its two projections, as launches over a whole class: no
-torch op but one, no loop over the members. Canonical left form per member: G m x n, P m x r,
+torch op, no loop over the members. Canonical left form per member: G m x n, P m x r,
 moments r x n; every buffer a (count, ...) stack::
 
     Y^T = P^T G, colsum(G^2) ; GY = G Y                 the two grouped K1 (the caller's)
@@ -15,7 +15,8 @@ moments r x n; every buffer a (count, ...) stack::
                          factorizations' flags)
     _gha_basis_kernel:   Pn = dtype(where(ok & qok1 & qok2, Q, P)) ; Pnf = fp32(Pn) ;
                          the stored basis <- where(skip, P, Pn)
-    C = Pnf^T P ; C2 = C*C ; Mn = C M ; Vn = C2 V       batched_matmul (C2: torch.mul)
+    C = Pnf^T P ; C2 = C*C                              batched_matmul (C2 stored by it)
+    Mn = C M ; Vn = C2 V                                one batched_matmul pair launch
     _gha_moments_kernel: M <- where(skip, M, dtype(Mn)) ; V <- where(skip, V, dtype(Vn))
 
 The QR is CholeskyQR2 (``lowrank_fused.subspace.BoundCholeskyQR2``: ``cholesky_qr2``'s two
@@ -197,7 +198,7 @@ class BoundGHABatch:
     fp32 basis), ``Pnf`` may be ``P_dst`` (fp32 bases not stored in a block: ``P_dst`` is then
     written last) and ``Mn``/``Vn`` may be ``M_dst``/``V_dst`` (fp32 moments not in a block).
 
-    ``__call__(eta, skip, precision)`` makes the whole update: 15 launches and one torch op
+    ``__call__(eta, skip, precision)`` makes the whole update: 14 launches and no torch op
     for any class size (the caller runs them inside its capture unit). The products are
     bound per precision, at its first use; the QR is ``subspace.BoundCholeskyQR2`` on ``Z``
     (its factorizations on the Triton kernel up to rank ``small_cholesky_inverse.MAX_K``, on
@@ -268,16 +269,18 @@ class BoundGHABatch:
         got = self._products.get(mode)
         if got is None:
             from .batched_matmul import BoundBatchedMatmul as B
+            from .batched_matmul import BoundBatchedMatmulPair as B2
 
             t = lambda X: X.transpose(1, 2)           # noqa: E731
             kw = dict(precision=mode)
             got = self._products[mode] = dict(
                 H=B(self.Y, t(self.Y), self.H, **kw),
                 PH=B(self.pf, self.T, self.PH, **kw),
-                C=B(t(self.Pnf), self.pf, self.C, **kw),
-                # C M and C2 V as (M^T C^T): the moments read in their stored dtype
-                Mn=B(t(self.M_old), t(self.C), t(self.Mn), **kw),
-                Vn=B(t(self.V_old), t(self.C2), t(self.Vn), **kw))
+                C=B(t(self.Pnf), self.pf, self.C, square_out=self.C2, **kw),
+                # C M and C2 V as M^T C^T and V^T C2^T, in one launch: the moments read in
+                # their stored dtype
+                MV=B2(t(self.M_old), t(self.C), t(self.Mn), t(self.V_old), t(self.C2),
+                      t(self.Vn), **kw))
         return got
 
     def _flag(self, skip):
@@ -300,11 +303,9 @@ class BoundGHABatch:
         self._basis(self.Q, self.qok1, self.qok2, self.pf, self.ok, self.Pnf, self.P_old,
                     self.P_dst, flag, self.r, self.m * self.r, *self.P_old.stride())
         mm["C"]()
-        torch.mul(self.C, self.C, out=self.C2)
         if self.r * self.n == 0:
             return
-        mm["Mn"]()
-        mm["Vn"]()
+        mm["MV"]()
         self._moments(
             self.Mn, self.M_old, self.M_dst, self.Vn, self.V_old, self.V_dst, flag, self.n,
             self.r * self.n, *self.M_old.stride(), *self.V_old.stride())
