@@ -1511,7 +1511,7 @@ class GHAAdamW(_SubspaceAdamW):
 
     def _class_step(self, cls, precision):
         """The GHA update of every member (one ``_GHABatch`` call: two grouped K1, then on
-        Triton fifteen launches, else batched torch GEMMs and QR), then the family's class
+        Triton fourteen launches, else batched torch GEMMs and QR), then the family's class
         step."""
         fresh = self.__dict__.get("_gha_fresh")
         side = cls.route.side
