@@ -25,6 +25,12 @@ and then drops the check (``device_assert`` is a no-op without ``debug``, which 
 leaves off). A compiled kernel checks only when built with ``debug=True`` too; int32 wraps as on
 the GPU either way.
 
+``register_twin`` lets a kernel whose interpreted programs are a long loop of small tile
+steps (the small Cholesky: a few thousand interpreted ops per program) launch a numpy
+transcription of itself instead, batched over its programs and bit-identical to the
+interpreted kernel (checked by that kernel's tests, which interpret the kernel itself inside
+``interpreted_only()``).
+
 Nothing changes on a GPU (the interpreter is not used there), and an interpreter of another
 shape (a Triton version without these functions) is left alone.
 """
@@ -33,6 +39,8 @@ from __future__ import annotations
 import threading
 
 _STATE = threading.local()        # per thread: the languages the running launch patched
+_TWINS = {}                       # a kernel's Python function -> its numpy twin (see below)
+_TWINS_OFF = [0]                  # > 0: every launch interpreted (``interpreted_only``)
 _LANGS = {}                       # function -> the language modules its globals hold
 _installed = False
 _original_patch = None            # the interpreter's own _patch_lang
@@ -100,6 +108,9 @@ def install() -> bool:
         return _original_patch(fn)
 
     def launch(self, *args, **kwargs):
+        twin = _TWINS.get(self.fn) if _TWINS and not _TWINS_OFF[0] else None
+        if twin is not None and not callable(self.grid):
+            return twin(self.grid, *args, **kwargs)
         outer = (getattr(_STATE, "launching", False), getattr(_STATE, "covered", None))
         _STATE.launching, _STATE.covered = True, None
         try:
@@ -114,6 +125,37 @@ def install() -> bool:
     _overflow_check(interp)
     _installed = True
     return True
+
+
+def register_twin(kernel, twin) -> None:
+    """Run ``twin(grid, *args, **meta)`` instead of interpreting ``kernel`` (a ``@triton.jit``
+    function) at its launches, unless ``LOWRANK_FUSED_INTERPRET_TWINS=0`` or inside
+    ``interpreted_only()``. A twin is the kernel's numpy transcription, batched over the
+    programs, op for op (the interpreter's own numpy ops, in the same order), so its outputs
+    are the interpreted kernel's bit for bit; its module's tests interpret the kernel itself
+    and compare the two on random and edge-case inputs. For kernels whose programs run a long
+    loop of small register-tile steps (the interpreter's cost is per op and per program)."""
+    import os
+
+    if os.environ.get("LOWRANK_FUSED_INTERPRET_TWINS", "1") in ("0", ""):
+        return
+    # a launch runs the interpreter's rewrite of the function (``InterpretedFunction.rewrite``,
+    # cached per function); both it and the function itself are keys
+    _TWINS[getattr(kernel, "fn", kernel)] = twin
+    rewrite = getattr(kernel, "rewrite", None)
+    if callable(rewrite):
+        _TWINS[rewrite()] = twin
+
+
+class interpreted_only:
+    """Within it every launch is interpreted, twins or not (their tests; traffic counts)."""
+
+    def __enter__(self):
+        _TWINS_OFF[0] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _TWINS_OFF[0] -= 1
 
 
 def _cache_builtins(interp) -> bool:

@@ -93,6 +93,74 @@ def _small_cholesky_inverse_kernel(g_ptr, linv_ptr, ok_ptr, K, tol, BLOCK: tl.co
     tl.store(ok_ptr + b, good.to(tl.int32))
 
 
+_FLT_MAX = 3.4028234663852886e38
+
+
+def _interpreted_twin(grid, g_ptr, linv_ptr, ok_ptr, K, tol, BLOCK, **_meta):
+    """``_small_cholesky_inverse_kernel`` under the CPU interpreter, transcribed op for op
+    into numpy and batched over its programs (``kernels/_interpreter.py``, ``register_twin``):
+    each ``tl`` op is the numpy op the interpreter runs for it (``tl.sum``: ``np.sum`` over
+    the last axis; fp32 throughout), so the outputs are the interpreted kernel's bit for bit
+    (``tests/test_small_cholesky_inverse.py`` compares the two). The interpreter pays its
+    per-op cost for every program and every column step, a few thousand ops per matrix."""
+    import numpy as np
+
+    nb, K, f32 = int(grid[0]), int(K), np.float32
+    zero, one = f32(0.0), f32(1.0)
+    idx = np.arange(BLOCK)
+    rows, cols = idx[:, None], idx[None, :]
+    lower = (rows >= cols) & (rows < K)
+    W = np.zeros((nb, BLOCK, BLOCK), dtype=f32)
+    W[:, :K, :K] = g_ptr.detach().cpu().reshape(-1)[:nb * K * K].numpy().reshape(nb, K, K)
+    W = np.where(lower, W, zero)
+    W = np.where((rows == cols) & (rows >= K), one, W)
+    good = np.full(nb, K >= 0)
+    dmax = np.zeros(nb, dtype=f32)
+    dmin = np.full(nb, np.inf, dtype=f32)
+    with np.errstate(all="ignore"):
+        for j in range(K):
+            colj = np.sum(np.where(cols == j, W, zero), axis=-1)
+            s = np.sum(np.where(idx == j, colj, zero), axis=-1)
+            good = good & (s > zero) & (s <= f32(_FLT_MAX))
+            d = np.sqrt(np.where(s > zero, s, one))
+            dmax = np.maximum(dmax, d)
+            dmin = np.minimum(dmin, d)
+            lcol = np.where(idx > j, colj / d[:, None], zero)
+            upd = lcol[:, :, None] * lcol[:, None, :]
+            W = np.where((rows > j) & (cols > j) & (rows >= cols), W - upd, W)
+            W = np.where(cols == j, np.where(idx == j, d[:, None], lcol)[:, :, None], W)
+        good = good & (dmin > f32(tol) * dmax)
+        for jj in range(K):
+            j = K - 1 - jj
+            colj = np.sum(np.where(cols == j, W, zero), axis=-1)
+            inv = one / np.sum(np.where(idx == j, colj, zero), axis=-1)
+            lj = np.where(idx > j, colj, zero)
+            v = np.sum(np.where((rows > j) & (cols > j), W, zero) * lj[:, None, :], axis=-1)
+            newcol = np.where(idx == j, inv[:, None],
+                              np.where(idx > j, -inv[:, None] * v, zero))
+            W = np.where(cols == j, newcol[:, :, None], W)
+        finite = np.sum(np.where(np.abs(W) <= f32(_FLT_MAX), 0, 1).astype(np.int32), axis=-1)
+    good = good & (np.sum(finite, axis=-1) == 0)
+    eye = np.where(rows == cols, one, zero)
+    W = np.where(good[:, None, None], np.where(rows >= cols, W, zero), eye)
+    with torch.no_grad():
+        linv_ptr.view(-1)[:nb * K * K].copy_(torch.from_numpy(
+            np.ascontiguousarray(W[:, :K, :K])).reshape(-1))
+        ok_ptr.view(-1)[:nb].copy_(torch.from_numpy(good.astype(np.int32)))
+
+
+def _install_twin():
+    from ._common import interpreting
+
+    if interpreting():
+        from ._interpreter import register_twin
+
+        register_twin(_small_cholesky_inverse_kernel, _interpreted_twin)
+
+
+_install_twin()
+
+
 def _checks(Gram, Linv, ok):
     if not isinstance(Gram, torch.Tensor) or Gram.dim() != 3 or Gram.shape[1] != Gram.shape[2]:
         raise ValueError("small_cholesky_inverse (triton): Gram must be a (B, k, k) tensor, got "

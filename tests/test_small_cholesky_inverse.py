@@ -2,7 +2,11 @@
 the eager reference (``reference/small_cholesky_inverse.py``) and against an fp64 Cholesky, on
 fresh random Gram matrices of odd sizes up to the register tile's limit: well conditioned,
 moderately ill-conditioned (still ok), singular, zero, with a tiny pivot (not ok) and
-non-finite (not ok). Outputs are poisoned before each call."""
+non-finite (not ok). Outputs are poisoned before each call. Under the CPU interpreter these
+tests interpret the kernel itself; its numpy twin (what other tests launch there) is compared
+with it bit for bit."""
+import importlib
+
 import pytest
 import torch
 
@@ -11,6 +15,20 @@ from lowrank_fused.dispatch import available, implementation, resolve_call
 
 pytestmark = pytest.mark.skipif(not available("triton", "cpu") and not torch.cuda.is_available(),
                                 reason="triton unavailable here")
+
+
+@pytest.fixture(autouse=True)
+def _interpret_the_kernel():
+    """The kernel interpreted, not its numpy twin (``kernels/_interpreter.py``)."""
+    from lowrank_fused.dispatch import interpreting
+
+    if not interpreting():
+        yield
+        return
+    from lowrank_fused.kernels._interpreter import interpreted_only
+
+    with interpreted_only():
+        yield
 
 
 def _grams(k, seed, device):
@@ -115,3 +133,71 @@ def test_bound_call_and_checks(device):
         small_cholesky_inverse(big, torch.empty_like(big), ok[:1], pivot_ratio_tol=0.0)
     with pytest.raises(ValueError, match="pivot_ratio_tol"):
         BoundSmallCholeskyInverse(G, L1, o1, pivot_ratio_tol=float("nan"))
+
+
+def _edge_grams(k, seed):
+    """Random SPD Grams and the edge cases (``_grams``), plus: exact zeros off the diagonal
+    (signed zeros in the factor), an indefinite matrix, an infinite entry, a negative zero
+    pivot, and entries in the upper triangle that must not be read."""
+    g = torch.Generator().manual_seed(seed)
+    G = _grams(k, seed, "cpu")
+    extra = torch.randn(5, k, k, generator=g)
+    extra = extra @ extra.transpose(-1, -2) + k * torch.eye(k)
+    extra[0] = torch.diag(torch.rand(k, generator=g) + 0.5)      # diagonal: zeros off it
+    extra[0].tril_(-1).neg_()
+    extra[0] += torch.diag(torch.rand(k, generator=g) + 0.5)
+    extra[1] -= 2 * k * torch.eye(k)                               # indefinite
+    extra[2, k - 1, 0] = float("inf")
+    extra[3, 0, 0] = -0.0
+    extra[4] += torch.triu(torch.full((k, k), float("nan")), 1)   # upper triangle not read
+    return torch.cat([G, extra]).contiguous()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("k", [1, 3, 16, 17, 31, 33, 64])
+def test_numpy_twin_equals_the_interpreted_kernel_bit_for_bit(k):
+    """What the CPU interpreter launches for this kernel elsewhere (its batched numpy
+    transcription) gives the interpreted kernel's outputs bit for bit, ok flags included."""
+    from lowrank_fused.dispatch import interpreting
+    sci = importlib.import_module("lowrank_fused.kernels.small_cholesky_inverse")
+
+    if not interpreting():
+        pytest.skip("the twin exists under the CPU interpreter only")
+    G = _edge_grams(k, seed=100 + k)
+    L1, o1 = _poisoned(G)
+    sci.small_cholesky_inverse(G, L1, o1, pivot_ratio_tol=ss.PIVOT_RATIO_TOL)  # interpreted
+    L2, o2 = _poisoned(G)
+    block = sci.block_for(k)
+    sci._interpreted_twin((G.shape[0],), G, L2, o2, k, ss.PIVOT_RATIO_TOL, block)
+    assert o1.tolist() == o2.tolist()
+    assert 0 in o1.tolist() and 1 in o1.tolist()
+    assert torch.equal(L1.view(torch.int32), L2.view(torch.int32))
+
+
+def test_the_twin_is_what_other_tests_launch():
+    """Outside ``interpreted_only`` a launch of the kernel runs the twin (a launch counted by
+    the interpreter's entry point, no program interpreted)."""
+    from lowrank_fused.dispatch import interpreting
+    from lowrank_fused.kernels import _interpreter
+    sci = importlib.import_module("lowrank_fused.kernels.small_cholesky_inverse")
+
+    if not interpreting():
+        pytest.skip("the twin exists under the CPU interpreter only")
+    calls = []
+    kernel = sci._small_cholesky_inverse_kernel
+    keys = [k for k, t in _interpreter._TWINS.items() if t is sci._interpreted_twin]
+    assert kernel.rewrite() in keys               # what a launch runs
+    G = _grams(5, seed=3, device="cpu")
+    L, o = _poisoned(G)
+    _interpreter._TWINS_OFF[0] -= 1            # leave the fixture's interpreted_only
+    try:
+        for key in keys:
+            _interpreter._TWINS[key] = lambda *a, **kw: (calls.append(1),
+                                                         sci._interpreted_twin(*a, **kw))
+        sci.small_cholesky_inverse(G, L, o, pivot_ratio_tol=ss.PIVOT_RATIO_TOL)
+    finally:
+        for key in keys:
+            _interpreter._TWINS[key] = sci._interpreted_twin
+        _interpreter._TWINS_OFF[0] += 1
+    assert calls == [1]
+    assert o.tolist() == [1, 1, 0, 0, 0, 0, 1]

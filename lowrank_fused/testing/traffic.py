@@ -435,6 +435,10 @@ class TrafficCounter(contextlib.AbstractContextManager):
             raise RuntimeError("a TrafficCounter is already active (counters do not nest)")
         _install()
         _verify()
+        from lowrank_fused.kernels._interpreter import interpreted_only
+
+        self._interpreted = interpreted_only()    # every kernel's loads and stores counted,
+        self._interpreted.__enter__()             # none run by a numpy twin
         _STATE["counter"] = self
         if self.count_eager:
             self._mode = _EagerModel(self)
@@ -448,6 +452,7 @@ class TrafficCounter(contextlib.AbstractContextManager):
                 self._mode = None
         finally:
             _STATE["counter"] = None
+            self._interpreted.__exit__(*exc)
         return False
 
     # summaries
