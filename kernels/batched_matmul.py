@@ -188,54 +188,25 @@ def batched_matmul(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
         _batched_matmul_kernel[grid](*args, **meta)
 
 
-class BoundBatchedMatmul:
-    """``batched_matmul(A, B, C, precision=...)`` on fixed tensors (any strides, ``C`` too):
-    shapes checked, tiles chosen and arguments laid out once; every call is one planned
-    launch (``kernels/_launch.py``). For a plan's products that run every step.
-    ``square_out``: an fp32 tensor laid out as ``C`` that receives ``C * C`` from the same
-    launch (``_batched_matmul_square_kernel``)."""
-
-    def __init__(self, A, B, C, *, precision: str = "ieee", square_out=None):
-        for name, t in (("A", A), ("B", B), ("C", C)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                raise ValueError(f"{name} must be a 3-D tensor")
-        nb, m, kk = A.shape
-        n = B.shape[-1]
-        if B.shape[1] != kk or B.shape[0] not in (1, nb):
-            raise ValueError(f"B must have shape ({nb} or 1, {kk}, N), got {tuple(B.shape)}")
-        if tuple(C.shape) != (nb, m, n):
-            raise ValueError(f"C must have shape {(nb, m, n)}, got {tuple(C.shape)}")
-        if B.dtype != torch.float32 or C.dtype != torch.float32:
-            raise TypeError(f"B and C must be float32, got {B.dtype} and {C.dtype}")
-        if not (A.device == B.device == C.device):
-            raise ValueError(f"A, B and C must be on one device, got {A.device}, {B.device}, "
-                             f"{C.device}")
-        if square_out is not None:
-            _check_like("square_out", square_out, C)
-        self.C, self.C2 = C, square_out
-        self.empty = nb == 0 or m == 0 or n == 0
-        self.zero = not self.empty and kk == 0
-        mode = dot_mode(precision, A.device)
-        cfg = choose_config(n, config_mode(precision, A.device))
-        stride_bb = 0 if B.shape[0] == 1 else B.stride(0)
-        outs = (C,) if square_out is None else (C, square_out)
-        self.args = (A, B, *outs, m, n, kk, A.stride(0), A.stride(1), A.stride(2), stride_bb,
-                     B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2))
-        self._launch = PlannedLaunch(
-            _batched_matmul_kernel if square_out is None else _batched_matmul_square_kernel,
-            (cdiv(max(m, 1), cfg.BLOCK_M), cdiv(max(n, 1), cfg.BLOCK_N), max(nb, 1)),
-            dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-
-    def __call__(self):
-        if self.empty:
-            return
-        if self.zero:
-            self.C.zero_()
-            if self.C2 is not None:
-                self.C2.zero_()
-            return
-        self._launch(*self.args)
+def _check_product(A, B, C, *, broadcast_b: bool):
+    """``(nb, m, k, n)`` of ``C = A @ B`` after checking the three tensors (``broadcast_b``: B's
+    batch may be 1)."""
+    for name, t in (("A", A), ("B", B), ("C", C)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor")
+    nb, m, kk = A.shape
+    n = B.shape[-1]
+    if B.shape[1] != kk or B.shape[0] not in ((1, nb) if broadcast_b else (nb,)):
+        batch = f"{nb} or 1" if broadcast_b else f"{nb}"
+        raise ValueError(f"B must have shape ({batch}, {kk}, N), got {tuple(B.shape)}")
+    if tuple(C.shape) != (nb, m, n):
+        raise ValueError(f"C must have shape {(nb, m, n)}, got {tuple(C.shape)}")
+    if B.dtype != torch.float32 or C.dtype != torch.float32:
+        raise TypeError(f"B and C must be float32, got {B.dtype} and {C.dtype}")
+    if not (A.device == B.device == C.device):
+        raise ValueError(f"A, B and C must be on one device, got {A.device}, {B.device}, "
+                         f"{C.device}")
+    return nb, m, kk, n
 
 
 def _check_like(name, t, C, ref="C"):
@@ -252,7 +223,54 @@ def _check_like(name, t, C, ref="C"):
                          f"{t.stride()}")
 
 
-class BoundBatchedMatmulPair:
+class _BoundProducts:
+    """A planned launch of fixed products (``kernels/_launch.py``): nothing when a product is
+    empty, zeros into every output when its inner dimension is 0."""
+
+    def _plan(self, kernel, args, outs, nb, m, kk, n, batches, precision, device):
+        self.outs = outs
+        self.empty = nb == 0 or m == 0 or n == 0
+        self.zero = not self.empty and kk == 0
+        self.args = args
+        cfg = choose_config(n, config_mode(precision, device))
+        self._launch = PlannedLaunch(
+            kernel, (cdiv(max(m, 1), cfg.BLOCK_M), cdiv(max(n, 1), cfg.BLOCK_N), batches),
+            dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                 DOT_MODE=dot_mode(precision, device), num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages))
+
+    def __call__(self):
+        if self.empty:
+            return
+        if self.zero:
+            for out in self.outs:
+                out.zero_()
+            return
+        self._launch(*self.args)
+
+
+class BoundBatchedMatmul(_BoundProducts):
+    """``batched_matmul(A, B, C, precision=...)`` on fixed tensors (any strides, ``C`` too):
+    shapes checked, tiles chosen and arguments laid out once; every call is one planned
+    launch (``kernels/_launch.py``). For a plan's products that run every step.
+    ``square_out``: an fp32 tensor laid out as ``C`` that receives ``C * C`` from the same
+    launch (``_batched_matmul_square_kernel``)."""
+
+    def __init__(self, A, B, C, *, precision: str = "ieee", square_out=None):
+        nb, m, kk, n = _check_product(A, B, C, broadcast_b=True)
+        if square_out is not None:
+            _check_like("square_out", square_out, C)
+        self.C, self.C2 = C, square_out
+        stride_bb = 0 if B.shape[0] == 1 else B.stride(0)
+        outs = (C,) if square_out is None else (C, square_out)
+        args = (A, B, *outs, m, n, kk, A.stride(0), A.stride(1), A.stride(2), stride_bb,
+                B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2))
+        self._plan(_batched_matmul_kernel if square_out is None else
+                   _batched_matmul_square_kernel, args, outs, nb, m, kk, n, max(nb, 1),
+                   precision, A.device)
+
+
+class BoundBatchedMatmulPair(_BoundProducts):
     """``C = float32(A) @ B`` and ``C2 = float32(A2) @ B2`` on fixed tensors, one planned
     launch for both (``_batched_matmul_pair_kernel``): two products of one shape, as a
     moment transport's ``C M`` and ``(C*C) V``. ``A`` and ``A2`` one shape and dtype (any
@@ -261,46 +279,21 @@ class BoundBatchedMatmulPair:
     (the same code, tiles and summation), so the same bits as two calls."""
 
     def __init__(self, A, B, C, A2, B2, C2, *, precision: str = "ieee"):
-        for name, t in (("A", A), ("B", B), ("C", C), ("A2", A2), ("B2", B2), ("C2", C2)):
+        for name, t in (("A2", A2), ("B2", B2), ("C2", C2)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3:
                 raise ValueError(f"{name} must be a 3-D tensor")
-        nb, m, kk = A.shape
-        n = B.shape[-1]
-        if tuple(A2.shape) != tuple(A.shape) or A2.dtype != A.dtype:
-            raise ValueError(f"A2 must be like A {tuple(A.shape)} {A.dtype}, got "
-                             f"{tuple(A2.shape)} {A2.dtype}")
-        if tuple(B.shape) != (nb, kk, n):
-            raise ValueError(f"B must have shape ({nb}, {kk}, N), got {tuple(B.shape)}")
-        if tuple(C.shape) != (nb, m, n):
-            raise ValueError(f"C must have shape {(nb, m, n)}, got {tuple(C.shape)}")
-        if B.dtype != torch.float32 or C.dtype != torch.float32:
-            raise TypeError(f"B and C must be float32, got {B.dtype} and {C.dtype}")
+        nb, m, kk, n = _check_product(A, B, C, broadcast_b=False)
+        if tuple(A2.shape) != tuple(A.shape) or A2.dtype != A.dtype or A2.device != A.device:
+            raise ValueError(f"A2 must be like A {tuple(A.shape)} {A.dtype} on {A.device}, "
+                             f"got {tuple(A2.shape)} {A2.dtype} on {A2.device}")
         _check_like("B2", B2, B, "B")
         _check_like("C2", C2, C)
-        if len({t.device for t in (A, A2, B, C)}) != 1:
-            raise ValueError("A, A2, B, B2, C and C2 must be on one device")
         self.C, self.C2 = C, C2
-        self.empty = nb == 0 or m == 0 or n == 0
-        self.zero = not self.empty and kk == 0
-        mode = dot_mode(precision, A.device)
-        cfg = choose_config(n, config_mode(precision, A.device))
-        self.args = (A, B, C, A2, B2, C2, nb, m, n, kk, A.stride(0), A.stride(1), A.stride(2),
-                     A2.stride(0), A2.stride(1), A2.stride(2), B.stride(0), B.stride(1),
-                     B.stride(2), C.stride(0), C.stride(1), C.stride(2))
-        self._launch = PlannedLaunch(
-            _batched_matmul_pair_kernel,
-            (cdiv(max(m, 1), cfg.BLOCK_M), cdiv(max(n, 1), cfg.BLOCK_N), 2 * max(nb, 1)),
-            dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, DOT_MODE=mode,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-
-    def __call__(self):
-        if self.empty:
-            return
-        if self.zero:
-            self.C.zero_()
-            self.C2.zero_()
-            return
-        self._launch(*self.args)
+        args = (A, B, C, A2, B2, C2, nb, m, n, kk, A.stride(0), A.stride(1), A.stride(2),
+                A2.stride(0), A2.stride(1), A2.stride(2), B.stride(0), B.stride(1),
+                B.stride(2), C.stride(0), C.stride(1), C.stride(2))
+        self._plan(_batched_matmul_pair_kernel, args, (C, C2), nb, m, kk, n, 2 * max(nb, 1),
+                   precision, A.device)
 
 
 def aot_variants():
