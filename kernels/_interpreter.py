@@ -31,6 +31,11 @@ transcription of itself instead, batched over its programs and bit-identical to 
 interpreted kernel (checked by that kernel's tests, which interpret the kernel itself inside
 ``interpreted_only()``).
 
+``install()`` also memoizes what each interpreted op recomputes about its result's type (the
+shape tuples, element counts and names of ``block_type`` and ``tensor``, by the values they
+depend on) and lets the interpreter's broadcast return two blocks of one shape as they are:
+about a third of an interpreted op's time went to building those objects (``_cache_types``).
+
 Nothing changes on a GPU (the interpreter is not used there), and an interpreter of another
 shape (a Triton version without these functions) is left alone.
 """
@@ -44,6 +49,7 @@ _TWINS_OFF = [0]                  # > 0: every launch interpreted (``interpreted
 _LANGS = {}                       # function -> the language modules its globals hold
 _installed = False
 _original_patch = None            # the interpreter's own _patch_lang
+_TYPE_ORIGINALS = {}              # "block_type"/"tensor" -> its own __init__ (see _cache_types)
 
 
 def _languages(fn):
@@ -123,6 +129,7 @@ def install() -> bool:
     _cache_builtins(interp)
     _cache_np_dtypes(interp)
     _overflow_check(interp)
+    _cache_types(interp)
     _installed = True
     return True
 
@@ -161,9 +168,11 @@ class interpreted_only:
 def _cache_builtins(interp) -> bool:
     """Make the patch of a launch find each language module's builtins from a list made once
     (``_patch_builtin`` ran ``inspect.getmembers`` over ``triton.language``, its ``tensor``,
-    ``math`` and ``core`` at every launch: about 0.6 ms each). The list is taken from the
-    module as it is outside a launch (every builtin unpatched) and retaken if the module's
-    namespace changes size; True when the interpreter has that function."""
+    ``math`` and ``core`` at every launch: about 0.6 ms each). A launch meets a namespace in
+    more than one state (``tensor`` again after its own patch has added members), so the list
+    is kept per module and namespace size, taken the first time that state is seen, and
+    retaken when a module's namespace has a size not seen before; True when the interpreter
+    has that function."""
     import inspect
 
     original = getattr(interp, "_patch_builtin", None)
@@ -174,13 +183,13 @@ def _cache_builtins(interp) -> bool:
     cache = {}
 
     def patch_builtin(pkg, builder, scope):
-        size = len(vars(pkg))
-        entry = cache.get(id(pkg))
-        if entry is None or entry[0] is not pkg or entry[1] != size:
+        key = (id(pkg), len(vars(pkg)))
+        entry = cache.get(key)
+        if entry is None or entry[0] is not pkg:
             members = [(name, member) for name, member in inspect.getmembers(pkg)
                        if is_builtin(member)]
-            entry = cache[id(pkg)] = (pkg, size, members)
-        for name, member in entry[2]:
+            entry = cache[key] = (pkg, members)
+        for name, member in entry[1]:
             patch_attr(pkg, name, member, builder, scope)
 
     interp._patch_builtin = patch_builtin
@@ -210,6 +219,110 @@ def _cache_np_dtypes(interp) -> bool:
 
     interp._get_np_dtype = get_np_dtype
     return True
+
+
+def _cache_types(interp) -> bool:
+    """Memoize what every interpreted op recomputes about its result's type, by the values it
+    depends on alone (about a third of an interpreted op's time):
+
+    - ``block_type(element_ty, shape)``: its shape (a ``tl.tuple``), element count and name, by
+      the element type's name and the shape's integers (scalar and pointer element types);
+    - ``tensor(handle, type)``: its shape (a ``tl.tuple`` of ``constexpr``) and element count,
+      by the type's shape (``dtype`` is still ``type.scalar``, the handle and type its own);
+    - the interpreter's ``broadcast_impl_value`` returns two blocks of one shape as they are
+      (what its general path ends with for them, after building and comparing shape tuples).
+
+    The memoized values are immutable in use (nothing in the language assigns into a shape).
+    Each cache is installed only when a first construction sets exactly the attributes it
+    restores (checked here on a sample), so a Triton whose classes have another shape keeps
+    its own; True when all three are installed."""
+    import builtins
+
+    core = getattr(getattr(interp, "tl", None), "core", None)
+    semantic = getattr(interp, "interpreter_semantic", None)
+    block_type = getattr(core, "block_type", None)
+    tensor = getattr(core, "tensor", None)
+    constexpr = getattr(core, "constexpr", None)
+    if None in (block_type, tensor, constexpr, semantic) or \
+            getattr(type(semantic), "broadcast_impl_value", None) is None:
+        return False
+    installed = 0
+    _TYPE_ORIGINALS.setdefault("block_type", block_type.__init__)
+    _TYPE_ORIGINALS.setdefault("tensor", tensor.__init__)
+
+    # block types of scalar and pointer element types: name, shape tuple, element count
+    named = (core.dtype, core.pointer_type)
+    sequences = (list, core.tuple)     # what the language accepts as a shape (its own tuple)
+    original_bt = block_type.__init__
+    sample = block_type(core.float32, [2, 4])
+    if set(vars(sample)) == {"element_ty", "shape", "numel", "name"} and \
+            getattr(block_type.__init__, "_lowrank_fused", False) is False:
+        bt_cache = {}
+
+        def bt_init(self, element_ty, shape):
+            key = None
+            if element_ty.__class__ in named and shape.__class__ in sequences:
+                try:
+                    key = (element_ty.name, builtins.tuple(
+                        s.value if s.__class__ is constexpr else s for s in shape))
+                    hit = bt_cache.get(key)
+                except TypeError:           # a shape that is not a sequence of hashables
+                    key = hit = None
+                if hit is not None:
+                    self.element_ty = element_ty
+                    self.shape, self.numel, self.name = hit
+                    return
+            original_bt(self, element_ty, shape)
+            if key is not None:
+                bt_cache[key] = (self.shape, self.numel, self.name)
+
+        bt_init._lowrank_fused = True
+        block_type.__init__ = bt_init
+        installed += 1
+
+    # tensors: shape tuple of constexpr and element count by the type's shape
+    original_t = tensor.__init__
+    probe = tensor(None, block_type(core.float32, [2, 4]))
+    if set(vars(probe)) == {"handle", "shape", "numel", "type", "dtype"} and \
+            getattr(tensor.__init__, "_lowrank_fused", False) is False:
+        t_cache = {}
+
+        def t_init(self, handle, type):
+            is_block = type.is_block()
+            try:
+                key = builtins.tuple(type.shape) if is_block else ()
+                hit = t_cache.get(key)
+            except TypeError:
+                key = hit = None
+            if hit is not None:
+                self.handle = handle
+                self.type = type
+                self.dtype = type.scalar
+                self.shape, self.numel = hit
+                return
+            original_t(self, handle, type)
+            if key is not None:
+                t_cache[key] = (self.shape, self.numel)
+
+        t_init._lowrank_fused = True
+        tensor.__init__ = t_init
+        installed += 1
+
+    # broadcasting two blocks of one shape: nothing to do
+    if not isinstance(getattr(sample.shape, "values", None), list):
+        return False
+    general = type(semantic).broadcast_impl_value
+
+    def broadcast_impl_value(lhs, rhs):
+        lt, rt = lhs.type, rhs.type
+        if lt.__class__ is block_type and rt.__class__ is block_type and \
+                lt.shape.values == rt.shape.values:
+            return lhs, rhs
+        return general(semantic, lhs, rhs)
+
+    semantic.broadcast_impl_value = broadcast_impl_value
+    installed += 1
+    return installed == 3
 
 
 def _overflow_check(interp) -> bool:

@@ -46,6 +46,86 @@ def test_installed():
     assert interp._patch_lang.__module__ == _interpreter.__name__
     assert interp._patch_builtin.__module__ == _interpreter.__name__
     assert interp._get_np_dtype.__module__ == _interpreter.__name__
+    assert tl.core.block_type.__init__.__module__ == _interpreter.__name__
+    assert tl.core.tensor.__init__.__module__ == _interpreter.__name__
+    assert "broadcast_impl_value" in vars(interp.interpreter_semantic)
+
+
+def _type_attrs(obj):
+    """An object's attributes with Triton's tuples and constexprs as plain values."""
+    def plain(v):
+        if isinstance(v, tl.core.tuple):
+            return ("tuple", [plain(x) for x in v.values])
+        if isinstance(v, tl.constexpr):
+            return ("constexpr", v.value)
+        return v
+    return {k: plain(v) for k, v in vars(obj).items()}
+
+
+def test_memoized_types_equal_the_languages_own():
+    """``block_type`` and ``tensor`` built through the memoized constructors (each asked twice:
+    from the cache the second time) have the attributes the language's own constructors give,
+    for scalar and pointer element types and shapes given as ints, constexprs, tuples and
+    ``tl.tuple``; a shape the language refuses is still refused."""
+    import lowrank_fused.kernels  # noqa: F401
+    from lowrank_fused.kernels import _interpreter
+
+    own_bt = _interpreter._TYPE_ORIGINALS["block_type"]
+    own_t = _interpreter._TYPE_ORIGINALS["tensor"]
+    bt, tensor = tl.core.block_type, tl.core.tensor
+    elements = [tl.float32, tl.bfloat16, tl.int32, tl.int1, tl.pointer_type(tl.float32),
+                tl.pointer_type(tl.float16, const=True)]
+    shapes = [[4], [2, 8], [16, 1], [tl.constexpr(4), 2], tl.core.tuple([8, 8]),
+              [1, 2, 4]]
+    for _ in range(2):
+        for e in elements:
+            for shape in shapes:
+                mine = bt(e, shape)
+                theirs = bt.__new__(bt)
+                own_bt(theirs, e, shape)
+                assert _type_attrs(mine) == _type_attrs(theirs), (e, shape)
+                assert mine == theirs and str(mine) == str(theirs)
+                assert mine.element_ty is e
+                for ty in (mine, e):
+                    t = tensor("handle", ty)
+                    u = tensor.__new__(tensor)
+                    own_t(u, "handle", ty)
+                    assert _type_attrs(t) == _type_attrs(u), (ty,)
+                    assert t.type is ty and t.dtype is ty.scalar
+    for refused in ([3], (2, 8)):           # not a power of two; a Python tuple
+        with pytest.raises(Exception):
+            own_bt(bt.__new__(bt), tl.float32, refused)
+        with pytest.raises(Exception):
+            bt(tl.float32, refused)
+    with pytest.raises(Exception):
+        bt(tl.float32, [])                  # 0-d
+
+
+def test_broadcast_of_blocks_of_one_shape_returns_them():
+    """The broadcast shortcut: two blocks of one shape come back as they are (the general
+    path's answer); a block and a scalar, or blocks of other shapes, broadcast as before."""
+    import numpy as np
+
+    import triton.runtime.interpreter as interp
+
+    import lowrank_fused.kernels  # noqa: F401
+
+    sem = interp.interpreter_semantic
+    general = type(sem).broadcast_impl_value
+
+    def block(shape, value=1.0):
+        data = np.full(shape, value, dtype=np.float32)
+        return tl.core.tensor(interp.TensorHandle(data, tl.float32), tl.block_type(tl.float32, list(shape)))
+
+    a, b = block((4, 8)), block((4, 8), 2.0)
+    assert sem.broadcast_impl_value(a, b) == (a, b)
+    assert general(sem, a, b)[0].shape == a.shape
+    for x, y in [(block((4, 1)), block((1, 8))), (block((4, 8)), block((8,)))]:
+        mine = sem.broadcast_impl_value(x, y)
+        theirs = general(sem, x, y)
+        for m, t in zip(mine, theirs):
+            assert m.type == t.type and m.shape == t.shape
+            np.testing.assert_array_equal(m.handle.data, t.handle.data)
 
 
 def test_memoized_np_dtypes_answer_as_the_interpreter():
