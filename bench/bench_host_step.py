@@ -29,8 +29,9 @@ garbage collector off while the pairs run); ``x_paired`` is the median of each s
 over the baseline step right after it, which a drift of the machine's speed does not move.
 
 Also per steady step: kernel launches (Triton + extension calls), device-to-host reads (the
-``HostReads`` counter of ``lowrank_fused.testing.trace`` plus ``Tensor.tolist``) and tensors
-allocated (``AllocationTrace``).
+``HostReads`` counter of ``lowrank_fused.testing.trace`` plus ``Tensor.tolist``), tensors
+allocated (``AllocationTrace``) and per-step scalar tables filled (``table_fills``: one
+asynchronous host-to-device copy each on CUDA).
 
 Run ``python -m bench.bench_host_step [--methods a,b] [--steps N] [--out DIR]``; with
 ``--out`` it writes ``DIR/host-step-cpu.json``. Numbers are host times on this machine's CPU:
@@ -197,6 +198,27 @@ def host_reads_and_allocations(opt):
     return dict(reads.count), len(allocs.sizes)
 
 
+def table_fills(opt):
+    """The per-step scalar tables one step fills (``lowrank_fused._tables.StagedTable.fill``):
+    on CUDA each is one asynchronous host-to-device copy from its pinned staging buffer (a
+    copy node of the graph when the step is captured), on the CPU a write in place."""
+    from lowrank_fused._tables import StagedTable
+
+    real_fill = StagedTable.fill
+    count = [0]
+
+    def fill(self, values):
+        count[0] += 1
+        return real_fill(self, values)
+
+    StagedTable.fill = fill
+    try:
+        opt.step()
+    finally:
+        StagedTable.fill = real_fill
+    return count[0]
+
+
 def measure(methods, steps, warm, log=print, overrides=None, layers=None, fresh_grads=False):
     overrides = overrides or {}
     rows = []
@@ -255,6 +277,7 @@ def _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh
         opt.step()
         per_step = dict(launches.count)
         reads, allocs = host_reads_and_allocations(opt)
+        fills = table_fills(opt)
         ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
         gc.collect()                           # no cyclic collection inside a timed step
         gc.disable()
@@ -272,7 +295,8 @@ def _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh
                    x_paired=statistics.median(a / b for a, b in zip(ours_cpu, theirs_cpu)),
                    launches=sum(per_step.values()), launches_by_kernel=per_step,
                    host_reads=sum(reads.values()), host_reads_by_op=reads,
-                   allocations=allocs, tensors=tensors, projected=projected,
+                   allocations=allocs, table_fills=fills,
+                   tensors=tensors, projected=projected,
                    overrides=overrides.get(method, {}), fresh_grads=bool(fresh_grads))
         row["x_torch_fused_adamw_wall"] = row["host_us"] / row["torch_fused_adamw_us"]
         row["x_torch_fused_adamw"] = row["host_cpu_us"] / row["torch_fused_adamw_cpu_us"]
@@ -280,7 +304,8 @@ def _measure(methods, steps, warm, log, overrides, layers, launches, rows, fresh
         log(f"{method:16s} {row['host_cpu_us']:10.0f} us  {row['x_torch_fused_adamw']:6.2f}x "
             f"torch fused AdamW ({row['torch_fused_adamw_cpu_us']:.0f} us; paired "
             f"{row['x_paired']:.2f}x; wall {row['x_torch_fused_adamw_wall']:.2f}x)  launches "
-            f"{row['launches']:5d}  host reads {row['host_reads']}  allocations {allocs}")
+            f"{row['launches']:5d}  host reads {row['host_reads']}  allocations {allocs}  "
+            f"table fills {fills}")
 
 
 def main(argv=None):

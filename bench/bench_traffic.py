@@ -5,7 +5,7 @@ choose on an H100 (``kernels._common.gpu_tiling``: sm_90 tensor-core configs, 13
 split-K), against the byte floor of ``bench.bytes`` (``method_step_bytes``; dense AdamW
 ``adamw_bytes``, Adafactor ``adafactor_step_bytes``).
 
-    python -m bench.bench_traffic [--quick] [--full] [--methods M,...] [--out FILE]
+    python -m bench.bench_traffic [--quick] [--full [--full-ranks 128,256,512]] [--methods M,...] [--out FILE]
     python -m bench.run --suite traffic       (the same, opt-in suite: <out>/traffic-<device>.json)
 
 Runs in a subprocess of its own with ``TRITON_INTERPRET=1`` (the kernels must be imported
@@ -20,7 +20,7 @@ Cases: every low-rank method of ``bytes.METHOD_STEPS`` plus dense AdamW and Adaf
 scaled LLaMA MLP shape (512x1376, 4096x11008 / 8) at the real ranks 128 and 256 (the rank
 decides the tile choice; 512 would be the full rank there): rank 128 with fp32 parameters and
 tf32 GEMMs and with bf16 parameters and bf16 GEMMs (the GPU benchmark's pairs), rank 256 bf16. ``--full`` adds
-4096x11008 at rank 128, bf16, for ``--full-methods`` (default GaLore and AdamW: interpreter
+4096x11008 at rank 128 (`--full-ranks`: others), bf16, for ``--full-methods`` (default GaLore and AdamW: interpreter
 minutes per method). ``--quick``: 256x688, rank 128,
 bf16. Steady step: refreshes out of reach, state from one warm reference step
 (``bench_method_step``), then the counted Triton step.
@@ -58,13 +58,14 @@ def methods_all():
     return tuple(B.METHOD_STEPS) + DENSE
 
 
-def grid(quick: bool, full: bool, shapes=None):
-    """[(shape, rank, dtype name)] of the run (``shapes``: only these m x n)."""
+def grid(quick: bool, full: bool, shapes=None, full_ranks=(128,)):
+    """[(shape, rank, dtype name)] of the run (``shapes``: only these m x n; ``full_ranks``:
+    the ranks of the full shape, bf16)."""
     if quick:
         return [(QUICK_SHAPE, 128, "bf16")]
     out = [(SCALED_SHAPE, 128, "fp32"), (SCALED_SHAPE, 128, "bf16"), (SCALED_SHAPE, 256, "bf16")]
     if full:
-        out.append((FULL_SHAPE, 128, "bf16"))
+        out += [(FULL_SHAPE, r, "bf16") for r in full_ranks]
     return [c for c in out if shapes is None or c[0] in shapes]
 
 
@@ -201,7 +202,7 @@ def _tiles() -> dict:
 
 
 def run_inprocess(quick=False, full=False, methods=None, full_methods=FULL_METHODS,
-                  shapes=None, ranks=None, log=print) -> dict:
+                  shapes=None, ranks=None, log=print, full_ranks=(128,)) -> dict:
     import torch
     import triton
 
@@ -209,7 +210,7 @@ def run_inprocess(quick=False, full=False, methods=None, full_methods=FULL_METHO
     rows, errors = [], []
     names = methods or methods_all()
     t0 = time.perf_counter()
-    for shape, r, dt in grid(quick, full, shapes):
+    for shape, r, dt in grid(quick, full, shapes, full_ranks):
         if ranks is not None and r not in ranks:
             continue
         for method in names:
@@ -227,7 +228,7 @@ def run_inprocess(quick=False, full=False, methods=None, full_methods=FULL_METHO
             "config": {"gpu_tiling_sm_count": H100_SM_COUNT, "counted": "interpreter",
                        "commit": _commit(), "tiles": _tiles(),
                        "torch": torch.__version__, "triton": triton.__version__,
-                       "quick": quick, "full": full,
+                       "quick": quick, "full": full, "full_ranks": list(full_ranks),
                        "elapsed_s": round(time.perf_counter() - t0, 1)}}
 
 
@@ -255,9 +256,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_traffic",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPE}, rank 128, bf16 only")
-    ap.add_argument("--full", action="store_true", help=f"also {FULL_SHAPE}, rank 128, bf16")
+    ap.add_argument("--full", action="store_true",
+                    help=f"also {FULL_SHAPE}, bf16, at --full-ranks")
     ap.add_argument("--full-methods", default=",".join(FULL_METHODS),
                     help="methods measured at the full shape (default: %(default)s)")
+    ap.add_argument("--full-ranks", default="128",
+                    help="the ranks of the full shape with --full (default: %(default)s; "
+                         "e.g. 128,256,512)")
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     ap.add_argument("--shapes", default=None, help="only these shapes, e.g. 4096x11008")
     ap.add_argument("--ranks", default=None, help="only these ranks, e.g. 256")
@@ -275,8 +280,10 @@ def main(argv=None) -> int:
     shapes = ([tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
               if args.shapes else None)
     ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else None
+    full_ranks = tuple(int(x) for x in args.full_ranks.split(","))
     doc = run_inprocess(args.quick, args.full, methods,
-                        tuple(x.strip() for x in args.full_methods.split(",")), shapes, ranks)
+                        tuple(x.strip() for x in args.full_methods.split(",")), shapes, ranks,
+                        full_ranks=full_ranks)
     text = json.dumps(doc, indent=1) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -124,3 +124,7 @@ def test_bench_host_step_counts_launches_and_reads():
     assert by["adamw"]["launches_by_kernel"] == {"ext:nonfinite_flags_multi_cpu": 1,
                                                  "ext:adamw_step_multi_cpu": 1}
     assert 0 < by["galore"]["launches"] <= 4 * 4
+    # one table for AdamW's multi-tensor call; GaLore's: its dense AdamW set, per class its
+    # moments and its update, at most one per launch
+    assert by["adamw"]["table_fills"] == 1
+    assert 1 < by["galore"]["table_fills"] <= by["galore"]["launches"]
