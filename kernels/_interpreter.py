@@ -247,16 +247,14 @@ def _cache_types(interp) -> bool:
             getattr(type(semantic), "broadcast_impl_value", None) is None:
         return False
     installed = 0
-    _TYPE_ORIGINALS.setdefault("block_type", block_type.__init__)
-    _TYPE_ORIGINALS.setdefault("tensor", tensor.__init__)
+    _TYPE_ORIGINALS.update(block_type=block_type.__init__, tensor=tensor.__init__)
 
     # block types of scalar and pointer element types: name, shape tuple, element count
     named = (core.dtype, core.pointer_type)
     sequences = (list, core.tuple)     # what the language accepts as a shape (its own tuple)
     original_bt = block_type.__init__
     sample = block_type(core.float32, [2, 4])
-    if set(vars(sample)) == {"element_ty", "shape", "numel", "name"} and \
-            getattr(block_type.__init__, "_lowrank_fused", False) is False:
+    if set(vars(sample)) == {"element_ty", "shape", "numel", "name"}:
         bt_cache = {}
 
         def bt_init(self, element_ty, shape):
@@ -276,15 +274,13 @@ def _cache_types(interp) -> bool:
             if key is not None:
                 bt_cache[key] = (self.shape, self.numel, self.name)
 
-        bt_init._lowrank_fused = True
         block_type.__init__ = bt_init
         installed += 1
 
     # tensors: shape tuple of constexpr and element count by the type's shape
     original_t = tensor.__init__
     probe = tensor(None, block_type(core.float32, [2, 4]))
-    if set(vars(probe)) == {"handle", "shape", "numel", "type", "dtype"} and \
-            getattr(tensor.__init__, "_lowrank_fused", False) is False:
+    if set(vars(probe)) == {"handle", "shape", "numel", "type", "dtype"}:
         t_cache = {}
 
         def t_init(self, handle, type):
@@ -304,7 +300,6 @@ def _cache_types(interp) -> bool:
             if key is not None:
                 t_cache[key] = (self.shape, self.numel)
 
-        t_init._lowrank_fused = True
         tensor.__init__ = t_init
         installed += 1
 
