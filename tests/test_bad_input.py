@@ -116,6 +116,44 @@ def test_bad_value_written_mid_run_changes_nothing(method, key, value):
     assert_same(before, snapshot(net, opt), method)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_lr_as_a_device_tensor_is_refused_and_a_cpu_tensor_taken(method):
+    """``lr`` as a tensor on a device (here ``meta``, which stands for any device: the check
+    looks only at the device type) is refused at construction and when written mid-run, naming
+    ``lr`` and the device, with nothing written: it would be read on the host at every step, a
+    wait for the device each time. A one-element CPU tensor is taken and read at every step:
+    changed in place (as torch's schedulers do) it gives the weights a float lr of the same
+    value gives."""
+    with pytest.raises(ValueError, match=r"lr must be a number or a CPU tensor.*meta"):
+        optimizer(model(), method, **_lr_kw(method, torch.tensor(1e-3, device="meta")))
+    runs = []
+    for kind in ("float", "tensor"):
+        net = model()
+        lr = torch.tensor(1e-2)
+        opt = optimizer(net, method, **_lr_kw(method, lr if kind == "tensor" else float(lr)))
+        for step in range(3):
+            backward(net, step)
+            opt.step()
+            opt.zero_grad()
+            if kind == "tensor":
+                lr.mul_(0.5)              # every group holds this one tensor: halved once
+            else:
+                for g in opt.param_groups:
+                    g["lr"] = float(torch.tensor(g["lr"]) * 0.5)
+        runs.append((net, opt))
+    for (a, _), (b, _) in zip(runs, runs[1:]):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
+    net, opt = runs[1]
+    backward(net, 5)
+    before = snapshot(net, opt)
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(1e-3, device="meta")
+    with pytest.raises(ValueError, match=r"lr must be a number or a CPU tensor.*meta"):
+        opt.step()
+    assert_same(before, snapshot(net, opt), method)
+
+
 def _odd_params():
     torch.manual_seed(0)
     return {"vector": nn.Parameter(torch.randn(7)), "conv": nn.Parameter(torch.randn(6, 3, 5)),

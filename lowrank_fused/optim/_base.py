@@ -130,9 +130,15 @@ def local(t):
 
 def check_number(name, value, *, low=None, high=None, high_open=False):
     """Raise ValueError naming ``name`` unless ``value`` is a finite real in range (a number
-    or a one-element tensor; not a string or a bool)."""
+    or a one-element CPU tensor; not a string or a bool). A hyper-parameter is read on the
+    host at every step, so a tensor on a device is refused: reading it would synchronise the
+    host with the device at every step."""
     if isinstance(value, (str, bytes, bool)):
         raise ValueError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        raise ValueError(f"{name} must be a number or a CPU tensor, got a tensor on "
+                         f"{value.device}: the optimizer reads it on the host at every step, "
+                         f"which would wait for the device each time")
     try:
         x = float(value)
     except (TypeError, ValueError):
