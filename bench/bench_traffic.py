@@ -32,6 +32,10 @@ step): a re-read of
 an m x n tensor is DRAM traffic on any GPU; ``l2_model_bytes`` / ``ratio_l2_model``: the
 same launches with every tensor of at most ``L2_RESIDENT`` bytes counted once per launch
 (a re-read tile of P, N or R served by the H100's 50 MB L2), larger ones as requested;
+``l2_window_bytes`` / ``ratio_l2_window``: as the L2 model, but a larger tensor's elements
+counted once per window of programs that run side by side (``lowrank_fused.testing.traffic``:
+``WINDOW_PROGRAMS`` consecutive programs in launch order), so a re-read by a neighbouring
+program (K1's rank tiles of one column slab) is an L2 hit and one by a far program is not;
 ``rereads``: the launches that load a tensor more than once over (largest excess first).
 """
 from __future__ import annotations
@@ -127,10 +131,11 @@ def measure(method, shape, r, dtype_name, log=print) -> dict:
     # read of the gradient (nonfinite_check_bytes), on a CPU build a compiled pass that the
     # eager model does not see: left out of eager_bytes so both count alike
     eager = tc.eager_bytes - tc.eager_ops.get("_foreach_norm", 0)
-    big = small = l2_model = 0
+    big = small = l2_model = l2_window = 0
     rereads = []
     for ln in tc.launches:
         l2_model += ln.unattributed
+        l2_window += ln.unattributed
         for t in ln.tensors:
             moved = t.loaded + t.stored
             # G, W, E, V (not a split-K buffer), also as a batch of one (Adafactor's (1, m, n))
@@ -139,9 +144,15 @@ def measure(method, shape, r, dtype_name, log=print) -> dict:
             else:
                 small += moved
             if t.nbytes <= L2_RESIDENT:
-                l2_model += min(t.loaded, t.touched) + min(t.stored, t.touched)
+                once = min(t.loaded, t.touched) + min(t.stored, t.touched)
+                l2_model += once
+                l2_window += once
             else:
                 l2_model += moved
+                # by program order: a re-read by programs that run beside the first reader
+                # is an L2 hit (TensorTraffic.window_loaded; requested where not tracked)
+                l2_window += (t.loaded if t.window_loaded is None else t.window_loaded) \
+                    + t.stored
             if t.reads > 1.0 + 1e-9:
                 rereads.append(dict(kernel=ln.kernel, grid=list(ln.grid), tensor=t.name,
                                     shape=list(t.shape), dtype=t.dtype, reads=round(t.reads, 3),
@@ -163,6 +174,7 @@ def measure(method, shape, r, dtype_name, log=print) -> dict:
                                        3),
                small_bytes=small,
                l2_model_bytes=l2_model, ratio_l2_model=round(l2_model / floor, 4),
+               l2_window_bytes=l2_window, ratio_l2_window=round(l2_window / floor, 4),
                unattributed=tc.unattributed, eager_bytes=eager,
                ratio_with_eager=round((tc.requested + eager) / floor, 4),
                nonfinite_check_bytes=A * dtype.itemsize,
@@ -171,7 +183,8 @@ def measure(method, shape, r, dtype_name, log=print) -> dict:
                rereads=rereads[:TOP_REREADS], seconds=round(time.perf_counter() - t0, 1))
     log(f"  {method:14s} {m}x{n} r{r} {dtype_name}: requested {tc.requested / 2**20:8.2f} MiB"
         f" = {row['ratio']:.2f}x floor ({floor / 2**20:.2f} MiB), L2 model "
-        f"{row['ratio_l2_model']:.2f}x; m x n tensors "
+        f"{row['ratio_l2_model']:.2f}x, by program window {row['ratio_l2_window']:.2f}x; "
+        f"m x n tensors "
         f"{row['mn_bytes_per_element']:.1f} B/elem; eager model {eager / 2**20:.2f} MiB;"
         f" {len(tc.launches)} launches; {row['seconds']:.0f} s")
     return row

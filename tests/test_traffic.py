@@ -231,6 +231,50 @@ def test_counter_detects_a_moved_interpreter_api(monkeypatch):
     assert tc.requested == 3 * 5 * 4 * 6 + 1   # + the one program's skip flag (1 byte)
 
 
+def _slab_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _read_slab(x_ptr, out_ptr, BY_AXIS1: tl.constexpr, BLOCK: tl.constexpr):
+        """Each program loads the BLOCK elements of x at its index along one grid axis."""
+        slab = tl.program_id(1) if BY_AXIS1 else tl.program_id(0)
+        offs = slab * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs)
+        pid = tl.program_id(0) + tl.num_programs(0) * tl.program_id(1)
+        tl.store(out_ptr + pid, tl.sum(v, axis=0))
+    return _read_slab
+
+
+def test_window_loads_count_a_reread_by_neighbouring_programs_once():
+    """``window_loaded``: the elements of a tensor larger than ``WINDOW_MIN_BYTES`` counted
+    once per window of ``WINDOW_PROGRAMS`` consecutive programs in GPU launch order (first grid
+    axis fastest). A slab read by the two programs (0, y) and (1, y), neighbours in that order,
+    counts once; read by (x, 0) and (x, 1), ``nx`` programs apart (more than a window), twice;
+    a small tensor's re-reads are not tracked (None)."""
+    from lowrank_fused.testing import traffic as T
+
+    kernel = _slab_kernel()
+    block, slabs = 16, 200
+    assert slabs > T.WINDOW_PROGRAMS and T.WINDOW_PROGRAMS % 2 == 0
+    big = torch.randn((T.WINDOW_MIN_BYTES // 4) + 1024)
+    small = torch.randn(slabs * block)
+    out = torch.empty(2 * slabs)
+    slab_bytes = slabs * block * 4
+    for by_axis1, grid, windows in ((True, (2, slabs), 1), (False, (slabs, 2), 2)):
+        for x, tracked in ((big, True), (small, False)):
+            with TrafficCounter() as tc:
+                kernel[grid](x, out, BY_AXIS1=by_axis1, BLOCK=block)
+            t = tc.launches[0].tensor("x_ptr")
+            assert t.loaded == 2 * slab_bytes and t.touched == slab_bytes
+            assert t.window_loaded == (windows * slab_bytes if tracked else None), \
+                (by_axis1, tracked, t)
+            torch.testing.assert_close(out[:2 * slabs].view(grid[::-1]).T if not by_axis1
+                                       else out.view(slabs, 2),
+                                       x[:slab_bytes // 4].view(slabs, block).sum(1)
+                                       .unsqueeze(1).expand(slabs, 2))
+
+
 # method -> (m x n-tensor bytes per element, L2-model bytes / floor) of the steady step at
 # 64x96, rank 4, bf16 parameters, H100 tiles, as measured when committed. The first may not grow
 # (a kernel that re-reads G or W, or a new pass over an m x n tensor, adds 2 per read); the

@@ -17,6 +17,14 @@ pass, 2.0 a tensor read twice (re-read by several programs). This is what the ke
 the memory system, before caches: a GPU's L2 may serve a re-read. Atomic operations count as
 a load and a store of their elements.
 
+``TensorTraffic.window_loaded`` says which re-reads a GPU's L2 can serve by when they are
+made: the bytes loaded with each element counted once per window of ``WINDOW_PROGRAMS``
+consecutive programs in GPU launch order (the grid's first axis fastest; about one program per
+SM runs at a time, and programs that run together share L2), for tensors larger than
+``WINDOW_MIN_BYTES`` (smaller ones stay in L2 whenever they are re-read). A K1 whose rank tiles
+of one column slab are consecutive programs reads G from DRAM once however many rank tiles
+there are; a re-read by programs far apart in the grid counts again.
+
 With ``count_eager=True`` the counter also models the aten ops that run outside the kernels
 (``eager_bytes`` / ``eager_ops``): each op's tensor inputs read once and outputs written once,
 views and allocations free. That is a model of eager traffic, not a measurement.
@@ -41,11 +49,17 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# programs that run side by side on an H100 (one per SM: a lower bound, so re-reads further
+# apart count as DRAM) and the size above which a tensor's re-reads are tracked by window
+WINDOW_PROGRAMS = 132
+WINDOW_MIN_BYTES = 25 << 20       # half an H100's L2
+
 # the interpreter hooks and their expected signatures (Triton 3.x)
 _HOOKS = {
     "create_masked_load": ("self", "ptrs", "mask", "other", "cache_policy", "is_volatile"),
     "create_masked_store": ("self", "ptrs", "value", "mask", "cache_policy"),
     "set_grid_dim": None,
+    "set_grid_idx": None,
 }
 
 
@@ -59,6 +73,11 @@ class TensorTraffic:
     loaded: int = 0                 # bytes requested by loads
     stored: int = 0                 # bytes requested by stores
     touched: int = 0                # distinct bytes loaded or stored at least once
+    # bytes loaded, each element counted once per window of ``WINDOW_PROGRAMS`` consecutive
+    # programs in GPU launch order that loads it (programs that run side by side share L2);
+    # None when not tracked (a tensor of at most ``WINDOW_MIN_BYTES``, or a launch of more
+    # than 64 windows)
+    window_loaded: Optional[int] = None
 
     @property
     def name(self) -> str:
@@ -77,7 +96,7 @@ class TensorTraffic:
         return dict(names=list(self.names), dtype=self.dtype, shape=list(self.shape),
                     nbytes=self.nbytes, loaded=self.loaded, stored=self.stored,
                     touched=self.touched, reads=round(self.reads, 4),
-                    writes=round(self.writes, 4))
+                    writes=round(self.writes, 4), window_loaded=self.window_loaded)
 
 
 @dataclass
@@ -120,16 +139,32 @@ class Launch:
 
 class _Region:
     """The memory of one (set of aliasing) argument tensor(s) of a launch."""
-    __slots__ = ("lo", "hi", "elsize", "traffic", "seen")
+    __slots__ = ("lo", "hi", "elsize", "traffic", "seen", "windows")
 
     def __init__(self, lo, hi, elsize, traffic):
         self.lo, self.hi, self.elsize, self.traffic = lo, hi, elsize, traffic
         self.seen = None            # bitmap of elements touched, made on first access
+        # per element, a bit per window of programs that loaded it (tensors larger than
+        # WINDOW_MIN_BYTES only); False once a launch has more windows than bits
+        self.windows = None if traffic.nbytes > WINDOW_MIN_BYTES else False
+
+    def _size(self):
+        return (self.hi - self.lo + self.elsize - 1) // self.elsize
 
     def mark(self, addrs):
         if self.seen is None:
-            self.seen = np.zeros((self.hi - self.lo + self.elsize - 1) // self.elsize, bool)
+            self.seen = np.zeros(self._size(), bool)
         self.seen[(addrs - self.lo) // self.elsize] = True
+
+    def mark_window(self, addrs, window):
+        if self.windows is False:
+            return
+        if window >= 64:
+            self.windows = False
+            return
+        if self.windows is None:
+            self.windows = np.zeros(self._size(), np.uint64)
+        self.windows[(addrs - self.lo) // self.elsize] |= np.uint64(1 << window)
 
 
 class _ActiveLaunch:
@@ -139,7 +174,7 @@ class _ActiveLaunch:
         # the most specific one
         self.regions = sorted(regions, key=lambda r: r.hi - r.lo)
 
-    def record(self, ptrs, mask, kind: str):
+    def record(self, ptrs, mask, kind: str, window: int = 0):
         addrs = np.asarray(ptrs.data).astype(np.uint64, copy=False)
         if mask is not None:
             m = np.broadcast_to(np.asarray(mask.data, dtype=bool), addrs.shape)
@@ -159,6 +194,7 @@ class _ActiveLaunch:
             reg.mark(hit)
             if kind == "load":
                 reg.traffic.loaded += count * elsize
+                reg.mark_window(hit, window)
             else:
                 reg.traffic.stored += count * elsize
             left = left[~inside]
@@ -171,6 +207,20 @@ class _ActiveLaunch:
             if reg.seen is not None:
                 reg.traffic.touched += int(np.count_nonzero(reg.seen)) * reg.elsize
             reg.seen = None
+            if reg.windows is not None and reg.windows is not False:
+                reg.traffic.window_loaded = \
+                    int(np.bitwise_count(reg.windows).sum(dtype=np.int64)) * reg.elsize
+            elif reg.windows is None:              # tracked, never loaded
+                reg.traffic.window_loaded = 0
+            reg.windows = None
+
+
+def program_window(grid_idx, grid_dim) -> int:
+    """The window of ``WINDOW_PROGRAMS`` consecutive programs, in GPU launch order (the
+    first grid axis fastest), that the program at ``grid_idx`` falls in."""
+    x, y, z = grid_idx
+    nx, ny, _ = grid_dim
+    return (x + nx * (y + ny * z)) // WINDOW_PROGRAMS
 
 
 _STATE = {"counter": None, "launch": None, "installed": None, "verified": False}
@@ -246,7 +296,7 @@ def _install():
     def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
         active = _STATE["launch"]
         if active is not None:
-            active.record(ptrs, mask, "load")
+            active.record(ptrs, mask, "load", program_window(self.grid_idx, self.grid_dim))
         return orig["load"](self, ptrs, mask, other, cache_policy, is_volatile)
 
     def create_masked_store(self, ptrs, value, mask, cache_policy):
@@ -286,14 +336,14 @@ def _install():
     def create_atomic_rmw(self, rmwOp, ptr, val, mask, sem, scope):
         active = _STATE["launch"]
         if active is not None:
-            active.record(ptr, mask, "load")
+            active.record(ptr, mask, "load", program_window(self.grid_idx, self.grid_dim))
             active.record(ptr, mask, "store")
         return orig["rmw"](self, rmwOp, ptr, val, mask, sem, scope)
 
     def create_atomic_cas(self, ptr, cmp, val, sem, scope):
         active = _STATE["launch"]
         if active is not None:
-            active.record(ptr, None, "load")
+            active.record(ptr, None, "load", program_window(self.grid_idx, self.grid_dim))
             active.record(ptr, None, "store")
         return orig["cas"](self, ptr, cmp, val, sem, scope)
 
