@@ -30,7 +30,8 @@ Columns: ``requested`` (bytes of every load and store), ``ratio`` = requested / 
 element, to compare with the floor's A coefficient (``floor_per_element``; 6 for a bf16 GaLore
 step): a re-read of
 an m x n tensor is DRAM traffic on any GPU; ``l2_model_bytes`` / ``ratio_l2_model``: the
-same launches with every tensor of at most ``L2_RESIDENT`` bytes counted once per launch
+same launches with every tensor of at most ``L2_RESIDENT`` bytes (the traffic counter's: half
+an H100's L2, a re-read this small stays there) counted once per launch
 (a re-read tile of P, N or R served by the H100's 50 MB L2), larger ones as requested;
 ``l2_window_bytes`` / ``ratio_l2_window``: as the L2 model, but a larger tensor's elements
 counted once per window of programs that run side by side (``lowrank_fused.testing.traffic``:
@@ -54,7 +55,6 @@ QUICK_SHAPE = (256, 688)
 DENSE = ("adamw", "adafactor")
 TOP_REREADS = 6
 FULL_METHODS = ("galore", "adamw")
-L2_RESIDENT = 25 << 20                 # half an H100's L2: a re-read this small stays there     # --full: the methods measured at 4096x11008
 
 
 def methods_all():
@@ -109,7 +109,7 @@ def measure(method, shape, r, dtype_name, log=print) -> dict:
 
     from bench import harness as H
     from lowrank_fused.kernels._common import H100_SM_COUNT, gpu_tiling
-    from lowrank_fused.testing.traffic import TrafficCounter
+    from lowrank_fused.testing.traffic import L2_RESIDENT, TrafficCounter
 
     m, n = shape
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]

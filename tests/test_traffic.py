@@ -247,7 +247,7 @@ def _slab_kernel():
 
 
 def test_window_loads_count_a_reread_by_neighbouring_programs_once():
-    """``window_loaded``: the elements of a tensor larger than ``WINDOW_MIN_BYTES`` counted
+    """``window_loaded``: the elements of a tensor larger than ``L2_RESIDENT`` counted
     once per window of ``WINDOW_PROGRAMS`` consecutive programs in GPU launch order (first grid
     axis fastest). A slab read by the two programs (0, y) and (1, y), neighbours in that order,
     counts once; read by (x, 0) and (x, 1), ``nx`` programs apart (more than a window), twice;
@@ -257,7 +257,7 @@ def test_window_loads_count_a_reread_by_neighbouring_programs_once():
     kernel = _slab_kernel()
     block, slabs = 16, 200
     assert slabs > T.WINDOW_PROGRAMS and T.WINDOW_PROGRAMS % 2 == 0
-    big = torch.randn((T.WINDOW_MIN_BYTES // 4) + 1024)
+    big = torch.randn((T.L2_RESIDENT // 4) + 1024)
     small = torch.randn(slabs * block)
     out = torch.empty(2 * slabs)
     slab_bytes = slabs * block * 4

@@ -21,7 +21,7 @@ a load and a store of their elements.
 made: the bytes loaded with each element counted once per window of ``WINDOW_PROGRAMS``
 consecutive programs in GPU launch order (the grid's first axis fastest; about one program per
 SM runs at a time, and programs that run together share L2), for tensors larger than
-``WINDOW_MIN_BYTES`` (smaller ones stay in L2 whenever they are re-read). A K1 whose rank tiles
+``L2_RESIDENT`` (smaller ones stay in L2 whenever they are re-read). A K1 whose rank tiles
 of one column slab are consecutive programs reads G from DRAM once however many rank tiles
 there are; a re-read by programs far apart in the grid counts again.
 
@@ -50,9 +50,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # programs that run side by side on an H100 (one per SM: a lower bound, so re-reads further
-# apart count as DRAM) and the size above which a tensor's re-reads are tracked by window
+# apart count as DRAM), and the size up to which a tensor's re-reads are L2 hits however far
+# apart (half an H100's L2); larger tensors' re-reads are tracked by window
 WINDOW_PROGRAMS = 132
-WINDOW_MIN_BYTES = 25 << 20       # half an H100's L2
+L2_RESIDENT = 25 << 20
 
 # the interpreter hooks and their expected signatures (Triton 3.x)
 _HOOKS = {
@@ -75,7 +76,7 @@ class TensorTraffic:
     touched: int = 0                # distinct bytes loaded or stored at least once
     # bytes loaded, each element counted once per window of ``WINDOW_PROGRAMS`` consecutive
     # programs in GPU launch order that loads it (programs that run side by side share L2);
-    # None when not tracked (a tensor of at most ``WINDOW_MIN_BYTES``, or a launch of more
+    # None when not tracked (a tensor of at most ``L2_RESIDENT``, or a launch of more
     # than 64 windows)
     window_loaded: Optional[int] = None
 
@@ -145,8 +146,8 @@ class _Region:
         self.lo, self.hi, self.elsize, self.traffic = lo, hi, elsize, traffic
         self.seen = None            # bitmap of elements touched, made on first access
         # per element, a bit per window of programs that loaded it (tensors larger than
-        # WINDOW_MIN_BYTES only); False once a launch has more windows than bits
-        self.windows = None if traffic.nbytes > WINDOW_MIN_BYTES else False
+        # L2_RESIDENT only); False once a launch has more windows than bits
+        self.windows = None if traffic.nbytes > L2_RESIDENT else False
 
     def _size(self):
         return (self.hi - self.lo + self.elsize - 1) // self.elsize
@@ -207,7 +208,7 @@ class _ActiveLaunch:
             if reg.seen is not None:
                 reg.traffic.touched += int(np.count_nonzero(reg.seen)) * reg.elsize
             reg.seen = None
-            if reg.windows is not None and reg.windows is not False:
+            if isinstance(reg.windows, np.ndarray):
                 reg.traffic.window_loaded = \
                     int(np.bitwise_count(reg.windows).sum(dtype=np.int64)) * reg.elsize
             elif reg.windows is None:              # tracked, never loaded
